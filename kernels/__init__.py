@@ -1,0 +1,1 @@
+"""Triton kernels of tec_fast, installed as ``tec_fast.kernels``: one op per file."""

@@ -1,0 +1,125 @@
+"""Configuration dataclasses: the encoder (`ViTConfig`) and the TEC model around it (`TECConfig`).
+
+Both validate themselves in ``__post_init__`` and raise ``ValueError`` naming the field.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+def _positive_int(obj, name: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
+
+
+@dataclass
+class ViTConfig:
+    """A plain pre-norm ViT: stride-p conv patch embedding, one CLS token, ``depth`` blocks."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    in_chans: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
+            _positive_int(self, name)
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"ViTConfig.img_size ({self.img_size}) must be a multiple of "
+                f"ViTConfig.patch_size ({self.patch_size})")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"ViTConfig.embed_dim ({self.embed_dim}) must be divisible by "
+                f"ViTConfig.num_heads ({self.num_heads})")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"ViTConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TECConfig:
+    """The new model: encoder + input adapter + encoder adapter + two decoders sharing blocks.
+
+    ``pred_dim`` / ``pred_heads`` are the *base* model's width and head count (the targets'
+    shape); they default to the encoder's. ``num_adapters`` defaults to ``depth // 3``.
+    """
+
+    encoder: ViTConfig = field(default_factory=ViTConfig)
+    decoder_dim: int = 512
+    decoder_depth: int = 2
+    decoder_heads: int = 16
+    input_adapter: bool = True
+    relation: bool = True
+    tau: Optional[float] = 1.8
+    pred_dim: Optional[int] = None
+    pred_heads: Optional[int] = None
+    num_adapters: Optional[int] = None
+    feature_weight: float = 1.0
+    relation_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            self.encoder = ViTConfig(**self.encoder)
+        if not isinstance(self.encoder, ViTConfig):
+            raise ValueError(f"TECConfig.encoder must be a ViTConfig, got {type(self.encoder).__name__}")
+        for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            _positive_int(self, name)
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(
+                f"TECConfig.decoder_dim ({self.decoder_dim}) must be divisible by "
+                f"TECConfig.decoder_heads ({self.decoder_heads})")
+        if self.pred_dim is None:
+            self.pred_dim = self.encoder.embed_dim
+        if self.pred_heads is None:
+            self.pred_heads = self.encoder.num_heads
+        _positive_int(self, "pred_dim")
+        _positive_int(self, "pred_heads")
+        if self.pred_dim % self.pred_heads:
+            raise ValueError(
+                f"TECConfig.pred_dim ({self.pred_dim}) must be divisible by "
+                f"TECConfig.pred_heads ({self.pred_heads})")
+        if self.num_adapters is None:
+            self.num_adapters = max(1, self.encoder.depth // 3)
+        _positive_int(self, "num_adapters")
+        if self.encoder.depth % self.num_adapters:
+            raise ValueError(
+                f"TECConfig.num_adapters ({self.num_adapters}) must divide the encoder depth "
+                f"(ViTConfig.depth = {self.encoder.depth}) into equal groups of blocks")
+        if self.relation:
+            if self.tau is None or not float(self.tau) > 0:
+                raise ValueError(
+                    f"TECConfig.tau must be a positive float when relation=True, got {self.tau!r}")
+        for name in ("feature_weight", "relation_weight"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"TECConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["encoder"] = self.encoder.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TECConfig":
+        d = dict(d)
+        d["encoder"] = ViTConfig(**d["encoder"])
+        return cls(**d)

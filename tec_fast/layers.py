@@ -1,0 +1,131 @@
+"""ViT building blocks shared by the base model, the new model and the MAE base pretrainer.
+
+Parameter names follow timm / MAE (``patch_embed.proj``, ``blocks.{i}.norm1``, ``attn.qkv``,
+``attn.proj``, ``mlp.fc1``, ...) so released checkpoints load by name.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LN_EPS = 1e-6  # every ViT LayerNorm (timm/MAE use partial(nn.LayerNorm, eps=1e-6))
+
+
+def sincos_pos_embed(dim: int, grid_h: int, grid_w: Optional[int] = None,
+                     cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding in MAE's layout, [1 + gh*gw, dim] (row 0 = CLS = 0).
+
+    First dim/2 channels encode the column, last dim/2 the row; each half is
+    [sin(pos * w_i)] + [cos(pos * w_i)], w_i = 10000^(-i / (dim/4)). Computed in float64 like
+    MAE's numpy code, returned as float32.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got dim={dim}")
+    grid_w = grid_h if grid_w is None else grid_w
+    rows = torch.arange(grid_h, dtype=torch.float64).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, dtype=torch.float64).repeat(grid_h)
+    emb = torch.cat([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], dim=0)
+    return emb.float()
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos[:, None] * omega[None, :]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Stride-p convolution, [B, 3, S, S] -> [B, L, C] (patches row-major)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, out_dim: Optional[int] = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    With ``return_qk=True`` also returns q and k ([B, H, N, d]) so a caller can compute the few
+    attention-logit rows it needs (the base model's relation targets) without an N x N matrix.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, return_qk: bool = False):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, H, N, d]
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return (out, (q, k)) if return_qk else out
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += Attn(LN1(x)); x += MLP(LN2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, return_qk: bool = False):
+        if return_qk:
+            a, qk = self.attn(self.norm1(x), return_qk=True)
+            x = x + a
+            return x + self.mlp(self.norm2(x)), qk
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, PatchEmbed):
+            w = m.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(m.proj.bias)
+
+
+def check_images(images: torch.Tensor, in_chans: int, img_size: int, name: str = "images") -> None:
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != in_chans or images.shape[2] != img_size \
+            or images.shape[3] != img_size:
+        raise ValueError(
+            f"{name} must have shape [B, {in_chans}, {img_size}, {img_size}], got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {images.dtype}")

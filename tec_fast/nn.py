@@ -1,0 +1,52 @@
+"""Modules built on the kernel ops: the encoder adapter (multi-layer fusion)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import Mlp
+from .ops import reference
+from .ops.dispatch import use_fast_path
+
+# The reference implementation builds the adapter's two LayerNorms with nn.LayerNorm's default
+# eps (1e-5), unlike the ViT blocks (1e-6); we keep that so its checkpoints give the same numbers.
+ADAPTER_LN_EPS = 1e-5
+
+
+class EncoderAdapter(nn.Module):
+    """SPEC.md §2 encoder adapter over the stacked encoder block outputs.
+
+    Input ``feats`` [D, B, T, C] (block d's output at ``feats[d]``, the last one already through
+    the encoder's final LayerNorm), output [B, T, C]:
+    LN_{D*C} over the D*C channels, G groups of M = D/G blocks each projected M*C -> C, a residual
+    MLP C -> hidden -> C per group, group sum, LN_C. Parameter names follow the official TEC
+    checkpoints (``adap_before``, ``fuse_fcs.{g}``, ``adap_mlps.{g}.fc1/fc2``, ``adap_after``).
+    """
+
+    def __init__(self, dim: int, depth: int, num_groups: int, hidden: int):
+        super().__init__()
+        if depth % num_groups:
+            raise ValueError(f"EncoderAdapter: depth ({depth}) must be divisible by num_groups ({num_groups})")
+        self.dim, self.depth, self.num_groups, self.hidden = dim, depth, num_groups, hidden
+        m = depth // num_groups
+        self.adap_before = nn.LayerNorm(dim * depth, eps=ADAPTER_LN_EPS)
+        self.fuse_fcs = nn.ModuleList([nn.Linear(dim * m, dim) for _ in range(num_groups)])
+        self.adap_mlps = nn.ModuleList([Mlp(dim, hidden) for _ in range(num_groups)])
+        self.adap_after = nn.LayerNorm(dim, eps=ADAPTER_LN_EPS)
+
+    def _weights(self):
+        return (self.adap_before.weight, self.adap_before.bias,
+                [f.weight for f in self.fuse_fcs], [f.bias for f in self.fuse_fcs],
+                [m.fc1.weight for m in self.adap_mlps], [m.fc1.bias for m in self.adap_mlps],
+                [m.fc2.weight for m in self.adap_mlps], [m.fc2.bias for m in self.adap_mlps],
+                self.adap_after.weight, self.adap_after.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if not isinstance(feats, torch.Tensor) or feats.dim() != 4 \
+                or feats.shape[0] != self.depth or feats.shape[3] != self.dim:
+            raise ValueError(f"EncoderAdapter: feats must be [D={self.depth}, B, T, C={self.dim}], "
+                             f"got {tuple(getattr(feats, 'shape', ()))}")
+        if use_fast_path("encoder_adapter", feats):
+            from tec_fast.kernels.encoder_adapter import encoder_adapter as fast
+            return fast(feats, *self._weights(), ADAPTER_LN_EPS, ADAPTER_LN_EPS)
+        return reference.encoder_adapter(feats, *self._weights(), ADAPTER_LN_EPS, ADAPTER_LN_EPS)

@@ -1,0 +1,107 @@
+"""Plain-PyTorch references of every op: the definitions the kernels are tested against.
+
+Each function is the op's meaning written as directly as torch allows (SPEC.md). No input
+checking here: the public wrappers in ``tec_fast.ops`` validate before dispatching.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor,
+                  pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[b, i] = x[b, ids_keep[b, i]] + pos[ids_keep[b, i]];  x [B, L, C], ids [B, K], pos [L, C]."""
+    C = x.shape[-1]
+    out = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, C))  # [B, K, C]
+    if pos is not None:
+        out = out + pos[ids_keep]
+    return out
+
+
+def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                   pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decoder input assembly: out[b, j] = (vis[b, r] if r < K else mask_token) + pos[j],
+    r = ids_restore[b, j];  vis [B, K, C], ids_restore [B, L], mask_token [C], pos [L, C]."""
+    B, K, C = vis.shape
+    L = ids_restore.shape[1]
+    full = torch.cat([vis, mask_token.reshape(1, 1, C).to(vis.dtype).expand(B, L - K, C)], dim=1)
+    out = torch.gather(full, 1, ids_restore.unsqueeze(-1).expand(-1, -1, C))  # [B, L, C]
+    if pos is not None:
+        out = out + pos
+    return out
+
+
+def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """SPEC.md §3 feature loss. The target is normalised per image and channel over the L
+    patches with the *unbiased* variance; squared error averaged over channels, then over the
+    masked patches. Computed in fp32 whatever the input dtype."""
+    target = target.float()
+    mean = target.mean(dim=1, keepdim=True)
+    var = target.var(dim=1, keepdim=True)
+    target = (target - mean) / torch.sqrt(var + eps)
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, L]
+    mask = mask.float()
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SPEC.md §1 relation targets from the base model's last-block q, k [B, H, N, d].
+
+    ranking r = head-mean of the CLS row's logits at the patch columns; idx = topk(r);
+    relation [B, 1+k, H, L] = logits of the CLS row and rows idx+1 at the patch columns.
+    Only the 1+k rows are computed (never N x N). Output dtype: fp32.
+    """
+    B, H, N, d = q.shape
+    qf, kf = q.float(), k.float()
+    cls_row = torch.einsum("bhd,bhnd->bhn", qf[:, :, 0], kf[:, :, 1:]) * scale  # [B, H, L]
+    topk_idx = torch.topk(cls_row.mean(dim=1), topk, dim=1, largest=True).indices  # [B, k]
+    q_top = torch.gather(qf, 2, (topk_idx + 1)[:, None, :, None].expand(B, H, topk, d))
+    top_rows = torch.einsum("bhkd,bhnd->bhkn", q_top, kf[:, :, 1:]) * scale  # [B, H, k, L]
+    relation = torch.cat([cls_row.unsqueeze(2), top_rows], dim=2).permute(0, 2, 1, 3)
+    return relation.contiguous(), topk_idx  # [B, 1+k, H, L], [B, k]
+
+
+def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, target: torch.Tensor,
+                  tau: float, scale: float) -> torch.Tensor:
+    """SPEC.md §3 relation loss from the student's q, k [B, H, N, d].
+
+    R [B, 1+k, H, L] = logits of query rows (CLS, idx+1) against the patch keys, times scale;
+    loss = mean over (b, row, head) of -sum_j softmax(target / tau)_j * log_softmax(R)_j.
+    """
+    B, H, N, d = q.shape
+    kk = topk_idx.shape[1]
+    rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], dim=1)  # [B, 1+k]
+    q_rows = torch.gather(q.float(), 2, rows[:, None, :, None].expand(B, H, 1 + kk, d))
+    logits = torch.einsum("bhrd,bhnd->brhn", q_rows, k.float()[:, :, 1:]) * scale
+    p = F.softmax(target.float() / tau, dim=-1)
+    return -(p * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b: torch.Tensor,
+                    fuse_w: torch.Tensor, fuse_b: torch.Tensor,
+                    fc1_w: torch.Tensor, fc1_b: torch.Tensor,
+                    fc2_w: torch.Tensor, fc2_b: torch.Tensor,
+                    ln_after_w: torch.Tensor, ln_after_b: torch.Tensor,
+                    eps_before: float, eps_after: float) -> torch.Tensor:
+    """SPEC.md §2 encoder adapter on the stacked block outputs ``feats`` [D, B, T, C].
+
+    Group weights are sequences (or stacked tensors) indexed by g: fuse_w[g] [C, M*C],
+    fuse_b[g] [C], fc1_w[g] [Hd, C], fc1_b[g] [Hd], fc2_w[g] [C, Hd], fc2_b[g] [C] (M = D/G). Z = concat_d feats[d] along channels (block 0
+    first); Z' = LN_{D*C}(Z); u_g = Z'[g-th M*C chunk] @ fuse_w[g]^T + fuse_b[g];
+    u_g += MLP_g(u_g); out = LN_C(sum_g u_g)  -> [B, T, C].
+    """
+    D, B, T, C = feats.shape
+    G = len(fuse_w)
+    z = feats.permute(1, 2, 0, 3).reshape(B, T, D * C)
+    z = F.layer_norm(z, (D * C,), ln_before_w, ln_before_b, eps_before)
+    out = 0
+    for g, chunk in enumerate(z.chunk(G, dim=-1)):
+        u = F.linear(chunk, fuse_w[g], fuse_b[g])
+        u = u + F.linear(F.gelu(F.linear(u, fc1_w[g], fc1_b[g])), fc2_w[g], fc2_b[g])
+        out = out + u
+    return F.layer_norm(out, (C,), ln_after_w, ln_after_b, eps_after)
