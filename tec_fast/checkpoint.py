@@ -62,14 +62,12 @@ def read_checkpoint(src: PathOrState) -> dict:
         raise ValueError(f"checkpoint {path!r} does not exist or is not a file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise ValueError(f"{path!r} is not a PyTorch checkpoint ({exc})") from None
+    except Exception as exc:  # torch.load raises many types on a file that is not a checkpoint
+        if not (isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)):
+            raise ValueError(f"{path!r} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
         warnings.warn(f"{path}: not loadable with weights_only=True (it pickles Python objects, "
                       f"e.g. an argparse Namespace); loading with weights_only=False", stacklevel=3)
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path!r} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj

@@ -1,0 +1,195 @@
+"""Checkpoint layouts of SPEC.md §5 (state dicts built here), error messages, round trips."""
+import argparse
+import os
+import warnings
+
+import pytest
+import torch
+
+from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
+from tec_fast.checkpoint import export_timm, read_checkpoint, save_atomic
+
+VIT = ViTConfig(16, 4, 32, 2, 2)
+
+
+def _base_sd(seed=0):
+    torch.manual_seed(seed)
+    b = BaseModel(VIT, topk=3)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return b, {k: v.clone() for k, v in b.state_dict().items()}
+
+
+def _same_targets(a, b, x):
+    ta, tb = a(x), b(x)
+    torch.testing.assert_close(ta.features, tb.features)
+    torch.testing.assert_close(ta.relation, tb.relation)
+    assert torch.equal(ta.topk_idx, tb.topk_idx)
+
+
+def test_mae_release_layout():
+    ref, sd = _base_sd()
+    # MAE's release: {'model': ...}; a full MAE checkpoint would also carry decoder_* keys
+    ck = {"model": dict(sd, **{"decoder_embed.weight": torch.zeros(4, 32), "mask_token": torch.zeros(1, 1, 4)})}
+    b = BaseModel(VIT, topk=3)
+    with pytest.warns(UserWarning, match="ignored: decoder_embed.weight"):
+        report = b.load_checkpoint(ck)
+    assert "mask_token" in report.ignored and not report.unexpected
+    _same_targets(ref, b, torch.randn(2, 3, 16, 16))
+
+
+def test_ibot_training_checkpoint_uses_teacher_and_strips_prefixes():
+    ref, sd = _base_sd(1)
+    _, other = _base_sd(2)
+    teacher = {"module.backbone." + k: v for k, v in sd.items()}
+    teacher["module.head.mlp.0.weight"] = torch.zeros(3, 3)
+    student = {"module.backbone." + k: v for k, v in other.items()}
+    b = BaseModel(VIT, topk=3)
+    with pytest.warns(UserWarning, match="head.mlp.0.weight"):
+        report = b.load_checkpoint({"teacher": teacher, "student": student, "epoch": 3})
+    assert report.ignored == ["head.mlp.0.weight"]
+    assert any("teacher" in n for n in report.notes)
+    _same_targets(ref, b, torch.randn(2, 3, 16, 16))
+
+
+def test_prefix_stripped_by_name_not_length():
+    ref, sd = _base_sd(3)
+    # "backbone." inside a key's name must survive: only leading prefixes are stripped
+    b = BaseModel(VIT, topk=3)
+    b.load_checkpoint({"state_dict": {"backbone." + k: v for k, v in sd.items()}})
+    _same_targets(ref, b, torch.randn(1, 3, 16, 16))
+    b2 = BaseModel(VIT, topk=3)
+    b2.load_checkpoint(sd)  # DINO backbone release: a plain state dict
+    _same_targets(ref, b2, torch.randn(1, 3, 16, 16))
+
+
+def _tec_model(seed=0, input_adapter=True):
+    torch.manual_seed(seed)
+    cfg = TECConfig(encoder=VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2, input_adapter=input_adapter,
+                    relation=True, tau=1.5, pred_dim=24, pred_heads=3, num_adapters=2)
+    m = TECModel(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def test_tec_raw_and_released_as_next_base():
+    m = _tec_model()
+    x = torch.randn(2, 3, 16, 16)
+    # raw TEC checkpoint: the loader folds cls_token_mlp itself
+    raw = BaseModel(VIT, topk=3)
+    with pytest.warns(UserWarning, match="encoder_adaptor"):
+        report = raw.load_checkpoint({"model": m.state_dict(), "epoch": 1})
+    assert any("cls_token_mlp" in n for n in report.notes)
+    # released TEC weights: encoder only, MLP(cls) baked in, no norm.*
+    released = {k: v for k, v in export_timm(m).items() if not k.startswith("norm.")}
+    assert "cls_token_mlp.fc1.weight" not in released
+    rel = BaseModel(VIT, topk=3)
+    rel.load_checkpoint(released)
+    _same_targets(raw, rel, x)
+    # and the folded CLS equals what the TEC encoder feeds its first block
+    torch.testing.assert_close(rel.cls_token, m.cls_embedding())
+
+
+def test_shape_contradiction_names_key_and_shapes():
+    _, sd = _base_sd()
+    sd["blocks.0.mlp.fc1.weight"] = torch.zeros(64, 32)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight.*\(64, 32\).*\(128, 32\)"):
+        BaseModel(VIT, topk=3).load_checkpoint(sd)
+
+
+def test_depth_contradiction_and_missing_keys():
+    _, sd = _base_sd()
+    with pytest.raises(ValueError, match="3 encoder blocks"):
+        BaseModel(VIT, topk=3).load_checkpoint(dict(sd, **{"blocks.2.norm1.weight": torch.ones(32)}))
+    del sd["blocks.1.attn.qkv.weight"]
+    with pytest.raises(ValueError, match="lacks base-model keys.*blocks.1.attn.qkv.weight"):
+        BaseModel(VIT, topk=3).load_checkpoint(sd)
+
+
+def test_unknown_keys_are_reported():
+    _, sd = _base_sd()
+    with pytest.warns(UserWarning, match="unexpected: something_else"):
+        r = BaseModel(VIT, topk=3).load_checkpoint(dict(sd, something_else=torch.zeros(2)))
+    assert r.unexpected == ["something_else"]
+
+
+def test_not_a_checkpoint(tmp_path):
+    p = tmp_path / "junk.pth"
+    p.write_bytes(b"this is not a checkpoint at all")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+        read_checkpoint(str(p))
+    with pytest.raises(ValueError, match="does not exist"):
+        read_checkpoint(str(tmp_path / "missing.pth"))
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="not a checkpoint dict"):
+        read_checkpoint(str(tmp_path / "list.pth"))
+    with pytest.raises(ValueError, match="no state dict"):
+        BaseModel(VIT).load_checkpoint({"epoch": 3})
+
+
+def test_official_tec_pretraining_checkpoint_with_namespace(tmp_path):
+    m = _tec_model(4)
+    path = tmp_path / "checkpoint-299.pth"
+    torch.save({"model": m.state_dict(), "optimizer": {}, "epoch": 299, "scaler": {},
+                "args": argparse.Namespace(model="mae_vit_base_patch16", blr=1.5e-4)}, path)
+    m2 = TECModel(m.config)
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        m2.load_checkpoint(str(path))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+
+
+def test_tec_model_load_errors():
+    m = _tec_model()
+    sd = m.state_dict()
+    other = TECModel(TECConfig(encoder=VIT, decoder_dim=16, decoder_depth=2, decoder_heads=2,
+                               pred_dim=24, pred_heads=3, num_adapters=2, tau=1.5))
+    with pytest.raises(ValueError, match="decoder blocks"):
+        other.load_checkpoint(sd)
+    bad = dict(sd)
+    bad["forward_att_decoder.decoder_qk.weight"] = torch.zeros(10, 16)
+    with pytest.raises(ValueError, match="forward_att_decoder.decoder_qk.weight"):
+        TECModel(m.config).load_checkpoint(bad)
+    no_rel = TECModel(TECConfig(encoder=VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2, relation=False,
+                                tau=None, pred_dim=24, pred_heads=3, num_adapters=2))
+    with pytest.warns(UserWarning, match="unexpected: forward_att_decoder"):
+        no_rel.load_checkpoint(sd)
+
+
+def test_save_load_export_round_trip(tmp_path):
+    m = _tec_model(5)
+    path = tmp_path / "ck.pth"
+    save_atomic({"model": m.state_dict(), "config": m.config.to_dict()}, path)
+    ck = read_checkpoint(str(path))  # loads with weights_only=True: no warning
+    m2 = TECModel(TECConfig.from_dict(ck["config"]))
+    m2.load_checkpoint(ck)
+    x = torch.randn(2, 3, 16, 16)
+    base = BaseModel(ViTConfig(16, 4, 24, 2, 3), topk=3)
+    t = base(x)
+    noise = torch.rand(2, 16)
+    torch.testing.assert_close(m(x, t, noise=noise)["loss"], m2(x, t, noise=noise)["loss"])
+    exported = export_timm(m2)
+    assert set(exported) == {k for k in BaseModel(VIT).state_dict()}
+    b = BaseModel(VIT, topk=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b.load_checkpoint(exported)
+
+
+def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    save_atomic({"step": 1}, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert read_checkpoint(str(path)) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.pth"]
