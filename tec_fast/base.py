@@ -60,6 +60,9 @@ class BaseModel(nn.Module):
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         check_images(images, cfg.in_chans, cfg.img_size)
+        w = self.patch_embed.proj.weight
+        if not torch.is_autocast_enabled(images.device.type):
+            images = images.to(w.dtype)  # a base model cast to bf16 takes fp32 images
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return x + self.pos_embed.to(x.dtype)  # [B, N, C]

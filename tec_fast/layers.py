@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import packed_attention
+
 LN_EPS = 1e-6  # every ViT LayerNorm (timm/MAE use partial(nn.LayerNorm, eps=1e-6))
 
 
@@ -63,7 +65,8 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``; on a packed sequence
+    ([T, C] with ``cu_seqlens``) block-diagonal attention through ``attention.packed_attention``.
 
     With ``return_qk=True`` also returns q and k ([B, H, N, d]) so a caller can compute the few
     attention-logit rows it needs (the base model's relation targets) without an N x N matrix.
@@ -76,7 +79,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, return_qk: bool = False):
+    def forward(self, x: torch.Tensor, return_qk: bool = False,
+                cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0):
+        if cu_seqlens is not None:  # packed: x [T, C], images delimited by cu_seqlens
+            T, C = x.shape
+            q, k, v = self.qkv(x).reshape(T, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, d]
+            return self.proj(packed_attention(q, k, v, cu_seqlens, max_len).reshape(T, C))
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, N, d]
@@ -95,7 +103,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, return_qk: bool = False):
+    def forward(self, x: torch.Tensor, return_qk: bool = False,
+                cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0):
+        if cu_seqlens is not None:
+            x = x + self.attn(self.norm1(x), cu_seqlens=cu_seqlens, max_len=max_len)
+            return x + self.mlp(self.norm2(x))
         if return_qk:
             a, qk = self.attn(self.norm1(x), return_qk=True)
             x = x + a

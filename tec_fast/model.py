@@ -11,7 +11,7 @@ from . import ops
 from .base import BaseTargets
 from .config import TECConfig
 from .layers import LN_EPS, Block, Mlp, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
-from .masking import random_masking
+from .masking import random_masking, variable_masking
 from .nn import EncoderAdapter
 
 
@@ -92,6 +92,35 @@ class TECModel(nn.Module):
         outs[-1] = self.norm(x)
         return torch.stack(outs)
 
+    def forward_encoder_packed(self, images: torch.Tensor, keep: torch.Tensor):
+        """Variable visible counts: the CLS token and the kept patches of every image packed into
+        one sequence, block-diagonal attention, no padding. Returns the stacked block outputs
+        [D, T, C] and the packing (cu_seqlens, max_len, index into the [B, N] token grid)."""
+        from . import packing
+
+        x = self.patch_embed(images)  # [B, L, C]
+        B = x.shape[0]
+        pos = self.pos_embed.to(x.dtype)
+        cls = (self.cls_embedding() + self.pos_embed[:, :1]).to(x.dtype).expand(B, -1, -1)
+        tokens = torch.cat([cls, x + pos[:, 1:]], dim=1)  # [B, N, C]
+        keep_all = torch.cat([torch.ones_like(keep[:, :1]), keep], dim=1)  # CLS always kept
+        x, cu_seqlens, max_len, index = packing.pack(tokens, keep_all)  # [T, C]
+        outs = []
+        for blk in self.blocks:
+            x = blk(x, cu_seqlens=cu_seqlens, max_len=max_len)
+            outs.append(x)
+        outs[-1] = self.norm(x)
+        return torch.stack(outs), index
+
+    def _decoder_input_packed(self, head: nn.Module, latent: torch.Tensor, index: torch.Tensor,
+                              B: int) -> torch.Tensor:
+        from . import packing
+
+        y = head.decoder_embed(latent)  # [T, Cd]
+        N = self.decoder_pos_embed.shape[1]
+        out = packing.unpack(y, index, head.mask_token.reshape(-1).to(y.dtype), (B, N))
+        return out + self.decoder_pos_embed.to(y.dtype)
+
     def _decoder_input(self, head: nn.Module, latent: torch.Tensor,
                        ids_restore: torch.Tensor) -> torch.Tensor:
         """decoder_embed, mask-token fill, unshuffle, CLS in front, decoder position add. [B, N, Cd]"""
@@ -119,27 +148,54 @@ class TECModel(nn.Module):
                 raise ValueError(f"targets.relation must be [B, 1+k, pred_heads, L] = {want}, "
                                  f"got {tuple(rel.shape)}")
 
-    def forward(self, images: torch.Tensor, targets: BaseTargets, mask_ratio: float = 0.75,
-                noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, targets: BaseTargets, mask_ratio=0.75,
+                noise: Optional[torch.Tensor] = None,
+                keep: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """One TEC loss evaluation.
+
+        ``mask_ratio``: a float (every image keeps K = int(L * (1 - r)) patches: dense batched
+        encoder), or one ratio per image ([B] tensor or sequence: packed encoder). ``keep`` [B, L]
+        bool (True = visible), e.g. block-wise masks, overrides the ratio (packed encoder).
+        ``noise`` [B, L] makes the random masking reproducible (SPEC.md §2).
+        """
         cfg, enc = self.config, self.config.encoder
         check_images(images, enc.in_chans, enc.img_size)
         B, L = images.shape[0], enc.num_patches
         self._check_targets(targets, B)
-        m = random_masking(B, L, mask_ratio, noise=noise, device=images.device)
-
-        feats = self.forward_encoder(images, m.ids_keep)  # [D, B, 1+K, C]
-        latent = self.encoder_adaptor(feats)              # [B, 1+K, C]
-
         heads = [self.forward_fea_decoder] + ([self.forward_att_decoder] if cfg.relation else [])
+
+        if keep is None and isinstance(mask_ratio, (int, float)):
+            m = random_masking(B, L, mask_ratio, noise=noise, device=images.device)
+            mask = m.mask
+            feats = self.forward_encoder(images, m.ids_keep)  # [D, B, 1+K, C]
+            latent = self.encoder_adaptor(feats)              # [B, 1+K, C]
+            inputs = [self._decoder_input(h, latent, m.ids_restore) for h in heads]
+        else:
+            if keep is None:
+                keep, mask = variable_masking(B, L, mask_ratio, noise=noise, device=images.device)
+            else:
+                if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool \
+                        or tuple(keep.shape) != (B, L):
+                    raise ValueError(f"keep must be a bool tensor of shape [B, L] = {(B, L)}, got "
+                                     f"{getattr(keep, 'dtype', type(keep).__name__)} "
+                                     f"{tuple(getattr(keep, 'shape', ()))}")
+                if not bool(keep.any(dim=1).all()) or bool(keep.all(dim=1).any()):
+                    raise ValueError("keep must leave every image at least one visible and one masked patch")
+                keep = keep.to(images.device)
+                mask = (~keep).float()
+            feats, index = self.forward_encoder_packed(images, keep)  # [D, T, C]
+            latent = self.encoder_adaptor(feats.unsqueeze(1))[0]      # [T, C]
+            inputs = [self._decoder_input_packed(h, latent, index, B) for h in heads]
+
         # Both streams go through the shared decoder blocks in one pass, stacked along the batch.
-        x = torch.cat([self._decoder_input(h, latent, m.ids_restore) for h in heads], dim=0)
+        x = torch.cat(inputs, dim=0)
         for blk in self.decoder_blocks:
             x = blk(x)
         streams = x.split(B, dim=0)
 
         fea = self.forward_fea_decoder
         pred = fea.decoder_pred(fea.decoder_norm(streams[0]))[:, 1:]  # [B, L, Cb]
-        loss_f = ops.patch_norm_mse(pred, targets.features, m.mask)
+        loss_f = ops.patch_norm_mse(pred, targets.features, mask)
         if cfg.relation:
             att = self.forward_att_decoder
             qk = att.decoder_qk(att.decoder_norm(streams[1]))  # [B, N, 2*Cb]

@@ -1,0 +1,156 @@
+"""One TEC training step, engine vs the eager baseline, in the same process.
+
+Step = base-model forward (no grad) + new-model forward/backward + optimizer step, on
+device-resident synthetic images (the loader is not measured). Prints images/s, the ratio to the
+baseline, model-FLOPs utilisation and peak memory, and appends one JSON line per provider to
+``benchmarks/results/<device>.jsonl``.
+
+    python benchmarks/bench_step.py                         # ViT-B/16, 224, bf16, batch 64..256 on GPU
+    python benchmarks/bench_step.py --preset tiny --device cpu --batch-sizes 4 --steps 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.baseline_eager import EagerBase, EagerTEC  # noqa: E402
+from benchmarks.common import append_results, device_name, time_callable  # noqa: E402
+from benchmarks.flops import tec_step_flops  # noqa: E402
+from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig  # noqa: E402
+
+PRESETS = {
+    # name: (base ViT, new ViT, decoder dim, depth, heads, topk)
+    "vit_base": (ViTConfig(224, 16, 768, 12, 12), ViTConfig(224, 16, 768, 12, 12), 512, 2, 16, 15),
+    "vit_large": (ViTConfig(224, 16, 1024, 24, 16), ViTConfig(224, 16, 1024, 24, 16), 768, 2, 16, 15),
+    "tiny": (ViTConfig(32, 4, 64, 4, 4), ViTConfig(32, 4, 64, 6, 4), 32, 1, 4, 5),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build(preset: str, device: torch.device, seed: int = 0):
+    bvit, vit, cd, dd, dh, topk = PRESETS[preset]
+    torch.manual_seed(seed)
+    cfg = TECConfig(encoder=vit, decoder_dim=cd, decoder_depth=dd, decoder_heads=dh, tau=1.8,
+                    pred_dim=bvit.embed_dim, pred_heads=bvit.num_heads)
+    return bvit, cfg, topk
+
+
+def engine_step_fn(bvit, cfg, topk, images, precision, compile_, mask_ratio):
+    device = images.device
+    dtype = DTYPES[precision]
+    base = BaseModel(bvit, topk=topk).to(device)
+    if precision != "fp32":
+        base = base.to(dtype)  # frozen: keep it in the low precision outright
+    model = TECModel(cfg).to(device)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    fwd = torch.compile(model) if compile_ else model
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+            t = base(images)
+            loss = fwd(images, t, mask_ratio=mask_ratio)["loss"]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def baseline_step_fn(bvit, cfg, topk, images, mask_ratio):
+    """The public reference code's step: fp16 autocast + GradScaler, torch AdamW (fp16 only where
+    the device has it: on CPU the baseline runs bf16 autocast)."""
+    device = images.device
+    base = EagerBase(bvit, topk=topk).to(device).eval()
+    model = EagerTEC(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
+
+    def step():
+        with torch.autocast(device.type, dtype=half):
+            with torch.no_grad():
+                t = base(images)
+            loss = model(images, t, mask_ratio=mask_ratio)["loss"]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="default: 64 128 256 on GPU, 4 on CPU")
+    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per provider (after warm-up)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=800.0,
+                   help="dense bf16 peak used for MFU (800 was measured on the lent H100/H200s)")
+    p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    bvit, cfg, topk = build(args.preset, device)
+    flops = tec_step_flops(bvit, cfg, args.mask_ratio, topk)["total"]
+    batch_sizes = args.batch_sizes or ([64, 128, 256] if device.type == "cuda" else [4])
+    rows = []
+    print(f"{'batch':>5} {'provider':<9} {'ms/step':>9} {'img/s':>9} {'speedup':>8} {'MFU':>6} {'peak GB':>8}")
+    for B in batch_sizes:
+        images = torch.randn(B, 3, bvit.img_size, bvit.img_size, device=device)
+        providers = [("engine", lambda: engine_step_fn(bvit, cfg, topk, images, args.precision,
+                                                       args.compile, args.mask_ratio))]
+        if not args.no_baseline:
+            providers.append(("baseline", lambda: baseline_step_fn(bvit, cfg, topk, images, args.mask_ratio)))
+        results = {}
+        for name, make in providers:
+            try:
+                step = make()
+                t = time_callable(step, device, warmup=args.warmup, reps=args.steps)
+            except torch.OutOfMemoryError:
+                print(f"{B:>5} {name:<9} out of memory")
+                results[name] = None
+                continue
+            finally:
+                step = None
+            img_s = B / (t["median_ms"] / 1e3)
+            results[name] = dict(t, img_per_s=img_s)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        eng, ref = results.get("engine"), results.get("baseline")
+        for name, r in results.items():
+            if r is None:
+                continue
+            mfu = flops * r["img_per_s"] / (args.peak_tflops * 1e12) if device.type == "cuda" else None
+            row = dict(bench="step", provider=name, preset=args.preset, shape=f"B={B},S={bvit.img_size}",
+                       dtype=args.precision if name == "engine" else "fp16-amp", mask_ratio=args.mask_ratio,
+                       compile=args.compile and name == "engine", gflop_per_img=flops / 1e9,
+                       peak_tflops=args.peak_tflops, mfu=mfu, **r)
+            if name == "engine" and ref:
+                row.update(baseline_img_per_s=ref["img_per_s"], speedup=r["img_per_s"] / ref["img_per_s"],
+                           baseline_peak_mem_gb=ref.get("peak_mem_gb"))
+            rows.append(row)
+            sp = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
+            print(f"{B:>5} {name:<9} {r['median_ms']:>9.2f} {r['img_per_s']:>9.1f} {sp:>8} "
+                  f"{(f'{mfu:.1%}' if mfu is not None else '-'):>6} "
+                  f"{(f'{r['peak_mem_gb']:.2f}' if r.get('peak_mem_gb') is not None else '-'):>8}")
+    path = append_results(rows, args.results_dir, device)
+    print(f"\nFLOPs counted: {flops / 1e9:.1f} GFLOP per image (benchmarks/flops.py); MFU peak "
+          f"{args.peak_tflops:.0f} TFLOP/s. Results appended to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""``python -m tec_fast.info``: versions, the compiled extension, and which backend each op and
+the attention would use on this machine (with the reasons the others were skipped)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+OPS = ("masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets", "relation_loss",
+       "encoder_adapter")
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+        return getattr(mod, "__version__", "installed")
+    except Exception as exc:  # not installed, or its compiled part does not load
+        return f"not available ({type(exc).__name__})"
+
+
+def _xformers_status(cuda: bool):
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as exc:
+        return False, f"xformers does not import ({type(exc).__name__}: {str(exc)[:120]})"
+    if not cuda:
+        return False, "xformers imports, but its memory_efficient_attention needs a CUDA device"
+    return True, "xformers memory_efficient_attention"
+
+
+def collect() -> dict:
+    from .ops import dispatch
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    probe = torch.empty(0, device=device)
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "xformers": _version("xformers"),
+        "apex": _version("apex"),
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+        "kernel_mode": dispatch.kernel_mode(),
+        "ops": {},
+    }
+    for op in OPS:
+        reasons = dispatch.why_not_fast(op, probe)
+        info["ops"][op] = {"backend": "reference" if reasons else "triton", "skipped_because": reasons}
+    try:
+        from . import packing
+        info["extension"] = packing.extension_status()
+    except Exception as exc:
+        info["extension"] = {"built": False, "reason": f"{type(exc).__name__}: {exc}"}
+    ok, why = _xformers_status(cuda)
+    info["attention"] = {
+        "dense": "torch.nn.functional.scaled_dot_product_attention",
+        "packed": "xformers memory_efficient_attention + BlockDiagonalMask" if ok
+        else "SDPA on jagged nested tensors",
+        "xformers": why,
+    }
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tec_fast.info",
+        description="Print versions, the compiled extension's status and the backend each op and the "
+                    "attention would use here (and why the faster ones were skipped).")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for key in ("python", "torch", "torch_cuda", "triton", "xformers", "apex", "device", "kernel_mode"):
+        print(f"{key:<12} {info[key]}")
+    ext = info["extension"]
+    print(f"{'extension':<12} " + ", ".join(f"{k}={v}" for k, v in ext.items()))
+    print("\nop                 backend    why not the fast path")
+    for op, d in info["ops"].items():
+        print(f"{op:<18} {d['backend']:<10} {'; '.join(d['skipped_because']) or '-'}")
+    att = info["attention"]
+    print(f"\nattention (dense)  {att['dense']}\nattention (packed) {att['packed']}\nxformers           {att['xformers']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
