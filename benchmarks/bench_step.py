@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.baseline_eager import EagerBase, EagerTEC  # noqa: E402
-from benchmarks.common import append_results, device_name, time_callable  # noqa: E402
+from benchmarks.common import append_results, time_callable  # noqa: E402
 from benchmarks.flops import tec_step_flops  # noqa: E402
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig  # noqa: E402
 
@@ -135,7 +135,8 @@ def main(argv=None):
                 continue
             mfu = flops * r["img_per_s"] / (args.peak_tflops * 1e12) if device.type == "cuda" else None
             row = dict(bench="step", provider=name, preset=args.preset, shape=f"B={B},S={bvit.img_size}",
-                       dtype=args.precision if name == "engine" else "fp16-amp", mask_ratio=args.mask_ratio,
+                       dtype=args.precision if name == "engine" else
+                       ("fp16-amp" if device.type == "cuda" else "bf16-amp"), mask_ratio=args.mask_ratio,
                        compile=args.compile and name == "engine", gflop_per_img=flops / 1e9,
                        peak_tflops=args.peak_tflops, mfu=mfu, **r)
             if name == "engine" and ref:
@@ -143,9 +144,9 @@ def main(argv=None):
                            baseline_peak_mem_gb=ref.get("peak_mem_gb"))
             rows.append(row)
             sp = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
-            print(f"{B:>5} {name:<9} {r['median_ms']:>9.2f} {r['img_per_s']:>9.1f} {sp:>8} "
-                  f"{(f'{mfu:.1%}' if mfu is not None else '-'):>6} "
-                  f"{(f'{r['peak_mem_gb']:.2f}' if r.get('peak_mem_gb') is not None else '-'):>8}")
+            mfu_s = f"{mfu:.1%}" if mfu is not None else "-"
+            mem_s = f"{r['peak_mem_gb']:.2f}" if r.get("peak_mem_gb") is not None else "-"
+            print(f"{B:>5} {name:<9} {r['median_ms']:>9.2f} {r['img_per_s']:>9.1f} {sp:>8} {mfu_s:>6} {mem_s:>8}")
     path = append_results(rows, args.results_dir, device)
     print(f"\nFLOPs counted: {flops / 1e9:.1f} GFLOP per image (benchmarks/flops.py); MFU peak "
           f"{args.peak_tflops:.0f} TFLOP/s. Results appended to {path}")
