@@ -1,0 +1,302 @@
+"""Data: the embedded demo set (digits on photo crops) and ImageFolder-style folders.
+
+Two sources:
+- ``demo_datasets`` / ``demo_arrays``: scikit-learn's handwritten digits, upscaled to 32x32 and
+  blended onto crops of the photos scikit-learn ships, MNIST-M style. No download, tensor-backed,
+  deterministic given the seed.
+- ``ImageFolderDataset``: ``root/<class>/**/*.jpg`` (or ``root/train/<class>/...``) or a flat
+  folder of images (label -1), decoded with PIL and transformed with PIL + torch
+  (RandomResizedCrop + flip for training, resize + center crop for evaluation).
+
+Unreadable images (truncated, corrupt, not an image at all): by default the item is replaced by
+the next readable image in the listing (index ``i+1``, ``i+2``, ... wrapping around), so batches
+keep their size — which DDP and compiled shapes need — and a warning naming the path is issued
+once per process. Bad indices are recorded in a shared-memory tensor, so DataLoader workers and
+the main process see the same ``num_skipped`` (distinct unreadable files met so far) and a known
+bad file is not decoded again. ``strict=True`` raises instead, with the path.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+
+DEMO_SIZE = 32
+DEMO_CLASSES = tuple(str(i) for i in range(10))
+
+
+# --------------------------------------------------------------------------------------------
+# Embedded demo data
+# --------------------------------------------------------------------------------------------
+class DemoArrays(NamedTuple):
+    train_images: np.ndarray  # [N_train, 32, 32, 3] uint8
+    train_labels: np.ndarray  # [N_train] int64
+    test_images: np.ndarray   # [N_test, 32, 32, 3] uint8
+    test_labels: np.ndarray   # [N_test] int64
+
+
+class DemoDataset(Dataset):
+    """Tensor-backed demo split: ``ds[i] -> (image [3, 32, 32] float32 normalised, label int)``.
+
+    ``images`` holds the whole normalised split, ``labels`` the int64 labels; ``mean`` / ``std``
+    are the per-channel statistics (of the *training* split, in [0, 1] pixel units) used for both
+    splits.
+    """
+
+    classes = DEMO_CLASSES
+
+    def __init__(self, images_uint8: np.ndarray, labels: np.ndarray,
+                 mean: Sequence[float], std: Sequence[float]):
+        x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 255.0
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.images = ((x - m) / s).contiguous()  # [N, 3, 32, 32]
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def _upscale_digits(digits: np.ndarray, size: int) -> np.ndarray:
+    """[N, 8, 8] in 0..16 -> [N, size, size] in [0, 1], bilinear (smooth strokes, not blocks)."""
+    t = torch.from_numpy(digits.astype(np.float32) / 16.0).unsqueeze(1)
+    up = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return up.squeeze(1).clamp_(0.0, 1.0).numpy()
+
+
+def _photo_crops(photos: List[np.ndarray], n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """n random crops of the photos, each of a random side in [size, 3*size] resized to
+    size x size (so some crops are smooth sky, others dense texture), randomly flipped. uint8."""
+    from PIL import Image
+
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    which = rng.integers(0, len(photos), size=n)
+    sides = rng.integers(size, 3 * size + 1, size=n)
+    flips = rng.random(n) < 0.5
+    for i in range(n):
+        photo = photos[which[i]]
+        H, W = photo.shape[:2]
+        s = int(sides[i])
+        top, left = int(rng.integers(0, H - s + 1)), int(rng.integers(0, W - s + 1))
+        crop = photo[top:top + s, left:left + s]
+        if s != size:
+            crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))
+        out[i] = crop[:, ::-1] if flips[i] else crop
+    return out
+
+
+def _stratified_take(labels: np.ndarray, n: int) -> np.ndarray:
+    """The first n indices of an already shuffled split, interleaved across classes so that any
+    prefix is as class-balanced as possible (rank within class first, then class)."""
+    rank = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(len(where))
+    order = np.lexsort((labels, rank))
+    return np.sort(order[:n])
+
+
+def demo_arrays(seed: int = 0, n_train: Optional[int] = None,
+                n_test: Optional[int] = None) -> DemoArrays:
+    """The demo data as uint8 arrays, MNIST-M style: pixel = |photo crop - 255 * digit|.
+
+    1797 digits (scikit-learn ``load_digits``), each on its own crop of the two photos of
+    ``load_sample_images``; stratified ~80/20 train/test split. Everything (crops and split)
+    is drawn from ``seed``. ``n_train`` / ``n_test`` take class-balanced subsets of the splits.
+    """
+    from sklearn.datasets import load_digits, load_sample_images
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    photos = [np.asarray(p, dtype=np.uint8) for p in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    n = len(digits.target)
+    strokes = _upscale_digits(digits.images, DEMO_SIZE)                 # [N, 32, 32] in [0, 1]
+    crops = _photo_crops(photos, n, DEMO_SIZE, rng).astype(np.float32)  # [N, 32, 32, 3]
+    images = np.abs(crops - 255.0 * strokes[..., None]).round().astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+
+    idx_train, idx_test = train_test_split(np.arange(n), test_size=0.2, random_state=seed,
+                                           stratify=labels)
+    for name, value, split in (("n_train", n_train, idx_train), ("n_test", n_test, idx_test)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= len(split)):
+            raise ValueError(f"{name} must be None or an int in [1, {len(split)}], got {value!r}")
+    if n_train is not None:
+        idx_train = idx_train[_stratified_take(labels[idx_train], n_train)]
+    if n_test is not None:
+        idx_test = idx_test[_stratified_take(labels[idx_test], n_test)]
+    return DemoArrays(images[idx_train], labels[idx_train], images[idx_test], labels[idx_test])
+
+
+def demo_datasets(seed: int = 0, n_train: Optional[int] = None,
+                  n_test: Optional[int] = None) -> Tuple[DemoDataset, DemoDataset]:
+    """(train, test) ``DemoDataset``s of ``demo_arrays(seed, n_train, n_test)``, both normalised
+    with the training split's per-channel mean and std."""
+    a = demo_arrays(seed, n_train, n_test)
+    px = a.train_images.reshape(-1, 3).astype(np.float64) / 255.0
+    mean, std = px.mean(axis=0), px.std(axis=0)
+    return (DemoDataset(a.train_images, a.train_labels, mean, std),
+            DemoDataset(a.test_images, a.test_labels, mean, std))
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders
+# --------------------------------------------------------------------------------------------
+def _is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def _list_images(folder: str) -> List[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image_file(f))
+    return found
+
+
+def find_samples(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """(samples [(path, label)], classes). Class folders (images anywhere below them) if any
+    subfolder holds images; otherwise the images directly in ``root``, label -1."""
+    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    per_class = [(c, files) for c in subdirs for files in [_list_images(os.path.join(root, c))] if files]
+    if per_class:
+        samples = [(p, label) for label, (_, files) in enumerate(per_class) for p in files]
+        return samples, [c for c, _ in per_class]
+    flat = sorted(e.path for e in os.scandir(root) if e.is_file() and _is_image_file(e.name))
+    return [(p, -1) for p in flat], []
+
+
+def random_resized_crop_box(width: int, height: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                            generator: Optional[torch.Generator] = None) -> Tuple[int, int, int, int]:
+    """RandomResizedCrop's box (left, top, w, h): area fraction ~ U(scale), log aspect ratio
+    ~ U(log ratio), 10 tries, then the central crop with the ratio clamped. Uses torch's RNG so
+    DataLoader workers are seeded the usual way."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(2, generator=generator).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class ImageFolderDataset(Dataset):
+    """Images from a folder: ``ds[i] -> (image [3, img_size, img_size] float32, label int)``.
+
+    ``root`` may be the dataset root holding ``train/`` (used when it exists), a folder of class
+    folders, or a flat folder of images (label -1, ``classes == []``). Normalised with the
+    ImageNet mean/std.
+    - ``train=True``: RandomResizedCrop(img_size, scale (0.2, 1), ratio (3/4, 4/3), bicubic) +
+      horizontal flip with p = 0.5 (SPEC.md §4), drawn from torch's RNG.
+    - ``train=False``: resize the shorter side to int(img_size / 0.875) (bicubic), center crop.
+    Unreadable files: see the module docstring (skip + count, or raise under ``strict``).
+    """
+
+    def __init__(self, root: str, img_size: int = 224, train: bool = True, strict: bool = False):
+        if not os.path.isdir(root):
+            raise ValueError(f"ImageFolderDataset: root {root!r} is not a directory")
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
+            raise ValueError(f"ImageFolderDataset: img_size must be a positive int, got {img_size!r}")
+        if os.path.isdir(os.path.join(root, "train")):
+            root = os.path.join(root, "train")
+        self.root, self.img_size, self.train, self.strict = root, img_size, bool(train), bool(strict)
+        self.samples, self.classes = find_samples(root)
+        if not self.samples:
+            raise ValueError(f"ImageFolderDataset: no images ({', '.join(IMG_EXTENSIONS)}) found in "
+                             f"{root!r} (neither in class subfolders nor directly inside)")
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.targets = [label for _, label in self.samples]
+        self.resize_to = int(img_size / 0.875)
+        # 1 = known unreadable. Shared memory, so counts made in DataLoader workers are visible here.
+        self._bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        self._warned = set()  # per process: warn once per path
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct unreadable images met so far (in this process and its DataLoader workers)."""
+        return int(self._bad.sum())
+
+    def skipped_paths(self) -> List[str]:
+        return [self.samples[i][0] for i in torch.nonzero(self._bad).flatten().tolist()]
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        n = len(self.samples)
+        for step in range(n):
+            i = (index + step) % n
+            if self._bad[i]:
+                continue
+            path, label = self.samples[i]
+            try:
+                img = self._load(path)
+            except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+                if self.strict:
+                    raise RuntimeError(f"unreadable image {path}: {type(exc).__name__}: {exc}") from exc
+                self._bad[i] = 1
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({type(exc).__name__}: {exc}); "
+                                  f"using the next readable one instead", RuntimeWarning)
+                continue
+            return self._transform(img), label
+        raise RuntimeError(f"ImageFolderDataset: none of the {n} images under {self.root!r} is readable")
+
+    def _load(self, path: str):
+        from PIL import Image
+
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if not self.train:
+                img.draft("RGB", (self.resize_to, self.resize_to))  # JPEG: decode at reduced scale
+            return img.convert("RGB")  # forces the full decode inside the try (truncation raises here)
+
+    def _transform(self, img) -> torch.Tensor:
+        from PIL import Image
+
+        S = self.img_size
+        if self.train:
+            left, top, w, h = random_resized_crop_box(img.width, img.height)
+            img = img.resize((S, S), Image.BICUBIC, box=(left, top, left + w, top + h))
+            if torch.rand(()) < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            short = min(img.width, img.height)
+            w = max(S, round(img.width * self.resize_to / short))
+            h = max(S, round(img.height * self.resize_to / short))
+            img = img.resize((w, h), Image.BICUBIC)
+            left, top = int(round((w - S) / 2.0)), int(round((h - S) / 2.0))
+            img = img.crop((left, top, left + S, top + S))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        return (x - self._mean) / self._std

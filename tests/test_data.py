@@ -1,0 +1,194 @@
+"""The demo data (determinism, shapes, balance) and image folders (transforms, bad files)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tec_fast.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, demo_arrays,
+                           demo_datasets, random_resized_crop_box)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return demo_datasets(seed=0)
+
+
+def test_demo_shapes_and_normalisation(demo):
+    train, test = demo
+    assert len(train) + len(test) == 1797
+    assert abs(len(test) / 1797 - 0.2) < 0.01
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    assert train.images.shape == (len(train), 3, 32, 32)
+    # normalised with the training split's statistics
+    assert torch.allclose(train.images.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(train.images.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-3)
+    assert test.mean == train.mean and test.std == train.std
+
+
+def test_demo_labels_balanced(demo):
+    for ds in demo:
+        counts = torch.bincount(ds.labels, minlength=10)
+        assert len(counts) == 10 and counts.min() >= 0.9 * counts.max()
+
+
+def test_demo_deterministic_and_seeded(demo):
+    a, b = demo_arrays(0), demo_arrays(0)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    train, _ = demo
+    np.testing.assert_array_equal(train.labels.numpy(), a.train_labels)
+    c = demo_arrays(1)
+    assert not np.array_equal(a.train_images[:50], c.train_images[:50])
+    assert a.train_images.dtype == np.uint8 and a.train_images.shape[1:] == (32, 32, 3)
+
+
+def test_demo_subsets_balanced_and_disjoint():
+    a = demo_arrays(0, n_train=100, n_test=30)
+    assert len(a.train_labels) == 100 and len(a.test_labels) == 30
+    assert np.bincount(a.train_labels).tolist() == [10] * 10
+    assert np.bincount(a.test_labels).tolist() == [3] * 10
+    full = demo_arrays(0)
+    # a subset is drawn from its own split: no test image leaks into train
+    train_set = {img.tobytes() for img in full.train_images}
+    assert not any(img.tobytes() in train_set for img in a.test_images)
+    with pytest.raises(ValueError, match="n_train"):
+        demo_arrays(0, n_train=0)
+
+
+def test_demo_digits_are_visible():
+    """The digit must change the image: pixel k-NN well above chance on a small subset."""
+    from tec_fast.evaluate import knn_accuracy
+    a = demo_arrays(0, n_train=400, n_test=100)
+    f = lambda im: im.reshape(len(im), -1).astype(np.float32) - 128  # noqa: E731
+    assert knn_accuracy(f(a.train_images), a.train_labels, f(a.test_images), a.test_labels) > 0.4
+
+
+# ---------------------------------------------------------------------------- image folders
+def _write_images(folder, n, size=(40, 30), fmt="JPEG", seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        p = folder / f"img{i}.{'jpg' if fmt == 'JPEG' else fmt.lower()}"
+        Image.fromarray(arr).save(p, format=fmt)
+        paths.append(p)
+    return paths
+
+
+def _truncated_jpeg(path):
+    arr = np.random.default_rng(1).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path, format="JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_folder_classes_and_transforms(tmp_path):
+    _write_images(tmp_path / "train" / "cat", 3)
+    _write_images(tmp_path / "train" / "dog", 2, fmt="PNG")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image, not listed")
+    ds = ImageFolderDataset(str(tmp_path), img_size=16, train=True)  # descends into train/
+    assert ds.classes == ["cat", "dog"] and len(ds) == 5
+    assert sorted(ds.targets) == [0, 0, 0, 1, 1]
+    torch.manual_seed(0)
+    x, y = ds[4]
+    assert x.shape == (3, 16, 16) and y == 1
+    ev = ImageFolderDataset(str(tmp_path / "train"), img_size=16, train=False)
+    a, _ = ev[0]
+    b, _ = ev[0]
+    assert torch.equal(a, b)  # eval transform is deterministic
+
+
+def test_eval_transform_matches_resize_center_crop(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    ds = ImageFolderDataset(str(tmp_path), img_size=16, train=False)
+    x, label = ds[0]
+    assert label == -1  # flat folder
+    # by hand: shorter side 30 -> int(16 / 0.875) = 18, width 30, center crop 16
+    img = Image.fromarray(arr).resize((30, 18), Image.BICUBIC).crop((7, 1, 23, 17))
+    ref = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+    ref = (ref - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(x, ref)
+
+
+def test_random_resized_crop_box_ranges():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        left, top, w, h = random_resized_crop_box(64, 48, generator=g)
+        assert 0 <= left and left + w <= 64 and 0 <= top and top + h <= 48
+        assert 0.2 * 64 * 48 * 0.9 <= w * h <= 64 * 48
+    # impossible aspect ratios fall back to the central crop with the ratio clamped
+    assert random_resized_crop_box(100, 10, scale=(0.9, 1.0), ratio=(1.0, 1.0), generator=g) == (45, 0, 10, 10)
+
+
+def test_flat_folder_unlabelled(tmp_path):
+    _write_images(tmp_path, 3)
+    ds = ImageFolderDataset(str(tmp_path), img_size=8)
+    assert ds.classes == [] and ds.targets == [-1, -1, -1]
+
+
+def test_bad_images_skipped_and_counted(tmp_path):
+    good = _write_images(tmp_path / "a", 2)
+    # listing order img0, img05_text, img1, z_truncated: each bad file is followed by a good one
+    _truncated_jpeg(tmp_path / "a" / "z_truncated.jpg")
+    (tmp_path / "a" / "img05_text.jpg").write_text("this is not a JPEG")
+    ds = ImageFolderDataset(str(tmp_path), img_size=8, train=False)
+    assert len(ds) == 4
+    paths = [p for p, _ in ds.samples]
+    bad_trunc = paths.index(str(tmp_path / "a" / "z_truncated.jpg"))
+    bad_text = paths.index(str(tmp_path / "a" / "img05_text.jpg"))
+    with pytest.warns(RuntimeWarning, match="img05_text.jpg"):
+        x, _ = ds[bad_text]
+    assert x.shape == (3, 8, 8)
+    with pytest.warns(RuntimeWarning, match="z_truncated.jpg"):
+        y, _ = ds[bad_trunc]
+    torch.testing.assert_close(y, ds[0][0])  # the stand-in is the next readable one (wrapping)
+    assert ds.num_skipped == 2
+    assert sorted(ds.skipped_paths()) == sorted(paths[i] for i in (bad_text, bad_trunc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known bad files are not decoded or warned about again
+        items = [ds[i] for i in range(len(ds))]
+    assert len(items) == 4 and ds.num_skipped == 2
+    assert all(str(p) in paths for p in good)
+
+
+def test_bad_images_counted_across_workers(tmp_path):
+    _write_images(tmp_path, 3)
+    (tmp_path / "zz_bad.jpg").write_bytes(b"\x00" * 100)
+    ds = ImageFolderDataset(str(tmp_path), img_size=8, train=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(loader)
+    assert sum(b[0].shape[0] for b in batches) == 4  # batch sizes kept: a good image stands in
+    assert ds.num_skipped == 1
+
+
+def test_strict_raises_with_path(tmp_path):
+    _write_images(tmp_path, 1)
+    _truncated_jpeg(tmp_path / "broken.jpg")
+    ds = ImageFolderDataset(str(tmp_path), img_size=8, strict=True)
+    i = [p for p, _ in ds.samples].index(str(tmp_path / "broken.jpg"))
+    with pytest.raises(RuntimeError, match="broken.jpg"):
+        ds[i]
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        ImageFolderDataset(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolderDataset(str(tmp_path / "empty"))
+    (tmp_path / "allbad").mkdir()
+    (tmp_path / "allbad" / "x.jpg").write_text("nope")
+    ds = ImageFolderDataset(str(tmp_path / "allbad"), img_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="none of the 1 images"):
+            ds[0]

@@ -1,0 +1,107 @@
+"""``python -m tec_fast.eval``: checkpoints of several layouts, demo data and image folders."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tec_fast import TECConfig, TECModel, ViTConfig
+from tec_fast.eval import main
+from tec_fast.mae import MAEModel
+
+VIT = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def mae_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MAEModel(VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    path = tmp_path_factory.mktemp("ckpt") / "mae.pth"
+    torch.save({"model": model.state_dict()}, path)  # full MAE layout, decoder included
+    return path
+
+
+def test_cli_on_demo_subset(mae_ckpt, tmp_path):
+    out = tmp_path / "res" / "eval.json"
+    cmd = [sys.executable, "-m", "tec_fast.eval", str(mae_ckpt), "--num-heads", "2",
+           "--n-train", "100", "--n-test", "50", "--pixels", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "k-NN top-1" in proc.stdout and "raw pixels" in proc.stdout  # the table
+    assert "features train" in proc.stderr  # progress display
+    res = json.loads(out.read_text())
+    for row in (res, res["pixels"]):
+        assert 0.0 <= row["knn"] <= 1.0 and 0.0 <= row["linear"] <= 1.0
+    assert res["data"] == {"name": "demo (seed 0)", "train": 100, "test": 50, "classes": 10}
+    assert res["vit"]["embed_dim"] == 32 and res["vit"]["num_heads"] == 2
+    assert res["vit"]["patch_size"] == 8 and res["vit"]["img_size"] == 32  # inferred from weights
+    assert "ignored" in res["load_report"]  # the decoder
+    assert set(res["timings_s"]) >= {"load_s", "data_s", "features_s", "knn_s", "linear_s"}
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--model", "--embed-dim", "--json", "--pool", "--k"):
+        assert flag in text
+
+
+def test_stored_config_and_encoder_only_layout(tmp_path):
+    torch.manual_seed(0)
+    model = MAEModel(VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    path = tmp_path / "enc.pth"
+    torch.save({"model": model.encoder_state_dict(), "config": model.config_dict()}, path)
+    res = main([str(path), "--n-train", "60", "--n-test", "20", "--quiet", "--pool", "cls"])
+    assert res["vit_source"] == "config stored in the checkpoint"
+    assert res["vit"] == VIT.to_dict() and res["pool"] == "cls"
+
+
+def test_raw_tec_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    cfg = TECConfig(encoder=VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    path = tmp_path / "checkpoint-1.pth"
+    torch.save({"model": TECModel(cfg).state_dict(), "epoch": 1}, path)
+    res = main([str(path), "--num-heads", "2", "--n-train", "60", "--n-test", "20", "--quiet"])
+    assert "cls_token_mlp" in res["load_report"]  # folded into the CLS token
+
+
+def test_image_folder_data(tmp_path, mae_ckpt):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for c, colour in (("red", 0), ("blue", 2)):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 60, size=(40, 48, 3), dtype=np.uint8)
+                arr[..., colour] += 180
+                Image.fromarray(arr).save(d / f"{i}.jpg")
+    res = main([str(mae_ckpt), "--num-heads", "2", "--data", str(tmp_path / "data"), "--workers", "0",
+                "--k", "3", "--quiet"])
+    assert res["data"]["train"] == 12 and res["data"]["test"] == 6 and res["data"]["classes"] == 2
+    assert res["knn"] == 1.0  # colour is trivially separable
+
+
+def test_errors(tmp_path, mae_ckpt):
+    with pytest.raises(ValueError, match="depth=12"):  # the preset contradicts the weights
+        main([str(mae_ckpt), "--model", "vit_tiny_patch16", "--img-size", "32", "--quiet"])
+    small = ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    path = tmp_path / "small.pth"
+    torch.save(MAEModel(small, decoder_dim=16, decoder_depth=1, decoder_heads=2).encoder_state_dict(), path)
+    with pytest.raises(SystemExit, match="demo images are 32x32"):
+        main([str(path), "--num-heads", "2", "--quiet"])
+    with pytest.raises(SystemExit, match="train/"):
+        main([str(mae_ckpt), "--num-heads", "2", "--data", str(tmp_path), "--quiet"])
+    with pytest.raises(ValueError, match="does not exist"):
+        main([str(tmp_path / "nope.pth"), "--quiet"])
+    proc = subprocess.run([sys.executable, "-m", "tec_fast.eval", str(tmp_path / "nope.pth")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "error:" in proc.stderr and "Traceback" not in proc.stderr
