@@ -126,9 +126,15 @@ def _assign(model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport
                       and not (optional_missing is not None and optional_missing.match(k))]
 
 
-def _count_blocks(state: Dict[str, torch.Tensor], prefix: str = "blocks.") -> int:
+def count_blocks(state: Dict[str, torch.Tensor], prefix: str = "blocks.") -> int:
+    """Number of transformer blocks in a state dict (1 + the highest ``{prefix}{i}.`` index)."""
     ids = {int(m.group(1)) for k in state for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
     return max(ids) + 1 if ids else 0
+
+
+def read_state_dict(src: PathOrState, prefer_teacher: bool = True) -> Dict[str, torch.Tensor]:
+    """The weights inside any supported checkpoint, prefixes stripped (no model needed)."""
+    return _strip_prefixes(_pick_state(read_checkpoint(src), prefer_teacher, LoadReport()))
 
 
 # ---------------------------------------------------------------------------- base model
@@ -152,7 +158,7 @@ def load_base_checkpoint(base: nn.Module, src: PathOrState) -> LoadReport:
     if "cls_token_mlp.fc1.weight" in state:
         state = fold_cls_mlp(state)
         report.notes.append("folded the TEC input adapter (cls_token_mlp) into cls_token")
-    depth, found = base.config.depth, _count_blocks(state)
+    depth, found = base.config.depth, count_blocks(state)
     if found and found != depth:
         raise ValueError(f"checkpoint has {found} encoder blocks (blocks.0..{found - 1}) but the "
                          f"configured base model has depth={depth}")
@@ -186,10 +192,10 @@ def load_tec_checkpoint(model: nn.Module, src: PathOrState) -> LoadReport:
                         if isinstance(src, os.PathLike) else "<dict>")
     obj = read_checkpoint(src)
     state = _strip_prefixes(_pick_state(obj, prefer_teacher=False, report=report))
-    depth, found = model.config.encoder.depth, _count_blocks(state)
+    depth, found = model.config.encoder.depth, count_blocks(state)
     if found and found != depth:
         raise ValueError(f"checkpoint has {found} encoder blocks but the configured model has depth={depth}")
-    dfound = _count_blocks(state, "decoder_blocks.")
+    dfound = count_blocks(state, "decoder_blocks.")
     if dfound and dfound != model.config.decoder_depth:
         raise ValueError(f"checkpoint has {dfound} decoder blocks but TECConfig.decoder_depth="
                          f"{model.config.decoder_depth}")

@@ -99,14 +99,14 @@ def _stored_vit(obj) -> Optional[dict]:
 
 def _inferred_vit(state: dict) -> Tuple[dict, str]:
     """Architecture from tensor shapes; returns (fields, note on what was guessed)."""
-    from .checkpoint import _count_blocks
+    from .checkpoint import count_blocks
 
     w = state.get("patch_embed.proj.weight")
     if w is None or w.dim() != 4:
         raise ValueError("cannot infer the architecture: no patch_embed.proj.weight in the checkpoint; "
                          "pass --model or --embed-dim/--depth/--num-heads/--patch-size")
     C, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
-    depth = _count_blocks(state)
+    depth = count_blocks(state)
     fields = {"patch_size": patch, "embed_dim": C, "depth": depth, "in_chans": in_chans}
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     if fc1 is not None:
@@ -213,12 +213,12 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     from . import evaluate as E
     from .base import BaseModel
-    from .checkpoint import _pick_state, _strip_prefixes, LoadReport, read_checkpoint
+    from .checkpoint import read_checkpoint, read_state_dict
 
     timings = {}
     t = time.perf_counter()
     obj = read_checkpoint(args.checkpoint)
-    state = _strip_prefixes(_pick_state(obj, prefer_teacher=True, report=LoadReport()))
+    state = read_state_dict(obj)
     vit, vit_source = resolve_vit(args, obj, state)
     base = BaseModel(vit, topk=None)
     with warnings.catch_warnings(record=True) as caught:
