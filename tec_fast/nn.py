@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import ops
 from .layers import Mlp
-from .ops import reference
-from .ops.dispatch import use_fast_path
 
 # The reference implementation builds the adapter's two LayerNorms with nn.LayerNorm's default
 # eps (1e-5), unlike the ViT blocks (1e-6); we keep that so its checkpoints give the same numbers.
@@ -46,7 +45,6 @@ class EncoderAdapter(nn.Module):
                 or feats.shape[0] != self.depth or feats.shape[3] != self.dim:
             raise ValueError(f"EncoderAdapter: feats must be [D={self.depth}, B, T, C={self.dim}], "
                              f"got {tuple(getattr(feats, 'shape', ()))}")
-        if use_fast_path("encoder_adapter", feats):
-            from tec_fast.kernels.encoder_adapter import encoder_adapter as fast
-            return fast(feats, *self._weights(), ADAPTER_LN_EPS, ADAPTER_LN_EPS)
-        return reference.encoder_adapter(feats, *self._weights(), ADAPTER_LN_EPS, ADAPTER_LN_EPS)
+        # tec_fast.ops.encoder_adapter validates the weights and picks the Triton kernels or the
+        # plain-torch reference (see tec_fast.ops.dispatch)
+        return ops.encoder_adapter(feats, *self._weights(), ADAPTER_LN_EPS, ADAPTER_LN_EPS)

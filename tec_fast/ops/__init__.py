@@ -10,10 +10,11 @@ from typing import Optional, Tuple
 import torch
 
 from . import reference
-from .dispatch import use_fast_path
+from .dispatch import dispatch_report, format_dispatch_report, use_fast_path, why_not_fast
 
 __all__ = ["masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets",
-           "relation_loss", "reference"]
+           "relation_loss", "encoder_adapter", "reference", "dispatch_report",
+           "format_dispatch_report", "why_not_fast"]
 
 
 def _check_tensor(t, name: str, ndim: int, float_: bool = True) -> None:
@@ -34,9 +35,14 @@ def _check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> 
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the data is on {device}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bound):
-        raise ValueError(
-            f"{name} holds indices in [{int(idx.min())}, {int(idx.max())}], outside [0, {bound})")
+    # The range check reads the indices (a host sync on GPU); torch.compile cannot trace it.
+    # Skipping it there is safe: the kernels read and write nothing for out-of-range indices.
+    if torch.compiler.is_compiling():
+        return
+    if idx.numel():
+        lo, hi = torch.stack([idx.min(), idx.max()]).tolist()  # one host sync, not two
+        if lo < 0 or hi >= bound:
+            raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
 
 
 def _check_same_device(ref: torch.Tensor, **others) -> None:
@@ -90,6 +96,8 @@ def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
     if not isinstance(mask_token, torch.Tensor) or mask_token.numel() != C:
         raise ValueError(f"mask_token must hold C={C} values, got "
                          f"{getattr(mask_token, 'shape', type(mask_token).__name__)}")
+    if not mask_token.is_floating_point():
+        raise ValueError(f"mask_token must be floating point, got dtype {mask_token.dtype}")
     _check_same_device(vis, mask_token=mask_token)
     mask_token = mask_token.reshape(C)
     if pos is not None:
@@ -140,7 +148,7 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
     L = q.shape[2] - 1
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= L:
         raise ValueError(f"topk must be an int in [1, {L}] (the number of patches), got {topk!r}")
-    if use_fast_path("relation_targets", q):
+    if use_fast_path("relation_targets", q, topk=topk):
         from tec_fast.kernels.relation_targets import relation_targets as fast
         return fast(q, k, topk, float(scale))
     with torch.no_grad():
@@ -171,7 +179,53 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
     _check_same_device(q, k=k, target=target)
     if not float(tau) > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
-    if use_fast_path("relation_loss", q):
+    if use_fast_path("relation_loss", q, topk=kk):
         from tec_fast.kernels.relation_loss import relation_loss as fast
         return fast(q, k, topk_idx, target, float(tau), float(scale))
     return reference.relation_loss(q, k, topk_idx, target, float(tau), float(scale))
+
+
+def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b: torch.Tensor,
+                    fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
+                    ln_after_w: torch.Tensor, ln_after_b: torch.Tensor,
+                    eps_before: float, eps_after: float) -> torch.Tensor:
+    """Encoder adapter of SPEC.md §2 on the stacked block outputs ``feats`` [D, B, T, C] -> [B, T, C].
+
+    Arguments as ``reference.encoder_adapter`` (group weights: sequences indexed by g, or stacked
+    tensors). ``tec_fast.nn.EncoderAdapter`` is the module around it. Differentiable w.r.t.
+    feats and every weight.
+    """
+    _check_tensor(feats, "feats", 4)
+    D, B, T, C = feats.shape
+    G = len(fuse_w)
+    if G < 1 or D % G:
+        raise ValueError(f"fuse_w holds G={G} groups, which must divide the depth D={D} of feats "
+                         f"{tuple(feats.shape)}")
+    M = D // G
+    hidden = fc1_w[0].shape[0] if G else 0
+    expected = {"ln_before_w": (D * C,), "ln_before_b": (D * C,), "ln_after_w": (C,), "ln_after_b": (C,)}
+    given = {"ln_before_w": ln_before_w, "ln_before_b": ln_before_b, "ln_after_w": ln_after_w,
+             "ln_after_b": ln_after_b}
+    for name, t in given.items():
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]} for feats {tuple(feats.shape)}, "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
+        _check_same_device(feats, **{name: t})
+    group_shapes = {"fuse_w": (C, M * C), "fuse_b": (C,), "fc1_w": (hidden, C), "fc1_b": (hidden,),
+                    "fc2_w": (C, hidden), "fc2_b": (C,)}
+    groups = {"fuse_w": fuse_w, "fuse_b": fuse_b, "fc1_w": fc1_w, "fc1_b": fc1_b, "fc2_w": fc2_w,
+              "fc2_b": fc2_b}
+    for name, ts in groups.items():
+        if len(ts) != G:
+            raise ValueError(f"{name} holds {len(ts)} groups, fuse_w holds {G}")
+        for g in range(G):
+            if not isinstance(ts[g], torch.Tensor) or tuple(ts[g].shape) != group_shapes[name]:
+                raise ValueError(f"{name}[{g}] must have shape {group_shapes[name]}, got "
+                                 f"{getattr(ts[g], 'shape', type(ts[g]).__name__)}")
+            _check_same_device(feats, **{f"{name}[{g}]": ts[g]})
+    if use_fast_path("encoder_adapter", feats):
+        from tec_fast.kernels.encoder_adapter import encoder_adapter as fast
+        return fast(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
+                    ln_after_w, ln_after_b, eps_before, eps_after)
+    return reference.encoder_adapter(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b,
+                                     fc2_w, fc2_b, ln_after_w, ln_after_b, eps_before, eps_after)

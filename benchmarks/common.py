@@ -1,0 +1,131 @@
+"""Shared benchmark helpers: timing with quantiles, peak memory, result rows, JSON-lines files.
+
+Every benchmark appends long-format rows (one per bench x provider x shape x dtype) to
+``<results-dir>/<device>.jsonl``; ``benchmarks/report.py`` turns them into the README tables.
+Row keys: bench, provider, device, shape, dtype, median_ms, p20_ms, p80_ms, peak_mem_gb, torch,
+triton, commit, timestamp (plus whatever the benchmark adds: speedup, gb_per_s, tflop_per_s...).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def device_name(device) -> str:
+    """The file-name-safe device name results are filed under, e.g. ``NVIDIA_H100_80GB_HBM3``
+    or ``cpu-x86_64-2c``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", torch.cuda.get_device_name(device))
+    return f"cpu-{platform.machine()}-{os.cpu_count()}c"
+
+
+def git_commit() -> str:
+    """Short hash of HEAD, with ``-dirty`` when the working tree has changes; ``unknown``
+    outside a git checkout."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=5, cwd=REPO)
+        head = run("rev-parse", "--short", "HEAD").stdout.strip()
+        if not head:
+            return "unknown"
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> Dict[str, Optional[str]]:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version}
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def time_callable(fn: Callable[[], object], device, warmup: int = 3, reps: int = 20,
+                  measure_memory: bool = True) -> Dict[str, Optional[float]]:
+    """Median / 20th / 80th percentile milliseconds per call of ``fn`` and its peak memory.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA-event timing, L2 flushed between calls) with
+    ``warmup``/``reps`` read as counts of calls; peak memory is the most allocated during one
+    extra call, above what was allocated before it (GB = 2**30 bytes). CPU: ``time.perf_counter``
+    around each call; no peak memory (None).
+    """
+    device = torch.device(device)
+    sync = _sync(device)
+    peak = None
+    if device.type == "cuda":
+        import triton.testing
+        fn()  # compile / autotune outside the measurement
+        sync()
+        if measure_memory:
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            fn()
+            sync()
+            peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30
+        est_ms = max(1e-3, triton.testing.do_bench(fn, warmup=1, rep=1, return_mode="median"))
+        q = triton.testing.do_bench(fn, warmup=max(1.0, warmup * est_ms), rep=max(1.0, reps * est_ms),
+                                    quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "peak_mem_gb": peak}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return {"median_ms": pick(0.5), "p20_ms": pick(0.2), "p80_ms": pick(0.8), "peak_mem_gb": peak}
+
+
+def complete_row(row: Dict, device) -> Dict:
+    """Fill in the keys every row carries (device, versions, commit, timestamp) where missing."""
+    full = {"device": device_name(device), **versions(), "commit": git_commit(),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    full.update({k: v for k, v in row.items() if v is not None or k not in full})
+    return full
+
+
+def append_results(rows: Iterable[Dict], results_dir: str, device) -> str:
+    """Append ``rows`` (completed with ``complete_row``) to ``<results_dir>/<device>.jsonl``;
+    returns the file's path."""
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{device_name(device)}.jsonl")
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(complete_row(row, device)) + "\n")
+    return path
+
+
+def format_table(rows: List[Dict], columns: List[str]) -> str:
+    """Plain-text table of ``rows`` (floats to 4 significant digits; None as '-')."""
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

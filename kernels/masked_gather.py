@@ -1,0 +1,195 @@
+"""masked_gather: the MAE visible-token gather fused with the position-embedding add.
+
+    out[b, i] = x[b, ids_keep[b, i]] + pos[ids_keep[b, i]]      x [B, L, C], ids_keep [B, K]
+
+Forward: one program per block of output rows, each row a contiguous copy of C channels plus
+the matching row of ``pos``. Backward, one kernel for both gradients: a per-image sort of
+ids_keep (a few KB of indices, torch) inverts the gather, so each program *gathers* the rows of
+grad_x it owns (zero rows for dropped patches, sums where ids_keep repeats an index) and writes
+each element once, in x's dtype: no memset, no atomics, deterministic. The same program sums
+its rows over its slice of the batch for grad_pos (per-slice partials, added up by torch).
+Indices outside [0, L) read and write nothing (the public op rejects them before we get here;
+the kernels stay in bounds regardless).
+Reference: ``tec_fast.ops.reference.masked_gather``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _masked_gather_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr,
+                              n_rows, K, L, C,
+                              stride_xb, stride_xl, stride_ib, stride_pl,
+                              HAS_POS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # flat output rows b * K + i
+    row_ok = rows < n_rows
+    b = rows // K
+    i = rows % K
+    src = tl.load(ids_ptr + b * stride_ib + i, mask=row_ok, other=0).to(tl.int64)
+    src_ok = row_ok & (src >= 0) & (src < L)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    m = src_ok[:, None] & col_ok[None, :]
+    val = tl.load(x_ptr + b.to(tl.int64)[:, None] * stride_xb + src[:, None] * stride_xl + cols[None, :],
+                  mask=m, other=0.0).to(tl.float32)
+    if HAS_POS:
+        val += tl.load(pos_ptr + src[:, None] * stride_pl + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], val.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _masked_gather_bwd_kernel(grad_out_ptr, perm_ptr, bounds_ptr, grad_x_ptr, pos_part_ptr,
+                              B, K, L, C, b_per_prog, stride_gb, stride_gk,
+                              POS_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Each program owns rows l of grad_x for a slice of the batch: grad_x[b, l] is the sum of
+    # grad_out[b, i] over the i with ids_keep[b, i] == l, found through the per-image sort of
+    # ids_keep (perm, bounds). Every element is written once, in x's dtype: no atomics, no memset.
+    pid_l, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ls = pid_l * ROWS + tl.arange(0, ROWS)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    l_ok = ls < L
+    col_ok = cols < C
+    tile_ok = l_ok[:, None] & col_ok[None, :]
+    pos_acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+    b_start = pid_b * b_per_prog
+    g_ptr = grad_out_ptr + b_start.to(tl.int64) * stride_gb + cols[None, :]
+    perm_row = perm_ptr + b_start.to(tl.int64) * K
+    bounds_row = bounds_ptr + b_start.to(tl.int64) * (L + 1)
+    x_ptr = grad_x_ptr + b_start.to(tl.int64) * L * C + ls[:, None] * C + cols[None, :]
+    for _ in range(b_start, tl.minimum(b_start + b_per_prog, B)):
+        first = tl.load(bounds_row + ls, mask=l_ok, other=0)
+        count = tl.load(bounds_row + ls + 1, mask=l_ok, other=0) - first
+        acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+        for t in range(0, tl.max(count, axis=0)):  # 0 or 1 for MAE's distinct ids
+            hit = l_ok & (t < count)
+            i = tl.load(perm_row + first + t, mask=hit, other=0)
+            acc += tl.load(g_ptr + i[:, None] * stride_gk, mask=hit[:, None] & col_ok[None, :],
+                           other=0.0).to(tl.float32)
+        tl.store(x_ptr, acc.to(grad_x_ptr.dtype.element_ty), mask=tile_ok)
+        if POS_GRAD:
+            pos_acc += acc
+        g_ptr += stride_gb
+        perm_row += K
+        bounds_row += L + 1
+        x_ptr += L * C
+    if POS_GRAD:
+        tl.store(pos_part_ptr + (pid_b.to(tl.int64) * L + ls[:, None]) * C + cols[None, :], pos_acc, mask=tile_ok)
+
+
+_TARGET_PROGRAMS = 1024  # backward: split the batch until about this many programs run
+
+
+def _launch_config(C: int) -> Tuple[int, int, int]:
+    block_c = min(triton.next_power_of_2(C), 1024)
+    rows = max(1, 2048 // block_c)  # ~2K elements per program
+    num_warps = 4 if block_c * rows <= 2048 else 8
+    return rows, block_c, num_warps
+
+
+def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    x = _unit_channel_stride(x)
+    B, L, C = x.shape
+    K = ids_keep.shape[1]
+    out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)  # as x + pos
+    out = torch.empty((B, K, C), dtype=out_dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if pos is not None:
+        pos = _unit_channel_stride(pos)
+    rows, block_c, num_warps = _launch_config(C)
+    grid = (triton.cdiv(B * K, rows), triton.cdiv(C, block_c))
+    _masked_gather_fwd_kernel[grid](
+        x, ids_keep, pos if pos is not None else x, out, B * K, K, L, C,
+        x.stride(0), x.stride(1), ids_keep.stride(0), pos.stride(0) if pos is not None else 0,
+        HAS_POS=pos is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+    return out
+
+
+def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
+                       pos_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Returns (grad_x [B, L, C] in x_dtype, grad_pos [L, C] fp32 or None)."""
+    grad_out = _unit_channel_stride(grad_out)
+    B, K, C = grad_out.shape
+    dev = grad_out.device
+    # inverse of the gather, per image: the i with ids_keep[b, i] == l are perm[b, bounds[b, l]:
+    # bounds[b, l+1]]; indices outside [0, L) fall outside every bound and are dropped
+    sorted_ids, perm = torch.sort(ids_keep.to(torch.int64), dim=1, stable=True)
+    bounds = torch.searchsorted(sorted_ids, torch.arange(L + 1, device=dev).expand(B, L + 1).contiguous())
+    grad_x = torch.empty((B, L, C), dtype=x_dtype, device=dev)
+    rows, block_c, num_warps = _launch_config(C)
+    n_l, n_c = triton.cdiv(L, rows), triton.cdiv(C, block_c)
+    n_b = max(1, min(B, triton.cdiv(_TARGET_PROGRAMS, n_l * n_c)))
+    b_per_prog = triton.cdiv(max(B, 1), n_b)
+    n_b = triton.cdiv(max(B, 1), b_per_prog)
+    pos_part = torch.empty((n_b, L, C) if pos_grad else (1,), dtype=torch.float32, device=dev)
+    if grad_x.numel():
+        _masked_gather_bwd_kernel[(n_l, n_c, n_b)](
+            grad_out, perm.contiguous(), bounds.contiguous(), grad_x, pos_part, B, K, L, C, b_per_prog,
+            grad_out.stride(0), grad_out.stride(1),
+            POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+    elif pos_grad:
+        pos_part.zero_()
+    return grad_x, (pos_part.sum(0) if pos_grad else None)
+
+
+# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+
+@torch.library.custom_op("tec_fast::masked_gather", mutates_args=())
+def _masked_gather_op(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    return _masked_gather_fwd(x, ids_keep, pos)
+
+
+@_masked_gather_op.register_fake
+def _(x, ids_keep, pos):
+    out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
+    return x.new_empty((x.shape[0], ids_keep.shape[1], x.shape[2]), dtype=out_dtype)
+
+
+@torch.library.custom_op("tec_fast::masked_gather_backward", mutates_args=())
+def _masked_gather_backward_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
+                               pos_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    grad_x, grad_pos = _masked_gather_bwd(grad_out, ids_keep, L, x_dtype, pos_grad)
+    if grad_pos is None:  # a custom op returns tensors only
+        grad_pos = grad_out.new_empty((0,), dtype=torch.float32)
+    return grad_x, grad_pos
+
+
+@_masked_gather_backward_op.register_fake
+def _(grad_out, ids_keep, L, x_dtype, pos_grad):
+    B, _, C = grad_out.shape
+    return (grad_out.new_empty((B, L, C), dtype=x_dtype),
+            grad_out.new_empty((L, C) if pos_grad else (0,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, ids_keep, pos = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.L, ctx.x_dtype = x.shape[1], x.dtype
+    ctx.pos_dtype = pos.dtype if pos is not None else None
+
+
+def _backward(ctx, grad_out):
+    (ids_keep,) = ctx.saved_tensors
+    pos_grad = ctx.pos_dtype is not None and ctx.needs_input_grad[2]
+    grad_x, grad_pos = _masked_gather_backward_op(grad_out, ids_keep, ctx.L, ctx.x_dtype, pos_grad)
+    return (grad_x if ctx.needs_input_grad[0] else None, None,
+            grad_pos.to(ctx.pos_dtype) if pos_grad else None)
+
+
+_masked_gather_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton path of ``tec_fast.ops.masked_gather`` (inputs already validated there).
+    The output dtype is that of ``x + pos`` (torch's promotion), as in the reference."""
+    return _masked_gather_op(x, ids_keep, pos)

@@ -1,0 +1,236 @@
+"""relation_loss: TEC's relation loss (SPEC.md §3), flash-style, forward and backward.
+
+Student q, k [B, H, N, d]; rows (0, topk_idx+1) of q against the patch keys k[:, :, 1:]:
+    R[b, i, h, l] = scale * q[b,h,row_i] . k[b,h,1+l]                 [B, 1+k, H, L]
+    P = softmax(target / tau) over l;  loss_row = logsumexp_l(R) - sum_l P R
+    loss = mean over (b, i, h) of loss_row        (= -sum_l P log_softmax(R), since sum P = 1)
+
+One program per (image, head) holds its 1+k query rows and streams the keys in blocks: online
+logsumexp of R and an online softmax of target/tau weighting R, so the [B, 1+k, H, L] logits are
+never stored. It keeps two logsumexps per row. Backward recomputes R block by block:
+dR = g (softmax(R) - P), dk[1+l] = scale dR^T q_rows (written once, each program owns its keys),
+dq_rows = scale dR k accumulated in registers and scattered into dq by torch (1+k rows per
+(b, h)). Logits and softmaxes in fp32; tl.dot operands in the input dtype (bf16 on tensor cores,
+fp32 exact "ieee").
+Reference: ``tec_fast.ops.reference.relation_loss``.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rs = tl.arange(0, BLOCK_R)  # row 0 = CLS, row i >= 1 = token idx[i-1] + 1
+    r_ok = rs <= TOPK
+    top = tl.load(idx_ptr + b * TOPK + rs - 1, mask=(rs >= 1) & r_ok, other=-1).to(tl.int64)
+    tok = tl.where(rs == 0, 0, top + 1)
+    ds = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tok[:, None] * stride_qn + ds[None, :],
+                mask=r_ok[:, None] & (ds < D)[None, :], other=0.0)
+    return q, rs, r_ok
+
+
+@triton.jit
+def _relation_loss_fwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, row_loss_ptr, lse_r_ptr, lse_t_ptr,
+                              H, L, D, TOPK, scale, inv_tau,
+                              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                              stride_tb, stride_tr, stride_th,
+                              BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    q, rs, r_ok = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
+                                   BLOCK_R, BLOCK_D)
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    k_base = k_ptr + b * stride_kb + h * stride_kh + ds[None, :]
+    t_base = t_ptr + b * stride_tb + rs[:, None] * stride_tr + h * stride_th
+    m_r = tl.full((BLOCK_R,), float("-inf"), tl.float32)  # running max / sum of exp of R
+    z_r = tl.zeros((BLOCK_R,), tl.float32)
+    m_t = tl.full((BLOCK_R,), float("-inf"), tl.float32)  # same for target / tau ...
+    z_t = tl.zeros((BLOCK_R,), tl.float32)
+    w_t = tl.zeros((BLOCK_R,), tl.float32)  # ... and sum of exp(target / tau) * R
+    for l0 in range(0, L, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L)
+        l_ok = ls < L
+        kt = tl.load(k_base + (1 + ls[:, None]) * stride_kn, mask=l_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale  # [BLOCK_R, BLOCK_L]
+        t = tl.load(t_base + ls[None, :], mask=r_ok[:, None] & l_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.where(l_ok[None, :], s, float("-inf"))
+        t = tl.where(l_ok[None, :], t * inv_tau, float("-inf"))
+        m_new = tl.maximum(m_r, tl.max(s, axis=1))
+        z_r = z_r * tl.exp(m_r - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_r = m_new
+        m_new = tl.maximum(m_t, tl.max(t, axis=1))
+        alpha = tl.exp(m_t - m_new)
+        e = tl.exp(t - m_new[:, None])
+        z_t = z_t * alpha + tl.sum(e, axis=1)
+        w_t = w_t * alpha + tl.sum(e * tl.where(l_ok[None, :], s, 0.0), axis=1)
+        m_t = m_new
+    lse_r = m_r + tl.log(z_r)
+    out = (b * H + h) * (TOPK + 1) + rs
+    tl.store(row_loss_ptr + out, lse_r - w_t / z_t, mask=r_ok)
+    tl.store(lse_r_ptr + out, lse_r, mask=r_ok)
+    tl.store(lse_t_ptr + out, m_t + tl.log(z_t), mask=r_ok)
+
+
+@triton.jit
+def _relation_loss_bwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, grad_row_ptr, lse_r_ptr, lse_t_ptr,
+                              dq_rows_ptr, dk_ptr,
+                              H, L, D, TOPK, scale, inv_tau,
+                              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                              stride_tb, stride_tr, stride_th,
+                              BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    q, rs, r_ok = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
+                                   BLOCK_R, BLOCK_D)
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    row = (b * H + h) * (TOPK + 1) + rs
+    g = tl.load(grad_row_ptr + row, mask=r_ok, other=0.0)
+    lse_r = tl.load(lse_r_ptr + row, mask=r_ok, other=0.0)
+    lse_t = tl.load(lse_t_ptr + row, mask=r_ok, other=0.0)
+    k_base = k_ptr + b * stride_kb + h * stride_kh + ds[None, :]
+    dk_base = dk_ptr + (b * H + h) * (L + 1) * D + ds[None, :]
+    t_base = t_ptr + b * stride_tb + rs[:, None] * stride_tr + h * stride_th
+    dq = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L)
+        l_ok = ls < L
+        tile_ok = r_ok[:, None] & l_ok[None, :]
+        kt = tl.load(k_base + (1 + ls[:, None]) * stride_kn, mask=l_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale
+        t = tl.load(t_base + ls[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        p_r = tl.exp(s - lse_r[:, None])
+        p_t = tl.exp(t * inv_tau - lse_t[:, None])
+        ds_ = tl.where(tile_ok, (p_r - p_t) * (g * scale)[:, None], 0.0)  # dLoss/dS * scale
+        dq += tl.dot(ds_.to(kt.dtype), kt, input_precision=DOT_PRECISION)
+        dk = tl.dot(tl.trans(ds_).to(q.dtype), q, input_precision=DOT_PRECISION)  # [BLOCK_L, BLOCK_D]
+        tl.store(dk_base + (1 + ls[:, None]) * D, dk.to(dk_ptr.dtype.element_ty),
+                 mask=l_ok[:, None] & d_ok[None, :])
+    tl.store(dq_rows_ptr + row[:, None] * D + ds[None, :], dq, mask=r_ok[:, None] & d_ok[None, :])
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _block_sizes(topk: int, D: int) -> Tuple[int, int, int]:
+    block_r = max(16, triton.next_power_of_2(topk + 1))  # tl.dot needs >= 16 on every side
+    block_d = max(16, triton.next_power_of_2(D))
+    block_l = 64 if block_r * block_d <= 64 * 64 else 32
+    return block_r, block_l, block_d
+
+
+def _common_args(q, k, target, topk_idx):
+    B, H, N, D = q.shape
+    return dict(H=H, L=N - 1, D=D, TOPK=topk_idx.shape[1],
+                stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
+                stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+                stride_tb=target.stride(0), stride_tr=target.stride(1), stride_th=target.stride(2))
+
+
+def _prepare(q, k, topk_idx, target):
+    q, k, target = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(target)
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    return q, k, topk_idx.contiguous(), target
+
+
+def _meta(q, topk):
+    block_r, block_l, block_d = _block_sizes(topk, q.shape[-1])
+    return dict(BLOCK_R=block_r, BLOCK_L=block_l, BLOCK_D=block_d,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+
+
+def _relation_loss_fwd(q, k, topk_idx, target, tau, scale):
+    q, k, topk_idx, target = _prepare(q, k, topk_idx, target)
+    B, H = q.shape[:2]
+    R = 1 + topk_idx.shape[1]
+    row_loss, lse_r, lse_t = (torch.empty((B, H, R), dtype=torch.float32, device=q.device) for _ in range(3))
+    _relation_loss_fwd_kernel[(B * H,)](
+        q, k, topk_idx, target, row_loss, lse_r, lse_t, scale=scale, inv_tau=1.0 / tau,
+        **_common_args(q, k, target, topk_idx), **_meta(q, topk_idx.shape[1]))
+    return row_loss, lse_r, lse_t
+
+
+def _relation_loss_bwd(grad_rows, q, k, topk_idx, target, lse_r, lse_t, tau, scale):
+    q_dtype, k_dtype = q.dtype, k.dtype
+    q, k, topk_idx, target = _prepare(q, k, topk_idx, target)
+    B, H, N, D = q.shape
+    R = 1 + topk_idx.shape[1]
+    dq_rows = torch.empty((B, H, R, D), dtype=torch.float32, device=q.device)
+    dk = torch.empty((B, H, N, D), dtype=k_dtype, device=q.device)
+    dk[:, :, 0].zero_()  # the CLS key is not among the relation's keys
+    _relation_loss_bwd_kernel[(B * H,)](
+        q, k, topk_idx, target, grad_rows.contiguous(), lse_r, lse_t, dq_rows, dk,
+        scale=scale, inv_tau=1.0 / tau,
+        **_common_args(q, k, target, topk_idx), **_meta(q, topk_idx.shape[1]))
+    rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], dim=1)  # [B, 1+k]
+    dq = torch.zeros((B, H, N, D), dtype=q_dtype, device=q.device)
+    dq.scatter_add_(2, rows[:, None, :, None].expand(B, H, R, D), dq_rows.to(q_dtype))
+    return dq, dk
+
+
+# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+
+@torch.library.custom_op("tec_fast::relation_loss", mutates_args=())
+def _relation_loss_op(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, target: torch.Tensor,
+                      tau: float, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _relation_loss_fwd(q, k, topk_idx, target, tau, scale)
+
+
+@_relation_loss_op.register_fake
+def _(q, k, topk_idx, target, tau, scale):
+    shape = (q.shape[0], q.shape[1], 1 + topk_idx.shape[1])
+    return tuple(q.new_empty(shape, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("tec_fast::relation_loss_backward", mutates_args=())
+def _relation_loss_backward_op(grad_rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                               topk_idx: torch.Tensor, target: torch.Tensor, lse_r: torch.Tensor,
+                               lse_t: torch.Tensor, tau: float, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _relation_loss_bwd(grad_rows, q, k, topk_idx, target, lse_r, lse_t, tau, scale)
+
+
+@_relation_loss_backward_op.register_fake
+def _(grad_rows, q, k, topk_idx, target, lse_r, lse_t, tau, scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, topk_idx, target, tau, scale = inputs
+    _, lse_r, lse_t = output
+    ctx.mark_non_differentiable(lse_r, lse_t)
+    ctx.save_for_backward(q, k, topk_idx, target, lse_r, lse_t)
+    ctx.tau, ctx.scale = tau, scale
+
+
+def _backward(ctx, grad_rows, _grad_lse_r, _grad_lse_t):
+    q, k, topk_idx, target, lse_r, lse_t = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None, None, None
+    dq, dk = _relation_loss_backward_op(grad_rows, q, k, topk_idx, target, lse_r, lse_t, ctx.tau, ctx.scale)
+    return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
+            None, None, None, None)
+
+
+_relation_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, target: torch.Tensor,
+                  tau: float, scale: float) -> torch.Tensor:
+    """Triton path of ``tec_fast.ops.relation_loss`` (inputs already validated there).
+    Returns the 0-dim fp32 loss; differentiable w.r.t. q and k."""
+    row_loss = _relation_loss_op(q, k, topk_idx, target.detach(), float(tau), float(scale))[0]
+    return row_loss.mean()  # [B, H, 1+k] -> mean over (b, row, head)

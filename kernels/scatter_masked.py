@@ -1,0 +1,197 @@
+"""scatter_masked: decoder input assembly (mask-token fill + unshuffle + position add) in one pass.
+
+    out[b, j] = (vis[b, r] if r < K else mask_token) + pos[j],   r = ids_restore[b, j]
+    vis [B, K, C], ids_restore [B, L], mask_token [C], pos [L, C]  ->  out [B, L, C]
+
+This replaces MAE's cat(vis, mask_tokens) + gather + add, which writes the [B, L, C] tensor
+three times, by one read of vis and one write of out.
+Forward: one program per block of output rows. Backward, fused into one kernel: each program
+owns a block of (patch j, channel) columns and a slice of the batch; it routes grad_out[b, j]
+to grad_vis[b, r] (fp32 atomics: ids_restore need not be a permutation) or into its running
+mask-token sum, and sums grad_pos over its batch slice. Per-slice partial sums of grad_pos and
+grad_mask_token are added up by torch (a few KB). Indices outside [0, L) read and write nothing.
+Reference: ``tec_fast.ops.reference.scatter_masked``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scatter_masked_fwd_kernel(vis_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr,
+                               n_rows, K, L, C, stride_vb, stride_vk, stride_ib, stride_pl,
+                               HAS_POS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # flat output rows b * L + j
+    row_ok = rows < n_rows
+    b = rows // L
+    j = rows % L
+    r = tl.load(ids_ptr + b * stride_ib + j, mask=row_ok, other=0).to(tl.int64)
+    from_vis = row_ok & (r >= 0) & (r < K)
+    from_tok = row_ok & (r >= K) & (r < L)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    val = tl.load(vis_ptr + b.to(tl.int64)[:, None] * stride_vb + r[:, None] * stride_vk + cols[None, :],
+                  mask=from_vis[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    tok = tl.load(tok_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    val += tl.where(from_tok[:, None], tok[None, :], 0.0)
+    if HAS_POS:
+        val += tl.load(pos_ptr + j[:, None] * stride_pl + cols[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], val.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, grad_vis_ptr, tok_part_ptr, pos_part_ptr,
+                               B, K, L, C, b_per_prog, stride_gb, stride_gl, stride_ib,
+                               POS_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_j, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    j = pid_j * ROWS + tl.arange(0, ROWS)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    j_ok = j < L
+    col_ok = cols < C
+    tile_ok = j_ok[:, None] & col_ok[None, :]
+    tok_acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+    pos_acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+    b_start = pid_b * b_per_prog
+    # walk the batch slice by advancing 64-bit pointers (no int32 overflow on big tensors)
+    g_ptr = grad_out_ptr + b_start.to(tl.int64) * stride_gb + j[:, None] * stride_gl + cols[None, :]
+    i_ptr = ids_ptr + b_start.to(tl.int64) * stride_ib + j
+    v_ptr = grad_vis_ptr + b_start.to(tl.int64) * K * C + cols[None, :]
+    for _ in range(b_start, tl.minimum(b_start + b_per_prog, B)):
+        g = tl.load(g_ptr, mask=tile_ok, other=0.0).to(tl.float32)
+        r = tl.load(i_ptr, mask=j_ok, other=-1).to(tl.int64)
+        to_vis = j_ok & (r >= 0) & (r < K)
+        to_tok = j_ok & (r >= K) & (r < L)
+        tl.atomic_add(v_ptr + r[:, None] * C, g, mask=to_vis[:, None] & col_ok[None, :])
+        tok_acc += tl.where(to_tok[:, None], g, 0.0)
+        if POS_GRAD:
+            pos_acc += g
+        g_ptr += stride_gb
+        i_ptr += stride_ib
+        v_ptr += K * C
+    part = pid_b * tl.num_programs(0) + pid_j
+    tl.store(tok_part_ptr + part.to(tl.int64) * C + cols, tl.sum(tok_acc, axis=0), mask=col_ok)
+    if POS_GRAD:
+        tl.store(pos_part_ptr + (pid_b.to(tl.int64) * L + j[:, None]) * C + cols[None, :], pos_acc, mask=tile_ok)
+
+
+_TARGET_PROGRAMS = 1024  # backward: split the batch until about this many programs run
+
+
+def _launch_config(C: int) -> Tuple[int, int, int]:
+    block_c = min(triton.next_power_of_2(C), 512)
+    rows = max(1, 2048 // block_c)
+    return rows, block_c, 4 if block_c * rows <= 2048 else 8
+
+
+def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _out_dtype(vis: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.dtype:
+    return vis.dtype if pos is None else torch.promote_types(vis.dtype, pos.dtype)  # as vis + pos
+
+
+def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                        pos: Optional[torch.Tensor]) -> torch.Tensor:
+    vis = _unit_channel_stride(vis)
+    B, K, C = vis.shape
+    L = ids_restore.shape[1]
+    out = torch.empty((B, L, C), dtype=_out_dtype(vis, pos), device=vis.device)
+    if out.numel() == 0:
+        return out
+    tok = mask_token.reshape(C).contiguous()
+    if pos is not None:
+        pos = _unit_channel_stride(pos)
+    rows, block_c, num_warps = _launch_config(C)
+    grid = (triton.cdiv(B * L, rows), triton.cdiv(C, block_c))
+    _scatter_masked_fwd_kernel[grid](
+        vis, ids_restore, tok, pos if pos is not None else vis, out, B * L, K, L, C,
+        vis.stride(0), vis.stride(1), ids_restore.stride(0), pos.stride(0) if pos is not None else 0,
+        HAS_POS=pos is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+    return out
+
+
+def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int,
+                        pos_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Returns fp32 (grad_vis [B, K, C], grad_mask_token [C], grad_pos [L, C] or None)."""
+    grad_out = _unit_channel_stride(grad_out)
+    B, L, C = grad_out.shape
+    grad_vis = torch.zeros((B, K, C), dtype=torch.float32, device=grad_out.device)
+    rows, block_c, num_warps = _launch_config(C)
+    n_j, n_c = triton.cdiv(L, rows), triton.cdiv(C, block_c)
+    # split the batch so that about _TARGET_PROGRAMS programs run; each sums over its slice
+    n_b = max(1, min(B, triton.cdiv(_TARGET_PROGRAMS, n_j * n_c)))
+    b_per_prog = triton.cdiv(max(B, 1), n_b)
+    n_b = triton.cdiv(max(B, 1), b_per_prog)
+    tok_part = torch.zeros((n_b * n_j, C), dtype=torch.float32, device=grad_out.device)
+    pos_part = torch.zeros((n_b, L, C) if pos_grad else (1,), dtype=torch.float32, device=grad_out.device)
+    if grad_out.numel():
+        _scatter_masked_bwd_kernel[(n_j, n_c, n_b)](
+            grad_out, ids_restore, grad_vis, tok_part, pos_part, B, K, L, C, b_per_prog,
+            grad_out.stride(0), grad_out.stride(1), ids_restore.stride(0),
+            POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+    return grad_vis, tok_part.sum(0), (pos_part.sum(0) if pos_grad else None)
+
+
+# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+
+@torch.library.custom_op("tec_fast::scatter_masked", mutates_args=())
+def _scatter_masked_op(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                       pos: Optional[torch.Tensor]) -> torch.Tensor:
+    return _scatter_masked_fwd(vis, ids_restore, mask_token, pos)
+
+
+@_scatter_masked_op.register_fake
+def _(vis, ids_restore, mask_token, pos):
+    return vis.new_empty((vis.shape[0], ids_restore.shape[1], vis.shape[2]), dtype=_out_dtype(vis, pos))
+
+
+@torch.library.custom_op("tec_fast::scatter_masked_backward", mutates_args=())
+def _scatter_masked_backward_op(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int,
+                                pos_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_vis, grad_tok, grad_pos = _scatter_masked_bwd(grad_out, ids_restore, K, pos_grad)
+    return grad_vis, grad_tok, grad_pos if grad_pos is not None else grad_tok.new_empty((0,))
+
+
+@_scatter_masked_backward_op.register_fake
+def _(grad_out, ids_restore, K, pos_grad):
+    B, L, C = grad_out.shape
+    f32 = dict(dtype=torch.float32)
+    return (grad_out.new_empty((B, K, C), **f32), grad_out.new_empty((C,), **f32),
+            grad_out.new_empty((L, C) if pos_grad else (0,), **f32))
+
+
+def _setup_context(ctx, inputs, output):
+    vis, ids_restore, mask_token, pos = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.K, ctx.vis_dtype = vis.shape[1], vis.dtype
+    ctx.tok_shape, ctx.tok_dtype = mask_token.shape, mask_token.dtype
+    ctx.pos_dtype = pos.dtype if pos is not None else None
+
+
+def _backward(ctx, grad_out):
+    (ids_restore,) = ctx.saved_tensors
+    pos_grad = ctx.pos_dtype is not None and ctx.needs_input_grad[3]
+    grad_vis, grad_tok, grad_pos = _scatter_masked_backward_op(grad_out, ids_restore, ctx.K, pos_grad)
+    return (grad_vis.to(ctx.vis_dtype) if ctx.needs_input_grad[0] else None, None,
+            grad_tok.reshape(ctx.tok_shape).to(ctx.tok_dtype) if ctx.needs_input_grad[2] else None,
+            grad_pos.to(ctx.pos_dtype) if pos_grad else None)
+
+
+_scatter_masked_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                   pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton path of ``tec_fast.ops.scatter_masked`` (inputs already validated there).
+    mask_token is added in vis's dtype, as the reference does; the output dtype is that of
+    ``vis + pos``."""
+    if mask_token.dtype != vis.dtype:
+        mask_token = mask_token.to(vis.dtype)
+    return _scatter_masked_op(vis, ids_restore, mask_token, pos)

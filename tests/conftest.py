@@ -1,0 +1,169 @@
+"""Shared test setup.
+
+Triton kernels run on CPU tensors through the Triton interpreter, which must be switched on
+before any ``@triton.jit`` function is defined, so it is set here at import time for the whole
+session when there is no GPU (the reference path does not care; an explicit TRITON_INTERPRET
+wins). Tests that want the Triton path on CPU tensors use the ``triton_path`` fixture, which
+forces ``TEC_FAST_KERNELS=triton`` for that test only. Tests marked ``gpu`` run on CUDA tensors
+(compiled Triton) and are skipped without a GPU. Helpers: ``assert_close`` (says where the
+worst element is and how many failed) and ``assert_low_precision_ok`` (bf16/fp16 rule).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# CPU-only machine: interpret the Triton kernels. With a GPU, compile them for real (the
+# CPU-tensor Triton tests then skip; the ``gpu`` tests run them on the device).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+
+def _patch_interpreter_bf16_dot() -> None:
+    """The interpreter multiplies bf16 ``tl.dot`` operands as raw uint16 bit patterns (upstream
+    issue 11584); upcast them to fp32 first, as the tensor cores effectively do on a GPU."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except Exception:  # triton missing: the Triton tests skip themselves
+        return
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_tec_bf16_patched", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def upcast(h):
+            if h.dtype.scalar == tl.bfloat16:
+                data = interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+                return interpreter.TensorHandle(data, tl.float32)
+            return h
+        return original(self, upcast(a), upcast(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._tec_bf16_patched = True
+    builder.create_dot = create_dot
+
+
+def _patch_interpreter_bf16_rounding() -> None:
+    """The interpreter converts fp32 to bf16 by truncating the mantissa; the GPU (and torch)
+    round to nearest even. Round like the GPU, so kernels are judged on their own error."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except Exception:
+        return
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.cast_impl, "_tec_bf16_patched", False):
+        return
+    original = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = np.ascontiguousarray(src.data, dtype=np.float32)
+            rounded = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return interpreter.TensorHandle(rounded, tl.bfloat16)
+        return original(self, src, dst_type)
+
+    cast_impl._tec_bf16_patched = True
+    builder.cast_impl = cast_impl  # create_fp_trunc & co. look cast_impl up at call time
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _patch_interpreter_bf16_dot()
+    _patch_interpreter_bf16_rounding()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is available here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    """Force the Triton path for CPU tensors (through the interpreter)."""
+    if not _triton_importable():
+        pytest.skip("triton does not import")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is off: Triton cannot run on CPU tensors")
+    monkeypatch.setenv("TEC_FAST_KERNELS", "triton")
+    yield
+
+
+@pytest.fixture
+def cuda_triton_path(monkeypatch):
+    """Force the Triton path for CUDA tensors (compiled kernels); use with ``@pytest.mark.gpu``."""
+    if not _triton_importable():
+        pytest.skip("triton does not import")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is on: the GPU tests check compiled kernels")
+    monkeypatch.setenv("TEC_FAST_KERNELS", "triton")
+    yield
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    monkeypatch.setenv("TEC_FAST_KERNELS", "reference")
+    yield
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,
+                 name: str = "tensor") -> None:
+    """torch.testing-style closeness check whose message says where the worst element is and
+    how many elements failed: |actual - expected| <= atol + rtol * |expected|."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    if not (torch.isfinite(a) == torch.isfinite(e)).all() or \
+            not torch.equal(a[~torch.isfinite(a)].nan_to_num(0.0), e[~torch.isfinite(e)].nan_to_num(0.0)):
+        bad = (torch.isfinite(a) != torch.isfinite(e)).nonzero()
+        raise AssertionError(f"{name}: non-finite values differ, first at {bad[0].tolist() if len(bad) else '?'}")
+    finite = torch.isfinite(e)
+    err = (a - e).abs().where(finite, torch.zeros_like(a))
+    allowed = atol + rtol * e.abs().where(finite, torch.zeros_like(e))
+    failed = err > allowed
+    if failed.any():
+        n = int(failed.sum())
+        excess = (err - allowed).where(failed, torch.full_like(err, -1.0))
+        worst = int(excess.flatten().argmax())
+        where = list(torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else []
+        where = [int(i) for i in where]
+        raise AssertionError(
+            f"{name}: {n} of {a.numel()} elements differ (atol={atol:g}, rtol={rtol:g}); worst at "
+            f"{where}: actual {a.flatten()[worst].item():.6g}, expected {e.flatten()[worst].item():.6g}, "
+            f"|diff| {err.flatten()[worst].item():.3g}; max |diff| {err.max().item():.3g}")
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.detach().double() - expected.detach().double()).abs().max().item()
+
+
+def assert_low_precision_ok(kernel: torch.Tensor, eager_lowp: torch.Tensor, exact: torch.Tensor,
+                            atol: float, name: str = "tensor") -> None:
+    """flash-attention's rule for bf16/fp16: the kernel's error against an fp32 reference is no
+    worse than twice the error of the same computation done by eager torch in that precision
+    (plus ``atol``, for elements where eager happens to be exact)."""
+    k_err = max_abs_err(kernel, exact)
+    e_err = max_abs_err(eager_lowp, exact)
+    if not k_err <= 2 * e_err + atol:
+        raise AssertionError(f"{name}: kernel max error {k_err:.3g} > 2 x eager low-precision error "
+                             f"{e_err:.3g} + atol {atol:g}")

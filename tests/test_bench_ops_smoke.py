@@ -1,0 +1,42 @@
+"""benchmarks/bench_ops.py runs on CPU at tiny sizes and writes well-formed result rows."""
+import glob
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import bench_ops  # noqa: E402
+
+KEYS = {"bench", "provider", "device", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_gb",
+        "torch", "triton", "commit", "timestamp"}
+
+
+def _rows(results_dir):
+    (path,) = glob.glob(os.path.join(results_dir, "*.jsonl"))
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_reference_all_ops(tmp_path):
+    bench_ops.main(["--op", "all", "--device", "cpu", "--reps", "1", "--warmup", "0",
+                    "--results-dir", str(tmp_path)])
+    rows = _rows(tmp_path)
+    assert {r["bench"] for r in rows} >= {f"{op}_fwd" for op in bench_ops.OPS}
+    assert "relation_loss_fwdbwd" in {r["bench"] for r in rows}
+    for r in rows:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["median_ms"] > 0 and r["device"].startswith("cpu")
+        assert r["provider"] in ("reference", "eager_full_attention")
+
+
+def test_triton_provider_through_interpreter(tmp_path):
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is off")
+    bench_ops.main(["--op", "masked_gather", "--device", "cpu", "--interpret", "--reps", "1",
+                    "--warmup", "0", "--results-dir", str(tmp_path)])
+    rows = _rows(tmp_path)
+    triton_rows = [r for r in rows if r["provider"] == "triton"]
+    assert len(triton_rows) == 2 and all(r["speedup"] > 0 for r in triton_rows)

@@ -1,0 +1,149 @@
+"""The Triton kernels compiled for a real GPU (not the interpreter), at ViT-B-like sizes, against
+the reference on the same device: values and every gradient, fp32 and bf16, plus a
+torch.compile (inductor) run. Skipped without CUDA; ``benchmarks/run_device.sh`` runs them."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close, assert_low_precision_ok
+from tec_fast import ops
+from tec_fast.nn import EncoderAdapter
+from tec_fast.ops import reference
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _grads(out, leaves, grad=None):
+    return [out, *torch.autograd.grad(out, leaves, grad)]
+
+
+def _check(got, eager, exact, dtype, names, atol32=1e-4, rtol32=1e-4, atol_lowp=1e-2):
+    for name, a, e, r in zip(names, got, eager, exact):
+        if dtype == torch.float32:
+            assert_close(a, r, atol=atol32, rtol=rtol32, name=name)
+        else:
+            assert_low_precision_ok(a, e, r, atol=atol_lowp, name=name)
+
+
+def _leaf(t, dtype):
+    return t.detach().to(dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_gather(cuda_triton_path, dtype):
+    B, L, C, K = 8, 196, 768, 49
+    x0, pos0 = torch.randn(B, L, C, device=DEV), torch.randn(L, C, device=DEV)
+    ids = torch.rand(B, L, device=DEV).argsort(1)[:, :K]
+    grad = torch.randn(B, K, C, device=DEV)
+    run = lambda fn, dt: _grads(fn(*(x := _leaf(x0, dt), ids, p := _leaf(pos0, dt))), [x, p], grad.to(dt))  # noqa
+    got = run(ops.masked_gather, dtype)
+    eager = run(reference.masked_gather, dtype)
+    exact = run(reference.masked_gather, torch.float32) if dtype == torch.float32 else \
+        _grads(reference.masked_gather(x := _leaf(x0.to(dtype), torch.float32), ids,
+                                       p := _leaf(pos0.to(dtype), torch.float32)), [x, p], grad.to(dtype).float())
+    _check(got, eager, exact, dtype, ["out", "grad_x", "grad_pos"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_masked(cuda_triton_path, dtype):
+    B, L, C, K = 8, 196, 512, 49
+    vis0, tok0, pos0 = (torch.randn(B, K, C, device=DEV), torch.randn(C, device=DEV),
+                        torch.randn(L, C, device=DEV))
+    ids = torch.rand(B, L, device=DEV).argsort(1).argsort(1)
+    grad = torch.randn(B, L, C, device=DEV)
+
+    def run(fn, dt, src=torch.float32):
+        v, t, p = (_leaf(a.to(src), dt) for a in (vis0, tok0, pos0))
+        return _grads(fn(v, ids, t, p), [v, t, p], grad.to(src).to(dt))
+    got, eager = run(ops.scatter_masked, dtype), run(reference.scatter_masked, dtype)
+    exact = run(reference.scatter_masked, torch.float32, src=dtype)
+    _check(got, eager, exact, dtype, ["out", "grad_vis", "grad_mask_token", "grad_pos"], atol_lowp=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_norm_mse(cuda_triton_path, dtype):
+    B, L, C = 8, 196, 768
+    pred0, target0 = torch.randn(B, L, C, device=DEV), torch.randn(B, L, C, device=DEV) * 3 + 2
+    mask = (torch.rand(B, L, device=DEV) < 0.75).float()
+
+    def eager_lowp(pred, target, mask):
+        t = (target - target.mean(1, keepdim=True)) / torch.sqrt(target.var(1, keepdim=True) + 1e-6)
+        return ((((pred - t) ** 2).mean(-1)) * mask.to(pred.dtype)).sum() / mask.sum()
+
+    def run(fn, dt, src=torch.float32):
+        p = _leaf(pred0.to(src), dt)
+        return _grads(fn(p, target0.to(src).to(dt), mask), [p])
+    got = run(ops.patch_norm_mse, dtype)
+    eager = run(eager_lowp, dtype)
+    exact = run(reference.patch_norm_mse, torch.float32, src=dtype)
+    _check(got, eager, exact, dtype, ["loss", "grad_pred"], atol_lowp=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relation_targets(cuda_triton_path, dtype):
+    B, H, N, d, topk = 8, 12, 197, 64, 15
+    q, k = (torch.randn(B, H, N, d, device=DEV).to(dtype) for _ in range(2))
+    rel, idx = ops.relation_targets(q, k, topk, d ** -0.5)
+    rrel, ridx = reference.relation_targets(q.float(), k.float(), topk, d ** -0.5)
+    assert torch.equal(idx, ridx)
+    # tl.dot on bf16 operands accumulates in fp32 like the reference; fp32 uses "ieee"
+    assert_close(rel, rrel, atol=1e-3, rtol=1e-3, name="relation")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relation_loss(cuda_triton_path, dtype):
+    B, H, N, d, topk = 8, 12, 197, 64, 15
+    q0, k0 = (torch.randn(B, H, N, d, device=DEV) for _ in range(2))
+    idx = torch.rand(B, N - 1, device=DEV).topk(topk, dim=1).indices
+    target = torch.randn(B, 1 + topk, H, N - 1, device=DEV) * 3
+
+    def eager_lowp(q, k, idx, target, tau, scale):
+        rows = torch.cat([torch.zeros_like(idx[:, :1]), idx + 1], 1)
+        qr = torch.gather(q, 2, rows[:, None, :, None].expand(B, H, 1 + topk, d))
+        logits = (qr @ k[:, :, 1:].transpose(-1, -2) * scale).permute(0, 2, 1, 3)
+        return -(F.softmax(target.to(q.dtype) / tau, -1) * F.log_softmax(logits, -1)).sum(-1).mean()
+
+    def run(fn, dt, src=torch.float32):
+        q, k = _leaf(q0.to(src), dt), _leaf(k0.to(src), dt)
+        return _grads(fn(q, k, idx, target, 1.8, d ** -0.5), [q, k])
+    got, eager = run(ops.relation_loss, dtype), run(eager_lowp, dtype)
+    exact = run(reference.relation_loss, torch.float32, src=dtype)
+    _check(got, eager, exact, dtype, ["loss", "grad_q", "grad_k"], atol32=1e-5, atol_lowp=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoder_adapter(cuda_triton_path, monkeypatch, dtype):
+    D, G, B, T, C, hidden = 12, 4, 4, 50, 768, 2048
+    torch.manual_seed(0)
+    m32 = EncoderAdapter(C, D, G, hidden).to(DEV)
+    feats0 = torch.randn(D, B, T, C, device=DEV)
+    grad = torch.randn(B, T, C, device=DEV)
+
+    def run(mode, dt, src=torch.float32):
+        monkeypatch.setenv("TEC_FAST_KERNELS", mode)
+        m = EncoderAdapter(C, D, G, hidden).to(DEV)
+        m.load_state_dict({k: v.to(src) for k, v in m32.state_dict().items()})
+        m = m.to(dt)
+        f = _leaf(feats0.to(src), dt)
+        return _grads(m(f), [f, *m.parameters()], grad.to(src).to(dt))
+    got, eager = run("triton", dtype), run("reference", dtype)
+    exact = run("reference", torch.float32, src=dtype)
+    names = ["out", "grad_feats"] + [n for n, _ in m32.named_parameters()]
+    # fp32: cuBLAS may use TF32-free fp32 GEMMs in a different order than the reference's
+    _check(got, eager, exact, dtype, names, atol32=1e-3, rtol32=1e-3, atol_lowp=5e-2)
+
+
+def test_compile_inductor(cuda_triton_path):
+    B, H, N, d, topk = 4, 12, 197, 64, 15
+    q = torch.randn(B, H, N, d, device=DEV, requires_grad=True)
+    k = torch.randn(B, H, N, d, device=DEV, requires_grad=True)
+    rel, idx = ops.relation_targets(q.detach(), k.detach(), topk, d ** -0.5)
+
+    def step(q, k):
+        return ops.relation_loss(q * 1.0, k, idx, rel, 1.8, d ** -0.5)
+    compiled = torch.compile(step, fullgraph=True)
+    got = _grads(compiled(q, k), [q, k])
+    want = _grads(reference.relation_loss(q, k, idx, rel, 1.8, d ** -0.5), [q, k])
+    for name, a, b in zip(["loss", "grad_q", "grad_k"], got, want):
+        assert_close(a, b, atol=1e-5, rtol=1e-4, name=name)

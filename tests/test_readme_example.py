@@ -1,0 +1,36 @@
+"""The "Use the kernels in your MIM code" example runs, on the reference path and (through the
+Triton interpreter) on the kernels. The section is read from README.md once it is there, else
+from docs_snippets/kernels_readme.md."""
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADING = "## Use the kernels in your MIM code"
+
+
+def _example_code() -> str:
+    for path in (os.path.join(ROOT, "README.md"), os.path.join(ROOT, "docs_snippets", "kernels_readme.md")):
+        if os.path.exists(path):
+            with open(path) as f:
+                text = f.read()
+            if HEADING in text:
+                section = text.split(HEADING, 1)[1]
+                section = re.split(r"\n## ", section, maxsplit=1)[0]  # up to the next section
+                blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+                assert blocks, f"no python block in the section of {path}"
+                return blocks[0]
+    raise AssertionError(f"no file holds the section {HEADING!r}")
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+def test_readme_example_runs(mode, monkeypatch, request, capsys):
+    if mode == "triton":
+        request.getfixturevalue("triton_path")
+    else:
+        monkeypatch.setenv("TEC_FAST_KERNELS", "reference")
+    exec(compile(_example_code(), "README example", "exec"), {"__name__": "readme_example"})
+    out = capsys.readouterr().out
+    losses = [float(v) for v in re.findall(r"loss (\S+)", out)]
+    assert len(losses) == 3 and all(v == v and v > 0 for v in losses), out
