@@ -1,6 +1,5 @@
 """The "Use the kernels in your MIM code" example runs, on the reference path and (through the
-Triton interpreter) on the kernels. The section is read from README.md once it is there, else
-from docs_snippets/kernels_readme.md."""
+Triton interpreter) on the kernels. The section is read from README.md."""
 import os
 import re
 
@@ -11,17 +10,15 @@ HEADING = "## Use the kernels in your MIM code"
 
 
 def _example_code() -> str:
-    for path in (os.path.join(ROOT, "README.md"), os.path.join(ROOT, "docs_snippets", "kernels_readme.md")):
-        if os.path.exists(path):
-            with open(path) as f:
-                text = f.read()
-            if HEADING in text:
-                section = text.split(HEADING, 1)[1]
-                section = re.split(r"\n## ", section, maxsplit=1)[0]  # up to the next section
-                blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-                assert blocks, f"no python block in the section of {path}"
-                return blocks[0]
-    raise AssertionError(f"no file holds the section {HEADING!r}")
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        text = f.read()
+    assert HEADING in text, f"README.md has no section {HEADING!r}"
+    section = text.split(HEADING, 1)[1]
+    section = re.split(r"\n## ", section, maxsplit=1)[0]  # up to the next section
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, f"no python block in the section of {path}"
+    return blocks[0]
 
 
 @pytest.mark.parametrize("mode", ["reference", "triton"])
