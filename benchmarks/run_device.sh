@@ -32,6 +32,8 @@ stamp "op benchmarks"
 timeout 120 python benchmarks/bench_ops.py --op all --device cuda --results-dir benchmarks/results 2>&1 | tail -40
 stamp "packing benchmarks"
 timeout 60 python benchmarks/bench_packing.py --results-dir benchmarks/results 2>&1 | tail -20
+stamp "packed vs padded encoder"
+timeout 90 python benchmarks/bench_packed.py --results-dir benchmarks/results 2>&1 | tail -8
 stamp "step benchmarks"
 timeout 180 python benchmarks/bench_step.py --preset vit_base --batch-sizes 64 128 256 --steps 10 \
   --results-dir benchmarks/results 2>&1 | tail -20

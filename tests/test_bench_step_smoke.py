@@ -17,3 +17,14 @@ def test_bench_step_tiny_cpu(tmp_path):
                 "baseline_peak_mem_gb"):
         assert key in engine, key
     assert engine["speedup"] > 0 and engine["gflop_per_img"] > 0
+
+
+def test_bench_packed_tiny_cpu(tmp_path):
+    from benchmarks import bench_packed
+
+    rows = bench_packed.main(["--preset", "tiny", "--device", "cpu", "--batch", "3", "--steps", "1",
+                              "--warmup", "0", "--results-dir", str(tmp_path)])
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"packed", "padded"}
+    assert by["packed"]["tokens"] <= by["padded"]["tokens"]
+    assert by["packed"]["speedup"] > 0
