@@ -5,8 +5,94 @@ The pure-Python package ``tec_fast`` and the Triton kernels in ``kernels/`` (ins
 ``torch.utils.cpp_extension``; the CUDA part only where torch has CUDA and nvcc exists, or with
 FORCE_CUDA=1. Install with ``pip install --no-build-isolation -e .`` (torch must already be
 installed: the build imports it).
+
+Build knobs (environment): MAX_JOBS (parallel compile jobs, read by ninja through torch),
+TORCH_CUDA_ARCH_LIST (e.g. "9.0"; default: the visible GPUs' archs), FORCE_CUDA=1 (build the CUDA
+part without a GPU or a CUDA torch check), TEC_FAST_NO_EXT_BUILD=1 (skip the extension).
+A failed extension build is a warning, not a failed install: the package then runs its
+plain-torch kernels. What was built is recorded in ``tec_fast/_build_info.json``.
 """
+import json
+import os
+import shutil
+import sys
+import warnings
+
 from setuptools import setup
+
+CSRC = "csrc"
+CPU_SOURCES = [f"{CSRC}/packing_cpu.cpp", f"{CSRC}/plan_bins.cpp"]
+CUDA_SOURCES = [f"{CSRC}/packing_cuda.cu", f"{CSRC}/packing_cuda_bind.cpp"]
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _extension_build():
+    """(ext_modules, cmdclass) for the C++/CUDA extension; empty when torch cannot build it."""
+    info = {"cpu": {"built": False, "reason": ""}, "cuda": {"built": False, "reason": ""}}
+    if _flag("TEC_FAST_NO_EXT_BUILD"):
+        return [], {}, "TEC_FAST_NO_EXT_BUILD is set"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except Exception as exc:  # torch absent or broken: the package still installs
+        return [], {}, f"torch.utils.cpp_extension unavailable ({type(exc).__name__}: {exc})"
+
+    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, python=sys.version.split()[0])
+    cxx = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for is inline and runs serially without it
+    ext_modules = [CppExtension("tec_fast._C", CPU_SOURCES, extra_compile_args={"cxx": cxx},
+                                extra_link_args=["-fopenmp"])]
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    if _flag("FORCE_CUDA") or (torch.version.cuda and nvcc):
+        try:
+            ext_modules.append(CUDAExtension(
+                "tec_fast._C_cuda", CUDA_SOURCES,
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}))
+            info["cuda"]["arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        except Exception as exc:  # e.g. no CUDA_HOME
+            info["cuda"]["reason"] = f"cannot set up the CUDA build: {type(exc).__name__}: {exc}"
+            warnings.warn(f"tec_fast: {info['cuda']['reason']}")
+    else:
+        info["cuda"]["reason"] = ("torch has no CUDA" if not torch.version.cuda
+                                  else "nvcc not found") + " (FORCE_CUDA=1 overrides)"
+
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        """Builds each extension on its own; a failure is a warning, and the outcome is written
+        to tec_fast/_build_info.json next to the built modules."""
+
+        def build_extension(self, ext):
+            part = "cuda" if ext.name.endswith("_cuda") else "cpu"
+            try:
+                super().build_extension(ext)
+                info[part].update(built=True, reason="")
+            except Exception as exc:
+                info[part].update(built=False, reason=f"build failed: {type(exc).__name__}: {exc}")
+                warnings.warn(f"tec_fast: building {ext.name} failed ({exc}); the package installs "
+                              "without it and uses the plain-torch kernels")
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # e.g. torch's compiler check, before any extension builds
+                for part in ("cpu", "cuda"):
+                    if not info[part]["built"] and not info[part]["reason"]:
+                        info[part]["reason"] = f"build failed: {type(exc).__name__}: {exc}"
+                warnings.warn(f"tec_fast: building the C++/CUDA extension failed ({exc}); the "
+                              "package installs without it and uses the plain-torch kernels")
+            finally:
+                out_dir = os.path.dirname(self.get_ext_fullpath("tec_fast._C"))
+                os.makedirs(out_dir, exist_ok=True)
+                with open(os.path.join(out_dir, "_build_info.json"), "w") as f:
+                    json.dump(info, f, indent=1)
+
+    return ext_modules, {"build_ext": BuildExt}, ""
+
+
+ext_modules, cmdclass, skipped = _extension_build()
+if skipped:
+    warnings.warn(f"tec_fast: not building the C++/CUDA extension: {skipped}")
 
 setup(
     name="tec_fast",
@@ -15,6 +101,8 @@ setup(
     python_requires=">=3.10",
     packages=["tec_fast", "tec_fast.ops", "tec_fast.kernels"],
     package_dir={"tec_fast": "tec_fast", "tec_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
         "numpy",

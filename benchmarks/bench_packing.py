@@ -1,0 +1,161 @@
+"""Sequence packing (tec_fast.packing) against plain baselines, in the same process.
+
+- plan_bins on 20k sequences vs a plain-Python first-fit-decreasing (goal >= 20x, aim 100x),
+  with the fill rate (tokens / (bins x capacity)) of both.
+- pack vs torch boolean indexing + cumsum (goal >= 1x, aim 1.5x); the baseline is timed twice:
+  `x[keep]` + cumsum + max (what the issue names) and the same plus `nonzero` for the flat index
+  that pack also returns.
+- unpack vs torch (fill broadcast + boolean-mask assignment).
+
+Prints the ratios and appends JSON lines to ``<results-dir>/<device>.jsonl``.
+
+    python benchmarks/bench_packing.py                      # ViT-B/16 token grid, GPU if present
+    python benchmarks/bench_packing.py --device cpu --threads 1
+    python benchmarks/bench_packing.py --small --results-dir /tmp/r   # seconds; the test smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import DTYPES, append_results, device_name, format_table, time_callable  # noqa: E402
+from tec_fast import packing  # noqa: E402
+
+
+def python_ffd(lengths: List[int], capacity: int) -> List[List[int]]:
+    """The textbook first-fit-decreasing, plain Python: the baseline plan_bins must beat."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: List[List[int]] = []
+    room: List[int] = []
+    for i in order:
+        for b, left in enumerate(room):
+            if lengths[i] <= left:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def torch_pack(x: torch.Tensor, keep: torch.Tensor):
+    packed = x[keep]  # [T, C]
+    lengths = keep.sum(1)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return packed, cu_seqlens, int(lengths.max())
+
+
+def torch_pack_with_index(x: torch.Tensor, keep: torch.Tensor):
+    return torch_pack(x, keep) + (keep.reshape(-1).nonzero().reshape(-1),)
+
+
+def torch_unpack(packed: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor):
+    out = fill.expand(*keep.shape, fill.shape[0]).clone()  # [B, L, C]
+    out[keep] = packed
+    return out
+
+
+def main(argv=None) -> List[Dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="pack/unpack device (plan_bins always runs on the CPU)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=196, help="patches per image (L)")
+    p.add_argument("--dim", type=int, default=768, help="channels (C)")
+    p.add_argument("--mask-ratio", default="0.6:0.9", help="per-image ratio range lo:hi, or one value")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--n-seqs", type=int, default=20000, help="plan_bins sequences")
+    p.add_argument("--capacity", type=int, default=1024, help="plan_bins tokens per bin")
+    p.add_argument("--min-len", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    p.add_argument("--small", action="store_true", help="tiny sizes and few reps (smoke test)")
+    p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    if args.small:
+        args.batch, args.seq_len, args.dim, args.n_seqs, args.reps = 4, 16, 8, 300, 3
+        args.capacity, args.min_len, args.max_len = 64, 1, 32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cpu = torch.device("cpu")
+    extra = {"threads": torch.get_num_threads(), "backend": packing.backend(device)}
+    print(f"device {device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"CPU threads, packing backend: {packing.backend(device)}")
+
+    # plan_bins (CPU) ---------------------------------------------------------------------------
+    rng = random.Random(0)
+    lengths = [rng.randint(args.min_len, args.max_len) for _ in range(args.n_seqs)]
+    total = sum(lengths)
+    ours = time_callable(lambda: packing.plan_bins(lengths, args.capacity), cpu, reps=args.reps)
+    base = time_callable(lambda: python_ffd(lengths, args.capacity), cpu, warmup=0,
+                         reps=max(1, min(5, args.reps)))
+    n_ours = len(packing.plan_bins(lengths, args.capacity))
+    n_ffd = len(python_ffd(lengths, args.capacity))
+    lower = math.ceil(total / args.capacity)
+    shape = f"n={args.n_seqs},len={args.min_len}..{args.max_len},capacity={args.capacity}"
+    speed = base["median_ms"] / ours["median_ms"]
+    plan_rows = [dict(bench="plan_bins", provider=provider, shape=shape, dtype="int64", **t,
+                      speedup=sp, bins=nb, lower_bound_bins=lower,
+                      fill_rate=total / (nb * args.capacity), device=device_name(cpu), **extra)
+                 for provider, t, nb, sp in (("tec_fast.plan_bins", ours, n_ours, speed),
+                                             ("python_ffd", base, n_ffd, 1.0))]
+    print(f"plan_bins {shape}: {ours['median_ms']:.2f} ms vs python FFD {base['median_ms']:.1f} ms "
+          f"-> {speed:.0f}x; bins {n_ours} (FFD {n_ffd}, lower bound {lower}); fill rate "
+          f"{total / (n_ours * args.capacity):.4f} (FFD {total / (n_ffd * args.capacity):.4f})")
+
+    # pack / unpack -----------------------------------------------------------------------------
+    lo, _, hi = args.mask_ratio.partition(":")
+    lo, hi = float(lo), float(hi or lo)
+    gen = torch.Generator().manual_seed(0)
+    B, L, C = args.batch, args.seq_len, args.dim
+    ratio = lo + (hi - lo) * torch.rand(B, 1, generator=gen)  # per-image mask ratio
+    keep = (torch.rand(B, L, generator=gen) >= ratio).to(device)  # [B, L]
+    shape = f"B={B},L={L},C={C},mask={args.mask_ratio},T={int(keep.sum())}"
+    rows: List[Dict] = []
+    for name in args.dtypes.split(","):
+        dtype = DTYPES[name]
+        x = torch.randn(B, L, C, generator=gen).to(device=device, dtype=dtype)
+        packed, _, _, index = packing.pack(x, keep)
+        fill = torch.zeros(C, dtype=dtype, device=device)
+        providers = {
+            "torch_bool_index+cumsum": ("pack", lambda: torch_pack(x, keep)),
+            "torch_bool_index+cumsum+nonzero": ("pack", lambda: torch_pack_with_index(x, keep)),
+            "tec_fast.pack": ("pack", lambda: packing.pack(x, keep)),
+            "torch_unpack": ("unpack", lambda: torch_unpack(packed, keep, fill)),
+            "tec_fast.unpack": ("unpack", lambda: packing.unpack(packed, index, fill, (B, L))),
+        }
+        t = {prov: time_callable(fn, device, reps=args.reps) for prov, (_, fn) in providers.items()}
+        ms = {prov: r["median_ms"] for prov, r in t.items()}
+        speedups = {"tec_fast.pack": ms["torch_bool_index+cumsum"] / ms["tec_fast.pack"],
+                    "tec_fast.unpack": ms["torch_unpack"] / ms["tec_fast.unpack"]}
+        vs_index = ms["torch_bool_index+cumsum+nonzero"] / ms["tec_fast.pack"]
+        bytes_moved = 2 * packed.numel() * packed.element_size()  # kept rows read + written
+        for prov, (bench, _) in providers.items():
+            rows.append(dict(bench=bench, provider=prov, shape=shape, dtype=name, **t[prov],
+                             speedup=speedups.get(prov, 1.0),
+                             gb_per_s=bytes_moved / (ms[prov] * 1e-3) / 1e9, **extra,
+                             **({"speedup_vs_with_index": vs_index} if prov == "tec_fast.pack" else {})))
+        print(f"pack {name} {shape}: {speedups['tec_fast.pack']:.2f}x vs x[keep]+cumsum, "
+              f"{vs_index:.2f}x vs that + nonzero index; unpack {speedups['tec_fast.unpack']:.2f}x")
+
+    print(format_table(plan_rows + rows, ["bench", "provider", "dtype", "median_ms", "p20_ms",
+                                          "p80_ms", "speedup", "fill_rate"]))
+    append_results(plan_rows, args.results_dir, cpu)
+    path = append_results(rows, args.results_dir, device)
+    print(f"appended {len(plan_rows) + len(rows)} rows under {os.path.dirname(path)}")
+    return plan_rows + rows
+
+
+if __name__ == "__main__":
+    main()
