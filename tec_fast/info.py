@@ -21,16 +21,6 @@ def _version(module: str) -> str:
         return f"not available ({type(exc).__name__})"
 
 
-def _xformers_status(cuda: bool):
-    try:
-        import xformers.ops  # noqa: F401
-    except Exception as exc:
-        return False, f"xformers does not import ({type(exc).__name__}: {str(exc)[:120]})"
-    if not cuda:
-        return False, "xformers imports, but its memory_efficient_attention needs a CUDA device"
-    return True, "xformers memory_efficient_attention"
-
-
 def collect() -> dict:
     from .ops import dispatch
 
@@ -54,14 +44,16 @@ def collect() -> dict:
     try:
         from . import packing
         info["extension"] = packing.extension_status()
+        info["packing"] = {"cpu": packing.backend("cpu"), "cuda": packing.backend("cuda")}
     except Exception as exc:
         info["extension"] = {"built": False, "reason": f"{type(exc).__name__}: {exc}"}
-    ok, why = _xformers_status(cuda)
+    from .attention import packed_attention_backend
+
+    packed, skipped = packed_attention_backend(device, torch.bfloat16)
     info["attention"] = {
         "dense": "torch.nn.functional.scaled_dot_product_attention",
-        "packed": "xformers memory_efficient_attention + BlockDiagonalMask" if ok
-        else "SDPA on jagged nested tensors",
-        "xformers": why,
+        "packed": packed,
+        "packed_skipped_because": skipped,
     }
     return info
 
@@ -81,11 +73,14 @@ def main(argv=None) -> int:
         print(f"{key:<12} {info[key]}")
     ext = info["extension"]
     print(f"{'extension':<12} " + ", ".join(f"{k}={v}" for k, v in ext.items()))
+    for dev, how in info.get("packing", {}).items():
+        print(f"{'packing ' + dev:<12} {how}")
     print("\nop                 backend    why not the fast path")
     for op, d in info["ops"].items():
         print(f"{op:<18} {d['backend']:<10} {'; '.join(d['skipped_because']) or '-'}")
     att = info["attention"]
-    print(f"\nattention (dense)  {att['dense']}\nattention (packed) {att['packed']}\nxformers           {att['xformers']}")
+    print(f"\nattention (dense)  {att['dense']}\nattention (packed) {att['packed']}"
+          + (f" (skipped: {'; '.join(att['packed_skipped_because'])})" if att["packed_skipped_because"] else ""))
     return 0
 
 
