@@ -1,0 +1,133 @@
+"""What a run shows: a progress line for people, JSON lines (and optionally TensorBoard) for
+machines, and a closing table. Only rank 0 builds these."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """One progress line: step, bar, img/s, loss, lr, ETA. On a terminal it redraws in place
+    (at most ~4 times a second); elsewhere (log files, CI) it prints a plain line every
+    ``every`` steps and at the end."""
+
+    def __init__(self, name: str, total_steps: int, start_step: int = 0, every: int = 10,
+                 stream=None, enabled: bool = True):
+        self.name, self.total, self.every, self.enabled = name, total_steps, max(1, every), enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start_step, self.t0, self._last_draw = start_step, time.perf_counter(), 0.0
+        self._open_line = False  # a terminal line drawn without its newline yet
+
+    def update(self, step: int, epoch: int, img_per_s: float, metrics: Dict[str, float], lr: float) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        last = step >= self.total
+        if self.tty:
+            if not last and now - self._last_draw < 0.25:
+                return
+        elif not (last or step % self.every == 0 or step == self.start_step + 1):
+            return
+        self._last_draw = now
+        done = step - self.start_step
+        rate = done / (now - self.t0) if now > self.t0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        frac = step / self.total if self.total else 1.0
+        parts = [f"[{self.name}] {step}/{self.total}"]
+        if self.tty:
+            filled = int(20 * frac)
+            parts.append("|" + "#" * filled + "." * (20 - filled) + "|")
+        parts.append(f"{100 * frac:3.0f}%  ep {epoch}  {img_per_s:7.1f} img/s")
+        parts += [f"{k} {v:.4f}" for k, v in metrics.items()]
+        parts.append(f"lr {lr:.2e}  ETA {format_duration(eta)}")
+        line = "  ".join(parts)
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K" + ("\n" if last else ""))
+            self._open_line = not last
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._open_line:
+            self._open_line = False
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path`` (``metrics.jsonl``); mirrors scalars to
+    TensorBoard when asked for and ``torch.utils.tensorboard`` imports."""
+
+    def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None):
+        self.path = path
+        self._file = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._file = open(path, "a", buffering=1)
+        self._tb = None
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(tensorboard_dir)
+            except Exception as exc:  # tensorboard not installed
+                warnings.warn(f"--tensorboard: TensorBoard is not available ({exc}); "
+                              f"metrics go to {path} only", RuntimeWarning)
+
+    def write(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        if self._file is not None:
+            self._file.write(json.dumps(record, default=_jsonable) + "\n")
+        if self._tb is not None and "step" in record:
+            stage = record.get("stage", "train")
+            for key, value in record.items():
+                if key not in ("step", "epoch", "time") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{stage}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _jsonable(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence], title: Optional[str] = None,
+          align: Optional[str] = None) -> str:
+    """A plain-text table. ``align``: one 'l' or 'r' per column (default: first column left,
+    the others right)."""
+    rows = [[str(c) for c in r] for r in rows]
+    align = align or "l" + "r" * (len(headers) - 1)
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+
+    def fmt(cells: List[str]) -> str:
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                         for c, w, a in zip(cells, widths, align)).rstrip()
+
+    lines = [title] if title else []
+    lines += [fmt([str(h) for h in headers]), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in rows]
+    return "\n".join(lines)

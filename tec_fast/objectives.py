@@ -1,0 +1,78 @@
+"""Objectives ``fit`` trains with: ``objective(model, batch, noise) -> {'loss': ..., ...}``.
+
+They only route tensors to the model; the math is in ``TECModel`` and ``MAEModel``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from .base import BaseModel, BaseTargets
+
+
+class TECObjective:
+    """TEC: the frozen base model's targets on the same batch, then the new model's loss.
+
+    ``cache``: a ``TargetCache`` to look targets up by sample index instead of running the base
+    model - valid only for data without random augmentation (the embedded demo), where the
+    base's output per image never changes. Batches are then ``(images, index)``.
+    """
+
+    def __init__(self, base: BaseModel, mask_ratio: float, num_patches: int,
+                 cache: Optional["TargetCache"] = None):
+        self.base, self.mask_ratio, self.num_patches, self.cache = base, mask_ratio, num_patches, cache
+
+    def __call__(self, model, batch, noise):
+        images = batch[0]
+        targets = self.cache.lookup(batch[1], images.device) if self.cache is not None else self.base(images)
+        return model(images, targets, mask_ratio=self.mask_ratio, noise=noise)
+
+
+class MAEObjective:
+    """MAE base pretraining: masked patch-pixel reconstruction (``MAEModel``)."""
+
+    def __init__(self, mask_ratio: float, num_patches: int):
+        self.mask_ratio, self.num_patches = mask_ratio, num_patches
+
+    def __call__(self, model, batch, noise):
+        return model(batch[0], mask_ratio=self.mask_ratio, noise=noise)
+
+
+class IndexedDataset(Dataset):
+    """``ds[i] -> (image, i)``: the sample index travels with the image (for ``TargetCache``)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i][0], i
+
+
+class TargetCache:
+    """The base model's targets for every image of an un-augmented dataset, computed once
+    (fp32 features, relation logits, top-k indices, kept on the CPU)."""
+
+    def __init__(self, base: BaseModel, dataset: Dataset, batch_size: int = 256,
+                 device: Optional[torch.device] = None):
+        device = device or next(base.parameters()).device
+        feats, rels, idxs = [], [], []
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        for images, *_ in loader:
+            t = base(images.to(device))
+            feats.append(t.features.float().cpu())
+            if t.relation is not None:
+                rels.append(t.relation.float().cpu())
+                idxs.append(t.topk_idx.cpu())
+        self.features = torch.cat(feats)                       # [N, L, Cb]
+        self.relation = torch.cat(rels) if rels else None      # [N, 1+k, Hb, L]
+        self.topk_idx = torch.cat(idxs) if idxs else None      # [N, k]
+
+    def lookup(self, index: torch.Tensor, device: torch.device) -> BaseTargets:
+        index = index.cpu()
+        pick = lambda t: None if t is None else t[index].to(device, non_blocking=True)  # noqa: E731
+        return BaseTargets(pick(self.features), pick(self.relation), pick(self.topk_idx))

@@ -1,0 +1,92 @@
+"""Faults: a NaN/inf loss stops the run with its step number and leaves only good checkpoints;
+SIGTERM to the command line saves, exits 143, and --resume finishes the run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tec_fast.engine import FitConfig, NonFiniteLoss, fit
+from train_helpers import AugmentedImages, tiny_objective, tiny_tec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class PoisonAt:
+    """The tiny TEC objective, but the loss becomes ``value`` from optimizer step ``step``."""
+
+    def __init__(self, step: int, value: float):
+        self.inner, self.step, self.value, self.calls = tiny_objective(), step, value, 0
+        self.num_patches = self.inner.num_patches
+
+    def __call__(self, model, batch, noise):
+        self.calls += 1
+        out = self.inner(model, batch, noise)
+        if self.calls >= self.step:  # accum = 1: call n is step n
+            out["loss"] = out["loss"] * self.value
+        return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_loss_stops_with_step_and_no_bad_checkpoint(tmp_path, value):
+    cfg = FitConfig(epochs=5, batch_size=4, lr=1e-3, warmup_steps=1, save_every_steps=2, progress=False,
+                    output_dir=str(tmp_path), log_every=1)
+    model = tiny_tec()
+    with pytest.raises(NonFiniteLoss, match="step 5") as info:
+        fit(model, PoisonAt(5, value), AugmentedImages(n=32), cfg)
+    assert info.value.step == 5
+    ck = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert ck["step"] == 4  # the save at step 4; nothing after the bad step
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())  # no step was taken on it
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "nonfinite_loss" and events[-1]["step"] == 5
+
+
+def _cli(folder, out, *extra):
+    return [sys.executable, "-m", "tec_fast.train", "--data", str(folder), "--objective", "mae",
+            "--model", "vit_demo_patch4", "--img-size", "32", "--decoder-dim", "32", "--decoder-depth", "1",
+            "--decoder-heads", "2", "--batch-size", "2", "--num-workers", "0", "--epochs", "40",
+            "--warmup-epochs", "1", "--log-every", "1", "--output", str(out), *extra]
+
+
+def test_sigterm_saves_then_exits_and_resume_finishes(tmp_path):
+    from test_train import _image_folder
+    folder = _image_folder(tmp_path / "images", n_per_class=4, corrupt=False)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(_cli(folder, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until a few steps are logged, then stop it
+        if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "SIGTERM received" in stdout and "--resume" in stdout
+    ck = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    stopped_at = ck["step"]
+    assert 3 <= stopped_at < 160
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert any(e.get("event") == "interrupted" and e["step"] == stopped_at for e in events)
+
+    done = subprocess.run(_cli(folder, out, "--resume", "--max-steps", str(stopped_at + 3), "--no-progress"),
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["step"] == stopped_at + 3

@@ -1,0 +1,124 @@
+"""Checkpoints and --resume: an interrupted + resumed run equals the uninterrupted one, bit for
+bit on CPU (model, optimizer state, losses), whatever the worker count of either part."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from tec_fast.engine import (CheckpointManager, FitConfig, TrainingInterrupted, fit, rng_state,
+                             set_rng_state)
+from train_helpers import AugmentedImages, tiny_objective, tiny_tec
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(out, **kw):
+    base = dict(name="tec", output_dir=str(out), epochs=3, batch_size=4, accum=2, lr=2e-3, warmup_steps=3,
+                seed=7, log_every=1, progress=False)
+    base.update(kw)
+    return FitConfig(**base)
+
+
+def _sigterm_at(step_to_signal):
+    def on_step(step, metrics):
+        if step == step_to_signal:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return on_step
+
+
+def _run_interrupted(out, workers_second: int, precision: str = "fp32"):
+    """SIGTERM during step 4; the loop finishes the step it is in, saves, raises."""
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(), _cfg(out, precision=precision),
+            on_step=_sigterm_at(4))
+    first = info.value
+    assert first.signum == signal.SIGTERM and first.checkpoint and os.path.isfile(first.checkpoint)
+    part1 = torch.load(first.checkpoint, weights_only=True)
+    resumed = fit(tiny_tec(seed=99), tiny_objective(), AugmentedImages(),
+                  _cfg(out, resume="auto", num_workers=workers_second, precision=precision))
+    return part1, resumed
+
+
+def _assert_same_state(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+@pytest.mark.parametrize("workers_second", [0, 2])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, workers_second):
+    # 48 images / batch 4 / accum 2 = 6 steps per epoch, 18 in all; the stop (step 5) is mid-epoch.
+    full = fit(tiny_tec(), tiny_objective(), AugmentedImages(), _cfg(tmp_path / "full"))
+    part1, resumed = _run_interrupted(tmp_path / "cut", workers_second)
+    assert part1["step"] == 5 and part1["epoch"] == 0 and part1["step_in_epoch"] == 5
+    assert resumed.steps == full.steps == 18
+    losses_before = [full.losses[i] for i in range(part1["step"])]
+    assert losses_before + resumed.losses == full.losses  # exact float equality, every step
+    _assert_same_state(full.model.state_dict(), resumed.model.state_dict(), "model")
+    last_full = torch.load(full.checkpoint, weights_only=True)
+    last_cut = torch.load(resumed.checkpoint, weights_only=True)
+    for pid, st in last_full["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, last_cut["optimizer"]["state"][pid][k]), f"optimizer {pid}.{k}"
+
+
+def test_fp16_loss_scaler_is_saved_and_restored(tmp_path):
+    full = fit(tiny_tec(), tiny_objective(), AugmentedImages(), _cfg(tmp_path / "full", precision="fp16"))
+    part1, resumed = _run_interrupted(tmp_path / "cut", 0, precision="fp16")
+    assert part1["scaler"] is not None and part1["scaler"]["scale"] > 0
+    assert full.losses[:part1["step"]] + resumed.losses == full.losses
+    _assert_same_state(full.model.state_dict(), resumed.model.state_dict(), "model")
+
+
+def test_checkpoint_contents_load_with_weights_only(tmp_path):
+    r = fit(tiny_tec(), tiny_objective(), AugmentedImages(), _cfg(tmp_path, epochs=1),
+            checkpoint_extra={"kind": "tec", "model_config": tiny_tec().config.to_dict()})
+    ck = torch.load(r.checkpoint, weights_only=True)
+    for key in ("model", "optimizer", "scaler", "step", "epoch", "step_in_epoch", "schedule", "rng",
+                "fit_config", "kind", "model_config", "format"):
+        assert key in ck, key
+    assert ck["step"] == 6 and ck["epoch"] == 1 and ck["step_in_epoch"] == 0
+    assert ck["fit_config"]["batch_size"] == 4 and ck["schedule"]["total_steps"] == 6
+    # The engine's own checkpoint is a valid TEC checkpoint for the model loader.
+    m = tiny_tec(seed=5)
+    m.load_checkpoint(r.checkpoint)
+    _assert_same_state(m.state_dict(), r.model.state_dict(), "reloaded model")
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+    state = rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_keep_last_and_every_kth_epoch(tmp_path):
+    mgr = CheckpointManager(str(tmp_path), keep_last=2, keep_every=3)
+    for epoch in range(1, 8):
+        mgr.save({"epoch": epoch}, epoch_done=epoch)
+    files = sorted(f for f in os.listdir(tmp_path) if f.startswith("checkpoint"))
+    assert files == ["checkpoint-0003.pth", "checkpoint-0006.pth", "checkpoint-0007.pth",
+                     "checkpoint-last.pth"]
+    assert torch.load(mgr.last, weights_only=True)["epoch"] == 7
+    mgr.save({"epoch": 8})  # mid-epoch save: only checkpoint-last changes, epoch 7's file is intact
+    assert torch.load(mgr.last, weights_only=True)["epoch"] == 8
+    assert torch.load(tmp_path / "checkpoint-0007.pth", weights_only=True)["epoch"] == 7
+    assert not [f for f in os.listdir(tmp_path) if f.startswith((".tmp", ".link"))]
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
+    r = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), _cfg(tmp_path, epochs=1, resume="auto", warmup_steps=0))
+    assert r.steps == 2

@@ -1,0 +1,206 @@
+"""The trainer: schedule, optimizer groups, the sampler's seeds, fit() on both objectives, and
+the command lines (train on an image folder, MAE base -> TEC, loader benchmark, export)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from tec_fast import BaseModel
+from tec_fast.engine import FitConfig, ResumableSampler, fit
+from tec_fast.optim import build_optimizer, lr_at, param_groups
+from tec_fast.presets import vit_preset
+from train_helpers import AugmentedImages, tiny_objective, tiny_tec, tiny_vit
+
+DEMO_ARCH = ["--model", "vit_demo_patch4", "--base-model", "vit_demo_patch4", "--img-size", "32",
+             "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------ pieces
+def test_lr_schedule_warmup_then_half_cosine_to_zero():
+    lrs = [lr_at(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[55] == pytest.approx(0.5)  # half way through the cosine
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(10, 100, 10, 1.0, min_lr=0.1) == pytest.approx(1.0)
+
+
+def test_no_weight_decay_on_biases_norms_and_1d():
+    model = tiny_tec()
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert "blocks.0.norm1.weight" in nd and "blocks.0.attn.qkv.bias" in nd and "norm.bias" in nd
+    assert "blocks.0.attn.qkv.weight" in d and "patch_embed.proj.weight" in d and "cls_token" in d
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert len(d) + len(nd) == sum(1 for _ in model.parameters())
+
+
+def test_optimizer_says_which_ran():
+    model = tiny_tec()
+    _, name = build_optimizer(model, 1e-3)
+    assert name.startswith("torch.optim.AdamW")
+    with pytest.warns(RuntimeWarning, match="apex"):  # apex is not installed here / needs CUDA
+        _, name = build_optimizer(model, 1e-3, kind="apex")
+    assert name.startswith("torch.optim.AdamW")
+
+
+def test_sample_seeds_do_not_depend_on_world_size():
+    ds = list(range(40))
+    one = ResumableSampler(ds, 1, 0, True, seed=5)
+    two = [ResumableSampler(ds, 2, r, True, seed=5) for r in (0, 1)]
+    for s in [one, *two]:
+        s.set_epoch(3)
+    pairs_one = list(one)
+    pairs_two = [p for pair in zip(*[list(s) for s in two]) for p in pair]  # interleave ranks
+    assert pairs_two == pairs_one
+    one.set_epoch(4)
+    assert [i for i, _ in one] != [i for i, _ in pairs_one]  # a new permutation per epoch
+    full = list(one)
+    one.start = 10  # resume 10 samples into the epoch: the same order, the first 10 skipped
+    assert list(one) == full[10:] and len(one) == 30
+
+
+def test_fit_lowers_both_objectives(tmp_path):
+    from tec_fast.mae import MAEModel
+    from tec_fast.objectives import MAEObjective
+
+    data = TensorDataset(torch.randn(32, 3, 16, 16), torch.zeros(32, dtype=torch.long))
+    cfg = FitConfig(epochs=10, batch_size=8, lr=3e-3, warmup_steps=4, progress=False, seed=0)
+    r = fit(tiny_tec(), tiny_objective(), data, cfg)
+    assert r.steps == 40 and r.stopped == "completed"
+    assert np.mean(r.losses[-5:]) < 0.9 * np.mean(r.losses[:5])
+    torch.manual_seed(0)
+    mae = MAEModel(tiny_vit(), decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    r = fit(mae, MAEObjective(0.75, tiny_vit().num_patches), data, cfg)
+    assert np.mean(r.losses[-5:]) < 0.9 * np.mean(r.losses[:5])
+
+
+def test_time_limit_stops_early_and_saves(tmp_path):
+    cfg = FitConfig(epochs=1000, batch_size=8, lr=1e-3, warmup_steps=1, time_limit=0.5, progress=False,
+                    output_dir=str(tmp_path))
+    r = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), cfg)
+    assert r.stopped == "time_limit" and r.steps < r.total_steps
+    assert torch.load(r.checkpoint, weights_only=True)["step"] == r.steps
+
+
+# -------------------------------------------------------------------- command lines
+def _image_folder(root, n_per_class=6, size=40, corrupt=True):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(root / "train" / c, exist_ok=True)
+        for i in range(n_per_class):
+            arr = rng.integers(0, 255, (size, size + 8 * i, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / "train" / c / f"{i}.png")
+    if corrupt:
+        (root / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _image_folder(tmp_path_factory.mktemp("images"))
+
+
+def _run(argv):
+    from tec_fast.train import main
+    return main(argv)
+
+
+def test_help_is_grouped_by_topic(capsys):
+    from tec_fast.train import build_parser
+    text = build_parser().format_help()
+    for title in ("data:", "model and base:", "optimisation:", "precision and speed:", "checkpointing:",
+                  "distributed (under torchrun):", "logging:", "demo (no --data):"):
+        assert title in text, title
+    assert "mae_vit_large" in text and "1.4" in text  # the recipe table
+
+
+def test_mae_base_then_tec_from_it_then_export(folder, tmp_path, capsys):
+    common = ["--data", str(folder), "--batch-size", "4", "--num-workers", "0", "--max-steps", "3",
+              "--no-progress", "--lr", "1e-3", *DEMO_ARCH]
+    with pytest.warns(RuntimeWarning, match="broken.jpg"):
+        assert _run(["--objective", "mae", "--output", str(tmp_path / "mae"), *common]) == 0
+    mae_enc = tmp_path / "mae" / "encoder_mae.pth"
+    assert mae_enc.is_file()
+
+    out = tmp_path / "tec"
+    with pytest.warns(RuntimeWarning):
+        assert _run(["--base", f"mae_vit_base:{mae_enc}", "--output", str(out), *common]) == 0
+    text = capsys.readouterr().out
+    assert "summary" in text and "3 / 3 (completed)" in text and "unreadable images were skipped" in text
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "start" and records[-1]["event"] == "end"
+    assert [r["step"] for r in records if "loss" in r and "event" not in r] == [3]  # log every 20 -> last
+    ck = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert ck["kind"] == "tec" and ck["base"]["topk"] == 15 and ck["base"]["tau"] == 1.8
+    assert ck["args"]["batch_size"] == 4
+
+    # The exported encoder is a base model for the next round (what "sustainable" means here).
+    enc = BaseModel(vit_preset("vit_demo_patch4", 32))
+    enc.load_checkpoint(str(out / "encoder_timm.pth"))
+
+    from tec_fast.export import main as export_main
+    from tec_fast.model import TECModel
+    from tec_fast.config import TECConfig
+    assert export_main([str(out / "checkpoint-last.pth"), str(tmp_path / "x.pth")]) == 0
+    sd = torch.load(tmp_path / "x.pth", weights_only=True)
+    tec = TECModel(TECConfig.from_dict(ck["model_config"]))
+    tec.load_checkpoint(ck)
+    with torch.no_grad():
+        assert torch.allclose(sd["cls_token"], tec.cls_embedding(), atol=1e-6)
+    assert not any(k.startswith(("cls_token_mlp", "decoder", "encoder_adaptor")) for k in sd)
+    assert export_main([str(tmp_path / "mae" / "checkpoint-last.pth"), str(tmp_path / "m.pth")]) == 0
+    assert "blocks.0.attn.qkv.weight" in torch.load(tmp_path / "m.pth", weights_only=True)["model"]
+
+
+def test_strict_data_fails_on_an_unreadable_image(folder, tmp_path):
+    with pytest.raises(RuntimeError, match="broken.jpg"):
+        _run(["--data", str(folder), "--objective", "mae", "--strict-data", "--batch-size", "4",
+              "--num-workers", "0", "--max-steps", "3", "--no-progress", "--output", str(tmp_path),
+              "--warmup-epochs", "0", *DEMO_ARCH])
+
+
+def test_bench_loader(folder, capsys):
+    assert _run(["--data", str(folder), "--objective", "mae", "--bench-loader", "--batch-size", "2",
+                 "--num-workers", "0", "--img-size", "32"]) == 0
+    assert "img/s" in capsys.readouterr().out
+
+
+def test_tec_needs_a_base(folder, tmp_path):
+    with pytest.raises(SystemExit, match="--base"):
+        _run(["--data", str(folder), "--output", str(tmp_path), "--num-workers", "0"])
+    with pytest.raises(ValueError, match="KIND:PATH"):
+        _run(["--data", str(folder), "--base", "nonsense", "--output", str(tmp_path), "--num-workers", "0"])
+
+
+def test_progress_is_plain_text_off_a_terminal():
+    import io
+
+    from tec_fast.monitor import Progress, table
+    buf = io.StringIO()
+    p = Progress("tec", total_steps=30, every=10, stream=buf)
+    for step in range(1, 31):
+        p.update(step, 0, 123.4, {"loss": 1.0 / step}, 1e-4)
+    p.close()
+    lines = buf.getvalue().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["1/30", "10/30", "20/30", "30/30"]
+    assert "\r" not in buf.getvalue() and "img/s" in lines[0] and "ETA" in lines[0]
+    assert table(["a", "b"], [["x", "1"], ["yy", "22"]]).splitlines()[-1] == "yy  22"
