@@ -23,7 +23,7 @@ from benchmarks.bench_step import PRESETS, build  # noqa: E402
 from benchmarks.common import DTYPES, append_results, format_table, time_callable  # noqa: E402
 from tec_fast import TECModel  # noqa: E402
 from tec_fast.attention import packed_attention_backend  # noqa: E402
-from tec_fast.masking import num_visible, variable_masking  # noqa: E402
+from tec_fast.masking import variable_masking  # noqa: E402
 
 
 def main(argv=None):

@@ -129,7 +129,7 @@ def main(argv=None):
             results[name] = dict(t, img_per_s=img_s)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        eng, ref = results.get("engine"), results.get("baseline")
+        ref = results.get("baseline")
         for name, r in results.items():
             if r is None:
                 continue

@@ -81,7 +81,6 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             out = F.scaled_dot_product_attention(nt(q), nt(k), nt(v))
         return out.transpose(1, 2).values()
     if backend == "dense":
-        T = q.shape[0]
         seg = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=q.device),
                                       (cu_seqlens[1:] - cu_seqlens[:-1]).to(q.device))
         mask = seg[:, None] == seg[None, :]  # [T, T]

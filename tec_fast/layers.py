@@ -5,7 +5,7 @@ Parameter names follow timm / MAE (``patch_embed.proj``, ``blocks.{i}.norm1``, `
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -10,24 +10,52 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import BaseModel, BaseTargets
+from .masking import block_masking
 
 
 class TECObjective:
     """TEC: the frozen base model's targets on the same batch, then the new model's loss.
+
+    ``mask_ratio``: a float (every image keeps the same count: dense encoder) or a (lo, hi) range
+    (a ratio per image, uniform in the range: packed encoder). ``masking='block'``: BEiT/iBOT
+    block-wise masks of about ``mask_ratio`` (the range's midpoint per image draw) instead of
+    random patches (packed encoder). For both variable modes the engine's masking noise gets one
+    extra column per image, which draws that image's ratio or seeds its block mask, so masks stay
+    reproducible across resumes and process counts.
 
     ``cache``: a ``TargetCache`` to look targets up by sample index instead of running the base
     model - valid only for data without random augmentation (the embedded demo), where the
     base's output per image never changes. Batches are then ``(images, index)``.
     """
 
-    def __init__(self, base: BaseModel, mask_ratio: float, num_patches: int,
-                 cache: Optional["TargetCache"] = None):
-        self.base, self.mask_ratio, self.num_patches, self.cache = base, mask_ratio, num_patches, cache
+    def __init__(self, base: BaseModel, mask_ratio, num_patches: int,
+                 cache: Optional["TargetCache"] = None, masking: str = "random"):
+        if masking not in ("random", "block"):
+            raise ValueError(f"masking must be 'random' or 'block', got {masking!r}")
+        self.base, self.mask_ratio, self.cache, self.masking = base, mask_ratio, cache, masking
+        self.patches = num_patches
+        self.variable = masking == "block" or isinstance(mask_ratio, tuple)
+        self.num_patches = num_patches + (1 if self.variable else 0)  # columns of noise to draw
+
+    def _ratios(self, u: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.mask_ratio if isinstance(self.mask_ratio, tuple) else (self.mask_ratio,) * 2
+        return lo + (hi - lo) * u
 
     def __call__(self, model, batch, noise):
         images = batch[0]
         targets = self.cache.lookup(batch[1], images.device) if self.cache is not None else self.base(images)
-        return model(images, targets, mask_ratio=self.mask_ratio, noise=noise)
+        if not self.variable:
+            return model(images, targets, mask_ratio=self.mask_ratio, noise=noise)
+        B, L = images.shape[0], self.patches
+        if noise is None:
+            noise = torch.rand(B, L + 1)
+        ratios = self._ratios(noise[:, L])
+        if self.masking == "random":
+            return model(images, targets, mask_ratio=ratios, noise=noise[:, :L].to(images.device))
+        grid = int(round(L ** 0.5))
+        keep = torch.cat([block_masking(1, grid, float(r), generator=torch.Generator().manual_seed(
+            int(u * 2 ** 31))) for r, u in zip(ratios.tolist(), noise[:, L].tolist())])
+        return model(images, targets, keep=keep.to(images.device))
 
 
 class MAEObjective:

@@ -23,6 +23,17 @@ from .presets import BASE_RECIPES, MODEL_PRESETS, parse_base, vit_preset
 EXIT_NONFINITE = 3
 
 
+def parse_mask_ratio(text: str):
+    """'0.75' -> 0.75; '0.6:0.9' -> (0.6, 0.9)."""
+    try:
+        parts = [float(v) for v in text.split(":")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio like 0.75 or a range like 0.6:0.9, got {text!r}")
+    if len(parts) > 2 or not all(0.0 <= v < 1.0 for v in parts) or (len(parts) == 2 and parts[0] > parts[1]):
+        raise argparse.ArgumentTypeError(f"mask ratios must be in [0, 1) and LO <= HI, got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tec_fast.train", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -60,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-dim", type=int, default=512)
     g.add_argument("--decoder-depth", type=int, help="default: 2 for TEC, 8 for MAE")
     g.add_argument("--decoder-heads", type=int, default=16)
-    g.add_argument("--mask-ratio", type=float, default=0.75)
+    g.add_argument("--mask-ratio", type=parse_mask_ratio, default=0.75, metavar="R|LO:HI",
+                   help="fraction of patches hidden: one ratio (default %(default)s), or a range LO:HI "
+                        "drawn per image (the encoder then runs packed, no padding)")
+    g.add_argument("--masking", choices=("random", "block"), default="random",
+                   help="random patches (MAE) or BEiT/iBOT block-wise masks (packed encoder)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100)
@@ -157,6 +172,9 @@ def train(args) -> int:
     torch.manual_seed(args.seed)
     extra = {"kind": args.objective, "args": vars(args)}
     if args.objective == "mae":
+        if isinstance(args.mask_ratio, tuple) or args.masking != "random":
+            raise SystemExit("error: --objective mae takes one --mask-ratio and random masking "
+                             "(variable and block masks are TEC modes)")
         from .mae import MAEModel
         from .objectives import MAEObjective
         vit = vit_preset(args.model or "vit_base_patch16", args.img_size)
@@ -221,7 +239,7 @@ def build_tec(args, device):
     model = TECModel(tec_cfg)
     if args.compile:
         base = torch.compile(base)
-    objective = TECObjective(base, args.mask_ratio, vit.num_patches)
+    objective = TECObjective(base, args.mask_ratio, vit.num_patches, masking=args.masking)
     info = {"kind": kind, "path": path, "vit": base_vit.to_dict(), "last_layers": last_layers,
             "topk": topk, "tau": tau, "load_report": report.summary()}
     return model, objective, tec_cfg.to_dict(), info

@@ -76,6 +76,16 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _patch_interpreter_bf16_rounding()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Test shapes are tiny: intra-op threads only contend (up to 70x slower per step on a busy
+    2-core machine), so every test runs on one thread and restores the setting after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 

@@ -18,13 +18,6 @@ from train_helpers import AugmentedImages, tiny_objective, tiny_tec
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class PoisonAt:
     """The tiny TEC objective, but the loss becomes ``value`` from optimizer step ``step``."""

@@ -1,6 +1,5 @@
 """With the Triton path forced (interpreter on CPU), the whole TEC step — base targets, both
 losses, the gradient w.r.t. the image and every parameter gradient — matches the reference path."""
-import pytest
 import torch
 
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig

@@ -14,14 +14,6 @@ from tec_fast.native import (NativeBatch, NativeBatchSampler, base_pos_embed, bu
 MIXED = [(16, 16), (8, 24), (24, 8)]  # patch 4: grids 4x4, 2x6, 6x2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny shapes: OpenMP threads only contend (70x slower on a shared 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _models(seed=0, relation=True):
     torch.manual_seed(seed)

@@ -13,13 +13,6 @@ from tec_fast.engine import (CheckpointManager, FitConfig, TrainingInterrupted, 
 from train_helpers import AugmentedImages, tiny_objective, tiny_tec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _cfg(out, **kw):
     base = dict(name="tec", output_dir=str(out), epochs=3, batch_size=4, accum=2, lr=2e-3, warmup_steps=3,
