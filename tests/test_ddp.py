@@ -33,7 +33,13 @@ def test_two_processes_match_one(tmp_path, shard, accum):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(HERE, "ddp_worker.py"), str(out), shard, str(global_batch // 2 // accum), str(accum)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if proc.returncode != 0:
+        # A crashed launch (seen rarely: the gloo rendezvous on a loaded machine) is retried once;
+        # the numbers are compared below and never retried.
+        first = proc.stderr[-3000:]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, ("first launch:\n" + first + "\nsecond launch:\n"
+                                      + proc.stdout[-2000:] + proc.stderr[-4000:])
     two = json.loads(out.read_text())
     one = _single(global_batch // accum, accum)
     assert two["world"] == 2
