@@ -217,10 +217,18 @@ class ImageFolderDataset(Dataset):
     - ``train=True``: RandomResizedCrop(img_size, scale (0.2, 1), ratio (3/4, 4/3), bicubic) +
       horizontal flip with p = 0.5 (SPEC.md §4), drawn from torch's RNG.
     - ``train=False``: resize the shorter side to int(img_size / 0.875) (bicubic), center crop.
+    - ``native_patch=p`` (native resolution, NaViT-style): ``ds[i] -> (image [3, h*p, w*p], label)``,
+      the whole image resized (bicubic) to the patch grid (h, w) = ``native_grid(H, W)``: aspect
+      ratio kept, h*w <= ``max_patches``, never enlarged unless it would have fewer than
+      ``min_patches`` patches (then enlarged to the budget); plus the horizontal flip when
+      ``train``. ``native_grids()`` reads every image's header once to plan batches; after that
+      a replacement for an unreadable image is resized to the grid planned for the index asked for.
     Unreadable files: see the module docstring (skip + count, or raise under ``strict``).
     """
 
-    def __init__(self, root: str, img_size: int = 224, train: bool = True, strict: bool = False):
+    def __init__(self, root: str, img_size: int = 224, train: bool = True, strict: bool = False,
+                 native_patch: Optional[int] = None, max_patches: Optional[int] = None,
+                 min_patches: int = 1):
         if not os.path.isdir(root):
             raise ValueError(f"ImageFolderDataset: root {root!r} is not a directory")
         if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
@@ -240,6 +248,53 @@ class ImageFolderDataset(Dataset):
         self._warned = set()  # per process: warn once per path
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.native_patch, self.max_patches, self.min_patches = native_patch, max_patches, min_patches
+        self._grids: Optional[List[Tuple[int, int]]] = None
+        if native_patch is not None:
+            for name, v in (("native_patch", native_patch), ("max_patches", max_patches),
+                            ("min_patches", min_patches)):
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise ValueError(f"ImageFolderDataset: {name} must be a positive int, got {v!r}")
+            if min_patches > max_patches:
+                raise ValueError(f"ImageFolderDataset: min_patches {min_patches} > max_patches {max_patches}")
+
+    # ---- native resolution
+    def native_grid(self, height: int, width: int) -> Tuple[int, int]:
+        """The (rows, cols) patch grid an image of ``height`` x ``width`` pixels gets."""
+        from .native import budget_grid
+
+        p, m = self.native_patch, self.max_patches
+        h, w = budget_grid(height, width, p, m)
+        if h * w < self.min_patches:
+            h, w = budget_grid(height, width, p, m, upscale=True)
+            if h * w < self.min_patches:  # extreme aspect ratio: a square-ish grid instead
+                h, w = budget_grid(1, 1, p, m, upscale=True)
+        return h, w
+
+    def native_grids(self, threads: int = 8) -> List[Tuple[int, int]]:
+        """Every image's patch grid (``native_grid`` of its size, from the file header; computed
+        once). An unreadable header plans the square ``img_size`` grid (``strict``: raises)."""
+        if self.native_patch is None:
+            raise ValueError("ImageFolderDataset.native_grids: the dataset is not in native mode "
+                             "(native_patch=None)")
+        if self._grids is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def size(i):
+                from PIL import Image
+                try:
+                    with Image.open(self.samples[i][0]) as img:
+                        return img.height, img.width
+                except Exception as exc:
+                    if self.strict:
+                        raise RuntimeError(f"unreadable image {self.samples[i][0]}: "
+                                           f"{type(exc).__name__}: {exc}") from exc
+                    return self.img_size, self.img_size  # replaced by a readable one when loaded
+
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                sizes = list(pool.map(size, range(len(self.samples)), chunksize=256))
+            self._grids = [self.native_grid(h, w) for h, w in sizes]
+        return self._grids
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -270,6 +325,8 @@ class ImageFolderDataset(Dataset):
                     warnings.warn(f"skipping unreadable image {path} ({type(exc).__name__}: {exc}); "
                                   f"using the next readable one instead", RuntimeWarning)
                 continue
+            if self.native_patch is not None:
+                return self._transform_native(img, index), label
             return self._transform(img), label
         raise RuntimeError(f"ImageFolderDataset: none of the {n} images under {self.root!r} is readable")
 
@@ -281,6 +338,18 @@ class ImageFolderDataset(Dataset):
             if not self.train:
                 img.draft("RGB", (self.resize_to, self.resize_to))  # JPEG: decode at reduced scale
             return img.convert("RGB")  # forces the full decode inside the try (truncation raises here)
+
+    def _transform_native(self, img, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        p = self.native_patch
+        h, w = self._grids[index] if self._grids is not None else self.native_grid(img.height, img.width)
+        if (img.width, img.height) != (w * p, h * p):
+            img = img.resize((w * p, h * p), Image.BICUBIC)
+        if self.train and torch.rand(()) < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        return (x - self._mean) / self._std
 
     def _transform(self, img) -> torch.Tensor:
         from PIL import Image

@@ -14,6 +14,11 @@ Reproducibility, by construction rather than by restoring worker state:
 - the masking noise of micro-step (step, micro) is drawn for the whole *global* batch from
   (seed, step, micro) and each rank takes its own rows, so N processes see exactly the images
   and masks one process sees with the same global batch.
+
+Variable-size batches (native resolution): ``fit(..., batch_sampler=plan, collate_fn=...)`` takes a
+*global* plan of batches (lists of dataset indices, re-planned per epoch through ``set_epoch``);
+``ResumableBatchSampler`` deals it out to the ranks (bins[rank::world]) and resumes it at any
+optimizer step. Images per step are counted from the batches themselves (``len(batch[0])``).
 """
 from __future__ import annotations
 
@@ -123,6 +128,58 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(0, self.limit - self.start)
+
+    def resume_at(self, micro_batches: int, batch_size: int) -> None:
+        """Start the epoch after ``micro_batches`` batches of ``batch_size`` samples."""
+        self.start = micro_batches * batch_size
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """The batch-sampler counterpart of ``ResumableSampler``, for variable-size batches.
+
+    ``plan``: an iterable of batches (lists of dataset indices) covering the *global* epoch,
+    deterministic given its ``set_epoch(epoch)`` (called here when it has one). Each epoch the
+    plan is cut to a multiple of ``num_replicas`` batches and rank r takes batches r::world, so
+    every rank runs the same number of micro-steps. Yields lists of ``(index, sample_seed)``
+    (seeds as ``ResumableSampler``'s), from batch ``start`` up to ``limit`` (resume)."""
+
+    def __init__(self, plan, num_replicas: int, rank: int, seed: int):
+        self.plan, self.num_replicas, self.rank, self.seed = plan, num_replicas, rank, seed
+        self.epoch, self.start = 0, 0
+        first = self._global()
+        self.num_batches = len(first) // num_replicas  # per rank, epoch 0
+        kept = first[:self.num_batches * num_replicas]
+        # mean images per (global) batch: the nominal batch size for the lr rule and the logs
+        self.mean_batch_size = sum(len(b) for b in kept) / max(1, len(kept))
+        self.limit = self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global(self) -> List[List[int]]:
+        if hasattr(self.plan, "set_epoch"):
+            self.plan.set_epoch(self.epoch)
+        return [[int(i) for i in b] for b in self.plan]
+
+    def batches(self) -> List[List[int]]:
+        """This rank's batches of the current epoch (before ``start`` / ``limit``)."""
+        bins = self._global()
+        n = len(bins) // self.num_replicas
+        return bins[:n * self.num_replicas][self.rank::self.num_replicas]
+
+    def __iter__(self):
+        mine = self.batches()
+        if len(mine) < self.limit:
+            raise RuntimeError(f"the batch plan of epoch {self.epoch} has {len(mine)} batches per process, "
+                               f"fewer than the {self.limit} of epoch 0 the schedule was sized with")
+        return iter([[(i, mix_seed(self.seed, self.epoch, i)) for i in b]
+                     for b in mine[self.start:self.limit]])
+
+    def __len__(self) -> int:
+        return max(0, self.limit - self.start)
+
+    def resume_at(self, micro_batches: int, batch_size: int) -> None:
+        self.start = micro_batches
 
 
 class SeededSamples(Dataset):
@@ -346,8 +403,23 @@ class FitResult:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def build_loader(dataset: Dataset, cfg: FitConfig, dist_info: DistInfo, shuffle: bool = True):
-    """(loader, sampler, steps_per_epoch) with the reproducibility properties of this module."""
+def build_loader(dataset: Dataset, cfg: FitConfig, dist_info: DistInfo, shuffle: bool = True,
+                 batch_sampler=None, collate_fn: Optional[Callable] = None):
+    """(loader, sampler, steps_per_epoch) with the reproducibility properties of this module.
+    ``batch_sampler``: a global plan of variable-size batches (see ``ResumableBatchSampler``)
+    instead of fixed batches of ``cfg.batch_size``; ``collate_fn``: the DataLoader's."""
+    workers = cfg.num_workers
+    common = dict(num_workers=workers, collate_fn=collate_fn,
+                  pin_memory=cfg.pin_memory and dist_info.device.type == "cuda",
+                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    if batch_sampler is not None:
+        sampler = ResumableBatchSampler(batch_sampler, dist_info.world, dist_info.rank, cfg.seed)
+        steps_per_epoch = sampler.num_batches // cfg.accum
+        if steps_per_epoch < 1:
+            raise ValueError(f"the batch plan ({sampler.num_batches} batches per process) is smaller "
+                             f"than one optimizer step: accum {cfg.accum} x {dist_info.world} processes")
+        sampler.limit = steps_per_epoch * cfg.accum
+        return DataLoader(SeededSamples(dataset), batch_sampler=sampler, **common), sampler, steps_per_epoch
     sampler = ResumableSampler(dataset, dist_info.world, dist_info.rank, shuffle, cfg.seed)
     micro_per_epoch = sampler.num_samples // cfg.batch_size
     steps_per_epoch = micro_per_epoch // cfg.accum
@@ -356,12 +428,15 @@ def build_loader(dataset: Dataset, cfg: FitConfig, dist_info: DistInfo, shuffle:
                          f"is smaller than one optimizer step: batch_size {cfg.batch_size} x accum "
                          f"{cfg.accum} x {dist_info.world} processes")
     sampler.limit = steps_per_epoch * cfg.accum * cfg.batch_size
-    workers = cfg.num_workers
     loader = DataLoader(SeededSamples(dataset), batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=workers, drop_last=True,
-                        pin_memory=cfg.pin_memory and dist_info.device.type == "cuda",
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                        drop_last=True, **common)
     return loader, sampler, steps_per_epoch
+
+
+def batch_images(batch) -> int:
+    """Images in a batch: ``len`` of its first item (a tensor's rows, a ``NativeBatch``'s images)."""
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return len(first)
 
 
 def _to_device(batch, device: torch.device):
@@ -371,6 +446,8 @@ def _to_device(batch, device: torch.device):
         return type(batch)(_to_device(b, device) for b in batch)
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
+    if callable(getattr(batch, "to", None)):  # e.g. a NativeBatch
+        return batch.to(device, non_blocking=True)
     return batch
 
 
@@ -439,11 +516,13 @@ def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> Optional
 
 
 def _forward_backward(wrapped, sync, objective, batches, scaler, cfg: FitConfig, d: DistInfo, step: int,
-                      num_patches: Optional[int], amp_dtype) -> Tuple[List[str], torch.Tensor]:
-    """The ``accum`` micro-steps of one optimizer step: (metric names, their means on device)."""
-    names, sums = None, None
+                      num_patches: Optional[int], amp_dtype) -> Tuple[List[str], torch.Tensor, int]:
+    """The ``accum`` micro-steps of one optimizer step: (metric names, their means on device,
+    images this process saw)."""
+    names, sums, images = None, None, 0
     for micro in range(cfg.accum):
         batch = _to_device(next(batches), d.device)
+        images += batch_images(batch)
         noise = None
         if num_patches is not None:
             noise = masking_noise(cfg.seed, step, micro, cfg.batch_size * d.world, num_patches,
@@ -456,31 +535,37 @@ def _forward_backward(wrapped, sync, objective, batches, scaler, cfg: FitConfig,
         names = list(out)
         vals = torch.stack([out[k].detach().float() for k in names]) / cfg.accum
         sums = vals if sums is None else sums + vals
-    return names, sums
+    return names, sums, images
 
 
-def _agree(names: List[str], sums: torch.Tensor, signalled: bool, over_time: bool, d: DistInfo):
+def _agree(names: List[str], sums: torch.Tensor, signalled: bool, over_time: bool, d: DistInfo,
+           images: int = 0):
     """One host sync per step, shared by all ranks: the global mean metrics, whether any rank
-    saw a non-finite value, got a signal, or ran out of time. -> (metrics, nonfinite, signal, time)"""
-    flags = torch.tensor([float(signalled), float(over_time)], device=sums.device)
+    saw a non-finite value, got a signal, or ran out of time, and the images of all ranks.
+    -> (metrics, nonfinite, signal, time, images)"""
+    flags = torch.tensor([float(signalled), float(over_time), float(images)], device=sums.device)
     packed = torch.cat([sums, (~torch.isfinite(sums)).any().float().view(1), flags])
     if d.enabled:
         dist.all_reduce(packed)
         packed[:len(names)] /= d.world
     values = packed.tolist()
-    nonfinite, stop_signal, stop_time = (bool(v) for v in values[len(names):])
-    return dict(zip(names, values[:len(names)])), nonfinite, stop_signal, stop_time
+    nonfinite, stop_signal, stop_time = (bool(v) for v in values[len(names):len(names) + 3])
+    return dict(zip(names, values[:len(names)])), nonfinite, stop_signal, stop_time, int(round(values[-1]))
 
 
 # ------------------------------------------------------------------------------------- fit
 def fit(model: nn.Module, objective: Callable, dataset: Dataset, cfg: FitConfig,
         checkpoint_extra: Optional[dict] = None,
-        on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> FitResult:
+        on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
+        batch_sampler=None, collate_fn: Optional[Callable] = None) -> FitResult:
     """Train ``model`` on ``dataset`` with ``objective(model, batch, noise) -> {'loss': ...,
     other 0-dim tensors}``. ``objective.num_patches`` (if present) sizes the masking noise
     handed to it; ``noise`` is None otherwise. ``checkpoint_extra`` (plain data: configs, what
     the model is) goes into every checkpoint; ``on_step(step, metrics)`` runs after each
-    optimizer step (tests use it). Raises ``NonFiniteLoss`` and ``TrainingInterrupted``."""
+    optimizer step (tests use it). ``batch_sampler`` / ``collate_fn``: variable-size batches
+    from a global per-epoch plan (``ResumableBatchSampler``; ``cfg.batch_size`` is then unused,
+    the lr rule takes the plan's mean images per batch). Raises ``NonFiniteLoss`` and
+    ``TrainingInterrupted``."""
     d = setup_distributed()
     t_start = time.perf_counter()
     out_dir = cfg.output_dir
@@ -494,8 +579,10 @@ def fit(model: nn.Module, objective: Callable, dataset: Dataset, cfg: FitConfig,
         model.load_state_dict(resumed["model"])
     wrapped, sync = _wrap_model(model, cfg, d)
 
-    loader, sampler, steps_per_epoch = build_loader(dataset, cfg, d)
-    global_batch = cfg.batch_size * cfg.accum * d.world
+    loader, sampler, steps_per_epoch = build_loader(dataset, cfg, d, batch_sampler=batch_sampler,
+                                                    collate_fn=collate_fn)
+    per_micro = sampler.mean_batch_size if batch_sampler is not None else cfg.batch_size
+    global_batch = max(1, int(round(per_micro * cfg.accum * d.world)))
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * steps_per_epoch))
     if warmup >= total_steps:
@@ -553,21 +640,22 @@ def fit(model: nn.Module, objective: Callable, dataset: Dataset, cfg: FitConfig,
     stopped = "completed"
     t_loop = time.perf_counter()
     steps_this_call, t_log, steps_since_log, window = 0, time.perf_counter(), 0, {}
+    images_this_call, images_since_log = 0, 0
     lr = peak_lr
     wrapped.train()
     with _SignalFlag() as sig:
         while step < total_steps:
             sampler.set_epoch(epoch)
-            sampler.start = step_in_epoch * cfg.accum * cfg.batch_size
+            sampler.resume_at(step_in_epoch * cfg.accum, cfg.batch_size)
             batches = iter(loader)
             while step < total_steps:
                 lr = lr_at(step, total_steps, warmup, peak_lr, cfg.min_lr)
                 set_lr(optimizer, lr)
-                names, sums = _forward_backward(wrapped, sync, objective, batches, scaler, cfg, d, step,
+                names, sums, images = _forward_backward(wrapped, sync, objective, batches, scaler, cfg, d, step,
                                                 num_patches, amp_dtype)
                 over_time = cfg.time_limit is not None and time.perf_counter() - t_start > cfg.time_limit
-                metrics, nonfinite, stop_signal, stop_time = _agree(names, sums, sig.signum is not None,
-                                                                    over_time, d)
+                metrics, nonfinite, stop_signal, stop_time, images = _agree(
+                    names, sums, sig.signum is not None, over_time, d, images)
                 if nonfinite:
                     log.write({"event": "nonfinite_loss", "stage": cfg.name, "step": step + 1, **metrics})
                     log.close()
@@ -587,14 +675,16 @@ def fit(model: nn.Module, objective: Callable, dataset: Dataset, cfg: FitConfig,
                 for k, v in metrics.items():
                     window[k] = window.get(k, 0.0) + v
                 steps_since_log += 1
+                images_since_log += images
+                images_this_call += images
                 now = time.perf_counter()
-                img_s = steps_since_log * global_batch / max(now - t_log, 1e-9)
+                img_s = images_since_log / max(now - t_log, 1e-9)
                 progress.update(step, epoch, img_s, {k: v for k, v in metrics.items() if k != "grad_norm"}, lr)
                 if step % cfg.log_every == 0 or step == total_steps:
                     log.write({"stage": cfg.name, "step": step, "epoch": epoch, "lr": lr,
                                **{k: v / steps_since_log for k, v in window.items()},
                                "img_per_s": img_s, "elapsed_s": now - t_start})
-                    t_log, steps_since_log, window = now, 0, {}
+                    t_log, steps_since_log, images_since_log, window = now, 0, 0, {}
                 if on_step is not None:
                     on_step(step, metrics)
                 if epoch_end and (epoch % cfg.save_every_epochs == 0 or step == total_steps):
@@ -622,7 +712,7 @@ def fit(model: nn.Module, objective: Callable, dataset: Dataset, cfg: FitConfig,
         print(f"[{cfg.name}] time limit ({cfg.time_limit:.0f} s) reached: stopped after step {step} of "
               f"{total_steps}", file=sys.stderr)
     seconds = time.perf_counter() - t_start
-    img_per_s = steps_this_call * global_batch / max(time.perf_counter() - t_loop, 1e-9)
+    img_per_s = images_this_call / max(time.perf_counter() - t_loop, 1e-9)
     log.write({"event": "end", "stage": cfg.name, "step": step, "stopped": stopped, "seconds": seconds,
                "img_per_s": img_per_s, "checkpoint": last_saved, **metrics})
     log.close()
@@ -631,11 +721,12 @@ def fit(model: nn.Module, objective: Callable, dataset: Dataset, cfg: FitConfig,
                      checkpoint=last_saved, optimizer=opt_name, lr=peak_lr, global_batch=global_batch)
 
 
-def bench_loader(dataset: Dataset, cfg: FitConfig, seconds: float = 20.0, max_batches: int = 200) -> dict:
+def bench_loader(dataset: Dataset, cfg: FitConfig, seconds: float = 20.0, max_batches: int = 200,
+                 batch_sampler=None, collate_fn: Optional[Callable] = None) -> dict:
     """The data loader alone (decode + augmentation + collation, no model): images/s of this
     process after the first batch (worker start-up excluded)."""
     d = setup_distributed()
-    loader, sampler, _ = build_loader(dataset, cfg, d)
+    loader, sampler, _ = build_loader(dataset, cfg, d, batch_sampler=batch_sampler, collate_fn=collate_fn)
     sampler.set_epoch(0)
     batches = iter(loader)
     t0 = time.perf_counter()
@@ -647,7 +738,7 @@ def bench_loader(dataset: Dataset, cfg: FitConfig, seconds: float = 20.0, max_ba
             batch = next(batches)
         except StopIteration:
             break
-        n += batch[0].shape[0] if isinstance(batch, (list, tuple)) else len(batch)
+        n += batch_images(batch)
         if time.perf_counter() - t1 > seconds:
             break
     dt = time.perf_counter() - t1

@@ -39,7 +39,8 @@ from .masking import num_visible
 from .model import TECModel
 
 __all__ = ["budget_grid", "resize_to_budget", "NativeBatch", "NativeTargets", "base_pos_embed",
-           "native_base_targets", "native_tec_loss", "collate_native", "NativeCollate", "NativeBatchSampler"]
+           "native_base_targets", "native_tec_loss", "collate_native", "NativeCollate", "NativeBatchSampler",
+           "NativeTECModel"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,6 +477,22 @@ def native_tec_loss(model: TECModel, batch: NativeBatch, targets: NativeTargets,
         loss_f, loss_r = _losses(model, batch, targets, pred, qk, mask)
     loss = cfg.feature_weight * loss_f + cfg.relation_weight * loss_r
     return {"loss": loss, "feature": loss_f, "relation": loss_r}
+
+
+class NativeTECModel(TECModel):
+    """A ``TECModel`` whose ``forward`` also takes a ``NativeBatch``:
+    ``model(batch, targets, mask_ratio, noise=[...])`` is ``native_tec_loss(model, ...)``.
+    Same modules, parameters and state dict as ``TECModel`` (checkpoints load either way); it
+    exists so the native loss runs *inside* ``forward``, where DDP / FSDP2 / compile wrappers
+    hook in (calling ``native_tec_loss`` on a wrapper's inner module would skip gradient sync)."""
+
+    def forward(self, images, targets, mask_ratio=0.75, noise=None, keep=None):
+        if isinstance(images, NativeBatch):
+            if keep is not None:
+                raise ValueError("NativeTECModel: keep masks are not supported on a NativeBatch "
+                                 "(pass per-image noise)")
+            return native_tec_loss(self, images, targets, mask_ratio, noise=noise)
+        return super().forward(images, targets, mask_ratio, noise, keep)
 
 
 def _losses(model: TECModel, batch: NativeBatch, targets: NativeTargets, pred: torch.Tensor,

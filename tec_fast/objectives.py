@@ -58,6 +58,68 @@ class TECObjective:
         return model(images, targets, keep=keep.to(images.device))
 
 
+class NativeTECObjective:
+    """TEC at native resolution (``tec_fast.native``): images of different sizes, packed.
+
+    Batches are ``(NativeBatch, [noise_b [L_b]])`` made by ``collate`` from the samples of
+    ``samples(dataset)``, which draws each image's masking noise right after its augmentation,
+    under the per-sample seed the engine sets (``SeededSamples``): masks are a function of
+    (seed, epoch, image) only, so they do not change with resumes, worker or process counts.
+    The engine's own fixed-length noise is not used (``num_patches = None``). The model must run
+    the native loss in its forward (``NativeTECModel``) so DDP / FSDP2 see it. Metrics: loss,
+    feature, relation, and ``fill`` = tokens in the batch / ``tokens_per_batch``.
+    """
+
+    num_patches = None
+
+    def __init__(self, base: BaseModel, mask_ratio: float, patch: int, tokens_per_batch: int):
+        if not isinstance(mask_ratio, (int, float)) or isinstance(mask_ratio, bool):
+            raise ValueError(f"native resolution takes one mask ratio, got {mask_ratio!r}")
+        self.base, self.mask_ratio = base, float(mask_ratio)
+        self.patch, self.tokens_per_batch = int(patch), int(tokens_per_batch)
+        self.collate = NativeNoiseCollate(self.patch)
+
+    def samples(self, dataset: Dataset) -> "NativeNoiseSamples":
+        return NativeNoiseSamples(dataset, self.patch)
+
+    def __call__(self, model, batch, noise):
+        from .native import native_base_targets
+        native, per_image = batch
+        targets = native_base_targets(self.base, native)
+        out = model(native, targets, mask_ratio=self.mask_ratio, noise=per_image)
+        out["fill"] = torch.tensor(native.num_tokens / self.tokens_per_batch, device=out["loss"].device)
+        return out
+
+
+class NativeNoiseSamples(Dataset):
+    """``ds[i] -> (image [C, H, W], noise [(H/patch) * (W/patch)])``: the wrapped dataset's
+    image (H, W multiples of ``patch``; labels dropped) and uniform masking noise per patch,
+    drawn from torch's RNG after the image (seeded per sample by the engine)."""
+
+    def __init__(self, dataset: Dataset, patch: int):
+        self.dataset, self.patch = dataset, patch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        L = (image.shape[-2] // self.patch) * (image.shape[-1] // self.patch)
+        return image, torch.rand(L)
+
+
+class NativeNoiseCollate:
+    """``collate_fn``: ``[(image, noise), ...] -> (NativeBatch, [noise, ...])``."""
+
+    def __init__(self, patch: int):
+        self.patch = patch
+
+    def __call__(self, samples):
+        from .native import NativeBatch
+        return NativeBatch([s[0] for s in samples], self.patch), [s[1] for s in samples]
+
+
 class MAEObjective:
     """MAE base pretraining: masked patch-pixel reconstruction (``MAEModel``)."""
 

@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per training process (default: %(default)s)")
     g.add_argument("--no-pin-memory", action="store_true")
+    g.add_argument("--native-resolution", action="store_true",
+                   help="NaViT-style TEC: whole images, aspect ratio kept, resized to at most --max-patches "
+                        "patches (+ flip), packed into batches of at most --tokens-per-batch tokens "
+                        "(base and new model run packed). TEC, one --mask-ratio, random masking only")
+    g.add_argument("--max-patches", type=int, metavar="N",
+                   help="native resolution: patch budget per image (default: the --img-size grid, e.g. 196)")
+    g.add_argument("--tokens-per-batch", type=int, metavar="N",
+                   help="native resolution: tokens (CLS included) per micro-batch and process "
+                        "(default: --batch-size x (max patches + 1))")
     g.add_argument("--bench-loader", action="store_true",
                    help="measure the data loader alone (decode + augment, no model), print img/s, exit")
 
@@ -146,7 +155,13 @@ def train(args) -> int:
     output = args.output or os.path.join("runs", args.objective)
 
     # ---- data
-    dataset = ImageFolderDataset(args.data, args.img_size, train=True, strict=args.strict_data)
+    native = check_native_args(args) if args.native_resolution else None
+    if native is not None:
+        dataset = ImageFolderDataset(args.data, args.img_size, train=True, strict=args.strict_data,
+                                     native_patch=native["patch"], max_patches=native["max_patches"],
+                                     min_patches=native["min_patches"])
+    else:
+        dataset = ImageFolderDataset(args.data, args.img_size, train=True, strict=args.strict_data)
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if d.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -161,8 +176,16 @@ def train(args) -> int:
                     keep_every=args.keep_every, resume=args.resume, tensorboard=args.tensorboard,
                     progress=not args.no_progress)
     say(f"data: {len(dataset)} images under {dataset.root} ({len(dataset.classes)} classes)")
+    batching = {}
+    if native is not None:
+        batching = native_batching(dataset, native, args.seed)
+        say(f"native resolution: patch {native['patch']}, <= {native['max_patches']} patches per image "
+            f"(>= {native['min_patches']}), <= {native['tokens_per_batch']} tokens per batch")
     if args.bench_loader:
-        r = bench_loader(dataset, cfg)
+        from .objectives import NativeNoiseCollate, NativeNoiseSamples
+        data = NativeNoiseSamples(dataset, native["patch"]) if native else dataset
+        collate = NativeNoiseCollate(native["patch"]) if native else None
+        r = bench_loader(data, cfg, collate_fn=collate, **batching)
         say(f"loader alone: {r['img_per_s']:.1f} img/s per process ({r['images']} images in "
             f"{r['seconds']:.1f} s, {r['num_workers']} workers, batch {r['batch_size']}; "
             f"first batch {r['first_batch_s']:.1f} s)")
@@ -184,12 +207,16 @@ def train(args) -> int:
     else:
         if not args.base:
             raise SystemExit("error: TEC training needs --base KIND:PATH (or --objective mae to make a base)")
-        model, objective, extra["model_config"], extra["base"] = build_tec(args, d.device)
+        model, objective, extra["model_config"], extra["base"] = build_tec(args, d.device, native)
     say(f"model: {args.objective}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M trainable parameters")
 
     # ---- train
     try:
-        result = fit(model, objective, dataset, cfg, checkpoint_extra=extra)
+        if native is not None:
+            result = fit(model, objective, objective.samples(dataset), cfg, checkpoint_extra=extra,
+                         collate_fn=objective.collate, **batching)
+        else:
+            result = fit(model, objective, dataset, cfg, checkpoint_extra=extra)
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
@@ -218,8 +245,61 @@ def train(args) -> int:
     return 0
 
 
-def build_tec(args, device):
-    """(TECModel, TECObjective, model config dict, base info dict) from --base and the recipe."""
+def check_native_args(args) -> dict:
+    """--native-resolution: refuse what the mode does not support; patch size and budgets."""
+    from .masking import num_visible
+
+    def no(what):
+        raise SystemExit(f"error: --native-resolution does not support {what}")
+
+    if args.objective != "tec":
+        no(f"--objective {args.objective} (TEC only)")
+    if isinstance(args.mask_ratio, tuple):
+        no("a --mask-ratio range (give one ratio)")
+    if args.masking != "random":
+        no(f"--masking {args.masking} (random masking only)")
+    if args.compile:
+        no("--compile (every batch has another shape)")
+    if not args.base:
+        raise SystemExit("error: TEC training needs --base KIND:PATH (or --objective mae to make a base)")
+    kind, _, recipe = parse_base(args.base)
+    base_vit = vit_preset(args.base_model or recipe.model, args.img_size)
+    vit = vit_preset(args.model or args.base_model or recipe.model, args.img_size)
+    if base_vit.patch_size != vit.patch_size:
+        raise SystemExit(f"error: --native-resolution needs the base and the new model to share a patch "
+                         f"size (base {base_vit.patch_size}, new model {vit.patch_size})")
+    topk = None if args.no_relation else (args.topk or recipe.topk)
+    # every image needs >= topk patches (relation targets), >= 2 (per-image target variance),
+    # and at least one visible patch at the mask ratio
+    min_patches = max(topk or 0, 2)
+    while num_visible(min_patches, args.mask_ratio) < 1:
+        min_patches += 1
+    max_patches = args.max_patches or vit.num_patches
+    if max_patches < min_patches:
+        raise SystemExit(f"error: --max-patches {max_patches} is below the {min_patches} patches an image "
+                         f"needs here (top-k {topk}, mask ratio {args.mask_ratio})")
+    tokens = args.tokens_per_batch or args.batch_size * (max_patches + 1)
+    if tokens < max_patches + 1:
+        raise SystemExit(f"error: --tokens-per-batch {tokens} cannot hold one image of --max-patches "
+                         f"{max_patches} (+1 CLS token)")
+    return {"patch": vit.patch_size, "max_patches": max_patches, "min_patches": min_patches,
+            "tokens_per_batch": tokens}
+
+
+def native_batching(dataset, native: dict, seed: int) -> dict:
+    """``fit`` keywords for native resolution: the global per-epoch plan of token-budget bins
+    (``NativeBatchSampler``: seeded shuffle, ``packing.plan_bins``, seeded bin order)."""
+    from .native import NativeBatchSampler
+
+    p = native["patch"]
+    sizes = [(h * p, w * p) for h, w in dataset.native_grids()]  # exact grids: no further rounding
+    return {"batch_sampler": NativeBatchSampler(sizes, p, native["max_patches"], native["tokens_per_batch"],
+                                                shuffle=True, seed=seed)}
+
+
+def build_tec(args, device, native: dict = None):
+    """(TECModel, TECObjective, model config dict, base info dict) from --base and the recipe.
+    ``native`` (from ``check_native_args``): a ``NativeTECModel`` and ``NativeTECObjective``."""
     from . import BaseModel, TECConfig, TECModel
     from .objectives import TECObjective
 
@@ -236,10 +316,16 @@ def build_tec(args, device):
                         decoder_heads=args.decoder_heads, input_adapter=not args.no_input_adapter,
                         relation=not args.no_relation, tau=tau, pred_dim=base_vit.embed_dim,
                         pred_heads=base_vit.num_heads)
-    model = TECModel(tec_cfg)
-    if args.compile:
-        base = torch.compile(base)
-    objective = TECObjective(base, args.mask_ratio, vit.num_patches, masking=args.masking)
+    if native is not None:
+        from .native import NativeTECModel
+        from .objectives import NativeTECObjective
+        model = NativeTECModel(tec_cfg)
+        objective = NativeTECObjective(base, args.mask_ratio, native["patch"], native["tokens_per_batch"])
+    else:
+        model = TECModel(tec_cfg)
+        if args.compile:
+            base = torch.compile(base)
+        objective = TECObjective(base, args.mask_ratio, vit.num_patches, masking=args.masking)
     info = {"kind": kind, "path": path, "vit": base_vit.to_dict(), "last_layers": last_layers,
             "topk": topk, "tau": tau, "load_report": report.summary()}
     return model, objective, tec_cfg.to_dict(), info
