@@ -40,6 +40,16 @@ def build(preset: str, device: torch.device, seed: int = 0):
     return bvit, cfg, topk
 
 
+def _train_step(loss_fn, opt, scaler):
+    """One optimizer step around ``loss_fn`` (loss scaling is a no-op when the scaler is off)."""
+    def step():
+        scaler.scale(loss_fn()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def engine_step_fn(bvit, cfg, topk, images, precision, compile_, mask_ratio):
     device = images.device
     dtype = DTYPES[precision]
@@ -52,15 +62,10 @@ def engine_step_fn(bvit, cfg, topk, images, precision, compile_, mask_ratio):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     fwd = torch.compile(model) if compile_ else model
 
-    def step():
+    def loss():
         with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
-            t = base(images)
-            loss = fwd(images, t, mask_ratio=mask_ratio)["loss"]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-    return step
+            return fwd(images, base(images), mask_ratio=mask_ratio)["loss"]
+    return _train_step(loss, opt, scaler)
 
 
 def baseline_step_fn(bvit, cfg, topk, images, mask_ratio):
@@ -73,16 +78,12 @@ def baseline_step_fn(bvit, cfg, topk, images, mask_ratio):
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
 
-    def step():
+    def loss():
         with torch.autocast(device.type, dtype=half):
             with torch.no_grad():
                 t = base(images)
-            loss = model(images, t, mask_ratio=mask_ratio)["loss"]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-    return step
+            return model(images, t, mask_ratio=mask_ratio)["loss"]
+    return _train_step(loss, opt, scaler)
 
 
 def main(argv=None):

@@ -4,13 +4,12 @@ argv: OUT_JSON SHARD BATCH_PER_PROCESS ACCUM. Trains the tiny TEC model with fit
 writes the per-step global losses and a checksum of the final weights to OUT_JSON."""
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 
 from tec_fast.engine import FitConfig, cleanup_distributed, fit, setup_distributed
-from train_helpers import AugmentedImages, tiny_objective, tiny_tec
+from train_helpers import AugmentedImages, tiny_objective, tiny_tec, write_rank0_summary
 
 
 def main() -> None:
@@ -20,15 +19,7 @@ def main() -> None:
     cfg = FitConfig(name="ddp", epochs=2, batch_size=batch, accum=accum, lr=2e-3, warmup_steps=2,
                     seed=3, shard=shard, progress=False, log_every=1)
     r = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=32), cfg)
-    if shard == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(r.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        state = r.model.state_dict()
-    if d.is_main:
-        with open(out, "w") as f:
-            json.dump({"world": d.world, "losses": r.losses,
-                       "weights": {k: float(v.double().sum()) for k, v in state.items()}}, f)
+    write_rank0_summary(d, r, shard, out)
     cleanup_distributed()
 
 

@@ -46,3 +46,20 @@ class AugmentedImages(Dataset):
         if torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, i % 10
+
+
+def write_rank0_summary(d, result, shard: str, out: str, **extra) -> None:
+    """DDP/FSDP test workers: rank 0 writes the per-step global losses and a checksum of the
+    final (full, unsharded) weights to ``out`` as JSON."""
+    import json
+
+    if shard == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(result.model,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = result.model.state_dict()
+    if d.is_main:
+        with open(out, "w") as f:
+            json.dump({"world": d.world, "losses": result.losses, **extra,
+                       "weights": {k: float(v.double().sum()) for k, v in state.items()}}, f)
