@@ -90,12 +90,15 @@ class TECModel(nn.Module):
             x = blk(x)
             outs.append(x)
         outs[-1] = self.norm(x)
+        # One copy into the [D, B, T, C] layout the adapter's fused LayerNorm reads. Writing the
+        # blocks' outputs straight into a preallocated buffer would need a custom autograd
+        # function: in-place writes bump the version of tensors the next block saved.
         return torch.stack(outs)
 
     def forward_encoder_packed(self, images: torch.Tensor, keep: torch.Tensor):
         """Variable visible counts: the CLS token and the kept patches of every image packed into
         one sequence, block-diagonal attention, no padding. Returns the stacked block outputs
-        [D, T, C] and the packing (cu_seqlens, max_len, index into the [B, N] token grid)."""
+        [D, T, C] and ``index`` [T] (each packed token's flat position b*N + j in the [B, N] grid)."""
         from . import packing
 
         x = self.patch_embed(images)  # [B, L, C]
