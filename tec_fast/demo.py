@@ -14,7 +14,7 @@ Budgets. Default: each training stage gets a wall-clock budget (180 s); a few ti
 stage 1 turn it into a fixed step count, so the schedule (warmup + cosine) is complete and the
 run is deterministic given those counts (recorded in results.json; ``--demo-steps`` fixes them).
 A guard stops a stage at 1.3x its budget if the machine slows down. ``--demo-long``: fixed
-3100 MAE + 1350 TEC steps (~25 min on 2 cores), where TEC from a saturated base can beat it.
+3100 MAE + 1350 TEC steps (45 min measured on 2 shared cores), where TEC from a saturated base can beat it.
 ``--demo-tiny``: 40 + 30 steps at batch 64 on 512 training / 200 test images, a 1-2 minute
 smoke run for CI (its numbers mean nothing).
 """
@@ -210,7 +210,7 @@ def run_demo(args) -> int:
     print(f"\n{verdict}: k-NN {100 * gain['knn']:+.1f} points, linear probe {100 * gain['linear']:+.1f} points.")
     if plan.mode != "long" and not all(beat.values()):
         print("Expected at this budget (DESIGN.md): a 3-minute MAE base is far from saturated, and TEC "
-              "needs a saturated base and a full schedule to pass it; --demo-long (~25 min) shows that.")
+              "needs a saturated base and a full schedule to pass it; --demo-long (fixed, longer schedules) shows that.")
     print(f"total time {format_duration(timings['total_s'])}; results in {os.path.join(out, 'results.json')}")
 
     doc = {**results, "tec_minus_base": gain, "tec_beat_base": beat, "seed": seed, "mode": plan.mode,
