@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tec_fast.kernels._common import unit_last_stride
+
 
 @triton.jit
 def _adapter_ln_in_fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, mean_ptr, rstd_ptr,
@@ -154,8 +156,7 @@ def _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, 
     M = D // G
     BT = B * T
     dev = feats.device
-    if feats.stride(-1) != 1:
-        feats = feats.contiguous()
+    feats = unit_last_stride(feats)
     z = torch.empty((G, BT, M * C), dtype=gemm_dtype, device=dev)  # LN_{D*C}(Z), grouped
     mean_in = torch.empty((BT,), dtype=torch.float32, device=dev)
     rstd_in = torch.empty((BT,), dtype=torch.float32, device=dev)
@@ -185,8 +186,7 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
     M = D // G
     BT = B * T
     dev, gd = feats.device, u.dtype
-    if feats.stride(-1) != 1:
-        feats = feats.contiguous()
+    feats = unit_last_stride(feats)
     f32 = dict(dtype=torch.float32, device=dev)
 
     # final LayerNorm: d(sum_g ...) is the same for every group's residual branch

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tec_fast.kernels._common import unit_last_stride
+
 
 @triton.jit
 def _masked_gather_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr,
@@ -92,12 +94,9 @@ def _launch_config(C: int) -> Tuple[int, int, int]:
     return rows, block_c, num_warps
 
 
-def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
-    x = _unit_channel_stride(x)
+    x = unit_last_stride(x)
     B, L, C = x.shape
     K = ids_keep.shape[1]
     out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)  # as x + pos
@@ -105,7 +104,7 @@ def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[to
     if out.numel() == 0:
         return out
     if pos is not None:
-        pos = _unit_channel_stride(pos)
+        pos = unit_last_stride(pos)
     rows, block_c, num_warps = _launch_config(C)
     grid = (triton.cdiv(B * K, rows), triton.cdiv(C, block_c))
     _masked_gather_fwd_kernel[grid](
@@ -118,7 +117,7 @@ def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[to
 def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
                        pos_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns (grad_x [B, L, C] in x_dtype, grad_pos [L, C] fp32 or None)."""
-    grad_out = _unit_channel_stride(grad_out)
+    grad_out = unit_last_stride(grad_out)
     B, K, C = grad_out.shape
     dev = grad_out.device
     # inverse of the gather, per image: the i with ids_keep[b, i] == l are perm[b, bounds[b, l]:

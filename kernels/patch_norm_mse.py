@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tec_fast.kernels._common import unit_last_stride
+
 
 @triton.jit
 def _patch_norm_mse_fwd_kernel(pred_ptr, target_ptr, mask_ptr, partial_ptr, mean_ptr, rstd_ptr,
@@ -90,12 +92,9 @@ def _launch_config(L: int, C: int) -> Tuple[int, int]:
     return block_l, block_c
 
 
-def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 def _patch_norm_mse_fwd(pred, target, mask, eps):
-    pred, target = _unit_channel_stride(pred), _unit_channel_stride(target)
+    pred, target = unit_last_stride(pred), unit_last_stride(target)
     B, L, C = pred.shape
     maskf = mask.to(torch.float32).contiguous()
     block_l, block_c = _launch_config(L, C)
@@ -113,7 +112,7 @@ def _patch_norm_mse_fwd(pred, target, mask, eps):
 
 
 def _patch_norm_mse_bwd(grad_loss, pred, target, mask, mean, rstd):
-    pred, target = _unit_channel_stride(pred), _unit_channel_stride(target)
+    pred, target = unit_last_stride(pred), unit_last_stride(target)
     B, L, C = pred.shape
     maskf = mask.to(torch.float32).contiguous()
     coef = (2.0 * grad_loss.to(torch.float32) / (C * maskf.sum())).reshape(1)

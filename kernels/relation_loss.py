@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tec_fast.kernels._common import relation_block_sizes, unit_last_stride
+
 
 @triton.jit
 def _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
@@ -121,15 +123,6 @@ def _relation_loss_bwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, grad_row_ptr, lse_r_
     tl.store(dq_rows_ptr + row[:, None] * D + ds[None, :], dq, mask=r_ok[:, None] & d_ok[None, :])
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _block_sizes(topk: int, D: int) -> Tuple[int, int, int]:
-    block_r = max(16, triton.next_power_of_2(topk + 1))  # tl.dot needs >= 16 on every side
-    block_d = max(16, triton.next_power_of_2(D))
-    block_l = 64 if block_r * block_d <= 64 * 64 else 32
-    return block_r, block_l, block_d
 
 
 def _common_args(q, k, target, topk_idx):
@@ -141,14 +134,14 @@ def _common_args(q, k, target, topk_idx):
 
 
 def _prepare(q, k, topk_idx, target):
-    q, k, target = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(target)
+    q, k, target = unit_last_stride(q), unit_last_stride(k), unit_last_stride(target)
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     return q, k, topk_idx.contiguous(), target
 
 
 def _meta(q, topk):
-    block_r, block_l, block_d = _block_sizes(topk, q.shape[-1])
+    block_r, block_l, block_d = relation_block_sizes(topk, q.shape[-1])
     return dict(BLOCK_R=block_r, BLOCK_L=block_l, BLOCK_D=block_d,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tec_fast.kernels._common import relation_block_sizes, unit_last_stride
+
 
 @triton.jit
 def _relation_rank_kernel(q_ptr, k_ptr, rank_ptr, H, L, D, scale,
@@ -64,23 +66,14 @@ def _relation_rows_kernel(q_ptr, k_ptr, idx_ptr, rel_ptr, H, L, D, TOPK, scale,
              mask=r_ok[:, None] & l_ok[None, :])
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _block_sizes(topk: int, D: int) -> Tuple[int, int, int]:
-    block_r = max(16, triton.next_power_of_2(topk + 1))  # tl.dot needs >= 16 on every side
-    block_d = max(16, triton.next_power_of_2(D))
-    block_l = 64 if block_r * block_d <= 64 * 64 else 32
-    return block_r, block_l, block_d
 
 
 def _relation_targets_fwd(q: torch.Tensor, k: torch.Tensor, topk: int,
                           scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    q, k = unit_last_stride(q), unit_last_stride(k)
     B, H, N, D = q.shape
     L = N - 1
-    block_r, block_l, block_d = _block_sizes(topk, D)
+    block_r, block_l, block_d = relation_block_sizes(topk, D)
     rank = torch.empty((B, L), dtype=torch.float32, device=q.device)
     _relation_rank_kernel[(B, triton.cdiv(L, block_l))](
         q, k, rank, H, L, D, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tec_fast.kernels._common import unit_last_stride
+
 
 @triton.jit
 def _scatter_masked_fwd_kernel(vis_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr,
@@ -89,9 +91,6 @@ def _launch_config(C: int) -> Tuple[int, int, int]:
     return rows, block_c, 4 if block_c * rows <= 2048 else 8
 
 
-def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 def _out_dtype(vis: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.dtype:
     return vis.dtype if pos is None else torch.promote_types(vis.dtype, pos.dtype)  # as vis + pos
@@ -99,7 +98,7 @@ def _out_dtype(vis: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.dtype:
 
 def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                         pos: Optional[torch.Tensor]) -> torch.Tensor:
-    vis = _unit_channel_stride(vis)
+    vis = unit_last_stride(vis)
     B, K, C = vis.shape
     L = ids_restore.shape[1]
     out = torch.empty((B, L, C), dtype=_out_dtype(vis, pos), device=vis.device)
@@ -107,7 +106,7 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
         return out
     tok = mask_token.reshape(C).contiguous()
     if pos is not None:
-        pos = _unit_channel_stride(pos)
+        pos = unit_last_stride(pos)
     rows, block_c, num_warps = _launch_config(C)
     grid = (triton.cdiv(B * L, rows), triton.cdiv(C, block_c))
     _scatter_masked_fwd_kernel[grid](
@@ -120,7 +119,7 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
 def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int,
                         pos_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns fp32 (grad_vis [B, K, C], grad_mask_token [C], grad_pos [L, C] or None)."""
-    grad_out = _unit_channel_stride(grad_out)
+    grad_out = unit_last_stride(grad_out)
     B, L, C = grad_out.shape
     grad_vis = torch.zeros((B, K, C), dtype=torch.float32, device=grad_out.device)
     rows, block_c, num_warps = _launch_config(C)

@@ -1,0 +1,23 @@
+"""Launch helpers shared by the kernel files (host side only; no kernels here)."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension is contiguous (the kernels take the other strides as
+    arguments), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def relation_block_sizes(topk: int, D: int) -> Tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_L, BLOCK_D) of the relation kernels: the 1+k query rows and the head dim
+    padded to powers of two, at least 16 (``tl.dot`` needs >= 16 on every side); key blocks of
+    64, or 32 when the query tile is large."""
+    block_r = max(16, triton.next_power_of_2(topk + 1))
+    block_d = max(16, triton.next_power_of_2(D))
+    block_l = 64 if block_r * block_d <= 64 * 64 else 32
+    return block_r, block_l, block_d
