@@ -3,14 +3,18 @@
 The pure-Python package ``tec_fast`` and the Triton kernels in ``kernels/`` (installed as
 ``tec_fast.kernels``) always install. The C++ extension (``csrc/``) builds with ninja through
 ``torch.utils.cpp_extension``; the CUDA part only where torch has CUDA and nvcc exists, or with
-FORCE_CUDA=1. Install with ``pip install --no-build-isolation -e .`` (torch must already be
-installed: the build imports it).
+FORCE_CUDA=1. Install with ``pip install --no-build-isolation -e .``: torch must already be
+installed, because the extension is compiled against it (``pyproject.toml`` does not list torch,
+so an isolated build would not see it).
+
+An extension that cannot build fails the install with the compiler's message. To install
+without it (the package then runs its plain-torch packing kernels, and ``python -m
+tec_fast.info`` and a one-time warning say so), set TEC_FAST_NO_EXT_BUILD=1.
 
 Build knobs (environment): MAX_JOBS (parallel compile jobs, read by ninja through torch),
 TORCH_CUDA_ARCH_LIST (e.g. "9.0"; default: the visible GPUs' archs), FORCE_CUDA=1 (build the CUDA
 part without a GPU or a CUDA torch check), TEC_FAST_NO_EXT_BUILD=1 (skip the extension).
-A failed extension build is a warning, not a failed install: the package then runs its
-plain-torch kernels. What was built is recorded in ``tec_fast/_build_info.json``.
+What was built is recorded in ``tec_fast/_build_info.json``.
 """
 import json
 import os
@@ -18,7 +22,7 @@ import shutil
 import sys
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CSRC = "csrc"
 CPU_SOURCES = [f"{CSRC}/packing_cpu.cpp", f"{CSRC}/plan_bins.cpp"]
@@ -29,6 +33,11 @@ def _flag(name):
     return os.environ.get(name, "0") not in ("", "0")
 
 
+def _is_metadata_only():
+    """pip asks for metadata (egg_info / dist_info) in a separate call that builds nothing."""
+    return any(cmd in sys.argv for cmd in ("egg_info", "dist_info", "--version", "--name"))
+
+
 def _extension_build():
     """(ext_modules, cmdclass) for the C++/CUDA extension; empty when torch cannot build it."""
     info = {"cpu": {"built": False, "reason": ""}, "cuda": {"built": False, "reason": ""}}
@@ -37,8 +46,14 @@ def _extension_build():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except Exception as exc:  # torch absent or broken: the package still installs
-        return [], {}, f"torch.utils.cpp_extension unavailable ({type(exc).__name__}: {exc})"
+    except Exception as exc:
+        if _is_metadata_only():
+            return [], {}, "metadata only"
+        sys.exit(
+            f"tec_fast: cannot build the C++ extension: torch.utils.cpp_extension does not import "
+            f"({type(exc).__name__}: {exc}).\nInstall torch first, then install tec_fast with "
+            f"`pip install --no-build-isolation ...` (an isolated build environment has no torch).\n"
+            f"To install without the extension, set TEC_FAST_NO_EXT_BUILD=1.")
 
     info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, python=sys.version.split()[0])
     cxx = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for is inline and runs serially without it
@@ -59,8 +74,9 @@ def _extension_build():
                                   else "nvcc not found") + " (FORCE_CUDA=1 overrides)"
 
     class BuildExt(BuildExtension.with_options(use_ninja=True)):
-        """Builds each extension on its own; a failure is a warning, and the outcome is written
-        to tec_fast/_build_info.json next to the built modules."""
+        """Builds each extension and writes the outcome to tec_fast/_build_info.json next to the
+        built modules. The CPU extension must build (its failure fails the install); the CUDA
+        part is optional only when it was not asked for with FORCE_CUDA=1."""
 
         def build_extension(self, ext):
             part = "cuda" if ext.name.endswith("_cuda") else "cpu"
@@ -69,18 +85,14 @@ def _extension_build():
                 info[part].update(built=True, reason="")
             except Exception as exc:
                 info[part].update(built=False, reason=f"build failed: {type(exc).__name__}: {exc}")
-                warnings.warn(f"tec_fast: building {ext.name} failed ({exc}); the package installs "
-                              "without it and uses the plain-torch kernels")
+                if part == "cpu" or _flag("FORCE_CUDA"):
+                    raise
+                warnings.warn(f"tec_fast: building {ext.name} failed ({exc}); installing without "
+                              "the CUDA part (the CPU extension and the Triton kernels still work)")
 
         def run(self):
             try:
                 super().run()
-            except Exception as exc:  # e.g. torch's compiler check, before any extension builds
-                for part in ("cpu", "cuda"):
-                    if not info[part]["built"] and not info[part]["reason"]:
-                        info[part]["reason"] = f"build failed: {type(exc).__name__}: {exc}"
-                warnings.warn(f"tec_fast: building the C++/CUDA extension failed ({exc}); the "
-                              "package installs without it and uses the plain-torch kernels")
             finally:
                 out_dir = os.path.dirname(self.get_ext_fullpath("tec_fast._C"))
                 os.makedirs(out_dir, exist_ok=True)
@@ -99,7 +111,7 @@ setup(
     version="0.1.0",
     description="Fast TEC (Target-Enhanced Conditional) self-supervised ViT pretraining",
     python_requires=">=3.10",
-    packages=["tec_fast", "tec_fast.ops", "tec_fast.kernels"],
+    packages=find_packages(include=["tec_fast", "tec_fast.*"]) + ["tec_fast.kernels"],
     package_dir={"tec_fast": "tec_fast", "tec_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tec_fast.config import TECConfig, ViTConfig
-from tec_fast.layers import sincos_pos_embed
+from tec_fast.models.layers import sincos_pos_embed
 
 
 class EagerAttention(nn.Module):

@@ -29,10 +29,11 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import DTYPES, append_results, device_name, format_table, time_callable  # noqa: E402
+from tec_fast.ops import OPS as OP_TABLE  # noqa: E402
 from tec_fast.ops import reference  # noqa: E402
+from tec_fast.ops.dispatch import fast_impl  # noqa: E402
 
-OPS = ("masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets", "relation_loss",
-       "encoder_adapter")
+OPS = tuple(OP_TABLE)  # every op in the registry has a case builder below: <op>_cases
 
 # ViT-B/16 at 224, mask 0.75, batch 256 (GPU); a few hundred elements (CPU smoke runs)
 SIZES = {
@@ -58,8 +59,7 @@ def _grad_fn(fn: Callable[[], torch.Tensor], inputs: List[torch.Tensor], grad: O
 
 
 def _fast(op: str):
-    module = __import__(f"tec_fast.kernels.{op}", fromlist=[op])
-    return getattr(module, op)
+    return fast_impl(op)
 
 
 def masked_gather_cases(s, dtype, dev, providers, backward) -> Case:
@@ -166,7 +166,7 @@ def relation_loss_cases(s, dtype, dev, providers, backward) -> Case:
 
 
 def encoder_adapter_cases(s, dtype, dev, providers, backward) -> Case:
-    from tec_fast.nn import ADAPTER_LN_EPS, EncoderAdapter
+    from tec_fast.models.adapter import ADAPTER_LN_EPS, EncoderAdapter
     D, G, B, C, hidden = s["D"], s["G"], s["B"], s["C"], s["hidden"]
     T = s["K"] + 1
     module = EncoderAdapter(C, D, G, hidden).to(device=dev, dtype=dtype)

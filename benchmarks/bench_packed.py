@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_step import PRESETS, build  # noqa: E402
 from benchmarks.common import DTYPES, append_results, format_table, time_callable  # noqa: E402
 from tec_fast import TECModel  # noqa: E402
-from tec_fast.attention import packed_attention_backend  # noqa: E402
+from tec_fast.ops.attention import packed_attention_backend  # noqa: E402
 from tec_fast.masking import variable_masking  # noqa: E402
 
 

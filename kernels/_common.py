@@ -1,7 +1,7 @@
 """Launch helpers shared by the kernel files (host side only; no kernels here)."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import triton
@@ -21,3 +21,13 @@ def relation_block_sizes(topk: int, D: int) -> Tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(D))
     block_l = 64 if block_r * block_d <= 64 * 64 else 32
     return block_r, block_l, block_d
+
+
+# ---- what every kernel supports (each kernel file adds its own limits to these)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtype_reasons(dtype: torch.dtype) -> List[str]:
+    if dtype not in SUPPORTED_DTYPES:
+        return [f"dtype {dtype} (the Triton kernels take float32, float16, bfloat16)"]
+    return []

@@ -13,13 +13,13 @@ Reference: ``tec_fast.ops.reference.patch_norm_mse``.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import unit_last_stride
+from tec_fast.kernels._common import dtype_reasons, unit_last_stride
 
 
 @triton.jit
@@ -176,3 +176,8 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     if mask.dtype == torch.bool or not mask.is_floating_point():
         mask = mask.to(torch.float32)
     return _patch_norm_mse_op(pred, target.detach(), mask.detach(), float(eps))[0]
+
+
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:
+    """Why this kernel cannot take an input of ``dtype`` / ``shape`` (empty: it can)."""
+    return dtype_reasons(dtype)

@@ -13,13 +13,13 @@ Reference: ``tec_fast.ops.reference.relation_targets``.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import relation_block_sizes, unit_last_stride
+from tec_fast.kernels._common import dtype_reasons, relation_block_sizes, unit_last_stride
 
 
 @triton.jit
@@ -111,3 +111,18 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
     """Triton path of ``tec_fast.ops.relation_targets`` (inputs already validated there).
     Returns (relation [B, 1+topk, H, L] fp32, topk_idx [B, topk] int64); no gradient."""
     return _relation_targets_op(q.detach(), k.detach(), int(topk), float(scale))
+
+
+MAX_HEAD_DIM = 256        # the kernels hold a [1+k, d] query tile in registers
+MAX_RELATION_ROWS = 128   # 1 + topk
+
+
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], topk: Optional[int] = None,
+                          **_info) -> List[str]:
+    """Why this kernel cannot take q [B, H, N, d] of ``dtype`` / ``shape`` (empty: it can)."""
+    reasons = dtype_reasons(dtype)
+    if len(shape) == 4 and shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head dim {shape[-1]} > {MAX_HEAD_DIM}")
+    if topk is not None and 1 + topk > MAX_RELATION_ROWS:
+        reasons.append(f"1 + topk = {1 + topk} rows > {MAX_RELATION_ROWS}")
+    return reasons

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, NamedTuple
 
-from .config import ViTConfig
+from tec_fast.config import ViTConfig
 
 # name -> (patch_size, embed_dim, depth, num_heads); img_size comes from --img-size.
 MODEL_PRESETS: Dict[str, tuple] = {

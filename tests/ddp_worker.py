@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from tec_fast.engine import FitConfig, cleanup_distributed, fit, setup_distributed
+from tec_fast.training import FitConfig, cleanup_distributed, fit, setup_distributed
 from train_helpers import AugmentedImages, tiny_objective, tiny_tec, write_rank0_summary
 
 

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from tec_fast.engine import cleanup_distributed, setup_distributed
+from tec_fast.training import cleanup_distributed, setup_distributed
 from test_native_train import _fit
 from train_helpers import write_rank0_summary
 

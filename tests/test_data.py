@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tec_fast.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, demo_arrays,
+from tec_fast.data.images import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, demo_arrays,
                            demo_datasets, random_resized_crop_box)
 
 
@@ -62,7 +62,7 @@ def test_demo_subsets_balanced_and_disjoint():
 
 def test_demo_digits_are_visible():
     """The digit must change the image: pixel k-NN well above chance on a small subset."""
-    from tec_fast.evaluate import knn_accuracy
+    from tec_fast.evaluation.probe import knn_accuracy
     a = demo_arrays(0, n_train=400, n_test=100)
     f = lambda im: im.reshape(len(im), -1).astype(np.float32) - 128  # noqa: E731
     assert knn_accuracy(f(a.train_images), a.train_labels, f(a.test_images), a.test_labels) > 0.4

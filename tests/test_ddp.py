@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tec_fast.engine import FitConfig, fit
+from tec_fast.training import FitConfig, fit
 from train_helpers import AugmentedImages, tiny_objective, tiny_tec
 
 HERE = os.path.dirname(os.path.abspath(__file__))

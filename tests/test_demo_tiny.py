@@ -9,7 +9,7 @@ import torch
 
 
 def test_demo_tiny_writes_results(tmp_path, capsys):
-    from tec_fast.train import main
+    from tec_fast.cli.train import main
 
     n = torch.get_num_threads()
     try:

@@ -4,7 +4,7 @@ import torch
 
 from conftest import assert_close, assert_low_precision_ok
 from tec_fast import ops
-from tec_fast.nn import ADAPTER_LN_EPS, EncoderAdapter
+from tec_fast.models.adapter import ADAPTER_LN_EPS, EncoderAdapter
 from tec_fast.ops import reference
 
 SHAPES = [  # D, G, B, T, C, hidden: odd C and T, G = 1, B = 1, M = 1 (one block per group)
@@ -144,7 +144,7 @@ def test_cpu_default_dispatch_is_reference(monkeypatch):
     """With TEC_FAST_KERNELS unset (auto), CPU tensors take the reference path for every op."""
     monkeypatch.delenv("TEC_FAST_KERNELS", raising=False)
     x = torch.randn(2, 5, 8)
-    for op in ops.dispatch.OPS:
+    for op in ops.OPS:
         assert any("auto uses Triton only on CUDA tensors" in r for r in ops.why_not_fast(op, x))
     report = ops.dispatch_report("cpu")
     assert all(backend == "reference" for backend, _ in report.values()), report

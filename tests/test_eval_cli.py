@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from tec_fast import TECConfig, TECModel, ViTConfig
-from tec_fast.eval import main
-from tec_fast.mae import MAEModel
+from tec_fast.cli.eval import main
+from tec_fast.models.mae import MAEModel
 
 VIT = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tec_fast import BaseModel, ViTConfig
-from tec_fast.evaluate import (_pca_basis, evaluate_encoder, extract_features, knn_accuracy,
+from tec_fast.evaluation.probe import (_pca_basis, evaluate_encoder, extract_features, knn_accuracy,
                                linear_probe_accuracy, pixel_baseline)
 
 

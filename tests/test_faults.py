@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tec_fast.engine import FitConfig, NonFiniteLoss, fit
+from tec_fast.training import FitConfig, NonFiniteLoss, fit
 from train_helpers import AugmentedImages, tiny_objective, tiny_tec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

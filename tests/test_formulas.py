@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
-from tec_fast.layers import sincos_pos_embed
+from tec_fast.models.layers import sincos_pos_embed
 from tec_fast.masking import random_masking
 from tec_fast.ops import reference
 

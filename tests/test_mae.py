@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tec_fast import BaseModel, ViTConfig
-from tec_fast.mae import MAEModel, patchify
+from tec_fast.models.mae import MAEModel, patchify
 
 VIT = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 

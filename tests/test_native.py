@@ -7,7 +7,7 @@ import torch
 
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
 from tec_fast import packing
-from tec_fast.layers import sincos_pos_embed
+from tec_fast.models.layers import sincos_pos_embed
 from tec_fast.native import (NativeBatch, NativeBatchSampler, base_pos_embed, budget_grid,
                              collate_native, native_base_targets, native_tec_loss, resize_to_budget)
 

@@ -1,4 +1,4 @@
-"""``python -m tec_fast.train --native-resolution``: images of different sizes and aspect ratios,
+"""``python -m tec_fast.cli.train --native-resolution``: images of different sizes and aspect ratios,
 token-budget batches from ``packing.plan_bins``, the packed base + new model, checkpoints, exact
 resume in the middle of an epoch, a fair share of bins per process, and clear errors for the
 modes it does not support."""
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tec_fast import BaseModel, TECConfig, ViTConfig
-from tec_fast.data import ImageFolderDataset
-from tec_fast.engine import FitConfig, ResumableBatchSampler, TrainingInterrupted, fit
+from tec_fast.data.images import ImageFolderDataset
+from tec_fast.training import FitConfig, ResumableBatchSampler, TrainingInterrupted, fit
 from tec_fast.native import NativeBatchSampler, NativeTECModel, budget_grid
-from tec_fast.objectives import NativeTECObjective
+from tec_fast.training.objectives import NativeTECObjective
 from tec_fast.presets import vit_preset
 
 DEMO_ARCH = ["--model", "vit_demo_patch4", "--base-model", "vit_demo_patch4", "--img-size", "32",
@@ -44,7 +44,7 @@ def base_ckpt(tmp_path_factory):
 
 
 def _run(argv):
-    from tec_fast.train import main
+    from tec_fast.cli.train import main
     return main(argv)
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import assert_close, assert_low_precision_ok
 from tec_fast import ops
-from tec_fast.nn import EncoderAdapter
+from tec_fast.models.adapter import EncoderAdapter
 from tec_fast.ops import reference
 
 pytestmark = pytest.mark.gpu

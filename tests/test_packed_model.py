@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
-from tec_fast.attention import packed_attention
+from tec_fast.ops.attention import packed_attention
 from tec_fast.masking import block_masking, variable_masking
 
 

@@ -359,11 +359,12 @@ def test_fallback_when_extension_forced_off():
 
 
 def test_missing_or_mismatched_extension_is_one_warning(tmp_path):
-    """A copy of packing.py in a bare package: no build record, then one for another torch."""
+    """A copy of the packing package in a bare package: no build record, then one for another torch."""
     pkg = tmp_path / "tec_fast"
-    pkg.mkdir()
+    (pkg / "packing").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    (pkg / "packing.py").write_text((ROOT / "tec_fast" / "packing.py").read_text())
+    for src in (ROOT / "tec_fast" / "packing").glob("*.py"):
+        (pkg / "packing" / src.name).write_text(src.read_text())
     env = {"PYTHONPATH": str(tmp_path), "TEC_FAST_NO_EXT": "0"}
     out = _run(FALLBACK_CHECK, env, cwd=tmp_path)
     assert "OK" in out and "WARNINGS 1" in out and "_build_info.json not found" in out

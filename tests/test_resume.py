@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from tec_fast.engine import (CheckpointManager, FitConfig, TrainingInterrupted, fit, rng_state,
+from tec_fast.training import (CheckpointManager, FitConfig, TrainingInterrupted, fit, rng_state,
                              set_rng_state)
 from train_helpers import AugmentedImages, tiny_objective, tiny_tec
 

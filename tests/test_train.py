@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from tec_fast import BaseModel
-from tec_fast.engine import FitConfig, ResumableSampler, fit
-from tec_fast.optim import build_optimizer, lr_at, param_groups
+from tec_fast.training import FitConfig, ResumableSampler, fit
+from tec_fast.training.optim import build_optimizer, lr_at, param_groups
 from tec_fast.presets import vit_preset
-from tec_fast.objectives import TECObjective
+from tec_fast.training.objectives import TECObjective
 from train_helpers import AugmentedImages, tiny_base, tiny_objective, tiny_tec, tiny_vit
 
 DEMO_ARCH = ["--model", "vit_demo_patch4", "--base-model", "vit_demo_patch4", "--img-size", "32",
@@ -72,8 +72,8 @@ def test_sample_seeds_do_not_depend_on_world_size():
 
 
 def test_fit_lowers_both_objectives(tmp_path):
-    from tec_fast.mae import MAEModel
-    from tec_fast.objectives import MAEObjective
+    from tec_fast.models.mae import MAEModel
+    from tec_fast.training.objectives import MAEObjective
 
     data = TensorDataset(torch.randn(32, 3, 16, 16), torch.zeros(32, dtype=torch.long))
     cfg = FitConfig(epochs=10, batch_size=8, lr=3e-3, warmup_steps=4, progress=False, seed=0)
@@ -114,12 +114,12 @@ def folder(tmp_path_factory):
 
 
 def _run(argv):
-    from tec_fast.train import main
+    from tec_fast.cli.train import main
     return main(argv)
 
 
 def test_help_is_grouped_by_topic(capsys):
-    from tec_fast.train import build_parser
+    from tec_fast.cli.train import build_parser
     text = build_parser().format_help()
     for title in ("data:", "model and base:", "optimisation:", "precision and speed:", "checkpointing:",
                   "distributed (under torchrun):", "logging:", "demo (no --data):"):
@@ -151,8 +151,8 @@ def test_mae_base_then_tec_from_it_then_export(folder, tmp_path, capsys):
     enc = BaseModel(vit_preset("vit_demo_patch4", 32))
     enc.load_checkpoint(str(out / "encoder_timm.pth"))
 
-    from tec_fast.export import main as export_main
-    from tec_fast.model import TECModel
+    from tec_fast.cli.export import main as export_main
+    from tec_fast.models.tec import TECModel
     from tec_fast.config import TECConfig
     assert export_main([str(out / "checkpoint-last.pth"), str(tmp_path / "x.pth")]) == 0
     sd = torch.load(tmp_path / "x.pth", weights_only=True)
@@ -188,7 +188,7 @@ def test_tec_needs_a_base(folder, tmp_path):
 def test_progress_is_plain_text_off_a_terminal():
     import io
 
-    from tec_fast.monitor import Progress, table
+    from tec_fast.training.monitor import Progress, table
     buf = io.StringIO()
     p = Progress("tec", total_steps=30, every=10, stream=buf)
     for step in range(1, 31):
@@ -217,7 +217,7 @@ def test_variable_and_block_masking_train_through_the_packed_encoder(tmp_path):
 
 
 def test_mask_ratio_argument():
-    from tec_fast.train import build_parser
+    from tec_fast.cli.train import build_parser
 
     p = build_parser()
     assert p.parse_args(["--mask-ratio", "0.6:0.9"]).mask_ratio == (0.6, 0.9)

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
-from tec_fast.objectives import TECObjective
+from tec_fast.training.objectives import TECObjective
 
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
 

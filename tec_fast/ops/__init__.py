@@ -1,7 +1,10 @@
-"""Public kernel ops. Each validates its inputs, then dispatches (see ``dispatch.py``).
+"""Public kernel ops. Each validates its inputs (``validate.py``), then runs the Triton path or the
+plain-torch reference (``dispatch.py``, which reads the op table in ``registry.py``).
 
-The reference path (plain torch, ``reference.py``) is the definition; the fast paths live in the
-top-level ``kernels/`` directory (installed as ``tec_fast.kernels``).
+The reference (``reference.py``) is the definition; the Triton paths live in the top-level
+``kernels/`` directory (installed as ``tec_fast.kernels``), one op per file. Their custom ops are
+registered when this package is imported (where Triton imports), so ``torch.compile`` and
+``torch.library.opcheck`` find ``torch.ops.tec_fast.*`` in any order.
 """
 from __future__ import annotations
 
@@ -9,46 +12,19 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
-from .dispatch import dispatch_report, format_dispatch_report, use_fast_path, why_not_fast
+from tec_fast.ops import reference
+from tec_fast.ops.dispatch import (dispatch_report, fast_impl, format_dispatch_report,
+                                   register_kernels, use_fast_path, why_not_fast)
+from tec_fast.ops.registry import OPS
+from tec_fast.ops.validate import check_index as _check_index
+from tec_fast.ops.validate import check_same_device as _check_same_device
+from tec_fast.ops.validate import check_tensor as _check_tensor
 
 __all__ = ["masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets",
            "relation_loss", "encoder_adapter", "reference", "dispatch_report",
-           "format_dispatch_report", "why_not_fast"]
+           "format_dispatch_report", "why_not_fast", "OPS"]
 
-
-def _check_tensor(t, name: str, ndim: int, float_: bool = True) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if float_ and not t.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
-
-
-def _check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> None:
-    if not isinstance(idx, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
-    if idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} must be int64 or int32, got dtype {idx.dtype}")
-    if tuple(idx.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
-    if idx.device != device:
-        raise ValueError(f"{name} is on {idx.device} but the data is on {device}")
-    # The range check reads the indices (a host sync on GPU); torch.compile cannot trace it.
-    # Skipping it there is safe: the kernels read and write nothing for out-of-range indices.
-    if torch.compiler.is_compiling():
-        return
-    if idx.numel():
-        lo, hi = torch.stack([idx.min(), idx.max()]).tolist()  # one host sync, not two
-        if lo < 0 or hi >= bound:
-            raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
-
-
-def _check_same_device(ref: torch.Tensor, **others) -> None:
-    for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but the first input is on {ref.device}")
+register_kernels()
 
 
 def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor,
@@ -71,8 +47,7 @@ def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor,
                              f"got {tuple(pos.shape)}")
         _check_same_device(x, pos=pos)
     if use_fast_path("masked_gather", x):
-        from tec_fast.kernels.masked_gather import masked_gather as fast
-        return fast(x, ids_keep, pos)
+        return fast_impl("masked_gather")(x, ids_keep, pos)
     return reference.masked_gather(x, ids_keep, pos)
 
 
@@ -106,8 +81,7 @@ def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
             raise ValueError(f"pos must have shape {(L, C)}, got {tuple(pos.shape)}")
         _check_same_device(vis, pos=pos)
     if use_fast_path("scatter_masked", vis):
-        from tec_fast.kernels.scatter_masked import scatter_masked as fast
-        return fast(vis, ids_restore, mask_token, pos)
+        return fast_impl("scatter_masked")(vis, ids_restore, mask_token, pos)
     return reference.scatter_masked(vis, ids_restore, mask_token, pos)
 
 
@@ -129,8 +103,7 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                          f"{getattr(mask, 'shape', type(mask).__name__)}")
     _check_same_device(pred, target=target, mask=mask)
     if use_fast_path("patch_norm_mse", pred):
-        from tec_fast.kernels.patch_norm_mse import patch_norm_mse as fast
-        return fast(pred, target, mask, eps)
+        return fast_impl("patch_norm_mse")(pred, target, mask, eps)
     return reference.patch_norm_mse(pred, target, mask, eps)
 
 
@@ -149,8 +122,7 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= L:
         raise ValueError(f"topk must be an int in [1, {L}] (the number of patches), got {topk!r}")
     if use_fast_path("relation_targets", q, topk=topk):
-        from tec_fast.kernels.relation_targets import relation_targets as fast
-        return fast(q, k, topk, float(scale))
+        return fast_impl("relation_targets")(q, k, topk, float(scale))
     with torch.no_grad():
         return reference.relation_targets(q, k, topk, float(scale))
 
@@ -180,8 +152,7 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
     if not float(tau) > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
     if use_fast_path("relation_loss", q, topk=kk):
-        from tec_fast.kernels.relation_loss import relation_loss as fast
-        return fast(q, k, topk_idx, target, float(tau), float(scale))
+        return fast_impl("relation_loss")(q, k, topk_idx, target, float(tau), float(scale))
     return reference.relation_loss(q, k, topk_idx, target, float(tau), float(scale))
 
 
@@ -224,8 +195,7 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
                                  f"{getattr(ts[g], 'shape', type(ts[g]).__name__)}")
             _check_same_device(feats, **{f"{name}[{g}]": ts[g]})
     if use_fast_path("encoder_adapter", feats):
-        from tec_fast.kernels.encoder_adapter import encoder_adapter as fast
-        return fast(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
+        return fast_impl("encoder_adapter")(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
                     ln_after_w, ln_after_b, eps_before, eps_after)
     return reference.encoder_adapter(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b,
                                      fc2_w, fc2_b, ln_after_w, ln_after_b, eps_before, eps_after)

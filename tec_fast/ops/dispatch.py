@@ -2,26 +2,30 @@
 
 ``TEC_FAST_KERNELS=auto|triton|reference`` (default auto): auto takes the Triton path for CUDA
 tensors when Triton imports; triton forces it (on CPU tensors that needs ``TRITON_INTERPRET=1``
-set before the kernels are first imported); reference always runs plain torch.
+set before ``tec_fast`` is imported); reference always runs plain torch.
 
-Each op can also be refused by its own limits (dtype, head width, ...): ``why_not_fast`` lists
-every reason, ``use_fast_path`` is its emptiness, and ``dispatch_report`` tells
-``python -m tec_fast.info`` what each op would run on this machine.
+The dispatcher only walks lists: the generic reasons (mode, Triton, device) come from here, the
+op's own limits (dtype, head width, tile size, ...) from ``not_supported_reasons`` in its kernel
+file. ``why_not_fast`` returns them all, ``use_fast_path`` is their emptiness, and
+``dispatch_report`` tells ``python -m tec_fast.info`` what each op in ``registry.OPS`` runs here.
 """
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from tec_fast.ops.registry import OPS
+
 MODES = ("auto", "triton", "reference")
-OPS = ("masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets", "relation_loss",
-       "encoder_adapter")
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256        # relation kernels hold a [1+k, d] query tile in registers
-MAX_RELATION_ROWS = 128   # 1 + topk
-MAX_ADAPTER_TILE = 65536  # next_pow2(D) * next_pow2(C): one token's D*C values in registers
+
+# Filled once by ``register_kernels`` (plain containers that torch.compile can read).
+_TRITON_STATUS: List[Tuple[bool, str]] = []
+_KERNELS: Dict[str, ModuleType] = {}
+_KERNEL_ERRORS: Dict[str, str] = {}
 
 
 def kernel_mode() -> str:
@@ -29,9 +33,6 @@ def kernel_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"TEC_FAST_KERNELS must be one of {MODES}, got {mode!r}")
     return mode
-
-
-_TRITON_STATUS: List[Tuple[bool, str]] = []  # filled on first use (a plain cache torch.compile reads)
 
 
 def triton_status() -> Tuple[bool, str]:
@@ -48,64 +49,43 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+def register_kernels() -> None:
+    """Import every op's kernel module, which registers its ``torch.ops.tec_fast.*`` custom ops.
+    Runs once, at ``import tec_fast.ops``; a kernel module that fails to import is recorded as a
+    reason (its op then runs the reference), never an import error of the package."""
+    if _KERNELS or _KERNEL_ERRORS or not triton_status()[0]:
+        return
+    for spec in OPS.values():
+        try:
+            _KERNELS[spec.name] = importlib.import_module(f"tec_fast.kernels.{spec.kernel}")
+        except Exception as exc:
+            _KERNEL_ERRORS[spec.name] = (f"kernels/{spec.kernel}.py does not import "
+                                         f"({type(exc).__name__}: {exc})")
 
 
-def _dtype_reason(dtype: torch.dtype) -> List[str]:
-    if dtype not in KERNEL_DTYPES:
-        return [f"dtype {dtype} (the Triton kernels take float32, float16, bfloat16)"]
-    return []
-
-
-def _relation_limits(dtype, shape, topk: Optional[int] = None, **_) -> List[str]:
-    reasons = _dtype_reason(dtype)
-    if len(shape) == 4 and shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"head dim {shape[-1]} > {MAX_HEAD_DIM}")
-    if topk is not None and 1 + topk > MAX_RELATION_ROWS:
-        reasons.append(f"1 + topk = {1 + topk} rows > {MAX_RELATION_ROWS}")
-    return reasons
-
-
-def _adapter_limits(dtype, shape, **_) -> List[str]:
-    reasons = _dtype_reason(dtype)
-    if len(shape) == 4 and _pow2(shape[0]) * _pow2(shape[3]) > MAX_ADAPTER_TILE:
-        reasons.append(f"depth x width {shape[0]} x {shape[3]} too large for one token's tile "
-                       f"(next powers of two multiply to more than {MAX_ADAPTER_TILE})")
-    return reasons
-
-
-def _plain_limits(dtype, shape, **_) -> List[str]:
-    return _dtype_reason(dtype)
-
-
-_OP_LIMITS: Dict[str, Callable[..., List[str]]] = {
-    "masked_gather": _plain_limits,
-    "scatter_masked": _plain_limits,
-    "patch_norm_mse": _plain_limits,
-    "relation_targets": _relation_limits,
-    "relation_loss": _relation_limits,
-    "encoder_adapter": _adapter_limits,
-}
+def fast_impl(op: str) -> Callable:
+    """The Triton path of ``op`` (call only when ``use_fast_path`` said yes)."""
+    return getattr(_KERNELS[op], op)
 
 
 def _reasons(op: str, device_type: str, dtype: torch.dtype, shape: Tuple[int, ...], **info) -> List[str]:
-    if op not in _OP_LIMITS:
-        raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {tuple(OPS)}")
     reasons = []
     mode = kernel_mode()
     if mode == "reference":
         reasons.append("TEC_FAST_KERNELS=reference")
     ok, msg = triton_status()
     if not ok:
-        reasons.append(msg)
+        return reasons + [msg]
+    if op in _KERNEL_ERRORS:
+        return reasons + [_KERNEL_ERRORS[op]]
     if device_type != "cuda":
         if mode != "triton":
             reasons.append(f"tensor on {device_type} (auto uses Triton only on CUDA tensors)")
         elif not interpreter_on():
             reasons.append(f"tensor on {device_type} and TRITON_INTERPRET is not set")
-    reasons.extend(_OP_LIMITS[op](dtype, tuple(shape), **info))
-    return reasons
+    return reasons + _KERNELS[op].not_supported_reasons(dtype, tuple(shape), **info)
 
 
 def why_not_fast(op: str, t: torch.Tensor, **info) -> List[str]:
@@ -118,17 +98,6 @@ def use_fast_path(op: str, t: torch.Tensor, **info) -> bool:
     return not why_not_fast(op, t, **info)
 
 
-# ViT-B/16 shapes of each op's first argument, for the report
-_REPORT_SHAPES = {
-    "masked_gather": (256, 196, 768),
-    "scatter_masked": (256, 49, 512),
-    "patch_norm_mse": (256, 196, 768),
-    "relation_targets": (256, 12, 197, 64),
-    "relation_loss": (256, 12, 197, 64),
-    "encoder_adapter": (12, 256, 50, 768),
-}
-
-
 def dispatch_report(device: Optional[str] = None,
                     dtype: torch.dtype = torch.bfloat16) -> Dict[str, Tuple[str, List[str]]]:
     """For each op: ("triton" | "reference", reasons the Triton path is skipped) for ViT-B/16
@@ -138,9 +107,9 @@ def dispatch_report(device: Optional[str] = None,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = torch.device(device).type
     report = {}
-    for op, shape in _REPORT_SHAPES.items():
-        reasons = _reasons(op, device_type, dtype, shape, topk=15)
-        report[op] = ("reference" if reasons else "triton", reasons)
+    for spec in OPS.values():
+        reasons = _reasons(spec.name, device_type, dtype, spec.report_shape, **spec.report_info)
+        report[spec.name] = ("reference" if reasons else "triton", reasons)
     return report
 
 

@@ -7,12 +7,12 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import ops
-from .base import BaseTargets
-from .config import TECConfig
-from .layers import LN_EPS, Block, Mlp, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
-from .masking import random_masking, variable_masking
-from .nn import EncoderAdapter
+from tec_fast import ops
+from tec_fast.models.base import BaseTargets
+from tec_fast.config import TECConfig
+from tec_fast.models.layers import LN_EPS, Block, Mlp, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
+from tec_fast.models.masking import random_masking, variable_masking
+from tec_fast.models.adapter import EncoderAdapter
 
 
 class FeatureDecoderHead(nn.Module):
@@ -70,7 +70,7 @@ class TECModel(nn.Module):
     # ----------------------------------------------------------------------------------------
     def load_checkpoint(self, path_or_state: Union[str, dict]):
         """Load the official TEC pretraining layout or the engine's own checkpoint."""
-        from .checkpoint import load_tec_checkpoint
+        from tec_fast.checkpoint import load_tec_checkpoint
         return load_tec_checkpoint(self, path_or_state)
 
     def cls_embedding(self) -> torch.Tensor:
@@ -99,7 +99,7 @@ class TECModel(nn.Module):
         """Variable visible counts: the CLS token and the kept patches of every image packed into
         one sequence, block-diagonal attention, no padding. Returns the stacked block outputs
         [D, T, C] and ``index`` [T] (each packed token's flat position b*N + j in the [B, N] grid)."""
-        from . import packing
+        from tec_fast import packing
 
         x = self.patch_embed(images)  # [B, L, C]
         B = x.shape[0]
@@ -117,7 +117,7 @@ class TECModel(nn.Module):
 
     def _decoder_input_packed(self, head: nn.Module, latent: torch.Tensor, index: torch.Tensor,
                               B: int) -> torch.Tensor:
-        from . import packing
+        from tec_fast import packing
 
         y = head.decoder_embed(latent)  # [T, Cd]
         N = self.decoder_pos_embed.shape[1]

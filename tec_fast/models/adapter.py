@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import ops
-from .layers import Mlp
+from tec_fast import ops
+from tec_fast.models.layers import Mlp
 
 # The reference implementation builds the adapter's two LayerNorms with nn.LayerNorm's default
 # eps (1e-5), unlike the ViT blocks (1e-6); we keep that so its checkpoints give the same numbers.

@@ -261,7 +261,7 @@ class ImageFolderDataset(Dataset):
     # ---- native resolution
     def native_grid(self, height: int, width: int) -> Tuple[int, int]:
         """The (rows, cols) patch grid an image of ``height`` x ``width`` pixels gets."""
-        from .native import budget_grid
+        from tec_fast.models.native import budget_grid
 
         p, m = self.native_patch, self.max_patches
         h, w = budget_grid(height, width, p, m)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import packed_attention
+from tec_fast.ops.attention import packed_attention
 
 LN_EPS = 1e-6  # every ViT LayerNorm (timm/MAE use partial(nn.LayerNorm, eps=1e-6))
 

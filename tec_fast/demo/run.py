@@ -29,7 +29,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .presets import vit_preset
+from tec_fast.presets import vit_preset
 
 DEMO_MODEL = "vit_demo_patch4"
 # The timed calibration steps leave out data loading, per-sample seeding, logging and the
@@ -74,7 +74,7 @@ ROW_MEANING = {
 
 def _time_steps(model, objective, dataset, batch_size: int, steps: int = 3) -> float:
     """Seconds per optimizer step of ``model`` (after one warm-up step), on a throwaway copy."""
-    from .engine import masking_noise
+    from tec_fast.training import masking_noise
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size)))
@@ -90,14 +90,16 @@ def _time_steps(model, objective, dataset, batch_size: int, steps: int = 3) -> f
 
 
 def run_demo(args) -> int:
-    from . import BaseModel, TECConfig, TECModel
-    from .checkpoint import export_timm, save_atomic
-    from .data import demo_arrays, demo_datasets
-    from .engine import FitConfig, fit
-    from .evaluate import evaluate_encoder, pixel_baseline
-    from .mae import MAEModel
-    from .monitor import format_duration, table
-    from .objectives import IndexedDataset, MAEObjective, TargetCache, TECObjective
+    from tec_fast.config import TECConfig
+    from tec_fast.models.base import BaseModel
+    from tec_fast.models.tec import TECModel
+    from tec_fast.checkpoint import export_timm, save_atomic
+    from tec_fast.data.images import demo_arrays, demo_datasets
+    from tec_fast.training import FitConfig, fit
+    from tec_fast.evaluation.probe import evaluate_encoder, pixel_baseline
+    from tec_fast.models.mae import MAEModel
+    from tec_fast.training.monitor import format_duration, table
+    from tec_fast.training.objectives import IndexedDataset, MAEObjective, TargetCache, TECObjective
 
     plan = PLANS["long" if args.demo_long else "tiny" if args.demo_tiny else "default"]
     if args.demo_steps:

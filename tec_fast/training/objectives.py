@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from .base import BaseModel, BaseTargets
-from .masking import block_masking
+from tec_fast.models.base import BaseModel, BaseTargets
+from tec_fast.models.masking import block_masking
 
 
 class TECObjective:
@@ -83,7 +83,7 @@ class NativeTECObjective:
         return NativeNoiseSamples(dataset, self.patch)
 
     def __call__(self, model, batch, noise):
-        from .native import native_base_targets
+        from tec_fast.models.native import native_base_targets
         native, per_image = batch
         targets = native_base_targets(self.base, native)
         out = model(native, targets, mask_ratio=self.mask_ratio, noise=per_image)
@@ -116,7 +116,7 @@ class NativeNoiseCollate:
         self.patch = patch
 
     def __call__(self, samples):
-        from .native import NativeBatch
+        from tec_fast.models.native import NativeBatch
         return NativeBatch([s[0] for s in samples], self.patch), [s[1] for s in samples]
 
 

@@ -15,10 +15,10 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from . import ops
-from .config import ViTConfig
-from .layers import LN_EPS, Block, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
-from .masking import random_masking
+from tec_fast import ops
+from tec_fast.config import ViTConfig
+from tec_fast.models.layers import LN_EPS, Block, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
+from tec_fast.models.masking import random_masking
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

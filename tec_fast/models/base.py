@@ -6,9 +6,9 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import ops
-from .config import ViTConfig
-from .layers import LN_EPS, Block, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
+from tec_fast import ops
+from tec_fast.config import ViTConfig
+from tec_fast.models.layers import LN_EPS, Block, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
 
 
 class BaseTargets(NamedTuple):
@@ -54,7 +54,7 @@ class BaseModel(nn.Module):
 
     def load_checkpoint(self, path_or_state: Union[str, dict]):
         """Load MAE / iBOT / DINO / timm / TEC-released / TEC-raw weights (SPEC.md §5)."""
-        from .checkpoint import load_base_checkpoint
+        from tec_fast.checkpoint import load_base_checkpoint
         return load_base_checkpoint(self, path_or_state)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:

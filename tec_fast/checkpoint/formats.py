@@ -1,4 +1,5 @@
-"""Checkpoint I/O: the layouts of SPEC.md §5, atomic saving, export to a timm ViT state dict.
+"""Checkpoint layouts: which weights inside a file belong to which model (MAE, iBOT, DINO, timm,
+TEC released and raw TEC checkpoints, the engine's own).
 
 Every loader names what it could not match (a ``LoadReport`` and one warning) and refuses a
 checkpoint whose shapes contradict the configured architecture, naming the key and both shapes.
@@ -6,17 +7,16 @@ checkpoint whose shapes contradict the configured architecture, naming the key a
 from __future__ import annotations
 
 import os
-import pickle
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Union
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
 
-PathOrState = Union[str, os.PathLike, dict]
+from tec_fast.checkpoint.infer import count_blocks
+from tec_fast.checkpoint.io import PathOrState, read_checkpoint
 
 # Keys a base model does not need: classification heads, MAE/TEC decoders, TEC adapters.
 _BASE_IGNORED = re.compile(r"^(head\.|head_dist\.|fc_norm\.|decoder_|mask_token|encoder_adaptor\.|"
@@ -46,31 +46,6 @@ class LoadReport:
                 parts.append(f"{name}: {shown}")
         parts += self.notes
         return "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------------- reading
-def read_checkpoint(src: PathOrState) -> dict:
-    """A checkpoint as a dict. Paths load with ``weights_only=True`` first; official TEC/MAE
-    training checkpoints pickle an argparse Namespace and need ``weights_only=False``, which is
-    only tried after a warning (it can run code from the file: load files you trust)."""
-    if isinstance(src, dict):
-        return src
-    if not isinstance(src, (str, os.PathLike)):
-        raise ValueError(f"checkpoint must be a path or a dict, got {type(src).__name__}")
-    path = os.fspath(src)
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist or is not a file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types on a file that is not a checkpoint
-        if not (isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)):
-            raise ValueError(f"{path!r} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
-        warnings.warn(f"{path}: not loadable with weights_only=True (it pickles Python objects, "
-                      f"e.g. an argparse Namespace); loading with weights_only=False", stacklevel=3)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dict")
-    return obj
 
 
 def _is_state_dict(d) -> bool:
@@ -124,12 +99,6 @@ def _assign(model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport
                 report.loaded.append(key)
     report.missing = [k for k in own if k not in state
                       and not (optional_missing is not None and optional_missing.match(k))]
-
-
-def count_blocks(state: Dict[str, torch.Tensor], prefix: str = "blocks.") -> int:
-    """Number of transformer blocks in a state dict (1 + the highest ``{prefix}{i}.`` index)."""
-    ids = {int(m.group(1)) for k in state for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
-    return max(ids) + 1 if ids else 0
 
 
 def read_state_dict(src: PathOrState, prefer_teacher: bool = True) -> Dict[str, torch.Tensor]:
@@ -214,35 +183,3 @@ def load_tec_checkpoint(model: nn.Module, src: PathOrState) -> LoadReport:
     return report
 
 
-# --------------------------------------------------------------------------------- export
-_ENCODER_KEY = re.compile(r"^(patch_embed\.|cls_token$|pos_embed$|blocks\.|norm\.)")
-
-
-def export_timm(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The new model's encoder as a timm-style ViT state dict (``patch_embed.proj``, ``cls_token``,
-    ``pos_embed``, ``blocks.{i}``, ``norm``), with MLP(cls) folded into ``cls_token``. Loads into
-    timm's ``vit_*`` (num_classes=0) and into ``BaseModel`` for the next round of TEC."""
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if "cls_token_mlp.fc1.weight" in state:
-        state = fold_cls_mlp(state)
-    return {k: v for k, v in state.items() if _ENCODER_KEY.match(k)}
-
-
-# --------------------------------------------------------------------------------- saving
-def save_atomic(obj, path: Union[str, os.PathLike]) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``: a
-    crash leaves either the old file or the new one, never a torn one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

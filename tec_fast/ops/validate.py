@@ -1,0 +1,59 @@
+"""Input checks shared by the public ops: every op validates shapes, dtypes and devices up front
+and raises ``ValueError`` naming the argument.
+
+Index *values* are checked without stalling a GPU step: on CPU tensors the check is exact and
+raises ``ValueError``; on CUDA tensors it is a device-side assertion (``torch._assert_async``, no
+host synchronisation, CUDA-graph safe) unless ``TEC_FAST_CHECKS=1`` asks for the exact,
+synchronising check. Fake / meta tensors and ``torch.compile`` tracing skip it. The kernels
+read and write nothing for an out-of-range index in any case.
+"""
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import torch
+
+
+def checks_forced() -> bool:
+    return os.environ.get("TEC_FAST_CHECKS", "0") not in ("", "0")
+
+
+def check_tensor(t, name: str, ndim: int, float_: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if float_ and not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
+
+
+def _reads_values(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return not (t.device.type == "meta" or is_fake(t) or torch.compiler.is_compiling())
+
+
+def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> None:
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be int64 or int32, got dtype {idx.dtype}")
+    if tuple(idx.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"{name} is on {idx.device} but the data is on {device}")
+    if not idx.numel() or not _reads_values(idx):
+        return
+    if idx.device.type == "cpu" or checks_forced():
+        lo, hi = torch.stack([idx.min(), idx.max()]).tolist()  # one host sync, not two
+        if lo < 0 or hi >= bound:
+            raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
+    else:
+        torch._assert_async(((idx >= 0) & (idx < bound)).all(),
+                            f"{name} holds indices outside [0, {bound})")
+
+
+def check_same_device(ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but the first input is on {ref.device}")
