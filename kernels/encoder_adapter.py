@@ -5,16 +5,22 @@
 
 The encoder writes its block outputs into one [D, B, T, C] buffer, so the concatenation along
 channels is never materialised:
-- ``_adapter_ln_in_fwd_kernel``: one program per token reads its D x C values straight from the
-  buffer, normalises them in fp32 and writes the G chunks as [G, B*T, M*C], the operand layout
-  of one batched GEMM (``baddbmm``) for all G fuse layers.
+- ``_adapter_ln_in_fwd_kernel``: one program per token walks its D x C values in small tiles
+  (statistics merged tile by tile, Chan's formula), normalises them in fp32 and writes the G
+  chunks as [G, B*T, M*C], the operand layout of one batched GEMM (``baddbmm``) for all G fuse
+  layers.
 - the G MLPs are batched GEMMs too (torch; cuBLAS is hard to beat on these shapes).
 - ``_adapter_ln_out_fwd_kernel``: residual add, group sum and the final LayerNorm in one pass.
 Backward: ``_adapter_ln_out_bwd_kernel`` (LN_C backward + per-program partial sums for its
-weight/bias), batched GEMMs for the MLPs and fuse layers, and ``_adapter_ln_in_bwd_kernel``
-(LN_{D*C} backward written straight back in the [D, B, T, C] layout). The normalised input Z' is
-not kept for backward: that kernel recomputes it in registers and writes it over the incoming
-gradient buffer it has just consumed, ready for the fuse layers' weight gradient.
+weight/bias), batched GEMMs for the MLPs and fuse layers, then LN_{D*C} backward in two kernels:
+``_adapter_ln_in_bwd_row_kernel`` (per token, the two row sums of the LayerNorm backward) and
+``_adapter_ln_in_bwd_kernel`` (per channel chunk and slice of tokens: dx written straight back
+in the [D, B, T, C] layout, weight/bias gradients summed over the slice). No kernel holds a
+token's whole D x C row in registers (that spilled from ViT-B up: 6 KB per thread at ViT-L), so
+nothing spills up to ViT-H (``benchmarks/compile_report.py``); the price is one more read of the
+input and the incoming gradient. The normalised input Z' is not kept for backward: the second
+kernel recomputes it and writes it over the incoming gradient buffer it has just consumed, ready
+for the fuse layers' weight gradient.
 Under autocast the GEMMs run in the autocast dtype and the output dtype is the one the reference
 gets (fp32 on CUDA); LayerNorm statistics are fp32 always.
 Reference: ``tec_fast.ops.reference.encoder_adapter``.
@@ -35,56 +41,118 @@ from tec_fast.kernels._common import unit_last_stride
 def _adapter_ln_in_fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, mean_ptr, rstd_ptr,
                               BT, T, D, C, M, eps, stride_xd, stride_xb, stride_xt,
                               BLOCK_DEPTH: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0)
-    dd = tl.arange(0, BLOCK_DEPTH).to(tl.int64)
-    cc = tl.arange(0, BLOCK_C)
-    ok = (dd < D)[:, None] & (cc < C)[None, :]
-    x = tl.load(x_ptr + dd[:, None] * stride_xd + (row // T) * stride_xb + (row % T) * stride_xt + cc[None, :],
-                mask=ok, other=0.0).to(tl.float32)
-    n = D * C
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
-    xc = tl.where(ok, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xc * xc, axis=1), axis=0) / n + eps)
-    w = tl.load(w_ptr + dd[:, None] * C + cc[None, :], mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + dd[:, None] * C + cc[None, :], mask=ok, other=0.0).to(tl.float32)
-    z = xc * rstd * w + b
-    # block d goes to group d // M at channel offset (d % M) * C: z is [G, BT, M*C]
-    z_off = (dd // M)[:, None] * BT * M * C + row * M * C + (dd % M)[:, None] * C + cc[None, :]
-    tl.store(z_ptr + z_off, z.to(z_ptr.dtype.element_ty), mask=ok)
+    # One program per token; its D x C values are visited in [BLOCK_DEPTH, BLOCK_C] tiles, twice:
+    # statistics (per-tile mean and M2 merged with Chan's formula: no cancellation, no big
+    # register tile), then normalise and write (the second read mostly hits L1/L2).
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + (row // T) * stride_xb + (row % T) * stride_xt
+    mean = 0.0
+    m2 = 0.0
+    count = 0.0
+    for d0 in range(0, D, BLOCK_DEPTH):
+        dd = d0 + tl.arange(0, BLOCK_DEPTH)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            ok = (dd < D)[:, None] & (cc < C)[None, :]
+            x = tl.load(x_row + dd.to(tl.int64)[:, None] * stride_xd + cc[None, :], mask=ok, other=0.0)
+            x = x.to(tl.float32)
+            n_tile = (tl.minimum(D - d0, BLOCK_DEPTH) * tl.minimum(C - c0, BLOCK_C)).to(tl.float32)
+            mean_tile = tl.sum(tl.sum(x, axis=1), axis=0) / n_tile
+            xc = tl.where(ok, x - mean_tile, 0.0)
+            m2_tile = tl.sum(tl.sum(xc * xc, axis=1), axis=0)
+            total = count + n_tile
+            delta = mean_tile - mean
+            mean += delta * (n_tile / total)
+            m2 += m2_tile + delta * delta * (count * n_tile / total)
+            count = total
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    for d0 in range(0, D, BLOCK_DEPTH):
+        dd = d0 + tl.arange(0, BLOCK_DEPTH)
+        # block d goes to group d // M at channel offset (d % M) * C: z is [G, BT, M*C]
+        z_row = z_ptr + ((dd // M).to(tl.int64) * BT + row) * M * C + (dd % M) * C
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            ok = (dd < D)[:, None] & (cc < C)[None, :]
+            x = tl.load(x_row + dd.to(tl.int64)[:, None] * stride_xd + cc[None, :], mask=ok, other=0.0)
+            w = tl.load(w_ptr + dd[:, None] * C + cc[None, :], mask=ok, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + dd[:, None] * C + cc[None, :], mask=ok, other=0.0).to(tl.float32)
+            z = (x.to(tl.float32) - mean) * rstd * w + b
+            tl.store(z_row[:, None] + cc[None, :], z.to(z_ptr.dtype.element_ty), mask=ok)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
-def _adapter_ln_in_bwd_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dz_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-                              BT, T, D, C, M, stride_xd, stride_xb, stride_xt,
-                              BLOCK_DEPTH: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dz_ptr holds dL/dZ' as [G, BT, M*C]; each row's slots are overwritten with Z' once read.
-    pid = tl.program_id(0)
-    dd = tl.arange(0, BLOCK_DEPTH).to(tl.int64)
-    cc = tl.arange(0, BLOCK_C)
-    ok = (dd < D)[:, None] & (cc < C)[None, :]
-    w = tl.load(w_ptr + dd[:, None] * C + cc[None, :], mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + dd[:, None] * C + cc[None, :], mask=ok, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_DEPTH, BLOCK_C), tl.float32)
-    db = tl.zeros((BLOCK_DEPTH, BLOCK_C), tl.float32)
+def _adapter_ln_in_bwd_row_kernel(x_ptr, w_ptr, mean_ptr, rstd_ptr, dz_ptr, c1_ptr, c2_ptr,
+                                  BT, T, D, C, M, stride_xd, stride_xb, stride_xt,
+                                  BLOCK_DEPTH: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Per token: the two row sums LayerNorm's backward needs, c1 = mean(dxhat * xhat) and
+    # c2 = mean(dxhat), dxhat = dz * w, from [BLOCK_DEPTH, BLOCK_C] tiles of its D x C values.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + (row // T) * stride_xb + (row % T) * stride_xt
+    mean = tl.load(mean_ptr + row)
+    rstd = tl.load(rstd_ptr + row)
+    c1 = tl.zeros((BLOCK_DEPTH, BLOCK_C), tl.float32)
+    c2 = tl.zeros((BLOCK_DEPTH, BLOCK_C), tl.float32)
+    for d0 in range(0, D, BLOCK_DEPTH):
+        dd = d0 + tl.arange(0, BLOCK_DEPTH)
+        z_row = dz_ptr + ((dd // M).to(tl.int64) * BT + row) * M * C + (dd % M) * C
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            ok = (dd < D)[:, None] & (cc < C)[None, :]
+            x = tl.load(x_row + dd.to(tl.int64)[:, None] * stride_xd + cc[None, :], mask=ok, other=0.0)
+            xhat = tl.where(ok, (x.to(tl.float32) - mean) * rstd, 0.0)
+            w = tl.load(w_ptr + dd[:, None] * C + cc[None, :], mask=ok, other=0.0).to(tl.float32)
+            dxhat = tl.load(z_row[:, None] + cc[None, :], mask=ok, other=0.0).to(tl.float32) * w
+            c1 += dxhat * xhat
+            c2 += dxhat
     n = D * C
-    for row in range(pid, BT, tl.num_programs(0)):
-        x = tl.load(x_ptr + dd[:, None] * stride_xd + (row // T) * stride_xb + (row % T) * stride_xt + cc[None, :],
-                    mask=ok, other=0.0).to(tl.float32)
-        xhat = tl.where(ok, (x - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row), 0.0)
-        z_off = (dd // M)[:, None] * BT * M * C + row * M * C + (dd % M)[:, None] * C + cc[None, :]
-        dz = tl.load(dz_ptr + z_off, mask=ok, other=0.0).to(tl.float32)
+    tl.store(c1_ptr + row, tl.sum(tl.sum(c1, axis=1), axis=0) / n)
+    tl.store(c2_ptr + row, tl.sum(tl.sum(c2, axis=1), axis=0) / n)
+
+
+@triton.jit
+def _adapter_ln_in_bwd_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, dz_ptr, dx_ptr,
+                              dw_part_ptr, db_part_ptr, BT, T, D, C, M, rows_per_prog,
+                              stride_xd, stride_xb, stride_xt,
+                              ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program (d * n_chunks + chunk, slice) owns channels [chunk * BLOCK_C, +BLOCK_C) of block d
+    # for the tokens of its slice: dx from the row sums, dw and db summed over the slice (one
+    # partial row per slice, added up by torch), and dz_ptr ([G, BT, M*C], dL/dZ') overwritten
+    # with Z' once read, ready for the fuse layers' weight gradient.
+    n_chunks = tl.cdiv(C, BLOCK_C)
+    d = tl.program_id(0) // n_chunks
+    cc = (tl.program_id(0) % n_chunks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cc < C
+    w = tl.load(w_ptr + d * C + cc, mask=c_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + d * C + cc, mask=c_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((ROWS, BLOCK_C), tl.float32)
+    db = tl.zeros((ROWS, BLOCK_C), tl.float32)
+    x_d = x_ptr + d.to(tl.int64) * stride_xd
+    z_d = dz_ptr + (d // M).to(tl.int64) * BT * M * C + (d % M) * C
+    dx_d = dx_ptr + d.to(tl.int64) * BT * C
+    first = tl.program_id(1) * rows_per_prog
+    for r0 in range(first, tl.minimum(first + rows_per_prog, BT), ROWS):
+        rows = r0 + tl.arange(0, ROWS).to(tl.int64)
+        r_ok = rows < tl.minimum(first + rows_per_prog, BT)
+        ok = r_ok[:, None] & c_ok[None, :]
+        mean = tl.load(mean_ptr + rows, mask=r_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=r_ok, other=0.0)
+        c1 = tl.load(c1_ptr + rows, mask=r_ok, other=0.0)
+        c2 = tl.load(c2_ptr + rows, mask=r_ok, other=0.0)
+        x = tl.load(x_d + ((rows // T) * stride_xb + (rows % T) * stride_xt)[:, None] + cc[None, :],
+                    mask=ok, other=0.0)
+        xhat = tl.where(ok, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+        z_off = (rows * M * C)[:, None] + cc[None, :]
+        dz = tl.load(z_d + z_off, mask=ok, other=0.0).to(tl.float32)
         dw += dz * xhat
         db += dz
-        dxhat = dz * w
-        c1 = tl.sum(tl.sum(dxhat * xhat, axis=1), axis=0) / n
-        c2 = tl.sum(tl.sum(dxhat, axis=1), axis=0) / n
-        dx = (dxhat - xhat * c1 - c2) * tl.load(rstd_ptr + row)
-        tl.store(dx_ptr + dd[:, None] * (BT * C) + row * C + cc[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
-        tl.store(dz_ptr + z_off, (xhat * w + b).to(dz_ptr.dtype.element_ty), mask=ok)
-    tl.store(dw_part_ptr + pid * n + dd[:, None] * C + cc[None, :], dw, mask=ok)
-    tl.store(db_part_ptr + pid * n + dd[:, None] * C + cc[None, :], db, mask=ok)
+        dx = (dz * w[None, :] - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(dx_d + (rows * C)[:, None] + cc[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        tl.store(z_d + z_off, (xhat * w[None, :] + b[None, :]).to(dz_ptr.dtype.element_ty), mask=ok)
+    part = tl.program_id(1).to(tl.int64) * D * C + d * C + cc
+    tl.store(dw_part_ptr + part, tl.sum(dw, axis=0), mask=c_ok)
+    tl.store(db_part_ptr + part, tl.sum(db, axis=0), mask=c_ok)
 
 
 @triton.jit
@@ -133,11 +201,23 @@ def _adapter_ln_out_bwd_kernel(dout_ptr, s_ptr, mean_ptr, rstd_ptr, w_ptr, ds_pt
     tl.store(db_part_ptr + pid * C + cc, db, mask=ok)
 
 
-def _ln_in_config(D: int, C: int) -> Tuple[int, int, int]:
-    # one token's whole D x C tile lives in registers: ~32 fp32 values per thread and tile
-    block_depth, block_c = triton.next_power_of_2(D), triton.next_power_of_2(C)
-    num_warps = min(16, max(4, block_depth * block_c // 1024))
-    return block_depth, block_c, num_warps
+def _pow2_block(n: int, cap: int) -> int:
+    """A power-of-two block for a loop over n: the largest one <= cap that divides n (no masked
+    lanes) when it is at least cap / 4 or covers n, else next_pow2(n) capped (masked tail)."""
+    block = 1
+    while block * 2 <= cap and n % (block * 2) == 0:
+        block *= 2
+    return block if block >= min(max(1, cap // 4), n) else min(triton.next_power_of_2(n), cap)
+
+
+_TILE = 2048  # elements per LayerNorm tile: 16 fp32 values per thread at 4 warps, no spills up to ViT-H
+
+
+def _ln_in_config(D: int, C: int) -> Tuple[int, int]:
+    """(BLOCK_DEPTH, BLOCK_C) of the LN_{D*C} tiles: channel chunks of <= 256, as many blocks as
+    fill ``_TILE``."""
+    block_c = _pow2_block(C, min(256, _TILE))
+    return _pow2_block(D, max(1, _TILE // block_c)), block_c
 
 
 def _reduction_programs(rows: int, device: torch.device) -> int:
@@ -160,11 +240,11 @@ def _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, 
     z = torch.empty((G, BT, M * C), dtype=gemm_dtype, device=dev)  # LN_{D*C}(Z), grouped
     mean_in = torch.empty((BT,), dtype=torch.float32, device=dev)
     rstd_in = torch.empty((BT,), dtype=torch.float32, device=dev)
-    block_depth, block_c, num_warps = _ln_in_config(D, C)
+    block_depth, block_c = _ln_in_config(D, C)
     _adapter_ln_in_fwd_kernel[(BT,)](
         feats, ln_before_w.contiguous(), ln_before_b.contiguous(), z, mean_in, rstd_in,
         BT, T, D, C, M, eps_before, feats.stride(0), feats.stride(1), feats.stride(2),
-        BLOCK_DEPTH=block_depth, BLOCK_C=block_c, num_warps=num_warps)
+        BLOCK_DEPTH=block_depth, BLOCK_C=block_c, num_warps=4)
     gd = gemm_dtype
     u = torch.baddbmm(fuse_b.to(gd).unsqueeze(1), z, fuse_w.to(gd).transpose(1, 2))   # [G, BT, C]
     h_pre = torch.baddbmm(fc1_b.to(gd).unsqueeze(1), u, fc1_w.to(gd).transpose(1, 2))  # [G, BT, Hd]
@@ -209,14 +289,24 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
 
     # fuse layers and the first LayerNorm; the kernel turns dz into z in place
     zbuf = torch.bmm(du, fuse_w.to(gd))                                # dL/dZ' [G, BT, M*C]
-    block_depth, block_c, num_warps = _ln_in_config(D, C)
-    n_prog = _reduction_programs(BT, dev)
+    block_depth, block_c = _ln_in_config(D, C)
+    ln_w, ln_b = ln_before_w.contiguous(), ln_before_b.contiguous()
+    c1, c2 = torch.empty((BT,), **f32), torch.empty((BT,), **f32)
+    _adapter_ln_in_bwd_row_kernel[(BT,)](
+        feats, ln_w, mean_in, rstd_in, zbuf, c1, c2, BT, T, D, C, M,
+        feats.stride(0), feats.stride(1), feats.stride(2),
+        BLOCK_DEPTH=block_depth, BLOCK_C=block_c, num_warps=4)
+    rows = max(1, _TILE // block_c)
+    columns = D * triton.cdiv(C, block_c)
+    n_slices = max(1, min(triton.cdiv(_reduction_programs(BT, dev), columns), triton.cdiv(BT, rows)))
+    rows_per_prog = triton.cdiv(triton.cdiv(BT, n_slices), rows) * rows
+    n_slices = triton.cdiv(BT, rows_per_prog)
     d_feats = torch.empty((D, B, T, C), dtype=feats.dtype, device=dev)
-    dw_part, db_part = torch.empty((n_prog, D * C), **f32), torch.empty((n_prog, D * C), **f32)
-    _adapter_ln_in_bwd_kernel[(n_prog,)](
-        feats, ln_before_w.contiguous(), ln_before_b.contiguous(), mean_in, rstd_in, zbuf, d_feats,
-        dw_part, db_part, BT, T, D, C, M, feats.stride(0), feats.stride(1), feats.stride(2),
-        BLOCK_DEPTH=block_depth, BLOCK_C=block_c, num_warps=num_warps)
+    dw_part, db_part = torch.empty((n_slices, D * C), **f32), torch.empty((n_slices, D * C), **f32)
+    _adapter_ln_in_bwd_kernel[(columns, n_slices)](
+        feats, ln_w, ln_b, mean_in, rstd_in, c1, c2, zbuf, d_feats, dw_part, db_part,
+        BT, T, D, C, M, rows_per_prog, feats.stride(0), feats.stride(1), feats.stride(2),
+        ROWS=rows, BLOCK_C=block_c, num_warps=4)
     d_fuse_w = torch.bmm(du.transpose(1, 2), zbuf)                     # [G, C, M*C]
     return (d_feats, dw_part.sum(0), db_part.sum(0), d_fuse_w, d_fuse_b, d_fc1_w, d_fc1_b,
             d_fc2_w, d_fc2_b, d_ln_after_w, d_ln_after_b)

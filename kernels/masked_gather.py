@@ -2,8 +2,10 @@
 
     out[b, i] = x[b, ids_keep[b, i]] + pos[ids_keep[b, i]]      x [B, L, C], ids_keep [B, K]
 
-Forward: one program per block of output rows, each row a contiguous copy of C channels plus
-the matching row of ``pos``. Backward, one kernel for both gradients: a per-image sort of
+Forward: one program per block of output rows, each row C channels of x plus the matching row
+of ``pos``; x is read in place whatever its strides (the patch embedding's transposed conv
+output included: a contiguous copy of it would move 4x the op's own traffic).
+Backward, one kernel for both gradients: a per-image sort of
 ids_keep (a few KB of indices, torch) inverts the gather, so each program *gathers* the rows of
 grad_x it owns (zero rows for dropped patches, sums where ids_keep repeats an index) and writes
 each element once, in x's dtype: no memset, no atomics, deterministic. The same program sums
@@ -26,7 +28,7 @@ from tec_fast.kernels._common import unit_last_stride
 @triton.jit
 def _masked_gather_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr,
                               n_rows, K, L, C,
-                              stride_xb, stride_xl, stride_ib, stride_pl,
+                              stride_xb, stride_xl, stride_xc, stride_ib, stride_pl,
                               HAS_POS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # flat output rows b * K + i
     row_ok = rows < n_rows
@@ -37,8 +39,8 @@ def _masked_gather_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr,
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     m = src_ok[:, None] & col_ok[None, :]
-    val = tl.load(x_ptr + b.to(tl.int64)[:, None] * stride_xb + src[:, None] * stride_xl + cols[None, :],
-                  mask=m, other=0.0).to(tl.float32)
+    val = tl.load(x_ptr + b.to(tl.int64)[:, None] * stride_xb + src[:, None] * stride_xl
+                  + cols.to(tl.int64)[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)
     if HAS_POS:
         val += tl.load(pos_ptr + src[:, None] * stride_pl + cols[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], val.to(out_ptr.dtype.element_ty),
@@ -94,22 +96,31 @@ def _launch_config(C: int) -> Tuple[int, int, int]:
     return rows, block_c, num_warps
 
 
+def _channel_strided_config(K: int, C: int) -> Tuple[int, int, int]:
+    """Forward tiles when x's channels are not contiguous (the patch embedding's conv output
+    [B, C, h*w] seen as [B, L, C]): a program takes the K visible tokens of an image for a few
+    channels, so each 32-byte sector of a channel's row x[b, c, :] is fetched from DRAM once and
+    serves all of that program's tokens in it from L1. Reading x in place this way moves at most
+    ~B*L*C elements; the contiguous copy it replaces read and wrote all of them before the
+    gather read a quarter of them again."""
+    rows = min(triton.next_power_of_2(max(K, 1)), 256)
+    return rows, max(1, min(triton.next_power_of_2(C), 2048 // rows)), 4
+
 
 def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
-    x = unit_last_stride(x)
-    B, L, C = x.shape
+    B, L, C = x.shape  # any strides: x is read in place, never copied
     K = ids_keep.shape[1]
     out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)  # as x + pos
     out = torch.empty((B, K, C), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
     if pos is not None:
-        pos = unit_last_stride(pos)
-    rows, block_c, num_warps = _launch_config(C)
+        pos = unit_last_stride(pos)  # an [L, C] parameter: contiguous in practice
+    rows, block_c, num_warps = _launch_config(C) if x.stride(2) == 1 else _channel_strided_config(K, C)
     grid = (triton.cdiv(B * K, rows), triton.cdiv(C, block_c))
     _masked_gather_fwd_kernel[grid](
         x, ids_keep, pos if pos is not None else x, out, B * K, K, L, C,
-        x.stride(0), x.stride(1), ids_keep.stride(0), pos.stride(0) if pos is not None else 0,
+        x.stride(0), x.stride(1), x.stride(2), ids_keep.stride(0), pos.stride(0) if pos is not None else 0,
         HAS_POS=pos is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
     return out
 

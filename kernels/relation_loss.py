@@ -9,8 +9,8 @@ One program per (image, head) holds its 1+k query rows and streams the keys in b
 logsumexp of R and an online softmax of target/tau weighting R, so the [B, 1+k, H, L] logits are
 never stored. It keeps two logsumexps per row. Backward recomputes R block by block:
 dR = g (softmax(R) - P), dk[1+l] = scale dR^T q_rows (written once, each program owns its keys),
-dq_rows = scale dR k accumulated in registers and scattered into dq by torch (1+k rows per
-(b, h)). Logits and softmaxes in fp32; tl.dot operands in the input dtype (bf16 on tensor cores,
+dq_rows = scale dR k accumulated in registers, then every row of dq written once by the same
+program (zero for the tokens that are not query rows). Logits and softmaxes in fp32; tl.dot operands in the input dtype (bf16 on tensor cores,
 fp32 exact "ieee").
 Reference: ``tec_fast.ops.reference.relation_loss``.
 """
@@ -35,7 +35,7 @@ def _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride
     ds = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tok[:, None] * stride_qn + ds[None, :],
                 mask=r_ok[:, None] & (ds < D)[None, :], other=0.0)
-    return q, rs, r_ok
+    return q, rs, r_ok, tok
 
 
 @triton.jit
@@ -48,8 +48,8 @@ def _relation_loss_fwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, row_loss_ptr, lse_r_
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
-    q, rs, r_ok = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
-                                   BLOCK_R, BLOCK_D)
+    q, rs, r_ok, _ = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
+                                      BLOCK_R, BLOCK_D)
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
     k_base = k_ptr + b * stride_kb + h * stride_kh + ds[None, :]
@@ -85,7 +85,7 @@ def _relation_loss_fwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, row_loss_ptr, lse_r_
 
 @triton.jit
 def _relation_loss_bwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, grad_row_ptr, lse_r_ptr, lse_t_ptr,
-                              dq_rows_ptr, dk_ptr,
+                              dq_ptr, dk_ptr,
                               H, L, D, TOPK, scale, inv_tau,
                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                               stride_tb, stride_tr, stride_th,
@@ -94,8 +94,8 @@ def _relation_loss_bwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, grad_row_ptr, lse_r_
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
-    q, rs, r_ok = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
-                                   BLOCK_R, BLOCK_D)
+    q, rs, r_ok, tok = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
+                                        BLOCK_R, BLOCK_D)
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
     row = (b * H + h) * (TOPK + 1) + rs
@@ -105,6 +105,8 @@ def _relation_loss_bwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, grad_row_ptr, lse_r_
     k_base = k_ptr + b * stride_kb + h * stride_kh + ds[None, :]
     dk_base = dk_ptr + (b * H + h) * (L + 1) * D + ds[None, :]
     t_base = t_ptr + b * stride_tb + rs[:, None] * stride_tr + h * stride_th
+    # the CLS key is not among the relation's keys: its gradient row is zero
+    tl.store(dk_base, tl.zeros((1, BLOCK_D), tl.float32).to(dk_ptr.dtype.element_ty), mask=d_ok[None, :])
     dq = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     for l0 in range(0, L, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L)
@@ -120,9 +122,15 @@ def _relation_loss_bwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, grad_row_ptr, lse_r_
         dk = tl.dot(tl.trans(ds_).to(q.dtype), q, input_precision=DOT_PRECISION)  # [BLOCK_L, BLOCK_D]
         tl.store(dk_base + (1 + ls[:, None]) * D, dk.to(dk_ptr.dtype.element_ty),
                  mask=l_ok[:, None] & d_ok[None, :])
-    tl.store(dq_rows_ptr + row[:, None] * D + ds[None, :], dq, mask=r_ok[:, None] & d_ok[None, :])
-
-
+    # dq of all N tokens, each row written once: row n is the sum of the query rows taken from
+    # token n (a 0/1 selection matrix times dq: zero for tokens not queried, sums for repeats)
+    dq_base = dq_ptr + (b * H + h) * (L + 1) * D + ds[None, :]
+    for n0 in range(0, L + 1, BLOCK_L):
+        ns = n0 + tl.arange(0, BLOCK_L)
+        sel = tl.where((ns[:, None] == tok[None, :]) & r_ok[None, :], 1.0, 0.0)  # [BLOCK_L, BLOCK_R]
+        dq_n = tl.dot(sel, dq, input_precision="ieee")
+        tl.store(dq_base + ns[:, None] * D, dq_n.to(dq_ptr.dtype.element_ty),
+                 mask=(ns < L + 1)[:, None] & d_ok[None, :])
 
 
 def _common_args(q, k, target, topk_idx):
@@ -161,17 +169,12 @@ def _relation_loss_bwd(grad_rows, q, k, topk_idx, target, lse_r, lse_t, tau, sca
     q_dtype, k_dtype = q.dtype, k.dtype
     q, k, topk_idx, target = _prepare(q, k, topk_idx, target)
     B, H, N, D = q.shape
-    R = 1 + topk_idx.shape[1]
-    dq_rows = torch.empty((B, H, R, D), dtype=torch.float32, device=q.device)
+    dq = torch.empty((B, H, N, D), dtype=q_dtype, device=q.device)  # every row written by the kernel
     dk = torch.empty((B, H, N, D), dtype=k_dtype, device=q.device)
-    dk[:, :, 0].zero_()  # the CLS key is not among the relation's keys
     _relation_loss_bwd_kernel[(B * H,)](
-        q, k, topk_idx, target, grad_rows.contiguous(), lse_r, lse_t, dq_rows, dk,
+        q, k, topk_idx, target, grad_rows.contiguous(), lse_r, lse_t, dq, dk,
         scale=scale, inv_tau=1.0 / tau,
         **_common_args(q, k, target, topk_idx), **_meta(q, topk_idx.shape[1]))
-    rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], dim=1)  # [B, 1+k]
-    dq = torch.zeros((B, H, N, D), dtype=q_dtype, device=q.device)
-    dq.scatter_add_(2, rows[:, None, :, None].expand(B, H, R, D), dq_rows.to(q_dtype))
     return dq, dk
 
 

@@ -6,10 +6,12 @@
 This replaces MAE's cat(vis, mask_tokens) + gather + add, which writes the [B, L, C] tensor
 three times, by one read of vis and one write of out.
 Forward: one program per block of output rows. Backward, fused into one kernel: each program
-owns a block of (patch j, channel) columns and a slice of the batch; it routes grad_out[b, j]
-to grad_vis[b, r] (fp32 atomics: ids_restore need not be a permutation) or into its running
-mask-token sum, and sums grad_pos over its batch slice. Per-slice partial sums of grad_pos and
-grad_mask_token are added up by torch (a few KB). Indices outside [0, L) read and write nothing.
+owns a block of (row, channel) columns and a slice of the batch; it gathers grad_vis[b, i] from
+the grad_out rows j with ids_restore[b, j] == i (a per-image sort of ids_restore, a few KB of
+indices, inverts the unshuffle; sums where ids_restore is not a permutation), writing each
+element once in vis's dtype, and keeps running sums for the mask token and grad_pos over its
+batch slice. Per-slice partial sums of grad_pos and grad_mask_token are added up by torch (a few
+KB). Indices outside [0, L) read and write nothing.
 Reference: ``tec_fast.ops.reference.scatter_masked``.
 """
 from __future__ import annotations
@@ -48,33 +50,50 @@ def _scatter_masked_fwd_kernel(vis_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr,
 
 
 @triton.jit
-def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, grad_vis_ptr, tok_part_ptr, pos_part_ptr,
-                               B, K, L, C, b_per_prog, stride_gb, stride_gl, stride_ib,
+def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, perm_ptr, bounds_ptr, grad_vis_ptr, tok_part_ptr,
+                               pos_part_ptr, B, K, L, C, b_per_prog, stride_gb, stride_gl, stride_ib,
                                POS_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program (row block, channel block, batch slice). Rows j < L: grad_out[b, j] goes to the
+    # running mask-token sum where ids_restore[b, j] is in [K, L) and to the grad_pos sum. Rows
+    # i < K: grad_vis[b, i] is the sum of grad_out[b, j] over the j with ids_restore[b, j] == i,
+    # found through the per-image sort of ids_restore (perm, bounds) and written once, in vis's
+    # dtype: a gather by the inverse index, no atomics, no memset.
     pid_j, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j = pid_j * ROWS + tl.arange(0, ROWS)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     j_ok = j < L
+    i_ok = j < K  # the same row numbers, as rows of grad_vis
     col_ok = cols < C
     tile_ok = j_ok[:, None] & col_ok[None, :]
     tok_acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     pos_acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     b_start = pid_b * b_per_prog
     # walk the batch slice by advancing 64-bit pointers (no int32 overflow on big tensors)
-    g_ptr = grad_out_ptr + b_start.to(tl.int64) * stride_gb + j[:, None] * stride_gl + cols[None, :]
+    g_img = grad_out_ptr + b_start.to(tl.int64) * stride_gb + cols[None, :]
     i_ptr = ids_ptr + b_start.to(tl.int64) * stride_ib + j
-    v_ptr = grad_vis_ptr + b_start.to(tl.int64) * K * C + cols[None, :]
+    perm_row = perm_ptr + b_start.to(tl.int64) * L
+    bounds_row = bounds_ptr + b_start.to(tl.int64) * (K + 1)
+    v_ptr = grad_vis_ptr + b_start.to(tl.int64) * K * C + j[:, None] * C + cols[None, :]
     for _ in range(b_start, tl.minimum(b_start + b_per_prog, B)):
-        g = tl.load(g_ptr, mask=tile_ok, other=0.0).to(tl.float32)
+        g = tl.load(g_img + j[:, None] * stride_gl, mask=tile_ok, other=0.0).to(tl.float32)
         r = tl.load(i_ptr, mask=j_ok, other=-1).to(tl.int64)
-        to_vis = j_ok & (r >= 0) & (r < K)
         to_tok = j_ok & (r >= K) & (r < L)
-        tl.atomic_add(v_ptr + r[:, None] * C, g, mask=to_vis[:, None] & col_ok[None, :])
         tok_acc += tl.where(to_tok[:, None], g, 0.0)
         if POS_GRAD:
             pos_acc += g
-        g_ptr += stride_gb
+        first = tl.load(bounds_row + j, mask=i_ok, other=0)
+        count = tl.load(bounds_row + j + 1, mask=i_ok, other=0) - first
+        acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+        for t in range(0, tl.max(count, axis=0)):  # 0 or 1 for MAE's permutations
+            hit = i_ok & (t < count)
+            src = tl.load(perm_row + first + t, mask=hit, other=0)
+            acc += tl.load(g_img + src[:, None] * stride_gl, mask=hit[:, None] & col_ok[None, :],
+                           other=0.0).to(tl.float32)
+        tl.store(v_ptr, acc.to(grad_vis_ptr.dtype.element_ty), mask=i_ok[:, None] & col_ok[None, :])
+        g_img += stride_gb
         i_ptr += stride_ib
+        perm_row += L
+        bounds_row += K + 1
         v_ptr += K * C
     part = pid_b * tl.num_programs(0) + pid_j
     tl.store(tok_part_ptr + part.to(tl.int64) * C + cols, tl.sum(tok_acc, axis=0), mask=col_ok)
@@ -116,25 +135,35 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
     return out
 
 
-def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int,
-                        pos_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Returns fp32 (grad_vis [B, K, C], grad_mask_token [C], grad_pos [L, C] or None)."""
+def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, pos_grad: bool,
+                        vis_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Returns (grad_vis [B, K, C] in vis_dtype, grad_mask_token [C] fp32, grad_pos [L, C] fp32 or None)."""
     grad_out = unit_last_stride(grad_out)
     B, L, C = grad_out.shape
-    grad_vis = torch.zeros((B, K, C), dtype=torch.float32, device=grad_out.device)
+    dev = grad_out.device
+    # inverse of the unshuffle, per image: the j with ids_restore[b, j] == i < K are
+    # perm[b, bounds[b, i]:bounds[b, i+1]]; indices outside [0, K) fall outside every bound
+    sorted_ids, perm = torch.sort(ids_restore.to(torch.int64), dim=1, stable=True)
+    bounds = torch.searchsorted(sorted_ids, torch.arange(K + 1, device=dev).expand(B, K + 1).contiguous())
+    grad_vis = torch.empty((B, K, C), dtype=vis_dtype, device=dev)
     rows, block_c, num_warps = _launch_config(C)
     n_j, n_c = triton.cdiv(L, rows), triton.cdiv(C, block_c)
     # split the batch so that about _TARGET_PROGRAMS programs run; each sums over its slice
     n_b = max(1, min(B, triton.cdiv(_TARGET_PROGRAMS, n_j * n_c)))
     b_per_prog = triton.cdiv(max(B, 1), n_b)
     n_b = triton.cdiv(max(B, 1), b_per_prog)
-    tok_part = torch.zeros((n_b * n_j, C), dtype=torch.float32, device=grad_out.device)
-    pos_part = torch.zeros((n_b, L, C) if pos_grad else (1,), dtype=torch.float32, device=grad_out.device)
+    f32 = dict(dtype=torch.float32, device=dev)
+    tok_part = torch.empty((n_b * n_j, C), **f32)  # every program writes its row of both partials
+    pos_part = torch.empty((n_b, L, C) if pos_grad else (1,), **f32)
     if grad_out.numel():
         _scatter_masked_bwd_kernel[(n_j, n_c, n_b)](
-            grad_out, ids_restore, grad_vis, tok_part, pos_part, B, K, L, C, b_per_prog,
-            grad_out.stride(0), grad_out.stride(1), ids_restore.stride(0),
+            grad_out, ids_restore, perm.contiguous(), bounds.contiguous(), grad_vis, tok_part, pos_part,
+            B, K, L, C, b_per_prog, grad_out.stride(0), grad_out.stride(1), ids_restore.stride(0),
             POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+    else:
+        grad_vis.zero_()
+        tok_part.zero_()
+        pos_part.zero_()
     return grad_vis, tok_part.sum(0), (pos_part.sum(0) if pos_grad else None)
 
 
@@ -152,17 +181,17 @@ def _(vis, ids_restore, mask_token, pos):
 
 
 @torch.library.custom_op("tec_fast::scatter_masked_backward", mutates_args=())
-def _scatter_masked_backward_op(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int,
-                                pos_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_vis, grad_tok, grad_pos = _scatter_masked_bwd(grad_out, ids_restore, K, pos_grad)
+def _scatter_masked_backward_op(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, pos_grad: bool,
+                                vis_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_vis, grad_tok, grad_pos = _scatter_masked_bwd(grad_out, ids_restore, K, pos_grad, vis_dtype)
     return grad_vis, grad_tok, grad_pos if grad_pos is not None else grad_tok.new_empty((0,))
 
 
 @_scatter_masked_backward_op.register_fake
-def _(grad_out, ids_restore, K, pos_grad):
+def _(grad_out, ids_restore, K, pos_grad, vis_dtype):
     B, L, C = grad_out.shape
     f32 = dict(dtype=torch.float32)
-    return (grad_out.new_empty((B, K, C), **f32), grad_out.new_empty((C,), **f32),
+    return (grad_out.new_empty((B, K, C), dtype=vis_dtype), grad_out.new_empty((C,), **f32),
             grad_out.new_empty((L, C) if pos_grad else (0,), **f32))
 
 
@@ -177,8 +206,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     (ids_restore,) = ctx.saved_tensors
     pos_grad = ctx.pos_dtype is not None and ctx.needs_input_grad[3]
-    grad_vis, grad_tok, grad_pos = _scatter_masked_backward_op(grad_out, ids_restore, ctx.K, pos_grad)
-    return (grad_vis.to(ctx.vis_dtype) if ctx.needs_input_grad[0] else None, None,
+    grad_vis, grad_tok, grad_pos = _scatter_masked_backward_op(grad_out, ids_restore, ctx.K, pos_grad,
+                                                               ctx.vis_dtype)
+    return (grad_vis if ctx.needs_input_grad[0] else None, None,
             grad_tok.reshape(ctx.tok_shape).to(ctx.tok_dtype) if ctx.needs_input_grad[2] else None,
             grad_pos.to(ctx.pos_dtype) if pos_grad else None)
 
