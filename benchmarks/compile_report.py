@@ -212,7 +212,7 @@ def _case_scatter_masked(s, dt):
     y = _meta(B, 1 + K, Cd, dtype=dt)  # decoder_embed output; the op reads y[:, 1:]
     pos = _meta(1 + L, Cd, dtype=dt)[1:]
     m._scatter_masked_fwd(y[:, 1:], _ids(B, L), _meta(Cd, dtype=dt), pos)
-    m._scatter_masked_bwd(_meta(B, L, Cd, dtype=dt), _ids(B, L), K, True)
+    m._scatter_masked_bwd(_meta(B, L, Cd, dtype=dt), _ids(B, L), K, True, dt)
 
 
 def _case_patch_norm_mse(s, dt):

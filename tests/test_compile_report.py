@@ -1,0 +1,64 @@
+"""CI gate: every Triton kernel compiles offline for sm_90 through its launcher at ViT-B and ViT-L
+training shapes (bf16) without register spills and within the target's shared memory
+(``benchmarks/compile_report.py``; no GPU needed). Never a speed threshold."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "compile_report.py")
+
+
+def _ptxas_or_skip(arch: int = 90) -> str:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        path = get_ptxas(arch).path
+    except Exception as e:  # triton missing or without its NVIDIA backend
+        pytest.skip(f"triton's NVIDIA backend is not importable: {e}")
+    if not (path and os.access(path, os.X_OK)):
+        pytest.skip(f"no bundled ptxas for sm_{arch} (ptxas-blackwell) at {path}")
+    return path
+
+
+def test_sm90_vitb_vitl_bf16_no_spills_smem_within_limit(tmp_path):
+    _ptxas_or_skip(90)
+    out = tmp_path / "compile.jsonl"
+    run = subprocess.run([sys.executable, SCRIPT, "--sizes", "vitb,vitl", "--arch", "90", "--dtype", "bf16",
+                          "--out", str(out), "--check", "--require-all"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, f"compile gate failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    from benchmarks.compile_report import all_kernels
+    kernels = set(all_kernels())
+    for size in ("vitb", "vitl"):
+        got = {r["kernel"] for r in rows if r["shape"] == size}
+        assert kernels <= got, f"{size}: kernels not compiled: {sorted(kernels - got)}"
+    for r in rows:
+        assert r["target"] == "cuda:sm_90a" and r["dtype"] == "bf16"
+        assert 0 < r["registers"] <= 255 and r["num_warps"] >= 1
+        assert r["spill_store_bytes"] == r["spill_load_bytes"] == 0, r
+        assert r["smem_bytes"] <= r["smem_limit"] == 227 * 1024, r
+        for key in ("triton", "commit", "constexprs", "stack_bytes", "ptxas"):
+            assert key in r, key
+
+
+def test_ptxas_log_parsing_and_gate():
+    from benchmarks.compile_report import parse_ptxas_log, problems
+    log = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_adapter_ln_in_bwd_kernel' for 'sm_90a'
+ptxas info    : Function properties for _adapter_ln_in_bwd_kernel
+    560 bytes stack frame, 676 bytes spill stores, 616 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 560 bytes cumulative stack size, 1024 bytes smem, 380 bytes cmem[0]
+"""
+    use = parse_ptxas_log(log)
+    assert (use.registers, use.spill_store_bytes, use.spill_load_bytes, use.stack_bytes,
+            use.static_smem_bytes) == (128, 676, 616, 560, 1024)
+    clean = dict(target="cuda:sm_90a", shape="vitb", dtype="bf16", op="x", kernel="k", registers=40,
+                 spill_store_bytes=0, spill_load_bytes=0, stack_bytes=0, smem_bytes=1000, smem_limit=227 * 1024)
+    assert problems([clean]) == []
+    assert problems([dict(clean, spill_store_bytes=4)]) and problems([dict(clean, spill_load_bytes=4)])
+    assert problems([dict(clean, smem_bytes=227 * 1024 + 1)])
+    assert problems([dict(clean, kernel=None, error="CompilationError: boom")])
