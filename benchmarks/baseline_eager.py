@@ -1,4 +1,4 @@
-"""The eager TEC step, the way the public reference code computes it (written from SPEC.md).
+"""The eager TEC step, the way the public reference code computes it (written from docs/tec.md).
 
 It is the baseline every speed figure is measured against, and an independent oracle for the
 engine's math: eager attention (q k^T, softmax) everywhere, the base model materialising its full

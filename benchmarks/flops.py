@@ -1,4 +1,4 @@
-"""Model FLOPs of one TEC training step, counted from SPEC.md's computation (matmuls and the
+"""Model FLOPs of one TEC training step, counted from docs/tec.md (matmuls and the
 attention products; LayerNorm, GELU, softmax and the optimizer are left out as usual).
 
 A multiply-add is 2 FLOPs; backward costs 2x forward (grads to inputs and to weights), except the

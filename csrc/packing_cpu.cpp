@@ -1,5 +1,5 @@
 // CPU kernels of tec_fast.packing, registered under the CPU dispatch key of the `tec_fast::`
-// operators that tec_fast/packing.py defines (schemas, fake and autograd formulas live there, so
+// operators that tec_fast/packing/library.py defines (schemas, fake and autograd formulas live there, so
 // the pure-torch fallback and these kernels share one definition). Also the pybind11 module
 // `tec_fast._C` with plan_bins and the build facts that packing.extension_status() reports.
 // Only the ATen/pybind11 headers it needs: torch/extension.h would double the compile time.

@@ -1,5 +1,5 @@
 // CUDA kernels of tec_fast.packing bound to the `tec_fast::` operators under the CUDA dispatch
-// key (schemas, fake and autograd formulas: tec_fast/packing.py). Built only where torch has
+// key (schemas, fake and autograd formulas: tec_fast/packing/library.py). Built only where torch has
 // CUDA; the kernels themselves are raw-pointer code in packing_cuda.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

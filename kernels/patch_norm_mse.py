@@ -1,4 +1,4 @@
-"""patch_norm_mse: TEC's feature loss (SPEC.md §3) with the patch-dimension normalisation fused in.
+"""patch_norm_mse: TEC's feature loss (docs/tec.md §3) with the patch-dimension normalisation fused in.
 
     t~[b, :, c] = (t[b, :, c] - mean_L) / sqrt(var_L + eps)        (unbiased variance over L)
     loss = sum_{b,j} mask[b,j] * mean_c (pred[b,j,c] - t~[b,j,c])^2 / sum mask

@@ -1,4 +1,4 @@
-"""relation_targets: the base model's patch-relation targets (SPEC.md §1) without an N x N matrix.
+"""relation_targets: the base model's patch-relation targets (docs/tec.md §1) without an N x N matrix.
 
 From the last block's q, k [B, H, N, d] (token 0 = CLS):
     r[b, l]        = mean_h  scale * q[b,h,0] . k[b,h,1+l]              ranking, [B, L]
