@@ -1,4 +1,4 @@
-"""encoder_adapter: TEC's encoder adapter (SPEC.md §2) over the stacked block outputs [D, B, T, C].
+"""encoder_adapter: TEC's encoder adapter (docs/tec.md §2) over the stacked block outputs [D, B, T, C].
 
     Z' = LN_{D*C}(concat_d feats[d])          G groups of M = D/G blocks
     u_g = Z'[chunk g] W_g^T + b_g;  u_g += fc2_g(GELU(fc1_g(u_g)));  out = LN_C(sum_g u_g)

@@ -1,4 +1,4 @@
-"""relation_loss: TEC's relation loss (SPEC.md §3), flash-style, forward and backward.
+"""relation_loss: TEC's relation loss (docs/tec.md §3), flash-style, forward and backward.
 
 Student q, k [B, H, N, d]; rows (0, topk_idx+1) of q against the patch keys k[:, :, 1:]:
     R[b, i, h, l] = scale * q[b,h,row_i] . k[b,h,1+l]                 [B, 1+k, H, L]
