@@ -321,7 +321,8 @@ def compile_rows(arch: int, size: str, dtype: str, ops: Optional[List[str]] = No
                 CASES[op](SIZES[size], DTYPES[dtype])
                 error = None
             except Exception as e:  # one op failing to compile must not hide the others
-                error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                error = f"{type(e).__name__}: " + " ... ".join(dict.fromkeys(lines[:1] + lines[-1:]))
         if error:
             rows.append(dict(common, op=op, kernel=None, error=error))
         seen = set()
