@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -31,12 +31,11 @@ BRIEF = re.compile(r"\b(SPEC|DESIGN)\.md\b")
 TEC_SECTION = re.compile(r"docs/tec\.md\s*(?:section\s*|§\s*)(\d+)(?:\s*[-–]\s*§?\s*(\d+))?")
 
 
-def _lines(path: Path) -> Iterator[Tuple[int, str]]:
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        yield number, line
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    yield from enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
 
 
-def _code_files() -> List[Path]:
+def _code_files() -> list[Path]:
     files = [ROOT / "setup.py"]
     for folder in CODE_DIRS:
         files += sorted(p for p in (ROOT / folder).rglob("*")
@@ -51,7 +50,7 @@ def _exists(mention: str, base: Path) -> bool:
 
 def _tec_sections() -> set:
     text = (ROOT / "docs" / "tec.md").read_text(encoding="utf-8")
-    return {int(n) for n in re.findall(r"^#+\s*§(\d+)\b", text, flags=re.M)}
+    return {int(n) for n in re.findall(r"^#+\s*§(\d+)\b", text, flags=re.MULTILINE)}
 
 
 def test_doc_paths_and_links_exist():
