@@ -14,9 +14,22 @@ def _positive_int(obj, name: str) -> None:
         raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
 
 
+MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
 @dataclass
 class ViTConfig:
-    """A plain pre-norm ViT: stride-p conv patch embedding, one CLS token, ``depth`` blocks."""
+    """A pre-norm ViT: stride-p conv patch embedding, one CLS token, ``depth`` blocks.
+
+    The fields after ``in_chans`` describe the variants of released base models; their defaults
+    are the plain MAE/iBOT/DINO ViT (the new model is always that plain ViT):
+    ``class_token`` (False: class-token-free ViTs pooled by averaging), ``reg_tokens`` (DINOv2
+    registers, a distilled DeiT's dist token; between the CLS token and the patches),
+    ``no_embed_class`` (DeiT-III, DINOv2-reg: the position embedding covers the patches only),
+    ``layer_scale`` (``ls1.gamma`` / ``ls2.gamma``: DINOv2, DeiT-III), ``pre_norm`` (CLIP: a
+    LayerNorm ``norm_pre`` before the blocks), ``patch_bias`` (CLIP: False), ``qkv_bias``,
+    ``ln_eps`` (timm/MAE 1e-6, CLIP 1e-5, HF 1e-12) and ``mlp_act`` (one of MLP_ACTIVATIONS).
+    """
 
     img_size: int = 224
     patch_size: int = 16
@@ -25,6 +38,15 @@ class ViTConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     in_chans: int = 3
+    class_token: bool = True
+    reg_tokens: int = 0
+    no_embed_class: bool = False
+    layer_scale: bool = False
+    pre_norm: bool = False
+    patch_bias: bool = True
+    qkv_bias: bool = True
+    ln_eps: float = 1e-6
+    mlp_act: str = "gelu"
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
@@ -39,6 +61,15 @@ class ViTConfig:
                 f"ViTConfig.num_heads ({self.num_heads})")
         if not self.mlp_ratio > 0:
             raise ValueError(f"ViTConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        for name in ("class_token", "no_embed_class", "layer_scale", "pre_norm", "patch_bias", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ViTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
+            raise ValueError(f"ViTConfig.reg_tokens must be an int >= 0, got {self.reg_tokens!r}")
+        if not (isinstance(self.ln_eps, (int, float)) and 0 < self.ln_eps < 1):
+            raise ValueError(f"ViTConfig.ln_eps must be a float in (0, 1), got {self.ln_eps!r}")
+        if self.mlp_act not in MLP_ACTIVATIONS:
+            raise ValueError(f"ViTConfig.mlp_act must be one of {MLP_ACTIVATIONS}, got {self.mlp_act!r}")
 
     @property
     def grid_size(self) -> int:
@@ -52,8 +83,33 @@ class ViTConfig:
     def mlp_hidden(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the CLS token, then the register tokens."""
+        return int(self.class_token) + self.reg_tokens
+
+    @property
+    def pos_embed_len(self) -> int:
+        """Rows of the position embedding: the patches, plus the prefix tokens unless no_embed_class."""
+        return self.num_patches + (0 if self.no_embed_class else self.num_prefix_tokens)
+
+    def plain(self) -> "ViTConfig":
+        """The plain ViT of SPEC.md with this one's size (what TECModel and MAEModel build)."""
+        return ViTConfig(**{k: getattr(self, k) for k in _PLAIN_FIELDS})
+
+    @property
+    def is_plain(self) -> bool:
+        return self == self.plain()
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        return cls(**d)
+
+
+_PLAIN_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans")
 
 
 @dataclass
@@ -82,6 +138,10 @@ class TECConfig:
             self.encoder = ViTConfig(**self.encoder)
         if not isinstance(self.encoder, ViTConfig):
             raise ValueError(f"TECConfig.encoder must be a ViTConfig, got {type(self.encoder).__name__}")
+        if not self.encoder.is_plain:
+            odd = {k: v for k, v in self.encoder.to_dict().items() if v != getattr(self.encoder.plain(), k)}
+            raise ValueError(f"TECConfig.encoder must be a plain ViT (the new model has no base-model "
+                             f"variants), got {odd}; use ViTConfig.plain()")
         for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
             _positive_int(self, name)
         if self.decoder_dim % self.decoder_heads:

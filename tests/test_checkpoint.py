@@ -1,13 +1,16 @@
 """Checkpoint layouts of SPEC.md §5 (state dicts built here), error messages, round trips."""
 import argparse
+import errno
 import os
+import pathlib
 import warnings
 
 import pytest
 import torch
 
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
-from tec_fast.checkpoint import export_timm, read_checkpoint, save_atomic
+from tec_fast.checkpoint import clean_stale_temp_files, export_timm, read_checkpoint, save_atomic
+from tec_fast.checkpoint import io as ckpt_io
 
 VIT = ViTConfig(16, 4, 32, 2, 2)
 
@@ -136,10 +139,39 @@ def test_official_tec_pretraining_checkpoint_with_namespace(tmp_path):
     torch.save({"model": m.state_dict(), "optimizer": {}, "epoch": 299, "scaler": {},
                 "args": argparse.Namespace(model="mae_vit_base_patch16", blr=1.5e-4)}, path)
     m2 = TECModel(m.config)
-    with pytest.warns(UserWarning, match="weights_only=False"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # safe loading (Namespace allowed): nothing to warn about
         m2.load_checkpoint(str(path))
     for k, v in m.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
+    assert read_checkpoint(str(path))["args"].blr == 1.5e-4
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_other_pickled_objects_need_trust(tmp_path):
+    path = tmp_path / "ck.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": pathlib.PurePosixPath("/data")}, path)
+    with pytest.raises(ValueError, match=r"PurePosixPath.*trust=True.*--trust-checkpoint"):
+        read_checkpoint(str(path))
+    assert read_checkpoint(str(path), trust=True)["args"] == pathlib.PurePosixPath("/data")
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "x": _Evil()}, evil)
+    with pytest.raises(ValueError, match="posix.system|os.system|trust=True"):
+        read_checkpoint(str(evil))
+
+
+@pytest.mark.parametrize("payload", [bytes(range(256)) * 8, b"\x80\x02garbage", b"PK\x03\x04broken zip",
+                                     b"", os.urandom(4096)])
+def test_random_bytes_are_not_a_checkpoint(tmp_path, payload):
+    p = tmp_path / "junk.pth"
+    p.write_bytes(payload)
+    for trust in (False, True):
+        with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+            read_checkpoint(str(p), trust=trust)
 
 
 def test_tec_model_load_errors():
@@ -193,3 +225,73 @@ def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert read_checkpoint(str(path)) == {"step": 1}
     assert os.listdir(tmp_path) == ["last.pth"]
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC after ``room`` bytes, as on a full disk."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("room", [0, 100, 5000])
+def test_save_atomic_full_disk_names_the_path(tmp_path, monkeypatch, room):
+    path = tmp_path / "checkpoint-last.pth"
+    save_atomic({"step": 1}, path)
+    real = ckpt_io._open_temp
+
+    def full(folder):
+        tmp, f = real(folder)
+        return tmp, _FullDisk(f, room)
+
+    monkeypatch.setattr(ckpt_io, "_open_temp", full)
+    with pytest.raises(OSError, match=r"no space left.*checkpoint-last\.pth") as info:
+        save_atomic({"w": torch.randn(4000)}, path)
+    assert info.value.errno == errno.ENOSPC
+    assert "unexpected pos" not in str(info.value)
+    monkeypatch.undo()
+    assert read_checkpoint(str(path)) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
+def test_clean_stale_temp_files(tmp_path):
+    # what a killed save leaves: save_atomic's own temp name
+    import tempfile
+    fd, stale = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=tmp_path)
+    os.write(fd, b"partial")
+    os.close(fd)
+    keep = [".tmp-notmine.pth", ".tmp-abcdefgh.pth.bak", "x.tmp-abcdefgh.pth", ".tmp-ABCDEFGH.pth",
+            "checkpoint-last.pth", ".tmp-abcdefg.pth"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"1")
+    (tmp_path / ".tmp-linkxxxx.pth").symlink_to(tmp_path / "checkpoint-last.pth")
+    (tmp_path / ".tmp-dir_xxxx.pth").mkdir()
+    removed = clean_stale_temp_files(tmp_path)
+    assert removed == [stale]
+    assert sorted(os.listdir(tmp_path)) == sorted(keep + [".tmp-linkxxxx.pth", ".tmp-dir_xxxx.pth"])
+    assert clean_stale_temp_files(tmp_path) == []
+    assert clean_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_export_refuses_non_finite_weights():
+    m = _tec_model(6)
+    with torch.no_grad():
+        m.blocks[1].mlp.fc2.weight[3, 2] = float("nan")
+        m.blocks[1].attn.proj.bias[0] = float("inf")
+    with pytest.raises(ValueError, match=r"'blocks\.1\.attn\.proj\.bias' \(32,\) has 1 non-finite"):
+        export_timm(m)

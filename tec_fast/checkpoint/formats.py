@@ -6,22 +6,29 @@ checkpoint whose shapes contradict the configured architecture, naming the key a
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from tec_fast.checkpoint.infer import count_blocks
+from tec_fast.checkpoint.infer import count_blocks, stored_vit
 from tec_fast.checkpoint.io import PathOrState, read_checkpoint
+from tec_fast.checkpoint.resample import resample_pos_embed
 
-# Keys a base model does not need: classification heads, MAE/TEC decoders, TEC adapters.
-_BASE_IGNORED = re.compile(r"^(head\.|head_dist\.|fc_norm\.|decoder_|mask_token|encoder_adaptor\.|"
+# Keys a base model does not need: classification heads and poolers, MAE/TEC decoders, TEC
+# adapters, mask tokens (HF ViT, DINOv2, MAE).
+_BASE_IGNORED = re.compile(r"^(head\.|head_dist\.|fc_norm\.|decoder_|decoder\.|mask_token|encoder_adaptor\.|"
                            r"forward_fea_decoder\.|forward_att_decoder\.|decoder_blocks\.|"
-                           r"decoder_pos_embed|pre_logits\.)")
+                           r"decoder_pos_embed|pre_logits\.|pooler\.|classifier\.|attn_pool\.)")
+# Keys on the path from the image to the features: one the base model does not have would make
+# its targets silently wrong, so it is refused, never skipped.
+_BASE_FEATURE_PATH = re.compile(r"^(blocks\.|patch_embed\.|norm_pre\.|cls_token|reg_token|register_tokens|"
+                                r"dist_token|pos_embed|embeddings\.|encoder\.)")
 _PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 
@@ -101,9 +108,9 @@ def _assign(model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport
                       and not (optional_missing is not None and optional_missing.match(k))]
 
 
-def read_state_dict(src: PathOrState, prefer_teacher: bool = True) -> Dict[str, torch.Tensor]:
+def read_state_dict(src: PathOrState, prefer_teacher: bool = True, trust: bool = False) -> Dict[str, torch.Tensor]:
     """The weights inside any supported checkpoint, prefixes stripped (no model needed)."""
-    return _strip_prefixes(_pick_state(read_checkpoint(src), prefer_teacher, LoadReport()))
+    return _strip_prefixes(_pick_state(read_checkpoint(src, trust=trust), prefer_teacher, LoadReport()))
 
 
 # ---------------------------------------------------------------------------- base model
@@ -119,30 +126,164 @@ def fold_cls_mlp(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return state
 
 
-def load_base_checkpoint(base: nn.Module, src: PathOrState) -> LoadReport:
-    """Load MAE / iBOT / DINO / timm / TEC-released / raw TEC weights into a ``BaseModel``."""
-    report = LoadReport(source=src if isinstance(src, str) else os.fspath(src)
-                        if isinstance(src, os.PathLike) else "<dict>")
-    state = _strip_prefixes(_pick_state(read_checkpoint(src), prefer_teacher=True, report=report))
+_HF_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+_HF_BLOCK_NAMES = {"attention.output.dense": "attn.proj", "intermediate.dense": "mlp.fc1",
+                   "output.dense": "mlp.fc2", "layernorm_before": "norm1", "layernorm_after": "norm2"}
+_HF_TOP_NAMES = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+                 "embeddings.mask_token": "mask_token", "layernorm.weight": "norm.weight",
+                 "layernorm.bias": "norm.bias",
+                 "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+                 "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias"}
+
+
+def is_hf_vit(state: Dict[str, torch.Tensor]) -> bool:
+    """A Hugging Face transformers ViTModel / ViTMAEModel state dict (after prefix stripping)."""
+    return "embeddings.patch_embeddings.projection.weight" in state
+
+
+def hf_vit_to_timm(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Hugging Face ``ViTModel`` / ``ViTMAEModel`` names -> timm names; query/key/value are
+    concatenated into ``attn.qkv``. Names it does not know keep their place (``blocks.{i}.<rest>``
+    for per-layer ones), so the loader can refuse them by name."""
+    out, qkv = {}, {}
+    for key, value in state.items():
+        m = _HF_BLOCK.match(key)
+        if m is None:
+            out[_HF_TOP_NAMES.get(key, key)] = value
+            continue
+        i, rest = m.group(1), m.group(2)
+        qkv_m = re.match(r"^attention\.attention\.(query|key|value)\.(weight|bias)$", rest)
+        if qkv_m:
+            qkv.setdefault((i, qkv_m.group(2)), {})[qkv_m.group(1)] = value
+            continue
+        for hf, timm in _HF_BLOCK_NAMES.items():
+            if rest.startswith(hf + "."):
+                rest = timm + rest[len(hf):]
+                break
+        out[f"blocks.{i}.{rest}"] = value
+    for (i, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"Hugging Face layer {i}: attention {kind} has only {sorted(parts)} of "
+                             "query/key/value")
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+    return out
+
+
+@dataclass
+class BaseWeights:
+    """A base model's weights read from any supported source, in timm names: ``state``;
+    ``hf_config`` (a Hugging Face config.json, else {}); ``stored`` (a ViT config saved by the
+    engine, else None); ``report`` (what the reading did)."""
+
+    state: Dict[str, torch.Tensor]
+    hf_config: dict
+    stored: Optional[dict]
+    report: LoadReport
+
+
+def read_base_weights(src: Union[PathOrState, BaseWeights], trust: bool = False) -> BaseWeights:
+    """Read a base checkpoint and bring it to timm's layout: teacher / model / state_dict picked,
+    ``module.`` / ``backbone.`` / ``_orig_mod.`` stripped; Hugging Face names mapped; DINOv2's
+    ``register_tokens`` turned into timm's no-embed-class layout (the CLS position folded into
+    ``cls_token``, as timm's converter does); a distilled DeiT's ``dist_token`` a register token;
+    a raw TEC checkpoint's ``cls_token_mlp`` folded."""
+    if isinstance(src, BaseWeights):
+        return src
+    report = LoadReport(source=os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<dict>")
+    obj = read_checkpoint(src, trust=trust)
+    state = _strip_prefixes(_pick_state(obj, prefer_teacher=True, report=report))
+    hf_config = obj.get("hf_config") or {}
+    if any(k.startswith("vit.embeddings.") for k in state):  # ViTForImageClassification, ViTMAEForPreTraining
+        state = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in state.items()}
+    if is_hf_vit(state):
+        state = hf_vit_to_timm(state)
+        report.notes.append("mapped Hugging Face ViT names to timm's")
+    if "register_tokens" in state:
+        state = dict(state)
+        pos = state.pop("pos_embed")
+        state["reg_token"] = state.pop("register_tokens")
+        state["cls_token"] = state["cls_token"] + pos[:, :1]
+        state["pos_embed"] = pos[:, 1:]
+        report.notes.append("DINOv2 registers: CLS position folded into cls_token, pos_embed covers the patches")
+    if "dist_token" in state:
+        if "reg_token" in state:
+            raise ValueError("checkpoint has both dist_token and reg_token; the engine models one kind of "
+                             "extra prefix token")
+        state = dict(state)
+        state["reg_token"] = state.pop("dist_token")
+        report.notes.append("distilled DeiT: dist_token used as a register token (its head is ignored)")
     if "cls_token_mlp.fc1.weight" in state:
         state = fold_cls_mlp(state)
         report.notes.append("folded the TEC input adapter (cls_token_mlp) into cls_token")
+    return BaseWeights(state, hf_config, stored_vit(obj), report)
+
+
+def _fit_pos_embed(base: nn.Module, pos: torch.Tensor, report: LoadReport) -> torch.Tensor:
+    """The stored position embedding, resampled to the base model's grid where it differs."""
+    cfg = base.config
+    want = tuple(base.pos_embed.shape)
+    if tuple(pos.shape) == want:
+        return pos
+    prefix = cfg.pos_embed_len - cfg.num_patches
+    rows = pos.shape[1] - prefix if pos.dim() == 3 else -1
+    g = math.isqrt(rows) if rows > 0 else 0
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != want[2] or g * g != rows:
+        raise ValueError(f"checkpoint key 'pos_embed' has shape {tuple(pos.shape)} but the configured "
+                         f"model expects {want} ({prefix} prefix rows + a {cfg.grid_size}x{cfg.grid_size} "
+                         f"grid); a stored table must be {prefix} prefix rows + a square grid of "
+                         f"width {want[2]} to be resampled")
+    report.notes.append(f"pos_embed resampled from a {g}x{g} to a {cfg.grid_size}x{cfg.grid_size} grid "
+                        "(bicubic, antialias, prefix rows kept)")
+    return resample_pos_embed(pos, (cfg.grid_size, cfg.grid_size), (g, g), num_prefix=prefix)
+
+
+def _unsupported_hint(keys: List[str]) -> str:
+    hints = []
+    if any(".ls1." in k or ".ls2." in k for k in keys):
+        hints.append("LayerScale: ViTConfig(layer_scale=True)")
+    if any(k.startswith(("reg_token", "register_tokens", "dist_token")) for k in keys):
+        hints.append("register tokens: ViTConfig(reg_tokens=R)")
+    if any(k.startswith("norm_pre.") for k in keys):
+        hints.append("pre-norm: ViTConfig(pre_norm=True)")
+    if any(k.endswith("bias") for k in keys):
+        hints.append("biases: ViTConfig(patch_bias=..., qkv_bias=...)")
+    return ("; " + ", ".join(hints)) if hints else ""
+
+
+def load_base_checkpoint(base: nn.Module, src: Union[PathOrState, BaseWeights],
+                         trust: bool = False) -> LoadReport:
+    """Load MAE / iBOT / DINO / DeiT / DINOv2 / CLIP / timm / Hugging Face / TEC-released /
+    raw TEC weights into a ``BaseModel``. Weights on the path to the features that the model does
+    not have (LayerScale, registers, anything unmatched in a block, ...) are refused by name; a
+    position embedding of another grid is resampled to the model's."""
+    weights = read_base_weights(src, trust=trust)
+    report, state = weights.report, weights.state
     depth, found = base.config.depth, count_blocks(state)
     if found and found != depth:
         raise ValueError(f"checkpoint has {found} encoder blocks (blocks.0..{found - 1}) but the "
                          f"configured base model has depth={depth}")
-    kept = {}
+    kept, refused = {}, []
     own = base.state_dict()
     for key, value in state.items():
         if key in own:
             kept[key] = value
         elif _BASE_IGNORED.match(key):
             report.ignored.append(key)
+        elif _BASE_FEATURE_PATH.match(key):
+            refused.append(key)
         else:
             report.unexpected.append(key)
+    if refused:
+        raise ValueError(f"checkpoint {report.source} has weights the configured base model does not have "
+                         f"(its features would be wrong without them): {refused[:10]}"
+                         + (f" ({len(refused)} in all)" if len(refused) > 10 else "")
+                         + _unsupported_hint(refused)
+                         + "; BaseModel.from_checkpoint reads the architecture from the weights")
     if not kept:
         raise ValueError(f"checkpoint {report.source} matches no base-model key; its keys start with "
                          f"{sorted(state)[:8]}")
+    if "pos_embed" in kept:
+        kept["pos_embed"] = _fit_pos_embed(base, kept["pos_embed"], report)
     # `norm.*` is not used for the targets and TEC's released encoders ship without it.
     _assign(base, kept, report, optional_missing=re.compile(r"^norm\."))
     if report.missing:
@@ -153,13 +294,13 @@ def load_base_checkpoint(base: nn.Module, src: PathOrState) -> LoadReport:
 
 
 # ------------------------------------------------------------------------------ TEC model
-def load_tec_checkpoint(model: nn.Module, src: PathOrState) -> LoadReport:
+def load_tec_checkpoint(model: nn.Module, src: PathOrState, trust: bool = False) -> LoadReport:
     """Load the official TEC pretraining layout (``checkpoint-N.pth``) or the engine's own into a
-    ``TECModel``. Names are the same in both; fixed position embeddings are recomputed, not
-    required."""
-    report = LoadReport(source=src if isinstance(src, str) else os.fspath(src)
-                        if isinstance(src, os.PathLike) else "<dict>")
-    obj = read_checkpoint(src)
+    ``TECModel``. Names are the same in both; the fixed sin-cos position embeddings are the
+    model's own (built for its grid), so stored ones are not required, and ones stored for
+    another image size are skipped."""
+    report = LoadReport(source=os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<dict>")
+    obj = read_checkpoint(src, trust=trust)
     state = _strip_prefixes(_pick_state(obj, prefer_teacher=False, report=report))
     depth, found = model.config.encoder.depth, count_blocks(state)
     if found and found != depth:
@@ -169,6 +310,11 @@ def load_tec_checkpoint(model: nn.Module, src: PathOrState) -> LoadReport:
         raise ValueError(f"checkpoint has {dfound} decoder blocks but TECConfig.decoder_depth="
                          f"{model.config.decoder_depth}")
     own = model.state_dict()
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key in state and key in own and state[key].shape != own[key].shape:
+            state = {k: v for k, v in state.items() if k != key}
+            report.notes.append(f"{key} of another grid skipped: the model's sin-cos table is built for "
+                                f"img_size={model.config.encoder.img_size}")
     kept = {k: v for k, v in state.items() if k in own}
     report.unexpected = [k for k in state if k not in own]
     if not kept:

@@ -1,55 +1,260 @@
-"""Reading checkpoint files safely and writing them atomically."""
+"""Reading checkpoint files safely and writing them atomically.
+
+Formats read: PyTorch files (``torch.save``; unpickled with ``weights_only=True``), safetensors
+files, and Hugging Face ``save_pretrained`` folders (``config.json`` beside ``model.safetensors``,
+``pytorch_model.bin`` or a sharded ``*.index.json``). The safetensors format (an 8-byte
+little-endian header length, a JSON header, then the raw tensors) is read and written here, so the
+``safetensors`` package is not needed.
+"""
 from __future__ import annotations
 
+import argparse
+import errno
+import json
 import os
 import pickle
+import re
+import struct
 import tempfile
-import warnings
-from typing import Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
 PathOrState = Union[str, os.PathLike, dict]
 
+# The one class official TEC/MAE training checkpoints pickle beside their tensors (``args``).
+SAFE_GLOBALS = [argparse.Namespace]
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".pth"
+# tempfile.mkstemp names: the prefix, 8 characters of [a-z0-9_], the suffix.
+_TEMP_NAME = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + r"$")
 
-def read_checkpoint(src: PathOrState) -> dict:
-    """A checkpoint as a dict. Paths load with ``weights_only=True`` first; official TEC/MAE
-    training checkpoints pickle an argparse Namespace and need ``weights_only=False``, which is
-    only tried after a warning (it can run code from the file: load files you trust)."""
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+
+
+def read_checkpoint(src: PathOrState, trust: bool = False) -> dict:
+    """A checkpoint as a dict: a dict is returned as is; a file or folder is read.
+
+    PyTorch files load with ``weights_only=True``, allowing exactly ``argparse.Namespace`` (what
+    official TEC/MAE training checkpoints pickle as ``args``). Anything else pickled is refused
+    unless ``trust=True`` (full unpickling: it can run code from the file). A Hugging Face folder
+    reads as ``{'model': state_dict, 'hf_config': config.json}``; a safetensors file as
+    ``{'model': state_dict, 'metadata': ...}``.
+    """
     if isinstance(src, dict):
         return src
     if not isinstance(src, (str, os.PathLike)):
         raise ValueError(f"checkpoint must be a path or a dict, got {type(src).__name__}")
     path = os.fspath(src)
+    if os.path.isdir(path):
+        return _read_hf_folder(path, trust)
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist or is not a file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types on a file that is not a checkpoint
-        if not (isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)):
-            raise ValueError(f"{path!r} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
-        warnings.warn(f"{path}: not loadable with weights_only=True (it pickles Python objects, "
-                      f"e.g. an argparse Namespace); loading with weights_only=False", stacklevel=3)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if _looks_like_safetensors(path):
+        state, metadata = read_safetensors(path)
+        return {"model": state, "metadata": metadata}
+    obj = _torch_load(path, trust)
     if not isinstance(obj, dict):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
 
 
-def save_atomic(obj, path: Union[str, os.PathLike]) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``: a
-    crash leaves either the old file or the new one, never a torn one."""
+def _torch_load(path: str, trust: bool):
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types on a file that is not a checkpoint
+        unsupported = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(exc), re.IGNORECASE)
+        if unsupported is None:
+            raise ValueError(f"{path!r} is not a PyTorch checkpoint ({type(exc).__name__}"
+                             f"{'' if isinstance(exc, pickle.UnpicklingError) else ': ' + str(exc)[:200]})") from None
+        if not trust:
+            raise ValueError(
+                f"{path!r} pickles a Python object that safe loading refuses ({unsupported.group(1)}); "
+                f"only argparse.Namespace is allowed. If you trust the file, load it with trust=True "
+                f"(CLI: --trust-checkpoint), which unpickles it fully and can run code from it") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path!r} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+# ------------------------------------------------------------------------------ safetensors
+def _looks_like_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 2 <= n <= os.path.getsize(path) - 8
+
+
+def read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; tensors are CPU copies."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path!r} is not a safetensors file (only {len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path!r} is not a safetensors file (bad header: {exc})") from None
+    body = memoryview(data)[8 + n:]
+    metadata = header.pop("__metadata__", None) or {}
+    out = {}
+    for name, info in header.items():
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{path!r}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        shape = list(info["shape"])
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= len(body) or end - begin != numel * itemsize:
+            raise ValueError(f"{path!r}: tensor {name!r} ({info['dtype']} {shape}) has data offsets "
+                             f"{[begin, end]} that do not fit the {len(body)}-byte body")
+        flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(shape)
+    return out, metadata
+
+
+def write_safetensors(state: Dict[str, torch.Tensor], path: Union[str, os.PathLike],
+                      metadata: Optional[Dict[str, str]] = None) -> None:
+    """A safetensors file (atomically); metadata defaults to {'format': 'pt'}, which transformers
+    requires."""
+    header, chunks, offset = {}, [], 0
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"safetensors holds tensors only; {name!r} is a {type(t).__name__}")
+        if t.dtype not in _ST_NAMES:
+            raise ValueError(f"safetensors cannot hold {name!r} of dtype {t.dtype}")
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    header["__metadata__"] = {str(k): str(v) for k, v in (metadata or {"format": "pt"}).items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the body starts 8-byte aligned
+
+    def write(f):
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for c in chunks:
+            f.write(c)
+
+    _write_atomic(path, write)
+
+
+# -------------------------------------------------------------------- Hugging Face folders
+def _read_hf_folder(path: str, trust: bool) -> dict:
+    present = [f for f in _HF_WEIGHTS if os.path.isfile(os.path.join(path, f))]
+    if not present:
+        raise ValueError(f"folder {path!r} holds none of {', '.join(_HF_WEIGHTS)} (a Hugging Face "
+                         f"save_pretrained folder); found {sorted(os.listdir(path))[:10]}")
+    weights = os.path.join(path, present[0])
+    if weights.endswith(".index.json"):
+        with open(weights) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for name in files:
+            state.update(_state_of(read_checkpoint(os.path.join(path, name), trust)))
+    else:
+        state = _state_of(read_checkpoint(weights, trust))
+    config = {}
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    return {"model": state, "hf_config": config}
+
+
+def _state_of(obj: dict) -> dict:
+    return obj["model"] if isinstance(obj.get("model"), dict) else obj
+
+
+# ------------------------------------------------------------------------------- writing
+class _DiskWriter:
+    """A file that remembers the OSError of a failed write: torch.save reports a full disk as
+    ``unexpected pos``; with this, the caller can say what happened."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self):
+        try:
+            self.f.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
+def _open_temp(folder: str):
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+    return tmp, os.fdopen(fd, "wb")
+
+
+def _write_atomic(path: Union[str, os.PathLike], write) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    tmp, f = _open_temp(folder)
+    writer = _DiskWriter(f)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with f:
+            write(writer)
+            writer.flush()
+            try:
+                os.fsync(f.fileno())
+            except OSError as exc:
+                writer.error = exc
+                raise
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        err = writer.error or (exc if isinstance(exc, OSError) else None)
+        if err is not None and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err.errno, f"no space left on the device to write {path} "
+                                     f"({os.strerror(err.errno)}); nothing was replaced") from None
+        if err is not None and not isinstance(exc, OSError):
+            raise OSError(err.errno, f"could not write {path}: {err}") from exc
         raise
+
+
+def save_atomic(obj, path: Union[str, os.PathLike]) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``: a
+    crash leaves either the old file or the new one, never a torn one (and maybe a temporary
+    ``.tmp-XXXXXXXX.pth`` that ``clean_stale_temp_files`` removes). A full disk raises an OSError
+    (errno ENOSPC) naming ``path``."""
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def clean_stale_temp_files(folder: Union[str, os.PathLike]) -> List[str]:
+    """Remove the temporary files of saves that were killed in ``folder`` (only the names
+    ``save_atomic`` makes, ``.tmp-XXXXXXXX.pth``, and only regular files); returns their paths.
+    Call it before this process saves anything there."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        full = os.path.join(folder, name)
+        if _TEMP_NAME.match(name) and os.path.isfile(full) and not os.path.islink(full):
+            os.unlink(full)
+            removed.append(full)
+    return removed

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from tec_fast import ops
 from tec_fast.config import ViTConfig
-from tec_fast.models.layers import LN_EPS, Block, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
+from tec_fast.models.layers import Block, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
 
 
 class BaseTargets(NamedTuple):
@@ -21,7 +21,10 @@ class BaseModel(nn.Module):
     """A standard ViT (MAE / iBOT / DINO / TEC encoder), frozen, always in eval mode.
 
     ``base(images)`` runs on the full image under no_grad and returns ``BaseTargets``.
-    ``topk=None`` gives feature targets only.
+    ``topk=None`` gives feature targets only. The variants of released ViTs that ``ViTConfig``
+    describes (LayerScale, registers, ``no_embed_class``, pre-norm, no CLS token, ...) are built
+    as timm builds them, tokens ordered [CLS, registers, patches]; the targets use the patch
+    tokens only (registers are neither feature nor relation targets).
     """
 
     def __init__(self, vit: ViTConfig, last_layers: int = 2, topk: Optional[int] = 15):
@@ -36,26 +39,60 @@ class BaseModel(nn.Module):
                                  or not 1 <= topk <= vit.num_patches):
             raise ValueError(f"BaseModel: topk must be None or an int in [1, L={vit.num_patches}], "
                              f"got {topk!r}")
+        if topk is not None and not vit.class_token:
+            raise ValueError("BaseModel: topk must be None for a base without a CLS token "
+                             "(ViTConfig.class_token=False): relation targets rank patches by the CLS row")
         self.config, self.last_layers, self.topk = vit, last_layers, topk
         C = vit.embed_dim
-        self.patch_embed = PatchEmbed(vit.patch_size, vit.in_chans, C)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        self.patch_embed = PatchEmbed(vit.patch_size, vit.in_chans, C, bias=vit.patch_bias)
+        if vit.class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        if vit.reg_tokens:
+            self.reg_token = nn.Parameter(torch.zeros(1, vit.reg_tokens, C))
         # Learned for iBOT/DINO, sin-cos for MAE: whatever the checkpoint holds. Sin-cos until loaded.
-        self.pos_embed = nn.Parameter(sincos_pos_embed(C, vit.grid_size).unsqueeze(0))
-        self.blocks = nn.ModuleList([Block(C, vit.num_heads, vit.mlp_ratio) for _ in range(vit.depth)])
-        self.norm = nn.LayerNorm(C, eps=LN_EPS)  # not used for targets; kept so checkpoints round-trip
+        pos = sincos_pos_embed(C, vit.grid_size, cls_token=False)
+        pos = torch.cat([pos.new_zeros(vit.pos_embed_len - vit.num_patches, C), pos])
+        self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # [1, (prefix +) L, C]
+        self.norm_pre = nn.LayerNorm(C, eps=vit.ln_eps) if vit.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList([
+            Block(C, vit.num_heads, vit.mlp_ratio, layer_scale=vit.layer_scale, qkv_bias=vit.qkv_bias,
+                  ln_eps=vit.ln_eps, act=vit.mlp_act) for _ in range(vit.depth)])
+        self.norm = nn.LayerNorm(C, eps=vit.ln_eps)  # not used for targets; kept so checkpoints round-trip
         init_vit_weights(self)
-        nn.init.normal_(self.cls_token, std=0.02)
+        for name in ("cls_token", "reg_token"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), std=0.02)
         self.requires_grad_(False)
         self.eval()
+
+    @classmethod
+    def from_checkpoint(cls, src, *, img_size: Optional[int] = None, num_heads: Optional[int] = None,
+                        last_layers: int = 2, topk: Optional[int] = None, trust: bool = False,
+                        config_overrides: Optional[dict] = None) -> "BaseModel":
+        """A base model from any supported checkpoint (file, dict, safetensors file or Hugging Face
+        folder), its architecture read from the weights (``tec_fast.checkpoint.infer``): width,
+        depth, patch, MLP ratio, LayerScale, registers, class-token layout, pre-norm, biases.
+        ``img_size`` (default: the stored position embedding's grid) resamples the position
+        embedding; ``num_heads`` (default: a stored or Hugging Face config, a known preset, else
+        width / 64). ``config_overrides``: ViTConfig fields the weights cannot tell (``mlp_act``,
+        ``ln_eps``). ``trust=True`` allows full unpickling. ``base.load_report`` says what was done."""
+        from tec_fast.checkpoint import infer_base_vit, load_base_checkpoint, read_base_weights
+        weights = read_base_weights(src, trust=trust)
+        vit, notes = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored,
+                                    img_size=img_size, num_heads=num_heads, overrides=config_overrides)
+        base = cls(vit, last_layers=last_layers, topk=topk)
+        weights.report.notes[:0] = notes
+        base.load_report = load_base_checkpoint(base, weights)
+        return base
 
     def train(self, mode: bool = True) -> "BaseModel":
         return super().train(False)  # frozen: always eval mode
 
-    def load_checkpoint(self, path_or_state: Union[str, dict]):
-        """Load MAE / iBOT / DINO / timm / TEC-released / TEC-raw weights (SPEC.md §5)."""
+    def load_checkpoint(self, path_or_state: Union[str, dict], trust: bool = False):
+        """Load MAE / iBOT / DINO / timm / TEC-released / TEC-raw / Hugging Face weights (SPEC.md
+        §5) into this architecture; a position embedding of another grid is resampled."""
         from tec_fast.checkpoint import load_base_checkpoint
-        return load_base_checkpoint(self, path_or_state)
+        return load_base_checkpoint(self, path_or_state, trust=trust)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -63,9 +100,15 @@ class BaseModel(nn.Module):
         w = self.patch_embed.proj.weight
         if not torch.is_autocast_enabled(images.device.type):
             images = images.to(w.dtype)  # a base model cast to bf16 takes fp32 images
-        x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return x + self.pos_embed.to(x.dtype)  # [B, N, C]
+        x = self.patch_embed(images)  # [B, L, C]
+        prefix = [t.expand(x.shape[0], -1, -1).to(x.dtype)
+                  for t in (getattr(self, "cls_token", None), getattr(self, "reg_token", None)) if t is not None]
+        pos = self.pos_embed.to(x.dtype)
+        if cfg.no_embed_class:  # DeiT-III / DINOv2-reg: the prefix tokens carry no position
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return self.norm_pre(x)  # [B, P + L, C], P = cfg.num_prefix_tokens
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
@@ -73,15 +116,19 @@ class BaseModel(nn.Module):
         output, averaged over the patch tokens (``pool='mean'``) or the CLS token (``'cls'``). [B, C]"""
         if pool not in ("mean", "cls"):
             raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
+        if pool == "cls" and not self.config.class_token:
+            raise ValueError("pool='cls' needs a CLS token; this base has none (use pool='mean')")
         x = self._embed(images)
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)
-        return (x[:, 1:].mean(dim=1) if pool == "mean" else x[:, 0]).float()
+        P = self.config.num_prefix_tokens
+        return (x[:, P:].mean(dim=1) if pool == "mean" else x[:, 0]).float()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> BaseTargets:
         cfg = self.config
+        P = cfg.num_prefix_tokens
         x = self._embed(images)
         feats = 0
         qk = None
@@ -92,10 +139,13 @@ class BaseModel(nn.Module):
             else:
                 x = blk(x)
             if i >= depth - self.last_layers:
-                feats = feats + x[:, 1:].float()
+                feats = feats + x[:, P:].float()
         features = feats / self.last_layers  # [B, L, Cb], fp32
         if qk is None:
             return BaseTargets(features, None, None)
+        q, k = qk  # [B, H, P + L, d]
+        if cfg.reg_tokens:  # register tokens are neither ranked rows nor target columns
+            q, k = (torch.cat([t[:, :, :1], t[:, :, P:]], dim=2) for t in (q, k))
         scale = (cfg.embed_dim // cfg.num_heads) ** -0.5
-        relation, topk_idx = ops.relation_targets(qk[0], qk[1], self.topk, scale)
+        relation, topk_idx = ops.relation_targets(q, k, self.topk, scale)
         return BaseTargets(features, relation, topk_idx)

@@ -42,22 +42,40 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Stride-p convolution, [B, 3, S, S] -> [B, L, C] (patches row-major)."""
+    """Stride-p convolution, [B, 3, S, S] -> [B, L, C] (patches row-major). ``bias=False``: CLIP."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI's CLIP towers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def mlp_activation(name: str) -> nn.Module:
+    """``gelu`` (exact erf, timm/MAE/HF), ``gelu_tanh`` (tanh approximation), ``quick_gelu``."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown MLP activation {name!r}; one of gelu, gelu_tanh, quick_gelu")
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, out_dim: Optional[int] = None):
+    def __init__(self, dim: int, hidden: int, out_dim: Optional[int] = None, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = mlp_activation(act)
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,11 +90,11 @@ class Attention(nn.Module):
     attention-logit rows it needs (the base model's relation targets) without an N x N matrix.
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, return_qk: bool = False,
@@ -93,27 +111,45 @@ class Attention(nn.Module):
         return (out, (q, k)) if return_qk else out
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x += Attn(LN1(x)); x += MLP(LN2(x))."""
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (``gamma``, as timm / DINOv2 / DeiT-III name it)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, init_value: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += LS1(Attn(LN1(x))); x += LS2(MLP(LN2(x))).
+
+    The keyword arguments describe released base models (DINOv2, DeiT-III, CLIP, HF); their
+    defaults are the plain block (no LayerScale) that the new model uses.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, layer_scale: bool = False,
+                 qkv_bias: bool = True, ln_eps: float = LN_EPS, act: str = "gelu"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor, return_qk: bool = False,
                 cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0):
         if cu_seqlens is not None:
-            x = x + self.attn(self.norm1(x), cu_seqlens=cu_seqlens, max_len=max_len)
-            return x + self.mlp(self.norm2(x))
+            x = x + self.ls1(self.attn(self.norm1(x), cu_seqlens=cu_seqlens, max_len=max_len))
+            return x + self.ls2(self.mlp(self.norm2(x)))
         if return_qk:
             a, qk = self.attn(self.norm1(x), return_qk=True)
-            x = x + a
-            return x + self.mlp(self.norm2(x)), qk
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+            x = x + self.ls1(a)
+            return x + self.ls2(self.mlp(self.norm2(x))), qk
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -129,7 +165,8 @@ def init_vit_weights(module: nn.Module) -> None:
         elif isinstance(m, PatchEmbed):
             w = m.proj.weight.data
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.zeros_(m.proj.bias)
+            if m.proj.bias is not None:
+                nn.init.zeros_(m.proj.bias)
 
 
 def check_images(images: torch.Tensor, in_chans: int, img_size: int, name: str = "images") -> None:
