@@ -17,8 +17,9 @@ from tec_fast.presets import vit_preset
 from tec_fast.training.objectives import TECObjective
 from train_helpers import AugmentedImages, tiny_base, tiny_objective, tiny_tec, tiny_vit
 
-DEMO_ARCH = ["--model", "vit_demo_patch4", "--base-model", "vit_demo_patch4", "--img-size", "32",
-             "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2"]
+MAE_ARCH = ["--model", "vit_demo_patch4", "--img-size", "32",
+            "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2"]
+DEMO_ARCH = [*MAE_ARCH, "--base-model", "vit_demo_patch4"]
 
 
 
@@ -129,7 +130,7 @@ def test_help_is_grouped_by_topic(capsys):
 
 def test_mae_base_then_tec_from_it_then_export(folder, tmp_path, capsys):
     common = ["--data", str(folder), "--batch-size", "4", "--num-workers", "0", "--max-steps", "3",
-              "--no-progress", "--lr", "1e-3", *DEMO_ARCH]
+              "--no-progress", "--lr", "1e-3", *MAE_ARCH]
     with pytest.warns(RuntimeWarning, match="broken.jpg"):
         assert _run(["--objective", "mae", "--output", str(tmp_path / "mae"), *common]) == 0
     mae_enc = tmp_path / "mae" / "encoder_mae.pth"
@@ -137,7 +138,8 @@ def test_mae_base_then_tec_from_it_then_export(folder, tmp_path, capsys):
 
     out = tmp_path / "tec"
     with pytest.warns(RuntimeWarning):
-        assert _run(["--base", f"mae_vit_base:{mae_enc}", "--output", str(out), *common]) == 0
+        assert _run(["--base", f"mae_vit_base:{mae_enc}", "--base-model", "vit_demo_patch4", "--output", str(out),
+                     *common]) == 0
     text = capsys.readouterr().out
     assert "summary" in text and "3 / 3 (completed)" in text and "unreadable images were skipped" in text
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -165,11 +167,12 @@ def test_mae_base_then_tec_from_it_then_export(folder, tmp_path, capsys):
     assert "blocks.0.attn.qkv.weight" in torch.load(tmp_path / "m.pth", weights_only=True)["model"]
 
 
-def test_strict_data_fails_on_an_unreadable_image(folder, tmp_path):
-    with pytest.raises(RuntimeError, match="broken.jpg"):
-        _run(["--data", str(folder), "--objective", "mae", "--strict-data", "--batch-size", "4",
-              "--num-workers", "0", "--max-steps", "3", "--no-progress", "--output", str(tmp_path),
-              "--warmup-epochs", "0", *DEMO_ARCH])
+def test_strict_data_fails_on_an_unreadable_image(folder, tmp_path, capsys):
+    assert _run(["--data", str(folder), "--objective", "mae", "--strict-data", "--batch-size", "4",
+                 "--num-workers", "0", "--max-steps", "3", "--no-progress", "--output", str(tmp_path),
+                 "--warmup-epochs", "0", *MAE_ARCH]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unreadable image") and "broken.jpg" in err[0]
 
 
 def test_bench_loader(folder, capsys):
@@ -178,11 +181,14 @@ def test_bench_loader(folder, capsys):
     assert "img/s" in capsys.readouterr().out
 
 
-def test_tec_needs_a_base(folder, tmp_path):
-    with pytest.raises(SystemExit, match="--base"):
-        _run(["--data", str(folder), "--output", str(tmp_path), "--num-workers", "0"])
-    with pytest.raises(ValueError, match="KIND:PATH"):
-        _run(["--data", str(folder), "--base", "nonsense", "--output", str(tmp_path), "--num-workers", "0"])
+def test_tec_needs_a_base(folder, tmp_path, capsys):
+    for extra, expected in (([], "--base KIND:PATH"), (["--base", "nonsense"], "KIND:PATH"),
+                            (["--base", f"mae_vit_base:{tmp_path / 'missing.pth'}"], "no such file")):
+        with pytest.raises(SystemExit) as info:
+            _run(["--data", str(folder), "--output", str(tmp_path), "--num-workers", "0", *extra])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: argument --base:") and expected in err[0], err
 
 
 def test_progress_is_plain_text_off_a_terminal():
@@ -208,7 +214,7 @@ def test_variable_and_block_masking_train_through_the_packed_encoder(tmp_path):
     cfg = FitConfig(epochs=8, batch_size=8, lr=3e-3, warmup_steps=2, progress=False, seed=0)
     L = tiny_vit().num_patches
     for objective in (TECObjective(base, (0.5, 0.9), L), TECObjective(base, 0.5, L, masking="block")):
-        assert objective.num_patches == L + 1  # one extra noise column per image
+        assert objective.noise_columns == L + 1  # one extra noise column per image
         r = fit(tiny_tec(), objective, data, cfg)
         assert r.stopped == "completed"
         assert np.mean(r.losses[-3:]) < np.mean(r.losses[:3])
@@ -222,7 +228,7 @@ def test_mask_ratio_argument():
     p = build_parser()
     assert p.parse_args(["--mask-ratio", "0.6:0.9"]).mask_ratio == (0.6, 0.9)
     assert p.parse_args(["--mask-ratio", "0.7"]).mask_ratio == 0.7
-    for bad in ("1.2", "0.9:0.6", "a:b"):
+    for bad in ("1.2", "0.9:0.6", "a:b", "0", "0.0:0.5", "1", "nan"):
         with pytest.raises(SystemExit):
             p.parse_args(["--mask-ratio", bad])
 

@@ -81,7 +81,7 @@ def _time_steps(model, objective, dataset, batch_size: int, steps: int = 3) -> f
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        noise = masking_noise(0, i, 0, batch_size, objective.num_patches, 0, 1)
+        noise = masking_noise(0, i, 0, batch_size, objective.noise_columns, 0, 1)
         objective(model, batch, noise)["loss"].backward()
         opt.step()
         opt.zero_grad()

@@ -1,8 +1,11 @@
 """The trainer's library: ``fit`` (the loop every objective shares) and the small modules around
 it, one job each: ``config`` (FitConfig / FitResult), ``distributed`` (torchrun, DDP / FSDP2),
-``sampling`` (data order, per-sample seeds, masking noise), ``state`` (RNG state, resume),
-``faults`` (non-finite loss, signals), ``checkpoints`` (rotation), ``objectives`` (what a step
-computes), ``optim`` (AdamW and the schedule), ``monitor`` (progress, metrics log, tables)."""
+``sampling`` (data order, per-sample seeds, masking noise), ``state`` (position, RNG state,
+finding the checkpoint to resume), ``saving`` (what a checkpoint holds, the finite-weights check,
+resuming), ``faults`` (non-finite loss or weights, signals), ``checkpoints`` (rotation, writes),
+``objectives`` (the ``Objective`` protocol and its implementations), ``builders`` (one builder per
+objective for the train command), ``optim`` (AdamW and the schedule), ``monitor`` (progress,
+metrics log, tables)."""
 from tec_fast.training.checkpoints import (
                                         CHECKPOINT_FORMAT,
                                         LAST_CHECKPOINT,
@@ -14,9 +17,15 @@ from tec_fast.training.distributed import (
                                         cleanup_distributed,
                                         setup_distributed,
 )
-from tec_fast.training.faults import NonFiniteLoss, TrainingInterrupted
+from tec_fast.training.faults import (
+                                        NonFiniteLoss,
+                                        NonFiniteTraining,
+                                        NonFiniteWeights,
+                                        TrainingInterrupted,
+)
 from tec_fast.training.loader_bench import bench_loader
 from tec_fast.training.loop import fit
+from tec_fast.training.objectives import Objective
 from tec_fast.training.sampling import (
                                         ResumableBatchSampler,
                                         ResumableSampler,
@@ -32,7 +41,8 @@ from tec_fast.training.state import (
 )
 
 __all__ = ["CHECKPOINT_FORMAT", "LAST_CHECKPOINT", "CheckpointManager", "FitConfig", "FitResult",
-           "DistInfo", "cleanup_distributed", "setup_distributed", "NonFiniteLoss",
+           "DistInfo", "cleanup_distributed", "setup_distributed", "NonFiniteLoss", "NonFiniteTraining",
+           "NonFiniteWeights", "Objective",
            "TrainingInterrupted", "bench_loader", "fit", "ResumableBatchSampler", "ResumableSampler",
            "SeededSamples", "masking_noise", "mix_seed", "resolve_resume", "rng_state",
            "seed_everything", "set_rng_state"]

@@ -1,6 +1,7 @@
 """What ``fit`` is asked to do (``FitConfig``) and what it reports (``FitResult``)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -28,7 +29,7 @@ class FitConfig:
     betas: Tuple[float, float] = (0.9, 0.95)
     optimizer: str = "torch"               # "torch" | "apex"
     precision: str = "fp32"                # "fp32" | "bf16" | "fp16"
-    clip_grad: Optional[float] = None
+    clip_grad: Optional[float] = None      # max gradient norm; None: not clipped
     compile: bool = False
     shard: str = "ddp"                     # under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
     num_workers: int = 0
@@ -45,19 +46,42 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accum", "log_every", "save_every_epochs", "keep_last"):
+            _need(self, name, _is_int(getattr(self, name), 1), "an int >= 1")
+        for name in ("max_steps", "warmup_steps", "save_every_steps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"FitConfig.{name} must be an int >= 1, got {v!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"FitConfig.max_steps must be >= 1 or None, got {self.max_steps!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"FitConfig.precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.shard not in ("ddp", "fsdp"):
-            raise ValueError(f"FitConfig.shard must be 'ddp' or 'fsdp', got {self.shard!r}")
+            _need(self, name, v is None or _is_int(v, 0 if name == "warmup_steps" else 1),
+                  "None or an int >= " + ("0" if name == "warmup_steps" else "1"))
+        for name in ("num_workers", "keep_every", "seed"):
+            _need(self, name, _is_int(getattr(self, name), 0), "an int >= 0")
+        _need(self, "blr", _is_real(self.blr) and self.blr > 0, "a finite number > 0")
+        _need(self, "lr", self.lr is None or (_is_real(self.lr) and self.lr > 0), "None or a finite number > 0")
+        for name in ("min_lr", "warmup_epochs", "weight_decay"):
+            _need(self, name, _is_real(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
+        for name in ("clip_grad", "time_limit"):
+            v = getattr(self, name)
+            _need(self, name, v is None or (_is_real(v) and v > 0), "None or a finite number > 0")
         self.betas = tuple(self.betas)
+        _need(self, "betas", len(self.betas) == 2 and all(_is_real(b) and 0 <= b < 1 for b in self.betas),
+              "two numbers in [0, 1)")
+        _need(self, "precision", self.precision in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16")
+        _need(self, "shard", self.shard in ("ddp", "fsdp"), "'ddp' or 'fsdp'")
+        _need(self, "optimizer", self.optimizer in ("torch", "apex"), "'torch' or 'apex'")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_int(v, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _need(cfg: FitConfig, name: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"FitConfig.{name} must be {what}, got {getattr(cfg, name)!r}")
 
 
 @dataclass

@@ -1,19 +1,59 @@
-"""How a run stops early: a non-finite loss, a signal (SIGTERM / SIGINT)."""
+"""How a run stops early: a non-finite loss or weights, a signal (SIGTERM / SIGINT)."""
 from __future__ import annotations
 
 import signal
 import threading
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
 
 
 # ----------------------------------------------------------------------------------- errors
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; raised before the optimizer step, nothing is saved."""
+def _on_disk(checkpoint: Optional[Tuple[str, int]]) -> str:
+    if checkpoint is None:
+        return "no checkpoint has been written by this run"
+    path, step = checkpoint
+    return f"the newest checkpoint, {path} (step {step}), was checked and holds finite weights"
 
-    def __init__(self, step: int, metrics: Dict[str, float]):
-        super().__init__(f"non-finite loss at optimizer step {step} ({metrics}); stopped without "
-                         f"saving a checkpoint (the last good one is still on disk)")
-        self.step, self.metrics = step, metrics
+
+class NonFiniteTraining(RuntimeError):
+    """Training produced NaN or inf; nothing non-finite was saved. ``checkpoint``: (path, step)
+    of the newest checkpoint of this run (or the one it resumed from), or None."""
+
+    def __init__(self, message: str, step: int, checkpoint: Optional[Tuple[str, int]]):
+        super().__init__(f"{message}; stopped without saving: {_on_disk(checkpoint)}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class NonFiniteLoss(NonFiniteTraining):
+    """The loss became NaN or inf; raised before the optimizer step."""
+
+    def __init__(self, step: int, metrics: Dict[str, float],
+                 checkpoint: Optional[Tuple[str, int]] = None):
+        super().__init__(f"non-finite loss at optimizer step {step} ({metrics})", step, checkpoint)
+        self.metrics = metrics
+
+
+class NonFiniteWeights(NonFiniteTraining):
+    """A parameter became NaN or inf (the loss may still be finite: e.g. a huge learning rate);
+    found when about to save, so the file is not written."""
+
+    def __init__(self, step: int, names: List[str], checkpoint: Optional[Tuple[str, int]] = None):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        super().__init__(f"non-finite weights after optimizer step {step} ({shown})", step, checkpoint)
+        self.names = names
+
+
+def nonfinite_parameters(model: nn.Module) -> List[str]:
+    """Names of the parameters of ``model`` holding a NaN or inf (this process's shard of a
+    sharded parameter)."""
+    bad = []
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if not bool(torch.isfinite(local.detach()).all()):
+            bad.append(name)
+    return bad
 
 
 class TrainingInterrupted(RuntimeError):

@@ -22,10 +22,8 @@ optimizer step. Images per step are counted from the batches themselves (``len(b
 """
 
 import os
-import signal
 import sys
 import time
-import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -33,32 +31,20 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from tec_fast.checkpoint import read_checkpoint
-from tec_fast.training.checkpoints import CHECKPOINT_FORMAT, CheckpointManager
 from tec_fast.training.config import FitConfig, FitResult
-from tec_fast.training.distributed import (
-    DistInfo,
-    _load_optimizer_state,
-    _model_state,
-    _no_sync,
-    _wrap_model,
-    setup_distributed,
-)
-from tec_fast.training.faults import NonFiniteLoss, TrainingInterrupted, _SignalFlag
-from tec_fast.training.monitor import MetricsLog, Progress
-from tec_fast.training.optim import build_optimizer, lr_at, set_lr
+from tec_fast.training.distributed import DistInfo, _no_sync, _wrap_model, setup_distributed
+from tec_fast.training.faults import NonFiniteLoss, _SignalFlag
+from tec_fast.training.monitor import MetricsLog, Progress, StepMeter
+from tec_fast.training.objectives import Objective
+from tec_fast.training.optim import build_optimizer, plan_schedule, set_lr
 from tec_fast.training.sampling import (
     ResumableBatchSampler,
     ResumableSampler,
     SeededSamples,
     masking_noise,
 )
-from tec_fast.training.state import (
-    resolve_resume,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from tec_fast.training.saving import RunSaver, load_for_resume, restore
+from tec_fast.training.state import seed_everything
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -111,8 +97,8 @@ def _to_device(batch, device: torch.device):
 
 
 
-def _forward_backward(wrapped, sync, objective, batches, scaler, cfg: FitConfig, d: DistInfo, step: int,
-                      num_patches: Optional[int], amp_dtype) -> Tuple[List[str], torch.Tensor, int]:
+def _forward_backward(wrapped, sync, objective: Objective, batches, scaler, cfg: FitConfig, d: DistInfo,
+                      step: int, amp_dtype) -> Tuple[List[str], torch.Tensor, int]:
     """The ``accum`` micro-steps of one optimizer step: (metric names, their means on device,
     images this process saw)."""
     names, sums, images = None, None, 0
@@ -120,8 +106,8 @@ def _forward_backward(wrapped, sync, objective, batches, scaler, cfg: FitConfig,
         batch = _to_device(next(batches), d.device)
         images += batch_images(batch)
         noise = None
-        if num_patches is not None:
-            noise = masking_noise(cfg.seed, step, micro, cfg.batch_size * d.world, num_patches,
+        if objective.noise_columns is not None:
+            noise = masking_noise(cfg.seed, step, micro, cfg.batch_size * d.world, objective.noise_columns,
                                   d.rank, d.world).to(d.device, non_blocking=True)
         with _no_sync(sync, cfg, micro == cfg.accum - 1), \
                 torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -149,169 +135,106 @@ def _agree(names: List[str], sums: torch.Tensor, signalled: bool, over_time: boo
     return dict(zip(names, values[:len(names)])), nonfinite, stop_signal, stop_time, int(round(values[-1]))
 
 
+def _optimizer_step(model: nn.Module, optimizer, scaler, clip_grad: Optional[float],
+                    metrics: Dict[str, float]) -> None:
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), clip_grad))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _open_log(cfg: FitConfig, d: DistInfo, start: dict) -> MetricsLog:
+    out = cfg.output_dir if d.is_main else None
+    log = MetricsLog(os.path.join(out, "metrics.jsonl") if out else None,
+                     os.path.join(out, "tensorboard") if out and cfg.tensorboard else None)
+    log.write(start)
+    return log
+
+
+def _finish(model: nn.Module, cfg: FitConfig, d: DistInfo, sched, pos, stopped: str, t_start: float,
+            meter: StepMeter, checkpoint: Optional[str], opt_name: str) -> FitResult:
+    if stopped == "time_limit" and d.is_main:
+        print(f"[{cfg.name}] time limit ({cfg.time_limit:.0f} s) reached: stopped after step {pos.step} "
+              f"of {sched.total_steps}", file=sys.stderr)
+    seconds = time.perf_counter() - t_start
+    meter.log.write({"event": "end", "stage": cfg.name, "step": pos.step, "stopped": stopped,
+                     "seconds": seconds, "img_per_s": meter.img_per_s, "checkpoint": checkpoint, **meter.metrics})
+    return FitResult(model=model, steps=pos.step, total_steps=sched.total_steps, epoch=pos.epoch,
+                     seconds=seconds, img_per_s=meter.img_per_s, losses=meter.losses, metrics=meter.metrics,
+                     stopped=stopped, checkpoint=checkpoint, optimizer=opt_name, lr=sched.peak_lr,
+                     global_batch=sched.global_batch)
+
+
+def _check_objective(objective) -> None:
+    if not isinstance(objective, Objective):
+        raise TypeError(f"{type(objective).__name__} is not an Objective: it needs a noise_columns "
+                        f"attribute (int or None) and __call__(model, batch, noise)")
+
+
 # ------------------------------------------------------------------------------------- fit
-def fit(model: nn.Module, objective: Callable, dataset: Dataset, cfg: FitConfig,
+def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig,
         checkpoint_extra: Optional[dict] = None,
         on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
         batch_sampler=None, collate_fn: Optional[Callable] = None) -> FitResult:
-    """Train ``model`` on ``dataset`` with ``objective(model, batch, noise) -> {'loss': ...,
-    other 0-dim tensors}``. ``objective.num_patches`` (if present) sizes the masking noise
-    handed to it; ``noise`` is None otherwise. ``checkpoint_extra`` (plain data: configs, what
-    the model is) goes into every checkpoint; ``on_step(step, metrics)`` runs after each
-    optimizer step (tests use it). ``batch_sampler`` / ``collate_fn``: variable-size batches
-    from a global per-epoch plan (``ResumableBatchSampler``; ``cfg.batch_size`` is then unused,
-    the lr rule takes the plan's mean images per batch). Raises ``NonFiniteLoss`` and
+    """Train ``model`` on ``dataset`` with an ``Objective``. ``checkpoint_extra`` (plain data)
+    goes into every checkpoint; ``on_step(step, metrics)`` runs after each optimizer step;
+    ``batch_sampler`` / ``collate_fn``: variable-size batches (see the module docstring).
+    Raises ``NonFiniteLoss`` / ``NonFiniteWeights`` (nothing non-finite is saved) and
     ``TrainingInterrupted``."""
-    d = setup_distributed()
-    t_start = time.perf_counter()
-    out_dir = cfg.output_dir
-    ckpts = CheckpointManager(out_dir, cfg.keep_last, cfg.keep_every) if out_dir else None
-    resume_path = resolve_resume(cfg.resume, out_dir)
-    resumed = read_checkpoint(resume_path) if resume_path else None
-
+    _check_objective(objective)
+    d, t_start = setup_distributed(), time.perf_counter()
     seed_everything(cfg.seed)
     model.to(d.device)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
+    resume_path, resumed = load_for_resume(model, cfg, d)
     wrapped, sync = _wrap_model(model, cfg, d)
-
     loader, sampler, steps_per_epoch = build_loader(dataset, cfg, d, batch_sampler=batch_sampler,
                                                     collate_fn=collate_fn)
     per_micro = sampler.mean_batch_size if batch_sampler is not None else cfg.batch_size
-    global_batch = max(1, int(round(per_micro * cfg.accum * d.world)))
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * steps_per_epoch))
-    if warmup >= total_steps:
-        warnings.warn(f"warmup ({warmup} steps) is not shorter than the schedule ({total_steps} steps); "
-                      f"warming up over the first 10% instead", RuntimeWarning)
-        warmup = total_steps // 10
-    peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
-
-    optimizer, opt_name = build_optimizer(model, peak_lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
+    sched = plan_schedule(cfg, per_micro * cfg.accum * d.world, steps_per_epoch)
+    optimizer, opt_name = build_optimizer(model, sched.peak_lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    num_patches = getattr(objective, "num_patches", None)
-
-    step, epoch, step_in_epoch = 0, 0, 0
-    if resumed is not None:
-        _load_optimizer_state(model, optimizer, resumed["optimizer"], cfg, d)
-        if resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        step, epoch, step_in_epoch = resumed["step"], resumed["epoch"], resumed["step_in_epoch"]
-        set_rng_state(resumed["rng"])
-        old = resumed.get("schedule", {})
-        if old and (old.get("total_steps"), old.get("global_batch")) != (total_steps, global_batch):
-            warnings.warn(f"resuming with a different schedule: checkpoint had {old}, now total_steps="
-                          f"{total_steps}, global_batch={global_batch}", RuntimeWarning)
-
-    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl") if out_dir and d.is_main else None,
-                     os.path.join(out_dir, "tensorboard") if out_dir and cfg.tensorboard and d.is_main else None)
-    log.write({"event": "start", "stage": cfg.name, "step": step, "world": d.world, "device": str(d.device),
-               "optimizer": opt_name, "lr": peak_lr, "global_batch": global_batch, "total_steps": total_steps,
-               "steps_per_epoch": steps_per_epoch, "resumed_from": resume_path, "config": cfg.to_dict()})
-    progress = Progress(cfg.name, total_steps, step, cfg.log_every, enabled=cfg.progress and d.is_main)
-    last_saved: Optional[str] = None
-    saved_at = -1
-
-    def save(epoch_done: Optional[int] = None) -> Optional[str]:
-        nonlocal last_saved, saved_at
-        if ckpts is None:
-            return None
-        model_sd, optim_sd = _model_state(model, optimizer, cfg, d)
-        if d.is_main:
-            state = {"format": CHECKPOINT_FORMAT, "stage": cfg.name, "model": model_sd, "optimizer": optim_sd,
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                     "schedule": {"total_steps": total_steps, "warmup_steps": warmup, "peak_lr": peak_lr,
-                                  "min_lr": cfg.min_lr, "global_batch": global_batch},
-                     "rng": rng_state(), "fit_config": cfg.to_dict(), "world": d.world,
-                     "torch_version": str(torch.__version__), **(checkpoint_extra or {})}
-            last_saved = ckpts.save(state, epoch_done)
-            log.write({"event": "checkpoint", "stage": cfg.name, "step": step, "path": last_saved})
-        saved_at = step
-        return last_saved
-
-    losses: List[float] = []
-    metrics: Dict[str, float] = {}
+    pos = restore(resumed, model, optimizer, scaler, sched, cfg, d)
+    log = _open_log(cfg, d, {"event": "start", "stage": cfg.name, "step": pos.step, "world": d.world,
+                             "device": str(d.device), "optimizer": opt_name, "lr": sched.peak_lr,
+                             **sched.to_dict(), "resumed_from": resume_path, "config": cfg.to_dict()})
+    saver = RunSaver(cfg, d, model, optimizer, scaler, sched, log, checkpoint_extra,
+                     (resume_path, pos.step) if resume_path else None)
+    meter = StepMeter(cfg.name, log, Progress(cfg.name, sched.total_steps, pos.step, cfg.log_every,
+                                              enabled=cfg.progress and d.is_main), cfg.log_every, sched.total_steps)
     stopped = "completed"
-    t_loop = time.perf_counter()
-    steps_this_call, t_log, steps_since_log, window = 0, time.perf_counter(), 0, {}
-    images_this_call, images_since_log = 0, 0
-    lr = peak_lr
     wrapped.train()
-    with _SignalFlag() as sig:
-        while step < total_steps:
-            sampler.set_epoch(epoch)
-            sampler.resume_at(step_in_epoch * cfg.accum, cfg.batch_size)
-            batches = iter(loader)
-            while step < total_steps:
-                lr = lr_at(step, total_steps, warmup, peak_lr, cfg.min_lr)
-                set_lr(optimizer, lr)
-                names, sums, images = _forward_backward(wrapped, sync, objective, batches, scaler, cfg, d, step,
-                                                num_patches, amp_dtype)
-                over_time = cfg.time_limit is not None and time.perf_counter() - t_start > cfg.time_limit
-                metrics, nonfinite, stop_signal, stop_time, images = _agree(
-                    names, sums, sig.signum is not None, over_time, d, images)
-                if nonfinite:
-                    log.write({"event": "nonfinite_loss", "stage": cfg.name, "step": step + 1, **metrics})
-                    log.close()
-                    progress.close()
-                    raise NonFiniteLoss(step + 1, metrics)
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step, step_in_epoch, steps_this_call = step + 1, step_in_epoch + 1, steps_this_call + 1
-                epoch_end = step_in_epoch == steps_per_epoch
-                if epoch_end:
-                    epoch, step_in_epoch = epoch + 1, 0
-                losses.append(metrics["loss"])
-                for k, v in metrics.items():
-                    window[k] = window.get(k, 0.0) + v
-                steps_since_log += 1
-                images_since_log += images
-                images_this_call += images
-                now = time.perf_counter()
-                img_s = images_since_log / max(now - t_log, 1e-9)
-                progress.update(step, epoch, img_s, {k: v for k, v in metrics.items() if k != "grad_norm"}, lr)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    log.write({"stage": cfg.name, "step": step, "epoch": epoch, "lr": lr,
-                               **{k: v / steps_since_log for k, v in window.items()},
-                               "img_per_s": img_s, "elapsed_s": now - t_start})
-                    t_log, steps_since_log, images_since_log, window = now, 0, 0, {}
-                if on_step is not None:
-                    on_step(step, metrics)
-                if epoch_end and (epoch % cfg.save_every_epochs == 0 or step == total_steps):
-                    save(epoch_done=epoch)
-                elif cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                    save()
-                if stop_signal:
-                    signum = sig.signum if sig.signum is not None else signal.SIGTERM
-                    path = last_saved if saved_at == step else save()
-                    log.write({"event": "interrupted", "stage": cfg.name, "step": step,
-                               "signal": signal.Signals(signum).name, "checkpoint": path})
-                    log.close()
-                    progress.close()
-                    raise TrainingInterrupted(signum, step, path)
-                if stop_time:
-                    stopped = "time_limit"
-                if stop_time or epoch_end:
-                    break
-            if stopped != "completed":
-                break
-    if saved_at != step:
-        save()
-    progress.close()
-    if stopped == "time_limit" and d.is_main:
-        print(f"[{cfg.name}] time limit ({cfg.time_limit:.0f} s) reached: stopped after step {step} of "
-              f"{total_steps}", file=sys.stderr)
-    seconds = time.perf_counter() - t_start
-    img_per_s = images_this_call / max(time.perf_counter() - t_loop, 1e-9)
-    log.write({"event": "end", "stage": cfg.name, "step": step, "stopped": stopped, "seconds": seconds,
-               "img_per_s": img_per_s, "checkpoint": last_saved, **metrics})
-    log.close()
-    return FitResult(model=model, steps=step, total_steps=total_steps, epoch=epoch, seconds=seconds,
-                     img_per_s=img_per_s, losses=losses, metrics=metrics, stopped=stopped,
-                     checkpoint=last_saved, optimizer=opt_name, lr=peak_lr, global_batch=global_batch)
+    try:
+        with _SignalFlag() as sig:
+            while pos.step < sched.total_steps and stopped == "completed":
+                sampler.set_epoch(pos.epoch)
+                sampler.resume_at(pos.step_in_epoch * cfg.accum, cfg.batch_size)
+                batches = iter(loader)
+                while pos.step < sched.total_steps:
+                    lr = sched.lr(pos.step)
+                    set_lr(optimizer, lr)
+                    names, sums, images = _forward_backward(wrapped, sync, objective, batches, scaler, cfg, d,
+                                                            pos.step, amp_dtype)
+                    over_time = cfg.time_limit is not None and time.perf_counter() - t_start > cfg.time_limit
+                    metrics, nonfinite, stop_signal, stop_time, images = _agree(
+                        names, sums, sig.signum is not None, over_time, d, images)
+                    if nonfinite:
+                        log.write({"event": "nonfinite_loss", "stage": cfg.name, "step": pos.step + 1, **metrics})
+                        raise NonFiniteLoss(pos.step + 1, metrics, saver.newest)
+                    _optimizer_step(model, optimizer, scaler, cfg.clip_grad, metrics)
+                    epoch_end = pos.advance(steps_per_epoch)
+                    meter.record(pos.step, pos.epoch, metrics, images, lr, time.perf_counter() - t_start)
+                    if on_step is not None:
+                        on_step(pos.step, metrics)
+                    saver.after_step(pos, epoch_end)
+                    if stop_signal:
+                        raise saver.interrupted(sig.signum, pos)
+                    stopped = "time_limit" if stop_time else stopped
+                    if stop_time or epoch_end:
+                        break
+        result = _finish(model, cfg, d, sched, pos, stopped, t_start, meter, saver.final(pos), opt_name)
+    finally:
+        meter.close()
+    return result

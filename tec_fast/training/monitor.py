@@ -131,3 +131,44 @@ def table(headers: Sequence[str], rows: Iterable[Sequence], title: Optional[str]
     lines += [fmt([str(h) for h in headers]), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in rows]
     return "\n".join(lines)
+
+
+class StepMeter:
+    """Per-step bookkeeping of a run: the losses, the progress line, and a metrics-log record
+    every ``log_every`` steps holding the means since the previous record."""
+
+    def __init__(self, name: str, log: MetricsLog, progress: Progress, log_every: int, total_steps: int):
+        self.name, self.log, self.progress = name, log, progress
+        self.log_every, self.total_steps = log_every, total_steps
+        self.losses: List[float] = []
+        self.metrics: Dict[str, float] = {}
+        self.t0 = self.t_log = time.perf_counter()
+        self.window: Dict[str, float] = {}
+        self.steps_since_log = self.images_since_log = self.images = 0
+
+    def record(self, step: int, epoch: int, metrics: Dict[str, float], images: int, lr: float,
+               elapsed_s: float) -> None:
+        self.metrics = metrics
+        self.losses.append(metrics["loss"])
+        for k, v in metrics.items():
+            self.window[k] = self.window.get(k, 0.0) + v
+        self.steps_since_log += 1
+        self.images_since_log += images
+        self.images += images
+        now = time.perf_counter()
+        img_s = self.images_since_log / max(now - self.t_log, 1e-9)
+        self.progress.update(step, epoch, img_s, {k: v for k, v in metrics.items() if k != "grad_norm"}, lr)
+        if step % self.log_every == 0 or step == self.total_steps:
+            self.log.write({"stage": self.name, "step": step, "epoch": epoch, "lr": lr,
+                            **{k: v / self.steps_since_log for k, v in self.window.items()},
+                            "img_per_s": img_s, "elapsed_s": elapsed_s})
+            self.t_log, self.steps_since_log, self.images_since_log, self.window = now, 0, 0, {}
+
+    @property
+    def img_per_s(self) -> float:
+        """Images per second over every step recorded."""
+        return self.images / max(time.perf_counter() - self.t0, 1e-9)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.log.close()

@@ -1,16 +1,41 @@
-"""Objectives ``fit`` trains with: ``objective(model, batch, noise) -> {'loss': ..., ...}``.
-
-They only route tensors to the model; the math is in ``TECModel`` and ``MAEModel``.
+"""Objectives ``fit`` trains with (the ``Objective`` protocol): TEC, TEC at native resolution,
+MAE. They only route tensors to the model; the math is in ``TECModel`` and ``MAEModel``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Protocol, runtime_checkable
 
 import torch
+import torch.nn as nn
 from torch.utils.data import Dataset
 
 from tec_fast.models.base import BaseModel, BaseTargets
 from tec_fast.models.masking import block_masking
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What ``fit`` needs from an objective.
+
+    ``noise_columns``: how many uniform masking-noise values per image ``fit`` draws for each
+    micro-batch (seeded by (seed, step, micro) and split across processes, so masks do not
+    depend on the process count or on resumes) and passes as ``noise`` [B, noise_columns];
+    None when the objective draws its own (``noise`` is then None).
+    ``__call__`` returns the loss under ``'loss'`` plus any other 0-dim metrics to log.
+    """
+
+    noise_columns: Optional[int]
+
+    def __call__(self, model: nn.Module, batch, noise: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]: ...
+
+
+def _check_ratio(mask_ratio) -> None:
+    """A mask ratio in (0, 1): at 0 no patch is hidden and the loss averages over nothing (NaN);
+    at 1 the encoder sees nothing."""
+    ratios = mask_ratio if isinstance(mask_ratio, tuple) else (mask_ratio,)
+    if isinstance(mask_ratio, bool) or not ratios or not all(isinstance(r, (int, float)) and 0 < r < 1 for r in ratios) \
+            or (len(ratios) == 2 and ratios[0] > ratios[1]) or len(ratios) > 2:
+        raise ValueError(f"mask_ratio must be in (0, 1) (or a (lo, hi) range in it), got {mask_ratio!r}")
 
 
 class TECObjective:
@@ -32,10 +57,11 @@ class TECObjective:
                  cache: Optional["TargetCache"] = None, masking: str = "random"):
         if masking not in ("random", "block"):
             raise ValueError(f"masking must be 'random' or 'block', got {masking!r}")
+        _check_ratio(mask_ratio)
         self.base, self.mask_ratio, self.cache, self.masking = base, mask_ratio, cache, masking
         self.patches = num_patches
         self.variable = masking == "block" or isinstance(mask_ratio, tuple)
-        self.num_patches = num_patches + (1 if self.variable else 0)  # columns of noise to draw
+        self.noise_columns = num_patches + (1 if self.variable else 0)
 
     def _ratios(self, u: torch.Tensor) -> torch.Tensor:
         lo, hi = self.mask_ratio if isinstance(self.mask_ratio, tuple) else (self.mask_ratio,) * 2
@@ -65,16 +91,17 @@ class NativeTECObjective:
     ``samples(dataset)``, which draws each image's masking noise right after its augmentation,
     under the per-sample seed the engine sets (``SeededSamples``): masks are a function of
     (seed, epoch, image) only, so they do not change with resumes, worker or process counts.
-    The engine's own fixed-length noise is not used (``num_patches = None``). The model must run
+    The loop's fixed-length noise is not used (``noise_columns = None``). The model must run
     the native loss in its forward (``NativeTECModel``) so DDP / FSDP2 see it. Metrics: loss,
     feature, relation, and ``fill`` = tokens in the batch / ``tokens_per_batch``.
     """
 
-    num_patches = None
+    noise_columns = None
 
     def __init__(self, base: BaseModel, mask_ratio: float, patch: int, tokens_per_batch: int):
         if not isinstance(mask_ratio, (int, float)) or isinstance(mask_ratio, bool):
             raise ValueError(f"native resolution takes one mask ratio, got {mask_ratio!r}")
+        _check_ratio(mask_ratio)
         self.base, self.mask_ratio = base, float(mask_ratio)
         self.patch, self.tokens_per_batch = int(patch), int(tokens_per_batch)
         self.collate = NativeNoiseCollate(self.patch)
@@ -124,7 +151,10 @@ class MAEObjective:
     """MAE base pretraining: masked patch-pixel reconstruction (``MAEModel``)."""
 
     def __init__(self, mask_ratio: float, num_patches: int):
-        self.mask_ratio, self.num_patches = mask_ratio, num_patches
+        if isinstance(mask_ratio, tuple):
+            raise ValueError("MAE takes one mask ratio, not a range")
+        _check_ratio(mask_ratio)
+        self.mask_ratio, self.noise_columns = mask_ratio, num_patches
 
     def __call__(self, model, batch, noise):
         return model(batch[0], mask_ratio=self.mask_ratio, noise=noise)

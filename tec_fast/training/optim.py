@@ -1,8 +1,9 @@
-"""Optimizer and learning-rate schedule of the TEC / MAE recipe (SPEC.md §4)."""
+"""Optimizer and learning-rate schedule of the TEC / MAE recipe: AdamW, linear warmup, half cosine."""
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import asdict, dataclass
 from typing import List, Tuple
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
     """Two AdamW groups: decayed (matrices, conv kernels, tokens) and not decayed (biases, norm
-    weights and every other 1-D parameter), as SPEC.md §4. Like the reference, the CLS and mask
+    weights and every other 1-D parameter), as the MAE / TEC recipe. Like the reference, the CLS and mask
     tokens ([1, 1, C]) are decayed."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -65,3 +66,38 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+@dataclass
+class Schedule:
+    """The run's length and learning rate, fixed before the first step."""
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    min_lr: float
+    global_batch: int       # images per optimizer step, all processes
+    steps_per_epoch: int
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr, self.min_lr)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_schedule(cfg, images_per_step: float, steps_per_epoch: int) -> Schedule:
+    """``cfg``: a ``FitConfig``. The peak lr follows the linear scaling rule (blr x global batch
+    / 256) unless ``cfg.lr`` is given. A warmup as long as the whole schedule would never reach
+    the peak, so it is cut to the first 10% with a warning."""
+    global_batch = max(1, int(round(images_per_step)))
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * steps_per_epoch))
+    if warmup >= total:
+        warnings.warn(f"warmup ({warmup} steps) is not shorter than the schedule ({total} steps); "
+                      f"warming up over the first 10% instead", RuntimeWarning)
+        warmup = total // 10
+    peak = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
+    if cfg.min_lr > peak:
+        raise ValueError(f"min_lr {cfg.min_lr:g} is above the peak learning rate {peak:g} "
+                         f"(blr {cfg.blr:g} x global batch {global_batch} / 256)")
+    return Schedule(total, warmup, peak, cfg.min_lr, global_batch, steps_per_epoch)

@@ -1,14 +1,32 @@
-"""RNG state capture / restore and finding the checkpoint to resume from."""
+"""Where a run is (``Position``), RNG state capture / restore, and finding the checkpoint to
+resume from."""
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
 from tec_fast.training.checkpoints import LAST_CHECKPOINT
+
+
+@dataclass
+class Position:
+    """Optimizer steps done, the epoch they are in, and how far into it."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+    def advance(self, steps_per_epoch: int) -> bool:
+        """Count one optimizer step; True when it completed an epoch."""
+        self.step, self.step_in_epoch = self.step + 1, self.step_in_epoch + 1
+        if self.step_in_epoch == steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            return True
+        return False
 
 
 # -------------------------------------------------------------------------------------- RNG
@@ -42,9 +60,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
 def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> Optional[str]:
-    """A checkpoint path from ``--resume`` (``auto``: the output folder's last one, if any)."""
+    """A checkpoint path from ``--resume`` (``auto``: the output folder's last one, if any;
+    ``nothing_to_resume`` says what happens when there is none)."""
     if resume is None:
         return None
     if resume == "auto":
@@ -56,3 +74,10 @@ def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> Optional
     if not os.path.isfile(resume):
         raise ValueError(f"--resume {resume!r}: no such checkpoint")
     return resume
+
+
+def nothing_to_resume(output_dir: Optional[str]) -> str:
+    """The notice for ``--resume`` (auto) when the output folder has no checkpoint yet."""
+    where = f"{os.path.join(output_dir, LAST_CHECKPOINT)} does not exist" if output_dir else \
+        "there is no output folder"
+    return f"--resume: nothing to resume ({where}); starting from step 0"

@@ -1,0 +1,128 @@
+"""The train command's flags checked against each other, before anything is loaded: each value
+passed its own type check (``flags``); here a value that contradicts another flag, or that the
+chosen mode would silently ignore, is refused with one line naming the flag."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from tec_fast.cli.flags import Parser, given
+from tec_fast.presets import parse_base, vit_preset
+
+# what the embedded demo reads; every other flag applies to training with --data only
+DEMO_FLAGS = {"output", "seed", "no_progress", "demo_long", "demo_tiny", "demo_steps"}
+# the TEC flags MAE pretraining has no use for
+TEC_ONLY = ("base", "base_model", "last_layers", "topk", "tau", "no_relation", "no_input_adapter",
+            "native_resolution")
+NATIVE_ONLY = ("max_patches", "tokens_per_batch")
+
+
+def check_train_flags(p: Parser, args: argparse.Namespace) -> None:
+    """``p.error`` (exit 2, one line) on the first incoherent flag."""
+    set_flags = dict(given(p, args))
+    if args.data is None:
+        for dest, flag in set_flags.items():
+            if dest not in DEMO_FLAGS:
+                p.refuse(flag, "applies to training with --data; the embedded demo (no --data) has its "
+                               "own fixed settings")
+        return
+    for dest in ("demo_long", "demo_tiny", "demo_steps"):
+        if dest in set_flags:
+            p.refuse(set_flags[dest], "is for the embedded demo; it cannot be combined with --data")
+    _check_objective(p, args, set_flags)
+    _check_schedule(p, args, set_flags)
+    _check_architecture(p, args)
+    if args.resume not in (None, "auto"):
+        last = os.path.join(args.resume, "checkpoint-last.pth") if os.path.isdir(args.resume) else args.resume
+        if not os.path.isfile(last):
+            p.refuse("--resume", f"{last!r}: no such checkpoint")
+    if args.native_resolution:
+        _check_native(p, args)
+
+
+def _check_objective(p: Parser, args, set_flags: dict) -> None:
+    if args.objective == "mae":
+        for dest in TEC_ONLY:
+            if dest in set_flags:
+                p.refuse(set_flags[dest], "is a TEC setting; --objective mae pretrains a base without one")
+        if isinstance(args.mask_ratio, tuple):
+            p.refuse("--mask-ratio", "--objective mae takes one ratio (a range is a TEC mode)")
+        if args.masking != "random":
+            p.refuse("--masking", "--objective mae uses random masking (block masks are a TEC mode)")
+        return
+    if not args.base:
+        p.refuse("--base", "TEC training needs --base KIND:PATH (or --objective mae to make a base)")
+    try:
+        _, path, _ = parse_base(args.base)
+    except ValueError as exc:
+        p.refuse("--base", str(exc).replace("--base ", ""))
+    if not os.path.isfile(path):
+        p.refuse("--base", f"{path!r}: no such file")
+    if args.no_relation:
+        for dest in ("topk", "tau"):
+            if dest in set_flags:
+                p.refuse(set_flags[dest], "sets the relation targets, which --no-relation turns off")
+    if not args.native_resolution:
+        for dest in NATIVE_ONLY:
+            if dest in set_flags:
+                p.refuse(set_flags[dest], "applies to --native-resolution only")
+
+
+def _check_schedule(p: Parser, args, set_flags: dict) -> None:
+    if args.lr is not None and "blr" in set_flags:
+        p.refuse("--lr", "give --lr (absolute) or --blr (scaled by the batch), not both")
+    if args.lr is not None and args.min_lr > args.lr:
+        p.refuse("--min-lr", f"{args.min_lr:g} is above the peak --lr {args.lr:g}")
+    if args.save_every_steps is not None and args.max_steps is not None and args.save_every_steps > args.max_steps:
+        p.refuse("--save-every-steps", f"{args.save_every_steps} is beyond the run's --max-steps {args.max_steps}")
+
+
+def _check_architecture(p: Parser, args) -> None:
+    """Presets at --img-size, decoder widths, and the target settings against the base."""
+    try:
+        recipe = parse_base(args.base)[2] if args.base else None
+    except ValueError:
+        return  # refused above
+    names = [("--model", args.model or (args.base_model or recipe.model if recipe else "vit_base_patch16"))]
+    if recipe is not None:
+        names.append(("--base-model", args.base_model or recipe.model))
+    vits = {}
+    for flag, name in names:
+        try:
+            vits[flag] = vit_preset(name, args.img_size)
+        except ValueError as exc:
+            p.refuse(flag, str(exc))
+        if args.img_size % vits[flag].patch_size:
+            p.refuse("--img-size", f"{args.img_size} is not a multiple of {name}'s patch size "
+                                   f"{vits[flag].patch_size}")
+    if args.decoder_dim % args.decoder_heads:
+        p.refuse("--decoder-heads", f"{args.decoder_heads} does not divide --decoder-dim {args.decoder_dim}")
+    base = vits.get("--base-model")
+    if base is None:
+        return
+    if args.last_layers is not None and args.last_layers > base.depth:
+        p.refuse("--last-layers", f"{args.last_layers} is more than the base's {base.depth} blocks")
+    if args.topk is not None and not args.no_relation and args.topk > base.num_patches:
+        p.refuse("--topk", f"{args.topk} is more than the base's {base.num_patches} patches at "
+                           f"--img-size {args.img_size}")
+
+
+def _check_native(p: Parser, args) -> None:
+    from tec_fast.training.builders import native_plan
+
+    for flag, bad, what in (("--mask-ratio", isinstance(args.mask_ratio, tuple), "a ratio range (give one ratio)"),
+                            ("--masking", args.masking != "random", f"--masking {args.masking} (random only)"),
+                            ("--compile", args.compile, "--compile (every batch has another shape)")):
+        if bad:
+            p.refuse(flag, f"--native-resolution does not support {what}")
+    _, _, recipe = parse_base(args.base)
+    base_patch = vit_preset(args.base_model or recipe.model, args.img_size).patch_size
+    new_patch = vit_preset(args.model or args.base_model or recipe.model, args.img_size).patch_size
+    if base_patch != new_patch:
+        p.refuse("--model", f"--native-resolution needs the base and the new model to share a patch "
+                            f"size (base {base_patch}, new model {new_patch})")
+    try:
+        native_plan(args)
+    except ValueError as exc:
+        flag = "--max-patches" if str(exc).startswith("--max-patches") else "--tokens-per-batch"
+        p.refuse(flag, str(exc).split(" ", 1)[1])

@@ -1,0 +1,126 @@
+"""From the train command's settings to what ``fit`` runs: one builder per objective, looked up
+in ``OBJECTIVE_BUILDERS`` (a new objective is one builder and one row), plus the native-resolution
+plan. ``flags`` is the parsed ``python -m tec_fast.train`` namespace (already validated)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from tec_fast.presets import parse_base, vit_preset
+from tec_fast.training.objectives import Objective
+
+
+@dataclass
+class TrainingSetup:
+    """Everything that differs between objectives, as ``fit`` and the command need it."""
+    model: nn.Module
+    objective: Objective
+    dataset: Dataset                          # what fit iterates (the images, or a view of them)
+    collate_fn: Optional[Callable]
+    checkpoint_extra: dict                    # plain data stored in every checkpoint
+    encoder_file: str                         # the exported encoder's file name in the output folder
+    encoder_state: Callable[[nn.Module], dict]  # the trained model's encoder in a loadable layout
+
+
+# ------------------------------------------------------------------------------ native plan
+def native_plan(flags) -> dict:
+    """Patch size and budgets of ``--native-resolution``. ValueError naming the flag when the
+    budget cannot hold one image."""
+    from tec_fast.models.masking import num_visible
+
+    _, _, recipe = parse_base(flags.base)
+    vit = vit_preset(flags.model or flags.base_model or recipe.model, flags.img_size)
+    topk = None if flags.no_relation else (flags.topk if flags.topk is not None else recipe.topk)
+    # every image needs >= topk patches (relation targets), >= 2 (per-image target variance),
+    # and at least one visible patch at the mask ratio
+    min_patches = max(topk or 0, 2)
+    while num_visible(min_patches, flags.mask_ratio) < 1:
+        min_patches += 1
+    max_patches = flags.max_patches if flags.max_patches is not None else vit.num_patches
+    if max_patches < min_patches:
+        raise ValueError(f"--max-patches {max_patches} is below the {min_patches} patches an image "
+                         f"needs here (top-k {topk}, mask ratio {flags.mask_ratio})")
+    tokens = flags.tokens_per_batch if flags.tokens_per_batch is not None else flags.batch_size * (max_patches + 1)
+    if tokens < max_patches + 1:
+        raise ValueError(f"--tokens-per-batch {tokens} cannot hold one image of --max-patches "
+                         f"{max_patches} (+1 CLS token)")
+    return {"patch": vit.patch_size, "max_patches": max_patches, "min_patches": min_patches,
+            "tokens_per_batch": tokens}
+
+
+def native_batching(dataset, native: dict, seed: int) -> dict:
+    """``fit`` keywords for native resolution: the global per-epoch plan of token-budget bins
+    (``NativeBatchSampler``: seeded shuffle, ``packing.plan_bins``, seeded bin order)."""
+    from tec_fast.models.native import NativeBatchSampler
+
+    p = native["patch"]
+    sizes = [(h * p, w * p) for h, w in dataset.native_grids()]  # exact grids: no further rounding
+    return {"batch_sampler": NativeBatchSampler(sizes, p, native["max_patches"], native["tokens_per_batch"],
+                                                shuffle=True, seed=seed)}
+
+
+# --------------------------------------------------------------------------------- builders
+def build_mae(flags, dataset: Dataset, device: torch.device, native: Optional[dict]) -> TrainingSetup:
+    """MAE pretraining of a first base model; its encoder is saved in the MAE release layout,
+    which ``--base mae_vit_*:PATH`` reads."""
+    from tec_fast.models.mae import MAEModel
+    from tec_fast.training.objectives import MAEObjective
+
+    vit = vit_preset(flags.model or "vit_base_patch16", flags.img_size)
+    depth = flags.decoder_depth if flags.decoder_depth is not None else 8
+    model = MAEModel(vit, flags.decoder_dim, depth, flags.decoder_heads)
+    return TrainingSetup(model, MAEObjective(flags.mask_ratio, vit.num_patches), dataset, None,
+                         {"kind": "mae", "args": vars(flags), "model_config": model.config_dict()},
+                         "encoder_mae.pth", lambda m: {"model": m.encoder_state_dict()})
+
+
+def build_tec(flags, dataset: Dataset, device: torch.device, native: Optional[dict]) -> TrainingSetup:
+    """TEC from the frozen ``--base`` with its recipe's defaults; the new encoder is exported as
+    a timm ViT state dict. ``native`` (from ``native_plan``): the packed native-resolution model."""
+    from tec_fast.checkpoint import export_timm
+    from tec_fast.config import TECConfig
+    from tec_fast.models.base import BaseModel
+
+    kind, path, recipe = parse_base(flags.base)
+    base_vit = vit_preset(flags.base_model or recipe.model, flags.img_size)
+    vit = vit_preset(flags.model or flags.base_model or recipe.model, flags.img_size)
+    last_layers = flags.last_layers if flags.last_layers is not None else recipe.last_layers
+    topk = None if flags.no_relation else (flags.topk if flags.topk is not None else recipe.topk)
+    tau = flags.tau if flags.tau is not None else recipe.tau
+    base = BaseModel(base_vit, last_layers=last_layers, topk=topk)
+    report = base.load_checkpoint(path)
+    base.to(device)
+    tec_cfg = TECConfig(encoder=vit, decoder_dim=flags.decoder_dim,
+                        decoder_depth=flags.decoder_depth if flags.decoder_depth is not None else 2,
+                        decoder_heads=flags.decoder_heads, input_adapter=not flags.no_input_adapter,
+                        relation=not flags.no_relation, tau=tau, pred_dim=base_vit.embed_dim,
+                        pred_heads=base_vit.num_heads)
+    model, objective, data, collate = _tec_model(flags, tec_cfg, base, dataset, native)
+    extra = {"kind": "tec", "args": vars(flags), "model_config": tec_cfg.to_dict(),
+             "base": {"kind": kind, "path": path, "vit": base_vit.to_dict(), "last_layers": last_layers,
+                      "topk": topk, "tau": tau, "load_report": report.summary()}}
+    return TrainingSetup(model, objective, data, collate, extra, "encoder_timm.pth", export_timm)
+
+
+def _tec_model(flags, tec_cfg, base, dataset: Dataset, native: Optional[dict]):
+    """(model, objective, dataset, collate_fn): dense / variable-ratio / block masking, or packed
+    native-resolution batches."""
+    from tec_fast.training.objectives import TECObjective
+
+    if native is not None:
+        from tec_fast.models.native import NativeTECModel
+        from tec_fast.training.objectives import NativeTECObjective
+        objective = NativeTECObjective(base, flags.mask_ratio, native["patch"], native["tokens_per_batch"])
+        return NativeTECModel(tec_cfg), objective, objective.samples(dataset), objective.collate
+    from tec_fast.models.tec import TECModel
+    if flags.compile:
+        base = torch.compile(base)
+    objective = TECObjective(base, flags.mask_ratio, tec_cfg.encoder.num_patches, masking=flags.masking)
+    return TECModel(tec_cfg), objective, dataset, None
+
+
+OBJECTIVE_BUILDERS: Dict[str, Callable[..., TrainingSetup]] = {"tec": build_tec, "mae": build_mae}

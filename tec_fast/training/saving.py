@@ -1,0 +1,131 @@
+"""What a run writes and when: the checkpoint state, written by rank 0 after every process has
+checked that its parameters are finite (so no NaN or inf ever reaches disk), and the resume
+from such a checkpoint."""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tec_fast.checkpoint import read_checkpoint
+from tec_fast.training.checkpoints import CHECKPOINT_FORMAT, CheckpointManager
+from tec_fast.training.config import FitConfig
+from tec_fast.training.distributed import DistInfo, _load_optimizer_state, _model_state
+from tec_fast.training.faults import NonFiniteWeights, TrainingInterrupted, nonfinite_parameters
+from tec_fast.training.monitor import MetricsLog
+from tec_fast.training.optim import Schedule
+from tec_fast.training.state import (Position, nothing_to_resume, resolve_resume, rng_state,
+                                     set_rng_state)
+
+
+def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo) -> Tuple[Optional[str], Optional[dict]]:
+    """(path, checkpoint) of the run to continue, its weights already in ``model``; (None, None)
+    when there is nothing to resume (said once, on rank 0, when ``--resume`` asked for it).
+    A checkpoint of another architecture or with non-finite weights is refused (ValueError)."""
+    path = resolve_resume(cfg.resume, cfg.output_dir)
+    if path is None:
+        if cfg.resume is not None and d.is_main:
+            print(f"[{cfg.name}] {nothing_to_resume(cfg.output_dir)}", file=sys.stderr)
+        return None, None
+    ck = read_checkpoint(path)
+    if "model" not in ck or "step" not in ck:
+        raise ValueError(f"--resume {path}: not a training checkpoint of this engine "
+                         f"(keys: {', '.join(sorted(ck)[:8])})")
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"--resume {path}: the checkpoint holds a different model than the one "
+                         f"being trained ({' '.join(ln.strip() for ln in first[:3])[:400]})") from None
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise ValueError(f"--resume {path}: the checkpoint holds non-finite weights ({', '.join(bad[:5])})")
+    return path, ck
+
+
+def restore(ck: Optional[dict], model: nn.Module, optimizer, scaler, sched: Schedule, cfg: FitConfig,
+            d: DistInfo) -> Position:
+    """Optimizer, loss scaler, RNG state and position of a resumed checkpoint (a fresh
+    ``Position`` without one). A schedule that changed since is allowed, with a warning."""
+    if ck is None:
+        return Position()
+    import warnings
+
+    _load_optimizer_state(model, optimizer, ck["optimizer"], cfg, d)
+    if ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    set_rng_state(ck["rng"])
+    old = ck.get("schedule", {})
+    if old and (old.get("total_steps"), old.get("global_batch")) != (sched.total_steps, sched.global_batch):
+        warnings.warn(f"resuming with a different schedule: checkpoint had {old}, now total_steps="
+                      f"{sched.total_steps}, global_batch={sched.global_batch}", RuntimeWarning)
+    return Position(ck["step"], ck["epoch"], ck["step_in_epoch"])
+
+
+class RunSaver:
+    """Checkpoints of one ``fit`` call. ``newest``: (path, step) of the newest checkpoint known
+    to hold finite weights (the resumed one at first), which the non-finite errors cite."""
+
+    def __init__(self, cfg: FitConfig, d: DistInfo, model: nn.Module, optimizer, scaler,
+                 sched: Schedule, log: MetricsLog, extra: Optional[dict], newest: Optional[Tuple[str, int]]):
+        self.cfg, self.d, self.model, self.optimizer, self.scaler = cfg, d, model, optimizer, scaler
+        self.sched, self.log, self.extra, self.newest = sched, log, extra or {}, newest
+        self.ckpts = CheckpointManager(cfg.output_dir, cfg.keep_last, cfg.keep_every) if cfg.output_dir else None
+        self.saved_at = -1
+
+    def check_finite(self, step: int) -> None:
+        """Raise ``NonFiniteWeights`` (on every rank) if any rank holds a NaN or inf parameter."""
+        bad = nonfinite_parameters(self.model)
+        count = torch.tensor([float(len(bad))], device=self.d.device)
+        if self.d.enabled:
+            dist.all_reduce(count)
+        if count.item() > 0:
+            self.log.write({"event": "nonfinite_weights", "stage": self.cfg.name, "step": step,
+                            "parameters": bad[:20]})
+            raise NonFiniteWeights(step, bad or ["(on another process)"], self.newest)
+
+    def save(self, pos: Position, epoch_done: Optional[int] = None) -> Optional[str]:
+        if self.ckpts is None:
+            return None
+        self.check_finite(pos.step)
+        model_sd, optim_sd = _model_state(self.model, self.optimizer, self.cfg, self.d)
+        if self.d.is_main:
+            state = {"format": CHECKPOINT_FORMAT, "stage": self.cfg.name, "model": model_sd,
+                     "optimizer": optim_sd, "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                     "step": pos.step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
+                     "schedule": self.sched.to_dict(),
+                     "rng": rng_state(), "fit_config": self.cfg.to_dict(), "world": self.d.world,
+                     "torch_version": str(torch.__version__), **self.extra}
+            path = self.ckpts.save(state, epoch_done)
+            self.log.write({"event": "checkpoint", "stage": self.cfg.name, "step": pos.step, "path": path})
+            self.newest = (path, pos.step)
+        self.saved_at = pos.step
+        return self.newest[0] if self.newest else None
+
+    def after_step(self, pos: Position, epoch_end: bool) -> None:
+        cfg = self.cfg
+        if epoch_end and (pos.epoch % cfg.save_every_epochs == 0 or pos.step == self.sched.total_steps):
+            self.save(pos, epoch_done=pos.epoch)
+        elif cfg.save_every_steps and pos.step % cfg.save_every_steps == 0:
+            self.save(pos)
+
+    def interrupted(self, signum: Optional[int], pos: Position) -> TrainingInterrupted:
+        """Save (unless this step is saved already) and the exception that reports it."""
+        signum = signum if signum is not None else signal.SIGTERM  # another rank got the signal
+        path = self.save(pos) if self.saved_at != pos.step else self.newest[0] if self.newest else None
+        self.log.write({"event": "interrupted", "stage": self.cfg.name, "step": pos.step,
+                        "signal": signal.Signals(signum).name, "checkpoint": path})
+        return TrainingInterrupted(signum, pos.step, path)
+
+    def final(self, pos: Position) -> Optional[str]:
+        """The end of the run: the weights are checked even with no output folder, since the
+        caller is about to use (and usually export) them."""
+        if self.ckpts is None:
+            self.check_finite(pos.step)
+        elif self.saved_at != pos.step:
+            self.save(pos)
+        return self.newest[0] if self.newest and self.ckpts is not None else None
