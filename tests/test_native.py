@@ -187,20 +187,20 @@ def test_dataloader_with_sampler_and_collate():
 
 
 def test_random_keep_counts_and_per_image_ratios():
-    from tec_fast.native import _random_keep, _visible_counts
+    from tec_fast.masking import ragged_keep, visible_counts
 
     batch = NativeBatch(_images(MIXED), 4)
-    counts = _visible_counts(batch, [0.5, 0.75, 0.9])
+    counts = visible_counts(batch.lengths, [0.5, 0.75, 0.9])
     assert counts == [8, 3, 1]
     noise = [torch.rand(L) for L in batch.lengths]
-    keep = _random_keep(batch, counts, noise, None).split(batch.lengths)
+    keep = ragged_keep(batch.lengths, counts, noise).split(batch.lengths)
     for b, (kb, n) in enumerate(zip(keep, noise)):
         assert sorted(kb.nonzero().reshape(-1).tolist()) == sorted(torch.argsort(n)[:counts[b]].tolist())
-    keep = _random_keep(batch, counts, None, torch.Generator().manual_seed(0))
+    keep = ragged_keep(batch.lengths, counts, None, generator=torch.Generator().manual_seed(0))
     assert [int(k.sum()) for k in keep.split(batch.lengths)] == counts
     assert batch.positions[16 + 12:].tolist() == [[r, c] for r in range(6) for c in range(2)]
     with pytest.raises(ValueError, match="no visible patch"):
-        _visible_counts(NativeBatch(_images([(4, 4)]), 4), 0.75)
+        visible_counts(NativeBatch(_images([(4, 4)]), 4).lengths, 0.75)
 
 
 def test_bf16_autocast_runs():

@@ -1,11 +1,12 @@
 """MAE's random masking (SPEC.md §2), reproducible from a given noise tensor."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
-__all__ = ["Masking", "num_visible", "random_masking", "variable_masking", "block_masking"]
+__all__ = ["Masking", "num_visible", "random_masking", "visible_counts", "keep_lowest_noise",
+           "variable_masking", "ragged_keep", "block_masking"]
 
 
 class Masking(NamedTuple):
@@ -43,28 +44,75 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float,
     return Masking(ids_shuffle[:, :K], ids_restore, mask)
 
 
+def visible_counts(lengths: Sequence[int], mask_ratio) -> List[int]:
+    """K_b = int(L_b * (1 - r_b)) visible patches per image; ``mask_ratio`` one float for all
+    images or one per image, each in [0, 1). A ratio of 0 keeps every patch of its image (that
+    image then has nothing to predict: see ``TokenLayout``); a ratio that leaves no visible patch
+    is refused."""
+    if isinstance(mask_ratio, (int, float)) and not isinstance(mask_ratio, bool):
+        ratios = [float(mask_ratio)] * len(lengths)
+    else:
+        ratios = [float(r) for r in torch.as_tensor(mask_ratio, dtype=torch.float64).reshape(-1)]
+    if len(ratios) != len(lengths):
+        raise ValueError(f"mask_ratio must be a float or hold one ratio per image (B={len(lengths)}), "
+                         f"got {len(ratios)}")
+    counts = []
+    for b, (r, L) in enumerate(zip(ratios, lengths)):
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"mask_ratio values must be in [0, 1), got {r!r} for image {b}")
+        K = num_visible(L, r)
+        if K < 1:
+            raise ValueError(f"a mask ratio of {r} leaves image {b} ({L} patches) no visible patch")
+        counts.append(K)
+    return counts
+
+
+def keep_lowest_noise(noise: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """keep [B, L] bool: in row b the counts[b] entries of lowest noise (the patches
+    ``random_masking`` keeps). Pad the rows of short images with +inf noise."""
+    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # position of each patch in noise order
+    return rank < counts.to(rank.device)[:, None]
+
+
 def variable_masking(batch: int, num_patches: int, mask_ratios: torch.Tensor,
                      noise: Optional[torch.Tensor] = None, device=None,
                      generator: Optional[torch.Generator] = None):
     """Per-image mask ratios: image b keeps the K_b = int(L * (1 - r_b)) patches of lowest noise
     (the same patches ``random_masking`` keeps for a uniform ratio). Returns (keep [B, L] bool,
     mask [B, L] float, 1 = removed)."""
-    ratios = torch.as_tensor(mask_ratios, dtype=torch.float64).reshape(-1)
-    if ratios.numel() != batch:
-        raise ValueError(f"mask_ratio must hold one ratio per image (B={batch}), got {ratios.numel()}")
-    if not bool(((ratios >= 0) & (ratios < 1)).all()):
-        raise ValueError(f"mask_ratio values must be in [0, 1), got {ratios.tolist()}")
-    K = torch.tensor([num_visible(num_patches, float(r)) for r in ratios])
-    if int(K.min()) < 1:
-        raise ValueError(f"a mask ratio of {float(ratios.max())} leaves no visible patch out of L={num_patches}")
+    counts = visible_counts([num_patches] * batch, mask_ratios)
     if noise is None:
         noise = torch.rand(batch, num_patches, device=device, generator=generator)
     elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (batch, num_patches):
         raise ValueError(f"noise must be a tensor of shape [B, L] = {(batch, num_patches)}, got "
                          f"{tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
-    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # position of each patch in noise order
-    keep = rank < K.to(rank.device)[:, None]
+    keep = keep_lowest_noise(noise, torch.tensor(counts))
     return keep, (~keep).float()
+
+
+def ragged_keep(lengths: Sequence[int], counts: Sequence[int],
+                noise: Optional[Sequence[torch.Tensor]] = None, device=None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Images of different lengths, patches packed image by image: keep [sum L_b] bool, image b
+    keeping its counts[b] patches of lowest ``noise[b]`` [L_b] (fresh uniform noise from
+    ``generator`` when None) - ``variable_masking`` per image, all images in one sort."""
+    B, Lm = len(lengths), max(lengths)
+    if noise is None:
+        where = generator.device if generator is not None else device
+        flat = torch.rand(sum(lengths), generator=generator, device=where).to(device)
+    else:
+        if len(noise) != B:
+            raise ValueError(f"noise must be a list of {B} tensors [L_b], got {len(noise)}")
+        for b, (n, L) in enumerate(zip(noise, lengths)):
+            if not isinstance(n, torch.Tensor) or tuple(n.shape) != (L,):
+                raise ValueError(f"noise[{b}] must be a tensor [L_b] = [{L}], got "
+                                 f"{tuple(getattr(n, 'shape', ())) or type(n).__name__}")
+        flat = torch.cat([n.to(device) for n in noise])
+    lens = torch.tensor(list(lengths), device=flat.device)
+    valid = torch.arange(Lm, device=flat.device)[None, :] < lens[:, None]  # [B, Lm]
+    padded = torch.full((B, Lm), float("inf"), dtype=flat.dtype, device=flat.device)  # ranks last
+    padded[valid] = flat
+    return keep_lowest_noise(padded, torch.tensor(list(counts)))[valid]
 
 
 def block_masking(batch: int, grid: int, mask_ratio: float, min_block: int = 4,

@@ -1,10 +1,14 @@
 """Native-resolution TEC (NaViT-style): images of different sizes, aspect ratio kept up to a patch
 budget, the base model and the new model both run on one packed token sequence, no padding.
 
-Layout of a ``NativeBatch`` of B images, image b on an (h_b, w_b) patch grid, L_b = h_b * w_b:
+This module holds the data side (resizing to a budget, ``NativeBatch``, token-budget batching)
+and thin entry points; the model itself is the one ``TECModel.forward_layout`` runs for every
+mode, on the batch's ``TokenLayout`` (``tec_fast.models.layout``). For B images, image b on an
+(h_b, w_b) patch grid, L_b = h_b * w_b:
 
 - patch layout [T_p = sum L_b]: every image's patches, row-major, images in batch order;
 - token layout [B + T_p]: image b is CLS then its L_b patches (cu_seqlens over 1 + L_b).
+A batch whose images share one grid is batched [B, 1 + L] instead (no packing needed).
 
 Every position embedding is computed for the image's own grid (SPEC.md §2 sin-cos, MAE layout:
 first half of the channels encodes the column, last half the row; ``sincos_pos_embed(C, h, w)``
@@ -24,7 +28,6 @@ checkpoint trains in both the dense and the native mode.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -32,11 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from tec_fast import packing
-from tec_fast.ops.attention import packed_attention
 from tec_fast.models.base import BaseModel
-from tec_fast.models.layers import sincos_pos_embed
-from tec_fast.models.masking import num_visible
-from tec_fast.models.tec import TECModel
+from tec_fast.models.layout import TokenLayout, sincos_table
+from tec_fast.models.masking import ragged_keep, visible_counts
+from tec_fast.models.tec import TECModel, embed_patches
 
 __all__ = ["budget_grid", "resize_to_budget", "NativeBatch", "NativeTargets", "base_pos_embed",
            "native_base_targets", "native_tec_loss", "collate_native", "NativeCollate", "NativeBatchSampler",
@@ -88,17 +90,13 @@ def resize_to_budget(img: torch.Tensor, patch: int, max_patches: int,
 # --------------------------------------------------------------------------------------------
 # The packed batch
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1024)
-def _sincos_table(dim: int, h: int, w: int) -> torch.Tensor:
-    return sincos_pos_embed(dim, h, w)  # [1 + h*w, dim], CPU fp32
-
-
 class NativeBatch:
     """Images of different sizes as one packed sequence of patches (no padding).
 
     ``NativeBatch(images, patch)``: images [C, H_b, W_b], H_b and W_b multiples of ``patch``.
-    Attributes: ``patches`` [T_p, C*p*p] (each patch flattened in the conv weight's (c, y, x)
-    order), ``grids`` [(h_b, w_b)], ``lengths`` [L_b], ``image_id`` [T_p] (owner of each patch),
+    ``patches`` [T_p, C*p*p] (each patch flattened in the conv weight's (c, y, x) order) and
+    ``layout``, the ``TokenLayout`` of the images' grids with every token visible. Its indices
+    are attributes here too: ``grids`` [(h_b, w_b)], ``lengths`` [L_b], ``image_id`` [T_p],
     ``positions`` [T_p, 2] (patch row, column), ``cu_tokens`` [B+1] int32 over the 1 + L_b
     tokens of each image, ``cls_index`` [B] / ``patch_index`` [T_p] (rows of the token layout),
     ``max_tokens`` (max 1 + L_b), ``max_length`` (max L_b), ``lengths_t`` ([B] tensor of L_b),
@@ -132,94 +130,49 @@ class NativeBatch:
             grids.append((h, w))
             # [C, h, p, w, p] -> [h, w, C, p, p]: row-major patches, conv-weight order inside
             rows.append(img.reshape(C, h, patch, w, patch).permute(1, 3, 0, 2, 4).reshape(h * w, -1))
-        device = first.device
         self.patch, self.in_chans = patch, int(first.shape[0])
-        self.grids: List[Tuple[int, int]] = grids
-        self.lengths: List[int] = [h * w for h, w in grids]
         self.ids = list(ids) if ids is not None else None
         self.patches = torch.cat(rows)  # [T_p, C*p*p]
-        B, lengths = len(grids), torch.tensor(self.lengths, device=device)
-        self.lengths_t = lengths  # [B] int64
-        self.cu_patches = F.pad(lengths.cumsum(0), (1, 0))  # [B+1] int64
-        self.image_id = torch.repeat_interleave(torch.arange(B, device=device), lengths)  # [T_p]
-        self.cu_tokens = F.pad((lengths + 1).cumsum(0), (1, 0)).to(torch.int32)  # [B+1]
-        self.cls_index = self.cu_tokens[:-1].long()  # [B]
-        self.patch_index = torch.arange(int(lengths.sum()), device=device) + self.image_id + 1  # [T_p]
-        self.max_tokens = 1 + max(self.lengths)
-        self.max_length = max(self.lengths)  # longest image, in patches
-        within = torch.arange(int(lengths.sum()), device=device) - self.cu_patches[self.image_id]
-        self.padded_index = self.image_id * self.max_length + within  # [T_p] into [B, max L]
-        widths = torch.tensor([w for _, w in grids], device=device)
-        self.positions = packing.position_ids(self.padded_index, self.max_length, widths)  # [T_p, 2]
-        self._sincos: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+        self.layout = TokenLayout(grids, first.device)
+
+    def __getattr__(self, name):  # the layout's indices, e.g. batch.cu_tokens
+        if name in _LAYOUT_ATTRS:
+            return getattr(self.__dict__["layout"], name)
+        raise AttributeError(f"NativeBatch has no attribute {name!r}")
 
     def __len__(self) -> int:
-        return len(self.grids)
+        return self.layout.B
 
     @property
-    def num_tokens(self) -> int:
-        """Tokens of the full (unmasked) sequence, CLS included: sum of 1 + L_b."""
-        return len(self.grids) + int(self.patches.shape[0])
+    def max_length(self) -> int:
+        return max(self.lengths)
 
-    def _map(self, fn) -> "NativeBatch":
+    @property
+    def lengths_t(self) -> torch.Tensor:
+        return torch.tensor(self.lengths, device=self.patches.device)
+
+    def _with(self, patches: torch.Tensor) -> "NativeBatch":
         out = object.__new__(NativeBatch)
-        out.__dict__.update({k: (fn(v) if isinstance(v, torch.Tensor) else v)
-                             for k, v in self.__dict__.items()})
-        out._sincos = {}
+        out.__dict__.update(self.__dict__, patches=patches, layout=TokenLayout(self.grids, patches.device))
         return out
 
     def to(self, device, non_blocking: bool = False) -> "NativeBatch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        return self._with(self.patches.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "NativeBatch":
         """For ``DataLoader(pin_memory=True)``."""
-        return self._map(lambda t: t.pin_memory())
+        return self._with(self.patches.pin_memory())
 
     def pos_embed(self, dim: int, stored: Optional[torch.Tensor] = None,
                   stored_grid: Optional[Tuple[int, int]] = None, resample=None) -> torch.Tensor:
         """Position embedding in the token layout, [B + T_p, dim] fp32: for each image its CLS
-        row then its patch rows. ``stored`` [1, 1 + gh*gw, dim] (a model's own table) is used
-        as is for images on ``stored_grid``; ``resample(h, w)`` -> [1 + h*w, dim] gives the
-        table for other grids (default: sin-cos, SPEC.md §2)."""
-        device = self.patches.device
-        if stored is None and resample is None:
-            key = (dim, device)
-            if key not in self._sincos:
-                self._sincos[key] = torch.cat([_sincos_table(dim, h, w) for h, w in self.grids]).to(device)
-            return self._sincos[key]
-        tables, cache = [], {}
-        for h, w in self.grids:
-            if (h, w) not in cache:
-                if stored is not None and (h, w) == tuple(stored_grid):
-                    cache[h, w] = stored[0].float()
-                elif resample is not None:
-                    cache[h, w] = resample(h, w).float()
-                else:
-                    cache[h, w] = _sincos_table(dim, h, w).to(device)
-            tables.append(cache[h, w])
-        return torch.cat(tables).to(device)
+        row then its patch rows (``TokenLayout.pos_table``, one copy per image)."""
+        table = self.layout.pos_table(dim, stored, stored_grid, resample)
+        return table.repeat(len(self), 1) if self.layout.uniform else table
 
 
-def _embed_patches(patch_embed, patches: torch.Tensor) -> torch.Tensor:
-    """The stride-p conv of ``PatchEmbed`` as a matmul on flattened patches: [T_p, C]."""
-    w, b = patch_embed.proj.weight, patch_embed.proj.bias
-    if not torch.is_autocast_enabled(patches.device.type):
-        patches = patches.to(w.dtype)
-    return F.linear(patches, w.reshape(w.shape[0], -1), b)
-
-
-def _interleave_cls(cls: torch.Tensor, patches: torch.Tensor, counts: torch.Tensor):
-    """CLS rows cls [B, C] and patch rows [n, C] (image by image) -> packed [B + n, C] with image
-    b = CLS then its counts[b] patches; also cu_seqlens [B+1] int32 and the rows the CLS tokens
-    [B] and the patches [n] landed on."""
-    B = counts.shape[0]
-    cu = F.pad((counts + 1).cumsum(0), (1, 0))
-    cls_rows = cu[:-1]
-    owner = torch.repeat_interleave(torch.arange(B, device=counts.device), counts)
-    patch_rows = torch.arange(patches.shape[0], device=counts.device) + owner + 1
-    out = patches.new_zeros(B + patches.shape[0], patches.shape[1])
-    out = out.index_copy(0, cls_rows, cls.to(patches.dtype)).index_copy(0, patch_rows, patches)
-    return out, cu.to(torch.int32), cls_rows, patch_rows
+_LAYOUT_ATTRS = frozenset({"grids", "lengths", "image_id", "positions", "cu_tokens", "cls_index",
+                           "patch_index", "max_tokens", "num_tokens"})
 
 
 def _check_batch(batch, patch: int, in_chans: int, who: str) -> None:
@@ -240,243 +193,88 @@ class NativeTargets(NamedTuple):
 
 
 def _stored_is_sincos(stored: torch.Tensor, grid: int) -> bool:
-    ref = _sincos_table(stored.shape[-1], grid, grid)[1:].to(stored.device) \
+    ref = sincos_table(stored.shape[-1], grid, grid)[1:].to(stored.device) \
         if stored.shape[-1] % 4 == 0 else None
     return ref is not None and torch.allclose(stored[0, 1:].float(), ref, atol=1e-4, rtol=0)
 
 
-def base_pos_embed(base: BaseModel, batch: NativeBatch) -> torch.Tensor:
-    """The base model's position embedding for every image's own grid, token layout [B + T_p, Cb].
-    Stored grid: the stored table. Other grids: sin-cos when the stored table is sin-cos (MAE),
-    else bicubic resampling of the stored (learned) patch table, CLS row as stored (DINO/timm)."""
+def _base_pos_table(base: BaseModel, layout: TokenLayout) -> torch.Tensor:
+    """The base's position embedding for the layout's grids (``TokenLayout.pos_table`` form)."""
     stored, g = base.pos_embed.detach(), base.config.grid_size
     if _stored_is_sincos(stored, g):
         cls_row = stored[0, :1].float()
 
         def resample(h, w):
-            return torch.cat([cls_row, _sincos_table(stored.shape[-1], h, w)[1:].to(stored.device)])
+            return torch.cat([cls_row, sincos_table(stored.shape[-1], h, w)[1:].to(stored.device)])
     else:
         grid_table = stored[0, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
 
         def resample(h, w):
             t = F.interpolate(grid_table, size=(h, w), mode="bicubic", align_corners=False)
             return torch.cat([stored[0, :1].float(), t[0].flatten(1).t()])
-    return batch.pos_embed(stored.shape[-1], stored, (g, g), resample)
+    return layout.pos_table(stored.shape[-1], stored, (g, g), resample)
+
+
+def base_pos_embed(base: BaseModel, batch: NativeBatch) -> torch.Tensor:
+    """The base model's position embedding for every image's own grid, token layout [B + T_p, Cb].
+    Stored grid: the stored table. Other grids: sin-cos when the stored table is sin-cos (MAE),
+    else bicubic resampling of the stored (learned) patch table, CLS row as stored (DINO/timm)."""
+    table = _base_pos_table(base, batch.layout)
+    return table.repeat(len(batch), 1) if batch.layout.uniform else table
 
 
 @torch.no_grad()
 def native_base_targets(base: BaseModel, batch: NativeBatch) -> NativeTargets:
-    """SPEC.md §1 per image, all images in one packed run of the frozen base model
-    (block-diagonal attention). The last block's q, k come from its own qkv projection on the
-    packed tokens; only the CLS row and the top-k rows of each image are formed (no N x N)."""
-    cfg = base.config
+    """SPEC.md §1 per image, all images in one run of the frozen base model over the batch's
+    token layout (block-diagonal attention when the grids differ). The last block's q, k are its
+    own qkv projection's output, read by a hook; ``TokenLayout.relation_targets`` forms only the
+    CLS and top-k rows (``ops.relation_targets``, by groups of equal length)."""
+    cfg, layout = base.config, batch.layout
     _check_batch(batch, cfg.patch_size, cfg.in_chans, "native_base_targets")
     if base.topk is not None and min(batch.lengths) < base.topk:
         b = min(range(len(batch)), key=lambda i: batch.lengths[i])
         raise ValueError(f"native_base_targets: image {b} has {batch.lengths[b]} patches, fewer than "
                          f"the base model's topk={base.topk}")
-    x = _embed_patches(base.patch_embed, batch.patches)  # [T_p, Cb]
-    counts = batch.lengths_t
-    cls = base.cls_token.reshape(1, -1).expand(len(batch), -1)
-    x, cu, _, _ = _interleave_cls(cls, x, counts)  # [B + T_p, Cb]
-    x = x + base_pos_embed(base, batch).to(x.dtype)
-    feats, qk = 0, None
-    depth = len(base.blocks)
-    for i, blk in enumerate(base.blocks):
-        if i == depth - 1 and base.topk is not None:
-            # the packed Block forward, written out to keep this block's q and k
-            T, C = x.shape
-            q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(T, 3, cfg.num_heads, -1).unbind(1)  # [T, H, d]
-            a = packed_attention(q, k, v, cu, batch.max_tokens).reshape(T, C)
-            x = x + blk.attn.proj(a)
-            x = x + blk.mlp(blk.norm2(x))
-            qk = (q, k)
-        else:
-            x = blk(x, cu_seqlens=cu, max_len=batch.max_tokens)
-        if i >= depth - base.last_layers:
-            feats = feats + x[batch.patch_index].float()
-    features = list((feats / base.last_layers).split(batch.lengths))  # per image [L_b, Cb]
-    if qk is None:
+    x = embed_patches(base.patch_embed, batch.patches)  # [T_p, Cb]
+    x = layout.encoder_input(x, base.cls_token, _base_pos_table(base, layout))
+    attention, depth, qkv = layout.encoder_attention(), len(base.blocks), []
+    hook = base.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, out: qkv.append(out)) \
+        if base.topk is not None else None
+    feats = 0
+    try:
+        for i, blk in enumerate(base.blocks):
+            x = blk(x, **attention)
+            if i >= depth - base.last_layers:
+                feats = feats + layout.patch_rows(x).float()
+    finally:
+        if hook is not None:
+            hook.remove()
+    features = layout.per_image(feats / base.last_layers)  # per image [L_b, Cb]
+    if base.topk is None:
         return NativeTargets(features, None, None)
     scale = (cfg.embed_dim // cfg.num_heads) ** -0.5
-    relation, topk_idx = _relation_targets_packed(qk[0].float(), qk[1].float(), batch, base.topk, scale)
+    relation, topk_idx = layout.relation_targets(qkv[-1], cfg.num_heads, base.topk, scale)
     return NativeTargets(features, relation, topk_idx)
-
-
-def _padded_keys(k: torch.Tensor, batch: NativeBatch) -> torch.Tensor:
-    """Patch keys of the token layout k [B + T_p, H, d] -> [B, max L, H, d], zeros past L_b."""
-    B, Lm = len(batch), batch.max_length
-    out = k.new_zeros(B * Lm, *k.shape[1:]).index_copy(0, batch.padded_index, k[batch.patch_index])
-    return out.reshape(B, Lm, *k.shape[1:])
-
-
-def _key_valid(batch: NativeBatch) -> torch.Tensor:
-    Lm = batch.max_length
-    lengths = batch.lengths_t
-    return torch.arange(Lm, device=lengths.device)[None, :] < lengths[:, None]  # [B, max L]
-
-
-def _relation_targets_packed(q: torch.Tensor, k: torch.Tensor, batch: NativeBatch, topk: int,
-                             scale: float):
-    k_pad = _padded_keys(k, batch)  # [B, Lm, H, d]
-    valid = _key_valid(batch)  # [B, Lm]
-    cls_row = torch.einsum("bhd,blhd->bhl", q[batch.cls_index], k_pad) * scale  # [B, H, Lm]
-    ranking = cls_row.mean(dim=1).masked_fill(~valid, float("-inf"))
-    idx = torch.topk(ranking, topk, dim=1, largest=True).indices  # [B, k]
-    q_top = q[batch.cls_index[:, None] + 1 + idx]  # [B, k, H, d]
-    top_rows = torch.einsum("bkhd,blhd->bkhl", q_top, k_pad) * scale  # [B, k, H, Lm]
-    rel = torch.cat([cls_row.unsqueeze(1), top_rows], dim=1)  # [B, 1+k, H, Lm]
-    relation = [rel[b, :, :, :L].contiguous() for b, L in enumerate(batch.lengths)]
-    return relation, list(idx.unbind(0))
 
 
 # --------------------------------------------------------------------------------------------
 # The TEC loss on a native batch
 # --------------------------------------------------------------------------------------------
-def _check_targets(model: TECModel, batch: NativeBatch, targets: NativeTargets) -> None:
-    cfg = model.config
-    feats = getattr(targets, "features", None)
-    if not isinstance(feats, (list, tuple)) or len(feats) != len(batch):
-        raise ValueError(f"targets.features must be a list of {len(batch)} [L_b, pred_dim] tensors, "
-                         f"got {type(feats).__name__} of {len(feats) if hasattr(feats, '__len__') else '?'}")
-    for b, (f, L) in enumerate(zip(feats, batch.lengths)):
-        if tuple(f.shape) != (L, cfg.pred_dim):
-            raise ValueError(f"targets.features[{b}] must be [L_b, pred_dim] = {(L, cfg.pred_dim)}, "
-                             f"got {tuple(f.shape)}")
-    if not cfg.relation:
-        return
-    rel, idx = targets.relation, targets.topk_idx
-    if rel is None or idx is None:
-        raise ValueError("targets.relation / targets.topk_idx are None but TECConfig.relation=True: "
-                         "build the BaseModel with topk set, or set relation=False")
-    if len(rel) != len(batch) or len(idx) != len(batch):
-        raise ValueError(f"targets.relation / topk_idx must hold {len(batch)} images, got "
-                         f"{len(rel)} / {len(idx)}")
-    k = idx[0].shape[0]
-    for b, (r, i, L) in enumerate(zip(rel, idx, batch.lengths)):
-        if tuple(i.shape) != (k,) or tuple(r.shape) != (1 + k, cfg.pred_heads, L):
-            raise ValueError(f"targets.relation[{b}] must be [1+k, pred_heads, L_b] = "
-                             f"{(1 + k, cfg.pred_heads, L)} with topk_idx[{b}] [k={k}], got "
-                             f"{tuple(r.shape)} and {tuple(i.shape)}")
-
-
-def _visible_counts(batch: NativeBatch, mask_ratio) -> List[int]:
-    ratios = [float(mask_ratio)] * len(batch) if isinstance(mask_ratio, (int, float)) \
-        else [float(r) for r in mask_ratio]
-    if len(ratios) != len(batch):
-        raise ValueError(f"mask_ratio must be a float or one ratio per image ({len(batch)}), "
-                         f"got {len(ratios)}")
-    counts = []
-    for b, (r, L) in enumerate(zip(ratios, batch.lengths)):
-        if not 0.0 <= r < 1.0:
-            raise ValueError(f"mask_ratio[{b}] must be in [0, 1), got {r!r}")
-        K = num_visible(L, r)
-        if K < 1:
-            raise ValueError(f"mask ratio {r} leaves image {b} ({L} patches) no visible patch")
-        counts.append(K)
-    if sum(counts) == batch.patches.shape[0]:
-        raise ValueError("mask_ratio masks no patch of any image: the feature loss is undefined")
-    return counts
-
-
-def _random_keep(batch: NativeBatch, counts: List[int], noise, generator) -> torch.Tensor:
-    """keep [T_p] bool: image b keeps its K_b patches of lowest noise (SPEC.md §2 per image),
-    ranked for all images at once by a segmented sort (noise order within image order)."""
-    device = batch.patches.device
-    if noise is None:
-        where = generator.device if generator is not None else device
-        flat = torch.rand(batch.patches.shape[0], generator=generator, device=where).to(device)
-    else:
-        if len(noise) != len(batch):
-            raise ValueError(f"noise must be a list of {len(batch)} tensors [L_b], got {len(noise)}")
-        for b, (n, L) in enumerate(zip(noise, batch.lengths)):
-            if not isinstance(n, torch.Tensor) or tuple(n.shape) != (L,):
-                raise ValueError(f"noise[{b}] must be a tensor [L_b] = [{L}], got "
-                                 f"{tuple(getattr(n, 'shape', ())) or type(n).__name__}")
-        flat = torch.cat([n.to(device) for n in noise])  # [T_p]
-    by_noise = torch.argsort(flat, stable=True)
-    order = by_noise[torch.argsort(batch.image_id[by_noise], stable=True)]  # image, then noise
-    owner = batch.image_id[order]
-    rank = torch.arange(order.shape[0], device=device) - batch.cu_patches[owner]
-    K = torch.tensor(counts, device=device)
-    keep = torch.empty_like(flat, dtype=torch.bool)
-    keep[order] = rank < K[owner]
-    return keep
-
-
-def _patch_norm_targets(target: torch.Tensor, batch: NativeBatch, eps: float = 1e-6) -> torch.Tensor:
-    """SPEC.md §3 target normalisation per image over its own L_b patches (unbiased variance)."""
-    B, seg = len(batch), batch.image_id
-    n = batch.lengths_t.to(target.dtype)[:, None]  # [B, 1]
-    mean = target.new_zeros(B, target.shape[1]).index_add_(0, seg, target) / n
-    centred = target - mean[seg]
-    var = target.new_zeros(B, target.shape[1]).index_add_(0, seg, centred * centred) / (n - 1)
-    return centred / torch.sqrt(var[seg] + eps)
-
-
 def native_tec_loss(model: TECModel, batch: NativeBatch, targets: NativeTargets, mask_ratio=0.75,
                     generator: Optional[torch.Generator] = None,
                     noise: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """One TEC loss evaluation on a native-resolution batch; same meaning as ``TECModel.forward``.
 
     Image b keeps K_b = int(L_b * (1 - mask_ratio)) patches (``mask_ratio`` a float or one per
-    image), chosen by ``noise[b]`` [L_b] (or fresh uniform noise from ``generator``). The encoder
-    runs packed over CLS + kept patches, both decoder streams over every image's full 1 + L_b
-    tokens, packed together through the shared decoder blocks.
+    image), chosen by ``noise[b]`` [L_b] (or fresh uniform noise from ``generator``), and the
+    model runs ``forward_layout`` on the batch's layout with that masking.
     feature = sum over images of masked per-patch errors / all masked patches (targets normalised
-    per image); relation = mean over (image, row, head)."""
-    cfg, enc = model.config, model.config.encoder
+    per image; an image with no hidden patch adds nothing); relation = mean over (image, row, head)."""
+    enc = model.config.encoder
     _check_batch(batch, enc.patch_size, enc.in_chans, "native_tec_loss")
-    _check_targets(model, batch, targets)
-    g = enc.grid_size
-    counts = _visible_counts(batch, mask_ratio)
-    keep = _random_keep(batch, counts, noise, generator)  # [T_p]
-    mask = (~keep).float()
-
-    # encoder: CLS (input adapter) + kept patches of every image, packed
-    x = _embed_patches(model.patch_embed, batch.patches)  # [T_p, C]
-    pos = batch.pos_embed(enc.embed_dim, model.pos_embed, (g, g)).to(x.dtype)  # token layout
-    x = x + pos[batch.patch_index]
-    kept = keep.nonzero().reshape(-1)  # [n_keep], image by image, patch order
-    cls = (model.cls_embedding().reshape(1, -1) + pos[batch.cls_index]).to(x.dtype)  # [B, C]
-    k_counts = torch.tensor(counts, device=x.device)
-    x, cu_enc, cls_rows, kept_rows = _interleave_cls(cls, x[kept], k_counts)  # [T_e, C]
-    max_enc = 1 + max(counts)
-    outs = []
-    for blk in model.blocks:
-        x = blk(x, cu_seqlens=cu_enc, max_len=max_enc)
-        outs.append(x)
-    outs[-1] = model.norm(x)
-    latent = model.encoder_adaptor(torch.stack(outs).unsqueeze(1))[0]  # [T_e, C]
-
-    # decoders: each stream back to the full token layout, mask tokens where patches were removed
-    to_full = torch.empty(latent.shape[0], dtype=torch.long, device=x.device)
-    to_full[cls_rows] = batch.cls_index
-    to_full[kept_rows] = batch.patch_index[kept]
-    T_d = batch.num_tokens
-    heads = [model.forward_fea_decoder] + ([model.forward_att_decoder] if cfg.relation else [])
-    dpos = batch.pos_embed(cfg.decoder_dim, model.decoder_pos_embed, (g, g))  # [T_d, Cd]
-    inputs = []
-    for head in heads:
-        y = head.decoder_embed(latent)  # [T_e, Cd]
-        full = packing.unpack(y, to_full, head.mask_token.reshape(-1), (1, T_d))[0]  # [T_d, Cd]
-        inputs.append(full + dpos.to(full.dtype))
-    x = torch.cat(inputs)  # streams one after the other: 2 * B sequences
-    cu_dec = torch.cat([batch.cu_tokens] + [batch.cu_tokens[1:] + s * T_d for s in range(1, len(heads))])
-    for blk in model.decoder_blocks:
-        x = blk(x, cu_seqlens=cu_dec, max_len=batch.max_tokens)
-    streams = x.split(T_d)
-
-    fea = model.forward_fea_decoder
-    pred = fea.decoder_pred(fea.decoder_norm(streams[0][batch.patch_index]))  # [T_p, Cb]
-    qk = None
-    if cfg.relation:
-        att = model.forward_att_decoder
-        qk = att.decoder_qk(att.decoder_norm(streams[1]))  # [T_d, 2*Cb]
-    with torch.autocast(x.device.type, enabled=False):  # the losses in fp32, like the ops
-        loss_f, loss_r = _losses(model, batch, targets, pred, qk, mask)
-    loss = cfg.feature_weight * loss_f + cfg.relation_weight * loss_r
-    return {"loss": loss, "feature": loss_f, "relation": loss_r}
+    counts = visible_counts(batch.lengths, mask_ratio)
+    keep = ragged_keep(batch.lengths, counts, noise, device=batch.patches.device, generator=generator)
+    return model.forward_layout(batch.layout.with_keep(keep), batch.patches, targets)
 
 
 class NativeTECModel(TECModel):
@@ -493,33 +291,6 @@ class NativeTECModel(TECModel):
                                  "(pass per-image noise)")
             return native_tec_loss(self, images, targets, mask_ratio, noise=noise)
         return super().forward(images, targets, mask_ratio, noise, keep)
-
-
-def _losses(model: TECModel, batch: NativeBatch, targets: NativeTargets, pred: torch.Tensor,
-            qk: Optional[torch.Tensor], mask: torch.Tensor):
-    """SPEC.md §3 per image: feature loss from pred [T_p, Cb], relation loss from the relation
-    head's q/k [T_d, 2*Cb] (None without relation targets). fp32."""
-    cfg = model.config
-    T_d = batch.num_tokens
-    target = _patch_norm_targets(torch.cat(targets.features).float(), batch)
-    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [T_p]
-    loss_f = (per_patch * mask).sum() / mask.sum()
-
-    if qk is not None:
-        Hb = cfg.pred_heads
-        q, k = qk.float().reshape(T_d, 2, Hb, cfg.pred_dim // Hb).unbind(1)  # [T_d, Hb, dh]
-        idx = torch.stack(list(targets.topk_idx)).to(q.device)  # [B, k]
-        rows = batch.cls_index[:, None] + torch.cat([torch.zeros_like(idx[:, :1]), idx + 1], dim=1)
-        logits = torch.einsum("brhd,blhd->brhl", q[rows], _padded_keys(k, batch)) * cfg.pred_dim ** -0.5
-        pad = ~_key_valid(batch)[:, None, None, :]  # [B, 1, 1, Lm]
-        Lm = batch.max_length
-        target_r = torch.stack([F.pad(r.float(), (0, Lm - r.shape[-1])) for r in targets.relation])
-        p = F.softmax((target_r / cfg.tau).masked_fill(pad, float("-inf")), dim=-1)
-        logp = F.log_softmax(logits.masked_fill(pad, float("-inf")), dim=-1).masked_fill(pad, 0.0)
-        loss_r = -(p * logp).sum(dim=-1).mean()  # over (image, row, head)
-    else:
-        loss_r = torch.zeros((), device=pred.device)
-    return loss_f, loss_r
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from tec_fast import ops
+import torch.nn.functional as F
+
 from tec_fast.models.base import BaseTargets
 from tec_fast.config import TECConfig
 from tec_fast.models.layers import LN_EPS, Block, Mlp, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
-from tec_fast.models.masking import random_masking, variable_masking
+from tec_fast.models.layout import TokenLayout
+from tec_fast.models.masking import Masking, random_masking, variable_masking
 from tec_fast.models.adapter import EncoderAdapter
 
 
@@ -77,17 +79,47 @@ class TECModel(nn.Module):
         """The CLS token the encoder sees, before its position embedding: MLP(cls) or cls. [1, 1, C]"""
         return self.cls_token_mlp(self.cls_token) if self.config.input_adapter else self.cls_token
 
+    def layout_for(self, batch: int, mask_ratio=0.75, noise: Optional[torch.Tensor] = None,
+                   keep: Optional[torch.Tensor] = None, device=None) -> TokenLayout:
+        """The token layout of one step on B images of the configured size: a float
+        ``mask_ratio`` gives the dense layout (every image keeps K = int(L * (1 - r))), one ratio
+        per image or a ``keep`` [B, L] bool mask (True = visible) the packed one."""
+        enc = self.config.encoder
+        layout = TokenLayout([(enc.grid_size, enc.grid_size)] * batch, device)
+        if keep is not None:
+            return layout.with_keep(keep)
+        L = enc.num_patches
+        if isinstance(mask_ratio, (int, float)) and not isinstance(mask_ratio, bool):
+            return layout.with_masking(random_masking(batch, L, mask_ratio, noise=noise, device=device))
+        keep, _ = variable_masking(batch, L, mask_ratio, noise=noise, device=device)
+        return layout.with_keep(keep)
+
     def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Visible tokens through the encoder; returns every block's output stacked, [D, B, 1+K, C]
-        (the last one through the final LayerNorm), the encoder adapter's input."""
-        x = self.patch_embed(images)  # [B, L, C]
-        pos = self.pos_embed[0].to(x.dtype)
-        x = ops.masked_gather(x, ids_keep, pos[1:])  # [B, K, C]
-        cls = (self.cls_embedding() + self.pos_embed[:, :1]).to(x.dtype)
-        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+K, C]
+        """Visible tokens ``ids_keep`` [B, K] through the encoder: every block's output stacked,
+        [D, B, 1+K, C] (the last one through the final LayerNorm), the encoder adapter's input."""
+        g = self.config.encoder.grid_size
+        layout = TokenLayout([(g, g)] * images.shape[0], images.device) \
+            .with_masking(Masking(ids_keep, None, None))  # the encoder reads only ids_keep
+        return self.encode(layout, images)
+
+    def forward_encoder_packed(self, images: torch.Tensor, keep: torch.Tensor):
+        """Variable visible counts ``keep`` [B, L] bool: the CLS token and the kept patches of
+        every image packed into one sequence, block-diagonal attention, no padding. Returns the
+        stacked block outputs [D, T, C] and ``index`` [T] (each packed token's flat position
+        b*N + j in the [B, N] grid)."""
+        layout = self.layout_for(images.shape[0], keep=keep, device=images.device)
+        return self.encode(layout, images), layout.enc_index
+
+    def encode(self, layout: TokenLayout, pixels: torch.Tensor) -> torch.Tensor:
+        """The visible tokens of ``layout`` through the encoder: every block's output stacked,
+        [D, B, 1+K, C] (dense) or [D, T_e, C] (packed), the last one after the final LayerNorm.
+        ``pixels``: images [B, 3, S, S] or flattened patches [sum L_b, 3*p*p]."""
+        x = embed_patches(self.patch_embed, pixels)  # [B, L, C] or [sum L_b, C]
+        x = layout.encoder_input(x, self.cls_embedding(), self.pos_table(layout, self.pos_embed))
+        attention = layout.encoder_attention()
         outs = []
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, **attention)
             outs.append(x)
         outs[-1] = self.norm(x)
         # One copy into the [D, B, T, C] layout the adapter's fused LayerNorm reads. Writing the
@@ -95,61 +127,11 @@ class TECModel(nn.Module):
         # function: in-place writes bump the version of tensors the next block saved.
         return torch.stack(outs)
 
-    def forward_encoder_packed(self, images: torch.Tensor, keep: torch.Tensor):
-        """Variable visible counts: the CLS token and the kept patches of every image packed into
-        one sequence, block-diagonal attention, no padding. Returns the stacked block outputs
-        [D, T, C] and ``index`` [T] (each packed token's flat position b*N + j in the [B, N] grid)."""
-        from tec_fast import packing
-
-        x = self.patch_embed(images)  # [B, L, C]
-        B = x.shape[0]
-        pos = self.pos_embed.to(x.dtype)
-        cls = (self.cls_embedding() + self.pos_embed[:, :1]).to(x.dtype).expand(B, -1, -1)
-        tokens = torch.cat([cls, x + pos[:, 1:]], dim=1)  # [B, N, C]
-        keep_all = torch.cat([torch.ones_like(keep[:, :1]), keep], dim=1)  # CLS always kept
-        x, cu_seqlens, max_len, index = packing.pack(tokens, keep_all)  # [T, C]
-        outs = []
-        for blk in self.blocks:
-            x = blk(x, cu_seqlens=cu_seqlens, max_len=max_len)
-            outs.append(x)
-        outs[-1] = self.norm(x)
-        return torch.stack(outs), index
-
-    def _decoder_input_packed(self, head: nn.Module, latent: torch.Tensor, index: torch.Tensor,
-                              B: int) -> torch.Tensor:
-        from tec_fast import packing
-
-        y = head.decoder_embed(latent)  # [T, Cd]
-        N = self.decoder_pos_embed.shape[1]
-        out = packing.unpack(y, index, head.mask_token.reshape(-1).to(y.dtype), (B, N))
-        return out + self.decoder_pos_embed.to(y.dtype)
-
-    def _decoder_input(self, head: nn.Module, latent: torch.Tensor,
-                       ids_restore: torch.Tensor) -> torch.Tensor:
-        """decoder_embed, mask-token fill, unshuffle, CLS in front, decoder position add. [B, N, Cd]"""
-        y = head.decoder_embed(latent)  # [B, 1+K, Cd]
-        pos = self.decoder_pos_embed[0].to(y.dtype)
-        patches = ops.scatter_masked(y[:, 1:], ids_restore, head.mask_token.reshape(-1), pos[1:])
-        return torch.cat([y[:, :1] + pos[:1], patches], dim=1)
-
-    def _check_targets(self, targets: BaseTargets, B: int) -> None:
-        cfg = self.config
-        L = cfg.encoder.num_patches
-        feats = getattr(targets, "features", None)
-        if not isinstance(feats, torch.Tensor) or tuple(feats.shape) != (B, L, cfg.pred_dim):
-            raise ValueError(f"targets.features must be [B, L, pred_dim] = {(B, L, cfg.pred_dim)}, got "
-                             f"{tuple(getattr(feats, 'shape', ())) or type(feats).__name__}")
-        if cfg.relation:
-            rel, idx = getattr(targets, "relation", None), getattr(targets, "topk_idx", None)
-            if rel is None or idx is None:
-                raise ValueError("targets.relation / targets.topk_idx are None but TECConfig.relation=True: "
-                                 "build the BaseModel with topk set, or set relation=False")
-            if idx.dim() != 2 or idx.shape[0] != B:
-                raise ValueError(f"targets.topk_idx must be [B={B}, k], got {tuple(idx.shape)}")
-            want = (B, 1 + idx.shape[1], cfg.pred_heads, L)
-            if tuple(rel.shape) != want:
-                raise ValueError(f"targets.relation must be [B, 1+k, pred_heads, L] = {want}, "
-                                 f"got {tuple(rel.shape)}")
+    def pos_table(self, layout: TokenLayout, stored: torch.Tensor) -> torch.Tensor:
+        """``stored`` (the encoder's or the decoder's sin-cos table) for the model's own grid,
+        sin-cos computed for any other grid of the layout."""
+        g = self.config.encoder.grid_size
+        return layout.pos_table(stored.shape[-1], stored, (g, g))
 
     def forward(self, images: torch.Tensor, targets: BaseTargets, mask_ratio=0.75,
                 noise: Optional[torch.Tensor] = None,
@@ -159,54 +141,57 @@ class TECModel(nn.Module):
         ``mask_ratio``: a float (every image keeps K = int(L * (1 - r)) patches: dense batched
         encoder), or one ratio per image ([B] tensor or sequence: packed encoder). ``keep`` [B, L]
         bool (True = visible), e.g. block-wise masks, overrides the ratio (packed encoder).
-        ``noise`` [B, L] makes the random masking reproducible (SPEC.md §2).
+        ``noise`` [B, L] makes the random masking reproducible (SPEC.md §2). A batch in which no
+        patch is hidden (ratio 0) is refused; with per-image ratios or masks an image with no
+        hidden patch is allowed and adds nothing to the feature loss.
         """
-        cfg, enc = self.config, self.config.encoder
+        enc = self.config.encoder
         check_images(images, enc.in_chans, enc.img_size)
-        B, L = images.shape[0], enc.num_patches
-        self._check_targets(targets, B)
+        layout = self.layout_for(images.shape[0], mask_ratio, noise, keep, images.device)
+        return self.forward_layout(layout, images, targets)
+
+    def forward_layout(self, layout: TokenLayout, pixels: torch.Tensor, targets) -> Dict[str, torch.Tensor]:
+        """The TEC loss (SPEC.md §2-3) on any token layout: the one encoder, decoder and loss path."""
+        cfg = self.config
+        layout.check_hidden()
+        features, relation, topk_idx = layout.targets(targets, cfg.pred_dim, cfg.pred_heads, cfg.relation)
+        feats = self.encode(layout, pixels)
+        packed = feats.dim() == 3  # [D, T_e, C]
+        latent = self.encoder_adaptor(feats.unsqueeze(1) if packed else feats)
+        latent = latent[0] if packed else latent  # [B, 1+K, C] or [T_e, C]
+
         heads = [self.forward_fea_decoder] + ([self.forward_att_decoder] if cfg.relation else [])
-
-        if keep is None and isinstance(mask_ratio, (int, float)):
-            m = random_masking(B, L, mask_ratio, noise=noise, device=images.device)
-            mask = m.mask
-            feats = self.forward_encoder(images, m.ids_keep)  # [D, B, 1+K, C]
-            latent = self.encoder_adaptor(feats)              # [B, 1+K, C]
-            inputs = [self._decoder_input(h, latent, m.ids_restore) for h in heads]
-        else:
-            if keep is None:
-                keep, mask = variable_masking(B, L, mask_ratio, noise=noise, device=images.device)
-            else:
-                if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool \
-                        or tuple(keep.shape) != (B, L):
-                    raise ValueError(f"keep must be a bool tensor of shape [B, L] = {(B, L)}, got "
-                                     f"{getattr(keep, 'dtype', type(keep).__name__)} "
-                                     f"{tuple(getattr(keep, 'shape', ()))}")
-                if not bool(keep.any(dim=1).all()) or bool(keep.all(dim=1).any()):
-                    raise ValueError("keep must leave every image at least one visible and one masked patch")
-                keep = keep.to(images.device)
-                mask = (~keep).float()
-            feats, index = self.forward_encoder_packed(images, keep)  # [D, T, C]
-            latent = self.encoder_adaptor(feats.unsqueeze(1))[0]      # [T, C]
-            inputs = [self._decoder_input_packed(h, latent, index, B) for h in heads]
-
-        # Both streams go through the shared decoder blocks in one pass, stacked along the batch.
-        x = torch.cat(inputs, dim=0)
+        dpos = self.pos_table(layout, self.decoder_pos_embed)
+        # Both streams go through the shared decoder blocks in one pass, stacked along dim 0.
+        x = torch.cat([layout.decoder_input(h.decoder_embed(latent), h.mask_token, dpos) for h in heads])
+        attention = layout.decoder_attention(len(heads))
         for blk in self.decoder_blocks:
-            x = blk(x)
-        streams = x.split(B, dim=0)
+            x = blk(x, **attention)
+        streams = layout.split_streams(x)
 
         fea = self.forward_fea_decoder
-        pred = fea.decoder_pred(fea.decoder_norm(streams[0]))[:, 1:]  # [B, L, Cb]
-        loss_f = ops.patch_norm_mse(pred, targets.features, mask)
+        pred = layout.patch_rows(fea.decoder_pred(fea.decoder_norm(streams[0])))  # [B, L, Cb] / [T_p, Cb]
+        qk = None
         if cfg.relation:
             att = self.forward_att_decoder
-            qk = att.decoder_qk(att.decoder_norm(streams[1]))  # [B, N, 2*Cb]
-            Hb = cfg.pred_heads
-            qk = qk.reshape(B, L + 1, 2, Hb, cfg.pred_dim // Hb).permute(2, 0, 3, 1, 4)
-            loss_r = ops.relation_loss(qk[0], qk[1], targets.topk_idx, targets.relation,
-                                       cfg.tau, cfg.pred_dim ** -0.5)
-        else:
-            loss_r = torch.zeros((), device=images.device)
+            qk = att.decoder_qk(att.decoder_norm(streams[1]))  # [B, N, 2*Cb] / [T_d, 2*Cb]
+        with torch.autocast(pred.device.type, enabled=False):  # the loss ops compute in fp32
+            loss_f = layout.feature_loss(pred, features)
+            if qk is None:
+                loss_r = torch.zeros((), device=pred.device)
+            else:
+                loss_r = layout.relation_loss(qk, cfg.pred_heads, topk_idx, relation, cfg.tau,
+                                              cfg.pred_dim ** -0.5)
         loss = cfg.feature_weight * loss_f + cfg.relation_weight * loss_r
         return {"loss": loss, "feature": loss_f, "relation": loss_r}
+
+
+def embed_patches(patch_embed: PatchEmbed, pixels: torch.Tensor) -> torch.Tensor:
+    """Patch embedding of images [B, C, S, S] -> [B, L, D] (the stride-p conv), or of flattened
+    patches [T, C*p*p] (conv-weight order (c, y, x)) -> [T, D], the same conv as a matmul."""
+    if pixels.dim() == 4:
+        return patch_embed(pixels)
+    w, b = patch_embed.proj.weight, patch_embed.proj.bias
+    if not torch.is_autocast_enabled(pixels.device.type):
+        pixels = pixels.to(w.dtype)
+    return F.linear(pixels, w.reshape(w.shape[0], -1), b)

@@ -1,5 +1,6 @@
 """Public kernel ops. Each validates its inputs (``validate.py``), then runs the Triton path or the
 plain-torch reference (``dispatch.py``, which reads the op table in ``registry.py``).
+The ``*_ragged`` forms (``ragged.py``, images of different lengths) are built from these ops.
 
 The reference (``reference.py``) is the definition; the Triton paths live in the top-level
 ``kernels/`` directory (installed as ``tec_fast.kernels``), one op per file. Their custom ops are
@@ -21,7 +22,8 @@ from tec_fast.ops.validate import check_same_device as _check_same_device
 from tec_fast.ops.validate import check_tensor as _check_tensor
 
 __all__ = ["masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets",
-           "relation_loss", "encoder_adapter", "reference", "dispatch_report",
+           "relation_loss", "encoder_adapter", "patch_norm_mse_ragged", "relation_targets_ragged",
+           "relation_loss_ragged", "reference", "dispatch_report",
            "format_dispatch_report", "why_not_fast", "OPS"]
 
 register_kernels()
@@ -199,3 +201,8 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
                     ln_after_w, ln_after_b, eps_before, eps_after)
     return reference.encoder_adapter(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b,
                                      fc2_w, fc2_b, ln_after_w, ln_after_b, eps_before, eps_after)
+
+
+# Ragged forms: compositions of the ops above (imported last: they call them).
+from tec_fast.ops.ragged import (patch_norm_mse_ragged, relation_loss_ragged,  # noqa: E402
+                                 relation_targets_ragged)

@@ -1,0 +1,314 @@
+"""Token layouts: which tokens of which images one step of the model runs on.
+
+Every input mode is the same model on a different layout; ``TECModel.forward_layout`` (and the
+native base forward) run one encoder, one decoder and one loss path, asking the layout only how
+to gather, scatter, attend and reduce. A layout holds, for B images:
+
+- ``grids`` [(h_b, w_b)] and ``lengths`` [L_b = h_b * w_b]: image b's patches, row-major;
+- the *full* token layout: image b = its CLS token then its L_b patches, images one after
+  another (rows ``cu_tokens[b]:cu_tokens[b+1]`` of a T_d = B + sum L_b sequence; ``cls_index``,
+  ``patch_index`` the rows of the CLS tokens and of the patches, ``positions`` each patch's
+  (row, column)). When every image has the same grid (``uniform``) that is a [B, N] batch;
+- the *visible* tokens, one of: ``ids_keep`` [B, K] / ``ids_restore`` [B, L] (``dense``: every
+  image keeps K patches, batched encoder, the fused ``masked_gather`` / ``scatter_masked``
+  ops), or ``enc_index`` [T_e] (the full-layout row of each encoder token, CLS always kept;
+  packed encoder over ``cu_enc``), or nothing masked (``enc_index`` None: the base model);
+- ``mask`` (1 = hidden) [B, L] when uniform, else [sum L_b]; ``hidden`` per image, on the host.
+
+The modes: fixed ratio = uniform + dense; per-image ratios or block masks = uniform + packed
+encoder (decoder and losses batched over [B, N]); native resolution = grids differ, packed
+encoder and decoder, the losses through ``ops.*_ragged``.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from tec_fast import ops, packing
+from tec_fast.models.layers import sincos_pos_embed
+from tec_fast.models.masking import Masking
+
+
+@functools.lru_cache(maxsize=1024)
+def sincos_table(dim: int, h: int, w: int) -> torch.Tensor:
+    return sincos_pos_embed(dim, h, w)  # [1 + h*w, dim], CPU fp32
+
+
+class TokenLayout:
+    """See the module docstring. ``TokenLayout(grids, device)`` has every token visible;
+    ``with_masking`` / ``with_keep`` return the layout of one masked step."""
+
+    def __init__(self, grids: Sequence[Tuple[int, int]], device=None):
+        if len(grids) == 0:
+            raise ValueError("TokenLayout: needs at least one image")
+        self.grids: List[Tuple[int, int]] = [(int(h), int(w)) for h, w in grids]
+        self.lengths: List[int] = [h * w for h, w in self.grids]
+        self.B, self.uniform = len(self.grids), len(set(self.grids)) == 1
+        self.num_tokens, self.max_tokens = self.B + sum(self.lengths), 1 + max(self.lengths)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.ids_keep = self.ids_restore = self.enc_index = self.cu_enc = self.mask = None
+        self.max_enc, self.hidden = self.max_tokens, [0] * self.B
+
+    # Index tensors of the full layout, built on first use (the dense path needs none of them).
+    @functools.cached_property
+    def cu_tokens(self) -> torch.Tensor:  # [B+1] int32
+        lengths = torch.tensor(self.lengths, device=self.device)
+        return F.pad((lengths + 1).cumsum(0), (1, 0)).to(torch.int32)
+
+    @functools.cached_property
+    def cls_index(self) -> torch.Tensor:  # [B]
+        return self.cu_tokens[:-1].long()
+
+    @functools.cached_property
+    def image_id(self) -> torch.Tensor:  # [T_p] owner of each patch
+        lengths = torch.tensor(self.lengths, device=self.device)
+        return torch.repeat_interleave(torch.arange(self.B, device=self.device), lengths,
+                                       output_size=self.num_tokens - self.B)
+
+    @functools.cached_property
+    def patch_index(self) -> torch.Tensor:  # [T_p] rows of the patches in the full layout
+        return torch.arange(self.num_tokens - self.B, device=self.device) + self.image_id + 1
+
+    @property
+    def dense(self) -> bool:
+        return self.ids_keep is not None
+
+    def to(self, device, non_blocking: bool = False) -> "TokenLayout":
+        out = copy.copy(self)
+        out.device = torch.device(device)
+        out.__dict__.update({k: v.to(device, non_blocking=non_blocking) for k, v in self.__dict__.items()
+                             if isinstance(v, torch.Tensor)})
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # Masking
+    # ----------------------------------------------------------------------------------------
+    def with_masking(self, m: Masking) -> "TokenLayout":
+        """Dense: every image keeps the same K patches count (``random_masking``'s output)."""
+        if not self.uniform:
+            raise ValueError("with_masking: a dense layout needs every image on one grid")
+        K, L = m.ids_keep.shape[1], self.lengths[0]
+        out = copy.copy(self)
+        out.ids_keep, out.ids_restore, out.mask = m.ids_keep, m.ids_restore, m.mask
+        out.hidden = [L - K] * self.B
+        return out
+
+    def with_keep(self, keep: torch.Tensor) -> "TokenLayout":
+        """Packed encoder: ``keep`` bool, True = visible, [B, L] (uniform) or [sum L_b]."""
+        T_p = self.num_tokens - self.B
+        shapes = [(self.B, self.lengths[0])] if self.uniform else []
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool \
+                or tuple(keep.shape) not in shapes + [(T_p,)]:
+            raise ValueError(f"keep must be a bool tensor of shape {' or '.join(map(str, shapes + [(T_p,)]))}, "
+                             f"got {getattr(keep, 'dtype', type(keep).__name__)} "
+                             f"{tuple(getattr(keep, 'shape', ()))}")
+        keep = keep.reshape(-1).to(self.device)
+        counts = torch.zeros(self.B, dtype=torch.long, device=keep.device) \
+            .index_add_(0, self.image_id, keep.long()).tolist()
+        if min(counts) < 1:
+            raise ValueError(f"keep leaves image {counts.index(min(counts))} no visible patch")
+        out = copy.copy(self)
+        keep_tokens = torch.ones(self.num_tokens, dtype=torch.bool, device=keep.device)  # CLS kept
+        keep_tokens[self.patch_index] = keep
+        out.enc_index = keep_tokens.nonzero().reshape(-1)  # [T_e], image by image, patch order
+        out.cu_enc = F.pad(torch.tensor(counts, device=keep.device) + 1, (1, 0)).cumsum(0).to(torch.int32)
+        out.max_enc = 1 + max(counts)
+        mask = (~keep).float()
+        out.mask = mask.reshape(self.B, -1) if self.uniform else mask
+        out.hidden = [L - K for L, K in zip(self.lengths, counts)]
+        return out
+
+    def check_hidden(self) -> None:
+        """Refuses a step in which no patch of any image is hidden."""
+        # An image with no hidden patch is defined (it adds nothing to the feature loss); a batch
+        # without any would make the feature loss 0/0.
+        if sum(self.hidden) == 0:
+            raise ValueError("the masking hides no patch of any image (mask ratio 0, or keep all True): "
+                             "the feature loss has nothing to predict; use a mask ratio in (0, 1)")
+
+    # ----------------------------------------------------------------------------------------
+    # Geometry
+    # ----------------------------------------------------------------------------------------
+    @property
+    def positions(self) -> torch.Tensor:
+        """(patch row, patch column) [sum L_b, 2] int64 of every patch."""
+        Lm, device = max(self.lengths), self.device
+        within = self.patch_index - self.cls_index[self.image_id] - 1
+        widths = torch.tensor([w for _, w in self.grids], device=device)
+        return packing.position_ids(self.image_id * Lm + within, Lm, widths)
+
+    def pos_table(self, dim: int, stored: Optional[torch.Tensor] = None,
+                  stored_grid: Optional[Tuple[int, int]] = None, resample=None) -> torch.Tensor:
+        """The position embedding of every image, fp32: [1 + L, dim] shared by all images when
+        uniform, else the full token layout [T_d, dim]. ``stored`` [1, 1 + gh*gw, dim] (a model's
+        table) serves images on ``stored_grid``; ``resample(h, w)`` -> [1 + h*w, dim] the others
+        (default: sin-cos, SPEC.md §2)."""
+        device, cache = self.device, {}
+        for h, w in dict.fromkeys(self.grids):
+            if stored is not None and (h, w) == tuple(stored_grid):
+                cache[h, w] = stored[0].float()
+            elif resample is not None:
+                cache[h, w] = resample(h, w).float()
+            else:
+                cache[h, w] = sincos_table(dim, h, w).to(device)
+        if self.uniform:
+            return cache[self.grids[0]]
+        return torch.cat([cache[g] for g in self.grids])
+
+    # ----------------------------------------------------------------------------------------
+    # Encoder
+    # ----------------------------------------------------------------------------------------
+    def encoder_input(self, patches: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Visible tokens plus their position embedding, CLS in front of each image's:
+        [B, 1+K, C] (dense), [B, N, C] (uniform, nothing masked) or [T_e, C] (packed).
+        ``patches`` [B, L, C] or [sum L_b, C] patch embeddings; ``cls`` the CLS embedding (C
+        values); ``pos`` from ``pos_table``."""
+        C = patches.shape[-1]
+        if self.dense:
+            patches = patches.reshape(self.B, -1, C)
+            x = ops.masked_gather(patches, self.ids_keep, pos[1:].to(patches.dtype))  # [B, K, C]
+            c = (cls.reshape(1, 1, C) + pos[:1].reshape(1, 1, C)).to(x.dtype)
+            return torch.cat([c.expand(self.B, -1, -1), x], dim=1)
+        full = self._full_tokens(patches, cls, pos)
+        if self.enc_index is None:
+            return full
+        return full.reshape(-1, C).index_select(0, self.enc_index)
+
+    def _full_tokens(self, patches: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        C, dt = patches.shape[-1], patches.dtype
+        if self.uniform:
+            x = patches.reshape(self.B, -1, C) + pos[1:].to(dt)
+            c = (cls.reshape(1, 1, C) + pos[:1].reshape(1, 1, C)).to(dt)
+            return torch.cat([c.expand(self.B, -1, -1), x], dim=1)  # [B, N, C]
+        x = patches + pos.index_select(0, self.patch_index).to(dt)
+        c = (cls.reshape(1, C) + pos.index_select(0, self.cls_index)).to(dt)  # [B, C]
+        return x.new_zeros(self.num_tokens, C).index_copy(0, self.cls_index, c) \
+            .index_copy(0, self.patch_index, x)  # [T_d, C]
+
+    def encoder_attention(self) -> dict:
+        """Keyword arguments of ``Block`` for the encoder tokens: none when batched."""
+        if self.dense or (self.enc_index is None and self.uniform):
+            return {}
+        if self.enc_index is None:
+            return {"cu_seqlens": self.cu_tokens, "max_len": self.max_tokens}
+        return {"cu_seqlens": self.cu_enc, "max_len": self.max_enc}
+
+    # ----------------------------------------------------------------------------------------
+    # Decoder
+    # ----------------------------------------------------------------------------------------
+    def decoder_input(self, y: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens y (after the decoder embedding) back on the full layout, ``mask_token``
+        at every hidden patch, plus ``pos``: [B, N, Cd] when uniform, else [T_d, Cd]."""
+        if self.dense:
+            pos = pos.to(y.dtype)
+            patches = ops.scatter_masked(y[:, 1:], self.ids_restore, mask_token.reshape(-1), pos[1:])
+            return torch.cat([y[:, :1] + pos[:1], patches], dim=1)
+        full = packing.unpack(y, self.enc_index, mask_token.reshape(-1), (1, self.num_tokens))[0]
+        if self.uniform:
+            full = full.reshape(self.B, -1, full.shape[-1])
+        return full + pos.to(full.dtype)
+
+    def decoder_attention(self, streams: int) -> dict:
+        """``Block`` keywords for ``streams`` decoder inputs concatenated along dim 0."""
+        if self.uniform:
+            return {}
+        cu = torch.cat([self.cu_tokens] + [self.cu_tokens[1:] + s * self.num_tokens for s in range(1, streams)])
+        return {"cu_seqlens": cu, "max_len": self.max_tokens}
+
+    def split_streams(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return x.split(self.B if self.uniform else self.num_tokens)
+
+    def patch_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch tokens of a full-layout tensor: [B, L, ...] or [sum L_b, ...]."""
+        return x[:, 1:] if self.uniform else x.index_select(0, self.patch_index)
+
+    def per_image(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """A patch-row tensor ([B, L, ...] or [sum L_b, ...]) as one [L_b, ...] per image."""
+        return list(x.unbind(0)) if self.uniform else list(x.split(self.lengths))
+
+    # ----------------------------------------------------------------------------------------
+    # Targets and losses (SPEC.md §1, §3)
+    # ----------------------------------------------------------------------------------------
+    def relation_targets(self, qkv: torch.Tensor, heads: int, topk: int, scale: float):
+        """The base model's relation targets from its last block's qkv projection ([B, N, 3C]
+        or [T_d, 3C]): per image relation [1+k, H, L_b] and topk_idx [k]."""
+        d = qkv.shape[-1] // (3 * heads)
+        if self.uniform:
+            q, k, _ = qkv.reshape(self.B, -1, 3, heads, d).permute(2, 0, 3, 1, 4)
+            rel, idx = ops.relation_targets(q, k, topk, scale)
+            return list(rel.unbind(0)), list(idx.unbind(0))
+        q, k, _ = qkv.reshape(-1, 3, heads, d).unbind(1)
+        return ops.relation_targets_ragged(q, k, [L + 1 for L in self.lengths], topk, scale)
+
+    def feature_loss(self, pred: torch.Tensor, features) -> torch.Tensor:
+        """``pred`` from ``patch_rows``; ``features`` as ``targets`` returns them."""
+        if self.uniform:
+            return ops.patch_norm_mse(pred, features, self.mask)
+        return ops.patch_norm_mse_ragged(pred, features, self.mask, self.lengths)
+
+    def relation_loss(self, qk: torch.Tensor, heads: int, topk_idx, relation, tau: float,
+                      scale: float) -> torch.Tensor:
+        """From the relation head's q/k output on the full layout ([B, N, 2C] or [T_d, 2C])."""
+        d = qk.shape[-1] // (2 * heads)
+        if self.uniform:
+            q, k = qk.reshape(self.B, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
+            return ops.relation_loss(q, k, topk_idx, relation, tau, scale)
+        q, k = qk.reshape(-1, 2, heads, d).unbind(1)
+        return ops.relation_loss_ragged(q, k, [L + 1 for L in self.lengths], topk_idx, relation, tau, scale)
+
+    def targets(self, targets, pred_dim: int, pred_heads: int, relation: bool):
+        """Checks ``targets`` (``BaseTargets`` tensors when uniform, or per-image lists as
+        ``NativeTargets``) and returns (features, relation, topk_idx) in this layout's form."""
+        feats = getattr(targets, "features", None)
+        rel, idx = getattr(targets, "relation", None), getattr(targets, "topk_idx", None)
+        if isinstance(feats, torch.Tensor):
+            _check_batched(feats, rel, idx, self, pred_dim, pred_heads, relation)
+            return feats, rel, idx
+        _check_lists(feats, rel, idx, self, pred_dim, pred_heads, relation)
+        if self.uniform:
+            return torch.stack(list(feats)), rel and torch.stack(list(rel)), idx and torch.stack(list(idx))
+        return torch.cat(list(feats)), rel, idx
+
+
+_NO_RELATION = ("targets.relation / targets.topk_idx are None but TECConfig.relation=True: "
+                "build the BaseModel with topk set, or set relation=False")
+
+
+def _check_batched(feats, rel, idx, layout: TokenLayout, C: int, H: int, relation: bool) -> None:
+    B, L = layout.B, layout.lengths[0]
+    if not layout.uniform or tuple(feats.shape) != (B, L, C):
+        raise ValueError(f"targets.features must be [B, L, pred_dim] = {(B, L, C)}, got {tuple(feats.shape)}")
+    if not relation:
+        return
+    if rel is None or idx is None:
+        raise ValueError(_NO_RELATION)
+    if idx.dim() != 2 or idx.shape[0] != B:
+        raise ValueError(f"targets.topk_idx must be [B={B}, k], got {tuple(idx.shape)}")
+    if tuple(rel.shape) != (B, 1 + idx.shape[1], H, L):
+        raise ValueError(f"targets.relation must be [B, 1+k, pred_heads, L] = "
+                         f"{(B, 1 + idx.shape[1], H, L)}, got {tuple(rel.shape)}")
+
+
+def _check_lists(feats, rel, idx, layout: TokenLayout, C: int, H: int, relation: bool) -> None:
+    B = layout.B
+    if not isinstance(feats, (list, tuple)) or len(feats) != B:
+        raise ValueError(f"targets.features must be a list of {B} [L_b, pred_dim] tensors, got "
+                         f"{type(feats).__name__} of {len(feats) if hasattr(feats, '__len__') else '?'}")
+    for b, (f, L) in enumerate(zip(feats, layout.lengths)):
+        if tuple(f.shape) != (L, C):
+            raise ValueError(f"targets.features[{b}] must be [L_b, pred_dim] = {(L, C)}, got {tuple(f.shape)}")
+    if not relation:
+        return
+    if rel is None or idx is None:
+        raise ValueError(_NO_RELATION)
+    if len(rel) != B or len(idx) != B:
+        raise ValueError(f"targets.relation / topk_idx must hold {B} images, got {len(rel)} / {len(idx)}")
+    k = idx[0].shape[0]
+    for b, (r, i, L) in enumerate(zip(rel, idx, layout.lengths)):
+        if tuple(i.shape) != (k,) or tuple(r.shape) != (1 + k, H, L):
+            raise ValueError(f"targets.relation[{b}] must be [1+k, pred_heads, L_b] = {(1 + k, H, L)} "
+                             f"with topk_idx[{b}] [k={k}], got {tuple(r.shape)} and {tuple(i.shape)}")
