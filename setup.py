@@ -122,6 +122,6 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-learn>=1.3", "pillow"],
-        "test": ["pytest>=7", "scikit-learn>=1.3", "pillow"],
+        "test": ["pytest>=7", "pytest-randomly", "scikit-learn>=1.3", "pillow"],
     },
 )

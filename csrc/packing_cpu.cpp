@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "checked_math.h"
 #include "plan_bins.h"
 
 namespace tec_fast {
@@ -139,7 +140,8 @@ Tensor unpack_cpu(const Tensor& packed, const Tensor& index, const Tensor& fill,
                     "unpack: fill must be [C = ", C, "] of dtype ", packed.scalar_type(), ", got ",
                     fill.scalar_type(), " of shape ", fill.sizes());
   TORCH_CHECK_VALUE(B >= 0 && L >= 0, "unpack: (B, L) must be non-negative, got (", B, ", ", L, ")");
-  const int64_t N = B * L;
+  const int64_t N = tec_fast::checked_mul(B, L, "unpack", "B * L");
+  tec_fast::checked_mul(N, C, "unpack", "B * L * C");
   const Tensor pc = packed.contiguous();
   const Tensor ic = index.contiguous();
   const Tensor fc = fill.contiguous();
@@ -235,7 +237,8 @@ Tensor position_ids_cpu(const Tensor& index, int64_t seq_len, const Tensor& grid
     TORCH_CHECK_VALUE(w[g] > 0, "position_ids: grid_w[", g, "] = ", w[g], " must be positive");
   }
   const int64_t T = ic.size(0);
-  const int64_t bound = G == 1 ? std::numeric_limits<int64_t>::max() : G * seq_len;
+  const int64_t bound = G == 1 ? std::numeric_limits<int64_t>::max()
+                               : tec_fast::checked_mul(G, seq_len, "position_ids", "images * seq_len");
   check_bounds(idx, T, bound, "position_ids", "index");
   Tensor out = at::empty({T, 2}, ic.options());  // [T, 2] = (row, col)
   int64_t* o = out.data_ptr<int64_t>();

@@ -13,6 +13,8 @@
 
 #include <limits>
 
+#include "checked_math.h"
+
 #include "packing_cuda.h"
 
 namespace tec_fast {
@@ -111,7 +113,8 @@ Tensor unpack_cuda(const Tensor& packed, const Tensor& index, const Tensor& fill
   const Tensor pc = packed.contiguous();
   const Tensor ic = index.contiguous();
   const Tensor fc = fill.contiguous();
-  const int64_t N = B * L;
+  const int64_t N = tec_fast::checked_mul(B, L, "unpack", "B * L");
+  tec_fast::checked_mul(N, C, "unpack", "B * L * C");
   const Tensor inv = inverse_index(ic, N, stream);
   Tensor out = at::empty({B, L, C}, pc.options());  // [B, L, C]
   check(cuda::scatter_rows(pc.const_data_ptr(), inv.const_data_ptr<int64_t>(), N,

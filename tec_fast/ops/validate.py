@@ -29,8 +29,10 @@ def check_tensor(t, name: str, ndim: int, float_: bool = True) -> None:
 
 
 def _reads_values(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():  # checked first: dynamo must not trace is_fake
+        return False
     from torch._subclasses.fake_tensor import is_fake
-    return not (t.device.type == "meta" or is_fake(t) or torch.compiler.is_compiling())
+    return not (t.device.type == "meta" or is_fake(t))
 
 
 def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> None:

@@ -21,6 +21,11 @@ def _check_index_values(index: torch.Tensor, bound: int, op: str, name: str = "i
 def pack_reference(x: torch.Tensor, keep: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed [T, C], cu_seqlens [B+1] int32, index [T] int64, max_len 0-dim int64 on CPU)."""
+    if x.dim() != 3:
+        raise ValueError(f"pack: x must be [B, L, C], got shape {list(x.shape)}")
+    if keep.dtype != torch.bool or keep.dim() != 2 or tuple(keep.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"pack: keep must be a bool [B, L] mask matching x {list(x.shape)}, got "
+                         f"{keep.dtype} of shape {list(keep.shape)}")
     B, L, C = x.shape
     index = keep.reshape(B * L).nonzero().reshape(-1)  # [T], sorted: batch order, patch order
     packed = x.reshape(B * L, C).index_select(0, index)  # [T, C]
@@ -34,6 +39,17 @@ def pack_reference(x: torch.Tensor, keep: torch.Tensor
 def unpack_reference(packed: torch.Tensor, index: torch.Tensor, fill: torch.Tensor,
                      B: int, L: int) -> torch.Tensor:
     T, C = packed.shape
+    if index.shape[0] != T:
+        raise ValueError(f"unpack: index must have T = {T} entries (one per packed row), got "
+                         f"{index.shape[0]}")
+    if fill.dim() != 1 or fill.shape[0] != C or fill.dtype != packed.dtype:
+        raise ValueError(f"unpack: fill must be [C = {C}] of dtype {packed.dtype}, got {fill.dtype} "
+                         f"of shape {list(fill.shape)}")
+    if B < 0 or L < 0:
+        raise ValueError(f"unpack: (B, L) must be non-negative, got ({B}, {L})")
+    for what, size in (("B * L", B * L), ("B * L * C", B * L * C)):
+        if size > 2 ** 63 - 1:
+            raise ValueError(f"unpack: {what} = {size} overflows int64")
     _check_index_values(index, B * L, "unpack")
     if torch.unique(index).numel() != T:
         raise ValueError("unpack: index holds a position twice")
@@ -59,8 +75,12 @@ def position_ids_reference(index: torch.Tensor, seq_len: int, grid_w: torch.Tens
     """[T, 2] int64 (row, col); grid_w [B] widths per image, or [1] shared by all."""
     if seq_len <= 0:
         raise ValueError(f"position_ids: seq_len must be positive, got {seq_len}")
-    if grid_w.numel() == 0 or bool((grid_w <= 0).any()):
-        raise ValueError(f"position_ids: grid_w must hold positive widths, got {grid_w.tolist()}")
+    if grid_w.numel() == 0:
+        raise ValueError("position_ids: grid_w must hold at least one width")
+    bad = (grid_w <= 0).nonzero()
+    if bad.numel():
+        g = int(bad[0, 0])
+        raise ValueError(f"position_ids: grid_w[{g}] = {int(grid_w[g])} must be positive")
     bound = grid_w.numel() * seq_len if grid_w.numel() > 1 else 2 ** 63 - 1
     _check_index_values(index, bound, "position_ids")
     j = index % seq_len
