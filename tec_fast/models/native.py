@@ -198,9 +198,18 @@ def _stored_is_sincos(stored: torch.Tensor, grid: int) -> bool:
     return ref is not None and torch.allclose(stored[0, 1:].float(), ref, atol=1e-4, rtol=0)
 
 
+def _stored_with_cls_row(base: BaseModel) -> torch.Tensor:
+    """The base's stored table as [1, 1 + L, Cb]: a table over the patches only
+    (``no_embed_class``) gets a zero CLS row, which adds no position to the CLS token."""
+    stored = base.pos_embed.detach()
+    if base.config.no_embed_class:
+        stored = torch.cat([stored.new_zeros(1, 1, stored.shape[-1]), stored], dim=1)
+    return stored
+
+
 def _base_pos_table(base: BaseModel, layout: TokenLayout) -> torch.Tensor:
     """The base's position embedding for the layout's grids (``TokenLayout.pos_table`` form)."""
-    stored, g = base.pos_embed.detach(), base.config.grid_size
+    stored, g = _stored_with_cls_row(base), base.config.grid_size
     if _stored_is_sincos(stored, g):
         cls_row = stored[0, :1].float()
 
@@ -213,6 +222,13 @@ def _base_pos_table(base: BaseModel, layout: TokenLayout) -> torch.Tensor:
             t = F.interpolate(grid_table, size=(h, w), mode="bicubic", align_corners=False)
             return torch.cat([stored[0, :1].float(), t[0].flatten(1).t()])
     return layout.pos_table(stored.shape[-1], stored, (g, g), resample)
+
+
+def _check_base(base: BaseModel) -> None:
+    cfg = base.config
+    if not cfg.class_token or cfg.reg_tokens:
+        raise ValueError(f"native_base_targets: token layouts hold one CLS token per image; this base "
+                         f"has ViTConfig.class_token={cfg.class_token}, reg_tokens={cfg.reg_tokens}")
 
 
 def base_pos_embed(base: BaseModel, batch: NativeBatch) -> torch.Tensor:
@@ -231,12 +247,13 @@ def native_base_targets(base: BaseModel, batch: NativeBatch) -> NativeTargets:
     CLS and top-k rows (``ops.relation_targets``, by groups of equal length)."""
     cfg, layout = base.config, batch.layout
     _check_batch(batch, cfg.patch_size, cfg.in_chans, "native_base_targets")
+    _check_base(base)
     if base.topk is not None and min(batch.lengths) < base.topk:
         b = min(range(len(batch)), key=lambda i: batch.lengths[i])
         raise ValueError(f"native_base_targets: image {b} has {batch.lengths[b]} patches, fewer than "
                          f"the base model's topk={base.topk}")
     x = embed_patches(base.patch_embed, batch.patches)  # [T_p, Cb]
-    x = layout.encoder_input(x, base.cls_token, _base_pos_table(base, layout))
+    x = base.norm_pre(layout.encoder_input(x, base.cls_token, _base_pos_table(base, layout)))
     attention, depth, qkv = layout.encoder_attention(), len(base.blocks), []
     hook = base.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, out: qkv.append(out)) \
         if base.topk is not None else None
