@@ -118,6 +118,15 @@ def append_results(rows: Iterable[Dict], results_dir: str, device) -> str:
     return path
 
 
+def append_jsonl(rows: Iterable[Dict], path: str) -> str:
+    """Append ``rows`` as JSON lines to the file ``path`` (rows already complete); returns it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
 def format_table(rows: List[Dict], columns: List[str]) -> str:
     """Plain-text table of ``rows`` (floats to 4 significant digits; None as '-')."""
     def fmt(v):
