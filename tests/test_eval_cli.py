@@ -98,10 +98,46 @@ def test_errors(tmp_path, mae_ckpt):
     torch.save(MAEModel(small, decoder_dim=16, decoder_depth=1, decoder_heads=2).encoder_state_dict(), path)
     with pytest.raises(SystemExit, match="demo images are 32x32"):
         main([str(path), "--num-heads", "2", "--quiet"])
-    with pytest.raises(SystemExit, match="train/"):
-        main([str(mae_ckpt), "--num-heads", "2", "--data", str(tmp_path), "--quiet"])
-    with pytest.raises(ValueError, match="does not exist"):
-        main([str(tmp_path / "nope.pth"), "--quiet"])
     proc = subprocess.run([sys.executable, "-m", "tec_fast.eval", str(tmp_path / "nope.pth")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: argument checkpoint:")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--data", "{tmp}"], "--data"),                  # no train/ and val/ inside
+    (["--pixels", "--data", "{folder}"], "--pixels"),  # the pixel baseline needs the demo data
+    (["--k", "0"], "--k"), (["--n-train", "0"], "--n-train"), (["--batch-size", "-1"], "--batch-size"),
+    (["--probe-dim", "-1"], "--probe-dim"), (["--mlp-ratio", "nan"], "--mlp-ratio"),
+    (["--num-heads", "0"], "--num-heads"), (["--workers", "-2"], "--workers"), (["--seed", "-1"], "--seed"),
+    (["--device", "tpu"], "--device"), (["--json", "{tmp}"], "--json"),
+])
+def test_flags_refused_at_parse_time(tmp_path, mae_ckpt, capsys, argv, flag):
+    folder = tmp_path / "f"
+    for split in ("train", "val"):
+        (folder / split / "a").mkdir(parents=True)
+    argv = [a.format(tmp=tmp_path, folder=folder) for a in argv]
+    with pytest.raises(SystemExit) as info:
+        main([str(mae_ckpt), "--num-heads", "2", "--quiet", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: argument {flag}:"), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_refused_without_cuda(mae_ckpt, capsys):
+    with pytest.raises(SystemExit):
+        main([str(mae_ckpt), "--device", "cuda", "--quiet"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_nonfinite_weights_refused(tmp_path, mae_ckpt, capsys):
+    state = torch.load(mae_ckpt, weights_only=True)["model"]
+    state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match="NaN or inf.*blocks.0.attn.qkv.weight"):
+        main([str(path), "--num-heads", "2", "--quiet"])
+    from tec_fast.cli.eval import cli
+    assert cli([str(path), "--num-heads", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "meaningless" in err[0]

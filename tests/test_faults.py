@@ -24,7 +24,7 @@ class PoisonAt:
 
     def __init__(self, step: int, value: float):
         self.inner, self.step, self.value, self.calls = tiny_objective(), step, value, 0
-        self.num_patches = self.inner.num_patches
+        self.noise_columns = self.inner.noise_columns
 
     def __call__(self, model, batch, noise):
         self.calls += 1

@@ -4,16 +4,23 @@ still shows its traceback."""
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
+
+import torch
 
 from tec_fast.data.folder import UnreadableImage
-from tec_fast.training.checkpoints import CheckpointWriteError
 
 EXIT_USER_ERROR = 2
 
 # ValueError: the library's refusal of an input (a path, a key, a shape, a format);
 # OSError: the file system's (missing file, permission, disk full).
-USER_ERRORS = (ValueError, OSError, UnreadableImage, CheckpointWriteError)
+USER_ERRORS = (ValueError, OSError, UnreadableImage)
+
+
+def nonfinite_keys(state: dict) -> List[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or inf."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def one_line(exc: BaseException) -> str:

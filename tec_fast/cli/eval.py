@@ -21,53 +21,81 @@ from typing import Tuple
 
 import torch
 
-from tec_fast.config import ViTConfig
 from tec_fast.checkpoint.infer import infer_vit, stored_vit
+from tec_fast.cli.errors import nonfinite_keys, run_command
+from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, SEED, Parser, device, output_file, real
+from tec_fast.config import ViTConfig
 from tec_fast.presets import MODEL_PRESETS, vit_preset
 
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="python -m tec_fast.eval",
         description="k-NN (cosine, weighted, k=20) and linear-probe top-1 accuracy of a "
                     "checkpoint's frozen encoder features.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint file (.pth) loadable by BaseModel.load_checkpoint")
+    p.add_argument("checkpoint", type=existing_path,
+                   help="checkpoint file (.pth, .safetensors) or Hugging Face folder loadable by "
+                        "BaseModel.load_checkpoint")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of a checkpoint that pickles Python objects other than "
+                        "argparse.Namespace (it can run code from the file: only for files you trust)")
 
     arch = p.add_argument_group("architecture (default: stored config, else inferred from the weights)")
     arch.add_argument("--model", "--vit-preset", dest="model", choices=sorted(MODEL_PRESETS),
                       help="named ViT architecture")
-    arch.add_argument("--img-size", type=int, help="input resolution (demo data: 32)")
-    arch.add_argument("--patch-size", type=int)
-    arch.add_argument("--embed-dim", type=int)
-    arch.add_argument("--depth", type=int)
-    arch.add_argument("--num-heads", type=int)
-    arch.add_argument("--mlp-ratio", type=float)
+    arch.add_argument("--img-size", type=POSITIVE, help="input resolution (demo data: 32)")
+    arch.add_argument("--patch-size", type=POSITIVE)
+    arch.add_argument("--embed-dim", type=POSITIVE)
+    arch.add_argument("--depth", type=POSITIVE)
+    arch.add_argument("--num-heads", type=POSITIVE)
+    arch.add_argument("--mlp-ratio", type=real(0, lo_open=True))
 
     data = p.add_argument_group("data")
     data.add_argument("--data", default="demo",
                       help="'demo' or a folder with train/ and val/ class folders")
-    data.add_argument("--seed", type=int, default=0, help="demo data seed; subset seed for folders")
-    data.add_argument("--n-train", type=int, help="use a (class-balanced for demo) subset of train")
-    data.add_argument("--n-test", type=int, help="use a subset of test/val")
-    data.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    data.add_argument("--seed", type=SEED, default=0, help="demo data seed; subset seed for folders")
+    data.add_argument("--n-train", type=POSITIVE, help="use a (class-balanced for demo) subset of train")
+    data.add_argument("--n-test", type=POSITIVE, help="use a subset of test/val")
+    data.add_argument("--workers", type=NON_NEGATIVE, default=min(8, os.cpu_count() or 1),
                       help="DataLoader workers for folders (the demo is in memory)")
 
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--pool", choices=("mean", "cls"), default="mean",
                     help="feature: final-LayerNorm output averaged over patches, or the CLS token")
-    ev.add_argument("--k", type=int, default=20, help="k-NN neighbours")
-    ev.add_argument("--probe-dim", type=int, default=256, help="PCA width cap of the linear probe")
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ev.add_argument("--k", type=POSITIVE, default=20, help="k-NN neighbours")
+    ev.add_argument("--probe-dim", type=NON_NEGATIVE, default=256,
+                    help="PCA width cap of the linear probe (0: no PCA)")
+    ev.add_argument("--batch-size", type=POSITIVE, default=256)
+    ev.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     ev.add_argument("--pixels", action="store_true",
                     help="also evaluate raw pixels as a baseline row (demo data only)")
 
     out = p.add_argument_group("output")
-    out.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    out.add_argument("--json", metavar="OUT", type=output_file, help="write the results as JSON here")
     out.add_argument("--quiet", action="store_true", help="no progress display")
     return p
+
+
+def existing_path(text: str) -> str:
+    """A checkpoint file or a Hugging Face model folder."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file or folder")
+    return text
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.data != "demo":
+        for name in ("train", "val"):
+            if not os.path.isdir(os.path.join(args.data, name)):
+                p.refuse("--data", f"{args.data!r} has no {name}/ folder (expected 'demo', or train/ and "
+                                   f"val/ class folders)")
+        if args.pixels:
+            p.refuse("--pixels", "the raw-pixel baseline is only available with --data demo")
+    return args
 
 
 def resolve_vit(args, obj: dict, state: dict) -> Tuple[ViTConfig, str]:
@@ -155,15 +183,19 @@ def _table(rows) -> str:
 
 # ------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    from tec_fast.checkpoint import read_checkpoint, read_state_dict
     from tec_fast.evaluation import probe as E
     from tec_fast.models.base import BaseModel
-    from tec_fast.checkpoint import read_checkpoint, read_state_dict
 
     timings = {}
     t = time.perf_counter()
-    obj = read_checkpoint(args.checkpoint)
+    obj = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     state = read_state_dict(obj)
+    bad = nonfinite_keys(state)
+    if bad:
+        raise ValueError(f"{args.checkpoint}: {len(bad)} weights hold NaN or inf values ({', '.join(bad[:3])}); "
+                         f"features from them would be meaningless")
     vit, vit_source = resolve_vit(args, obj, state)
     base = BaseModel(vit, topk=None)
     with warnings.catch_warnings(record=True) as caught:
@@ -207,8 +239,6 @@ def main(argv=None) -> dict:
                        "classes": int(tr_y.max()) + 1},
               "device": str(args.device)}
     if args.pixels:
-        if args.data != "demo":
-            raise SystemExit("error: --pixels is only available with --data demo")
         from tec_fast.data.images import demo_arrays
         t = time.perf_counter()
         result["pixels"] = E.pixel_baseline(*demo_arrays(args.seed, args.n_train, args.n_test), k=args.k)
@@ -229,12 +259,14 @@ def main(argv=None) -> dict:
     return result
 
 
-def cli(argv=None) -> None:
+def cli(argv=None) -> int:
     """Entry point: problems with the user's inputs end in one ``error:`` line, not a traceback."""
-    try:
-        main(argv)
-    except ValueError as exc:
-        sys.exit(f"error: {exc}")
+    return run_command(_run, argv)
+
+
+def _run(argv) -> int:
+    main(argv)
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 the attention would use on this machine (with the reasons the others were skipped)."""
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
 
 import torch
+
+from tec_fast.cli.flags import Parser
 
 
 def _version(module: str) -> str:
@@ -54,7 +55,7 @@ def collect() -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m tec_fast.info",
         description="Print versions, the compiled extension's status and the backend each op and the "
                     "attention would use here (and why the faster ones were skipped).")

@@ -182,11 +182,15 @@ def train(args) -> int:
     from tec_fast.data.folder import ImageFolderDataset
     from tec_fast.training import NonFiniteTraining, TrainingInterrupted, fit, setup_distributed
     from tec_fast.training.builders import OBJECTIVE_BUILDERS, native_batching, native_plan
-    from tec_fast.training.checkpoints import write_checkpoint
+    from tec_fast.checkpoint import clean_stale_temp_files, save_atomic
 
     d = setup_distributed(args.device)
     say = print if d.is_main else (lambda *a, **k: None)
     output = args.output or os.path.join("runs", args.objective)
+    removed = clean_stale_temp_files(output) if d.is_main else []
+    if removed:
+        say(f"removed {len(removed)} temporary file(s) left by an interrupted save in {output}: "
+            f"{', '.join(os.path.basename(f) for f in removed)}")
     native = native_plan(args) if args.native_resolution else None
     dataset = ImageFolderDataset(args.data, args.img_size, train=True, strict=args.strict_data,
                                  **({"native_patch": native["patch"], "max_patches": native["max_patches"],
@@ -219,7 +223,7 @@ def train(args) -> int:
         say(f"warning: {dataset.num_skipped} unreadable images were skipped")
     exported = os.path.join(output, setup.encoder_file) if d.is_main else None
     if exported:  # the weights were checked finite by fit before it returned
-        write_checkpoint(setup.encoder_state(result.model), exported)
+        save_atomic(setup.encoder_state(result.model), exported)
     say(summary(args, result, precision, d.world, exported))
     return 0
 

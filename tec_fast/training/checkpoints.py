@@ -1,36 +1,14 @@
-"""Checkpoint rotation in a run folder (``checkpoint-last.pth`` plus kept epochs), and writes
-that say why they failed."""
+"""Checkpoint rotation in a run folder: ``checkpoint-last.pth`` plus kept epochs."""
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from typing import Optional
 
 from tec_fast.checkpoint import save_atomic
 
 CHECKPOINT_FORMAT = "tec_fast.train/1"
 LAST_CHECKPOINT = "checkpoint-last.pth"
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, file-size limit, I/O error); the previous
-    file of that name, if any, is untouched."""
-
-
-def write_checkpoint(obj, path: str) -> None:
-    """``save_atomic``, with a failed write reported as what it is. torch's writer reports a
-    short write as "unexpected pos N vs M", which hides a full disk."""
-    try:
-        save_atomic(obj, path)
-    except RuntimeError as exc:
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free there"
-        except OSError:
-            free = "free space unknown"
-        raise CheckpointWriteError(f"could not write {path} (the disk may be full or a file-size "
-                                   f"limit reached; {free}): {str(exc).strip()}") from exc
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -51,10 +29,10 @@ class CheckpointManager:
     def save(self, state: dict, epoch_done: Optional[int] = None) -> str:
         os.makedirs(self.folder, exist_ok=True)
         if epoch_done is None:
-            write_checkpoint(state, self.last)
+            save_atomic(state, self.last)
             return self.last
         path = os.path.join(self.folder, f"checkpoint-{epoch_done:04d}.pth")
-        write_checkpoint(state, path)
+        save_atomic(state, path)
         tmp = os.path.join(self.folder, f".link-{os.getpid()}.pth")
         try:
             if os.path.exists(tmp):
@@ -62,7 +40,7 @@ class CheckpointManager:
             os.link(path, tmp)
             os.replace(tmp, self.last)
         except OSError:  # no hard links here (some network file systems): write it again
-            write_checkpoint(state, self.last)
+            save_atomic(state, self.last)
         self._prune()
         return path
 
