@@ -5,6 +5,11 @@ device-resident synthetic images (the loader is not measured). Prints images/s, 
 baseline, model-FLOPs utilisation and peak memory, and appends one JSON line per provider to
 ``benchmarks/results/<device>.jsonl``.
 
+MFU = counted model FLOPs (``benchmarks/flops.py``) x images/s, divided by a dense bf16 peak, two
+ways: the bf16 GEMM throughput measured in the same run on the same device with the same timer
+(``gemm_tflops``, ``mfu_measured_peak``), and the vendor's published dense bf16 peak for the
+device (``published_peak_tflops``, ``mfu``; None for a device not in ``PUBLISHED_BF16_TFLOPS``).
+
     python benchmarks/bench_step.py                         # ViT-B/16, 224, bf16, batch 64..256 on GPU
     python benchmarks/bench_step.py --preset tiny --device cpu --batch-sizes 4 --steps 3
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -30,6 +36,28 @@ PRESETS = {
     "tiny": (ViTConfig(32, 4, 64, 4, 4), ViTConfig(32, 4, 64, 6, 4), 32, 1, 4, 5),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, matched
+# against torch.cuda.get_device_name in this order (the SXM H100 reports itself as "H100 80GB HBM3").
+PUBLISHED_BF16_TFLOPS = (
+    ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+    ("A100", 312.0), ("L40S", 362.0),
+)
+
+
+def published_peak_tflops(device: torch.device) -> Optional[float]:
+    """The published dense bf16 peak of ``device``; None when the device is not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PUBLISHED_BF16_TFLOPS if key in name), None)
+
+
+def measure_gemm_tflops(device: torch.device, n: int, reps: int = 20) -> float:
+    """bf16 TFLOP/s of an n x n x n matmul, timed with ``time_callable`` like the step itself."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    t = time_callable(lambda: torch.mm(a, b), device, warmup=3, reps=reps, measure_memory=False)
+    return 2.0 * n ** 3 / (t["median_ms"] / 1e3) / 1e12
 
 
 def build(preset: str, device: torch.device, seed: int = 0):
@@ -98,8 +126,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
     p.add_argument("--no-baseline", action="store_true")
-    p.add_argument("--peak-tflops", type=float, default=800.0,
-                   help="dense bf16 peak used for MFU (800 was measured on the lent H100/H200s)")
+    p.add_argument("--gemm-size", type=int, default=None,
+                   help="n of the n x n x n bf16 matmul whose measured TFLOP/s is the MFU peak "
+                        "(default: 8192 on GPU, 1024 on CPU)")
+    p.add_argument("--published-peak-tflops", type=float, default=None,
+                   help="dense bf16 peak for a device missing from PUBLISHED_BF16_TFLOPS")
     p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
 
@@ -107,8 +138,13 @@ def main(argv=None):
     bvit, cfg, topk = build(args.preset, device)
     flops = tec_step_flops(bvit, cfg, args.mask_ratio, topk)["total"]
     batch_sizes = args.batch_sizes or ([64, 128, 256] if device.type == "cuda" else [4])
+    gemm_tflops = measure_gemm_tflops(device, args.gemm_size or (8192 if device.type == "cuda" else 1024))
+    published = args.published_peak_tflops or published_peak_tflops(device)
+    print(f"bf16 GEMM measured here: {gemm_tflops:.1f} TFLOP/s; published dense bf16 peak: "
+          + (f"{published:.0f} TFLOP/s" if published else "unknown for this device (MFU vs published: -)"))
     rows = []
-    print(f"{'batch':>5} {'provider':<9} {'ms/step':>9} {'img/s':>9} {'speedup':>8} {'MFU':>6} {'peak GB':>8}")
+    print(f"{'batch':>5} {'provider':<9} {'ms/step':>9} {'img/s':>9} {'speedup':>8} {'MFU meas':>8} "
+          f"{'MFU pub':>7} {'peak GB':>8}")
     for B in batch_sizes:
         images = torch.randn(B, 3, bvit.img_size, bvit.img_size, device=device)
         providers = [("engine", lambda: engine_step_fn(bvit, cfg, topk, images, args.precision,
@@ -134,12 +170,15 @@ def main(argv=None):
         for name, r in results.items():
             if r is None:
                 continue
-            mfu = flops * r["img_per_s"] / (args.peak_tflops * 1e12) if device.type == "cuda" else None
+            achieved = flops * r["img_per_s"] / 1e12  # model TFLOP/s
+            mfu = achieved / published if published else None
             row = dict(bench="step", provider=name, preset=args.preset, shape=f"B={B},S={bvit.img_size}",
                        dtype=args.precision if name == "engine" else
                        ("fp16-amp" if device.type == "cuda" else "bf16-amp"), mask_ratio=args.mask_ratio,
                        compile=args.compile and name == "engine", gflop_per_img=flops / 1e9,
-                       peak_tflops=args.peak_tflops, mfu=mfu, **r)
+                       model_tflops=achieved, gemm_tflops=gemm_tflops,
+                       mfu_measured_peak=achieved / gemm_tflops, published_peak_tflops=published,
+                       mfu=mfu, **r)
             if name == "engine" and ref:
                 row.update(baseline_img_per_s=ref["img_per_s"], speedup=r["img_per_s"] / ref["img_per_s"],
                            baseline_peak_mem_gb=ref.get("peak_mem_gb"))
@@ -147,10 +186,12 @@ def main(argv=None):
             sp = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
             mfu_s = f"{mfu:.1%}" if mfu is not None else "-"
             mem_s = f"{r['peak_mem_gb']:.2f}" if r.get("peak_mem_gb") is not None else "-"
-            print(f"{B:>5} {name:<9} {r['median_ms']:>9.2f} {r['img_per_s']:>9.1f} {sp:>8} {mfu_s:>6} {mem_s:>8}")
+            print(f"{B:>5} {name:<9} {r['median_ms']:>9.2f} {r['img_per_s']:>9.1f} {sp:>8} "
+                  f"{row['mfu_measured_peak']:>8.1%} {mfu_s:>7} {mem_s:>8}")
     path = append_results(rows, args.results_dir, device)
-    print(f"\nFLOPs counted: {flops / 1e9:.1f} GFLOP per image (benchmarks/flops.py); MFU peak "
-          f"{args.peak_tflops:.0f} TFLOP/s. Results appended to {path}")
+    print(f"\nFLOPs counted: {flops / 1e9:.1f} GFLOP per image (benchmarks/flops.py). MFU meas: against the "
+          f"bf16 GEMM measured above ({gemm_tflops:.1f} TFLOP/s); MFU pub: against the published peak. "
+          f"Results appended to {path}")
     return rows
 
 
