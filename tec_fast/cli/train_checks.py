@@ -7,7 +7,7 @@ import argparse
 import os
 
 from tec_fast.cli.flags import Parser, given
-from tec_fast.presets import parse_base, vit_preset
+from tec_fast.presets import MODEL_PRESETS, parse_base, vit_preset
 
 # what the embedded demo reads; every other flag applies to training with --data only
 DEMO_FLAGS = {"output", "seed", "no_progress", "demo_long", "demo_tiny", "demo_steps"}
@@ -88,13 +88,13 @@ def _check_architecture(p: Parser, args) -> None:
         names.append(("--base-model", args.base_model or recipe.model))
     vits = {}
     for flag, name in names:
+        patch = MODEL_PRESETS[name][0]
+        if args.img_size % patch:
+            p.refuse("--img-size", f"{args.img_size} is not a multiple of {name}'s patch size {patch}")
         try:
             vits[flag] = vit_preset(name, args.img_size)
         except ValueError as exc:
             p.refuse(flag, str(exc))
-        if args.img_size % vits[flag].patch_size:
-            p.refuse("--img-size", f"{args.img_size} is not a multiple of {name}'s patch size "
-                                   f"{vits[flag].patch_size}")
     if args.decoder_dim % args.decoder_heads:
         p.refuse("--decoder-heads", f"{args.decoder_heads} does not divide --decoder-dim {args.decoder_dim}")
     base = vits.get("--base-model")

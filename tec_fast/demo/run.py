@@ -103,7 +103,7 @@ def run_demo(args) -> int:
 
     plan = PLANS["long" if args.demo_long else "tiny" if args.demo_tiny else "default"]
     if args.demo_steps:
-        mae_steps, tec_steps = (int(v) for v in args.demo_steps.split(","))
+        mae_steps, tec_steps = args.demo_steps
         plan = DemoPlan(**{**asdict(plan), "mae_steps": mae_steps, "tec_steps": tec_steps})
     out = args.output or os.path.join("runs", "demo")
     os.makedirs(out, exist_ok=True)

@@ -1,0 +1,165 @@
+"""Every flag of ``python -m tec_fast.train`` is checked when the command line is parsed: a bad
+value (out of range, non-finite, contradicting another flag, ignored by the chosen mode) ends in
+one ``error: argument FLAG: ...`` line and exit status 2, never in a default or a traceback.
+User errors found later (a full disk, a file of the wrong kind) are one ``error:`` line too."""
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tec_fast.cli.train import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH = ["--model", "vit_demo_patch4", "--img-size", "32", "--decoder-dim", "32", "--decoder-depth", "1",
+        "--decoder-heads", "2"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "data" / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(
+                root / "data" / "train" / c / f"{i}.png")
+    from tec_fast import BaseModel
+    from tec_fast.presets import vit_preset
+    torch.save({"model": BaseModel(vit_preset("vit_demo_patch4", 32)).state_dict()}, root / "base.pth")
+    (root / "a_file").write_text("x")
+    return root
+
+
+def _tec(files):
+    return ["--data", str(files / "data"), "--base", f"mae_vit_base:{files / 'base.pth'}",
+            "--base-model", "vit_demo_patch4", *ARCH]
+
+
+def _mae(files):
+    return ["--data", str(files / "data"), "--objective", "mae", *ARCH]
+
+
+# (mode, extra flags, the flag the error names)
+REFUSED = [
+    # each value on its own
+    ("tec", ["--topk", "0"], "--topk"), ("tec", ["--tau", "0"], "--tau"), ("tec", ["--tau", "inf"], "--tau"),
+    ("tec", ["--last-layers", "0"], "--last-layers"), ("tec", ["--max-patches", "0"], "--max-patches"),
+    ("tec", ["--tokens-per-batch", "0"], "--tokens-per-batch"),
+    ("tec", ["--clip-grad", "-1"], "--clip-grad"), ("tec", ["--clip-grad", "0"], "--clip-grad"),
+    ("tec", ["--lr", "nan"], "--lr"), ("tec", ["--lr", "inf"], "--lr"), ("tec", ["--lr", "0"], "--lr"),
+    ("tec", ["--blr", "nan"], "--blr"), ("tec", ["--blr", "-1e-4"], "--blr"),
+    ("tec", ["--mask-ratio", "0"], "--mask-ratio"), ("tec", ["--mask-ratio", "1"], "--mask-ratio"),
+    ("tec", ["--mask-ratio", "0:0.5"], "--mask-ratio"),
+    ("tec", ["--epochs", "0"], "--epochs"), ("tec", ["--max-steps", "0"], "--max-steps"),
+    ("tec", ["--batch-size", "0"], "--batch-size"), ("tec", ["--accum", "0"], "--accum"),
+    ("tec", ["--num-workers", "-1"], "--num-workers"), ("tec", ["--img-size", "0"], "--img-size"),
+    ("tec", ["--decoder-dim", "0"], "--decoder-dim"), ("tec", ["--decoder-depth", "0"], "--decoder-depth"),
+    ("tec", ["--decoder-heads", "0"], "--decoder-heads"), ("tec", ["--min-lr", "-1"], "--min-lr"),
+    ("tec", ["--warmup-epochs", "nan"], "--warmup-epochs"), ("tec", ["--weight-decay", "-0.1"], "--weight-decay"),
+    ("tec", ["--save-every", "0"], "--save-every"), ("tec", ["--save-every-steps", "0"], "--save-every-steps"),
+    ("tec", ["--keep-last", "0"], "--keep-last"), ("tec", ["--keep-every", "-1"], "--keep-every"),
+    ("tec", ["--time-limit", "0"], "--time-limit"), ("tec", ["--log-every", "0"], "--log-every"),
+    ("tec", ["--seed", "-1"], "--seed"), ("tec", ["--device", "tpu"], "--device"),
+    ("tec", ["--epochs", "two"], "--epochs"),
+    ("demo", ["--demo-steps", "0,5"], "--demo-steps"), ("demo", ["--demo-steps", "5"], "--demo-steps"),
+    # files and folders
+    ("tec", ["--data", "{files}/missing"], "--data"), ("tec", ["--output", "{files}/a_file"], "--output"),
+    ("tec", ["--resume", "{files}/missing.pth"], "--resume"),
+    ("tec", ["--base", "mae_vit_base:{files}/missing.pth"], "--base"),
+    ("tec", ["--base", "no_such_kind:{files}/base.pth"], "--base"),
+    # flags against each other
+    ("demo", ["--epochs", "5"], "--epochs"), ("demo", ["--lr", "1e-3"], "--lr"),
+    ("demo", ["--demo-tiny", "--demo-long"], "--demo-long"),
+    ("tec", ["--demo-tiny"], "--demo-tiny"),
+    ("mae", ["--base", "mae_vit_base:{files}/base.pth"], "--base"), ("mae", ["--topk", "5"], "--topk"),
+    ("mae", ["--mask-ratio", "0.5:0.9"], "--mask-ratio"), ("mae", ["--masking", "block"], "--masking"),
+    ("mae", ["--native-resolution"], "--native-resolution"),
+    ("tec", ["--no-relation", "--tau", "2"], "--tau"), ("tec", ["--max-patches", "16"], "--max-patches"),
+    ("tec", ["--lr", "1e-3", "--blr", "1e-3"], "--lr"), ("tec", ["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr"),
+    ("tec", ["--decoder-dim", "30", "--decoder-heads", "4"], "--decoder-heads"),
+    ("tec", ["--last-layers", "7"], "--last-layers"), ("tec", ["--topk", "65"], "--topk"),
+    ("tec", ["--img-size", "30"], "--img-size"),
+    ("tec", ["--max-steps", "3", "--save-every-steps", "5"], "--save-every-steps"),
+    ("tec", ["--native-resolution", "--compile"], "--compile"),
+    ("tec", ["--native-resolution", "--max-patches", "3"], "--max-patches"),
+    ("tec", ["--native-resolution", "--tokens-per-batch", "10"], "--tokens-per-batch"),
+]
+
+
+@pytest.mark.parametrize("mode, extra, flag", REFUSED, ids=[" ".join(e) for _, e, _ in REFUSED])
+def test_bad_flag_is_one_error_line(files, capsys, mode, extra, flag):
+    base = {"tec": _tec(files), "mae": _mae(files), "demo": []}[mode]
+    argv = base + [a.format(files=files) for a in extra]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2, err
+    assert len(err) == 1 and err[0].startswith(f"error: argument {flag}:"), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(files, capsys):
+    with pytest.raises(SystemExit):
+        main([*_tec(files), "--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_good_flags_pass_the_checks(files):
+    from tec_fast.cli.train import parse_args
+    args = parse_args([*_tec(files), "--topk", "64", "--last-layers", "6", "--clip-grad", "1.0",
+                       "--mask-ratio", "0.5:0.9", "--native-resolution", "--mask-ratio", "0.6"])
+    assert (args.topk, args.last_layers, args.clip_grad, args.mask_ratio) == (64, 6, 1.0, 0.6)
+    assert parse_args(["--demo-steps", "4,3", "--seed", "2"]).demo_steps == (4, 3)
+
+
+def _no_traceback(proc):
+    lines = proc.stderr.strip().splitlines()
+    return "Traceback" not in proc.stderr and lines and lines[-1].startswith("error:")
+
+
+def test_full_disk_is_one_error_line(files, tmp_path):
+    """A write that fails (here: the file-size limit, as a full disk does) names the file."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "tec_fast.train", *_mae(files), "--batch-size", "2",
+                           "--num-workers", "0", "--max-steps", "1", "--warmup-epochs", "0", "--no-progress",
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and _no_traceback(proc), proc.stderr[-2000:]
+    assert "could not write" in proc.stderr and str(out) in proc.stderr
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_export_of_an_encoder_only_file_is_one_error_line(files, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tec_fast.export", str(files / "base.pth"), str(tmp_path / "o.pth")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and _no_traceback(proc), proc.stderr[-2000:]
+    assert "not a TEC training checkpoint" in proc.stderr and not (tmp_path / "o.pth").exists()
+
+
+def test_export_refuses_nonfinite_weights(files, tmp_path, capsys):
+    from tec_fast import TECConfig, TECModel
+    from tec_fast.cli.export import main as export_main
+    from tec_fast.presets import vit_preset
+    tec = TECModel(TECConfig(encoder=vit_preset("vit_demo_patch4", 32), decoder_dim=32, decoder_depth=1,
+                             decoder_heads=2))
+    state = tec.state_dict()
+    state["blocks.1.mlp.fc1.weight"][3, 3] = float("inf")
+    torch.save({"model": state, "model_config": tec.config.to_dict()}, tmp_path / "ck.pth")
+    assert export_main([str(tmp_path / "ck.pth"), str(tmp_path / "o.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "blocks.1.mlp.fc1.weight" in err[0] and "NaN or inf" in err[0]
+    assert not (tmp_path / "o.pth").exists()
+    with pytest.raises(SystemExit):
+        export_main([str(tmp_path / "ck.pth"), str(tmp_path / "ck.pth")])  # would overwrite its input
