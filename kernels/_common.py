@@ -13,13 +13,15 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def relation_block_sizes(topk: int, D: int) -> Tuple[int, int, int]:
+def relation_block_sizes(topk: int, D: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int, int]:
     """(BLOCK_R, BLOCK_L, BLOCK_D) of the relation kernels: the 1+k query rows and the head dim
     padded to powers of two, at least 16 (``tl.dot`` needs >= 16 on every side); key blocks of
-    64, or 32 when the query tile is large."""
+    64, or 32 when the query tile is large or a 4-byte key tile of 128 columns would be (on sm_80
+    a [64, 128] fp32 key tile spilled: benchmarks/compile_report.py, ViT-H fp32)."""
     block_r = max(16, triton.next_power_of_2(topk + 1))
     block_d = max(16, triton.next_power_of_2(D))
-    block_l = 64 if block_r * block_d <= 64 * 64 else 32
+    wide_fp32 = torch.empty((), dtype=dtype).element_size() >= 4 and block_d >= 128
+    block_l = 64 if block_r * block_d <= 64 * 64 and not wide_fp32 else 32
     return block_r, block_l, block_d
 
 

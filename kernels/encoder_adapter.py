@@ -27,14 +27,14 @@ Reference: ``tec_fast.ops.reference.encoder_adapter``.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import unit_last_stride
+from tec_fast.kernels._common import dtype_reasons, unit_last_stride
 
 
 @triton.jit
@@ -414,3 +414,9 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
                                _stacked(fc1_w), _stacked(fc1_b), _stacked(fc2_w), _stacked(fc2_b),
                                ln_after_w, ln_after_b, float(eps_before), float(eps_after),
                                gemm_dtype, out_dtype)[0]
+
+
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:
+    """Why this kernel cannot take feats [D, B, T, C] of ``dtype`` / ``shape`` (empty: it can).
+    No size limit: the LayerNorm kernels walk a token's D*C row in tiles."""
+    return dtype_reasons(dtype)

@@ -16,13 +16,13 @@ Reference: ``tec_fast.ops.reference.masked_gather``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import unit_last_stride
+from tec_fast.kernels._common import dtype_reasons, unit_last_stride
 
 
 @triton.jit
@@ -203,3 +203,8 @@ def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.T
     """Triton path of ``tec_fast.ops.masked_gather`` (inputs already validated there).
     The output dtype is that of ``x + pos`` (torch's promotion), as in the reference."""
     return _masked_gather_op(x, ids_keep, pos)
+
+
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:
+    """Why this kernel cannot take an input of ``dtype`` / ``shape`` (empty: it can)."""
+    return dtype_reasons(dtype)

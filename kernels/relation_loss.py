@@ -16,13 +16,13 @@ Reference: ``tec_fast.ops.reference.relation_loss``.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import relation_block_sizes, unit_last_stride
+from tec_fast.kernels._common import dtype_reasons, relation_block_sizes, unit_last_stride
 
 
 @triton.jit
@@ -149,7 +149,7 @@ def _prepare(q, k, topk_idx, target):
 
 
 def _meta(q, topk):
-    block_r, block_l, block_d = relation_block_sizes(topk, q.shape[-1])
+    block_r, block_l, block_d = relation_block_sizes(topk, q.shape[-1], q.dtype)
     return dict(BLOCK_R=block_r, BLOCK_L=block_l, BLOCK_D=block_d,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
 
@@ -230,3 +230,18 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
     Returns the 0-dim fp32 loss; differentiable w.r.t. q and k."""
     row_loss = _relation_loss_op(q, k, topk_idx, target.detach(), float(tau), float(scale))[0]
     return row_loss.mean()  # [B, H, 1+k] -> mean over (b, row, head)
+
+
+MAX_HEAD_DIM = 256        # the kernels hold a [1+k, d] query tile in registers
+MAX_RELATION_ROWS = 128   # 1 + topk
+
+
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], topk: Optional[int] = None,
+                          **_info) -> List[str]:
+    """Why this kernel cannot take q [B, H, N, d] of ``dtype`` / ``shape`` (empty: it can)."""
+    reasons = dtype_reasons(dtype)
+    if len(shape) == 4 and shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head dim {shape[-1]} > {MAX_HEAD_DIM}")
+    if topk is not None and 1 + topk > MAX_RELATION_ROWS:
+        reasons.append(f"1 + topk = {1 + topk} rows > {MAX_RELATION_ROWS}")
+    return reasons

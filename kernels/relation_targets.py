@@ -73,7 +73,7 @@ def _relation_targets_fwd(q: torch.Tensor, k: torch.Tensor, topk: int,
     q, k = unit_last_stride(q), unit_last_stride(k)
     B, H, N, D = q.shape
     L = N - 1
-    block_r, block_l, block_d = relation_block_sizes(topk, D)
+    block_r, block_l, block_d = relation_block_sizes(topk, D, q.dtype)
     rank = torch.empty((B, L), dtype=torch.float32, device=q.device)
     _relation_rank_kernel[(B, triton.cdiv(L, block_l))](
         q, k, rank, H, L, D, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),

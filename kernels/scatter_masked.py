@@ -16,13 +16,13 @@ Reference: ``tec_fast.ops.reference.scatter_masked``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import unit_last_stride
+from tec_fast.kernels._common import dtype_reasons, unit_last_stride
 
 
 @triton.jit
@@ -224,3 +224,8 @@ def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
     if mask_token.dtype != vis.dtype:
         mask_token = mask_token.to(vis.dtype)
     return _scatter_masked_op(vis, ids_restore, mask_token, pos)
+
+
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:
+    """Why this kernel cannot take an input of ``dtype`` / ``shape`` (empty: it can)."""
+    return dtype_reasons(dtype)
