@@ -126,9 +126,14 @@ def fold_cls_mlp(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return state
 
 
-_HF_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
-_HF_BLOCK_NAMES = {"attention.output.dense": "attn.proj", "intermediate.dense": "mlp.fc1",
-                   "output.dense": "mlp.fc2", "layernorm_before": "norm1", "layernorm_after": "norm2"}
+# Files (save_pretrained, the hub) name layers ``encoder.layer.{i}`` with query/key/value;
+# transformers 5's in-memory state dicts ``layers.{i}`` with q_proj/k_proj/v_proj/o_proj.
+_HF_BLOCK = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
+_HF_QKV = re.compile(r"^attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(weight|bias)$")
+_HF_BLOCK_NAMES = {"attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+                   "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2", "mlp.fc1": "mlp.fc1",
+                   "mlp.fc2": "mlp.fc2", "layernorm_before": "norm1", "layernorm_after": "norm2"}
+_QKV_PART = {"q": "query", "k": "key", "v": "value"}
 _HF_TOP_NAMES = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
                  "embeddings.mask_token": "mask_token", "layernorm.weight": "norm.weight",
                  "layernorm.bias": "norm.bias",
@@ -137,7 +142,8 @@ _HF_TOP_NAMES = {"embeddings.cls_token": "cls_token", "embeddings.position_embed
 
 
 def is_hf_vit(state: Dict[str, torch.Tensor]) -> bool:
-    """A Hugging Face transformers ViTModel / ViTMAEModel state dict (after prefix stripping)."""
+    """A Hugging Face transformers ViTModel / ViTMAEModel state dict (after prefix stripping),
+    in the file naming (transformers 4 and 5 ``save_pretrained``) or transformers 5's module naming."""
     return "embeddings.patch_embeddings.projection.weight" in state
 
 
@@ -152,9 +158,10 @@ def hf_vit_to_timm(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             out[_HF_TOP_NAMES.get(key, key)] = value
             continue
         i, rest = m.group(1), m.group(2)
-        qkv_m = re.match(r"^attention\.attention\.(query|key|value)\.(weight|bias)$", rest)
+        qkv_m = _HF_QKV.match(rest)
         if qkv_m:
-            qkv.setdefault((i, qkv_m.group(2)), {})[qkv_m.group(1)] = value
+            part = qkv_m.group(1) or _QKV_PART[qkv_m.group(2)]
+            qkv.setdefault((i, qkv_m.group(3)), {})[part] = value
             continue
         for hf, timm in _HF_BLOCK_NAMES.items():
             if rest.startswith(hf + "."):
@@ -198,6 +205,9 @@ def read_base_weights(src: Union[PathOrState, BaseWeights], trust: bool = False)
     if is_hf_vit(state):
         state = hf_vit_to_timm(state)
         report.notes.append("mapped Hugging Face ViT names to timm's")
+        if not hf_config:
+            hf_config = {"layer_norm_eps": 1e-12, "hidden_act": "gelu"}
+            report.notes.append("no config.json: Hugging Face ViT defaults assumed (layer_norm_eps 1e-12, GELU)")
     if "register_tokens" in state:
         state = dict(state)
         pos = state.pop("pos_embed")
