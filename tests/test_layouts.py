@@ -4,7 +4,7 @@ defined for one image, and the dense path builds none of the packed layout's ind
 import pytest
 import torch
 
-from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig, ops
+from tec_fast import BaseModel, TECConfig, ViTConfig, ops
 from tec_fast.models.layout import TokenLayout
 from tec_fast.native import NativeBatch, NativeTECModel, native_base_targets, native_tec_loss
 
