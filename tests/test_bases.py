@@ -271,3 +271,43 @@ def test_live_transformers(tmp_path):
             with torch.no_grad():
                 out = back(pixel_values=ref["input"])
             torch.testing.assert_close(out.last_hidden_state, ref["tokens"], atol=ATOL, rtol=RTOL)
+
+
+# --------------------------------------------------------------- training at another size
+@pytest.mark.parametrize("size", [24, 48])
+def test_new_model_trains_at_another_size_than_the_base_was_saved(size):
+    """A base saved at 32 (4x4) gives targets at 24 / 48 and a TEC model built for that grid
+    (its own sin-cos table) trains on them: what `train --img-size` does with a 224 base."""
+    from tec_fast import TECConfig, TECModel
+    from tec_fast.models.layers import sincos_pos_embed
+    base = _load(os.path.join(BASES, "vit.pth"), size, num_heads=mk.HEADS, topk=mk.TOPK)
+    cfg = TECConfig(encoder=base.config.plain(), decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                    pred_dim=base.config.embed_dim, pred_heads=base.config.num_heads, num_adapters=1, tau=1.8)
+    torch.manual_seed(0)
+    model = TECModel(cfg)
+    torch.testing.assert_close(model.pos_embed[0], sincos_pos_embed(mk.DIM, size // 8), atol=0, rtol=0)
+    x = torch.randn(2, 3, size, size)
+    out = model(x, base(x), mask_ratio=0.75)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    # its checkpoint loads into a model for yet another size: fixed tables are rebuilt, not read
+    other = TECModel(TECConfig.from_dict(dict(cfg.to_dict(), encoder=dict(cfg.encoder.to_dict(), img_size=40))))
+    report = other.load_checkpoint(model.state_dict())
+    assert any("pos_embed of another grid skipped" in n for n in report.notes)
+    torch.testing.assert_close(other.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(other.pos_embed[0], sincos_pos_embed(mk.DIM, 5), atol=0, rtol=0)
+
+
+def test_config_round_trip_and_plain_encoder():
+    vit = ViTConfig(56, 14, 32, 3, 2, reg_tokens=4, no_embed_class=True, layer_scale=True, ln_eps=1e-5,
+                    mlp_act="quick_gelu", pre_norm=True, patch_bias=False)
+    assert ViTConfig.from_dict(vit.to_dict()) == vit
+    assert ViTConfig(**{k: v for k, v in vit.to_dict().items() if k in ("img_size", "patch_size")}).is_plain
+    from tec_fast import TECConfig
+    with pytest.raises(ValueError, match="TECConfig.encoder must be a plain ViT.*layer_scale"):
+        TECConfig(encoder=vit)
+    assert TECConfig(encoder=vit.plain()).encoder.to_dict()["reg_tokens"] == 0
+    for bad, match in ((dict(reg_tokens=-1), "reg_tokens"), (dict(mlp_act="relu"), "mlp_act"),
+                       (dict(ln_eps=0.0), "ln_eps"), (dict(layer_scale=1), "layer_scale")):
+        with pytest.raises(ValueError, match=f"ViTConfig.{match}"):
+            ViTConfig(**bad)
