@@ -1,4 +1,4 @@
-"""Named architectures and the per-base recipe defaults of SPEC.md §1 (one table each)."""
+"""Named architectures and the per-base recipe defaults of docs/tec.md §1 (one table each)."""
 from __future__ import annotations
 
 from typing import Dict, NamedTuple
@@ -12,7 +12,7 @@ MODEL_PRESETS: Dict[str, tuple] = {
     "vit_base_patch16": (16, 768, 12, 12),
     "vit_large_patch16": (16, 1024, 24, 16),
     "vit_huge_patch14": (14, 1280, 32, 16),
-    "vit_demo_patch4": (4, 128, 6, 4),  # the embedded demo (DESIGN.md), img_size 32
+    "vit_demo_patch4": (4, 128, 6, 4),  # the embedded demo, img_size 32
 }
 
 
@@ -31,7 +31,7 @@ class BaseRecipe(NamedTuple):
     note: str
 
 
-# SPEC.md §1 table. DINO, TEC-released and timm bases have no published recipe: "other" row.
+# docs/tec.md §1 table. DINO, TEC-released and timm bases have no published recipe: "other" row.
 BASE_RECIPES: Dict[str, BaseRecipe] = {
     "mae_vit_base": BaseRecipe("vit_base_patch16", 2, 15, 1.8, "MAE ViT-B/16 (reference recipe)"),
     "mae_vit_large": BaseRecipe("vit_large_patch16", 2, 15, 1.4, "MAE ViT-L/16 (reference recipe)"),

@@ -13,7 +13,7 @@ ADAPTER_LN_EPS = 1e-5
 
 
 class EncoderAdapter(nn.Module):
-    """SPEC.md §2 encoder adapter over the stacked encoder block outputs.
+    """docs/tec.md §2 encoder adapter over the stacked encoder block outputs.
 
     Input ``feats`` [D, B, T, C] (block d's output at ``feats[d]``, the last one already through
     the encoder's final LayerNorm), output [B, T, C]:

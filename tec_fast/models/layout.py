@@ -146,7 +146,7 @@ class TokenLayout:
         """The position embedding of every image, fp32: [1 + L, dim] shared by all images when
         uniform, else the full token layout [T_d, dim]. ``stored`` [1, 1 + gh*gw, dim] (a model's
         table) serves images on ``stored_grid``; ``resample(h, w)`` -> [1 + h*w, dim] the others
-        (default: sin-cos, SPEC.md §2)."""
+        (default: sin-cos, docs/tec.md §2)."""
         device, cache = self.device, {}
         for h, w in dict.fromkeys(self.grids):
             if stored is not None and (h, w) == tuple(stored_grid):
@@ -231,7 +231,7 @@ class TokenLayout:
         return list(x.unbind(0)) if self.uniform else list(x.split(self.lengths))
 
     # ----------------------------------------------------------------------------------------
-    # Targets and losses (SPEC.md §1, §3)
+    # Targets and losses (docs/tec.md §1, §3)
     # ----------------------------------------------------------------------------------------
     def relation_targets(self, qkv: torch.Tensor, heads: int, topk: int, scale: float):
         """The base model's relation targets from its last block's qkv projection ([B, N, 3C]

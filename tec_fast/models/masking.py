@@ -1,4 +1,4 @@
-"""MAE's random masking (SPEC.md §2), reproducible from a given noise tensor."""
+"""MAE's random masking (docs/tec.md §2), reproducible from a given noise tensor."""
 from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Sequence

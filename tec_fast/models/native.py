@@ -10,7 +10,7 @@ mode, on the batch's ``TokenLayout`` (``tec_fast.models.layout``). For B images,
 - token layout [B + T_p]: image b is CLS then its L_b patches (cu_seqlens over 1 + L_b).
 A batch whose images share one grid is batched [B, 1 + L] instead (no packing needed).
 
-Every position embedding is computed for the image's own grid (SPEC.md §2 sin-cos, MAE layout:
+Every position embedding is computed for the image's own grid (docs/tec.md §2 sin-cos, MAE layout:
 first half of the channels encodes the column, last half the row; ``sincos_pos_embed(C, h, w)``
 lays tokens out row-major with h rows and w columns). An image on the model's own square grid
 takes the stored table itself, so the native path reproduces the dense one exactly there.
@@ -103,7 +103,7 @@ def base_pos_embed(base: BaseModel, batch: NativeBatch) -> torch.Tensor:
 
 @torch.no_grad()
 def native_base_targets(base: BaseModel, batch: NativeBatch) -> NativeTargets:
-    """SPEC.md §1 per image, all images in one run of the frozen base model over the batch's
+    """docs/tec.md §1 per image, all images in one run of the frozen base model over the batch's
     token layout (block-diagonal attention when the grids differ). The last block's q, k are its
     own qkv projection's output, read by a hook; ``TokenLayout.relation_targets`` forms only the
     CLS and top-k rows (``ops.relation_targets``, by groups of equal length)."""

@@ -1,4 +1,4 @@
-"""The new model of TEC (SPEC.md §2-3): masked encoder, input and encoder adapters, and the
+"""The new model of TEC (docs/tec.md §2-3): masked encoder, input and encoder adapters, and the
 feature and relation decoders that share their transformer blocks."""
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ class TECModel(nn.Module):
         ``mask_ratio``: a float (every image keeps K = int(L * (1 - r)) patches: dense batched
         encoder), or one ratio per image ([B] tensor or sequence: packed encoder). ``keep`` [B, L]
         bool (True = visible), e.g. block-wise masks, overrides the ratio (packed encoder).
-        ``noise`` [B, L] makes the random masking reproducible (SPEC.md §2). A batch in which no
+        ``noise`` [B, L] makes the random masking reproducible (docs/tec.md §2). A batch in which no
         patch is hidden (ratio 0) is refused; with per-image ratios or masks an image with no
         hidden patch is allowed and adds nothing to the feature loss.
         """
@@ -151,7 +151,7 @@ class TECModel(nn.Module):
         return self.forward_layout(layout, images, targets)
 
     def forward_layout(self, layout: TokenLayout, pixels: torch.Tensor, targets) -> Dict[str, torch.Tensor]:
-        """The TEC loss (SPEC.md §2-3) on any token layout: the one encoder, decoder and loss path."""
+        """The TEC loss (docs/tec.md §2-3) on any token layout: the one encoder, decoder and loss path."""
         cfg = self.config
         layout.check_hidden()
         features, relation, topk_idx = layout.targets(targets, cfg.pred_dim, cfg.pred_heads, cfg.relation)

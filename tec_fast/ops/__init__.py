@@ -89,7 +89,7 @@ def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
 
 def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                    eps: float = 1e-6) -> torch.Tensor:
-    """Feature loss of SPEC.md §3 (patch-dimension normalised target, unbiased variance).
+    """Feature loss of docs/tec.md §3 (patch-dimension normalised target, unbiased variance).
 
     pred, target [B, L, C]; mask [B, L] (1 = removed patch, counted). Returns a 0-dim fp32
     tensor; differentiable w.r.t. pred.
@@ -111,7 +111,7 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
 
 def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Base-model relation targets (SPEC.md §1) from its last block's q, k [B, H, N, d].
+    """Base-model relation targets (docs/tec.md §1) from its last block's q, k [B, H, N, d].
 
     Returns (relation [B, 1+topk, H, N-1] fp32, topk_idx [B, topk] int64). No gradient.
     """
@@ -131,7 +131,7 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
 
 def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, target: torch.Tensor,
                   tau: float, scale: float) -> torch.Tensor:
-    """Relation loss of SPEC.md §3 from the student's q, k [B, H, N, d].
+    """Relation loss of docs/tec.md §3 from the student's q, k [B, H, N, d].
 
     topk_idx [B, k] (patch indices, from the base model), target [B, 1+k, H, N-1] (the base's
     logits). Returns a 0-dim fp32 tensor; differentiable w.r.t. q and k.
@@ -162,10 +162,10 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
                     fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
                     ln_after_w: torch.Tensor, ln_after_b: torch.Tensor,
                     eps_before: float, eps_after: float) -> torch.Tensor:
-    """Encoder adapter of SPEC.md §2 on the stacked block outputs ``feats`` [D, B, T, C] -> [B, T, C].
+    """Encoder adapter of docs/tec.md §2 on the stacked block outputs ``feats`` [D, B, T, C] -> [B, T, C].
 
     Arguments as ``reference.encoder_adapter`` (group weights: sequences indexed by g, or stacked
-    tensors). ``tec_fast.nn.EncoderAdapter`` is the module around it. Differentiable w.r.t.
+    tensors). ``tec_fast.models.adapter.EncoderAdapter`` is the module around it. Differentiable w.r.t.
     feats and every weight.
     """
     _check_tensor(feats, "feats", 4)

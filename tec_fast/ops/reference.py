@@ -1,6 +1,6 @@
 """Plain-PyTorch references of every op: the definitions the kernels are tested against.
 
-Each function is the op's meaning written as directly as torch allows (SPEC.md). No input
+Each function is the op's meaning written as directly as torch allows (docs/tec.md). No input
 checking here: the public wrappers in ``tec_fast.ops`` validate before dispatching.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
 
 def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                    eps: float = 1e-6) -> torch.Tensor:
-    """SPEC.md §3 feature loss. The target is normalised per image and channel over the L
+    """docs/tec.md §3 feature loss. The target is normalised per image and channel over the L
     patches with the *unbiased* variance; squared error averaged over channels, then over the
     masked patches. Computed in fp32 whatever the input dtype."""
     target = target.float()
@@ -50,7 +50,7 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
 
 def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SPEC.md §1 relation targets from the base model's last-block q, k [B, H, N, d].
+    """docs/tec.md §1 relation targets from the base model's last-block q, k [B, H, N, d].
 
     ranking r = head-mean of the CLS row's logits at the patch columns; idx = topk(r);
     relation [B, 1+k, H, L] = logits of the CLS row and rows idx+1 at the patch columns.
@@ -68,7 +68,7 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
 
 def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, target: torch.Tensor,
                   tau: float, scale: float) -> torch.Tensor:
-    """SPEC.md §3 relation loss from the student's q, k [B, H, N, d].
+    """docs/tec.md §3 relation loss from the student's q, k [B, H, N, d].
 
     R [B, 1+k, H, L] = logits of query rows (CLS, idx+1) against the patch keys, times scale;
     loss = mean over (b, row, head) of -sum_j softmax(target / tau)_j * log_softmax(R)_j.
@@ -88,7 +88,7 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
                     fc2_w: torch.Tensor, fc2_b: torch.Tensor,
                     ln_after_w: torch.Tensor, ln_after_b: torch.Tensor,
                     eps_before: float, eps_after: float) -> torch.Tensor:
-    """SPEC.md §2 encoder adapter on the stacked block outputs ``feats`` [D, B, T, C].
+    """docs/tec.md §2 encoder adapter on the stacked block outputs ``feats`` [D, B, T, C].
 
     Group weights are sequences (or stacked tensors) indexed by g: fuse_w[g] [C, M*C],
     fuse_b[g] [C], fc1_w[g] [Hd, C], fc1_b[g] [Hd], fc2_w[g] [C, Hd], fc2_b[g] [C] (M = D/G). Z = concat_d feats[d] along channels (block 0

@@ -1,6 +1,6 @@
 """Sequence packing: the tokens of many images in one [T, C] sequence with ``cu_seqlens``.
 
-Public API (DESIGN.md):
+Public API (docs/architecture.md):
 
 - ``pack(x, keep)`` -> ``(packed [T, C], cu_seqlens [B+1] int32, max_len, index [T] int64)``:
   the kept tokens of x [B, L, C], images in batch order, tokens in patch order;
