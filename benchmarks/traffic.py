@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -58,7 +57,7 @@ from torch.utils.flop_counter import flop_registry
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.baseline_eager import EagerBase, EagerTEC  # noqa: E402
-from benchmarks.bench_step import PRESETS, build  # noqa: E402
+from benchmarks.bench_step import build  # noqa: E402
 from benchmarks.common import append_jsonl, complete_row, format_table  # noqa: E402
 from tec_fast import BaseModel, TECModel  # noqa: E402
 
@@ -134,7 +133,7 @@ def _custom_op_flops(name: str, bound: Dict[str, object]) -> float:
     backward = name.endswith("_backward")
     base = name[:-len("_backward")] if backward else name
     if base == "tec_fast.encoder_adapter" and {"feats", "fuse_w", "fc1_w", "fc2_w"} <= bound.keys():
-        D, B, T, C = bound["feats"].shape
+        _, B, T, _ = bound["feats"].shape  # [D, B, T, C]
         fwd = 2.0 * B * T * sum(bound[w].numel() for w in ("fuse_w", "fc1_w", "fc2_w"))
     elif base in ("tec_fast.relation_loss", "tec_fast.relation_targets") and "q" in bound:
         B, H, N, d = bound["q"].shape
