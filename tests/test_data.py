@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tec_fast.data.images import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, demo_arrays,
-                           demo_datasets, random_resized_crop_box)
+from tec_fast.data.decode import to_rgb
+from tec_fast.data.images import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, UnreadableImage,
+                                  demo_arrays, demo_datasets, random_resized_crop_box)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_strict_raises_with_path(tmp_path):
     _truncated_jpeg(tmp_path / "broken.jpg")
     ds = ImageFolderDataset(str(tmp_path), img_size=8, strict=True)
     i = [p for p, _ in ds.samples].index(str(tmp_path / "broken.jpg"))
-    with pytest.raises(RuntimeError, match="broken.jpg"):
+    with pytest.raises(UnreadableImage, match="broken.jpg"):
         ds[i]
 
 
@@ -192,3 +193,75 @@ def test_folder_errors(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="none of the 1 images"):
             ds[0]
+
+
+def _filled(mode, value, size=(6, 4)):
+    return Image.new(mode, size, value)
+
+
+def _array(mode, values):
+    a = np.asarray(values)
+    if mode in ("I;16", "I;16B"):
+        return Image.frombytes(mode, (a.shape[1], a.shape[0]), a.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    return Image.fromarray(a.astype({"L": np.uint8, "I": np.int32, "F": np.float32}[mode]))
+
+
+def _palette():
+    img = Image.new("P", (6, 4), 1)
+    img.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    return img
+
+
+# (mode, image, expected RGB of pixel (0, 0), and of pixel (1, 0) where the image has two values)
+MODES = [
+    ("1", _array("L", [[255, 0]]).convert("1"), (255, 255, 255), (0, 0, 0)),
+    ("L", _filled("L", 100), (100, 100, 100), None),
+    ("P", _palette(), (10, 20, 30), None),
+    ("PA", _palette().convert("PA"), (10, 20, 30), None),
+    ("LA", _filled("LA", (100, 50)), (100, 100, 100), None),           # alpha dropped
+    ("La", _filled("La", (100, 255)), (100, 100, 100), None),
+    ("RGBA", _filled("RGBA", (10, 20, 30, 0)), (10, 20, 30), None),
+    ("RGBa", _filled("RGBa", (10, 20, 30, 255)), (10, 20, 30), None),
+    ("RGBX", _filled("RGBX", (10, 20, 30, 0)), (10, 20, 30), None),
+    ("CMYK", _filled("CMYK", (0, 255, 255, 0)), (255, 0, 0), None),
+    ("YCbCr", _filled("YCbCr", (128, 128, 128)), (128, 128, 128), None),
+    ("HSV", _filled("HSV", (0, 255, 255)), (255, 0, 0), None),
+    ("I;16", _array("I;16", [[65535, 1000]]), (255, 255, 255), (4, 4, 4)),      # 16-bit: not white
+    ("I;16B", _array("I;16B", [[32768, 0]]), (128, 128, 128), (0, 0, 0)),
+    ("I", _array("I", np.array([[40000, 257]], dtype=np.int32)), (156, 156, 156), (1, 1, 1)),
+    ("I", _array("I", np.array([[-100, 100]], dtype=np.int32)), (0, 0, 0), (255, 255, 255)),  # own range
+    ("F", _array("F", np.array([[0.5, 1.0]], dtype=np.float32)), (128, 128, 128), (255, 255, 255)),
+    ("F", _array("F", np.array([[200.0, np.nan]], dtype=np.float32)), (200, 200, 200), (0, 0, 0)),
+    ("F", _array("F", np.array([[-2.0, 2.0]], dtype=np.float32)), (0, 0, 0), (255, 255, 255)),
+]
+
+
+@pytest.mark.parametrize("mode, img, first, second", MODES, ids=[f"{m}-{i}" for i, (m, *_) in enumerate(MODES)])
+def test_every_mode_decodes_to_rgb_in_its_real_range(tmp_path, mode, img, first, second):
+    assert img.mode == mode
+    decoded = [to_rgb(img)]
+    for fmt, ext in (("PNG", "png"), ("TIFF", "tif")):  # and through a file, where a format keeps the mode
+        try:
+            img.save(tmp_path / f"x.{ext}", fmt)
+        except (OSError, ValueError, KeyError):
+            continue
+        with Image.open(tmp_path / f"x.{ext}") as reread:
+            if reread.mode == mode or (mode == "I;16B" and reread.mode.startswith("I;16")):
+                decoded.append(to_rgb(reread))
+                break
+    for rgb in decoded:
+        assert rgb.mode == "RGB"
+        assert rgb.getpixel((0, 0)) == first
+        if second is not None:
+            assert rgb.getpixel((1, 0)) == second
+
+
+def test_sixteen_bit_png_through_the_dataset(tmp_path):
+    """A mid-grey 16-bit PNG is mid-grey after loading, not white (convert('RGB') clips it)."""
+    (tmp_path / "c").mkdir()
+    Image.fromarray(np.full((16, 16), 30000, dtype=np.uint16)).save(tmp_path / "c" / "x.png")
+    with Image.open(tmp_path / "c" / "x.png") as img:
+        assert img.mode.startswith("I;16")
+    x, _ = ImageFolderDataset(str(tmp_path), img_size=8, train=False)[0]
+    pixel = x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    assert torch.allclose(pixel, torch.full_like(pixel, round(30000 / 257) / 255), atol=2 / 255)

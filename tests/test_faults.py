@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tec_fast.training import FitConfig, NonFiniteLoss, fit
+from tec_fast.training import FitConfig, NonFiniteLoss, NonFiniteWeights, fit
 from train_helpers import AugmentedImages, tiny_objective, tiny_tec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def test_nonfinite_loss_stops_with_step_and_no_bad_checkpoint(tmp_path, value):
     model = tiny_tec()
     with pytest.raises(NonFiniteLoss, match="step 5") as info:
         fit(model, PoisonAt(5, value), AugmentedImages(n=32), cfg)
-    assert info.value.step == 5
+    assert info.value.step == 5 and info.value.checkpoint == (str(tmp_path / "checkpoint-last.pth"), 4)
     ck = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert ck["step"] == 4  # the save at step 4; nothing after the bad step
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -83,3 +83,43 @@ def test_sigterm_saves_then_exits_and_resume_finishes(tmp_path):
                           env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["step"] == stopped_at + 3
+
+
+def test_nonfinite_weights_are_never_saved_and_the_message_is_true(tmp_path):
+    """A parameter that turns NaN with a finite loss (as a huge learning rate can make it) is
+    caught before the save: the newest checkpoint on disk is the one the message names."""
+    def poison(step, metrics):
+        if step == 3:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("nan")
+
+    cfg = FitConfig(epochs=5, batch_size=4, lr=1e-3, warmup_steps=1, save_every_steps=1, progress=False,
+                    output_dir=str(tmp_path), log_every=1)
+    model = tiny_tec()
+    with pytest.raises(NonFiniteWeights) as info:
+        fit(model, tiny_objective(), AugmentedImages(n=32), cfg, on_step=poison)
+    last = str(tmp_path / "checkpoint-last.pth")
+    assert info.value.step == 3 and info.value.checkpoint == (last, 2)
+    assert f"{last} (step 2)" in str(info.value) and "finite" in str(info.value)
+    ck = torch.load(last, weights_only=True)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "nonfinite_weights" and events[-1]["step"] == 3
+
+
+def test_nonfinite_loss_without_a_checkpoint_says_so(tmp_path):
+    cfg = FitConfig(epochs=5, batch_size=4, lr=1e-3, warmup_steps=1, progress=False, output_dir=str(tmp_path))
+    with pytest.raises(NonFiniteLoss, match="no checkpoint has been written by this run"):
+        fit(tiny_tec(), PoisonAt(2, float("nan")), AugmentedImages(n=32), cfg)
+    assert not (tmp_path / "checkpoint-last.pth").exists()
+
+
+def test_weights_are_checked_even_without_an_output_folder():
+    def poison(step, metrics):
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("inf")
+
+    model = tiny_tec()
+    cfg = FitConfig(max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, progress=False)
+    with pytest.raises(NonFiniteWeights, match="no checkpoint"):
+        fit(model, tiny_objective(), AugmentedImages(n=8), cfg, on_step=poison)

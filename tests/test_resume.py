@@ -112,6 +112,29 @@ def test_keep_last_and_every_kth_epoch(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith((".tmp", ".link"))]
 
 
-def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
+def test_resume_auto_without_checkpoint_says_so_and_starts_fresh(tmp_path, capsys):
     r = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), _cfg(tmp_path, epochs=1, resume="auto", warmup_steps=0))
     assert r.steps == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "checkpoint-last.pth does not exist" in err and "step 0" in err
+    fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), _cfg(tmp_path, epochs=2, resume="auto", warmup_steps=0))
+    assert "nothing to resume" not in capsys.readouterr().err  # the second run found the first's
+
+
+def test_resume_with_another_architecture_is_a_clear_error(tmp_path):
+    from tec_fast import TECConfig, TECModel
+    from train_helpers import tiny_vit
+    fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), _cfg(tmp_path, epochs=1, warmup_steps=0))
+    other = TECModel(TECConfig(encoder=tiny_vit(), decoder_dim=16, decoder_depth=1, decoder_heads=2, tau=1.0))
+    with pytest.raises(ValueError, match="holds a different model"):
+        fit(other, tiny_objective(), AugmentedImages(n=16), _cfg(tmp_path, epochs=2, resume="auto", warmup_steps=0))
+
+
+def test_resume_refuses_nonfinite_weights(tmp_path):
+    fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), _cfg(tmp_path, epochs=1, warmup_steps=0))
+    path = tmp_path / "checkpoint-last.pth"
+    ck = torch.load(path, weights_only=True)
+    next(iter(ck["model"].values())).view(-1)[0] = float("nan")
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match="non-finite weights"):
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), _cfg(tmp_path, epochs=2, resume="auto", warmup_steps=0))
