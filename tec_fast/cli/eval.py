@@ -182,14 +182,12 @@ def _table(rows) -> str:
 
 
 # ------------------------------------------------------------------------------------- main
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def load_encoder(args):
+    """(BaseModel on args.device, its ViTConfig, where the architecture came from, load report).
+    Weights holding NaN or inf are refused (ValueError)."""
     from tec_fast.checkpoint import read_checkpoint, read_state_dict
-    from tec_fast.evaluation import probe as E
     from tec_fast.models.base import BaseModel
 
-    timings = {}
-    t = time.perf_counter()
     obj = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     state = read_state_dict(obj)
     bad = nonfinite_keys(state)
@@ -201,29 +199,35 @@ def main(argv=None) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = base.load_checkpoint(obj)
-    base.to(args.device)
-    timings["load_s"] = time.perf_counter() - t
     if not args.quiet:
         print(f"encoder: {vit.to_dict()} ({vit_source})", file=sys.stderr)
         print(f"load: {report.summary()}", file=sys.stderr)
         for w in caught:
             if "BaseModel.load_checkpoint" not in str(w.message):
                 print(f"warning: {w.message}", file=sys.stderr)
+    return base.to(args.device), vit, vit_source, report
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from tec_fast.evaluation import probe as E
+
+    timings = {}
+    t = time.perf_counter()
+    base, vit, vit_source, report = load_encoder(args)
+    timings["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
     train, test, data_name, workers = build_data(args, vit.img_size)
     timings["data_s"] = time.perf_counter() - t
 
     progress = _Progress(args.quiet)
     t = time.perf_counter()
-    feats = {}
-    for split, ds in (("train", train), ("test", test)):
-        feats[split] = E.extract_features(base, ds, batch_size=args.batch_size, pool=args.pool,
-                                          num_workers=workers,
-                                          progress=lambda d, n, s=split: progress(s, d, n))
+    feats = [E.extract_features(base, ds, batch_size=args.batch_size, pool=args.pool, num_workers=workers,
+                                progress=lambda d, n, s=split: progress(s, d, n))
+             for split, ds in (("train", train), ("test", test))]
     timings["features_s"] = time.perf_counter() - t
     # k-NN and probe on the evaluation device: a GPU makes an ImageNet-sized probe practical
-    (tr_f, tr_y), (te_f, te_y) = [(f.to(args.device), y.to(args.device)) for f, y in feats.values()]
+    (tr_f, tr_y), (te_f, te_y) = [(f.to(args.device), y.to(args.device)) for f, y in feats]
     t = time.perf_counter()
     knn = E.knn_accuracy(tr_f, tr_y, te_f, te_y, k=args.k)
     timings["knn_s"] = time.perf_counter() - t
@@ -239,24 +243,27 @@ def main(argv=None) -> dict:
                        "classes": int(tr_y.max()) + 1},
               "device": str(args.device)}
     if args.pixels:
-        from tec_fast.data.images import demo_arrays
+        from tec_fast.data.demo import demo_arrays
         t = time.perf_counter()
         result["pixels"] = E.pixel_baseline(*demo_arrays(args.seed, args.n_train, args.n_test), k=args.k)
         timings["pixels_s"] = time.perf_counter() - t
         rows.append(("raw pixels (baseline)", result["pixels"]))
     result["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    report_results(args, result, rows)
+    return result
 
-    print(f"\n{data_name}: {len(train)} train / {len(test)} test images, {result['data']['classes']} classes; "
+
+def report_results(args, result: dict, rows) -> None:
+    data = result["data"]
+    print(f"\n{data['name']}: {data['train']} train / {data['test']} test images, {data['classes']} classes; "
           f"k-NN: cosine, k={args.k}, votes exp(sim/0.07); linear probe: standardised"
           f"{f', PCA<={args.probe_dim}' if args.probe_dim else ''}, L-BFGS logistic regression")
     print(_table(rows))
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.json}")
-    return result
 
 
 def cli(argv=None) -> int:

@@ -118,9 +118,9 @@ SMALL_PROBLEM = 1 << 25  # feature-matrix elements below which the probe runs on
 
 @contextlib.contextmanager
 def _one_cpu_thread_if_small(x: torch.Tensor):
-    """A small probe (PCA + thousands of tiny L-BFGS ops) gains nothing from intra-op threads on
-    CPU and loses a lot when the cores are shared: on a busy 2-core machine the demo's pixel probe
-    took 11-17 s with 2 threads and ~3 s with 1. The previous setting is restored."""
+    """A small probe (PCA + thousands of tiny L-BFGS ops) is dominated by per-op overhead, which
+    intra-op threads on CPU only add to (each op pays for waking and joining the threads, worse
+    when the cores are shared). The previous setting is restored."""
     if x.device.type != "cpu" or x.numel() > SMALL_PROBLEM:
         yield
         return

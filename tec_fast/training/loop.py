@@ -145,6 +145,19 @@ def _optimizer_step(model: nn.Module, optimizer, scaler, clip_grad: Optional[flo
     optimizer.zero_grad(set_to_none=True)
 
 
+def _precision(cfg: FitConfig, d: DistInfo):
+    """(loss scaler, autocast dtype or None): fp16 needs loss scaling, bf16 and fp32 do not."""
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
+    return scaler, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+
+def _epoch_batches(loader, sampler, pos, cfg: FitConfig):
+    """The batches of ``pos.epoch`` from where ``pos`` is in it (a resume starts mid-epoch)."""
+    sampler.set_epoch(pos.epoch)
+    sampler.resume_at(pos.step_in_epoch * cfg.accum, cfg.batch_size)
+    return iter(loader)
+
+
 def _open_log(cfg: FitConfig, d: DistInfo, start: dict) -> MetricsLog:
     out = cfg.output_dir if d.is_main else None
     log = MetricsLog(os.path.join(out, "metrics.jsonl") if out else None,
@@ -194,8 +207,7 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     per_micro = sampler.mean_batch_size if batch_sampler is not None else cfg.batch_size
     sched = plan_schedule(cfg, per_micro * cfg.accum * d.world, steps_per_epoch)
     optimizer, opt_name = build_optimizer(model, sched.peak_lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    scaler, amp_dtype = _precision(cfg, d)
     pos = restore(resumed, model, optimizer, scaler, sched, cfg, d)
     log = _open_log(cfg, d, {"event": "start", "stage": cfg.name, "step": pos.step, "world": d.world,
                              "device": str(d.device), "optimizer": opt_name, "lr": sched.peak_lr,
@@ -209,9 +221,7 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     try:
         with _SignalFlag() as sig:
             while pos.step < sched.total_steps and stopped == "completed":
-                sampler.set_epoch(pos.epoch)
-                sampler.resume_at(pos.step_in_epoch * cfg.accum, cfg.batch_size)
-                batches = iter(loader)
+                batches = _epoch_batches(loader, sampler, pos, cfg)
                 while pos.step < sched.total_steps:
                     lr = sched.lr(pos.step)
                     set_lr(optimizer, lr)
