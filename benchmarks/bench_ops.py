@@ -186,7 +186,29 @@ def encoder_adapter_cases(s, dtype, dev, providers, backward) -> Case:
     return Case(f"D={D},G={G},B={B},T={T},C={C},hidden={hidden}", fns, flops=fwd_flops)
 
 
+def layer_norm_cases(s, dtype, dev, providers, backward) -> Case:
+    """A block's norm2 with the attention branch's residual add: h = x + branch, y = LN(h)."""
+    rows, C = s["B"] * (s["K"] + 1), s["C"]
+    x = torch.randn(rows, C, device=dev, dtype=dtype, requires_grad=backward)
+    res = torch.randn(rows, C, device=dev, dtype=dtype, requires_grad=backward)
+    w = torch.randn(C, device=dev, dtype=dtype, requires_grad=backward)
+    b = torch.randn(C, device=dev, dtype=dtype, requires_grad=backward)
+    esize = x.element_size()
+    impls = {"reference": lambda *a: reference.layer_norm(*a[:4], a[4])}
+    if "triton" in providers:
+        impls["triton"] = lambda *a: _fast("layer_norm")(*a[:4], residual=a[4])
+    if backward:
+        fns = {n: _grad_fn(lambda f=f: sum(o.float().sum() for o in f(x, w, b, 1e-6, res)), [x, res, w, b], None)
+               for n, f in impls.items()}
+        nbytes = (2 + 2 + 3 + 1) * rows * C * esize  # fwd: x, res in; y, h out. bwd: dy, dh, h in; dx out
+    else:
+        fns = {n: (lambda f=f: f(x, w, b, 1e-6, res)) for n, f in impls.items()}
+        nbytes = 4 * rows * C * esize
+    return Case(f"rows={rows},C={C}", fns, bytes_moved=nbytes)
+
+
 BUILDERS = {
+    "layer_norm": layer_norm_cases,
     "masked_gather": masked_gather_cases,
     "scatter_masked": scatter_masked_cases,
     "patch_norm_mse": patch_norm_mse_cases,

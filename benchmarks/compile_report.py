@@ -43,7 +43,7 @@ from benchmarks.common import REPO, format_table, git_commit, versions  # noqa: 
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "compile.jsonl")
 KERNEL_MODULES = ("masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets", "relation_loss",
-                  "encoder_adapter", "layer_norm", "bias_gelu")
+                  "encoder_adapter", "layer_norm")
 
 # Per-block shared memory a kernel may use (opt-in maximum), bytes: H100/H200 227 KB, A100 163 KB.
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -270,14 +270,6 @@ def _case_layer_norm(s, dt):
         m._layer_norm_bwd(_meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt), h, w, mean, rstd, True)
 
 
-def _case_bias_gelu(s, dt):
-    from tec_fast.kernels import bias_gelu as m
-    for rows, Hd in ((s["B"] * s["T"], 4 * s["C"]), (2 * s["B"] * s["N"], 4 * s["Cd"])):  # encoder, decoder
-        x, b = _meta(rows, Hd, dtype=dt), _meta(Hd)
-        m._bias_gelu_fwd(x, b)
-        m._bias_gelu_bwd(_meta(rows, Hd, dtype=dt), x, b)
-
-
 CASES: Dict[str, Callable[[Dict[str, int], torch.dtype], None]] = {
     "masked_gather": _case_masked_gather,
     "scatter_masked": _case_scatter_masked,
@@ -286,7 +278,6 @@ CASES: Dict[str, Callable[[Dict[str, int], torch.dtype], None]] = {
     "relation_loss": _case_relation_loss,
     "encoder_adapter": _case_encoder_adapter,
     "layer_norm": _case_layer_norm,
-    "bias_gelu": _case_bias_gelu,
 }
 
 

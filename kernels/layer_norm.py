@@ -15,11 +15,13 @@ Reference: ``torch.nn.functional.layer_norm`` of ``x + residual``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
+
+from tec_fast.kernels._common import dtype_reasons
 
 MAX_C = 4096  # one row in registers (16 fp32 values per thread and tensor at 8 warps)
 
@@ -212,3 +214,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if residual is None:
         return y.view(x.shape)
     return y.view(x.shape), h.view(x.shape)
+
+
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], residual_dtype=None,
+                          **_info) -> List[str]:
+    """Why this kernel cannot take x of ``dtype`` / ``shape`` (empty: it can)."""
+    reasons = dtype_reasons(dtype)
+    if shape and shape[-1] > MAX_C:
+        reasons.append(f"width {shape[-1]} > {MAX_C} (one row is held in registers)")
+    if residual_dtype is not None and residual_dtype != dtype:
+        reasons.append(f"residual dtype {residual_dtype} differs from x's {dtype}")
+    return reasons

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tec_fast import ops
 from tec_fast.ops.attention import packed_attention
 
 LN_EPS = 1e-6  # every ViT LayerNorm (timm/MAE use partial(nn.LayerNorm, eps=1e-6))
@@ -141,15 +142,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, return_qk: bool = False,
                 cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0):
+        # The attention branch's residual add is fused into norm2 (one read of x and the branch,
+        # one write of the new stream and the normalised input; ops.layer_norm).
+        n1, n2 = self.norm1, self.norm2
+        h = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
         if cu_seqlens is not None:
-            x = x + self.ls1(self.attn(self.norm1(x), cu_seqlens=cu_seqlens, max_len=max_len))
-            return x + self.ls2(self.mlp(self.norm2(x)))
-        if return_qk:
-            a, qk = self.attn(self.norm1(x), return_qk=True)
-            x = x + self.ls1(a)
-            return x + self.ls2(self.mlp(self.norm2(x))), qk
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+            a, qk = self.attn(h, cu_seqlens=cu_seqlens, max_len=max_len), None
+        elif return_qk:
+            a, qk = self.attn(h, return_qk=True)
+        else:
+            a, qk = self.attn(h), None
+        y, x = ops.layer_norm(self.ls1(a), n2.weight, n2.bias, n2.eps, residual=x)
+        x = x + self.ls2(self.mlp(y))
+        return (x, qk) if return_qk else x
 
 
 def init_vit_weights(module: nn.Module) -> None:

@@ -22,7 +22,7 @@ from tec_fast.ops.validate import check_same_device as _check_same_device
 from tec_fast.ops.validate import check_tensor as _check_tensor
 
 __all__ = ["masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets",
-           "relation_loss", "encoder_adapter", "patch_norm_mse_ragged", "relation_targets_ragged",
+           "relation_loss", "encoder_adapter", "layer_norm", "patch_norm_mse_ragged", "relation_targets_ragged",
            "relation_loss_ragged", "reference", "dispatch_report",
            "format_dispatch_report", "why_not_fast", "OPS"]
 
@@ -206,3 +206,33 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
 # Ragged forms: compositions of the ops above (imported last: they call them).
 from tec_fast.ops.ragged import (patch_norm_mse_ragged, relation_loss_ragged,  # noqa: E402
                                  relation_targets_ragged)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
+               residual: Optional[torch.Tensor] = None):
+    """A ViT block's LayerNorm, with the residual add before it fused in.
+
+    Without ``residual``: y = LayerNorm(x) over the last dim. With it: h = residual + x (the
+    block's new residual stream) and y = LayerNorm(h); returns (y, h). x, residual [..., C],
+    weight, bias [C]. The Triton path reads x and residual once and writes h and y once, in x's
+    dtype (under autocast eager LayerNorm would write fp32 that the next Linear casts back down).
+    Differentiable w.r.t. x, residual, weight and bias.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x must be a floating-point tensor [..., C], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    C = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (C,):
+            raise ValueError(f"{name} must have shape ({C},) for x {tuple(x.shape)}, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        _check_same_device(x, **{name: t})
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got "
+                             f"{getattr(residual, 'shape', type(residual).__name__)}")
+        _check_same_device(x, residual=residual)
+    info = {"residual_dtype": residual.dtype} if residual is not None else {}
+    if use_fast_path("layer_norm", x, **info):
+        return fast_impl("layer_norm")(x, weight, bias, float(eps), residual=residual)
+    return reference.layer_norm(x, weight, bias, float(eps), residual)

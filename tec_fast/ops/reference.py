@@ -105,3 +105,12 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
         u = u + F.linear(F.gelu(F.linear(u, fc1_w[g], fc1_b[g])), fc2_w[g], fc2_b[g])
         out = out + u
     return F.layer_norm(out, (C,), ln_after_w, ln_after_b, eps_after)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               residual: Optional[torch.Tensor] = None):
+    """LayerNorm over the last dim of x, or of h = x + residual; returns y, or (y, h)."""
+    if residual is None:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    h = residual + x
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h

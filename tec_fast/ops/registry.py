@@ -31,4 +31,6 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
            grads="q, k"),
     OpSpec("encoder_adapter", reference.encoder_adapter, "encoder_adapter", (12, 256, 50, 768),
            grads="feats and every weight"),
+    OpSpec("layer_norm", reference.layer_norm, "layer_norm", (256, 50, 768),
+           grads="x, residual, weight, bias"),
 )}
