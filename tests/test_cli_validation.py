@@ -72,6 +72,7 @@ REFUSED = [
     ("demo", ["--demo-steps", "0,5"], "--demo-steps"), ("demo", ["--demo-steps", "5"], "--demo-steps"),
     # files and folders
     ("tec", ["--data", "{files}/missing"], "--data"), ("tec", ["--output", "{files}/a_file"], "--output"),
+    ("tec", ["--output", ""], "--output"),
     ("tec", ["--resume", "{files}/missing.pth"], "--resume"),
     ("tec", ["--base", "mae_vit_base:{files}/missing.pth"], "--base"),
     ("tec", ["--base", "no_such_kind:{files}/base.pth"], "--base"),

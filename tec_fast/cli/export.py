@@ -52,6 +52,8 @@ def export(ckpt_path: str, out_path: str, model: str = "vit_base_patch16", img_s
     ck = read_checkpoint(ckpt_path, trust=trust)
     state = _training_state(ck, ckpt_path)
     if ck.get("kind") == "mae":
+        if "model_config" not in ck:
+            raise ValueError(f"{ckpt_path}: an MAE checkpoint without the model_config the engine writes")
         from tec_fast.models.mae import MAEModel
         cfg = dict(ck["model_config"])
         mae = MAEModel(ViTConfig(**cfg.pop("vit")), **cfg)

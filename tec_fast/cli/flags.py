@@ -119,6 +119,8 @@ def existing_dir(text: str) -> str:
 
 def output_file(text: str) -> str:
     """A path a file can be written to: not a folder, its folder not a file."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got an empty string")
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
     parent = os.path.dirname(os.path.abspath(text))
@@ -130,6 +132,8 @@ def output_file(text: str) -> str:
 
 
 def output_dir(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder, got an empty string")
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
     return text

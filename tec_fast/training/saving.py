@@ -22,6 +22,10 @@ from tec_fast.training.state import (Position, nothing_to_resume, resolve_resume
                                      set_rng_state)
 
 
+# what a checkpoint written by RunSaver holds and a resume reads
+RESUME_KEYS = ("model", "optimizer", "step", "epoch", "step_in_epoch", "rng")
+
+
 def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo) -> Tuple[Optional[str], Optional[dict]]:
     """(path, checkpoint) of the run to continue, its weights already in ``model``; (None, None)
     when there is nothing to resume (said once, on rank 0, when ``--resume`` asked for it).
@@ -32,9 +36,10 @@ def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo) -> Tuple[Opti
             print(f"[{cfg.name}] {nothing_to_resume(cfg.output_dir)}", file=sys.stderr)
         return None, None
     ck = read_checkpoint(path)
-    if "model" not in ck or "step" not in ck:
-        raise ValueError(f"--resume {path}: not a training checkpoint of this engine "
-                         f"(keys: {', '.join(sorted(ck)[:8])})")
+    missing = [k for k in RESUME_KEYS if k not in ck]
+    if missing:
+        raise ValueError(f"--resume {path}: not a training checkpoint of this engine (no "
+                         f"{', '.join(missing)}; it has {', '.join(sorted(ck)[:8])})")
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
