@@ -113,6 +113,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tec_fast", "tec_fast.*"]) + ["tec_fast.kernels"],
     package_dir={"tec_fast": "tec_fast", "tec_fast.kernels": "kernels"},
+    package_data={"tec_fast.demo": ["assets/demo_base.pth", "assets/demo_base.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -121,7 +122,7 @@ setup(
         "triton>=3.0; platform_system=='Linux'",
     ],
     extras_require={
-        "demo": ["scikit-learn>=1.3", "pillow"],
-        "test": ["pytest>=7", "pytest-randomly", "scikit-learn>=1.3", "pillow"],
+        "demo": ["scikit-learn>=1.3", "pillow", "matplotlib"],
+        "test": ["pytest>=7", "pytest-randomly", "scikit-learn>=1.3", "pillow", "matplotlib"],
     },
 )

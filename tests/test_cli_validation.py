@@ -69,7 +69,9 @@ REFUSED = [
     ("tec", ["--time-limit", "0"], "--time-limit"), ("tec", ["--log-every", "0"], "--log-every"),
     ("tec", ["--seed", "-1"], "--seed"), ("tec", ["--device", "tpu"], "--device"),
     ("tec", ["--epochs", "two"], "--epochs"),
-    ("demo", ["--demo-steps", "0,5"], "--demo-steps"), ("demo", ["--demo-steps", "5"], "--demo-steps"),
+    ("demo", ["--demo-steps", "0"], "--demo-steps"), ("demo", ["--demo-steps", "4,3"], "--demo-steps"),
+    ("demo", ["--demo-make-base", "--demo-steps", "5"], "--demo-steps"),
+    ("demo", ["--demo-from-scratch", "--demo-base", "."], "--demo-base"),
     # files and folders
     ("tec", ["--data", "{files}/missing"], "--data"), ("tec", ["--output", "{files}/a_file"], "--output"),
     ("tec", ["--output", ""], "--output"),
@@ -118,7 +120,7 @@ def test_good_flags_pass_the_checks(files):
     args = parse_args([*_tec(files), "--topk", "64", "--last-layers", "6", "--clip-grad", "1.0",
                        "--mask-ratio", "0.5:0.9", "--native-resolution", "--mask-ratio", "0.6"])
     assert (args.topk, args.last_layers, args.clip_grad, args.mask_ratio) == (64, 6, 1.0, 0.6)
-    assert parse_args(["--demo-steps", "4,3", "--seed", "2"]).demo_steps == (4, 3)
+    assert parse_args(["--demo-steps", "4", "--seed", "2"]).demo_steps == 4
 
 
 def _no_traceback(proc):

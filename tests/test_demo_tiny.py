@@ -1,31 +1,56 @@
-"""The embedded demo, reduced (``--demo-tiny``: 40 MAE + 30 TEC steps on a subset; ~1 min on
-2 idle cores), end to end: stages run, results.json has the documented schema."""
+"""The embedded demo, reduced (``--demo-tiny``: 20 TEC steps and the FLOP-matched MAE-continued
+steps, on 512 training / 200 test images), end to end from a given base: the stages run, the
+numbers depend only on the seed (fixed step counts), results.json and results.png are written."""
 from __future__ import annotations
 
 import json
-import os
 
+import pytest
 import torch
 
+from tec_fast.demo.recipe import BASE_RECIPE
+from tec_fast.demo.shipped_base import new_mae, save_base
 
-def test_demo_tiny_writes_results(tmp_path, capsys):
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A base the way --demo-make-base writes one (untrained weights: the pipeline is tested here,
+    the shipped base in test_demo_base.py)."""
+    folder = tmp_path_factory.mktemp("demo_base")
+    torch.manual_seed(0)
+    save_base(new_mae(), {"recipe": BASE_RECIPE.to_dict(), "eval": {"knn": 0.1, "linear": 0.1}}, str(folder))
+    return str(folder)
+
+
+def _run(out, base_dir, seed=0):
     from tec_fast.cli.train import main
 
     n = torch.get_num_threads()
     try:
-        assert main(["--demo-tiny", "--output", str(tmp_path), "--no-progress"]) == 0
+        assert main(["--demo-tiny", "--demo-base", base_dir, "--output", str(out), "--no-progress",
+                     "--seed", str(seed)]) == 0
     finally:
         torch.set_num_threads(n)
-    doc = json.loads((tmp_path / "results.json").read_text())
-    for row in ("pixels", "random_init", "base", "tec"):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_demo_tiny_is_fixed_by_its_seed(tmp_path, base_dir, capsys):
+    doc = _run(tmp_path / "a", base_dir)
+    for row in ("pixels", "random_init", "base", "mae_continued", "tec"):
         assert set(doc[row]) == {"knn", "linear"}, row
         assert all(0.0 <= doc[row][m] <= 1.0 for m in ("knn", "linear")), row
-    for key in ("config", "timings", "seed", "steps", "tec_beat_base", "tec_minus_base", "rows", "mode"):
+    for key in ("tec_minus_base", "tec_minus_mae_continued", "compute_match", "steps", "plan", "seed", "mode"):
         assert key in doc, key
-    assert doc["mode"] == "tiny" and doc["seed"] == 0
-    assert doc["steps"]["stage1_mae"]["done"] == 40 and doc["steps"]["stage2_tec"]["done"] == 30
+    assert doc["mode"] == "tiny" and doc["steps"]["tec"] == 20
+    match = doc["compute_match"]
+    assert doc["steps"]["mae_continued"] == match["mae_steps"]
+    assert abs(match["mae_steps"] * match["mae_step_flops"] - match["tec_flops"]) <= match["mae_step_flops"]
+    assert doc["tec_minus_base"]["knn"] == pytest.approx(doc["tec"]["knn"] - doc["base"]["knn"])
     assert doc["pixels"]["knn"] > 0.3  # digits are visible in raw pixels: the data is real
+    assert (tmp_path / "a" / "results.png").stat().st_size > 10_000
     text = capsys.readouterr().out
-    assert "what the row is" in text and ("beat its base" in text)
-    for f in ("base_encoder", "tec_encoder_timm", "stage1_checkpoint", "stage2_checkpoint"):
-        assert os.path.isfile(doc["files"][f]), f
+    assert "what the row is" in text and "mae_continued" in text and "results.png" in text
+    again = _run(tmp_path / "b", base_dir)
+    for row in ("tec", "mae_continued"):
+        assert again[row] == doc[row], row  # same seed, same machine: the same numbers
+    assert again["losses"] == doc["losses"]

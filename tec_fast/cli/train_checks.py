@@ -10,7 +10,8 @@ from tec_fast.cli.flags import Parser, given
 from tec_fast.presets import MODEL_PRESETS, parse_base, vit_preset
 
 # what the embedded demo reads; every other flag applies to training with --data only
-DEMO_FLAGS = {"output", "seed", "no_progress", "demo_long", "demo_tiny", "demo_steps"}
+DEMO_FLAGS = {"output", "seed", "no_progress", "demo_long", "demo_from_scratch", "demo_tiny", "demo_steps",
+              "demo_make_base", "demo_base"}
 # the TEC flags MAE pretraining has no use for
 TEC_ONLY = ("base", "base_model", "last_layers", "topk", "tau", "no_relation", "no_input_adapter",
             "native_resolution")
@@ -25,8 +26,9 @@ def check_train_flags(p: Parser, args: argparse.Namespace) -> None:
             if dest not in DEMO_FLAGS:
                 p.refuse(flag, "applies to training with --data; the embedded demo (no --data) has its "
                                "own fixed settings")
+        _check_demo(p, set_flags)
         return
-    for dest in ("demo_long", "demo_tiny", "demo_steps"):
+    for dest in sorted(DEMO_FLAGS - {"output", "seed", "no_progress"}):
         if dest in set_flags:
             p.refuse(set_flags[dest], "is for the embedded demo; it cannot be combined with --data")
     _check_objective(p, args, set_flags)
@@ -126,3 +128,13 @@ def _check_native(p: Parser, args) -> None:
     except ValueError as exc:
         flag = "--max-patches" if str(exc).startswith("--max-patches") else "--tokens-per-batch"
         p.refuse(flag, str(exc).split(" ", 1)[1])
+
+
+def _check_demo(p: Parser, set_flags: dict) -> None:
+    if "demo_make_base" in set_flags:
+        for dest in ("demo_base", "demo_steps"):
+            if dest in set_flags:
+                p.refuse(set_flags[dest], "cannot be combined with --demo-make-base (it trains only the base)")
+    scratch = set_flags.get("demo_from_scratch") or set_flags.get("demo_long")
+    if scratch and "demo_base" in set_flags:
+        p.refuse("--demo-base", f"cannot be combined with {scratch} (which trains its own base)")

@@ -1,22 +1,15 @@
-"""The embedded demo (``python -m tec_fast.train`` with no arguments), the whole story small:
+"""The embedded demo (``python -m tec_fast.train`` with no arguments): TEC's claim, small.
 
-Stage 1  pretrain a small MAE base model on the demo data (digits on photo crops, no download);
-Stage 2  TEC-train a new model from that frozen base, through the same ``fit`` as real training;
-Stage 3  evaluate raw pixels, a random-init model, the base and the TEC model by k-NN and a
-         linear probe on frozen features; print the table; write ``DIR/results.json``.
+From an existing base (an MAE ViT trained on the demo data by ``--demo-make-base`` and shipped in
+the package), train (a) a new model with TEC and (b) the same base further with MAE for the same
+counted FLOPs, then evaluate raw pixels, a random-init ViT, the base, MAE-continued and TEC by
+k-NN and a linear probe on frozen features. Prints a table, writes ``DIR/results.json`` and
+``DIR/results.png``. Every stage has a fixed step count: the numbers depend on the seed, not on
+how busy the machine is. The demo data has no augmentation, so the base's targets are computed
+once per image and looked up (``TargetCache``); the TEC stage is charged for that forward pass.
 
-Models: ViT dim 128, depth 6, 4 heads, patch 4, 32x32 images (64 patches); decoders
-128 wide, 2 blocks. The demo data has no augmentation, so the base model's targets are computed
-once per image and looked up (``TargetCache``) instead of recomputed every step - the only
-difference from real training, where the base runs on each augmented batch.
-
-Budgets. Default: each training stage gets a wall-clock budget (180 s); a few timed steps before
-stage 1 turn it into a fixed step count, so the schedule (warmup + cosine) is complete and the
-run is deterministic given those counts (recorded in results.json; ``--demo-steps`` fixes them).
-A guard stops a stage at 1.3x its budget if the machine slows down. ``--demo-long``: fixed
-3100 MAE + 1350 TEC steps (45 min measured on 2 shared cores), where TEC from a saturated base can beat it.
-``--demo-tiny``: 40 + 30 steps at batch 64 on 512 training / 200 test images, a 1-2 minute
-smoke run for CI (its numbers mean nothing).
+``--demo-from-scratch`` trains the base first (the recipe in ``recipe.BASE_RECIPE``);
+``--demo-tiny`` is a smoke run on a subset (its numbers mean nothing).
 """
 from __future__ import annotations
 
@@ -24,208 +17,186 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
+from tec_fast.config import TECConfig
+from tec_fast.data.demo import demo_arrays, demo_datasets
+from tec_fast.demo import compute
+from tec_fast.demo.plot import write_plot
+from tec_fast.demo.recipe import BASE_RECIPE, DEMO_IMG, DEMO_MODEL, PLANS, DemoPlan
+from tec_fast.demo.shipped_base import encoder_of, load_base, train_base
+from tec_fast.evaluation.probe import evaluate_encoder, pixel_baseline
+from tec_fast.checkpoint import export_timm
+from tec_fast.models.base import BaseModel
+from tec_fast.models.tec import TECModel
 from tec_fast.presets import vit_preset
+from tec_fast.training import FitConfig, fit, masking_noise
+from tec_fast.training.monitor import format_duration, table
+from tec_fast.training.objectives import IndexedDataset, MAEObjective, TargetCache, TECObjective
 
-DEMO_MODEL = "vit_demo_patch4"
-# The timed calibration steps leave out data loading, per-sample seeding, logging and the
-# per-step host sync; a whole stage ran ~20% slower per step than they did (2-core VM).
-CALIBRATION_OVERHEAD = 1.2
-
-
-@dataclass
-class DemoPlan:
-    mode: str
-    mae_steps: Optional[int]   # fixed step counts, or None: derived from the budgets
-    tec_steps: Optional[int]
-    mae_budget_s: float = 180.0
-    tec_budget_s: float = 180.0
-    batch_size: int = 128
-    mae_lr: float = 1.5e-3
-    tec_lr: float = 1.5e-3
-    warmup_frac: float = 0.05
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    topk: int = 15
-    tau: float = 1.8
-    last_layers: int = 2
-    n_train: Optional[int] = None  # class-balanced subsets of the demo splits (tiny mode)
-    n_test: Optional[int] = None
-
-
-PLANS = {
-    "default": DemoPlan("default", None, None),
-    "long": DemoPlan("long", 3100, 1350),
-    "tiny": DemoPlan("tiny", 40, 30, batch_size=64, n_train=512, n_test=200),
-}
-
-ROW_MEANING = {
-    "pixels": "raw normalised pixels, no model (k-NN is strong: near-duplicate writers)",
+ROWS = {
+    "pixels": "raw normalised pixels, no model",
     "random_init": "the demo ViT with random weights, frozen",
-    "base": "MAE base model after stage 1",
-    "tec": "new model TEC-trained from that base in stage 2",
+    "base": "the existing MAE base (shipped; its recipe in demo_base.json)",
+    "mae_continued": "the base trained further with MAE, same FLOPs as the TEC stage",
+    "tec": "a new ViT TEC-trained from the frozen base",
 }
 
 
-def _time_steps(model, objective, dataset, batch_size: int, steps: int = 3) -> float:
-    """Seconds per optimizer step of ``model`` (after one warm-up step), on a throwaway copy."""
-    from tec_fast.training import masking_noise
+def plan_for(args) -> DemoPlan:
+    scratch = args.demo_from_scratch or getattr(args, "demo_long", False)
+    plan = PLANS["tiny" if args.demo_tiny else "from_scratch" if scratch else "default"]
+    if getattr(args, "demo_steps", None):
+        from dataclasses import replace
+        plan = replace(plan, tec_steps=args.demo_steps)
+    return plan
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size)))
-    times = []
-    for i in range(steps + 1):
+
+def _fit_config(name: str, out: str, steps: int, lr: float, plan: DemoPlan, seed: int, progress: bool) -> FitConfig:
+    return FitConfig(name=name, output_dir=os.path.join(out, name), max_steps=steps,
+                     batch_size=plan.batch_size, lr=lr, warmup_steps=plan.warmup(steps), precision="fp32",
+                     seed=seed, log_every=max(1, steps // 20), save_every_epochs=10 ** 6, keep_last=1,
+                     progress=progress)
+
+
+def _tec_stage(base_mae, train_indexed, plan: DemoPlan, out: str, seed: int, progress: bool):
+    """Targets from the frozen base (cached), then a new TEC model trained from them."""
+    vit = vit_preset(DEMO_MODEL, DEMO_IMG)
+    base = encoder_of(base_mae, last_layers=plan.last_layers, topk=plan.topk)
+    cache = TargetCache(base, train_indexed)
+    torch.manual_seed(seed + 1)
+    tec = TECModel(TECConfig(encoder=vit, decoder_dim=plan.decoder_dim, decoder_depth=plan.decoder_depth,
+                             decoder_heads=plan.decoder_heads, tau=plan.tau))
+    objective = TECObjective(base, plan.mask_ratio, vit.num_patches, cache)
+    result = fit(tec, objective, train_indexed,
+                 _fit_config("tec", out, plan.tec_steps, plan.tec_lr, plan, seed, progress))
+    return tec, objective, base, result
+
+
+def _matched_steps(tec, tec_objective, base, mae, train_indexed, plan: DemoPlan) -> Dict[str, int]:
+    """MAE steps of the same counted FLOPs as the TEC stage (see ``compute``)."""
+    batch = next(iter(torch.utils.data.DataLoader(train_indexed, batch_size=plan.batch_size)))
+    L = mae.config.num_patches
+    noise = masking_noise(0, 0, 0, plan.batch_size, L, 0, 1)
+    tec_step = compute.step_flops(tec, tec_objective, batch, noise)
+    mae_step = compute.step_flops(mae, MAEObjective(plan.mask_ratio, L), batch, noise)
+    per_image = compute.forward_flops(base, batch[0]) // plan.batch_size
+    return compute.matched_mae_steps(plan.tec_steps, tec_step, mae_step, per_image, len(train_indexed))
+
+
+def train_stages(base_mae, train_indexed, plan: DemoPlan, out: str, seed: int, progress: bool):
+    """The TEC stage from the frozen base, then the base trained further with MAE for the same
+    counted FLOPs (``base_mae`` is trained in place). Returns (tec model, TEC FitResult, MAE
+    FitResult, the compute match)."""
+    print(f"\n== TEC: a new ViT from the frozen base, {plan.tec_steps} steps")
+    tec, tec_objective, base, r_tec = _tec_stage(base_mae, train_indexed, plan, out, seed, progress)
+    match = _matched_steps(tec, tec_objective, base, base_mae, train_indexed, plan)
+    print(f"\n== MAE continued: the base trained further, {match['mae_steps']} steps "
+          f"(= the TEC stage's {match['tec_flops'] / 1e12:.2f} TFLOP, counted)")
+    r_mae = fit(base_mae, MAEObjective(plan.mask_ratio, base_mae.config.num_patches), train_indexed,
+                _fit_config("mae_continued", out, match["mae_steps"], plan.mae_lr, plan, seed, progress))
+    return tec, r_tec, r_mae, match
+
+
+def tec_encoder(tec: TECModel) -> BaseModel:
+    """The TEC model's encoder (input adapter folded into the CLS token) as a frozen ``BaseModel``."""
+    encoder = BaseModel(vit_preset(DEMO_MODEL, DEMO_IMG))
+    encoder.load_checkpoint(export_timm(tec))
+    return encoder
+
+
+def _evaluate_rows(encoders: Dict[str, BaseModel], train_ds, test_ds, arrays) -> Dict[str, dict]:
+    results = {"pixels": pixel_baseline(*arrays)}
+    for name, encoder in encoders.items():
         t0 = time.perf_counter()
-        noise = masking_noise(0, i, 0, batch_size, objective.noise_columns, 0, 1)
-        objective(model, batch, noise)["loss"].backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[len(times[1:]) // 2]
+        results[name] = evaluate_encoder(encoder, train_ds, test_ds)
+        print(f"  {name:<14} k-NN {100 * results[name]['knn']:5.1f}  linear {100 * results[name]['linear']:5.1f}"
+              f"  ({format_duration(time.perf_counter() - t0)})", flush=True)
+    return results
+
+
+def _base(plan: DemoPlan, out: str, progress: bool, train_ds, test_ds, folder=None):
+    if not plan.make_base:
+        return load_base(folder)
+    print(f"\n== the base: MAE pretraining on the demo data, {BASE_RECIPE.steps} steps (--demo-from-scratch)")
+    return train_base(BASE_RECIPE, os.path.join(out, "base"), progress,
+                      lambda enc: evaluate_encoder(enc, train_ds, test_ds))
 
 
 def run_demo(args) -> int:
-    from tec_fast.config import TECConfig
-    from tec_fast.models.base import BaseModel
-    from tec_fast.models.tec import TECModel
-    from tec_fast.checkpoint import export_timm, save_atomic
-    from tec_fast.data.images import demo_arrays, demo_datasets
-    from tec_fast.training import FitConfig, fit
-    from tec_fast.evaluation.probe import evaluate_encoder, pixel_baseline
-    from tec_fast.models.mae import MAEModel
-    from tec_fast.training.monitor import format_duration, table
-    from tec_fast.training.objectives import IndexedDataset, MAEObjective, TargetCache, TECObjective
-
-    plan = PLANS["long" if args.demo_long else "tiny" if args.demo_tiny else "default"]
-    if args.demo_steps:
-        mae_steps, tec_steps = args.demo_steps
-        plan = DemoPlan(**{**asdict(plan), "mae_steps": mae_steps, "tec_steps": tec_steps})
+    plan, seed, progress = plan_for(args), args.seed, not args.no_progress
     out = args.output or os.path.join("runs", "demo")
     os.makedirs(out, exist_ok=True)
-    seed = args.seed
-    timings: Dict[str, float] = {}
     t_all = time.perf_counter()
-    print(f"TEC demo ({plan.mode}): MAE base -> TEC model -> k-NN / linear probe. Output: {out}")
-
-    t0 = time.perf_counter()
-    train_ds, test_ds = demo_datasets(seed, plan.n_train, plan.n_test)
+    print(f"TEC demo ({plan.mode}, seed {seed}): an existing MAE base -> TEC vs. MAE continued for the "
+          f"same FLOPs -> k-NN / linear probe. Output: {out}")
+    train_ds, test_ds = demo_datasets(BASE_RECIPE.data_seed, plan.n_train, plan.n_test)
     train_indexed = IndexedDataset(train_ds)
-    vit = vit_preset(DEMO_MODEL, 32)
-    L = vit.num_patches
-    timings["data_s"] = time.perf_counter() - t0
-    print(f"data: {len(train_ds)} train / {len(test_ds)} test images, 32x32, 10 digit classes "
-          f"(labels used only for evaluation)")
+    base_dir = getattr(args, "demo_base", None)
+    base_mae, base_meta = _base(plan, out, progress, train_ds, test_ds, base_dir)
+    print(f"base: {base_meta['recipe']['steps']} MAE steps, k-NN {100 * base_meta['eval'].get('knn', float('nan')):.1f} "
+          f"/ linear {100 * base_meta['eval'].get('linear', float('nan')):.1f} when made")
 
-    def new_mae():
-        return MAEModel(vit, plan.decoder_dim, plan.decoder_depth, plan.decoder_heads)
-
-    def new_tec():
-        return TECModel(TECConfig(encoder=vit, decoder_dim=plan.decoder_dim, decoder_depth=plan.decoder_depth,
-                                  decoder_heads=plan.decoder_heads, tau=plan.tau))
-
-    mae_obj = MAEObjective(0.75, L)
-    mae_steps, tec_steps = plan.mae_steps, plan.tec_steps
-    if mae_steps is None or tec_steps is None:
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        probe_base = BaseModel(vit, plan.last_layers, plan.topk)
-        s_mae = _time_steps(new_mae(), mae_obj, train_indexed, plan.batch_size)
-        first = torch.utils.data.Subset(train_indexed, range(plan.batch_size))  # the timed batch
-        probe_obj = TECObjective(probe_base, 0.75, L, TargetCache(probe_base, first))
-        s_tec = _time_steps(new_tec(), probe_obj, train_indexed, plan.batch_size)
-        mae_steps = mae_steps or max(20, int(plan.mae_budget_s / (CALIBRATION_OVERHEAD * s_mae)))
-        tec_steps = tec_steps or max(20, int(plan.tec_budget_s / (CALIBRATION_OVERHEAD * s_tec)))
-        timings["calibration_s"] = time.perf_counter() - t0
-        print(f"calibration: {s_mae:.2f} s per MAE step, {s_tec:.2f} s per TEC step (batch "
-              f"{plan.batch_size}) -> {mae_steps} MAE + {tec_steps} TEC steps for "
-              f"{plan.mae_budget_s:.0f} s + {plan.tec_budget_s:.0f} s")
-
-    def stage_config(name: str, steps: int, lr: float, budget: Optional[float]) -> FitConfig:
-        return FitConfig(name=name, output_dir=os.path.join(out, name), max_steps=steps,
-                         time_limit=1.3 * budget if budget and plan.mode == "default" else None,
-                         batch_size=plan.batch_size, lr=lr, warmup_steps=max(1, int(plan.warmup_frac * steps)),
-                         precision="fp32", seed=seed, log_every=max(1, steps // 20),
-                         save_every_epochs=10 ** 6, keep_last=1, progress=not args.no_progress)
-
-    # ---- Stage 1: MAE base
-    print(f"\n== stage 1: MAE base pretraining, {mae_steps} steps")
-    torch.manual_seed(seed)
-    mae = new_mae()
-    r1 = fit(mae, mae_obj, train_indexed, stage_config("stage1_mae", mae_steps, plan.mae_lr, plan.mae_budget_s),
-             checkpoint_extra={"kind": "mae", "model_config": mae.config_dict()})
-    timings["stage1_mae_s"] = r1.seconds
-    base_path = os.path.join(out, "base_encoder_mae.pth")
-    save_atomic({"model": mae.encoder_state_dict()}, base_path)
-
-    # ---- Stage 2: TEC from the frozen base
-    print(f"\n== stage 2: TEC training from the frozen base, {tec_steps} steps")
-    t0 = time.perf_counter()
-    base = BaseModel(vit, last_layers=plan.last_layers, topk=plan.topk)
-    base.load_checkpoint(base_path)
-    cache = TargetCache(base, train_indexed)
-    timings["target_cache_s"] = time.perf_counter() - t0
-    torch.manual_seed(seed + 1)
-    tec = new_tec()
-    r2 = fit(tec, TECObjective(base, 0.75, L, cache), train_indexed,
-             stage_config("stage2_tec", tec_steps, plan.tec_lr, plan.tec_budget_s),
-             checkpoint_extra={"kind": "tec", "model_config": tec.config.to_dict(),
-                               "base": {"kind": "mae_demo", "path": base_path, "vit": vit.to_dict(),
-                                        "last_layers": plan.last_layers, "topk": plan.topk, "tau": plan.tau}})
-    timings["stage2_tec_s"] = r2.seconds
-    tec_path = os.path.join(out, "tec_encoder_timm.pth")
-    save_atomic(export_timm(tec), tec_path)
-
-    # ---- Stage 3: evaluation on frozen features
-    print("\n== stage 3: k-NN (cosine, k=20) and linear probe on frozen features")
-    t0 = time.perf_counter()
-    results = {"pixels": pixel_baseline(*demo_arrays(seed, plan.n_train, plan.n_test))}
+    tec, r_tec, r_mae, match = train_stages(base_mae, train_indexed, plan, out, seed, progress)
+    print("\n== evaluation: k-NN (cosine, k=20) and linear probe on frozen, mean-pooled features")
     torch.manual_seed(seed + 2)
-    encoders = {"random_init": BaseModel(vit), "base": base}
-    tec_encoder = BaseModel(vit)
-    tec_encoder.load_checkpoint(tec_path)
-    encoders["tec"] = tec_encoder
-    for name, enc in encoders.items():
-        results[name] = evaluate_encoder(enc, train_ds, test_ds)
-        print(f"  {name}: k-NN {results[name]['knn']:.3f}, linear {results[name]['linear']:.3f}")
-    timings["eval_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_all
+    encoders = {"random_init": BaseModel(vit_preset(DEMO_MODEL, DEMO_IMG)), "base": _base_encoder(plan, out, base_dir),
+                "mae_continued": encoder_of(r_mae.model), "tec": tec_encoder(tec)}
+    results = _evaluate_rows(encoders, train_ds, test_ds, demo_arrays(BASE_RECIPE.data_seed, plan.n_train, plan.n_test))
+    stages = {"tec": r_tec, "mae_continued": r_mae}
+    _report(out, plan, seed, results, stages, match, base_meta, time.perf_counter() - t_all)
+    return 0
 
-    steps = {"stage1_mae": {"done": r1.steps, "planned": r1.total_steps, "stopped": r1.stopped},
-             "stage2_tec": {"done": r2.steps, "planned": r2.total_steps, "stopped": r2.stopped}}
-    gain = {m: results["tec"][m] - results["base"][m] for m in ("knn", "linear")}
+
+def _base_encoder(plan: DemoPlan, out: str, folder) -> BaseModel:
+    """The base as it was before the MAE-continued stage trained it further (read again)."""
+    mae, _ = load_base(os.path.join(out, "base") if plan.make_base else folder)
+    return encoder_of(mae)
+
+
+def _report(out: str, plan: DemoPlan, seed: int, results: dict, stages: dict, match: dict,
+            base_meta: dict, seconds: float) -> None:
+    gain = {ref: {m: results["tec"][m] - results[ref][m] for m in ("knn", "linear")}
+            for ref in ("base", "mae_continued")}
+    steps = {name: r.steps for name, r in stages.items()}
     rows = [[name, f"{100 * results[name]['knn']:.1f}", f"{100 * results[name]['linear']:.1f}",
-             ROW_MEANING[name] + (f" ({steps['stage1_mae']['done']} steps, {format_duration(r1.seconds)})"
-                                  if name == "base" else f" ({steps['stage2_tec']['done']} steps, "
-                                  f"{format_duration(r2.seconds)})" if name == "tec" else "")]
-            for name in ("pixels", "random_init", "base", "tec")]
-    print("\n" + table(["row", "k-NN %", "linear %", "what the row is"], rows,
-                       title=f"demo results (test split, {len(test_ds)} images; seed {seed})", align="lrrl"))
-    beat = {m: gain[m] > 0 for m in gain}
-    verdict = ("TEC beat its base on both" if all(beat.values()) else
-               "TEC beat its base on " + ", ".join(m for m, b in beat.items() if b) if any(beat.values()) else
-               "TEC did NOT beat its base")
-    print(f"\n{verdict}: k-NN {100 * gain['knn']:+.1f} points, linear probe {100 * gain['linear']:+.1f} points.")
-    if plan.mode != "long" and not all(beat.values()):
-        print("Expected at this budget: a 3-minute MAE base is far from saturated, and TEC "
-              "needs a saturated base and a full schedule to pass it; --demo-long (fixed, longer schedules) shows that.")
-    print(f"total time {format_duration(timings['total_s'])}; results in {os.path.join(out, 'results.json')}")
-
-    doc = {**results, "tec_minus_base": gain, "tec_beat_base": beat, "seed": seed, "mode": plan.mode,
-           "rows": ROW_MEANING, "steps": steps, "timings": {k: round(v, 2) for k, v in timings.items()},
-           "config": {"plan": asdict(plan), "vit": vit.to_dict(), "tec": tec.config.to_dict(),
-                      "mae": mae.config_dict(), "mask_ratio": 0.75, "optimizer": r2.optimizer,
-                      "target_cache": "base targets computed once per image (the demo data has no augmentation)",
-                      "eval": "k-NN: cosine, k=20, weighted votes; linear probe: standardised features, "
-                              "PCA to <=256 dims, L-BFGS logistic regression; frozen mean-pooled features",
-                      "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-                                  "torch": str(torch.__version__)}},
-           "files": {"base_encoder": base_path, "tec_encoder_timm": tec_path,
-                     "stage1_checkpoint": r1.checkpoint, "stage2_checkpoint": r2.checkpoint}}
+             ROWS[name] + (f" ({steps[name]} steps)" if name in steps else "")] for name in ROWS]
+    print("\n" + table(["row", "k-NN %", "linear %", "what the row is"], rows, align="lrrl",
+                       title=f"demo results ({plan.mode}, seed {seed}; test split)"))
+    for ref, g in gain.items():
+        beat = all(v > 0 for v in g.values())
+        print(f"TEC {'beats' if beat else 'does NOT beat'} {ref}: k-NN {100 * g['knn']:+.1f}, "
+              f"linear probe {100 * g['linear']:+.1f} points")
+    curves = {name: r.losses for name, r in stages.items()}
+    plot = write_plot(os.path.join(out, "results.png"), {n: results[n] for n in ROWS}, curves,
+                      f"TEC demo, seed {seed}")
+    print(f"plot: {plot}" if plot else "plot: not written (matplotlib is missing: pip install 'tec_fast[demo]' "
+                                       "or pip install matplotlib)")
+    doc = {**results, "tec_minus_base": gain["base"], "tec_minus_mae_continued": gain["mae_continued"],
+           "seed": seed, "mode": plan.mode, "rows": ROWS, "steps": steps, "compute_match": match,
+           "plan": plan.to_dict(), "base_record": base_meta, "seconds": round(seconds, 1),
+           "losses": curves, "plot": plot,
+           "machine": {"threads": torch.get_num_threads(), "platform": platform.platform(),
+                       "torch": str(torch.__version__)}}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(doc, f, indent=2)
+        json.dump(doc, f, indent=1)
+    print(f"total {format_duration(seconds)}; results in {os.path.join(out, 'results.json')}")
+
+
+def make_demo_base(args) -> int:
+    """``--demo-make-base``: train the demo base by ``BASE_RECIPE`` and write it to ``--output``."""
+    out = args.output or os.path.join("runs", "demo_base")
+    os.makedirs(out, exist_ok=True)
+    r = BASE_RECIPE
+    print(f"demo base: MAE on the demo data, {r.steps} steps, batch {r.batch_size}, lr {r.lr}, seed {r.seed}. "
+          f"Output: {out}")
+    train_ds, test_ds = demo_datasets(r.data_seed)
+    _, meta = train_base(r, out, not args.no_progress, lambda enc: evaluate_encoder(enc, train_ds, test_ds))
+    print(table(["steps", "minutes", "k-NN %", "linear %", "data"],
+                [[meta["steps_done"], f"{meta['train_seconds'] / 60:.1f}", f"{100 * meta['eval']['knn']:.1f}",
+                  f"{100 * meta['eval']['linear']:.1f}", meta["data_fingerprint"]]], title="demo base"))
+    print(f"wrote {os.path.join(out, 'demo_base.pth')} and demo_base.json; the demo uses it with "
+          f"--demo-base {out} (the package ships one in tec_fast/demo/assets/)")
     return 0

@@ -114,6 +114,10 @@ class BaseModel(nn.Module):
     def encode(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
         """Frozen-feature embedding for evaluation (k-NN, linear probe): the final LayerNorm's
         output, averaged over the patch tokens (``pool='mean'``) or the CLS token (``'cls'``). [B, C]"""
+        return self.pooled_features(images, pool).float()
+
+    def pooled_features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """``encode`` without ``no_grad``: what a fine-tuning head sees (on a trainable copy). [B, C]"""
         if pool not in ("mean", "cls"):
             raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
         if pool == "cls" and not self.config.class_token:
@@ -123,7 +127,7 @@ class BaseModel(nn.Module):
             x = blk(x)
         x = self.norm(x)
         P = self.config.num_prefix_tokens
-        return (x[:, P:].mean(dim=1) if pool == "mean" else x[:, 0]).float()
+        return x[:, P:].mean(dim=1) if pool == "mean" else x[:, 0]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> BaseTargets:

@@ -1,0 +1,175 @@
+"""The paper's protocol at demo scale: from the shipped demo base, TEC against the base trained
+further with MAE for the same counted FLOPs, at 1x and 2x the default demo's budget, over several
+seeds; metrics: k-NN and linear probe on frozen features, and a short end-to-end fine-tune.
+
+Every (seed, budget) run is a separate process (``--jobs`` at a time, one thread each), appends
+one row per model to ``benchmarks/results/repro.jsonl``; at the end the script prints mean ± std
+per (budget, model), writes ``benchmarks/results/repro.png`` and, with ``--readme``, the table
+between the ``<!-- repro:begin -->`` / ``<!-- repro:end -->`` markers of README.md.
+
+    python benchmarks/repro.py                       # seeds 0,1,2; budgets 1,2; 2 jobs
+    python benchmarks/repro.py --report-only --readme
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+RESULTS = os.path.join(HERE, "results", "repro.jsonl")
+BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
+METRICS = ("knn", "linear", "finetune")
+
+
+def run_one(seed: int, budget: int, out: str, finetune_epochs: int) -> List[Dict]:
+    """One seed at one budget: the two stages, then the three metrics for both models and the base."""
+    import torch
+    from dataclasses import replace
+
+    from benchmarks.common import git_commit
+    from tec_fast.data.demo import demo_datasets
+    from tec_fast.demo.recipe import BASE_RECIPE, PLANS
+    from tec_fast.demo.run import tec_encoder, train_stages
+    from tec_fast.demo.shipped_base import encoder_of, load_base
+    from tec_fast.evaluation.finetune import finetune_accuracy
+    from tec_fast.evaluation.probe import evaluate_encoder
+    from tec_fast.training.objectives import IndexedDataset
+
+    torch.set_num_threads(1)
+    plan = PLANS["default"]
+    plan = replace(plan, tec_steps=budget * plan.tec_steps)
+    train_ds, test_ds = demo_datasets(BASE_RECIPE.data_seed)
+    base_mae, meta = load_base()
+    t0 = time.perf_counter()
+    tec, r_tec, r_mae, match = train_stages(base_mae, IndexedDataset(train_ds), plan, out, seed, False)
+    train_s = time.perf_counter() - t0
+    rows = []
+    models = {"tec": tec_encoder(tec), "mae_continued": encoder_of(r_mae.model)}
+    if budget == 1:
+        models["base"] = encoder_of(load_base()[0])
+    for name, enc in models.items():
+        metrics = evaluate_encoder(enc, train_ds, test_ds)
+        metrics.update(finetune_accuracy(enc, train_ds, test_ds, epochs=finetune_epochs, seed=seed))
+        rows.append({"model": name, "seed": seed, "budget": budget, **metrics,
+                     "tec_steps": r_tec.steps, "mae_steps": r_mae.steps, "tec_flops": match["tec_flops"],
+                     "train_s": round(train_s, 1), "finetune_epochs": finetune_epochs,
+                     "base_steps": meta["recipe"]["steps"], "commit": git_commit(),
+                     "torch": str(torch.__version__), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return rows
+
+
+def summarise(rows: List[Dict]) -> Dict:
+    groups: Dict = {}
+    for r in rows:
+        groups.setdefault((r["budget"], r["model"]), []).append(r)
+    out = {}
+    for key, rs in sorted(groups.items()):
+        out[key] = {"n": len(rs), **{m: (statistics.mean(r[m] for r in rs),
+                                         statistics.stdev(r[m] for r in rs) if len(rs) > 1 else 0.0)
+                                     for m in METRICS}}
+    return out
+
+
+def table(summary: Dict) -> str:
+    lines = ["| budget | model | seeds | k-NN % | linear probe % | fine-tune % |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for (budget, model), s in summary.items():
+        cells = [f"{100 * s[m][0]:.1f} ± {100 * s[m][1]:.1f}" for m in METRICS]
+        lines.append(f"| {budget}x | {model} | {s['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: Dict, path: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 3.6))
+    keys = list(summary)
+    for ax, m in zip(axes, METRICS):
+        ax.bar(range(len(keys)), [100 * summary[k][m][0] for k in keys],
+               yerr=[100 * summary[k][m][1] for k in keys], capsize=3,
+               color=["tab:blue" if k[1] == "tec" else "tab:orange" if k[1] == "mae_continued" else "tab:gray"
+                      for k in keys])
+        ax.set_xticks(range(len(keys)), [f"{b}x {n}" for b, n in keys], rotation=30, fontsize=7)
+        ax.set_title(m)
+        ax.set_ylabel("test accuracy %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_readme(summary: Dict, minutes: float) -> None:
+    path = os.path.join(ROOT, "README.md")
+    text = open(path).read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"error: README.md has no {BEGIN} / {END} markers")
+    body = (f"{table(summary)}\n\nmean ± std over seeds, from `benchmarks/results/repro.jsonl` "
+            f"(`python benchmarks/repro.py`; the last run took {minutes:.0f} min on this machine's 2 CPU cores).")
+    head, rest = text.split(BEGIN, 1)
+    open(path, "w").write(head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
+    p.add_argument("--budgets", default="1,2", help="multiples of the default demo's TEC steps (default %(default)s)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default %(default)s)")
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--out", default=os.path.join("runs", "repro"), help="stage outputs (checkpoints, metrics)")
+    p.add_argument("--report-only", action="store_true", help="summarise repro.jsonl, run nothing")
+    p.add_argument("--readme", action="store_true", help="write the table into README.md")
+    p.add_argument("--one", nargs=2, type=int, metavar=("SEED", "BUDGET"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        seed, budget = args.one
+        rows = run_one(seed, budget, os.path.join(args.out, f"s{seed}_b{budget}"), args.finetune_epochs)
+        print(json.dumps(rows))
+        return 0
+    t0 = time.perf_counter()
+    if not args.report_only:
+        todo = [(int(s), int(b)) for b in args.budgets.split(",") for s in args.seeds.split(",")]
+        running: List = []
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                s, b = todo.pop(0)
+                cmd = [sys.executable, __file__, "--one", str(s), str(b), "--out", args.out,
+                       "--finetune-epochs", str(args.finetune_epochs)]
+                running.append(((s, b), subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)))
+            (s, b), proc = running.pop(0)
+            stdout, _ = proc.communicate()
+            if proc.returncode:
+                raise SystemExit(f"error: seed {s} budget {b} failed (exit {proc.returncode})")
+            rows = json.loads(stdout.strip().splitlines()[-1])
+            os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+            with open(RESULTS, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            print(f"seed {s}, {b}x: " + ", ".join(f"{r['model']} " + "/".join(f"{100 * r[m]:.1f}" for m in METRICS)
+                                                 for r in rows) + f"  ({(time.perf_counter() - t0) / 60:.1f} min)",
+                  flush=True)
+    rows = [json.loads(line) for line in open(RESULTS)] if os.path.exists(RESULTS) else []
+    if not rows:
+        raise SystemExit(f"error: no rows in {RESULTS}")
+    summary = summarise(rows)
+    print(table(summary))
+    png = plot(summary, os.path.join(HERE, "results", "repro.png"))
+    print(f"plot: {png or 'not written (matplotlib missing)'}")
+    if args.readme:
+        write_readme(summary, (time.perf_counter() - t0) / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
