@@ -184,28 +184,44 @@ def _table(rows) -> str:
 # ------------------------------------------------------------------------------------- main
 def load_encoder(args):
     """(BaseModel on args.device, its ViTConfig, where the architecture came from, load report).
-    Weights holding NaN or inf are refused (ValueError)."""
-    from tec_fast.checkpoint import read_checkpoint, read_state_dict
+    Without architecture flags the architecture is read from the checkpoint (any supported file or
+    folder, ``BaseModel.from_checkpoint``). Weights holding NaN or inf are refused (ValueError)."""
     from tec_fast.models.base import BaseModel
 
-    obj = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-    state = read_state_dict(obj)
-    bad = nonfinite_keys(state)
+    explicit = args.model or any(getattr(args, n) is not None
+                                 for n in ("patch_size", "embed_dim", "depth", "mlp_ratio"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if explicit:
+            base, vit_source = _load_with_flags(args)
+        else:
+            base = BaseModel.from_checkpoint(args.checkpoint, img_size=args.img_size, num_heads=args.num_heads,
+                                             trust=args.trust_checkpoint)
+            notes = [n for n in base.load_report.notes if "num_heads" in n or "config" in n]
+            vit_source = "read from the checkpoint" + (f" ({'; '.join(notes)})" if notes else "")
+    bad = nonfinite_keys(base.state_dict())
     if bad:
         raise ValueError(f"{args.checkpoint}: {len(bad)} weights hold NaN or inf values ({', '.join(bad[:3])}); "
                          f"features from them would be meaningless")
-    vit, vit_source = resolve_vit(args, obj, state)
-    base = BaseModel(vit, topk=None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = base.load_checkpoint(obj)
+    report = base.load_report
     if not args.quiet:
-        print(f"encoder: {vit.to_dict()} ({vit_source})", file=sys.stderr)
+        print(f"encoder: {base.config.to_dict()} ({vit_source})", file=sys.stderr)
         print(f"load: {report.summary()}", file=sys.stderr)
         for w in caught:
             if "BaseModel.load_checkpoint" not in str(w.message):
                 print(f"warning: {w.message}", file=sys.stderr)
-    return base.to(args.device), vit, vit_source, report
+    return base.to(args.device), base.config, vit_source, report
+
+
+def _load_with_flags(args):
+    from tec_fast.checkpoint import read_checkpoint, read_state_dict
+    from tec_fast.models.base import BaseModel
+
+    obj = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+    vit, vit_source = resolve_vit(args, obj, read_state_dict(obj))
+    base = BaseModel(vit, topk=None)
+    base.load_report = base.load_checkpoint(obj)
+    return base, vit_source
 
 
 def main(argv=None) -> dict:

@@ -42,10 +42,14 @@ def _training_state(ck: dict, path: str) -> dict:
     return state
 
 
+FORMATS = ("timm", "timm-avg", "hf")
+
+
 def export(ckpt_path: str, out_path: str, model: str = "vit_base_patch16", img_size: int = 224,
-           trust: bool = False) -> dict:
-    """Write the encoder of ``ckpt_path`` to ``out_path``; returns what was done."""
-    from tec_fast.checkpoint import export_timm, read_checkpoint, save_atomic, save_export
+           trust: bool = False, fmt: str = "timm") -> dict:
+    """Write the encoder of ``ckpt_path`` to ``out_path`` in ``fmt`` (``FORMATS``); returns what
+    was done."""
+    from tec_fast.checkpoint import export_hf_vit, export_timm, read_checkpoint, save_atomic, save_export
     from tec_fast.config import TECConfig, ViTConfig
     from tec_fast.models.tec import TECModel
 
@@ -66,10 +70,15 @@ def export(ckpt_path: str, out_path: str, model: str = "vit_base_patch16", img_s
         tec_cfg = infer_tec_config(state, vit_preset(model, img_size))
     tec = TECModel(tec_cfg)
     tec.load_checkpoint(ck)
-    sd = export_timm(tec)
-    save_export(sd, out_path)
-    return {"layout": "timm ViT (MLP(cls) folded into cls_token)", "tensors": len(sd),
-            "encoder": tec_cfg.encoder.to_dict()}
+    if fmt == "hf":
+        sd = export_hf_vit(tec, out_path, vit=tec_cfg.encoder)
+        layout = "Hugging Face ViTModel folder (config.json + model.safetensors)"
+    else:
+        sd = export_timm(tec, global_pool="avg" if fmt == "timm-avg" else "token")
+        save_export(sd, out_path)
+        layout = ("timm ViT, global_pool='avg' (fc_norm)" if fmt == "timm-avg" else "timm ViT") + \
+            " (MLP(cls) folded into cls_token)"
+    return {"layout": layout, "tensors": len(sd), "encoder": tec_cfg.encoder.to_dict()}
 
 
 def build_parser() -> Parser:
@@ -77,8 +86,12 @@ def build_parser() -> Parser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CKPT", type=existing_file,
                    help="engine checkpoint or official TEC checkpoint-N.pth")
-    p.add_argument("out", metavar="OUT", type=output_file,
-                   help="where to write the encoder state dict (.pth, or .safetensors)")
+    p.add_argument("out", metavar="OUT",
+                   help="where to write the encoder: a file (.pth, or .safetensors), or a folder for --format hf")
+    p.add_argument("--format", choices=FORMATS, default="timm",
+                   help="timm: timm ViT state dict (vit_*(num_classes=0), strict); timm-avg: the same for "
+                        "global_pool='avg' models (final norm named fc_norm, MAE's fine-tuning layout); "
+                        "hf: a transformers ViTModel folder (from_pretrained). Default %(default)s")
     p.add_argument("--model", choices=list(MODEL_PRESETS), default="vit_base_patch16", metavar="ARCH",
                    help="encoder architecture, for checkpoints that do not record it (default: "
                         f"%(default)s; one of {', '.join(MODEL_PRESETS)})")
@@ -92,6 +105,14 @@ def build_parser() -> Parser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.format == "hf":
+        if os.path.isfile(args.out) or (os.path.isdir(args.out) and os.listdir(args.out)):
+            p.refuse("OUT", f"{args.out!r} must be a new or empty folder for --format hf")
+    else:
+        try:
+            args.out = output_file(args.out)
+        except argparse.ArgumentTypeError as exc:
+            p.refuse("OUT", str(exc))
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         p.refuse("OUT", "is the checkpoint being read; write the encoder to another file")
     patch = MODEL_PRESETS[args.model][0]
@@ -107,7 +128,8 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
-    info = export(args.checkpoint, args.out, args.model, args.img_size, trust=args.trust_checkpoint)
+    info = export(args.checkpoint, args.out, args.model, args.img_size, trust=args.trust_checkpoint,
+                  fmt=args.format)
     print(f"wrote {args.out}: {info['tensors']} tensors, {info['layout']}")
     return 0
 

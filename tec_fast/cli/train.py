@@ -58,7 +58,11 @@ def _model_flags(p: Parser) -> None:
                    help="tec: train a new model from --base; mae: pretrain a first base model")
     g.add_argument("--base", metavar="KIND:PATH", help=f"frozen base model; KIND one of {', '.join(BASE_RECIPES)}")
     g.add_argument("--base-model", choices=list(MODEL_PRESETS), metavar="ARCH",
-                   help="architecture of the base (default: the kind's, see below)")
+                   help="architecture of the base (default: read from its weights; this flag also sets "
+                        "its head count, which weights do not store)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of the --base file if it pickles objects other than an "
+                        "argparse.Namespace (it can run code from the file: only for files you trust)")
     g.add_argument("--model", choices=list(MODEL_PRESETS), metavar="ARCH",
                    help="architecture of the new model (default: the base's; vit_base_patch16 for mae). "
                         f"ARCH: {', '.join(MODEL_PRESETS)}")

@@ -86,13 +86,17 @@ def build_tec(flags, dataset: Dataset, device: torch.device, native: Optional[di
     from tec_fast.models.base import BaseModel
 
     kind, path, recipe = parse_base(flags.base)
-    base_vit = vit_preset(flags.base_model or recipe.model, flags.img_size)
-    vit = vit_preset(flags.model or flags.base_model or recipe.model, flags.img_size)
     last_layers = flags.last_layers if flags.last_layers is not None else recipe.last_layers
     topk = None if flags.no_relation else (flags.topk if flags.topk is not None else recipe.topk)
     tau = flags.tau if flags.tau is not None else recipe.tau
-    base = BaseModel(base_vit, last_layers=last_layers, topk=topk)
-    report = base.load_checkpoint(path)
+    # The base's architecture comes from its weights (LayerScale, registers, patch 14, ...), its
+    # position embedding resampled to --img-size; --base-model only supplies the head count.
+    heads = vit_preset(flags.base_model, flags.img_size).num_heads if flags.base_model else None
+    base = BaseModel.from_checkpoint(path, img_size=flags.img_size, num_heads=heads, last_layers=last_layers,
+                                     topk=topk, trust=getattr(flags, "trust_checkpoint", False))
+    report = base.load_report
+    base_vit = base.config
+    vit = vit_preset(flags.model, flags.img_size) if flags.model else base_vit.plain()
     base.to(device)
     tec_cfg = TECConfig(encoder=vit, decoder_dim=flags.decoder_dim,
                         decoder_depth=flags.decoder_depth if flags.decoder_depth is not None else 2,
