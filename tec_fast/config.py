@@ -94,7 +94,7 @@ class ViTConfig:
         return self.num_patches + (0 if self.no_embed_class else self.num_prefix_tokens)
 
     def plain(self) -> "ViTConfig":
-        """The plain ViT of SPEC.md with this one's size (what TECModel and MAEModel build)."""
+        """The plain ViT of docs/tec.md §1 with this one's size (what TECModel and MAEModel build)."""
         return ViTConfig(**{k: getattr(self, k) for k in _PLAIN_FIELDS})
 
     @property

@@ -1,4 +1,4 @@
-"""The frozen base model: a plain ViT that gives TEC its targets (SPEC.md §1)."""
+"""The frozen base model: a plain ViT that gives TEC its targets (docs/tec.md §1)."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Union
@@ -89,7 +89,7 @@ class BaseModel(nn.Module):
         return super().train(False)  # frozen: always eval mode
 
     def load_checkpoint(self, path_or_state: Union[str, dict], trust: bool = False):
-        """Load MAE / iBOT / DINO / timm / TEC-released / TEC-raw / Hugging Face weights (SPEC.md
+        """Load MAE / iBOT / DINO / timm / TEC-released / TEC-raw / Hugging Face weights (docs/tec.md
         §5) into this architecture; a position embedding of another grid is resampled."""
         from tec_fast.checkpoint import load_base_checkpoint
         return load_base_checkpoint(self, path_or_state, trust=trust)
