@@ -33,3 +33,17 @@ def dtype_reasons(dtype: torch.dtype) -> List[str]:
     if dtype not in SUPPORTED_DTYPES:
         return [f"dtype {dtype} (the Triton kernels take float32, float16, bfloat16)"]
     return []
+
+
+MAX_HEAD_DIM = 256        # the relation kernels hold a [1+k, d] query tile in registers
+MAX_RELATION_ROWS = 128   # 1 + topk
+
+
+def relation_reasons(dtype: torch.dtype, shape: Tuple[int, ...], topk=None) -> List[str]:
+    """The limits both relation kernels share, for q [B, H, N, d] and ``topk``."""
+    reasons = dtype_reasons(dtype)
+    if len(shape) == 4 and shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head dim {shape[-1]} > {MAX_HEAD_DIM}")
+    if topk is not None and 1 + topk > MAX_RELATION_ROWS:
+        reasons.append(f"1 + topk = {1 + topk} rows > {MAX_RELATION_ROWS}")
+    return reasons

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import dtype_reasons, relation_block_sizes, unit_last_stride
+from tec_fast.kernels._common import relation_block_sizes, relation_reasons, unit_last_stride
 
 
 @triton.jit
@@ -113,16 +113,7 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
     return _relation_targets_op(q.detach(), k.detach(), int(topk), float(scale))
 
 
-MAX_HEAD_DIM = 256        # the kernels hold a [1+k, d] query tile in registers
-MAX_RELATION_ROWS = 128   # 1 + topk
-
-
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], topk: Optional[int] = None,
                           **_info) -> List[str]:
     """Why this kernel cannot take q [B, H, N, d] of ``dtype`` / ``shape`` (empty: it can)."""
-    reasons = dtype_reasons(dtype)
-    if len(shape) == 4 and shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"head dim {shape[-1]} > {MAX_HEAD_DIM}")
-    if topk is not None and 1 + topk > MAX_RELATION_ROWS:
-        reasons.append(f"1 + topk = {1 + topk} rows > {MAX_RELATION_ROWS}")
-    return reasons
+    return relation_reasons(dtype, shape, topk)
