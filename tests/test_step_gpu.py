@@ -1,0 +1,61 @@
+"""A whole TEC training step on CUDA makes no host synchronisation and can be captured in a CUDA
+graph (runs whenever a GPU is lent; the same step on fake tensors is tests/test_traffic.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
+
+pytestmark = pytest.mark.gpu
+
+
+def _models():
+    vit = ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2)
+    torch.manual_seed(0)
+    base = BaseModel(vit, topk=3).cuda().to(torch.bfloat16)
+    model = TECModel(TECConfig(encoder=vit, decoder_dim=32, decoder_depth=1, decoder_heads=2,
+                               num_adapters=1)).cuda()
+    return base, model
+
+
+def _step(base, model, images, noise):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(images, base(images), mask_ratio=0.75, noise=noise)
+    out["loss"].backward()
+    return out["loss"]
+
+
+def test_step_makes_no_host_sync():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    base, model = _models()
+    images, noise = torch.randn(4, 3, 32, 32, device="cuda"), torch.rand(4, 16, device="cuda")
+    _step(base, model, images, noise)  # warm-up: compiles the Triton kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(base, model, images, noise)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_step_captures_in_a_cuda_graph():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    base, model = _models()
+    images, noise = torch.randn(4, 3, 32, 32, device="cuda"), torch.rand(4, 16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model.zero_grad(set_to_none=False)
+            _step(base, model, images, noise)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        loss = _step(base, model, images, noise)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)
