@@ -31,8 +31,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-# Compiled (not interpreted) kernels: must hold before any @triton.jit function is defined.
-os.environ["TRITON_INTERPRET"] = "0"
+# Compiled (not interpreted) kernels: must hold before any @triton.jit function is defined. Only
+# when run as a script: a process that imports this module (the tests) keeps its own setting.
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
 
 import torch  # noqa: E402

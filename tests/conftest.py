@@ -177,3 +177,12 @@ def assert_low_precision_ok(kernel: torch.Tensor, eager_lowp: torch.Tensor, exac
     if not k_err <= 2 * e_err + atol:
         raise AssertionError(f"{name}: kernel max error {k_err:.3g} > 2 x eager low-precision error "
                              f"{e_err:.3g} + atol {atol:g}")
+
+
+@pytest.fixture(autouse=True)
+def interpreter_setting_stays():
+    """TRITON_INTERPRET is read when kernels are defined, once per session: a test (or a module it
+    imports) that changes it would silently turn the later Triton tests into skips."""
+    before = os.environ.get("TRITON_INTERPRET")
+    yield
+    assert os.environ.get("TRITON_INTERPRET") == before, "this test changed TRITON_INTERPRET"
