@@ -29,7 +29,28 @@ BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
 METRICS = ("knn", "linear", "finetune")
 
 
-def run_one(seed: int, budget: int, out: str, finetune_epochs: int) -> List[Dict]:
+def _reused(folder: str, plan, seed: int, base_mae):
+    """The two models a finished demo run (same plan and seed) trained, read from its output."""
+    import torch
+
+    from tec_fast.config import TECConfig
+    from tec_fast.demo.recipe import DEMO_IMG, DEMO_MODEL
+    from tec_fast.models.tec import TECModel
+    from tec_fast.presets import vit_preset
+
+    doc = json.load(open(os.path.join(folder, "results.json")))
+    if doc["plan"] != plan.to_dict() or doc["seed"] != seed:
+        raise SystemExit(f"error: {folder} was run with another plan or seed")
+    tec = TECModel(TECConfig(encoder=vit_preset(DEMO_MODEL, DEMO_IMG), decoder_dim=plan.decoder_dim,
+                             decoder_depth=plan.decoder_depth, decoder_heads=plan.decoder_heads, tau=plan.tau))
+    load = lambda stage: torch.load(os.path.join(folder, stage, "checkpoint-last.pth"),  # noqa: E731
+                                    map_location="cpu", weights_only=True)["model"]
+    tec.load_state_dict(load("tec"))
+    base_mae.load_state_dict(load("mae_continued"))
+    return tec, doc["steps"], doc["compute_match"]
+
+
+def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str = "") -> List[Dict]:
     """One seed at one budget: the two stages, then the three metrics for both models and the base."""
     import torch
     from dataclasses import replace
@@ -49,17 +70,22 @@ def run_one(seed: int, budget: int, out: str, finetune_epochs: int) -> List[Dict
     train_ds, test_ds = demo_datasets(BASE_RECIPE.data_seed)
     base_mae, meta = load_base()
     t0 = time.perf_counter()
-    tec, r_tec, r_mae, match = train_stages(base_mae, IndexedDataset(train_ds), plan, out, seed, False)
+    if reuse:
+        tec, steps, match = _reused(reuse, plan, seed, base_mae)
+    else:
+        tec, r_tec, r_mae, match = train_stages(base_mae, IndexedDataset(train_ds), plan, out, seed, False)
+        steps = {"tec": r_tec.steps, "mae_continued": r_mae.steps}
     train_s = time.perf_counter() - t0
     rows = []
-    models = {"tec": tec_encoder(tec), "mae_continued": encoder_of(r_mae.model)}
+    models = {"tec": tec_encoder(tec), "mae_continued": encoder_of(base_mae)}
     if budget == 1:
         models["base"] = encoder_of(load_base()[0])
     for name, enc in models.items():
         metrics = evaluate_encoder(enc, train_ds, test_ds)
         metrics.update(finetune_accuracy(enc, train_ds, test_ds, epochs=finetune_epochs, seed=seed))
         rows.append({"model": name, "seed": seed, "budget": budget, **metrics,
-                     "tec_steps": r_tec.steps, "mae_steps": r_mae.steps, "tec_flops": match["tec_flops"],
+                     "tec_steps": steps["tec"], "mae_steps": steps["mae_continued"], "tec_flops": match["tec_flops"],
+                     "trained_by": f"reused {reuse}" if reuse else "this run",
                      "train_s": round(train_s, 1), "finetune_epochs": finetune_epochs,
                      "base_steps": meta["recipe"]["steps"], "commit": git_commit(),
                      "torch": str(torch.__version__), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -131,11 +157,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("runs", "repro"), help="stage outputs (checkpoints, metrics)")
     p.add_argument("--report-only", action="store_true", help="summarise repro.jsonl, run nothing")
     p.add_argument("--readme", action="store_true", help="write the table into README.md")
+    p.add_argument("--reuse", default="", metavar="PATTERN",
+                   help="1x runs: evaluate the models a finished demo run trained instead of training them "
+                        "again (same plan and seed); PATTERN with {seed}, e.g. runs/demo_seed{seed}")
     p.add_argument("--one", nargs=2, type=int, metavar=("SEED", "BUDGET"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         seed, budget = args.one
-        rows = run_one(seed, budget, os.path.join(args.out, f"s{seed}_b{budget}"), args.finetune_epochs)
+        reuse = args.reuse.format(seed=seed) if args.reuse and budget == 1 else ""
+        rows = run_one(seed, budget, os.path.join(args.out, f"s{seed}_b{budget}"), args.finetune_epochs, reuse)
         print(json.dumps(rows))
         return 0
     t0 = time.perf_counter()
@@ -146,7 +176,7 @@ def main(argv=None) -> int:
             while todo and len(running) < args.jobs:
                 s, b = todo.pop(0)
                 cmd = [sys.executable, __file__, "--one", str(s), str(b), "--out", args.out,
-                       "--finetune-epochs", str(args.finetune_epochs)]
+                       "--finetune-epochs", str(args.finetune_epochs), "--reuse", args.reuse]
                 running.append(((s, b), subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)))
             (s, b), proc = running.pop(0)
             stdout, _ = proc.communicate()
