@@ -1,0 +1,37 @@
+"""A base saved at 224 trains a new model at 192 and at 256 from the command line: its position
+embedding is resampled to the new grid, the new model's sin-cos table is built for it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tec_fast import BaseModel, ViTConfig
+from tec_fast.cli.train import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("res")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (260, 300, 3), dtype=np.uint8)).save(root / "data" / c / f"{i}.png")
+    torch.manual_seed(0)
+    base = BaseModel(ViTConfig(img_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2))
+    base.pos_embed.data.normal_()  # a learned table, so resampling matters
+    torch.save({"model": base.state_dict()}, root / "base224.pth")
+    return root
+
+
+@pytest.mark.parametrize("size", [192, 256])
+def test_a_224_base_trains_at_another_size(files, size, tmp_path):
+    out = tmp_path / "run"
+    code = main(["--data", str(files / "data"), "--base", f"timm:{files / 'base224.pth'}", "--img-size", str(size),
+                 "--decoder-dim", "16", "--decoder-depth", "1", "--decoder-heads", "2", "--topk", "3",
+                 "--batch-size", "2", "--max-steps", "2", "--output", str(out), "--no-progress", "--seed", "0"])
+    assert code == 0
+    enc = BaseModel.from_checkpoint(str(out / "encoder_timm.pth"), num_heads=2)
+    assert enc.config.img_size == size and enc.pos_embed.shape[1] == 1 + (size // 16) ** 2
