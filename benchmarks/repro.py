@@ -50,7 +50,8 @@ def _reused(folder: str, plan, seed: int, base_mae):
     return tec, doc["steps"], doc["compute_match"]
 
 
-def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str = "") -> List[Dict]:
+def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str = "",
+            threads: int = 1) -> List[Dict]:
     """One seed at one budget: the two stages, then the three metrics for both models and the base."""
     import torch
     from dataclasses import replace
@@ -64,7 +65,7 @@ def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str =
     from tec_fast.evaluation.probe import evaluate_encoder
     from tec_fast.training.objectives import IndexedDataset
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     plan = PLANS["default"]
     plan = replace(plan, tec_steps=budget * plan.tec_steps)
     train_ds, test_ds = demo_datasets(BASE_RECIPE.data_seed)
@@ -82,6 +83,7 @@ def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str =
         models["base"] = encoder_of(load_base()[0])
     for name, enc in models.items():
         metrics = evaluate_encoder(enc, train_ds, test_ds)
+        metrics["threads"] = threads
         metrics.update(finetune_accuracy(enc, train_ds, test_ds, epochs=finetune_epochs, seed=seed))
         rows.append({"model": name, "seed": seed, "budget": budget, **metrics,
                      "tec_steps": steps["tec"], "mae_steps": steps["mae_continued"], "tec_flops": match["tec_flops"],
@@ -136,13 +138,20 @@ def plot(summary: Dict, path: str):
     return path
 
 
-def write_readme(summary: Dict, minutes: float) -> None:
+def write_readme(summary: Dict, rows: List[Dict]) -> None:
     path = os.path.join(ROOT, "README.md")
     text = open(path).read()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"error: README.md has no {BEGIN} / {END} markers")
-    body = (f"{table(summary)}\n\nmean ± std over seeds, from `benchmarks/results/repro.jsonl` "
-            f"(`python benchmarks/repro.py`; the last run took {minutes:.0f} min on this machine's 2 CPU cores).")
+    walls = {}
+    for r in rows:
+        walls.setdefault(r["budget"], []).append(r["wall_s"] / 60)
+    took = "; ".join(f"{b}x runs {min(w):.0f}-{max(w):.0f} min each" for b, w in sorted(walls.items()))
+    reused = sum(1 for r in rows if str(r.get("trained_by", "")).startswith("reused")) // 2
+    body = (f"{table(summary)}\n\nmean ± std over seeds (± 0.0: one seed), from `benchmarks/results/repro.jsonl` "
+            f"(`python benchmarks/repro.py`; {took} on 2 CPU cores"
+            + (f"; {reused} of the 1x runs evaluate the models a demo run of the same seed trained" if reused else "")
+            + ").")
     head, rest = text.split(BEGIN, 1)
     open(path, "w").write(head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1])
 
@@ -152,7 +161,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
     p.add_argument("--budgets", default="1,2", help="multiples of the default demo's TEC steps (default %(default)s)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default %(default)s)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="threads per run (default %(default)s)")
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--out", default=os.path.join("runs", "repro"), help="stage outputs (checkpoints, metrics)")
     p.add_argument("--report-only", action="store_true", help="summarise repro.jsonl, run nothing")
@@ -165,7 +175,8 @@ def main(argv=None) -> int:
     if args.one:
         seed, budget = args.one
         reuse = args.reuse.format(seed=seed) if args.reuse and budget == 1 else ""
-        rows = run_one(seed, budget, os.path.join(args.out, f"s{seed}_b{budget}"), args.finetune_epochs, reuse)
+        rows = run_one(seed, budget, os.path.join(args.out, f"s{seed}_b{budget}"), args.finetune_epochs, reuse,
+                       args.threads)
         print(json.dumps(rows))
         return 0
     t0 = time.perf_counter()
@@ -176,7 +187,8 @@ def main(argv=None) -> int:
             while todo and len(running) < args.jobs:
                 s, b = todo.pop(0)
                 cmd = [sys.executable, __file__, "--one", str(s), str(b), "--out", args.out,
-                       "--finetune-epochs", str(args.finetune_epochs), "--reuse", args.reuse]
+                       "--finetune-epochs", str(args.finetune_epochs), "--reuse", args.reuse,
+                       "--threads", str(args.threads)]
                 running.append(((s, b), subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)))
             (s, b), proc = running.pop(0)
             stdout, _ = proc.communicate()
@@ -197,7 +209,7 @@ def main(argv=None) -> int:
     png = plot(summary, os.path.join(HERE, "results", "repro.png"))
     print(f"plot: {png or 'not written (matplotlib missing)'}")
     if args.readme:
-        write_readme(summary, (time.perf_counter() - t0) / 60)
+        write_readme(summary, rows)
     return 0
 
 
