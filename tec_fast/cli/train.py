@@ -131,7 +131,7 @@ def _demo_flags(p: Parser) -> None:
     g = p.add_argument_group(
         "demo (no --data)", "The embedded demo starts from the MAE base shipped in the package and trains TEC "
         "and MAE-continued for the same counted FLOPs (fixed step counts: the numbers depend only on --seed; "
-        "measured: 11 min on 2 idle CPU cores, about 23 min beside another job).")
+        "measured on 2 CPU cores: 11 min otherwise idle, 19 min beside another job).")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--demo-from-scratch", action="store_true",
                       help="train the demo base first (its fixed recipe: 3100 MAE steps; 41 min measured on 2 "
