@@ -91,6 +91,8 @@ def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str =
                      "train_s": round(train_s, 1), "finetune_epochs": finetune_epochs,
                      "base_steps": meta["recipe"]["steps"], "commit": git_commit(),
                      "torch": str(torch.__version__), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    for r in rows:
+        r["wall_s"] = round(time.perf_counter() - t0, 1)  # training (or reuse) + every evaluation
     return rows
 
 
@@ -145,13 +147,14 @@ def write_readme(summary: Dict, rows: List[Dict]) -> None:
         raise SystemExit(f"error: README.md has no {BEGIN} / {END} markers")
     walls = {}
     for r in rows:
-        walls.setdefault(r["budget"], []).append(r["wall_s"] / 60)
-    took = "; ".join(f"{b}x runs {min(w):.0f}-{max(w):.0f} min each" for b, w in sorted(walls.items()))
-    reused = sum(1 for r in rows if str(r.get("trained_by", "")).startswith("reused")) // 2
+        if "wall_s" in r:
+            walls.setdefault(r["budget"], []).append(r["wall_s"] / 60)
+    took = "; ".join(f"{b}x runs took {min(w):.0f}-{max(w):.0f} min each" for b, w in sorted(walls.items()))
+    reused = sorted({r["seed"] for r in rows if str(r.get("trained_by", "")).startswith("reused")})
+    notes = [n for n in (took, f"the 1x models of seeds {reused} are the ones the demo runs of those seeds "
+                               "trained (same plan and seed; evaluated here)" if reused else "") if n]
     body = (f"{table(summary)}\n\nmean ± std over seeds (± 0.0: one seed), from `benchmarks/results/repro.jsonl` "
-            f"(`python benchmarks/repro.py`; {took} on 2 CPU cores"
-            + (f"; {reused} of the 1x runs evaluate the models a demo run of the same seed trained" if reused else "")
-            + ").")
+            f"(`python benchmarks/repro.py` on 2 CPU cores" + "".join(f"; {n}" for n in notes) + ").")
     head, rest = text.split(BEGIN, 1)
     open(path, "w").write(head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1])
 
