@@ -23,8 +23,8 @@ def write_plot(path: str, rows: Dict[str, Dict[str, float]], curves: Dict[str, L
         acc.bar_label(bars, fmt="%.1f", fontsize=7)
     acc.set_xticks(range(len(names)), names, rotation=20)
     acc.set_ylabel("test accuracy %")
-    acc.set_ylim(0, 100)
-    acc.legend(loc="upper left")
+    acc.set_ylim(0, 118)  # headroom: the legend sits above the bars
+    acc.legend(loc="upper center", ncol=2)
     acc.set_title("frozen features")
     for name, values in curves.items():
         if values:
