@@ -35,3 +35,17 @@ def test_plot_writer(tmp_path):
     rows = {"base": {"knn": 0.5, "linear": 0.6}, "tec": {"knn": 0.7, "linear": 0.8}}
     path = write_plot(str(tmp_path / "r.png"), rows, {"tec": [1.0, 0.5, 0.25]}, "t")
     assert path and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_base_writes_what_load_base_reads(tmp_path):
+    from dataclasses import replace
+
+    recipe = replace(BASE_RECIPE, steps=3, batch_size=16, warmup_steps=1)
+    evaluated = []
+    mae, meta = shipped_base.train_base(recipe, str(tmp_path), False,
+                                        lambda enc: evaluated.append(enc) or {"knn": 0.5, "linear": 0.25})
+    assert meta["steps_done"] == 3 and meta["recipe"] == recipe.to_dict() and meta["eval"]["linear"] == 0.25
+    again, meta2 = shipped_base.load_base(str(tmp_path))
+    assert meta2 == json.loads(json.dumps(meta)) and len(evaluated) == 1
+    for (k, a), b in zip(mae.state_dict().items(), again.state_dict().values()):
+        assert (a == b).all(), k  # what was evaluated is what is stored (fp16 round trip)
