@@ -70,6 +70,7 @@ def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str =
     plan = replace(plan, tec_steps=budget * plan.tec_steps)
     train_ds, test_ds = demo_datasets(BASE_RECIPE.data_seed)
     base_mae, meta = load_base()
+    base_encoder = encoder_of(base_mae)  # a copy: both paths below change base_mae in place
     t0 = time.perf_counter()
     if reuse:
         tec, steps, match = _reused(reuse, plan, seed, base_mae)
@@ -80,7 +81,7 @@ def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str =
     rows = []
     models = {"tec": tec_encoder(tec), "mae_continued": encoder_of(base_mae)}
     if budget == 1:
-        models["base"] = encoder_of(load_base()[0])
+        models["base"] = base_encoder
     for name, enc in models.items():
         metrics = evaluate_encoder(enc, train_ds, test_ds)
         metrics["threads"] = threads

@@ -139,21 +139,16 @@ def run_demo(args) -> int:
     print(f"base: {base_meta['recipe']['steps']} MAE steps, k-NN {100 * base_meta['eval'].get('knn', float('nan')):.1f} "
           f"/ linear {100 * base_meta['eval'].get('linear', float('nan')):.1f} when made")
 
+    base_encoder = encoder_of(base_mae)  # a copy: the MAE-continued stage trains base_mae in place
     tec, r_tec, r_mae, match = train_stages(base_mae, train_indexed, plan, out, seed, progress)
     print("\n== evaluation: k-NN (cosine, k=20) and linear probe on frozen, mean-pooled features")
     torch.manual_seed(seed + 2)
-    encoders = {"random_init": BaseModel(vit_preset(DEMO_MODEL, DEMO_IMG)), "base": _base_encoder(plan, out, base_dir),
+    encoders = {"random_init": BaseModel(vit_preset(DEMO_MODEL, DEMO_IMG)), "base": base_encoder,
                 "mae_continued": encoder_of(r_mae.model), "tec": tec_encoder(tec)}
     results = _evaluate_rows(encoders, train_ds, test_ds, demo_arrays(BASE_RECIPE.data_seed, plan.n_train, plan.n_test))
     stages = {"tec": r_tec, "mae_continued": r_mae}
     _report(out, plan, seed, results, stages, match, base_meta, time.perf_counter() - t_all)
     return 0
-
-
-def _base_encoder(plan: DemoPlan, out: str, folder) -> BaseModel:
-    """The base as it was before the MAE-continued stage trained it further (read again)."""
-    mae, _ = load_base(os.path.join(out, "base") if plan.make_base else folder)
-    return encoder_of(mae)
 
 
 def _report(out: str, plan: DemoPlan, seed: int, results: dict, stages: dict, match: dict,
