@@ -207,8 +207,30 @@ def layer_norm_cases(s, dtype, dev, providers, backward) -> Case:
     return Case(f"rows={rows},C={C}", fns, bytes_moved=nbytes)
 
 
+def mlp_cases(s, dtype, dev, providers, backward) -> Case:
+    """An encoder block's MLP (C -> 4C -> C over the visible tokens). GEMM-bound: TFLOP/s."""
+    rows, C = s["B"] * (s["K"] + 1), s["C"]
+    hidden = 4 * C
+    x = torch.randn(rows, C, device=dev, dtype=dtype, requires_grad=backward)
+    w1 = (torch.randn(hidden, C, device=dev, dtype=dtype) * C ** -0.5).requires_grad_(backward)
+    b1 = torch.randn(hidden, device=dev, dtype=dtype, requires_grad=backward)
+    w2 = (torch.randn(C, hidden, device=dev, dtype=dtype) * hidden ** -0.5).requires_grad_(backward)
+    b2 = torch.randn(C, device=dev, dtype=dtype, requires_grad=backward)
+    impls = {"reference": reference.mlp}
+    if "triton" in providers:
+        impls["triton"] = _fast("mlp")
+    fwd_flops = 2 * 2 * rows * C * hidden
+    if backward:
+        grad = torch.randn(rows, C, device=dev, dtype=dtype)
+        fns = {n: _grad_fn(lambda f=f: f(x, w1, b1, w2, b2), [x, w1, b1, w2, b2], grad) for n, f in impls.items()}
+        return Case(f"rows={rows},C={C},hidden={hidden}", fns, flops=3 * fwd_flops)
+    fns = {n: (lambda f=f: f(x, w1, b1, w2, b2)) for n, f in impls.items()}
+    return Case(f"rows={rows},C={C},hidden={hidden}", fns, flops=fwd_flops)
+
+
 BUILDERS = {
     "layer_norm": layer_norm_cases,
+    "mlp": mlp_cases,
     "masked_gather": masked_gather_cases,
     "scatter_masked": scatter_masked_cases,
     "patch_norm_mse": patch_norm_mse_cases,

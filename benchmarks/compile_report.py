@@ -45,7 +45,7 @@ from benchmarks.common import REPO, format_table, git_commit, versions  # noqa: 
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "compile.jsonl")
 KERNEL_MODULES = ("masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets", "relation_loss",
-                  "encoder_adapter", "layer_norm")
+                  "encoder_adapter", "layer_norm", "mlp")
 
 # Per-block shared memory a kernel may use (opt-in maximum), bytes: H100/H200 227 KB, A100 163 KB.
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -272,6 +272,15 @@ def _case_layer_norm(s, dt):
         m._layer_norm_bwd(_meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt), h, w, mean, rstd, True)
 
 
+def _case_mlp(s, dt):
+    from tec_fast.kernels import mlp as m
+    # encoder blocks (C -> 4C over the visible tokens), decoder blocks (both streams, all tokens)
+    for rows, hidden in ((s["B"] * s["T"], 4 * s["C"]), (2 * s["B"] * s["N"], 4 * s["Cd"])):
+        pre = _meta(rows, hidden, dtype=dt)
+        m._mlp_gelu_fwd(pre)
+        m._mlp_gelu_bwd(pre, _meta(rows, hidden, dtype=dt))
+
+
 CASES: Dict[str, Callable[[Dict[str, int], torch.dtype], None]] = {
     "masked_gather": _case_masked_gather,
     "scatter_masked": _case_scatter_masked,
@@ -280,6 +289,7 @@ CASES: Dict[str, Callable[[Dict[str, int], torch.dtype], None]] = {
     "relation_loss": _case_relation_loss,
     "encoder_adapter": _case_encoder_adapter,
     "layer_norm": _case_layer_norm,
+    "mlp": _case_mlp,
 }
 
 

@@ -134,6 +134,24 @@ def test_encoder_adapter(cuda_triton_path, monkeypatch, dtype):
     _check(got, eager, exact, dtype, names, atol32=1e-3, rtol32=1e-3, atol_lowp=5e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp(cuda_triton_path, dtype):
+    rows, C, hidden = 4 * 50, 768, 3072
+    x0 = torch.randn(rows, C, device=DEV) * 2
+    w0 = [torch.randn(hidden, C, device=DEV) * C ** -0.5, torch.randn(hidden, device=DEV) * 0.5,
+          torch.randn(C, hidden, device=DEV) * hidden ** -0.5, torch.randn(C, device=DEV) * 0.5]
+    grad = torch.randn(rows, C, device=DEV)
+
+    def run(fn, dt, src=torch.float32):
+        args = [_leaf(t.to(src), dt) for t in (x0, *w0)]
+        return _grads(fn(*args), args, grad.to(src).to(dt))
+    got, eager = run(ops.mlp, dtype), run(reference.mlp, dtype)
+    exact = run(reference.mlp, torch.float32, src=dtype)
+    # fp32: the same cuBLAS GEMMs on both paths; only GELU and the b1 sum differ in rounding
+    _check(got, eager, exact, dtype, ["out", "grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"],
+           atol32=1e-3, rtol32=1e-3, atol_lowp=5e-2)
+
+
 def test_compile_inductor(cuda_triton_path):
     B, H, N, d, topk = 4, 12, 197, 64, 15
     q = torch.randn(B, H, N, d, device=DEV, requires_grad=True)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tec_fast import ops
+from tec_fast.config import MLP_ACTIVATIONS
 from tec_fast.ops.attention import packed_attention
 
 LN_EPS = 1e-6  # every ViT LayerNorm (timm/MAE use partial(nn.LayerNorm, eps=1e-6))
@@ -54,33 +55,24 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the activation of OpenAI's CLIP towers."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-def mlp_activation(name: str) -> nn.Module:
-    """``gelu`` (exact erf, timm/MAE/HF), ``gelu_tanh`` (tanh approximation), ``quick_gelu``."""
-    if name == "gelu":
-        return nn.GELU()
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    if name == "quick_gelu":
-        return QuickGELU()
-    raise ValueError(f"unknown MLP activation {name!r}; one of gelu, gelu_tanh, quick_gelu")
-
-
 class Mlp(nn.Module):
+    """Linear -> activation -> Linear (``fc1``, ``fc2``: timm's names), through ``ops.mlp``.
+    ``act``: ``gelu`` (exact erf, timm/MAE/HF), ``gelu_tanh`` (tanh approximation), ``quick_gelu``
+    (x * sigmoid(1.702 x), OpenAI's CLIP towers)."""
+
     def __init__(self, dim: int, hidden: int, out_dim: Optional[int] = None, act: str = "gelu"):
         super().__init__()
+        if act not in MLP_ACTIVATIONS:
+            raise ValueError(f"unknown MLP activation {act!r}; one of {', '.join(MLP_ACTIVATIONS)}")
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = mlp_activation(act)
+        self.act = act
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
 
 
 class Attention(nn.Module):

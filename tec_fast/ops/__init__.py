@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from tec_fast.config import MLP_ACTIVATIONS as _MLP_ACTIVATIONS
 from tec_fast.ops import reference
 from tec_fast.ops.dispatch import (dispatch_report, fast_impl, format_dispatch_report,
                                    register_kernels, use_fast_path, why_not_fast)
@@ -22,7 +23,7 @@ from tec_fast.ops.validate import check_same_device as _check_same_device
 from tec_fast.ops.validate import check_tensor as _check_tensor
 
 __all__ = ["masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets",
-           "relation_loss", "encoder_adapter", "layer_norm", "patch_norm_mse_ragged", "relation_targets_ragged",
+           "relation_loss", "encoder_adapter", "layer_norm", "mlp", "patch_norm_mse_ragged", "relation_targets_ragged",
            "relation_loss_ragged", "reference", "dispatch_report",
            "format_dispatch_report", "why_not_fast", "OPS"]
 
@@ -236,3 +237,39 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if use_fast_path("layer_norm", x, **info):
         return fast_impl("layer_norm")(x, weight, bias, float(eps), residual=residual)
     return reference.layer_norm(x, weight, bias, float(eps), residual)
+
+
+def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+        act: str = "gelu") -> torch.Tensor:
+    """A transformer block's MLP, fc2(act(fc1(x))), as ``Linear -> activation -> Linear``.
+
+    x [..., C], w1 [Hd, C], b1 [Hd], w2 [Cout, Hd], b2 [Cout] -> [..., Cout]; ``act`` one of
+    gelu (exact erf), gelu_tanh, quick_gelu. The Triton path (exact GELU) saves x and the
+    pre-activation for backward but not the activation, which its backward kernel recomputes
+    together with the GELU derivative and b1's gradient. Differentiable w.r.t. all five tensors.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x must be a floating-point tensor [..., C], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if act not in _MLP_ACTIVATIONS:
+        raise ValueError(f"act must be one of {_MLP_ACTIVATIONS}, got {act!r}")
+    C = x.shape[-1]
+    for name, t, ndim in (("w1", w1, 2), ("b1", b1, 1), ("w2", w2, 2), ("b2", b2, 1)):
+        if not isinstance(t, torch.Tensor) or t.dim() != ndim or not t.is_floating_point():
+            raise ValueError(f"{name} must be a {ndim}-D floating-point tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        _check_same_device(x, **{name: t})
+    hidden, out_dim = w1.shape[0], w2.shape[0]
+    expected = {"w1": (hidden, C), "b1": (hidden,), "w2": (out_dim, hidden), "b2": (out_dim,)}
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]} for x {tuple(x.shape)} and "
+                             f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}; got {tuple(t.shape)}")
+    if not torch.is_autocast_enabled(x.device.type):
+        for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+            if t.dtype != x.dtype:
+                raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
+                                 f"all five must share one dtype)")
+    if use_fast_path("mlp", x, act=act):
+        return fast_impl("mlp")(x, w1, b1, w2, b2)
+    return reference.mlp(x, w1, b1, w2, b2, act)

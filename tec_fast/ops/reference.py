@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from tec_fast.config import MLP_ACTIVATIONS
+
 
 def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor,
                   pos: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -114,3 +116,21 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     h = residual + x
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
+
+
+def mlp_activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """One of ``MLP_ACTIVATIONS``: ``gelu`` (exact erf: timm, MAE, HF), ``gelu_tanh`` (tanh
+    approximation), ``quick_gelu`` (x * sigmoid(1.702 x), OpenAI CLIP)."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    raise ValueError(f"unknown MLP activation {name!r}; one of {', '.join(MLP_ACTIVATIONS)}")
+
+
+def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+        act: str = "gelu") -> torch.Tensor:
+    """Transformer MLP: fc2(act(fc1(x))); x [..., C], w1 [Hd, C], b1 [Hd], w2 [Cout, Hd], b2 [Cout]."""
+    return F.linear(mlp_activation(act, F.linear(x, w1, b1)), w2, b2)

@@ -1,0 +1,223 @@
+"""mlp: a transformer MLP, out = fc2(GELU(fc1(x))), that keeps only the pre-activation for backward.
+
+    pre = x W1^T + b1         x [rows, C], W1 [Hd, C]       (torch addmm)
+    h   = GELU(pre)           exact erf GELU                (``_mlp_gelu_fwd_kernel``)
+    out = h W2^T + b2         W2 [Cout, Hd]                 (torch addmm)
+
+Autograd around the three ops separately keeps both pre (for GELU's backward) and h (for fc2's
+weight gradient): 2 x Hd values per token, the largest activations a ViT block saves. Here the
+MLP is one autograd node that saves x and pre only, and the backward recomputes h where it
+needs it anyway:
+
+    grad_h = grad_out W2                                            (torch mm)
+    h, grad_pre = GELU(pre), grad_h * GELU'(pre);  grad_b1 = sum_rows grad_pre
+                                                                    (``_mlp_gelu_bwd_kernel``)
+    grad_W2 = grad_out^T h,  grad_b2 = sum_rows grad_out,  grad_x = grad_pre W1,
+    grad_W1 = grad_pre^T x                                          (torch mm / sum)
+
+The backward kernel reads pre and grad_h once and writes h and grad_pre once; eager GELU
+backward reads the same and writes grad_pre only, so the recompute costs one write of h, and
+the fused bias gradient saves the read of grad_pre that ``sum`` would make. The kernel tiles
+[BLOCK_R rows, BLOCK_H hidden columns]: each program owns a column block and a slice of rows,
+walks the slice tile by tile and keeps the column sums of grad_pre in fp32 (partial sums per
+slice, added up by torch). Forward and backward evaluate GELU with the same code, so the h that
+fc2's weight gradient sees is bitwise the h the forward used. Values are loaded and computed in
+fp32 and stored in the tensors' dtype.
+The GEMMs stay with torch (cuBLAS) and are visible as such to ``torch.compile`` and to
+``benchmarks/traffic.py``; the two elementwise steps are the custom ops ``tec_fast::mlp_gelu`` and
+``tec_fast::mlp_gelu_backward``. Under autocast every GEMM runs in the autocast dtype, as
+``F.linear`` would, and the output has that dtype.
+Reference: ``tec_fast.ops.reference.mlp``.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from tec_fast.kernels._common import dtype_reasons
+
+ACTIVATIONS = ("gelu",)  # what the kernels compute: GELU with the exact erf (timm, MAE, HF "gelu")
+BLOCK_FWD = 1024         # forward: elements per program
+BLOCK_R = 16             # backward tile: rows ...
+MAX_BLOCK_H = 128        # ... by hidden columns (16 fp32 values per thread and tensor at 4 warps)
+
+
+@triton.jit
+def _gelu(z):
+    """Exact GELU of fp32 z: z * Phi(z)."""
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _mlp_gelu_fwd_kernel(pre_ptr, h_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    z = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(h_ptr + offs, _gelu(z).to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _mlp_gelu_bwd_kernel(pre_ptr, gh_ptr, h_ptr, gpre_ptr, db_part_ptr, rows, H, rows_per_prog,
+                         BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    slice_id = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    db = tl.zeros((BLOCK_H,), tl.float32)
+    first = slice_id * rows_per_prog
+    last = tl.minimum(first + rows_per_prog, rows)
+    for r0 in range(first, last, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        ok = (rr < last)[:, None] & col_ok[None, :]
+        offs = rr.to(tl.int64)[:, None] * H + cols[None, :]
+        z = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(gh_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        # GELU'(z) = Phi(z) + z * phi(z); masked elements have g = 0 and add nothing to db
+        gp = g * (0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+                  + z * 0.3989422804014327 * tl.exp(-0.5 * z * z))
+        tl.store(h_ptr + offs, _gelu(z).to(h_ptr.dtype.element_ty), mask=ok)
+        tl.store(gpre_ptr + offs, gp.to(gpre_ptr.dtype.element_ty), mask=ok)
+        db += tl.sum(gp, axis=0)
+    tl.store(db_part_ptr + slice_id * H + cols, db, mask=col_ok)
+
+
+def _mlp_gelu_fwd(pre: torch.Tensor) -> torch.Tensor:
+    """pre [rows, Hd] -> GELU(pre), same shape and dtype."""
+    pre = pre.contiguous()
+    h = torch.empty_like(pre)
+    n = pre.numel()
+    if n:
+        _mlp_gelu_fwd_kernel[(triton.cdiv(n, BLOCK_FWD),)](pre, h, n, BLOCK=BLOCK_FWD, num_warps=4)
+    return h
+
+
+def _programs(device: torch.device) -> int:
+    """Backward programs to aim for: enough to fill the GPU, few enough that the bias partial
+    sums stay small (a few MB at ViT-L)."""
+    if device.type == "cuda":
+        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pre, grad_h [rows, Hd] -> (h in pre's dtype, grad_pre in grad_h's dtype, grad_bias [Hd] fp32)."""
+    pre, grad_h = pre.contiguous(), grad_h.contiguous()
+    rows, H = pre.shape
+    dev = pre.device
+    h = torch.empty_like(pre)
+    grad_pre = torch.empty_like(grad_h)
+    block_h = min(MAX_BLOCK_H, max(16, triton.next_power_of_2(H)))
+    columns = triton.cdiv(max(H, 1), block_h)
+    tiles = triton.cdiv(max(rows, 1), BLOCK_R)
+    n_slices = max(1, min(tiles, triton.cdiv(_programs(dev), columns)))
+    rows_per_prog = triton.cdiv(tiles, n_slices) * BLOCK_R
+    n_slices = triton.cdiv(max(rows, 1), rows_per_prog)
+    db_part = torch.empty((n_slices, H), dtype=torch.float32, device=dev)
+    if rows and H:
+        _mlp_gelu_bwd_kernel[(n_slices, columns)](
+            pre, grad_h, h, grad_pre, db_part, rows, H, rows_per_prog,
+            BLOCK_R=BLOCK_R, BLOCK_H=block_h, num_warps=4)
+    else:
+        db_part.zero_()
+    return h, grad_pre, db_part.sum(0)
+
+
+# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+
+@torch.library.custom_op("tec_fast::mlp_gelu", mutates_args=())
+def _mlp_gelu_op(pre: torch.Tensor) -> torch.Tensor:
+    return _mlp_gelu_fwd(pre)
+
+
+@_mlp_gelu_op.register_fake
+def _(pre):
+    return torch.empty_like(pre, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("tec_fast::mlp_gelu_backward", mutates_args=())
+def _mlp_gelu_backward_op(pre: torch.Tensor, grad_h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mlp_gelu_bwd(pre, grad_h)
+
+
+@_mlp_gelu_backward_op.register_fake
+def _(pre, grad_h):
+    cont = dict(memory_format=torch.contiguous_format)
+    return (torch.empty_like(pre, **cont), torch.empty_like(grad_h, **cont),
+            pre.new_empty((pre.shape[1],), dtype=torch.float32))
+
+
+def _gelu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _gelu_backward(ctx, grad_h):
+    (pre,) = ctx.saved_tensors
+    return _mlp_gelu_backward_op(pre, grad_h)[1]
+
+
+# On its own, tec_fast::mlp_gelu is a differentiable GELU; the MLP below does not go through this
+# (its forward runs without autograd and its backward calls the backward op directly).
+_mlp_gelu_op.register_autograd(_gelu_backward, setup_context=_gelu_setup_context)
+
+
+def _mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                 b2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, C] -> (out [rows, Cout], pre [rows, Hd]); all operands of one dtype."""
+    pre = torch.addmm(b1, x, w1.t())
+    return torch.addmm(b2, _mlp_gelu_op(pre), w2.t()), pre
+
+
+class _Mlp(torch.autograd.Function):
+    """The MLP as one autograd node: saves x, W1, W2 and pre (not h)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        with torch.autocast(x.device.type, enabled=False):
+            out, pre = _mlp_forward(x, w1, b1, w2, b2)
+        ctx.save_for_backward(x, w1, w2, pre)
+        ctx.b1_dtype = b1.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, w2, pre = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        with torch.autocast(x.device.type, enabled=False):
+            grad_out = grad_out.to(w2.dtype)
+            h, grad_pre, grad_b1 = _mlp_gelu_backward_op(pre, grad_out @ w2)
+            grad_x = grad_pre @ w1 if need_x else None
+            grad_w1 = grad_pre.t() @ x if need_w1 else None
+            grad_w2 = grad_out.t() @ h if need_w2 else None
+            grad_b2 = grad_out.sum(0) if need_b2 else None
+        return grad_x, grad_w1, grad_b1.to(ctx.b1_dtype) if need_b1 else None, grad_w2, grad_b2
+
+
+def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+        b2: torch.Tensor) -> torch.Tensor:
+    """Triton path of ``tec_fast.ops.reference.mlp`` with the exact GELU: x [..., C], w1 [Hd, C],
+    b1 [Hd], w2 [Cout, Hd], b2 [Cout] -> [..., Cout]. Operands share x's dtype, or autocast is on
+    (they are then cast to the autocast dtype, as ``F.linear`` does)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
+    lead, C = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, C)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2)):
+        out = _Mlp.apply(x2, w1, b1, w2, b2)
+    else:
+        with torch.autocast(dev, enabled=False):
+            out = _mlp_forward(x2, w1, b1, w2, b2)[0]
+    return out.reshape(*lead, w2.shape[0])
+
+
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], act: str = "gelu",
+                          **_info) -> List[str]:
+    """Why this kernel cannot take x of ``dtype`` / ``shape`` with activation ``act`` (empty: it can).
+    No size limit: both kernels tile the hidden dimension."""
+    reasons = dtype_reasons(dtype)
+    if act not in ACTIVATIONS:
+        reasons.append(f"activation {act!r} (the kernels compute the exact-erf GELU only)")
+    return reasons
