@@ -26,7 +26,8 @@ fp32 and stored in the tensors' dtype.
 The GEMMs stay with torch (cuBLAS) and are visible as such to ``torch.compile`` and to
 ``benchmarks/traffic.py``; the two elementwise steps are the custom ops ``tec_fast::mlp_gelu`` and
 ``tec_fast::mlp_gelu_backward``. Under autocast every GEMM runs in the autocast dtype, as
-``F.linear`` would, and the output has that dtype.
+``F.linear`` would, and the output has that dtype; bias gradients are summed in fp32 and
+handed over in the biases' own dtype.
 Reference: ``tec_fast.ops.reference.mlp``.
 """
 from __future__ import annotations
@@ -170,46 +171,51 @@ def _mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
 
 
 class _Mlp(torch.autograd.Function):
-    """The MLP as one autograd node: saves x, W1, W2 and pre (not h)."""
+    """The MLP as one autograd node: saves x, W1, W2 and pre (not h). The biases come in their
+    own dtype and get their gradients in it, summed in fp32: under autocast that spares the
+    bf16 round trip (and two launches) autograd's cast would add to each bias gradient."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
         with torch.autocast(x.device.type, enabled=False):
-            out, pre = _mlp_forward(x, w1, b1, w2, b2)
+            out, pre = _mlp_forward(x, w1, b1.to(x.dtype), w2, b2.to(x.dtype))
         ctx.save_for_backward(x, w1, w2, pre)
-        ctx.b1_dtype = b1.dtype
+        ctx.bias_dtypes = b1.dtype, b2.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w1, w2, pre = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        b1_dtype, b2_dtype = ctx.bias_dtypes
         with torch.autocast(x.device.type, enabled=False):
             grad_out = grad_out.to(w2.dtype)
             h, grad_pre, grad_b1 = _mlp_gelu_backward_op(pre, grad_out @ w2)
             grad_x = grad_pre @ w1 if need_x else None
             grad_w1 = grad_pre.t() @ x if need_w1 else None
+            grad_b1 = grad_b1.to(b1_dtype) if need_b1 else None
             grad_w2 = grad_out.t() @ h if need_w2 else None
-            grad_b2 = grad_out.sum(0) if need_b2 else None
-        return grad_x, grad_w1, grad_b1.to(ctx.b1_dtype) if need_b1 else None, grad_w2, grad_b2
+            grad_b2 = grad_out.sum(0, dtype=b2_dtype) if need_b2 else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
         b2: torch.Tensor) -> torch.Tensor:
     """Triton path of ``tec_fast.ops.reference.mlp`` with the exact GELU: x [..., C], w1 [Hd, C],
     b1 [Hd], w2 [Cout, Hd], b2 [Cout] -> [..., Cout]. Operands share x's dtype, or autocast is on
-    (they are then cast to the autocast dtype, as ``F.linear`` does)."""
+    (x and the weights are then cast to the autocast dtype, as ``F.linear`` does; the biases are
+    cast inside, where their gradients can stay fp32)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
+        x, w1, w2 = (t.to(dt) for t in (x, w1, w2))
     lead, C = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, C)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2)):
         out = _Mlp.apply(x2, w1, b1, w2, b2)
     else:
         with torch.autocast(dev, enabled=False):
-            out = _mlp_forward(x2, w1, b1, w2, b2)[0]
+            out = _mlp_forward(x2, w1, b1.to(x.dtype), w2, b2.to(x.dtype))[0]
     return out.reshape(*lead, w2.shape[0])
 
 
