@@ -26,6 +26,8 @@ def row_of(folder: str, note: str) -> dict:
     doc = json.load(open(os.path.join(folder, "results.json")))
     return {"seed": doc["seed"], "mode": doc["mode"], "seconds": doc["seconds"], "note": note,
             "steps": doc["steps"], "threads": doc["machine"]["threads"], "torch": doc["machine"]["torch"],
+            "stage_processes": doc["machine"].get("stage_processes", 1), "stage_seconds": doc.get("stage_seconds"),
+            "plan": doc["plan"],
             **{r: doc[r] for r in ROWS}, "tec_minus_base": doc["tec_minus_base"],
             "tec_minus_mae_continued": doc["tec_minus_mae_continued"],
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -62,14 +64,27 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    text = table(rows)
-    print(text)
+    print(table(rows))
     if args.readme:
+        sys.path.insert(0, ROOT)
+        from tec_fast.demo.recipe import PLANS
+
+        plan = PLANS["default"].to_dict()
+        latest = {}  # the newest row per seed of the current default plan
+        for line in open(RESULTS):
+            r = json.loads(line)
+            if r.get("plan") == plan and r["mode"] == "default":
+                latest[r["seed"]] = r
+        current = list(latest.values())
+        wins = all(r[k][m] > 0 for r in current for k in ("tec_minus_base", "tec_minus_mae_continued")
+                   for m in ("knn", "linear"))
         path = os.path.join(ROOT, "README.md")
         readme = open(path).read()
         head, rest = readme.split(BEGIN, 1)
-        body = ("k-NN % / linear probe %, test split, `python -m tec_fast.train --seed S` "
-                "(rows from `benchmarks/results/demo.jsonl`, `python benchmarks/demo_seeds.py`):\n\n" + text)
+        body = ("k-NN % / linear probe %, test split, `python -m tec_fast.train --seed S` (rows from "
+                "`benchmarks/results/demo.jsonl`, collected by `python benchmarks/demo_seeds.py`). TEC "
+                + ("beats" if wins else "does NOT beat") + " the base and MAE-continued on both metrics for "
+                "every seed:\n\n" + table(current))
         open(path, "w").write(head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1])
     return 0
 

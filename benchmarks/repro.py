@@ -33,16 +33,12 @@ def _reused(folder: str, plan, seed: int, base_mae):
     """The two models a finished demo run (same plan and seed) trained, read from its output."""
     import torch
 
-    from tec_fast.config import TECConfig
-    from tec_fast.demo.recipe import DEMO_IMG, DEMO_MODEL
-    from tec_fast.models.tec import TECModel
-    from tec_fast.presets import vit_preset
+    from tec_fast.demo.run import new_tec
 
     doc = json.load(open(os.path.join(folder, "results.json")))
     if doc["plan"] != plan.to_dict() or doc["seed"] != seed:
         raise SystemExit(f"error: {folder} was run with another plan or seed")
-    tec = TECModel(TECConfig(encoder=vit_preset(DEMO_MODEL, DEMO_IMG), decoder_dim=plan.decoder_dim,
-                             decoder_depth=plan.decoder_depth, decoder_heads=plan.decoder_heads, tau=plan.tau))
+    tec = new_tec(plan)
     load = lambda stage: torch.load(os.path.join(folder, stage, "checkpoint-last.pth"),  # noqa: E731
                                     map_location="cpu", weights_only=True)["model"]
     tec.load_state_dict(load("tec"))
@@ -70,16 +66,18 @@ def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str =
     plan = replace(plan, tec_steps=budget * plan.tec_steps)
     train_ds, test_ds = demo_datasets(BASE_RECIPE.data_seed)
     base_mae, meta = load_base()
-    base_encoder = encoder_of(base_mae)  # a copy: both paths below change base_mae in place
+    base_encoder = encoder_of(base_mae)  # a copy: reuse below loads the trained weights into base_mae
     t0 = time.perf_counter()
     if reuse:
         tec, steps, match = _reused(reuse, plan, seed, base_mae)
-    else:
-        tec, r_tec, r_mae, match = train_stages(base_mae, IndexedDataset(train_ds), plan, out, seed, False)
-        steps = {"tec": r_tec.steps, "mae_continued": r_mae.steps}
+        mae = base_mae
+    else:  # one process per (seed, budget): its two stages run one after the other, in it
+        tec, mae, stages, match = train_stages(base_mae, IndexedDataset(train_ds), plan, out, seed, False,
+                                               layout=(1, threads))
+        steps = {name: r["steps"] for name, r in stages.items()}
     train_s = time.perf_counter() - t0
     rows = []
-    models = {"tec": tec_encoder(tec), "mae_continued": encoder_of(base_mae)}
+    models = {"tec": tec_encoder(tec), "mae_continued": encoder_of(mae)}
     if budget == 1:
         models["base"] = base_encoder
     for name, enc in models.items():

@@ -34,8 +34,12 @@ def _run(out, base_dir, seed=0):
     return json.loads((out / "results.json").read_text())
 
 
-def test_demo_tiny_is_fixed_by_its_seed(tmp_path, base_dir, capsys):
+def test_demo_tiny_is_fixed_by_its_seed(tmp_path, base_dir, capsys, monkeypatch):
+    import tec_fast.demo.run as demo
+
+    monkeypatch.setattr(demo, "stage_layout", lambda: (2, 1))  # the stages side by side, 1 thread each
     doc = _run(tmp_path / "a", base_dir)
+    assert doc["machine"]["stage_processes"] == 2 and doc["machine"]["threads"] == 1
     for row in ("pixels", "random_init", "base", "mae_continued", "tec"):
         assert set(doc[row]) == {"knn", "linear"}, row
         assert all(0.0 <= doc[row][m] <= 1.0 for m in ("knn", "linear")), row
@@ -50,7 +54,9 @@ def test_demo_tiny_is_fixed_by_its_seed(tmp_path, base_dir, capsys):
     assert (tmp_path / "a" / "results.png").stat().st_size > 10_000
     text = capsys.readouterr().out
     assert "what the row is" in text and "mae_continued" in text and "results.png" in text
+    monkeypatch.setattr(demo, "stage_layout", lambda: (1, 1))  # now one after the other in this process
     again = _run(tmp_path / "b", base_dir)
-    for row in ("tec", "mae_continued"):
-        assert again[row] == doc[row], row  # same seed, same machine: the same numbers
+    assert again["machine"]["stage_processes"] == 1
+    for row in ("tec", "mae_continued", "base", "random_init"):
+        assert again[row] == doc[row], row  # same seed and thread count: the same numbers, however run
     assert again["losses"] == doc["losses"]
