@@ -88,7 +88,8 @@ def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str =
                      "tec_steps": steps["tec"], "mae_steps": steps["mae_continued"], "tec_flops": match["tec_flops"],
                      "trained_by": f"reused {reuse}" if reuse else "this run",
                      "train_s": round(train_s, 1), "finetune_epochs": finetune_epochs,
-                     "base_steps": meta["recipe"]["steps"], "commit": git_commit(),
+                     "base_steps": meta["recipe"]["steps"], "plan": PLANS["default"].to_dict(),
+                     "commit": git_commit(),
                      "torch": str(torch.__version__), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     for r in rows:
         r["wall_s"] = round(time.perf_counter() - t0, 1)  # training (or reuse) + every evaluation
@@ -203,9 +204,14 @@ def main(argv=None) -> int:
             print(f"seed {s}, {b}x: " + ", ".join(f"{r['model']} " + "/".join(f"{100 * r[m]:.1f}" for m in METRICS)
                                                  for r in rows) + f"  ({(time.perf_counter() - t0) / 60:.1f} min)",
                   flush=True)
+    sys.path.insert(0, ROOT)
+    from tec_fast.demo.recipe import PLANS
+
+    plan = PLANS["default"].to_dict()  # rows of earlier plans stay in the file but not in the table
     rows = [json.loads(line) for line in open(RESULTS)] if os.path.exists(RESULTS) else []
+    rows = [r for r in rows if r.get("plan") == plan]
     if not rows:
-        raise SystemExit(f"error: no rows in {RESULTS}")
+        raise SystemExit(f"error: no rows of the current default plan in {RESULTS}")
     summary = summarise(rows)
     print(table(summary))
     png = plot(summary, os.path.join(HERE, "results", "repro.png"))

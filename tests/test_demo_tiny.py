@@ -60,3 +60,20 @@ def test_demo_tiny_is_fixed_by_its_seed(tmp_path, base_dir, capsys, monkeypatch)
     for row in ("tec", "mae_continued", "base", "random_init"):
         assert again[row] == doc[row], row  # same seed and thread count: the same numbers, however run
     assert again["losses"] == doc["losses"]
+
+
+def test_stage_progress_line_reads_both_stage_logs(tmp_path, capsys):
+    """The side-by-side stages report through their metrics logs; one line shows both (a line
+    still being written is skipped)."""
+    from tec_fast.demo.run import _StageProgress, stage_layout
+
+    for stage, lines in (("tec", ['{"step": 10}\n', '{"step": 30}\n', '{"step": 4']),
+                         ("mae_continued", ['{"event": "start", "step": 0}\n'])):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text("".join(lines))
+    _StageProgress(str(tmp_path), {"tec": 100, "mae_continued": 50, "missing": 10}, True).update(final=True)
+    line = capsys.readouterr().err
+    assert "[tec] 30/100" in line and "[mae_continued] 0/50" in line and "[missing] 0/10" in line
+    assert " 19%" in line and "ETA" in line
+    processes, threads = stage_layout()
+    assert processes in (1, 2) and threads >= 1

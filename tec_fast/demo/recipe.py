@@ -64,7 +64,7 @@ class DemoPlan:
 
 BASE_RECIPE = BaseRecipe()
 PLANS = {
-    "default": DemoPlan("default", tec_steps=1350, batch_size=64, decoder_dim=64),
+    "default": DemoPlan("default", tec_steps=1500, batch_size=32, decoder_dim=64),
     "tiny": DemoPlan("tiny", tec_steps=20, batch_size=64, n_train=512, n_test=200),
 }
 PLANS["from_scratch"] = replace(PLANS["default"], mode="from_scratch", make_base=True)
