@@ -5,6 +5,7 @@
 
     python benchmarks/demo_seeds.py --seeds 0,1,2 --readme
     python benchmarks/demo_seeds.py --collect runs/demo_s0 runs/demo_s1 --readme
+    python benchmarks/demo_seeds.py --report-only --readme
 """
 from __future__ import annotations
 
@@ -51,20 +52,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("runs", "demo_seeds"))
     p.add_argument("--collect", nargs="+", metavar="DIR", help="finished demo folders instead of running")
     p.add_argument("--note", default="", help="how the machine was loaded, for the table")
-    p.add_argument("--readme", action="store_true")
+    p.add_argument("--readme", action="store_true", help="write the current plan's table into README.md")
+    p.add_argument("--report-only", action="store_true", help="run and collect nothing (with --readme)")
     args = p.parse_args(argv)
     folders = args.collect or []
-    if not args.collect:
+    if not args.collect and not args.report_only:
         for seed in args.seeds.split(","):
             folder = os.path.join(args.out, f"seed{seed}")
             subprocess.run([sys.executable, "-m", "tec_fast.train", "--seed", seed, "--output", folder,
                             "--no-progress"], check=True)
             folders.append(folder)
     rows = [row_of(f, args.note) for f in folders]
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(table(rows))
+    if rows:
+        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+        with open(RESULTS, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(table(rows))
     if args.readme:
         sys.path.insert(0, ROOT)
         from tec_fast.demo.recipe import PLANS
