@@ -104,8 +104,8 @@ def train_base(recipe: BaseRecipe, output: str, progress: bool,
             "data_fingerprint": data_fingerprint(recipe.data_seed),
             "losses": [round(v, 5) for v in result.losses[:: max(1, len(result.losses) // 200)]],
             "command": "python -m tec_fast.train --demo-make-base --output DIR"}
-    save_base(mae, {**meta, "eval": {}}, output)
-    shipped, _ = load_base(output)  # evaluate exactly what is shipped: the fp16 weights
+    shipped = new_mae(recipe)  # evaluate exactly what is shipped: the weights rounded to fp16
+    shipped.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in mae.state_dict().items()})
     meta["eval"] = evaluate(encoder_of(shipped))
     save_base(mae, meta, output)
     return shipped, meta
