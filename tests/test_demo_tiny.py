@@ -64,10 +64,11 @@ def test_demo_tiny_is_fixed_by_its_seed(tmp_path, base_dir, capsys, monkeypatch)
 
 def test_stage_progress_line_reads_both_stage_logs(tmp_path, capsys):
     """The side-by-side stages report through their metrics logs; one line shows both (a line
-    still being written is skipped)."""
+    still being written is skipped; a log an earlier run left in the folder counts from this run's start)."""
     from tec_fast.demo.run import _StageProgress, stage_layout
 
-    for stage, lines in (("tec", ['{"step": 10}\n', '{"step": 30}\n', '{"step": 4']),
+    for stage, lines in (("tec", ['{"event": "start", "step": 0}\n', '{"step": 90}\n', '{"event": "start", "step": 0}\n',
+                                     '{"step": 10}\n', '{"step": 30}\n', '{"step": 4']),
                          ("mae_continued", ['{"event": "start", "step": 0}\n'])):
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "metrics.jsonl").write_text("".join(lines))

@@ -144,7 +144,11 @@ class _StageProgress:
         try:
             with open(os.path.join(self.out, stage, "metrics.jsonl")) as f:
                 for line in f:
-                    step = max(step, json.loads(line).get("step", 0)) if line.endswith("\n") else step
+                    if not line.endswith("\n"):
+                        break  # still being written
+                    record = json.loads(line)
+                    # a log reused from an earlier run in the same folder: count from this run's start
+                    step = 0 if record.get("event") == "start" else max(step, record.get("step", 0))
         except OSError:
             pass
         return step
@@ -189,9 +193,9 @@ def train_stages(base_mae, train_indexed, plan: DemoPlan, out: str, seed: int, p
         pool = multiprocessing.get_context("spawn").Pool(processes)
         try:
             pending = [pool.apply_async(_run_stage, (job,)) for job in jobs]
+            bar = _StageProgress(out, {job["stage"]: job["steps"] for job in jobs}, progress)
             if while_training is not None:
                 while_training()
-            bar = _StageProgress(out, {job["stage"]: job["steps"] for job in jobs}, progress)
             while not all(r.ready() for r in pending):
                 if any(r.ready() and not r.successful() for r in pending):
                     break  # one stage failed: get() below raises its error
