@@ -149,7 +149,8 @@ def write_readme(summary: Dict, rows: List[Dict]) -> None:
     for r in rows:
         if "wall_s" in r:
             walls.setdefault(r["budget"], []).append(r["wall_s"] / 60)
-    took = "; ".join(f"{b}x runs took {min(w):.0f}-{max(w):.0f} min each" for b, w in sorted(walls.items()))
+    span = lambda w: f"{min(w):.0f}" if round(min(w)) == round(max(w)) else f"{min(w):.0f}-{max(w):.0f}"  # noqa: E731
+    took = "; ".join(f"{b}x runs took {span(w)} min each" for b, w in sorted(walls.items()))
     reused = sorted({r["seed"] for r in rows if str(r.get("trained_by", "")).startswith("reused")})
     notes = [n for n in (took, f"the 1x models of seeds {reused} are the ones the demo runs of those seeds "
                                "trained (same plan and seed; evaluated here)" if reused else "") if n]
