@@ -19,6 +19,7 @@ The demo data has no augmentation, so the base's targets are computed once per i
 from __future__ import annotations
 
 import copy
+import io
 import json
 import multiprocessing
 import os
@@ -111,7 +112,7 @@ def _run_stage(job: dict) -> dict:
     train_ds, _ = demo_datasets(BASE_RECIPE.data_seed, plan.n_train, plan.n_test)
     train = IndexedDataset(train_ds)
     base_mae = new_mae()
-    base_mae.load_state_dict(job["base_state"])
+    base_mae.load_state_dict(torch.load(io.BytesIO(job["base_state"]), map_location="cpu", weights_only=True))
     if job["stage"] == "tec":
         r = _tec_stage(base_mae, train, plan, out, seed, progress)[-1]
     else:
@@ -181,7 +182,9 @@ def train_stages(base_mae, train_indexed, plan: DemoPlan, out: str, seed: int, p
           f"  tec            a new ViT from the frozen base, {plan.tec_steps} steps\n"
           f"  mae_continued  the base trained further, {match['mae_steps']} steps "
           f"(= the TEC stage's {match['tec_flops'] / 1e12:.2f} TFLOP, counted)", flush=True)
-    state = {k: v.detach().clone() for k, v in base_mae.state_dict().items()}
+    state = io.BytesIO()  # plain bytes to the workers: no tensor sharing through file descriptors
+    torch.save({k: v.detach().cpu() for k, v in base_mae.state_dict().items()}, state)
+    state = state.getvalue()
     jobs = [{"stage": stage, "plan": plan, "seed": seed, "out": out, "threads": threads, "base_state": state,
              "steps": steps, "progress": progress and processes == 1}
             for stage, steps in (("tec", plan.tec_steps), ("mae_continued", match["mae_steps"]))]
@@ -196,11 +199,12 @@ def train_stages(base_mae, train_indexed, plan: DemoPlan, out: str, seed: int, p
             bar = _StageProgress(out, {job["stage"]: job["steps"] for job in jobs}, progress)
             if while_training is not None:
                 while_training()
-            while not all(r.ready() for r in pending):
-                if any(r.ready() and not r.successful() for r in pending):
-                    break  # one stage failed: get() below raises its error
+            while True:
+                waiting = [r for r in pending if not r.ready()]
+                if not waiting or any(r.ready() and not r.successful() for r in pending):
+                    break  # all done, or one stage failed: get() below raises its error
                 bar.update()
-                pending[0].wait(1.0)
+                waiting[0].wait(1.0)  # an unfinished one: a finished one would return at once
             results = {r["stage"]: r for r in (p.get() for p in pending)}
             bar.update(final=True)
             pool.close()
