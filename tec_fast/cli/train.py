@@ -135,8 +135,8 @@ def _demo_flags(p: Parser) -> None:
         "9.6 min beside a two-process job).")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--demo-from-scratch", action="store_true",
-                      help="train the demo base first (its fixed recipe: 3100 MAE steps; 41 min measured on 2 "
-                           "shared cores), then the same stages")
+                      help="train the demo base first (its fixed recipe: 3100 MAE steps; 20 min measured on 2 "
+                           "idle cores), then the same stages (25 min in all)")
     mode.add_argument("--demo-long", action="store_true", help="old name of --demo-from-scratch")
     mode.add_argument("--demo-tiny", action="store_true",
                       help="smoke run on 512 training images, 20 TEC steps, about 1 min on 2 busy cores (CI; its numbers "

@@ -283,8 +283,9 @@ def _report(out: str, plan: DemoPlan, seed: int, results: dict, stages: dict, ma
     gain = {ref: {m: results["tec"][m] - results[ref][m] for m in ("knn", "linear")}
             for ref in ("base", "mae_continued")}
     steps = {name: r["steps"] for name, r in stages.items()}
+    what = dict(ROWS, base="the MAE base this run trained first (--demo-from-scratch)") if plan.make_base else ROWS
     rows = [[name, f"{100 * results[name]['knn']:.1f}", f"{100 * results[name]['linear']:.1f}",
-             ROWS[name] + (f" ({steps[name]} steps)" if name in steps else "")] for name in ROWS]
+             what[name] + (f" ({steps[name]} steps)" if name in steps else "")] for name in ROWS]
     print("\n" + table(["row", "k-NN %", "linear %", "what the row is"], rows, align="lrrl",
                        title=f"demo results ({plan.mode}, seed {seed}; test split)"))
     for ref, g in gain.items():
@@ -297,7 +298,7 @@ def _report(out: str, plan: DemoPlan, seed: int, results: dict, stages: dict, ma
     print(f"plot: {plot}" if plot else "plot: not written (matplotlib is missing: pip install 'tec_fast[demo]' "
                                        "or pip install matplotlib)")
     doc = {**results, "tec_minus_base": gain["base"], "tec_minus_mae_continued": gain["mae_continued"],
-           "seed": seed, "mode": plan.mode, "rows": ROWS, "steps": steps, "compute_match": match,
+           "seed": seed, "mode": plan.mode, "rows": what, "steps": steps, "compute_match": match,
            "plan": plan.to_dict(), "base_record": base_meta, "seconds": round(seconds, 1),
            "losses": curves, "plot": plot,
            "stage_seconds": {name: round(r["seconds"], 1) for name, r in stages.items()},
