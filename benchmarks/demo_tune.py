@@ -50,8 +50,7 @@ def main(argv=None) -> int:
     from tec_fast.demo.recipe import BASE_RECIPE
     from tec_fast.demo.shipped_base import encoder_of, load_base
     from tec_fast.evaluation.probe import evaluate_encoder
-    from tec_fast.training import fit
-    from tec_fast.training.objectives import IndexedDataset, MAEObjective
+    from tec_fast.training.objectives import IndexedDataset
 
     overrides = {k: v for k, v in vars(args).items()
                  if v is not None and k in {f.name for f in dataclasses.fields(PLANS["default"])}}
@@ -62,12 +61,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         if args.stage == "tec":
-            tec, _, _, result = demo._tec_stage(base_mae, train, plan, out, args.seed, progress=False)
+            tec, result = demo._tec_stage(base_mae, train, plan, out, args.seed, progress=False)
             encoder, steps = demo.tec_encoder(tec), plan.tec_steps
         else:
             steps = args.mae_steps or demo.matched_steps(base_mae, train, plan)["mae_steps"]
-            result = fit(base_mae, MAEObjective(plan.mask_ratio, base_mae.config.num_patches), train,
-                         demo._fit_config("mae_continued", out, steps, plan.mae_lr, plan, args.seed, False))
+            result = demo._mae_stage(base_mae, train, plan, out, args.seed, steps, progress=False)
             encoder = encoder_of(result.model)
         train_s = time.perf_counter() - t0
     metrics = evaluate_encoder(encoder, train_ds, test_ds)

@@ -29,21 +29,16 @@ BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
 METRICS = ("knn", "linear", "finetune")
 
 
-def _reused(folder: str, plan, seed: int, base_mae):
+def _reused(folder: str, plan, seed: int):
     """The two models a finished demo run (same plan and seed) trained, read from its output."""
-    import torch
-
-    from tec_fast.demo.run import new_tec
+    from tec_fast.demo.run import load_trained
 
     doc = json.load(open(os.path.join(folder, "results.json")))
     if doc["plan"] != plan.to_dict() or doc["seed"] != seed:
         raise SystemExit(f"error: {folder} was run with another plan or seed")
-    tec = new_tec(plan)
-    load = lambda stage: torch.load(os.path.join(folder, stage, "checkpoint-last.pth"),  # noqa: E731
-                                    map_location="cpu", weights_only=True)["model"]
-    tec.load_state_dict(load("tec"))
-    base_mae.load_state_dict(load("mae_continued"))
-    return tec, doc["steps"], doc["compute_match"]
+    tec, mae = load_trained(plan, *(os.path.join(folder, stage, "checkpoint-last.pth")
+                                    for stage in ("tec", "mae_continued")))
+    return tec, mae, doc["steps"], doc["compute_match"]
 
 
 def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str = "",
@@ -66,11 +61,9 @@ def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str =
     plan = replace(plan, tec_steps=budget * plan.tec_steps)
     train_ds, test_ds = demo_datasets(BASE_RECIPE.data_seed)
     base_mae, meta = load_base()
-    base_encoder = encoder_of(base_mae)  # a copy: reuse below loads the trained weights into base_mae
     t0 = time.perf_counter()
     if reuse:
-        tec, steps, match = _reused(reuse, plan, seed, base_mae)
-        mae = base_mae
+        tec, mae, steps, match = _reused(reuse, plan, seed)
     else:  # one process per (seed, budget): its two stages run one after the other, in it
         tec, mae, stages, match = train_stages(base_mae, IndexedDataset(train_ds), plan, out, seed, False,
                                                layout=(1, threads))
@@ -79,7 +72,7 @@ def run_one(seed: int, budget: int, out: str, finetune_epochs: int, reuse: str =
     rows = []
     models = {"tec": tec_encoder(tec), "mae_continued": encoder_of(mae)}
     if budget == 1:
-        models["base"] = base_encoder
+        models["base"] = encoder_of(base_mae)  # train_stages leaves base_mae untouched
     for name, enc in models.items():
         metrics = evaluate_encoder(enc, train_ds, test_ds)
         metrics["threads"] = threads

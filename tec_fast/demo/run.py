@@ -18,7 +18,6 @@ The demo data has no augmentation, so the base's targets are computed once per i
 """
 from __future__ import annotations
 
-import copy
 import io
 import json
 import multiprocessing
@@ -85,7 +84,21 @@ def _tec_stage(base_mae, train_indexed, plan: DemoPlan, out: str, seed: int, pro
     objective = TECObjective(base, plan.mask_ratio, tec.config.encoder.num_patches, cache)
     result = fit(tec, objective, train_indexed,
                  _fit_config("tec", out, plan.tec_steps, plan.tec_lr, plan, seed, progress))
-    return tec, objective, base, result
+    return tec, result
+
+
+def _mae_stage(base_mae, train_indexed, plan: DemoPlan, out: str, seed: int, steps: int, progress: bool):
+    """The base trained further with MAE (in place), ``steps`` steps with its own schedule."""
+    return fit(base_mae, MAEObjective(plan.mask_ratio, base_mae.config.num_patches), train_indexed,
+               _fit_config("mae_continued", out, steps, plan.mae_lr, plan, seed, progress))
+
+
+def load_trained(plan: DemoPlan, tec_checkpoint: str, mae_checkpoint: str):
+    """(TEC model, MAE-continued model) from the two stages' checkpoints."""
+    tec, mae = new_tec(plan), new_mae()
+    for model, path in ((tec, tec_checkpoint), (mae, mae_checkpoint)):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    return tec, mae
 
 
 def matched_steps(base_mae, train_indexed, plan: DemoPlan) -> Dict[str, int]:
@@ -95,11 +108,10 @@ def matched_steps(base_mae, train_indexed, plan: DemoPlan) -> Dict[str, int]:
     batch = next(iter(torch.utils.data.DataLoader(first, batch_size=plan.batch_size)))
     L = base_mae.config.num_patches
     base = encoder_of(base_mae, last_layers=plan.last_layers, topk=plan.topk)
-    tec = new_tec(plan)
     noise = masking_noise(0, 0, 0, len(batch[0]), L, 0, 1)
-    tec_step = compute.step_flops(tec, TECObjective(base, plan.mask_ratio, L, TargetCache(base, first)), batch, noise)
-    mae = copy.deepcopy(base_mae)
-    mae_step = compute.step_flops(mae, MAEObjective(plan.mask_ratio, L), batch, noise)
+    tec_step = compute.step_flops(new_tec(plan), TECObjective(base, plan.mask_ratio, L, TargetCache(base, first)),
+                                  batch, noise)
+    mae_step = compute.step_flops(base_mae, MAEObjective(plan.mask_ratio, L), batch, noise)  # weights untouched
     per_image = compute.forward_flops(base, batch[0]) // len(batch[0])
     return compute.matched_mae_steps(plan.tec_steps, tec_step, mae_step, per_image, len(train_indexed))
 
@@ -114,10 +126,9 @@ def _run_stage(job: dict) -> dict:
     base_mae = new_mae()
     base_mae.load_state_dict(torch.load(io.BytesIO(job["base_state"]), map_location="cpu", weights_only=True))
     if job["stage"] == "tec":
-        r = _tec_stage(base_mae, train, plan, out, seed, progress)[-1]
+        r = _tec_stage(base_mae, train, plan, out, seed, progress)[1]
     else:
-        r = fit(base_mae, MAEObjective(plan.mask_ratio, base_mae.config.num_patches), train,
-                _fit_config("mae_continued", out, job["steps"], plan.mae_lr, plan, seed, progress))
+        r = _mae_stage(base_mae, train, plan, out, seed, job["steps"], progress)
     return {"stage": job["stage"], "steps": r.steps, "losses": r.losses, "seconds": r.seconds,
             "checkpoint": r.checkpoint}
 
@@ -211,10 +222,7 @@ def train_stages(base_mae, train_indexed, plan: DemoPlan, out: str, seed: int, p
         finally:
             pool.terminate()  # a failed stage or Ctrl-C stops the other one too
             pool.join()
-    tec, mae = new_tec(plan), new_mae()
-    for model, stage in ((tec, "tec"), (mae, "mae_continued")):
-        ck = torch.load(results[stage]["checkpoint"], map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["model"])
+    tec, mae = load_trained(plan, results["tec"]["checkpoint"], results["mae_continued"]["checkpoint"])
     return tec, mae, results, match
 
 
@@ -274,12 +282,12 @@ def run_demo(args) -> int:
                                            (processes, threads), evaluate_fixed_rows)
     print("\n== evaluation of the trained rows", flush=True)
     results.update(_evaluate_rows({"mae_continued": encoder_of(mae), "tec": tec_encoder(tec)}, train_ds, test_ds))
-    _report(out, plan, seed, results, stages, match, base_meta, time.perf_counter() - t_all, processes > 1)
+    _report(out, plan, seed, results, stages, match, base_meta, time.perf_counter() - t_all, processes)
     return 0
 
 
 def _report(out: str, plan: DemoPlan, seed: int, results: dict, stages: dict, match: dict,
-            base_meta: dict, seconds: float, parallel: bool) -> None:
+            base_meta: dict, seconds: float, processes: int) -> None:
     gain = {ref: {m: results["tec"][m] - results[ref][m] for m in ("knn", "linear")}
             for ref in ("base", "mae_continued")}
     steps = {name: r["steps"] for name, r in stages.items()}
@@ -302,7 +310,7 @@ def _report(out: str, plan: DemoPlan, seed: int, results: dict, stages: dict, ma
            "plan": plan.to_dict(), "base_record": base_meta, "seconds": round(seconds, 1),
            "losses": curves, "plot": plot,
            "stage_seconds": {name: round(r["seconds"], 1) for name, r in stages.items()},
-           "machine": {"threads": torch.get_num_threads(), "stage_processes": len(stages) if parallel else 1,
+           "machine": {"threads": torch.get_num_threads(), "stage_processes": processes,
                        "cores": os.cpu_count(), "platform": platform.platform(),
                        "torch": str(torch.__version__)}}
     with open(os.path.join(out, "results.json"), "w") as f:
