@@ -1,4 +1,4 @@
-"""Checkpoint layouts of SPEC.md §5 (state dicts built here), error messages, round trips."""
+"""Checkpoint layouts of docs/tec.md §5 (state dicts built here), error messages, round trips."""
 import argparse
 import errno
 import os

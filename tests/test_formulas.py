@@ -1,4 +1,4 @@
-"""Small, hand-checkable cases for each formula of SPEC.md, and config validation."""
+"""Small, hand-checkable cases for each formula of docs/tec.md, and config validation."""
 import math
 
 import pytest

@@ -29,7 +29,7 @@ def _images(sizes, seed=0):
 
 
 def test_sincos_layout_for_non_square_grids():
-    # SPEC §2: first half of the channels encodes the column, last half the row, row-major tokens
+    # docs/tec.md §2: first half of the channels encodes the column, last half the row, row-major tokens
     pe = sincos_pos_embed(8, 2, 3)  # 2 rows, 3 columns
     col_only, row_only = sincos_pos_embed(8, 1, 3)[1:], sincos_pos_embed(8, 2, 1)[1:]
     for r in range(2):
