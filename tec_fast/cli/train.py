@@ -4,7 +4,7 @@ pretraining of a first base model (``--objective mae``). No arguments: the embed
 Linear on purpose: parse (every flag checked) -> data -> the objective's builder -> ``fit`` ->
 export the encoder. The loop is ``tec_fast.training.fit``; the math is in the models.
 
-    python -m tec_fast.train                                   # the demo (8-10 min on 2 busy CPU cores)
+    python -m tec_fast.train                                   # the demo (6-10 min on 2 busy CPU cores)
     python -m tec_fast.train --data /imagenet --base mae_vit_base:mae_pretrain_vit_base.pth \\
         --epochs 100 --batch-size 256 --output runs/tec_b16
     torchrun --nproc-per-node 8 -m tec_fast.train --data /imagenet --base ... --output ...
@@ -131,7 +131,7 @@ def _demo_flags(p: Parser) -> None:
     g = p.add_argument_group(
         "demo (no --data)", "The embedded demo starts from the MAE base shipped in the package and trains TEC "
         "and MAE-continued for the same counted FLOPs, side by side on half the cores each (fixed step counts and "
-        "thread counts: the numbers depend only on --seed; measured on 2 CPU cores: 7.5-8 min beside a one-thread job, "
+        "thread counts: the numbers depend only on --seed; measured on 2 CPU cores: 5.6-8.1 min beside a one-thread job, "
         "9.6 min beside a two-process job).")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--demo-from-scratch", action="store_true",
