@@ -28,6 +28,7 @@ from benchmarks.baseline_eager import EagerBase, EagerTEC  # noqa: E402
 from benchmarks.common import append_results, time_callable  # noqa: E402
 from benchmarks.flops import tec_step_flops  # noqa: E402
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig  # noqa: E402
+from tec_fast.training.cuda_graph import capture_step  # noqa: E402
 
 PRESETS = {
     # name: (base ViT, new ViT, decoder dim, depth, heads, topk)
@@ -96,6 +97,29 @@ def engine_step_fn(bvit, cfg, topk, images, precision, compile_, mask_ratio):
     return _train_step(loss, opt, scaler)
 
 
+def engine_graph_step_fn(bvit, cfg, topk, images, precision, mask_ratio):
+    """The engine's step recorded once into a CUDA graph and replayed (no host work per step but
+    the replay call): fused AdamW with capturable=True; bf16 or fp32 only (fp16 needs a loss
+    scaler, whose skipped steps are host decisions)."""
+    if precision == "fp16":
+        raise ValueError("--cuda-graph needs --precision bf16 or fp32 (fp16's loss scaler decides on the host)")
+    dtype = DTYPES[precision]
+    base = BaseModel(bvit, topk=topk).to(images.device)
+    if precision != "fp32":
+        base = base.to(dtype)
+    model = TECModel(cfg).to(images.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True, capturable=True)
+
+    def body():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype, enabled=precision != "fp32"):
+            loss = model(images, base(images), mask_ratio=mask_ratio)["loss"]
+        loss.backward()
+        opt.step()
+        return loss
+    return capture_step(body, opt)
+
+
 def baseline_step_fn(bvit, cfg, topk, images, mask_ratio):
     """The public reference code's step: fp16 autocast + GradScaler, torch AdamW (fp16 only where
     the device has it: on CPU the baseline runs bf16 autocast)."""
@@ -126,6 +150,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time the engine's step recorded into a CUDA graph and replayed "
+                        "(provider engine_graph; CUDA only)")
     p.add_argument("--gemm-size", type=int, default=None,
                    help="n of the n x n x n bf16 matmul whose measured TFLOP/s is the MFU peak "
                         "(default: 8192 on GPU, 1024 on CPU)")
@@ -135,6 +162,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        p.error(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     bvit, cfg, topk = build(args.preset, device)
     flops = tec_step_flops(bvit, cfg, args.mask_ratio, topk)["total"]
     batch_sizes = args.batch_sizes or ([64, 128, 256] if device.type == "cuda" else [4])
@@ -143,12 +172,15 @@ def main(argv=None):
     print(f"bf16 GEMM measured here: {gemm_tflops:.1f} TFLOP/s; published dense bf16 peak: "
           + (f"{published:.0f} TFLOP/s" if published else "unknown for this device (MFU vs published: -)"))
     rows = []
-    print(f"{'batch':>5} {'provider':<9} {'ms/step':>9} {'img/s':>9} {'speedup':>8} {'MFU meas':>8} "
+    print(f"{'batch':>5} {'provider':<12} {'ms/step':>9} {'img/s':>9} {'speedup':>8} {'MFU meas':>8} "
           f"{'MFU pub':>7} {'peak GB':>8}")
     for B in batch_sizes:
         images = torch.randn(B, 3, bvit.img_size, bvit.img_size, device=device)
         providers = [("engine", lambda: engine_step_fn(bvit, cfg, topk, images, args.precision,
                                                        args.compile, args.mask_ratio))]
+        if args.cuda_graph:
+            providers.append(("engine_graph", lambda: engine_graph_step_fn(bvit, cfg, topk, images,
+                                                                           args.precision, args.mask_ratio)))
         if not args.no_baseline:
             providers.append(("baseline", lambda: baseline_step_fn(bvit, cfg, topk, images, args.mask_ratio)))
         results = {}
@@ -157,11 +189,13 @@ def main(argv=None):
                 step = make()
                 t = time_callable(step, device, warmup=args.warmup, reps=args.steps)
             except torch.OutOfMemoryError:
-                print(f"{B:>5} {name:<9} out of memory")
+                print(f"{B:>5} {name:<12} out of memory")
                 results[name] = None
                 continue
             finally:
                 step = None
+            if name == "engine_graph":
+                t["peak_mem_gb"] = None  # the graph's memory pool is taken at capture, before the measured call
             img_s = B / (t["median_ms"] / 1e3)
             results[name] = dict(t, img_per_s=img_s)
             if device.type == "cuda":
@@ -173,20 +207,20 @@ def main(argv=None):
             achieved = flops * r["img_per_s"] / 1e12  # model TFLOP/s
             mfu = achieved / published if published else None
             row = dict(bench="step", provider=name, preset=args.preset, shape=f"B={B},S={bvit.img_size}",
-                       dtype=args.precision if name == "engine" else
+                       dtype=args.precision if name.startswith("engine") else
                        ("fp16-amp" if device.type == "cuda" else "bf16-amp"), mask_ratio=args.mask_ratio,
                        compile=args.compile and name == "engine", gflop_per_img=flops / 1e9,
                        model_tflops=achieved, gemm_tflops=gemm_tflops,
                        mfu_measured_peak=achieved / gemm_tflops, published_peak_tflops=published,
                        mfu=mfu, **r)
-            if name == "engine" and ref:
+            if name.startswith("engine") and ref:
                 row.update(baseline_img_per_s=ref["img_per_s"], speedup=r["img_per_s"] / ref["img_per_s"],
                            baseline_peak_mem_gb=ref.get("peak_mem_gb"))
             rows.append(row)
             sp = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
             mfu_s = f"{mfu:.1%}" if mfu is not None else "-"
             mem_s = f"{r['peak_mem_gb']:.2f}" if r.get("peak_mem_gb") is not None else "-"
-            print(f"{B:>5} {name:<9} {r['median_ms']:>9.2f} {r['img_per_s']:>9.1f} {sp:>8} "
+            print(f"{B:>5} {name:<12} {r['median_ms']:>9.2f} {r['img_per_s']:>9.1f} {sp:>8} "
                   f"{row['mfu_measured_peak']:>8.1%} {mfu_s:>7} {mem_s:>8}")
     path = append_results(rows, args.results_dir, device)
     print(f"\nFLOPs counted: {flops / 1e9:.1f} GFLOP per image (benchmarks/flops.py). MFU meas: against the "

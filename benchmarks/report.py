@@ -40,34 +40,59 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _on_device(r) -> bool:
+    """A row measured on a GPU (not a CPU smoke run, not a fake-tensor estimate)."""
+    dev = str(r.get("device", "cpu")).lower()
+    return "cpu" not in dev and "fake" not in dev and r.get("bench") not in ("traffic", "compile")
+
+
 def tables(rows) -> str:
-    gpu = [r for r in rows if "cpu" not in str(r.get("device", "cpu")).lower()]
+    gpu = [r for r in rows if _on_device(r)]
     if not gpu:
         return ("No GPU results yet: `benchmarks/run_device.sh` has not run on a lent H100/H200. "
                 "CPU rows in `benchmarks/results/` are smoke runs, not performance figures.")
     lines = []
-    steps = _latest([r for r in gpu if r.get("bench") == "step" and r.get("provider") == "engine"],
-                    ("device", "preset", "shape", "dtype", "compile"))
+    steps = _latest([r for r in gpu if r.get("bench") == "step" and str(r.get("provider")).startswith("engine")],
+                    ("device", "preset", "shape", "dtype", "compile", "provider"))
+    steps.sort(key=lambda r: (r.get("device"), r.get("preset"), int(str(r.get("shape")).split(",")[0][2:] or 0),
+                              r.get("provider")))
     if steps:
-        lines += ["Whole training step (engine vs eager baseline in the same run):", "",
-                  "| device | model | shape | dtype | img/s | baseline img/s | speedup | MFU | peak GB | baseline peak GB | commit |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["Whole training step (engine vs eager baseline in the same run; `engine_graph`: the same "
+                  "step recorded once into a CUDA graph and replayed):", "",
+                  "| device | model | shape | provider | dtype | img/s | baseline img/s | speedup | MFU | peak GB "
+                  "| baseline peak GB | commit |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in steps:
-            lines.append(f"| {r.get('device')} | {r.get('preset')} | {r.get('shape')} | {r.get('dtype')} | "
+            lines.append(f"| {r.get('device')} | {r.get('preset')} | {r.get('shape')} | {r.get('provider')} | "
+                         f"{r.get('dtype')} | "
                          f"{_fmt(r.get('img_per_s'), '.0f')} | {_fmt(r.get('baseline_img_per_s'), '.0f')} | "
                          f"{_fmt(r.get('speedup'), '.2f')}x | {_fmt(r.get('mfu'), '.1%')} | "
                          f"{_fmt(r.get('peak_mem_gb'), '.1f')} | {_fmt(r.get('baseline_peak_mem_gb'), '.1f')} | "
                          f"{str(r.get('commit', ''))[:8]} |")
         lines.append("")
-    ops = _latest([r for r in gpu if r.get("bench") not in ("step",)],
-                  ("device", "bench", "provider", "shape", "dtype"))
+    prof = _latest([r for r in gpu if r.get("bench") == "profile_step"], ("device", "preset", "batch", "provider", "kernels"))
+    if prof:
+        lines += ["Where the step's time goes (`benchmarks/profile_step.py`, torch.profiler; the profiler adds "
+                  "host time, so wall times run above the unprofiled ones):", "",
+                  "| device | model | batch | provider | kernels | wall ms/step | GPU busy ms | kernel launches | commit |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in prof:
+            lines.append(f"| {r.get('device')} | {r.get('preset')} | {r.get('batch')} | {r.get('provider')} | "
+                         f"{r.get('kernels', 'auto')} | {_fmt(r.get('wall_ms'), '.1f')} | {_fmt(r.get('gpu_busy_ms'), '.1f')} | "
+                         f"{r.get('launches')} | {str(r.get('commit', ''))[:8]} |")
+        lines.append("")
+    ops = _latest([r for r in gpu if r.get("bench") not in ("step", "profile_step")],
+                  ("device", "bench", "provider", "shape", "dtype", "timing"))
     if ops:
-        lines += ["Per-op and packing benchmarks:", "",
-                  "| device | bench | provider | shape | dtype | median ms | p20 | p80 | speedup | peak GB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["Per-op and packing benchmarks (timing `eager`: CUDA events around each eager call, so "
+                  "host time counts where an op is shorter than its Python and launch work, as in the "
+                  "fwdbwd rows; `graph`: the calls replayed from a CUDA graph, GPU time only):", "",
+                  "| device | bench | provider | shape | dtype | timing | median ms | p20 | p80 | speedup | peak GB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in ops:
             lines.append(f"| {r.get('device')} | {r.get('bench')} | {r.get('provider')} | {r.get('shape')} | "
-                         f"{r.get('dtype')} | {_fmt(r.get('median_ms'), '.3f')} | {_fmt(r.get('p20_ms'), '.3f')} | "
+                         f"{r.get('dtype')} | {r.get('timing', 'eager')} | {_fmt(r.get('median_ms'), '.3f')} | "
+                         f"{_fmt(r.get('p20_ms'), '.3f')} | "
                          f"{_fmt(r.get('p80_ms'), '.3f')} | {_fmt(r.get('speedup'), '.2f')} | "
                          f"{_fmt(r.get('peak_mem_gb'), '.2f')} |")
     return "\n".join(lines)

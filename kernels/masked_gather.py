@@ -91,7 +91,9 @@ _TARGET_PROGRAMS = 1024  # backward: split the batch until about this many progr
 
 def _launch_config(C: int) -> Tuple[int, int, int]:
     block_c = min(triton.next_power_of_2(C), 1024)
-    rows = max(1, 2048 // block_c)  # ~2K elements per program
+    # ~2K elements per program, at most 16 rows: Triton 3.6's layout pass fails on the backward
+    # kernel's 32- and 64-row tiles at C <= 64 (seen on the H200, reproduced offline)
+    rows = max(1, min(16, 2048 // block_c))
     num_warps = 4 if block_c * rows <= 2048 else 8
     return rows, block_c, num_warps
 

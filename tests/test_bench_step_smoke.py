@@ -44,3 +44,41 @@ def test_bench_packed_tiny_cpu(tmp_path):
     assert set(by) == {"packed", "padded"}
     assert by["packed"]["tokens"] <= by["padded"]["tokens"]
     assert by["packed"]["speedup"] > 0
+
+
+def test_bench_step_cuda_graph_needs_cuda(capsys):
+    with pytest.raises(SystemExit):
+        bench_step.main(["--preset", "tiny", "--device", "cpu", "--cuda-graph"])
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_profile_step_tiny_cpu(tmp_path):
+    from benchmarks import profile_step
+
+    rows = profile_step.main(["--preset", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1",
+                              "--warmup", "1", "--top", "5", "--results-dir", str(tmp_path)])
+    assert [r["provider"] for r in rows] == ["engine", "baseline"]
+    for r in rows:
+        assert r["wall_ms"] > 0 and r["gpu_busy_ms"] == 0 and r["launches"] == 0  # no GPU: host only
+        assert r["kernels"] == "auto" and 0 < len(r["top_host"]) <= 5
+        assert all(row["self_cpu_ms"] >= 0 and row["calls"] >= 0 for row in r["top_host"])
+    written = [json.loads(line) for line in (tmp_path / "profile.jsonl").read_text().splitlines()]
+    assert [r["provider"] for r in written] == ["engine", "baseline"]
+
+
+def test_report_tables_keep_measured_gpu_rows_only():
+    from benchmarks import report
+
+    common = dict(device="NVIDIA_H200", preset="vit_base", dtype="bf16", compile=False, commit="abc",
+                  timestamp="2026-11-30T00:00:00")
+    rows = [dict(common, bench="step", provider="engine", shape="B=64,S=224", img_per_s=1000.0, speedup=0.8),
+            dict(common, bench="step", provider="engine_graph", shape="B=64,S=224", img_per_s=2500.0, speedup=2.0),
+            dict(common, bench="traffic", provider="engine", shape="B=256", device="fake-tensors (estimate)"),
+            dict(common, bench="compile", provider=None, shape="vitb"),
+            dict(common, bench="layer_norm_fwd", provider="triton", shape="rows=8", median_ms=0.05),
+            dict(common, bench="step", provider="engine", shape="B=4,S=32", device="cpu-x86_64-2c")]
+    text = report.tables(rows)
+    assert "| engine_graph |" in text and "2.00x" in text and "0.80x" in text
+    assert "layer_norm_fwd" in text
+    assert "fake-tensors" not in text and "| compile |" not in text and "cpu-x86_64" not in text
+    assert report.tables([rows[-1]]).startswith("No GPU results yet")

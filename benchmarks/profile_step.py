@@ -1,0 +1,119 @@
+"""Where one training step's time goes: torch.profiler over a few engine (and baseline) steps.
+
+For each provider it prints the step's wall time (synchronised), the GPU busy time (the sum of
+the kernels' durations), the number of kernel launches, and the ops with the most host (CPU)
+time and the most device time per step. A step whose wall time is well above its GPU busy time
+is bound by the host: Python, dispatch and launch overhead, or a host synchronisation.
+
+    python benchmarks/profile_step.py --preset vit_base --batch 64
+    python benchmarks/profile_step.py --device cpu --batch 4 --no-baseline   # host side only
+
+Rows (one per provider) are appended to ``<results-dir>/profile.jsonl``; ``--trace DIR`` also
+writes a Chrome trace per provider (open it in chrome://tracing or Perfetto).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_step import DTYPES, PRESETS, baseline_step_fn, build, engine_step_fn  # noqa: E402
+from benchmarks.common import append_jsonl, complete_row, device_name, format_table  # noqa: E402
+from tec_fast.ops.dispatch import kernel_mode  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_step(step, device: torch.device, warmup: int, steps: int, top: int, trace: str = ""):
+    """Profile ``steps`` calls of ``step`` after ``warmup``; returns (summary dict, host table, device table)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    if trace:
+        prof.export_chrome_trace(trace)
+    events = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.device_time for e in kernels) / 1e3 / steps  # device_time is in microseconds
+    summary = dict(wall_ms=round(wall_ms, 3), gpu_busy_ms=round(gpu_ms, 3),
+                   launches=round(len(kernels) / steps), host_bound=gpu_ms < 0.8 * wall_ms)
+
+    def per_step(us):
+        return round(us / 1e3 / steps, 3)
+
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    host_rows = [dict(op=e.key[:60], calls=e.count // steps, self_cpu_ms=per_step(e.self_cpu_time_total),
+                      cpu_ms=per_step(e.cpu_time_total)) for e in host]
+    dev = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:top]
+    dev_rows = [dict(op=e.key[:60], calls=e.count // steps, self_gpu_ms=per_step(e.self_device_time_total))
+                for e in dev if getattr(e, "self_device_time_total", 0) > 0]
+    return summary, host_rows, dev_rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default 64 on GPU, 4 on CPU)")
+    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--warmup", type=int, default=3, help="steps before profiling (compiles the kernels)")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--top", type=int, default=25, help="ops listed per table")
+    p.add_argument("--no-baseline", action="store_true", help="profile the engine only")
+    p.add_argument("--trace", default="", help="folder for Chrome traces (one per provider)")
+    p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    bvit, cfg, topk = build(args.preset, device)
+    B = args.batch or (64 if device.type == "cuda" else 4)
+    images = torch.randn(B, 3, bvit.img_size, bvit.img_size, device=device)
+    providers = [("engine", lambda: engine_step_fn(bvit, cfg, topk, images, args.precision, False,
+                                                   args.mask_ratio))]
+    if not args.no_baseline:
+        providers.append(("baseline", lambda: baseline_step_fn(bvit, cfg, topk, images, args.mask_ratio)))
+    rows = []
+    for name, make in providers:
+        step = make()
+        trace = os.path.join(args.trace, f"trace_{name}_B{B}.json") if args.trace else ""
+        if trace:
+            os.makedirs(args.trace, exist_ok=True)
+        summary, host_rows, dev_rows = profile_step(step, device, args.warmup, args.steps, args.top, trace)
+        print(f"\n== {name}, {args.preset}, batch {B}, {args.precision}, kernels {kernel_mode()}, "
+              f"{device_name(device)}: "
+              f"wall {summary['wall_ms']:.2f} ms/step, GPU busy {summary['gpu_busy_ms']:.2f} ms, "
+              f"{summary['launches']} kernel launches"
+              + (" -> host-bound" if summary["host_bound"] and device.type == "cuda" else ""))
+        print(f"-- most host time per step ({name})")
+        print(format_table(host_rows, ["op", "calls", "self_cpu_ms", "cpu_ms"]))
+        if dev_rows:
+            print(f"-- most device time per step ({name})")
+            print(format_table(dev_rows, ["op", "calls", "self_gpu_ms"]))
+        rows.append(complete_row(dict(bench="profile_step", provider=name, preset=args.preset, batch=B,
+                                      precision=args.precision, kernels=kernel_mode(), **summary, top_host=host_rows[:10],
+                                      top_device=dev_rows[:10]), device))
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\nrows appended to {append_jsonl(rows, os.path.join(args.results_dir, 'profile.jsonl'))}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
