@@ -240,17 +240,19 @@ BUILDERS = {
 }
 
 
-def copy_bandwidth(nbytes: int, dev: torch.device, warmup: int, reps: int) -> Tuple[Dict, float]:
+def copy_bandwidth(nbytes: int, dev: torch.device, warmup: int, reps: int,
+                   cuda_graph: bool = False) -> Tuple[Dict, float]:
     """The device's copy bandwidth (read + write) on a buffer of ``nbytes``: the ceiling the
     gather / scatter kernels are compared with."""
     src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    t = time_callable(lambda: dst.copy_(src), dev, warmup=warmup, reps=reps, measure_memory=False)
+    t = time_callable(lambda: dst.copy_(src), dev, warmup=warmup, reps=reps, measure_memory=False,
+                      cuda_graph=cuda_graph)
     return t, 2 * src.numel() / (t["median_ms"] * 1e-3) / 1e9
 
 
 def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: List[str],
-        warmup: int, reps: int) -> List[Dict]:
+        warmup: int, reps: int, cuda_graph: bool = False) -> List[Dict]:
     rows = []
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     for backward in (False, True):
@@ -261,14 +263,19 @@ def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: L
         results = {}
         for name, fn in case.providers.items():
             try:
-                results[name] = time_callable(fn, dev, warmup=warmup, reps=reps)
+                results[name] = time_callable(fn, dev, warmup=warmup, reps=reps, cuda_graph=cuda_graph)
             except torch.OutOfMemoryError:
                 print(f"{bench} {name}: out of memory")
+            except RuntimeError as exc:  # e.g. a provider that synchronises cannot be recorded
+                if not cuda_graph:
+                    raise
+                print(f"{bench} {name}: not timed, cannot be recorded into a CUDA graph ({exc})")
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         ref_ms = results.get("reference", {}).get("median_ms")
         for name, t in results.items():
-            row = dict(bench=bench, provider=name, shape=case.shape, dtype=dtype_name, **t)
+            row = dict(bench=bench, provider=name, shape=case.shape, dtype=dtype_name,
+                       timing="graph" if cuda_graph else "eager", **t)
             secs = t["median_ms"] * 1e-3
             if case.bytes_moved:
                 row["gb_per_s"] = case.bytes_moved / secs / 1e9
@@ -277,9 +284,9 @@ def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: L
             row["speedup"] = ref_ms / t["median_ms"] if ref_ms else None
             rows.append(row)
         if case.bytes_moved and dev.type == "cuda":
-            t, gbs = copy_bandwidth(int(case.bytes_moved), dev, warmup, reps)
-            rows.append(dict(bench=bench, provider="device_copy", shape=case.shape, dtype=dtype_name, **t,
-                             gb_per_s=gbs, speedup=None))
+            t, gbs = copy_bandwidth(int(case.bytes_moved), dev, warmup, reps, cuda_graph)
+            rows.append(dict(bench=bench, provider="device_copy", shape=case.shape, dtype=dtype_name,
+                             timing="graph" if cuda_graph else "eager", **t, gb_per_s=gbs, speedup=None))
     return rows
 
 
@@ -295,6 +302,9 @@ def main(argv=None) -> List[Dict]:
                    help="CPU: run the Triton kernels through TRITON_INTERPRET=1 (slow, for checking)")
     p.add_argument("--warmup", type=int, default=None, help="calls before timing (default 5 GPU, 1 CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed calls (default 50 GPU, 5 CPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time each call replayed from a CUDA graph: the GPU time alone, without the "
+                        "host's Python and launch time (rows carry timing=graph)")
     p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
 
@@ -303,6 +313,8 @@ def main(argv=None) -> List[Dict]:
     size = SIZES[args.size or ("vitb" if gpu else "tiny")]
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     provider = args.provider or ("all" if gpu or args.interpret else "reference")
+    if args.cuda_graph and not gpu:
+        p.error(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     if provider != "reference" and not gpu and not args.interpret:
         raise SystemExit("the Triton kernels need a CUDA device, or --interpret on CPU")
     providers = ["reference"] if provider == "reference" else ["reference", "triton"]
@@ -312,12 +324,12 @@ def main(argv=None) -> List[Dict]:
 
     rows = []
     for op in ops:
-        op_rows = run(op, size, dtype, dev, providers, warmup, reps)
+        op_rows = run(op, size, dtype, dev, providers, warmup, reps, args.cuda_graph)
         if provider == "triton":
             op_rows = [r for r in op_rows if r["provider"] != "reference"]
         rows += op_rows
     print(f"device {device_name(dev)}; {dtype}; sizes {size}")
-    print(format_table(rows, ["bench", "provider", "shape", "median_ms", "p20_ms", "p80_ms", "gb_per_s",
+    print(format_table(rows, ["bench", "provider", "shape", "timing", "median_ms", "p20_ms", "p80_ms", "gb_per_s",
                               "tflop_per_s", "peak_mem_gb", "speedup"]))
     path = append_results(rows, args.results_dir, dev)
     print(f"appended {len(rows)} rows to {path}")

@@ -60,22 +60,45 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` recorded once into a CUDA graph (after two warm-up calls on a side stream); returns
+    the replay. Timing the replay measures the GPU work alone, without the host's Python, dispatch
+    and launch time, which an eager call of a short op can take longer than its kernels."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay  # the bound method keeps the graph alive
+
+
 def time_callable(fn: Callable[[], object], device, warmup: int = 3, reps: int = 20,
-                  measure_memory: bool = True) -> Dict[str, Optional[float]]:
+                  measure_memory: bool = True, cuda_graph: bool = False) -> Dict[str, Optional[float]]:
     """Median / 20th / 80th percentile milliseconds per call of ``fn`` and its peak memory.
 
     CUDA: ``triton.testing.do_bench`` (CUDA-event timing, L2 flushed between calls) with
     ``warmup``/``reps`` read as counts of calls; peak memory is the most allocated during one
-    extra call, above what was allocated before it (GB = 2**30 bytes). CPU: ``time.perf_counter``
-    around each call; no peak memory (None).
+    extra call, above what was allocated before it (GB = 2**30 bytes). With ``cuda_graph`` the
+    call is recorded into a CUDA graph first and the replays are timed (GPU time only; no peak
+    memory). CPU: ``time.perf_counter`` around each call; no peak memory (None).
     """
     device = torch.device(device)
     sync = _sync(device)
     peak = None
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"time_callable: cuda_graph needs a CUDA device, got {device}")
     if device.type == "cuda":
         import triton.testing
         fn()  # compile / autotune outside the measurement
         sync()
+        if cuda_graph:
+            fn, measure_memory = graphed(fn), False
+            fn()
+            sync()
         if measure_memory:
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)

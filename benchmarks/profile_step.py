@@ -65,6 +65,29 @@ def profile_step(step, device: torch.device, warmup: int, steps: int, top: int, 
     return summary, host_rows, dev_rows
 
 
+def python_profile(step, device: torch.device, steps: int, top: int):
+    """cProfile over ``steps`` more calls, backward included (run on this thread): the Python
+    functions with the most own time per step."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    # backward on this thread: autograd otherwise runs it on a device thread cProfile does not see
+    with torch.autograd.set_multithreading_enabled(False):
+        prof.enable()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cum s, callers)
+    rows = []
+    for (path, line, func), (_, calls, own, cum, _) in stats.items():
+        where = func if path == "~" else f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}:{line}:{func}"
+        rows.append(dict(function=where[-70:], calls=calls // steps, own_ms=round(own * 1e3 / steps, 3),
+                         cum_ms=round(cum * 1e3 / steps, 3)))
+    return sorted(rows, key=lambda r: r["own_ms"], reverse=True)[:top]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
@@ -76,6 +99,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
     p.add_argument("--top", type=int, default=25, help="ops listed per table")
     p.add_argument("--no-baseline", action="store_true", help="profile the engine only")
+    p.add_argument("--python", action="store_true",
+                   help="also run cProfile over the same steps and list the Python functions with the "
+                        "most own time (where host overhead outside aten ops goes)")
     p.add_argument("--trace", default="", help="folder for Chrome traces (one per provider)")
     p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
@@ -95,6 +121,7 @@ def main(argv=None):
         if trace:
             os.makedirs(args.trace, exist_ok=True)
         summary, host_rows, dev_rows = profile_step(step, device, args.warmup, args.steps, args.top, trace)
+        py_rows = python_profile(step, device, args.steps, args.top) if args.python else []
         print(f"\n== {name}, {args.preset}, batch {B}, {args.precision}, kernels {kernel_mode()}, "
               f"{device_name(device)}: "
               f"wall {summary['wall_ms']:.2f} ms/step, GPU busy {summary['gpu_busy_ms']:.2f} ms, "
@@ -105,9 +132,12 @@ def main(argv=None):
         if dev_rows:
             print(f"-- most device time per step ({name})")
             print(format_table(dev_rows, ["op", "calls", "self_gpu_ms"]))
+        if py_rows:
+            print(f"-- Python functions with the most own time per step ({name}, cProfile)")
+            print(format_table(py_rows, ["function", "calls", "own_ms", "cum_ms"]))
         rows.append(complete_row(dict(bench="profile_step", provider=name, preset=args.preset, batch=B,
                                       precision=args.precision, kernels=kernel_mode(), **summary, top_host=host_rows[:10],
-                                      top_device=dev_rows[:10]), device))
+                                      top_device=dev_rows[:10], top_python=py_rows[:10]), device))
         del step
         if device.type == "cuda":
             torch.cuda.empty_cache()

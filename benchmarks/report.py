@@ -47,7 +47,7 @@ def _on_device(r) -> bool:
 
 
 def tables(rows) -> str:
-    gpu = [r for r in rows if _on_device(r)]
+    gpu = [dict(r, timing=r.get("timing") or "eager") for r in rows if _on_device(r)]
     if not gpu:
         return ("No GPU results yet: `benchmarks/run_device.sh` has not run on a lent H100/H200. "
                 "CPU rows in `benchmarks/results/` are smoke runs, not performance figures.")
@@ -91,7 +91,7 @@ def tables(rows) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in ops:
             lines.append(f"| {r.get('device')} | {r.get('bench')} | {r.get('provider')} | {r.get('shape')} | "
-                         f"{r.get('dtype')} | {r.get('timing', 'eager')} | {_fmt(r.get('median_ms'), '.3f')} | "
+                         f"{r.get('dtype')} | {r['timing']} | {_fmt(r.get('median_ms'), '.3f')} | "
                          f"{_fmt(r.get('p20_ms'), '.3f')} | "
                          f"{_fmt(r.get('p80_ms'), '.3f')} | {_fmt(r.get('speedup'), '.2f')} | "
                          f"{_fmt(r.get('peak_mem_gb'), '.2f')} |")

@@ -7,6 +7,17 @@ import torch
 import triton
 
 
+def direct_launch() -> bool:
+    """Whether an op may call its launchers straight from an ``autograd.Function`` rather than
+    through its ``torch.library`` custom ops: only in plain eager execution, where nothing
+    intercepts the dispatcher. Under ``torch.compile`` / export, or inside a dispatch mode
+    (FakeTensorMode, the traffic counter of ``benchmarks/traffic.py``), the custom ops are what
+    the tracer must see. Both routes run the same launchers; a custom-op call costs the host
+    about 100 us more per forward + backward (measured on the development CPU), which a ViT
+    step with ~80 LayerNorm and MLP calls spends while its GPU waits at small batches."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dimension is contiguous (the kernels take the other strides as
     arguments), else a contiguous copy."""

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import dtype_reasons
+from tec_fast.kernels._common import direct_launch, dtype_reasons
 
 ACTIVATIONS = ("gelu",)  # what the kernels compute: GELU with the exact erf (timm, MAE, HF "gelu")
 BLOCK_FWD = 1024         # forward: elements per program
@@ -167,7 +167,8 @@ def _mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
                  b2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [rows, C] -> (out [rows, Cout], pre [rows, Hd]); all operands of one dtype."""
     pre = torch.addmm(b1, x, w1.t())
-    return torch.addmm(b2, _mlp_gelu_op(pre), w2.t()), pre
+    gelu = _mlp_gelu_fwd if direct_launch() else _mlp_gelu_op  # no autograd here: same values
+    return torch.addmm(b2, gelu(pre), w2.t()), pre
 
 
 class _Mlp(torch.autograd.Function):
@@ -190,7 +191,8 @@ class _Mlp(torch.autograd.Function):
         b1_dtype, b2_dtype = ctx.bias_dtypes
         with torch.autocast(x.device.type, enabled=False):
             grad_out = grad_out.to(w2.dtype)
-            h, grad_pre, grad_b1 = _mlp_gelu_backward_op(pre, grad_out @ w2)
+            gelu_bwd = _mlp_gelu_bwd if direct_launch() else _mlp_gelu_backward_op
+            h, grad_pre, grad_b1 = gelu_bwd(pre, grad_out @ w2)
             grad_x = grad_pre @ w1 if need_x else None
             grad_w1 = grad_pre.t() @ x if need_w1 else None
             grad_b1 = grad_b1.to(b1_dtype) if need_b1 else None

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_ops  # noqa: E402
 
 KEYS = {"bench", "provider", "device", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_gb",
-        "torch", "triton", "commit", "timestamp"}
+        "torch", "triton", "commit", "timestamp", "timing"}
 
 
 def _rows(results_dir):
@@ -40,3 +40,14 @@ def test_triton_provider_through_interpreter(tmp_path):
     rows = _rows(tmp_path)
     triton_rows = [r for r in rows if r["provider"] == "triton"]
     assert len(triton_rows) == 2 and all(r["speedup"] > 0 for r in triton_rows)
+
+
+def test_cuda_graph_timing_needs_cuda(capsys):
+    from benchmarks import bench_ops
+    from benchmarks.common import time_callable
+
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--op", "layer_norm", "--device", "cpu", "--cuda-graph"])
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        time_callable(lambda: None, "cpu", cuda_graph=True)

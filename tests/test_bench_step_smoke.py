@@ -56,12 +56,13 @@ def test_profile_step_tiny_cpu(tmp_path):
     from benchmarks import profile_step
 
     rows = profile_step.main(["--preset", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1",
-                              "--warmup", "1", "--top", "5", "--results-dir", str(tmp_path)])
+                              "--warmup", "1", "--top", "5", "--python", "--results-dir", str(tmp_path)])
     assert [r["provider"] for r in rows] == ["engine", "baseline"]
     for r in rows:
         assert r["wall_ms"] > 0 and r["gpu_busy_ms"] == 0 and r["launches"] == 0  # no GPU: host only
         assert r["kernels"] == "auto" and 0 < len(r["top_host"]) <= 5
         assert all(row["self_cpu_ms"] >= 0 and row["calls"] >= 0 for row in r["top_host"])
+        assert 0 < len(r["top_python"]) <= 5 and all(row["own_ms"] >= 0 for row in r["top_python"])
     written = [json.loads(line) for line in (tmp_path / "profile.jsonl").read_text().splitlines()]
     assert [r["provider"] for r in written] == ["engine", "baseline"]
 
