@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADING = "## Use the kernels in your MIM code"
 
 
-def _example_code() -> str:
+def _example_code(index: int = 0) -> str:
     path = os.path.join(ROOT, "README.md")
     with open(path) as f:
         text = f.read()
@@ -18,7 +18,7 @@ def _example_code() -> str:
     section = re.split(r"\n## ", section, maxsplit=1)[0]  # up to the next section
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert blocks, f"no python block in the section of {path}"
-    return blocks[0]
+    return blocks[index]
 
 
 @pytest.mark.parametrize("mode", ["reference", "triton"])
@@ -31,3 +31,16 @@ def test_readme_example_runs(mode, monkeypatch, request, capsys):
     out = capsys.readouterr().out
     losses = [float(v) for v in re.findall(r"loss (\S+)", out)]
     assert len(losses) == 3 and all(v == v and v > 0 for v in losses), out
+
+
+@pytest.mark.gpu
+def test_readme_cuda_graph_example_runs(capsys):
+    """The second block: TinyMIM's step recorded with capture_step and replayed on CUDA."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    scope = {"__name__": "readme_example"}
+    exec(compile(_example_code(0), "README example", "exec"), scope)
+    exec(compile(_example_code(1), "README CUDA-graph example", "exec"), scope)
+    losses = [float(v) for v in re.findall(r"graph step \d: loss (\S+)", capsys.readouterr().out)]
+    assert len(losses) == 3 and all(v == v and v > 0 for v in losses)
