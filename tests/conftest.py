@@ -186,3 +186,15 @@ def interpreter_setting_stays():
     before = os.environ.get("TRITON_INTERPRET")
     yield
     assert os.environ.get("TRITON_INTERPRET") == before, "this test changed TRITON_INTERPRET"
+
+
+def assert_routes_agree(module, run, monkeypatch):
+    """``run()`` -> list of tensors, once through the eager route of a kernel ``module``
+    (``direct_launch``) and once through its custom ops: both must agree bitwise."""
+    assert module.direct_launch(), "the test must run in plain eager mode"
+    direct = run()
+    monkeypatch.setattr(module, "direct_launch", lambda: False)
+    via_op = run()
+    assert len(direct) == len(via_op)
+    for i, (a, e) in enumerate(zip(direct, via_op)):
+        assert torch.equal(a, e), f"output {i} differs between the eager route and the custom ops"

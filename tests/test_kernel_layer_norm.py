@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close, assert_low_precision_ok
+from conftest import assert_close, assert_low_precision_ok, assert_routes_agree
 
 SHAPES = [(1, 1, 7), (3, 5, 37), (2, 13, 64), (1, 3, 130)]  # odd widths, B = 1, a single row
 
@@ -108,9 +108,4 @@ def test_eager_route_matches_custom_op(triton_path, monkeypatch, with_res):
         leaves = [x, w, b] + ([res] if with_res else [])
         return [y, *torch.autograd.grad(loss, leaves)]
 
-    assert m.direct_launch()
-    direct = run()
-    monkeypatch.setattr(m, "direct_launch", lambda: False)
-    via_op = run()
-    for a, e in zip(direct, via_op):
-        assert torch.equal(a, e)
+    assert_routes_agree(m, run, monkeypatch)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_close, assert_low_precision_ok
+from conftest import assert_close, assert_low_precision_ok, assert_routes_agree
 from tec_fast import ops
 from tec_fast.models.layers import Block, Mlp
 from tec_fast.ops import reference
@@ -224,9 +224,4 @@ def test_eager_route_matches_custom_op(triton_path, monkeypatch):
         out = m.mlp(*leaves)
         return [out, *torch.autograd.grad(out.float().square().sum(), leaves)]
 
-    assert m.direct_launch()
-    direct = run()
-    monkeypatch.setattr(m, "direct_launch", lambda: False)
-    via_op = run()
-    for a, e in zip(direct, via_op):
-        assert torch.equal(a, e)
+    assert_routes_agree(m, run, monkeypatch)
