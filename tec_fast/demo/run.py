@@ -41,7 +41,7 @@ from tec_fast.models.base import BaseModel
 from tec_fast.models.tec import TECModel
 from tec_fast.presets import vit_preset
 from tec_fast.training import FitConfig, fit, masking_noise
-from tec_fast.training.monitor import format_duration, table
+from tec_fast.training.monitor import format_duration, table, write_status_line
 from tec_fast.training.objectives import IndexedDataset, MAEObjective, TargetCache, TECObjective
 
 ROWS = {
@@ -176,8 +176,7 @@ class _StageProgress:
         eta = elapsed * (1 - frac) / frac if frac > 0 else float("nan")
         line = "  ".join(f"[{s}] {done[s]}/{n}" for s, n in self.totals.items())
         line += f"  {100 * frac:3.0f}%  elapsed {format_duration(elapsed)}  ETA {format_duration(eta)}"
-        sys.stderr.write(("\r" + line + "\x1b[K" + ("\n" if final else "")) if self.tty else line + "\n")
-        sys.stderr.flush()
+        write_status_line(sys.stderr, line, self.tty, final)
 
 
 def train_stages(base_mae, train_indexed, plan: DemoPlan, out: str, seed: int, progress: bool,

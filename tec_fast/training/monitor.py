@@ -20,6 +20,13 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def write_status_line(stream, line: str, tty: bool, final: bool = False) -> None:
+    """A progress line: redrawn in place on a terminal (newline only when ``final``), one plain
+    line each time elsewhere (log files, CI)."""
+    stream.write(("\r" + line + "\x1b[K" + ("\n" if final else "")) if tty else line + "\n")
+    stream.flush()
+
+
 class Progress:
     """One progress line: step, bar, img/s, loss, lr, ETA. On a terminal it redraws in place
     (at most ~4 times a second); elsewhere (log files, CI) it prints a plain line every
@@ -55,13 +62,8 @@ class Progress:
         parts.append(f"{100 * frac:3.0f}%  ep {epoch}  {img_per_s:7.1f} img/s")
         parts += [f"{k} {v:.4f}" for k, v in metrics.items()]
         parts.append(f"lr {lr:.2e}  ETA {format_duration(eta)}")
-        line = "  ".join(parts)
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K" + ("\n" if last else ""))
-            self._open_line = not last
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        write_status_line(self.stream, "  ".join(parts), self.tty, final=last)
+        self._open_line = self.tty and not last
 
     def close(self) -> None:
         if self._open_line:
