@@ -92,6 +92,10 @@ REFUSED = [
     ("tec", ["--img-size", "30"], "--img-size"),
     ("tec", ["--max-steps", "3", "--save-every-steps", "5"], "--save-every-steps"),
     ("tec", ["--native-resolution", "--compile"], "--compile"),
+    ("tec", ["--cuda-graph", "--accum", "2"], "--accum"), ("tec", ["--cuda-graph", "--precision", "fp16"], "--precision"),
+    ("tec", ["--cuda-graph", "--compile"], "--compile"), ("tec", ["--cuda-graph", "--optimizer", "apex"], "--optimizer"),
+    ("demo", ["--cuda-graph"], "--cuda-graph"), ("tec", ["--cuda-graph", "--mask-ratio", "0.6:0.9"], "--mask-ratio"),
+    ("tec", ["--cuda-graph", "--masking", "block"], "--masking"),
     ("tec", ["--native-resolution", "--max-patches", "3"], "--max-patches"),
     ("tec", ["--native-resolution", "--tokens-per-batch", "10"], "--tokens-per-batch"),
 ]
@@ -113,6 +117,13 @@ def test_cuda_device_without_cuda(files, capsys):
     with pytest.raises(SystemExit):
         main([*_tec(files), "--device", "cuda"])
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_graph_without_cuda(files, capsys):
+    with pytest.raises(SystemExit):
+        main([*_tec(files), "--cuda-graph"])
+    assert "error: argument --cuda-graph: --cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
 def test_good_flags_pass_the_checks(files):

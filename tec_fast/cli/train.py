@@ -103,6 +103,11 @@ def _run_flags(p: Parser) -> None:
     g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast dtype; fp16 adds loss scaling. auto: bf16 on a GPU that has it, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the new model and the base")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step from two CUDA graphs (forward+backward, optimizer step) instead "
+                        "of launching its kernels one by one: for small per-GPU batches, where the host "
+                        "is slower than the GPU. One GPU, fixed-size batches, one --mask-ratio, random "
+                        "masks, --accum 1, bf16/fp32, torch AdamW; the first step runs eagerly")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--output", metavar="DIR", type=output_dir, help="checkpoints, metrics.jsonl, exported "
                    "encoder (default: runs/<objective>, demo: runs/demo)")
@@ -241,7 +246,8 @@ def fit_config(args, output: str, precision: str):
                      time_limit=args.time_limit, batch_size=args.batch_size, accum=args.accum, blr=args.blr,
                      lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                      weight_decay=args.weight_decay, optimizer=args.optimizer, precision=precision,
-                     clip_grad=args.clip_grad, compile=args.compile, shard=args.shard,
+                     clip_grad=args.clip_grad, compile=args.compile, cuda_graph=args.cuda_graph,
+                     shard=args.shard,
                      num_workers=args.num_workers, pin_memory=not args.no_pin_memory, seed=args.seed,
                      log_every=args.log_every, save_every_epochs=args.save_every,
                      save_every_steps=args.save_every_steps, keep_last=args.keep_last,

@@ -40,6 +40,25 @@ def check_train_flags(p: Parser, args: argparse.Namespace) -> None:
             p.refuse("--resume", f"{last!r}: no such checkpoint")
     if args.native_resolution:
         _check_native(p, args)
+    if args.cuda_graph:
+        _check_cuda_graph(p, args)
+
+
+def _check_cuda_graph(p: Parser, args) -> None:
+    """What --cuda-graph needs that the flags alone show (fit checks the rest: processes, optimizer)."""
+    import torch
+
+    for flag, bad, what in (("--accum", args.accum != 1, "--accum 1"),
+                            ("--precision", args.precision == "fp16", "bf16 or fp32 (fp16's loss scaler "
+                                                                      "decides on the host)"),
+                            ("--native-resolution", args.native_resolution, "fixed-size batches"),
+                            ("--mask-ratio", isinstance(args.mask_ratio, tuple), "one mask ratio, not a range"),
+                            ("--masking", args.masking != "random", "random masks"),
+                            ("--compile", args.compile, "no --compile"),
+                            ("--optimizer", args.optimizer == "apex", "torch's fused AdamW"),
+                            ("--cuda-graph", not torch.cuda.is_available(), "a CUDA device (none is visible)")):
+        if bad:
+            p.refuse(flag, f"--cuda-graph needs {what}")
 
 
 def _check_objective(p: Parser, args, set_flags: dict) -> None:

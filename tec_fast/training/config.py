@@ -31,6 +31,7 @@ class FitConfig:
     precision: str = "fp32"                # "fp32" | "bf16" | "fp16"
     clip_grad: Optional[float] = None      # max gradient norm; None: not clipped
     compile: bool = False
+    cuda_graph: bool = False               # replay each step from CUDA graphs (training/graphed.py)
     shard: str = "ddp"                     # under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
     num_workers: int = 0
     pin_memory: bool = True

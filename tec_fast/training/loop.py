@@ -4,7 +4,7 @@ dataset, FitConfig)``.
 It owns no math: the objective computes the loss. Around it: data order and per-sample seeds,
 masking noise, mixed precision, gradient accumulation, AdamW with the per-step schedule, DDP or
 FSDP2 under torchrun, checkpoints that resume exactly, the NaN guard, SIGTERM/SIGINT handling,
-progress, metrics.
+progress, metrics, and (``cuda_graph``) steps replayed from CUDA graphs (``graphed.py``).
 
 Reproducibility, by construction rather than by restoring worker state:
 - data order is a permutation drawn from (seed, epoch) (``DistributedSampler``), so a resumed
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tec_fast.training.config import FitConfig, FitResult
 from tec_fast.training.distributed import DistInfo, _no_sync, _wrap_model, setup_distributed
 from tec_fast.training.faults import NonFiniteLoss, _SignalFlag
+from tec_fast.training.graphed import GraphedStep, graph_reasons
 from tec_fast.training.monitor import MetricsLog, Progress, StepMeter
 from tec_fast.training.objectives import Objective
 from tec_fast.training.optim import build_optimizer, plan_schedule, set_lr
@@ -97,18 +98,32 @@ def _to_device(batch, device: torch.device):
 
 
 
+def _next_inputs(batches, objective: Objective, cfg: FitConfig, d: DistInfo, step: int, micro: int):
+    """Micro-step ``micro`` of optimizer step ``step``: (batch on the device, its masking noise or None)."""
+    batch = _to_device(next(batches), d.device)
+    noise = None
+    if objective.noise_columns is not None:
+        noise = masking_noise(cfg.seed, step, micro, cfg.batch_size * d.world, objective.noise_columns,
+                              d.rank, d.world).to(d.device, non_blocking=True)
+    return batch, noise
+
+
 def _forward_backward(wrapped, sync, objective: Objective, batches, scaler, cfg: FitConfig, d: DistInfo,
-                      step: int, amp_dtype) -> Tuple[List[str], torch.Tensor, int]:
+                      step: int, amp_dtype,
+                      graphed: Optional[GraphedStep] = None) -> Tuple[List[str], torch.Tensor, int]:
     """The ``accum`` micro-steps of one optimizer step: (metric names, their means on device,
-    images this process saw)."""
+    images this process saw). With ``graphed``, the step's first call records the graphs and
+    every call replays them (one micro-step)."""
+    if graphed is not None:
+        batch, noise = _next_inputs(batches, objective, cfg, d, step, 0)
+        if not graphed.recorded:
+            graphed.record(batch, noise)
+        names, sums = graphed.forward_backward(batch, noise)
+        return names, sums, batch_images(batch)
     names, sums, images = None, None, 0
     for micro in range(cfg.accum):
-        batch = _to_device(next(batches), d.device)
+        batch, noise = _next_inputs(batches, objective, cfg, d, step, micro)
         images += batch_images(batch)
-        noise = None
-        if objective.noise_columns is not None:
-            noise = masking_noise(cfg.seed, step, micro, cfg.batch_size * d.world, objective.noise_columns,
-                                  d.rank, d.world).to(d.device, non_blocking=True)
         with _no_sync(sync, cfg, micro == cfg.accum - 1), \
                 torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = objective(wrapped, batch, noise)
@@ -208,7 +223,14 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     sched = plan_schedule(cfg, per_micro * cfg.accum * d.world, steps_per_epoch)
     optimizer, opt_name = build_optimizer(model, sched.peak_lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
     scaler, amp_dtype = _precision(cfg, d)
+    if cfg.cuda_graph:
+        reasons = graph_reasons(cfg, d.device, d.world, opt_name, batch_sampler is not None, objective)
+        if reasons:
+            raise ValueError("cuda_graph: cannot record this run's step: " + "; ".join(reasons))
     pos = restore(resumed, model, optimizer, scaler, sched, cfg, d)
+    graphed = (GraphedStep(model, wrapped, objective, optimizer, cfg.clip_grad, amp_dtype, d.device)
+               if cfg.cuda_graph else None)
+    eager_steps = 1 if graphed is not None else 0  # the first step runs eagerly: kernels, optimizer state
     log = _open_log(cfg, d, {"event": "start", "stage": cfg.name, "step": pos.step, "world": d.world,
                              "device": str(d.device), "optimizer": opt_name, "lr": sched.peak_lr,
                              **sched.to_dict(), "resumed_from": resume_path, "config": cfg.to_dict()})
@@ -225,15 +247,20 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
                 while pos.step < sched.total_steps:
                     lr = sched.lr(pos.step)
                     set_lr(optimizer, lr)
+                    replay = graphed if graphed is not None and eager_steps == 0 else None
                     names, sums, images = _forward_backward(wrapped, sync, objective, batches, scaler, cfg, d,
-                                                            pos.step, amp_dtype)
+                                                            pos.step, amp_dtype, replay)
                     over_time = cfg.time_limit is not None and time.perf_counter() - t_start > cfg.time_limit
                     metrics, nonfinite, stop_signal, stop_time, images = _agree(
                         names, sums, sig.signum is not None, over_time, d, images)
                     if nonfinite:
                         log.write({"event": "nonfinite_loss", "stage": cfg.name, "step": pos.step + 1, **metrics})
                         raise NonFiniteLoss(pos.step + 1, metrics, saver.newest)
-                    _optimizer_step(model, optimizer, scaler, cfg.clip_grad, metrics)
+                    if replay is not None:
+                        replay.step(metrics)
+                    else:
+                        _optimizer_step(model, optimizer, scaler, cfg.clip_grad, metrics)
+                        eager_steps = max(0, eager_steps - 1)
                     epoch_end = pos.advance(steps_per_epoch)
                     meter.record(pos.step, pos.epoch, metrics, images, lr, time.perf_counter() - t_start)
                     if on_step is not None:

@@ -64,8 +64,13 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate; a tensor lr (a CUDA-graph run's) is overwritten in place,
+    so the recorded optimizer step reads the new value."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 @dataclass
