@@ -123,11 +123,12 @@ class GraphedStep:
             self._forward_backward()  # warm-up on a side stream: the weights do not change
         torch.cuda.current_stream().wait_stream(side)
         self.optimizer.zero_grad(set_to_none=True)  # the recorded backward writes fresh gradients
+        # thread_local: the data loader's pin-memory thread may call CUDA during the recording
         self.fwd_bwd = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.fwd_bwd):
+        with torch.cuda.graph(self.fwd_bwd, capture_error_mode="thread_local"):
             self.names, self.sums = self._forward_backward()
         self.opt_step = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.opt_step, pool=self.fwd_bwd.pool()):
+        with torch.cuda.graph(self.opt_step, pool=self.fwd_bwd.pool(), capture_error_mode="thread_local"):
             self.norm = self._optimizer_step()
 
     def forward_backward(self, batch, noise: Optional[torch.Tensor]):
