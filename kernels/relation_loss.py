@@ -150,8 +150,11 @@ def _prepare(q, k, topk_idx, target):
 
 def _meta(q, topk):
     block_r, block_l, block_d = relation_block_sizes(topk, q.shape[-1], q.dtype)
+    # 8 warps for fp32 tiles 128 wide: at 4 the backward spilled 524 B at ViT-H under Triton 3.6
+    # (benchmarks/compile_report.py; 3.9 fitted it in 255 registers)
+    wide_fp32 = q.dtype == torch.float32 and block_d >= 128
     return dict(BLOCK_R=block_r, BLOCK_L=block_l, BLOCK_D=block_d,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if wide_fp32 else 4)
 
 
 def _relation_loss_fwd(q, k, topk_idx, target, tau, scale):
