@@ -228,7 +228,32 @@ def mlp_cases(s, dtype, dev, providers, backward) -> Case:
     return Case(f"rows={rows},C={C},hidden={hidden}", fns, flops=fwd_flops)
 
 
+def patch_embed_cases(s, dtype, dev, providers, backward) -> Case:
+    """The new model's patch embedding as trained: fp32 images under autocast to ``dtype``, fp32
+    weights; weight and bias gradients. GEMM FLOPs (the gather's bytes are a small part)."""
+    B, p, D = s["B"], 16, s["C"]
+    S = p * int(round(s["L"] ** 0.5))
+    images = torch.randn(B, 3, S, S, device=dev)
+    w = (torch.randn(D, 3, p, p, device=dev) * 0.02).requires_grad_(backward)
+    b = torch.zeros(D, device=dev, requires_grad=backward)
+    impls = {"reference": reference.patch_embed}
+    if "triton" in providers:
+        impls["triton"] = _fast("patch_embed")
+    low = dtype != torch.float32
+
+    def call(f):
+        with torch.autocast(dev.type, dtype=dtype, enabled=low):
+            return f(images, w, b)
+    flops = 2 * B * (S // p) ** 2 * 3 * p * p * D
+    shape = f"B={B},S={S},p={p},D={D}"
+    if backward:
+        fns = {n: _grad_fn(lambda f=f: call(f).float().square().sum(), [w, b], None) for n, f in impls.items()}
+        return Case(shape, fns, flops=2 * flops)
+    return Case(shape, {n: (lambda f=f: call(f)) for n, f in impls.items()}, flops=flops)
+
+
 BUILDERS = {
+    "patch_embed": patch_embed_cases,
     "layer_norm": layer_norm_cases,
     "mlp": mlp_cases,
     "masked_gather": masked_gather_cases,

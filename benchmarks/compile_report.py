@@ -45,7 +45,7 @@ from benchmarks.common import REPO, format_table, git_commit, versions  # noqa: 
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "compile.jsonl")
 KERNEL_MODULES = ("masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets", "relation_loss",
-                  "encoder_adapter", "layer_norm", "mlp")
+                  "encoder_adapter", "layer_norm", "mlp", "patch_embed")
 
 # Per-block shared memory a kernel may use (opt-in maximum), bytes: H100/H200 227 KB, A100 163 KB.
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -281,7 +281,14 @@ def _case_mlp(s, dt):
         m._mlp_gelu_bwd(pre, _meta(rows, hidden, dtype=dt))
 
 
+def _case_patch_embed(s, dt):
+    from tec_fast.kernels import patch_embed as m
+    side = 16 * int(round(s["L"] ** 0.5))  # 16-pixel patches (ViT-H/14's are 14: same kernel, P=14)
+    m._patchify(torch.empty(s["B"], 3, side, side, device="meta"), 16, dt)  # fp32 images -> dt patches
+
+
 CASES: Dict[str, Callable[[Dict[str, int], torch.dtype], None]] = {
+    "patch_embed": _case_patch_embed,
     "masked_gather": _case_masked_gather,
     "scatter_masked": _case_scatter_masked,
     "patch_norm_mse": _case_patch_norm_mse,

@@ -165,3 +165,22 @@ def test_compile_inductor(cuda_triton_path):
     want = _grads(reference.relation_loss(q, k, idx, rel, 1.8, d ** -0.5), [q, k])
     for name, a, b in zip(["loss", "grad_q", "grad_k"], got, want):
         assert_close(a, b, atol=1e-5, rtol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_embed(cuda_triton_path, dtype):
+    B, p, D = 8, 16, 768
+    images = torch.randn(B, 3, 224, 224, device=DEV)
+    w0, b0 = torch.randn(D, 3, p, p, device=DEV) * 0.02, torch.randn(D, device=DEV)
+    grad = torch.randn(B, 196, D, device=DEV)
+
+    def run(fn, dt, wide=torch.float32):
+        w, b = w0.to(wide).requires_grad_(), b0.to(wide).requires_grad_()
+        with torch.autocast("cuda", dtype=dt, enabled=dt not in (torch.float32, torch.float64)):
+            out = fn(images.to(wide), w, b)
+        return [t.float() for t in _grads(out, [w, b], grad.to(out.dtype))]
+
+    got = run(ops.patch_embed, dtype)
+    eager = run(reference.patch_embed, dtype)
+    exact = run(reference.patch_embed, torch.float64, torch.float64)  # cuDNN's fp32 conv may use TF32
+    _check(got, eager, exact, dtype, ("out", "grad_weight", "grad_bias"), atol32=1e-3, rtol32=1e-3)

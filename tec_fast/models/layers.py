@@ -52,7 +52,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias)
 
 
 class Mlp(nn.Module):

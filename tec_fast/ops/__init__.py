@@ -23,7 +23,8 @@ from tec_fast.ops.validate import check_same_device as _check_same_device
 from tec_fast.ops.validate import check_tensor as _check_tensor
 
 __all__ = ["masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets",
-           "relation_loss", "encoder_adapter", "layer_norm", "mlp", "patch_norm_mse_ragged", "relation_targets_ragged",
+           "relation_loss", "encoder_adapter", "layer_norm", "mlp", "patch_embed", "patch_norm_mse_ragged",
+           "relation_targets_ragged",
            "relation_loss_ragged", "reference", "dispatch_report",
            "format_dispatch_report", "why_not_fast", "OPS"]
 
@@ -207,6 +208,38 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
 # Ragged forms: compositions of the ops above (imported last: they call them).
 from tec_fast.ops.ragged import (patch_norm_mse_ragged, relation_loss_ragged,  # noqa: E402
                                  relation_targets_ragged)
+
+
+def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The ViT patch embedding, a stride-p convolution: images [B, C, S, S'] (S, S' multiples of p),
+    weight [D, C, p, p], bias [D] or None -> [B, L, D], patches row-major.
+
+    The Triton path gathers the patches once, in the GEMM's dtype, and runs one GEMM (on an H200
+    cuDNN's convolution was 20x slower than that GEMM); it returns a contiguous tensor where the
+    reference returns the convolution's transposed view. Differentiable w.r.t. weight and bias
+    (and the images, on the reference path, which takes images that require a gradient).
+    """
+    _check_tensor(images, "images", 4)
+    _check_tensor(weight, "weight", 4)
+    D, C, p, p2 = weight.shape
+    if p != p2 or p < 1:
+        raise ValueError(f"weight must be [D, C, p, p] (square patches), got {tuple(weight.shape)}")
+    B, Ci, H, W = images.shape
+    if Ci != C:
+        raise ValueError(f"images have {Ci} channels, weight {tuple(weight.shape)} takes {C}")
+    if H % p or W % p:
+        raise ValueError(f"images of {H}x{W} pixels do not split into {p}x{p} patches")
+    if bias is not None:
+        _check_tensor(bias, "bias", 1)
+        if bias.shape[0] != D:
+            raise ValueError(f"bias must have shape ({D},) for weight {tuple(weight.shape)}, got "
+                             f"{tuple(bias.shape)}")
+        _check_same_device(images, bias=bias)
+    _check_same_device(images, weight=weight)
+    needs_grad = images.requires_grad and torch.is_grad_enabled()
+    if use_fast_path("patch_embed", images, images_require_grad=needs_grad):
+        return fast_impl("patch_embed")(images, weight, bias)
+    return reference.patch_embed(images, weight, bias)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,

@@ -109,6 +109,12 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
     return F.layer_norm(out, (C,), ln_after_w, ln_after_b, eps_after)
 
 
+def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The ViT patch embedding: the stride-p convolution with weight [D, C, p, p], [B, C, S, S] ->
+    [B, L, D] (patches row-major; a transposed view of the convolution's output)."""
+    return F.conv2d(images, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                residual: Optional[torch.Tensor] = None):
     """LayerNorm over the last dim of x, or of h = x + residual; returns y, or (y, h)."""

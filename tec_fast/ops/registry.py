@@ -34,4 +34,5 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("layer_norm", reference.layer_norm, "layer_norm", (256, 50, 768),
            grads="x, residual, weight, bias"),
     OpSpec("mlp", reference.mlp, "mlp", (256, 50, 768), grads="x, w1, b1, w2, b2"),
+    OpSpec("patch_embed", reference.patch_embed, "patch_embed", (256, 3, 224, 224), grads="weight, bias"),
 )}

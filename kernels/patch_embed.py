@@ -1,0 +1,95 @@
+"""patch_embed: the ViT patch embedding (a stride-p convolution) as one gather kernel and a GEMM.
+
+    patches[b*L + l, c*p*p + y*p + x] = images[b, c, gy*p + y, gx*p + x]     l = gy * (S/p) + gx
+    out = patches @ W.reshape(D, C*p*p)^T + bias                             -> [B, L, D]
+
+Measured on an H200 (torch 2.11, bf16 autocast, B=256, 224 px, ViT-B): cuDNN ran this
+convolution in 2.1 ms per call with an sm_80 kernel, where the same FLOPs as a GEMM take about
+0.1 ms. The gather (``_patchify_kernel``) reads the images once in place, whatever their strides
+and dtype (fp32 images under autocast), and writes the patches once in the GEMM's dtype, so the
+cast costs no extra pass; torch ``addmm`` (cuBLAS) does the rest, and autograd gives the weight
+and bias gradients from the patches it keeps (as the convolution keeps its input). The images
+get no gradient on this path: the dispatcher sends images that require one to the reference.
+Reference: ``tec_fast.ops.reference.patch_embed``.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from tec_fast.kernels._common import dtype_reasons
+
+ROWS = 16  # patches per program
+
+
+@triton.jit
+def _patchify_kernel(img_ptr, out_ptr, n_rows, L, GW, K, stride_b, stride_c, stride_h, stride_w,
+                     P: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Program: ROWS patches (output rows b * L + l) by a block of BLOCK_K of their K = C*p*p
+    # values in the convolution weight's (c, y, x) order; each row of p pixels is contiguous
+    # in a plain NCHW image, so the loads coalesce in runs of p.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok, k_ok = rows < n_rows, ks < K
+    b, l = rows // L, rows % L
+    gy, gx = l // GW, l % GW
+    c, y, x = ks // (P * P), (ks // P) % P, ks % P
+    src = (b.to(tl.int64)[:, None] * stride_b + c[None, :].to(tl.int64) * stride_c
+           + (gy[:, None] * P + y[None, :]).to(tl.int64) * stride_h
+           + (gx[:, None] * P + x[None, :]).to(tl.int64) * stride_w)
+    ok = row_ok[:, None] & k_ok[None, :]
+    v = tl.load(img_ptr + src, mask=ok, other=0.0)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], v.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _patchify(images: torch.Tensor, patch: int, dtype: torch.dtype) -> torch.Tensor:
+    """images [B, C, S, S] (any strides) -> patches [B * L, C * p * p] in ``dtype``."""
+    B, C, H, W = images.shape
+    gh, gw = H // patch, W // patch
+    L, K = gh * gw, C * patch * patch
+    out = torch.empty((B * L, K), dtype=dtype, device=images.device)
+    if out.numel():
+        block_k = min(triton.next_power_of_2(K), 256)
+        grid = (triton.cdiv(B * L, ROWS), triton.cdiv(K, block_k))
+        _patchify_kernel[grid](images, out, B * L, L, gw, K, *images.stride(), P=patch, ROWS=ROWS,
+                               BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+
+@torch.library.custom_op("tec_fast::patchify", mutates_args=())
+def _patchify_op(images: torch.Tensor, patch: int, dtype: torch.dtype) -> torch.Tensor:
+    return _patchify(images, patch, dtype)
+
+
+@_patchify_op.register_fake
+def _(images, patch, dtype):
+    B, C, H, W = images.shape
+    return images.new_empty((B * (H // patch) * (W // patch), C * patch * patch), dtype=dtype)
+
+
+def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """Triton path of ``tec_fast.ops.reference.patch_embed``: images [B, C, S, S], weight
+    [D, C, p, p], bias [D] or None -> [B, L, D] (contiguous), in the autocast dtype when autocast
+    is on, else in weight's dtype. No gradient for the images."""
+    dev = images.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    patch = weight.shape[-1]
+    patches = _patchify_op(images.detach(), patch, dtype)
+    out = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
+    B, _, H, W = images.shape
+    return out.view(B, (H // patch) * (W // patch), weight.shape[0])
+
+
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], images_require_grad: bool = False,
+                          **_info) -> List[str]:
+    """Why this path cannot take images of ``dtype`` / ``shape`` (empty: it can)."""
+    reasons = dtype_reasons(dtype)
+    if images_require_grad:
+        reasons.append("the images require a gradient (this path gives the weights theirs only)")
+    return reasons
