@@ -112,7 +112,7 @@ def engine_graph_step_fn(bvit, cfg, topk, images, precision, mask_ratio):
 
     def body():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype, enabled=precision != "fp32"):
+        with torch.autocast("cuda", dtype=dtype, enabled=precision != "fp32", cache_enabled=False):
             loss = model(images, base(images), mask_ratio=mask_ratio)["loss"]
         loss.backward()
         opt.step()

@@ -42,7 +42,8 @@ def capture_step(body: Callable[[], T], optimizer: Optional[torch.optim.Optimize
 
     ``body`` is one whole step: forward, backward and, when training, ``optimizer.step()``; it
     should start with ``optimizer.zero_grad(set_to_none=True)`` so the recorded backward writes
-    the gradients afresh into storage that the graph owns. The warm-up runs compile the Triton
+    the gradients afresh into storage that the graph owns, and run autocast with
+    ``cache_enabled=False`` (torch's advice for recordings: no cast cached across one). The warm-up runs compile the Triton
     kernels and create the optimizer state outside the recording. Raises RuntimeError without
     CUDA and ValueError for an optimizer that cannot be captured.
     """
