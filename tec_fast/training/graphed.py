@@ -116,20 +116,27 @@ class GraphedStep:
         """Record both graphs around static copies of ``batch`` and ``noise`` (run once, after an
         eager step has created the optimizer state)."""
         self.batch, self.noise = _clone(batch), (None if noise is None else noise.clone())
+        self._warm_up(self._forward_backward)  # the weights do not change
+        self.optimizer.zero_grad(set_to_none=True)  # the recorded backward writes fresh gradients
+        self.fwd_bwd, (self.names, self.sums) = self._record(self._forward_backward)
+        self.opt_step, self.norm = self._record(self._optimizer_step, pool=self.fwd_bwd.pool())
+
+    def _warm_up(self, fn) -> None:
+        """One call on a side stream (lazy initialisations happen outside the recording)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.optimizer.zero_grad(set_to_none=True)
-            self._forward_backward()  # warm-up on a side stream: the weights do not change
+            fn()
         torch.cuda.current_stream().wait_stream(side)
-        self.optimizer.zero_grad(set_to_none=True)  # the recorded backward writes fresh gradients
+
+    def _record(self, fn, pool=None):
+        """(graph, what ``fn`` returned while it was recorded: tensors the replays refresh)."""
+        graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's pin-memory thread may call CUDA during the recording
-        self.fwd_bwd = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.fwd_bwd, capture_error_mode="thread_local"):
-            self.names, self.sums = self._forward_backward()
-        self.opt_step = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.opt_step, pool=self.fwd_bwd.pool(), capture_error_mode="thread_local"):
-            self.norm = self._optimizer_step()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = fn()
+        return graph, out
 
     def forward_backward(self, batch, noise: Optional[torch.Tensor]):
         """Copy the batch in and replay graph 1: (metric names, their values on the GPU)."""
