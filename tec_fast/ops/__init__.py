@@ -215,7 +215,8 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     weight [D, C, p, p], bias [D] or None -> [B, L, D], patches row-major.
 
     The Triton path gathers the patches once, in the GEMM's dtype, and runs one GEMM (on an H200
-    cuDNN's convolution was 20x slower than that GEMM); it returns a contiguous tensor where the
+    cuDNN took 2.1 ms for this convolution at ViT-B, B=256, about 25x a GEMM's time for its FLOPs at
+    the measured GEMM rate); it returns a contiguous tensor where the
     reference returns the convolution's transposed view. Differentiable w.r.t. weight and bias
     (and the images, on the reference path, which takes images that require a gradient).
     """
