@@ -126,6 +126,15 @@ def test_cuda_graph_without_cuda(files, capsys):
     assert "error: argument --cuda-graph: --cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
+def test_cuda_graph_flag_reaches_fit_config(files, monkeypatch):
+    """--cuda-graph passes the checks where CUDA is there and becomes FitConfig.cuda_graph."""
+    from tec_fast.cli.train import fit_config, parse_args
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = parse_args([*_tec(files), "--cuda-graph", "--precision", "bf16"])
+    assert args.cuda_graph and fit_config(args, "out", "bf16").cuda_graph
+    assert not fit_config(parse_args(_tec(files)), "out", "fp32").cuda_graph
+
+
 def test_good_flags_pass_the_checks(files):
     from tec_fast.cli.train import parse_args
     args = parse_args([*_tec(files), "--topk", "64", "--last-layers", "6", "--clip-grad", "1.0",
