@@ -79,13 +79,18 @@ def _train_step(loss_fn, opt, scaler):
     return step
 
 
+def _engine_models(bvit, cfg, topk, device, precision):
+    """(frozen base, new model) as the engine trains them."""
+    base = BaseModel(bvit, topk=topk).to(device)
+    if precision != "fp32":
+        base = base.to(DTYPES[precision])  # frozen: keep it in the low precision outright
+    return base, TECModel(cfg).to(device)
+
+
 def engine_step_fn(bvit, cfg, topk, images, precision, compile_, mask_ratio):
     device = images.device
     dtype = DTYPES[precision]
-    base = BaseModel(bvit, topk=topk).to(device)
-    if precision != "fp32":
-        base = base.to(dtype)  # frozen: keep it in the low precision outright
-    model = TECModel(cfg).to(device)
+    base, model = _engine_models(bvit, cfg, topk, device, precision)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -104,10 +109,7 @@ def engine_graph_step_fn(bvit, cfg, topk, images, precision, mask_ratio):
     if precision == "fp16":
         raise ValueError("--cuda-graph needs --precision bf16 or fp32 (fp16's loss scaler decides on the host)")
     dtype = DTYPES[precision]
-    base = BaseModel(bvit, topk=topk).to(images.device)
-    if precision != "fp32":
-        base = base.to(dtype)
-    model = TECModel(cfg).to(images.device)
+    base, model = _engine_models(bvit, cfg, topk, images.device, precision)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True, capturable=True)
 
     def body():

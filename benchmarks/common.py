@@ -60,22 +60,6 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def graphed(fn: Callable[[], object]) -> Callable[[], None]:
-    """``fn`` recorded once into a CUDA graph (after two warm-up calls on a side stream); returns
-    the replay. Timing the replay measures the GPU work alone, without the host's Python, dispatch
-    and launch time, which an eager call of a short op can take longer than its kernels."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay  # the bound method keeps the graph alive
-
-
 def time_callable(fn: Callable[[], object], device, warmup: int = 3, reps: int = 20,
                   measure_memory: bool = True, cuda_graph: bool = False) -> Dict[str, Optional[float]]:
     """Median / 20th / 80th percentile milliseconds per call of ``fn`` and its peak memory.
@@ -95,8 +79,9 @@ def time_callable(fn: Callable[[], object], device, warmup: int = 3, reps: int =
         import triton.testing
         fn()  # compile / autotune outside the measurement
         sync()
-        if cuda_graph:
-            fn, measure_memory = graphed(fn), False
+        if cuda_graph:  # the replay times the GPU work alone, without the host's launch time
+            from tec_fast.training.cuda_graph import capture_step
+            fn, measure_memory = capture_step(fn, warmup=2), False
             fn()
             sync()
         if measure_memory:

@@ -24,26 +24,21 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_step import DTYPES, PRESETS, baseline_step_fn, build, engine_step_fn  # noqa: E402
-from benchmarks.common import append_jsonl, complete_row, device_name, format_table  # noqa: E402
+from benchmarks.common import _sync, append_jsonl, complete_row, device_name, format_table  # noqa: E402
 from tec_fast.ops.dispatch import kernel_mode  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def profile_step(step, device: torch.device, warmup: int, steps: int, top: int, trace: str = ""):
     """Profile ``steps`` calls of ``step`` after ``warmup``; returns (summary dict, host table, device table)."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    _sync(device)()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        _sync(device)
+        _sync(device)()
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     if trace:
         prof.export_chrome_trace(trace)
@@ -77,12 +72,13 @@ def python_profile(step, device: torch.device, steps: int, top: int):
         prof.enable()
         for _ in range(steps):
             step()
-        _sync(device)
+        _sync(device)()
         prof.disable()
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cum s, callers)
     rows = []
     for (path, line, func), (_, calls, own, cum, _) in stats.items():
-        where = func if path == "~" else f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}:{line}:{func}"
+        folder, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
+        where = func if path == "~" else f"{folder}/{name}:{line}:{func}"
         rows.append(dict(function=where[-70:], calls=calls // steps, own_ms=round(own * 1e3 / steps, 3),
                          cum_ms=round(cum * 1e3 / steps, 3)))
     return sorted(rows, key=lambda r: r["own_ms"], reverse=True)[:top]
@@ -136,7 +132,8 @@ def main(argv=None):
             print(f"-- Python functions with the most own time per step ({name}, cProfile)")
             print(format_table(py_rows, ["function", "calls", "own_ms", "cum_ms"]))
         rows.append(complete_row(dict(bench="profile_step", provider=name, preset=args.preset, batch=B,
-                                      precision=args.precision, kernels=kernel_mode(), **summary, top_host=host_rows[:10],
+                                      precision=args.precision, kernels=kernel_mode(), **summary,
+                                      top_host=host_rows[:10],
                                       top_device=dev_rows[:10], top_python=py_rows[:10]), device))
         del step
         if device.type == "cuda":

@@ -70,7 +70,8 @@ def tables(rows) -> str:
                          f"{_fmt(r.get('peak_mem_gb'), '.1f')} | {_fmt(r.get('baseline_peak_mem_gb'), '.1f')} | "
                          f"{str(r.get('commit', ''))[:8]} |")
         lines.append("")
-    prof = _latest([r for r in gpu if r.get("bench") == "profile_step"], ("device", "preset", "batch", "provider", "kernels"))
+    prof = _latest([r for r in gpu if r.get("bench") == "profile_step"],
+                   ("device", "preset", "batch", "provider", "kernels"))
     if prof:
         lines += ["Where the step's time goes (`benchmarks/profile_step.py`, torch.profiler; the profiler adds "
                   "host time, so wall times run above the unprofiled ones):", "",
@@ -78,7 +79,8 @@ def tables(rows) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in prof:
             lines.append(f"| {r.get('device')} | {r.get('preset')} | {r.get('batch')} | {r.get('provider')} | "
-                         f"{r.get('kernels', 'auto')} | {_fmt(r.get('wall_ms'), '.1f')} | {_fmt(r.get('gpu_busy_ms'), '.1f')} | "
+                         f"{r.get('kernels', 'auto')} | {_fmt(r.get('wall_ms'), '.1f')} | "
+                         f"{_fmt(r.get('gpu_busy_ms'), '.1f')} | "
                          f"{r.get('launches')} | {str(r.get('commit', ''))[:8]} |")
         lines.append("")
     ops = _latest([r for r in gpu if r.get("bench") not in ("step", "profile_step")],

@@ -18,7 +18,7 @@ step count on the device (``capturable=True`` for torch's Adam/AdamW).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
 
@@ -43,9 +43,9 @@ def capture_step(body: Callable[[], T], optimizer: Optional[torch.optim.Optimize
     ``body`` is one whole step: forward, backward and, when training, ``optimizer.step()``; it
     should start with ``optimizer.zero_grad(set_to_none=True)`` so the recorded backward writes
     the gradients afresh into storage that the graph owns, and run autocast with
-    ``cache_enabled=False`` (torch's advice for recordings: no cast cached across one). The warm-up runs compile the Triton
-    kernels and create the optimizer state outside the recording. Raises RuntimeError without
-    CUDA and ValueError for an optimizer that cannot be captured.
+    ``cache_enabled=False`` (torch's advice for recordings: no cast cached across one). The
+    warm-up runs compile the Triton kernels and create the optimizer state outside the recording.
+    Raises RuntimeError without CUDA and ValueError for an optimizer that cannot be captured.
     """
     if warmup < 1:
         raise ValueError(f"capture_step: warmup must be >= 1 (the first call compiles kernels and "
@@ -53,17 +53,10 @@ def capture_step(body: Callable[[], T], optimizer: Optional[torch.optim.Optimize
     _check_optimizer(optimizer)
     if not torch.cuda.is_available():
         raise RuntimeError("capture_step: CUDA graphs need a CUDA device; none is available")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up(body, warmup)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = body()
+    graph, out = record(body)
 
     def replay() -> T:
         graph.replay()
@@ -71,3 +64,25 @@ def capture_step(body: Callable[[], T], optimizer: Optional[torch.optim.Optimize
 
     replay.graph = graph  # kept alive with the function; also lets a caller reset() it
     return replay
+
+
+def warm_up(fn: Callable[[], object], times: int = 1) -> None:
+    """Call ``fn`` ``times`` times on a side stream, so that lazy initialisations (Triton
+    compiles, cuBLAS workspaces, optimizer state) happen before a recording, not inside it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def record(fn: Callable[[], T], pool=None) -> Tuple[torch.cuda.CUDAGraph, T]:
+    """Record one call of ``fn`` into a new CUDA graph (sharing the memory ``pool`` of another
+    graph when given): (graph, what ``fn`` returned, the tensors each replay refreshes). Recorded
+    thread-locally, so another thread's CUDA calls (a data loader's pin-memory thread) do not
+    invalidate the recording."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = fn()
+    return graph, out

@@ -26,6 +26,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from tec_fast.training import cuda_graph
+
 
 def graph_reasons(cfg, device: torch.device, world: int, optimizer_name: str,
                   variable_batches: bool, objective=None) -> List[str]:
@@ -122,21 +124,13 @@ class GraphedStep:
         self.opt_step, self.norm = self._record(self._optimizer_step, pool=self.fwd_bwd.pool())
 
     def _warm_up(self, fn) -> None:
-        """One call on a side stream (lazy initialisations happen outside the recording)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        def fresh():
             self.optimizer.zero_grad(set_to_none=True)
             fn()
-        torch.cuda.current_stream().wait_stream(side)
+        cuda_graph.warm_up(fresh)
 
     def _record(self, fn, pool=None):
-        """(graph, what ``fn`` returned while it was recorded: tensors the replays refresh)."""
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the data loader's pin-memory thread may call CUDA during the recording
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            out = fn()
-        return graph, out
+        return cuda_graph.record(fn, pool)
 
     def forward_backward(self, batch, noise: Optional[torch.Tensor]):
         """Copy the batch in and replay graph 1: (metric names, their values on the GPU)."""

@@ -230,7 +230,7 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     pos = restore(resumed, model, optimizer, scaler, sched, cfg, d)
     graphed = (GraphedStep(model, wrapped, objective, optimizer, cfg.clip_grad, amp_dtype, d.device)
                if cfg.cuda_graph else None)
-    eager_steps = 1 if graphed is not None else 0  # the first step runs eagerly: kernels, optimizer state
+    first_step = pos.step  # with graphs, this run's first step is eager: kernels, optimizer state
     log = _open_log(cfg, d, {"event": "start", "stage": cfg.name, "step": pos.step, "world": d.world,
                              "device": str(d.device), "optimizer": opt_name, "lr": sched.peak_lr,
                              **sched.to_dict(), "resumed_from": resume_path, "config": cfg.to_dict()})
@@ -247,7 +247,7 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
                 while pos.step < sched.total_steps:
                     lr = sched.lr(pos.step)
                     set_lr(optimizer, lr)
-                    replay = graphed if graphed is not None and eager_steps == 0 else None
+                    replay = graphed if pos.step > first_step else None
                     names, sums, images = _forward_backward(wrapped, sync, objective, batches, scaler, cfg, d,
                                                             pos.step, amp_dtype, replay)
                     over_time = cfg.time_limit is not None and time.perf_counter() - t_start > cfg.time_limit
@@ -260,7 +260,6 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
                         replay.step(metrics)
                     else:
                         _optimizer_step(model, optimizer, scaler, cfg.clip_grad, metrics)
-                        eager_steps = max(0, eager_steps - 1)
                     epoch_end = pos.advance(steps_per_epoch)
                     meter.record(pos.step, pos.epoch, metrics, images, lr, time.perf_counter() - t_start)
                     if on_step is not None:
