@@ -269,7 +269,7 @@ def _case_layer_norm(s, dt):
         x, res = _meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt)
         w, b = _meta(C), _meta(C)
         y, h, mean, rstd = m._layer_norm_fwd(x, res, w, b, 1e-6)
-        m._layer_norm_bwd(_meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt), h, w, mean, rstd, True)
+        m._layer_norm_bwd(_meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt), h, w, mean, rstd)
 
 
 def _case_mlp(s, dt):

@@ -120,16 +120,17 @@ def _programs(rows: int, device: torch.device) -> int:
 
 
 def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
-                    mean: torch.Tensor, rstd: torch.Tensor, weight_grads: bool = True):
-    """dy, dh_out, h [rows, C] -> (dh [rows, C] in h's dtype, dweight [C] fp32, dbias [C] fp32)."""
+                    mean: torch.Tensor, rstd: torch.Tensor):
+    """dy, dh_out, h [rows, C] -> (dh [rows, C] in h's dtype, [dweight; dbias] [2, C] fp32)."""
     rows, C = h.shape
     dev = h.device
     dx = torch.empty((rows, C), dtype=h.dtype, device=dev)
     n_prog = _programs(rows, dev)
     rows_per_prog = triton.cdiv(max(rows, 1), n_prog)
     n_prog = triton.cdiv(max(rows, 1), rows_per_prog)
-    dw_part = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
-    db_part = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
+    # weight and bias partial sums in one buffer: one reduction launch for both
+    parts = torch.empty((2, n_prog, C), dtype=torch.float32, device=dev)
+    dw_part, db_part = parts[0], parts[1]
     if rows:
         block_c = triton.next_power_of_2(C)
         _layer_norm_bwd_kernel[(n_prog,)](
@@ -137,9 +138,8 @@ def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.T
             rows, C, rows_per_prog, HAS_DH=dh_out is not None, BLOCK_C=block_c,
             num_warps=_num_warps(block_c))
     else:
-        dw_part.zero_()
-        db_part.zero_()
-    return dx, dw_part.sum(0), db_part.sum(0)
+        parts.zero_()
+    return dx, parts.sum(1)
 
 
 # ---- torch.library registration (so torch.compile traces the op) ---------------------------
@@ -161,20 +161,21 @@ def _(x, residual, weight, bias, eps):
 @torch.library.custom_op("tec_fast::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.Tensor,
                             weight: torch.Tensor, mean: torch.Tensor,
-                            rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return _layer_norm_bwd(dy, dh_out, h, weight, mean, rstd)
 
 
 @_layer_norm_backward_op.register_fake
 def _(dy, dh_out, h, weight, mean, rstd):
     C = h.shape[1]
-    return h.new_empty(h.shape), h.new_empty((C,), dtype=torch.float32), h.new_empty((C,), dtype=torch.float32)
+    return h.new_empty(h.shape), h.new_empty((2, C), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, _ = inputs
     _, h, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients (and launches) for mean, rstd and an unused h
     ctx.has_res = residual is not None
     ctx.save_for_backward(h if ctx.has_res else x, weight, mean, rstd)
     ctx.w_dtype, ctx.b_dtype = weight.dtype, bias.dtype
@@ -182,9 +183,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh_out, _dmean=None, _drstd=None, bwd=_layer_norm_backward_op):
     h, weight, mean, rstd = ctx.saved_tensors
-    dh_out = dh_out if ctx.has_res and dh_out is not None else None
+    dh_out = dh_out if ctx.has_res else None
     C = h.shape[1]
-    dx, dw, db = bwd(dy.reshape(-1, C).contiguous(),
+    if dy is None and dh_out is None:
+        return None, None, None, None, None
+    if dy is None:  # only h took part in the loss
+        dy = h.new_zeros(h.shape)
+    dx, (dw, db) = bwd(dy.reshape(-1, C).contiguous(),
                      None if dh_out is None else dh_out.reshape(-1, C).contiguous(), h, weight, mean, rstd)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, dx if ctx.has_res and need[1] else None,

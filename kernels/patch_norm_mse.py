@@ -156,13 +156,14 @@ def _setup_context(ctx, inputs, output):
     pred, target, mask, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients (and launches) for the statistics
     ctx.save_for_backward(pred, target, mask, mean, rstd)
 
 
 def _backward(ctx, grad_loss, _grad_mean, _grad_rstd):
     pred, target, mask, mean, rstd = ctx.saved_tensors
     grad_pred = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_loss is not None:
         grad_pred = _patch_norm_mse_backward_op(grad_loss, pred, target, mask, mean, rstd)
     return grad_pred, None, None, None
 

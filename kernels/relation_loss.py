@@ -211,13 +211,14 @@ def _setup_context(ctx, inputs, output):
     q, k, topk_idx, target, tau, scale = inputs
     _, lse_r, lse_t = output
     ctx.mark_non_differentiable(lse_r, lse_t)
+    ctx.set_materialize_grads(False)  # no zero gradients (and launches) for the log-sum-exps
     ctx.save_for_backward(q, k, topk_idx, target, lse_r, lse_t)
     ctx.tau, ctx.scale = tau, scale
 
 
 def _backward(ctx, grad_rows, _grad_lse_r, _grad_lse_t):
     q, k, topk_idx, target, lse_r, lse_t = ctx.saved_tensors
-    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+    if grad_rows is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None, None
     dq, dk = _relation_loss_backward_op(grad_rows, q, k, topk_idx, target, lse_r, lse_t, ctx.tau, ctx.scale)
     return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,

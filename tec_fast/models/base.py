@@ -134,7 +134,7 @@ class BaseModel(nn.Module):
         cfg = self.config
         P = cfg.num_prefix_tokens
         x = self._embed(images)
-        feats = 0
+        feats = None
         qk = None
         depth = len(self.blocks)
         for i, blk in enumerate(self.blocks):
@@ -142,9 +142,9 @@ class BaseModel(nn.Module):
                 x, qk = blk(x, return_qk=True)
             else:
                 x = blk(x)
-            if i >= depth - self.last_layers:
-                feats = feats + x[:, P:].float()
-        features = feats / self.last_layers  # [B, L, Cb], fp32
+            if i >= depth - self.last_layers:  # summed in fp32, in place: one pass per layer
+                feats = x[:, P:].to(torch.float32, copy=True) if feats is None else feats.add_(x[:, P:])
+        features = feats.div_(self.last_layers)  # [B, L, Cb], fp32
         if qk is None:
             return BaseTargets(features, None, None)
         q, k = qk  # [B, H, P + L, d]

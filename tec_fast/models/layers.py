@@ -97,8 +97,11 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).reshape(T, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, d]
             return self.proj(packed_attention(q, k, v, cu_seqlens, max_len).reshape(T, C))
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, H, N, d]
+        # Unbind before the transpose: the backward then stacks dq, dk, dv straight into qkv's
+        # [B, N, 3, H, d] layout (one copy); unbinding a [3, B, H, N, d] permute would stack into
+        # that order and copy a second time to get back to [B, N, 3C].
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, H, N, d]
         out = F.scaled_dot_product_attention(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return (out, (q, k)) if return_qk else out

@@ -255,7 +255,9 @@ class TokenLayout:
         """From the relation head's q/k output on the full layout ([B, N, 2C] or [T_d, 2C])."""
         d = qk.shape[-1] // (2 * heads)
         if self.uniform:
-            q, k = qk.reshape(self.B, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
+            # [B, H, N, d] views; unbound before the transpose so the backward stacks the
+            # gradients into qk's own layout in one copy (as the blocks' attention does)
+            q, k = (t.transpose(1, 2) for t in qk.reshape(self.B, -1, 2, heads, d).unbind(2))
             return ops.relation_loss(q, k, topk_idx, relation, tau, scale)
         q, k = qk.reshape(-1, 2, heads, d).unbind(1)
         return ops.relation_loss_ragged(q, k, [L + 1 for L in self.lengths], topk_idx, relation, tau, scale)

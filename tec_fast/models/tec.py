@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
+from tec_fast import ops
 from tec_fast.models.base import BaseTargets
 from tec_fast.config import TECConfig
 from tec_fast.models.layers import LN_EPS, Block, Mlp, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
@@ -121,7 +122,7 @@ class TECModel(nn.Module):
         for blk in self.blocks:
             x = blk(x, **attention)
             outs.append(x)
-        outs[-1] = self.norm(x)
+        outs[-1] = _norm(self.norm, x)
         # One copy into the [D, B, T, C] layout the adapter's fused LayerNorm reads. Writing the
         # blocks' outputs straight into a preallocated buffer would need a custom autograd
         # function: in-place writes bump the version of tensors the next block saved.
@@ -170,11 +171,11 @@ class TECModel(nn.Module):
         streams = layout.split_streams(x)
 
         fea = self.forward_fea_decoder
-        pred = layout.patch_rows(fea.decoder_pred(fea.decoder_norm(streams[0])))  # [B, L, Cb] / [T_p, Cb]
+        pred = layout.patch_rows(fea.decoder_pred(_norm(fea.decoder_norm, streams[0])))  # [B, L, Cb] / [T_p, Cb]
         qk = None
         if cfg.relation:
             att = self.forward_att_decoder
-            qk = att.decoder_qk(att.decoder_norm(streams[1]))  # [B, N, 2*Cb] / [T_d, 2*Cb]
+            qk = att.decoder_qk(_norm(att.decoder_norm, streams[1]))  # [B, N, 2*Cb] / [T_d, 2*Cb]
         with torch.autocast(pred.device.type, enabled=False):  # the loss ops compute in fp32
             loss_f = layout.feature_loss(pred, features)
             if qk is None:
@@ -184,6 +185,12 @@ class TECModel(nn.Module):
                                               cfg.pred_dim ** -0.5)
         loss = cfg.feature_weight * loss_f + cfg.relation_weight * loss_r
         return {"loss": loss, "feature": loss_f, "relation": loss_r}
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` through ``ops.layer_norm``, as in the blocks: the output keeps x's dtype, where
+    ``nn.LayerNorm`` under autocast would write fp32 that the next Linear casts back down."""
+    return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
 
 
 def embed_patches(patch_embed: PatchEmbed, pixels: torch.Tensor) -> torch.Tensor:
