@@ -28,13 +28,15 @@ from benchmarks.common import _sync, append_jsonl, complete_row, device_name, fo
 from tec_fast.ops.dispatch import kernel_mode  # noqa: E402
 
 
-def profile_step(step, device: torch.device, warmup: int, steps: int, top: int, trace: str = ""):
-    """Profile ``steps`` calls of ``step`` after ``warmup``; returns (summary dict, host table, device table)."""
+def profile_step(step, device: torch.device, warmup: int, steps: int, top: int, trace: str = "",
+                 shapes: bool = False):
+    """Profile ``steps`` calls of ``step`` after ``warmup``; returns (summary dict, host table,
+    device table, device table by input shapes: empty unless ``shapes``)."""
     for _ in range(warmup):
         step()
     _sync(device)()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=shapes) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -57,7 +59,14 @@ def profile_step(step, device: torch.device, warmup: int, steps: int, top: int, 
     dev = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:top]
     dev_rows = [dict(op=e.key[:60], calls=e.count // steps, self_gpu_ms=per_step(e.self_device_time_total))
                 for e in dev if getattr(e, "self_device_time_total", 0) > 0]
-    return summary, host_rows, dev_rows
+    shape_rows = []
+    if shapes:  # which copy_, cat, sum ... calls cost the time: one row per (op, input shapes)
+        by_shape = sorted(prof.key_averages(group_by_input_shape=True),
+                          key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:top]
+        shape_rows = [dict(op=e.key[:40], shapes=str(e.input_shapes)[:90], calls=e.count // steps,
+                           self_gpu_ms=per_step(e.self_device_time_total))
+                      for e in by_shape if getattr(e, "self_device_time_total", 0) > 0]
+    return summary, host_rows, dev_rows, shape_rows
 
 
 def python_profile(step, device: torch.device, steps: int, top: int):
@@ -98,6 +107,10 @@ def main(argv=None):
     p.add_argument("--python", action="store_true",
                    help="also run cProfile over the same steps and list the Python functions with the "
                         "most own time (where host overhead outside aten ops goes)")
+    p.add_argument("--shapes", action="store_true",
+                   help="also record input shapes and list device time per (op, input shapes): which "
+                        "copies, cats and sums cost the time (adds host overhead: read wall times "
+                        "from a run without it)")
     p.add_argument("--trace", default="", help="folder for Chrome traces (one per provider)")
     p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
@@ -116,7 +129,8 @@ def main(argv=None):
         trace = os.path.join(args.trace, f"trace_{name}_B{B}.json") if args.trace else ""
         if trace:
             os.makedirs(args.trace, exist_ok=True)
-        summary, host_rows, dev_rows = profile_step(step, device, args.warmup, args.steps, args.top, trace)
+        summary, host_rows, dev_rows, shape_rows = profile_step(step, device, args.warmup, args.steps, args.top,
+                                                                trace, args.shapes)
         py_rows = python_profile(step, device, args.steps, args.top) if args.python else []
         print(f"\n== {name}, {args.preset}, batch {B}, {args.precision}, kernels {kernel_mode()}, "
               f"{device_name(device)}: "
@@ -128,13 +142,17 @@ def main(argv=None):
         if dev_rows:
             print(f"-- most device time per step ({name})")
             print(format_table(dev_rows, ["op", "calls", "self_gpu_ms"]))
+        if shape_rows:
+            print(f"-- most device time per step by input shapes ({name})")
+            print(format_table(shape_rows, ["op", "shapes", "calls", "self_gpu_ms"]))
         if py_rows:
             print(f"-- Python functions with the most own time per step ({name}, cProfile)")
             print(format_table(py_rows, ["function", "calls", "own_ms", "cum_ms"]))
         rows.append(complete_row(dict(bench="profile_step", provider=name, preset=args.preset, batch=B,
                                       precision=args.precision, kernels=kernel_mode(), **summary,
                                       top_host=host_rows[:10],
-                                      top_device=dev_rows[:10], top_python=py_rows[:10]), device))
+                                      shapes_recorded=args.shapes, top_device=dev_rows[:25],
+                                      top_device_shapes=shape_rows[:25], top_python=py_rows[:10]), device))
         del step
         if device.type == "cuda":
             torch.cuda.empty_cache()

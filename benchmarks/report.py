@@ -79,7 +79,8 @@ def tables(rows) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in prof:
             lines.append(f"| {r.get('device')} | {r.get('preset')} | {r.get('batch')} | {r.get('provider')} | "
-                         f"{r.get('kernels', 'auto')} | {_fmt(r.get('wall_ms'), '.1f')} | "
+                         f"{r.get('kernels', 'auto')}{' (shapes recorded)' if r.get('shapes_recorded') else ''} | "
+                         f"{_fmt(r.get('wall_ms'), '.1f')} | "
                          f"{_fmt(r.get('gpu_busy_ms'), '.1f')} | "
                          f"{r.get('launches')} | {str(r.get('commit', ''))[:8]} |")
         lines.append("")

@@ -48,6 +48,8 @@ stamp "step profile (host vs GPU time, cProfile of the host side)"
 timeout "$(cap 60)" $PY benchmarks/profile_step.py --batch 64 --python --top 30 --results-dir benchmarks/results \
   --trace "$LOGS" 2>&1 | tail -150
 gzip -f "$LOGS"/trace_*.json 2>/dev/null
+timeout "$(cap 40)" $PY benchmarks/profile_step.py --batch 256 --no-baseline --shapes --top 40 \
+  --results-dir benchmarks/results 2>&1 | tail -100
 pack
 stamp "op benchmarks (eager calls, then CUDA-graph replays: GPU time alone)"
 timeout "$(cap 90)" $PY benchmarks/bench_ops.py --op all --device cuda --results-dir benchmarks/results 2>&1 | tail -60

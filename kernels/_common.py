@@ -18,6 +18,16 @@ def direct_launch() -> bool:
     return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
 
 
+def persistent_programs(work: int, device: torch.device, per_sm: int = 8) -> int:
+    """How many programs a kernel that walks its work items in a loop (and keeps one partial sum
+    per program) launches: ``per_sm`` per multiprocessor on a GPU (8 four-warp programs are 32
+    warps, half an SM's slots, at <= 64 registers per thread: enough resident warps to cover the
+    load latency while one program reduces its row), 4 elsewhere; never more than ``work``."""
+    if device.type == "cuda":
+        return max(1, min(work, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(work, 4))
+
+
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dimension is contiguous (the kernels take the other strides as
     arguments), else a contiguous copy."""

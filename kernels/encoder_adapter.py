@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import dtype_reasons, unit_last_stride
+from tec_fast.kernels._common import dtype_reasons, persistent_programs, unit_last_stride
 
 
 @triton.jit
@@ -220,15 +220,6 @@ def _ln_in_config(D: int, C: int) -> Tuple[int, int]:
     return _pow2_block(D, max(1, _TILE // block_c)), block_c
 
 
-def _reduction_programs(rows: int, device: torch.device) -> int:
-    """Programs for the LayerNorm backward kernels: enough to fill the GPU, few enough that the
-    per-program partial sums of the weight gradients stay small."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
-    return max(1, min(rows, 4))
-
-
 def _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
                  ln_after_w, ln_after_b, eps_before, eps_after, gemm_dtype, out_dtype):
     D, B, T, C = feats.shape
@@ -270,7 +261,7 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
     f32 = dict(dtype=torch.float32, device=dev)
 
     # final LayerNorm: d(sum_g ...) is the same for every group's residual branch
-    n_prog = _reduction_programs(BT, dev)
+    n_prog = persistent_programs(BT, dev)
     ds = torch.empty((BT, C), dtype=gd, device=dev)
     parts = torch.empty((2, n_prog, C), **f32)  # weight and bias partial sums: one reduction launch
     dw_part, db_part = parts[0], parts[1]
@@ -299,7 +290,8 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
         BLOCK_DEPTH=block_depth, BLOCK_C=block_c, num_warps=4)
     rows = max(1, _TILE // block_c)
     columns = D * triton.cdiv(C, block_c)
-    n_slices = max(1, min(triton.cdiv(_reduction_programs(BT, dev), columns), triton.cdiv(BT, rows)))
+    # ~128 registers per thread: 4 four-warp programs fit on an SM, so aim for one wave of them
+    n_slices = max(1, min(triton.cdiv(persistent_programs(BT, dev, per_sm=4), columns), triton.cdiv(BT, rows)))
     rows_per_prog = triton.cdiv(triton.cdiv(BT, n_slices), rows) * rows
     n_slices = triton.cdiv(BT, rows_per_prog)
     d_feats = torch.empty((D, B, T, C), dtype=feats.dtype, device=dev)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import direct_launch, dtype_reasons
+from tec_fast.kernels._common import direct_launch, dtype_reasons, persistent_programs
 
 MAX_C = 4096  # one row in registers (16 fp32 values per thread and tensor at 8 warps)
 
@@ -112,20 +112,13 @@ def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
     return y, h, mean, rstd
 
 
-def _programs(rows: int, device: torch.device) -> int:
-    """Backward programs: enough to fill the GPU, few enough that the partial sums stay small."""
-    if device.type == "cuda":
-        return max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(rows, 4))
-
-
 def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
                     mean: torch.Tensor, rstd: torch.Tensor):
     """dy, dh_out, h [rows, C] -> (dh [rows, C] in h's dtype, [dweight; dbias] [2, C] fp32)."""
     rows, C = h.shape
     dev = h.device
     dx = torch.empty((rows, C), dtype=h.dtype, device=dev)
-    n_prog = _programs(rows, dev)
+    n_prog = persistent_programs(rows, dev)
     rows_per_prog = triton.cdiv(max(rows, 1), n_prog)
     n_prog = triton.cdiv(max(rows, 1), rows_per_prog)
     # weight and bias partial sums in one buffer: one reduction launch for both

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import direct_launch, dtype_reasons
+from tec_fast.kernels._common import direct_launch, dtype_reasons, persistent_programs
 
 ACTIVATIONS = ("gelu",)  # what the kernels compute: GELU with the exact erf (timm, MAE, HF "gelu")
 BLOCK_FWD = 1024         # forward: elements per program
@@ -94,14 +94,6 @@ def _mlp_gelu_fwd(pre: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _programs(device: torch.device) -> int:
-    """Backward programs to aim for: enough to fill the GPU, few enough that the bias partial
-    sums stay small (a few MB at ViT-L)."""
-    if device.type == "cuda":
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pre, grad_h [rows, Hd] -> (h in pre's dtype, grad_pre in grad_h's dtype, grad_bias [Hd] fp32)."""
     pre, grad_h = pre.contiguous(), grad_h.contiguous()
@@ -112,7 +104,7 @@ def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor) -> Tuple[torch.Tensor
     block_h = min(MAX_BLOCK_H, max(16, triton.next_power_of_2(H)))
     columns = triton.cdiv(max(H, 1), block_h)
     tiles = triton.cdiv(max(rows, 1), BLOCK_R)
-    n_slices = max(1, min(tiles, triton.cdiv(_programs(dev), columns)))
+    n_slices = max(1, min(tiles, triton.cdiv(persistent_programs(tiles * columns, dev), columns)))
     rows_per_prog = triton.cdiv(tiles, n_slices) * BLOCK_R
     n_slices = triton.cdiv(max(rows, 1), rows_per_prog)
     db_part = torch.empty((n_slices, H), dtype=torch.float32, device=dev)

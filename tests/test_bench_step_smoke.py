@@ -65,6 +65,10 @@ def test_profile_step_tiny_cpu(tmp_path):
         assert 0 < len(r["top_python"]) <= 5 and all(row["own_ms"] >= 0 for row in r["top_python"])
     written = [json.loads(line) for line in (tmp_path / "profile.jsonl").read_text().splitlines()]
     assert [r["provider"] for r in written] == ["engine", "baseline"]
+    assert not any(r["shapes_recorded"] for r in written)
+    (row,) = profile_step.main(["--preset", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1",
+                                "--warmup", "1", "--no-baseline", "--shapes", "--results-dir", str(tmp_path)])
+    assert row["shapes_recorded"] and row["top_device_shapes"] == []  # no device time on a CPU
 
 
 def test_report_tables_keep_measured_gpu_rows_only():

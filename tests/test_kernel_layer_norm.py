@@ -54,7 +54,7 @@ def test_fp32_matches_torch(triton_path, shape, with_res):
 
 def test_many_rows_per_backward_program(triton_path, monkeypatch):
     import tec_fast.kernels.layer_norm as m
-    monkeypatch.setattr(m, "_programs", lambda rows, device: 3)  # 3 programs, uneven row slices
+    monkeypatch.setattr(m, "persistent_programs", lambda rows, device, per_sm=8: 3)  # 3 programs, uneven row slices
     x, res, w, b = _inputs((2, 11, 24), torch.float32)
     gy, gh = torch.randn(2, 11, 24), torch.randn(2, 11, 24)
     got = _run(_fast, x, res, w, b, gy, gh)

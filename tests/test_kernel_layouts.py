@@ -42,7 +42,7 @@ def test_encoder_adapter_many_tiles_and_slices(triton_path, monkeypatch, tile):
     # small tiles: several depth blocks and channel chunks per token (C = 72 is not a power of
     # two: a masked tail); many programs: the weight gradients come from several token slices
     monkeypatch.setattr(m, "_TILE", tile)
-    monkeypatch.setattr(m, "_reduction_programs", lambda rows, device: 64)
+    monkeypatch.setattr(m, "persistent_programs", lambda rows, device, per_sm=8: 64)
     D, G, B, T, C, Hd = 6, 3, 3, 7, 72, 16
     g = torch.Generator().manual_seed(1)
     feats = (torch.randn(D, B, T, C, generator=g) * 3 + 2).requires_grad_()

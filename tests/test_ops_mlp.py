@@ -47,7 +47,7 @@ def test_fp32_value_and_every_gradient(triton_path, shape, hidden, out_dim):
 
 def test_many_slices_per_column_block(triton_path, monkeypatch):
     import tec_fast.kernels.mlp as m
-    monkeypatch.setattr(m, "_programs", lambda device: 64)  # one row tile per program
+    monkeypatch.setattr(m, "persistent_programs", lambda work, device, per_sm=8: 64)  # one row tile per program
     args = _inputs((5, 13, 20), 40, 20)
     grad = torch.randn(5, 13, 20)
     for name, a, e in zip(NAMES, _run(ops.mlp, args, grad), _run(reference.mlp, args, grad)):
