@@ -189,6 +189,24 @@ def parse_ptxas_log(log: str) -> Usage:
                  log=log)
 
 
+def sass_instructions(cubin: bytes, arch: int) -> Optional[int]:
+    """Machine instructions in the kernel's code, counted statically (a loop body once), with the
+    ``nvdisasm`` next to Triton's ptxas; None without it. For a loop-free elementwise kernel,
+    divided by the elements a thread handles, it says whether the kernel can keep up with
+    memory: an SM issues at most 128 thread-instructions per clock."""
+    nvdisasm = os.path.join(os.path.dirname(ptxas_path(arch)), "nvdisasm")
+    if not os.access(nvdisasm, os.X_OK):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        run = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
+    if run.returncode:
+        return None
+    return sum(1 for line in run.stdout.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line))
+
+
 # ---- the launchers at model shapes ----------------------------------------------------------
 
 def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
@@ -347,6 +365,7 @@ def compile_rows(arch: int, size: str, dtype: str, ops: Optional[List[str]] = No
                              spill_store_bytes=use.spill_store_bytes, spill_load_bytes=use.spill_load_bytes,
                              stack_bytes=use.stack_bytes, smem_bytes=smem, smem_limit=SMEM_LIMIT.get(arch),
                              num_warps=int(meta.num_warps), num_stages=int(meta.num_stages),
+                             sass_instructions=sass_instructions(c.kernel.asm["cubin"], arch),
                              constexprs={k: v for k, v in c.constexprs.items()}, grid=list(c.grid)))
     return rows
 
@@ -369,7 +388,7 @@ def problems(rows: List[Dict]) -> List[str]:
 
 def table(rows: List[Dict]) -> str:
     columns = ["target", "shape", "dtype", "kernel", "regs", "spill st/ld B", "stack B", "smem B", "warps",
-               "constexprs"]
+               "SASS instr", "constexprs"]
     body = []
     for r in rows:
         if r.get("error"):
@@ -380,7 +399,7 @@ def table(rows: List[Dict]) -> str:
         body.append({"target": r["target"], "shape": r["shape"], "dtype": r["dtype"], "kernel": r["kernel"],
                      "regs": r["registers"], "spill st/ld B": f"{r['spill_store_bytes']}/{r['spill_load_bytes']}",
                      "stack B": r["stack_bytes"], "smem B": r["smem_bytes"], "warps": r["num_warps"],
-                     "constexprs": consts})
+                     "SASS instr": r.get("sass_instructions"), "constexprs": consts})
     return format_table(body, columns)
 
 

@@ -43,6 +43,11 @@ def test_sm90_vitb_vitl_bf16_no_spills_smem_within_limit(tmp_path):
         assert r["smem_bytes"] <= r["smem_limit"] == 227 * 1024, r
         for key in ("triton", "commit", "constexprs", "stack_bytes", "ptxas"):
             assert key in r, key
+        assert r["sass_instructions"] is None or r["sass_instructions"] > 0  # None: no nvdisasm
+    gelu = [r for r in rows if r["kernel"] == "_mlp_gelu_fwd_kernel" and r["sass_instructions"]]
+    for r in gelu:  # loop-free: every element costs instructions (exact erf), a few per element at least
+        per_element = r["sass_instructions"] / (r["constexprs"]["BLOCK"] / (32 * r["num_warps"]))
+        assert 5 < per_element < 200, r
 
 
 def test_ptxas_log_parsing_and_gate():
