@@ -1,7 +1,8 @@
 """mlp: a transformer MLP, out = fc2(GELU(fc1(x))), that keeps only the pre-activation for backward.
 
     pre = x W1^T + b1         x [rows, C], W1 [Hd, C]       (torch addmm)
-    h   = GELU(pre)           exact erf GELU                (``_mlp_gelu_fwd_kernel``)
+    h   = GELU(pre)           exact GELU, pre * Phi(pre)    (``_mlp_gelu_fwd_kernel``; Phi
+                              through erfc, ``_two_phi``)
     out = h W2^T + b2         W2 [Cout, Hd]                 (torch addmm)
 
 Autograd around the three ops separately keeps both pre (for GELU's backward) and h (for fc2's
@@ -32,6 +33,7 @@ Reference: ``tec_fast.ops.reference.mlp``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import List, Tuple
 
 import torch
@@ -46,10 +48,43 @@ BLOCK_R = 16             # backward tile: rows ...
 MAX_BLOCK_H = 128        # ... by hidden columns (16 fp32 values per thread and tensor at 4 warps)
 
 
+if "approx" in inspect.signature(tl.fdiv).parameters:  # Triton >= 3.7: div.approx.f32, 2 ulp
+    @triton.jit
+    def _reciprocal(y):
+        """1 / y for y in [1, 2**126]."""
+        return tl.fdiv(1.0, y, approx=True)
+else:  # div.full.f32: the same 2 ulp, plus range checks this argument never needs
+    @triton.jit
+    def _reciprocal(y):
+        """1 / y for y in [1, 2**126]."""
+        return tl.fdiv(1.0, y)
+
+
+@triton.jit
+def _two_phi(z):
+    """(2 Phi(z), exp(-z^2 / 2)) of fp32 z: Phi is the standard normal CDF, so 2 Phi(z) is
+    1 + erf(z / sqrt 2), the factor of the exact GELU, computed through erfc of x = |z| / sqrt 2:
+
+        erfc(x) = exp(-x^2) R(t),  t = 1 / (1 + 0.39 x),  R(t) = sum_{k=1..6} r_k t^k
+
+    R fitted by weighted minimax to erfcx on [0, 6] (|erf error| <= 8.3e-9 in exact arithmetic);
+    2 Phi(z) = 2 - erfc(x) for z >= 0 and erfc(x) for z < 0, so the negative tail has no
+    cancellation (``1 + erf`` there loses all but a few bits). About 15 instructions where the
+    libdevice erf took about 30: the forward kernel was issue-bound (docs/performance.md).
+    The Gaussian's exp is shared with GELU's derivative, Phi(z) + z phi(z)."""
+    t = _reciprocal(1.0 + 0.27577164466275352 * tl.abs(z))  # 0.39 / sqrt 2
+    r = t * (0.23532535 + t * (0.091387548 + t * (0.64956158 + t * (-0.63540298
+                                                                    + t * (0.88666606 + t * -0.22753753)))))
+    e = tl.exp2(z * z * -0.72134752044448170)  # exp(-z^2 / 2) = 2^(-z^2 log2(e) / 2)
+    q = e * r  # erfc(|z| / sqrt 2)
+    return tl.where(z >= 0, 2.0 - q, q), e
+
+
 @triton.jit
 def _gelu(z):
     """Exact GELU of fp32 z: z * Phi(z)."""
-    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    two_phi, _ = _two_phi(z)
+    return 0.5 * z * two_phi
 
 
 @triton.jit
@@ -76,9 +111,9 @@ def _mlp_gelu_bwd_kernel(pre_ptr, gh_ptr, h_ptr, gpre_ptr, db_part_ptr, rows, H,
         z = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         g = tl.load(gh_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         # GELU'(z) = Phi(z) + z * phi(z); masked elements have g = 0 and add nothing to db
-        gp = g * (0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-                  + z * 0.3989422804014327 * tl.exp(-0.5 * z * z))
-        tl.store(h_ptr + offs, _gelu(z).to(h_ptr.dtype.element_ty), mask=ok)
+        two_phi, e = _two_phi(z)
+        gp = g * (0.5 * two_phi + z * 0.3989422804014327 * e)
+        tl.store(h_ptr + offs, (0.5 * z * two_phi).to(h_ptr.dtype.element_ty), mask=ok)
         tl.store(gpre_ptr + offs, gp.to(gpre_ptr.dtype.element_ty), mask=ok)
         db += tl.sum(gp, axis=0)
     tl.store(db_part_ptr + slice_id * H + cols, db, mask=col_ok)
