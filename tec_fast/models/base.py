@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from tec_fast import ops
 from tec_fast.config import ViTConfig
-from tec_fast.models.layers import Block, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
+from tec_fast.models.layers import Block, PatchEmbed, check_images, init_vit_weights, run_blocks, sincos_pos_embed
 
 
 class BaseTargets(NamedTuple):
@@ -134,16 +134,14 @@ class BaseModel(nn.Module):
         cfg = self.config
         P = cfg.num_prefix_tokens
         x = self._embed(images)
-        feats = None
-        qk = None
         depth = len(self.blocks)
-        for i, blk in enumerate(self.blocks):
-            if i == depth - 1 and self.topk is not None:
-                x, qk = blk(x, return_qk=True)
-            else:
-                x = blk(x)
-            if i >= depth - self.last_layers:  # summed in fp32, in place: one pass per layer
-                feats = x[:, P:].to(torch.float32, copy=True) if feats is None else feats.add_(x[:, P:])
+        first = depth - self.last_layers
+        h, m, outs, qk = run_blocks(self.blocks, x, outputs=range(first, depth - 1),
+                                    qk_block=depth - 1 if self.topk is not None else None)
+        outs[depth - 1] = h + m
+        feats = outs[first][:, P:].to(torch.float32, copy=True)  # summed in fp32, in place
+        for i in range(first + 1, depth):
+            feats.add_(outs[i][:, P:])
         features = feats.div_(self.last_layers)  # [B, L, Cb], fp32
         if qk is None:
             return BaseTargets(features, None, None)

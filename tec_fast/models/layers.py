@@ -5,7 +5,7 @@ Parameter names follow timm / MAE (``patch_embed.proj``, ``blocks.{i}.norm1``, `
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -137,19 +137,51 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, return_qk: bool = False,
                 cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0):
-        # The attention branch's residual add is fused into norm2 (one read of x and the branch,
-        # one write of the new stream and the normalised input; ops.layer_norm).
-        n1, n2 = self.norm1, self.norm2
-        h = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
-        if cu_seqlens is not None:
-            a, qk = self.attn(h, cu_seqlens=cu_seqlens, max_len=max_len), None
-        elif return_qk:
-            a, qk = self.attn(h, return_qk=True)
-        else:
-            a, qk = self.attn(h), None
-        y, x = ops.layer_norm(self.ls1(a), n2.weight, n2.bias, n2.eps, residual=x)
-        x = x + self.ls2(self.mlp(y))
+        _, h, m, qk = self.forward_split(x, None, return_qk, cu_seqlens, max_len)
+        x = h + m
         return (x, qk) if return_qk else x
+
+    def forward_split(self, x: torch.Tensor, pending: Optional[torch.Tensor] = None, return_qk: bool = False,
+                      cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0):
+        """The block without its closing residual add: returns (x_in, h, m, qk), the block's
+        output being h + m. ``pending``: the previous block's m, added to x inside norm1 (x_in
+        is that sum, the previous block's output). Each residual add is fused into the
+        LayerNorm after it (``ops.layer_norm(branch, residual=stream)``: one read of the stream
+        and the branch, one write of the new stream and the normalised input)."""
+        n1, n2 = self.norm1, self.norm2
+        if pending is None:
+            y1 = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
+        else:
+            y1, x = ops.layer_norm(pending, n1.weight, n1.bias, n1.eps, residual=x)
+        if cu_seqlens is not None:
+            a, qk = self.attn(y1, cu_seqlens=cu_seqlens, max_len=max_len), None
+        elif return_qk:
+            a, qk = self.attn(y1, return_qk=True)
+        else:
+            a, qk = self.attn(y1), None
+        y, h = ops.layer_norm(self.ls1(a), n2.weight, n2.bias, n2.eps, residual=x)
+        return x, h, self.ls2(self.mlp(y)), qk
+
+
+def run_blocks(blocks: Sequence[Block], x: torch.Tensor, outputs: Iterable[int] = (),
+               qk_block: Optional[int] = None, **attention):
+    """``x`` through ``blocks`` with each block's closing residual add done inside the next
+    block's norm1 (``Block.forward_split``): per block one pass over the stream less, forward
+    and backward, than ``for blk in blocks: x = blk(x)``, and the same values.
+
+    Returns (h, m, outs, qk): the last block's output is h + m, left to the caller (which can
+    fuse it into its own next LayerNorm); ``outs[i]``, block i's output, for each i in
+    ``outputs`` below the last block; qk as ``Block.forward(return_qk=True)`` gives it for
+    block ``qk_block``. ``attention``: ``cu_seqlens`` / ``max_len`` of a packed sequence."""
+    outputs = set(outputs)
+    outs, qk, pending = {}, None, None
+    for i, blk in enumerate(blocks):
+        x_in, x, pending, block_qk = blk.forward_split(x, pending, i == qk_block, **attention)
+        if i - 1 in outputs:
+            outs[i - 1] = x_in
+        if i == qk_block:
+            qk = block_qk
+    return x, pending, outs, qk
 
 
 def init_vit_weights(module: nn.Module) -> None:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from tec_fast import ops
 from tec_fast.models.base import BaseTargets
 from tec_fast.config import TECConfig
-from tec_fast.models.layers import LN_EPS, Block, Mlp, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
+from tec_fast.models.layers import (LN_EPS, Block, Mlp, PatchEmbed, check_images, init_vit_weights, run_blocks,
+                                    sincos_pos_embed)
 from tec_fast.models.layout import TokenLayout
 from tec_fast.models.masking import Masking, random_masking, variable_masking
 from tec_fast.models.adapter import EncoderAdapter
@@ -117,12 +118,9 @@ class TECModel(nn.Module):
         ``pixels``: images [B, 3, S, S] or flattened patches [sum L_b, 3*p*p]."""
         x = embed_patches(self.patch_embed, pixels)  # [B, L, C] or [sum L_b, C]
         x = layout.encoder_input(x, self.cls_embedding(), self.pos_table(layout, self.pos_embed))
-        attention = layout.encoder_attention()
-        outs = []
-        for blk in self.blocks:
-            x = blk(x, **attention)
-            outs.append(x)
-        outs[-1] = _norm(self.norm, x)
+        depth = len(self.blocks)
+        h, m, outs, _ = run_blocks(self.blocks, x, outputs=range(depth - 1), **layout.encoder_attention())
+        outs = [outs[i] for i in range(depth - 1)] + [_norm(self.norm, m, residual=h)]  # norm(h + m)
         # One copy into the [D, B, T, C] layout the adapter's fused LayerNorm reads. Writing the
         # blocks' outputs straight into a preallocated buffer would need a custom autograd
         # function: in-place writes bump the version of tensors the next block saved.
@@ -165,10 +163,8 @@ class TECModel(nn.Module):
         dpos = self.pos_table(layout, self.decoder_pos_embed)
         # Both streams go through the shared decoder blocks in one pass, stacked along dim 0.
         x = torch.cat([layout.decoder_input(h.decoder_embed(latent), h.mask_token, dpos) for h in heads])
-        attention = layout.decoder_attention(len(heads))
-        for blk in self.decoder_blocks:
-            x = blk(x, **attention)
-        streams = layout.split_streams(x)
+        h, m, _, _ = run_blocks(self.decoder_blocks, x, **layout.decoder_attention(len(heads)))
+        streams = layout.split_streams(h + m)
 
         fea = self.forward_fea_decoder
         pred = layout.patch_rows(fea.decoder_pred(_norm(fea.decoder_norm, streams[0])))  # [B, L, Cb] / [T_p, Cb]
@@ -187,10 +183,13 @@ class TECModel(nn.Module):
         return {"loss": loss, "feature": loss_f, "relation": loss_r}
 
 
-def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` through ``ops.layer_norm``, as in the blocks: the output keeps x's dtype, where
-    ``nn.LayerNorm`` under autocast would write fp32 that the next Linear casts back down."""
-    return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
+def _norm(norm: nn.LayerNorm, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``norm(x)``, or ``norm(residual + x)``, through ``ops.layer_norm`` as in the blocks: the
+    output keeps x's dtype, where ``nn.LayerNorm`` under autocast would write fp32 that the next
+    Linear casts back down."""
+    if residual is None:
+        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    return ops.layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual)[0]
 
 
 def embed_patches(patch_embed: PatchEmbed, pixels: torch.Tensor) -> torch.Tensor:
