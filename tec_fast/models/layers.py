@@ -136,18 +136,17 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor, return_qk: bool = False,
-                cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0):
-        _, h, m, qk = self.forward_split(x, None, return_qk, cu_seqlens, max_len)
-        x = h + m
-        return (x, qk) if return_qk else x
+                cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0, *,
+                pending: Optional[torch.Tensor] = None, split: bool = False):
+        """x [B, N, C], or a packed [T, C] with ``cu_seqlens``, -> the block's output (and q, k
+        with ``return_qk``). Each residual add is fused into the LayerNorm after it
+        (``ops.layer_norm(branch, residual=stream)``: one read of the stream and the branch, one
+        write of the new stream and the normalised input).
 
-    def forward_split(self, x: torch.Tensor, pending: Optional[torch.Tensor] = None, return_qk: bool = False,
-                      cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0):
-        """The block without its closing residual add: returns (x_in, h, m, qk), the block's
-        output being h + m. ``pending``: the previous block's m, added to x inside norm1 (x_in
-        is that sum, the previous block's output). Each residual add is fused into the
-        LayerNorm after it (``ops.layer_norm(branch, residual=stream)``: one read of the stream
-        and the branch, one write of the new stream and the normalised input)."""
+        ``split=True`` (``run_blocks``) leaves the closing residual add out and returns
+        (x_in, h, m, qk), the block's output being h + m; ``pending``, the previous block's m, is
+        then added to x inside norm1 (x_in is that sum: the previous block's output). Through
+        ``__call__`` like any forward, so module hooks (FSDP2's unsharding) run."""
         n1, n2 = self.norm1, self.norm2
         if pending is None:
             y1 = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
@@ -160,14 +159,18 @@ class Block(nn.Module):
         else:
             a, qk = self.attn(y1), None
         y, h = ops.layer_norm(self.ls1(a), n2.weight, n2.bias, n2.eps, residual=x)
-        return x, h, self.ls2(self.mlp(y)), qk
+        m = self.ls2(self.mlp(y))
+        if split:
+            return x, h, m, qk
+        x = h + m
+        return (x, qk) if return_qk else x
 
 
 def run_blocks(blocks: Sequence[Block], x: torch.Tensor, outputs: Iterable[int] = (),
                qk_block: Optional[int] = None, **attention):
     """``x`` through ``blocks`` with each block's closing residual add done inside the next
-    block's norm1 (``Block.forward_split``): per block one pass over the stream less, forward
-    and backward, than ``for blk in blocks: x = blk(x)``, and the same values.
+    block's norm1 (``Block.forward(split=True)``): per block one pass over the stream less,
+    forward and backward, than ``for blk in blocks: x = blk(x)``, and the same values.
 
     Returns (h, m, outs, qk): the last block's output is h + m, left to the caller (which can
     fuse it into its own next LayerNorm); ``outs[i]``, block i's output, for each i in
@@ -176,7 +179,7 @@ def run_blocks(blocks: Sequence[Block], x: torch.Tensor, outputs: Iterable[int] 
     outputs = set(outputs)
     outs, qk, pending = {}, None, None
     for i, blk in enumerate(blocks):
-        x_in, x, pending, block_qk = blk.forward_split(x, pending, i == qk_block, **attention)
+        x_in, x, pending, block_qk = blk(x, i == qk_block, pending=pending, split=True, **attention)
         if i - 1 in outputs:
             outs[i - 1] = x_in
         if i == qk_block:

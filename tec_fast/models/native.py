@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tec_fast.models.base import BaseModel
+from tec_fast.models.layers import run_blocks
 from tec_fast.models.layout import TokenLayout, sincos_table
 from tec_fast.models.masking import ragged_keep, visible_counts
 from tec_fast.models.native_batch import (NativeBatch, NativeBatchSampler, NativeCollate, budget_grid,
@@ -119,16 +120,17 @@ def native_base_targets(base: BaseModel, batch: NativeBatch) -> NativeTargets:
     attention, depth, qkv = layout.encoder_attention(), len(base.blocks), []
     hook = base.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, out: qkv.append(out)) \
         if base.topk is not None else None
-    feats = 0
+    first = depth - base.last_layers
     try:
-        for i, blk in enumerate(base.blocks):
-            x = blk(x, **attention)
-            if i >= depth - base.last_layers:
-                feats = feats + layout.patch_rows(x).float()
+        h, m, outs, _ = run_blocks(base.blocks, x, outputs=range(first, depth - 1), **attention)
+        outs[depth - 1] = h + m
     finally:
         if hook is not None:
             hook.remove()
-    features = layout.per_image(feats / base.last_layers)  # per image [L_b, Cb]
+    feats = layout.patch_rows(outs[first]).to(torch.float32, copy=True)  # summed in fp32, in place
+    for i in range(first + 1, depth):
+        feats.add_(layout.patch_rows(outs[i]))
+    features = layout.per_image(feats.div_(base.last_layers))  # per image [L_b, Cb]
     if base.topk is None:
         return NativeTargets(features, None, None)
     scale = (cfg.embed_dim // cfg.num_heads) ** -0.5
