@@ -122,10 +122,8 @@ class BaseModel(nn.Module):
             raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
         if pool == "cls" and not self.config.class_token:
             raise ValueError("pool='cls' needs a CLS token; this base has none (use pool='mean')")
-        x = self._embed(images)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
+        h, m, _, _ = run_blocks(self.blocks, self._embed(images))
+        x = self.norm(h + m)
         P = self.config.num_prefix_tokens
         return x[:, P:].mean(dim=1) if pool == "mean" else x[:, 0]
 

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from tec_fast import ops
 from tec_fast.config import ViTConfig
-from tec_fast.models.layers import LN_EPS, Block, PatchEmbed, check_images, init_vit_weights, sincos_pos_embed
+from tec_fast.models.layers import (LN_EPS, Block, PatchEmbed, check_images, init_vit_weights, run_blocks,
+                                    sincos_pos_embed)
 from tec_fast.models.masking import random_masking
 
 
@@ -89,20 +90,16 @@ class MAEModel(nn.Module):
         pos = self.pos_embed[0].to(x.dtype)
         x = ops.masked_gather(x, ids_keep, pos[1:])  # [B, K, C]
         cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        h, m, _, _ = run_blocks(self.blocks, torch.cat([cls, x], dim=1))
+        return self.norm(h + m)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Mask tokens in, original order restored, decoder blocks; pixel predictions [B, L, p*p*c]."""
         y = self.decoder_embed(latent)  # [B, 1+K, Cd]
         pos = self.decoder_pos_embed[0].to(y.dtype)
         patches = ops.scatter_masked(y[:, 1:], ids_restore, self.mask_token.reshape(-1), pos[1:])
-        y = torch.cat([y[:, :1] + pos[:1], patches], dim=1)  # [B, N, Cd]
-        for blk in self.decoder_blocks:
-            y = blk(y)
-        return self.decoder_pred(self.decoder_norm(y))[:, 1:]
+        h, m, _, _ = run_blocks(self.decoder_blocks, torch.cat([y[:, :1] + pos[:1], patches], dim=1))
+        return self.decoder_pred(self.decoder_norm(h + m))[:, 1:]
 
     def patch_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error per patch (over its pixels), averaged over the removed patches
