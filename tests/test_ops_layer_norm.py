@@ -97,6 +97,8 @@ def test_run_blocks_equals_the_block_loop_bitwise_on_the_reference_path(layer_sc
         assert torch.equal(outs[i], want[i]), i
     assert torch.equal(h + m, want[2])
     assert all(torch.equal(a, b) for a, b in zip(qk, want_qk))
+    with pytest.raises(ValueError, match="blocks is empty"):
+        run_blocks(torch.nn.ModuleList(), x)
 
 
 def _outputs_and_grads(blocks, x0, runner):

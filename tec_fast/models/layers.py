@@ -176,6 +176,8 @@ def run_blocks(blocks: Sequence[Block], x: torch.Tensor, outputs: Iterable[int] 
     fuse it into its own next LayerNorm); ``outs[i]``, block i's output, for each i in
     ``outputs`` below the last block; qk as ``Block.forward(return_qk=True)`` gives it for
     block ``qk_block``. ``attention``: ``cu_seqlens`` / ``max_len`` of a packed sequence."""
+    if len(blocks) == 0:
+        raise ValueError("run_blocks: blocks is empty (the output h + m needs at least one block)")
     outputs = set(outputs)
     outs, qk, pending = {}, None, None
     for i, blk in enumerate(blocks):
