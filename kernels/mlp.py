@@ -69,9 +69,10 @@ def _two_phi(z):
 
     R fitted by weighted minimax to erfcx on [0, 6] (|erf error| <= 8.3e-9 in exact arithmetic);
     2 Phi(z) = 2 - erfc(x) for z >= 0 and erfc(x) for z < 0, so the negative tail has no
-    cancellation (``1 + erf`` there loses all but a few bits). About 15 instructions where the
-    libdevice erf took about 30: the forward kernel was issue-bound (docs/performance.md).
-    The Gaussian's exp is shared with GELU's derivative, Phi(z) + z phi(z)."""
+    cancellation (``1 + erf`` there loses all but a few bits). The forward kernel, issue-bound
+    with libdevice's erf, went from 39 to 27 instructions per element (30 with Triton 3.6's
+    division; ``benchmarks/compile_report.py``, docs/performance.md). The Gaussian's exp is
+    shared with GELU's derivative, Phi(z) + z phi(z)."""
     t = _reciprocal(1.0 + 0.27577164466275352 * tl.abs(z))  # 0.39 / sqrt 2
     r = t * (0.23532535 + t * (0.091387548 + t * (0.64956158 + t * (-0.63540298
                                                                     + t * (0.88666606 + t * -0.22753753)))))
