@@ -228,6 +228,30 @@ def mlp_cases(s, dtype, dev, providers, backward) -> Case:
     return Case(f"rows={rows},C={C},hidden={hidden}", fns, flops=fwd_flops)
 
 
+def qkv_heads_cases(s, dtype, dev, providers, backward) -> Case:
+    """An encoder block's q/k/v projection into heads (visible tokens), fp32 weights under
+    autocast as trained; backward: x, weight and bias gradients from dq, dk, dv. GEMM FLOPs."""
+    B, N, C, H = s["B"], s["K"] + 1, s["C"], s["H"]
+    x = torch.randn(B, N, C, device=dev, requires_grad=backward)
+    w = (torch.randn(3 * C, C, device=dev) * C ** -0.5).requires_grad_(backward)
+    b = torch.zeros(3 * C, device=dev, requires_grad=backward)
+    impls = {"reference": reference.qkv_heads}
+    if "triton" in providers:
+        impls["triton"] = _fast("qkv_heads")
+    low = dtype != torch.float32
+
+    def call(f):
+        with torch.autocast(dev.type, dtype=dtype, enabled=low):
+            return f(x, w, b, H)
+    flops = 2 * B * N * C * 3 * C
+    shape = f"B={B},N={N},C={C},H={H}"
+    if backward:
+        grads = [torch.randn(B, H, N, C // H, device=dev, dtype=dtype) for _ in range(3)]
+        fns = {n: _grad_fn(lambda f=f: call(f), [x, w, b], grads) for n, f in impls.items()}
+        return Case(shape, fns, flops=3 * flops)
+    return Case(shape, {n: (lambda f=f: call(f)) for n, f in impls.items()}, flops=flops)
+
+
 def patch_embed_cases(s, dtype, dev, providers, backward) -> Case:
     """The new model's patch embedding as trained: fp32 images under autocast to ``dtype``, fp32
     weights; weight and bias gradients. GEMM FLOPs (the gather's bytes are a small part)."""
@@ -256,6 +280,7 @@ BUILDERS = {
     "patch_embed": patch_embed_cases,
     "layer_norm": layer_norm_cases,
     "mlp": mlp_cases,
+    "qkv_heads": qkv_heads_cases,
     "masked_gather": masked_gather_cases,
     "scatter_masked": scatter_masked_cases,
     "patch_norm_mse": patch_norm_mse_cases,

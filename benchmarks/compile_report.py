@@ -45,7 +45,7 @@ from benchmarks.common import REPO, format_table, git_commit, versions  # noqa: 
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "compile.jsonl")
 KERNEL_MODULES = ("masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets", "relation_loss",
-                  "encoder_adapter", "layer_norm", "mlp", "patch_embed")
+                  "encoder_adapter", "layer_norm", "mlp", "qkv_heads", "patch_embed")
 
 # Per-block shared memory a kernel may use (opt-in maximum), bytes: H100/H200 227 KB, A100 163 KB.
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -299,6 +299,17 @@ def _case_mlp(s, dt):
         m._mlp_gelu_bwd(pre, _meta(rows, hidden, dtype=dt))
 
 
+def _case_qkv_heads(s, dt):
+    from tec_fast.kernels import qkv_heads as m
+    # encoder blocks (B x T tokens, H heads of C / H); decoder blocks (both streams, all tokens,
+    # 16 heads of Cd / 16), with dq as SDPA returns it ([B, H, N, d]) and as a transposed view
+    for B, N, H, d in ((s["B"], s["T"], s["H"], s["C"] // s["H"]), (2 * s["B"], s["N"], 16, s["Cd"] // 16)):
+        g = _meta(B, H, N, d, dtype=dt)
+        m._qkv_pack(g, g, g)
+        gt = _meta(B, N, H, d, dtype=dt).transpose(1, 2)
+        m._qkv_pack(gt, gt, gt)
+
+
 def _case_patch_embed(s, dt):
     from tec_fast.kernels import patch_embed as m
     side = 16 * int(round(s["L"] ** 0.5))  # 16-pixel patches (ViT-H/14's are 14: same kernel, P=14)
@@ -315,6 +326,7 @@ CASES: Dict[str, Callable[[Dict[str, int], torch.dtype], None]] = {
     "encoder_adapter": _case_encoder_adapter,
     "layer_norm": _case_layer_norm,
     "mlp": _case_mlp,
+    "qkv_heads": _case_qkv_heads,
 }
 
 

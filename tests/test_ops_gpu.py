@@ -152,6 +152,26 @@ def test_mlp(cuda_triton_path, dtype):
            atol32=1e-3, rtol32=1e-3, atol_lowp=5e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_heads(cuda_triton_path, dtype):
+    B, N, C, H = 4, 50, 768, 12
+    x0 = torch.randn(B, N, C, device=DEV)
+    w0 = torch.randn(3 * C, C, device=DEV) * C ** -0.5
+    b0 = torch.randn(3 * C, device=DEV) * 0.5
+    grads = [torch.randn(B, H, N, C // H, device=DEV) for _ in range(3)]
+
+    def run(fn, dt, src=torch.float32):
+        args = [_leaf(t.to(src), dt) for t in (x0, w0, b0)]
+        q, k, v = fn(*args, H)
+        loss = sum((t.float() * g.to(src).to(dt).float()).sum() for t, g in zip((q, k, v), grads))
+        return [q, k, v, *torch.autograd.grad(loss, args)]
+    got, eager = run(ops.qkv_heads, dtype), run(reference.qkv_heads, dtype)
+    exact = run(reference.qkv_heads, torch.float32, src=dtype)
+    # the same cuBLAS GEMMs on both paths; the packing is a copy, the bias sum runs in fp32
+    _check(got, eager, exact, dtype, ["q", "k", "v", "grad_x", "grad_weight", "grad_bias"],
+           atol32=1e-3, rtol32=1e-3, atol_lowp=5e-2)
+
+
 def test_gelu_accuracy_as_compiled(cuda_triton_path):
     """The kernels' GELU compiled for the GPU (Phi through erfc, with the approximate reciprocal
     and exp2 where Triton has them) against float64: value and derivative within 5e-7 and at

@@ -97,17 +97,19 @@ def test_tiny_step_engine_uses_fused_ops_and_moves_fewer_bytes():
 
 def test_tiny_step_backward_writes_gradients_once():
     """No layout copies and no zero-filled gradients in the engine's backward: the attention's
-    dq, dk, dv are stacked straight into qkv's layout (the eager timm order clones once more), and
-    the custom ops' statistics outputs get no materialised zero gradients."""
+    dq, dk, dv are packed into qkv's layout by ``tec_fast::qkv_heads_backward`` (with the bias
+    gradient; the eager timm order stacks, then clones once more), the relation head's q, k are
+    stacked straight into its output's layout, and the custom ops' statistics outputs get no
+    materialised zero gradients."""
     engine = traffic.count_step("engine", "tiny", 4)
     eager = traffic.count_step("eager", "tiny", 4)
     ops = lambda c, phase: [r.op for r in c.records if r.phase == phase]  # noqa: E731
     assert "aten.clone" not in ops(engine, "backward")
     assert "aten.zeros" not in ops(engine, "backward")
     assert "aten.clone" in ops(eager, "backward")  # what the test would catch
-    stacks = ops(engine, "backward").count("aten.stack")
     attention = ops(engine, "forward").count("aten._scaled_dot_product_flash_attention_for_cpu")
-    assert stacks == attention + 1  # one per attention (dq, dk, dv) and one for the relation head's q, k
+    assert ops(engine, "backward").count("tec_fast.qkv_heads_backward") == attention
+    assert ops(engine, "backward").count("aten.stack") == 1  # the relation head's q, k
 
 
 def test_cli_appends_estimate_rows(tmp_path):

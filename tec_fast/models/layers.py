@@ -79,8 +79,11 @@ class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``; on a packed sequence
     ([T, C] with ``cu_seqlens``) block-diagonal attention through ``attention.packed_attention``.
 
-    With ``return_qk=True`` also returns q and k ([B, H, N, d]) so a caller can compute the few
-    attention-logit rows it needs (the base model's relation targets) without an N x N matrix.
+    With ``return_qk=True`` also returns q and k ([B, H, N, d], or [T, H, d] packed) so a caller
+    can compute the few attention-logit rows it needs (the base model's relation targets) without
+    an N x N matrix. The batched path projects through ``ops.qkv_heads`` with ``qkv``'s weight
+    and bias (its backward packs the heads' gradients and sums the bias gradient in one pass),
+    so hooks registered on the ``qkv`` module itself do not fire there.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -95,13 +98,10 @@ class Attention(nn.Module):
         if cu_seqlens is not None:  # packed: x [T, C], images delimited by cu_seqlens
             T, C = x.shape
             q, k, v = self.qkv(x).reshape(T, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, d]
-            return self.proj(packed_attention(q, k, v, cu_seqlens, max_len).reshape(T, C))
+            out = self.proj(packed_attention(q, k, v, cu_seqlens, max_len).reshape(T, C))
+            return (out, (q, k)) if return_qk else out
         B, N, C = x.shape
-        # Unbind before the transpose: the backward then stacks dq, dk, dv straight into qkv's
-        # [B, N, 3, H, d] layout (one copy); unbinding a [3, B, H, N, d] permute would stack into
-        # that order and copy a second time to get back to [B, N, 3C].
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, H, N, d]
+        q, k, v = ops.qkv_heads(x, self.qkv.weight, self.qkv.bias, self.num_heads)  # each [B, H, N, d]
         out = F.scaled_dot_product_attention(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return (out, (q, k)) if return_qk else out
@@ -152,12 +152,11 @@ class Block(nn.Module):
             y1 = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
         else:
             y1, x = ops.layer_norm(pending, n1.weight, n1.bias, n1.eps, residual=x)
-        if cu_seqlens is not None:
-            a, qk = self.attn(y1, cu_seqlens=cu_seqlens, max_len=max_len), None
-        elif return_qk:
-            a, qk = self.attn(y1, return_qk=True)
+        packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens, max_len=max_len)
+        if return_qk:
+            a, qk = self.attn(y1, return_qk=True, **packed)
         else:
-            a, qk = self.attn(y1), None
+            a, qk = self.attn(y1, **packed), None
         y, h = ops.layer_norm(self.ls1(a), n2.weight, n2.bias, n2.eps, residual=x)
         m = self.ls2(self.mlp(y))
         if split:

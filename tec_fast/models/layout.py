@@ -233,15 +233,13 @@ class TokenLayout:
     # ----------------------------------------------------------------------------------------
     # Targets and losses (docs/tec.md §1, §3)
     # ----------------------------------------------------------------------------------------
-    def relation_targets(self, qkv: torch.Tensor, heads: int, topk: int, scale: float):
-        """The base model's relation targets from its last block's qkv projection ([B, N, 3C]
-        or [T_d, 3C]): per image relation [1+k, H, L_b] and topk_idx [k]."""
-        d = qkv.shape[-1] // (3 * heads)
+    def relation_targets(self, q: torch.Tensor, k: torch.Tensor, topk: int, scale: float):
+        """The base model's relation targets from its last block's q, k ([B, H, N, d] batched,
+        [T, H, d] packed: ``Block(return_qk=True)``): per image relation [1+k, H, L_b] and
+        topk_idx [k]."""
         if self.uniform:
-            q, k, _ = qkv.reshape(self.B, -1, 3, heads, d).permute(2, 0, 3, 1, 4)
             rel, idx = ops.relation_targets(q, k, topk, scale)
             return list(rel.unbind(0)), list(idx.unbind(0))
-        q, k, _ = qkv.reshape(-1, 3, heads, d).unbind(1)
         return ops.relation_targets_ragged(q, k, [L + 1 for L in self.lengths], topk, scale)
 
     def feature_loss(self, pred: torch.Tensor, features) -> torch.Tensor:

@@ -105,9 +105,9 @@ def base_pos_embed(base: BaseModel, batch: NativeBatch) -> torch.Tensor:
 @torch.no_grad()
 def native_base_targets(base: BaseModel, batch: NativeBatch) -> NativeTargets:
     """docs/tec.md §1 per image, all images in one run of the frozen base model over the batch's
-    token layout (block-diagonal attention when the grids differ). The last block's q, k are its
-    own qkv projection's output, read by a hook; ``TokenLayout.relation_targets`` forms only the
-    CLS and top-k rows (``ops.relation_targets``, by groups of equal length)."""
+    token layout (block-diagonal attention when the grids differ). The last block hands back its
+    q, k (``run_blocks(qk_block=...)``); ``TokenLayout.relation_targets`` forms only the CLS and
+    top-k rows (``ops.relation_targets``, by groups of equal length)."""
     cfg, layout = base.config, batch.layout
     check_batch(batch, cfg.patch_size, cfg.in_chans, "native_base_targets")
     _check_base(base)
@@ -117,16 +117,12 @@ def native_base_targets(base: BaseModel, batch: NativeBatch) -> NativeTargets:
                          f"the base model's topk={base.topk}")
     x = embed_patches(base.patch_embed, batch.patches)  # [T_p, Cb]
     x = base.norm_pre(layout.encoder_input(x, base.cls_token, _base_pos_table(base, layout)))
-    attention, depth, qkv = layout.encoder_attention(), len(base.blocks), []
-    hook = base.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, out: qkv.append(out)) \
-        if base.topk is not None else None
+    depth = len(base.blocks)
     first = depth - base.last_layers
-    try:
-        h, m, outs, _ = run_blocks(base.blocks, x, outputs=range(first, depth - 1), **attention)
-        outs[depth - 1] = h + m
-    finally:
-        if hook is not None:
-            hook.remove()
+    h, m, outs, qk = run_blocks(base.blocks, x, outputs=range(first, depth - 1),
+                                qk_block=depth - 1 if base.topk is not None else None,
+                                **layout.encoder_attention())
+    outs[depth - 1] = h + m
     feats = layout.patch_rows(outs[first]).to(torch.float32, copy=True)  # summed in fp32, in place
     for i in range(first + 1, depth):
         feats.add_(layout.patch_rows(outs[i]))
@@ -134,7 +130,7 @@ def native_base_targets(base: BaseModel, batch: NativeBatch) -> NativeTargets:
     if base.topk is None:
         return NativeTargets(features, None, None)
     scale = (cfg.embed_dim // cfg.num_heads) ** -0.5
-    relation, topk_idx = layout.relation_targets(qkv[-1], cfg.num_heads, base.topk, scale)
+    relation, topk_idx = layout.relation_targets(*qk, base.topk, scale)
     return NativeTargets(features, relation, topk_idx)
 
 

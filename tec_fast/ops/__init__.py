@@ -23,7 +23,8 @@ from tec_fast.ops.validate import check_same_device as _check_same_device
 from tec_fast.ops.validate import check_tensor as _check_tensor
 
 __all__ = ["masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets",
-           "relation_loss", "encoder_adapter", "layer_norm", "mlp", "patch_embed", "patch_norm_mse_ragged",
+           "relation_loss", "encoder_adapter", "layer_norm", "mlp", "qkv_heads", "patch_embed",
+           "patch_norm_mse_ragged",
            "relation_targets_ragged",
            "relation_loss_ragged", "reference", "dispatch_report",
            "format_dispatch_report", "why_not_fast", "OPS"]
@@ -271,6 +272,41 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if use_fast_path("layer_norm", x, **info):
         return fast_impl("layer_norm")(x, weight, bias, float(eps), residual=residual)
     return reference.layer_norm(x, weight, bias, float(eps), residual)
+
+
+def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's fused q/k/v projection split into heads: q, k, v = the [B, N, 3, H, d] view of
+    ``F.linear(x, weight, bias)``, each transposed to [B, H, N, d] (views, no copy).
+
+    x [B, N, C], weight [3 H d, C], bias [3 H d] or None. The Triton path's backward packs the
+    heads' gradients into the projection's layout and sums the bias gradient in the same pass
+    (in fp32); autograd would pack them, then read the packed gradient again for the bias.
+    Differentiable w.r.t. x, weight and bias.
+    """
+    _check_tensor(x, "x", 3)
+    _check_tensor(weight, "weight", 2)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    out, C = weight.shape
+    if C != x.shape[-1] or out % (3 * num_heads):
+        raise ValueError(f"weight must be [3 * num_heads * head_dim, C={x.shape[-1]}] with num_heads="
+                         f"{num_heads}, got {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor(bias, "bias", 1)
+        if bias.shape[0] != out:
+            raise ValueError(f"bias must have shape ({out},) for weight {tuple(weight.shape)}, got "
+                             f"{tuple(bias.shape)}")
+        _check_same_device(x, bias=bias)
+    _check_same_device(x, weight=weight)
+    if not torch.is_autocast_enabled(x.device.type):
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != x.dtype:
+                raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
+                                 f"the projection needs one dtype)")
+    if use_fast_path("qkv_heads", x, head_dim=out // (3 * num_heads)):
+        return fast_impl("qkv_heads")(x, weight, bias, num_heads)
+    return reference.qkv_heads(x, weight, bias, num_heads)
 
 
 def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,

@@ -115,6 +115,14 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return F.conv2d(images, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
 
 
+def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int):
+    """A block's q/k/v projection split into heads: x [B, N, C] -> q, k, v [B, H, N, d], views of
+    ``F.linear(x, weight, bias)`` seen as [B, N, 3, H, d] (timm's layout of the fused projection)."""
+    B, N, _ = x.shape
+    qkv = F.linear(x, weight, bias).reshape(B, N, 3, num_heads, -1)
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                residual: Optional[torch.Tensor] = None):
     """LayerNorm over the last dim of x, or of h = x + residual; returns y, or (y, h)."""

@@ -34,5 +34,7 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("layer_norm", reference.layer_norm, "layer_norm", (256, 50, 768),
            grads="x, residual, weight, bias"),
     OpSpec("mlp", reference.mlp, "mlp", (256, 50, 768), grads="x, w1, b1, w2, b2"),
+    OpSpec("qkv_heads", reference.qkv_heads, "qkv_heads", (256, 50, 768), {"head_dim": 64},
+           grads="x, weight, bias"),
     OpSpec("patch_embed", reference.patch_embed, "patch_embed", (256, 3, 224, 224), grads="weight, bias"),
 )}
