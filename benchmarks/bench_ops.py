@@ -62,6 +62,12 @@ def _fast(op: str):
     return fast_impl(op)
 
 
+def _autocast(dev: torch.device, dtype: torch.dtype):
+    """What the cases with fp32 parameters (as trained) run under: autocast to ``dtype``, off
+    for fp32."""
+    return torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def masked_gather_cases(s, dtype, dev, providers, backward) -> Case:
     B, L, K, C = s["B"], s["L"], s["K"], s["C"]
     x = torch.randn(B, L, C, device=dev, dtype=dtype, requires_grad=backward)
@@ -238,10 +244,9 @@ def qkv_heads_cases(s, dtype, dev, providers, backward) -> Case:
     impls = {"reference": reference.qkv_heads}
     if "triton" in providers:
         impls["triton"] = _fast("qkv_heads")
-    low = dtype != torch.float32
 
     def call(f):
-        with torch.autocast(dev.type, dtype=dtype, enabled=low):
+        with _autocast(dev, dtype):
             return f(x, w, b, H)
     flops = 2 * B * N * C * 3 * C
     shape = f"B={B},N={N},C={C},H={H}"
@@ -263,10 +268,9 @@ def patch_embed_cases(s, dtype, dev, providers, backward) -> Case:
     impls = {"reference": reference.patch_embed}
     if "triton" in providers:
         impls["triton"] = _fast("patch_embed")
-    low = dtype != torch.float32
 
     def call(f):
-        with torch.autocast(dev.type, dtype=dtype, enabled=low):
+        with _autocast(dev, dtype):
             return f(images, w, b)
     flops = 2 * B * (S // p) ** 2 * 3 * p * p * D
     shape = f"B={B},S={S},p={p},D={D}"

@@ -18,6 +18,7 @@ from tec_fast.ops import reference
 from tec_fast.ops.dispatch import (dispatch_report, fast_impl, format_dispatch_report,
                                    register_kernels, use_fast_path, why_not_fast)
 from tec_fast.ops.registry import OPS
+from tec_fast.ops.validate import check_bias as _check_bias
 from tec_fast.ops.validate import check_index as _check_index
 from tec_fast.ops.validate import check_same_device as _check_same_device
 from tec_fast.ops.validate import check_tensor as _check_tensor
@@ -231,12 +232,7 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         raise ValueError(f"images have {Ci} channels, weight {tuple(weight.shape)} takes {C}")
     if H % p or W % p:
         raise ValueError(f"images of {H}x{W} pixels do not split into {p}x{p} patches")
-    if bias is not None:
-        _check_tensor(bias, "bias", 1)
-        if bias.shape[0] != D:
-            raise ValueError(f"bias must have shape ({D},) for weight {tuple(weight.shape)}, got "
-                             f"{tuple(bias.shape)}")
-        _check_same_device(images, bias=bias)
+    _check_bias(bias, D, weight, images)
     _check_same_device(images, weight=weight)
     needs_grad = images.requires_grad and torch.is_grad_enabled()
     if use_fast_path("patch_embed", images, images_require_grad=needs_grad):
@@ -292,12 +288,7 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     if C != x.shape[-1] or out % (3 * num_heads):
         raise ValueError(f"weight must be [3 * num_heads * head_dim, C={x.shape[-1]}] with num_heads="
                          f"{num_heads}, got {tuple(weight.shape)}")
-    if bias is not None:
-        _check_tensor(bias, "bias", 1)
-        if bias.shape[0] != out:
-            raise ValueError(f"bias must have shape ({out},) for weight {tuple(weight.shape)}, got "
-                             f"{tuple(bias.shape)}")
-        _check_same_device(x, bias=bias)
+    _check_bias(bias, out, weight, x)
     _check_same_device(x, weight=weight)
     if not torch.is_autocast_enabled(x.device.type):
         for name, t in (("weight", weight), ("bias", bias)):

@@ -59,3 +59,15 @@ def check_same_device(ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but the first input is on {ref.device}")
+
+
+def check_bias(bias, size: int, weight: torch.Tensor, like: torch.Tensor) -> None:
+    """An optional bias of a projection with ``weight``: None, or ``size`` floating-point values
+    on ``like``'s device."""
+    if bias is None:
+        return
+    check_tensor(bias, "bias", 1)
+    if bias.shape[0] != size:
+        raise ValueError(f"bias must have shape ({size},) for weight {tuple(weight.shape)}, got "
+                         f"{tuple(bias.shape)}")
+    check_same_device(like, bias=bias)
