@@ -105,21 +105,27 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _project(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], B: int, N: int,
+             H: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x2d [B*N, C] -> q, k, v [B, H, N, d], views of x W^T + b (bias cast to x's dtype)."""
+    with torch.autocast(x2d.device.type, enabled=False):
+        if bias is None:
+            qkv = x2d @ weight.t()
+        else:
+            qkv = torch.addmm(bias.to(x2d.dtype), x2d, weight.t())
+    return tuple(t.transpose(1, 2) for t in qkv.view(B, N, 3, H, -1).unbind(2))
+
+
 class _QkvHeads(torch.autograd.Function):
     """The projection and the head split as one autograd node: returns q, k, v as views of the
     projection's output; the backward takes dq, dk, dv and gives x, W and b their gradients."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, B, N, H):
-        with torch.autocast(x2d.device.type, enabled=False):
-            if bias is None:
-                qkv = x2d @ weight.t()
-            else:
-                qkv = torch.addmm(bias.to(x2d.dtype), x2d, weight.t())
         ctx.save_for_backward(x2d, weight)
         ctx.shape = B, N, H
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return tuple(t.transpose(1, 2) for t in qkv.view(B, N, 3, H, -1).unbind(2))
+        return _project(x2d, weight, bias, B, N, H)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -146,7 +152,10 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
     B, N, C = x.shape
-    return _QkvHeads.apply(x.reshape(B * N, C), weight, bias, B, N, num_heads)
+    x2d = x.reshape(B * N, C)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _QkvHeads.apply(x2d, weight, bias, B, N, num_heads)
+    return _project(x2d, weight, bias, B, N, num_heads)  # inference (the frozen base): no node
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], head_dim: Optional[int] = None,

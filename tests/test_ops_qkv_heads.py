@@ -152,3 +152,14 @@ def test_attention_on_the_default_path_is_the_timm_split_bitwise():
     want = [timm(x), *torch.autograd.grad(timm(x).square().sum(), leaves)]
     for i, (a, e) in enumerate(zip(got, want)):
         assert torch.equal(a, e), i
+
+
+def test_inference_builds_no_autograd_node(triton_path):
+    """Under no_grad (the frozen base) the op is the projection and the views, nothing saved."""
+    x, w, b = _inputs(2, 7, 13, 3, 5, True)
+    with torch.no_grad():
+        got = ops.qkv_heads(x, w, b, 3)
+        want = reference.qkv_heads(x, w, b, 3)
+    for a, e in zip(got, want):
+        assert a.grad_fn is None and not a.requires_grad
+        assert_close(a, e, atol=1e-5, rtol=1e-5, name="q/k/v")
