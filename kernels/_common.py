@@ -28,6 +28,16 @@ def persistent_programs(work: int, device: torch.device, per_sm: int = 8) -> int
     return max(1, min(work, 4))
 
 
+def row_slices(rows: int, tile_rows: int, columns: int, programs: int) -> Tuple[int, int]:
+    """Split ``rows`` into slices of whole ``tile_rows``-row tiles for a (slice, column) grid of
+    about ``programs`` persistent programs over ``columns`` column blocks: (slices, rows per
+    slice). Each program walks its slice tile by tile and keeps one partial sum."""
+    tiles = triton.cdiv(max(rows, 1), tile_rows)
+    n_slices = max(1, min(tiles, triton.cdiv(programs, columns)))
+    rows_per_slice = triton.cdiv(tiles, n_slices) * tile_rows
+    return triton.cdiv(max(rows, 1), rows_per_slice), rows_per_slice
+
+
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dimension is contiguous (the kernels take the other strides as
     arguments), else a contiguous copy."""

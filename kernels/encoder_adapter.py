@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import dtype_reasons, persistent_programs, unit_last_stride
+from tec_fast.kernels._common import dtype_reasons, persistent_programs, row_slices, unit_last_stride
 
 
 @triton.jit
@@ -291,9 +291,7 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
     rows = max(1, _TILE // block_c)
     columns = D * triton.cdiv(C, block_c)
     # ~128 registers per thread: 4 four-warp programs fit on an SM, so aim for one wave of them
-    n_slices = max(1, min(triton.cdiv(persistent_programs(BT, dev, per_sm=4), columns), triton.cdiv(BT, rows)))
-    rows_per_prog = triton.cdiv(triton.cdiv(BT, n_slices), rows) * rows
-    n_slices = triton.cdiv(BT, rows_per_prog)
+    n_slices, rows_per_prog = row_slices(BT, rows, columns, persistent_programs(BT, dev, per_sm=4))
     d_feats = torch.empty((D, B, T, C), dtype=feats.dtype, device=dev)
     parts = torch.empty((2, n_slices, D * C), **f32)
     dw_part, db_part = parts[0], parts[1]

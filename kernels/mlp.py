@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import direct_launch, dtype_reasons, persistent_programs
+from tec_fast.kernels._common import direct_launch, dtype_reasons, persistent_programs, row_slices
 
 ACTIVATIONS = ("gelu",)  # what the kernels compute: GELU with the exact erf (timm, MAE, HF "gelu")
 BLOCK_FWD = 1024         # forward: elements per program
@@ -140,9 +140,7 @@ def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor) -> Tuple[torch.Tensor
     block_h = min(MAX_BLOCK_H, max(16, triton.next_power_of_2(H)))
     columns = triton.cdiv(max(H, 1), block_h)
     tiles = triton.cdiv(max(rows, 1), BLOCK_R)
-    n_slices = max(1, min(tiles, triton.cdiv(persistent_programs(tiles * columns, dev), columns)))
-    rows_per_prog = triton.cdiv(tiles, n_slices) * BLOCK_R
-    n_slices = triton.cdiv(max(rows, 1), rows_per_prog)
+    n_slices, rows_per_prog = row_slices(rows, BLOCK_R, columns, persistent_programs(tiles * columns, dev))
     db_part = torch.empty((n_slices, H), dtype=torch.float32, device=dev)
     if rows and H:
         _mlp_gelu_bwd_kernel[(n_slices, columns)](

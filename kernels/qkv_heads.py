@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import direct_launch, dtype_reasons, persistent_programs
+from tec_fast.kernels._common import direct_launch, dtype_reasons, persistent_programs, row_slices
 
 ROWS = 32          # rows per tile
 MAX_HEAD_DIM = 256  # one row of a head in a tile: ROWS x d values
@@ -73,9 +73,7 @@ def _qkv_pack(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> Tuple[tor
     dev = dq.device
     out = torch.empty((rows, width), dtype=dq.dtype, device=dev)
     tiles = triton.cdiv(max(rows, 1), ROWS)
-    n_slices = max(1, min(tiles, triton.cdiv(persistent_programs(tiles * 3 * H, dev), 3 * H)))
-    rows_per_prog = triton.cdiv(tiles, n_slices) * ROWS
-    n_slices = triton.cdiv(max(rows, 1), rows_per_prog)
+    n_slices, rows_per_prog = row_slices(rows, ROWS, 3 * H, persistent_programs(tiles * 3 * H, dev))
     part = torch.empty((n_slices, width), dtype=torch.float32, device=dev)
     if rows and width:
         _qkv_pack_kernel[(n_slices, 3 * H)](

@@ -127,20 +127,26 @@ class BaseModel(nn.Module):
         P = self.config.num_prefix_tokens
         return x[:, P:].mean(dim=1) if pool == "mean" else x[:, 0]
 
+    def last_layers_mean(self, x: torch.Tensor, patch_rows, **attention):
+        """x (embedded tokens) through the blocks (``run_blocks``; ``attention``: a packed
+        sequence's ``cu_seqlens`` / ``max_len``): the fp32 mean of the last ``last_layers`` blocks'
+        outputs at the rows ``patch_rows(t)`` selects, and the last block's q, k (None without
+        ``topk``). The target features of docs/tec.md §1, batched or packed."""
+        depth = len(self.blocks)
+        first = depth - self.last_layers
+        h, m, outs, qk = run_blocks(self.blocks, x, outputs=range(first, depth - 1),
+                                    qk_block=depth - 1 if self.topk is not None else None, **attention)
+        outs[depth - 1] = h + m
+        feats = patch_rows(outs[first]).to(torch.float32, copy=True)  # summed in fp32, in place
+        for i in range(first + 1, depth):
+            feats.add_(patch_rows(outs[i]))
+        return feats.div_(self.last_layers), qk
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> BaseTargets:
         cfg = self.config
         P = cfg.num_prefix_tokens
-        x = self._embed(images)
-        depth = len(self.blocks)
-        first = depth - self.last_layers
-        h, m, outs, qk = run_blocks(self.blocks, x, outputs=range(first, depth - 1),
-                                    qk_block=depth - 1 if self.topk is not None else None)
-        outs[depth - 1] = h + m
-        feats = outs[first][:, P:].to(torch.float32, copy=True)  # summed in fp32, in place
-        for i in range(first + 1, depth):
-            feats.add_(outs[i][:, P:])
-        features = feats.div_(self.last_layers)  # [B, L, Cb], fp32
+        features, qk = self.last_layers_mean(self._embed(images), lambda t: t[:, P:])  # [B, L, Cb]
         if qk is None:
             return BaseTargets(features, None, None)
         q, k = qk  # [B, H, P + L, d]

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from tec_fast.models.base import BaseModel
-from tec_fast.models.layers import run_blocks
 from tec_fast.models.layout import TokenLayout, sincos_table
 from tec_fast.models.masking import ragged_keep, visible_counts
 from tec_fast.models.native_batch import (NativeBatch, NativeBatchSampler, NativeCollate, budget_grid,
@@ -105,9 +104,9 @@ def base_pos_embed(base: BaseModel, batch: NativeBatch) -> torch.Tensor:
 @torch.no_grad()
 def native_base_targets(base: BaseModel, batch: NativeBatch) -> NativeTargets:
     """docs/tec.md §1 per image, all images in one run of the frozen base model over the batch's
-    token layout (block-diagonal attention when the grids differ). The last block hands back its
-    q, k (``run_blocks(qk_block=...)``); ``TokenLayout.relation_targets`` forms only the CLS and
-    top-k rows (``ops.relation_targets``, by groups of equal length)."""
+    token layout (block-diagonal attention when the grids differ), through the same
+    ``BaseModel.last_layers_mean`` as the batched targets; ``TokenLayout.relation_targets``
+    forms only the CLS and top-k rows (``ops.relation_targets``, by groups of equal length)."""
     cfg, layout = base.config, batch.layout
     check_batch(batch, cfg.patch_size, cfg.in_chans, "native_base_targets")
     _check_base(base)
@@ -117,16 +116,8 @@ def native_base_targets(base: BaseModel, batch: NativeBatch) -> NativeTargets:
                          f"the base model's topk={base.topk}")
     x = embed_patches(base.patch_embed, batch.patches)  # [T_p, Cb]
     x = base.norm_pre(layout.encoder_input(x, base.cls_token, _base_pos_table(base, layout)))
-    depth = len(base.blocks)
-    first = depth - base.last_layers
-    h, m, outs, qk = run_blocks(base.blocks, x, outputs=range(first, depth - 1),
-                                qk_block=depth - 1 if base.topk is not None else None,
-                                **layout.encoder_attention())
-    outs[depth - 1] = h + m
-    feats = layout.patch_rows(outs[first]).to(torch.float32, copy=True)  # summed in fp32, in place
-    for i in range(first + 1, depth):
-        feats.add_(layout.patch_rows(outs[i]))
-    features = layout.per_image(feats.div_(base.last_layers))  # per image [L_b, Cb]
+    feats, qk = base.last_layers_mean(x, layout.patch_rows, **layout.encoder_attention())
+    features = layout.per_image(feats)  # per image [L_b, Cb]
     if base.topk is None:
         return NativeTargets(features, None, None)
     scale = (cfg.embed_dim // cfg.num_heads) ** -0.5

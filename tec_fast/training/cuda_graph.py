@@ -79,7 +79,7 @@ def warm_up(fn: Callable[[], object], times: int = 1) -> None:
 
 def record(fn: Callable[[], T], pool=None) -> Tuple[torch.cuda.CUDAGraph, T]:
     """Record one call of ``fn`` into a new CUDA graph (sharing the memory ``pool`` of another
-    graph when given): (graph, what ``fn`` returned, the tensors each replay refreshes). Recorded
+    graph when given): (graph, what ``fn`` returned; each replay refreshes those tensors). Recorded
     thread-locally, so another thread's CUDA calls (a data loader's pin-memory thread) do not
     invalidate the recording."""
     graph = torch.cuda.CUDAGraph()
