@@ -164,6 +164,10 @@ CATEGORIES = (  # (name, ops) for the breakdown; first match wins
 )
 
 
+# The kernels a step cannot do without unless elementwise work moves into the GEMMs: see floor_ms.
+FLOOR_CATEGORIES = {"GEMM / conv", "attention (SDPA)", "tec_fast fused ops", "optimizer"}
+
+
 def category(op: str) -> str:
     if op.startswith("tec_fast."):
         return "tec_fast fused ops"
@@ -208,6 +212,14 @@ class StepCount:
     def roofline_ms(self, bandwidth: float, peak: float, launch_us: float = LAUNCH_US) -> float:
         t = sum(max((r.read + r.written) / bandwidth, r.flops / peak) for r in self.records)
         return 1e3 * t + 1e-3 * launch_us * self.launches
+
+    def floor_ms(self, bandwidth: float, peak: float, launch_us: float = LAUNCH_US) -> float:
+        """``roofline_ms`` with every op outside ``FLOOR_CATEGORIES`` free: what removing all the
+        glue (casts, adds, layout copies, reductions) and its launches could reach while the GEMMs
+        stay library calls and the fused kernels keep their inputs and outputs in memory."""
+        kept = [r for r in self.records if category(r.op) in FLOOR_CATEGORIES]
+        t = sum(max((r.read + r.written) / bandwidth, r.flops / peak) for r in kept)
+        return 1e3 * t + 1e-3 * launch_us * sum(r.launches for r in kept)
 
     def by_op(self, bandwidth: float, peak: float) -> List[Dict]:
         """One row per op name: calls, GB moved, GFLOP, roofline ms (no launch term), by bytes."""
@@ -492,6 +504,7 @@ def summarize(count: StepCount) -> Dict:
     for hw, (bw, peak) in HARDWARE.items():
         row[f"est_ms_{hw.lower()}"] = count.roofline_ms(bw, peak)
         row[f"est_ms_{hw.lower()}_no_launch"] = count.roofline_ms(bw, peak, 0.0)
+        row[f"floor_ms_{hw.lower()}"] = count.floor_ms(bw, peak)
     return row
 
 
@@ -518,6 +531,9 @@ def run(model: str, batch: int, mask_ratio: float = 0.75, top: int = 10) -> List
     eng, eag = rows
     for key in ("gb_moved", "gflop", "launches", "peak_act_gb", "est_ms_h100", "est_ms_h200"):
         eng[f"ratio_{key}"] = eng[key] / eag[key] if eag[key] else None
+    for hw in HARDWARE:  # the floor against what eager is estimated to take
+        key = f"floor_ms_{hw.lower()}"
+        eng[f"ratio_{key}"] = eng[key] / eag[f"est_ms_{hw.lower()}"]
     return rows
 
 
@@ -533,6 +549,11 @@ def print_report(rows: List[Dict], top: int = 10) -> None:
         print(f"\n{model} {shape} bf16 autocast, one training step. ESTIMATE (fake tensors, roofline "
               f"max(bytes/BW, FLOPs/989 TFLOP/s) per op + {LAUNCH_US:g} us per launch):")
         print(format_table(rs + [ratio], cols))
+        eag = next(r for r in rs if r["provider"] == "eager")
+        print("engine floor, every op but the GEMMs, attention, fused ops and optimizer free: "
+              + ", ".join(f"{hw} {eng[f'floor_ms_{hw.lower()}']:.1f} ms "
+                          f"({eng[f'floor_ms_{hw.lower()}'] / eag[f'est_ms_{hw.lower()}']:.3f} of eager)"
+                          for hw in HARDWARE))
         print(f"engine custom ops: {', '.join(eng['custom_ops']) or 'NONE'}; host syncs: engine "
               f"{eng['host_syncs']}, eager {next(r for r in rs if r['provider'] == 'eager')['host_syncs']}")
         cats = {r["provider"]: {c["category"]: c for c in r["categories_h200"]} for r in rs}

@@ -93,6 +93,12 @@ def test_tiny_step_engine_uses_fused_ops_and_moves_fewer_bytes():
     assert engine.flops == pytest.approx(eager.flops, rel=0.05)  # the same math, counted both ways
     h200 = traffic.HARDWARE["H200"]
     assert engine.roofline_ms(*h200) > engine.roofline_ms(*h200, launch_us=0.0) > 0
+    # the floor drops exactly the glue: adds, casts, layout copies and reductions
+    glue = [r for r in engine.records if traffic.category(r.op) not in traffic.FLOOR_CATEGORIES]
+    assert glue and {traffic.category(r.op) for r in glue} >= {"add / mul / div", "dtype casts"}
+    glue_ms = sum(1e3 * max((r.read + r.written) / h200[0], r.flops / h200[1]) + 1e-3 * traffic.LAUNCH_US * r.launches
+                  for r in glue)
+    assert engine.floor_ms(*h200) == pytest.approx(engine.roofline_ms(*h200) - glue_ms)
 
 
 def test_tiny_step_backward_writes_gradients_once():
@@ -120,5 +126,5 @@ def test_cli_appends_estimate_rows(tmp_path):
     for r in rows:
         assert r["label"] == "estimate" and r["bench"] == "traffic"
         for key in ("commit", "torch", "shape", "dtype", "gb_moved", "gflop", "launches", "peak_act_gb",
-                    "est_ms_h100", "est_ms_h200", "top_ops_h200", "timestamp"):
+                    "est_ms_h100", "est_ms_h200", "floor_ms_h200", "top_ops_h200", "timestamp"):
             assert key in r, key
