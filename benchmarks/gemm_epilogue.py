@@ -9,20 +9,21 @@ writes fc1's output and reads fc2's input. A GEMM that applies bias + exact GELU
 accumulator before storing saves that pass, but only if its main loop is as fast as cuBLAS's and
 the epilogue's instructions (about 27 per element, ``docs/performance.md``) hide behind the
 memory traffic. The traffic model cannot judge either: it assumes every GEMM at 100% of peak.
-This script measures it, per fc1 shape of one TEC step (bf16, no autograd), three ways:
+This script measures it, per fc1 shape of one TEC step (bf16, no autograd):
 
 * ``cublas+gelu``: ``torch.addmm`` (cuBLAS, bias in its epilogue) then the engine's GELU kernel
-  (``tec_fast.kernels.mlp``): what ``tec_fast.ops.mlp`` does today;
-* ``triton``: the Triton GEMM below with the bias added in its epilogue: how far a Triton main
-  loop is from cuBLAS on this shape;
-* ``triton+gelu``: the same GEMM with bias + exact GELU (the engine's ``_gelu``) in the epilogue.
+  (``tec_fast.kernels.mlp``): what ``tec_fast.ops.mlp`` does today; ``cublas``: the addmm alone;
+* ``triton`` / ``triton+gelu``: a plain pipelined ``tl.dot`` GEMM (one program per output tile)
+  with bias, or bias + exact GELU (the engine's ``_gelu``), in its epilogue;
+* ``persistent`` / ``persistent+gelu``: the same product with one program per SM walking the
+  tiles, operands through TMA descriptors, and the tile and K loops flattened into one, so the
+  next tile's loads can be issued while this tile's epilogue runs.
 
-``triton+gelu`` against ``triton`` is what the epilogue costs inside a GEMM; against
-``cublas+gelu`` it is what fusing would win or lose today. Each Triton variant takes the fastest
-of a few tile configurations, timed in the same run. The GEMM here is a plain pipelined
-``tl.dot`` loop (no TMA, no warp specialisation): if its epilogue is nearly free but its main loop
-loses to cuBLAS, the case for a better GEMM is made; if the epilogue itself costs about what the
-standalone GELU does, fusion cannot pay on this hardware.
+``triton`` against ``cublas`` is how far a Triton main loop is from cuBLAS on the shape;
+``...+gelu`` minus the same variant without it is what the epilogue costs inside a GEMM, to set
+against the GELU kernel's own time (``cublas+gelu`` minus ``cublas``); ``...+gelu`` against
+``cublas+gelu`` is what fusing wins or loses today. Each Triton variant takes the fastest of a few
+tile configurations, timed in the same run.
 
 Without a GPU, ``--offline`` compiles the kernels for sm_90 (Triton's compiler, no device) and
 prints registers, spills and the Hopper warpgroup-MMA instructions (``HGMMA``) in the machine
@@ -47,7 +48,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import append_results, format_table, time_callable  # noqa: E402
+from benchmarks.common import append_results, device_name, format_table, time_callable  # noqa: E402
 from tec_fast.kernels.mlp import _gelu, _mlp_gelu_fwd  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): Hopper-sized tiles for bf16 (8-warp
@@ -64,19 +65,22 @@ SHAPES = {
 
 
 @triton.jit
+def _tile_coords(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(row, column) of output tile ``tile`` when tiles are walked GROUP_M tile-rows at a time."""
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
+
+
+@triton.jit
 def _linear_act_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr, GELU: tl.constexpr):
     """out = act(x W^T + b), x [M, K], W [N, K] (both K-contiguous), b [N]; fp32 accumulator.
     Programs walk the output tiles GROUP_M tile-rows at a time so that neighbouring programs
     share W's tiles in L2."""
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -96,16 +100,46 @@ def _linear_act_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gelu: bool,
-               config: Tuple[int, int, int, int, int] = INTERPRETER_CONFIG) -> torch.Tensor:
-    """act(x @ w.T + b) with the Triton GEMM: x [M, K], w [N, K], b [N], one dtype; act = exact
-    GELU or none."""
+@triton.jit
+def _linear_act_persistent_kernel(x_desc, w_desc, b_ptr, out_desc, M, N, K,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, GELU: tl.constexpr):
+    """The same product, persistent: PROGRAMS programs (one per SM) walk the output tiles, the
+    operands come through TMA descriptors, and the tile loop and the K loop are one flattened
+    loop, so the compiler's pipeliner can issue the next tile's loads while this tile's epilogue
+    (bias, GELU, store) runs. (``warp_specialize=True`` on this loop compiles to the same code for
+    sm_90 under Triton 3.6 and 3.9: same registers, shared memory and instruction count.)"""
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for kk in range(k_tiles):
+            a = x_desc.load([off_m, kk * BLOCK_K])
+            b = w_desc.load([off_n, kk * BLOCK_K])
+            acc = tl.dot(a, b.T, acc)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if GELU:
+            acc = _gelu(acc)
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+
+
+def _check_operands(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or tuple(b.shape) != (w.shape[0],):
         raise ValueError(f"linear_act: x [M, K], w [N, K], b [N] expected, got {tuple(x.shape)}, "
                          f"{tuple(w.shape)}, {tuple(b.shape)}")
     if not (x.dtype == w.dtype == b.dtype) or not (x.device == w.device == b.device):
         raise ValueError(f"linear_act: x, w, b need one dtype and device, got {x.dtype}/{w.dtype}/{b.dtype} "
                          f"on {x.device}/{w.device}/{b.device}")
+
+
+def linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gelu: bool,
+               config: Tuple[int, int, int, int, int] = INTERPRETER_CONFIG) -> torch.Tensor:
+    """act(x @ w.T + b) with the Triton GEMM: x [M, K], w [N, K], b [N], one dtype; act = exact
+    GELU or none."""
+    _check_operands(x, w, b)
     x, w = x.contiguous(), w.contiguous()
     (M, K), N = x.shape, w.shape[0]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
@@ -114,6 +148,33 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gelu: bool,
     _linear_act_kernel[grid](x, w, b, out, M, N, K, x.stride(0), w.stride(0), out.stride(0),
                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, GELU=gelu,
                              num_warps=warps, num_stages=stages)
+    return out
+
+
+def linear_act_persistent(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gelu: bool,
+                          config: Tuple[int, int, int, int, int] = INTERPRETER_CONFIG,
+                          programs: Optional[int] = None) -> torch.Tensor:
+    """``linear_act`` through the persistent TMA kernel with ``programs`` programs (default: one
+    per SM, 132 where there is no GPU). TMA needs 16-byte-aligned rows: K and N times the element
+    size must be multiples of 16."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    _check_operands(x, w, b)
+    (M, K), N = x.shape, w.shape[0]
+    for name, n in (("K", K), ("N", N)):
+        if (n * x.element_size()) % 16:
+            raise ValueError(f"linear_act_persistent: rows of {n} {x.dtype} values ({name}) are not "
+                             f"16-byte aligned, which TMA needs")
+    x, w = x.contiguous(), w.contiguous()
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    bm, bn, bk, warps, stages = config
+    if programs is None:
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count \
+            if x.device.type == "cuda" else 132
+    programs = max(1, min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn)))
+    descs = [TensorDescriptor.from_tensor(t, block) for t, block in ((x, [bm, bk]), (w, [bn, bk]), (out, [bm, bn]))]
+    _linear_act_persistent_kernel[(programs,)](descs[0], descs[1], b, descs[2], M, N, K, BLOCK_M=bm,
+                                               BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, PROGRAMS=programs,
+                                               GELU=gelu, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -141,7 +202,9 @@ def _best_config(fn, device) -> Tuple[Tuple[int, ...], Dict]:
     return best
 
 
-def run_gpu(batch: int, device: torch.device) -> List[Dict]:
+def run_gpu(batch: int, device: torch.device, results_dir: Optional[str] = None) -> List[Dict]:
+    """Time every provider at every shape; each shape's rows are appended to
+    ``<results_dir>/<device>.jsonl`` as soon as they are measured (a run cut short keeps them)."""
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     for i, (name, shape_of) in enumerate(SHAPES.items(), 1):
@@ -155,21 +218,29 @@ def run_gpu(batch: int, device: torch.device) -> List[Dict]:
         timed = {"cublas+gelu": (None, time_callable(lambda: _mlp_gelu_fwd(torch.addmm(b, x, w.t())), device,
                                                       measure_memory=False))}
         timed["cublas"] = (None, time_callable(lambda: torch.addmm(b, x, w.t()), device, measure_memory=False))
-        for provider, gelu in (("triton", False), ("triton+gelu", True)):
-            timed[provider] = _best_config(lambda cfg: linear_act(x, w, b, gelu, cfg), device)
-        cfg = timed["triton+gelu"][0]
-        err = (linear_act(x, w, b, True, cfg).float() - ref.float()).abs().max().item()
+        errors = {}
+        for variant, launch in VARIANTS.items():
+            for gelu in (False, True):
+                provider = ("triton" if variant == "plain" else variant) + ("+gelu" if gelu else "")
+                timed[provider] = _best_config(lambda cfg: launch(x, w, b, gelu, cfg), device)
+                if gelu:
+                    got = launch(x, w, b, True, timed[provider][0])
+                    errors[provider] = (got.float() - ref.float()).abs().max().item()
         base_ms = timed["cublas+gelu"][1]["median_ms"]
+        case_rows = []
         for provider, (config, t) in timed.items():
-            rows.append(dict(bench="gemm_epilogue", provider=provider, shape=f"M={M},K={K},N={N}", case=name,
+            case_rows.append(dict(bench="gemm_epilogue", provider=provider, shape=f"M={M},K={K},N={N}", case=name,
                              dtype="bf16", **t, tflop_per_s=flops / t["median_ms"] / 1e9,
                              speedup=base_ms / t["median_ms"], config=list(config) if config else None,
-                             max_abs_diff_vs_cublas_gelu=err if provider == "triton+gelu" else None,
-                             baseline="cublas+gelu"))
-        gelu_alone = base_ms - timed["cublas"][1]["median_ms"]
-        epilogue = timed["triton+gelu"][1]["median_ms"] - timed["triton"][1]["median_ms"]
-        print(f"    GELU as its own kernel: {gelu_alone:.3f} ms; inside the Triton GEMM's epilogue: "
-              f"{epilogue:.3f} ms; fused max |diff| {err:.2e}", flush=True)
+                             max_abs_diff_vs_cublas_gelu=errors.get(provider), baseline="cublas+gelu"))
+        rows += case_rows
+        if results_dir:
+            append_results(case_rows, results_dir, device)
+        ms = {k: v[1]["median_ms"] for k, v in timed.items()}
+        print(f"    GELU as its own kernel: {ms['cublas+gelu'] - ms['cublas']:.3f} ms; in the epilogue: "
+              f"{ms['triton+gelu'] - ms['triton']:.3f} ms (plain GEMM), "
+              f"{ms['persistent+gelu'] - ms['persistent']:.3f} ms (persistent); fused max |diff| "
+              + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()), flush=True)
     return rows
 
 
@@ -189,23 +260,36 @@ def hgmma_count(cubin: bytes, arch: int) -> Optional[int]:
     return len(re.findall(r"\bHGMMA\.", out))
 
 
+VARIANTS = {  # kernel variant -> launcher(x, w, b, gelu, config)
+    "plain": linear_act,
+    "persistent": linear_act_persistent,
+}
+
+
 def run_offline(batch: int, arch: int = 90) -> List[Dict]:
-    """Compile both Triton variants at every shape and GPU config for sm_<arch>; no GPU needed."""
+    """Compile every variant, tile and epilogue at the base model's fc1 shape for sm_<arch>; no
+    GPU needed. A variant this Triton cannot compile gets a row with its error."""
     from benchmarks.compile_report import compile_only, ptxas_usage, sass_instructions
     rows = []
     M, K, N = SHAPES["base fc1 (ViT-B, 197 tokens)"](batch)
     x, w, b = (torch.empty(*s, device="meta", dtype=torch.bfloat16) for s in ((M, K), (N, K), (N,)))
-    for cfg in GPU_CONFIGS:
-        for gelu in (False, True):
-            with compile_only(arch) as compiled:
-                linear_act(x, w, b, gelu, cfg)
-            kernel = compiled[0].kernel
-            use = ptxas_usage(kernel.asm["ptx"], arch)
-            rows.append(dict(config=str(cfg), gelu=gelu, registers=use.registers,
-                             spill_bytes=use.spill_store_bytes + use.spill_load_bytes,
-                             smem_bytes=int(kernel.metadata.shared or 0),
-                             sass_instructions=sass_instructions(kernel.asm["cubin"], arch),
-                             hgmma=hgmma_count(kernel.asm["cubin"], arch)))
+    for variant, launch in VARIANTS.items():
+        for cfg in GPU_CONFIGS:
+            for gelu in (False, True):
+                row = dict(variant=variant, config=str(cfg), gelu=gelu)
+                try:
+                    with compile_only(arch) as compiled:
+                        launch(x, w, b, gelu, cfg)
+                except Exception as exc:  # noqa: BLE001 - reported, the others still compile
+                    rows.append(dict(row, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:90]}"))
+                    continue
+                kernel = compiled[0].kernel
+                use = ptxas_usage(kernel.asm["ptx"], arch)
+                rows.append(dict(row, registers=use.registers,
+                                 spill_bytes=use.spill_store_bytes + use.spill_load_bytes,
+                                 smem_bytes=int(kernel.metadata.shared or 0),
+                                 sass_instructions=sass_instructions(kernel.asm["cubin"], arch),
+                                 hgmma=hgmma_count(kernel.asm["cubin"], arch)))
     return rows
 
 
@@ -226,15 +310,15 @@ def main(argv=None) -> List[Dict]:
         M, K, N = SHAPES["base fc1 (ViT-B, 197 tokens)"](args.batch)
         print(f"sm_90 compile of the base model's fc1 GEMM, M={M} K={K} N={N}, bf16 (spills: bytes "
               f"stored + loaded; hgmma: warpgroup-MMA instructions, loop body counted once):")
-        print(format_table(rows, ["config", "gelu", "registers", "spill_bytes", "smem_bytes",
-                                  "sass_instructions", "hgmma"]))
+        print(format_table(rows, ["variant", "config", "gelu", "registers", "spill_bytes", "smem_bytes",
+                                  "sass_instructions", "hgmma", "error"]))
         return rows
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():
         p.error("timing needs a CUDA GPU; use --offline to compile for sm_90 without one")
-    rows = run_gpu(args.batch, device)
+    rows = run_gpu(args.batch, device, args.results_dir)
     print(format_table(rows, ["case", "provider", "median_ms", "tflop_per_s", "speedup", "config"]))
-    print(f"rows appended to {append_results(rows, args.results_dir, device)}")
+    print(f"rows appended to {os.path.join(args.results_dir, device_name(device) + '.jsonl')}")
     return rows
 
 

@@ -2,7 +2,7 @@
 # The whole GPU suite in one command, inside a fixed time budget (default 480 s) on an H100/H200:
 #   1. build the extension in place (no registry access on the device: --no-deps),
 #   2. GPU tests (kernels compiled by Triton for the GPU, not interpreted),
-#   3. whole-step (eager and CUDA-graph), step profile, per-op, GEMM-epilogue probe, packing and
+#   3. whole-step (eager and CUDA-graph), step profile, GEMM-epilogue probe, per-op, packing and
 #      packed-encoder benchmarks (engine vs eager baseline in the same process), most important first,
 #   4. regenerate the README performance table.
 # Each stage gets at most its own cap and never more than what is left of the budget, so a slow
@@ -51,13 +51,13 @@ gzip -f "$LOGS"/trace_*.json 2>/dev/null
 timeout "$(cap 40)" $PY benchmarks/profile_step.py --batch 256 --no-baseline --shapes --top 40 \
   --results-dir benchmarks/results 2>&1 | tail -100
 pack
+stamp "GEMM-epilogue probe (cuBLAS + GELU kernel vs a Triton GEMM with the GELU in its epilogue)"
+timeout "$(cap 75)" $PY benchmarks/gemm_epilogue.py --results-dir benchmarks/results 2>&1 | tail -30
+pack
 stamp "op benchmarks (eager calls, then CUDA-graph replays: GPU time alone)"
 timeout "$(cap 90)" $PY benchmarks/bench_ops.py --op all --device cuda --results-dir benchmarks/results 2>&1 | tail -60
 timeout "$(cap 90)" $PY benchmarks/bench_ops.py --op all --device cuda --cuda-graph \
   --results-dir benchmarks/results 2>&1 | tail -60
-pack
-stamp "GEMM-epilogue probe (cuBLAS + GELU kernel vs a Triton GEMM with the GELU in its epilogue)"
-timeout "$(cap 45)" $PY benchmarks/gemm_epilogue.py --results-dir benchmarks/results 2>&1 | tail -30
 pack
 stamp "packing benchmarks"
 timeout "$(cap 40)" $PY benchmarks/bench_packing.py --results-dir benchmarks/results 2>&1 | tail -20
