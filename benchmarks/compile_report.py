@@ -189,11 +189,8 @@ def parse_ptxas_log(log: str) -> Usage:
                  log=log)
 
 
-def sass_instructions(cubin: bytes, arch: int) -> Optional[int]:
-    """Machine instructions in the kernel's code, counted statically (a loop body once), with the
-    ``nvdisasm`` next to Triton's ptxas; None without it. For a loop-free elementwise kernel,
-    divided by the elements a thread handles, it says whether the kernel can keep up with
-    memory: an SM issues at most 128 thread-instructions per clock."""
+def disassemble(cubin: bytes, arch: int) -> Optional[str]:
+    """The kernel's machine code as text (``nvdisasm -c``, next to Triton's ptxas); None without it."""
     nvdisasm = os.path.join(os.path.dirname(ptxas_path(arch)), "nvdisasm")
     if not os.access(nvdisasm, os.X_OK):
         return None
@@ -202,9 +199,18 @@ def sass_instructions(cubin: bytes, arch: int) -> Optional[int]:
         with open(path, "wb") as f:
             f.write(cubin)
         run = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
-    if run.returncode:
+    return None if run.returncode else run.stdout
+
+
+def sass_instructions(cubin: bytes, arch: int) -> Optional[int]:
+    """Machine instructions in the kernel's code, counted statically (a loop body once); None
+    without ``nvdisasm``. For a loop-free elementwise kernel, divided by the elements a thread
+    handles, it says whether the kernel can keep up with memory: an SM issues at most 128
+    thread-instructions per clock."""
+    sass = disassemble(cubin, arch)
+    if sass is None:
         return None
-    return sum(1 for line in run.stdout.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line))
+    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line))
 
 
 # ---- the launchers at model shapes ----------------------------------------------------------

@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -248,16 +246,9 @@ def run_gpu(batch: int, device: torch.device, results_dir: Optional[str] = None)
 
 def hgmma_count(cubin: bytes, arch: int) -> Optional[int]:
     """Hopper warpgroup-MMA instructions in a cubin's machine code (None without nvdisasm)."""
-    from benchmarks.compile_report import ptxas_path
-    nvdisasm = os.path.join(os.path.dirname(ptxas_path(arch)), "nvdisasm")
-    if not os.access(nvdisasm, os.X_OK):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        out = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True).stdout
-    return len(re.findall(r"\bHGMMA\.", out))
+    from benchmarks.compile_report import disassemble
+    sass = disassemble(cubin, arch)
+    return None if sass is None else len(re.findall(r"\bHGMMA\.", sass))
 
 
 VARIANTS = {  # kernel variant -> launcher(x, w, b, gelu, config)
