@@ -1,7 +1,7 @@
 """Traffic and memory model of one TEC training step, engine vs the eager baseline, on fake tensors.
 
 One step = frozen base forward, new-model forward, backward, optimizer step, exactly as
-``bench_step.py`` runs it on a GPU (engine: bf16 base, bf16 autocast, the ``tec_fast`` custom ops,
+``bench_step.py`` runs it on a GPU (engine: the base's GEMM weights in bf16, bf16 autocast, the ``tec_fast`` custom ops,
 fused AdamW; baseline: ``baseline_eager.py`` under bf16 autocast, foreach AdamW as torch picks on
 CUDA). It runs under ``FakeTensorMode``: shapes, dtypes and strides propagate, nothing is computed,
 so ViT-L/16 at B=256 takes seconds on a CPU. A dispatch mode counts, for every kernel-level op:
@@ -60,6 +60,7 @@ from benchmarks.baseline_eager import EagerBase, EagerTEC  # noqa: E402
 from benchmarks.bench_step import build  # noqa: E402
 from benchmarks.common import append_jsonl, complete_row, format_table  # noqa: E402
 from tec_fast import BaseModel, TECModel  # noqa: E402
+from tec_fast.training.precision import autocast_copy  # noqa: E402
 
 # name: (HBM bandwidth B/s, dense bf16 peak FLOP/s), published figures of the SXM parts
 HARDWARE = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}
@@ -455,8 +456,9 @@ def count_step(provider: str, preset: str, batch: int, mask_ratio: float = 0.75)
     """Run one training step of ``provider`` ('engine' or 'eager') on fake tensors; return its count."""
     bvit, cfg, topk = build(preset, torch.device("meta"))
     with torch.device("meta"):
-        if provider == "engine":
-            base, model = BaseModel(bvit, topk=topk), TECModel(cfg)
+        if provider == "engine":  # as the trainer and bench_step run it: the frozen base's GEMM
+            # weights stored in bf16 (autocast_copy), not cast at every step
+            base, model = autocast_copy(BaseModel(bvit, topk=topk), torch.bfloat16), TECModel(cfg)
         elif provider == "eager":
             base, model = EagerBase(bvit, topk=topk).eval(), EagerTEC(cfg)
         else:
@@ -464,8 +466,8 @@ def count_step(provider: str, preset: str, batch: int, mask_ratio: float = 0.75)
     counter = TrafficCounter()
     with warnings.catch_warnings(), fused_kernel_path(), cuda_autocast_policy(), FakeTensorMode():
         warnings.simplefilter("ignore")
-        if provider == "engine":  # as bench_step: the frozen base in bf16 outright, fused AdamW
-            base, model = to_fake(base, torch.bfloat16), to_fake(model)
+        if provider == "engine":  # fused AdamW
+            base, model = to_fake(base), to_fake(model)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
         else:  # the public code: fp32 modules under autocast, torch's CUDA default (foreach) AdamW
             base, model = to_fake(base), to_fake(model)

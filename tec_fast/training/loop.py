@@ -223,6 +223,8 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     sched = plan_schedule(cfg, per_micro * cfg.accum * d.world, steps_per_epoch)
     optimizer, opt_name = build_optimizer(model, sched.peak_lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
     scaler, amp_dtype = _precision(cfg, d)
+    if hasattr(objective, "prepare"):
+        objective.prepare(d.device, amp_dtype)
     if cfg.cuda_graph:
         reasons = graph_reasons(cfg, d.device, d.world, opt_name, batch_sampler is not None, objective)
         if reasons:

@@ -22,6 +22,8 @@ class Objective(Protocol):
     depend on the process count or on resumes) and passes as ``noise`` [B, noise_columns];
     None when the objective draws its own (``noise`` is then None).
     ``__call__`` returns the loss under ``'loss'`` plus any other 0-dim metrics to log.
+    Optional: ``prepare(device, amp_dtype)``, which ``fit`` calls once before the first step with
+    the training device and the autocast dtype (None without autocast).
     """
 
     noise_columns: Optional[int]
@@ -36,6 +38,18 @@ def _check_ratio(mask_ratio) -> None:
     if isinstance(mask_ratio, bool) or not ratios or not all(isinstance(r, (int, float)) and 0 < r < 1 for r in ratios) \
             or (len(ratios) == 2 and ratios[0] > ratios[1]) or len(ratios) > 2:
         raise ValueError(f"mask_ratio must be in (0, 1) (or a (lo, hi) range in it), got {mask_ratio!r}")
+
+
+def _base_for_autocast(objective, amp_dtype: Optional[torch.dtype]) -> None:
+    """Under bf16 / fp16 autocast the objective's frozen base runs as ``autocast_copy``: its GEMM
+    weights cast once instead of at every step, with the same values. The base it was given is
+    kept (``base_source``) and used as is without autocast, by a compiled base (``torch.compile``
+    owns its casts) and when the targets come from a cache."""
+    source = getattr(objective, "base_source", objective.base)
+    objective.base_source = objective.base = source
+    if amp_dtype is not None and getattr(objective, "cache", None) is None and isinstance(source, BaseModel):
+        from tec_fast.training.precision import autocast_copy
+        objective.base = autocast_copy(source, amp_dtype)
 
 
 class TECObjective:
@@ -62,6 +76,9 @@ class TECObjective:
         self.patches = num_patches
         self.variable = masking == "block" or isinstance(mask_ratio, tuple)
         self.noise_columns = num_patches + (1 if self.variable else 0)
+
+    def prepare(self, device: torch.device, amp_dtype: Optional[torch.dtype]) -> None:
+        _base_for_autocast(self, amp_dtype)
 
     def _ratios(self, u: torch.Tensor) -> torch.Tensor:
         lo, hi = self.mask_ratio if isinstance(self.mask_ratio, tuple) else (self.mask_ratio,) * 2
@@ -105,6 +122,9 @@ class NativeTECObjective:
         self.base, self.mask_ratio = base, float(mask_ratio)
         self.patch, self.tokens_per_batch = int(patch), int(tokens_per_batch)
         self.collate = NativeNoiseCollate(self.patch)
+
+    def prepare(self, device: torch.device, amp_dtype: Optional[torch.dtype]) -> None:
+        _base_for_autocast(self, amp_dtype)
 
     def samples(self, dataset: Dataset) -> "NativeNoiseSamples":
         return NativeNoiseSamples(dataset, self.patch)
