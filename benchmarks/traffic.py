@@ -78,7 +78,7 @@ FREE_OPS = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.new_emp
 # Ops that need a value on the host: a synchronisation on CUDA.
 SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero",
             "aten.masked_select", "aten._unique2", "aten.unique_consecutive", "aten.unique_dim"}
-WRITE_ONLY_FIRST = {"aten.copy_", "aten.fill_", "aten.zero_", "aten.uniform_", "aten.normal_"}
+WRITE_ONLY_FIRST = {"aten.copy_", "aten._foreach_copy_", "aten.fill_", "aten.zero_", "aten.uniform_", "aten.normal_"}
 GATHERS = {"aten.gather", "aten.index_select", "aten.index", "aten.embedding"}
 FUSED_OPTIMIZERS = {"aten._fused_adamw_", "aten._fused_adam_"}
 

@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tec_fast import BaseModel, ViTConfig
 from tec_fast.training import FitConfig, fit
 from tec_fast.training.objectives import TECObjective
-from tec_fast.training.precision import autocast_copy
-from train_helpers import AugmentedImages, tiny_objective, tiny_tec
+from tec_fast.training.precision import CastWeightsOnce, autocast_copy
+from train_helpers import AugmentedImages, tiny_base, tiny_objective, tiny_tec
 
 
 def _base(seed=0) -> BaseModel:
@@ -101,3 +101,91 @@ def test_fit_gives_a_bf16_run_the_copy_and_an_fp32_run_the_base():
     assert seen == [("cpu", torch.bfloat16)]
     assert recording.base_source is objective.base
     assert recording.base.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+
+
+def _tec_step(wrap: bool):
+    """One TEC loss + backward under CPU bf16 autocast on a tiny model with every parameter
+    random; (loss, gradients by name, casts, multi-tensor copies)."""
+    torch.manual_seed(0)
+    model = tiny_tec()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    base = tiny_base()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    noise = torch.rand(4, model.config.encoder.num_patches, generator=torch.Generator().manual_seed(4))
+    m = CastWeightsOnce(model, torch.bfloat16) if wrap else model
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Ops() as ops:
+        targets = base(images)
+        out = m(images, targets, mask_ratio=0.75, noise=noise)
+        out["loss"].backward()
+    return out["loss"].detach(), {n: p.grad for n, p in model.named_parameters()}, ops
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["reference_path", "triton_path"])
+def test_cast_weights_once_is_bitwise_autocast_with_two_multi_tensor_copies(request, path):
+    request.getfixturevalue(path)
+    loss0, grads0, ops0 = _tec_step(False)
+    loss1, grads1, ops1 = _tec_step(True)
+    assert torch.equal(loss0, loss1)
+    for name, g in grads0.items():
+        assert g is not None and grads1[name] is not None and g.dtype == torch.float32, name
+        assert torch.equal(g, grads1[name]) and grads1[name].dtype == torch.float32, name
+    weights = len(CastWeightsOnce(tiny_tec(), torch.bfloat16).names)
+    assert weights >= 10
+    assert ops1.counts.get("aten._foreach_copy_") == 2 and "aten._foreach_copy_" not in ops0.counts
+    # one cast of each weight forward and of its gradient backward, gone (on the Triton path the
+    # encoder adapter's op casts its stacked weights itself, so fewer casts were there to remove)
+    removed = ops0.counts["aten._to_copy"] - ops1.counts["aten._to_copy"]
+    assert removed == 2 * weights if path == "reference_path" else removed > weights, (removed, weights)
+
+
+def test_cast_weights_once_passes_through_without_autocast_or_grad():
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    wrapped = CastWeightsOnce(model, torch.bfloat16)
+    assert wrapped.names == ["0.weight", "2.weight"]
+    x = torch.randn(3, 4)
+    with _Ops() as ops:
+        assert torch.equal(wrapped(x), model(x))                      # no autocast
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(wrapped(x), model(x))                  # no grad
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert torch.equal(wrapped(x), model(x))                  # another autocast dtype
+    assert "aten._foreach_copy_" not in ops.counts
+    with pytest.raises(ValueError, match="bfloat16 or torch.float16"):
+        CastWeightsOnce(model, torch.float32)
+
+
+def test_bf16_fit_trains_as_plain_autocast(monkeypatch, tmp_path):
+    """fit with bf16 wraps the model (one process); the losses and the trained weights are
+    bitwise those of the same run with the wrapper switched off."""
+    from tec_fast.training import loop
+
+    def run():
+        cfg = FitConfig(epochs=2, batch_size=8, lr=1e-3, warmup_steps=1, progress=False, seed=0,
+                        precision="bf16")
+        r = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), cfg)
+        return r.losses, r.model.state_dict()
+
+    wrapped = []
+    monkeypatch.setattr(loop, "CastWeightsOnce", lambda m, dt: wrapped.append(dt) or CastWeightsOnce(m, dt))
+    losses1, state1 = run()
+    assert wrapped == [torch.bfloat16]
+    monkeypatch.setattr(loop, "CastWeightsOnce", lambda m, dt: m)
+    losses0, state0 = run()
+    assert losses1 == losses0
+    assert all(torch.equal(state0[k], state1[k]) for k in state0)

@@ -2,7 +2,8 @@
 dataset, FitConfig)``.
 
 It owns no math: the objective computes the loss. Around it: data order and per-sample seeds,
-masking noise, mixed precision, gradient accumulation, AdamW with the per-step schedule, DDP or
+masking noise, mixed precision (with bf16 / fp16 in one process, the model's Linear and conv
+weights cast in one kernel per step and the frozen base's once: ``precision.py``), gradient accumulation, AdamW with the per-step schedule, DDP or
 FSDP2 under torchrun, checkpoints that resume exactly, the NaN guard, SIGTERM/SIGINT handling,
 progress, metrics, and (``cuda_graph``) steps replayed from CUDA graphs (``graphed.py``).
 
@@ -38,6 +39,7 @@ from tec_fast.training.graphed import GraphedStep, graph_reasons
 from tec_fast.training.monitor import MetricsLog, Progress, StepMeter
 from tec_fast.training.objectives import Objective
 from tec_fast.training.optim import build_optimizer, plan_schedule, set_lr
+from tec_fast.training.precision import CastWeightsOnce
 from tec_fast.training.sampling import (
     ResumableBatchSampler,
     ResumableSampler,
@@ -223,6 +225,8 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     sched = plan_schedule(cfg, per_micro * cfg.accum * d.world, steps_per_epoch)
     optimizer, opt_name = build_optimizer(model, sched.peak_lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
     scaler, amp_dtype = _precision(cfg, d)
+    if amp_dtype is not None and wrapped is model:  # one process, not compiled: weights cast in one go
+        wrapped = CastWeightsOnce(model, amp_dtype)
     if hasattr(objective, "prepare"):
         objective.prepare(d.device, amp_dtype)
     if cfg.cuda_graph:
