@@ -1,8 +1,9 @@
 """Traffic and memory model of one TEC training step, engine vs the eager baseline, on fake tensors.
 
 One step = frozen base forward, new-model forward, backward, optimizer step, exactly as
-``bench_step.py`` runs it on a GPU (engine: the base's GEMM weights in bf16, bf16 autocast, the ``tec_fast`` custom ops,
-fused AdamW; baseline: ``baseline_eager.py`` under bf16 autocast, foreach AdamW as torch picks on
+``bench_step.py`` runs it on a GPU (engine: as ``fit`` runs it in one process: the base's GEMM
+weights in bf16, the new model's cast in one multi-tensor kernel per step, bf16 autocast, the
+``tec_fast`` custom ops, fused AdamW; baseline: ``baseline_eager.py`` under bf16 autocast, foreach AdamW as torch picks on
 CUDA). It runs under ``FakeTensorMode``: shapes, dtypes and strides propagate, nothing is computed,
 so ViT-L/16 at B=256 takes seconds on a CPU. A dispatch mode counts, for every kernel-level op:
 
@@ -60,7 +61,7 @@ from benchmarks.baseline_eager import EagerBase, EagerTEC  # noqa: E402
 from benchmarks.bench_step import build  # noqa: E402
 from benchmarks.common import append_jsonl, complete_row, format_table  # noqa: E402
 from tec_fast import BaseModel, TECModel  # noqa: E402
-from tec_fast.training.precision import autocast_copy  # noqa: E402
+from tec_fast.training.precision import CastWeightsOnce, autocast_copy  # noqa: E402
 
 # name: (HBM bandwidth B/s, dense bf16 peak FLOP/s), published figures of the SXM parts
 HARDWARE = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}
@@ -155,7 +156,7 @@ CATEGORIES = (  # (name, ops) for the breakdown; first match wins
                           "aten._scaled_dot_product_efficient_attention_backward"}),
     ("eager softmax", {"aten._softmax", "aten._softmax_backward_data", "aten._log_softmax",
                        "aten._log_softmax_backward_data"}),
-    ("dtype casts", {"aten._to_copy"}),
+    ("dtype casts", {"aten._to_copy", "aten._foreach_copy_"}),
     ("LayerNorm", {"aten.native_layer_norm", "aten.native_layer_norm_backward"}),
     ("GELU", {"aten.gelu", "aten.gelu_backward"}),
     ("add / mul / div", {"aten.add", "aten.add_", "aten.mul", "aten.mul_", "aten.div", "aten.sub", "aten.neg"}),
@@ -172,6 +173,8 @@ FLOOR_CATEGORIES = {"GEMM / conv", "attention (SDPA)", "tec_fast fused ops", "op
 def category(op: str) -> str:
     if op.startswith("tec_fast."):
         return "tec_fast fused ops"
+    if op == "aten._foreach_copy_":  # the new model's weights cast to bf16 and their gradients back
+        return "dtype casts"
     if "foreach" in op or "fused_adam" in op:
         return "optimizer"
     return next((name for name, ops in CATEGORIES if op in ops), "other")
@@ -469,9 +472,11 @@ def count_step(provider: str, preset: str, batch: int, mask_ratio: float = 0.75)
         if provider == "engine":  # fused AdamW
             base, model = to_fake(base), to_fake(model)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+            call = CastWeightsOnce(model, torch.bfloat16)  # as fit calls it in one process
         else:  # the public code: fp32 modules under autocast, torch's CUDA default (foreach) AdamW
             base, model = to_fake(base), to_fake(model)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=True)
+            call = model
         _init_optimizer_state(model, opt)
         if not opt.defaults.get("fused") and not opt.defaults.get("capturable"):
             # torch keeps these optimizers' step counters on the CPU, also for CUDA parameters
@@ -483,7 +488,7 @@ def count_step(provider: str, preset: str, batch: int, mask_ratio: float = 0.75)
                 with torch.no_grad():
                     targets = base(images)
                 counter.phase = "forward"
-                loss = model(images, targets, mask_ratio=mask_ratio)["loss"]
+                loss = call(images, targets, mask_ratio=mask_ratio)["loss"]
             counter.phase = "backward"
             loss.backward()
             counter.phase = "optimizer"
