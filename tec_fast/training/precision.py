@@ -1,14 +1,20 @@
-"""Mixed precision for the frozen base model: its GEMM weights stored once in the autocast dtype.
+"""Mixed precision without per-weight casts: the frozen base's GEMM weights stored once in the
+autocast dtype (``autocast_copy``), the trained model's cast in one multi-tensor kernel per step
+(``CastWeightsOnce``).
 
 Under autocast every Linear / convolution casts its fp32 weight and bias to the autocast dtype
 at each call, and the engine's fused ops (``ops.qkv_heads``, ``ops.mlp``, ``ops.patch_embed``)
-do the same explicitly. For the model being trained that is the price of fp32 master weights.
-For the frozen base it is pure waste: the same ~100 cast kernels (ViT-B: one per weight and bias
-of every block, about 0.5 GB read and written) every step, for values that never change.
-``autocast_copy`` gives the objective a copy of the base whose Linear and Conv2d parameters are
-already in the autocast dtype. Run under that autocast, it computes bitwise what the fp32 base
-computes: the casts it skips are exactly the ones autocast would have made, to the same dtype.
-Its LayerNorms, tokens and position embeddings stay in their own dtype, as autocast keeps them.
+do the same explicitly; autograd then casts each weight's gradient back in its own kernel. At
+ViT-B that is about 100 small kernels per step for the frozen base, whose values never change,
+and about 140 for the model being trained. In the H200 profile of a B=256 step
+(``benchmarks/results/device_logs/2026-11-30_profile_step.log``), the 299 ``aten::copy_`` calls
+other than 25 strided copies, mostly such casts, took 2.6 ms of GPU time, 8.6 us each.
+
+Both helpers give bitwise the values and gradients plain autocast gives: the casts they do are
+the ones autocast would have made, to the same dtype (tests/test_precision.py, on the reference
+and the Triton path). LayerNorm weights, biases of the fused ops (whose gradients they keep in
+fp32), tokens and position embeddings are left to autocast. ``fit`` uses both for bf16 / fp16 runs
+(``CastWeightsOnce`` in one process only, see its docstring).
 """
 from __future__ import annotations
 
