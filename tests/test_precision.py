@@ -189,3 +189,32 @@ def test_bf16_fit_trains_as_plain_autocast(monkeypatch, tmp_path):
     losses0, state0 = run()
     assert losses1 == losses0
     assert all(torch.equal(state0[k], state1[k]) for k in state0)
+
+
+@pytest.mark.gpu
+def test_gpu_step_is_bitwise_plain_autocast(cuda_triton_path):
+    """On the GPU (compiled kernels, cuBLAS, CUDA's multi-tensor copy between dtypes): the tiny
+    TEC step with the base as ``autocast_copy`` and the model wrapped, against plain autocast:
+    the same loss and gradients (up to the last bits an atomic or split-K reduction order may
+    change between two runs)."""
+    def step(fast: bool):
+        torch.manual_seed(0)
+        model, base = tiny_tec().cuda(), tiny_base().cuda()
+        images = torch.randn(8, 3, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+        noise = torch.rand(8, model.config.encoder.num_patches, device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(4))
+        if fast:
+            base, call = autocast_copy(base, torch.bfloat16), CastWeightsOnce(model, torch.bfloat16)
+        else:
+            call = model
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = call(images, base(images), mask_ratio=0.75, noise=noise)
+        out["loss"].backward()
+        return out["loss"].detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss0, grads0 = step(False)
+    loss1, grads1 = step(True)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
+    for name, g in grads0.items():
+        assert grads1[name].dtype == torch.float32, name
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-7, msg=name)
