@@ -225,7 +225,7 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     sched = plan_schedule(cfg, per_micro * cfg.accum * d.world, steps_per_epoch)
     optimizer, opt_name = build_optimizer(model, sched.peak_lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
     scaler, amp_dtype = _precision(cfg, d)
-    if amp_dtype is not None and wrapped is model:  # one process, not compiled: weights cast in one go
+    if amp_dtype is not None and not d.enabled and not cfg.compile:  # weights cast in one go (one process)
         wrapped = CastWeightsOnce(model, amp_dtype)
     if hasattr(objective, "prepare"):
         objective.prepare(d.device, amp_dtype)
