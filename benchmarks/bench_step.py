@@ -80,28 +80,30 @@ def _train_step(loss_fn, opt, scaler):
     return step
 
 
-def _engine_models(bvit, cfg, topk, device, precision):
-    """(frozen base, new model) as the engine trains them."""
+def _engine_models(bvit, cfg, topk, device, precision, cast_once: bool = True):
+    """(frozen base, new model) as the engine trains them; ``cast_once=False``: the base in fp32,
+    cast by autocast at every step, as ``fit`` ran it before ``training/precision.py``."""
     base = BaseModel(bvit, topk=topk).to(device)
-    if precision != "fp32":  # as the trainer runs it: frozen GEMM weights cast once, not every step
+    if precision != "fp32" and cast_once:  # as the trainer runs it: frozen GEMM weights cast once
         base = autocast_copy(base, DTYPES[precision])
     return base, TECModel(cfg).to(device)
 
 
-def _as_trained(model, precision):
+def _as_trained(model, precision, cast_once: bool = True):
     """The new model called as ``fit`` calls it in one process: with bf16 / fp16, its Linear and
-    conv weights cast in one multi-tensor kernel per step (``CastWeightsOnce``)."""
-    return model if precision == "fp32" else CastWeightsOnce(model, DTYPES[precision])
+    conv weights cast in one multi-tensor kernel per step (``CastWeightsOnce``); with
+    ``cast_once=False`` directly (autocast casts each weight, autograd each gradient)."""
+    return model if precision == "fp32" or not cast_once else CastWeightsOnce(model, DTYPES[precision])
 
 
-def engine_step_fn(bvit, cfg, topk, images, precision, compile_, mask_ratio):
+def engine_step_fn(bvit, cfg, topk, images, precision, compile_, mask_ratio, cast_once: bool = True):
     device = images.device
     dtype = DTYPES[precision]
-    base, model = _engine_models(bvit, cfg, topk, device, precision)
+    base, model = _engine_models(bvit, cfg, topk, device, precision, cast_once)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    fwd = torch.compile(model) if compile_ else _as_trained(model, precision)
+    fwd = torch.compile(model) if compile_ else _as_trained(model, precision, cast_once)
 
     def loss():
         with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
@@ -160,6 +162,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--per-weight-casts", action="store_true",
+                   help="also time provider engine_autocast: the engine with the frozen base in fp32 and "
+                        "every weight cast by autocast at every step (how fit ran before "
+                        "tec_fast/training/precision.py), to measure what casting once saves")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time the engine's step recorded into a CUDA graph and replayed "
                         "(provider engine_graph; CUDA only)")
@@ -182,12 +188,15 @@ def main(argv=None):
     print(f"bf16 GEMM measured here: {gemm_tflops:.1f} TFLOP/s; published dense bf16 peak: "
           + (f"{published:.0f} TFLOP/s" if published else "unknown for this device (MFU vs published: -)"))
     rows = []
-    print(f"{'batch':>5} {'provider':<12} {'ms/step':>9} {'img/s':>9} {'speedup':>8} {'MFU meas':>8} "
+    print(f"{'batch':>5} {'provider':<15} {'ms/step':>9} {'img/s':>9} {'speedup':>8} {'MFU meas':>8} "
           f"{'MFU pub':>7} {'peak GB':>8}")
     for B in batch_sizes:
         images = torch.randn(B, 3, bvit.img_size, bvit.img_size, device=device)
         providers = [("engine", lambda: engine_step_fn(bvit, cfg, topk, images, args.precision,
                                                        args.compile, args.mask_ratio))]
+        if args.per_weight_casts:
+            providers.append(("engine_autocast", lambda: engine_step_fn(bvit, cfg, topk, images, args.precision,
+                                                                        False, args.mask_ratio, cast_once=False)))
         if args.cuda_graph:
             providers.append(("engine_graph", lambda: engine_graph_step_fn(bvit, cfg, topk, images,
                                                                            args.precision, args.mask_ratio)))
@@ -199,7 +208,7 @@ def main(argv=None):
                 step = make()
                 t = time_callable(step, device, warmup=args.warmup, reps=args.steps)
             except torch.OutOfMemoryError:
-                print(f"{B:>5} {name:<12} out of memory")
+                print(f"{B:>5} {name:<15} out of memory")
                 results[name] = None
                 continue
             finally:
@@ -230,7 +239,7 @@ def main(argv=None):
             sp = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
             mfu_s = f"{mfu:.1%}" if mfu is not None else "-"
             mem_s = f"{r['peak_mem_gb']:.2f}" if r.get("peak_mem_gb") is not None else "-"
-            print(f"{B:>5} {name:<12} {r['median_ms']:>9.2f} {r['img_per_s']:>9.1f} {sp:>8} "
+            print(f"{B:>5} {name:<15} {r['median_ms']:>9.2f} {r['img_per_s']:>9.1f} {sp:>8} "
                   f"{row['mfu_measured_peak']:>8.1%} {mfu_s:>7} {mem_s:>8}")
     path = append_results(rows, args.results_dir, device)
     print(f"\nFLOPs counted: {flops / 1e9:.1f} GFLOP per image (benchmarks/flops.py). MFU meas: against the "

@@ -54,6 +54,10 @@ pack
 stamp "GEMM-epilogue probe (cuBLAS + GELU kernel vs a Triton GEMM with the GELU in its epilogue)"
 timeout "$(cap 75)" $PY benchmarks/gemm_epilogue.py --results-dir benchmarks/results 2>&1 | tail -30
 pack
+stamp "weights cast once (engine) vs cast per weight at every step (engine_autocast)"
+timeout "$(cap 60)" $PY benchmarks/bench_step.py --preset vit_base --batch-sizes 64 256 --steps 10 --no-baseline \
+  --per-weight-casts --results-dir benchmarks/results 2>&1 | tail -8
+pack
 stamp "op benchmarks (eager calls, then CUDA-graph replays: GPU time alone)"
 timeout "$(cap 90)" $PY benchmarks/bench_ops.py --op all --device cuda --results-dir benchmarks/results 2>&1 | tail -60
 timeout "$(cap 90)" $PY benchmarks/bench_ops.py --op all --device cuda --cuda-graph \

@@ -27,6 +27,29 @@ def test_bench_step_tiny_cpu(tmp_path):
     assert engine["published_peak_tflops"] is None and engine["mfu"] is None
 
 
+def test_bench_step_per_weight_casts_provider(tmp_path, monkeypatch):
+    """--per-weight-casts adds the engine as fit ran it before casting once (fp32 base under
+    autocast, the model called directly) and leaves the engine provider casting once."""
+    made = []
+    real = bench_step.engine_step_fn
+
+    def spy(*args, cast_once=True, **kwargs):
+        made.append(cast_once)
+        return real(*args, cast_once=cast_once, **kwargs)
+    monkeypatch.setattr(bench_step, "engine_step_fn", spy)
+    rows = bench_step.main(["--preset", "tiny", "--device", "cpu", "--batch-sizes", "2", "--steps", "1",
+                            "--warmup", "0", "--gemm-size", "128", "--no-baseline", "--per-weight-casts",
+                            "--results-dir", str(tmp_path)])
+    assert [r["provider"] for r in rows] == ["engine", "engine_autocast"] and made == [True, False]
+    base, model = bench_step._engine_models(*bench_step.build("tiny", torch.device("cpu")), torch.device("cpu"),
+                                            "bf16", cast_once=False)
+    assert base.blocks[0].attn.qkv.weight.dtype == torch.float32
+    base, _ = bench_step._engine_models(*bench_step.build("tiny", torch.device("cpu")), torch.device("cpu"), "bf16")
+    assert base.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert isinstance(bench_step._as_trained(model, "bf16"), bench_step.CastWeightsOnce)
+    assert bench_step._as_trained(model, "bf16", cast_once=False) is model
+
+
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
                                         ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0),
                                         ("Some Future GPU", None)])
