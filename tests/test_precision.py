@@ -97,10 +97,14 @@ def test_fit_gives_a_bf16_run_the_copy_and_an_fp32_run_the_base():
 
     recording = Recording(objective.base, 0.75, objective.patches)
     cfg = FitConfig(epochs=1, batch_size=8, lr=1e-3, warmup_steps=1, progress=False, seed=0, precision="bf16")
-    fit(tiny_tec(), recording, AugmentedImages(n=16), cfg)
-    assert seen == [("cpu", torch.bfloat16)]
-    assert recording.base_source is objective.base
-    assert recording.base.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    bases = []
+    fit(tiny_tec(), recording, AugmentedImages(n=16), cfg,
+        on_step=lambda step, metrics: bases.append(recording.base))
+    # prepared before the first step, given back when fit returns
+    assert seen == [("cpu", torch.bfloat16), ("cpu", None)]
+    assert bases and all(b is bases[0] for b in bases) and bases[0] is not objective.base
+    assert bases[0].blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert recording.base is recording.base_source is objective.base
 
 
 def _tec_step(wrap: bool):

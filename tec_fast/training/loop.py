@@ -2,9 +2,9 @@
 dataset, FitConfig)``.
 
 It owns no math: the objective computes the loss. Around it: data order and per-sample seeds,
-masking noise, mixed precision (with bf16 / fp16 in one process, the model's Linear and conv
-weights cast in one kernel per step and the frozen base's once: ``precision.py``), gradient accumulation, AdamW with the per-step schedule, DDP or
-FSDP2 under torchrun, checkpoints that resume exactly, the NaN guard, SIGTERM/SIGINT handling,
+masking noise, mixed precision (with bf16 / fp16: the model's Linear and conv weights cast in one
+kernel per step in one process, the frozen base's once: ``precision.py``), gradient
+accumulation, AdamW with the per-step schedule, DDP or FSDP2 under torchrun, checkpoints that resume exactly, the NaN guard, SIGTERM/SIGINT handling,
 progress, metrics, and (``cuda_graph``) steps replayed from CUDA graphs (``graphed.py``).
 
 Reproducibility, by construction rather than by restoring worker state:
@@ -279,4 +279,6 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
         result = _finish(model, cfg, d, sched, pos, stopped, t_start, meter, saver.final(pos), opt_name)
     finally:
         meter.close()
+        if hasattr(objective, "prepare"):
+            objective.prepare(d.device, None)  # as it was given: usable outside autocast again
     return result

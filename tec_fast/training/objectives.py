@@ -22,8 +22,9 @@ class Objective(Protocol):
     depend on the process count or on resumes) and passes as ``noise`` [B, noise_columns];
     None when the objective draws its own (``noise`` is then None).
     ``__call__`` returns the loss under ``'loss'`` plus any other 0-dim metrics to log.
-    Optional: ``prepare(device, amp_dtype)``, which ``fit`` calls once before the first step with
-    the training device and the autocast dtype (None without autocast).
+    Optional: ``prepare(device, amp_dtype)``, which ``fit`` calls before the first step with the
+    training device and the autocast dtype (None without autocast), and again with None when it
+    returns or raises.
     """
 
     noise_columns: Optional[int]

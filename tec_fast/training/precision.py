@@ -12,9 +12,10 @@ other than 25 strided copies, mostly such casts, took 2.6 ms of GPU time, 8.6 us
 
 Both helpers give bitwise the values and gradients plain autocast gives: the casts they do are
 the ones autocast would have made, to the same dtype (tests/test_precision.py, on the reference
-and the Triton path). LayerNorm weights, biases of the fused ops (whose gradients they keep in
-fp32), tokens and position embeddings are left to autocast. ``fit`` uses both for bf16 / fp16 runs
-(``CastWeightsOnce`` in one process only, see its docstring).
+and the Triton path). LayerNorm weights, tokens and position embeddings are left to autocast by
+both; ``CastWeightsOnce`` also leaves the biases (the fused ops keep their gradients in fp32).
+``fit`` uses both for bf16 / fp16 runs (``CastWeightsOnce`` in one process only, see its
+docstring).
 """
 from __future__ import annotations
 
