@@ -271,13 +271,13 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
     d_ln_after = parts.sum(1)  # [2, C]: weight, bias
 
     # the G residual MLPs
-    d_fc2_b = ds.float().sum(0).repeat(G, 1)
+    d_fc2_b = ds.sum(0, dtype=torch.float32).repeat(G, 1)  # fp32 sums without an fp32 copy
     d_fc2_w = torch.matmul(ds.t(), F.gelu(h_pre))                      # [G, C, Hd]
     dh_pre = torch.ops.aten.gelu_backward(torch.matmul(ds, fc2_w.to(gd)), h_pre)  # [G, BT, Hd]
     d_fc1_w = torch.bmm(dh_pre.transpose(1, 2), u)                     # [G, Hd, C]
-    d_fc1_b = dh_pre.float().sum(1)
+    d_fc1_b = dh_pre.sum(1, dtype=torch.float32)
     du = torch.baddbmm(ds.unsqueeze(0), dh_pre, fc1_w.to(gd))          # [G, BT, C]
-    d_fuse_b = du.float().sum(1)
+    d_fuse_b = du.sum(1, dtype=torch.float32)
 
     # fuse layers and the first LayerNorm; the kernel turns dz into z in place
     zbuf = torch.bmm(du, fuse_w.to(gd))                                # dL/dZ' [G, BT, M*C]
