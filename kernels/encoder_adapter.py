@@ -9,7 +9,10 @@ channels is never materialised:
   (statistics merged tile by tile, Chan's formula), normalises them in fp32 and writes the G
   chunks as [G, B*T, M*C], the operand layout of one batched GEMM (``baddbmm``) for all G fuse
   layers.
-- the G MLPs are batched GEMMs too (torch; cuBLAS is hard to beat on these shapes).
+- the G MLPs are batched GEMMs too (torch; cuBLAS is hard to beat on these shapes), with the
+  ViT blocks' GELU kernels between them (``kernels/mlp.py``): forward GELU(h_pre), and in the
+  backward one pass per group that recomputes h (bitwise the forward's), writes dh_pre and sums
+  fc1's bias gradient, so h is not kept for backward.
 - ``_adapter_ln_out_fwd_kernel``: residual add, group sum and the final LayerNorm in one pass.
 Backward: ``_adapter_ln_out_bwd_kernel`` (LN_C backward + per-program partial sums for its
 weight/bias), batched GEMMs for the MLPs and fuse layers, then LN_{D*C} backward in two kernels:
@@ -30,11 +33,11 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from tec_fast.kernels._common import dtype_reasons, persistent_programs, row_slices, unit_last_stride
+from tec_fast.kernels.mlp import _mlp_gelu_bwd, _mlp_gelu_fwd
 
 
 @triton.jit
@@ -239,7 +242,8 @@ def _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, 
     gd = gemm_dtype
     u = torch.baddbmm(fuse_b.to(gd).unsqueeze(1), z, fuse_w.to(gd).transpose(1, 2))   # [G, BT, C]
     h_pre = torch.baddbmm(fc1_b.to(gd).unsqueeze(1), u, fc1_w.to(gd).transpose(1, 2))  # [G, BT, Hd]
-    y = torch.baddbmm(fc2_b.to(gd).unsqueeze(1), F.gelu(h_pre), fc2_w.to(gd).transpose(1, 2))  # [G, BT, C]
+    h = _mlp_gelu_fwd(h_pre.view(-1, h_pre.shape[-1])).view_as(h_pre)  # the blocks' GELU kernel
+    y = torch.baddbmm(fc2_b.to(gd).unsqueeze(1), h, fc2_w.to(gd).transpose(1, 2))  # [G, BT, C]
     out = torch.empty((BT, C), dtype=out_dtype, device=dev)
     s = torch.empty((BT, C), dtype=torch.float32, device=dev)  # sum_g (u_g + y_g), for backward
     mean_out = torch.empty((BT,), dtype=torch.float32, device=dev)
@@ -272,10 +276,15 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
 
     # the G residual MLPs
     d_fc2_b = ds.sum(0, dtype=torch.float32).repeat(G, 1)  # fp32 sums without an fp32 copy
-    d_fc2_w = torch.matmul(ds.t(), F.gelu(h_pre))                      # [G, C, Hd]
-    dh_pre = torch.ops.aten.gelu_backward(torch.matmul(ds, fc2_w.to(gd)), h_pre)  # [G, BT, Hd]
+    # the blocks' GELU backward kernel, per group: h = GELU(h_pre) recomputed (bitwise the
+    # forward's), dh_pre and fc1's bias gradient in one pass over h_pre and its gradient
+    grad_h = torch.matmul(ds, fc2_w.to(gd))                            # [G, BT, Hd]
+    h, dh_pre = torch.empty_like(h_pre), torch.empty_like(grad_h)
+    d_fc1_b = torch.empty((G, h_pre.shape[-1]), **f32)
+    for g in range(G):
+        _mlp_gelu_bwd(h_pre[g], grad_h[g], h[g], dh_pre[g], d_fc1_b[g])
+    d_fc2_w = torch.matmul(ds.t(), h)                                  # [G, C, Hd]
     d_fc1_w = torch.bmm(dh_pre.transpose(1, 2), u)                     # [G, Hd, C]
-    d_fc1_b = dh_pre.sum(1, dtype=torch.float32)
     du = torch.baddbmm(ds.unsqueeze(0), dh_pre, fc1_w.to(gd))          # [G, BT, C]
     d_fuse_b = du.sum(1, dtype=torch.float32)
 

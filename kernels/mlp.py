@@ -34,7 +34,7 @@ Reference: ``tec_fast.ops.reference.mlp``.
 from __future__ import annotations
 
 import inspect
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -130,13 +130,17 @@ def _mlp_gelu_fwd(pre: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """pre, grad_h [rows, Hd] -> (h in pre's dtype, grad_pre in grad_h's dtype, grad_bias [Hd] fp32)."""
+def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor, h: Optional[torch.Tensor] = None,
+                  grad_pre: Optional[torch.Tensor] = None,
+                  grad_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pre, grad_h [rows, Hd] -> (h in pre's dtype, grad_pre in grad_h's dtype, grad_bias [Hd] fp32);
+    ``h`` / ``grad_pre`` / ``grad_bias``: contiguous tensors to write into (e.g. one group's slice
+    of a larger buffer) instead of new ones."""
     pre, grad_h = pre.contiguous(), grad_h.contiguous()
     rows, H = pre.shape
     dev = pre.device
-    h = torch.empty_like(pre)
-    grad_pre = torch.empty_like(grad_h)
+    h = torch.empty_like(pre) if h is None else h
+    grad_pre = torch.empty_like(grad_h) if grad_pre is None else grad_pre
     block_h = min(MAX_BLOCK_H, max(16, triton.next_power_of_2(H)))
     columns = triton.cdiv(max(H, 1), block_h)
     tiles = triton.cdiv(max(rows, 1), BLOCK_R)
@@ -148,7 +152,7 @@ def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor) -> Tuple[torch.Tensor
             BLOCK_R=BLOCK_R, BLOCK_H=block_h, num_warps=4)
     else:
         db_part.zero_()
-    return h, grad_pre, db_part.sum(0)
+    return h, grad_pre, torch.sum(db_part, 0, out=grad_bias) if grad_bias is not None else db_part.sum(0)
 
 
 # ---- torch.library registration (so torch.compile traces the op) ---------------------------
