@@ -222,7 +222,8 @@ class StepCount:
     def floor_ms(self, bandwidth: float, peak: float, launch_us: float = LAUNCH_US) -> float:
         """``roofline_ms`` with every op outside ``FLOOR_CATEGORIES`` free: what removing all the
         glue (casts, adds, layout copies, reductions) and its launches could reach while the GEMMs
-        stay library calls and the fused kernels keep their inputs and outputs in memory."""
+        stay library calls and the fused kernels and GELU passes keep their inputs and outputs in
+        memory."""
         kept = [r for r in self.records if category(r.op) in FLOOR_CATEGORIES]
         t = sum(max((r.read + r.written) / bandwidth, r.flops / peak) for r in kept)
         return 1e3 * t + 1e-3 * launch_us * sum(r.launches for r in kept)
