@@ -1,9 +1,9 @@
 """Probe: would the exact GELU be cheaper inside fc1's GEMM than after it?
 
-The traffic model (``benchmarks/traffic.py``) puts the engine's ViT-B/16 step, B=256, at 0.49x
+The traffic model (``benchmarks/traffic.py``) puts the engine's ViT-B/16 step, B=256, at 0.50x
 the eager baseline's on an H200 against a goal of 0.45x. Its "floor" line shows why the unfused
-design cannot get there: with every op other than the GEMMs, the attention, the fused kernels and
-the optimizer made free, the estimate is still 0.46x. What is left is the fused kernels' own
+design cannot get there: with every op other than the GEMMs, the attention, the fused kernels,
+GELU and the optimizer made free, the estimate is still 0.47x. What is left is the fused kernels' own
 traffic, the largest of which is the GELU: its input and output go through memory because cuBLAS
 writes fc1's output and reads fc2's input. A GEMM that applies bias + exact GELU to its
 accumulator before storing saves that pass, but only if its main loop is as fast as cuBLAS's and
