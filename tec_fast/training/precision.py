@@ -6,7 +6,7 @@ Under autocast every Linear / convolution casts its fp32 weight and bias to the 
 at each call, and the engine's fused ops (``ops.qkv_heads``, ``ops.mlp``, ``ops.patch_embed``)
 do the same explicitly; autograd then casts each weight's gradient back in its own kernel. At
 ViT-B that is about 100 small kernels per step for the frozen base, whose values never change,
-and about 140 for the model being trained. In the H200 profile of a B=256 step
+and about 130 for the weights of the model being trained and their gradients. In the H200 profile of a B=256 step
 (``benchmarks/results/device_logs/2026-11-30_profile_step.log``), the 299 ``aten::copy_`` calls
 other than 25 strided copies, mostly such casts, took 2.6 ms of GPU time, 8.6 us each.
 
@@ -77,7 +77,7 @@ class CastWeightsOnce(nn.Module):
     """Runs ``module`` (being trained, fp32 weights) under autocast with the weights of its
     Linear and Conv2d layers cast to ``dtype`` in one multi-tensor kernel per step, and their
     gradients cast back in one, where autocast casts each weight in its own kernel at first use
-    and autograd each gradient in its own (ViT-B TEC: about 70 of each per step). Every op that
+    and autograd each gradient in its own (ViT-B TEC: about 65 of each per step). Every op that
     reads these weights under autocast casts them to the autocast dtype itself, so the values
     and the gradients are bitwise the same. Biases, norms and tokens are left to autocast: the
     fused ops keep some bias gradients in fp32.
