@@ -175,11 +175,10 @@ FLOOR_CATEGORIES = {"GEMM / conv", "attention (SDPA)", "tec_fast fused ops", "GE
 def category(op: str) -> str:
     if op.startswith(("tec_fast.", "triton.")):  # custom ops, and Triton kernels inside composites
         return "tec_fast fused ops"
-    if op == "aten._foreach_copy_":  # the new model's weights cast to bf16 and their gradients back
-        return "dtype casts"
-    if "foreach" in op or "fused_adam" in op:
+    named = next((name for name, ops in CATEGORIES if op in ops), None)  # e.g. _foreach_copy_: a cast
+    if named is None and ("foreach" in op or "fused_adam" in op):
         return "optimizer"
-    return next((name for name, ops in CATEGORIES if op in ops), "other")
+    return named or "other"
 
 
 @dataclass

@@ -152,7 +152,7 @@ def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor, h: Optional[torch.Ten
             BLOCK_R=BLOCK_R, BLOCK_H=block_h, num_warps=4)
     else:
         db_part.zero_()
-    return h, grad_pre, torch.sum(db_part, 0, out=grad_bias) if grad_bias is not None else db_part.sum(0)
+    return h, grad_pre, torch.sum(db_part, 0, out=grad_bias)
 
 
 # ---- torch.library registration (so torch.compile traces the op) ---------------------------

@@ -27,20 +27,21 @@ def _base(seed=0) -> BaseModel:
     return base
 
 
-class _Casts(TorchDispatchMode):
+class _Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.casts = 0
+        self.counts = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.casts += func.overloadpacket is torch.ops.aten._to_copy
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
 def _targets(base, images):
-    with torch.autocast("cpu", dtype=torch.bfloat16), _Casts() as count:
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Ops() as ops:
         t = base(images)
-    return t, count.casts
+    return t, ops.counts.get("aten._to_copy", 0)
 
 
 def test_copy_has_bf16_gemm_weights_and_leaves_the_original():
@@ -127,17 +128,6 @@ def _tec_step(wrap: bool):
         out = m(images, targets, mask_ratio=0.75, noise=noise)
         out["loss"].backward()
     return out["loss"].detach(), {n: p.grad for n, p in model.named_parameters()}, ops
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("path", ["reference_path", "triton_path"])

@@ -4,8 +4,8 @@ dataset, FitConfig)``.
 It owns no math: the objective computes the loss. Around it: data order and per-sample seeds,
 masking noise, mixed precision (with bf16 / fp16: the model's Linear and conv weights cast in one
 kernel per step in one process, the frozen base's once: ``precision.py``), gradient
-accumulation, AdamW with the per-step schedule, DDP or FSDP2 under torchrun, checkpoints that resume exactly, the NaN guard, SIGTERM/SIGINT handling,
-progress, metrics, and (``cuda_graph``) steps replayed from CUDA graphs (``graphed.py``).
+accumulation, AdamW with the per-step schedule, DDP or FSDP2 under torchrun, checkpoints that
+resume exactly, the NaN guard, SIGTERM/SIGINT handling, progress, metrics, and (``cuda_graph``) steps replayed from CUDA graphs (``graphed.py``).
 
 Reproducibility, by construction rather than by restoring worker state:
 - data order is a permutation drawn from (seed, epoch) (``DistributedSampler``), so a resumed

@@ -6,9 +6,10 @@ Under autocast every Linear / convolution casts its fp32 weight and bias to the 
 at each call, and the engine's fused ops (``ops.qkv_heads``, ``ops.mlp``, ``ops.patch_embed``)
 do the same explicitly; autograd then casts each weight's gradient back in its own kernel. At
 ViT-B that is about 100 small kernels per step for the frozen base, whose values never change,
-and about 130 for the weights of the model being trained and their gradients. In the H200 profile of a B=256 step
-(``benchmarks/results/device_logs/2026-11-30_profile_step.log``), the 299 ``aten::copy_`` calls
-other than 25 strided copies, mostly such casts, took 2.6 ms of GPU time, 8.6 us each.
+and about 130 for the weights of the model being trained and their gradients. In the H200
+profile of a B=256 step (``benchmarks/results/device_logs/2026-11-30_profile_step.log``), the
+299 ``aten::copy_`` calls other than 25 strided copies, mostly such casts, took 2.6 ms of GPU
+time, 8.6 us each.
 
 Both helpers give bitwise the values and gradients plain autocast gives: the casts they do are
 the ones autocast would have made, to the same dtype (tests/test_precision.py, on the reference
@@ -29,6 +30,11 @@ import torch.nn as nn
 MATMUL_LAYERS = (nn.Linear, nn.Conv2d)
 
 
+def _check_low_precision(dtype: torch.dtype, who: str) -> None:
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{who}: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+
+
 def autocast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of the frozen ``module`` with the weights and biases of its Linear and Conv2d
     layers in ``dtype`` (``torch.bfloat16`` or ``torch.float16``), for running under
@@ -36,8 +42,7 @@ def autocast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     another dtype than their weights. The copy is made without a second fp32 copy of those
     weights (it adds about half the module's fp32 size while the original is kept); ``module``
     itself is left as it was."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"autocast_copy: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    _check_low_precision(dtype, "autocast_copy")
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
     if trainable:
         raise ValueError(f"autocast_copy: the module must be frozen (its weights are cast once), but "
@@ -88,8 +93,7 @@ class CastWeightsOnce(nn.Module):
 
     def __init__(self, module: nn.Module, dtype: torch.dtype):
         super().__init__()
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"CastWeightsOnce: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        _check_low_precision(dtype, "CastWeightsOnce")
         self.module, self.dtype = module, dtype
         found = [(name, layer) for name, layer in module.named_modules()
                  if isinstance(layer, MATMUL_LAYERS) and layer.weight.requires_grad
