@@ -46,3 +46,80 @@ def test_hf_needs_an_empty_folder(tmp_path, ckpt, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(ckpt), str(tmp_path / "full"), "--format", "hf"])
     assert e.value.code == 2 and "new or empty folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- architecture from the weights
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory):
+    """A TEC checkpoint saved by ``fit`` exactly as the demo saves its own: the demo's encoder
+    (vit_demo_patch4 at 32: width 128, 6 blocks) and no model config recorded beside the weights."""
+    from tec_fast.demo.recipe import DEMO_IMG, DEMO_MODEL
+    from tec_fast.presets import vit_preset
+    from tec_fast.training import FitConfig, fit
+    from tec_fast.training.objectives import TECObjective
+
+    out = tmp_path_factory.mktemp("demo_tec")
+    vit = vit_preset(DEMO_MODEL, DEMO_IMG)
+    torch.manual_seed(0)
+    base = BaseModel(vit, last_layers=2, topk=3)
+    tec = TECModel(TECConfig(encoder=vit, decoder_dim=64, decoder_depth=1, decoder_heads=4, tau=1.0))
+    images = torch.utils.data.TensorDataset(torch.randn(4, 3, DEMO_IMG, DEMO_IMG), torch.zeros(4))
+    fit(tec, TECObjective(base, 0.75, vit.num_patches), images,
+        FitConfig(name="tec", output_dir=str(out), max_steps=1, batch_size=4, lr=1e-4, warmup_steps=0,
+                  precision="fp32", seed=0, progress=False))
+    path = out / "checkpoint-last.pth"
+    assert "model_config" not in read_checkpoint(str(path))
+    return path, tec
+
+
+def test_demo_checkpoint_exports_without_flags(tmp_path, demo_ckpt, capsys):
+    path, tec = demo_ckpt
+    assert main([str(path), str(tmp_path / "enc.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "width 128, 6 blocks, 4 heads, image 32" in out
+    enc = read_checkpoint(str(tmp_path / "enc.pth"))
+    assert sum(k.endswith("attn.qkv.weight") for k in enc) == 6
+    base = BaseModel.from_checkpoint(str(tmp_path / "enc.pth"))
+    assert (base.config.embed_dim, base.config.depth, base.config.num_heads, base.config.img_size) == (128, 6, 4, 32)
+    x = torch.randn(2, 3, 32, 32)
+    # the exported encoder is the trained one (MLP(cls) folded into cls_token): same features
+    from tec_fast.models.layout import TokenLayout
+    with torch.no_grad():
+        last = tec.eval().encode(TokenLayout([(8, 8)] * 2), x)[-1]  # [B, 1+L, C] after the final norm
+    torch.testing.assert_close(base.encode(x), last[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
+    state = torch.load(path, weights_only=False)["model"]
+    torch.testing.assert_close(enc["blocks.5.mlp.fc2.weight"], state["blocks.5.mlp.fc2.weight"], atol=0, rtol=0)
+    assert main([str(path), str(tmp_path / "enc2.pth"), "--model", "vit_demo_patch4", "--img-size", "32"]) == 0
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--model", "vit_base_patch16"], "use --model vit_demo_patch4"),
+    (["--img-size", "224"], "use --img-size 32"),
+])
+def test_contradicting_flag_is_named_with_the_value_that_works(tmp_path, demo_ckpt, capsys, flags, expect):
+    path, _ = demo_ckpt
+    assert main([str(path), str(tmp_path / "enc.pth"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and expect in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "enc.pth").exists()
+
+
+def test_no_position_embedding_asks_for_img_size(tmp_path, demo_ckpt, capsys):
+    path, _ = demo_ckpt
+    ck = torch.load(path, weights_only=False)
+    del ck["model"]["pos_embed"]
+    torch.save({"model": ck["model"]}, tmp_path / "nopos.pth")
+    assert main([str(tmp_path / "nopos.pth"), str(tmp_path / "enc.pth")]) == 2
+    assert "pass --img-size" in capsys.readouterr().err
+
+
+def test_eval_reads_the_demo_checkpoint_and_names_the_flag_that_works(demo_ckpt):
+    from tec_fast.cli import eval as eval_cli
+
+    path, _ = demo_ckpt
+    _, vit, _, _ = eval_cli.load_encoder(eval_cli.parse_args([str(path), "--quiet"]))
+    assert (vit.embed_dim, vit.depth, vit.num_heads, vit.img_size) == (128, 6, 4, 32)
+    for flags, expect in ((["--model", "vit_base_patch16"], "use --model vit_demo_patch4"),
+                          (["--depth", "12"], "use --depth 6")):
+        with pytest.raises(ValueError, match=expect):
+            eval_cli.load_encoder(eval_cli.parse_args([str(path), "--quiet", *flags]))

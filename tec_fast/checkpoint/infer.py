@@ -120,6 +120,24 @@ def infer_vit(state: dict, hf_config: Optional[dict] = None) -> Tuple[dict, str]
     return fields, "; ".join(notes)
 
 
+SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "mlp_ratio")
+
+
+def weight_mismatches(vit_fields: dict, state: dict) -> List[Tuple[str, object, object]]:
+    """(field, configured value, value the weights hold) for each of ``SHAPE_FIELDS`` in
+    ``vit_fields`` that the weights ``state`` (timm names) contradict; [] where the architecture
+    cannot be read from them. Lets a command name the flag that is wrong and the value that works."""
+    try:
+        read, _ = infer_vit(state)
+    except ValueError:
+        return []
+    out = []
+    for name in SHAPE_FIELDS:
+        if name in vit_fields and name in read and vit_fields[name] != read[name]:
+            out.append((name, vit_fields[name], read[name]))
+    return out
+
+
 def infer_base_vit(state: dict, hf_config: Optional[dict] = None, stored: Optional[dict] = None,
                    img_size: Optional[int] = None, num_heads: Optional[int] = None,
                    overrides: Optional[dict] = None) -> Tuple[ViTConfig, List[str]]:

@@ -218,10 +218,35 @@ def _load_with_flags(args):
     from tec_fast.models.base import BaseModel
 
     obj = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-    vit, vit_source = resolve_vit(args, obj, read_state_dict(obj))
+    state = read_state_dict(obj)
+    vit, vit_source = resolve_vit(args, obj, state)
+    _refuse_flags_the_weights_contradict(args, vit, state)
     base = BaseModel(vit, topk=None)
     base.load_report = base.load_checkpoint(obj)
     return base, vit_source
+
+
+def _refuse_flags_the_weights_contradict(args, vit: ViTConfig, state: dict) -> None:
+    """A ValueError naming the architecture flag the weights contradict and the value that works
+    (``--img-size`` is free: the position embedding is resampled)."""
+    from tec_fast.checkpoint.infer import weight_mismatches
+
+    bad = weight_mismatches(vit.to_dict(), state)
+    if not bad:
+        return
+    field, given, held = bad[0]
+    flag = "--" + field.replace("_", "-")
+    if getattr(args, field) is None and args.model:  # the value came from the preset
+        read = {f: vit.to_dict()[f] for f in ("patch_size", "embed_dim", "depth")}
+        read.update((f, h) for f, _, h in bad if f in read)
+        match = [n for n, (p, d, k, _) in MODEL_PRESETS.items() if (p, d, k) == tuple(read.values())]
+        fix = f"use --model {match[0]}" if match else "leave --model out"
+        held_all = ", ".join(f"{f}={h}" for f, _, h in bad)
+        given_all = ", ".join(f"{f}={g}" for f, g, _ in bad)
+        raise ValueError(f"{args.checkpoint}: the weights hold {held_all} but --model {args.model} has "
+                         f"{given_all}; {fix} (without architecture flags it is read from the weights)")
+    raise ValueError(f"{args.checkpoint}: the weights hold {field}={held} but {flag} is {given}; use {flag} "
+                     f"{held} or leave it out (without architecture flags it is read from the weights)")
 
 
 def main(argv=None) -> dict:
