@@ -31,7 +31,8 @@ class FitConfig:
     precision: str = "fp32"                # "fp32" | "bf16" | "fp16"
     clip_grad: Optional[float] = None      # max gradient norm; None: not clipped
     compile: bool = False
-    cuda_graph: bool = False               # replay each step from CUDA graphs (training/graphed.py)
+    cuda_graph: str = "auto"               # replay steps from CUDA graphs (training/graphed.py): "auto"
+                                           # where the step is static, "on" (refuse otherwise), "off"
     shard: str = "ddp"                     # under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
     num_workers: int = 0
     pin_memory: bool = True
@@ -43,6 +44,7 @@ class FitConfig:
     keep_every: int = 0
     resume: Optional[str] = None           # a checkpoint path, or "auto" (output_dir's last one)
     tensorboard: bool = False
+    wandb: Optional[str] = None            # a Weights & Biases project to log to (rank 0)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -67,6 +69,9 @@ class FitConfig:
         _need(self, "precision", self.precision in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16")
         _need(self, "shard", self.shard in ("ddp", "fsdp"), "'ddp' or 'fsdp'")
         _need(self, "optimizer", self.optimizer in ("torch", "apex"), "'torch' or 'apex'")
+        if isinstance(self.cuda_graph, bool):  # the flag's older form: True = require, False = off
+            self.cuda_graph = "on" if self.cuda_graph else "off"
+        _need(self, "cuda_graph", self.cuda_graph in ("auto", "on", "off"), "'auto', 'on' or 'off'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,3 +105,4 @@ class FitResult:
     optimizer: str                     # which optimizer ran
     lr: float                          # peak learning rate
     global_batch: int
+    cuda_graph: str = ""               # whether the steps replayed from CUDA graphs and, if not, why

@@ -32,10 +32,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from tec_fast.data.transfer import to_device
 from tec_fast.training.config import FitConfig, FitResult
 from tec_fast.training.distributed import DistInfo, _no_sync, _wrap_model, setup_distributed
 from tec_fast.training.faults import NonFiniteLoss, _SignalFlag
-from tec_fast.training.graphed import GraphedStep, graph_reasons
+from tec_fast.training.graphed import GraphedStep, plan_graphs
 from tec_fast.training.monitor import MetricsLog, Progress, StepMeter
 from tec_fast.training.objectives import Objective
 from tec_fast.training.optim import build_optimizer, plan_schedule, set_lr
@@ -88,15 +89,8 @@ def batch_images(batch) -> int:
 
 
 def _to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if callable(getattr(batch, "to", None)):  # e.g. a NativeBatch
-        return batch.to(device, non_blocking=True)
-    return batch
+    """The batch on the device, non-blocking; uint8 images normalised there (``data.transfer``)."""
+    return to_device(batch, device)
 
 
 
@@ -115,24 +109,25 @@ def _forward_backward(wrapped, sync, objective: Objective, batches, scaler, cfg:
                       graphed: Optional[GraphedStep] = None) -> Tuple[List[str], torch.Tensor, int]:
     """The ``accum`` micro-steps of one optimizer step: (metric names, their means on device,
     images this process saw). With ``graphed``, the step's first call records the graphs and
-    every call replays them (one micro-step)."""
-    if graphed is not None:
-        batch, noise = _next_inputs(batches, objective, cfg, d, step, 0)
-        if not graphed.recorded:
-            graphed.record(batch, noise)
-        names, sums = graphed.forward_backward(batch, noise)
-        return names, sums, batch_images(batch)
+    every micro-step replays them (eager instead when the recording failed and may fall back)."""
     names, sums, images = None, None, 0
     for micro in range(cfg.accum):
         batch, noise = _next_inputs(batches, objective, cfg, d, step, micro)
         images += batch_images(batch)
-        with _no_sync(sync, cfg, micro == cfg.accum - 1), \
-                torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = objective(wrapped, batch, noise)
-            loss = out["loss"] / cfg.accum
-        scaler.scale(loss).backward()
-        names = list(out)
-        vals = torch.stack([out[k].detach().float() for k in names]) / cfg.accum
+        last = micro == cfg.accum - 1
+        if graphed is not None and not graphed.recorded and graphed.active:
+            graphed.record(batch, noise)
+        if graphed is not None and graphed.active:
+            names, vals = graphed.micro_step(batch, noise, last)
+        else:
+            with _no_sync(sync, cfg, last), \
+                    torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = objective(wrapped, batch, noise)
+                loss = out["loss"] / cfg.accum
+            scaler.scale(loss).backward()
+            names = list(out)
+            vals = torch.stack([out[k].detach().float() for k in names])
+        vals = vals / cfg.accum
         sums = vals if sums is None else sums + vals
     return names, sums, images
 
@@ -178,23 +173,25 @@ def _epoch_batches(loader, sampler, pos, cfg: FitConfig):
 def _open_log(cfg: FitConfig, d: DistInfo, start: dict) -> MetricsLog:
     out = cfg.output_dir if d.is_main else None
     log = MetricsLog(os.path.join(out, "metrics.jsonl") if out else None,
-                     os.path.join(out, "tensorboard") if out and cfg.tensorboard else None)
+                     os.path.join(out, "tensorboard") if out and cfg.tensorboard else None,
+                     wandb_project=cfg.wandb if d.is_main else None, run_config=cfg.to_dict())
     log.write(start)
     return log
 
 
 def _finish(model: nn.Module, cfg: FitConfig, d: DistInfo, sched, pos, stopped: str, t_start: float,
-            meter: StepMeter, checkpoint: Optional[str], opt_name: str) -> FitResult:
+            meter: StepMeter, checkpoint: Optional[str], opt_name: str, graph_status: str = "") -> FitResult:
     if stopped == "time_limit" and d.is_main:
         print(f"[{cfg.name}] time limit ({cfg.time_limit:.0f} s) reached: stopped after step {pos.step} "
               f"of {sched.total_steps}", file=sys.stderr)
     seconds = time.perf_counter() - t_start
     meter.log.write({"event": "end", "stage": cfg.name, "step": pos.step, "stopped": stopped,
-                     "seconds": seconds, "img_per_s": meter.img_per_s, "checkpoint": checkpoint, **meter.metrics})
+                     "seconds": seconds, "img_per_s": meter.img_per_s, "checkpoint": checkpoint,
+                     "cuda_graph": graph_status, **meter.metrics})
     return FitResult(model=model, steps=pos.step, total_steps=sched.total_steps, epoch=pos.epoch,
                      seconds=seconds, img_per_s=meter.img_per_s, losses=meter.losses, metrics=meter.metrics,
                      stopped=stopped, checkpoint=checkpoint, optimizer=opt_name, lr=sched.peak_lr,
-                     global_batch=sched.global_batch)
+                     global_batch=sched.global_batch, cuda_graph=graph_status)
 
 
 def _check_objective(objective) -> None:
@@ -218,7 +215,10 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     seed_everything(cfg.seed)
     model.to(d.device)
     resume_path, resumed = load_for_resume(model, cfg, d)
-    wrapped, sync = _wrap_model(model, cfg, d)
+    use_graphs, graph_status = plan_graphs(cfg, d.device, d.world, None, batch_sampler is not None, objective)
+    # DDP's static_graph does not combine with no_sync (a reducer assertion in torch 2.13 on the
+    # first accumulated step): with accumulation, DDP records as built by default
+    wrapped, sync = _wrap_model(model, cfg, d, static_graph=use_graphs and cfg.accum == 1)
     loader, sampler, steps_per_epoch = build_loader(dataset, cfg, d, batch_sampler=batch_sampler,
                                                     collate_fn=collate_fn)
     per_micro = sampler.mean_batch_size if batch_sampler is not None else cfg.batch_size
@@ -229,17 +229,18 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
         wrapped = CastWeightsOnce(model, amp_dtype)
     if hasattr(objective, "prepare"):
         objective.prepare(d.device, amp_dtype)
-    if cfg.cuda_graph:
-        reasons = graph_reasons(cfg, d.device, d.world, opt_name, batch_sampler is not None, objective)
-        if reasons:
-            raise ValueError("cuda_graph: cannot record this run's step: " + "; ".join(reasons))
+    if use_graphs:  # now with the optimizer known
+        use_graphs, graph_status = plan_graphs(cfg, d.device, d.world, opt_name, batch_sampler is not None,
+                                               objective)
     pos = restore(resumed, model, optimizer, scaler, sched, cfg, d)
-    graphed = (GraphedStep(model, wrapped, objective, optimizer, cfg.clip_grad, amp_dtype, d.device)
-               if cfg.cuda_graph else None)
-    first_step = pos.step  # with graphs, this run's first step is eager: kernels, optimizer state
+    graphed = (GraphedStep(model, wrapped, objective, optimizer, cfg.clip_grad, amp_dtype, d.device, cfg.accum,
+                           sync if d.enabled else None, fallback=cfg.cuda_graph == "auto" and not d.enabled)
+               if use_graphs else None)
+    first_step = pos.step  # with graphs, this run's first steps are eager: kernels, optimizer state
     log = _open_log(cfg, d, {"event": "start", "stage": cfg.name, "step": pos.step, "world": d.world,
                              "device": str(d.device), "optimizer": opt_name, "lr": sched.peak_lr,
-                             **sched.to_dict(), "resumed_from": resume_path, "config": cfg.to_dict()})
+                             **sched.to_dict(), "resumed_from": resume_path, "config": cfg.to_dict(),
+                             "cuda_graph": graph_status or "to be recorded"})
     saver = RunSaver(cfg, d, model, optimizer, scaler, sched, log, checkpoint_extra,
                      (resume_path, pos.step) if resume_path else None)
     meter = StepMeter(cfg.name, log, Progress(cfg.name, sched.total_steps, pos.step, cfg.log_every,
@@ -253,7 +254,8 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
                 while pos.step < sched.total_steps:
                     lr = sched.lr(pos.step)
                     set_lr(optimizer, lr)
-                    replay = graphed if pos.step > first_step else None
+                    replay = graphed if graphed is not None and graphed.active \
+                        and pos.step >= first_step + graphed.eager_steps else None
                     names, sums, images = _forward_backward(wrapped, sync, objective, batches, scaler, cfg, d,
                                                             pos.step, amp_dtype, replay)
                     over_time = cfg.time_limit is not None and time.perf_counter() - t_start > cfg.time_limit
@@ -262,7 +264,7 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
                     if nonfinite:
                         log.write({"event": "nonfinite_loss", "stage": cfg.name, "step": pos.step + 1, **metrics})
                         raise NonFiniteLoss(pos.step + 1, metrics, saver.newest)
-                    if replay is not None:
+                    if replay is not None and replay.active:
                         replay.step(metrics)
                     else:
                         _optimizer_step(model, optimizer, scaler, cfg.clip_grad, metrics)
@@ -276,7 +278,8 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
                     stopped = "time_limit" if stop_time else stopped
                     if stop_time or epoch_end:
                         break
-        result = _finish(model, cfg, d, sched, pos, stopped, t_start, meter, saver.final(pos), opt_name)
+        result = _finish(model, cfg, d, sched, pos, stopped, t_start, meter, saver.final(pos), opt_name,
+                         graphed.status if graphed is not None else graph_status)
     finally:
         meter.close()
         if hasattr(objective, "prepare"):

@@ -73,12 +73,17 @@ class Progress:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``path`` (``metrics.jsonl``); mirrors scalars to
-    TensorBoard when asked for and ``torch.utils.tensorboard`` imports."""
+    """Appends one JSON object per line to ``path`` (``metrics.jsonl``) and each step record as a
+    row of ``metrics.csv`` beside it; mirrors scalars to TensorBoard when asked for and
+    ``torch.utils.tensorboard`` imports, and to Weights & Biases with ``wandb_project``
+    (``WANDB_MODE=offline`` works without an account; the run id is kept in ``wandb-run-id`` so
+    a resumed run logs into the same wandb run)."""
 
-    def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None):
+    def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None,
+                 wandb_project: Optional[str] = None, run_config: Optional[dict] = None):
         self.path = path
         self._file = None
+        self._csv = CsvLog(os.path.splitext(path)[0] + ".csv") if path else None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._file = open(path, "a", buffering=1)
@@ -90,24 +95,95 @@ class MetricsLog:
             except Exception as exc:  # tensorboard not installed
                 warnings.warn(f"--tensorboard: TensorBoard is not available ({exc}); "
                               f"metrics go to {path} only", RuntimeWarning)
+        self._wandb = _start_wandb(wandb_project, os.path.dirname(os.path.abspath(path)) if path else None,
+                                   run_config) if wandb_project else None
 
     def write(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}
         if self._file is not None:
             self._file.write(json.dumps(record, default=_jsonable) + "\n")
-        if self._tb is not None and "step" in record:
-            stage = record.get("stage", "train")
-            for key, value in record.items():
-                if key not in ("step", "epoch", "time") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{stage}/{key}", value, record["step"])
+        if "step" not in record:
+            return
+        stage = record.get("stage", "train")
+        scalars = {k: v for k, v in record.items() if k not in ("step", "epoch", "time")
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(f"{stage}/{key}", value, record["step"])
+        if "event" in record:  # start, checkpoint, end: in metrics.jsonl, not among the step rows
+            return
+        if self._csv is not None:
+            self._csv.write(record)
+        if self._wandb is not None:
+            self._wandb.log({f"{stage}/{k}": v for k, v in scalars.items()}, step=record["step"])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._csv is not None:
+            self._csv.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+class CsvLog:
+    """Step records as CSV rows. The columns are the first record's (those of a file being
+    appended to are read from its header); a key not among them is left out of the CSV (it is
+    in ``metrics.jsonl``), a missing one is an empty cell."""
+
+    def __init__(self, path: str):
+        self.path, self._file, self._writer = path, None, None
+
+    def write(self, record: dict) -> None:
+        import csv
+
+        if self._writer is None:
+            fields = None
+            if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
+                with open(self.path, newline="") as f:
+                    fields = next(csv.reader(f), None)
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self._file = open(self.path, "a", newline="", buffering=1)
+            self._writer = csv.DictWriter(self._file, fieldnames=fields or list(record),
+                                          extrasaction="ignore", restval="")
+            if not fields:
+                self._writer.writeheader()
+        self._writer.writerow(record)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file, self._writer = None, None
+
+
+WANDB_ID_FILE = "wandb-run-id"
+
+
+def _start_wandb(project: str, folder: Optional[str], run_config: Optional[dict]):
+    """A wandb run in ``project`` (its files under ``folder``/wandb), continuing the folder's
+    previous one when its id is on record. ValueError when wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"--wandb {project}: wandb is not installed (pip install wandb), or leave "
+                         f"--wandb out") from None
+    run_id = None
+    id_file = os.path.join(folder, WANDB_ID_FILE) if folder else None
+    if id_file and os.path.isfile(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip() or None
+    kwargs = {"dir": folder} if folder else {}
+    run = wandb.init(project=project, config=run_config or {}, id=run_id, resume="allow" if run_id else None,
+                     name=os.path.basename(os.path.abspath(folder)) if folder else None, **kwargs)
+    if id_file and run_id is None and getattr(run, "id", None):
+        with open(id_file, "w") as f:
+            f.write(str(run.id) + "\n")
+    return run
 
 
 def _jsonable(obj):
