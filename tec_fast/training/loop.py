@@ -204,10 +204,14 @@ def _check_objective(objective) -> None:
 def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig,
         checkpoint_extra: Optional[dict] = None,
         on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
-        batch_sampler=None, collate_fn: Optional[Callable] = None) -> FitResult:
+        batch_sampler=None, collate_fn: Optional[Callable] = None,
+        make_optimizer: Optional[Callable[[nn.Module, float], Tuple[torch.optim.Optimizer, str]]] = None
+        ) -> FitResult:
     """Train ``model`` on ``dataset`` with an ``Objective``. ``checkpoint_extra`` (plain data)
     goes into every checkpoint; ``on_step(step, metrics)`` runs after each optimizer step;
-    ``batch_sampler`` / ``collate_fn``: variable-size batches (see the module docstring).
+    ``batch_sampler`` / ``collate_fn``: variable-size batches (see the module docstring);
+    ``make_optimizer(model, peak_lr) -> (optimizer, description)`` replaces AdamW (groups may carry
+    an ``lr_scale``: the schedule's lr times it).
     Raises ``NonFiniteLoss`` / ``NonFiniteWeights`` (nothing non-finite is saved) and
     ``TrainingInterrupted``."""
     _check_objective(objective)
@@ -223,7 +227,8 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
                                                     collate_fn=collate_fn)
     per_micro = sampler.mean_batch_size if batch_sampler is not None else cfg.batch_size
     sched = plan_schedule(cfg, per_micro * cfg.accum * d.world, steps_per_epoch)
-    optimizer, opt_name = build_optimizer(model, sched.peak_lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
+    optimizer, opt_name = (make_optimizer(model, sched.peak_lr) if make_optimizer is not None else
+                           build_optimizer(model, sched.peak_lr, cfg.weight_decay, cfg.betas, cfg.optimizer))
     scaler, amp_dtype = _precision(cfg, d)
     if amp_dtype is not None and not d.enabled and not cfg.compile:  # weights cast in one go (one process)
         wrapped = CastWeightsOnce(model, amp_dtype)

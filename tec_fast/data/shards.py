@@ -1,0 +1,274 @@
+"""Webdataset-style tar shards as a dataset, and the writer that makes them from an image folder.
+
+A shard is an uncompressed tar; the members of one sample share a key (the member path up to the
+first dot of its file name): ``000000123.jpg`` + ``000000123.cls`` (the label as decimal text).
+The image is the first member with an image extension (jpg, jpeg, png, webp, ppm, pgm, bmp, tif,
+tiff); the label comes from ``cls`` / ``cls.txt`` / ``label`` / ``label.txt`` (-1 without one).
+Class names: ``classes.txt`` (one per line, label order) beside the first shard, when present.
+
+Shards are read by offset, not streamed: opening the dataset reads every tar header once (about a
+second per 100 000 members here) and ``ds[i]`` is one ``pread`` of the member. So shards behave as
+a folder does: the trainer's seeded permutation split across ranks, per-sample seeds that do not
+depend on the worker count, resume at any step, and the same skip-and-count rule for members that
+do not decode (``ImageDataset``). A shard cut short loses only the members past the cut (a warning
+names it).
+
+``shards-{0000..0099}.tar`` (zero-padded ranges) and ``{a,b}`` lists expand like bash braces.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from tec_fast.data.dataset import ImageDataset
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
+LABEL_EXTS = ("cls", "cls.txt", "label", "label.txt")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """``a-{00..02}.tar`` -> [a-00.tar, a-01.tar, a-02.tar] (width of the first bound kept);
+    ``{x,y}`` -> both; several groups multiply out; no braces -> [pattern]."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = int(rng.group(1)), int(rng.group(2))
+        if hi < lo:
+            raise ValueError(f"brace range {{{body}}} in {pattern!r} runs backwards")
+        width = len(rng.group(1))
+        items = [str(v).zfill(width) for v in range(lo, hi + 1)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        raise ValueError(f"brace group {{{body}}} in {pattern!r} is neither a range N..M nor a list a,b")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+def shard_paths(spec: Union[str, Sequence[str]]) -> List[str]:
+    """The shard files of ``spec``: a folder (its ``*.tar``, sorted), a path, a brace pattern, or
+    a list of those. ValueError naming what is missing."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    paths: List[str] = []
+    for s in specs:
+        if os.path.isdir(s):
+            found = sorted(glob.glob(os.path.join(s, "*.tar")))
+            if not found:
+                raise ValueError(f"no .tar shards in the folder {s!r}")
+            paths.extend(found)
+            continue
+        expanded = expand_braces(s)
+        missing = [p for p in expanded if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"shard pattern {s!r}: {len(missing)} of {len(expanded)} files do not exist "
+                             f"(first: {missing[0]!r})")
+        paths.extend(expanded)
+    if not paths:
+        raise ValueError(f"no shards in {spec!r}")
+    return paths
+
+
+def is_shard_spec(spec: str) -> bool:
+    """Whether ``--data`` names tar shards: a .tar path or pattern, or a folder holding only shards."""
+    if spec.endswith(".tar") or (_BRACE.search(spec) and ".tar" in spec):
+        return True
+    if os.path.isdir(spec):
+        entries = [e for e in os.scandir(spec) if not e.name.startswith(".")]
+        return bool(entries) and any(e.name.endswith(".tar") for e in entries) and not any(e.is_dir() for e in entries)
+    return False
+
+
+def _split_key(name: str) -> Tuple[str, str]:
+    folder, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return (os.path.join(folder, stem) if folder else stem), ext.lower() if dot else ""
+
+
+def index_shard(path: str) -> List[Tuple[str, Tuple[int, int], Optional[str]]]:
+    """[(key, (offset, size) of the image member, label text or None)] in tar order, for the keys
+    that have an image. A shard that stops parsing keeps what came before (with a warning)."""
+    found: Dict[str, Dict[str, Tuple[int, int]]] = {}
+    labels: Dict[str, str] = {}
+    order: List[str] = []
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = _split_key(m.name)
+                if key not in found:
+                    found[key] = {}
+                    order.append(key)
+                found[key][ext] = (m.offset_data, m.size)
+                if ext in LABEL_EXTS and key not in labels and m.size < 256:
+                    labels[key] = tf.extractfile(m).read().decode("ascii", "replace").strip()
+    except tarfile.ReadError as exc:
+        if not order:
+            raise ValueError(f"{path!r} is not a readable uncompressed tar shard ({exc})") from exc
+        warnings.warn(f"tar shard {path} is unreadable after {len(order)} keys ({exc}); using those",
+                      RuntimeWarning)
+    out = []
+    for key in order:
+        image = next((found[key][e] for e in IMAGE_EXTS if e in found[key]), None)
+        if image is not None:
+            out.append((key, image, labels.get(key)))
+    return out
+
+
+class TarShardDataset(ImageDataset):
+    """Images in webdataset-style tar shards: ``ds[i] -> (image, label)`` exactly as
+    ``ImageFolderDataset`` gives for the same files (transforms, ``uint8``, native resolution,
+    skip-and-count: ``ImageDataset``). ``spec``: see ``shard_paths``."""
+
+    kind = "tar shards"
+
+    def __init__(self, spec: Union[str, Sequence[str]], img_size: int = 224, train: bool = True,
+                 strict: bool = False, native_patch: Optional[int] = None, max_patches: Optional[int] = None,
+                 min_patches: int = 1, uint8: bool = False, threads: int = 8):
+        super().__init__(img_size, train, strict, uint8, native_patch, max_patches, min_patches)
+        self.shards = shard_paths(spec)
+        self.root = spec if isinstance(spec, str) else ", ".join(spec)
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            indexes = list(pool.map(index_shard, self.shards))
+        self._where: List[Tuple[int, int, int]] = []  # (shard, offset, size) per sample
+        names, labels = [], []
+        for s, entries in enumerate(indexes):
+            for key, (off, size), label in entries:
+                self._where.append((s, off, size))
+                names.append(f"{self.shards[s]}:{key}")
+                labels.append(self._label(s, label, key))
+        if not names:
+            raise ValueError(f"TarShardDataset: no images ({', '.join(IMAGE_EXTS)}) in the {len(self.shards)} "
+                             f"shards of {self.root!r}")
+        self._init_samples(names, labels, read_classes(os.path.dirname(self.shards[0])))
+        self._fds: Dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: its own descriptors
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return fd
+
+    def _label(self, shard: int, text: Optional[str], key: str) -> int:
+        if text is None:
+            return -1
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"tar shard {self.shards[shard]}: the label of {key!r} is not an integer: "
+                             f"{text[:40]!r}") from None
+
+    def _read(self, i: int) -> bytes:
+        shard, offset, size = self._where[i]
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise OSError(f"member cut short: {len(data)} of {size} bytes (truncated shard)")
+        return data
+
+    def __del__(self):
+        if getattr(self, "_pid", None) != os.getpid():
+            return  # a worker's copy: the descriptors in it are the parent's
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def read_classes(folder: str) -> List[str]:
+    """Class names from ``folder/classes.txt`` (one per line) or ``folder/classes.json`` (a list), else []."""
+    txt, js = os.path.join(folder, "classes.txt"), os.path.join(folder, "classes.json")
+    if os.path.isfile(txt):
+        with open(txt, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    if os.path.isfile(js):
+        with open(js, encoding="utf-8") as f:
+            return [str(c) for c in json.load(f)]
+    return []
+
+
+# ------------------------------------------------------------------------------- writing
+def write_shards(root: str, output: str, prefix: str = "shard", max_images: int = 5000,
+                 max_bytes: int = 1 << 30, on_image=None) -> dict:
+    """Copy the images of the folder ``root`` (the layout ``ImageFolderDataset`` reads) into tar
+    shards ``output/prefix-NNNNNN.tar`` of at most ``max_images`` images and about ``max_bytes``
+    bytes each: per image ``<key>.<ext>`` (the file's bytes, not re-encoded) and ``<key>.cls``
+    (its label; none for a flat folder), plus ``classes.txt``. Each shard is written to a
+    temporary name and renamed when complete. ``on_image(n_done)``: progress callback.
+    Returns {shards, pattern, images, bytes, classes}."""
+    import io
+
+    from tec_fast.data.folder import IMG_EXTENSIONS, find_samples
+    if not os.path.isdir(root):
+        raise ValueError(f"write_shards: root {root!r} is not a directory")
+    for name, v in (("max_images", max_images), ("max_bytes", max_bytes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"write_shards: {name} must be a positive int, got {v!r}")
+    if not prefix or "/" in prefix or "{" in prefix:
+        raise ValueError(f"write_shards: prefix must be a plain file-name prefix, got {prefix!r}")
+    if os.path.isdir(os.path.join(root, "train")):
+        root = os.path.join(root, "train")
+    samples, classes = find_samples(root)
+    if not samples:
+        raise ValueError(f"write_shards: no images ({', '.join(IMG_EXTENSIONS)}) in {root!r}")
+    os.makedirs(output, exist_ok=True)
+    shards: List[str] = []
+    state = {"tar": None, "tmp": None, "count": 0, "bytes": 0}
+    total = 0
+
+    def close():
+        if state["tar"] is not None:
+            state["tar"].close()
+            os.replace(state["tmp"], shards[-1])
+            state["tar"] = None
+
+    def add(tar, name: str, data: bytes):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        tar.addfile(info, io.BytesIO(data))
+
+    try:
+        for i, (path, label) in enumerate(samples):
+            with open(path, "rb") as f:
+                data = f.read()
+            full = state["count"] >= max_images or (state["count"] > 0 and state["bytes"] + len(data) > max_bytes)
+            if state["tar"] is None or full:
+                close()
+                shards.append(os.path.join(output, f"{prefix}-{len(shards):06d}.tar"))
+                state.update(tmp=shards[-1] + ".tmp", count=0, bytes=0)
+                state["tar"] = tarfile.open(state["tmp"], "w", format=tarfile.USTAR_FORMAT)
+            key = f"{i:09d}"
+            ext = os.path.splitext(path)[1].lower().lstrip(".")
+            add(state["tar"], f"{key}.{ext}", data)
+            if label >= 0:
+                add(state["tar"], f"{key}.cls", str(label).encode())
+            state["count"] += 1
+            state["bytes"] += len(data)
+            total += len(data)
+            if on_image is not None:
+                on_image(i + 1)
+        close()
+    finally:
+        if state["tar"] is not None:  # an error mid-shard: no half-written shard is left behind
+            state["tar"].close()
+            os.remove(state["tmp"])
+    if classes:
+        tmp = os.path.join(output, "classes.txt.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(c + "\n" for c in classes))
+        os.replace(tmp, os.path.join(output, "classes.txt"))
+    last = len(shards) - 1
+    pattern = os.path.join(output, f"{prefix}-{{{0:06d}..{last:06d}}}.tar" if last > 0 else f"{prefix}-000000.tar")
+    return {"shards": shards, "pattern": pattern, "images": len(samples), "bytes": total, "classes": classes}
