@@ -92,7 +92,7 @@ REFUSED = [
     ("tec", ["--img-size", "30"], "--img-size"),
     ("tec", ["--max-steps", "3", "--save-every-steps", "5"], "--save-every-steps"),
     ("tec", ["--native-resolution", "--compile"], "--compile"),
-    ("tec", ["--cuda-graph", "--accum", "2"], "--accum"), ("tec", ["--cuda-graph", "--precision", "fp16"], "--precision"),
+    ("tec", ["--cuda-graph", "--no-cuda-graph"], "--no-cuda-graph"), ("tec", ["--cuda-graph", "--precision", "fp16"], "--precision"),
     ("tec", ["--cuda-graph", "--compile"], "--compile"), ("tec", ["--cuda-graph", "--optimizer", "apex"], "--optimizer"),
     ("demo", ["--cuda-graph"], "--cuda-graph"), ("tec", ["--cuda-graph", "--mask-ratio", "0.6:0.9"], "--mask-ratio"),
     ("tec", ["--cuda-graph", "--masking", "block"], "--masking"),
@@ -127,12 +127,14 @@ def test_cuda_graph_without_cuda(files, capsys):
 
 
 def test_cuda_graph_flag_reaches_fit_config(files, monkeypatch):
-    """--cuda-graph passes the checks where CUDA is there and becomes FitConfig.cuda_graph."""
+    """--cuda-graph (require, --accum too) passes the checks where CUDA is there and becomes
+    FitConfig.cuda_graph 'on'; no flag is 'auto', --no-cuda-graph 'off'."""
     from tec_fast.cli.train import fit_config, parse_args
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    args = parse_args([*_tec(files), "--cuda-graph", "--precision", "bf16"])
-    assert args.cuda_graph and fit_config(args, "out", "bf16").cuda_graph
-    assert not fit_config(parse_args(_tec(files)), "out", "fp32").cuda_graph
+    args = parse_args([*_tec(files), "--cuda-graph", "--precision", "bf16", "--accum", "2"])
+    assert fit_config(args, "out", "bf16").cuda_graph == "on"
+    assert fit_config(parse_args(_tec(files)), "out", "fp32").cuda_graph == "auto"
+    assert fit_config(parse_args([*_tec(files), "--no-cuda-graph"]), "out", "fp32").cuda_graph == "off"
 
 
 def test_good_flags_pass_the_checks(files):

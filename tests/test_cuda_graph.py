@@ -32,14 +32,40 @@ def test_fit_names_what_stands_in_the_way():
     from tec_fast.training import FitConfig
     from tec_fast.training.graphed import graph_reasons
 
-    cfg = FitConfig(accum=2, precision="fp16", compile=True, cuda_graph=True)
+    cfg = FitConfig(accum=2, precision="fp16", compile=True, cuda_graph=True, shard="fsdp")
     variable = type("Objective", (), {"variable": True, "cache": object()})()
     reasons = graph_reasons(cfg, torch.device("cpu"), 2, "apex.optimizers.FusedAdam (adam_w_mode)", True, variable)
-    for words in ("CUDA device", "one process", "accum 1", "fp16", "fused AdamW", "fixed size", "compile",
+    for words in ("CUDA device", "FSDP2", "fp16", "fused AdamW", "fixed size", "compile",
                   "one fixed mask ratio", "TargetCache"):
         assert any(words in r for r in reasons), (words, reasons)
-    ok = FitConfig(cuda_graph=True, precision="bf16")
+    assert not any("accum" in r for r in reasons)  # accumulation is recorded too
+    ok = FitConfig(cuda_graph=True, precision="bf16", accum=4)
     assert graph_reasons(ok, torch.device("cuda"), 1, "torch.optim.AdamW (fused)", False) == []
+    assert graph_reasons(ok, torch.device("cuda"), 8, "torch.optim.AdamW (fused)", False) == []  # DDP
+    assert graph_reasons(ok, torch.device("cuda"), 1, None, False) == []  # optimizer not judged yet
+
+
+def test_fit_config_cuda_graph_modes():
+    from tec_fast.training import FitConfig
+
+    assert FitConfig().cuda_graph == "auto"
+    assert FitConfig(cuda_graph=True).cuda_graph == "on" and FitConfig(cuda_graph=False).cuda_graph == "off"
+    with pytest.raises(ValueError, match=r"FitConfig.cuda_graph must be 'auto', 'on' or 'off', got 'yes'"):
+        FitConfig(cuda_graph="yes")
+
+
+def test_plan_graphs_by_mode():
+    from tec_fast.training import FitConfig
+    from tec_fast.training.graphed import plan_graphs
+
+    cpu, cuda, fused = torch.device("cpu"), torch.device("cuda"), "torch.optim.AdamW (fused)"
+    assert plan_graphs(FitConfig(), cuda, 1, fused, False) == (True, "")
+    use, why = plan_graphs(FitConfig(), cpu, 1, fused, False)
+    assert not use and why.startswith("eager: it needs a CUDA device")
+    use, why = plan_graphs(FitConfig(cuda_graph="off"), cuda, 1, fused, False)
+    assert not use and "off" in why
+    with pytest.raises(ValueError, match="cannot record this run's step: it needs a CUDA device"):
+        plan_graphs(FitConfig(cuda_graph="on"), cpu, 1, fused, False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
@@ -80,79 +106,24 @@ def test_recorded_batch_shape_is_checked():
         _clone(("a",))
 
 
-class _EmulatedGraph:
-    """A recorded graph's stand-in on CPU: a replay runs the recorded function again and copies
-    its results into the tensors the recording returned (as a replay refreshes them)."""
+def _as_if_on_cuda(monkeypatch):
+    """fit plans graphs as on a CUDA device (CPU tensors stand in) and records with the emulation."""
+    import tec_fast.training.loop as loop
+    from graph_emulation import emulated_step_class
 
-    def __init__(self, fn, out, before=None):
-        self.fn, self.out, self.before, self.replays = fn, out, before, 0
-
-    def pool(self):
-        return None
-
-    def replay(self):
-        self.replays += 1
-        if self.before is not None:
-            self.before()
-        for static, new in zip(_tensors(self.out), _tensors(self.fn())):
-            static.copy_(new)
+    step_class = emulated_step_class()
+    monkeypatch.setattr(loop, "GraphedStep", step_class)
+    real_plan = loop.plan_graphs
+    monkeypatch.setattr(loop, "plan_graphs", lambda cfg, device, *a: real_plan(cfg, torch.device("cuda"), *a))
+    return step_class
 
 
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for item in x for t in _tensors(item)]
-    return []
-
-
-def _emulated_step_class():
-    import copy
-
-    from tec_fast.training.graphed import GraphedStep
-
-    class EmulatedStep(GraphedStep):
-        """GraphedStep with the recording emulated on CPU: recording runs the function on a
-        snapshot of the weights and optimizer state and restores them (a real recording runs
-        nothing); replays run it again. Everything else is fit's own graph path."""
-        instances = []
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            for group in self.optimizer.param_groups:
-                group["capturable"] = False  # torch's AdamW records on GPUs only
-            EmulatedStep.instances.append(self)
-
-        def _warm_up(self, fn):
-            self.optimizer.zero_grad(set_to_none=True)
-            fn()
-
-        def _record(self, fn, pool=None):
-            saved = copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict())
-            out = fn()
-            self.model.load_state_dict(saved[0])
-            self.optimizer.load_state_dict(saved[1])
-            fresh_grads = (lambda: self.optimizer.zero_grad(set_to_none=True)) if fn == self._forward_backward else None
-            return _EmulatedGraph(fn, out, fresh_grads), out
-
-    return EmulatedStep
-
-
-def test_fit_graph_path_trains_as_eager_with_recording_emulated(monkeypatch):
-    """fit's cuda_graph wiring on CPU: first step eager, the recording at the second, replays
-    after it (batches and noise copied into the recorded inputs, the lr written into its tensor,
-    clipping's norm read back). Against an eager run whose optimizer also holds its lr in a
-    tensor, the result is bitwise the same. (With a Python-float lr the last bit of an update
-    differs, and parameters with no true gradient, such as attention key biases, then take
-    Adam steps of up to the lr on different rounding noise.)"""
-    from torch.utils.data import TensorDataset
-
+def _tensor_lr_eager(monkeypatch, data, **common):
+    """The eager run to compare with: its optimizer holds the lr in a tensor too."""
     import tec_fast.training.loop as loop
     from tec_fast.training import FitConfig, fit
     from train_helpers import tiny_objective, tiny_tec
 
-    data = TensorDataset(torch.randn(24, 3, 16, 16), torch.zeros(24, dtype=torch.long))
-    common = dict(max_steps=6, batch_size=4, lr=3e-3, warmup_steps=2, clip_grad=0.5, progress=False, seed=0)
     build = loop.build_optimizer
 
     def tensor_lr(*args, **kwargs):
@@ -162,18 +133,112 @@ def test_fit_graph_path_trains_as_eager_with_recording_emulated(monkeypatch):
         return opt, name
 
     monkeypatch.setattr(loop, "build_optimizer", tensor_lr)
-    eager = fit(tiny_tec(), tiny_objective(), data, FitConfig(**common))
-    monkeypatch.setattr(loop, "build_optimizer", build)
+    try:
+        return fit(tiny_tec(), tiny_objective(), data, FitConfig(cuda_graph="off", **common))
+    finally:
+        monkeypatch.setattr(loop, "build_optimizer", build)
 
-    step_class = _emulated_step_class()
-    monkeypatch.setattr(loop, "GraphedStep", step_class)
-    monkeypatch.setattr(loop, "graph_reasons", lambda *a, **k: [])
-    graphed = fit(tiny_tec(), tiny_objective(), data, FitConfig(cuda_graph=True, **common))
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_fit_graph_path_trains_as_eager_with_recording_emulated(monkeypatch, accum):
+    """fit's cuda_graph wiring on CPU: first step eager, the recording at the second, replays
+    after it (batches and noise copied into the recorded inputs before each micro-step, the
+    gradients added into tensors the optimizer graph zeroes, the lr written into its tensor,
+    clipping's norm read back). Against an eager run whose optimizer also holds its lr in a
+    tensor, the result is bitwise the same, with accumulation too. (With a Python-float lr the
+    last bit of an update differs, and parameters with no true gradient, such as attention key
+    biases, then take Adam steps of up to the lr on different rounding noise.)"""
+    from torch.utils.data import TensorDataset
+
+    from tec_fast.training import FitConfig, fit
+    from train_helpers import tiny_objective, tiny_tec
+
+    data = TensorDataset(torch.randn(48, 3, 16, 16), torch.zeros(48, dtype=torch.long))
+    common = dict(max_steps=6, batch_size=4, accum=accum, lr=3e-3, warmup_steps=2, clip_grad=0.5,
+                  progress=False, seed=0)
+    eager = _tensor_lr_eager(monkeypatch, data, **common)
+    step_class = _as_if_on_cuda(monkeypatch)
+    graphed = fit(tiny_tec(), tiny_objective(), data, FitConfig(**common))  # the default: auto
 
     (step,) = step_class.instances
-    assert step.recorded and step.fwd_bwd.replays == 5 and step.opt_step.replays == 5  # step 1 eager
+    assert step.recorded and step.fwd_bwd.replays == 5 * accum and step.opt_step.replays == 5  # step 1 eager
+    assert graphed.cuda_graph == "replayed: 5 step(s) from CUDA graphs (the first 1 eager)"
     lr = step.optimizer.param_groups[0]["lr"]
     assert torch.is_tensor(lr) and lr.item() == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
     assert graphed.losses == eager.losses and graphed.metrics == eager.metrics  # grad_norm included
     for (name, p), q in zip(graphed.model.named_parameters(), eager.model.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_failed_recording_falls_back_to_eager_in_auto_mode(monkeypatch):
+    """cuda_graph='auto': a recording that fails (here: raises as a capture error would) leaves
+    the run eager from that step on, with the reason in the result; 'on' raises it."""
+    from torch.utils.data import TensorDataset
+
+    from tec_fast.training import FitConfig, fit
+    from train_helpers import tiny_objective, tiny_tec
+
+    data = TensorDataset(torch.randn(24, 3, 16, 16), torch.zeros(24, dtype=torch.long))
+    common = dict(max_steps=4, batch_size=4, lr=3e-3, warmup_steps=2, progress=False, seed=0)
+    eager = fit(tiny_tec(), tiny_objective(), data, FitConfig(cuda_graph="off", **common))
+    assert eager.cuda_graph.startswith("off")
+    step_class = _as_if_on_cuda(monkeypatch)
+
+    def broken(self, fn, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+    monkeypatch.setattr(step_class, "_record", broken)
+    fell_back = fit(tiny_tec(), tiny_objective(), data, FitConfig(**common))
+    assert fell_back.cuda_graph == ("eager: the recording failed (RuntimeError: operation not permitted "
+                                    "when stream is capturing)")
+    assert fell_back.losses == eager.losses  # float lr there, tensor lr here: same steps
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        fit(tiny_tec(), tiny_objective(), data, FitConfig(cuda_graph="on", **common))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given without CUDA")
+def test_auto_mode_on_cpu_says_why_it_stays_eager(tmp_path):
+    import json
+
+    from torch.utils.data import TensorDataset
+
+    from tec_fast.training import FitConfig, fit
+    from train_helpers import tiny_objective, tiny_tec
+
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long))
+    r = fit(tiny_tec(), tiny_objective(), data, FitConfig(batch_size=4, max_steps=1, progress=False,
+                                                           output_dir=str(tmp_path)))
+    assert r.cuda_graph == "eager: it needs a CUDA device (training runs on cpu)"
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert events[0]["cuda_graph"] == r.cuda_graph and events[-1]["cuda_graph"] == r.cuda_graph
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ddp_graph_path_matches_one_process(tmp_path, accum):
+    """Two processes (gloo) on the graph path, the recording emulated, two eager steps, then the
+    replays: DDP with static_graph (accum 1), or the no_sync micro-step and the all-reducing one
+    (accum 2). The losses of one eager process with the same global batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tec_fast.training import FitConfig, fit
+    from train_helpers import AugmentedImages, tiny_objective, tiny_tec
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = tmp_path / "rank0.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(here, "graph_ddp_worker.py"), str(out), str(4 // accum), str(accum)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    two = json.loads(out.read_text())
+    torch.set_num_threads(1)
+    one = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=32),
+              FitConfig(name="ddp", epochs=2, batch_size=8 // accum, accum=accum, lr=2e-3, warmup_steps=2, seed=3,
+                        progress=False, log_every=1, cuda_graph="off"))
+    assert len(two["losses"]) == len(one.losses) == 8
+    assert two["replays"] == 6 and two["local_replays"] == 6 * (accum - 1)
+    assert two["status"].startswith("replayed: 6")
+    assert two["losses"] == pytest.approx(one.losses, rel=1e-5)

@@ -40,6 +40,8 @@ def check_train_flags(p: Parser, args: argparse.Namespace) -> None:
             p.refuse("--resume", f"{last!r}: no such checkpoint")
     if args.native_resolution:
         _check_native(p, args)
+    if args.cuda_graph and args.no_cuda_graph:
+        p.refuse("--no-cuda-graph", "contradicts --cuda-graph (which requires the recorded steps)")
     if args.cuda_graph:
         _check_cuda_graph(p, args)
 
@@ -48,8 +50,7 @@ def _check_cuda_graph(p: Parser, args) -> None:
     """What --cuda-graph needs that the flags alone show (fit checks the rest: processes, optimizer)."""
     import torch
 
-    for flag, bad, what in (("--accum", args.accum != 1, "--accum 1"),
-                            ("--precision", args.precision == "fp16", "bf16 or fp32 (fp16's loss scaler "
+    for flag, bad, what in (("--precision", args.precision == "fp16", "bf16 or fp32 (fp16's loss scaler "
                                                                       "decides on the host)"),
                             ("--native-resolution", args.native_resolution, "fixed-size batches"),
                             ("--mask-ratio", isinstance(args.mask_ratio, tuple), "one mask ratio, not a range"),

@@ -63,9 +63,11 @@ def cleanup_distributed() -> None:
 
 
 
-def _wrap_model(model: nn.Module, cfg: FitConfig, d: DistInfo):
+def _wrap_model(model: nn.Module, cfg: FitConfig, d: DistInfo, static_graph: bool = False):
     """(module to call, handle for gradient-sync control or None). DDP without
-    find_unused_parameters, or FSDP2 with each transformer block its own unit."""
+    find_unused_parameters, or FSDP2 with each transformer block its own unit. ``static_graph``:
+    the steps will be recorded into CUDA graphs (``graphed.py``): DDP with ``static_graph=True``,
+    built on a side stream on CUDA (torch's notes on capturing DDP)."""
     sync = None
     if d.enabled and cfg.shard == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -75,8 +77,15 @@ def _wrap_model(model: nn.Module, cfg: FitConfig, d: DistInfo):
         fully_shard(model)
         sync = model
     elif d.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        side = torch.cuda.Stream() if static_graph and d.device.type == "cuda" else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                static_graph=static_graph)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
         sync = model
     if cfg.compile:
         model = torch.compile(model)

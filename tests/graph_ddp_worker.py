@@ -1,0 +1,39 @@
+"""One process of test_cuda_graph.py's DDP test, launched by torchrun (not a test itself).
+
+argv: OUT_JSON BATCH_PER_PROCESS ACCUM. fit's CUDA-graph path under DDP (gloo, CPU) with the
+recording emulated (graph_emulation.py) and two eager steps before it; rank 0 writes the
+per-step global losses, the weights' checksum and how many replays ran to OUT_JSON."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import tec_fast.training.graphed as graphed
+import tec_fast.training.loop as loop
+from graph_emulation import emulated_step_class
+from tec_fast.training import FitConfig, cleanup_distributed, fit, setup_distributed
+from train_helpers import AugmentedImages, tiny_objective, tiny_tec, write_rank0_summary
+
+
+def main() -> None:
+    out, batch, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(1)
+    d = setup_distributed("cpu")
+    step_class = emulated_step_class()
+    loop.GraphedStep = step_class
+    real_plan = loop.plan_graphs
+    loop.plan_graphs = lambda cfg, device, *a: real_plan(cfg, torch.device("cuda"), *a)  # CPU stands in
+    graphed.DDP_EAGER_STEPS = 2
+    cfg = FitConfig(name="ddp", epochs=2, batch_size=batch, accum=accum, lr=2e-3, warmup_steps=2,
+                    seed=3, progress=False, log_every=1, cuda_graph="on")
+    r = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=32), cfg)
+    (step,) = step_class.instances
+    write_rank0_summary(d, r, "ddp", out, replays=step.replays, status=r.cuda_graph,
+                        local_replays=step.fwd_bwd_local.replays if step.fwd_bwd_local else 0)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
