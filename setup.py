@@ -113,7 +113,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tec_fast", "tec_fast.*"]) + ["tec_fast.kernels"],
     package_dir={"tec_fast": "tec_fast", "tec_fast.kernels": "kernels"},
-    package_data={"tec_fast.demo": ["assets/demo_base.pth", "assets/demo_base.json"]},
+    package_data={"tec_fast.demo": ["assets/demo_base.pth", "assets/demo_base.json"],
+                  "tec_fast.ops": ["measured/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -76,20 +76,22 @@ def _sync(device: torch.device) -> None:
 def time_per_call(fns: Dict[str, Callable[[], object]], calls: int, reps: int,
                   device: torch.device) -> Dict[str, float]:
     """Median over ``reps`` of the microseconds per call of ``calls`` back-to-back calls of each
-    of ``fns``, the providers interleaved rep by rep (so a busy machine slows them alike). No
-    synchronisation between calls: on a GPU this is the host's issue time while the tiny
-    kernels keep up."""
+    of ``fns``, the providers interleaved rep by rep. On CPU the clock is this thread's CPU time
+    (``time.thread_time``), so time spent descheduled on a shared machine does not count; on a
+    GPU it is wall time without synchronising between calls (the host's issue time while the
+    tiny kernels keep up)."""
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     _sync(device)
     for _ in range(reps):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(calls):
                 fn()
             _sync(device)
-            samples[name].append((time.perf_counter() - t0) * 1e6 / calls)
+            samples[name].append((clock() - t0) * 1e6 / calls)
     return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
 
 

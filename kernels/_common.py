@@ -1,10 +1,34 @@
-"""Launch helpers shared by the kernel files (host side only; no kernels here)."""
+"""Launch helpers shared by the kernel files (host side only; no kernels here).
+
+Every op wires its kernels the same way (host cost per call is what the GPU waits for at small
+batches; ``benchmarks/host_overhead.py`` measures it): a ``torch.autograd.Function`` whose
+forward and backward call the op's launchers directly in eager mode, and the same launchers
+registered as ``torch.library`` custom ops with fake implementations, which the Function calls
+instead under ``torch.compile`` / export or a dispatch mode (``direct_launch``), so tracers see
+one opaque op per launcher. Launch configurations depend on sizes only and are cached; the
+integer helpers here are plain Python (``triton.cdiv`` and ``triton.next_power_of_2`` are
+``constexpr_function`` objects that cost microseconds per host call).
+"""
 from __future__ import annotations
 
+import functools
 from typing import List, Tuple
 
 import torch
-import triton
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def direct_launch() -> bool:
@@ -24,7 +48,8 @@ def persistent_programs(work: int, device: torch.device, per_sm: int = 8) -> int
     warps, half an SM's slots, at <= 64 registers per thread: enough resident warps to cover the
     load latency while one program reduces its row), 4 elsewhere; never more than ``work``."""
     if device.type == "cuda":
-        return max(1, min(work, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return max(1, min(work, per_sm * _sm_count(index)))
     return max(1, min(work, 4))
 
 
@@ -32,10 +57,10 @@ def row_slices(rows: int, tile_rows: int, columns: int, programs: int) -> Tuple[
     """Split ``rows`` into slices of whole ``tile_rows``-row tiles for a (slice, column) grid of
     about ``programs`` persistent programs over ``columns`` column blocks: (slices, rows per
     slice). Each program walks its slice tile by tile and keeps one partial sum."""
-    tiles = triton.cdiv(max(rows, 1), tile_rows)
-    n_slices = max(1, min(tiles, triton.cdiv(programs, columns)))
-    rows_per_slice = triton.cdiv(tiles, n_slices) * tile_rows
-    return triton.cdiv(max(rows, 1), rows_per_slice), rows_per_slice
+    tiles = cdiv(max(rows, 1), tile_rows)
+    n_slices = max(1, min(tiles, cdiv(programs, columns)))
+    rows_per_slice = cdiv(tiles, n_slices) * tile_rows
+    return cdiv(max(rows, 1), rows_per_slice), rows_per_slice
 
 
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -44,14 +69,15 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
 def relation_block_sizes(topk: int, D: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int, int]:
     """(BLOCK_R, BLOCK_L, BLOCK_D) of the relation kernels: the 1+k query rows and the head dim
     padded to powers of two, at least 16 (``tl.dot`` needs >= 16 on every side); key blocks of
     64, or 32 when the query tile is large or a 4-byte key tile of 128 columns would be (on sm_80
     a [64, 128] fp32 key tile spilled: benchmarks/compile_report.py, ViT-H fp32)."""
-    block_r = max(16, triton.next_power_of_2(topk + 1))
-    block_d = max(16, triton.next_power_of_2(D))
-    wide_fp32 = torch.empty((), dtype=dtype).element_size() >= 4 and block_d >= 128
+    block_r = max(16, next_pow2(topk + 1))
+    block_d = max(16, next_pow2(D))
+    wide_fp32 = dtype.itemsize >= 4 and block_d >= 128
     block_l = 64 if block_r * block_d <= 64 * 64 and not wide_fp32 else 32
     return block_r, block_l, block_d
 

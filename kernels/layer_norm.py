@@ -15,13 +15,14 @@ Reference: ``torch.nn.functional.layer_norm`` of ``x + residual``.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import direct_launch, dtype_reasons, persistent_programs
+from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, next_pow2, persistent_programs
 
 MAX_C = 4096  # one row in registers (16 fp32 values per thread and tensor at 8 warps)
 
@@ -83,14 +84,19 @@ def _layer_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr,
     tl.store(db_part_ptr + pid * C + cc, db, mask=ok)
 
 
-def _num_warps(block_c: int) -> int:
-    return 4 if block_c <= 1024 else 8
+@functools.lru_cache(maxsize=None)
+def _fwd_config(C: int) -> Tuple[int, int]:
+    """(BLOCK_C, num_warps): the whole row in one program."""
+    block_c = next_pow2(C)
+    return block_c, 4 if block_c <= 1024 else 8
 
 
-def _rows_2d(t: torch.Tensor) -> torch.Tensor:
-    """[..., C] as [rows, C] with a unit channel stride (a view whenever the layout allows)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+@functools.lru_cache(maxsize=None)
+def _bwd_config(rows: int, C: int, device: torch.device) -> Tuple[int, int]:
+    """(programs, rows per program) of the persistent backward."""
+    n_prog = persistent_programs(rows, device)
+    rows_per_prog = cdiv(max(rows, 1), n_prog)
+    return cdiv(max(rows, 1), rows_per_prog), rows_per_prog
 
 
 def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
@@ -104,38 +110,34 @@ def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
     mean = torch.empty((rows,), dtype=torch.float32, device=dev)
     rstd = torch.empty((rows,), dtype=torch.float32, device=dev)
     if rows:
-        block_c = triton.next_power_of_2(C)
+        block_c, num_warps = _fwd_config(C)
         _layer_norm_fwd_kernel[(rows,)](
             x, residual if residual is not None else x, weight, bias, y, h, mean, rstd,
             C, eps, x.stride(0), residual.stride(0) if residual is not None else 0,
-            HAS_RES=residual is not None, BLOCK_C=block_c, num_warps=_num_warps(block_c))
+            HAS_RES=residual is not None, BLOCK_C=block_c, num_warps=num_warps)
     return y, h, mean, rstd
 
 
 def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
                     mean: torch.Tensor, rstd: torch.Tensor):
-    """dy, dh_out, h [rows, C] -> (dh [rows, C] in h's dtype, [dweight; dbias] [2, C] fp32)."""
+    """dy, dh_out, h [rows, C] (contiguous) -> (dh [rows, C] in h's dtype, [dweight; dbias] [2, C] fp32)."""
     rows, C = h.shape
     dev = h.device
     dx = torch.empty((rows, C), dtype=h.dtype, device=dev)
-    n_prog = persistent_programs(rows, dev)
-    rows_per_prog = triton.cdiv(max(rows, 1), n_prog)
-    n_prog = triton.cdiv(max(rows, 1), rows_per_prog)
+    n_prog, rows_per_prog = _bwd_config(rows, C, dev)
     # weight and bias partial sums in one buffer: one reduction launch for both
     parts = torch.empty((2, n_prog, C), dtype=torch.float32, device=dev)
-    dw_part, db_part = parts[0], parts[1]
     if rows:
-        block_c = triton.next_power_of_2(C)
+        block_c, num_warps = _fwd_config(C)
         _layer_norm_bwd_kernel[(n_prog,)](
-            dy, dh_out if dh_out is not None else dy, h, weight, mean, rstd, dx, dw_part, db_part,
-            rows, C, rows_per_prog, HAS_DH=dh_out is not None, BLOCK_C=block_c,
-            num_warps=_num_warps(block_c))
+            dy, dh_out if dh_out is not None else dy, h, weight, mean, rstd, dx, parts[0], parts[1],
+            rows, C, rows_per_prog, HAS_DH=dh_out is not None, BLOCK_C=block_c, num_warps=num_warps)
     else:
         parts.zero_()
     return dx, parts.sum(1)
 
 
-# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+# ---- torch.library registration: what torch.compile and dispatch modes see -------------------
 
 @torch.library.custom_op("tec_fast::layer_norm", mutates_args=())
 def _layer_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
@@ -164,47 +166,47 @@ def _(dy, dh_out, h, weight, mean, rstd):
     return h.new_empty(h.shape), h.new_empty((2, C), dtype=torch.float32)
 
 
-def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _ = inputs
-    _, h, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)  # no zero gradients (and launches) for mean, rstd and an unused h
-    ctx.has_res = residual is not None
-    ctx.save_for_backward(h if ctx.has_res else x, weight, mean, rstd)
-    ctx.w_dtype, ctx.b_dtype = weight.dtype, bias.dtype
+# ---- autograd ---------------------------------------------------------------------------------
 
-
-def _backward(ctx, dy, dh_out, _dmean=None, _drstd=None, bwd=_layer_norm_backward_op):
-    h, weight, mean, rstd = ctx.saved_tensors
-    dh_out = dh_out if ctx.has_res else None
-    C = h.shape[1]
-    if dy is None and dh_out is None:
-        return None, None, None, None, None
-    if dy is None:  # only h took part in the loss
-        dy = h.new_zeros(h.shape)
-    dx, (dw, db) = bwd(dy.reshape(-1, C).contiguous(),
-                     None if dh_out is None else dh_out.reshape(-1, C).contiguous(), h, weight, mean, rstd)
-    need = ctx.needs_input_grad
-    return (dx if need[0] else None, dx if ctx.has_res and need[1] else None,
-            dw.to(ctx.w_dtype) if need[2] else None, db.to(ctx.b_dtype) if need[3] else None, None)
-
-
-_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+def _rows_2d(t: torch.Tensor, C: int) -> torch.Tensor:
+    """[..., C] as [rows, C] with a unit channel stride (a view whenever the layout allows)."""
+    t = t.reshape(-1, C)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class _LayerNorm(torch.autograd.Function):
-    """The eager route (``direct_launch``): the custom op's forward and backward without the
-    custom-op machinery around them."""
+    """x, residual [..., C] -> (y, h) shaped like x (h empty without a residual). Saves h (or
+    x), the weight and the row statistics; the backward writes dh once (it is both dx and
+    dresidual) and the weight and bias gradients as one [2, C] sum."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
-        out = _layer_norm_fwd(x, residual, weight, bias, eps)
-        _setup_context(ctx, (x, residual, weight, bias, eps), out)
-        return out
+        C = x.shape[-1]
+        fwd = _layer_norm_fwd if direct_launch() else _layer_norm_op
+        y, h, mean, rstd = fwd(_rows_2d(x, C), None if residual is None else _rows_2d(residual, C),
+                               weight.contiguous(), bias.contiguous(), eps)
+        ctx.set_materialize_grads(False)  # no zero gradients (and launches) for an unused y or h
+        ctx.has_res = residual is not None
+        ctx.save_for_backward(h if ctx.has_res else _rows_2d(x, C), weight, mean, rstd)
+        ctx.w_dtype, ctx.b_dtype, ctx.x_shape = weight.dtype, bias.dtype, x.shape
+        return y.view(x.shape), (h.view(x.shape) if ctx.has_res else h)
 
     @staticmethod
-    def backward(ctx, dy, dh_out, _dmean, _drstd):
-        return _backward(ctx, dy, dh_out, bwd=_layer_norm_bwd)
+    def backward(ctx, dy, dh_out):
+        h, weight, mean, rstd = ctx.saved_tensors
+        dh_out = dh_out if ctx.has_res else None
+        if dy is None and dh_out is None:
+            return None, None, None, None, None
+        rows, C = h.shape
+        dy = h.new_zeros(h.shape) if dy is None else dy.reshape(rows, C).contiguous()
+        if dh_out is not None:
+            dh_out = dh_out.reshape(rows, C).contiguous()
+        bwd = _layer_norm_bwd if direct_launch() else _layer_norm_backward_op
+        dx, dwb = bwd(dy, dh_out, h, weight, mean, rstd)
+        need = ctx.needs_input_grad
+        dx = dx.view(ctx.x_shape)
+        return (dx if need[0] else None, dx if ctx.has_res and need[1] else None,
+                dwb[0].to(ctx.w_dtype) if need[2] else None, dwb[1].to(ctx.b_dtype) if need[3] else None, None)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
@@ -215,20 +217,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     ``residual`` must have x's shape and dtype; weight and bias are [C]. Differentiable in all
     tensors; the gradient of h is added to the LayerNorm's before it is handed to x and residual.
     """
-    C = x.shape[-1]
-    if C > MAX_C:
-        raise ValueError(f"layer_norm: C={C} > {MAX_C} (one row is held in registers)")
+    if x.shape[-1] > MAX_C:
+        raise ValueError(f"layer_norm: C={x.shape[-1]} > {MAX_C} (one row is held in registers)")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"layer_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), got "
                          f"{tuple(residual.shape)}, {residual.dtype}")
-    op = _LayerNorm.apply if direct_launch() else _layer_norm_op
-    y, h, _, _ = op(_rows_2d(x), None if residual is None else _rows_2d(residual),
-                    weight.contiguous(), bias.contiguous(), float(eps))
-    if residual is None:
-        return y.view(x.shape)
-    return y.view(x.shape), h.view(x.shape)
-
-
+    y, h = _LayerNorm.apply(x, residual, weight, bias, float(eps))
+    return y if residual is None else (y, h)
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], residual_dtype=None,
                           **_info) -> List[str]:
     """Why this kernel cannot take x of ``dtype`` / ``shape`` (empty: it can)."""

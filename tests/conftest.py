@@ -107,6 +107,37 @@ def _triton_importable() -> bool:
     return True
 
 
+# tec_fast reads TEC_FAST_KERNELS / TRITON_INTERPRET once (no environment read per op call); a
+# test that changes them through ``monkeypatch`` gets them re-read, and re-read again on undo.
+_DISPATCH_ENV = ("TEC_FAST_KERNELS", "TRITON_INTERPRET")
+
+
+def _reload_dispatch_env() -> None:
+    from tec_fast.ops import dispatch
+    dispatch.reload_environment()
+
+
+@pytest.fixture
+def monkeypatch():
+    from _pytest.monkeypatch import MonkeyPatch
+
+    class DispatchAwareMonkeyPatch(MonkeyPatch):
+        def setenv(self, name, value, prepend=None):
+            super().setenv(name, value, prepend)
+            if name in _DISPATCH_ENV:
+                _reload_dispatch_env()
+
+        def delenv(self, name, raising=True):
+            super().delenv(name, raising)
+            if name in _DISPATCH_ENV:
+                _reload_dispatch_env()
+
+    mp = DispatchAwareMonkeyPatch()
+    yield mp
+    mp.undo()
+    _reload_dispatch_env()
+
+
 @pytest.fixture
 def triton_path(monkeypatch):
     """Force the Triton path for CPU tensors (through the interpreter)."""
