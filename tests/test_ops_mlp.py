@@ -129,12 +129,28 @@ def test_opcheck(triton_path):
                           (pre.detach(), torch.randn(19, 37, generator=g)))
 
 
-def test_gelu_at_least_as_accurate_as_torch(triton_path):
-    """The kernels' GELU (Phi through erfc = exp(-x^2) R(t), not libdevice's erf) against float64:
-    values and derivative at least as accurate as torch's own fp32 GELU, on a dense grid and
-    random values; and for every bf16 input from -3 up its fp32 value rounds to the bf16 torch's
-    does (below -3 torch's 1 + erf cancels, and the two differ by a bf16 ulp in places). Both
-    rounded with torch's round-to-nearest: the interpreter's own bf16 stores truncate."""
+def _bf16_rounds_correctly(ours_fp32: torch.Tensor, exact: torch.Tensor, rel_tol: float) -> torch.Tensor:
+    """Per element: the bf16 rounding of ``ours_fp32`` is the correctly rounded bf16 of the float64
+    ``exact``, or its neighbour where ``exact`` lies within ``rel_tol * |exact|`` (the fp32 error
+    bound) of the midpoint between the two, where no fp32 result could tell them apart."""
+    ours_b = ours_fp32.to(torch.bfloat16).double()
+    want_b = exact.float().to(torch.bfloat16).double()
+    want = want_b.to(torch.bfloat16)
+    up = torch.nextafter(want, torch.full_like(want, float("inf"))).double()
+    down = torch.nextafter(want, torch.full_like(want, float("-inf"))).double()
+    neighbour = (ours_b == up) | (ours_b == down)
+    near_mid = (exact - (ours_b + want_b) / 2).abs() <= rel_tol * exact.abs()
+    return (ours_b == want_b) | (neighbour & near_mid)
+
+
+def test_gelu_error_against_float64(triton_path):
+    """The kernels' GELU (Phi through erfc = exp(-x^2) R(t), not libdevice's erf) against float64
+    with fixed bounds: fp32 values and derivative within 5e-7 on a dense grid and random values
+    (measured 3.7e-7 and 2.0e-7; about half an fp32 ulp of gelu(12)); and every bf16 input rounds
+    to the correctly rounded bf16 of the exact value, except within the fp32 error of a rounding
+    midpoint (bf16 rounded with torch's round-to-nearest: the interpreter's own bf16 stores
+    truncate). No comparison with torch's GELU: its CPU error depends on the instruction set
+    its kernels were dispatched to."""
     from tec_fast.kernels.mlp import _mlp_gelu_bwd, _mlp_gelu_fwd
     g = torch.Generator().manual_seed(5)
     z = torch.cat([torch.linspace(-12, 12, 60001), torch.randn(20000, generator=g) * 3])
@@ -142,26 +158,23 @@ def test_gelu_at_least_as_accurate_as_torch(triton_path):
     two_phi = torch.special.erfc(-zd / 2 ** 0.5)
     exact = 0.5 * zd * two_phi
     d_exact = 0.5 * two_phi + zd * torch.exp(-0.5 * zd * zd) / (2 * torch.pi) ** 0.5
-    zt = z.clone().requires_grad_()
-    torch.nn.functional.gelu(zt).sum().backward()
     ours = _mlp_gelu_fwd(z[None])[0].double()
     h, d_ours, _ = _mlp_gelu_bwd(z[None], torch.ones(1, z.numel()))
-    err, torch_err = (ours - exact).abs().max(), (torch.nn.functional.gelu(z).double() - exact).abs().max()
-    d_err, d_torch_err = (d_ours[0].double() - d_exact).abs().max(), (zt.grad.double() - d_exact).abs().max()
-    assert err <= torch_err and err < 5e-7, (err, torch_err)
-    assert d_err <= d_torch_err and d_err < 5e-7, (d_err, d_torch_err)
+    err, d_err = (ours - exact).abs().max(), (d_ours[0].double() - d_exact).abs().max()
+    assert err < 5e-7 and d_err < 5e-7, (err, d_err)
     assert torch.equal(h[0], _mlp_gelu_fwd(z[None])[0])  # backward recomputes the forward's h bitwise
 
     every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
-    zb = every[torch.isfinite(every) & (every >= -3) & (every.abs() < 1e18)  # z * z stays finite
+    zb = every[torch.isfinite(every) & (every > -12) & (every.abs() < 1e18)  # z * z stays finite
                & ((every.abs() > 1e-30) | (every == 0))]
-    ours_b = _mlp_gelu_fwd(zb[None])[0].to(torch.bfloat16)
-    assert torch.equal(ours_b, torch.nn.functional.gelu(zb).to(torch.bfloat16))
-    tail = every[(every < -3) & (every > -12)]  # where they differ, this form is the closer one
-    exact_t = 0.5 * tail.double() * torch.special.erfc(-tail.double() / 2 ** 0.5)
-    ours_t = _mlp_gelu_fwd(tail[None])[0].to(torch.bfloat16).double()
-    torch_t = torch.nn.functional.gelu(tail).to(torch.bfloat16).double()
-    assert ((ours_t - exact_t).abs() <= (torch_t - exact_t).abs()).all()
+    ours_b = _mlp_gelu_fwd(zb[None])[0]
+    exact_b = 0.5 * zb.double() * torch.special.erfc(-zb.double() / 2 ** 0.5)
+    # fp32 relative error: <= 32 ulps from -3 up (measured 23), <= 0.6% in the far tail where
+    # exp(-z^2 / 2) nears fp32's smallest normals (measured 0.49% at z = -11.9).
+    head = zb >= -3
+    assert _bf16_rounds_correctly(ours_b[head], exact_b[head], 2.0 ** -18).all()
+    assert _bf16_rounds_correctly(ours_b[~head], exact_b[~head], 6e-3).all()
+    assert ours_b[zb == 0].eq(0).all()
 
 
 def test_backward_op_values(triton_path):

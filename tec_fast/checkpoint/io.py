@@ -203,8 +203,30 @@ class _DiskWriter:
             raise
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (``os.umask`` sets
+    as it reads, which another thread could see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _open_temp(folder: str):
+    """A temporary file beside the target. ``mkstemp`` creates it 0600; it gets the mode the
+    umask gives any file the user creates (0644 under umask 022), so a teammate on a shared
+    cluster can read the checkpoint the rename publishes."""
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:  # a file system without modes (some network mounts): keep mkstemp's
+        pass
     return tmp, os.fdopen(fd, "wb")
 
 

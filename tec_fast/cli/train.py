@@ -195,15 +195,25 @@ def _main(argv) -> int:
 
 
 def train(args) -> int:
+    from tec_fast.training import setup_distributed
+    from tec_fast.training.run_lock import hold_output_lock
+
+    d = setup_distributed(args.device)
+    output = args.output or os.path.join("runs", args.objective)
+    if not d.is_main or args.bench_loader:  # rank 0 alone writes into the folder
+        return _train(args, d, output)
+    with hold_output_lock(output):
+        return _train(args, d, output)
+
+
+def _train(args, d, output: str) -> int:
     from tec_fast.data.folder import ImageFolderDataset
-    from tec_fast.training import NonFiniteTraining, TrainingInterrupted, fit, setup_distributed
+    from tec_fast.training import NonFiniteTraining, TrainingInterrupted, fit
     from tec_fast.training.builders import OBJECTIVE_BUILDERS, native_batching, native_plan
     from tec_fast.checkpoint import clean_stale_temp_files, save_atomic
 
-    d = setup_distributed(args.device)
     say = print if d.is_main else (lambda *a, **k: None)
-    output = args.output or os.path.join("runs", args.objective)
-    removed = clean_stale_temp_files(output) if d.is_main else []
+    removed = clean_stale_temp_files(output) if d.is_main and not args.bench_loader else []
     if removed:
         say(f"removed {len(removed)} temporary file(s) left by an interrupted save in {output}: "
             f"{', '.join(os.path.basename(f) for f in removed)}")

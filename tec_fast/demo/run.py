@@ -43,6 +43,7 @@ from tec_fast.presets import vit_preset
 from tec_fast.training import FitConfig, fit, masking_noise
 from tec_fast.training.monitor import format_duration, table, write_status_line
 from tec_fast.training.objectives import IndexedDataset, MAEObjective, TargetCache, TECObjective
+from tec_fast.training.run_lock import hold_output_lock
 
 ROWS = {
     "pixels": "raw normalised pixels, no model",
@@ -252,9 +253,13 @@ def _base(plan: DemoPlan, out: str, progress: bool, train_ds, test_ds, folder=No
 
 
 def run_demo(args) -> int:
-    plan, seed, progress = plan_for(args), args.seed, not args.no_progress
     out = args.output or os.path.join("runs", "demo")
-    os.makedirs(out, exist_ok=True)
+    with hold_output_lock(out):
+        return _run_demo(args, out)
+
+
+def _run_demo(args, out: str) -> int:
+    plan, seed, progress = plan_for(args), args.seed, not args.no_progress
     t_all = time.perf_counter()
     print(f"TEC demo ({plan.mode}, seed {seed}): an existing MAE base -> TEC vs. MAE continued for the "
           f"same FLOPs -> k-NN / linear probe. Output: {out}")
@@ -320,7 +325,11 @@ def _report(out: str, plan: DemoPlan, seed: int, results: dict, stages: dict, ma
 def make_demo_base(args) -> int:
     """``--demo-make-base``: train the demo base by ``BASE_RECIPE`` and write it to ``--output``."""
     out = args.output or os.path.join("runs", "demo_base")
-    os.makedirs(out, exist_ok=True)
+    with hold_output_lock(out):
+        return _make_demo_base(args, out)
+
+
+def _make_demo_base(args, out: str) -> int:
     r = BASE_RECIPE
     print(f"demo base: MAE on the demo data, {r.steps} steps, batch {r.batch_size}, lr {r.lr}, seed {r.seed}. "
           f"Output: {out}")
