@@ -1,7 +1,7 @@
 """Packed vs padded encoder at variable mask ratios (issue 5), in the same process.
 
 Each image draws its mask ratio from [lo, hi]. *Packed*: the CLS token and the kept patches of all
-images in one sequence, block-diagonal attention (``TECModel.forward_encoder_packed``), no
+images in one sequence, block-diagonal attention (``TECModel.encode`` on a packed ``TokenLayout``), no
 padding. *Padded*: what a dense batched encoder must do without packing — every image padded to
 the batch's largest visible count (the dense path at that count; padding tokens cost what real
 ones do). Both: encoder + encoder adapter, forward and backward.
@@ -24,6 +24,8 @@ from benchmarks.common import DTYPES, append_results, format_table, time_callabl
 from tec_fast import TECModel  # noqa: E402
 from tec_fast.ops.attention import packed_attention_backend  # noqa: E402
 from tec_fast.masking import variable_masking  # noqa: E402
+from tec_fast.models.layout import TokenLayout  # noqa: E402
+from tec_fast.models.masking import Masking  # noqa: E402
 
 
 def main(argv=None):
@@ -59,12 +61,14 @@ def main(argv=None):
 
     def padded():
         with torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32"):
-            out = model.encoder_adaptor(model.forward_encoder(images, ids_keep))
+            layout = TokenLayout([(enc.grid_size, enc.grid_size)] * B, device) \
+                .with_masking(Masking(ids_keep, None, None))  # the encoder reads only ids_keep
+            out = model.encoder_adaptor(model.encode(layout, images))
         out.float().sum().backward()
 
     def packed():
         with torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32"):
-            feats, _ = model.forward_encoder_packed(images, keep)
+            feats = model.encode(model.layout_for(B, keep=keep, device=device), images)  # [D, T, C]
             out = model.encoder_adaptor(feats.unsqueeze(1))
         out.float().sum().backward()
 

@@ -214,7 +214,7 @@ def test_safetensors_io(tmp_path):
 # ------------------------------------------------------------------------- live comparison
 def _tokens(base, x):
     """The last block's output, all tokens, before the final norm."""
-    x = base._embed(x)
+    x = base.embed(x)
     for blk in base.blocks:
         x = blk(x)
     return x

@@ -100,7 +100,7 @@ def test_base_features_are_mean_of_last_blocks_before_norm():
     base = BaseModel(vit, last_layers=2, topk=None)
     x = torch.randn(2, 3, 16, 16)
     outs = []
-    h = base._embed(x)
+    h = base.embed(x)
     for blk in base.blocks:
         h = blk(h)
         outs.append(h[:, 1:])

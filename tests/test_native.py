@@ -63,21 +63,40 @@ def test_square_images_match_the_dense_path(relation):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
-def test_learned_base_pos_embed_is_resampled_bicubically():
+def test_base_pos_embed_is_resampled_as_timm_does():
     base, _ = _models()
     with torch.no_grad():
         base.pos_embed.normal_(std=0.02)  # a learned table (iBOT / DINO)
     batch = NativeBatch(_images(MIXED), 4)
     pos = base_pos_embed(base, batch)  # token layout
     table = base.pos_embed[0, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
-    want = torch.nn.functional.interpolate(table, size=(2, 6), mode="bicubic", align_corners=False)
-    s = batch.cu_tokens[1].item()  # image 1 starts here
+    resize = lambda aa: torch.nn.functional.interpolate(  # noqa: E731
+        table, size=(2, 6), mode="bicubic", align_corners=False, antialias=aa)[0].flatten(1).t()
+    s = batch.cu_tokens[1].item()  # image 1 (grid 2x6) starts here
     torch.testing.assert_close(pos[s], base.pos_embed[0, 0])
-    torch.testing.assert_close(pos[s + 1:s + 13], want[0].flatten(1).t())
+    torch.testing.assert_close(pos[s + 1:s + 13], resize(True), atol=1e-7, rtol=0)
+    assert (resize(True) - resize(False)).abs().max() > 1e-3  # rows shrink: antialias matters here
     torch.testing.assert_close(pos[:17], base.pos_embed[0])  # the stored grid: the stored table
-    base2, _ = _models()  # sin-cos base (MAE): sin-cos for the image's grid
-    pos2 = base_pos_embed(base2, batch)
-    torch.testing.assert_close(pos2[s:s + 13], sincos_pos_embed(24, 2, 6))
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_dense_and_native_give_the_same_base_positions_and_targets(learned):
+    """One resampler: a base run natively on a 3x3 or 5x5 grid sees the table a base loaded from
+    the same weights at that image size holds (sin-cos MAE tables are resampled too), and gives
+    the same targets."""
+    base, _ = _models(3)
+    if learned:
+        with torch.no_grad():
+            base.pos_embed.normal_(std=0.02)
+    for grid in (3, 5):
+        dense = BaseModel(ViTConfig(4 * grid, 4, 24, 2, 3), topk=3)
+        dense.load_checkpoint(base.state_dict())
+        img = _images([(4 * grid, 4 * grid)], seed=grid)[0]
+        batch = NativeBatch([img], 4)
+        torch.testing.assert_close(base.pos_table(batch.layout), dense.pos_embed[0], atol=0, rtol=0)
+        native_t, dense_t = native_base_targets(base, batch), dense(img[None])
+        torch.testing.assert_close(native_t.features[0], dense_t.features[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(native_t.relation[0], dense_t.relation[0], rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_sizes_do_not_leak_between_images():

@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 
 from tec_fast import ops
+from tec_fast.checkpoint.resample import resample_pos_embed
 from tec_fast.config import ViTConfig
 from tec_fast.models.layers import Block, PatchEmbed, check_images, init_vit_weights, run_blocks, sincos_pos_embed
+from tec_fast.models.layout import TokenLayout
 
 
 class BaseTargets(NamedTuple):
@@ -94,13 +96,21 @@ class BaseModel(nn.Module):
         from tec_fast.checkpoint import load_base_checkpoint
         return load_base_checkpoint(self, path_or_state, trust=trust)
 
-    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixels: torch.Tensor, layout: Optional[TokenLayout] = None) -> torch.Tensor:
+        """The tokens the blocks read: patch embedding, CLS (and register) tokens, position
+        embedding, ``norm_pre``; the one embedding of the base, batched and packed.
+
+        Without ``layout``: images [B, 3, S, S] on the model's grid -> [B, P + L, C], tokens
+        ordered [CLS, registers, patches] (P = ``config.num_prefix_tokens``). With a
+        ``TokenLayout`` (native resolution, one CLS token per image): flattened patches
+        [sum L_b, 3*p*p] -> the layout's tokens, each image with the table of its own grid
+        (``pos_table``)."""
         cfg = self.config
-        check_images(images, cfg.in_chans, cfg.img_size)
-        w = self.patch_embed.proj.weight
-        if not torch.is_autocast_enabled(images.device.type):
-            images = images.to(w.dtype)  # a base model cast to bf16 takes fp32 images
-        x = self.patch_embed(images)  # [B, L, C]
+        if layout is not None:
+            x = self.patch_embed(pixels)  # [sum L_b, C]
+            return self.norm_pre(layout.encoder_input(x, self.cls_token, self.pos_table(layout)))
+        check_images(pixels, cfg.in_chans, cfg.img_size)
+        x = self.patch_embed(pixels)  # [B, L, C]
         prefix = [t.expand(x.shape[0], -1, -1).to(x.dtype)
                   for t in (getattr(self, "cls_token", None), getattr(self, "reg_token", None)) if t is not None]
         pos = self.pos_embed.to(x.dtype)
@@ -108,7 +118,19 @@ class BaseModel(nn.Module):
             x = torch.cat(prefix + [x + pos], dim=1)
         else:
             x = torch.cat(prefix + [x], dim=1) + pos
-        return self.norm_pre(x)  # [B, P + L, C], P = cfg.num_prefix_tokens
+        return self.norm_pre(x)  # [B, P + L, C]
+
+    def pos_table(self, layout: TokenLayout) -> torch.Tensor:
+        """The position embedding of every image of ``layout`` (``TokenLayout.pos_table``'s form,
+        fp32): the stored table on the model's grid, on any other grid the stored table
+        resampled by ``checkpoint.resample_pos_embed`` - the table a base loaded from the same
+        checkpoint at that grid holds, so dense and native runs see the same positions. A table
+        over the patches only (``no_embed_class``) gets a zero CLS row (no position for CLS)."""
+        stored, g = self.pos_embed.detach(), self.config.grid_size
+        if self.config.no_embed_class:
+            stored = torch.cat([stored.new_zeros(1, 1, stored.shape[-1]), stored], dim=1)
+        return layout.pos_table(stored.shape[-1], stored, (g, g),
+                                lambda h, w: resample_pos_embed(stored, (h, w), (g, g), num_prefix=1)[0])
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
@@ -122,7 +144,7 @@ class BaseModel(nn.Module):
             raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
         if pool == "cls" and not self.config.class_token:
             raise ValueError("pool='cls' needs a CLS token; this base has none (use pool='mean')")
-        h, m, _, _ = run_blocks(self.blocks, self._embed(images))
+        h, m, _, _ = run_blocks(self.blocks, self.embed(images))
         x = self.norm(h + m)
         P = self.config.num_prefix_tokens
         return x[:, P:].mean(dim=1) if pool == "mean" else x[:, 0]
@@ -146,7 +168,7 @@ class BaseModel(nn.Module):
     def forward(self, images: torch.Tensor) -> BaseTargets:
         cfg = self.config
         P = cfg.num_prefix_tokens
-        features, qk = self.last_layers_mean(self._embed(images), lambda t: t[:, P:])  # [B, L, Cb]
+        features, qk = self.last_layers_mean(self.embed(images), lambda t: t[:, P:])  # [B, L, Cb]
         if qk is None:
             return BaseTargets(features, None, None)
         q, k = qk  # [B, H, P + L, d]

@@ -44,7 +44,10 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Stride-p convolution, [B, 3, S, S] -> [B, L, C] (patches row-major). ``bias=False``: CLIP."""
+    """Stride-p convolution, images [B, 3, S, S] -> [B, L, C] (patches row-major), or the same
+    conv as a matmul on flattened patches [T, 3*p*p] (conv-weight order (c, y, x), native
+    resolution) -> [T, C]. ``bias=False``: CLIP. Outside autocast the pixels are cast to the
+    weight's dtype (a model cast to bf16 takes fp32 pixels)."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
         super().__init__()
@@ -52,7 +55,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.patch_embed(x, self.proj.weight, self.proj.bias)
+        w, b = self.proj.weight, self.proj.bias
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(w.dtype)
+        if x.dim() == 4:
+            return ops.patch_embed(x, w, b)
+        return F.linear(x, w.reshape(w.shape[0], -1), b)
 
 
 class Mlp(nn.Module):
@@ -94,11 +102,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, return_qk: bool = False,
-                cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0):
+                cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0, lengths=None):
         if cu_seqlens is not None:  # packed: x [T, C], images delimited by cu_seqlens
             T, C = x.shape
             q, k, v = self.qkv(x).reshape(T, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, d]
-            out = self.proj(packed_attention(q, k, v, cu_seqlens, max_len).reshape(T, C))
+            out = self.proj(packed_attention(q, k, v, cu_seqlens, max_len, lengths=lengths).reshape(T, C))
             return (out, (q, k)) if return_qk else out
         B, N, C = x.shape
         q, k, v = ops.qkv_heads(x, self.qkv.weight, self.qkv.bias, self.num_heads)  # each [B, H, N, d]
@@ -136,7 +144,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor, return_qk: bool = False,
-                cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0, *,
+                cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0, lengths=None, *,
                 pending: Optional[torch.Tensor] = None, split: bool = False):
         """x [B, N, C], or a packed [T, C] with ``cu_seqlens``, -> the block's output (and q, k
         with ``return_qk``). Each residual add is fused into the LayerNorm after it
@@ -152,7 +160,7 @@ class Block(nn.Module):
             y1 = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
         else:
             y1, x = ops.layer_norm(pending, n1.weight, n1.bias, n1.eps, residual=x)
-        packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens, max_len=max_len)
+        packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens, max_len=max_len, lengths=lengths)
         if return_qk:
             a, qk = self.attn(y1, return_qk=True, **packed)
         else:
@@ -174,7 +182,8 @@ def run_blocks(blocks: Sequence[Block], x: torch.Tensor, outputs: Iterable[int] 
     Returns (h, m, outs, qk): the last block's output is h + m, left to the caller (which can
     fuse it into its own next LayerNorm); ``outs[i]``, block i's output, for each i in
     ``outputs`` below the last block; qk as ``Block.forward(return_qk=True)`` gives it for
-    block ``qk_block``. ``attention``: ``cu_seqlens`` / ``max_len`` of a packed sequence."""
+    block ``qk_block``. ``attention``: ``cu_seqlens`` / ``max_len`` / ``lengths`` (per image,
+    on the host) of a packed sequence."""
     if len(blocks) == 0:
         raise ValueError("run_blocks: blocks is empty (the output h + m needs at least one block)")
     outputs = set(outputs)

@@ -10,15 +10,15 @@ mode, on the batch's ``TokenLayout`` (``tec_fast.models.layout``). For B images,
 - token layout [B + T_p]: image b is CLS then its L_b patches (cu_seqlens over 1 + L_b).
 A batch whose images share one grid is batched [B, 1 + L] instead (no packing needed).
 
-Every position embedding is computed for the image's own grid (docs/tec.md §2 sin-cos, MAE layout:
+The new model's position embedding is computed for each image's own grid (docs/tec.md §2 sin-cos, MAE layout:
 first half of the channels encodes the column, last half the row; ``sincos_pos_embed(C, h, w)``
 lays tokens out row-major with h rows and w columns). An image on the model's own square grid
 takes the stored table itself, so the native path reproduces the dense one exactly there.
 
-The base model's position embedding on another grid (``base_pos_embed``): a stored table that
-equals the sin-cos one (MAE, TEC-released) is recomputed as sin-cos for the new grid; a learned
-table (iBOT, DINO) is resampled bicubically (align_corners=False, no antialias: what DINO's
-``interpolate_pos_encoding`` does), the CLS row kept as stored.
+The base model's position embedding on another grid (``base_pos_embed``, ``BaseModel.pos_table``):
+its stored table (learned, or MAE's sin-cos) resampled as timm does (``checkpoint.resample``:
+bicubic with antialias, CLS row kept as stored), so a base gives the same positions at a grid
+whether it runs natively there or was loaded at that image size for a dense run.
 
 API: ``resize_to_budget``, ``budget_grid``, ``NativeBatch``, ``native_base_targets`` ->
 ``NativeTargets``, ``native_tec_loss``, ``collate_native``, and for a DataLoader
@@ -31,14 +31,12 @@ from __future__ import annotations
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from tec_fast.models.base import BaseModel
-from tec_fast.models.layout import TokenLayout, sincos_table
 from tec_fast.models.masking import ragged_keep, visible_counts
 from tec_fast.models.native_batch import (NativeBatch, NativeBatchSampler, NativeCollate, budget_grid,
                                           check_batch, collate_native, resize_to_budget)
-from tec_fast.models.tec import TECModel, embed_patches
+from tec_fast.models.tec import TECModel
 
 __all__ = ["budget_grid", "resize_to_budget", "NativeBatch", "NativeTargets", "base_pos_embed",
            "native_base_targets", "native_tec_loss", "collate_native", "NativeCollate", "NativeBatchSampler",
@@ -54,38 +52,6 @@ class NativeTargets(NamedTuple):
     topk_idx: Optional[List[torch.Tensor]]  # per image [k] int64, most attended first
 
 
-def _stored_is_sincos(stored: torch.Tensor, grid: int) -> bool:
-    ref = sincos_table(stored.shape[-1], grid, grid)[1:].to(stored.device) \
-        if stored.shape[-1] % 4 == 0 else None
-    return ref is not None and torch.allclose(stored[0, 1:].float(), ref, atol=1e-4, rtol=0)
-
-
-def _stored_with_cls_row(base: BaseModel) -> torch.Tensor:
-    """The base's stored table as [1, 1 + L, Cb]: a table over the patches only
-    (``no_embed_class``) gets a zero CLS row, which adds no position to the CLS token."""
-    stored = base.pos_embed.detach()
-    if base.config.no_embed_class:
-        stored = torch.cat([stored.new_zeros(1, 1, stored.shape[-1]), stored], dim=1)
-    return stored
-
-
-def _base_pos_table(base: BaseModel, layout: TokenLayout) -> torch.Tensor:
-    """The base's position embedding for the layout's grids (``TokenLayout.pos_table`` form)."""
-    stored, g = _stored_with_cls_row(base), base.config.grid_size
-    if _stored_is_sincos(stored, g):
-        cls_row = stored[0, :1].float()
-
-        def resample(h, w):
-            return torch.cat([cls_row, sincos_table(stored.shape[-1], h, w)[1:].to(stored.device)])
-    else:
-        grid_table = stored[0, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
-
-        def resample(h, w):
-            t = F.interpolate(grid_table, size=(h, w), mode="bicubic", align_corners=False)
-            return torch.cat([stored[0, :1].float(), t[0].flatten(1).t()])
-    return layout.pos_table(stored.shape[-1], stored, (g, g), resample)
-
-
 def _check_base(base: BaseModel) -> None:
     cfg = base.config
     if not cfg.class_token or cfg.reg_tokens:
@@ -94,10 +60,9 @@ def _check_base(base: BaseModel) -> None:
 
 
 def base_pos_embed(base: BaseModel, batch: NativeBatch) -> torch.Tensor:
-    """The base model's position embedding for every image's own grid, token layout [B + T_p, Cb].
-    Stored grid: the stored table. Other grids: sin-cos when the stored table is sin-cos (MAE),
-    else bicubic resampling of the stored (learned) patch table, CLS row as stored (DINO/timm)."""
-    table = _base_pos_table(base, batch.layout)
+    """The base model's position embedding for every image's own grid, token layout [B + T_p, Cb]
+    (``BaseModel.pos_table``: the stored table on its grid, resampled as timm does on others)."""
+    table = base.pos_table(batch.layout)
     return table.repeat(len(batch), 1) if batch.layout.uniform else table
 
 
@@ -114,8 +79,7 @@ def native_base_targets(base: BaseModel, batch: NativeBatch) -> NativeTargets:
         b = min(range(len(batch)), key=lambda i: batch.lengths[i])
         raise ValueError(f"native_base_targets: image {b} has {batch.lengths[b]} patches, fewer than "
                          f"the base model's topk={base.topk}")
-    x = embed_patches(base.patch_embed, batch.patches)  # [T_p, Cb]
-    x = base.norm_pre(layout.encoder_input(x, base.cls_token, _base_pos_table(base, layout)))
+    x = base.embed(batch.patches, layout)  # [B + T_p, Cb] (uniform: [B, 1 + L, Cb])
     feats, qk = base.last_layers_mean(x, layout.patch_rows, **layout.encoder_attention())
     features = layout.per_image(feats)  # per image [L_b, Cb]
     if base.topk is None:

@@ -7,15 +7,13 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-import torch.nn.functional as F
-
 from tec_fast import ops
 from tec_fast.models.base import BaseTargets
 from tec_fast.config import TECConfig
 from tec_fast.models.layers import (LN_EPS, Block, Mlp, PatchEmbed, check_images, init_vit_weights, run_blocks,
                                     sincos_pos_embed)
 from tec_fast.models.layout import TokenLayout
-from tec_fast.models.masking import Masking, random_masking, variable_masking
+from tec_fast.models.masking import random_masking, variable_masking
 from tec_fast.models.adapter import EncoderAdapter
 
 
@@ -96,27 +94,11 @@ class TECModel(nn.Module):
         keep, _ = variable_masking(batch, L, mask_ratio, noise=noise, device=device)
         return layout.with_keep(keep)
 
-    def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Visible tokens ``ids_keep`` [B, K] through the encoder: every block's output stacked,
-        [D, B, 1+K, C] (the last one through the final LayerNorm), the encoder adapter's input."""
-        g = self.config.encoder.grid_size
-        layout = TokenLayout([(g, g)] * images.shape[0], images.device) \
-            .with_masking(Masking(ids_keep, None, None))  # the encoder reads only ids_keep
-        return self.encode(layout, images)
-
-    def forward_encoder_packed(self, images: torch.Tensor, keep: torch.Tensor):
-        """Variable visible counts ``keep`` [B, L] bool: the CLS token and the kept patches of
-        every image packed into one sequence, block-diagonal attention, no padding. Returns the
-        stacked block outputs [D, T, C] and ``index`` [T] (each packed token's flat position
-        b*N + j in the [B, N] grid)."""
-        layout = self.layout_for(images.shape[0], keep=keep, device=images.device)
-        return self.encode(layout, images), layout.enc_index
-
     def encode(self, layout: TokenLayout, pixels: torch.Tensor) -> torch.Tensor:
         """The visible tokens of ``layout`` through the encoder: every block's output stacked,
         [D, B, 1+K, C] (dense) or [D, T_e, C] (packed), the last one after the final LayerNorm.
         ``pixels``: images [B, 3, S, S] or flattened patches [sum L_b, 3*p*p]."""
-        x = embed_patches(self.patch_embed, pixels)  # [B, L, C] or [sum L_b, C]
+        x = self.patch_embed(pixels)  # [B, L, C] or [sum L_b, C]
         x = layout.encoder_input(x, self.cls_embedding(), self.pos_table(layout, self.pos_embed))
         depth = len(self.blocks)
         h, m, outs, _ = run_blocks(self.blocks, x, outputs=range(depth - 1), **layout.encoder_attention())
@@ -190,14 +172,3 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor, residual: Optional[torch.Tensor] 
     if residual is None:
         return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
     return ops.layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual)[0]
-
-
-def embed_patches(patch_embed: PatchEmbed, pixels: torch.Tensor) -> torch.Tensor:
-    """Patch embedding of images [B, C, S, S] -> [B, L, D] (the stride-p conv), or of flattened
-    patches [T, C*p*p] (conv-weight order (c, y, x)) -> [T, D], the same conv as a matmul."""
-    if pixels.dim() == 4:
-        return patch_embed(pixels)
-    w, b = patch_embed.proj.weight, patch_embed.proj.bias
-    if not torch.is_autocast_enabled(pixels.device.type):
-        pixels = pixels.to(w.dtype)
-    return F.linear(pixels, w.reshape(w.shape[0], -1), b)
