@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tec_fast import BaseModel, ViTConfig
+from tec_fast.models.layout import TokenLayout
 from tec_fast.models.mae import MAEModel, patchify
 
 VIT = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -104,10 +105,9 @@ def test_encoder_export_round_trip():
     assert not report.missing and not report.unexpected and not report.ignored
 
     images = torch.randn(4, 3, 16, 16)
-    L = VIT.num_patches
-    ids = torch.arange(L).expand(4, L)  # every patch, original order
-    with torch.no_grad():
-        tokens = model.forward_encoder(images, ids)  # [B, 1+L, C], after the final norm
+    g = VIT.grid_size
+    with torch.no_grad():  # a layout with nothing masked: every patch, original order
+        tokens = model.encode(TokenLayout([(g, g)] * 4), images)  # [B, 1+L, C], after the final norm
     torch.testing.assert_close(base.encode(images, pool="mean"), tokens[:, 1:].mean(1))
     torch.testing.assert_close(base.encode(images, pool="cls"), tokens[:, 0])
 

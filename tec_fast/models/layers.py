@@ -197,6 +197,16 @@ def run_blocks(blocks: Sequence[Block], x: torch.Tensor, outputs: Iterable[int] 
     return x, pending, outs, qk
 
 
+def apply_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``norm(x)``, or ``norm(residual + x)``, through ``ops.layer_norm`` as in the blocks (the
+    residual add fused in): the output keeps x's dtype, where ``nn.LayerNorm`` under autocast
+    would write fp32 that the next Linear casts back down. The final norms of the TEC and MAE
+    models; ``run_blocks``' (h, m) go in as ``apply_norm(norm, m, residual=h)``."""
+    if residual is None:
+        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    return ops.layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual)[0]
+
+
 def init_vit_weights(module: nn.Module) -> None:
     """MAE's initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
     for m in module.modules():

@@ -15,10 +15,10 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from tec_fast import ops
 from tec_fast.config import ViTConfig
-from tec_fast.models.layers import (LN_EPS, Block, PatchEmbed, check_images, init_vit_weights, run_blocks,
-                                    sincos_pos_embed)
+from tec_fast.models.layers import (LN_EPS, Block, PatchEmbed, apply_norm, check_images, init_vit_weights,
+                                    run_blocks, sincos_pos_embed)
+from tec_fast.models.layout import TokenLayout
 from tec_fast.models.masking import random_masking
 
 
@@ -36,6 +36,8 @@ class MAEModel(nn.Module):
 
     Defaults are MAE's ViT-B recipe decoder (512 wide, 8 blocks, 16 heads) and ``norm_pix_loss``
     (each target patch normalised by its own pixel mean and unbiased variance, eps 1e-6).
+    Encoder and decoder run the path ``TECModel`` runs: a dense ``TokenLayout`` gathers and
+    scatters the tokens, ``run_blocks`` runs the blocks, ``apply_norm`` the final norms.
     """
 
     def __init__(self, vit: ViTConfig, decoder_dim: int = 512, decoder_depth: int = 8,
@@ -55,6 +57,7 @@ class MAEModel(nn.Module):
                 raise ValueError(f"MAEModel: {name} ({dim}) must be divisible by 4 for the 2-D "
                                  f"sin-cos position embedding")
         self.config = vit
+        self._grid = (vit.grid_size, vit.grid_size)
         self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_dim, decoder_depth, decoder_heads
         self.norm_pix_loss = bool(norm_pix_loss)
         C, Cd, p = vit.embed_dim, decoder_dim, vit.patch_size
@@ -83,23 +86,22 @@ class MAEModel(nn.Module):
                 "decoder_depth": self.decoder_depth, "decoder_heads": self.decoder_heads,
                 "norm_pix_loss": self.norm_pix_loss}
 
-    def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Visible patches (in keep order) behind the CLS token, through the encoder and its
-        final LayerNorm. [B, 1+K, C]"""
+    def encode(self, layout: TokenLayout, images: torch.Tensor) -> torch.Tensor:
+        """The visible tokens of ``layout`` (CLS first) through the encoder and its final
+        LayerNorm, the path ``TECModel.encode`` takes: [B, 1+K, C] (dense layout)."""
         x = self.patch_embed(images)  # [B, L, C]
-        pos = self.pos_embed[0].to(x.dtype)
-        x = ops.masked_gather(x, ids_keep, pos[1:])  # [B, K, C]
-        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
-        h, m, _, _ = run_blocks(self.blocks, torch.cat([cls, x], dim=1))
-        return self.norm(h + m)
+        x = layout.encoder_input(x, self.cls_token, layout.pos_table(x.shape[-1], self.pos_embed, self._grid))
+        h, m, _, _ = run_blocks(self.blocks, x, **layout.encoder_attention())
+        return apply_norm(self.norm, m, residual=h)  # norm(h + m)
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Mask tokens in, original order restored, decoder blocks; pixel predictions [B, L, p*p*c]."""
+    def decode(self, layout: TokenLayout, latent: torch.Tensor) -> torch.Tensor:
+        """Mask tokens in, original order restored, decoder blocks; pixel predictions of every
+        patch, [B, L, p*p*c]."""
         y = self.decoder_embed(latent)  # [B, 1+K, Cd]
-        pos = self.decoder_pos_embed[0].to(y.dtype)
-        patches = ops.scatter_masked(y[:, 1:], ids_restore, self.mask_token.reshape(-1), pos[1:])
-        h, m, _, _ = run_blocks(self.decoder_blocks, torch.cat([y[:, :1] + pos[:1], patches], dim=1))
-        return self.decoder_pred(self.decoder_norm(h + m))[:, 1:]
+        pos = layout.pos_table(y.shape[-1], self.decoder_pos_embed, self._grid)
+        x = layout.decoder_input(y, self.mask_token, pos)  # [B, 1+L, Cd]
+        h, m, _, _ = run_blocks(self.decoder_blocks, x, **layout.decoder_attention(1))
+        return layout.patch_rows(self.decoder_pred(apply_norm(self.decoder_norm, m, residual=h)))
 
     def patch_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error per patch (over its pixels), averaged over the removed patches
@@ -117,11 +119,11 @@ class MAEModel(nn.Module):
                 noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         vit = self.config
         check_images(images, vit.in_chans, vit.img_size)
-        m = random_masking(images.shape[0], vit.num_patches, mask_ratio, noise=noise,
-                           device=images.device)
-        latent = self.forward_encoder(images, m.ids_keep)
-        pred = self.forward_decoder(latent, m.ids_restore)
-        return {"loss": self.patch_loss(images, pred, m.mask)}
+        B = images.shape[0]
+        layout = TokenLayout([self._grid] * B, images.device).with_masking(
+            random_masking(B, vit.num_patches, mask_ratio, noise=noise, device=images.device))
+        pred = self.decode(layout, self.encode(layout, images))
+        return {"loss": self.patch_loss(images, pred, layout.mask)}
 
     def encoder_state_dict(self) -> Dict[str, torch.Tensor]:
         """The encoder in the MAE release layout (what ``{'model': sd}`` of

@@ -7,11 +7,10 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from tec_fast import ops
 from tec_fast.models.base import BaseTargets
 from tec_fast.config import TECConfig
-from tec_fast.models.layers import (LN_EPS, Block, Mlp, PatchEmbed, check_images, init_vit_weights, run_blocks,
-                                    sincos_pos_embed)
+from tec_fast.models.layers import (LN_EPS, Block, Mlp, PatchEmbed, apply_norm, check_images, init_vit_weights,
+                                    run_blocks, sincos_pos_embed)
 from tec_fast.models.layout import TokenLayout
 from tec_fast.models.masking import random_masking, variable_masking
 from tec_fast.models.adapter import EncoderAdapter
@@ -102,7 +101,7 @@ class TECModel(nn.Module):
         x = layout.encoder_input(x, self.cls_embedding(), self.pos_table(layout, self.pos_embed))
         depth = len(self.blocks)
         h, m, outs, _ = run_blocks(self.blocks, x, outputs=range(depth - 1), **layout.encoder_attention())
-        outs = [outs[i] for i in range(depth - 1)] + [_norm(self.norm, m, residual=h)]  # norm(h + m)
+        outs = [outs[i] for i in range(depth - 1)] + [apply_norm(self.norm, m, residual=h)]  # norm(h + m)
         # One copy into the [D, B, T, C] layout the adapter's fused LayerNorm reads. Writing the
         # blocks' outputs straight into a preallocated buffer would need a custom autograd
         # function: in-place writes bump the version of tensors the next block saved.
@@ -149,11 +148,11 @@ class TECModel(nn.Module):
         streams = layout.split_streams(h + m)
 
         fea = self.forward_fea_decoder
-        pred = layout.patch_rows(fea.decoder_pred(_norm(fea.decoder_norm, streams[0])))  # [B, L, Cb] / [T_p, Cb]
+        pred = layout.patch_rows(fea.decoder_pred(apply_norm(fea.decoder_norm, streams[0])))  # [B, L, Cb] / [T_p, Cb]
         qk = None
         if cfg.relation:
             att = self.forward_att_decoder
-            qk = att.decoder_qk(_norm(att.decoder_norm, streams[1]))  # [B, N, 2*Cb] / [T_d, 2*Cb]
+            qk = att.decoder_qk(apply_norm(att.decoder_norm, streams[1]))  # [B, N, 2*Cb] / [T_d, 2*Cb]
         with torch.autocast(pred.device.type, enabled=False):  # the loss ops compute in fp32
             loss_f = layout.feature_loss(pred, features)
             if qk is None:
@@ -163,12 +162,3 @@ class TECModel(nn.Module):
                                               cfg.pred_dim ** -0.5)
         loss = cfg.feature_weight * loss_f + cfg.relation_weight * loss_r
         return {"loss": loss, "feature": loss_f, "relation": loss_r}
-
-
-def _norm(norm: nn.LayerNorm, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``norm(x)``, or ``norm(residual + x)``, through ``ops.layer_norm`` as in the blocks: the
-    output keeps x's dtype, where ``nn.LayerNorm`` under autocast would write fp32 that the next
-    Linear casts back down."""
-    if residual is None:
-        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
-    return ops.layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual)[0]
