@@ -19,7 +19,7 @@ import sys
 import torch
 
 from tec_fast.cli.errors import run_command
-from tec_fast.cli.flags import (NON_NEGATIVE, POSITIVE, SEED, Parser, device, existing_dir, mask_ratio,
+from tec_fast.cli.flags import (NON_NEGATIVE, POSITIVE, SEED, Parser, data_source, device, existing_dir, mask_ratio,
                                 output_dir, real)
 from tec_fast.cli.train_checks import check_train_flags
 from tec_fast.presets import BASE_RECIPES, MODEL_PRESETS
@@ -31,8 +31,11 @@ EXIT_NONFINITE = 3
 # ------------------------------------------------------------------------------------ flags
 def _data_flags(p: Parser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="PATH", type=existing_dir, help="image folder: PATH/train/<class>/*.jpg, "
-                   "class folders, or a flat folder of images. Without it: the embedded demo")
+    g.add_argument("--data", metavar="PATH", type=data_source,
+                   help="image folder (PATH/train/<class>/*.jpg, class folders, or a flat folder of images), "
+                        "webdataset-style tar shards (a .tar, a folder of them, or a pattern like "
+                        "'shards-{0000..0099}.tar'; python -m tec_fast.make_shards writes them), or a local "
+                        "Hugging Face datasets folder (save_to_disk or Parquet files). Without it: the embedded demo")
     g.add_argument("--img-size", type=POSITIVE, default=224)
     g.add_argument("--strict-data", action="store_true",
                    help="fail on an unreadable image instead of skipping it (with a warning)")
@@ -49,7 +52,16 @@ def _data_flags(p: Parser) -> None:
                    help="native resolution: tokens (CLS included) per micro-batch and process "
                         "(default: --batch-size x (max patches + 1))")
     g.add_argument("--bench-loader", action="store_true",
-                   help="measure the data loader alone (decode + augment, no model), print img/s, exit")
+                   help="measure the data loader alone (decode + augment, no model; with --decode gpu, the GPU "
+                        "decode too): img/s, img/s per worker core, bytes per image, and the workers one GPU "
+                        "needs at --target-img-s; exit")
+    g.add_argument("--target-img-s", type=real(0, lo_open=True), metavar="IMG_S",
+                   help="--bench-loader: the step rate to feed (default: the newest committed step result "
+                        "for this GPU class in benchmarks/results, any GPU's on a CPU machine)")
+    g.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: workers decode and crop, send uint8 (default); gpu: workers send the JPEG "
+                        "files, decoded in batches on the GPU (nvjpeg via torchvision) with the crop and "
+                        "flip there")
 
 
 def _model_flags(p: Parser) -> None:
@@ -207,7 +219,8 @@ def train(args) -> int:
 
 
 def _train(args, d, output: str) -> int:
-    from tec_fast.data.folder import ImageFolderDataset
+    from tec_fast.data.decode import decoder_name
+    from tec_fast.data.sources import open_dataset
     from tec_fast.training import NonFiniteTraining, TrainingInterrupted, fit
     from tec_fast.training.builders import OBJECTIVE_BUILDERS, native_batching, native_plan
     from tec_fast.checkpoint import clean_stale_temp_files, save_atomic
@@ -218,23 +231,28 @@ def _train(args, d, output: str) -> int:
         say(f"removed {len(removed)} temporary file(s) left by an interrupted save in {output}: "
             f"{', '.join(os.path.basename(f) for f in removed)}")
     native = native_plan(args) if args.native_resolution else None
-    dataset = ImageFolderDataset(args.data, args.img_size, train=True, strict=args.strict_data,
+    dataset = open_dataset(args.data, img_size=args.img_size, train=True, strict=args.strict_data,
+                           uint8=native is None,  # normalised on the device (native batches: in the workers)
                                  **({"native_patch": native["patch"], "max_patches": native["max_patches"],
                                      "min_patches": native["min_patches"]} if native else {}))
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if d.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     cfg = fit_config(args, output, precision)
-    say(f"data: {len(dataset)} images under {dataset.root} ({len(dataset.classes)} classes)")
+    say(f"data: {len(dataset)} images, {dataset.kind} {dataset.root} ({len(dataset.classes)} classes; "
+        f"decode: {'gpu' if args.decode == 'gpu' else decoder_name()})")
     batching = native_batching(dataset, native, args.seed) if native else {}
     if native:
         say(f"native resolution: patch {native['patch']}, <= {native['max_patches']} patches per image "
             f"(>= {native['min_patches']}), <= {native['tokens_per_batch']} tokens per batch")
     if args.bench_loader:
-        return bench(dataset, cfg, native, batching, say)
+        return bench(dataset, cfg, native, batching, say, args, d)
 
     torch.manual_seed(args.seed)
     setup = OBJECTIVE_BUILDERS[args.objective](args, dataset, d.device, native)
+    if args.decode == "gpu":
+        from tec_fast.data.gpu_decode import gpu_decode_inputs
+        setup.dataset, setup.collate_fn = gpu_decode_inputs(setup.dataset)
     say(f"model: {args.objective}, {sum(p.numel() for p in setup.model.parameters()) / 1e6:.1f} M trainable parameters")
     try:
         result = fit(setup.model, setup.objective, setup.dataset, cfg, checkpoint_extra=setup.checkpoint_extra,
@@ -271,17 +289,37 @@ def fit_config(args, output: str, precision: str):
                      progress=not args.no_progress)
 
 
-def bench(dataset, cfg, native, batching: dict, say) -> int:
-    """--bench-loader: the data loader alone."""
+def bench(dataset, cfg, native, batching: dict, say, args, d) -> int:
+    """--bench-loader: the data loader alone; a table, and one JSON line in DIR/bench_loader.jsonl."""
+    import json
+
     from tec_fast.training import bench_loader
+    from tec_fast.training.loader_bench import loader_report
+    from tec_fast.training.monitor import table
     from tec_fast.training.objectives import NativeNoiseCollate, NativeNoiseSamples
 
     data = NativeNoiseSamples(dataset, native["patch"]) if native else dataset
     collate = NativeNoiseCollate(native["patch"]) if native else None
-    r = bench_loader(data, cfg, collate_fn=collate, **batching)
-    say(f"loader alone: {r['img_per_s']:.1f} img/s per process ({r['images']} images in "
-        f"{r['seconds']:.1f} s, {r['num_workers']} workers, batch {r['batch_size']}; "
-        f"first batch {r['first_batch_s']:.1f} s)")
+    if args.decode == "gpu":
+        from tec_fast.data.gpu_decode import gpu_decode_inputs
+        data, collate = gpu_decode_inputs(dataset)
+    say(f"measuring the loader for up to 20 s ({cfg.num_workers} workers, batch {cfg.batch_size}) ...")
+    r = loader_report(bench_loader(data, cfg, collate_fn=collate, device=d.device if args.decode == "gpu" else None,
+                                   **batching), args.target_img_s, d.device)
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    say(table(["", ""], [
+        ["images / s (this process)", f"{r['img_per_s']:.1f}"], ["images measured", r["images"]],
+        ["workers", r["num_workers"]], ["batch", r["batch_size"]],
+        ["images / s per worker core", fmt(r["per_worker_img_s"], ".1f")],
+        ["bytes per image sent", f"{r['bytes_per_image']:.0f}"],
+        ["first batch (s)", f"{r['first_batch_s']:.1f}"],
+        ["step rate to feed (img/s)", fmt(r["target_img_s"], ".0f")], ["  from", r["target_source"]],
+        ["workers needed per GPU", fmt(r["workers_needed"], "d")]], title="loader alone", align="ll"))
+    if d.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "bench_loader.jsonl"), "a") as f:
+            f.write(json.dumps({"event": "bench_loader", "data": args.data, "decode": args.decode,
+                                "img_size": args.img_size, **r}) + "\n")
     return 0
 
 

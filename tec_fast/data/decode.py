@@ -84,7 +84,8 @@ class EncodedImage:
     decode to RGB (``decode``). Baseline JPEGs go through libjpeg-turbo (``simplejpeg``, when
     installed; same pixels as PIL, 1.5x faster here), every other file and mode through PIL
     and ``to_rgb``. ``use_turbo=False`` forces PIL. A file whose header or body cannot be read
-    raises (OSError, ValueError, SyntaxError, ...)."""
+    raises (OSError, ValueError, SyntaxError, ...). ``plain_jpeg``: a YCbCr or greyscale JPEG
+    (what GPU decoders take)."""
 
     def __init__(self, data: bytes, use_turbo: bool = True):
         self.data = data
@@ -105,6 +106,8 @@ class EncodedImage:
             from PIL import Image
             self._pil = Image.open(io.BytesIO(data))
             self.width, self.height = self._pil.size
+        # a YCbCr or greyscale JPEG: what nvjpeg and libjpeg-turbo decode to the same RGB as PIL
+        self.plain_jpeg = self._turbo is not None or (self.is_jpeg and self._pil.mode in ("RGB", "L"))
 
     @property
     def size(self):

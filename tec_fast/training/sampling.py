@@ -110,7 +110,9 @@ class SeededSamples(Dataset):
         index, seed = key
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only: torch.manual_seed would also queue a reseed of every CUDA / XPU
+            # generator, recording a stack trace each time (about 1 ms a sample), and leave them changed
+            torch.default_generator.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed % (1 << 32))
             try:
