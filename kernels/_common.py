@@ -12,7 +12,7 @@ integer helpers here are plain Python (``triton.cdiv`` and ``triton.next_power_o
 from __future__ import annotations
 
 import functools
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -40,6 +40,22 @@ def direct_launch() -> bool:
     about 100 us more per forward + backward (measured on the development CPU), which a ViT
     step with ~80 LayerNorm and MLP calls spends while its GPU waits at small batches."""
     return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def eager_apply(fn: type) -> Callable:
+    """``fn.apply`` for an ``autograd.Function`` subclass, minus torch's Python wrapper around it
+    in plain eager mode (it binds default arguments and unwraps functorch wrappers: a few us per
+    call). Under ``torch.compile``, a dispatch mode or a functorch transform the normal
+    ``fn.apply`` runs, so tracers and transforms see the Function as usual."""
+    c_apply = super(torch.autograd.Function, fn).apply
+    py_apply = fn.apply
+    functorch_active = torch._C._are_functorch_transforms_active
+
+    def apply(*args):
+        if direct_launch() and not functorch_active():
+            return c_apply(*args)
+        return py_apply(*args)
+    return apply
 
 
 def persistent_programs(work: int, device: torch.device, per_sm: int = 8) -> int:

@@ -210,7 +210,7 @@ def _pow2_block(n: int, cap: int) -> int:
     block = 1
     while block * 2 <= cap and n % (block * 2) == 0:
         block *= 2
-    return block if block >= min(max(1, cap // 4), n) else min(triton.next_power_of_2(n), cap)
+    return block if block >= min(max(1, cap // 4), n) else min(next_pow2(n), cap)
 
 
 _TILE = 2048  # elements per LayerNorm tile: 16 fp32 values per thread at 4 warps, no spills up to ViT-H
@@ -250,7 +250,7 @@ def _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, 
     rstd_out = torch.empty((BT,), dtype=torch.float32, device=dev)
     _adapter_ln_out_fwd_kernel[(BT,)](
         u, y, ln_after_w.contiguous(), ln_after_b.contiguous(), out, s, mean_out, rstd_out,
-        BT, G, C, eps_after, BLOCK_C=triton.next_power_of_2(C), num_warps=4)
+        BT, G, C, eps_after, BLOCK_C=next_pow2(C), num_warps=4)
     return out.view(B, T, C), mean_in, rstd_in, u, h_pre, s, mean_out, rstd_out
 
 
@@ -271,7 +271,7 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
     dw_part, db_part = parts[0], parts[1]
     _adapter_ln_out_bwd_kernel[(n_prog,)](
         grad_out.contiguous(), s, mean_out, rstd_out, ln_after_w.contiguous(), ds, dw_part, db_part,
-        BT, C, BLOCK_C=triton.next_power_of_2(C), num_warps=4)
+        BT, C, BLOCK_C=next_pow2(C), num_warps=4)
     d_ln_after = parts.sum(1)  # [2, C]: weight, bias
 
     # the G residual MLPs
@@ -298,7 +298,7 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
         feats.stride(0), feats.stride(1), feats.stride(2),
         BLOCK_DEPTH=block_depth, BLOCK_C=block_c, num_warps=4)
     rows = max(1, _TILE // block_c)
-    columns = D * triton.cdiv(C, block_c)
+    columns = D * cdiv(C, block_c)
     # ~128 registers per thread: 4 four-warp programs fit on an SM, so aim for one wave of them
     n_slices, rows_per_prog = row_slices(BT, rows, columns, persistent_programs(BT, dev, per_sm=4))
     d_feats = torch.empty((D, B, T, C), dtype=feats.dtype, device=dev)
@@ -313,7 +313,7 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
     return (d_feats, parts.sum(1), d_fuse_w, d_fuse_b, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, d_ln_after)
 
 
-# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+# ---- torch.library registration: what torch.compile and dispatch modes see -------------------
 
 _T = torch.Tensor
 _Forward = Tuple[_T, _T, _T, _T, _T, _T, _T, _T]  # out, then what backward needs

@@ -22,14 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, next_pow2, persistent_programs
+from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2, persistent_programs
 
 MAX_C = 4096  # one row in registers (16 fp32 values per thread and tensor at 8 warps)
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
-                           C, eps, stride_x, stride_r,
+def _layer_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, stats_ptr,
+                           rows, C, eps, stride_x, stride_r,
                            HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cc = tl.arange(0, BLOCK_C)
@@ -45,13 +45,13 @@ def _layer_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr,
     w = tl.load(w_ptr + cc, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cc, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * C + cc, (hc * rstd * w + b).to(y_ptr.dtype.element_ty), mask=ok)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+    tl.store(stats_ptr + row, mean)  # stats: [mean; rstd] [2, rows]
+    tl.store(stats_ptr + rows + row, rstd)
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr,
-                           dw_part_ptr, db_part_ptr, rows, C, rows_per_prog,
+def _layer_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, stats_ptr, dx_ptr, part_ptr,
+                           rows, C, rows_per_prog,
                            HAS_DH: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     cc = tl.arange(0, BLOCK_C)
@@ -64,8 +64,8 @@ def _layer_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr,
     h_row, dy_row, dh_row, dx_row = h_ptr + start, dy_ptr + start, dh_out_ptr + start, dx_ptr + start
     for r in range(first, tl.minimum(first + rows_per_prog, rows)):
         h = tl.load(h_row, mask=ok, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + r)
-        xhat = tl.where(ok, (h - tl.load(mean_ptr + r)) * rstd, 0.0)
+        rstd = tl.load(stats_ptr + rows + r)
+        xhat = tl.where(ok, (h - tl.load(stats_ptr + r)) * rstd, 0.0)
         dy = tl.load(dy_row, mask=ok, other=0.0).to(tl.float32)
         dw += dy * xhat
         db += dy
@@ -80,8 +80,9 @@ def _layer_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr,
         dy_row += C
         dh_row += C
         dx_row += C
-    tl.store(dw_part_ptr + pid * C + cc, dw, mask=ok)
-    tl.store(db_part_ptr + pid * C + cc, db, mask=ok)
+    # part: [2, programs, C], weight then bias partial sums
+    tl.store(part_ptr + pid * C + cc, dw, mask=ok)
+    tl.store(part_ptr + (tl.num_programs(0) + pid) * C + cc, db, mask=ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,39 +100,56 @@ def _bwd_config(rows: int, C: int, device: torch.device) -> Tuple[int, int]:
     return cdiv(max(rows, 1), rows_per_prog), rows_per_prog
 
 
+def _as_rows(t: torch.Tensor, C: int) -> Tuple[torch.Tensor, int]:
+    """``t`` [..., C] and the stride between its rows: ``t`` itself when contiguous, else a
+    [rows, C] view (or copy) with a unit channel stride."""
+    if t.is_contiguous():
+        return t, C
+    t = t.reshape(-1, C)
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t, t.stride(0)
+
+
 def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                     bias: torch.Tensor, eps: float):
-    """x, residual [rows, C] (unit channel stride) -> (y [rows, C], h [rows, C] or an empty
-    tensor without a residual, mean [rows], rstd [rows])."""
-    rows, C = x.shape
+    """x, residual [..., C] -> (y shaped like x, h shaped like x or an empty tensor without a
+    residual, [mean; rstd] [2, rows] fp32)."""
+    C = x.shape[-1]
+    rows = x.numel() // C if C else 0
     dev = x.device
-    y = torch.empty((rows, C), dtype=x.dtype, device=dev)
-    h = torch.empty((rows, C) if residual is not None else (0,), dtype=x.dtype, device=dev)
-    mean = torch.empty((rows,), dtype=torch.float32, device=dev)
-    rstd = torch.empty((rows,), dtype=torch.float32, device=dev)
+    like_x = x.is_contiguous()  # empty_like is the cheapest allocation (on the host)
+    y = torch.empty_like(x) if like_x else torch.empty(x.shape, dtype=x.dtype, device=dev)
+    if residual is None:
+        h = torch.empty((0,), dtype=x.dtype, device=dev)
+    else:
+        h = torch.empty_like(x) if like_x else torch.empty(x.shape, dtype=x.dtype, device=dev)
+    stats = torch.empty((2, rows), dtype=torch.float32, device=dev)
     if rows:
+        x, stride_x = _as_rows(x, C)
+        residual, stride_r = _as_rows(residual, C) if residual is not None else (x, 0)
         block_c, num_warps = _fwd_config(C)
         _layer_norm_fwd_kernel[(rows,)](
-            x, residual if residual is not None else x, weight, bias, y, h, mean, rstd,
-            C, eps, x.stride(0), residual.stride(0) if residual is not None else 0,
-            HAS_RES=residual is not None, BLOCK_C=block_c, num_warps=num_warps)
-    return y, h, mean, rstd
+            x, residual, weight, bias, y, h, stats, rows, C, eps, stride_x, stride_r,
+            HAS_RES=h.numel() > 0, BLOCK_C=block_c, num_warps=num_warps)
+    return y, h, stats
 
 
 def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
-                    mean: torch.Tensor, rstd: torch.Tensor):
-    """dy, dh_out, h [rows, C] (contiguous) -> (dh [rows, C] in h's dtype, [dweight; dbias] [2, C] fp32)."""
-    rows, C = h.shape
+                    stats: torch.Tensor):
+    """dy, dh_out, h [..., C] (contiguous), stats [2, rows] -> (dh shaped like h, in h's dtype;
+    [dweight; dbias] [2, C] fp32)."""
+    C = h.shape[-1]
+    rows = h.numel() // C if C else 0
     dev = h.device
-    dx = torch.empty((rows, C), dtype=h.dtype, device=dev)
+    dx = torch.empty_like(h)
     n_prog, rows_per_prog = _bwd_config(rows, C, dev)
     # weight and bias partial sums in one buffer: one reduction launch for both
     parts = torch.empty((2, n_prog, C), dtype=torch.float32, device=dev)
     if rows:
         block_c, num_warps = _fwd_config(C)
         _layer_norm_bwd_kernel[(n_prog,)](
-            dy, dh_out if dh_out is not None else dy, h, weight, mean, rstd, dx, parts[0], parts[1],
-            rows, C, rows_per_prog, HAS_DH=dh_out is not None, BLOCK_C=block_c, num_warps=num_warps)
+            dy, dh_out if dh_out is not None else dy, h, weight, stats, dx, parts, rows, C, rows_per_prog,
+            HAS_DH=dh_out is not None, BLOCK_C=block_c, num_warps=num_warps)
     else:
         parts.zero_()
     return dx, parts.sum(1)
@@ -141,38 +159,29 @@ def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.T
 
 @torch.library.custom_op("tec_fast::layer_norm", mutates_args=())
 def _layer_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _layer_norm_fwd(x, residual, weight, bias, eps)
 
 
 @_layer_norm_op.register_fake
 def _(x, residual, weight, bias, eps):
-    rows, C = x.shape
-    f32 = dict(dtype=torch.float32)
-    return (x.new_empty((rows, C)), x.new_empty((rows, C) if residual is not None else (0,)),
-            x.new_empty((rows,), **f32), x.new_empty((rows,), **f32))
+    C = x.shape[-1]
+    return (x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,)),
+            x.new_empty((2, x.numel() // C if C else 0), dtype=torch.float32))
 
 
 @torch.library.custom_op("tec_fast::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.Tensor,
-                            weight: torch.Tensor, mean: torch.Tensor,
-                            rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _layer_norm_bwd(dy, dh_out, h, weight, mean, rstd)
+                            weight: torch.Tensor, stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _layer_norm_bwd(dy, dh_out, h, weight, stats)
 
 
 @_layer_norm_backward_op.register_fake
-def _(dy, dh_out, h, weight, mean, rstd):
-    C = h.shape[1]
-    return h.new_empty(h.shape), h.new_empty((2, C), dtype=torch.float32)
+def _(dy, dh_out, h, weight, stats):
+    return h.new_empty(h.shape), h.new_empty((2, h.shape[-1]), dtype=torch.float32)
 
 
 # ---- autograd ---------------------------------------------------------------------------------
-
-def _rows_2d(t: torch.Tensor, C: int) -> torch.Tensor:
-    """[..., C] as [rows, C] with a unit channel stride (a view whenever the layout allows)."""
-    t = t.reshape(-1, C)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 class _LayerNorm(torch.autograd.Function):
     """x, residual [..., C] -> (y, h) shaped like x (h empty without a residual). Saves h (or
@@ -181,32 +190,35 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
-        C = x.shape[-1]
         fwd = _layer_norm_fwd if direct_launch() else _layer_norm_op
-        y, h, mean, rstd = fwd(_rows_2d(x, C), None if residual is None else _rows_2d(residual, C),
-                               weight.contiguous(), bias.contiguous(), eps)
+        y, h, stats = fwd(x, residual, weight, bias, eps)
         ctx.set_materialize_grads(False)  # no zero gradients (and launches) for an unused y or h
         ctx.has_res = residual is not None
-        ctx.save_for_backward(h if ctx.has_res else _rows_2d(x, C), weight, mean, rstd)
-        ctx.w_dtype, ctx.b_dtype, ctx.x_shape = weight.dtype, bias.dtype, x.shape
-        return y.view(x.shape), (h.view(x.shape) if ctx.has_res else h)
+        ctx.save_for_backward(h if ctx.has_res else x, weight, stats)
+        ctx.dtypes = weight.dtype, bias.dtype
+        return y, h
 
     @staticmethod
     def backward(ctx, dy, dh_out):
-        h, weight, mean, rstd = ctx.saved_tensors
+        h, weight, stats = ctx.saved_tensors
         dh_out = dh_out if ctx.has_res else None
         if dy is None and dh_out is None:
             return None, None, None, None, None
-        rows, C = h.shape
-        dy = h.new_zeros(h.shape) if dy is None else dy.reshape(rows, C).contiguous()
+        dy = h.new_zeros(h.shape) if dy is None else dy.contiguous()
         if dh_out is not None:
-            dh_out = dh_out.reshape(rows, C).contiguous()
+            dh_out = dh_out.contiguous()
+        h = h.contiguous()  # x (no residual) as given; h is contiguous already
         bwd = _layer_norm_bwd if direct_launch() else _layer_norm_backward_op
-        dx, dwb = bwd(dy, dh_out, h, weight, mean, rstd)
+        dx, dwb = bwd(dy, dh_out, h, weight, stats)
+        dw, db = dwb.unbind(0)
+        w_dtype, b_dtype = ctx.dtypes
         need = ctx.needs_input_grad
-        dx = dx.view(ctx.x_shape)
         return (dx if need[0] else None, dx if ctx.has_res and need[1] else None,
-                dwb[0].to(ctx.w_dtype) if need[2] else None, dwb[1].to(ctx.b_dtype) if need[3] else None, None)
+                (dw if w_dtype == torch.float32 else dw.to(w_dtype)) if need[2] else None,
+                (db if b_dtype == torch.float32 else db.to(b_dtype)) if need[3] else None, None)
+
+
+_apply = eager_apply(_LayerNorm)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
@@ -222,8 +234,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"layer_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), got "
                          f"{tuple(residual.shape)}, {residual.dtype}")
-    y, h = _LayerNorm.apply(x, residual, weight, bias, float(eps))
+    y, h = _apply(x, residual, weight.contiguous(), bias.contiguous(), float(eps))
     return y if residual is None else (y, h)
+
+
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], residual_dtype=None,
                           **_info) -> List[str]:
     """Why this kernel cannot take x of ``dtype`` / ``shape`` (empty: it can)."""

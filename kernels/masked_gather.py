@@ -16,13 +16,14 @@ Reference: ``tec_fast.ops.reference.masked_gather``.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import dtype_reasons, unit_last_stride
+from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2, unit_last_stride
 
 
 @triton.jit
@@ -89,8 +90,9 @@ def _masked_gather_bwd_kernel(grad_out_ptr, perm_ptr, bounds_ptr, grad_x_ptr, po
 _TARGET_PROGRAMS = 1024  # backward: split the batch until about this many programs run
 
 
+@functools.lru_cache(maxsize=None)
 def _launch_config(C: int) -> Tuple[int, int, int]:
-    block_c = min(triton.next_power_of_2(C), 1024)
+    block_c = min(next_pow2(C), 1024)
     # ~2K elements per program, at most 16 rows: Triton 3.6's layout pass fails on the backward
     # kernel's 32- and 64-row tiles at C <= 64 (seen on the H200, reproduced offline)
     rows = max(1, min(16, 2048 // block_c))
@@ -98,6 +100,7 @@ def _launch_config(C: int) -> Tuple[int, int, int]:
     return rows, block_c, num_warps
 
 
+@functools.lru_cache(maxsize=None)
 def _channel_strided_config(K: int, C: int) -> Tuple[int, int, int]:
     """Forward tiles when x's channels are not contiguous (the patch embedding's conv output
     [B, C, h*w] seen as [B, L, C]): a program takes the K visible tokens of an image for a few
@@ -105,8 +108,8 @@ def _channel_strided_config(K: int, C: int) -> Tuple[int, int, int]:
     serves all of that program's tokens in it from L1. Reading x in place this way moves at most
     ~B*L*C elements; the contiguous copy it replaces read and wrote all of them before the
     gather read a quarter of them again."""
-    rows = min(triton.next_power_of_2(max(K, 1)), 256)
-    return rows, max(1, min(triton.next_power_of_2(C), 2048 // rows)), 4
+    rows = min(next_pow2(max(K, 1)), 256)
+    return rows, max(1, min(next_pow2(C), 2048 // rows)), 4
 
 
 def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -119,12 +122,36 @@ def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[to
     if pos is not None:
         pos = unit_last_stride(pos)  # an [L, C] parameter: contiguous in practice
     rows, block_c, num_warps = _launch_config(C) if x.stride(2) == 1 else _channel_strided_config(K, C)
-    grid = (triton.cdiv(B * K, rows), triton.cdiv(C, block_c))
+    grid = (cdiv(B * K, rows), cdiv(C, block_c))
     _masked_gather_fwd_kernel[grid](
         x, ids_keep, pos if pos is not None else x, out, B * K, K, L, C,
         x.stride(0), x.stride(1), x.stride(2), ids_keep.stride(0), pos.stride(0) if pos is not None else 0,
         HAS_POS=pos is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_config(B: int, L: int, C: int, target: int) -> Tuple[int, int, int, int, int, int, int]:
+    """(ROWS, BLOCK_C, num_warps, row blocks, column blocks, batch slices, images per slice) for
+    about ``target`` programs."""
+    rows, block_c, num_warps = _launch_config(C)
+    n_l, n_c = cdiv(L, rows), cdiv(C, block_c)
+    n_b = max(1, min(B, cdiv(target, n_l * n_c)))
+    b_per_prog = cdiv(max(B, 1), n_b)
+    return rows, block_c, num_warps, n_l, n_c, cdiv(max(B, 1), b_per_prog), b_per_prog
+
+
+def _bound_queries(B: int, L: int, device: torch.device) -> torch.Tensor:
+    """[B, L + 1] rows of 0..L: the values searchsorted looks up (a constant per shape, kept;
+    made anew while a CUDA graph is being captured, where a new tensor is not filled yet)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.arange(L + 1, device=device).expand(B, L + 1).contiguous()
+    return _cached_bound_queries(B, L, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_bound_queries(B: int, L: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(L + 1, device=device).expand(B, L + 1).contiguous()
 
 
 def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
@@ -135,18 +162,15 @@ def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x
     dev = grad_out.device
     # inverse of the gather, per image: the i with ids_keep[b, i] == l are perm[b, bounds[b, l]:
     # bounds[b, l+1]]; indices outside [0, L) fall outside every bound and are dropped
-    sorted_ids, perm = torch.sort(ids_keep.to(torch.int64), dim=1, stable=True)
-    bounds = torch.searchsorted(sorted_ids, torch.arange(L + 1, device=dev).expand(B, L + 1).contiguous())
+    ids = ids_keep if ids_keep.dtype == torch.int64 else ids_keep.long()
+    sorted_ids, perm = torch.sort(ids, dim=1, stable=True)
+    bounds = torch.searchsorted(sorted_ids, _bound_queries(B, L, dev))
     grad_x = torch.empty((B, L, C), dtype=x_dtype, device=dev)
-    rows, block_c, num_warps = _launch_config(C)
-    n_l, n_c = triton.cdiv(L, rows), triton.cdiv(C, block_c)
-    n_b = max(1, min(B, triton.cdiv(_TARGET_PROGRAMS, n_l * n_c)))
-    b_per_prog = triton.cdiv(max(B, 1), n_b)
-    n_b = triton.cdiv(max(B, 1), b_per_prog)
+    rows, block_c, num_warps, n_l, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
     pos_part = torch.empty((n_b, L, C) if pos_grad else (1,), dtype=torch.float32, device=dev)
     if grad_x.numel():
         _masked_gather_bwd_kernel[(n_l, n_c, n_b)](
-            grad_out, perm.contiguous(), bounds.contiguous(), grad_x, pos_part, B, K, L, C, b_per_prog,
+            grad_out, perm, bounds, grad_x, pos_part, B, K, L, C, b_per_prog,
             grad_out.stride(0), grad_out.stride(1),
             POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
     elif pos_grad:
@@ -154,7 +178,7 @@ def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x
     return grad_x, (pos_part.sum(0) if pos_grad else None)
 
 
-# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+# ---- torch.library registration: what torch.compile and dispatch modes see -------------------
 
 @torch.library.custom_op("tec_fast::masked_gather", mutates_args=())
 def _masked_gather_op(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -183,28 +207,39 @@ def _(grad_out, ids_keep, L, x_dtype, pos_grad):
             grad_out.new_empty((L, C) if pos_grad else (0,), dtype=torch.float32))
 
 
-def _setup_context(ctx, inputs, output):
-    x, ids_keep, pos = inputs
-    ctx.save_for_backward(ids_keep)
-    ctx.L, ctx.x_dtype = x.shape[1], x.dtype
-    ctx.pos_dtype = pos.dtype if pos is not None else None
+# ---- autograd ---------------------------------------------------------------------------------
+
+class _MaskedGather(torch.autograd.Function):
+    """Saves ids_keep only; the backward gathers grad_x's rows (and sums grad_pos) in one kernel."""
+
+    @staticmethod
+    def forward(ctx, x, ids_keep, pos):
+        fwd = _masked_gather_fwd if direct_launch() else _masked_gather_op
+        out = fwd(x, ids_keep, pos)
+        ctx.save_for_backward(ids_keep)
+        ctx.L, ctx.x_dtype = x.shape[1], x.dtype
+        ctx.pos_dtype = pos.dtype if pos is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids_keep,) = ctx.saved_tensors
+        need_x, _, need_pos = ctx.needs_input_grad
+        pos_grad = ctx.pos_dtype is not None and need_pos
+        bwd = _masked_gather_bwd if direct_launch() else _masked_gather_backward_op
+        grad_x, grad_pos = bwd(grad_out, ids_keep, ctx.L, ctx.x_dtype, pos_grad)
+        if pos_grad and grad_pos.dtype != ctx.pos_dtype:
+            grad_pos = grad_pos.to(ctx.pos_dtype)
+        return grad_x if need_x else None, None, grad_pos if pos_grad else None
 
 
-def _backward(ctx, grad_out):
-    (ids_keep,) = ctx.saved_tensors
-    pos_grad = ctx.pos_dtype is not None and ctx.needs_input_grad[2]
-    grad_x, grad_pos = _masked_gather_backward_op(grad_out, ids_keep, ctx.L, ctx.x_dtype, pos_grad)
-    return (grad_x if ctx.needs_input_grad[0] else None, None,
-            grad_pos.to(ctx.pos_dtype) if pos_grad else None)
-
-
-_masked_gather_op.register_autograd(_backward, setup_context=_setup_context)
+_apply = eager_apply(_MaskedGather)
 
 
 def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton path of ``tec_fast.ops.masked_gather`` (inputs already validated there).
     The output dtype is that of ``x + pos`` (torch's promotion), as in the reference."""
-    return _masked_gather_op(x, ids_keep, pos)
+    return _apply(x, ids_keep, pos)
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:

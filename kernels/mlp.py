@@ -33,6 +33,7 @@ Reference: ``tec_fast.ops.reference.mlp``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import List, Optional, Tuple
 
@@ -40,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import direct_launch, dtype_reasons, persistent_programs, row_slices
+from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2,
+                                      persistent_programs, row_slices)
 
 ACTIVATIONS = ("gelu",)  # what the kernels compute: GELU with the exact erf (timm, MAE, HF "gelu")
 BLOCK_FWD = 1024         # forward: elements per program
@@ -126,8 +128,18 @@ def _mlp_gelu_fwd(pre: torch.Tensor) -> torch.Tensor:
     h = torch.empty_like(pre)
     n = pre.numel()
     if n:
-        _mlp_gelu_fwd_kernel[(triton.cdiv(n, BLOCK_FWD),)](pre, h, n, BLOCK=BLOCK_FWD, num_warps=4)
+        _mlp_gelu_fwd_kernel[(cdiv(n, BLOCK_FWD),)](pre, h, n, BLOCK=BLOCK_FWD, num_warps=4)
     return h
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_config(rows: int, H: int, device: torch.device) -> Tuple[int, int, int, int]:
+    """(BLOCK_H, column blocks, row slices, rows per slice) of the backward kernel."""
+    block_h = min(MAX_BLOCK_H, max(16, next_pow2(H)))
+    columns = cdiv(max(H, 1), block_h)
+    tiles = cdiv(max(rows, 1), BLOCK_R)
+    n_slices, rows_per_prog = row_slices(rows, BLOCK_R, columns, persistent_programs(tiles * columns, device))
+    return block_h, columns, n_slices, rows_per_prog
 
 
 def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor, h: Optional[torch.Tensor] = None,
@@ -141,10 +153,7 @@ def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor, h: Optional[torch.Ten
     dev = pre.device
     h = torch.empty_like(pre) if h is None else h
     grad_pre = torch.empty_like(grad_h) if grad_pre is None else grad_pre
-    block_h = min(MAX_BLOCK_H, max(16, triton.next_power_of_2(H)))
-    columns = triton.cdiv(max(H, 1), block_h)
-    tiles = triton.cdiv(max(rows, 1), BLOCK_R)
-    n_slices, rows_per_prog = row_slices(rows, BLOCK_R, columns, persistent_programs(tiles * columns, dev))
+    block_h, columns, n_slices, rows_per_prog = _bwd_config(rows, H, dev)
     db_part = torch.empty((n_slices, H), dtype=torch.float32, device=dev)
     if rows and H:
         _mlp_gelu_bwd_kernel[(n_slices, columns)](
@@ -155,7 +164,7 @@ def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor, h: Optional[torch.Ten
     return h, grad_pre, torch.sum(db_part, 0, out=grad_bias)
 
 
-# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+# ---- torch.library registration: what torch.compile and dispatch modes see -------------------
 
 @torch.library.custom_op("tec_fast::mlp_gelu", mutates_args=())
 def _mlp_gelu_op(pre: torch.Tensor) -> torch.Tensor:
@@ -179,56 +188,64 @@ def _(pre, grad_h):
             pre.new_empty((pre.shape[1],), dtype=torch.float32))
 
 
-def _gelu_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _gelu_backward(ctx, grad_h):
-    (pre,) = ctx.saved_tensors
-    return _mlp_gelu_backward_op(pre, grad_h)[1]
-
-
-# On its own, tec_fast::mlp_gelu is a differentiable GELU; the MLP below does not go through this
-# (its forward runs without autograd and its backward calls the backward op directly).
-_mlp_gelu_op.register_autograd(_gelu_backward, setup_context=_gelu_setup_context)
-
+# ---- autograd ---------------------------------------------------------------------------------
 
 def _mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                  b2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, C] -> (out [rows, Cout], pre [rows, Hd]); all operands of one dtype."""
-    pre = torch.addmm(b1, x, w1.t())
+    """x [rows, C] -> (out [rows, Cout], pre [rows, Hd]); x and the weights of one dtype (the
+    biases are cast to it)."""
+    dt = x.dtype
+    pre = torch.addmm(b1 if b1.dtype == dt else b1.to(dt), x, w1.t())
     gelu = _mlp_gelu_fwd if direct_launch() else _mlp_gelu_op  # no autograd here: same values
-    return torch.addmm(b2, gelu(pre), w2.t()), pre
+    return torch.addmm(b2 if b2.dtype == dt else b2.to(dt), gelu(pre), w2.t()), pre
 
 
 class _Mlp(torch.autograd.Function):
-    """The MLP as one autograd node: saves x, W1, W2 and pre (not h). The biases come in their
-    own dtype and get their gradients in it, summed in fp32: under autocast that spares the
-    bf16 round trip (and two launches) autograd's cast would add to each bias gradient."""
+    """The MLP as one autograd node on x [..., C]: saves x, W1, W2 and pre (not h). The biases
+    come in their own dtype and get their gradients in it, summed in fp32: under autocast that
+    spares the bf16 round trip (and two launches) autograd's cast would add to each bias
+    gradient. Runs with autocast off inside (the caller cast x and the weights)."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        with torch.autocast(x.device.type, enabled=False):
-            out, pre = _mlp_forward(x, w1, b1.to(x.dtype), w2, b2.to(x.dtype))
-        ctx.save_for_backward(x, w1, w2, pre)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                out, pre = _mlp_forward(x2, w1, b1, w2, b2)
+        else:
+            out, pre = _mlp_forward(x2, w1, b1, w2, b2)
+        ctx.save_for_backward(x2, w1, w2, pre)
         ctx.bias_dtypes = b1.dtype, b2.dtype
-        return out
+        return out.view(*lead, w2.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w1, w2, pre = ctx.saved_tensors
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return _Mlp._backward(ctx, grad_out, x, w1, w2, pre)
+        return _Mlp._backward(ctx, grad_out, x, w1, w2, pre)
+
+    @staticmethod
+    def _backward(ctx, grad_out, x, w1, w2, pre):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         b1_dtype, b2_dtype = ctx.bias_dtypes
-        with torch.autocast(x.device.type, enabled=False):
+        lead = grad_out.shape[:-1]
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        if grad_out.dtype != w2.dtype:
             grad_out = grad_out.to(w2.dtype)
-            gelu_bwd = _mlp_gelu_bwd if direct_launch() else _mlp_gelu_backward_op
-            h, grad_pre, grad_b1 = gelu_bwd(pre, grad_out @ w2)
-            grad_x = grad_pre @ w1 if need_x else None
-            grad_w1 = grad_pre.t() @ x if need_w1 else None
-            grad_b1 = grad_b1.to(b1_dtype) if need_b1 else None
-            grad_w2 = grad_out.t() @ h if need_w2 else None
-            grad_b2 = grad_out.sum(0, dtype=b2_dtype) if need_b2 else None
+        gelu_bwd = _mlp_gelu_bwd if direct_launch() else _mlp_gelu_backward_op
+        h, grad_pre, grad_b1 = gelu_bwd(pre, grad_out @ w2)
+        grad_x = (grad_pre @ w1).view(*lead, x.shape[-1]) if need_x else None
+        grad_w1 = grad_pre.t() @ x if need_w1 else None
+        grad_b1 = (grad_b1 if b1_dtype == torch.float32 else grad_b1.to(b1_dtype)) if need_b1 else None
+        grad_w2 = grad_out.t() @ h if need_w2 else None
+        grad_b2 = grad_out.sum(0, dtype=b2_dtype) if need_b2 else None
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+_apply = eager_apply(_Mlp)
 
 
 def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -240,15 +257,13 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        x, w1, w2 = (t.to(dt) for t in (x, w1, w2))
-    lead, C = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, C)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2)):
-        out = _Mlp.apply(x2, w1, b1, w2, b2)
-    else:
-        with torch.autocast(dev, enabled=False):
-            out = _mlp_forward(x2, w1, b1.to(x.dtype), w2, b2.to(x.dtype))[0]
-    return out.reshape(*lead, w2.shape[0])
+        x, w1, w2 = (t if t.dtype == dt else t.to(dt) for t in (x, w1, w2))
+    if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or b1.requires_grad
+                                    or w2.requires_grad or b2.requires_grad):
+        return _apply(x, w1, b1, w2, b2)
+    with torch.autocast(dev, enabled=False):
+        out = _mlp_forward(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)[0]
+    return out.view(*x.shape[:-1], w2.shape[0])
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], act: str = "gelu",

@@ -54,14 +54,14 @@ def _patchify(images: torch.Tensor, patch: int, dtype: torch.dtype) -> torch.Ten
     L, K = gh * gw, C * patch * patch
     out = torch.empty((B * L, K), dtype=dtype, device=images.device)
     if out.numel():
-        block_k = min(triton.next_power_of_2(K), 256)
-        grid = (triton.cdiv(B * L, ROWS), triton.cdiv(K, block_k))
+        block_k = min(next_pow2(K), 256)
+        grid = (cdiv(B * L, ROWS), cdiv(K, block_k))
         _patchify_kernel[grid](images, out, B * L, L, gw, K, *images.stride(), P=patch, ROWS=ROWS,
                                BLOCK_K=block_k, num_warps=4)
     return out
 
 
-# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+# ---- torch.library registration: what torch.compile and dispatch modes see -------------------
 
 @torch.library.custom_op("tec_fast::patchify", mutates_args=())
 def _patchify_op(images: torch.Tensor, patch: int, dtype: torch.dtype) -> torch.Tensor:

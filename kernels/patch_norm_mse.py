@@ -87,8 +87,8 @@ def _patch_norm_mse_bwd_kernel(pred_ptr, target_ptr, mask_ptr, mean_ptr, rstd_pt
 
 
 def _launch_config(L: int, C: int) -> Tuple[int, int]:
-    block_c = min(triton.next_power_of_2(C), 64)
-    block_l = min(triton.next_power_of_2(L), max(1, 2048 // block_c))
+    block_c = min(next_pow2(C), 64)
+    block_l = min(next_pow2(L), max(1, 2048 // block_c))
     return block_l, block_c
 
 
@@ -98,7 +98,7 @@ def _patch_norm_mse_fwd(pred, target, mask, eps):
     B, L, C = pred.shape
     maskf = mask.to(torch.float32).contiguous()
     block_l, block_c = _launch_config(L, C)
-    n_c = triton.cdiv(C, block_c)
+    n_c = cdiv(C, block_c)
     partial = torch.empty((B, n_c), dtype=torch.float32, device=pred.device)
     mean = torch.empty((B, C), dtype=torch.float32, device=pred.device)
     rstd = torch.empty((B, C), dtype=torch.float32, device=pred.device)
@@ -119,14 +119,14 @@ def _patch_norm_mse_bwd(grad_loss, pred, target, mask, mean, rstd):
     grad = torch.empty((B, L, C), dtype=pred.dtype, device=pred.device)
     if pred.numel():
         block_l, block_c = _launch_config(L, C)
-        _patch_norm_mse_bwd_kernel[(B, triton.cdiv(C, block_c))](
+        _patch_norm_mse_bwd_kernel[(B, cdiv(C, block_c))](
             pred, target, maskf, mean, rstd, coef, grad, L, C,
             pred.stride(0), pred.stride(1), target.stride(0), target.stride(1),
             BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4)
     return grad
 
 
-# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+# ---- torch.library registration: what torch.compile and dispatch modes see -------------------
 
 @torch.library.custom_op("tec_fast::patch_norm_mse", mutates_args=())
 def _patch_norm_mse_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

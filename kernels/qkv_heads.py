@@ -72,7 +72,7 @@ def _qkv_pack(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> Tuple[tor
     rows, width = B * N, 3 * H * D
     dev = dq.device
     out = torch.empty((rows, width), dtype=dq.dtype, device=dev)
-    tiles = triton.cdiv(max(rows, 1), ROWS)
+    tiles = cdiv(max(rows, 1), ROWS)
     n_slices, rows_per_prog = row_slices(rows, ROWS, 3 * H, persistent_programs(tiles * 3 * H, dev))
     part = torch.empty((n_slices, width), dtype=torch.float32, device=dev)
     if rows and width:
@@ -80,13 +80,13 @@ def _qkv_pack(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> Tuple[tor
             dq, dk, dv, out, part, rows, N, H, D, rows_per_prog,
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            ROWS=ROWS, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+            ROWS=ROWS, BLOCK_D=next_pow2(D), num_warps=4)
     else:
         part.zero_()
     return out, part.sum(0)
 
 
-# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+# ---- torch.library registration: what torch.compile and dispatch modes see -------------------
 
 @torch.library.custom_op("tec_fast::qkv_heads_backward", mutates_args=())
 def _qkv_pack_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

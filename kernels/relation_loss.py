@@ -181,7 +181,7 @@ def _relation_loss_bwd(grad_rows, q, k, topk_idx, target, lse_r, lse_t, tau, sca
     return dq, dk
 
 
-# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+# ---- torch.library registration: what torch.compile and dispatch modes see -------------------
 
 @torch.library.custom_op("tec_fast::relation_loss", mutates_args=())
 def _relation_loss_op(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, target: torch.Tensor,

@@ -75,14 +75,14 @@ def _relation_targets_fwd(q: torch.Tensor, k: torch.Tensor, topk: int,
     L = N - 1
     block_r, block_l, block_d = relation_block_sizes(topk, D, q.dtype)
     rank = torch.empty((B, L), dtype=torch.float32, device=q.device)
-    _relation_rank_kernel[(B, triton.cdiv(L, block_l))](
+    _relation_rank_kernel[(B, cdiv(L, block_l))](
         q, k, rank, H, L, D, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
     topk_idx = torch.topk(rank, topk, dim=1, largest=True).indices  # [B, k]
     relation = torch.empty((B, 1 + topk, H, L), dtype=torch.float32, device=q.device)
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
-    _relation_rows_kernel[(B * H, triton.cdiv(L, block_l))](
+    _relation_rows_kernel[(B * H, cdiv(L, block_l))](
         q, k, topk_idx, relation, H, L, D, topk, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         relation.stride(0), relation.stride(1), relation.stride(2),
@@ -91,7 +91,7 @@ def _relation_targets_fwd(q: torch.Tensor, k: torch.Tensor, topk: int,
     return relation, topk_idx
 
 
-# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+# ---- torch.library registration: what torch.compile and dispatch modes see -------------------
 
 @torch.library.custom_op("tec_fast::relation_targets", mutates_args=())
 def _relation_targets_op(q: torch.Tensor, k: torch.Tensor, topk: int,

@@ -105,7 +105,7 @@ _TARGET_PROGRAMS = 1024  # backward: split the batch until about this many progr
 
 
 def _launch_config(C: int) -> Tuple[int, int, int]:
-    block_c = min(triton.next_power_of_2(C), 512)
+    block_c = min(next_pow2(C), 512)
     # at most 16 rows: Triton 3.6's layout pass fails on the backward kernel's 32x32 and 64x32
     # tiles (seen on the H200, reproduced offline); 16 rows already fill a program at C <= 128
     rows = max(1, min(16, 2048 // block_c))
@@ -129,7 +129,7 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
     if pos is not None:
         pos = unit_last_stride(pos)
     rows, block_c, num_warps = _launch_config(C)
-    grid = (triton.cdiv(B * L, rows), triton.cdiv(C, block_c))
+    grid = (cdiv(B * L, rows), cdiv(C, block_c))
     _scatter_masked_fwd_kernel[grid](
         vis, ids_restore, tok, pos if pos is not None else vis, out, B * L, K, L, C,
         vis.stride(0), vis.stride(1), ids_restore.stride(0), pos.stride(0) if pos is not None else 0,
@@ -149,11 +149,11 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
     bounds = torch.searchsorted(sorted_ids, torch.arange(K + 1, device=dev).expand(B, K + 1).contiguous())
     grad_vis = torch.empty((B, K, C), dtype=vis_dtype, device=dev)
     rows, block_c, num_warps = _launch_config(C)
-    n_j, n_c = triton.cdiv(L, rows), triton.cdiv(C, block_c)
+    n_j, n_c = cdiv(L, rows), cdiv(C, block_c)
     # split the batch so that about _TARGET_PROGRAMS programs run; each sums over its slice
-    n_b = max(1, min(B, triton.cdiv(_TARGET_PROGRAMS, n_j * n_c)))
-    b_per_prog = triton.cdiv(max(B, 1), n_b)
-    n_b = triton.cdiv(max(B, 1), b_per_prog)
+    n_b = max(1, min(B, cdiv(_TARGET_PROGRAMS, n_j * n_c)))
+    b_per_prog = cdiv(max(B, 1), n_b)
+    n_b = cdiv(max(B, 1), b_per_prog)
     f32 = dict(dtype=torch.float32, device=dev)
     tok_part = torch.empty((n_b * n_j, C), **f32)  # every program writes its row of both partials
     pos_part = torch.empty((n_b, L, C) if pos_grad else (1,), **f32)
@@ -169,7 +169,7 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
     return grad_vis, tok_part.sum(0), (pos_part.sum(0) if pos_grad else None)
 
 
-# ---- torch.library registration (so torch.compile traces the op) ---------------------------
+# ---- torch.library registration: what torch.compile and dispatch modes see -------------------
 
 @torch.library.custom_op("tec_fast::scatter_masked", mutates_args=())
 def _scatter_masked_op(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,

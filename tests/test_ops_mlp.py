@@ -111,19 +111,24 @@ def test_no_grad_forward(triton_path):
         assert_close(ops.mlp(*args), reference.mlp(*args), atol=1e-5, rtol=1e-5, name="out")
 
 
-def test_other_activations_take_the_reference(triton_path):
+def test_other_activations_take_the_reference(triton_path, monkeypatch):
     args = _inputs((2, 3, 8), 16, 8)
     for act in ("gelu_tanh", "quick_gelu"):
         reasons = ops.why_not_fast("mlp", args[0], act=act)
         assert any("exact-erf GELU only" in r and act in r for r in reasons), reasons
-        assert torch.equal(ops.mlp(*args, act=act), reference.mlp(*args, act=act))
+        # TEC_FAST_KERNELS=triton forces the kernels: a call they cannot take is an error ...
+        with pytest.raises(RuntimeError, match=f"TEC_FAST_KERNELS=triton but mlp cannot.*{act}"):
+            ops.mlp(*args, act=act)
     assert ops.why_not_fast("mlp", args[0].double()) and not ops.why_not_fast("mlp", args[0])
+    monkeypatch.setenv("TEC_FAST_KERNELS", "auto")  # ... where auto quietly runs the reference
+    for act in ("gelu_tanh", "quick_gelu"):
+        assert torch.equal(ops.mlp(*args, act=act), reference.mlp(*args, act=act))
 
 
 def test_opcheck(triton_path):
     import tec_fast.kernels.mlp  # noqa: F401  (registers the ops)
     g = torch.Generator().manual_seed(3)
-    pre = (torch.randn(19, 37, generator=g) * 2).requires_grad_()
+    pre = torch.randn(19, 37, generator=g) * 2  # launcher op: autograd is the MLP's Function
     torch.library.opcheck(torch.ops.tec_fast.mlp_gelu.default, (pre,))
     torch.library.opcheck(torch.ops.tec_fast.mlp_gelu_backward.default,
                           (pre.detach(), torch.randn(19, 37, generator=g)))

@@ -254,19 +254,24 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         raise ValueError(f"x must be a floating-point tensor [..., C], got "
                          f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     C = x.shape[-1]
+    dev = x.device
     for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (C,):
+        if not isinstance(t, torch.Tensor) or t.shape != (C,):
             raise ValueError(f"{name} must have shape ({C},) for x {tuple(x.shape)}, got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
-        _check_same_device(x, **{name: t})
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got "
-                             f"{getattr(residual, 'shape', type(residual).__name__)}")
+        if t.device != dev:
+            _check_same_device(x, **{name: t})
+    if residual is None:
+        if use_fast_path("layer_norm", x):
+            return fast_impl("layer_norm")(x, weight, bias, float(eps))
+        return reference.layer_norm(x, weight, bias, float(eps))
+    if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got "
+                         f"{getattr(residual, 'shape', type(residual).__name__)}")
+    if residual.device != dev:
         _check_same_device(x, residual=residual)
-    info = {"residual_dtype": residual.dtype} if residual is not None else {}
-    if use_fast_path("layer_norm", x, **info):
-        return fast_impl("layer_norm")(x, weight, bias, float(eps), residual=residual)
+    if use_fast_path("layer_norm", x, residual_dtype=residual.dtype):
+        return fast_impl("layer_norm")(x, weight, bias, float(eps), residual)
     return reference.layer_norm(x, weight, bias, float(eps), residual)
 
 
