@@ -16,13 +16,13 @@ def _models(seed=0):
     return base, model
 
 
-@pytest.mark.parametrize("backend", ["nested", "dense"])
-def test_packed_attention_matches_per_image_sdpa(backend):
+@pytest.mark.parametrize("backend,host_lengths", [("nested", False), ("nested", True), ("dense", False)])
+def test_packed_attention_matches_per_image_sdpa(backend, host_lengths):
     torch.manual_seed(0)
     lens = [3, 1, 7, 5]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     q, k, v = (torch.randn(sum(lens), 2, 4, requires_grad=True) for _ in range(3))
-    out = packed_attention(q, k, v, cu, max(lens), backend=backend)
+    out = packed_attention(q, k, v, cu, max(lens), backend=backend, lengths=lens if host_lengths else None)
     ref = []
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         ref.append(torch.nn.functional.scaled_dot_product_attention(
@@ -99,3 +99,105 @@ def test_variable_masking_errors():
         variable_masking(3, 16, torch.tensor([0.5, 0.6]))
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         variable_masking(2, 16, torch.tensor([0.5, 1.2]))
+
+
+def test_packed_attention_checks_its_arguments():
+    q = torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens must be an int32"):
+        packed_attention(q, q, q, cu.long(), 4)
+    with pytest.raises(ValueError, match="cu_seqlens must run from 0 to T=6"):
+        packed_attention(q, q, q, torch.tensor([0, 2, 5], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match=r"max_len must be an int in \[1, T=6\]"):
+        packed_attention(q, q, q, cu, 0)
+    with pytest.raises(ValueError, match="lengths must hold B=2 counts adding up to T=6"):
+        packed_attention(q, q, q, cu, 4, lengths=[2, 3])
+
+
+def test_varlen_dispatch_says_why_not():
+    from tec_fast.ops.attention import packed_attention_backend, varlen_not_supported_reasons
+
+    backend, why = packed_attention_backend(torch.device("cpu"), torch.bfloat16, 64)
+    assert backend == "nested" and any("varlen: needs CUDA tensors" in r for r in why)
+    reasons = varlen_not_supported_reasons(torch.device("cpu"), torch.float32, 12)
+    assert any("fp16 / bf16" in r for r in reasons) and any("multiple of 8" in r for r in reasons)
+
+
+def _meta_autocast(monkeypatch):
+    """The meta device has no autocast state: the model's autocast calls on it act as on the CPU
+    (where nothing is autocast here), so a step runs on meta tensors."""
+    autocast, enabled = torch.autocast, torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "autocast", lambda device_type, *a, **k: autocast(
+        "cpu" if device_type == "meta" else device_type, *a, **k))
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: enabled(*(["cpu"] if a and a[0] == "meta" else a)))
+
+
+@pytest.fixture
+def dense_attention(monkeypatch):
+    """Packed attention forced to the materialised-mask backend: nested SDPA's CPU (math) route
+    splits by lengths it reads back, the flash varlen kernel takes the host's ``max_len``."""
+    from tec_fast.ops import attention
+
+    monkeypatch.setenv("TEC_FAST_PACKED_ATTENTION", "dense")
+    attention._forced.cache_clear()
+    attention.packed_attention_backend.cache_clear()
+    yield
+    monkeypatch.delenv("TEC_FAST_PACKED_ATTENTION")
+    attention._forced.cache_clear()
+    attention.packed_attention_backend.cache_clear()
+
+
+@pytest.mark.parametrize("masking", ["random", "block"])
+def test_packed_training_step_reads_nothing_back(monkeypatch, dense_attention, masking):
+    """The trainer's packed step (per-image ratios 0.6:0.9, or block masks) with every model
+    tensor on the meta device, where a read back to the host fails: base targets, layout, encoder,
+    adapter, decoders, losses and backward run, because the masks and visible counts come from
+    the host's noise. The same step with the keep mask handed over on the device is refused."""
+    from tec_fast.training.objectives import TECObjective
+
+    _meta_autocast(monkeypatch)
+    base, model = _models(3)
+    base.to("meta")
+    model.to("meta")
+    objective = TECObjective(base, (0.6, 0.9), 16, masking=masking)
+    assert objective.host_noise
+    images = torch.randn(4, 3, 16, 16, device="meta")
+    out = objective(model, (images, None), torch.rand(4, objective.noise_columns))
+    out["loss"].backward()
+    assert out["loss"].device.type == "meta" and model.blocks[0].attn.qkv.weight.grad is not None
+    keep, _ = variable_masking(4, 16, torch.tensor([0.6, 0.7, 0.8, 0.9]), noise=torch.rand(4, 16))
+    with pytest.raises(NotImplementedError):  # counts of a device mask: read back
+        model(images, base(images), keep=keep.to("meta"))
+
+
+def test_host_keep_on_a_device_layout_has_the_host_layouts_indices():
+    """with_keep: a host keep mask on a layout on another device (meta here, CUDA in training)
+    builds its indices on the host and moves them; the host-known counts equal the on-host layout's."""
+    from tec_fast.models.layout import TokenLayout
+
+    keep, _ = variable_masking(3, 16, torch.tensor([0.5, 0.75, 0.9]), noise=torch.rand(3, 16))
+    here = TokenLayout([(4, 4)] * 3).with_keep(keep)
+    there = TokenLayout([(4, 4)] * 3, "meta").with_keep(keep)
+    assert there.enc_lengths == here.enc_lengths == [1 + 8, 1 + 4, 1 + 1] and there.max_enc == here.max_enc == 9
+    assert there.enc_index.device.type == there.cu_enc.device.type == there.mask.device.type == "meta"
+    assert here.enc_index.tolist() == [i for i in range(3 * 17) if i % 17 == 0 or bool(keep.reshape(3, 16)[i // 17, i % 17 - 1])]
+    assert here.cu_enc.tolist() == [0, 9, 14, 16] and here.cu_enc.dtype == torch.int32
+    assert here.encoder_attention()["lengths"] == [9, 5, 2]
+
+
+def test_objective_with_device_noise_equals_host_noise():
+    """TECObjective reads a noise tensor that is not on the host back once: same loss."""
+    from tec_fast.training.objectives import TECObjective
+
+    base, model = _models(4)
+    objective = TECObjective(base, (0.6, 0.9), 16)
+    images, noise = torch.randn(3, 3, 16, 16), torch.rand(3, 17)
+
+    class Elsewhere(torch.Tensor):  # a stand-in for a device tensor: .cpu() is the read back
+        pass
+    reads = []
+    far = noise.as_subclass(Elsewhere)
+    Elsewhere.cpu = lambda self: reads.append(1) or self.as_subclass(torch.Tensor)
+    a = objective(model, (images, None), noise)["loss"]
+    b = objective(model, (images, None), far)["loss"]
+    assert reads == [1] and torch.equal(a, b)

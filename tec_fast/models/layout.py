@@ -26,7 +26,6 @@ import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from tec_fast import ops, packing
 from tec_fast.models.layers import sincos_pos_embed
@@ -38,9 +37,31 @@ def sincos_table(dim: int, h: int, w: int) -> torch.Tensor:
     return sincos_pos_embed(dim, h, w)  # [1 + h*w, dim], CPU fp32
 
 
+@functools.lru_cache(maxsize=1024)
+def _pinned_sincos_table(dim: int, h: int, w: int) -> torch.Tensor:
+    return sincos_table(dim, h, w).pin_memory()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without the host waiting for the GPU: a copy from pageable
+    memory synchronises the stream, one from pinned memory queues behind the GPU's work."""
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+def host_tensor(values, device: torch.device, dtype=torch.int64) -> torch.Tensor:
+    """``torch.tensor(values)`` built on the host and queued to ``device`` (see ``to_device``)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
+
+
 class TokenLayout:
     """See the module docstring. ``TokenLayout(grids, device)`` has every token visible;
-    ``with_masking`` / ``with_keep`` return the layout of one masked step."""
+    ``with_masking`` / ``with_keep`` return the layout of one masked step.
+
+    What the host knows it keeps on the host (lengths, visible counts, the longest sequence) and
+    index tensors are built there and queued to the device, so a step on a layout reads nothing
+    back from the GPU when its keep mask comes from the host (``with_keep``)."""
 
     def __init__(self, grids: Sequence[Tuple[int, int]], device=None):
         if len(grids) == 0:
@@ -52,12 +73,12 @@ class TokenLayout:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.ids_keep = self.ids_restore = self.enc_index = self.cu_enc = self.mask = None
         self.max_enc, self.hidden = self.max_tokens, [0] * self.B
+        self.enc_lengths: Optional[List[int]] = None  # tokens per image in the packed encoder
 
     # Index tensors of the full layout, built on first use (the dense path needs none of them).
     @functools.cached_property
     def cu_tokens(self) -> torch.Tensor:  # [B+1] int32
-        lengths = torch.tensor(self.lengths, device=self.device)
-        return F.pad((lengths + 1).cumsum(0), (1, 0)).to(torch.int32)
+        return host_tensor(_cumulative([L + 1 for L in self.lengths]), self.device, torch.int32)
 
     @functools.cached_property
     def cls_index(self) -> torch.Tensor:  # [B]
@@ -65,8 +86,8 @@ class TokenLayout:
 
     @functools.cached_property
     def image_id(self) -> torch.Tensor:  # [T_p] owner of each patch
-        lengths = torch.tensor(self.lengths, device=self.device)
-        return torch.repeat_interleave(torch.arange(self.B, device=self.device), lengths,
+        return torch.repeat_interleave(torch.arange(self.B, device=self.device),
+                                       host_tensor(self.lengths, self.device),
                                        output_size=self.num_tokens - self.B)
 
     @functools.cached_property
@@ -98,7 +119,10 @@ class TokenLayout:
         return out
 
     def with_keep(self, keep: torch.Tensor) -> "TokenLayout":
-        """Packed encoder: ``keep`` bool, True = visible, [B, L] (uniform) or [sum L_b]."""
+        """Packed encoder: ``keep`` bool, True = visible, [B, L] (uniform) or [sum L_b]. A
+        ``keep`` on the host (the trainer's masks are drawn there) gives the visible counts for
+        free and its index tensors are built there and queued to the device; one on the device
+        costs one read back of the counts."""
         T_p = self.num_tokens - self.B
         shapes = [(self.B, self.lengths[0])] if self.uniform else []
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool \
@@ -106,18 +130,25 @@ class TokenLayout:
             raise ValueError(f"keep must be a bool tensor of shape {' or '.join(map(str, shapes + [(T_p,)]))}, "
                              f"got {getattr(keep, 'dtype', type(keep).__name__)} "
                              f"{tuple(getattr(keep, 'shape', ()))}")
-        keep = keep.reshape(-1).to(self.device)
+        on_host = keep.device.type == "cpu"
+        keep = keep.reshape(-1) if on_host else keep.reshape(-1).to(self.device)
+        # the index tensors of the full layout where keep lives
+        where = self if on_host == (self.device.type == "cpu") else TokenLayout(self.grids)
         counts = torch.zeros(self.B, dtype=torch.long, device=keep.device) \
-            .index_add_(0, self.image_id, keep.long()).tolist()
+            .index_add_(0, where.image_id, keep.long()).tolist()  # free on the host
         if min(counts) < 1:
             raise ValueError(f"keep leaves image {counts.index(min(counts))} no visible patch")
         out = copy.copy(self)
         keep_tokens = torch.ones(self.num_tokens, dtype=torch.bool, device=keep.device)  # CLS kept
-        keep_tokens[self.patch_index] = keep
-        out.enc_index = keep_tokens.nonzero().reshape(-1)  # [T_e], image by image, patch order
-        out.cu_enc = F.pad(torch.tensor(counts, device=keep.device) + 1, (1, 0)).cumsum(0).to(torch.int32)
-        out.max_enc = 1 + max(counts)
+        keep_tokens[where.patch_index] = keep
+        # [T_e], image by image, patch order; its size is known, so no read back on a GPU either
+        enc_index = torch.nonzero_static(keep_tokens, size=self.B + sum(counts)).reshape(-1)
         mask = (~keep).float()
+        out.enc_index, mask = (to_device(enc_index, self.device), to_device(mask, self.device)) if on_host \
+            else (enc_index, mask)
+        out.enc_lengths = [c + 1 for c in counts]
+        out.cu_enc = host_tensor(_cumulative(out.enc_lengths), self.device, torch.int32)
+        out.max_enc = max(out.enc_lengths)
         out.mask = mask.reshape(self.B, -1) if self.uniform else mask
         out.hidden = [L - K for L, K in zip(self.lengths, counts)]
         return out
@@ -138,7 +169,7 @@ class TokenLayout:
         """(patch row, patch column) [sum L_b, 2] int64 of every patch."""
         Lm, device = max(self.lengths), self.device
         within = self.patch_index - self.cls_index[self.image_id] - 1
-        widths = torch.tensor([w for _, w in self.grids], device=device)
+        widths = host_tensor([w for _, w in self.grids], device)
         return packing.position_ids(self.image_id * Lm + within, Lm, widths)
 
     def pos_table(self, dim: int, stored: Optional[torch.Tensor] = None,
@@ -154,7 +185,8 @@ class TokenLayout:
             elif resample is not None:
                 cache[h, w] = resample(h, w).float()
             else:
-                cache[h, w] = sincos_table(dim, h, w).to(device)
+                cache[h, w] = to_device(_pinned_sincos_table(dim, h, w) if device.type == "cuda"
+                                        else sincos_table(dim, h, w), device)
         if self.uniform:
             return cache[self.grids[0]]
         return torch.cat([cache[g] for g in self.grids])
@@ -194,8 +226,9 @@ class TokenLayout:
         if self.dense or (self.enc_index is None and self.uniform):
             return {}
         if self.enc_index is None:
-            return {"cu_seqlens": self.cu_tokens, "max_len": self.max_tokens}
-        return {"cu_seqlens": self.cu_enc, "max_len": self.max_enc}
+            return {"cu_seqlens": self.cu_tokens, "max_len": self.max_tokens,
+                    "lengths": [L + 1 for L in self.lengths]}
+        return {"cu_seqlens": self.cu_enc, "max_len": self.max_enc, "lengths": self.enc_lengths}
 
     # ----------------------------------------------------------------------------------------
     # Decoder
@@ -207,7 +240,9 @@ class TokenLayout:
             pos = pos.to(y.dtype)
             patches = ops.scatter_masked(y[:, 1:], self.ids_restore, mask_token.reshape(-1), pos[1:])
             return torch.cat([y[:, :1] + pos[:1], patches], dim=1)
-        full = packing.unpack(y, self.enc_index, mask_token.reshape(-1), (1, self.num_tokens))[0]
+        # every row the mask token, the encoder's rows copied in (an index built here: unchecked,
+        # so no read back of its values)
+        full = mask_token.reshape(1, -1).to(y.dtype).expand(self.num_tokens, -1).index_copy(0, self.enc_index, y)
         if self.uniform:
             full = full.reshape(self.B, -1, full.shape[-1])
         return full + pos.to(full.dtype)
@@ -217,7 +252,7 @@ class TokenLayout:
         if self.uniform:
             return {}
         cu = torch.cat([self.cu_tokens] + [self.cu_tokens[1:] + s * self.num_tokens for s in range(1, streams)])
-        return {"cu_seqlens": cu, "max_len": self.max_tokens}
+        return {"cu_seqlens": cu, "max_len": self.max_tokens, "lengths": [L + 1 for L in self.lengths] * streams}
 
     def split_streams(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return x.split(self.B if self.uniform else self.num_tokens)
@@ -272,6 +307,14 @@ class TokenLayout:
         if self.uniform:
             return torch.stack(list(feats)), rel and torch.stack(list(rel)), idx and torch.stack(list(idx))
         return torch.cat(list(feats)), rel, idx
+
+
+def _cumulative(lengths: Sequence[int]) -> List[int]:
+    """[0, l0, l0 + l1, ...]: the cu_seqlens of ``lengths``."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
 
 
 _NO_RELATION = ("targets.relation / targets.topk_idx are None but TECConfig.relation=True: "

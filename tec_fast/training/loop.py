@@ -100,7 +100,9 @@ def _next_inputs(batches, objective: Objective, cfg: FitConfig, d: DistInfo, ste
     noise = None
     if objective.noise_columns is not None:
         noise = masking_noise(cfg.seed, step, micro, cfg.batch_size * d.world, objective.noise_columns,
-                              d.rank, d.world).to(d.device, non_blocking=True)
+                              d.rank, d.world)
+        if not getattr(objective, "host_noise", False):
+            noise = noise.to(d.device, non_blocking=True)
     return batch, noise
 
 

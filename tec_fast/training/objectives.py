@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from tec_fast.models.base import BaseModel, BaseTargets
-from tec_fast.models.masking import block_masking
+from tec_fast.models.masking import block_masking, variable_masking
 
 
 @runtime_checkable
@@ -20,7 +20,9 @@ class Objective(Protocol):
     ``noise_columns``: how many uniform masking-noise values per image ``fit`` draws for each
     micro-batch (seeded by (seed, step, micro) and split across processes, so masks do not
     depend on the process count or on resumes) and passes as ``noise`` [B, noise_columns];
-    None when the objective draws its own (``noise`` is then None).
+    None when the objective draws its own (``noise`` is then None). Optional ``host_noise``: when
+    True, ``noise`` stays on the host (the objective derives host-side facts from it, such as
+    per-image visible counts, without reading the GPU back).
     ``__call__`` returns the loss under ``'loss'`` plus any other 0-dim metrics to log.
     Optional: ``prepare(device, amp_dtype)``, which ``fit`` calls before the first step with the
     training device and the autocast dtype (None without autocast), and again with None when it
@@ -77,6 +79,8 @@ class TECObjective:
         self.patches = num_patches
         self.variable = masking == "block" or isinstance(mask_ratio, tuple)
         self.noise_columns = num_patches + (1 if self.variable else 0)
+        # variable masks are drawn on the host: visible counts known there, nothing read back
+        self.host_noise = self.variable
 
     def prepare(self, device: torch.device, amp_dtype: Optional[torch.dtype]) -> None:
         _base_for_autocast(self, amp_dtype)
@@ -91,15 +95,17 @@ class TECObjective:
         if not self.variable:
             return model(images, targets, mask_ratio=self.mask_ratio, noise=noise)
         B, L = images.shape[0], self.patches
-        if noise is None:
-            noise = torch.rand(B, L + 1)
+        # The keep mask is made on the host (a device noise is read back once), so the model's
+        # layout knows every image's visible count without waiting for the GPU.
+        noise = torch.rand(B, L + 1) if noise is None else noise.cpu()
         ratios = self._ratios(noise[:, L])
         if self.masking == "random":
-            return model(images, targets, mask_ratio=ratios, noise=noise[:, :L].to(images.device))
-        grid = int(round(L ** 0.5))
-        keep = torch.cat([block_masking(1, grid, float(r), generator=torch.Generator().manual_seed(
-            int(u * 2 ** 31))) for r, u in zip(ratios.tolist(), noise[:, L].tolist())])
-        return model(images, targets, keep=keep.to(images.device))
+            keep, _ = variable_masking(B, L, ratios, noise=noise[:, :L])
+        else:
+            grid = int(round(L ** 0.5))
+            keep = torch.cat([block_masking(1, grid, float(r), generator=torch.Generator().manual_seed(
+                int(u * 2 ** 31))) for r, u in zip(ratios.tolist(), noise[:, L].tolist())])
+        return model(images, targets, keep=keep)
 
 
 class NativeTECObjective:
