@@ -92,11 +92,13 @@ def test_captured_step_matches_eager_steps():
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
 
 
-def test_fit_with_cuda_graph_trains_as_eager(tmp_path):
-    """fit(cuda_graph=True): the first step eager, then the recorded forward+backward and optimizer
-    step replayed; losses and weights follow the eager run (the lr is a GPU tensor there, so the
-    last bits may differ), gradient clipping included, and the checkpoint is written. The CPU
-    twin with the recording emulated is tests/test_cuda_graph.py."""
+@pytest.mark.parametrize("mode,accum", [("on", 1), ("auto", 2)])
+def test_fit_with_cuda_graph_trains_as_eager(tmp_path, mode, accum):
+    """fit with graphs (required, or the default 'auto'): the first step eager, then the recorded
+    micro-step(s) and optimizer step replayed; losses and weights follow the eager run (the lr is
+    a GPU tensor there, so the last bits may differ), gradient clipping and accumulation included,
+    and the checkpoint is written. The CPU twin with the recording emulated is
+    tests/test_cuda_graph.py."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     import numpy as np
@@ -107,12 +109,14 @@ def test_fit_with_cuda_graph_trains_as_eager(tmp_path):
 
     data = TensorDataset(torch.randn(32, 3, 16, 16), torch.zeros(32, dtype=torch.long))
     runs = {}
-    for graph in (False, True):
-        cfg = FitConfig(max_steps=6, batch_size=8, lr=1e-3, warmup_steps=2, clip_grad=1.0, precision="bf16",
-                        progress=False, seed=0, cuda_graph=graph, output_dir=str(tmp_path / f"graph{graph}"))
+    for graph in ("off", mode):
+        cfg = FitConfig(max_steps=6, batch_size=8, accum=accum, lr=1e-3, warmup_steps=2, clip_grad=1.0,
+                        precision="bf16", progress=False, seed=0, cuda_graph=graph,
+                        output_dir=str(tmp_path / f"graph_{graph}"))
         runs[graph] = fit(tiny_tec(), tiny_objective(tiny_base().cuda()), data, cfg)
-    eager, graphed = runs[False], runs[True]
+    eager, graphed = runs["off"], runs[mode]
     assert graphed.steps == 6 and graphed.checkpoint and "grad_norm" in graphed.metrics
+    assert graphed.cuda_graph.startswith("replayed: 5 step(s)"), graphed.cuda_graph
     np.testing.assert_allclose(graphed.losses, eager.losses, rtol=5e-3)
     # parameters with no true gradient (attention key biases) take Adam steps of up to the lr on
     # rounding noise that the two runs round differently: bound by the steps taken
