@@ -79,33 +79,54 @@ def test_same_targets_as_the_fp32_base_under_autocast_with_fewer_casts(request, 
     assert casts_fp32 - casts_low == 2 * (4 * len(base.blocks) + 1), (casts_fp32, casts_low)
 
 
-def test_fit_gives_a_bf16_run_the_copy_and_an_fp32_run_the_base():
+def test_for_precision_gives_a_bf16_run_a_copy_and_leaves_the_objective_alone():
     base = _base()
     objective = TECObjective(base, 0.75, base.config.num_patches)
-    assert objective.base is base
-    objective.prepare(torch.device("cpu"), torch.bfloat16)
-    assert objective.base is not base and objective.base.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
-    objective.prepare(torch.device("cpu"), None)  # a later fp32 fit: the base it was given
-    assert objective.base is base
+    low = objective.for_precision(torch.bfloat16)
+    assert low is not objective and objective.base is base  # the objective given: unchanged
+    assert low.base is not base and low.base.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert base.blocks[0].attn.qkv.weight.dtype == torch.float32
+    assert (low.mask_ratio, low.noise_columns) == (objective.mask_ratio, objective.noise_columns)
+    assert objective.for_precision(None) is objective  # fp32: the objective itself
 
-    seen = []
+    calls = []
     objective = tiny_objective()
 
     class Recording(TECObjective):
-        def prepare(self, device, amp_dtype):
-            seen.append((device.type, amp_dtype))
-            super().prepare(device, amp_dtype)
+        def __call__(self, model, batch, noise):
+            calls.append((self, self.base))
+            return super().__call__(model, batch, noise)
 
     recording = Recording(objective.base, 0.75, objective.patches)
     cfg = FitConfig(epochs=1, batch_size=8, lr=1e-3, warmup_steps=1, progress=False, seed=0, precision="bf16")
-    bases = []
-    fit(tiny_tec(), recording, AugmentedImages(n=16), cfg,
-        on_step=lambda step, metrics: bases.append(recording.base))
-    # prepared before the first step, given back when fit returns
-    assert seen == [("cpu", torch.bfloat16), ("cpu", None)]
-    assert bases and all(b is bases[0] for b in bases) and bases[0] is not objective.base
-    assert bases[0].blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
-    assert recording.base is recording.base_source is objective.base
+    fit(tiny_tec(), recording, AugmentedImages(n=16), cfg)
+    # every step ran one copy with the bf16 base; the objective given was never changed
+    assert calls and all(obj is calls[0][0] and b is calls[0][1] for obj, b in calls)
+    assert calls[0][0] is not recording and calls[0][1].blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert recording.base is objective.base and recording.base.blocks[0].mlp.fc1.weight.dtype == torch.float32
+
+
+def test_cast_weights_once_never_changes_the_model():
+    """The wrapper runs its own structural copy: while a step runs, the model's layers still hold
+    their fp32 Parameters (hooks registered on the model fire, seeing the copy's cast weights)."""
+    model = tiny_tec()
+    wrapped = CastWeightsOnce(model, torch.bfloat16)
+    attn = model.blocks[0].attn
+    seen = []
+    attn.register_forward_pre_hook(lambda module, args: seen.append(
+        (type(attn.qkv.weight), attn.qkv.weight.dtype, module is attn, module.qkv.weight.dtype)))
+    params = {n: p for n, p in model.named_parameters()}
+    images = torch.randn(2, 3, 16, 16)
+    targets = tiny_base()(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wrapped(images, targets, mask_ratio=0.75)["loss"].backward()
+    assert seen == [(nn.Parameter, torch.float32, False, torch.bfloat16)]
+    assert all(p is params[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
+    assert attn.qkv.weight.grad is not None and attn.qkv.weight.grad.dtype == torch.float32
+    assert set(wrapped.state_dict()) == {"module." + k for k in model.state_dict()}  # no second copy
+    wrapped.eval()
+    assert not model.training and not wrapped.runner.training
+    assert wrapped.runner.blocks[0].attn.qkv.weight is attn.qkv.weight  # at rest: the same Parameter
 
 
 def _tec_step(wrap: bool):

@@ -232,15 +232,18 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     optimizer, opt_name = (make_optimizer(model, sched.peak_lr) if make_optimizer is not None else
                            build_optimizer(model, sched.peak_lr, cfg.weight_decay, cfg.betas, cfg.optimizer))
     scaler, amp_dtype = _precision(cfg, d)
-    if amp_dtype is not None and not d.enabled and not cfg.compile:  # weights cast in one go (one process)
+    # What each step calls, named here; neither changes `model` or `objective`. `wrapped`: the model,
+    # DDP / FSDP2 / compile's wrapper of it (_wrap_model), or with bf16 / fp16 in one eager process
+    # CastWeightsOnce (its weights cast in one kernel per step). `step_objective`: the objective, or
+    # with autocast its copy whose frozen base holds its weights in the autocast dtype.
+    if amp_dtype is not None and not d.enabled and not cfg.compile:
         wrapped = CastWeightsOnce(model, amp_dtype)
-    if hasattr(objective, "prepare"):
-        objective.prepare(d.device, amp_dtype)
+    step_objective = objective.for_precision(amp_dtype) if hasattr(objective, "for_precision") else objective
     if use_graphs:  # now with the optimizer known
         use_graphs, graph_status = plan_graphs(cfg, d.device, d.world, opt_name, batch_sampler is not None,
-                                               objective)
+                                               step_objective)
     pos = restore(resumed, model, optimizer, scaler, sched, cfg, d)
-    graphed = (GraphedStep(model, wrapped, objective, optimizer, cfg.clip_grad, amp_dtype, d.device, cfg.accum,
+    graphed = (GraphedStep(model, wrapped, step_objective, optimizer, cfg.clip_grad, amp_dtype, d.device, cfg.accum,
                            sync if d.enabled else None, fallback=cfg.cuda_graph == "auto" and not d.enabled)
                if use_graphs else None)
     first_step = pos.step  # with graphs, this run's first steps are eager: kernels, optimizer state
@@ -263,7 +266,7 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
                     set_lr(optimizer, lr)
                     replay = graphed if graphed is not None and graphed.active \
                         and pos.step >= first_step + graphed.eager_steps else None
-                    names, sums, images = _forward_backward(wrapped, sync, objective, batches, scaler, cfg, d,
+                    names, sums, images = _forward_backward(wrapped, sync, step_objective, batches, scaler, cfg, d,
                                                             pos.step, amp_dtype, replay)
                     over_time = cfg.time_limit is not None and time.perf_counter() - t_start > cfg.time_limit
                     metrics, nonfinite, stop_signal, stop_time, images = _agree(
@@ -289,6 +292,4 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
                          graphed.status if graphed is not None else graph_status)
     finally:
         meter.close()
-        if hasattr(objective, "prepare"):
-            objective.prepare(d.device, None)  # as it was given: usable outside autocast again
     return result

@@ -3,6 +3,7 @@ MAE. They only route tensors to the model; the math is in ``TECModel`` and ``MAE
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional, Protocol, runtime_checkable
 
 import torch
@@ -24,9 +25,8 @@ class Objective(Protocol):
     True, ``noise`` stays on the host (the objective derives host-side facts from it, such as
     per-image visible counts, without reading the GPU back).
     ``__call__`` returns the loss under ``'loss'`` plus any other 0-dim metrics to log.
-    Optional: ``prepare(device, amp_dtype)``, which ``fit`` calls before the first step with the
-    training device and the autocast dtype (None without autocast), and again with None when it
-    returns or raises.
+    Optional: ``for_precision(amp_dtype)`` -> the objective ``fit`` runs the steps with under
+    that autocast dtype (None without autocast): a copy or ``self``, never a change to ``self``.
     """
 
     noise_columns: Optional[int]
@@ -43,16 +43,19 @@ def _check_ratio(mask_ratio) -> None:
         raise ValueError(f"mask_ratio must be in (0, 1) (or a (lo, hi) range in it), got {mask_ratio!r}")
 
 
-def _base_for_autocast(objective, amp_dtype: Optional[torch.dtype]) -> None:
-    """Under bf16 / fp16 autocast the objective's frozen base runs as ``autocast_copy``: its GEMM
-    weights cast once instead of at every step, with the same values. The base it was given is
-    kept (``base_source``) and used as is without autocast, by a compiled base (``torch.compile``
-    owns its casts) and when the targets come from a cache."""
-    source = getattr(objective, "base_source", objective.base)
-    objective.base_source = objective.base = source
-    if amp_dtype is not None and getattr(objective, "cache", None) is None and isinstance(source, BaseModel):
-        from tec_fast.training.precision import autocast_copy
-        objective.base = autocast_copy(source, amp_dtype)
+def _with_autocast_base(objective, amp_dtype: Optional[torch.dtype]):
+    """``objective``, or under bf16 / fp16 autocast a shallow copy of it whose frozen base is
+    ``autocast_copy(base)``: its GEMM weights cast once instead of at every step, with the same
+    values. ``objective`` itself is unchanged (its base stays usable outside autocast). No copy
+    without autocast, when the targets come from a cache, or for a base that is not a
+    ``BaseModel`` (a compiled base: ``torch.compile`` owns its casts)."""
+    if amp_dtype is None or getattr(objective, "cache", None) is not None \
+            or not isinstance(objective.base, BaseModel):
+        return objective
+    from tec_fast.training.precision import autocast_copy
+    out = copy.copy(objective)
+    out.base = autocast_copy(objective.base, amp_dtype)
+    return out
 
 
 class TECObjective:
@@ -82,8 +85,9 @@ class TECObjective:
         # variable masks are drawn on the host: visible counts known there, nothing read back
         self.host_noise = self.variable
 
-    def prepare(self, device: torch.device, amp_dtype: Optional[torch.dtype]) -> None:
-        _base_for_autocast(self, amp_dtype)
+    def for_precision(self, amp_dtype: Optional[torch.dtype]):
+        """This objective, or a copy whose base runs as ``autocast_copy`` (``_with_autocast_base``)."""
+        return _with_autocast_base(self, amp_dtype)
 
     def _ratios(self, u: torch.Tensor) -> torch.Tensor:
         lo, hi = self.mask_ratio if isinstance(self.mask_ratio, tuple) else (self.mask_ratio,) * 2
@@ -130,8 +134,9 @@ class NativeTECObjective:
         self.patch, self.tokens_per_batch = int(patch), int(tokens_per_batch)
         self.collate = NativeNoiseCollate(self.patch)
 
-    def prepare(self, device: torch.device, amp_dtype: Optional[torch.dtype]) -> None:
-        _base_for_autocast(self, amp_dtype)
+    def for_precision(self, amp_dtype: Optional[torch.dtype]):
+        """This objective, or a copy whose base runs as ``autocast_copy`` (``_with_autocast_base``)."""
+        return _with_autocast_base(self, amp_dtype)
 
     def samples(self, dataset: Dataset) -> "NativeNoiseSamples":
         return NativeNoiseSamples(dataset, self.patch)

@@ -15,8 +15,10 @@ Both helpers give bitwise the values and gradients plain autocast gives: the cas
 the ones autocast would have made, to the same dtype (tests/test_precision.py, on the reference
 and the Triton path). LayerNorm weights, tokens and position embeddings are left to autocast by
 both; ``CastWeightsOnce`` also leaves the biases (the fused ops keep their gradients in fp32).
-``fit`` uses both for bf16 / fp16 runs (``CastWeightsOnce`` in one process only, see its
-docstring).
+Neither changes the module it is given: ``autocast_copy`` returns a copy, ``CastWeightsOnce``
+runs a structural copy of its own. ``fit`` uses both for bf16 / fp16 runs and names them
+(``CastWeightsOnce`` in one process only, see its docstring; the base through the objective's
+``for_precision``).
 """
 from __future__ import annotations
 
@@ -78,6 +80,21 @@ class _CastWeights(torch.autograd.Function):
         return (None, *out)
 
 
+def _structural_copy(module: nn.Module, layers: set, memo: dict) -> nn.Module:
+    """A copy of ``module``'s tree of submodules that shares everything with it (parameters,
+    buffers, hooks, attributes) except its own ``_modules`` dicts and, for the layers in
+    ``layers``, their ``_parameters`` dicts: a module structure whose weights can be pointed
+    at other tensors without touching ``module``."""
+    if id(module) in memo:
+        return memo[id(module)]
+    out = memo[id(module)] = copy.copy(module)
+    out._modules = {name: None if child is None else _structural_copy(child, layers, memo)
+                    for name, child in module._modules.items()}
+    if id(module) in layers:
+        out._parameters = dict(module._parameters)
+    return out
+
+
 class CastWeightsOnce(nn.Module):
     """Runs ``module`` (being trained, fp32 weights) under autocast with the weights of its
     Linear and Conv2d layers cast to ``dtype`` in one multi-tensor kernel per step, and their
@@ -86,6 +103,11 @@ class CastWeightsOnce(nn.Module):
     reads these weights under autocast casts them to the autocast dtype itself, so the values
     and the gradients are bitwise the same. Biases, norms and tokens are left to autocast: the
     fused ops keep some bias gradients in fp32.
+
+    ``module`` itself is never changed: the wrapper runs its own structural copy of it
+    (``runner``: the same parameters, buffers and hooks, its own submodule objects), whose
+    matmul layers read the step's cast weights. The copy is made here, so build the wrapper
+    after ``module`` is on its device and complete (``fit`` does). ``train``/``eval`` reach both.
 
     Outside autocast to ``dtype``, or without grad, it calls ``module`` as is. For one process
     only: under DDP every weight's gradient would become ready at the end of the backward,
@@ -100,21 +122,31 @@ class CastWeightsOnce(nn.Module):
                  and layer.weight.dtype == torch.float32]
         self.names = [f"{name}.weight" if name else "weight" for name, _ in found]
         self._layers = [layer for _, layer in found]
+        memo: dict = {}
+        runner = _structural_copy(module, {id(layer) for layer in self._layers}, memo)
+        # kept out of _modules: not a second copy of the parameters in state_dict / parameters()
+        self.__dict__["runner"] = runner
+        self._runner_layers = [memo[id(layer)] for layer in self._layers]
+
+    def train(self, mode: bool = True) -> "CastWeightsOnce":
+        super().train(mode)
+        self.runner.train(mode)
+        return self
 
     def forward(self, *args, **kwargs):
-        layers = self._layers
-        weights = [layer.weight for layer in layers]
+        weights = [layer.weight for layer in self._layers]
         device = weights[0].device.type if weights else "cpu"
         if not weights or not torch.is_grad_enabled() or not torch.is_autocast_enabled(device) \
                 or torch.get_autocast_dtype(device) != self.dtype:
             return self.module(*args, **kwargs)
         low = _CastWeights.apply(self.dtype, *weights)
-        # the layers read the cast copies for this call (torch.func.functional_call does the
-        # same swap, at about ten times the host time)
+        # the runner's layers read this step's cast copies (torch.func.functional_call does the
+        # same swap on the module itself, at about ten times the host time)
+        layers = self._runner_layers
         for layer, w in zip(layers, low):
             layer._parameters["weight"] = w
         try:
-            return self.module(*args, **kwargs)
-        finally:
+            return self.runner(*args, **kwargs)
+        finally:  # the cast copies live on only in the graph (freed by the backward)
             for layer, w in zip(layers, weights):
                 layer._parameters["weight"] = w
