@@ -124,7 +124,12 @@ class EncodedImage:
                 return self._turbo.decode_jpeg(self.data, colorspace="RGB")
             return self._turbo.decode_jpeg(self.data, colorspace="RGB", min_width=-(-self.width // reduce),
                                            min_height=-(-self.height // reduce))
-        img = self._pil
+        img, self._pil = self._pil, None  # PIL decodes an opened file once: a second decode reopens it
+        if img is None:
+            import io
+
+            from PIL import Image
+            img = Image.open(io.BytesIO(self.data))
         if reduce > 1 and img.format == "JPEG":
             img.draft("RGB", (self.width // reduce, self.height // reduce))
         return np.asarray(to_rgb(img))

@@ -1,0 +1,77 @@
+"""``python -m tec_fast.make_shards SRC OUT``: an image folder as webdataset-style tar shards that
+``python -m tec_fast.train --data`` reads (``OUT/shard-{000000..N}.tar``).
+
+Each image is stored as its file's bytes (nothing re-encoded: the pixels the trainer sees are the
+same as from the folder) with its label in ``<key>.cls``; ``OUT/classes.txt`` holds the class
+names and ``OUT/shards.json`` what was written (the pattern to pass to ``--data``, counts, bytes).
+Every shard is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from tec_fast.cli.errors import run_command
+from tec_fast.cli.flags import POSITIVE, Parser, existing_dir
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m tec_fast.make_shards",
+               description="Copy an image folder (SRC/train/<class>/*.jpg, class folders, or a flat folder) into "
+                           "uncompressed tar shards for python -m tec_fast.train --data: one member per image "
+                           "(the file as it is) and one per label (<key>.cls), plus classes.txt and shards.json "
+                           "(the --data pattern, counts, bytes).")
+    p.add_argument("src", metavar="SRC", type=existing_dir, help="the image folder")
+    p.add_argument("out", metavar="OUT", help="folder for the shards (created; shards of the same prefix there "
+                                              "are overwritten)")
+    p.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ... (default %(default)s)")
+    p.add_argument("--max-images", type=POSITIVE, default=5000, metavar="N",
+                   help="images per shard at most (default %(default)s)")
+    p.add_argument("--max-mb", type=POSITIVE, default=1024, metavar="MB",
+                   help="shard size in MB at most, unless one image is larger (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    return p
+
+
+def _main(argv) -> int:
+    from tec_fast.data.shards import write_shards
+    from tec_fast.training.monitor import table
+
+    args = build_parser().parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"OUT {args.out!r} is a file, not a folder")
+    t0, shown = time.perf_counter(), [0.0]
+
+    def progress(n: int) -> None:
+        now = time.perf_counter()
+        if not args.no_progress and now - shown[0] > 0.5:
+            shown[0] = now
+            print(f"\r{n} images, {n / max(now - t0, 1e-9):.0f} img/s", end="", file=sys.stderr, flush=True)
+
+    r = write_shards(args.src, args.out, prefix=args.prefix, max_images=args.max_images,
+                     max_bytes=args.max_mb * 1024 * 1024, on_image=progress)
+    seconds = time.perf_counter() - t0
+    if not args.no_progress:
+        print(file=sys.stderr)
+    record = {"pattern": r["pattern"], "shards": len(r["shards"]), "images": r["images"], "bytes": r["bytes"],
+              "classes": len(r["classes"]), "seconds": seconds, "source": os.path.abspath(args.src)}
+    tmp = os.path.join(args.out, "shards.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(args.out, "shards.json"))
+    print(table(["", ""], [["shards", record["shards"]], ["images", record["images"]],
+                           ["classes", record["classes"]], ["size", f"{r['bytes'] / 1e6:.1f} MB"],
+                           ["time", f"{seconds:.1f} s"], ["train with", f"--data '{r['pattern']}'"]],
+                title="make_shards", align="ll"))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Exit status 0, or 2 with one ``error:`` line for a bad input."""
+    return run_command(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Local Hugging Face dataset folders read with pyarrow alone: save_to_disk (Arrow) and Parquet
+layouts give the folder's samples, class names from the ClassLabel feature, bad rows skipped
+and counted, DataLoader workers reopen the files, and training from one resumes exactly."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+pa = pytest.importorskip("pyarrow")
+
+from data_helpers import write_folder, write_hf_arrow, write_hf_parquet  # noqa: E402
+from tec_fast.data.folder import ImageFolderDataset  # noqa: E402
+from tec_fast.data.hf import HFImageDataset  # noqa: E402
+from tec_fast.data.sources import data_kind, open_dataset  # noqa: E402
+from test_shards import resumes_exactly  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("hf_src"), n=14, png_every=5, seed=3)
+
+
+@pytest.mark.parametrize("layout", ["arrow", "dataset_dict", "parquet"])
+def test_hf_folder_gives_the_folder_samples(root, tmp_path, layout):
+    if layout == "parquet":
+        path = write_hf_parquet(tmp_path / "pq", root)
+    else:
+        path = write_hf_arrow(tmp_path / "hf", root, dataset_dict=layout == "dataset_dict")
+    assert data_kind(path) == "hf"
+    ds = open_dataset(path, img_size=16, train=True, uint8=True)
+    assert isinstance(ds, HFImageDataset) and ds.format == ("parquet" if layout == "parquet" else "arrow")
+    folder = ImageFolderDataset(root, img_size=16, train=True, uint8=True)
+    assert len(ds) == 14 and ds.classes == ["cat", "dog"] and ds.targets == folder.targets
+    for i in (13, 0, 6, 4):  # out of order: parquet row groups of 5 are read as needed
+        torch.manual_seed(i)
+        a, la = ds[i]
+        torch.manual_seed(i)
+        b, lb = folder[i]
+        assert torch.equal(a, b) and la == lb
+    loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=2)  # workers reopen the files
+    assert sum(len(x) for x, _ in loader) == 14
+
+
+def test_bad_rows_skipped_and_counted(tmp_path):
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    good = open(sorted(os.path.join(dp, f) for dp, _, fs in os.walk(write_folder(tmp_path / "src", n=2))
+                       for f in fs)[0], "rb").read()
+    table = pa.table({"img": pa.array([{"bytes": b"junk", "path": None}, {"bytes": good, "path": None}],
+                                      type=image_type)})
+    os.makedirs(tmp_path / "hf")
+    with pa.ipc.new_stream(str(tmp_path / "hf" / "data.arrow"), table.schema) as w:
+        w.write_table(table)
+    (tmp_path / "hf" / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data.arrow"}]}))
+    ds = HFImageDataset(str(tmp_path / "hf"), img_size=8)
+    assert ds.targets == [-1, -1] and ds.classes == [] and ds.image_column == "img"
+    with pytest.warns(RuntimeWarning, match=r"data\.arrow\[0\]"):
+        x, _ = ds[0]
+    assert x.shape == (3, 8, 8) and ds.num_skipped == 1
+
+
+def test_hf_errors(tmp_path):
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["a", "b"]}))
+    with pytest.raises(ValueError, match="none named 'train'"):
+        HFImageDataset(str(tmp_path / "dd"))
+    import pyarrow.parquet as pq
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), str(tmp_path / "t" / "a.parquet"))
+    with pytest.raises(ValueError, match="no image column"):
+        HFImageDataset(str(tmp_path / "t"))
+    with pytest.raises(ValueError, match="not a directory"):
+        HFImageDataset(str(tmp_path / "nope"))
+
+
+def test_training_from_an_hf_folder_resumes_exactly(root, tmp_path):
+    path = write_hf_arrow(tmp_path / "hf", root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        resumes_exactly(tmp_path, lambda: HFImageDataset(path, img_size=16, uint8=True))

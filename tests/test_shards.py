@@ -1,0 +1,189 @@
+"""Tar shards: brace patterns, the same samples as the folder they were written from, corrupt
+and cut-short members skipped and counted, the split across ranks and workers, the make_shards
+command, and training from shards that resumes exactly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tarfile
+import warnings
+
+import pytest
+import torch
+
+from data_helpers import write_folder
+from tec_fast.data.folder import ImageFolderDataset
+from tec_fast.data.shards import TarShardDataset, expand_braces, shard_paths, write_shards
+from tec_fast.data.sources import data_kind, open_dataset
+from tec_fast.training import FitConfig, TrainingInterrupted, fit
+from tec_fast.training.distributed import DistInfo
+from tec_fast.training.loop import build_loader
+
+
+def test_expand_braces():
+    assert expand_braces("s-{00..02}.tar") == ["s-00.tar", "s-01.tar", "s-02.tar"]
+    assert expand_braces("{a,b}/x-{8..10}.tar") == ["a/x-8.tar", "a/x-9.tar", "a/x-10.tar",
+                                                   "b/x-8.tar", "b/x-9.tar", "b/x-10.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(ValueError, match="backwards"):
+        expand_braces("s-{3..1}.tar")
+    with pytest.raises(ValueError, match="neither a range"):
+        expand_braces("s-{x}.tar")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = write_folder(tmp_path_factory.mktemp("folder") / "train", n=14, png_every=5)
+    out = tmp_path_factory.mktemp("shards")
+    info = write_shards(os.path.dirname(root), str(out), max_images=4)
+    return root, str(out), info
+
+
+def test_written_shards_hold_the_folder(made):
+    root, out, info = made
+    assert info["images"] == 14 and len(info["shards"]) == 4 and info["classes"] == ["cat", "dog"]
+    assert info["pattern"] == os.path.join(out, "shard-{000000..000003}.tar")
+    assert shard_paths(info["pattern"]) == info["shards"] == shard_paths(out)
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert data_kind(info["pattern"]) == data_kind(out) == "shards" and data_kind(root) == "folder"
+    folder = ImageFolderDataset(root, img_size=16, train=True, uint8=True)
+    for spec in (info["pattern"], out, info["shards"]):
+        ds = TarShardDataset(spec, img_size=16, train=True, uint8=True)
+        assert len(ds) == 14 and ds.classes == ["cat", "dog"] and ds.targets == folder.targets
+        for i in (0, 4, 13):  # a PNG is at 4 and 9
+            torch.manual_seed(i)
+            a, la = ds[i]
+            torch.manual_seed(i)
+            b, lb = folder[i]
+            assert torch.equal(a, b) and la == lb
+    ev = open_dataset(out, img_size=16, train=False)
+    ref = ImageFolderDataset(root, img_size=16, train=False)
+    assert torch.equal(ev[3][0], ref[3][0]) and ev[3][0].dtype == torch.float32
+
+
+def test_missing_shards_and_bad_specs(tmp_path):
+    with pytest.raises(ValueError, match="do not exist"):
+        shard_paths(str(tmp_path / "s-{0..3}.tar"))
+    with pytest.raises(ValueError, match=r"no \.tar shards"):
+        shard_paths(str(tmp_path))
+    (tmp_path / "x.tar").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="not a readable uncompressed tar"):
+        TarShardDataset(str(tmp_path / "x.tar"))
+
+
+def _tar(path, members):
+    import io
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_members_skipped_and_counted(made, tmp_path):
+    root, _, _ = made
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs if f.endswith(".jpg"))
+    good = [open(f, "rb").read() for f in files[:3]]
+    _tar(tmp_path / "a.tar", [("k0.jpg", good[0]), ("k0.cls", b"1"), ("k1.jpg", b"garbage"), ("k1.cls", b"0"),
+                              ("k2.jpg", good[1][: len(good[1]) // 2]), ("k3.jpg", good[2]), ("k3.cls", b"1"),
+                              ("notes.txt", b"no image here")])
+    ds = TarShardDataset(str(tmp_path / "a.tar"), img_size=8, train=False)
+    assert len(ds) == 4 and ds.targets == [1, 0, -1, 1] and ds.classes == []
+    with pytest.warns(RuntimeWarning) as caught:
+        x, label = ds[1]
+    assert x.shape == (3, 8, 8) and label == 1  # k1 garbage, k2 cut short: k3 stands in
+    assert [str(w.message).split()[3] for w in caught] == [f"{tmp_path}/a.tar:k1", f"{tmp_path}/a.tar:k2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known bad members are not decoded or warned about again
+        assert ds[2][1] == 1
+    assert ds.num_skipped == 2 and sorted(ds.skipped_paths()) == [f"{tmp_path}/a.tar:k1", f"{tmp_path}/a.tar:k2"]
+    loader = torch.utils.data.DataLoader(TarShardDataset(str(tmp_path / "a.tar"), img_size=8), batch_size=2,
+                                         num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert sum(len(b[0]) for b in loader) == 4
+    assert loader.dataset.num_skipped == 2  # counted in the workers, seen here
+
+
+def test_cut_short_shard_keeps_what_came_before(made, tmp_path):
+    _, _, info = made
+    data = open(info["shards"][0], "rb").read()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = TarShardDataset(str(tmp_path / "cut.tar"), img_size=8)
+        assert 1 <= len(ds) < 4
+        items = [ds[i] for i in range(len(ds))]
+    assert len(items) == len(ds)
+
+
+def test_split_across_ranks_and_workers_is_deterministic(made):
+    _, out, _ = made
+    ds = TarShardDataset(out, img_size=8, uint8=True)
+    cfg = FitConfig(name="t", output_dir="", batch_size=2, seed=5)
+    seen = []
+    for rank in (0, 1):
+        per_workers = []
+        for workers in (0, 2):
+            cfg.num_workers = workers
+            loader, sampler, _ = build_loader(ds, cfg, DistInfo(rank=rank, world=2))
+            sampler.set_epoch(1)
+            per_workers.append([(x, y) for x, y in loader])
+        for (xa, ya), (xb, yb) in zip(*per_workers):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)  # worker count changes nothing
+        assert per_workers[0][0][0].dtype == torch.uint8
+        seen.append(list(sampler))
+    ids = [i for rank in seen for i, _ in rank]
+    assert len(ids) == len(set(ids)) == 12  # disjoint: 7 per rank, 3 whole batches of 2 each
+
+
+def test_make_shards_command(made, tmp_path, capsys):
+    from tec_fast.cli.make_shards import main
+
+    root, _, _ = made
+    assert main([os.path.dirname(root), str(tmp_path / "o"), "--max-images", "5", "--prefix", "part",
+                 "--no-progress"]) == 0
+    record = json.loads((tmp_path / "o" / "shards.json").read_text())
+    assert record["shards"] == 3 and record["images"] == 14 and record["pattern"].endswith("part-{000000..000002}.tar")
+    assert "--data" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing"), str(tmp_path / "o2")])
+    assert exit_info.value.code == 2 and "error: argument SRC" in capsys.readouterr().err
+    assert main([os.path.dirname(root), str(tmp_path / "o3"), "--prefix", "a/b"]) == 2
+    assert "prefix" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- training, resumed
+def _cfg(out, **kw):
+    base = dict(name="tec", output_dir=str(out), epochs=2, batch_size=2, accum=2, lr=2e-3, warmup_steps=2,
+                seed=7, log_every=1, progress=False)
+    base.update(kw)
+    return FitConfig(**base)
+
+
+def resumes_exactly(tmp_path, make_dataset):
+    """fit on ``make_dataset()`` (uint8 images, 16 px) interrupted at step 2 and resumed with two
+    workers equals the uninterrupted run, loss for loss and weight for weight."""
+    from train_helpers import tiny_objective, tiny_tec
+
+    full = fit(tiny_tec(), tiny_objective(), make_dataset(), _cfg(tmp_path / "full"))
+
+    def stop(step, metrics):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(tiny_tec(), tiny_objective(), make_dataset(), _cfg(tmp_path / "cut"), on_step=stop)
+    part1 = torch.load(info.value.checkpoint, weights_only=True)
+    assert part1["step"] == 2 and part1["step_in_epoch"] == 2  # mid-epoch (14 images: 3 steps of 4)
+    resumed = fit(tiny_tec(seed=99), tiny_objective(), make_dataset(),
+                  _cfg(tmp_path / "cut", resume="auto", num_workers=2))
+    assert [full.losses[i] for i in range(2)] + resumed.losses == full.losses
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_training_from_shards_resumes_exactly(made, tmp_path):
+    _, out, _ = made
+    resumes_exactly(tmp_path, lambda: TarShardDataset(out, img_size=16, uint8=True))
