@@ -120,6 +120,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "safetensors>=0.4",
         "triton>=3.0; platform_system=='Linux'",
     ],
     extras_require={

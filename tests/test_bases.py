@@ -202,13 +202,21 @@ def test_safetensors_io(tmp_path):
                        tmp_path / "enc.safetensors") == "safetensors"
     _check(_load(str(tmp_path / "enc.safetensors"), 32, num_heads=2, topk=mk.TOPK), REF["vit@32"])
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":1}")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad.safetensors"):
         read_checkpoint(str(tmp_path / "bad.safetensors"))
-    try:
-        import safetensors.torch as st
-    except ImportError:
-        return
+    whole = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[:-8])  # a tensor's bytes missing
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        read_checkpoint(str(tmp_path / "cut.safetensors"))
+    import safetensors.torch as st
     torch.testing.assert_close(st.load_file(str(tmp_path / "m.safetensors"))["a"], mixed["a"])
+    # views of one storage (the q/k/v thirds of a qkv weight) are written as separate tensors
+    qkv = torch.randn(6, 4)
+    write_safetensors(dict(zip("qkv", qkv.chunk(3))), tmp_path / "views.safetensors")
+    back, _ = read_safetensors(str(tmp_path / "views.safetensors"))
+    assert all(torch.equal(back[n], t) for n, t in zip("qkv", qkv.chunk(3)))
+    with pytest.raises(ValueError, match="tensors only"):
+        write_safetensors({"a": 1.0}, tmp_path / "x.safetensors")
 
 
 # ------------------------------------------------------------------------- live comparison

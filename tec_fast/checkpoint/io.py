@@ -2,9 +2,9 @@
 
 Formats read: PyTorch files (``torch.save``; unpickled with ``weights_only=True``), safetensors
 files, and Hugging Face ``save_pretrained`` folders (``config.json`` beside ``model.safetensors``,
-``pytorch_model.bin`` or a sharded ``*.index.json``). The safetensors format (an 8-byte
-little-endian header length, a JSON header, then the raw tensors) is read and written here, so the
-``safetensors`` package is not needed.
+``pytorch_model.bin`` or a sharded ``*.index.json``). Safetensors files are read (memory-mapped)
+and written through the ``safetensors`` package; only the sniffing of a file's format (its first
+nine bytes) is done here.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import tempfile
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
 
 PathOrState = Union[str, os.PathLike, dict]
 
@@ -28,11 +30,6 @@ TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".pth"
 # tempfile.mkstemp names: the prefix, 8 characters of [a-z0-9_], the suffix.
 _TEMP_NAME = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + r"$")
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool,
-              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
 
@@ -95,63 +92,38 @@ def _looks_like_safetensors(path: str) -> bool:
 
 
 def read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; tensors are CPU copies."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path!r} is not a safetensors file (only {len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
+    """(tensors, metadata) of a safetensors file, through the ``safetensors`` package: the file is
+    memory-mapped and each tensor's pages are read when it is used, not copied up front."""
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path!r} is not a safetensors file (bad header: {exc})") from None
-    body = memoryview(data)[8 + n:]
-    metadata = header.pop("__metadata__", None) or {}
-    out = {}
-    for name, info in header.items():
-        dtype = _ST_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"{path!r}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        begin, end = info["data_offsets"]
-        shape = list(info["shape"])
-        numel = 1
-        for s in shape:
-            numel *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if not 0 <= begin <= end <= len(body) or end - begin != numel * itemsize:
-            raise ValueError(f"{path!r}: tensor {name!r} ({info['dtype']} {shape}) has data offsets "
-                             f"{[begin, end]} that do not fit the {len(body)}-byte body")
-        flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
-        out[name] = flat.reshape(shape)
-    return out, metadata
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            return {name: f.get_tensor(name) for name in f.keys()}, dict(metadata)
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:  # a header or offsets it refuses
+        raise ValueError(f"{path!r} is not a readable safetensors file ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})") from None
 
 
 def write_safetensors(state: Dict[str, torch.Tensor], path: Union[str, os.PathLike],
                       metadata: Optional[Dict[str, str]] = None) -> None:
-    """A safetensors file (atomically); metadata defaults to {'format': 'pt'}, which transformers
-    requires."""
-    header, chunks, offset = {}, [], 0
+    """A safetensors file (atomically, through ``safetensors.torch.save``); metadata defaults to
+    {'format': 'pt'}, which transformers requires. Tensors that share storage (views such as
+    the q/k/v thirds of one qkv weight) are written as copies: the format holds no aliases."""
+    tensors, storages = {}, set()
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"safetensors holds tensors only; {name!r} is a {type(t).__name__}")
-        if t.dtype not in _ST_NAMES:
-            raise ValueError(f"safetensors cannot hold {name!r} of dtype {t.dtype}")
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    header["__metadata__"] = {str(k): str(v) for k, v in (metadata or {"format": "pt"}).items()}
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the body starts 8-byte aligned
-
-    def write(f):
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for c in chunks:
-            f.write(c)
-
-    _write_atomic(path, write)
+        t = t.detach().cpu().contiguous()
+        key = t.untyped_storage().data_ptr()
+        if t.numel() and (key in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+    meta = {str(k): str(v) for k, v in (metadata or {"format": "pt"}).items()}
+    try:
+        blob = safetensors_save(tensors, metadata=meta)
+    except (SafetensorError, ValueError, TypeError) as exc:  # e.g. a dtype the format has no name for
+        raise ValueError(f"cannot write {os.fspath(path)!r} as safetensors: {exc}") from None
+    _write_atomic(path, lambda f: f.write(blob))
 
 
 # -------------------------------------------------------------------- Hugging Face folders
