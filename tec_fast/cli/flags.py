@@ -131,20 +131,6 @@ def data_source(text: str) -> str:
     return text
 
 
-def data_source(text: str) -> str:
-    """--data: an image folder, a Hugging Face dataset folder, a .tar shard, or a shard pattern
-    (``shards-{0000..0099}.tar``) whose files all exist."""
-    from tec_fast.data.sources import data_kind
-    from tec_fast.data.shards import shard_paths
-
-    try:
-        if data_kind(text) == "shards":
-            shard_paths(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def output_file(text: str) -> str:
     """A path a file can be written to: not a folder, its folder not a file."""
     if not text:

@@ -220,7 +220,6 @@ def train(args) -> int:
 
 def _train(args, d, output: str) -> int:
     from tec_fast.data.decode import decoder_name
-    from tec_fast.data.decode import decoder_name
     from tec_fast.data.sources import open_dataset
     from tec_fast.training import NonFiniteTraining, TrainingInterrupted, fit
     from tec_fast.training.builders import OBJECTIVE_BUILDERS, native_batching, native_plan
@@ -251,9 +250,6 @@ def _train(args, d, output: str) -> int:
 
     torch.manual_seed(args.seed)
     setup = OBJECTIVE_BUILDERS[args.objective](args, dataset, d.device, native)
-    if args.decode == "gpu":
-        from tec_fast.data.gpu_decode import gpu_decode_inputs
-        setup.dataset, setup.collate_fn = gpu_decode_inputs(setup.dataset)
     if args.decode == "gpu":
         from tec_fast.data.gpu_decode import gpu_decode_inputs
         setup.dataset, setup.collate_fn = gpu_decode_inputs(setup.dataset)

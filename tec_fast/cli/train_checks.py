@@ -41,28 +41,10 @@ def check_train_flags(p: Parser, args: argparse.Namespace) -> None:
     if args.native_resolution:
         _check_native(p, args)
     _check_data_pipeline(p, args)
-    _check_data_pipeline(p, args)
     if args.cuda_graph and args.no_cuda_graph:
         p.refuse("--no-cuda-graph", "contradicts --cuda-graph (which requires the recorded steps)")
     if args.cuda_graph:
         _check_cuda_graph(p, args)
-
-
-def _check_data_pipeline(p: Parser, args) -> None:
-    """--decode gpu needs torchvision's nvjpeg decode and a CUDA device; --target-img-s is for
-    --bench-loader."""
-    if args.target_img_s is not None and not args.bench_loader:
-        p.refuse("--target-img-s", "is the step rate --bench-loader sizes the workers for; add --bench-loader")
-    if args.decode != "gpu":
-        return
-    if args.native_resolution:
-        p.refuse("--decode", "gpu decodes fixed-size RandomResizedCrop batches; --native-resolution decodes on the CPU")
-    import torch
-
-    from tec_fast.data.gpu_decode import gpu_decode_reasons
-    reasons = gpu_decode_reasons(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if reasons:
-        p.refuse("--decode", "gpu is not available here: " + "; ".join(reasons) + " (or use --decode cpu)")
 
 
 def _check_data_pipeline(p: Parser, args) -> None:
