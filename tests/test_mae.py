@@ -129,3 +129,65 @@ def test_invalid_configs():
         MAEModel(VIT, decoder_dim=6, decoder_depth=1, decoder_heads=2)
     with pytest.raises(ValueError, match="images"):
         tiny_mae()(torch.randn(1, 3, 8, 8))
+
+
+def _plain_mae_loss(sd: dict, images: torch.Tensor, noise: torch.Tensor, keep: int, heads: int, dec_heads: int):
+    """MAE's forward written out in plain torch from a state dict (as the MAE release computes
+    it: shuffle by noise, keep the first K, CLS in front, blocks, norm; decoder with mask tokens
+    unshuffled; norm_pix loss on the removed patches), in the dtype of ``sd`` and ``images``."""
+    F = torch.nn.functional
+
+    def ln(x, name):
+        return F.layer_norm(x, x.shape[-1:], sd[name + ".weight"], sd[name + ".bias"], 1e-6)
+
+    def blocks(x, prefix, n_heads):
+        i = 0
+        while f"{prefix}.{i}.norm1.weight" in sd:
+            p = f"{prefix}.{i}."
+            B, N, C = x.shape
+            qkv = F.linear(ln(x, p + "norm1"), sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+            q, k, v = qkv.reshape(B, N, 3, n_heads, C // n_heads).permute(2, 0, 3, 1, 4)
+            att = ((q @ k.transpose(-2, -1)) * (C // n_heads) ** -0.5).softmax(-1)
+            x = x + F.linear((att @ v).transpose(1, 2).reshape(B, N, C), sd[p + "attn.proj.weight"],
+                             sd[p + "attn.proj.bias"])
+            h = F.gelu(F.linear(ln(x, p + "norm2"), sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
+            x = x + F.linear(h, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+            i += 1
+        return x
+
+    B = images.shape[0]
+    x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
+    x = x.flatten(2).transpose(1, 2) + sd["pos_embed"][:, 1:]
+    shuffle = noise.argsort(dim=1)
+    restore = shuffle.argsort(dim=1)
+    x = torch.gather(x, 1, shuffle[:, :keep, None].expand(-1, -1, x.shape[-1]))
+    cls = (sd["cls_token"] + sd["pos_embed"][:, :1]).expand(B, -1, -1)
+    x = ln(blocks(torch.cat([cls, x], 1), "blocks", heads), "norm")
+    y = F.linear(x, sd["decoder_embed.weight"], sd["decoder_embed.bias"])
+    L = noise.shape[1]
+    full = torch.cat([y[:, 1:], sd["mask_token"].expand(B, L - keep, -1)], 1)
+    full = torch.gather(full, 1, restore[:, :, None].expand(-1, -1, y.shape[-1]))
+    y = torch.cat([y[:, :1], full], 1) + sd["decoder_pos_embed"]
+    y = ln(blocks(y, "decoder_blocks", dec_heads), "decoder_norm")
+    pred = F.linear(y, sd["decoder_pred.weight"], sd["decoder_pred.bias"])[:, 1:]
+    target = patchify(images, 4)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    mask = torch.ones(B, L, dtype=images.dtype)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, restore)
+    return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
+def test_loss_matches_a_plain_float64_mae():
+    """The engine's MAE (TEC's block path: token layout, fused residual norms) against MAE's
+    forward written out in plain torch, in float64, on a model with every parameter random."""
+    model = tiny_mae(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    noise = torch.rand(3, VIT.num_patches, generator=torch.Generator().manual_seed(2))
+    got = model(images, mask_ratio=0.75, noise=noise)["loss"]
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    want = _plain_mae_loss(sd, images.double(), noise, keep=4, heads=2, dec_heads=2)
+    assert abs(got.item() - want.item()) <= 2e-6 * max(1.0, abs(want.item())), (got.item(), want.item())
