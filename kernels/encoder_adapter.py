@@ -30,13 +30,15 @@ Reference: ``tec_fast.ops.reference.encoder_adapter``.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Sequence, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import dtype_reasons, persistent_programs, row_slices, unit_last_stride
+from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2, persistent_programs,
+                                      row_slices, unit_last_stride)
 from tec_fast.kernels.mlp import _mlp_gelu_bwd, _mlp_gelu_fwd
 
 
@@ -219,8 +221,13 @@ _TILE = 2048  # elements per LayerNorm tile: 16 fp32 values per thread at 4 warp
 def _ln_in_config(D: int, C: int) -> Tuple[int, int]:
     """(BLOCK_DEPTH, BLOCK_C) of the LN_{D*C} tiles: channel chunks of <= 256, as many blocks as
     fill ``_TILE``."""
-    block_c = _pow2_block(C, min(256, _TILE))
-    return _pow2_block(D, max(1, _TILE // block_c)), block_c
+    return _ln_in_tiles(D, C, _TILE)
+
+
+@functools.lru_cache(maxsize=None)
+def _ln_in_tiles(D: int, C: int, tile: int) -> Tuple[int, int]:
+    block_c = _pow2_block(C, min(256, tile))
+    return _pow2_block(D, max(1, tile // block_c)), block_c
 
 
 def _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
@@ -368,32 +375,44 @@ def _(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w, ln_after_
             e((G, C), dtype=f32), e((2, C), dtype=f32))
 
 
-def _setup_context(ctx, inputs, output):
-    (feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_after_w, ln_after_b,
-     *_) = inputs
-    _, mean_in, rstd_in, u, h_pre, s, mean_out, rstd_out = output
-    ctx.mark_non_differentiable(mean_in, rstd_in, u, h_pre, s, mean_out, rstd_out)
-    ctx.set_materialize_grads(False)  # no zero gradients for the saved intermediates (G x BT x Hd)
-    ctx.save_for_backward(feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w, ln_after_w,
-                          mean_in, rstd_in, u, h_pre, s, mean_out, rstd_out)
-    ctx.param_dtypes = [t.dtype for t in inputs[:11]]
+# ---- autograd ---------------------------------------------------------------------------------
+
+class _EncoderAdapter(torch.autograd.Function):
+    """The adapter as one node: saves feats, the weights and the intermediates its backward needs
+    (u, h_pre, the LayerNorms' statistics and their input sum), not h or Z'."""
+
+    @staticmethod
+    def forward(ctx, feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
+                ln_after_w, ln_after_b, eps_before, eps_after, gemm_dtype, out_dtype):
+        args = (feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_after_w,
+                ln_after_b, eps_before, eps_after, gemm_dtype, out_dtype)
+        if direct_launch():
+            with torch.autocast(feats.device.type, enabled=False):
+                out, *saved = _adapter_fwd(*args)
+        else:
+            out, *saved = _encoder_adapter_op(*args)
+        ctx.save_for_backward(feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w, ln_after_w, *saved)
+        ctx.param_dtypes = [t.dtype for t in args[:11]]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:  # the output took no part in the loss
+            return (None,) * 15
+        saved = ctx.saved_tensors
+        if direct_launch():
+            with torch.autocast(grad_out.device.type, enabled=False):
+                grads = _adapter_bwd(grad_out, *saved)
+        else:
+            grads = _encoder_adapter_backward_op(grad_out, *saved)
+        d_feats, d_ln_before, *d_mlps, d_ln_after = grads
+        grads = [d_feats, *d_ln_before, *d_mlps, *d_ln_after]
+        grads = [(g if g.dtype == dt else g.to(dt)) if need else None
+                 for g, dt, need in zip(grads, ctx.param_dtypes, ctx.needs_input_grad)]
+        return (*grads, None, None, None, None)
 
 
-def _backward(ctx, grad_out, *_unused):
-    (feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w, ln_after_w,
-     mean_in, rstd_in, u, h_pre, s, mean_out, rstd_out) = ctx.saved_tensors
-    if grad_out is None:  # the output took no part in the loss
-        return (None,) * 15
-    grads = _encoder_adapter_backward_op(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w,
-                                         ln_after_w, mean_in, rstd_in, u, h_pre, s, mean_out, rstd_out)
-    d_feats, d_ln_before, *d_mlps, d_ln_after = grads
-    grads = [d_feats, *d_ln_before, *d_mlps, *d_ln_after]
-    grads = [g.to(dt) if need else None
-             for g, dt, need in zip(grads, ctx.param_dtypes, ctx.needs_input_grad)]
-    return (*grads, None, None, None, None)
-
-
-_encoder_adapter_op.register_autograd(_backward, setup_context=_setup_context)
+_apply = eager_apply(_EncoderAdapter)
 
 
 def _stacked(ts: Params) -> torch.Tensor:
@@ -416,10 +435,9 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
     else:
         gemm_dtype = feats.dtype
         out_dtype = torch.promote_types(feats.dtype, ln_after_w.dtype)
-    return _encoder_adapter_op(feats, ln_before_w, ln_before_b, _stacked(fuse_w), _stacked(fuse_b),
-                               _stacked(fc1_w), _stacked(fc1_b), _stacked(fc2_w), _stacked(fc2_b),
-                               ln_after_w, ln_after_b, float(eps_before), float(eps_after),
-                               gemm_dtype, out_dtype)[0]
+    return _apply(feats, ln_before_w, ln_before_b, _stacked(fuse_w), _stacked(fuse_b),
+                  _stacked(fc1_w), _stacked(fc1_b), _stacked(fc2_w), _stacked(fc2_b),
+                  ln_after_w, ln_after_b, float(eps_before), float(eps_after), gemm_dtype, out_dtype)
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:

@@ -9,8 +9,9 @@ at the 772 TFLOP/s that an 8192³ bf16 GEMM reached on that machine (computed, n
 The gather (``_patchify_kernel``) reads the images once in place, whatever their strides
 and dtype (fp32 images under autocast), and writes the patches once in the GEMM's dtype, so the
 cast costs no extra pass; torch ``addmm`` (cuBLAS) does the rest, and autograd gives the weight
-and bias gradients from the patches it keeps (as the convolution keeps its input). The images
-get no gradient on this path: the dispatcher sends images that require one to the reference.
+and bias gradients from the patches it keeps (as the convolution keeps its input). Images that
+require a gradient get it by the inverse rearrangement of the patches' gradient (a permute in
+torch, cast to the images' dtype); the training step's images need none.
 Reference: ``tec_fast.ops.reference.patch_embed``.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import dtype_reasons
+from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2
 
 ROWS = 16  # patches per program
 
@@ -74,23 +75,44 @@ def _(images, patch, dtype):
     return images.new_empty((B * (H // patch) * (W // patch), C * patch * patch), dtype=dtype)
 
 
+# ---- autograd ---------------------------------------------------------------------------------
+
+class _Patchify(torch.autograd.Function):
+    """The gather, for images that require a gradient: its backward puts each patch's gradient
+    back where the patch came from."""
+
+    @staticmethod
+    def forward(ctx, images, patch, dtype):
+        ctx.shape, ctx.dtype, ctx.patch = images.shape, images.dtype, patch
+        return (_patchify if direct_launch() else _patchify_op)(images, patch, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, C, H, W = ctx.shape
+        p = ctx.patch
+        g = grad.view(B, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        return (g if g.dtype == ctx.dtype else g.to(ctx.dtype)), None, None
+
+
+_apply = eager_apply(_Patchify)
+
+
 def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     """Triton path of ``tec_fast.ops.reference.patch_embed``: images [B, C, S, S], weight
     [D, C, p, p], bias [D] or None -> [B, L, D] (contiguous), in the autocast dtype when autocast
-    is on, else in weight's dtype. No gradient for the images."""
+    is on, else in weight's dtype."""
     dev = images.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
     patch = weight.shape[-1]
-    patches = _patchify_op(images, patch, dtype)  # the dispatcher sends images that need a gradient elsewhere
+    if images.requires_grad and torch.is_grad_enabled():
+        patches = _apply(images, patch, dtype)
+    else:  # the training step's images: no node
+        patches = (_patchify if direct_launch() else _patchify_op)(images, patch, dtype)
     out = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
     B, _, H, W = images.shape
     return out.view(B, (H // patch) * (W // patch), weight.shape[0])
 
 
-def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], images_require_grad: bool = False,
-                          **_info) -> List[str]:
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:
     """Why this path cannot take images of ``dtype`` / ``shape`` (empty: it can)."""
-    reasons = dtype_reasons(dtype)
-    if images_require_grad:
-        reasons.append("the images require a gradient (this path gives the weights theirs only)")
-    return reasons
+    return dtype_reasons(dtype)

@@ -13,13 +13,14 @@ Reference: ``tec_fast.ops.reference.patch_norm_mse``.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import dtype_reasons, unit_last_stride
+from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2, unit_last_stride
 
 
 @triton.jit
@@ -86,11 +87,11 @@ def _patch_norm_mse_bwd_kernel(pred_ptr, target_ptr, mask_ptr, mean_ptr, rstd_pt
         tl.store(grad_ptr + (b * L + ls[:, None]) * C + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=m)
 
 
+@functools.lru_cache(maxsize=None)
 def _launch_config(L: int, C: int) -> Tuple[int, int]:
     block_c = min(next_pow2(C), 64)
     block_l = min(next_pow2(L), max(1, 2048 // block_c))
     return block_l, block_c
-
 
 
 def _patch_norm_mse_fwd(pred, target, mask, eps):
@@ -152,31 +153,36 @@ def _(grad_loss, pred, target, mask, mean, rstd):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    pred, target, mask, _ = inputs
-    _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)  # no zero gradients (and launches) for the statistics
-    ctx.save_for_backward(pred, target, mask, mean, rstd)
+# ---- autograd ---------------------------------------------------------------------------------
+
+class _PatchNormMse(torch.autograd.Function):
+    """Saves pred, target, mask and the per-(image, channel) statistics; gradient to pred only."""
+
+    @staticmethod
+    def forward(ctx, pred, target, mask, eps):
+        fwd = _patch_norm_mse_fwd if direct_launch() else _patch_norm_mse_op
+        loss, mean, rstd = fwd(pred, target, mask, eps)
+        ctx.save_for_backward(pred, target, mask, mean, rstd)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        pred, target, mask, mean, rstd = ctx.saved_tensors
+        bwd = _patch_norm_mse_bwd if direct_launch() else _patch_norm_mse_backward_op
+        return bwd(grad_loss, pred, target, mask, mean, rstd), None, None, None
 
 
-def _backward(ctx, grad_loss, _grad_mean, _grad_rstd):
-    pred, target, mask, mean, rstd = ctx.saved_tensors
-    grad_pred = None
-    if ctx.needs_input_grad[0] and grad_loss is not None:
-        grad_pred = _patch_norm_mse_backward_op(grad_loss, pred, target, mask, mean, rstd)
-    return grad_pred, None, None, None
-
-
-_patch_norm_mse_op.register_autograd(_backward, setup_context=_setup_context)
+_apply = eager_apply(_PatchNormMse)
 
 
 def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                    eps: float = 1e-6) -> torch.Tensor:
     """Triton path of ``tec_fast.ops.patch_norm_mse`` (inputs already validated there)."""
-    if mask.dtype == torch.bool or not mask.is_floating_point():
+    if not mask.is_floating_point():
         mask = mask.to(torch.float32)
-    return _patch_norm_mse_op(pred, target.detach(), mask.detach(), float(eps))[0]
+    return _apply(pred, target.detach(), mask.detach(), float(eps))
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:

@@ -21,13 +21,15 @@ Reference: ``tec_fast.ops.reference.qkv_heads``.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import direct_launch, dtype_reasons, persistent_programs, row_slices
+from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2,
+                                      persistent_programs, row_slices)
 
 ROWS = 32          # rows per tile
 MAX_HEAD_DIM = 256  # one row of a head in a tile: ROWS x d values
@@ -65,6 +67,14 @@ def _qkv_pack_kernel(dq_ptr, dk_ptr, dv_ptr, out_ptr, part_ptr, rows, N, H, D, r
     tl.store(part_ptr + slice_id.to(tl.int64) * width + col, acc, mask=d_ok)
 
 
+@functools.lru_cache(maxsize=None)
+def _pack_config(rows: int, H: int, D: int, device: torch.device) -> Tuple[int, int, int]:
+    """(row slices, rows per slice, BLOCK_D) of the pack kernel's (slice, s * H + h) grid."""
+    tiles = cdiv(max(rows, 1), ROWS)
+    n_slices, rows_per_prog = row_slices(rows, ROWS, 3 * H, persistent_programs(tiles * 3 * H, device))
+    return n_slices, rows_per_prog, next_pow2(D)
+
+
 def _qkv_pack(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """dq, dk, dv [B, H, N, d] (unit last stride) -> (grad_qkv [B*N, 3 H d] in dq's dtype, its
     column sums [3 H d] in fp32)."""
@@ -72,15 +82,14 @@ def _qkv_pack(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> Tuple[tor
     rows, width = B * N, 3 * H * D
     dev = dq.device
     out = torch.empty((rows, width), dtype=dq.dtype, device=dev)
-    tiles = cdiv(max(rows, 1), ROWS)
-    n_slices, rows_per_prog = row_slices(rows, ROWS, 3 * H, persistent_programs(tiles * 3 * H, dev))
+    n_slices, rows_per_prog, block_d = _pack_config(rows, H, D, dev)
     part = torch.empty((n_slices, width), dtype=torch.float32, device=dev)
     if rows and width:
         _qkv_pack_kernel[(n_slices, 3 * H)](
             dq, dk, dv, out, part, rows, N, H, D, rows_per_prog,
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            ROWS=ROWS, BLOCK_D=next_pow2(D), num_warps=4)
+            ROWS=ROWS, BLOCK_D=block_d, num_warps=4)
     else:
         part.zero_()
     return out, part.sum(0)
@@ -99,44 +108,58 @@ def _(dq, dk, dv):
     return dq.new_empty((B * N, 3 * H * D)), dq.new_empty((3 * H * D,), dtype=torch.float32)
 
 
+# ---- autograd ---------------------------------------------------------------------------------
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _project(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], B: int, N: int,
              H: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x2d [B*N, C] -> q, k, v [B, H, N, d], views of x W^T + b (bias cast to x's dtype)."""
-    with torch.autocast(x2d.device.type, enabled=False):
-        if bias is None:
-            qkv = x2d @ weight.t()
-        else:
-            qkv = torch.addmm(bias.to(x2d.dtype), x2d, weight.t())
-    return tuple(t.transpose(1, 2) for t in qkv.view(B, N, 3, H, -1).unbind(2))
+    """x2d [B*N, C] -> q, k, v [B, H, N, d], views of x W^T + b (bias cast to x's dtype);
+    autocast is off (the caller cast x and the weight)."""
+    if bias is None:
+        qkv = x2d @ weight.t()
+    else:
+        qkv = torch.addmm(bias if bias.dtype == x2d.dtype else bias.to(x2d.dtype), x2d, weight.t())
+    return qkv.view(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d]
 
 
 class _QkvHeads(torch.autograd.Function):
-    """The projection and the head split as one autograd node: returns q, k, v as views of the
-    projection's output; the backward takes dq, dk, dv and gives x, W and b their gradients."""
+    """The projection and the head split as one autograd node on x [B, N, C]: returns q, k, v as
+    views of the projection's output; the backward takes dq, dk, dv and gives x, W and b their
+    gradients (the pack kernel writes the projection's gradient and sums the bias's)."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, B, N, H):
+    def forward(ctx, x, weight, bias, H):
+        B, N, C = x.shape
+        x2d = x.reshape(B * N, C)
         ctx.save_for_backward(x2d, weight)
-        ctx.shape = B, N, H
+        ctx.shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return _project(x2d, weight, bias, B, N, H)
         return _project(x2d, weight, bias, B, N, H)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x2d, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dt = x2d.dtype
+        grads = [_unit_last(g if g.dtype == dt else g.to(dt)) for g in (dq, dk, dv)]
         pack = _qkv_pack if direct_launch() else _qkv_pack_op
-        with torch.autocast(x2d.device.type, enabled=False):
-            grads = [_unit_last(g.to(x2d.dtype)) for g in (dq, dk, dv)]
-            grad_qkv, grad_b = pack(*grads)
-            grad_x = grad_qkv @ weight if need_x else None
-            grad_w = grad_qkv.t() @ x2d if need_w else None
-        grad_b = grad_b.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-        return grad_x, grad_w, grad_b, None, None, None
+        grad_qkv, grad_b = pack(*grads)
+        grad_x = (grad_qkv @ weight).view(ctx.shape) if need_x else None
+        grad_w = grad_qkv.t() @ x2d if need_w else None
+        if need_b and ctx.bias_dtype is not None:
+            grad_b = grad_b if grad_b.dtype == ctx.bias_dtype else grad_b.to(ctx.bias_dtype)
+        else:
+            grad_b = None
+        return grad_x, grad_w, grad_b, None
+
+
+_apply = eager_apply(_QkvHeads)
 
 
 def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -148,12 +171,13 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
+        x, weight = (t if t.dtype == dt else t.to(dt) for t in (x, weight))
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _apply(x, weight, bias, num_heads)
     B, N, C = x.shape
-    x2d = x.reshape(B * N, C)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _QkvHeads.apply(x2d, weight, bias, B, N, num_heads)
-    return _project(x2d, weight, bias, B, N, num_heads)  # inference (the frozen base): no node
+    with torch.autocast(dev, enabled=False):  # inference (the frozen base): no node
+        return _project(x.reshape(B * N, C), weight, bias, B, N, num_heads)
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], head_dim: Optional[int] = None,

@@ -16,13 +16,15 @@ Reference: ``tec_fast.ops.reference.relation_loss``.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import relation_block_sizes, relation_reasons, unit_last_stride
+from tec_fast.kernels._common import (direct_launch, eager_apply, relation_block_sizes, relation_reasons,
+                                      unit_last_stride)
 
 
 @triton.jit
@@ -149,12 +151,17 @@ def _prepare(q, k, topk_idx, target):
 
 
 def _meta(q, topk):
-    block_r, block_l, block_d = relation_block_sizes(topk, q.shape[-1], q.dtype)
+    return _meta_config(topk, q.shape[-1], q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_config(topk: int, D: int, dtype: torch.dtype) -> dict:
+    block_r, block_l, block_d = relation_block_sizes(topk, D, dtype)
     # 8 warps for fp32 tiles 128 wide: at 4 the backward spilled 524 B at ViT-H under Triton 3.6
     # (benchmarks/compile_report.py; 3.9 fitted it in 255 registers)
-    wide_fp32 = q.dtype == torch.float32 and block_d >= 128
+    wide_fp32 = dtype == torch.float32 and block_d >= 128
     return dict(BLOCK_R=block_r, BLOCK_L=block_l, BLOCK_D=block_d,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if wide_fp32 else 4)
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=8 if wide_fp32 else 4)
 
 
 def _relation_loss_fwd(q, k, topk_idx, target, tau, scale):
@@ -207,32 +214,39 @@ def _(grad_rows, q, k, topk_idx, target, lse_r, lse_t, tau, scale):
     return (q.new_empty(q.shape), k.new_empty(k.shape))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, topk_idx, target, tau, scale = inputs
-    _, lse_r, lse_t = output
-    ctx.mark_non_differentiable(lse_r, lse_t)
-    ctx.set_materialize_grads(False)  # no zero gradients (and launches) for the log-sum-exps
-    ctx.save_for_backward(q, k, topk_idx, target, lse_r, lse_t)
-    ctx.tau, ctx.scale = tau, scale
+# ---- autograd ---------------------------------------------------------------------------------
+
+class _RelationLoss(torch.autograd.Function):
+    """Per-(image, head, row) losses [B, H, 1+k]; saves q, k, the indices, the target and the two
+    log-sum-exps per row; the backward recomputes the logits block by block."""
+
+    @staticmethod
+    def forward(ctx, q, k, topk_idx, target, tau, scale):
+        fwd = _relation_loss_fwd if direct_launch() else _relation_loss_op
+        row_loss, lse_r, lse_t = fwd(q, k, topk_idx, target, tau, scale)
+        ctx.save_for_backward(q, k, topk_idx, target, lse_r, lse_t)
+        ctx.tau, ctx.scale = tau, scale
+        return row_loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        need_q, need_k = ctx.needs_input_grad[:2]
+        if not (need_q or need_k):
+            return None, None, None, None, None, None
+        q, k, topk_idx, target, lse_r, lse_t = ctx.saved_tensors
+        bwd = _relation_loss_bwd if direct_launch() else _relation_loss_backward_op
+        dq, dk = bwd(grad_rows, q, k, topk_idx, target, lse_r, lse_t, ctx.tau, ctx.scale)
+        return dq if need_q else None, dk if need_k else None, None, None, None, None
 
 
-def _backward(ctx, grad_rows, _grad_lse_r, _grad_lse_t):
-    q, k, topk_idx, target, lse_r, lse_t = ctx.saved_tensors
-    if grad_rows is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-        return None, None, None, None, None, None
-    dq, dk = _relation_loss_backward_op(grad_rows, q, k, topk_idx, target, lse_r, lse_t, ctx.tau, ctx.scale)
-    return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
-            None, None, None, None)
-
-
-_relation_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_apply = eager_apply(_RelationLoss)
 
 
 def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, target: torch.Tensor,
                   tau: float, scale: float) -> torch.Tensor:
     """Triton path of ``tec_fast.ops.relation_loss`` (inputs already validated there).
     Returns the 0-dim fp32 loss; differentiable w.r.t. q and k."""
-    row_loss = _relation_loss_op(q, k, topk_idx, target.detach(), float(tau), float(scale))[0]
+    row_loss = _apply(q, k, topk_idx, target.detach(), float(tau), float(scale))
     return row_loss.mean()  # [B, H, 1+k] -> mean over (b, row, head)
 
 

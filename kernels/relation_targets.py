@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import relation_block_sizes, relation_reasons, unit_last_stride
+from tec_fast.kernels._common import cdiv, direct_launch, relation_block_sizes, relation_reasons, unit_last_stride
 
 
 @triton.jit
@@ -66,8 +66,6 @@ def _relation_rows_kernel(q_ptr, k_ptr, idx_ptr, rel_ptr, H, L, D, TOPK, scale,
              mask=r_ok[:, None] & l_ok[None, :])
 
 
-
-
 def _relation_targets_fwd(q: torch.Tensor, k: torch.Tensor, topk: int,
                           scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k = unit_last_stride(q), unit_last_stride(k)
@@ -110,7 +108,8 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton path of ``tec_fast.ops.relation_targets`` (inputs already validated there).
     Returns (relation [B, 1+topk, H, L] fp32, topk_idx [B, topk] int64); no gradient."""
-    return _relation_targets_op(q.detach(), k.detach(), int(topk), float(scale))
+    fwd = _relation_targets_fwd if direct_launch() else _relation_targets_op  # no gradient: no Function
+    return fwd(q.detach(), k.detach(), int(topk), float(scale))
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], topk: Optional[int] = None,

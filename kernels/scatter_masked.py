@@ -16,13 +16,14 @@ Reference: ``tec_fast.ops.reference.scatter_masked``.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import dtype_reasons, unit_last_stride
+from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2, unit_last_stride
 
 
 @triton.jit
@@ -104,6 +105,7 @@ def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, perm_ptr, bounds_ptr, grad
 _TARGET_PROGRAMS = 1024  # backward: split the batch until about this many programs run
 
 
+@functools.lru_cache(maxsize=None)
 def _launch_config(C: int) -> Tuple[int, int, int]:
     block_c = min(next_pow2(C), 512)
     # at most 16 rows: Triton 3.6's layout pass fails on the backward kernel's 32x32 and 64x32
@@ -111,6 +113,29 @@ def _launch_config(C: int) -> Tuple[int, int, int]:
     rows = max(1, min(16, 2048 // block_c))
     return rows, block_c, 4 if block_c * rows <= 2048 else 8
 
+
+@functools.lru_cache(maxsize=None)
+def _bwd_config(B: int, L: int, C: int, target: int) -> Tuple[int, int, int, int, int, int, int]:
+    """(ROWS, BLOCK_C, num_warps, row blocks, column blocks, batch slices, images per slice) for
+    about ``target`` programs (each sums over its slice of the batch)."""
+    rows, block_c, num_warps = _launch_config(C)
+    n_j, n_c = cdiv(L, rows), cdiv(C, block_c)
+    n_b = max(1, min(B, cdiv(target, n_j * n_c)))
+    b_per_prog = cdiv(max(B, 1), n_b)
+    return rows, block_c, num_warps, n_j, n_c, cdiv(max(B, 1), b_per_prog), b_per_prog
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_bound_queries(B: int, K: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(K + 1, device=device).expand(B, K + 1).contiguous()
+
+
+def _bound_queries(B: int, K: int, device: torch.device) -> torch.Tensor:
+    """[B, K + 1] rows of 0..K: the values searchsorted looks up (a constant per shape, kept;
+    made anew while a CUDA graph is being captured, where a new tensor is not filled yet)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.arange(K + 1, device=device).expand(B, K + 1).contiguous()
+    return _cached_bound_queries(B, K, device)
 
 
 def _out_dtype(vis: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.dtype:
@@ -125,7 +150,8 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
     out = torch.empty((B, L, C), dtype=_out_dtype(vis, pos), device=vis.device)
     if out.numel() == 0:
         return out
-    tok = mask_token.reshape(C).contiguous()
+    tok = mask_token.reshape(C)
+    tok = tok if tok.dtype == vis.dtype else tok.to(vis.dtype)  # added in vis's dtype, as the reference
     if pos is not None:
         pos = unit_last_stride(pos)
     rows, block_c, num_warps = _launch_config(C)
@@ -145,21 +171,17 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
     dev = grad_out.device
     # inverse of the unshuffle, per image: the j with ids_restore[b, j] == i < K are
     # perm[b, bounds[b, i]:bounds[b, i+1]]; indices outside [0, K) fall outside every bound
-    sorted_ids, perm = torch.sort(ids_restore.to(torch.int64), dim=1, stable=True)
-    bounds = torch.searchsorted(sorted_ids, torch.arange(K + 1, device=dev).expand(B, K + 1).contiguous())
+    ids = ids_restore if ids_restore.dtype == torch.int64 else ids_restore.long()
+    sorted_ids, perm = torch.sort(ids, dim=1, stable=True)
+    bounds = torch.searchsorted(sorted_ids, _bound_queries(B, K, dev))
     grad_vis = torch.empty((B, K, C), dtype=vis_dtype, device=dev)
-    rows, block_c, num_warps = _launch_config(C)
-    n_j, n_c = cdiv(L, rows), cdiv(C, block_c)
-    # split the batch so that about _TARGET_PROGRAMS programs run; each sums over its slice
-    n_b = max(1, min(B, cdiv(_TARGET_PROGRAMS, n_j * n_c)))
-    b_per_prog = cdiv(max(B, 1), n_b)
-    n_b = cdiv(max(B, 1), b_per_prog)
+    rows, block_c, num_warps, n_j, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
     f32 = dict(dtype=torch.float32, device=dev)
     tok_part = torch.empty((n_b * n_j, C), **f32)  # every program writes its row of both partials
     pos_part = torch.empty((n_b, L, C) if pos_grad else (1,), **f32)
     if grad_out.numel():
         _scatter_masked_bwd_kernel[(n_j, n_c, n_b)](
-            grad_out, ids_restore, perm.contiguous(), bounds.contiguous(), grad_vis, tok_part, pos_part,
+            grad_out, ids_restore, perm, bounds, grad_vis, tok_part, pos_part,
             B, K, L, C, b_per_prog, grad_out.stride(0), grad_out.stride(1), ids_restore.stride(0),
             POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
     else:
@@ -197,35 +219,47 @@ def _(grad_out, ids_restore, K, pos_grad, vis_dtype):
             grad_out.new_empty((L, C) if pos_grad else (0,), **f32))
 
 
-def _setup_context(ctx, inputs, output):
-    vis, ids_restore, mask_token, pos = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.K, ctx.vis_dtype = vis.shape[1], vis.dtype
-    ctx.tok_shape, ctx.tok_dtype = mask_token.shape, mask_token.dtype
-    ctx.pos_dtype = pos.dtype if pos is not None else None
+# ---- autograd ---------------------------------------------------------------------------------
+
+class _ScatterMasked(torch.autograd.Function):
+    """Saves ids_restore only; the backward gathers grad_vis and sums the mask token's and
+    pos's gradients in one kernel."""
+
+    @staticmethod
+    def forward(ctx, vis, ids_restore, mask_token, pos):
+        fwd = _scatter_masked_fwd if direct_launch() else _scatter_masked_op
+        out = fwd(vis, ids_restore, mask_token, pos)
+        ctx.save_for_backward(ids_restore)
+        ctx.K, ctx.vis_dtype = vis.shape[1], vis.dtype
+        ctx.tok_shape, ctx.tok_dtype = mask_token.shape, mask_token.dtype
+        ctx.pos_dtype = pos.dtype if pos is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids_restore,) = ctx.saved_tensors
+        need_vis, _, need_tok, need_pos = ctx.needs_input_grad
+        pos_grad = ctx.pos_dtype is not None and need_pos
+        bwd = _scatter_masked_bwd if direct_launch() else _scatter_masked_backward_op
+        grad_vis, grad_tok, grad_pos = bwd(grad_out, ids_restore, ctx.K, pos_grad, ctx.vis_dtype)
+        if need_tok:
+            grad_tok = grad_tok.view(ctx.tok_shape)
+            grad_tok = grad_tok if grad_tok.dtype == ctx.tok_dtype else grad_tok.to(ctx.tok_dtype)
+        if pos_grad and grad_pos.dtype != ctx.pos_dtype:
+            grad_pos = grad_pos.to(ctx.pos_dtype)
+        return (grad_vis if need_vis else None, None, grad_tok if need_tok else None,
+                grad_pos if pos_grad else None)
 
 
-def _backward(ctx, grad_out):
-    (ids_restore,) = ctx.saved_tensors
-    pos_grad = ctx.pos_dtype is not None and ctx.needs_input_grad[3]
-    grad_vis, grad_tok, grad_pos = _scatter_masked_backward_op(grad_out, ids_restore, ctx.K, pos_grad,
-                                                               ctx.vis_dtype)
-    return (grad_vis if ctx.needs_input_grad[0] else None, None,
-            grad_tok.reshape(ctx.tok_shape).to(ctx.tok_dtype) if ctx.needs_input_grad[2] else None,
-            grad_pos.to(ctx.pos_dtype) if pos_grad else None)
-
-
-_scatter_masked_op.register_autograd(_backward, setup_context=_setup_context)
+_apply = eager_apply(_ScatterMasked)
 
 
 def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                    pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Triton path of ``tec_fast.ops.scatter_masked`` (inputs already validated there).
-    mask_token is added in vis's dtype, as the reference does; the output dtype is that of
-    ``vis + pos``."""
-    if mask_token.dtype != vis.dtype:
-        mask_token = mask_token.to(vis.dtype)
-    return _scatter_masked_op(vis, ids_restore, mask_token, pos)
+    """Triton path of ``tec_fast.ops.scatter_masked`` (inputs already validated there):
+    mask_token holds C values (any shape); it is added in vis's dtype, as the reference does, and
+    gets its gradient in its own shape and dtype; the output dtype is that of ``vis + pos``."""
+    return _apply(vis, ids_restore, mask_token, pos)
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:

@@ -67,10 +67,13 @@ def test_no_gradient(triton_path):
     assert not rel.requires_grad
 
 
-def test_float64_falls_back_with_reason(triton_path):
+def test_float64_falls_back_with_reason(triton_path, monkeypatch):
     q, k = _inputs(1, 2, 9, 8, torch.float64)
     assert any("dtype torch.float64" in r for r in ops.why_not_fast("relation_targets", q, topk=2))
-    rel, idx = ops.relation_targets(q, k, 2, 0.3)  # the reference runs
+    with pytest.raises(RuntimeError, match="TEC_FAST_KERNELS=triton but relation_targets cannot.*float64"):
+        ops.relation_targets(q, k, 2, 0.3)  # forced Triton cannot take float64: an error, not a quiet fallback
+    monkeypatch.setenv("TEC_FAST_KERNELS", "auto")
+    rel, idx = ops.relation_targets(q, k, 2, 0.3)  # auto: the reference runs
     assert torch.equal(idx, reference.relation_targets(q, k, 2, 0.3)[1])
 
 

@@ -80,15 +80,14 @@ def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
     if not mask_token.is_floating_point():
         raise ValueError(f"mask_token must be floating point, got dtype {mask_token.dtype}")
     _check_same_device(vis, mask_token=mask_token)
-    mask_token = mask_token.reshape(C)
     if pos is not None:
         _check_tensor(pos, "pos", 2)
-        if tuple(pos.shape) != (L, C):
+        if pos.shape != (L, C):
             raise ValueError(f"pos must have shape {(L, C)}, got {tuple(pos.shape)}")
         _check_same_device(vis, pos=pos)
     if use_fast_path("scatter_masked", vis):
         return fast_impl("scatter_masked")(vis, ids_restore, mask_token, pos)
-    return reference.scatter_masked(vis, ids_restore, mask_token, pos)
+    return reference.scatter_masked(vis, ids_restore, mask_token.reshape(C), pos)
 
 
 def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -234,8 +233,7 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         raise ValueError(f"images of {H}x{W} pixels do not split into {p}x{p} patches")
     _check_bias(bias, D, weight, images)
     _check_same_device(images, weight=weight)
-    needs_grad = images.requires_grad and torch.is_grad_enabled()
-    if use_fast_path("patch_embed", images, images_require_grad=needs_grad):
+    if use_fast_path("patch_embed", images):
         return fast_impl("patch_embed")(images, weight, bias)
     return reference.patch_embed(images, weight, bias)
 
