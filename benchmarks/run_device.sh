@@ -1,76 +1,149 @@
 #!/usr/bin/env bash
-# The whole GPU suite in one command, inside a fixed time budget (default 480 s) on an H100/H200:
-#   1. build the extension in place (no registry access on the device: --no-deps),
-#   2. GPU tests (kernels compiled by Triton for the GPU, not interpreted),
-#   3. whole-step (eager and CUDA-graph), step profile, GEMM-epilogue probe, per-op, packing and
-#      packed-encoder benchmarks (engine vs eager baseline in the same process), most important first,
-#   4. regenerate the README performance table.
-# Each stage gets at most its own cap and never more than what is left of the budget, so a slow
-# stage cannot starve the ones after it of a result. After every stage the results folder and the
-# logs are packed into $OUT/device_results.tar.gz (the device tool returns at most 8 files).
-#   BUDGET_S=480 bash benchmarks/run_device.sh
+# The whole GPU suite in one command, inside a fixed time budget (default 450 s) on one H100/H200:
+#   build the extension in place -> whole step at B = 32, 64, 128, 256 (engine, engine replayed
+#   from a CUDA graph, eager baseline) -> GPU tests -> every op forward and forward+backward
+#   (then the measured dispatch table) -> host overhead per step and per op -> packed vs padded
+#   encoder at mask 0.6:0.9 -> step profile at B = 64 -> what time is left: op timings replayed
+#   from graphs, GEMM-epilogue probe, per-weight casts, packing kernels -> README table.
+#
+# Every stage has its own cap and never more than what is left of the budget; a stage that
+# cannot get its minimum is skipped (said so in the log), and a stage that fails or times out
+# does not stop the ones after it. Rows go to benchmarks/results/<DEVICE>.jsonl (and the
+# host-overhead / profile files beside it); each stage's output to
+# benchmarks/results/device_logs/<UTC time>_<DEVICE>/<stage>.log, with stages.jsonl (one JSON
+# line per stage: name, status, exit code, seconds, cap). After every stage the results folder
+# is packed into $OUT/device_results.tar.gz (the device tool returns only what is under $OUT).
+#
+#   bash benchmarks/run_device.sh                      # on the GPU machine
+#   BUDGET_S=300 bash benchmarks/run_device.sh         # a shorter budget
+#   DRY_RUN=1 bash benchmarks/run_device.sh            # anywhere: the plan, each flag checked
+#                                                      # against its script's --help, nothing run
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}  # the device image's python3 is the one that holds torch
-BUDGET_S=${BUDGET_S:-480}
-LOGS="$OUT/logs"
-LOG="$LOGS/run_device.log"
-mkdir -p "$LOGS" benchmarks/results
-exec > >(tee -a "$LOG") 2>&1
+BUDGET_S=${BUDGET_S:-450}  # 8 minutes less room for a timed-out stage's kill and the last pack
+DRY_RUN=${DRY_RUN:-}
+OUT=${OUT:-$(mktemp -d)}
 t0=$(date +%s)
-stamp() { echo "=== [$(( $(date +%s) - t0 )) s] $*"; }
-# cap CAP: the seconds a stage may take, at most what is left of the budget (at least 5)
-cap() { local left=$(( BUDGET_S - ($(date +%s) - t0) )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"; }
-pack() { tar -czf "$OUT/device_results.tar.gz" benchmarks/results "$LOGS" README.md 2>/dev/null || true; }
 
-stamp "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
-$PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+if [[ -n $DRY_RUN ]]; then
+  DEVICE=dry_run
+else
+  DEVICE=$($PY -c "import re, torch; print(re.sub(r'[^A-Za-z0-9_.-]+', '_', torch.cuda.get_device_name(0)))" 2>/dev/null \
+           || echo no_cuda)
+fi
+RUN="$(date -u +%Y-%m-%d_%H%M%S)_${DEVICE}"
+LOGS=${LOGS:-benchmarks/results/device_logs/$RUN}
+[[ -n $DRY_RUN ]] && LOGS="$OUT/device_logs/$RUN"  # a dry run leaves the repository alone
+mkdir -p "$LOGS" benchmarks/results
+exec > >(tee -a "$LOGS/run_device.log") 2>&1
 
-stamp "build"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
-MAX_JOBS=${MAX_JOBS:-16} timeout "$(cap 150)" $PY -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1 \
-  || { echo "build failed, see build.log"; tail -30 "$LOGS/build.log"; }
-$PY -m tec_fast.info | tee "$LOGS/info.txt"
-pack
+elapsed() { echo $(( $(date +%s) - t0 )); }
+stamp() { echo "=== [$(elapsed) s] $*"; }
+pack() {
+  [[ -n $DRY_RUN ]] && return 0
+  tar -czf "$OUT/device_results.tar.gz" benchmarks/results README.md tec_fast/ops/measured 2>/dev/null || true
+}
+record() {  # record NAME STATUS RC SECONDS CAP
+  printf '{"stage": "%s", "status": "%s", "rc": %s, "seconds": %s, "cap_s": %s, "at_s": %s}\n' \
+    "$1" "$2" "$3" "$4" "$5" "$(elapsed)" >> "$LOGS/stages.jsonl"
+}
 
-stamp "GPU tests"
-TRITON_INTERPRET=0 timeout "$(cap 150)" $PY -m pytest -q -p no:cacheprovider -m "gpu" tests \
-  --junitxml="$LOGS/gpu_tests.xml" 2>&1 | tail -40
-pack
+# check_flags CMD...: every --flag of a python command exists in that script's --help (dry run)
+check_flags() {
+  local target=() args=() help
+  if [[ $1 == "$PY" && $2 == "-m" ]]; then target=("$PY" -m "$3"); args=("${@:4}")
+  elif [[ $1 == "$PY" ]]; then target=("$PY" "$2"); args=("${@:3}")
+  elif [[ $1 == env ]]; then shift; while [[ $1 == *=* ]]; do shift; done; check_flags "$@"; return
+  else return 0
+  fi
+  if [[ ${target[*]} == *"-m pytest" || ${target[*]} == *"-m pip" ]]; then return 0; fi  # not ours
+  if ! help=$("${target[@]}" --help 2>&1); then
+    echo "dry run: ${target[*]} --help failed:"; echo "$help" | tail -5; return 1
+  fi
+  local a bad=0
+  for a in "${args[@]}"; do
+    if [[ $a == --* ]] && ! grep -q -- "${a%%=*}" <<<"$help"; then
+      echo "dry run: ${target[*]} has no flag ${a%%=*}"; bad=1
+    fi
+  done
+  return $bad
+}
 
-stamp "step benchmarks"
-timeout "$(cap 120)" $PY benchmarks/bench_step.py --preset vit_base --batch-sizes 64 128 256 --steps 10 \
-  --cuda-graph --results-dir benchmarks/results 2>&1 | tail -20
-pack
-stamp "step profile (host vs GPU time, cProfile of the host side)"
-timeout "$(cap 60)" $PY benchmarks/profile_step.py --batch 64 --python --top 30 --results-dir benchmarks/results \
-  --trace "$LOGS" 2>&1 | tail -150
-gzip -f "$LOGS"/trace_*.json 2>/dev/null
-timeout "$(cap 40)" $PY benchmarks/profile_step.py --batch 256 --no-baseline --shapes --top 40 \
-  --results-dir benchmarks/results 2>&1 | tail -100
-pack
-stamp "GEMM-epilogue probe (cuBLAS + GELU kernel vs a Triton GEMM with the GELU in its epilogue)"
-timeout "$(cap 75)" $PY benchmarks/gemm_epilogue.py --results-dir benchmarks/results 2>&1 | tail -30
-pack
-stamp "weights cast once (engine) vs cast per weight at every step (engine_autocast)"
-timeout "$(cap 60)" $PY benchmarks/bench_step.py --preset vit_base --batch-sizes 64 256 --steps 10 --no-baseline \
-  --per-weight-casts --results-dir benchmarks/results 2>&1 | tail -8
-pack
-stamp "op benchmarks (eager calls, then CUDA-graph replays: GPU time alone)"
-timeout "$(cap 90)" $PY benchmarks/bench_ops.py --op all --device cuda --results-dir benchmarks/results 2>&1 | tail -60
-timeout "$(cap 90)" $PY benchmarks/bench_ops.py --op all --device cuda --cuda-graph \
-  --results-dir benchmarks/results 2>&1 | tail -60
-pack
-stamp "packing benchmarks"
-timeout "$(cap 40)" $PY benchmarks/bench_packing.py --results-dir benchmarks/results 2>&1 | tail -20
-pack
-stamp "packed vs padded encoder"
-timeout "$(cap 60)" $PY benchmarks/bench_packed.py --results-dir benchmarks/results 2>&1 | tail -8
-pack
+# stage NAME CAP_S MIN_S CMD...: run CMD under min(CAP_S, budget left - RESERVE_S); skipped below MIN_S
+RESERVE_S=0
+stage() {
+  local name=$1 want=$2 min=$3; shift 3
+  local left=$(( BUDGET_S - RESERVE_S - $(elapsed) ))
+  local cap=$(( want < left ? want : left ))
+  local log="$LOGS/${name// /_}.log"
+  if (( cap < min )); then
+    stamp "skip $name: ${left} s left of the budget, it needs at least ${min} s"
+    record "$name" skipped null 0 "$cap"; return 0
+  fi
+  stamp "$name (cap ${cap} s): $*"
+  if [[ -n $DRY_RUN ]]; then
+    if check_flags "$@"; then record "$name" dry_ok 0 0 "$cap"; else record "$name" dry_bad_flags 2 0 "$cap"; fi
+    return 0
+  fi
+  local s rc
+  s=$(date +%s)
+  timeout --kill-after=10 "$cap" "$@" > "$log" 2>&1
+  rc=$?
+  tail -n "${TAIL:-40}" "$log"
+  local status=ok
+  (( rc == 124 || rc == 137 )) && status=timeout
+  (( rc != 0 && rc != 124 && rc != 137 )) && status=failed
+  stamp "$name: $status (exit $rc, $(( $(date +%s) - s )) s)"
+  record "$name" "$status" "$rc" "$(( $(date +%s) - s ))" "$cap"
+  pack
+}
 
-stamp "report"
-timeout 30 $PY benchmarks/report.py --update-readme | tail -40
+stamp "device $DEVICE, budget ${BUDGET_S} s, logs in $LOGS"
+if [[ -z $DRY_RUN ]]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" || true
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)}
+fi
+export MAX_JOBS=${MAX_JOBS:-16} TRITON_INTERPRET=0
+R=benchmarks/results
+
+# 1. the extension (no registry on the device: --no-deps), then what each op and attention would run
+stage build 75 30 $PY -m pip install --no-build-isolation --no-deps -e .
+stage info 10 5 $PY -m tec_fast.info
+
+# 2. the step: B = 32..256, engine / engine replayed from a graph / eager, one process (MFU too)
+stage step 100 40 $PY benchmarks/bench_step.py --preset vit_base --batch-sizes 32 64 128 256 --steps 10 \
+  --cuda-graph --results-dir $R
+
+# 3. correctness on the GPU: compiled kernels, graphs against eager, varlen, no host syncs
+stage gpu_tests 85 30 $PY -m pytest -q -p no:cacheprovider -m gpu tests --junitxml="$LOGS/gpu_tests.xml"
+
+# 4. every op, forward and forward+backward, Triton against the reference (eager timing); then the
+#    dispatch table auto reads on this GPU class, written from those rows
+stage ops 55 25 $PY benchmarks/bench_ops.py --op all --device cuda --results-dir $R
+stage dispatch_table 10 5 $PY -m benchmarks.dispatch_table
+
+# 5. host time per step (engine vs eager, with GPU-busy time) and per op call
+stage host_overhead 35 15 $PY -m benchmarks.host_overhead --device cuda
+
+# 6. packed vs padded at mask 0.6:0.9 (encoder + adapter, and the whole TEC step)
+stage packed 40 20 $PY benchmarks/bench_packed.py --ratios 0.6:0.9 --batch-sizes 64 256 --whole-step \
+  --results-dir $R
+
+# 7. where a step's time goes at B = 64: wall vs GPU busy, launches, host functions
+stage profile 25 15 $PY benchmarks/profile_step.py --batch 64 --python --top 30 --results-dir $R
+
+# 8. with what is left, keeping the report's time
+RESERVE_S=15
+stage ops_graph 50 25 $PY benchmarks/bench_ops.py --op all --device cuda --cuda-graph --results-dir $R
+stage gemm_epilogue 45 25 $PY benchmarks/gemm_epilogue.py --results-dir $R
+stage per_weight_casts 40 25 $PY benchmarks/bench_step.py --preset vit_base --batch-sizes 64 256 --steps 10 \
+  --no-baseline --per-weight-casts --results-dir $R
+stage packing 25 15 $PY benchmarks/bench_packing.py --results-dir $R
+RESERVE_S=0
+stage report 15 5 $PY benchmarks/report.py --update-readme
+
+stamp "done: $(grep -c '"ok"' "$LOGS/stages.jsonl" 2>/dev/null) stages ok; stages.jsonl:"
+cat "$LOGS/stages.jsonl"
 pack
-stamp "done"
