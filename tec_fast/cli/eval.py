@@ -1,4 +1,8 @@
-"""``python -m tec_fast.eval CKPT``: k-NN and linear-probe accuracy of a checkpoint's frozen encoder.
+"""``python -m tec_fast.eval CKPT``: k-NN and linear-probe accuracy of a checkpoint's frozen encoder
+(the quick probe, default), or a paper's protocol trained by ``fit``: ``--protocol linprobe`` (MAE's
+linear probe) or ``--protocol finetune`` (MAE's fine-tuning), with checkpoints, resume, torchrun,
+metrics.jsonl / .csv, curves.png and results.json in ``--output``. ``--plot DIR`` draws DIR/curves.png
+of any run.
 
 Any checkpoint ``BaseModel.load_checkpoint`` reads (MAE release, iBOT/DINO, timm, TEC released or
 raw, the engine's own). The architecture comes from, first that applies: the flags
@@ -12,6 +16,7 @@ Data: ``--data demo`` (default; the embedded digits-on-photos set) or ``--data F
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -23,21 +28,46 @@ import torch
 
 from tec_fast.checkpoint.infer import infer_vit, stored_vit
 from tec_fast.cli.errors import nonfinite_keys, run_command
-from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, SEED, Parser, device, output_file, real
+from tec_fast.cli.flags import (NON_NEGATIVE, POSITIVE, SEED, Parser, device, existing_dir, given, output_dir,
+                                output_file, real)
 from tec_fast.config import ViTConfig
+from tec_fast.evaluation.protocol import PROTOCOLS, RECIPES
 from tec_fast.presets import MODEL_PRESETS, vit_preset
 
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where there is one and the help does not show it already; the epilog's lines kept."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> Parser:
     p = Parser(
         prog="python -m tec_fast.eval",
-        description="k-NN (cosine, weighted, k=20) and linear-probe top-1 accuracy of a "
-                    "checkpoint's frozen encoder features.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", type=existing_path,
+        description="Top-1 accuracy of a checkpoint's encoder. By default k-NN (cosine, weighted, k=20)\n"
+                    "and an L-BFGS linear probe on frozen features extracted once (the quick probe).\n"
+                    "--protocol linprobe / finetune: MAE's linear-probe / fine-tuning recipes, trained\n"
+                    "like the train command (defaults: the paper's numbers, each one a flag; torchrun).",
+        formatter_class=_Help,
+        epilog="examples:\n  python -m tec_fast.eval runs/tec/checkpoint-last.pth\n"
+               "  python -m tec_fast.eval runs/demo/tec/checkpoint-last.pth --protocol linprobe "
+               "--batch-size 256 --epochs 20 --warmup-epochs 2 --output runs/linprobe\n"
+               "  torchrun --nproc-per-node 8 -m tec_fast.eval ENC.pth --data /imagenet --protocol finetune "
+               "--output runs/ft\n  python -m tec_fast.eval --plot runs/ft")
+    p.add_argument("checkpoint", nargs="?", type=existing_path,
                    help="checkpoint file (.pth, .safetensors) or Hugging Face folder loadable by "
-                        "BaseModel.load_checkpoint")
+                        "BaseModel.load_checkpoint (not needed with --plot)")
+    p.add_argument("--protocol", choices=("quick",) + PROTOCOLS, default="quick",
+                   help="quick: k-NN + L-BFGS probe on frozen features; linprobe: MAE's linear probe "
+                        "(BatchNorm + linear head, LARS); finetune: MAE's fine-tuning (layer decay, drop "
+                        "path, mixup/cutmix, RandAugment)")
+    p.add_argument("--plot", metavar="DIR", type=existing_dir,
+                   help="only draw DIR/curves.png from DIR/metrics.jsonl (of a train or eval run) and exit")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of a checkpoint that pickles Python objects other than "
                         "argparse.Namespace (it can run code from the file: only for files you trust)")
@@ -62,20 +92,76 @@ def build_parser() -> Parser:
                       help="DataLoader workers for folders (the demo is in memory)")
 
     ev = p.add_argument_group("evaluation")
-    ev.add_argument("--pool", choices=("mean", "cls"), default="mean",
-                    help="feature: final-LayerNorm output averaged over patches, or the CLS token")
+    ev.add_argument("--pool", choices=("mean", "cls"),
+                    help="feature: final-LayerNorm output averaged over patches, or the CLS token "
+                         "(default: mean; linprobe: cls as MAE; finetune: mean = patch average + a new "
+                         "LayerNorm, MAE's global pool)")
     ev.add_argument("--k", type=POSITIVE, default=20, help="k-NN neighbours")
     ev.add_argument("--probe-dim", type=NON_NEGATIVE, default=256,
                     help="PCA width cap of the linear probe (0: no PCA)")
-    ev.add_argument("--batch-size", type=POSITIVE, default=256)
-    ev.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    ev.add_argument("--batch-size", type=POSITIVE,
+                    help="quick: feature-extraction batch (default 256); protocols: the global batch per "
+                         f"optimizer step (linprobe: {RECIPES['linprobe'].batch_size}, finetune: "
+                         f"{RECIPES['finetune'].batch_size}; on small data give a smaller one)")
+    ev.add_argument("--device", type=device,
+                    help="default: cuda (cuda:LOCAL_RANK under torchrun) when CUDA is available, else cpu")
     ev.add_argument("--pixels", action="store_true",
                     help="also evaluate raw pixels as a baseline row (demo data only)")
 
+    _protocol_flags(p)
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", type=output_file, help="write the results as JSON here")
     out.add_argument("--quiet", action="store_true", help="no progress display")
     return p
+
+
+# the recipe fields' flags (--batch-size and --pool are the quick probe's too, declared above):
+# type, help; the defaults shown come from RECIPES
+_RECIPE_FLAGS = {
+    "epochs": (POSITIVE, "training epochs"),
+    "accum": (POSITIVE, "gradient accumulation micro-steps per optimizer step"),
+    "blr": (real(0, lo_open=True), "base lr: lr = blr x global batch / 256"),
+    "lr": (real(0, lo_open=True), "absolute peak lr (instead of --blr)"),
+    "min_lr": (real(0), "lr at the end of the half-cosine schedule"),
+    "warmup_epochs": (real(0), "linear warmup"),
+    "weight_decay": (real(0), "weight decay (LARS / AdamW; not on biases and norms)"),
+    "crop_scale": (real(0, 1, lo_open=True), "RandomResizedCrop's smallest area fraction (+ flip)"),
+    "layer_decay": (real(0, 1, lo_open=True), "finetune: layer-wise lr decay"),
+    "drop_path": (real(0, 1, hi_open=True), "finetune: stochastic depth of the last block"),
+    "mixup": (real(0), "finetune: mixup Beta alpha (0: off)"),
+    "cutmix": (real(0), "finetune: cutmix Beta alpha (0: off)"),
+    "smoothing": (real(0, 1, hi_open=True), "finetune: label smoothing"),
+    "randaug_n": (NON_NEGATIVE, "finetune: RandAugment ops per image (0: off)"),
+    "randaug_m": (real(0, 10), "finetune: RandAugment magnitude"),
+    "randaug_mstd": (real(0), "finetune: RandAugment magnitude jitter (std)"),
+    "reprob": (real(0, 1), "finetune: random-erasing probability"),
+}
+FINETUNE_ONLY = ("layer_decay", "drop_path", "mixup", "cutmix", "smoothing", "randaug_n", "randaug_m",
+                 "randaug_mstd", "reprob")
+
+
+def _protocol_flags(p: Parser) -> None:
+    lp, ft = RECIPES["linprobe"], RECIPES["finetune"]
+    g = p.add_argument_group("protocol recipe (--protocol linprobe / finetune; default: the paper's, shown as "
+                             "linprobe / finetune)")
+    for name, (kind, text) in _RECIPE_FLAGS.items():
+        lp_value, ft_value = (v if v is not None else "-" for v in (getattr(lp, name), getattr(ft, name)))
+        shown = f"{ft_value}" if name in FINETUNE_ONLY else f"{lp_value} / {ft_value}"
+        g.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} (default: {shown})")
+    g = p.add_argument_group("protocol run (as the train command's)")
+    g.add_argument("--output", metavar="DIR", type=output_dir,
+                   help="checkpoints, metrics.jsonl/.csv, curves.png, results.json (default: runs/eval_PROTOCOL)")
+    g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                   help="continue from CKPT (bare: DIR/checkpoint-last.pth, if there is one)")
+    g.add_argument("--max-steps", type=POSITIVE, help="optimizer steps; overrides --epochs as the schedule length")
+    g.add_argument("--time-limit", type=real(0, lo_open=True), metavar="SECONDS",
+                   help="stop (saving) after this wall time")
+    g.add_argument("--save-every-steps", type=POSITIVE, metavar="STEPS",
+                   help="also save checkpoint-last every STEPS (one is saved after every epoch)")
+    g.add_argument("--log-every", type=POSITIVE, default=20, metavar="STEPS")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast dtype; auto: bf16 on a GPU that has it, else fp32")
+    g.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (pip install wandb)")
 
 
 def existing_path(text: str) -> str:
@@ -88,6 +174,26 @@ def existing_path(text: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.plot is not None:
+        return args
+    if args.checkpoint is None:
+        p.error("the following arguments are required: checkpoint (or --plot DIR)")
+    set_flags = dict(given(p, args))
+    if args.protocol == "quick":
+        for dest in list(_RECIPE_FLAGS) + ["output", "resume", "max_steps", "time_limit", "save_every_steps",
+                                           "log_every", "precision", "wandb"]:
+            if dest in set_flags:
+                p.refuse(set_flags[dest], "applies to --protocol linprobe / finetune, not to the quick probe")
+    elif args.protocol == "linprobe":
+        for dest in FINETUNE_ONLY:
+            if dest in set_flags:
+                p.refuse(set_flags[dest], "applies to --protocol finetune only")
+    if args.protocol != "quick":
+        for dest in ("k", "probe_dim", "pixels"):
+            if dest in set_flags:
+                p.refuse(set_flags[dest], "applies to the quick probe only (no --protocol)")
+        if args.wandb is not None and importlib.util.find_spec("wandb") is None:
+            p.refuse("--wandb", "wandb is not installed (pip install wandb), or leave --wandb out")
     if args.data != "demo":
         for name in ("train", "val"):
             if not os.path.isdir(os.path.join(args.data, name)):
@@ -250,7 +356,15 @@ def _refuse_flags_the_weights_contradict(args, vit: ViTConfig, state: dict) -> N
 
 
 def main(argv=None) -> dict:
+    """The command's work; returns its result record (what ``--json`` writes)."""
     args = parse_args(argv)
+    if args.plot is not None:
+        return plot_only(args.plot)
+    if args.protocol != "quick":
+        return run_protocol_command(args)
+    args.batch_size = args.batch_size or 256
+    args.pool = args.pool or "mean"
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from tec_fast.evaluation import probe as E
 
     timings = {}
@@ -307,13 +421,112 @@ def report_results(args, result: dict, rows) -> None:
         print(f"wrote {args.json}")
 
 
+def plot_only(folder: str) -> dict:
+    from tec_fast.training.curves import CURVES_FILE, plot_run
+
+    path = plot_run(folder)
+    if path is None:
+        raise ValueError(f"--plot: drawing {CURVES_FILE} needs matplotlib (pip install matplotlib)")
+    print(f"wrote {path}")
+    return {"curves": path}
+
+
+# ---------------------------------------------------------------------------------- protocols
+def run_protocol_command(args) -> dict:
+    """--protocol linprobe / finetune: rank 0 holds the output folder's lock for the whole run."""
+    from tec_fast.training import setup_distributed
+    from tec_fast.training.run_lock import hold_output_lock
+
+    d = setup_distributed(args.device)
+    args.device = str(d.device)
+    output = args.output or os.path.join("runs", f"eval_{args.protocol}")
+    if not d.is_main:
+        return _run_protocol(args, d, output)
+    with hold_output_lock(output):
+        return _run_protocol(args, d, output)
+
+
+def _run_protocol(args, d, output: str) -> dict:
+    from tec_fast.cli.config import write_text_atomic
+    from tec_fast.evaluation.protocol import RECIPE_FIELDS, recipe, run_protocol
+    from tec_fast.training import NonFiniteTraining, TrainingInterrupted
+    from tec_fast.training.curves import plot_run
+
+    say = print if d.is_main else (lambda *a, **k: None)
+    quiet_args = argparse.Namespace(**{**vars(args), "quiet": args.quiet or not d.is_main})
+    base, vit, vit_source, report = load_encoder(quiet_args)
+    train, test, data_name, workers = build_data(args, vit.img_size)
+    r = recipe(args.protocol, **{k: getattr(args, k) for k in RECIPE_FIELDS if hasattr(args, k)})
+    mean, std, num_classes = _data_stats(train)
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if d.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    say(f"{args.protocol}: {data_name}, {len(train)} train / {len(test)} test images, {num_classes} classes; "
+        f"global batch {r.batch_size}, {r.epochs} epochs, {d.world} process(es), {precision}")
+    options = dict(output_dir=output, seed=args.seed, precision=precision, num_workers=workers,
+                   log_every=args.log_every, save_every_steps=args.save_every_steps, max_steps=args.max_steps,
+                   time_limit=args.time_limit, resume=args.resume, wandb=args.wandb, progress=not args.quiet,
+                   device=args.device)
+    try:
+        result = run_protocol(args.protocol, base, train, test, num_classes, r, mean, std, options,
+                              eval_batch=min(r.batch_size, 256))
+    except NonFiniteTraining as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except TrainingInterrupted as exc:
+        say(str(exc))
+        raise SystemExit(128 + exc.signum) from None
+    result.update({"checkpoint_evaluated": os.path.abspath(args.checkpoint), "vit": vit.to_dict(),
+                   "vit_source": vit_source, "data": data_name, "seed": args.seed})
+    if d.is_main:
+        write_text_atomic(os.path.join(output, "results.json"), json.dumps(result, indent=2, default=str) + "\n")
+        result["curves"] = plot_run(output)
+        _protocol_table(result, output)
+        if args.json:
+            write_text_atomic(args.json, json.dumps(result, indent=2, default=str) + "\n")
+            print(f"wrote {args.json}")
+    return result
+
+
+def _data_stats(train):
+    """(per-channel mean, std the images were normalised with, number of classes)."""
+    from tec_fast.data.folder import IMAGENET_MEAN, IMAGENET_STD
+
+    ds = train.dataset if isinstance(train, torch.utils.data.Subset) else train
+    mean, std = getattr(ds, "mean", IMAGENET_MEAN), getattr(ds, "std", IMAGENET_STD)
+    classes = getattr(ds, "classes", None)
+    if classes:
+        return tuple(mean), tuple(std), len(classes)
+    labels = getattr(ds, "labels", None)
+    return tuple(mean), tuple(std), int(max(labels)) + 1
+
+
+def _protocol_table(result: dict, output: str) -> None:
+    from tec_fast.training.monitor import format_duration, table
+
+    r = result["recipe"]
+    rows = [["protocol", result["protocol"]], ["test top-1", f"{100 * result['top1']:.2f}%"],
+            ["steps", f"{result['steps']} / {result['total_steps']} ({result['stopped']})"],
+            ["global batch", result["global_batch"]], ["peak lr", f"{result['peak_lr']:.3g}"],
+            ["optimizer", result["optimizer"]], ["epochs", r["epochs"]], ["processes", result["world"]],
+            ["wall time", format_duration(result["seconds"])], ["throughput", f"{result['img_per_s']:.1f} img/s"],
+            ["checkpoint", result["checkpoint"]], ["results", os.path.join(output, "results.json")],
+            ["curves", result.get("curves")]]
+    print(table(["", ""], rows, title="summary", align="ll"))
+
+
 def cli(argv=None) -> int:
     """Entry point: problems with the user's inputs end in one ``error:`` line, not a traceback."""
     return run_command(_run, argv)
 
 
 def _run(argv) -> int:
-    main(argv)
+    try:
+        main(argv)
+    except SystemExit as exc:  # a protocol run stopped by a signal or a non-finite loss
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 3
+        return exc.code if exc.code is not None else 0
     return 0
 
 

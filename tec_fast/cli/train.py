@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from tec_fast.cli.config import (CONFIG_FILE, add_config_flags, parse_with_config, resolved_config,
+                                 write_text_atomic)
 from tec_fast.cli.errors import run_command
 from tec_fast.cli.flags import (NON_NEGATIVE, POSITIVE, SEED, Parser, data_source, device, existing_dir, mask_ratio,
                                 output_dir, real)
@@ -145,6 +147,8 @@ def _run_flags(p: Parser) -> None:
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=POSITIVE, default=20, metavar="STEPS")
     g.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard (if installed)")
+    g.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases under PROJECT (needs "
+                   "pip install wandb; WANDB_MODE=offline logs to DIR/wandb without an account)")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--seed", type=SEED, default=0)
 
@@ -179,16 +183,37 @@ def build_parser() -> Parser:
                epilog="Base kinds and their recipe defaults (last_layers, topk, tau):\n" + "\n".join(
                    f"  {k:14s} {r.model:18s} {r.last_layers}, {r.topk:2d}, {r.tau}   {r.note}"
                    for k, r in BASE_RECIPES.items()))
-    for add in (_data_flags, _model_flags, _optim_flags, _run_flags, _demo_flags):
+    for add in (add_config_flags, _data_flags, _model_flags, _optim_flags, _run_flags, _demo_flags):
         add(p)
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = build_parser()
-    args = p.parse_args(argv)
-    check_train_flags(p, args)
+    """The flags (``--config FILE`` first, the command line over it), each checked."""
+    args = parse_with_config(build_parser(), argv)
+    p = build_parser()  # its defaults untouched by --config: which flags were set is judged against them
+    check_train_flags(p, argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                               if k not in ("config", "print_config")}))
+    if args.wandb is not None:
+        import importlib.util
+        if not args.wandb.strip():
+            p.refuse("--wandb", "expected a project name, got an empty string")
+        if importlib.util.find_spec("wandb") is None:
+            p.refuse("--wandb", "wandb is not installed (pip install wandb), or leave --wandb out")
     return args
+
+
+def run_config(args) -> str:
+    """``config.yaml`` of a run: what ``--config`` reads back to run it again. Without --data only
+    the demo's flags; with it, everything but the demo's and this invocation's (resume, bench-loader)."""
+    from tec_fast.cli.train_checks import DEMO_FLAGS
+
+    header = (f"python -m tec_fast.train --config {CONFIG_FILE} runs this again "
+              f"(flags given on the command line override these values)")
+    if args.data is None:
+        return resolved_config(build_parser(), args, keep=DEMO_FLAGS | {"data"}, header=header)
+    return resolved_config(build_parser(), args, header=header,
+                           skip=(DEMO_FLAGS - {"output", "seed", "no_progress"}) | {"resume", "bench_loader"})
 
 
 # -------------------------------------------------------------------------------------- run
@@ -200,7 +225,13 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
+    if args.print_config:
+        sys.stdout.write(run_config(args))
+        return 0
     if args.data is None:
+        if not args.demo_make_base:
+            write_text_atomic(os.path.join(args.output or os.path.join("runs", "demo"), CONFIG_FILE),
+                              run_config(args))
         from tec_fast.demo.run import make_demo_base, run_demo
         return make_demo_base(args) if args.demo_make_base else run_demo(args)
     return train(args)
@@ -239,6 +270,8 @@ def _train(args, d, output: str) -> int:
     if precision == "auto":
         precision = "bf16" if d.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     cfg = fit_config(args, output, precision)
+    if d.is_main and not args.bench_loader:
+        write_text_atomic(os.path.join(output, CONFIG_FILE), run_config(args))
     say(f"data: {len(dataset)} images, {dataset.kind} {dataset.root} ({len(dataset.classes)} classes; "
         f"decode: {'gpu' if args.decode == 'gpu' else decoder_name()})")
     batching = native_batching(dataset, native, args.seed) if native else {}
@@ -268,25 +301,30 @@ def _train(args, d, output: str) -> int:
     exported = os.path.join(output, setup.encoder_file) if d.is_main else None
     if exported:  # the weights were checked finite by fit before it returned
         save_atomic(setup.encoder_state(result.model), exported)
-    say(summary(args, result, precision, d.world, exported))
+    curves = write_curves(output) if d.is_main else None
+    say(summary(args, result, precision, d.world, exported, curves))
     return 0
 
 
+# FitConfig fields no flag of the same name sets (derived from other flags, or FitConfig's default);
+# every other field is filled from the flag of its name
+DERIVED_FIT_FIELDS = ("name", "output_dir", "precision", "pin_memory", "save_every_epochs", "progress",
+                      "warmup_steps", "betas", "cuda_graph")
+
+
 def fit_config(args, output: str, precision: str):
+    """The ``FitConfig`` of a run: every field named like a flag takes that flag's value (a new
+    flag reaches ``fit`` by being declared once, in the parser, under the field's name)."""
+    from dataclasses import fields
+
     from tec_fast.training import FitConfig
 
-    return FitConfig(name=args.objective, output_dir=output, epochs=args.epochs, max_steps=args.max_steps,
-                     time_limit=args.time_limit, batch_size=args.batch_size, accum=args.accum, blr=args.blr,
-                     lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
-                     weight_decay=args.weight_decay, optimizer=args.optimizer, precision=precision,
-                     clip_grad=args.clip_grad, compile=args.compile, 
-                     cuda_graph="off" if args.no_cuda_graph else "on" if args.cuda_graph else "auto",
-                     shard=args.shard,
-                     num_workers=args.num_workers, pin_memory=not args.no_pin_memory, seed=args.seed,
-                     log_every=args.log_every, save_every_epochs=args.save_every,
-                     save_every_steps=args.save_every_steps, keep_last=args.keep_last,
-                     keep_every=args.keep_every, resume=args.resume, tensorboard=args.tensorboard,
-                     progress=not args.no_progress)
+    named = {f.name: getattr(args, f.name) for f in fields(FitConfig)
+             if f.name not in DERIVED_FIT_FIELDS and hasattr(args, f.name)}
+    return FitConfig(**named, name=args.objective, output_dir=output, precision=precision,
+                     pin_memory=not args.no_pin_memory, save_every_epochs=args.save_every,
+                     progress=not args.no_progress,
+                     cuda_graph="off" if args.no_cuda_graph else "on" if args.cuda_graph else "auto")
 
 
 def bench(dataset, cfg, native, batching: dict, say, args, d) -> int:
@@ -323,7 +361,17 @@ def bench(dataset, cfg, native, batching: dict, say, args, d) -> int:
     return 0
 
 
-def summary(args, result, precision: str, world: int, exported) -> str:
+def write_curves(output: str):
+    """DIR/curves.png from DIR/metrics.jsonl; None (said once) without matplotlib."""
+    from tec_fast.training.curves import CURVES_FILE, plot_run
+
+    path = plot_run(output)
+    if path is None:
+        print(f"note: no {CURVES_FILE} (matplotlib is not installed: pip install matplotlib)", file=sys.stderr)
+    return path
+
+
+def summary(args, result, precision: str, world: int, exported, curves=None) -> str:
     from tec_fast.training.monitor import format_duration, table
 
     return table(["", ""], [
@@ -333,7 +381,8 @@ def summary(args, result, precision: str, world: int, exported) -> str:
         ["CUDA graph", result.cuda_graph],
         ["wall time", format_duration(result.seconds)], ["throughput", f"{result.img_per_s:.1f} img/s"],
         *[[k, f"{v:.4f}"] for k, v in result.metrics.items()],
-        ["checkpoint", result.checkpoint], ["encoder", exported]], title="summary", align="ll")
+        ["checkpoint", result.checkpoint], ["encoder", exported], ["curves", curves]], title="summary",
+        align="ll")
 
 
 if __name__ == "__main__":

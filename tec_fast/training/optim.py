@@ -64,13 +64,15 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's learning rate; a tensor lr (a CUDA-graph run's) is overwritten in place,
-    so the recorded optimizer step reads the new value."""
+    """Set every group's learning rate (times the group's ``lr_scale`` where it has one: layer-wise
+    decay); a tensor lr (a CUDA-graph run's) is overwritten in place, so the recorded optimizer step
+    reads the new value."""
     for group in optimizer.param_groups:
+        value = lr * group.get("lr_scale", 1.0)
         if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(value)
         else:
-            group["lr"] = lr
+            group["lr"] = value
 
 
 @dataclass

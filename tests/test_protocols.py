@@ -1,0 +1,230 @@
+"""The evaluation protocols of ``python -m tec_fast.eval --protocol linprobe|finetune``: their
+pieces against float64 / PIL references (LARS, layer decay, mixup / cutmix, RandAugment's point
+ops, drop path), both protocols end to end on tiny data, and the resume of a killed run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tec_fast import ViTConfig
+from tec_fast.cli.eval import main
+from tec_fast.evaluation.augment import MixupCutmix, RandAugment, TrainTransform, random_erase
+from tec_fast.evaluation.finetune import FinetuneModel, drop_path, layer_decay_groups
+from tec_fast.evaluation.lars import LARS
+from tec_fast.evaluation.protocol import RECIPE_FIELDS, RECIPES, recipe
+from tec_fast.models.base import BaseModel
+
+VIT = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num-heads", "2", "--n-train", "64", "--n-test", "32", "--batch-size", "16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "enc.pth"
+    torch.save({"model": BaseModel(VIT, topk=None).state_dict()}, path)
+    return path
+
+
+# ------------------------------------------------------------------------------ pieces
+def test_lars_step_matches_a_float64_reference():
+    torch.manual_seed(0)
+    w, b = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    gw, gb = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    pw, pb = w.clone().requires_grad_(), b.clone().requires_grad_()
+    opt = LARS([pw, pb], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.001)
+    mu_w = torch.zeros_like(w)
+    for _ in range(2):
+        pw.grad, pb.grad = gw.clone(), gb.clone()
+        opt.step()
+        u = gw + 0.1 * w
+        u = u * (0.001 * w.norm() / u.norm())          # matrices: decayed and rescaled
+        mu_w = 0.9 * mu_w + u
+        w = w - 0.5 * mu_w
+    torch.testing.assert_close(pw.detach(), w, rtol=0, atol=1e-12)
+    # 1-D parameters: plain momentum SGD, no decay, no rescaling
+    torch.testing.assert_close(pb.detach(), b - 0.5 * (gb + (0.9 * gb + gb)), rtol=0, atol=1e-12)
+
+
+def test_layer_decay_groups():
+    model = FinetuneModel(BaseModel(VIT, topk=None), num_classes=3, drop_path=0.0)
+    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.5)
+    where = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    # depth 2: embeddings layer 0 -> 0.5^3, block i -> 0.5^(2 - i), head / fc_norm -> 1
+    assert where[id(named["encoder.patch_embed.proj.weight"])]["lr_scale"] == 0.5 ** 3
+    assert where[id(named["encoder.blocks.0.attn.qkv.weight"])]["lr_scale"] == 0.5 ** 2
+    assert where[id(named["encoder.blocks.1.mlp.fc1.weight"])]["lr_scale"] == 0.5
+    assert where[id(named["head.weight"])]["lr_scale"] == 1.0
+    for name in ("encoder.cls_token", "encoder.pos_embed", "head.bias", "fc_norm.weight",
+                 "encoder.blocks.0.norm1.weight"):
+        assert where[id(named[name])]["weight_decay"] == 0.0, name
+    assert where[id(named["head.weight"])]["weight_decay"] == 0.05
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_mixup_and_cutmix_targets_match_the_images():
+    x = torch.arange(4 * 1 * 8 * 8, dtype=torch.float32).view(4, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 0])
+    mix = MixupCutmix(3, mixup_alpha=1.0, cutmix_alpha=0.0, smoothing=0.0)
+    out, t = mix(x, y, np.random.default_rng(1))
+    lam = float(np.random.default_rng(1).beta(1.0, 1.0))
+    torch.testing.assert_close(out, lam * x + (1 - lam) * x.flip(0))
+    torch.testing.assert_close(t[1], torch.tensor([0.0, lam, 1 - lam]))
+    cut = MixupCutmix(3, mixup_alpha=0.0, cutmix_alpha=1.0, smoothing=0.1)
+    out, t = cut(x, y, np.random.default_rng(3))
+    pasted = float((out != x).float().mean())  # every pixel differs from its partner's here
+    lam = 1 - pasted
+    off = 0.1 / 3
+    expect = torch.full((3,), off)
+    expect[1] += lam * 0.9
+    expect[2] += (1 - lam) * 0.9
+    torch.testing.assert_close(t[1], expect)
+    torch.testing.assert_close(t.sum(1), torch.ones(4))
+
+
+def _pil_image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("op,pil", [
+    ("auto_contrast", lambda im, ImageOps: ImageOps.autocontrast(im)),
+    ("equalize", lambda im, ImageOps: ImageOps.equalize(im)),
+    ("invert", lambda im, ImageOps: ImageOps.invert(im)),
+    ("posterize", lambda im, ImageOps: ImageOps.posterize(im, 4 - int(0.6 * 4))),
+    ("solarize", lambda im, ImageOps: ImageOps.solarize(im, 256 - int(0.6 * 256))),
+])
+def test_randaugment_point_ops_match_pil(op, pil):
+    Image = pytest.importorskip("PIL.Image")
+    ImageOps = pytest.importorskip("PIL.ImageOps")
+    a = _pil_image()
+    expect = np.asarray(pil(Image.fromarray(a), ImageOps))
+    img = torch.from_numpy(a).permute(2, 0, 1).float() / 255.0
+    got = (getattr(RandAugment(), op)(img, 0.6) * 255).round().permute(1, 2, 0).numpy().astype(np.uint8)
+    assert np.abs(got.astype(int) - expect.astype(int)).max() <= 1, op
+
+
+def test_augmentations_keep_shape_and_range():
+    torch.manual_seed(0)
+    ra = RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5, fill=(0.5, 0.5, 0.5), prob=1.0)
+    img = torch.rand(3, 16, 16)
+    for op in RandAugment.OPS:
+        out = getattr(ra, op)(img, 1.0)
+        assert out.shape == img.shape and float(out.min()) >= 0 and float(out.max()) <= 1, op
+    t = TrainTransform((0.5,) * 3, (0.25,) * 3, rand_augment=ra, reprob=1.0)
+    assert t(torch.randn(3, 16, 16)).shape == (3, 16, 16)
+    x = torch.zeros(3, 16, 16)
+    erased = random_erase(x, 1.0)
+    assert 0 < int((erased != 0).any(0).sum()) < 16 * 16  # one box, not the whole image
+
+
+def test_drop_path_keeps_or_drops_whole_samples():
+    torch.manual_seed(0)
+    x = torch.ones(4000, 3, 2)
+    out = drop_path(x, 0.25)
+    per_sample = out.flatten(1)
+    assert torch.all((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1))
+    assert abs(float(out.mean()) - 1.0) < 0.05  # unbiased in expectation (4000 samples)
+    model = FinetuneModel(BaseModel(VIT, topk=None), num_classes=3, drop_path=0.5).eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(images), model(images))  # eval: no dropping
+
+
+def test_recipes_are_the_papers_and_every_field_is_a_flag():
+    lp, ft = RECIPES["linprobe"], RECIPES["finetune"]
+    assert (lp.batch_size, lp.blr, lp.epochs, lp.warmup_epochs, lp.weight_decay, lp.pool) == \
+        (16384, 0.1, 90, 10, 0.0, "cls")
+    assert (ft.layer_decay, ft.drop_path, ft.mixup, ft.cutmix, ft.smoothing, ft.epochs, ft.randaug_n,
+            ft.randaug_m) == (0.65, 0.1, 0.8, 1.0, 0.1, 100, 2, 9.0)
+    from tec_fast.cli.eval import build_parser
+    dests = {a.dest for a in build_parser()._actions}
+    assert set(RECIPE_FIELDS) <= dests
+    assert recipe("finetune", epochs=3, mixup=None).epochs == 3
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        recipe("knn")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--protocol", "linprobe", "--mixup", "0.5"], "--mixup: applies to --protocol finetune only"),
+    (["--epochs", "3"], "--epochs: applies to --protocol linprobe / finetune"),
+    (["--protocol", "finetune", "--k", "5"], "--k: applies to the quick probe only"),
+    (["--protocol", "finetune", "--drop-path", "1"], "--drop-path: must be in [0, 1)"),
+])
+def test_bad_protocol_flags_are_one_error_line(ckpt, capsys, argv, needle):
+    with pytest.raises(SystemExit) as exc:
+        main([str(ckpt), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err, err
+
+
+def test_batch_larger_than_the_data_is_refused(ckpt, tmp_path, capsys):
+    from tec_fast.cli.eval import cli
+    assert cli([str(ckpt), "--protocol", "linprobe", *TINY[:6], "--quiet", "--output", str(tmp_path)]) == 2
+    assert "larger than the training split (64 images)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("protocol", ["linprobe", "finetune"])
+def test_protocol_runs_on_tiny_data(ckpt, tmp_path, protocol):
+    out = tmp_path / protocol
+    res = main([str(ckpt), "--protocol", protocol, *TINY, "--epochs", "2", "--warmup-epochs", "1",
+                "--output", str(out), "--log-every", "1"])
+    assert res["steps"] == res["total_steps"] == 2 * (64 // 16) and res["stopped"] == "completed"
+    assert 0.0 <= res["top1"] <= 1.0 and res["test_images"] == 32 and res["num_classes"] == 10
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["top1"] == res["top1"] and saved["recipe"]["batch_size"] == 16
+    assert "LARS" in saved["optimizer"] if protocol == "linprobe" else "layer decay 0.65" in saved["optimizer"]
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("time,stage,step") and len(rows) == 1 + res["steps"]
+    assert (out / "checkpoint-last.pth").is_file()
+    ck = torch.load(out / "checkpoint-last.pth", weights_only=False)
+    assert ck["protocol"] == protocol and ck["step"] == res["steps"]
+    if res.get("curves"):
+        assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _run(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "tec_fast.eval", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_a_killed_finetune_run_resumes_to_the_uninterrupted_result(ckpt, tmp_path):
+    common = [str(ckpt), "--protocol", "finetune", *TINY, "--epochs", "10", "--warmup-epochs", "1",
+              "--save-every-steps", "2", "--workers", "0"]
+    killed = tmp_path / "killed"
+    proc = _run(common + ["--output", str(killed)])
+    deadline = time.time() + 240
+    log = killed / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:  # kill -9 once a mid-run checkpoint is on disk
+        if log.is_file() and '"event": "checkpoint"' in log.read_text():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    first = torch.load(killed / "checkpoint-last.pth", weights_only=False)["step"]
+    assert 0 < first < 40
+    proc = _run(common + ["--output", str(killed), "--resume"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    starts = [json.loads(line) for line in log.read_text().splitlines() if '"event": "start"' in line]
+    assert starts[-1]["step"] >= first and starts[-1]["resumed_from"].endswith("checkpoint-last.pth")
+    whole = main(common + ["--output", str(tmp_path / "whole")])
+    resumed = json.loads((killed / "results.json").read_text())
+    assert resumed["steps"] == whole["steps"] == 40
+    a = torch.load(killed / "checkpoint-last.pth", weights_only=False)["model"]
+    b = torch.load(tmp_path / "whole" / "checkpoint-last.pth", weights_only=False)["model"]
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert resumed["top1"] == whole["top1"]
