@@ -120,6 +120,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "pyyaml",  # --config FILE.yaml and the config.yaml every run writes
         "safetensors>=0.4",
         "triton>=3.0; platform_system=='Linux'",
     ],
