@@ -126,6 +126,8 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-learn>=1.3", "pillow", "matplotlib"],
-        "test": ["pytest>=7", "pytest-randomly", "scikit-learn>=1.3", "pillow", "matplotlib"],
+        # data: libjpeg-turbo JPEG decode (simplejpeg) and Hugging Face dataset folders (pyarrow)
+        "data": ["pillow", "simplejpeg", "pyarrow"],
+        "test": ["pytest>=7", "pytest-randomly", "scikit-learn>=1.3", "pillow", "matplotlib", "simplejpeg", "pyarrow"],
     },
 )
