@@ -107,9 +107,9 @@ def _triton_importable() -> bool:
     return True
 
 
-# tec_fast reads TEC_FAST_KERNELS / TRITON_INTERPRET once (no environment read per op call); a
+# tec_fast reads TEC_FAST_KERNELS / TRITON_INTERPRET / TEC_FAST_CHECKS once (no environment read per op call); a
 # test that changes them through ``monkeypatch`` gets them re-read, and re-read again on undo.
-_DISPATCH_ENV = ("TEC_FAST_KERNELS", "TRITON_INTERPRET")
+_DISPATCH_ENV = ("TEC_FAST_KERNELS", "TRITON_INTERPRET", "TEC_FAST_CHECKS")
 
 
 def _reload_dispatch_env() -> None:
@@ -198,16 +198,27 @@ def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.detach().double() - expected.detach().double()).abs().max().item()
 
 
+# Error budget of a bf16 / fp16 computation, as a fraction of the largest exact value: 8 units in
+# the last place of that precision (2^-8 and 2^-11). Measured on the CPU suite: at most 5.8 bf16
+# ulps (a LayerNorm's output), most results 1-2.
+LOW_PRECISION_BUDGET = {torch.bfloat16: 8 * 2.0 ** -8, torch.float16: 8 * 2.0 ** -11}
+
+
 def assert_low_precision_ok(kernel: torch.Tensor, eager_lowp: torch.Tensor, exact: torch.Tensor,
-                            atol: float, name: str = "tensor") -> None:
-    """flash-attention's rule for bf16/fp16: the kernel's error against an fp32 reference is no
-    worse than twice the error of the same computation done by eager torch in that precision
-    (plus ``atol``, for elements where eager happens to be exact)."""
+                            atol: float, name: str = "tensor", dtype: torch.dtype = torch.bfloat16) -> None:
+    """A bf16/fp16 result against an fp32 / float64 reference: max |kernel - exact| <=
+    LOW_PRECISION_BUDGET[dtype] * max |exact| + atol, a fixed bound. The error of the same
+    computation done by eager torch in that precision is reported beside it but bounds nothing on
+    the CPU: torch's CPU kernels round differently per instruction set (ATEN_CPU_CAPABILITY). On
+    CUDA tensors flash-attention's rule may also pass a result: no worse than twice eager's error."""
     k_err = max_abs_err(kernel, exact)
     e_err = max_abs_err(eager_lowp, exact)
-    if not k_err <= 2 * e_err + atol:
-        raise AssertionError(f"{name}: kernel max error {k_err:.3g} > 2 x eager low-precision error "
-                             f"{e_err:.3g} + atol {atol:g}")
+    budget = LOW_PRECISION_BUDGET[dtype] * exact.detach().abs().max().item() + atol
+    if kernel.is_cuda:
+        budget = max(budget, 2 * e_err + atol)
+    if not k_err <= budget:
+        raise AssertionError(f"{name}: kernel max error {k_err:.3g} > budget {budget:.3g} ({dtype} "
+                             f"x max|exact| + atol {atol:g}); eager torch in {dtype}: {e_err:.3g}")
 
 
 @pytest.fixture(autouse=True)

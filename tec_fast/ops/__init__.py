@@ -292,8 +292,10 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         raise ValueError(f"weight must be [3 * num_heads * head_dim, C={x.shape[-1]}] with num_heads="
                          f"{num_heads}, got {tuple(weight.shape)}")
     _check_bias(bias, out, weight, x)
-    _check_same_device(x, weight=weight)
-    if not torch.is_autocast_enabled(x.device.type):
+    if weight.device != x.device:
+        _check_same_device(x, weight=weight)
+    if (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)) \
+            and not torch.is_autocast_enabled(x.device.type):
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.dtype != x.dtype:
                 raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
@@ -317,23 +319,26 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
                          f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     if act not in _MLP_ACTIVATIONS:
         raise ValueError(f"act must be one of {_MLP_ACTIVATIONS}, got {act!r}")
-    C = x.shape[-1]
-    for name, t, ndim in (("w1", w1, 2), ("b1", b1, 1), ("w2", w2, 2), ("b2", b2, 1)):
+    C, dev = x.shape[-1], x.device
+    tensors = (("w1", w1, 2), ("b1", b1, 1), ("w2", w2, 2), ("b2", b2, 1))
+    for name, t, ndim in tensors:
         if not isinstance(t, torch.Tensor) or t.dim() != ndim or not t.is_floating_point():
             raise ValueError(f"{name} must be a {ndim}-D floating-point tensor, got "
                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-        _check_same_device(x, **{name: t})
+        if t.device != dev:
+            _check_same_device(x, **{name: t})
     hidden, out_dim = w1.shape[0], w2.shape[0]
-    expected = {"w1": (hidden, C), "b1": (hidden,), "w2": (out_dim, hidden), "b2": (out_dim,)}
-    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]} for x {tuple(x.shape)} and "
-                             f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}; got {tuple(t.shape)}")
-    if not torch.is_autocast_enabled(x.device.type):
-        for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-            if t.dtype != x.dtype:
-                raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
-                                 f"all five must share one dtype)")
+    if w1.shape[1] != C or b1.shape[0] != hidden or w2.shape[1] != hidden or b2.shape[0] != out_dim:
+        expected = {"w1": (hidden, C), "b1": (hidden,), "w2": (out_dim, hidden), "b2": (out_dim,)}
+        name, t = next((n, t) for n, t, _ in tensors if t.shape != expected[n])
+        raise ValueError(f"{name} must have shape {expected[name]} for x {tuple(x.shape)} and "
+                         f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}; got {tuple(t.shape)}")
+    dt = x.dtype
+    if (w1.dtype != dt or b1.dtype != dt or w2.dtype != dt or b2.dtype != dt) \
+            and not torch.is_autocast_enabled(dev.type):
+        name, t = next((n, t) for n, t, _ in tensors if t.dtype != dt)
+        raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
+                         f"all five must share one dtype)")
     if use_fast_path("mlp", x, act=act):
         return fast_impl("mlp")(x, w1, b1, w2, b2)
     return reference.mlp(x, w1, b1, w2, b2, act)

@@ -59,9 +59,11 @@ def _read_mode() -> str:
 
 
 def reload_environment() -> None:
-    """Re-read ``TEC_FAST_KERNELS`` and ``TRITON_INTERPRET`` at the next op call (tests that
-    change the environment call this; ``set_kernel_mode`` is the way for code)."""
+    """Re-read ``TEC_FAST_KERNELS``, ``TRITON_INTERPRET`` and ``TEC_FAST_CHECKS`` at the next op
+    call (tests that change the environment call this; ``set_kernel_mode`` is the way for code)."""
+    from tec_fast.ops import validate
     _SETTINGS.clear()
+    validate._SETTINGS.clear()
     _DECISIONS.clear()
 
 

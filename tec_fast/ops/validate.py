@@ -14,9 +14,14 @@ from typing import Tuple
 
 import torch
 
+_SETTINGS = {}  # TEC_FAST_CHECKS, read once (``tec_fast.ops.dispatch.reload_environment`` re-reads it)
+
 
 def checks_forced() -> bool:
-    return os.environ.get("TEC_FAST_CHECKS", "0") not in ("", "0")
+    forced = _SETTINGS.get("checks")
+    if forced is None:
+        forced = _SETTINGS["checks"] = os.environ.get("TEC_FAST_CHECKS", "0") not in ("", "0")
+    return forced
 
 
 def check_tensor(t, name: str, ndim: int, float_: bool = True) -> None:
@@ -47,7 +52,9 @@ def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> N
     if not idx.numel() or not _reads_values(idx):
         return
     if idx.device.type == "cpu" or checks_forced():
-        lo, hi = torch.stack([idx.min(), idx.max()]).tolist()  # one host sync, not two
+        lo, hi = torch.aminmax(idx)
+        # CPU: two cheap reads; CUDA (TEC_FAST_CHECKS=1): one host sync for both
+        lo, hi = (int(lo), int(hi)) if idx.device.type == "cpu" else torch.stack([lo, hi]).tolist()
         if lo < 0 or hi >= bound:
             raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
     else:
