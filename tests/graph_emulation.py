@@ -55,8 +55,11 @@ def emulated_step_class():
             saved = copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict())
             grads = [None if p.grad is None else p.grad.clone() for p in params]
             out = fn()
+            lrs = [group["lr"] for group in self.optimizer.param_groups]
             self.model.load_state_dict(saved[0])
             self.optimizer.load_state_dict(saved[1])
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr  # the recorded step reads this tensor (saved: a plain float)
             for p, g in zip(params, grads):
                 if g is not None:
                     p.grad.copy_(g)  # the same tensor: the replays add into it

@@ -242,3 +242,19 @@ def test_ddp_graph_path_matches_one_process(tmp_path, accum):
     assert two["replays"] == 6 and two["local_replays"] == 6 * (accum - 1)
     assert two["status"].startswith("replayed: 6")
     assert two["losses"] == pytest.approx(one.losses, rel=1e-5)
+
+
+def test_checkpoints_of_a_graphed_run_hold_plain_optimizer_groups():
+    """A graphed run's optimizer keeps its lr in a device tensor with capturable=True; what it
+    saves is a float lr and capturable=False, which an eager run on any device loads."""
+    from tec_fast.training.graphed import GraphedStep
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    GraphedStep(model, model, None, opt, None, None, torch.device("cpu"))
+    assert torch.is_tensor(opt.param_groups[0]["lr"]) and opt.param_groups[0]["capturable"]
+    group = opt.state_dict()["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-3) and not torch.is_tensor(group["lr"]) and not group["capturable"]
+    eager = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1.0)
+    eager.load_state_dict(opt.state_dict())
+    assert eager.param_groups[0]["lr"] == pytest.approx(1e-3)

@@ -105,6 +105,16 @@ def _copy_into(static, batch) -> None:
             _copy_into(s, b)
 
 
+def _plain_param_groups(optimizer, state: dict) -> dict:
+    """``optimizer.state_dict()`` hook: a float lr and capturable=False in the saved groups."""
+    for group in state["param_groups"]:
+        if torch.is_tensor(group.get("lr")):
+            group["lr"] = float(group["lr"])
+        if "capturable" in group:
+            group["capturable"] = False
+    return state
+
+
 class GraphedStep:
     """The recorded graphs of one optimizer step and the static tensors they read and write.
 
@@ -122,8 +132,9 @@ class GraphedStep:
         self.eager_steps = DDP_EAGER_STEPS if sync is not None else 1
         for group in optimizer.param_groups:
             group["capturable"] = True  # the step count stays on the GPU
-            if not torch.is_tensor(group["lr"]):
-                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        # checkpoints hold the plain form, which any run (eager, on another device) loads
+        optimizer.register_state_dict_post_hook(_plain_param_groups)
         self.fwd_bwd = self.fwd_bwd_local = self.opt_step = None
         self.failed: Optional[str] = None
         self.replays = 0  # optimizer steps replayed
