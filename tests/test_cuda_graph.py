@@ -258,3 +258,16 @@ def test_checkpoints_of_a_graphed_run_hold_plain_optimizer_groups():
     eager = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1.0)
     eager.load_state_dict(opt.state_dict())
     assert eager.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_train_summary_says_whether_steps_replayed():
+    from types import SimpleNamespace
+
+    from tec_fast.cli.train import summary
+    from tec_fast.training.config import FitResult
+
+    result = FitResult(model=None, steps=3, total_steps=3, epoch=0, seconds=1.0, img_per_s=10.0, losses=[1.0],
+                       metrics={"loss": 1.0}, stopped="completed", checkpoint=None, optimizer="adamw", lr=1e-3,
+                       global_batch=4, cuda_graph="eager: it needs a CUDA device (training runs on cpu)")
+    text = summary(SimpleNamespace(objective="tec"), result, "fp32", 1, None)
+    assert "CUDA graph" in text and "eager: it needs a CUDA device (training runs on cpu)" in text
