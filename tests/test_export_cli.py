@@ -123,3 +123,18 @@ def test_eval_reads_the_demo_checkpoint_and_names_the_flag_that_works(demo_ckpt)
                           (["--depth", "12"], "use --depth 6")):
         with pytest.raises(ValueError, match=expect):
             eval_cli.load_encoder(eval_cli.parse_args([str(path), "--quiet", *flags]))
+
+
+def test_mae_training_checkpoint_without_config_exports_its_encoder(tmp_path, capsys):
+    """The demo's MAE-continued stage saves no model config: the MAE decoder's keys tell the layout."""
+    from tec_fast.models.mae import MAEModel
+
+    torch.manual_seed(0)
+    mae = MAEModel(VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    torch.save({"model": mae.state_dict()}, tmp_path / "mae.pth")
+    assert main([str(tmp_path / "mae.pth"), str(tmp_path / "enc.pth")]) == 0
+    enc = read_checkpoint(str(tmp_path / "enc.pth"))["model"]
+    want = mae.encoder_state_dict()
+    assert set(enc) == set(want) and all(torch.equal(enc[k], want[k]) for k in want)
+    assert main([str(tmp_path / "mae.pth"), str(tmp_path / "e2.pth"), "--model", "vit_base_patch16"]) == 2
+    assert "leave --model out" in capsys.readouterr().err
