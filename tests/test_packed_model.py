@@ -201,3 +201,26 @@ def test_objective_with_device_noise_equals_host_noise():
     a = objective(model, (images, None), noise)["loss"]
     b = objective(model, (images, None), far)["loss"]
     assert reads == [1] and torch.equal(a, b)
+
+
+def test_objective_packed_step_equals_the_dense_step():
+    """The trainer's packed route (host keep mask from the noise, packed encoder) with every
+    image at ratio 0.75 gives the dense step's loss terms and gradients for the same noise."""
+    from tec_fast.training.objectives import TECObjective
+
+    base, model = _models(5)
+    images, noise = torch.randn(3, 3, 16, 16), torch.rand(3, 17)
+    packed = TECObjective(base, (0.75, 0.75), 16)
+    dense = TECObjective(base, 0.75, 16)
+    assert packed.variable and not dense.variable
+    out_p = packed(model, (images, None), noise)
+    out_p["loss"].backward()
+    g_p = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    out_d = dense(model, (images, None), noise[:, :16])
+    out_d["loss"].backward()
+    for key in out_d:
+        torch.testing.assert_close(out_p[key], out_d[key], rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g_p[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
