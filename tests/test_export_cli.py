@@ -119,6 +119,8 @@ def test_eval_reads_the_demo_checkpoint_and_names_the_flag_that_works(demo_ckpt)
     path, _ = demo_ckpt
     _, vit, _, _ = eval_cli.load_encoder(eval_cli.parse_args([str(path), "--quiet"]))
     assert (vit.embed_dim, vit.depth, vit.num_heads, vit.img_size) == (128, 6, 4, 32)
+    _, vit, _, _ = eval_cli.load_encoder(eval_cli.parse_args([str(path), "--quiet", "--model", "vit_demo_patch4"]))
+    assert vit.img_size == 32  # the grid of the stored table, not 224
     for flags, expect in ((["--model", "vit_base_patch16"], "use --model vit_demo_patch4"),
                           (["--depth", "12"], "use --depth 6")):
         with pytest.raises(ValueError, match=expect):

@@ -205,8 +205,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_vit(args, obj: dict, state: dict) -> Tuple[ViTConfig, str]:
-    if args.model:
-        fields, source = vit_preset(args.model, args.img_size or 224).to_dict(), f"preset {args.model}"
+    if args.model:  # the image size, unless given, from the weights' position embedding
+        try:
+            held = infer_vit(state)[0].get("img_size")
+        except ValueError:
+            held = None
+        fields = vit_preset(args.model, args.img_size or held or 224).to_dict()
+        source = f"preset {args.model}"
     else:
         stored = stored_vit(obj)
         if stored:
