@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+from tec_fast.training.curves import pyplot, save_figure
+
 
 def write_plot(path: str, rows: Dict[str, Dict[str, float]], curves: Dict[str, List[float]],
                title: str) -> Optional[str]:
     """Write the figure to ``path``; returns None when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     names = list(rows)
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
@@ -36,6 +35,7 @@ def write_plot(path: str, rows: Dict[str, Dict[str, float]], curves: Dict[str, L
     loss.set_title("training stages")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path)  # atomically
+    finally:
+        plt.close(fig)
