@@ -224,3 +224,30 @@ def test_objective_packed_step_equals_the_dense_step():
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(g_p[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_native_training_step_reads_nothing_back(monkeypatch, dense_attention):
+    """Native resolution as the trainer runs it: the collate's per-image noise stays on the host
+    when fit moves the batch (HostTensors), so the keep mask, the counts and the index tensors
+    are made there, and the step runs on the meta device (where a read back fails)."""
+    from tec_fast import TECConfig
+    from tec_fast.models.native import NativeTECModel
+    from tec_fast.training.loop import _to_device
+    from tec_fast.training.objectives import HostTensors, NativeTECObjective
+
+    _meta_autocast(monkeypatch)
+    base, _ = _models(6)
+    torch.manual_seed(6)
+    model = NativeTECModel(TECConfig(encoder=ViTConfig(16, 4, 32, 3, 2), decoder_dim=16, decoder_depth=1,
+                                     decoder_heads=2, tau=1.0, pred_dim=24, pred_heads=3))
+    objective = NativeTECObjective(base, 0.75, 4, 1000)
+    images = [torch.randn(3, 16, 16), torch.randn(3, 12, 20), torch.randn(3, 8, 16)]
+    batch = objective.collate([(im, torch.rand(im.shape[1] // 4 * (im.shape[2] // 4))) for im in images])
+    base.to("meta")
+    model.to("meta")
+    native, noise = _to_device(batch, torch.device("meta"))
+    assert isinstance(noise, HostTensors) and all(n.device.type == "cpu" for n in noise)
+    assert native.patches.device.type == "meta"
+    out = objective(model, (native, noise), None)
+    out["loss"].backward()
+    assert out["loss"].device.type == "meta"

@@ -105,7 +105,11 @@ def native_tec_loss(model: TECModel, batch: NativeBatch, targets: NativeTargets,
     enc = model.config.encoder
     check_batch(batch, enc.patch_size, enc.in_chans, "native_tec_loss")
     counts = visible_counts(batch.lengths, mask_ratio)
-    keep = ragged_keep(batch.lengths, counts, noise, device=batch.patches.device, generator=generator)
+    # the keep mask is made where the noise is: the trainer's host noise gives the layout host
+    # counts and host-built indices, so nothing is read back from the GPU
+    where = noise[0].device if noise is not None and len(noise) and isinstance(noise[0], torch.Tensor) \
+        else batch.patches.device
+    keep = ragged_keep(batch.lengths, counts, noise, device=where, generator=generator)
     return model.forward_layout(batch.layout.with_keep(keep), batch.patches, targets)
 
 

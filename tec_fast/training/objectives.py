@@ -168,15 +168,39 @@ class NativeNoiseSamples(Dataset):
         return image, torch.rand(L)
 
 
+class HostTensors:
+    """A sequence of tensors that stays on the host when a batch is moved to the device (``to``
+    and ``pin_memory`` return it as it is): the per-image masking noise, from which the step
+    derives its visible counts and index tensors without reading the GPU back."""
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)
+
+    def to(self, *args, **kwargs) -> "HostTensors":
+        return self
+
+    def pin_memory(self) -> "HostTensors":
+        return self
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, i):
+        return self.tensors[i]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+
 class NativeNoiseCollate:
-    """``collate_fn``: ``[(image, noise), ...] -> (NativeBatch, [noise, ...])``."""
+    """``collate_fn``: ``[(image, noise), ...] -> (NativeBatch, HostTensors([noise, ...]))``."""
 
     def __init__(self, patch: int):
         self.patch = patch
 
     def __call__(self, samples):
         from tec_fast.models.native import NativeBatch
-        return NativeBatch([s[0] for s in samples], self.patch), [s[1] for s in samples]
+        return NativeBatch([s[0] for s in samples], self.patch), HostTensors(s[1] for s in samples)
 
 
 class MAEObjective:
