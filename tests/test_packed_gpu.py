@@ -100,6 +100,42 @@ def test_packed_step_makes_no_host_sync(masking):
     assert torch.isfinite(loss)
 
 
+def test_native_step_makes_no_host_sync():
+    """Native resolution as the trainer feeds it (per-image noise kept on the host, images of
+    three sizes, so the ragged losses gather by length group): no host sync in forward+backward."""
+    if not _flash_capable():
+        pytest.skip("flash attention needs compute capability >= 8.0")
+    from tec_fast import TECConfig, ViTConfig
+    from tec_fast.models.native import NativeTECModel
+    from tec_fast.training.loop import _to_device
+    from tec_fast.training.objectives import NativeTECObjective
+
+    base, _ = _models()
+    torch.manual_seed(1)
+    model = NativeTECModel(TECConfig(encoder=ViTConfig(img_size=32, patch_size=4, embed_dim=128, depth=3,
+                                                       num_heads=2),
+                                     decoder_dim=64, decoder_depth=1, decoder_heads=2, num_adapters=1,
+                                     tau=1.0)).cuda()
+    objective = NativeTECObjective(base, 0.75, 4, 4096)
+    sizes = [(32, 32), (24, 40), (16, 32), (32, 32)]
+    batch = objective.collate([(torch.randn(3, h, w), torch.rand(h // 4 * (w // 4))) for h, w in sizes])
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = objective(model, _to_device(batch, torch.device("cuda")), None)
+        out["loss"].backward()
+        return out["loss"]
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)
+
+
 def test_packed_step_on_varlen_matches_nested(monkeypatch):
     """The same packed step with the varlen kernel and with nested-tensor SDPA (forced): losses
     and gradients agree to bf16 accuracy."""

@@ -48,9 +48,11 @@ class _Rows:
         s0 = self.starts[ids[0]]
         if ids == list(range(ids[0], ids[0] + len(ids))):  # consecutive images: one slice
             return x[s0:s0 + len(ids) * n].reshape(len(ids), n, *x.shape[1:])
-        idx = torch.tensor([self.starts[b] for b in ids], device=self.device)[:, None] \
-            + torch.arange(n, device=self.device)
-        return x.index_select(0, idx.reshape(-1)).reshape(len(ids), n, *x.shape[1:])
+        idx = (torch.tensor([self.starts[b] for b in ids])[:, None] + torch.arange(n)).reshape(-1)
+        if self.device.type == "cuda":  # queued behind the GPU's work, not waited for
+            idx = idx.pin_memory()
+        idx = idx.to(self.device, non_blocking=True)
+        return x.index_select(0, idx).reshape(len(ids), n, *x.shape[1:])
 
 
 def patch_norm_mse_ragged(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
