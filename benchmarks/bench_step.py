@@ -30,6 +30,7 @@ from benchmarks.flops import tec_step_flops  # noqa: E402
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig  # noqa: E402
 from tec_fast.training.precision import CastWeightsOnce, autocast_copy  # noqa: E402
 from tec_fast.training.cuda_graph import capture_step  # noqa: E402
+from tec_fast.training.graphed import GraphedStep  # noqa: E402
 
 PRESETS = {
     # name: (base ViT, new ViT, decoder dim, depth, heads, topk)
@@ -132,6 +133,35 @@ def engine_graph_step_fn(bvit, cfg, topk, images, precision, mask_ratio):
     return capture_step(body, opt)
 
 
+def engine_fit_graph_step_fn(bvit, cfg, topk, images, precision, mask_ratio, graphed_step=GraphedStep):
+    """The step as ``fit`` runs it by default (``tec_fast/training/graphed.py``): the recorded
+    forward+backward replayed, the one host sync per step that fit makes (its metrics read back
+    for the NaN guard), then the recorded optimizer step; one eager step first, as in fit."""
+    if precision == "fp16":
+        raise ValueError("--cuda-graph needs --precision bf16 or fp32 (fp16's loss scaler decides on the host)")
+    amp = DTYPES[precision] if precision != "fp32" else None
+    base, model = _engine_models(bvit, cfg, topk, images.device, precision)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    fwd = _as_trained(model, precision)
+
+    def objective(m, batch, noise):
+        return m(batch[0], base(batch[0]), mask_ratio=mask_ratio, noise=noise)
+    graphed = graphed_step(model, fwd, objective, opt, None, amp, images.device)
+    batch, noise = (images,), torch.rand(images.shape[0], cfg.encoder.num_patches, device=images.device)
+    with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        loss = objective(fwd, batch, noise)["loss"]
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    graphed.record(batch, noise)
+
+    def step():
+        _, sums = graphed.micro_step(batch, noise, True)
+        sums.tolist()
+        graphed.step({})
+    return step
+
+
 def baseline_step_fn(bvit, cfg, topk, images, mask_ratio):
     """The public reference code's step: fp16 autocast + GradScaler, torch AdamW (fp16 only where
     the device has it: on CPU the baseline runs bf16 autocast)."""
@@ -168,7 +198,8 @@ def main(argv=None):
                         "tec_fast/training/precision.py), to measure what casting once saves")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time the engine's step recorded into a CUDA graph and replayed "
-                        "(provider engine_graph; CUDA only)")
+                        "(provider engine_graph: one graph, no host work; engine_fit_graph: as fit "
+                        "replays it by default, two graphs and one host sync per step; CUDA only)")
     p.add_argument("--gemm-size", type=int, default=None,
                    help="n of the n x n x n bf16 matmul whose measured TFLOP/s is the MFU peak "
                         "(default: 8192 on GPU, 1024 on CPU)")
@@ -200,6 +231,8 @@ def main(argv=None):
         if args.cuda_graph:
             providers.append(("engine_graph", lambda: engine_graph_step_fn(bvit, cfg, topk, images,
                                                                            args.precision, args.mask_ratio)))
+            providers.append(("engine_fit_graph", lambda: engine_fit_graph_step_fn(
+                bvit, cfg, topk, images, args.precision, args.mask_ratio)))
         if not args.no_baseline:
             providers.append(("baseline", lambda: baseline_step_fn(bvit, cfg, topk, images, args.mask_ratio)))
         results = {}
@@ -213,7 +246,7 @@ def main(argv=None):
                 continue
             finally:
                 step = None
-            if name == "engine_graph":
+            if name in ("engine_graph", "engine_fit_graph"):
                 t["peak_mem_gb"] = None  # the graph's memory pool is taken at capture, before the measured call
             img_s = B / (t["median_ms"] / 1e3)
             results[name] = dict(t, img_per_s=img_s)

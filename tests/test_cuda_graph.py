@@ -271,3 +271,21 @@ def test_train_summary_says_whether_steps_replayed():
                        global_batch=4, cuda_graph="eager: it needs a CUDA device (training runs on cpu)")
     text = summary(SimpleNamespace(objective="tec"), result, "fp32", 1, None)
     assert "CUDA graph" in text and "eager: it needs a CUDA device (training runs on cpu)" in text
+
+
+def test_bench_step_fit_graph_provider_runs_with_recording_emulated():
+    """bench_step's engine_fit_graph provider (the step as fit replays it by default) on CPU."""
+    from graph_emulation import emulated_step_class
+
+    from benchmarks import bench_step
+
+    bvit, cfg, topk = bench_step.build("tiny", torch.device("cpu"))
+    images = torch.randn(2, 3, bvit.img_size, bvit.img_size)
+    step_class = emulated_step_class()
+    step = bench_step.engine_fit_graph_step_fn(bvit, cfg, topk, images, "fp32", 0.75, graphed_step=step_class)
+    step()
+    step()
+    (graphed,) = step_class.instances
+    assert graphed.fwd_bwd.replays == 2 and graphed.opt_step.replays == 2 and graphed.replays == 2
+    with pytest.raises(ValueError, match="bf16 or fp32"):
+        bench_step.engine_fit_graph_step_fn(bvit, cfg, topk, images, "fp16", 0.75, graphed_step=step_class)
