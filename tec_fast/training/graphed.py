@@ -191,6 +191,10 @@ class GraphedStep:
             self.optimizer.zero_grad(set_to_none=True)
 
     def _record_all(self, batch, noise: Optional[torch.Tensor]) -> None:
+        if self.device.type == "cuda":
+            # the eager steps' cached blocks go back, so the graphs' own memory pool can take the
+            # space (else a large step holds its activations twice: cached and in the pool)
+            torch.cuda.empty_cache()
         self.batch, self.noise = _clone(batch), (None if noise is None else noise.clone())
         self._warm_up(self._forward_backward)  # the weights do not change
         # The gradients the warm-up made become the run's gradient tensors, zeroed: every replayed
