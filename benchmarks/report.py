@@ -1,7 +1,8 @@
 """Performance tables generated from ``benchmarks/results/*.jsonl`` (never typed by hand).
 
-    python benchmarks/report.py                 # print the tables
-    python benchmarks/report.py --update-readme # rewrite README.md between the perf markers
+    python -m benchmarks.report                 # print the tables
+    python -m benchmarks.report --update-readme # write them between the perf markers: the whole-step
+                                                # table into README.md, every table into docs/performance.md
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def _on_device(r) -> bool:
     return "cpu" not in dev and "fake" not in dev and r.get("bench") not in ("traffic", "compile")
 
 
-def tables(rows) -> str:
+def tables(rows, steps_only: bool = False) -> str:
+    """The tables of the GPU rows in ``rows``: whole step, profile, per op (only the first with
+    ``steps_only``, as the README shows it)."""
     gpu = [dict(r, timing=r.get("timing") or "eager") for r in rows if _on_device(r)]
     if not gpu:
         return ("No GPU results yet: `benchmarks/run_device.sh` has not run on a lent H100/H200. "
@@ -70,6 +73,8 @@ def tables(rows) -> str:
                          f"{_fmt(r.get('peak_mem_gb'), '.1f')} | {_fmt(r.get('baseline_peak_mem_gb'), '.1f')} | "
                          f"{str(r.get('commit', ''))[:8]} |")
         lines.append("")
+    if steps_only:
+        return "\n".join(lines).strip() or "No whole-step rows measured on a GPU yet."
     prof = _latest([r for r in gpu if r.get("bench") == "profile_step"],
                    ("device", "preset", "batch", "provider", "kernels"))
     if prof:
@@ -101,7 +106,7 @@ def tables(rows) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str, readme: str) -> None:
+def update_between_markers(text: str, readme: str) -> None:
     with open(readme) as f:
         content = f.read()
     if BEGIN not in content or END not in content:
@@ -115,13 +120,17 @@ def update_readme(text: str, readme: str) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
-    p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--update-readme", action="store_true",
+                   help="write the whole-step table into --readme and every table into --doc")
     p.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"))
+    p.add_argument("--doc", default=os.path.join(os.path.dirname(HERE), "docs", "performance.md"))
     args = p.parse_args(argv)
-    text = tables(load_rows(args.results_dir))
+    rows = load_rows(args.results_dir)
+    text = tables(rows)
     print(text)
     if args.update_readme:
-        update_readme(text, args.readme)
+        update_between_markers(tables(rows, steps_only=True), args.readme)
+        update_between_markers(text, args.doc)
 
 
 if __name__ == "__main__":

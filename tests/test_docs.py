@@ -100,3 +100,39 @@ def test_tec_section_citations_exist():
                 if not set(wanted) <= sections:
                     bad.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not bad, "citations of sections docs/tec.md does not have:\n" + "\n".join(bad)
+
+
+# A flag in prose or a command line: `--batch-size`, `--precision bf16` (not an em dash, not `---`).
+FLAG = re.compile(r"(?<![\w\-])(--[a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+# Flags of other programs that the docs show in command lines (pip, torchrun, pytest, git).
+FOREIGN_FLAGS = {"--no-build-isolation", "--no-deps", "--nproc-per-node", "--nnodes", "--node-rank",
+                 "--max-restarts", "--standalone", "--rdzv-endpoint", "--rdzv-backend", "--rdzv-id",
+                 "--master-addr", "--master-port", "--help", "--upgrade", "--index-url", "--extra-index-url"}
+OP = re.compile(r"(?<![\w.])(?:tec_fast\.)?ops\.([a-z_][a-z0-9_]*)\b")
+
+
+def _declared_flags() -> set:
+    """Every option string the code declares (a quoted "--flag" in the Python and shell sources of
+    the commands and benchmarks)."""
+    flags = set()
+    for path in _code_files():
+        if path.suffix in (".py", ".sh") and "tests" not in path.relative_to(ROOT).parts:
+            flags.update(re.findall(r"[\"'](--[a-z][a-z0-9\-]*)[\"']", path.read_text(encoding="utf-8")))
+            if path.suffix == ".sh":
+                flags.update(FLAG.findall(path.read_text(encoding="utf-8")))
+    return flags
+
+
+def test_docs_name_only_flags_that_exist():
+    known = _declared_flags() | FOREIGN_FLAGS
+    unknown = [f"{doc.relative_to(ROOT)}:{number}: {flag}" for doc in DOCS
+               for number, line in _lines(doc) for flag in FLAG.findall(URL.sub("", line))
+               if flag not in known]
+    assert not unknown, "flags the docs name but no command declares:\n" + "\n".join(unknown)
+
+
+def test_docs_name_only_ops_that_exist():
+    from tec_fast import ops
+    unknown = [f"{doc.relative_to(ROOT)}:{number}: ops.{name}" for doc in DOCS
+               for number, line in _lines(doc) for name in OP.findall(line) if not hasattr(ops, name)]
+    assert not unknown, "ops the docs name that tec_fast.ops does not have:\n" + "\n".join(unknown)

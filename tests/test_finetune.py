@@ -1,4 +1,4 @@
-"""The short end-to-end fine-tune of ``benchmarks/repro.py``: it trains the encoder too (the
+"""The short end-to-end fine-tune of ``benchmarks/experiments/repro.py``: it trains the encoder too (the
 original is untouched), and it learns a separable task far above chance."""
 from __future__ import annotations
 

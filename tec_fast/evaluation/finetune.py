@@ -9,7 +9,7 @@
   are in ``augment``; the loop is ``tec_fast.training.fit``.
 - ``finetune_accuracy``: a short fine-tune (a linear classifier on the mean-pooled final features
   and every encoder weight trained together, AdamW, constant lr across layers, warmup + cosine),
-  then top-1 on the test split: the third metric of ``benchmarks/repro.py``."""
+  then top-1 on the test split: the third metric of ``benchmarks/experiments/repro.py``."""
 from __future__ import annotations
 
 import copy

@@ -4,11 +4,11 @@ seeds; metrics: k-NN and linear probe on frozen features, and a short end-to-end
 
 Every (seed, budget) run is a separate process (``--jobs`` at a time, one thread each), appends
 one row per model to ``benchmarks/results/repro.jsonl``; at the end the script prints mean ± std
-per (budget, model), writes ``benchmarks/results/repro.png`` and, with ``--readme``, the table
-between the ``<!-- repro:begin -->`` / ``<!-- repro:end -->`` markers of README.md.
+per (budget, model), writes ``benchmarks/results/repro.png`` and, with ``--docs``, the table
+between the ``<!-- repro:begin -->`` / ``<!-- repro:end -->`` markers of ``docs/demo.md``.
 
-    python benchmarks/repro.py                       # seeds 0,1,2; budgets 1,2; 2 jobs
-    python benchmarks/repro.py --report-only --readme
+    python -m benchmarks.experiments.repro                       # seeds 0,1,2; budgets 1,2; 2 jobs
+    python -m benchmarks.experiments.repro --report-only --docs
 """
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ import sys
 import time
 from typing import Dict, List
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.join(ROOT, "benchmarks")
 RESULTS = os.path.join(HERE, "results", "repro.jsonl")
 BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
 METRICS = ("knn", "linear", "finetune")
@@ -133,11 +132,11 @@ def plot(summary: Dict, path: str):
     return path
 
 
-def write_readme(summary: Dict, rows: List[Dict]) -> None:
-    path = os.path.join(ROOT, "README.md")
+def write_docs(summary: Dict, rows: List[Dict]) -> None:
+    path = os.path.join(ROOT, "docs", "demo.md")
     text = open(path).read()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"error: README.md has no {BEGIN} / {END} markers")
+        raise SystemExit(f"error: docs/demo.md has no {BEGIN} / {END} markers")
     walls = {}
     for r in rows:
         if "wall_s" in r:
@@ -148,7 +147,7 @@ def write_readme(summary: Dict, rows: List[Dict]) -> None:
     notes = [n for n in (took, f"the 1x models of seeds {reused} are the ones the demo runs of those seeds "
                                "trained (same plan and seed; evaluated here)" if reused else "") if n]
     body = (f"{table(summary)}\n\nmean ± std over seeds (± 0.0: one seed), from `benchmarks/results/repro.jsonl` "
-            f"(`python benchmarks/repro.py` on 2 CPU cores" + "".join(f"; {n}" for n in notes) + ").")
+            f"(`python -m benchmarks.experiments.repro` on 2 CPU cores" + "".join(f"; {n}" for n in notes) + ").")
     head, rest = text.split(BEGIN, 1)
     open(path, "w").write(head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1])
 
@@ -163,7 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--out", default=os.path.join("runs", "repro"), help="stage outputs (checkpoints, metrics)")
     p.add_argument("--report-only", action="store_true", help="summarise repro.jsonl, run nothing")
-    p.add_argument("--readme", action="store_true", help="write the table into README.md")
+    p.add_argument("--docs", action="store_true", help="write the table into docs/demo.md")
     p.add_argument("--reuse", default="", metavar="PATTERN",
                    help="1x runs: evaluate the models a finished demo run trained instead of training them "
                         "again (same plan and seed); PATTERN with {seed}, e.g. runs/demo_seed{seed}")
@@ -183,7 +182,7 @@ def main(argv=None) -> int:
         while todo or running:
             while todo and len(running) < args.jobs:
                 s, b = todo.pop(0)
-                cmd = [sys.executable, __file__, "--one", str(s), str(b), "--out", args.out,
+                cmd = [sys.executable, "-m", "benchmarks.experiments.repro", "--one", str(s), str(b), "--out", args.out,
                        "--finetune-epochs", str(args.finetune_epochs), "--reuse", args.reuse,
                        "--threads", str(args.threads)]
                 running.append(((s, b), subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)))
@@ -198,7 +197,6 @@ def main(argv=None) -> int:
             print(f"seed {s}, {b}x: " + ", ".join(f"{r['model']} " + "/".join(f"{100 * r[m]:.1f}" for m in METRICS)
                                                  for r in rows) + f"  ({(time.perf_counter() - t0) / 60:.1f} min)",
                   flush=True)
-    sys.path.insert(0, ROOT)
     from tec_fast.demo.recipe import PLANS
 
     plan = PLANS["default"].to_dict()  # rows of earlier plans stay in the file but not in the table
@@ -210,8 +208,8 @@ def main(argv=None) -> int:
     print(table(summary))
     png = plot(summary, os.path.join(HERE, "results", "repro.png"))
     print(f"plot: {png or 'not written (matplotlib missing)'}")
-    if args.readme:
-        write_readme(summary, rows)
+    if args.docs:
+        write_docs(summary, rows)
     return 0
 
 

@@ -3,9 +3,9 @@
 ``benchmarks/results/demo.jsonl`` and, with ``--readme``, writes the per-seed table between the
 ``<!-- demo:begin -->`` / ``<!-- demo:end -->`` markers of README.md.
 
-    python benchmarks/demo_seeds.py --seeds 0,1,2 --readme
-    python benchmarks/demo_seeds.py --collect runs/demo_s0 runs/demo_s1 --readme
-    python benchmarks/demo_seeds.py --report-only --readme
+    python -m benchmarks.experiments.demo_seeds --seeds 0,1,2 --readme
+    python -m benchmarks.experiments.demo_seeds --collect runs/demo_s0 runs/demo_s1 --readme
+    python -m benchmarks.experiments.demo_seeds --report-only --readme
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.join(ROOT, "benchmarks")
 RESULTS = os.path.join(HERE, "results", "demo.jsonl")
 BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
 ROWS = ("pixels", "random_init", "base", "mae_continued", "tec")
@@ -69,7 +69,6 @@ def main(argv=None) -> int:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(table(rows))
     if args.readme:
-        sys.path.insert(0, ROOT)
         from tec_fast.demo.recipe import PLANS
 
         plan = PLANS["default"].to_dict()
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
         readme = open(path).read()
         head, rest = readme.split(BEGIN, 1)
         body = ("k-NN % / linear probe %, test split, `python -m tec_fast.train --seed S` (rows from "
-                "`benchmarks/results/demo.jsonl`, collected by `python benchmarks/demo_seeds.py`). TEC "
+                "`benchmarks/results/demo.jsonl`, collected by `python -m benchmarks.experiments.demo_seeds`). TEC "
                 + ("beats" if wins else "does NOT beat") + " the base and MAE-continued on both metrics for "
                 "every seed:\n\n" + table(current))
         open(path, "w").write(head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1])

@@ -2,8 +2,8 @@
 further with MAE) with any of the plan's fields overridden, evaluate it by k-NN and linear probe,
 and append one JSON row to ``benchmarks/results/demo_tuning/tune.jsonl``.
 
-    python benchmarks/demo_tune.py tec --tec-steps 700 --batch-size 32 --seed 0
-    python benchmarks/demo_tune.py mae --tec-steps 700 --batch-size 32 --seed 0   # FLOP-matched MAE
+    python -m benchmarks.experiments.demo_tune tec --tec-steps 700 --batch-size 32 --seed 0
+    python -m benchmarks.experiments.demo_tune mae --tec-steps 700 --batch-size 32 --seed 0   # FLOP-matched MAE
 
 ``mae`` counts the MAE steps that match the TEC stage of the same plan (the demo's own rule) unless
 ``--mae-steps`` is given. One thread by default (``--threads``), so two runs fit on two cores.
@@ -18,8 +18,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 RESULTS = os.path.join(HERE, "results", "demo_tuning", "tune.jsonl")
 
 
