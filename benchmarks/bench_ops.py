@@ -1,17 +1,20 @@
 """Per-op benchmarks: the Triton kernels against the eager reference, in the same process.
 
-For each op (forward, and forward+backward where the op has gradients): median / p20 / p80 ms,
-achieved GB/s (memory-bound ops, counting the bytes the op must move at least) or TFLOP/s
-(relation ops, adapter), peak memory, and the speedup over the eager reference
-(``tec_fast.ops.reference``; for relation_targets also the full-attention route the public code
-takes: all N x N logits, then the rows). A device copy (``clone``) of the same bytes gives the
-bandwidth the gather/scatter kernels are measured against. Appends JSON lines to
-``<results-dir>/<device>.jsonl``.
+Every op of the registry (``tec_fast.ops.registry.OPS``) is benchmarked on its registry example
+at the chosen size (``SIZES``: ViT-B/16 sizes on a GPU, tiny ones on CPU): forward, and forward +
+backward where the op has gradients (the example says which inputs get them). Per call: median /
+p20 / p80 ms, achieved GB/s or TFLOP/s from the row's ``work`` (the bytes or FLOPs one call must
+at least move / do), peak memory, and the speedup over the plain-torch reference
+(``tec_fast.ops.reference.<op>``; for relation_targets also the full-attention route the public
+code takes: all N x N logits, then the rows). A device copy (``clone``) of the same bytes gives
+the bandwidth the memory-bound kernels are measured against. Appends JSON lines to
+``<results-dir>/<device>.jsonl``; ``benchmarks/dispatch_table.py`` turns a GPU's rows into the
+table ``TEC_FAST_KERNELS=auto`` follows there. A new op needs no change here.
 
-    python benchmarks/bench_ops.py --op all --device cuda            # ViT-B/16 sizes, bf16
-    python benchmarks/bench_ops.py --op relation_loss --device cuda --dtype fp32
-    python benchmarks/bench_ops.py --op all --device cpu             # tiny sizes, reference only
-    python benchmarks/bench_ops.py --op all --device cpu --interpret # + Triton via the interpreter
+    python -m benchmarks.bench_ops --op all --device cuda            # ViT-B/16 sizes, bf16
+    python -m benchmarks.bench_ops --op relation_loss --device cuda --dtype fp32
+    python -m benchmarks.bench_ops --op all --device cpu             # tiny sizes, reference only
+    python -m benchmarks.bench_ops --op all --device cpu --interpret # + Triton via the interpreter
 """
 from __future__ import annotations
 
@@ -26,20 +29,13 @@ if "--interpret" in sys.argv:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from benchmarks.common import DTYPES, append_results, device_name, format_table, time_callable  # noqa: E402
-from tec_fast.ops import OPS as OP_TABLE  # noqa: E402
 from tec_fast.ops import reference  # noqa: E402
 from tec_fast.ops.dispatch import fast_impl  # noqa: E402
+from tec_fast.ops.registry import OPS as OP_TABLE  # noqa: E402
+from tec_fast.ops.registry import SIZES, outputs, unit_grads  # noqa: E402
 
-OPS = tuple(OP_TABLE)  # every op in the registry has a case builder below: <op>_cases
-
-# ViT-B/16 at 224, mask 0.75, batch 256 (GPU); a few hundred elements (CPU smoke runs)
-SIZES = {
-    "vitb": dict(B=256, L=196, K=49, C=768, Cd=512, H=12, d=64, topk=15, D=12, G=4, hidden=2048),
-    "tiny": dict(B=2, L=16, K=4, C=32, Cd=16, H=2, d=16, topk=3, D=6, G=2, hidden=32),
-}
+OPS = tuple(OP_TABLE)
 
 
 class Case:
@@ -49,82 +45,6 @@ class Case:
     def __init__(self, shape: str, providers: Dict[str, Callable[[], object]],
                  bytes_moved: Optional[float] = None, flops: Optional[float] = None):
         self.shape, self.providers, self.bytes_moved, self.flops = shape, providers, bytes_moved, flops
-
-
-def _grad_fn(fn: Callable[[], torch.Tensor], inputs: List[torch.Tensor], grad: Optional[torch.Tensor]):
-    def run():
-        out = fn()
-        return torch.autograd.grad(out, inputs, grad)
-    return run
-
-
-def _fast(op: str):
-    return fast_impl(op)
-
-
-def _autocast(dev: torch.device, dtype: torch.dtype):
-    """What the cases with fp32 parameters (as trained) run under: autocast to ``dtype``, off
-    for fp32."""
-    return torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def masked_gather_cases(s, dtype, dev, providers, backward) -> Case:
-    B, L, K, C = s["B"], s["L"], s["K"], s["C"]
-    x = torch.randn(B, L, C, device=dev, dtype=dtype, requires_grad=backward)
-    pos = torch.randn(L, C, device=dev, dtype=dtype, requires_grad=backward)
-    ids = torch.rand(B, L, device=dev).argsort(1)[:, :K]
-    esize = x.element_size()
-    impls = {"reference": reference.masked_gather}
-    if "triton" in providers:
-        impls["triton"] = _fast("masked_gather")
-    if backward:
-        grad = torch.randn(B, K, C, device=dev, dtype=dtype)
-        fns = {n: _grad_fn(lambda f=f: f(x, ids, pos), [x, pos], grad) for n, f in impls.items()}
-        # read grad_out, write grad_x (all of it: zeros elsewhere), write grad_pos
-        nbytes = (B * K * C + B * L * C + L * C) * esize
-    else:
-        fns = {n: (lambda f=f: f(x, ids, pos)) for n, f in impls.items()}
-        nbytes = (2 * B * K * C + L * C) * esize
-    return Case(f"B={B},L={L},K={K},C={C}", fns, bytes_moved=nbytes)
-
-
-def scatter_masked_cases(s, dtype, dev, providers, backward) -> Case:
-    B, L, K, C = s["B"], s["L"], s["K"], s["Cd"]
-    vis = torch.randn(B, K, C, device=dev, dtype=dtype, requires_grad=backward)
-    tok = torch.randn(C, device=dev, dtype=dtype, requires_grad=backward)
-    pos = torch.randn(L, C, device=dev, dtype=dtype, requires_grad=backward)
-    ids_restore = torch.rand(B, L, device=dev).argsort(1).argsort(1)
-    esize = vis.element_size()
-    impls = {"reference": reference.scatter_masked}
-    if "triton" in providers:
-        impls["triton"] = _fast("scatter_masked")
-    if backward:
-        grad = torch.randn(B, L, C, device=dev, dtype=dtype)
-        fns = {n: _grad_fn(lambda f=f: f(vis, ids_restore, tok, pos), [vis, tok, pos], grad)
-               for n, f in impls.items()}
-        nbytes = (B * L * C + B * K * C + L * C + C) * esize
-    else:
-        fns = {n: (lambda f=f: f(vis, ids_restore, tok, pos)) for n, f in impls.items()}
-        nbytes = (B * K * C + B * L * C + L * C) * esize
-    return Case(f"B={B},L={L},K={K},C={C}", fns, bytes_moved=nbytes)
-
-
-def patch_norm_mse_cases(s, dtype, dev, providers, backward) -> Case:
-    B, L, C = s["B"], s["L"], s["C"]
-    pred = torch.randn(B, L, C, device=dev, dtype=dtype, requires_grad=backward)
-    target = torch.randn(B, L, C, device=dev, dtype=dtype)
-    mask = (torch.rand(B, L, device=dev) < 0.75).float()
-    esize = pred.element_size()
-    impls = {"reference": reference.patch_norm_mse}
-    if "triton" in providers:
-        impls["triton"] = _fast("patch_norm_mse")
-    if backward:
-        fns = {n: _grad_fn(lambda f=f: f(pred, target, mask), [pred], None) for n, f in impls.items()}
-        nbytes = 2 * 2 * B * L * C * esize + B * L * C * esize  # fwd reads both, bwd reads both + writes
-    else:
-        fns = {n: (lambda f=f: f(pred, target, mask)) for n, f in impls.items()}
-        nbytes = 2 * B * L * C * esize
-    return Case(f"B={B},L={L},C={C}", fns, bytes_moved=nbytes)
 
 
 def full_attention_relation_targets(q, k, topk, scale):
@@ -137,161 +57,34 @@ def full_attention_relation_targets(q, k, topk, scale):
     return rel.permute(0, 2, 1, 3).contiguous(), idx
 
 
-def relation_targets_cases(s, dtype, dev, providers, backward) -> Optional[Case]:
-    if backward:
-        return None  # targets carry no gradient
-    B, H, N, d, topk = s["B"], s["H"], s["L"] + 1, s["d"], s["topk"]
-    q = torch.randn(B, H, N, d, device=dev, dtype=dtype)
-    k = torch.randn(B, H, N, d, device=dev, dtype=dtype)
-    scale = d ** -0.5
-    fns = {"reference": lambda: reference.relation_targets(q, k, topk, scale),
-           "eager_full_attention": lambda: full_attention_relation_targets(q, k, topk, scale)}
+# Providers beyond the reference and Triton for an op (optional; a new op needs none)
+EXTRA_PROVIDERS = {"relation_targets": {"eager_full_attention": full_attention_relation_targets}}
+
+
+def build_case(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: List[str],
+               backward: bool) -> Optional[Case]:
+    """The registry example of ``op`` as timed callables (None: no backward to time)."""
+    spec = OP_TABLE[op]
+    torch.manual_seed(0)
+    ex = spec.example(size, dtype, dev)
+    if backward and not ex.grad_of:
+        return None
+    impls = {"reference": getattr(reference, op), **EXTRA_PROVIDERS.get(op, {})}
     if "triton" in providers:
-        fast = _fast("relation_targets")
-        fns["triton"] = lambda: fast(q, k, topk, scale)
-    flops = 2 * B * H * (N - 1) * d * (2 + topk)  # ranking row + 1+k rows
-    return Case(f"B={B},H={H},N={N},d={d},k={topk}", fns, flops=flops)
-
-
-def relation_loss_cases(s, dtype, dev, providers, backward) -> Case:
-    B, H, N, d, topk = s["B"], s["H"], s["L"] + 1, s["d"], s["topk"]
-    q = torch.randn(B, H, N, d, device=dev, dtype=dtype, requires_grad=backward)
-    k = torch.randn(B, H, N, d, device=dev, dtype=dtype, requires_grad=backward)
-    idx = torch.rand(B, N - 1, device=dev).topk(topk, dim=1).indices
-    target = torch.randn(B, 1 + topk, H, N - 1, device=dev)
-    impls = {"reference": reference.relation_loss}
-    if "triton" in providers:
-        impls["triton"] = _fast("relation_loss")
-    call = lambda f: f(q, k, idx, target, 1.8, d ** -0.5)  # noqa: E731
-    rows_flops = 2 * B * H * (1 + topk) * (N - 1) * d
+        impls["triton"] = fast_impl(op)
     if backward:
-        fns = {n: _grad_fn(lambda f=f: call(f), [q, k], None) for n, f in impls.items()}
-        return Case(f"B={B},H={H},N={N},d={d},k={topk}", fns, flops=3 * rows_flops)
-    fns = {n: (lambda f=f: call(f)) for n, f in impls.items()}
-    return Case(f"B={B},H={H},N={N},d={d},k={topk}", fns, flops=rows_flops)
-
-
-def encoder_adapter_cases(s, dtype, dev, providers, backward) -> Case:
-    from tec_fast.models.adapter import ADAPTER_LN_EPS, EncoderAdapter
-    D, G, B, C, hidden = s["D"], s["G"], s["B"], s["C"], s["hidden"]
-    T = s["K"] + 1
-    module = EncoderAdapter(C, D, G, hidden).to(device=dev, dtype=dtype)
-    feats = torch.randn(D, B, T, C, device=dev, dtype=dtype, requires_grad=backward)
-    weights = module._weights()
-    impls = {"reference": reference.encoder_adapter}
-    if "triton" in providers:
-        impls["triton"] = _fast("encoder_adapter")
-    call = lambda f: f(feats, *weights, ADAPTER_LN_EPS, ADAPTER_LN_EPS)  # noqa: E731
-    M = D // G
-    fwd_flops = 2 * B * T * G * (M * C * C + 2 * C * hidden)
-    if backward:
-        grad = torch.randn(B, T, C, device=dev, dtype=dtype)
-        fns = {n: _grad_fn(lambda f=f: call(f), [feats, *module.parameters()], grad) for n, f in impls.items()}
-        return Case(f"D={D},G={G},B={B},T={T},C={C},hidden={hidden}", fns, flops=3 * fwd_flops)
-    fns = {n: (lambda f=f: call(f)) for n, f in impls.items()}
-    return Case(f"D={D},G={G},B={B},T={T},C={C},hidden={hidden}", fns, flops=fwd_flops)
-
-
-def layer_norm_cases(s, dtype, dev, providers, backward) -> Case:
-    """A block's norm2 with the attention branch's residual add: h = x + branch, y = LN(h)."""
-    rows, C = s["B"] * (s["K"] + 1), s["C"]
-    x = torch.randn(rows, C, device=dev, dtype=dtype, requires_grad=backward)
-    res = torch.randn(rows, C, device=dev, dtype=dtype, requires_grad=backward)
-    w = torch.randn(C, device=dev, dtype=dtype, requires_grad=backward)
-    b = torch.randn(C, device=dev, dtype=dtype, requires_grad=backward)
-    esize = x.element_size()
-    impls = {"reference": lambda *a: reference.layer_norm(*a[:4], a[4])}
-    if "triton" in providers:
-        impls["triton"] = lambda *a: _fast("layer_norm")(*a[:4], residual=a[4])
-    if backward:
-        fns = {n: _grad_fn(lambda f=f: sum(o.float().sum() for o in f(x, w, b, 1e-6, res)), [x, res, w, b], None)
-               for n, f in impls.items()}
-        nbytes = (2 + 2 + 3 + 1) * rows * C * esize  # fwd: x, res in; y, h out. bwd: dy, dh, h in; dx out
+        def timed(f):
+            def run():
+                outs = outputs(f(*ex.args, **ex.kwargs))
+                return torch.autograd.grad(outs, ex.grad_of, unit_grads(outs), allow_unused=True)
+            return run
+        impls.pop("eager_full_attention", None)
     else:
-        fns = {n: (lambda f=f: f(x, w, b, 1e-6, res)) for n, f in impls.items()}
-        nbytes = 4 * rows * C * esize
-    return Case(f"rows={rows},C={C}", fns, bytes_moved=nbytes)
-
-
-def mlp_cases(s, dtype, dev, providers, backward) -> Case:
-    """An encoder block's MLP (C -> 4C -> C over the visible tokens). GEMM-bound: TFLOP/s."""
-    rows, C = s["B"] * (s["K"] + 1), s["C"]
-    hidden = 4 * C
-    x = torch.randn(rows, C, device=dev, dtype=dtype, requires_grad=backward)
-    w1 = (torch.randn(hidden, C, device=dev, dtype=dtype) * C ** -0.5).requires_grad_(backward)
-    b1 = torch.randn(hidden, device=dev, dtype=dtype, requires_grad=backward)
-    w2 = (torch.randn(C, hidden, device=dev, dtype=dtype) * hidden ** -0.5).requires_grad_(backward)
-    b2 = torch.randn(C, device=dev, dtype=dtype, requires_grad=backward)
-    impls = {"reference": reference.mlp}
-    if "triton" in providers:
-        impls["triton"] = _fast("mlp")
-    fwd_flops = 2 * 2 * rows * C * hidden
-    if backward:
-        grad = torch.randn(rows, C, device=dev, dtype=dtype)
-        fns = {n: _grad_fn(lambda f=f: f(x, w1, b1, w2, b2), [x, w1, b1, w2, b2], grad) for n, f in impls.items()}
-        return Case(f"rows={rows},C={C},hidden={hidden}", fns, flops=3 * fwd_flops)
-    fns = {n: (lambda f=f: f(x, w1, b1, w2, b2)) for n, f in impls.items()}
-    return Case(f"rows={rows},C={C},hidden={hidden}", fns, flops=fwd_flops)
-
-
-def qkv_heads_cases(s, dtype, dev, providers, backward) -> Case:
-    """An encoder block's q/k/v projection into heads (visible tokens), fp32 weights under
-    autocast as trained; backward: x, weight and bias gradients from dq, dk, dv. GEMM FLOPs."""
-    B, N, C, H = s["B"], s["K"] + 1, s["C"], s["H"]
-    x = torch.randn(B, N, C, device=dev, requires_grad=backward)
-    w = (torch.randn(3 * C, C, device=dev) * C ** -0.5).requires_grad_(backward)
-    b = torch.zeros(3 * C, device=dev, requires_grad=backward)
-    impls = {"reference": reference.qkv_heads}
-    if "triton" in providers:
-        impls["triton"] = _fast("qkv_heads")
-
-    def call(f):
-        with _autocast(dev, dtype):
-            return f(x, w, b, H)
-    flops = 2 * B * N * C * 3 * C
-    shape = f"B={B},N={N},C={C},H={H}"
-    if backward:
-        grads = [torch.randn(B, H, N, C // H, device=dev, dtype=dtype) for _ in range(3)]
-        fns = {n: _grad_fn(lambda f=f: call(f), [x, w, b], grads) for n, f in impls.items()}
-        return Case(shape, fns, flops=3 * flops)
-    return Case(shape, {n: (lambda f=f: call(f)) for n, f in impls.items()}, flops=flops)
-
-
-def patch_embed_cases(s, dtype, dev, providers, backward) -> Case:
-    """The new model's patch embedding as trained: fp32 images under autocast to ``dtype``, fp32
-    weights; weight and bias gradients. GEMM FLOPs (the gather's bytes are a small part)."""
-    B, p, D = s["B"], 16, s["C"]
-    S = p * int(round(s["L"] ** 0.5))
-    images = torch.randn(B, 3, S, S, device=dev)
-    w = (torch.randn(D, 3, p, p, device=dev) * 0.02).requires_grad_(backward)
-    b = torch.zeros(D, device=dev, requires_grad=backward)
-    impls = {"reference": reference.patch_embed}
-    if "triton" in providers:
-        impls["triton"] = _fast("patch_embed")
-
-    def call(f):
-        with _autocast(dev, dtype):
-            return f(images, w, b)
-    flops = 2 * B * (S // p) ** 2 * 3 * p * p * D
-    shape = f"B={B},S={S},p={p},D={D}"
-    if backward:
-        fns = {n: _grad_fn(lambda f=f: call(f).float().square().sum(), [w, b], None) for n, f in impls.items()}
-        return Case(shape, fns, flops=2 * flops)
-    return Case(shape, {n: (lambda f=f: call(f)) for n, f in impls.items()}, flops=flops)
-
-
-BUILDERS = {
-    "patch_embed": patch_embed_cases,
-    "layer_norm": layer_norm_cases,
-    "mlp": mlp_cases,
-    "qkv_heads": qkv_heads_cases,
-    "masked_gather": masked_gather_cases,
-    "scatter_masked": scatter_masked_cases,
-    "patch_norm_mse": patch_norm_mse_cases,
-    "relation_targets": relation_targets_cases,
-    "relation_loss": relation_loss_cases,
-    "encoder_adapter": encoder_adapter_cases,
-}
+        def timed(f):
+            return lambda: f(*ex.args, **ex.kwargs)
+    work = spec.work(ex, backward) if spec.work else {}
+    return Case(ex.shape, {name: timed(f) for name, f in impls.items()},
+                bytes_moved=work.get("bytes"), flops=work.get("flops"))
 
 
 def copy_bandwidth(nbytes: int, dev: torch.device, warmup: int, reps: int,
@@ -310,7 +103,7 @@ def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: L
     rows = []
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     for backward in (False, True):
-        case = BUILDERS[op](size, dtype, dev, providers, backward)
+        case = build_case(op, size, dtype, dev, providers, backward)
         if case is None:
             continue
         bench = f"{op}_{'fwdbwd' if backward else 'fwd'}"

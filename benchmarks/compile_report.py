@@ -10,9 +10,9 @@ cubin; the resource usage comes from the bundled ``ptxas -v`` (the one Triton it
 that architecture: ``ptxas-blackwell`` for sm_90) with Triton's flags. Shared memory is Triton's
 dynamic allocation (``metadata["shared"]``) plus any static shared memory ptxas reports.
 
-    python benchmarks/compile_report.py                          # ViT-S/B/L/H, bf16+fp32, sm_90+sm_80
-    python benchmarks/compile_report.py --sizes vitb,vitl --arch 90 --dtype bf16
-    python benchmarks/compile_report.py --check                  # exit 1 on any spill / smem over limit
+    python -m benchmarks.compile_report                          # ViT-S/B/L/H, bf16+fp32, sm_90+sm_80
+    python -m benchmarks.compile_report --sizes vitb,vitl --arch 90 --dtype bf16
+    python -m benchmarks.compile_report --check                  # exit 1 on any spill / smem over limit
 
 Appends one JSON row per (arch, size, dtype, kernel) to ``benchmarks/results/compile.jsonl``.
 """
@@ -39,13 +39,13 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, 
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from benchmarks.common import REPO, format_table, git_commit, versions  # noqa: E402
+from tec_fast.ops.registry import OPS, outputs, unit_grads  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "compile.jsonl")
-KERNEL_MODULES = ("masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets", "relation_loss",
-                  "encoder_adapter", "layer_norm", "mlp", "qkv_heads", "patch_embed")
+# every registered op's kernel module (tec_fast/ops/registry.py): a registered kernel that does not
+# import or define its kernels fails the gate
+KERNEL_MODULES = tuple(dict.fromkeys(spec.kernel for spec in OPS.values()))
 
 # Per-block shared memory a kernel may use (opt-in maximum), bytes: H100/H200 227 KB, A100 163 KB.
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -292,8 +292,8 @@ def _case_layer_norm(s, dt):
     for rows, C in ((s["B"] * s["T"], s["C"]), (2 * s["B"] * s["N"], s["Cd"])):  # encoder, decoder
         x, res = _meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt)
         w, b = _meta(C), _meta(C)
-        y, h, mean, rstd = m._layer_norm_fwd(x, res, w, b, 1e-6)
-        m._layer_norm_bwd(_meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt), h, w, mean, rstd)
+        y, h, stats = m._layer_norm_fwd(x, res, w, b, 1e-6)
+        m._layer_norm_bwd(_meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt), h, w, stats)
 
 
 def _case_mlp(s, dt):
@@ -322,7 +322,10 @@ def _case_patch_embed(s, dt):
     m._patchify(torch.empty(s["B"], 3, side, side, device="meta"), 16, dt)  # fp32 images -> dt patches
 
 
-CASES: Dict[str, Callable[[Dict[str, int], torch.dtype], None]] = {
+# The layouts the model hands some launchers beyond the registry example (strided views, the
+# decoder's sizes, transposed gradients): compiled too, as each specialises the kernels
+# differently. Optional: an op without an entry is compiled through its registry example alone.
+LAYOUT_CASES: Dict[str, Callable[[Dict[str, int], torch.dtype], None]] = {
     "patch_embed": _case_patch_embed,
     "masked_gather": _case_masked_gather,
     "scatter_masked": _case_scatter_masked,
@@ -336,15 +339,53 @@ CASES: Dict[str, Callable[[Dict[str, int], torch.dtype], None]] = {
 }
 
 
+def registry_case(op: str, s: Dict[str, int], dt: torch.dtype) -> None:
+    """The op's registry example on meta tensors at these sizes, forward and backward through its
+    Triton path (every launcher it reaches compiles)."""
+    from tec_fast.ops.dispatch import fast_impl
+    ex = OPS[op].example(dict(s, d=s["C"] // s["H"]), dt, torch.device("meta"))
+    outs = outputs(fast_impl(op)(*ex.args, **ex.kwargs))
+    if ex.grad_of and outs:
+        torch.autograd.grad(outs, ex.grad_of, unit_grads(outs), allow_unused=True)
+
+
+def _compile_case(op: str) -> Callable[[Dict[str, int], torch.dtype], None]:
+    def case(s, dt):
+        registry_case(op, s, dt)
+        if op in LAYOUT_CASES:
+            LAYOUT_CASES[op](s, dt)
+    return case
+
+
+CASES: Dict[str, Callable[[Dict[str, int], torch.dtype], None]] = {op: _compile_case(op) for op in OPS}
+
+
+def kernel_module_errors() -> Dict[str, str]:
+    """Registered kernel modules that do not import or define no ``@triton.jit`` kernel: op -> why."""
+    import importlib
+    from triton.runtime.jit import JITFunction
+    errors = {}
+    for spec in OPS.values():
+        try:
+            mod = importlib.import_module(f"tec_fast.kernels.{spec.kernel}")
+        except Exception as e:
+            errors[spec.name] = f"kernels/{spec.kernel}.py does not import ({type(e).__name__}: {e})"
+            continue
+        if not any(isinstance(obj, JITFunction) and obj.__module__ == mod.__name__ for obj in vars(mod).values()):
+            errors[spec.name] = f"kernels/{spec.kernel}.py defines no @triton.jit kernel"
+    return errors
+
+
 def all_kernels() -> Dict[str, str]:
-    """Every ``@triton.jit`` kernel (name ending in ``_kernel``) in kernels/: name -> op module."""
+    """Every ``@triton.jit`` kernel (name ending in ``_kernel``) in the registered kernel modules:
+    name -> op module (modules that do not import are reported by ``kernel_module_errors``)."""
     import importlib
     from triton.runtime.jit import JITFunction
     found = {}
     for op in KERNEL_MODULES:
         try:
             mod = importlib.import_module(f"tec_fast.kernels.{op}")
-        except ModuleNotFoundError:
+        except Exception:
             continue
         for name, obj in vars(mod).items():
             if isinstance(obj, JITFunction) and name.endswith("_kernel") and obj.__module__ == mod.__name__:
@@ -359,9 +400,11 @@ def compile_rows(arch: int, size: str, dtype: str, ops: Optional[List[str]] = No
     (a kernel launched twice with the same specialisation is compiled and counted once)."""
     from triton.backends.nvidia.compiler import sm_arch_from_capability
     rows, common = [], dict(target=f"cuda:{sm_arch_from_capability(arch)}", arch=arch, shape=size, dtype=dtype)
+    module_errors = kernel_module_errors()
     for op in ops or list(CASES):
-        if op not in all_kernels().values():
-            continue  # kernel file absent in this checkout
+        if op in module_errors:  # a registered kernel the gate cannot compile: an error row, never a skip
+            rows.append(dict(common, op=op, kernel=None, error=module_errors[op]))
+            continue
         with compile_only(arch) as compiled:
             try:
                 CASES[op](SIZES[size], DTYPES[dtype])

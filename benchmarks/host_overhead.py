@@ -35,7 +35,8 @@ from typing import Callable, Dict, List, Optional
 # The Triton path on CPU tensors needs the interpreter switched on before any kernel is defined
 # (no kernel actually runs here: every launch is skipped).
 if __name__ == "__main__":
-    os.environ.setdefault("TRITON_INTERPRET", "0" if "--device=cuda" in sys.argv else "1")
+    _cuda = "--device=cuda" in sys.argv or any(a == "--device" and b == "cuda" for a, b in zip(sys.argv, sys.argv[1:]))
+    os.environ.setdefault("TRITON_INTERPRET", "0" if _cuda else "1")
     os.environ["TEC_FAST_KERNELS"] = "triton"
 
 import torch  # noqa: E402
@@ -235,8 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "python -m benchmarks.host_overhead, which sets it)")
     torch.set_num_threads(args.threads)
     from tec_fast.ops import dispatch
-    dispatch.set_kernel_mode("triton") if hasattr(dispatch, "set_kernel_mode") else \
-        os.environ.__setitem__("TEC_FAST_KERNELS", "triton")
+    dispatch.set_kernel_mode("triton")  # every op's Triton path, wherever auto would not take it
 
     rows: List[Dict] = []
     if not args.skip_step:

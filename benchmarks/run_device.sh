@@ -121,7 +121,7 @@ stage gpu_tests 85 30 $PY -m pytest -q -p no:cacheprovider -m gpu tests --junitx
 
 # 4. every op, forward and forward+backward, Triton against the reference (eager timing); then the
 #    dispatch table auto reads on this GPU class, written from those rows
-stage ops 55 25 $PY benchmarks/bench_ops.py --op all --device cuda --results-dir $R
+stage ops 55 25 $PY -m benchmarks.bench_ops --op all --device cuda --results-dir $R
 stage dispatch_table 10 5 $PY -m benchmarks.dispatch_table
 
 # 5. host time per step (engine vs eager, with GPU-busy time) and per op call
@@ -136,7 +136,7 @@ stage profile 25 15 $PY benchmarks/profile_step.py --batch 64 --python --top 30 
 
 # 8. with what is left, keeping the report's time
 RESERVE_S=15
-stage ops_graph 50 25 $PY benchmarks/bench_ops.py --op all --device cuda --cuda-graph --results-dir $R
+stage ops_graph 50 25 $PY -m benchmarks.bench_ops --op all --device cuda --cuda-graph --results-dir $R
 stage gemm_epilogue 45 25 $PY benchmarks/gemm_epilogue.py --results-dir $R
 stage per_weight_casts 40 25 $PY benchmarks/bench_step.py --preset vit_base --batch-sizes 64 256 --steps 10 \
   --no-baseline --per-weight-casts --results-dir $R

@@ -36,8 +36,8 @@ Roofline estimate per op: max(bytes / bandwidth, FLOPs / dense bf16 peak), summe
 plus ``LAUNCH_US`` per launch. It is a lower bound for a perfect implementation of each kernel
 (GEMMs at 100% of peak, every byte once), not a measurement.
 
-    python benchmarks/traffic.py                    # ViT-B/16 and ViT-L/16, B=256
-    python benchmarks/traffic.py --model vit_b --batch 128 --top 15
+    python -m benchmarks.traffic                    # ViT-B/16 and ViT-L/16, B=256
+    python -m benchmarks.traffic --model vit_b --batch 128 --top 15
 """
 from __future__ import annotations
 
@@ -45,12 +45,11 @@ import argparse
 import contextlib
 import math
 import os
-import sys
 import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -59,13 +58,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.baseline_eager import EagerBase, EagerTEC  # noqa: E402
-from benchmarks.bench_step import build  # noqa: E402
-from benchmarks.common import append_jsonl, complete_row, format_table  # noqa: E402
-from tec_fast import BaseModel, TECModel  # noqa: E402
-from tec_fast.training.precision import CastWeightsOnce, autocast_copy  # noqa: E402
+from benchmarks.baseline_eager import EagerBase, EagerTEC
+from benchmarks.bench_step import build
+from benchmarks.common import append_jsonl, complete_row, format_table
+from tec_fast import BaseModel, TECModel
+from tec_fast.training.precision import CastWeightsOnce, autocast_copy
 
 # name: (HBM bandwidth B/s, dense bf16 peak FLOP/s), published figures of the SXM parts
 HARDWARE = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}
@@ -269,27 +267,15 @@ def _composite_ops() -> Dict[str, Callable]:
     return {"tec_fast.encoder_adapter": ea._adapter_fwd, "tec_fast.encoder_adapter_backward": ea._adapter_bwd}
 
 
-@contextlib.contextmanager
-def _triton_launches_recorded(counter: "TrafficCounter") -> Iterator[None]:
+def _triton_launches_recorded(counter: "TrafficCounter"):
     """Within the block a Triton kernel launch runs nothing and is recorded as one launch that
     reads or writes each of its tensor arguments once (the composites' LayerNorm kernels)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
+    from benchmarks.triton_stub import launches_stubbed
 
-    def run(self, *args, grid=None, warmup=False, **kwargs):
-        fn = getattr(self, "fn", None)
-        name = getattr(fn, "__name__", type(self).__name__)
+    def record(name, args, kwargs):
         nbytes = sum(tensor_bytes(t) for t in _tensors((args, kwargs)))
         counter.count.records.append(OpRecord(f"triton.{name}", counter.phase, nbytes, 0, 0.0, 1))
-
-    originals = [(cls, cls.run) for cls in (JITFunction, InterpretedFunction)]
-    for cls, _ in originals:
-        cls.run = run
-    try:
-        yield
-    finally:
-        for cls, original in originals:
-            cls.run = original
+    return launches_stubbed(record)
 
 
 class TrafficCounter(TorchDispatchMode):
@@ -462,8 +448,10 @@ def cuda_autocast_policy():
 def fused_kernel_path():
     """``tec_fast.ops`` takes the Triton custom ops on CPU tensors (on fake tensors only their
     fake implementations run)."""
+    from tec_fast.ops.dispatch import reload_environment  # tec_fast reads these once: re-read
     saved = {k: os.environ.get(k) for k in ("TEC_FAST_KERNELS", "TRITON_INTERPRET")}
     os.environ.update(TEC_FAST_KERNELS="triton", TRITON_INTERPRET="1")
+    reload_environment()
     try:
         yield
     finally:
@@ -472,6 +460,7 @@ def fused_kernel_path():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        reload_environment()
 
 
 def to_fake(module: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:

@@ -11,8 +11,9 @@ integer helpers here are plain Python (``triton.cdiv`` and ``triton.next_power_o
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -40,6 +41,21 @@ def direct_launch() -> bool:
     about 100 us more per forward + backward (measured on the development CPU), which a ViT
     step with ~80 LayerNorm and MLP calls spends while its GPU waits at small batches."""
     return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in effect for ``device_type``; None where autocast is off (or the device
+    type has none: the meta tensors ``benchmarks/compile_report.py`` compiles the launchers on)."""
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off for ``device_type`` (nothing to do where it is off already)."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def eager_apply(fn: type) -> Callable:

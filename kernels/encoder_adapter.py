@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2, persistent_programs,
-                                      row_slices, unit_last_stride)
+from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons, eager_apply,
+                                      next_pow2, persistent_programs, row_slices, unit_last_stride)
 from tec_fast.kernels.mlp import _mlp_gelu_bwd, _mlp_gelu_fwd
 
 
@@ -334,7 +334,7 @@ def _encoder_adapter_op(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_befor
                         fc2_w: torch.Tensor, fc2_b: torch.Tensor, ln_after_w: torch.Tensor,
                         ln_after_b: torch.Tensor, eps_before: float, eps_after: float,
                         gemm_dtype: torch.dtype, out_dtype: torch.dtype) -> _Forward:
-    with torch.autocast(feats.device.type, enabled=False):
+    with autocast_off(feats.device.type):
         return _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
                             ln_after_w, ln_after_b, eps_before, eps_after, gemm_dtype, out_dtype)
 
@@ -358,7 +358,7 @@ def _encoder_adapter_backward_op(grad_out: torch.Tensor, feats: torch.Tensor, ln
                                  fc2_w: torch.Tensor, ln_after_w: torch.Tensor, mean_in: torch.Tensor,
                                  rstd_in: torch.Tensor, u: torch.Tensor, h_pre: torch.Tensor, s: torch.Tensor,
                                  mean_out: torch.Tensor, rstd_out: torch.Tensor) -> _Grads:
-    with torch.autocast(feats.device.type, enabled=False):
+    with autocast_off(feats.device.type):
         return _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w, ln_after_w,
                             mean_in, rstd_in, u, h_pre, s, mean_out, rstd_out)
 
@@ -387,7 +387,7 @@ class _EncoderAdapter(torch.autograd.Function):
         args = (feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b, ln_after_w,
                 ln_after_b, eps_before, eps_after, gemm_dtype, out_dtype)
         if direct_launch():
-            with torch.autocast(feats.device.type, enabled=False):
+            with autocast_off(feats.device.type):
                 out, *saved = _adapter_fwd(*args)
         else:
             out, *saved = _encoder_adapter_op(*args)
@@ -401,7 +401,7 @@ class _EncoderAdapter(torch.autograd.Function):
             return (None,) * 15
         saved = ctx.saved_tensors
         if direct_launch():
-            with torch.autocast(grad_out.device.type, enabled=False):
+            with autocast_off(grad_out.device.type):
                 grads = _adapter_bwd(grad_out, *saved)
         else:
             grads = _encoder_adapter_backward_op(grad_out, *saved)
@@ -427,10 +427,10 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
     [D, B, T, C] -> [B, T, C]. Group weights are sequences indexed by g (stacked here; the
     stack's backward hands each parameter its gradient) or already-stacked tensors."""
     dev = feats.device.type
-    if torch.is_autocast_enabled(dev):
+    gemm_dtype = autocast_dtype(dev)
+    if gemm_dtype is not None:
         # as the reference under autocast: Linear in the autocast dtype; layer_norm is on the
         # fp32 list on CUDA, while on CPU it keeps its (autocast-dtype) input's dtype
-        gemm_dtype = torch.get_autocast_dtype(dev)
         out_dtype = torch.float32 if dev == "cuda" else gemm_dtype
     else:
         gemm_dtype = feats.dtype

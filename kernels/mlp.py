@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2,
-                                      persistent_programs, row_slices)
+from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons, eager_apply,
+                                      next_pow2, persistent_programs, row_slices)
 
 ACTIVATIONS = ("gelu",)  # what the kernels compute: GELU with the exact erf (timm, MAE, HF "gelu")
 BLOCK_FWD = 1024         # forward: elements per program
@@ -210,10 +210,7 @@ class _Mlp(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                out, pre = _mlp_forward(x2, w1, b1, w2, b2)
-        else:
+        with autocast_off(x.device.type):
             out, pre = _mlp_forward(x2, w1, b1, w2, b2)
         ctx.save_for_backward(x2, w1, w2, pre)
         ctx.bias_dtypes = b1.dtype, b2.dtype
@@ -222,10 +219,8 @@ class _Mlp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, w1, w2, pre = ctx.saved_tensors
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return _Mlp._backward(ctx, grad_out, x, w1, w2, pre)
-        return _Mlp._backward(ctx, grad_out, x, w1, w2, pre)
+        with autocast_off(x.device.type):
+            return _Mlp._backward(ctx, grad_out, x, w1, w2, pre)
 
     @staticmethod
     def _backward(ctx, grad_out, x, w1, w2, pre):
@@ -255,13 +250,13 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
     (x and the weights are then cast to the autocast dtype, as ``F.linear`` does; the biases are
     cast inside, where their gradients can stay fp32)."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = autocast_dtype(dev)
+    if dt is not None:
         x, w1, w2 = (t if t.dtype == dt else t.to(dt) for t in (x, w1, w2))
     if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or b1.requires_grad
                                     or w2.requires_grad or b2.requires_grad):
         return _apply(x, w1, b1, w2, b2)
-    with torch.autocast(dev, enabled=False):
+    with autocast_off(dev):
         out = _mlp_forward(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)[0]
     return out.view(*x.shape[:-1], w2.shape[0])
 

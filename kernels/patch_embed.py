@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2
+from tec_fast.kernels._common import autocast_dtype, cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2
 
 ROWS = 16  # patches per program
 
@@ -102,7 +102,7 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tenso
     [D, C, p, p], bias [D] or None -> [B, L, D] (contiguous), in the autocast dtype when autocast
     is on, else in weight's dtype."""
     dev = images.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    dtype = autocast_dtype(dev) or weight.dtype
     patch = weight.shape[-1]
     if images.requires_grad and torch.is_grad_enabled():
         patches = _apply(images, patch, dtype)

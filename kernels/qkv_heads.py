@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2,
-                                      persistent_programs, row_slices)
+from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons, eager_apply,
+                                      next_pow2, persistent_programs, row_slices)
 
 ROWS = 32          # rows per tile
 MAX_HEAD_DIM = 256  # one row of a head in a tile: ROWS x d values
@@ -137,10 +137,8 @@ class _QkvHeads(torch.autograd.Function):
         ctx.save_for_backward(x2d, weight)
         ctx.shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return _project(x2d, weight, bias, B, N, H)
-        return _project(x2d, weight, bias, B, N, H)
+        with autocast_off(x.device.type):
+            return _project(x2d, weight, bias, B, N, H)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -169,14 +167,14 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     weight are cast to the autocast dtype (as ``F.linear`` does; the bias inside, where its
     gradient can stay fp32)."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = autocast_dtype(dev)
+    if dt is not None:
         x, weight = (t if t.dtype == dt else t.to(dt) for t in (x, weight))
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _apply(x, weight, bias, num_heads)
     B, N, C = x.shape
-    with torch.autocast(dev, enabled=False):  # inference (the frozen base): no node
+    with autocast_off(dev):  # inference (the frozen base): no node
         return _project(x.reshape(B * N, C), weight, bias, B, N, num_heads)
 
 

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "benchmarks", "compile_report.py")
 
 
 def _ptxas_or_skip(arch: int = 90) -> str:
@@ -26,7 +25,7 @@ def _ptxas_or_skip(arch: int = 90) -> str:
 def test_sm90_vitb_vitl_bf16_no_spills_smem_within_limit(tmp_path):
     _ptxas_or_skip(90)
     out = tmp_path / "compile.jsonl"
-    run = subprocess.run([sys.executable, SCRIPT, "--sizes", "vitb,vitl", "--arch", "90", "--dtype", "bf16",
+    run = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--sizes", "vitb,vitl", "--arch", "90", "--dtype", "bf16",
                           "--out", str(out), "--check", "--require-all"],
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, f"compile gate failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
@@ -67,3 +66,24 @@ ptxas info    : Used 128 registers, used 1 barriers, 560 bytes cumulative stack 
     assert problems([dict(clean, spill_store_bytes=4)]) and problems([dict(clean, spill_load_bytes=4)])
     assert problems([dict(clean, smem_bytes=227 * 1024 + 1)])
     assert problems([dict(clean, kernel=None, error="CompilationError: boom")])
+
+
+def test_registered_kernel_that_cannot_be_found_fails_the_gate(monkeypatch):
+    """A registry row whose kernel module is missing is an error row (never a skip), so an op
+    cannot escape the no-spill gate by not being found."""
+    _ptxas_or_skip(90)
+    from benchmarks import compile_report
+    from tec_fast.ops.registry import OPS, OpSpec
+    fake = OpSpec("no_such_op", "no_such_kernel_module", (1,), OPS["layer_norm"].example)
+    monkeypatch.setattr(compile_report, "OPS", {**OPS, "no_such_op": fake})
+    rows = compile_report.compile_rows(90, "vitb", "bf16", ops=["no_such_op"])
+    assert len(rows) == 1 and "kernels/no_such_kernel_module.py does not import" in rows[0]["error"]
+    bad = compile_report.problems(rows)
+    assert len(bad) == 1 and "no_such_op" in bad[0]
+
+
+def test_cases_come_from_the_registry():
+    from benchmarks import compile_report
+    from tec_fast.ops.registry import OPS
+    assert set(compile_report.CASES) == set(OPS)
+    assert set(compile_report.KERNEL_MODULES) == {spec.kernel for spec in OPS.values()}

@@ -236,3 +236,66 @@ def test_patch_embed(cuda_triton_path, dtype):
     eager = run(reference.patch_embed, dtype)
     exact = run(reference.patch_embed, torch.float64, torch.float64)  # cuDNN's fp32 conv may use TF32
     _check(got, eager, exact, dtype, ("out", "grad_weight", "grad_bias"), atol32=1e-3, rtol32=1e-3)
+
+
+# ---- every registered op, from its registry example (tec_fast/ops/registry.py) ----------------
+
+# max |error| allowed, as a fraction of the largest |exact| value of each output (fp32: against
+# float64; bf16: on top of twice eager bf16's own error). A new op uses the default until measured.
+_REGISTRY_TOL = {"default": (1e-3, 2e-2), "scatter_masked": (1e-3, 0.1), "encoder_adapter": (1e-3, 5e-2)}
+
+
+def _cast_example(ex, dtype):
+    """The example's arguments as fresh tensors of ``dtype`` (floating ones; index tensors as
+    they are), leaves where the example has them; returns (args, kwargs, leaves)."""
+    leaves = []
+    grad_ids = {id(t) for t in ex.grad_of}
+
+    def conv(a):
+        if isinstance(a, (list, tuple)):
+            return type(a)(conv(t) for t in a)
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            t = a.detach().to(dtype).requires_grad_(id(a) in grad_ids)
+            if id(a) in grad_ids:
+                leaves.append(t)
+            return t
+        return a
+    args = conv(ex.args)
+    kwargs = {k: conv(v) for k, v in ex.kwargs.items()}
+    return args, kwargs, leaves
+
+
+def _registry_run(fn, ex, dtype):
+    from tec_fast.ops.registry import outputs
+    args, kwargs, leaves = _cast_example(ex, dtype)
+    out = fn(*args, **kwargs)
+    items = list(out) if isinstance(out, (tuple, list)) else [out]
+    outs = outputs(out)
+    grads = []
+    if leaves and outs:
+        g = torch.Generator(device=DEV).manual_seed(1)
+        weights = [torch.randn(o.shape, device=DEV, generator=g).to(o.dtype) for o in outs]
+        grads = torch.autograd.grad(outs, leaves, weights, allow_unused=True)
+    return [t.detach().double() for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()] + \
+        [torch.zeros(()) if g is None else g.double() for g in grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", sorted(__import__("tec_fast.ops.registry", fromlist=["OPS"]).OPS))
+def test_registered_op_matches_reference(cuda_triton_path, op, dtype):
+    """Every op of the registry on its example (ViT-B widths, B=8), Triton against the reference:
+    the values and every gradient."""
+    from tec_fast.ops.registry import OPS, SIZES
+    torch.manual_seed(0)
+    ex = OPS[op].example(dict(SIZES["vitb"], B=8), torch.float32, torch.device(DEV))
+    got = _registry_run(getattr(ops, op), ex, dtype)
+    exact = _registry_run(getattr(reference, op), ex, torch.float64)
+    eager = _registry_run(getattr(reference, op), ex, dtype)
+    tol32, tol_lowp = _REGISTRY_TOL.get(op, _REGISTRY_TOL["default"])
+    assert len(got) == len(exact) == len(eager)
+    for i, (a, e, r) in enumerate(zip(got, eager, exact)):
+        scale = max(1.0, r.abs().max().item())
+        if dtype == torch.float32:
+            assert_close(a, r, atol=tol32 * scale, rtol=tol32, name=f"{op} output/grad {i}")
+        else:
+            assert_low_precision_ok(a, e, r, atol=tol_lowp * scale, name=f"{op} output/grad {i}")

@@ -4,9 +4,10 @@
 Adding an op means: a kernel file in ``kernels/`` (its Triton kernels, launchers, the
 ``autograd.Function`` and ``not_supported_reasons``), a function of the same name in
 ``reference.py``, the public wrapper in ``tec_fast/ops/__init__.py``, one row here, and a test.
-A row names the kernel module, the ViT-B/16 shape the info report asks about, and an
-``example``: inputs of a given size (``SIZES``) laid out as the model passes them, which the
-benchmarks time and the GPU tests check against the reference.
+A row names the kernel module, the ViT-B/16 shape the info report asks about, an ``example``:
+inputs of a given size (``SIZES``) laid out as the model passes them, which the benchmarks time
+and the GPU tests check against the reference, and optionally the ``work`` one call must at least
+do (bytes moved or FLOPs), which ``bench_ops.py`` turns into GB/s or TFLOP/s.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class OpSpec:
     report_shape: Tuple[int, ...]  # ViT-B/16 (B=256, mask 0.75) shape of the first argument
     example: Callable[[Dict[str, int], torch.dtype, torch.device], Example]
     report_info: Dict[str, int] = field(default_factory=dict)  # sizes the first argument does not show
+    # (example, backward) -> {"bytes": ..., "flops": ...}: the least a call moves / computes
+    work: Optional[Callable[[Example, bool], Dict[str, float]]] = None
 
     def info(self, ex: Example) -> Dict[str, object]:
         """The op-specific sizes dispatch needs for ``ex`` (as the public op passes them)."""
@@ -138,6 +141,81 @@ def _patch_embed(s, dtype, dev) -> Example:
     return Example((images, w, b), {}, [w, b], f"B={B},S={S},p={p},D={D}")
 
 
+# ---- the least work of one call (forward, or forward + backward) -----------------------------
+
+def _esize(t: torch.Tensor) -> int:
+    return t.element_size()
+
+
+def _masked_gather_work(ex: Example, backward: bool) -> Dict[str, float]:
+    x, ids, pos = ex.args
+    (B, L, C), K = x.shape, ids.shape[1]
+    # forward: read the kept rows and pos, write the output; backward: read grad_out, write all
+    # of grad_x (zeros for dropped rows) and grad_pos
+    n = (B * K * C + B * L * C + L * C) if backward else (2 * B * K * C + L * C)
+    return {"bytes": n * _esize(x)}
+
+
+def _scatter_masked_work(ex: Example, backward: bool) -> Dict[str, float]:
+    vis, ids = ex.args[:2]
+    (B, K, C), L = vis.shape, ids.shape[1]
+    n = (B * L * C + B * K * C + L * C + C) if backward else (B * K * C + B * L * C + L * C)
+    return {"bytes": n * _esize(vis)}
+
+
+def _patch_norm_mse_work(ex: Example, backward: bool) -> Dict[str, float]:
+    pred = ex.args[0]
+    # forward reads pred and target; backward reads both again and writes grad_pred
+    return {"bytes": (5 if backward else 2) * pred.numel() * _esize(pred)}
+
+
+def _relation_targets_work(ex: Example, backward: bool) -> Dict[str, float]:
+    q, _, topk, _ = ex.args
+    B, H, N, d = q.shape
+    return {"flops": 2.0 * B * H * (N - 1) * d * (2 + topk)}  # ranking row + 1+k rows
+
+
+def _relation_loss_work(ex: Example, backward: bool) -> Dict[str, float]:
+    q, _, idx = ex.args[:3]
+    B, H, N, d = q.shape
+    rows = 2.0 * B * H * (1 + idx.shape[1]) * (N - 1) * d
+    return {"flops": (3 if backward else 1) * rows}
+
+
+def _encoder_adapter_work(ex: Example, backward: bool) -> Dict[str, float]:
+    feats, fc1_w = ex.args[0], ex.args[5]
+    D, B, T, C = feats.shape
+    G, hidden = len(fc1_w), fc1_w[0].shape[0]
+    fwd = 2.0 * B * T * G * ((D // G) * C * C + 2 * C * hidden)
+    return {"flops": (3 if backward else 1) * fwd}
+
+
+def _layer_norm_work(ex: Example, backward: bool) -> Dict[str, float]:
+    x = ex.args[0]
+    # forward: x, residual in; y, h out. backward: dy, dh, h in; dx out
+    return {"bytes": (8 if backward else 4) * x.numel() * _esize(x)}
+
+
+def _mlp_work(ex: Example, backward: bool) -> Dict[str, float]:
+    x, w1 = ex.args[:2]
+    fwd = 4.0 * (x.numel() // x.shape[-1]) * x.shape[-1] * w1.shape[0]
+    return {"flops": (3 if backward else 1) * fwd}
+
+
+def _qkv_heads_work(ex: Example, backward: bool) -> Dict[str, float]:
+    x, w = ex.args[:2]
+    fwd = 2.0 * x.shape[0] * x.shape[1] * x.shape[2] * w.shape[0]
+    return {"flops": (3 if backward else 1) * fwd}
+
+
+def _patch_embed_work(ex: Example, backward: bool) -> Dict[str, float]:
+    images, w = ex.args[:2]
+    B, _, H, W = images.shape
+    D, C, p, _ = w.shape
+    fwd = 2.0 * B * (H // p) * (W // p) * C * p * p * D
+    return {"flops": (2 if backward else 1) * fwd}
+
+
 # the op-specific sizes dispatch takes (``report_info`` keys), read off an example's arguments
 _INFO: Dict[str, Callable[[Example], Dict[str, object]]] = {
     "relation_targets": lambda ex: {"topk": ex.args[2]},
@@ -147,16 +225,18 @@ _INFO: Dict[str, Callable[[Example], Dict[str, object]]] = {
 }
 
 OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
-    OpSpec("masked_gather", "masked_gather", (256, 196, 768), _masked_gather),
-    OpSpec("scatter_masked", "scatter_masked", (256, 49, 512), _scatter_masked),
-    OpSpec("patch_norm_mse", "patch_norm_mse", (256, 196, 768), _patch_norm_mse),
-    OpSpec("relation_targets", "relation_targets", (256, 12, 197, 64), _relation_targets, {"topk": 15}),
-    OpSpec("relation_loss", "relation_loss", (256, 12, 197, 64), _relation_loss, {"topk": 15}),
-    OpSpec("encoder_adapter", "encoder_adapter", (12, 256, 50, 768), _encoder_adapter),
-    OpSpec("layer_norm", "layer_norm", (256, 50, 768), _layer_norm),
-    OpSpec("mlp", "mlp", (256, 50, 768), _mlp),
-    OpSpec("qkv_heads", "qkv_heads", (256, 50, 768), _qkv_heads, {"head_dim": 64}),
-    OpSpec("patch_embed", "patch_embed", (256, 3, 224, 224), _patch_embed),
+    OpSpec("masked_gather", "masked_gather", (256, 196, 768), _masked_gather, work=_masked_gather_work),
+    OpSpec("scatter_masked", "scatter_masked", (256, 49, 512), _scatter_masked, work=_scatter_masked_work),
+    OpSpec("patch_norm_mse", "patch_norm_mse", (256, 196, 768), _patch_norm_mse, work=_patch_norm_mse_work),
+    OpSpec("relation_targets", "relation_targets", (256, 12, 197, 64), _relation_targets, {"topk": 15},
+           work=_relation_targets_work),
+    OpSpec("relation_loss", "relation_loss", (256, 12, 197, 64), _relation_loss, {"topk": 15},
+           work=_relation_loss_work),
+    OpSpec("encoder_adapter", "encoder_adapter", (12, 256, 50, 768), _encoder_adapter, work=_encoder_adapter_work),
+    OpSpec("layer_norm", "layer_norm", (256, 50, 768), _layer_norm, work=_layer_norm_work),
+    OpSpec("mlp", "mlp", (256, 50, 768), _mlp, work=_mlp_work),
+    OpSpec("qkv_heads", "qkv_heads", (256, 50, 768), _qkv_heads, {"head_dim": 64}, work=_qkv_heads_work),
+    OpSpec("patch_embed", "patch_embed", (256, 3, 224, 224), _patch_embed, work=_patch_embed_work),
 )}
 
 
