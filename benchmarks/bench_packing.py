@@ -9,9 +9,9 @@
 
 Prints the ratios and appends JSON lines to ``<results-dir>/<device>.jsonl``.
 
-    python benchmarks/bench_packing.py                      # ViT-B/16 token grid, GPU if present
-    python benchmarks/bench_packing.py --device cpu --threads 1
-    python benchmarks/bench_packing.py --small --results-dir /tmp/r   # seconds; the test smoke run
+    python -m benchmarks.bench_packing                      # ViT-B/16 token grid, GPU if present
+    python -m benchmarks.bench_packing --device cpu --threads 1
+    python -m benchmarks.bench_packing --small --results-dir /tmp/r   # seconds; the test smoke run
 """
 from __future__ import annotations
 
@@ -19,15 +19,13 @@ import argparse
 import math
 import os
 import random
-import sys
 from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import DTYPES, append_results, device_name, format_table, time_callable  # noqa: E402
-from tec_fast import packing  # noqa: E402
+from benchmarks.common import DTYPES, append_results, device_name, format_table, time_callable
+from tec_fast import packing
 
 
 def python_ffd(lengths: List[int], capacity: int) -> List[List[int]]:

@@ -29,25 +29,23 @@ Without a GPU, ``--offline`` compiles the kernels for sm_90 (Triton's compiler, 
 prints registers, spills and the Hopper warpgroup-MMA instructions (``HGMMA``) in the machine
 code, the check that ``tl.dot`` became tensor-core code on an H100/H200.
 
-    python benchmarks/gemm_epilogue.py                 # on a GPU: the fc1 shapes of ViT-B/16, B=256
-    python benchmarks/gemm_epilogue.py --offline       # anywhere: compile for sm_90 and report
+    python -m benchmarks.gemm_epilogue                 # on a GPU: the fc1 shapes of ViT-B/16, B=256
+    python -m benchmarks.gemm_epilogue --offline       # anywhere: compile for sm_90 and report
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import append_results, device_name, format_table, time_callable  # noqa: E402
-from tec_fast.kernels.mlp import _gelu, _mlp_gelu_fwd  # noqa: E402
+from benchmarks.common import append_results, device_name, format_table, time_callable
+from tec_fast.kernels.mlp import _gelu, _mlp_gelu_fwd
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): Hopper-sized tiles for bf16 (8-warp
 # 128 x 256 with 3 stages is Triton's own tutorial choice), and one small tile for the interpreter.

@@ -2,13 +2,10 @@
 import glob
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import bench_ops  # noqa: E402
+from benchmarks import bench_ops
 
 KEYS = {"bench", "provider", "device", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_gb",
         "torch", "triton", "commit", "timestamp", "timing"}

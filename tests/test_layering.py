@@ -19,7 +19,7 @@ LAYERS = [
     {"demo"},                                  # the embedded demo (trains and evaluates)
     {"cli"},                                   # argparse and printing
 ]
-FACADES = {"__init__", "train", "eval", "export", "info", "masking", "native", "make_shards"}
+FACADES = {"__init__", "train", "eval", "export", "info", "masking", "native", "make_shards", "nn"}
 
 
 def _layer(part: str) -> int:

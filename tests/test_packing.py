@@ -447,7 +447,6 @@ def test_cuda_gradients_and_bad_index():
 
 # ---- benchmark smoke --------------------------------------------------------------------------
 def test_benchmark_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT))
     from benchmarks import bench_packing
     rows = bench_packing.main(["--small", "--results-dir", str(tmp_path)])
     lines = [json.loads(line) for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
