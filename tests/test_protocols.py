@@ -228,3 +228,16 @@ def test_a_killed_finetune_run_resumes_to_the_uninterrupted_result(ckpt, tmp_pat
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert resumed["top1"] == whole["top1"]
+
+
+def test_linprobe_under_torchrun_two_processes(ckpt, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tec_fast.eval", str(ckpt), "--protocol", "linprobe", *TINY, "--epochs", "1",
+           "--warmup-epochs", "0", "--workers", "0", "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["world"] == 2 and res["global_batch"] == 16 and res["steps"] == 64 // 16
+    assert proc.stdout.count("summary") == 1  # rank 0 alone prints and writes
