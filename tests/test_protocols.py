@@ -135,9 +135,13 @@ def test_drop_path_keeps_or_drops_whole_samples():
     per_sample = out.flatten(1)
     assert torch.all((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1))
     assert abs(float(out.mean()) - 1.0) < 0.05  # unbiased in expectation (4000 samples)
-    model = FinetuneModel(BaseModel(VIT, topk=None), num_classes=3, drop_path=0.5).eval()
-    images = torch.randn(2, 3, 32, 32)
+    model = FinetuneModel(BaseModel(VIT, topk=None), num_classes=3, drop_path=0.9).eval()
+    torch.nn.init.normal_(model.head.weight)
+    images = torch.randn(8, 3, 32, 32)
     torch.testing.assert_close(model(images), model(images))  # eval: no dropping
+    assert model.drop_rates == [0.0, 0.9]  # rising linearly to the last block
+    model.train()
+    assert not torch.allclose(model(images), model.eval()(images))  # train: the hooks drop branches
 
 
 def test_recipes_are_the_papers_and_every_field_is_a_flag():
