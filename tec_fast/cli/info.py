@@ -1,5 +1,6 @@
 """``python -m tec_fast.info``: versions, the compiled extension, and which backend each op and
-the attention would use on this machine (with the reasons the others were skipped)."""
+the attention would use on this machine (with the reasons the others were skipped, and the
+measured Triton/reference speed ratio behind each choice ``TEC_FAST_KERNELS=auto`` makes on a GPU)."""
 from __future__ import annotations
 
 import json
@@ -19,11 +20,17 @@ def _version(module: str) -> str:
         return f"not available ({type(exc).__name__})"
 
 
-def collect() -> dict:
+def _ratio(entry) -> str:
+    return f"{entry['speedup']:.2f}x" if entry else "-"
+
+
+def collect(gpu: str = None) -> dict:
+    """Everything the command prints; ``gpu`` names a GPU class whose measured table the op
+    choices follow (default: this machine's GPU; on a CPU-only machine the ops run on CPU)."""
     from tec_fast.ops import dispatch
 
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda" if cuda or gpu else "cpu")
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -33,10 +40,16 @@ def collect() -> dict:
         "apex": _version("apex"),
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
         "kernel_mode": dispatch.kernel_mode(),
+        "gpu_class": gpu or (dispatch.gpu_class(torch.cuda.get_device_name(0)) if cuda else None),
+        "measured_tables": sorted(dispatch.load_tables()),
         "ops": {},
     }
-    for op, (backend, reasons) in dispatch.dispatch_report(device.type).items():  # ViT-B/16, bf16
-        info["ops"][op] = {"backend": backend, "skipped_because": reasons}
+    measured = dispatch.measured_report(device.type, gpu=gpu)
+    # ViT-B/16 sizes, bf16, training (forward + backward); measured: Triton speed / reference speed
+    for op, (backend, reasons) in dispatch.dispatch_report(device.type, gpu=gpu).items():
+        m = measured.get(op, {})
+        info["ops"][op] = {"backend": backend, "skipped_because": reasons,
+                           "measured_fwd": m.get("fwd"), "measured_fwdbwd": m.get("fwdbwd")}
     try:
         from tec_fast import packing
         info["extension"] = packing.extension_status()
@@ -45,7 +58,7 @@ def collect() -> dict:
         info["extension"] = {"built": False, "reason": f"{type(exc).__name__}: {exc}"}
     from tec_fast.ops.attention import packed_attention_backend
 
-    packed, skipped = packed_attention_backend(device, torch.bfloat16)
+    packed, skipped = packed_attention_backend(torch.device("cuda" if cuda else "cpu"), torch.bfloat16)
     info["attention"] = {
         "dense": "torch.nn.functional.scaled_dot_product_attention",
         "packed": packed,
@@ -60,8 +73,13 @@ def main(argv=None) -> int:
         description="Print versions, the compiled extension's status and the backend each op and the "
                     "attention would use here (and why the faster ones were skipped).")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--gpu", default=None, metavar="CLASS",
+                        help="show the op choices auto makes on this GPU class (e.g. H200: its measured "
+                             "table in tec_fast/ops/measured/), even without that GPU here")
     args = parser.parse_args(argv)
-    info = collect()
+    if args.gpu is not None and not args.gpu.strip():
+        parser.error("--gpu: empty GPU class")
+    info = collect(args.gpu)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -71,9 +89,13 @@ def main(argv=None) -> int:
     print(f"{'extension':<12} " + ", ".join(f"{k}={v}" for k, v in ext.items()))
     for dev, how in info.get("packing", {}).items():
         print(f"{'packing ' + dev:<12} {how}")
-    print("\nop                 backend    why not the fast path")
+    gpu = info["gpu_class"]
+    print(f"\nops at ViT-B/16 sizes, bf16, training; measured = reference time / Triton time on "
+          f"{gpu or 'no GPU'} (tables: {', '.join(info['measured_tables']) or 'none'})")
+    print(f"{'op':<18} {'backend':<10} {'fwd':>6} {'fwd+bwd':>8}  why not the fast path")
     for op, d in info["ops"].items():
-        print(f"{op:<18} {d['backend']:<10} {'; '.join(d['skipped_because']) or '-'}")
+        print(f"{op:<18} {d['backend']:<10} {_ratio(d['measured_fwd']):>6} {_ratio(d['measured_fwdbwd']):>8}  "
+              f"{'; '.join(d['skipped_because']) or '-'}")
     att = info["attention"]
     print(f"\nattention (dense)  {att['dense']}\nattention (packed) {att['packed']}"
           + (f" (skipped: {'; '.join(att['packed_skipped_because'])})" if att["packed_skipped_because"] else ""))

@@ -267,7 +267,8 @@ def measured_report(device: Optional[str] = None, gpu: Optional[str] = None) -> 
     gpu = _report_gpu(torch.device(device), gpu)
     if gpu is None:
         return {}
-    return {op: {"fwd": measured(op, gpu, False), "fwdbwd": measured(op, gpu, True)} for op in OPS}
+    entries = (_TABLES.get(gpu) or {}).get("ops", {})
+    return {op: {"fwd": entries.get(op, {}).get("fwd"), "fwdbwd": entries.get(op, {}).get("fwdbwd")} for op in OPS}
 
 
 def format_dispatch_report(device: Optional[str] = None, gpu: Optional[str] = None) -> str:

@@ -1,0 +1,114 @@
+"""Dispatch: the kernel mode is read once, decisions are cached, ``triton`` forces the kernels or
+fails naming the op, and ``auto`` on a GPU follows the measured table of its class."""
+import json
+import os
+from unittest import mock
+
+import pytest
+import torch
+
+from tec_fast import ops
+from tec_fast.ops import dispatch
+
+
+@pytest.fixture
+def fresh_settings():
+    dispatch.reload_environment()
+    yield
+    dispatch.reload_environment()
+    dispatch.load_tables()
+
+
+def test_mode_is_read_once_and_set_explicitly(fresh_settings):
+    with mock.patch.dict(os.environ, {"TEC_FAST_KERNELS": "reference"}):
+        assert dispatch.kernel_mode() == "reference"
+        os.environ["TEC_FAST_KERNELS"] = "triton"  # no re-read per call ...
+        assert dispatch.kernel_mode() == "reference"
+        dispatch.reload_environment()  # ... until asked
+        assert dispatch.kernel_mode() == "triton"
+    dispatch.set_kernel_mode("reference")
+    assert dispatch.kernel_mode() == "reference"
+    with pytest.raises(ValueError, match="kernel mode must be one of"):
+        dispatch.set_kernel_mode("fast")
+
+
+def test_decisions_are_cached_per_shape(fresh_settings):
+    dispatch.set_kernel_mode("reference")
+    x = torch.randn(2, 3, 8)
+    n = len(dispatch._DECISIONS)
+    assert ops.why_not_fast("layer_norm", x) == ["TEC_FAST_KERNELS=reference"]
+    assert ops.why_not_fast("layer_norm", torch.randn(2, 3, 8)) == ["TEC_FAST_KERNELS=reference"]
+    assert len(dispatch._DECISIONS) == n + 1
+    ops.why_not_fast("layer_norm", torch.randn(2, 4, 8))
+    assert len(dispatch._DECISIONS) == n + 2
+    dispatch.set_kernel_mode("auto")  # a new mode forgets them
+    assert not dispatch._DECISIONS
+
+
+def test_triton_mode_fails_where_it_cannot_run(fresh_settings):
+    dispatch.set_kernel_mode("triton")
+    dispatch._SETTINGS["interpret"] = False  # a CPU tensor without the interpreter
+    x, w, b = torch.randn(2, 5, 8), torch.ones(8), torch.zeros(8)
+    with pytest.raises(RuntimeError, match="TEC_FAST_KERNELS=triton but layer_norm cannot .*TRITON_INTERPRET"):
+        ops.layer_norm(x, w, b)
+    dispatch.set_kernel_mode("auto")  # auto: the reference, quietly
+    dispatch._SETTINGS["interpret"] = False
+    torch.testing.assert_close(ops.layer_norm(x, w, b), torch.nn.functional.layer_norm(x, (8,), w, b, 1e-6))
+
+
+def _bench_rows(op, fwd, fwdbwd, device="NVIDIA_TestGPU"):
+    rows = []
+    for pss, speedup in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+        for provider, ms in (("reference", 1.0), ("triton", 1.0 / speedup)):
+            rows.append(dict(bench=f"{op}_{pss}", provider=provider, shape="B=4", dtype="bf16", median_ms=ms,
+                             commit="abc1234", timestamp="2026-12-01T00:00:00+00:00", device=device))
+    return rows
+
+
+def test_auto_follows_the_measured_table(tmp_path, fresh_settings):
+    from benchmarks.dispatch_table import build_table
+    rows = _bench_rows("masked_gather", 4.0, 0.5) + _bench_rows("relation_loss", 2.0, 1.25)
+    table = build_table(rows, list(ops.OPS))
+    assert table["masked_gather"]["fwdbwd"]["speedup"] == 0.5
+    (tmp_path / "TestGPU.json").write_text(json.dumps(dict(gpu_class="TestGPU", ops=table)))
+    dispatch.load_tables(str(tmp_path))
+    dispatch.set_kernel_mode("auto")
+    train = dispatch.dispatch_report("cuda", gpu="TestGPU", backward=True)
+    infer = dispatch.dispatch_report("cuda", gpu="TestGPU", backward=False)
+    assert train["relation_loss"][0] == "triton" and infer["relation_loss"][0] == "triton"
+    assert infer["masked_gather"][0] == "triton"  # forward alone wins ...
+    backend, reasons = train["masked_gather"]  # ... forward + backward loses
+    assert backend == "reference" and "measured 0.50x the reference on TestGPU" in reasons[0]
+    assert "not measured on TestGPU" in train["layer_norm"][1][0]
+    other = dispatch.dispatch_report("cuda", gpu="OtherGPU")
+    assert all(b == "reference" for b, _ in other.values())
+    assert "OtherGPU is unmeasured" in other["relation_loss"][1][0]
+    assert dispatch.measured_report("cuda", gpu="TestGPU")["masked_gather"]["fwd"]["speedup"] == 4.0
+
+
+def test_committed_h200_table_matches_its_rows():
+    """tec_fast/ops/measured/H200.json is what benchmarks/dispatch_table.py writes from the
+    committed H200 rows (it cannot drift from its source)."""
+    from benchmarks.common import REPO
+    from benchmarks.dispatch_table import build_table, read_rows
+    committed = json.load(open(os.path.join(dispatch.MEASURED_DIR, "H200.json")))
+    rows = read_rows(os.path.join(REPO, committed["source"]))
+    assert build_table(rows, list(ops.OPS), committed["dtype"]) == committed["ops"]
+    assert dispatch.gpu_class("NVIDIA H200") == "H200" and dispatch.gpu_class("NVIDIA H100 80GB HBM3") == "H100"
+
+
+def test_dispatch_table_cli_errors(tmp_path, capsys):
+    from benchmarks import dispatch_table
+    with pytest.raises(SystemExit) as e:
+        dispatch_table.main(["--results", str(tmp_path / "none.jsonl")])
+    assert e.value.code == 2 and "error: --results: no file" in capsys.readouterr().err
+    empty = tmp_path / "rows.jsonl"
+    empty.write_text(json.dumps(dict(bench="step", provider="engine", device="NVIDIA_H200")) + "\n")
+    with pytest.raises(SystemExit) as e:
+        dispatch_table.main(["--results", str(empty), "--out-dir", str(tmp_path)])
+    assert e.value.code == 2 and "holds no bench_ops rows" in capsys.readouterr().err
+    rows = tmp_path / "ok.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in _bench_rows("mlp", 1.5, 0.9)))
+    assert dispatch_table.main(["--results", str(rows), "--out-dir", str(tmp_path)]) == 0
+    written = json.load(open(tmp_path / "NVIDIA_TestGPU.json"))  # an unknown name is its own class
+    assert written["gpu_class"] == "NVIDIA_TestGPU" and written["ops"]["mlp"]["fwdbwd"]["speedup"] == 0.9
