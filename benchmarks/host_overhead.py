@@ -198,9 +198,245 @@ def measure_op(name: str, device: torch.device, calls: int, reps: int, size: str
                          fwd_launches=launches[p][0] if counted else None,
                          bwd_launches=launches[p][1] if counted else None))
     ref = rows[1]
-    for r in rows:
+    for r in rows:  # host time per call against the reference's: forward, backward, both
         r["fwd_vs_reference"] = r["fwd_us"] / ref["fwd_us"]
         r["bwd_vs_reference"] = r["bwd_us"] / ref["bwd_us"] if r["bwd_us"] else None
+        r["fwdbwd_vs_reference"] = ((r["fwd_us"] + r["bwd_us"]) / (ref["fwd_us"] + ref["bwd_us"])
+                                    if r["bwd_us"] else r["fwd_vs_reference"])
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from tec_fast.ops.registry import OPS
+    p = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead",
+                                description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu: Triton launches skipped (default); cuda: real launches, plus GPU-busy time")
+    p.add_argument("--ops", default="all", help=f"comma-separated subset of {','.join(OPS)}, or all")
+    p.add_argument("--skip-step", action="store_true", help="only the per-op table")
+    p.add_argument("--skip-ops", action="store_true", help="only the step table")
+    p.add_argument("--steps", type=int, default=3, help="steps per timed repetition (default 3)")
+    p.add_argument("--calls", type=int, default=50, help="op calls per timed repetition (default 50)")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions, median reported (default 7)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--out", default=RESULTS, help="JSON-lines file rows are appended to ('' = none)")
+    args = p.parse_args(argv)
+    ops = list(OPS) if args.ops == "all" else [o for o in args.ops.split(",") if o]
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        p.error(f"--ops: unknown {bad}; choose from {list(OPS)}")
+    for name in ("steps", "calls", "reps", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        p.error("--device cpu needs TRITON_INTERPRET=1 set before Triton is imported (run it as "
+                "python -m benchmarks.host_overhead, which sets it)")
+    torch.set_num_threads(args.threads)
+    from tec_fast.ops import dispatch
+    dispatch.set_kernel_mode("triton")  # every op's Triton path, wherever auto would not take it
+    try:
+        rows = _run(args, ops, device)
+    finally:
+        dispatch.reload_environment()  # the process's own setting again
+    if args.out:
+        stamp = dict(threads=args.threads, kernel_mode="triton")
+        append_jsonl([complete_row(dict(r, **stamp), device) for r in rows], args.out)
+        print(f"appended {len(rows)} rows to {args.out}")
+    return 0
+
+
+def _run(args, ops: List[str], device: torch.device) -> List[Dict]:
+    rows: List[Dict] = []
+    if not args.skip_step:
+        print("step: engine and eager, interleaved ...", file=sys.stderr, flush=True)
+        rows += measure_steps(device, args.steps, args.reps)
+        print(format_table(rows, ["provider", "host_ms", "vs_eager", "triton_launches", "wall_ms", "gpu_busy_ms",
+                                  "gpu_launches"]))
+    if not args.skip_ops:
+        op_rows = []
+        for i, name in enumerate(ops):
+            print(f"op {i + 1}/{len(ops)}: {name} ...", file=sys.stderr, flush=True)
+            op_rows += measure_op(name, device, args.calls, args.reps)
+        print(format_table(op_rows, ["op", "provider", "shape", "fwd_us", "bwd_us", "fwd_vs_reference",
+                                     "bwd_vs_reference", "fwdbwd_vs_reference", "fwd_launches", "bwd_launches"]))
+        rows += op_rows
+    return rows
+
+
+if __name__ == "__main__":
+    _cuda = "--device=cuda" in sys.argv or any(a == "--device" and b == "cuda" for a, b in zip(sys.argv, sys.argv[1:]))
+    os.environ.setdefault("TRITON_INTERPRET", "0" if _cuda else "1")
+    os.environ["TEC_FAST_KERNELS"] = "triton"
+
+import torch  # noqa: E402
+
+from benchmarks.common import REPO, append_jsonl, complete_row, format_table  # noqa: E402
+
+RESULTS = os.path.join(REPO, "benchmarks", "results", "host_overhead.jsonl")
+
+
+class LaunchLog:
+    """Counts skipped (CPU) Triton launches by kernel name."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def __call__(self, name, args, kwargs) -> None:
+        self.counts[name] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _kernels_off(device: torch.device, log: LaunchLog):
+    """CPU: Triton launches recorded and skipped; CUDA: real launches (not counted)."""
+    if device.type == "cuda":
+        import contextlib
+        return contextlib.nullcontext()
+    from benchmarks.triton_stub import launches_stubbed
+    return launches_stubbed(log)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_per_call(fns: Dict[str, Callable[[], object]], calls: int, reps: int,
+                  device: torch.device) -> Dict[str, float]:
+    """Median over ``reps`` of the microseconds per call of ``calls`` back-to-back calls of each
+    of ``fns``, the providers interleaved rep by rep. On CPU the clock is this thread's CPU time
+    (``time.thread_time``), so time spent descheduled on a shared machine does not count; on a
+    GPU it is wall time without synchronising between calls (the host's issue time while the
+    tiny kernels keep up)."""
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = clock()
+            for _ in range(calls):
+                fn()
+            _sync(device)
+            samples[name].append((clock() - t0) * 1e6 / calls)
+    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+
+
+# ---- the step --------------------------------------------------------------------------------
+
+def step_configs():
+    """ViT-B/16's TEC step with its depth, heads, decoder and top-k, widths shrunk."""
+    from tec_fast import TECConfig, ViTConfig
+    vit = ViTConfig(img_size=64, patch_size=16, embed_dim=48, depth=12, num_heads=12)
+    cfg = TECConfig(encoder=vit, decoder_dim=32, decoder_depth=2, decoder_heads=16, tau=1.8,
+                    pred_dim=48, pred_heads=12)
+    return vit, cfg, 15
+
+
+def make_step(provider: str, device: torch.device, batch: int = 2) -> Callable[[], None]:
+    """One step (base forward, new-model forward, backward) of ``provider``: engine or eager."""
+    from benchmarks.baseline_eager import EagerBase, EagerTEC
+    from tec_fast import BaseModel, TECModel
+    vit, cfg, topk = step_configs()
+    torch.manual_seed(0)
+    if provider == "engine":
+        base, model = BaseModel(vit, topk=topk), TECModel(cfg)
+    elif provider == "eager":
+        base, model = EagerBase(vit, topk=topk), EagerTEC(cfg)
+    else:
+        raise ValueError(f"provider must be 'engine' or 'eager', got {provider!r}")
+    base, model = base.to(device).eval(), model.to(device)
+    images = torch.randn(batch, 3, vit.img_size, vit.img_size, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        for p in params:
+            p.grad = None
+        with torch.no_grad():
+            targets = base(images)
+        model(images, targets, mask_ratio=0.75)["loss"].backward()
+    return step
+
+
+def measure_steps(device: torch.device, steps: int, reps: int) -> List[Dict]:
+    """The engine's and the eager step's host ms per step, timed interleaved."""
+    fns = {p: make_step(p, device) for p in ("engine", "eager")}
+    launches = {}
+    for provider, step in fns.items():
+        log = LaunchLog()
+        with _kernels_off(device, log):
+            step()
+            log.counts.clear()
+            step()
+        launches[provider] = log.total if device.type != "cuda" else None
+    log = LaunchLog()
+    with _kernels_off(device, log):
+        us = time_per_call(fns, steps, reps, device)
+    rows = [dict(table="step", provider=p, host_ms=us[p] / 1e3, triton_launches=launches[p],
+                 vs_eager=us[p] / us["eager"]) for p in fns]
+    if device.type == "cuda":
+        from benchmarks.profile_step import profile_step
+        for row, step in zip(rows, fns.values()):
+            summary = profile_step(step, device, warmup=2, steps=steps, top=1)[0]
+            row.update(wall_ms=summary["wall_ms"], gpu_busy_ms=summary["gpu_busy_ms"],
+                       gpu_launches=summary["launches"])
+    return rows
+
+
+# ---- the ops ---------------------------------------------------------------------------------
+
+def _backward_fn(out, leaves):
+    from tec_fast.ops.registry import outputs, unit_grads
+    outs = outputs(out)
+    grads = unit_grads(outs)
+    return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True)
+
+
+def measure_op(name: str, device: torch.device, calls: int, reps: int, size: str = "tiny") -> List[Dict]:
+    """Host us per forward and per backward call of ``tec_fast.ops.<name>`` (Triton path) and of
+    its reference, on the registry's example inputs; Triton launches per call."""
+    from tec_fast import ops
+    from tec_fast.ops import reference
+    from tec_fast.ops.registry import OPS, SIZES
+    spec = OPS[name]
+    torch.manual_seed(0)
+    ex = spec.example(SIZES[size], torch.float32, device)
+    impls = {"triton": getattr(ops, name), "reference": getattr(reference, name)}
+    calls_fwd = {p: (lambda fn=fn: fn(*ex.args, **ex.kwargs)) for p, fn in impls.items()}
+    rows = []
+    log = LaunchLog()
+    with _kernels_off(device, log):
+        launches, calls_bwd = {}, {}
+        for p, call in calls_fwd.items():
+            log.counts.clear()
+            out = call()
+            launches[p] = [log.total, None]
+            if ex.grad_of:
+                calls_bwd[p] = _backward_fn(out, ex.grad_of)
+                log.counts.clear()
+                calls_bwd[p]()
+                launches[p][1] = log.total
+        fwd_us = time_per_call(calls_fwd, calls, reps, device)
+        bwd_us = time_per_call(calls_bwd, calls, reps, device) if calls_bwd else {}
+    counted = device.type != "cuda"
+    for p in impls:
+        rows.append(dict(table="op", op=name, provider=p, shape=ex.shape, fwd_us=fwd_us[p], bwd_us=bwd_us.get(p),
+                         fwd_launches=launches[p][0] if counted else None,
+                         bwd_launches=launches[p][1] if counted else None))
+    ref = rows[1]
+    for r in rows:  # host time per call against the reference's: forward, backward, both
+        r["fwd_vs_reference"] = r["fwd_us"] / ref["fwd_us"]
+        r["bwd_vs_reference"] = r["bwd_us"] / ref["bwd_us"] if r["bwd_us"] else None
+        r["fwdbwd_vs_reference"] = ((r["fwd_us"] + r["bwd_us"]) / (ref["fwd_us"] + ref["bwd_us"])
+                                    if r["bwd_us"] else r["fwd_vs_reference"])
     return rows
 
 
