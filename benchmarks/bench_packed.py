@@ -9,27 +9,25 @@ count (the dense path at that count; padding tokens cost what real ones do). Bot
 encoder adapter, forward and backward; with ``--whole-step`` also the whole TEC step (base
 targets, encoder, decoders, losses, backward) as ``packed_step`` / ``padded_step``.
 
-    python benchmarks/bench_packed.py                      # ViT-B/16, 224, bf16, batch 256 on GPU
-    python benchmarks/bench_packed.py --batch-sizes 64 256 --whole-step
-    python benchmarks/bench_packed.py --device cpu --preset tiny --batch 8
+    python -m benchmarks.bench_packed                      # ViT-B/16, 224, bf16, batch 256 on GPU
+    python -m benchmarks.bench_packed --batch-sizes 64 256 --whole-step
+    python -m benchmarks.bench_packed --device cpu --preset tiny --batch 8
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_step import PRESETS, build  # noqa: E402
-from benchmarks.common import DTYPES, append_results, format_table, time_callable  # noqa: E402
-from tec_fast import BaseModel, TECModel  # noqa: E402
-from tec_fast.masking import variable_masking  # noqa: E402
-from tec_fast.models.layout import TokenLayout  # noqa: E402
-from tec_fast.models.masking import Masking  # noqa: E402
-from tec_fast.ops.attention import packed_attention_backend  # noqa: E402
+from benchmarks.bench_step import PRESETS, build
+from benchmarks.common import DTYPES, append_results, format_table, time_callable
+from tec_fast import BaseModel, TECModel
+from tec_fast.masking import variable_masking
+from tec_fast.models.layout import TokenLayout
+from tec_fast.models.masking import Masking
+from tec_fast.ops.attention import packed_attention_backend
 
 
 def _positive(text: str) -> int:

@@ -10,35 +10,33 @@ ways: the bf16 GEMM throughput measured in the same run on the same device with 
 (``gemm_tflops``, ``mfu_measured_peak``), and the vendor's published dense bf16 peak for the
 device (``published_peak_tflops``, ``mfu``; None for a device not in ``PUBLISHED_BF16_TFLOPS``).
 
-    python benchmarks/bench_step.py                         # ViT-B/16, 224, bf16, batch 64..256 on GPU
-    python benchmarks/bench_step.py --preset tiny --device cpu --batch-sizes 4 --steps 3
+    python -m benchmarks.bench_step                         # ViT-B/16, 224, bf16, batch 64..256 on GPU
+    python -m benchmarks.bench_step --preset tiny --device cpu --batch-sizes 4 --steps 3
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.baseline_eager import EagerBase, EagerTEC  # noqa: E402
-from benchmarks.common import append_results, time_callable  # noqa: E402
-from benchmarks.flops import tec_step_flops  # noqa: E402
-from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig  # noqa: E402
-from tec_fast.training.precision import CastWeightsOnce, autocast_copy  # noqa: E402
-from tec_fast.training.cuda_graph import capture_step  # noqa: E402
-from tec_fast.training.graphed import GraphedStep  # noqa: E402
+from benchmarks.baseline_eager import EagerBase, EagerTEC
+from benchmarks.common import DTYPES, append_results, time_callable
+from benchmarks.flops import tec_step_flops
+from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
+from tec_fast.presets import vit_preset
+from tec_fast.training.precision import CastWeightsOnce, autocast_copy
+from tec_fast.training.cuda_graph import capture_step
+from tec_fast.training.graphed import GraphedStep
 
 PRESETS = {
     # name: (base ViT, new ViT, decoder dim, depth, heads, topk)
-    "vit_base": (ViTConfig(224, 16, 768, 12, 12), ViTConfig(224, 16, 768, 12, 12), 512, 2, 16, 15),
-    "vit_large": (ViTConfig(224, 16, 1024, 24, 16), ViTConfig(224, 16, 1024, 24, 16), 768, 2, 16, 15),
+    "vit_base": (vit_preset("vit_base_patch16"), vit_preset("vit_base_patch16"), 512, 2, 16, 15),
+    "vit_large": (vit_preset("vit_large_patch16"), vit_preset("vit_large_patch16"), 768, 2, 16, 15),
     "tiny": (ViTConfig(32, 4, 64, 4, 4), ViTConfig(32, 4, 64, 6, 4), 32, 1, 4, 5),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, matched
 # against torch.cuda.get_device_name in this order (the SXM H100 reports itself as "H100 80GB HBM3").
 PUBLISHED_BF16_TFLOPS = (

@@ -5,8 +5,8 @@ the kernels' durations), the number of kernel launches, and the ops with the mos
 time and the most device time per step. A step whose wall time is well above its GPU busy time
 is bound by the host: Python, dispatch and launch overhead, or a host synchronisation.
 
-    python benchmarks/profile_step.py --preset vit_base --batch 64
-    python benchmarks/profile_step.py --device cpu --batch 4 --no-baseline   # host side only
+    python -m benchmarks.profile_step --preset vit_base --batch 64
+    python -m benchmarks.profile_step --device cpu --batch 4 --no-baseline   # host side only
 
 Rows (one per provider) are appended to ``<results-dir>/profile.jsonl``; ``--trace DIR`` also
 writes a Chrome trace per provider (open it in chrome://tracing or Perfetto).
@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_step import DTYPES, PRESETS, baseline_step_fn, build, engine_step_fn  # noqa: E402
-from benchmarks.common import _sync, append_jsonl, complete_row, device_name, format_table  # noqa: E402
-from tec_fast.ops.dispatch import kernel_mode  # noqa: E402
+from benchmarks.bench_step import PRESETS, baseline_step_fn, build, engine_step_fn
+from benchmarks.common import DTYPES, _sync, append_jsonl, complete_row, device_name, format_table
+from tec_fast.ops.dispatch import kernel_mode
 
 
 def profile_step(step, device: torch.device, warmup: int, steps: int, top: int, trace: str = "",

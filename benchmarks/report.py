@@ -61,7 +61,8 @@ def tables(rows, steps_only: bool = False) -> str:
                               r.get("provider")))
     if steps:
         lines += ["Whole training step (engine vs eager baseline in the same run; `engine_graph`: the same "
-                  "step recorded once into a CUDA graph and replayed):", "",
+                  "step recorded once into a CUDA graph and replayed; `engine_fit_graph`: replayed as the "
+                  "trainer does by default, one graph for forward + backward and one for the optimizer):", "",
                   "| device | model | shape | provider | dtype | img/s | baseline img/s | speedup | MFU | peak GB "
                   "| baseline peak GB | commit |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -113,7 +113,7 @@ stage build 75 30 $PY -m pip install --no-build-isolation --no-deps -e .
 stage info 10 5 $PY -m tec_fast.info
 
 # 2. the step: B = 32..256, engine / engine replayed from a graph / eager, one process (MFU too)
-stage step 100 40 $PY benchmarks/bench_step.py --preset vit_base --batch-sizes 32 64 128 256 --steps 10 \
+stage step 100 40 $PY -m benchmarks.bench_step --preset vit_base --batch-sizes 32 64 128 256 --steps 10 \
   --cuda-graph --results-dir $R
 
 # 3. correctness on the GPU: compiled kernels, graphs against eager, varlen, no host syncs
@@ -128,21 +128,21 @@ stage dispatch_table 10 5 $PY -m benchmarks.dispatch_table
 stage host_overhead 35 15 $PY -m benchmarks.host_overhead --device cuda
 
 # 6. packed vs padded at mask 0.6:0.9 (encoder + adapter, and the whole TEC step)
-stage packed 40 20 $PY benchmarks/bench_packed.py --ratios 0.6:0.9 --batch-sizes 64 256 --whole-step \
+stage packed 40 20 $PY -m benchmarks.bench_packed --ratios 0.6:0.9 --batch-sizes 64 256 --whole-step \
   --results-dir $R
 
 # 7. where a step's time goes at B = 64: wall vs GPU busy, launches, host functions
-stage profile 25 15 $PY benchmarks/profile_step.py --batch 64 --python --top 30 --results-dir $R
+stage profile 25 15 $PY -m benchmarks.profile_step --batch 64 --python --top 30 --results-dir $R
 
 # 8. with what is left, keeping the report's time
 RESERVE_S=15
 stage ops_graph 50 25 $PY -m benchmarks.bench_ops --op all --device cuda --cuda-graph --results-dir $R
-stage gemm_epilogue 45 25 $PY benchmarks/gemm_epilogue.py --results-dir $R
-stage per_weight_casts 40 25 $PY benchmarks/bench_step.py --preset vit_base --batch-sizes 64 256 --steps 10 \
+stage gemm_epilogue 45 25 $PY -m benchmarks.gemm_epilogue --results-dir $R
+stage per_weight_casts 40 25 $PY -m benchmarks.bench_step --preset vit_base --batch-sizes 64 256 --steps 10 \
   --no-baseline --per-weight-casts --results-dir $R
-stage packing 25 15 $PY benchmarks/bench_packing.py --results-dir $R
+stage packing 25 15 $PY -m benchmarks.bench_packing --results-dir $R
 RESERVE_S=0
-stage report 15 5 $PY benchmarks/report.py --update-readme
+stage report 15 5 $PY -m benchmarks.report --update-readme
 
 stamp "done: $(grep -c '"ok"' "$LOGS/stages.jsonl" 2>/dev/null) stages ok; stages.jsonl:"
 cat "$LOGS/stages.jsonl"
