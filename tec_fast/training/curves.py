@@ -1,4 +1,5 @@
-"""``DIR/curves.png``: a run's loss terms, learning rate and throughput per optimizer step, drawn
+"""``DIR/curves.png``: a run's loss terms (and training accuracy, where a run logs one), learning
+rate and throughput per optimizer step, drawn
 from its ``metrics.jsonl``. matplotlib is optional (the ``demo`` extra): without it nothing is
 drawn and the callers say so."""
 from __future__ import annotations
@@ -57,9 +58,14 @@ def read_steps(metrics_path: str) -> Dict[str, Dict[int, dict]]:
     return stages
 
 
-def curves(stages: Dict[str, Dict[int, dict]]) -> Tuple[Series, Series, Series]:
-    """(loss terms, lr, img/s) as series named '<stage>' or '<stage> <term>'."""
+def _is_accuracy(key: str) -> bool:
+    return "top1" in key or "acc" in key
+
+
+def curves(stages: Dict[str, Dict[int, dict]]) -> Tuple[Series, Series, Series, Series]:
+    """(loss terms, accuracies, lr, img/s) as series named '<stage>' or '<stage> <term>'."""
     losses: Series = {}
+    accuracy: Series = {}
     lr: Series = {}
     speed: Series = {}
     for stage, steps in stages.items():
@@ -73,8 +79,9 @@ def curves(stages: Dict[str, Dict[int, dict]]) -> Tuple[Series, Series, Series]:
                 elif key == "img_per_s":
                     speed.setdefault(stage, []).append((step, value))
                 elif key not in NOT_LOSSES:
-                    losses.setdefault(f"{stage} {key}", []).append((step, value))
-    return losses, lr, speed
+                    (accuracy if _is_accuracy(key) else losses).setdefault(f"{stage} {key}", []).append(
+                        (step, value))
+    return losses, accuracy, lr, speed
 
 
 def plot_run(folder: str, path: Optional[str] = None) -> Optional[str]:
@@ -83,15 +90,16 @@ def plot_run(folder: str, path: Optional[str] = None) -> Optional[str]:
     metrics = os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(metrics):
         raise ValueError(f"{folder!r}: no metrics.jsonl (not the output folder of a run?)")
-    losses, lr, speed = curves(read_steps(metrics))
+    losses, accuracy, lr, speed = curves(read_steps(metrics))
     if not losses:
         raise ValueError(f"{metrics}: no step records to plot yet")
     plt = pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for ax, series, ylabel, log_y in ((axes[0], losses, "loss", True), (axes[1], lr, "learning rate", False),
-                                      (axes[2], speed, "images / s", False)):
+    panels = [(losses, "loss", True)] + ([(accuracy, "training accuracy", False)] if accuracy else []) + \
+        [(lr, "learning rate", False), (speed, "images / s", False)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 3.8))
+    for ax, (series, ylabel, log_y) in zip(axes, panels):
         for name, points in series.items():
             xs, ys = zip(*points)
             ax.plot(xs, ys, label=name, marker="." if len(xs) < 30 else None)
