@@ -162,3 +162,12 @@ def test_normalize_is_bitwise_the_workers_float_path():
         normalize(x.float())
     with pytest.raises(ValueError, match=r"\[\.\.\., 3, H, W\]"):
         normalize(torch.zeros(2, 4, 5, 5, dtype=torch.uint8))
+
+
+def test_jpeg_with_libjpeg_warnings_decodes_as_pil_does():
+    """libjpeg warns about stray bytes before a marker and decodes on; simplejpeg raises on the
+    warning, so such a file takes PIL's decode instead of being counted as unreadable."""
+    data = JPEGS["ycbcr420"]
+    sos = data.rindex(b"\xff\xda")
+    stray = data[:sos] + b"\x00\x00" + data[sos:]
+    np.testing.assert_array_equal(EncodedImage(stray).decode(), _pil_decode(stray))

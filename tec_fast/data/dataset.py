@@ -84,7 +84,9 @@ class ImageDataset(Dataset):
 
     def encoded(self, i: int) -> EncodedImage:
         """Sample ``i``'s file, header read (raises on an unreadable header)."""
-        return EncodedImage(self._read(i))
+        image = EncodedImage(self._read(i))
+        image.name = self.names[i]
+        return image
 
     # ---- native resolution
     def native_grid(self, height: int, width: int) -> Tuple[int, int]:

@@ -88,7 +88,7 @@ class EncodedImage:
     (what GPU decoders take)."""
 
     def __init__(self, data: bytes, use_turbo: bool = True):
-        self.data = data
+        self.data, self.name = data, ""  # name: set by the dataset, for messages
         self.is_jpeg = data[:3] == JPEG_MAGIC
         self._pil = None
         turbo = turbo_decoder() if use_turbo and self.is_jpeg else None
@@ -120,10 +120,15 @@ class EncodedImage:
         if reduce not in (1, 2, 4, 8):
             raise ValueError(f"EncodedImage.decode: reduce must be 1, 2, 4 or 8, got {reduce!r}")
         if self._turbo is not None:
-            if reduce == 1:
-                return self._turbo.decode_jpeg(self.data, colorspace="RGB")
-            return self._turbo.decode_jpeg(self.data, colorspace="RGB", min_width=-(-self.width // reduce),
-                                           min_height=-(-self.height // reduce))
+            try:
+                if reduce == 1:
+                    return self._turbo.decode_jpeg(self.data, colorspace="RGB")
+                return self._turbo.decode_jpeg(self.data, colorspace="RGB", min_width=-(-self.width // reduce),
+                                               min_height=-(-self.height // reduce))
+            except ValueError:
+                # simplejpeg raises on libjpeg's warnings too ("extraneous bytes before marker"),
+                # which PIL decodes through: PIL has the last word on what is readable
+                pass
         img, self._pil = self._pil, None  # PIL decodes an opened file once: a second decode reopens it
         if img is None:
             import io

@@ -77,7 +77,7 @@ class GpuDecodeView(Dataset):
             raise OSError("JPEG end marker missing (truncated file)")
         box, flip = draw_train_crop(image.width, image.height)
         data = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
-        return EncodedSample(data, box, flip, self.dataset.names[index])
+        return EncodedSample(data, box, flip, getattr(image, "name", str(index)))
 
 
 class EncodedBatch:
@@ -138,7 +138,7 @@ def _decode_on(device: torch.device, files: List[torch.Tensor], names: List[str]
 
     try:
         return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):  # a file nvjpeg refuses, or a torchvision without batched decode
         pass
     out = []
     for data, name in zip(files, names):
