@@ -77,7 +77,7 @@ def test_registered_kernel_that_cannot_be_found_fails_the_gate(monkeypatch):
     fake = OpSpec("no_such_op", "no_such_kernel_module", (1,), OPS["layer_norm"].example)
     monkeypatch.setattr(compile_report, "OPS", {**OPS, "no_such_op": fake})
     rows = compile_report.compile_rows(90, "vitb", "bf16", ops=["no_such_op"])
-    assert len(rows) == 1 and "kernels/no_such_kernel_module.py does not import" in rows[0]["error"]
+    assert len(rows) == 1 and "no_such_kernel_module" in rows[0]["error"] and "does not import" in rows[0]["error"]
     bad = compile_report.problems(rows)
     assert len(bad) == 1 and "no_such_op" in bad[0]
 

@@ -36,6 +36,8 @@ def check_tensor(t, name: str, ndim: int, float_: bool = True) -> None:
 def _reads_values(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():  # checked first: dynamo must not trace is_fake
         return False
+    if type(t) is torch.Tensor:  # a plain tensor (the common case): values unless on meta
+        return t.device.type != "meta"
     from torch._subclasses.fake_tensor import is_fake
     return not (t.device.type == "meta" or is_fake(t))
 
@@ -43,23 +45,26 @@ def _reads_values(t: torch.Tensor) -> bool:
 def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> None:
     if not isinstance(idx, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
-    if idx.dtype not in (torch.int64, torch.int32):
+    if idx.dtype is not torch.int64 and idx.dtype is not torch.int32:
         raise ValueError(f"{name} must be int64 or int32, got dtype {idx.dtype}")
-    if tuple(idx.shape) != tuple(shape):
+    if idx.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
-    if idx.device != device:
+    dev = idx.device
+    if dev != device:
         raise ValueError(f"{name} is on {idx.device} but the data is on {device}")
     if not idx.numel() or not _reads_values(idx):
         return
-    if idx.device.type == "cpu" or checks_forced():
-        lo, hi = torch.aminmax(idx)
-        # CPU: two cheap reads; CUDA (TEC_FAST_CHECKS=1): one host sync for both
-        lo, hi = (int(lo), int(hi)) if idx.device.type == "cpu" else torch.stack([lo, hi]).tolist()
-        if lo < 0 or hi >= bound:
-            raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
+    if dev.type == "cpu":
+        lo, hi = torch.aminmax(idx)  # CPU: two cheap reads
+        lo, hi = int(lo), int(hi)
+    elif checks_forced():
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync for both
     else:
         torch._assert_async(((idx >= 0) & (idx < bound)).all(),
                             f"{name} holds indices outside [0, {bound})")
+        return
+    if lo < 0 or hi >= bound:
+        raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
 
 
 def check_same_device(ref: torch.Tensor, **others) -> None:
