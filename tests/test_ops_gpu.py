@@ -174,34 +174,32 @@ def test_qkv_heads(cuda_triton_path, dtype):
 
 def test_gelu_accuracy_as_compiled(cuda_triton_path):
     """The kernels' GELU compiled for the GPU (Phi through erfc, with the approximate reciprocal
-    and exp2 where Triton has them) against float64: value and derivative within 5e-7 and at
-    least about as accurate as torch's CUDA GELU; bf16 outputs equal to torch's for the bf16
-    inputs from -3 up, but for a few roundings the approximations move (at most 1 in 1 000, by
-    one bf16 step)."""
+    and exp2 where Triton has them) against float64 with fixed bounds: value and derivative within
+    5e-7; for the bf16 inputs from -3 up, bf16 outputs equal to the correctly rounded exact value
+    but for a few roundings the approximations move (at most 1 in 1 000, by one bf16 step).
+    torch's own CUDA GELU is printed beside it, never part of a bound."""
     from tec_fast.kernels.mlp import _mlp_gelu_bwd, _mlp_gelu_fwd
     z = torch.cat([torch.linspace(-12, 12, 1_000_001, device=DEV), torch.randn(1_000_000, device=DEV) * 3])
     zd = z.double()
     two_phi = torch.special.erfc(-zd / 2 ** 0.5)
     exact, d_exact = 0.5 * zd * two_phi, 0.5 * two_phi + zd * torch.exp(-0.5 * zd * zd) / (2 * torch.pi) ** 0.5
-    zt = z.clone().requires_grad_()
-    F.gelu(zt).sum().backward()
     _, d_ours, _ = _mlp_gelu_bwd(z[None], torch.ones(1, z.numel(), device=DEV))
     err = (_mlp_gelu_fwd(z[None])[0].double() - exact).abs().max().item()
     d_err = (d_ours[0].double() - d_exact).abs().max().item()
     torch_err = (F.gelu(z).double() - exact).abs().max().item()
-    d_torch_err = (zt.grad.double() - d_exact).abs().max().item()
-    print(f"GELU max abs error: kernel {err:.3g} (torch {torch_err:.3g}); derivative {d_err:.3g} "
-          f"(torch {d_torch_err:.3g})")
-    assert err < 5e-7 and err <= 1.5 * torch_err, (err, torch_err)
-    assert d_err < 5e-7 and d_err <= 1.5 * d_torch_err, (d_err, d_torch_err)
+    print(f"GELU max abs error: kernel {err:.3g}, derivative {d_err:.3g} (torch's CUDA GELU: {torch_err:.3g})")
+    assert err < 5e-7, err
+    assert d_err < 5e-7, d_err
     every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     zb = every[torch.isfinite(every) & (every >= -3) & (every.abs() < 1e18)].to(DEV)
-    ours_b, torch_b = _mlp_gelu_fwd(zb[None])[0], F.gelu(zb)
-    differ = ours_b != torch_b
-    print(f"bf16 inputs >= -3: {int(differ.sum())} of {zb.numel()} outputs differ from torch's")
+    zbd = zb.double()
+    want_b = (0.5 * zbd * torch.special.erfc(-zbd / 2 ** 0.5)).float().to(torch.bfloat16)
+    ours_b = _mlp_gelu_fwd(zb[None])[0]
+    differ = ours_b != want_b
+    print(f"bf16 inputs >= -3: {int(differ.sum())} of {zb.numel()} outputs differ from the correctly rounded value")
     assert int(differ.sum()) <= zb.numel() // 1000
-    step = torch.finfo(torch.bfloat16).eps * torch_b[differ].float().abs()
-    assert ((ours_b[differ].float() - torch_b[differ].float()).abs() <= step * 1.01).all()
+    step = torch.finfo(torch.bfloat16).eps * want_b[differ].float().abs()
+    assert ((ours_b[differ].float() - want_b[differ].float()).abs() <= step * 1.01).all()
 
 
 def test_compile_inductor(cuda_triton_path):
