@@ -83,6 +83,9 @@ def resized_crop(pixels: torch.Tensor, box: Tuple[int, int, int, int], size: int
     left, top, w, h = box
     crop = pixels[None, :, top:top + h, left:left + w]
     if (w, h) != (size, size):
+        # a dense channels-last crop takes torch's vectorised uint8 path (0.23 ms here at 335 -> 224
+        # px, against 0.30 on the strided view of the decoded image and 0.51 on planar NCHW)
+        crop = crop.contiguous(memory_format=torch.channels_last)
         crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
     return crop[0].contiguous()
 
