@@ -7,7 +7,9 @@ Providers:
   when the crop allows, torch's uint8 bicubic);
 - ``engine``: the same with libjpeg-turbo through ``simplejpeg`` when it is installed (what the
   trainer uses);
-- ``decode_pil`` / ``decode_simplejpeg``: decoding alone, the ceiling.
+- ``decode_pil`` / ``decode_simplejpeg``: decoding alone, the ceiling;
+- ``engine_gpu_decode`` (``--gpu-decode``, on a GPU machine): the workers send the files, each batch
+  is decoded, cropped and normalised on the GPU (``--decode gpu``); its img/s includes the GPU work.
 
 Measured per provider: images per CPU-second in one process and thread through the trainer's
 per-sample seeding (``SeededSamples``): the per-core rate, robust to other work on the machine;
@@ -17,6 +19,7 @@ process (wall clock: depends on how busy the machine is) and images per worker C
 
     python benchmarks/bench_loader.py --make-jpegs /tmp/jpegs   # 1024 ImageNet-like JPEGs, then measure
     python benchmarks/bench_loader.py --data /tmp/jpegs --workers 1 2 --results benchmarks/results/loader.jsonl
+    python benchmarks/bench_loader.py --make-jpegs /tmp/jpegs --workers 2 4 8 --gpu-decode   # on a GPU machine
 
 Prints a table; appends one JSON line per measurement to ``--results``.
 """
@@ -148,7 +151,14 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="at most this long per DataLoader measurement")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all providers (best and median reported)")
     p.add_argument("--results", default=os.path.join("benchmarks", "results", "loader.jsonl"))
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="also measure --decode gpu (nvjpeg through torchvision; the batches decoded on cuda)")
     args = p.parse_args(argv)
+    if args.gpu_decode:
+        from tec_fast.data.gpu_decode import gpu_decode_reasons
+        reasons = gpu_decode_reasons("cuda")
+        if reasons:
+            p.error("argument --gpu-decode: " + "; ".join(reasons))
     for name in ("img_size", "batch_size", "images", "repeats"):
         if getattr(args, name) <= 0:
             p.error(f"argument --{name.replace('_', '-')}: must be > 0")
@@ -183,6 +193,16 @@ def main(argv=None) -> int:
                 cfg = FitConfig(name="bench", output_dir="", batch_size=args.batch_size, num_workers=w, seed=0)
                 r = bench_loader(ds, cfg, seconds=args.seconds, max_batches=10_000)
                 runs.setdefault((name, f"workers={w}"), []).append(
+                    {k: r[k] for k in ("img_per_s", "img_per_cpu_s", "bytes_per_image", "images", "seconds")})
+        if args.gpu_decode:
+            from tec_fast.data.gpu_decode import gpu_decode_inputs
+            view, collate = gpu_decode_inputs(ImageFolderDataset(root, args.img_size, train=True, uint8=True))
+            for w in args.workers:
+                print(f"round {rnd + 1}/{args.repeats} engine_gpu_decode: {w} worker(s) ...", file=sys.stderr)
+                cfg = FitConfig(name="bench", output_dir="", batch_size=args.batch_size, num_workers=w, seed=0)
+                r = bench_loader(view, cfg, seconds=args.seconds, max_batches=10_000, collate_fn=collate,
+                                 device=torch.device("cuda"))
+                runs.setdefault(("engine_gpu_decode", f"workers={w}"), []).append(
                     {k: r[k] for k in ("img_per_s", "img_per_cpu_s", "bytes_per_image", "images", "seconds")})
     rows: List[dict] = []
     for (name, mode), found in runs.items():
