@@ -147,6 +147,7 @@ def measured_table(gpu: str) -> Optional[dict]:
     return _TABLES.get(gpu)
 
 
+@torch.compiler.assume_constant_result  # a traced call reads the name at trace time, no graph break
 def _cuda_class(index: Optional[int]) -> str:
     index = torch.cuda.current_device() if index is None else index
     cls = _DEVICE_CLASS.get(index)
