@@ -435,9 +435,15 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
     else:
         gemm_dtype = feats.dtype
         out_dtype = torch.promote_types(feats.dtype, ln_after_w.dtype)
-    return _apply(feats, ln_before_w, ln_before_b, _stacked(fuse_w), _stacked(fuse_b),
-                  _stacked(fc1_w), _stacked(fc1_b), _stacked(fc2_w), _stacked(fc2_b),
-                  ln_after_w, ln_after_b, float(eps_before), float(eps_after), gemm_dtype, out_dtype)
+    args = (feats, ln_before_w, ln_before_b, _stacked(fuse_w), _stacked(fuse_b), _stacked(fc1_w),
+            _stacked(fc1_b), _stacked(fc2_w), _stacked(fc2_b), ln_after_w, ln_after_b,
+            float(eps_before), float(eps_after), gemm_dtype, out_dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:11]):
+        return _apply(*args)
+    if direct_launch():  # no gradient asked for: no autograd node, nothing kept for backward
+        with autocast_off(dev):
+            return _adapter_fwd(*args)[0]
+    return _encoder_adapter_op(*args)[0]
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:

@@ -234,7 +234,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"layer_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), got "
                          f"{tuple(residual.shape)}, {residual.dtype}")
-    y, h = _apply(x, residual, weight.contiguous(), bias.contiguous(), float(eps))
+    weight, bias, eps = weight.contiguous(), bias.contiguous(), float(eps)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad
+                                    or (residual is not None and residual.requires_grad)):
+        y, h = _apply(x, residual, weight, bias, eps)
+    else:  # no gradient asked for (the frozen base): no autograd node
+        y, h, _ = (_layer_norm_fwd if direct_launch() else _layer_norm_op)(x, residual, weight, bias, eps)
     return y if residual is None else (y, h)
 
 

@@ -239,7 +239,9 @@ _apply = eager_apply(_MaskedGather)
 def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton path of ``tec_fast.ops.masked_gather`` (inputs already validated there).
     The output dtype is that of ``x + pos`` (torch's promotion), as in the reference."""
-    return _apply(x, ids_keep, pos)
+    if torch.is_grad_enabled() and (x.requires_grad or (pos is not None and pos.requires_grad)):
+        return _apply(x, ids_keep, pos)
+    return (_masked_gather_fwd if direct_launch() else _masked_gather_op)(x, ids_keep, pos)
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:

@@ -182,7 +182,9 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     """Triton path of ``tec_fast.ops.patch_norm_mse`` (inputs already validated there)."""
     if not mask.is_floating_point():
         mask = mask.to(torch.float32)
-    return _apply(pred, target.detach(), mask.detach(), float(eps))
+    if torch.is_grad_enabled() and pred.requires_grad:
+        return _apply(pred, target.detach(), mask.detach(), float(eps))
+    return (_patch_norm_mse_fwd if direct_launch() else _patch_norm_mse_op)(pred, target, mask, float(eps))[0]
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:

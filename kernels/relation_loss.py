@@ -246,7 +246,11 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
                   tau: float, scale: float) -> torch.Tensor:
     """Triton path of ``tec_fast.ops.relation_loss`` (inputs already validated there).
     Returns the 0-dim fp32 loss; differentiable w.r.t. q and k."""
-    row_loss = _apply(q, k, topk_idx, target.detach(), float(tau), float(scale))
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        row_loss = _apply(q, k, topk_idx, target.detach(), float(tau), float(scale))
+    else:
+        fwd = _relation_loss_fwd if direct_launch() else _relation_loss_op
+        row_loss = fwd(q, k, topk_idx, target, float(tau), float(scale))[0]
     return row_loss.mean()  # [B, H, 1+k] -> mean over (b, row, head)
 
 

@@ -259,7 +259,10 @@ def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
     """Triton path of ``tec_fast.ops.scatter_masked`` (inputs already validated there):
     mask_token holds C values (any shape); it is added in vis's dtype, as the reference does, and
     gets its gradient in its own shape and dtype; the output dtype is that of ``vis + pos``."""
-    return _apply(vis, ids_restore, mask_token, pos)
+    if torch.is_grad_enabled() and (vis.requires_grad or mask_token.requires_grad
+                                    or (pos is not None and pos.requires_grad)):
+        return _apply(vis, ids_restore, mask_token, pos)
+    return (_scatter_masked_fwd if direct_launch() else _scatter_masked_op)(vis, ids_restore, mask_token, pos)
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:

@@ -31,3 +31,20 @@ def test_op_compiles_whole_and_matches_eager(triton_path, op):
     assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"{op} loss")
     for i, (a, b) in enumerate(zip(got_grads, want_grads)):
         assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"{op} grad {i}")
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_no_grad_forward_is_the_same_without_a_node(triton_path, op):
+    """Without a gradient to compute the ops skip their autograd.Function (no node, nothing kept
+    for backward) and give bitwise the same values."""
+    torch.manual_seed(0)
+    ex = OPS[op].example(SIZES["tiny"], torch.float32, torch.device("cpu"))
+    fn = getattr(ops, op)
+    with_grad = fn(*ex.args, **ex.kwargs)
+    with torch.no_grad():
+        without = fn(*ex.args, **ex.kwargs)
+    with_grad = with_grad if isinstance(with_grad, tuple) else (with_grad,)
+    without = without if isinstance(without, tuple) else (without,)
+    assert len(with_grad) == len(without)
+    for a, b in zip(with_grad, without):
+        assert b.grad_fn is None and torch.equal(a.detach(), b), op
