@@ -187,3 +187,28 @@ def resumes_exactly(tmp_path, make_dataset):
 def test_training_from_shards_resumes_exactly(made, tmp_path):
     _, out, _ = made
     resumes_exactly(tmp_path, lambda: TarShardDataset(out, img_size=16, uint8=True))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_header_scan_matches_tarfile(tmp_path, fmt):
+    import io
+
+    from tec_fast.data.shards import scan_tar
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tf:
+        names = ["a" * 90 + "/k1.jpg", "k1.cls", "d/k2.png"]
+        if fmt != tarfile.USTAR_FORMAT:
+            names += ["b" * 120 + "/" + "c" * 120 + ".jpg", "d/\u00e9t\u00e9.jpg"]  # long and non-ASCII names
+        for i, name in enumerate(names):
+            data = bytes([i]) * (700 * i + 1)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        sub = tarfile.TarInfo("d")
+        sub.type = tarfile.DIRTYPE
+        tf.addfile(sub)
+    with tarfile.open(path) as tf:
+        ref = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    got = list(scan_tar(str(path)))
+    assert [g[:3] for g in got] == ref
+    assert got[0][3] == b"\x00" and got[1][3] is None  # members of <= 512 bytes come with their data

@@ -6,8 +6,9 @@ The image is the first member with an image extension (jpg, jpeg, png, webp, ppm
 tiff); the label comes from ``cls`` / ``cls.txt`` / ``label`` / ``label.txt`` (-1 without one).
 Class names: ``classes.txt`` (one per line, label order) beside the first shard, when present.
 
-Shards are read by offset, not streamed: opening the dataset reads every tar header once (about a
-second per 100 000 members here) and ``ds[i]`` is one ``pread`` of the member. So shards behave as
+Shards are read by offset, not streamed: opening the dataset reads every tar header once (measured
+here: 14 000 samples of image + label per second and core, one process per core over the shards)
+and ``ds[i]`` is one ``pread`` of the member. So shards behave as
 a folder does: the trainer's seeded permutation split across ranks, per-sample seeds that do not
 depend on the worker count, resume at any step, and the same skip-and-count rule for members that
 do not decode (``ImageDataset``). A shard cut short loses only the members past the cut (a warning
@@ -92,6 +93,57 @@ def _split_key(name: str) -> Tuple[str, str]:
     return (os.path.join(folder, stem) if folder else stem), ext.lower() if dot else ""
 
 
+def _tar_number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 (sizes of 8 GiB and more)
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b"\0 ") or b"0", 8)
+
+
+def scan_tar(path: str):
+    """Yield (member name, data offset, size, data or None) of the regular files of an uncompressed
+    tar, reading only the headers (ustar, GNU long names, pax paths) and, in the same read, the data
+    of members of at most 512 bytes (labels). Raises ``tarfile.ReadError`` at a header that is not
+    one (bad checksum, cut short)."""
+    end = os.path.getsize(path)
+    with open(path, "rb", buffering=0) as f:
+        pos, long_name = 0, None
+        while pos + 512 <= end:
+            f.seek(pos)
+            block = f.read(1024)
+            hdr = block[:512]
+            if hdr.count(0) == 512:
+                return  # the end-of-archive blocks
+            if _tar_number(hdr[148:156]) != sum(hdr) - sum(hdr[148:156]) + 256:
+                raise tarfile.ReadError(f"bad header checksum at byte {pos}")
+            size, kind = _tar_number(hdr[124:136]), hdr[156:157]
+            data = pos + 512
+            nxt = data + (size + 511) // 512 * 512
+            small = block[512:512 + size] if size <= 512 else None
+            if kind in (b"L", b"x"):  # the next member's long name (GNU) or pax records
+                text = small if small is not None else f.read(size)
+                if kind == b"L":
+                    long_name = text.split(b"\0", 1)[0]
+                else:
+                    for record in text.split(b"\n"):
+                        key, _, value = record.partition(b"=")
+                        if key.endswith(b" path"):
+                            long_name = value
+            elif kind in (b"0", b"\0", b"7"):
+                name = hdr[:100].split(b"\0", 1)[0]
+                if hdr[257:263] == b"ustar\0" and hdr[345:346] != b"\0":
+                    name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+                if long_name is not None:
+                    name, long_name = long_name, None
+                if data + size > end:
+                    raise tarfile.ReadError(f"member {name.decode('utf-8', 'replace')!r} is cut short")
+                yield name.decode("utf-8", "replace"), data, size, small
+            elif kind != b"g":  # directories, links, devices: not samples
+                long_name = None
+            pos = nxt
+    if pos < end and pos + 512 > end:
+        raise tarfile.ReadError(f"cut short inside a header at byte {pos}")
+
+
 def index_shard(path: str) -> List[Tuple[str, Tuple[int, int], Optional[str]]]:
     """[(key, (offset, size) of the image member, label text or None)] in tar order, for the keys
     that have an image. A shard that stops parsing keeps what came before (with a warning)."""
@@ -99,17 +151,14 @@ def index_shard(path: str) -> List[Tuple[str, Tuple[int, int], Optional[str]]]:
     labels: Dict[str, str] = {}
     order: List[str] = []
     try:
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, ext = _split_key(m.name)
-                if key not in found:
-                    found[key] = {}
-                    order.append(key)
-                found[key][ext] = (m.offset_data, m.size)
-                if ext in LABEL_EXTS and key not in labels and m.size < 256:
-                    labels[key] = tf.extractfile(m).read().decode("ascii", "replace").strip()
+        for name, offset, size, small in scan_tar(path):
+            key, ext = _split_key(name)
+            if key not in found:
+                found[key] = {}
+                order.append(key)
+            found[key][ext] = (offset, size)
+            if ext in LABEL_EXTS and small is not None and key not in labels:
+                labels[key] = small.decode("ascii", "replace").strip()
     except tarfile.ReadError as exc:
         if not order:
             raise ValueError(f"{path!r} is not a readable uncompressed tar shard ({exc})") from exc
@@ -123,22 +172,35 @@ def index_shard(path: str) -> List[Tuple[str, Tuple[int, int], Optional[str]]]:
     return out
 
 
+def index_shards(paths: List[str], processes: Optional[int] = None) -> list:
+    """``index_shard`` of every path; in a pool of ``processes`` (default: one per core, at most
+    one per shard) when there are several shards: header parsing is Python, bound by one core."""
+    processes = min(len(paths), os.cpu_count() or 1) if processes is None else processes
+    if processes <= 1 or len(paths) < 2:
+        return [index_shard(p) for p in paths]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method)) as pool:
+        return list(pool.map(index_shard, paths))
+
+
 class TarShardDataset(ImageDataset):
     """Images in webdataset-style tar shards: ``ds[i] -> (image, label)`` exactly as
     ``ImageFolderDataset`` gives for the same files (transforms, ``uint8``, native resolution,
-    skip-and-count: ``ImageDataset``). ``spec``: see ``shard_paths``."""
+    skip-and-count: ``ImageDataset``). ``spec``: see ``shard_paths``; ``processes``: for reading
+    the shards' headers (``index_shards``)."""
 
     kind = "tar shards"
 
     def __init__(self, spec: Union[str, Sequence[str]], img_size: int = 224, train: bool = True,
                  strict: bool = False, native_patch: Optional[int] = None, max_patches: Optional[int] = None,
-                 min_patches: int = 1, uint8: bool = False, threads: int = 8):
+                 min_patches: int = 1, uint8: bool = False, processes: Optional[int] = None):
         super().__init__(img_size, train, strict, uint8, native_patch, max_patches, min_patches)
         self.shards = shard_paths(spec)
         self.root = spec if isinstance(spec, str) else ", ".join(spec)
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            indexes = list(pool.map(index_shard, self.shards))
+        indexes = index_shards(self.shards, processes)
         self._where: List[Tuple[int, int, int]] = []  # (shard, offset, size) per sample
         names, labels = [], []
         for s, entries in enumerate(indexes):
