@@ -37,9 +37,9 @@ def direct_launch() -> bool:
     through its ``torch.library`` custom ops: only in plain eager execution, where nothing
     intercepts the dispatcher. Under ``torch.compile`` / export, or inside a dispatch mode
     (FakeTensorMode, the traffic counter of ``benchmarks/traffic.py``), the custom ops are what
-    the tracer must see. Both routes run the same launchers; a custom-op call costs the host
-    about 100 us more per forward + backward (measured on the development CPU), which a ViT
-    step with ~80 LayerNorm and MLP calls spends while its GPU waits at small batches."""
+    the tracer must see. Both routes run the same launchers; a custom op with
+    ``register_autograd`` cost the host about 100 us more per forward + backward than the direct
+    route (``benchmarks/host_overhead.py`` on the development CPU)."""
     return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
 
 

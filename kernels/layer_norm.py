@@ -116,7 +116,7 @@ def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
     residual, [mean; rstd] [2, rows] fp32)."""
     C = x.shape[-1]
     rows = x.numel() // C if C else 0
-    dev = x.device
+    dev, has_res = x.device, residual is not None
     like_x = x.is_contiguous()  # empty_like is the cheapest allocation (on the host)
     y = torch.empty_like(x) if like_x else torch.empty(x.shape, dtype=x.dtype, device=dev)
     if residual is None:
@@ -130,7 +130,7 @@ def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
         block_c, num_warps = _fwd_config(C)
         _layer_norm_fwd_kernel[(rows,)](
             x, residual, weight, bias, y, h, stats, rows, C, eps, stride_x, stride_r,
-            HAS_RES=h.numel() > 0, BLOCK_C=block_c, num_warps=num_warps)
+            HAS_RES=has_res, BLOCK_C=block_c, num_warps=num_warps)
     return y, h, stats
 
 
