@@ -10,8 +10,8 @@ logsumexp of R and an online softmax of target/tau weighting R, so the [B, 1+k, 
 never stored. It keeps two logsumexps per row. Backward recomputes R block by block:
 dR = g (softmax(R) - P), dk[1+l] = scale dR^T q_rows (written once, each program owns its keys),
 dq_rows = scale dR k accumulated in registers, then every row of dq written once by the same
-program (zero for the tokens that are not query rows). Logits and softmaxes in fp32; tl.dot operands in the input dtype (bf16 on tensor cores,
-fp32 exact "ieee").
+program (zero for the tokens that are not query rows). Logits and softmaxes in fp32; tl.dot
+operands in the input dtype (bf16 on tensor cores, fp32 exact "ieee").
 Reference: ``tec_fast.ops.reference.relation_loss``.
 """
 from __future__ import annotations
