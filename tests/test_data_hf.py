@@ -81,3 +81,25 @@ def test_training_from_an_hf_folder_resumes_exactly(root, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         resumes_exactly(tmp_path, lambda: HFImageDataset(path, img_size=16, uint8=True))
+
+
+def test_path_only_rows_read_the_file(root, tmp_path):
+    """``Dataset.to_parquet`` of file-backed images stores paths, not bytes: absolute or relative
+    to the Parquet file's folder."""
+    import pyarrow.parquet as pq
+
+    from tec_fast.data.folder import find_samples
+    samples, _ = find_samples(root)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    (tmp_path / "pq").mkdir()
+    os.symlink(root, tmp_path / "pq" / "files")
+    paths = [p if i % 2 else os.path.join("files", os.path.relpath(p, root)) for i, (p, _) in enumerate(samples)]
+    pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": p} for p in paths], type=image_type),
+                             "label": [label for _, label in samples]}), str(tmp_path / "pq" / "train.parquet"))
+    ds = HFImageDataset(str(tmp_path / "pq"), img_size=16, train=False)
+    folder = ImageFolderDataset(root, img_size=16, train=False)
+    assert all(torch.equal(ds[i][0], folder[i][0]) for i in (0, 1, 2))
+    pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": "gone.jpg"}], type=image_type)}),
+                   str(tmp_path / "pq" / "train.parquet"))
+    with pytest.raises(Exception, match="gone.jpg"):
+        HFImageDataset(str(tmp_path / "pq"), img_size=16, strict=True)[0]

@@ -9,7 +9,8 @@ Layouts read:
   files when there are any.
 
 The image column is the first of image / img / jpg / png / webp (or else the first column) that
-holds an ``Image`` feature (struct of ``bytes`` and ``path``) or raw bytes; the label is
+holds an ``Image`` feature (struct of ``bytes`` and ``path``; a row with a path and no bytes is read
+from that file, as ``Dataset.to_parquet`` of file-backed images leaves them) or raw bytes; the label is
 ``label`` / ``labels`` / ``cls`` (-1 without one); class names come from the ``ClassLabel``
 feature in ``dataset_info.json`` or the Parquet schema's ``huggingface`` metadata.
 
@@ -165,10 +166,21 @@ class HFImageDataset(ImageDataset):
         f, g, r = self._where[i]
         value = self._column(f, g)[r].as_py()
         if isinstance(value, dict):
+            if not value.get("bytes") and value.get("path"):  # an Image feature that stores the path only
+                return self._read_path(value["path"], f)
             value = value.get("bytes")
         if not value:
-            raise ValueError("the row's image has no bytes (a path-only Image feature is not supported)")
+            raise ValueError("the row holds no image bytes and no path")
         return value
+
+    def _read_path(self, path: str, f: int) -> bytes:
+        """A path-only image (``Dataset.to_parquet`` of images loaded from files writes these):
+        absolute, or relative to the data file's folder or the dataset folder."""
+        for candidate in (path, os.path.join(os.path.dirname(self.files[f]), path), os.path.join(self.root, path)):
+            if os.path.isfile(candidate):
+                with open(candidate, "rb") as fh:
+                    return fh.read()
+        raise FileNotFoundError(f"the row's image is stored as a path only, and {path!r} does not exist")
 
     def __getstate__(self):
         state = dict(self.__dict__)
