@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="at most this long per DataLoader measurement")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all providers (best and median reported)")
     p.add_argument("--results", default=os.path.join("benchmarks", "results", "loader.jsonl"))
+    p.add_argument("--providers", nargs="*", choices=("decode", "baseline", "engine_pil", "engine"),
+                   default=["decode", "baseline", "engine_pil", "engine"],
+                   help="which CPU pipelines to measure (default: all; decode = the decode-only ceilings)")
     p.add_argument("--gpu-decode", action="store_true",
                    help="also measure --decode gpu (nvjpeg through torchvision; the batches decoded on cuda)")
     args = p.parse_args(argv)
@@ -175,10 +178,10 @@ def main(argv=None) -> int:
     # rounds interleave the providers, so a change in the machine's load hits them alike; each
     # number is the best round's (throughput's min-time rule) with the median beside it
     runs: Dict[tuple, List[dict]] = {}
-    datasets = providers(root, args.img_size)
+    datasets = {k: v for k, v in providers(root, args.img_size).items() if k in args.providers}
     for rnd in range(args.repeats):
         for use_turbo, name in ((False, "decode_pil"), (True, "decode_simplejpeg")):
-            if use_turbo and turbo_decoder() is None:
+            if "decode" not in args.providers or (use_turbo and turbo_decoder() is None):
                 continue
             print(f"round {rnd + 1}/{args.repeats} {name}: decoding ...", file=sys.stderr)
             runs.setdefault((name, "in_process"), []).append(

@@ -141,6 +141,9 @@ stage gemm_epilogue 45 25 $PY -m benchmarks.gemm_epilogue --results-dir $R
 stage per_weight_casts 40 25 $PY -m benchmarks.bench_step --preset vit_base --batch-sizes 64 256 --steps 10 \
   --no-baseline --per-weight-casts --results-dir $R
 stage packing 25 15 $PY -m benchmarks.bench_packing --results-dir $R
+# the loader with --decode gpu (nvjpeg; needs torchvision for the device's torch): img/s per GPU
+stage loader_gpu_decode 40 20 $PY -m benchmarks.bench_loader --make-jpegs /tmp/tec_fast_jpegs --workers 8 \
+  --repeats 1 --seconds 8 --images 200 --providers engine --gpu-decode --results $R/loader.jsonl
 RESERVE_S=0
 stage report 15 5 $PY -m benchmarks.report --update-readme
 

@@ -124,6 +124,7 @@ def test_refusals_and_reasons(folder, capsys):
 
 
 # -------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
 @needs_gpu_decode
 def test_nvjpeg_batch_close_to_the_cpu_path(folder):
     ds = ImageFolderDataset(folder, img_size=24, train=True, uint8=True)  # 24 px: no DCT-scaled CPU decode
@@ -141,6 +142,7 @@ def test_nvjpeg_batch_close_to_the_cpu_path(folder):
     assert levels.mean() < 1.5 and torch.quantile(levels.flatten(), 0.99) < 8, (levels.mean(), levels.max())
 
 
+@pytest.mark.gpu
 @needs_gpu_decode
 def test_training_with_gpu_decode(folder, tmp_path):
     from tec_fast.cli.train import main
