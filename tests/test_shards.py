@@ -212,3 +212,22 @@ def test_header_scan_matches_tarfile(tmp_path, fmt):
     got = list(scan_tar(str(path)))
     assert [g[:3] for g in got] == ref
     assert got[0][3] == b"\x00" and got[1][3] is None  # members of <= 512 bytes come with their data
+
+
+MAE_ARCH = ["--objective", "mae", "--model", "vit_demo_patch4", "--img-size", "32", "--decoder-dim", "32",
+            "--decoder-depth", "1", "--decoder-heads", "2"]
+
+
+def test_train_command_reads_shard_patterns(made, tmp_path, capsys):
+    from tec_fast.cli.train import main
+
+    _, _, info = made
+    assert main(["--data", info["pattern"], *MAE_ARCH, "--max-steps", "2", "--batch-size", "4", "--num-workers", "0",
+                 "--warmup-epochs", "0", "--output", str(tmp_path / "run"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "data: 14 images, tar shards" in out and "2 / 2" in out
+    missing = info["pattern"].replace("000003", "000009")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", missing, *MAE_ARCH])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "do not exist" in err[0]
