@@ -190,7 +190,9 @@ def test_failed_recording_falls_back_to_eager_in_auto_mode(monkeypatch):
     fell_back = fit(tiny_tec(), tiny_objective(), data, FitConfig(**common))
     assert fell_back.cuda_graph == ("eager: the recording failed (RuntimeError: operation not permitted "
                                     "when stream is capturing)")
-    assert fell_back.losses == eager.losses  # float lr there, tensor lr here: same steps
+    # the same steps; the fallback keeps the learning rate as a tensor (the recording set it up),
+    # eager a float: AdamW's update can round one ulp apart with some data
+    assert fell_back.losses == pytest.approx(eager.losses, rel=1e-6, abs=1e-7)
     with pytest.raises(RuntimeError, match="stream is capturing"):
         fit(tiny_tec(), tiny_objective(), data, FitConfig(cuda_graph="on", **common))
 
