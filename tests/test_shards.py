@@ -62,6 +62,12 @@ def test_written_shards_hold_the_folder(made):
     assert torch.equal(ev[3][0], ref[3][0]) and ev[3][0].dtype == torch.float32
 
 
+def test_a_flat_image_folder_with_an_archive_is_a_folder(tmp_path):
+    write_folder(tmp_path / "flat", n=2, classes=(".",))
+    (tmp_path / "flat" / "backup.tar").write_bytes(b"")
+    assert data_kind(str(tmp_path / "flat")) == "folder"
+
+
 def test_missing_shards_and_bad_specs(tmp_path):
     with pytest.raises(ValueError, match="do not exist"):
         shard_paths(str(tmp_path / "s-{0..3}.tar"))

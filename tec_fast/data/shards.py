@@ -81,9 +81,10 @@ def is_shard_spec(spec: str) -> bool:
     """Whether ``--data`` names tar shards: a .tar path or pattern, or a folder holding only shards."""
     if spec.endswith(".tar") or (_BRACE.search(spec) and ".tar" in spec):
         return True
-    if os.path.isdir(spec):
+    if os.path.isdir(spec):  # .tar files, no subfolders, no loose images (a flat image folder with an archive)
         entries = [e for e in os.scandir(spec) if not e.name.startswith(".")]
-        return bool(entries) and any(e.name.endswith(".tar") for e in entries) and not any(e.is_dir() for e in entries)
+        return (any(e.name.endswith(".tar") for e in entries) and not any(e.is_dir() for e in entries)
+                and not any(e.name.lower().rsplit(".", 1)[-1] in IMAGE_EXTS for e in entries))
     return False
 
 
