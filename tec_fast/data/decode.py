@@ -82,7 +82,7 @@ def decoder_name() -> str:
 class EncodedImage:
     """An image file's bytes: ``width`` / ``height`` from the header, ``is_jpeg``, then one full
     decode to RGB (``decode``). Baseline JPEGs go through libjpeg-turbo (``simplejpeg``, when
-    installed; same pixels as PIL, 1.5x faster here), every other file and mode through PIL
+    installed; same pixels as PIL, 1.4x faster here), every other file and mode through PIL
     and ``to_rgb``. ``use_turbo=False`` forces PIL. A file whose header or body cannot be read
     raises (OSError, ValueError, SyntaxError, ...). ``plain_jpeg``: a YCbCr or greyscale JPEG
     (what GPU decoders take)."""
