@@ -14,13 +14,15 @@ dynamic allocation (``metadata["shared"]``) plus any static shared memory ptxas 
     python -m benchmarks.compile_report --sizes vitb,vitl --arch 90 --dtype bf16
     python -m benchmarks.compile_report --check                  # exit 1 on any spill / smem over limit
 
-Appends one JSON row per (arch, size, dtype, kernel) to ``benchmarks/results/compile.jsonl``.
+Appends one JSON row per (arch, size, dtype, kernel) to ``benchmarks/results/compile.jsonl.gz``
+(gzip members appended per run; ``gzip.open`` reads them as one file).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import gzip
 import json
 import os
 import re
@@ -42,7 +44,7 @@ import torch  # noqa: E402
 from benchmarks.common import REPO, format_table, git_commit, versions  # noqa: E402
 from tec_fast.ops.registry import OPS, outputs, unit_grads  # noqa: E402
 
-RESULTS = os.path.join(REPO, "benchmarks", "results", "compile.jsonl")
+RESULTS = os.path.join(REPO, "benchmarks", "results", "compile.jsonl.gz")
 # every registered op's kernel module (tec_fast/ops/registry.py): a registered kernel that does not
 # import or define its kernels fails the gate
 KERNEL_MODULES = tuple(dict.fromkeys(spec.kernel for spec in OPS.values()))
@@ -503,7 +505,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                  timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "a") as f:
+        with (gzip.open(args.out, "at") if args.out.endswith(".gz") else open(args.out, "a")) as f:
             for r in rows:
                 f.write(json.dumps(dict(r, triton=stamp["triton"], torch=stamp["torch"], commit=stamp["commit"],
                                         ptxas=stamp["ptxas"][r["arch"]], timestamp=stamp["timestamp"])) + "\n")
