@@ -245,3 +245,19 @@ def test_linprobe_under_torchrun_two_processes(ckpt, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["world"] == 2 and res["global_batch"] == 16 and res["steps"] == 64 // 16
     assert proc.stdout.count("summary") == 1  # rank 0 alone prints and writes
+
+
+def test_linprobe_on_an_image_folder(ckpt, tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog", "emu"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
+    res = main([str(ckpt), "--num-heads", "2", "--data", str(tmp_path / "data"), "--protocol", "linprobe",
+                "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--quiet",
+                "--output", str(tmp_path / "out")])
+    assert res["num_classes"] == 3 and res["train_images"] == 12 and res["test_images"] == 12
+    assert res["steps"] == 3 and 0.0 <= res["top1"] <= 1.0
