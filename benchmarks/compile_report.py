@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import REPO, format_table, git_commit, versions  # noqa: E402
 from tec_fast.ops.registry import OPS, outputs, unit_grads  # noqa: E402
+from tec_fast.ops.registry import SIZES as REGISTRY_SIZES  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "compile.jsonl.gz")
 # every registered op's kernel module (tec_fast/ops/registry.py): a registered kernel that does not
@@ -55,16 +56,9 @@ SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 # TEC training shapes at 224 px, mask ratio 0.75 (K visible patches, T = 1 + K encoder tokens),
 # decoder 512 wide with hidden 4 x 512 in the adapter MLPs, the base of the same size as the new
 # model (pred_dim = C, pred_heads = H), top-k 15. B: a per-GPU batch that fits an 80-141 GB GPU.
-SIZES: Dict[str, Dict[str, int]] = {
-    "vits": dict(B=256, L=196, C=384, D=12, G=4, H=6, Cd=512, hidden=2048, topk=15),
-    "vitb": dict(B=256, L=196, C=768, D=12, G=4, H=12, Cd=512, hidden=2048, topk=15),
-    "vitl": dict(B=128, L=196, C=1024, D=24, G=8, H=16, Cd=512, hidden=2048, topk=15),
-    "vith": dict(B=64, L=256, C=1280, D=32, G=4, H=16, Cd=512, hidden=2048, topk=15),  # /14 patches
-}
-for _s in SIZES.values():
-    _s["K"] = _s["L"] // 4
-    _s["T"] = 1 + _s["K"]
-    _s["N"] = 1 + _s["L"]
+# the registry's model sizes (tec_fast/ops/registry.py), with the token counts the launchers see
+SIZES: Dict[str, Dict[str, int]] = {name: dict(s, T=1 + s["K"], N=1 + s["L"])
+                                   for name, s in REGISTRY_SIZES.items() if name != "tiny"}
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -345,7 +339,7 @@ def registry_case(op: str, s: Dict[str, int], dt: torch.dtype) -> None:
     """The op's registry example on meta tensors at these sizes, forward and backward through its
     Triton path (every launcher it reaches compiles)."""
     from tec_fast.ops.dispatch import fast_impl
-    ex = OPS[op].example(dict(s, d=s["C"] // s["H"]), dt, torch.device("meta"))
+    ex = OPS[op].example(s, dt, torch.device("meta"))
     outs = outputs(fast_impl(op)(*ex.args, **ex.kwargs))
     if ex.grad_of and outs:
         torch.autograd.grad(outs, ex.grad_of, unit_grads(outs), allow_unused=True)

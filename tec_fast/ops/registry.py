@@ -16,9 +16,14 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-# ViT-B/16 at 224, mask 0.75, batch 256 (GPU); a few hundred elements (CPU runs, host-cost runs)
+# ViT-S/B/L at 224 and ViT-H/14 at 224 (patch grid 16 x 16), mask 0.75, the batch each trains at on
+# one GPU (the benchmarks time vitb; the compile gate compiles all four); a few hundred elements
+# (CPU runs, host-cost runs)
 SIZES: Dict[str, Dict[str, int]] = {
+    "vits": dict(B=256, L=196, K=49, C=384, Cd=512, H=6, d=64, topk=15, D=12, G=4, hidden=2048),
     "vitb": dict(B=256, L=196, K=49, C=768, Cd=512, H=12, d=64, topk=15, D=12, G=4, hidden=2048),
+    "vitl": dict(B=128, L=196, K=49, C=1024, Cd=512, H=16, d=64, topk=15, D=24, G=8, hidden=2048),
+    "vith": dict(B=64, L=256, K=64, C=1280, Cd=512, H=16, d=80, topk=15, D=32, G=4, hidden=2048),
     "tiny": dict(B=2, L=16, K=4, C=32, Cd=16, H=2, d=16, topk=3, D=6, G=2, hidden=32),
 }
 
