@@ -1,4 +1,4 @@
-"""Launch helpers shared by the kernel files (host side only; no kernels here).
+"""Launch helpers shared by the kernel files (host side, and ``lower_bound``, a device function).
 
 Every op wires its kernels the same way (host cost per call is what the GPU waits for at small
 batches; ``benchmarks/host_overhead.py`` measures it): a ``torch.autograd.Function`` whose
@@ -16,6 +16,8 @@ import functools
 from typing import Callable, List, Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 
 def cdiv(a: int, b: int) -> int:
@@ -25,6 +27,35 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+@triton.jit
+def lower_bound(sorted_row, n, target, ok, steps):
+    """Per element of ``target``: the first position p in [0, n] with ``sorted_row[p] >= target``
+    (``sorted_row``: n ascending values); ``steps`` >= ceil(log2(n + 1)) halvings. What the
+    backward kernels of the index ops look their rows up with in a per-image sort of the
+    indices, in place of a searchsorted launch and its table of queries."""
+    lo = tl.zeros_like(target).to(tl.int32)
+    hi = lo + n
+    for _ in range(steps):
+        active = ok & (lo < hi)
+        mid = (lo + hi) // 2
+        v = tl.load(sorted_row + mid, mask=active, other=0)
+        lo = tl.where(active & (v < target), mid + 1, lo)
+        hi = tl.where(active & (v >= target), mid, hi)
+    return lo
+
+
+def search_steps(n: int) -> int:
+    """Halvings ``lower_bound`` needs over n values."""
+    return (n + 1).bit_length()
+
+
+def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` without the proxy ``kernel[grid]`` builds on every launch
+    (a lambda around ``run``): about 1.7 us less host time per launch on the development CPU,
+    where a launch costs 2.3 us through ``kernel[grid]`` with the launch itself stubbed out."""
+    kernel.run(*args, grid=grid, warmup=False, **meta)
 
 
 @functools.lru_cache(maxsize=None)

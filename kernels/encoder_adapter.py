@@ -37,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons, eager_apply,
-                                      next_pow2, persistent_programs, row_slices, unit_last_stride)
+from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons,
+                                      eager_apply, launch, next_pow2, persistent_programs, row_slices,
+                                      unit_last_stride)
 from tec_fast.kernels.mlp import _mlp_gelu_bwd, _mlp_gelu_fwd
 
 
@@ -242,7 +243,7 @@ def _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, 
     mean_in = torch.empty((BT,), dtype=torch.float32, device=dev)
     rstd_in = torch.empty((BT,), dtype=torch.float32, device=dev)
     block_depth, block_c = _ln_in_config(D, C)
-    _adapter_ln_in_fwd_kernel[(BT,)](
+    launch(_adapter_ln_in_fwd_kernel, (BT,),
         feats, ln_before_w.contiguous(), ln_before_b.contiguous(), z, mean_in, rstd_in,
         BT, T, D, C, M, eps_before, feats.stride(0), feats.stride(1), feats.stride(2),
         BLOCK_DEPTH=block_depth, BLOCK_C=block_c, num_warps=4)
@@ -255,7 +256,7 @@ def _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, 
     s = torch.empty((BT, C), dtype=torch.float32, device=dev)  # sum_g (u_g + y_g), for backward
     mean_out = torch.empty((BT,), dtype=torch.float32, device=dev)
     rstd_out = torch.empty((BT,), dtype=torch.float32, device=dev)
-    _adapter_ln_out_fwd_kernel[(BT,)](
+    launch(_adapter_ln_out_fwd_kernel, (BT,),
         u, y, ln_after_w.contiguous(), ln_after_b.contiguous(), out, s, mean_out, rstd_out,
         BT, G, C, eps_after, BLOCK_C=next_pow2(C), num_warps=4)
     return out.view(B, T, C), mean_in, rstd_in, u, h_pre, s, mean_out, rstd_out
@@ -276,7 +277,7 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
     ds = torch.empty((BT, C), dtype=gd, device=dev)
     parts = torch.empty((2, n_prog, C), **f32)  # weight and bias partial sums: one reduction launch
     dw_part, db_part = parts[0], parts[1]
-    _adapter_ln_out_bwd_kernel[(n_prog,)](
+    launch(_adapter_ln_out_bwd_kernel, (n_prog,),
         grad_out.contiguous(), s, mean_out, rstd_out, ln_after_w.contiguous(), ds, dw_part, db_part,
         BT, C, BLOCK_C=next_pow2(C), num_warps=4)
     d_ln_after = parts.sum(1)  # [2, C]: weight, bias
@@ -300,7 +301,7 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
     block_depth, block_c = _ln_in_config(D, C)
     ln_w, ln_b = ln_before_w.contiguous(), ln_before_b.contiguous()
     c1, c2 = torch.empty((BT,), **f32), torch.empty((BT,), **f32)
-    _adapter_ln_in_bwd_row_kernel[(BT,)](
+    launch(_adapter_ln_in_bwd_row_kernel, (BT,),
         feats, ln_w, mean_in, rstd_in, zbuf, c1, c2, BT, T, D, C, M,
         feats.stride(0), feats.stride(1), feats.stride(2),
         BLOCK_DEPTH=block_depth, BLOCK_C=block_c, num_warps=4)
@@ -311,7 +312,7 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
     d_feats = torch.empty((D, B, T, C), dtype=feats.dtype, device=dev)
     parts = torch.empty((2, n_slices, D * C), **f32)
     dw_part, db_part = parts[0], parts[1]
-    _adapter_ln_in_bwd_kernel[(columns, n_slices)](
+    launch(_adapter_ln_in_bwd_kernel, (columns, n_slices),
         feats, ln_w, ln_b, mean_in, rstd_in, c1, c2, zbuf, d_feats, dw_part, db_part,
         BT, T, D, C, M, rows_per_prog, feats.stride(0), feats.stride(1), feats.stride(2),
         ROWS=rows, BLOCK_C=block_c, num_warps=4)

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2, persistent_programs
+from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, launch, next_pow2,
+                                      persistent_programs)
 
 MAX_C = 4096  # one row in registers (16 fp32 values per thread and tensor at 8 warps)
 
@@ -128,7 +129,7 @@ def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
         x, stride_x = _as_rows(x, C)
         residual, stride_r = _as_rows(residual, C) if residual is not None else (x, 0)
         block_c, num_warps = _fwd_config(C)
-        _layer_norm_fwd_kernel[(rows,)](
+        launch(_layer_norm_fwd_kernel, (rows,),
             x, residual, weight, bias, y, h, stats, rows, C, eps, stride_x, stride_r,
             HAS_RES=has_res, BLOCK_C=block_c, num_warps=num_warps)
     return y, h, stats
@@ -147,7 +148,7 @@ def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.T
     parts = torch.empty((2, n_prog, C), dtype=torch.float32, device=dev)
     if rows:
         block_c, num_warps = _fwd_config(C)
-        _layer_norm_bwd_kernel[(n_prog,)](
+        launch(_layer_norm_bwd_kernel, (n_prog,),
             dy, dh_out if dh_out is not None else dy, h, weight, stats, dx, parts, rows, C, rows_per_prog,
             HAS_DH=dh_out is not None, BLOCK_C=block_c, num_warps=num_warps)
     else:

@@ -6,7 +6,8 @@ Forward: one program per block of output rows, each row C channels of x plus the
 of ``pos``; x is read in place whatever its strides (the patch embedding's transposed conv
 output included: a contiguous copy of it would move 4x the op's own traffic).
 Backward, one kernel for both gradients: a per-image sort of
-ids_keep (a few KB of indices, torch) inverts the gather, so each program *gathers* the rows of
+ids_keep (a few KB of indices, torch; the kernel finds each row's run in it by binary search)
+inverts the gather, so each program *gathers* the rows of
 grad_x it owns (zero rows for dropped patches, sums where ids_keep repeats an index) and writes
 each element once, in x's dtype: no memset, no atomics, deterministic. The same program sums
 its rows over its slice of the batch for grad_pos (per-slice partials, added up by torch).
@@ -23,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2, unit_last_stride
+from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, launch, lower_bound,
+                                      next_pow2, search_steps, unit_last_stride)
 
 
 @triton.jit
@@ -49,12 +51,13 @@ def _masked_gather_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr,
 
 
 @triton.jit
-def _masked_gather_bwd_kernel(grad_out_ptr, perm_ptr, bounds_ptr, grad_x_ptr, pos_part_ptr,
-                              B, K, L, C, b_per_prog, stride_gb, stride_gk,
+def _masked_gather_bwd_kernel(grad_out_ptr, sorted_ptr, perm_ptr, grad_x_ptr, pos_part_ptr,
+                              B, K, L, C, b_per_prog, stride_gb, stride_gk, steps,
                               POS_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     # Each program owns rows l of grad_x for a slice of the batch: grad_x[b, l] is the sum of
-    # grad_out[b, i] over the i with ids_keep[b, i] == l, found through the per-image sort of
-    # ids_keep (perm, bounds). Every element is written once, in x's dtype: no atomics, no memset.
+    # grad_out[b, i] over the i with ids_keep[b, i] == l: perm[b, first:first + count], where
+    # first and first + count bound l in the image's sorted ids (binary searches). Every element
+    # is written once, in x's dtype: no atomics, no memset.
     pid_l, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ls = pid_l * ROWS + tl.arange(0, ROWS)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -65,11 +68,11 @@ def _masked_gather_bwd_kernel(grad_out_ptr, perm_ptr, bounds_ptr, grad_x_ptr, po
     b_start = pid_b * b_per_prog
     g_ptr = grad_out_ptr + b_start.to(tl.int64) * stride_gb + cols[None, :]
     perm_row = perm_ptr + b_start.to(tl.int64) * K
-    bounds_row = bounds_ptr + b_start.to(tl.int64) * (L + 1)
+    sorted_row = sorted_ptr + b_start.to(tl.int64) * K
     x_ptr = grad_x_ptr + b_start.to(tl.int64) * L * C + ls[:, None] * C + cols[None, :]
     for _ in range(b_start, tl.minimum(b_start + b_per_prog, B)):
-        first = tl.load(bounds_row + ls, mask=l_ok, other=0)
-        count = tl.load(bounds_row + ls + 1, mask=l_ok, other=0) - first
+        first = lower_bound(sorted_row, K, ls, l_ok, steps)
+        count = lower_bound(sorted_row, K, ls + 1, l_ok, steps) - first
         acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
         for t in range(0, tl.max(count, axis=0)):  # 0 or 1 for MAE's distinct ids
             hit = l_ok & (t < count)
@@ -81,7 +84,7 @@ def _masked_gather_bwd_kernel(grad_out_ptr, perm_ptr, bounds_ptr, grad_x_ptr, po
             pos_acc += acc
         g_ptr += stride_gb
         perm_row += K
-        bounds_row += L + 1
+        sorted_row += K
         x_ptr += L * C
     if POS_GRAD:
         tl.store(pos_part_ptr + (pid_b.to(tl.int64) * L + ls[:, None]) * C + cols[None, :], pos_acc, mask=tile_ok)
@@ -123,7 +126,7 @@ def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[to
         pos = unit_last_stride(pos)  # an [L, C] parameter: contiguous in practice
     rows, block_c, num_warps = _launch_config(C) if x.stride(2) == 1 else _channel_strided_config(K, C)
     grid = (cdiv(B * K, rows), cdiv(C, block_c))
-    _masked_gather_fwd_kernel[grid](
+    launch(_masked_gather_fwd_kernel, grid,
         x, ids_keep, pos if pos is not None else x, out, B * K, K, L, C,
         x.stride(0), x.stride(1), x.stride(2), ids_keep.stride(0), pos.stride(0) if pos is not None else 0,
         HAS_POS=pos is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
@@ -141,41 +144,28 @@ def _bwd_config(B: int, L: int, C: int, target: int) -> Tuple[int, int, int, int
     return rows, block_c, num_warps, n_l, n_c, cdiv(max(B, 1), b_per_prog), b_per_prog
 
 
-def _bound_queries(B: int, L: int, device: torch.device) -> torch.Tensor:
-    """[B, L + 1] rows of 0..L: the values searchsorted looks up (a constant per shape, kept;
-    made anew while a CUDA graph is being captured, where a new tensor is not filled yet)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.arange(L + 1, device=device).expand(B, L + 1).contiguous()
-    return _cached_bound_queries(B, L, device)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_bound_queries(B: int, L: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(L + 1, device=device).expand(B, L + 1).contiguous()
-
-
 def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
                        pos_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns (grad_x [B, L, C] in x_dtype, grad_pos [L, C] fp32 or None)."""
     grad_out = unit_last_stride(grad_out)
     B, K, C = grad_out.shape
     dev = grad_out.device
-    # inverse of the gather, per image: the i with ids_keep[b, i] == l are perm[b, bounds[b, l]:
-    # bounds[b, l+1]]; indices outside [0, L) fall outside every bound and are dropped
-    ids = ids_keep if ids_keep.dtype == torch.int64 else ids_keep.long()
-    sorted_ids, perm = torch.sort(ids, dim=1, stable=True)
-    bounds = torch.searchsorted(sorted_ids, _bound_queries(B, L, dev))
+    # inverse of the gather, per image: the i with ids_keep[b, i] == l are a run of perm, found
+    # in the kernel by binary search in sorted_ids; indices outside [0, L) match no l: dropped
+    sorted_ids, perm = torch.sort(ids_keep, dim=1, stable=True)
     grad_x = torch.empty((B, L, C), dtype=x_dtype, device=dev)
     rows, block_c, num_warps, n_l, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
     pos_part = torch.empty((n_b, L, C) if pos_grad else (1,), dtype=torch.float32, device=dev)
     if grad_x.numel():
-        _masked_gather_bwd_kernel[(n_l, n_c, n_b)](
-            grad_out, perm, bounds, grad_x, pos_part, B, K, L, C, b_per_prog,
-            grad_out.stride(0), grad_out.stride(1),
+        launch(_masked_gather_bwd_kernel, (n_l, n_c, n_b),
+            grad_out, sorted_ids, perm, grad_x, pos_part, B, K, L, C, b_per_prog,
+            grad_out.stride(0), grad_out.stride(1), search_steps(K),
             POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
     elif pos_grad:
         pos_part.zero_()
-    return grad_x, (pos_part.sum(0) if pos_grad else None)
+    if not pos_grad:
+        return grad_x, None
+    return grad_x, (pos_part[0] if n_b == 1 else pos_part.sum(0))  # one slice: nothing to add up
 
 
 # ---- torch.library registration: what torch.compile and dispatch modes see -------------------

@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons, eager_apply,
-                                      next_pow2, persistent_programs, row_slices)
+from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons,
+                                      eager_apply, launch, next_pow2, persistent_programs, row_slices)
 
 ACTIVATIONS = ("gelu",)  # what the kernels compute: GELU with the exact erf (timm, MAE, HF "gelu")
 BLOCK_FWD = 1024         # forward: elements per program
@@ -128,7 +128,7 @@ def _mlp_gelu_fwd(pre: torch.Tensor) -> torch.Tensor:
     h = torch.empty_like(pre)
     n = pre.numel()
     if n:
-        _mlp_gelu_fwd_kernel[(cdiv(n, BLOCK_FWD),)](pre, h, n, BLOCK=BLOCK_FWD, num_warps=4)
+        launch(_mlp_gelu_fwd_kernel, (cdiv(n, BLOCK_FWD),), pre, h, n, BLOCK=BLOCK_FWD, num_warps=4)
     return h
 
 
@@ -156,7 +156,7 @@ def _mlp_gelu_bwd(pre: torch.Tensor, grad_h: torch.Tensor, h: Optional[torch.Ten
     block_h, columns, n_slices, rows_per_prog = _bwd_config(rows, H, dev)
     db_part = torch.empty((n_slices, H), dtype=torch.float32, device=dev)
     if rows and H:
-        _mlp_gelu_bwd_kernel[(n_slices, columns)](
+        launch(_mlp_gelu_bwd_kernel, (n_slices, columns),
             pre, grad_h, h, grad_pre, db_part, rows, H, rows_per_prog,
             BLOCK_R=BLOCK_R, BLOCK_H=block_h, num_warps=4)
     else:

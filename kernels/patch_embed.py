@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import autocast_dtype, cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2
+from tec_fast.kernels._common import (autocast_dtype, cdiv, direct_launch, dtype_reasons, eager_apply, launch,
+                                      next_pow2)
 
 ROWS = 16  # patches per program
 
@@ -57,7 +58,7 @@ def _patchify(images: torch.Tensor, patch: int, dtype: torch.dtype) -> torch.Ten
     if out.numel():
         block_k = min(next_pow2(K), 256)
         grid = (cdiv(B * L, ROWS), cdiv(K, block_k))
-        _patchify_kernel[grid](images, out, B * L, L, gw, K, *images.stride(), P=patch, ROWS=ROWS,
+        launch(_patchify_kernel, grid, images, out, B * L, L, gw, K, *images.stride(), P=patch, ROWS=ROWS,
                                BLOCK_K=block_k, num_warps=4)
     return out
 

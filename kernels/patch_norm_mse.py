@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2, unit_last_stride
+from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, launch, next_pow2,
+                                      unit_last_stride)
 
 
 @triton.jit
@@ -104,7 +105,7 @@ def _patch_norm_mse_fwd(pred, target, mask, eps):
     mean = torch.empty((B, C), dtype=torch.float32, device=pred.device)
     rstd = torch.empty((B, C), dtype=torch.float32, device=pred.device)
     if pred.numel():
-        _patch_norm_mse_fwd_kernel[(B, n_c)](
+        launch(_patch_norm_mse_fwd_kernel, (B, n_c),
             pred, target, maskf, partial, mean, rstd, L, C, eps,
             pred.stride(0), pred.stride(1), target.stride(0), target.stride(1),
             BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4)
@@ -120,7 +121,7 @@ def _patch_norm_mse_bwd(grad_loss, pred, target, mask, mean, rstd):
     grad = torch.empty((B, L, C), dtype=pred.dtype, device=pred.device)
     if pred.numel():
         block_l, block_c = _launch_config(L, C)
-        _patch_norm_mse_bwd_kernel[(B, cdiv(C, block_c))](
+        launch(_patch_norm_mse_bwd_kernel, (B, cdiv(C, block_c)),
             pred, target, maskf, mean, rstd, coef, grad, L, C,
             pred.stride(0), pred.stride(1), target.stride(0), target.stride(1),
             BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4)

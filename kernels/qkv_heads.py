@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons, eager_apply,
-                                      next_pow2, persistent_programs, row_slices)
+from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons,
+                                      eager_apply, launch, next_pow2, persistent_programs, row_slices)
 
 ROWS = 32          # rows per tile
 MAX_HEAD_DIM = 256  # one row of a head in a tile: ROWS x d values
@@ -85,7 +85,7 @@ def _qkv_pack(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> Tuple[tor
     n_slices, rows_per_prog, block_d = _pack_config(rows, H, D, dev)
     part = torch.empty((n_slices, width), dtype=torch.float32, device=dev)
     if rows and width:
-        _qkv_pack_kernel[(n_slices, 3 * H)](
+        launch(_qkv_pack_kernel, (n_slices, 3 * H),
             dq, dk, dv, out, part, rows, N, H, D, rows_per_prog,
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),

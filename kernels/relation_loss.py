@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (direct_launch, eager_apply, relation_block_sizes, relation_reasons,
-                                      unit_last_stride)
+from tec_fast.kernels._common import (direct_launch, eager_apply, launch, relation_block_sizes,
+                                      relation_reasons, unit_last_stride)
 
 
 @triton.jit
@@ -169,7 +169,7 @@ def _relation_loss_fwd(q, k, topk_idx, target, tau, scale):
     B, H = q.shape[:2]
     R = 1 + topk_idx.shape[1]
     row_loss, lse_r, lse_t = (torch.empty((B, H, R), dtype=torch.float32, device=q.device) for _ in range(3))
-    _relation_loss_fwd_kernel[(B * H,)](
+    launch(_relation_loss_fwd_kernel, (B * H,),
         q, k, topk_idx, target, row_loss, lse_r, lse_t, scale=scale, inv_tau=1.0 / tau,
         **_common_args(q, k, target, topk_idx), **_meta(q, topk_idx.shape[1]))
     return row_loss, lse_r, lse_t
@@ -181,7 +181,7 @@ def _relation_loss_bwd(grad_rows, q, k, topk_idx, target, lse_r, lse_t, tau, sca
     B, H, N, D = q.shape
     dq = torch.empty((B, H, N, D), dtype=q_dtype, device=q.device)  # every row written by the kernel
     dk = torch.empty((B, H, N, D), dtype=k_dtype, device=q.device)
-    _relation_loss_bwd_kernel[(B * H,)](
+    launch(_relation_loss_bwd_kernel, (B * H,),
         q, k, topk_idx, target, grad_rows.contiguous(), lse_r, lse_t, dq, dk,
         scale=scale, inv_tau=1.0 / tau,
         **_common_args(q, k, target, topk_idx), **_meta(q, topk_idx.shape[1]))

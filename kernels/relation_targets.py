@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import cdiv, direct_launch, relation_block_sizes, relation_reasons, unit_last_stride
+from tec_fast.kernels._common import (cdiv, direct_launch, launch, relation_block_sizes, relation_reasons,
+                                      unit_last_stride)
 
 
 @triton.jit
@@ -73,14 +74,14 @@ def _relation_targets_fwd(q: torch.Tensor, k: torch.Tensor, topk: int,
     L = N - 1
     block_r, block_l, block_d = relation_block_sizes(topk, D, q.dtype)
     rank = torch.empty((B, L), dtype=torch.float32, device=q.device)
-    _relation_rank_kernel[(B, cdiv(L, block_l))](
+    launch(_relation_rank_kernel, (B, cdiv(L, block_l)),
         q, k, rank, H, L, D, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
     topk_idx = torch.topk(rank, topk, dim=1, largest=True).indices  # [B, k]
     relation = torch.empty((B, 1 + topk, H, L), dtype=torch.float32, device=q.device)
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
-    _relation_rows_kernel[(B * H, cdiv(L, block_l))](
+    launch(_relation_rows_kernel, (B * H, cdiv(L, block_l)),
         q, k, topk_idx, relation, H, L, D, topk, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         relation.stride(0), relation.stride(1), relation.stride(2),

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import cdiv, direct_launch, dtype_reasons, eager_apply, next_pow2, unit_last_stride
+from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, launch, lower_bound,
+                                      next_pow2, search_steps, unit_last_stride)
 
 
 @triton.jit
@@ -51,14 +52,15 @@ def _scatter_masked_fwd_kernel(vis_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr,
 
 
 @triton.jit
-def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, perm_ptr, bounds_ptr, grad_vis_ptr, tok_part_ptr,
-                               pos_part_ptr, B, K, L, C, b_per_prog, stride_gb, stride_gl, stride_ib,
+def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, sorted_ptr, perm_ptr, grad_vis_ptr, tok_part_ptr,
+                               pos_part_ptr, B, K, L, C, b_per_prog, stride_gb, stride_gl, stride_ib, steps,
                                POS_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (row block, channel block, batch slice). Rows j < L: grad_out[b, j] goes to the
     # running mask-token sum where ids_restore[b, j] is in [K, L) and to the grad_pos sum. Rows
     # i < K: grad_vis[b, i] is the sum of grad_out[b, j] over the j with ids_restore[b, j] == i,
-    # found through the per-image sort of ids_restore (perm, bounds) and written once, in vis's
-    # dtype: a gather by the inverse index, no atomics, no memset.
+    # perm[b, first:first + count], first and first + count bounding i in the image's sorted
+    # ids_restore (binary searches), and written once, in vis's dtype: a gather by the inverse
+    # index, no atomics, no memset.
     pid_j, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j = pid_j * ROWS + tl.arange(0, ROWS)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -73,7 +75,7 @@ def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, perm_ptr, bounds_ptr, grad
     g_img = grad_out_ptr + b_start.to(tl.int64) * stride_gb + cols[None, :]
     i_ptr = ids_ptr + b_start.to(tl.int64) * stride_ib + j
     perm_row = perm_ptr + b_start.to(tl.int64) * L
-    bounds_row = bounds_ptr + b_start.to(tl.int64) * (K + 1)
+    sorted_row = sorted_ptr + b_start.to(tl.int64) * L
     v_ptr = grad_vis_ptr + b_start.to(tl.int64) * K * C + j[:, None] * C + cols[None, :]
     for _ in range(b_start, tl.minimum(b_start + b_per_prog, B)):
         g = tl.load(g_img + j[:, None] * stride_gl, mask=tile_ok, other=0.0).to(tl.float32)
@@ -82,8 +84,8 @@ def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, perm_ptr, bounds_ptr, grad
         tok_acc += tl.where(to_tok[:, None], g, 0.0)
         if POS_GRAD:
             pos_acc += g
-        first = tl.load(bounds_row + j, mask=i_ok, other=0)
-        count = tl.load(bounds_row + j + 1, mask=i_ok, other=0) - first
+        first = lower_bound(sorted_row, L, j, i_ok, steps)
+        count = lower_bound(sorted_row, L, j + 1, i_ok, steps) - first
         acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
         for t in range(0, tl.max(count, axis=0)):  # 0 or 1 for MAE's permutations
             hit = i_ok & (t < count)
@@ -94,7 +96,7 @@ def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, perm_ptr, bounds_ptr, grad
         g_img += stride_gb
         i_ptr += stride_ib
         perm_row += L
-        bounds_row += K + 1
+        sorted_row += L
         v_ptr += K * C
     part = pid_b * tl.num_programs(0) + pid_j
     tl.store(tok_part_ptr + part.to(tl.int64) * C + cols, tl.sum(tok_acc, axis=0), mask=col_ok)
@@ -125,19 +127,6 @@ def _bwd_config(B: int, L: int, C: int, target: int) -> Tuple[int, int, int, int
     return rows, block_c, num_warps, n_j, n_c, cdiv(max(B, 1), b_per_prog), b_per_prog
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_bound_queries(B: int, K: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(K + 1, device=device).expand(B, K + 1).contiguous()
-
-
-def _bound_queries(B: int, K: int, device: torch.device) -> torch.Tensor:
-    """[B, K + 1] rows of 0..K: the values searchsorted looks up (a constant per shape, kept;
-    made anew while a CUDA graph is being captured, where a new tensor is not filled yet)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.arange(K + 1, device=device).expand(B, K + 1).contiguous()
-    return _cached_bound_queries(B, K, device)
-
-
 def _out_dtype(vis: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.dtype:
     return vis.dtype if pos is None else torch.promote_types(vis.dtype, pos.dtype)  # as vis + pos
 
@@ -156,7 +145,7 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
         pos = unit_last_stride(pos)
     rows, block_c, num_warps = _launch_config(C)
     grid = (cdiv(B * L, rows), cdiv(C, block_c))
-    _scatter_masked_fwd_kernel[grid](
+    launch(_scatter_masked_fwd_kernel, grid,
         vis, ids_restore, tok, pos if pos is not None else vis, out, B * L, K, L, C,
         vis.stride(0), vis.stride(1), ids_restore.stride(0), pos.stride(0) if pos is not None else 0,
         HAS_POS=pos is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
@@ -169,26 +158,27 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
     grad_out = unit_last_stride(grad_out)
     B, L, C = grad_out.shape
     dev = grad_out.device
-    # inverse of the unshuffle, per image: the j with ids_restore[b, j] == i < K are
-    # perm[b, bounds[b, i]:bounds[b, i+1]]; indices outside [0, K) fall outside every bound
-    ids = ids_restore if ids_restore.dtype == torch.int64 else ids_restore.long()
-    sorted_ids, perm = torch.sort(ids, dim=1, stable=True)
-    bounds = torch.searchsorted(sorted_ids, _bound_queries(B, K, dev))
+    # inverse of the unshuffle, per image: the j with ids_restore[b, j] == i < K are a run of
+    # perm, found in the kernel by binary search in sorted_ids; indices outside [0, K) match no i
+    sorted_ids, perm = torch.sort(ids_restore, dim=1, stable=True)
     grad_vis = torch.empty((B, K, C), dtype=vis_dtype, device=dev)
     rows, block_c, num_warps, n_j, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
     f32 = dict(dtype=torch.float32, device=dev)
     tok_part = torch.empty((n_b * n_j, C), **f32)  # every program writes its row of both partials
     pos_part = torch.empty((n_b, L, C) if pos_grad else (1,), **f32)
     if grad_out.numel():
-        _scatter_masked_bwd_kernel[(n_j, n_c, n_b)](
-            grad_out, ids_restore, perm, bounds, grad_vis, tok_part, pos_part,
+        launch(_scatter_masked_bwd_kernel, (n_j, n_c, n_b),
+            grad_out, ids_restore, sorted_ids, perm, grad_vis, tok_part, pos_part,
             B, K, L, C, b_per_prog, grad_out.stride(0), grad_out.stride(1), ids_restore.stride(0),
+            search_steps(L),
             POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
     else:
         grad_vis.zero_()
         tok_part.zero_()
         pos_part.zero_()
-    return grad_vis, tok_part.sum(0), (pos_part.sum(0) if pos_grad else None)
+    if not pos_grad:
+        return grad_vis, tok_part.sum(0), None
+    return grad_vis, tok_part.sum(0), (pos_part[0] if n_b == 1 else pos_part.sum(0))  # one slice: no sum
 
 
 # ---- torch.library registration: what torch.compile and dispatch modes see -------------------
