@@ -79,6 +79,7 @@ def test_demo_config_holds_only_the_demos_flags(tmp_path):
     ("batch-size: [1, 2]\n", "key 'batch-size' (--batch-size): expected one value"),
     ("mask-ratio: '0.9:0.2'\n", "key 'mask-ratio' (--mask-ratio): mask ratios must be in (0, 1)"),
     ("config: other.yaml\n", "unknown key 'config'"),
+    ("batch-size: 2\nbatch_size: 3\n", "key 'batch_size': --batch-size is given twice"),
     ("- a\n- b\n", "expected a mapping of flag names to values, got a list"),
     ("a: [\n", "not valid YAML"),
 ])

@@ -75,6 +75,8 @@ def config_values(p: argparse.ArgumentParser, data: dict, source: str) -> dict:
             close = difflib.get_close_matches(dest, list(actions), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{source}: unknown key {key!r}: not a flag of {p.prog}{hint}")
+        if dest in out:
+            raise ValueError(f"{source}: key {key!r}: {action.option_strings[-1]} is given twice")
         out[dest] = _convert(p, action, key, value, source)
     return out
 
