@@ -31,7 +31,7 @@ MAX_C = 4096  # one row in registers (16 fp32 values per thread and tensor at 8 
 @triton.jit
 def _layer_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, stats_ptr,
                            rows, C, eps, stride_x, stride_r,
-                           HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr):
+                           HAS_RES: tl.constexpr, HAS_STATS: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cc = tl.arange(0, BLOCK_C)
     ok = cc < C
@@ -46,8 +46,9 @@ def _layer_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, stats_ptr
     w = tl.load(w_ptr + cc, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cc, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * C + cc, (hc * rstd * w + b).to(y_ptr.dtype.element_ty), mask=ok)
-    tl.store(stats_ptr + row, mean)  # stats: [mean; rstd] [2, rows]
-    tl.store(stats_ptr + rows + row, rstd)
+    if HAS_STATS:  # for the backward; none without a gradient to compute
+        tl.store(stats_ptr + row, mean)  # stats: [mean; rstd] [2, rows]
+        tl.store(stats_ptr + rows + row, rstd)
 
 
 @triton.jit
@@ -112,26 +113,27 @@ def _as_rows(t: torch.Tensor, C: int) -> Tuple[torch.Tensor, int]:
 
 
 def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                    bias: torch.Tensor, eps: float):
-    """x, residual [..., C] -> (y shaped like x, h shaped like x or an empty tensor without a
-    residual, [mean; rstd] [2, rows] fp32)."""
+                    bias: torch.Tensor, eps: float, keep_stats: bool = True):
+    """x, residual [..., C] -> (y shaped like x, h shaped like x or None without a residual,
+    [mean; rstd] [2, rows] fp32 or None without ``keep_stats``). Nothing is allocated that the
+    call does not return (each allocation is a dispatcher call on the host)."""
     C = x.shape[-1]
     rows = x.numel() // C if C else 0
     dev, has_res = x.device, residual is not None
     like_x = x.is_contiguous()  # empty_like is the cheapest allocation (on the host)
     y = torch.empty_like(x) if like_x else torch.empty(x.shape, dtype=x.dtype, device=dev)
-    if residual is None:
-        h = torch.empty((0,), dtype=x.dtype, device=dev)
-    else:
+    h = stats = None
+    if has_res:
         h = torch.empty_like(x) if like_x else torch.empty(x.shape, dtype=x.dtype, device=dev)
-    stats = torch.empty((2, rows), dtype=torch.float32, device=dev)
+    if keep_stats:
+        stats = torch.empty((2, rows), dtype=torch.float32, device=dev)
     if rows:
         x, stride_x = _as_rows(x, C)
-        residual, stride_r = _as_rows(residual, C) if residual is not None else (x, 0)
+        residual, stride_r = _as_rows(residual, C) if has_res else (x, 0)
         block_c, num_warps = _fwd_config(C)
         launch(_layer_norm_fwd_kernel, (rows,),
-            x, residual, weight, bias, y, h, stats, rows, C, eps, stride_x, stride_r,
-            HAS_RES=has_res, BLOCK_C=block_c, num_warps=num_warps)
+            x, residual, weight, bias, y, h if has_res else y, stats if keep_stats else y, rows, C, eps,
+            stride_x, stride_r, HAS_RES=has_res, HAS_STATS=keep_stats, BLOCK_C=block_c, num_warps=num_warps)
     return y, h, stats
 
 
@@ -161,7 +163,8 @@ def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.T
 @torch.library.custom_op("tec_fast::layer_norm", mutates_args=())
 def _layer_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
                    eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _layer_norm_fwd(x, residual, weight, bias, eps)
+    y, h, stats = _layer_norm_fwd(x, residual, weight, bias, eps)
+    return y, (h if h is not None else x.new_empty((0,))), stats  # a custom op returns tensors
 
 
 @_layer_norm_op.register_fake
@@ -239,8 +242,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad
                                     or (residual is not None and residual.requires_grad)):
         y, h = _apply(x, residual, weight, bias, eps)
-    else:  # no gradient asked for (the frozen base): no autograd node
-        y, h, _ = (_layer_norm_fwd if direct_launch() else _layer_norm_op)(x, residual, weight, bias, eps)
+    elif direct_launch():  # no gradient asked for (the frozen base): no autograd node, no statistics
+        y, h, _ = _layer_norm_fwd(x, residual, weight, bias, eps, keep_stats=False)
+    else:
+        y, h, _ = _layer_norm_op(x, residual, weight, bias, eps)
     return y if residual is None else (y, h)
 
 

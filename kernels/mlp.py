@@ -1,9 +1,9 @@
 """mlp: a transformer MLP, out = fc2(GELU(fc1(x))), that keeps only the pre-activation for backward.
 
-    pre = x W1^T + b1         x [rows, C], W1 [Hd, C]       (torch addmm)
+    pre = x W1^T + b1         x [rows, C], W1 [Hd, C]       (torch F.linear: addmm)
     h   = GELU(pre)           exact GELU, pre * Phi(pre)    (``_mlp_gelu_fwd_kernel``; Phi
                               through erfc, ``_two_phi``)
-    out = h W2^T + b2         W2 [Cout, Hd]                 (torch addmm)
+    out = h W2^T + b2         W2 [Cout, Hd]                 (torch F.linear: addmm)
 
 Autograd around the three ops separately keeps both pre (for GELU's backward) and h (for fc2's
 weight gradient): 2 x Hd values per token, the largest activations a ViT block saves. Here the
@@ -38,6 +38,7 @@ import inspect
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -123,7 +124,7 @@ def _mlp_gelu_bwd_kernel(pre_ptr, gh_ptr, h_ptr, gpre_ptr, db_part_ptr, rows, H,
 
 
 def _mlp_gelu_fwd(pre: torch.Tensor) -> torch.Tensor:
-    """pre [rows, Hd] -> GELU(pre), same shape and dtype."""
+    """pre [..., Hd] -> GELU(pre), same shape and dtype."""
     pre = pre.contiguous()
     h = torch.empty_like(pre)
     n = pre.numel()
@@ -192,12 +193,13 @@ def _(pre, grad_h):
 
 def _mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                  b2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, C] -> (out [rows, Cout], pre [rows, Hd]); x and the weights of one dtype (the
-    biases are cast to it)."""
+    """x [..., C] -> (out [..., Cout], pre [..., Hd]); x and the weights of one dtype (the biases
+    are cast to it). ``F.linear`` runs the same addmm on x's rows as ``addmm(b, x2d, w.t())``
+    (the same values) in one call from Python instead of three (reshape, t, addmm)."""
     dt = x.dtype
-    pre = torch.addmm(b1 if b1.dtype == dt else b1.to(dt), x, w1.t())
+    pre = F.linear(x, w1, b1 if b1.dtype == dt else b1.to(dt))
     gelu = _mlp_gelu_fwd if direct_launch() else _mlp_gelu_op  # no autograd here: same values
-    return torch.addmm(b2 if b2.dtype == dt else b2.to(dt), gelu(pre), w2.t()), pre
+    return F.linear(gelu(pre), w2, b2 if b2.dtype == dt else b2.to(dt)), pre
 
 
 class _Mlp(torch.autograd.Function):
@@ -208,13 +210,11 @@ class _Mlp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
         with autocast_off(x.device.type):
-            out, pre = _mlp_forward(x2, w1, b1, w2, b2)
-        ctx.save_for_backward(x2, w1, w2, pre)
+            out, pre = _mlp_forward(x, w1, b1, w2, b2)
+        ctx.save_for_backward(x, w1, w2, pre)
         ctx.bias_dtypes = b1.dtype, b2.dtype
-        return out.view(*lead, w2.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -226,16 +226,16 @@ class _Mlp(torch.autograd.Function):
     def _backward(ctx, grad_out, x, w1, w2, pre):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         b1_dtype, b2_dtype = ctx.bias_dtypes
-        lead = grad_out.shape[:-1]
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        shape_x = x.shape
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # rows: [rows, Cout]
         if grad_out.dtype != w2.dtype:
             grad_out = grad_out.to(w2.dtype)
         gelu_bwd = _mlp_gelu_bwd if direct_launch() else _mlp_gelu_backward_op
-        h, grad_pre, grad_b1 = gelu_bwd(pre, grad_out @ w2)
-        grad_x = (grad_pre @ w1).view(*lead, x.shape[-1]) if need_x else None
-        grad_w1 = grad_pre.t() @ x if need_w1 else None
+        h, grad_pre, grad_b1 = gelu_bwd(pre.view(-1, pre.shape[-1]), torch.mm(grad_out, w2))
+        grad_x = torch.mm(grad_pre, w1).view(shape_x) if need_x else None
+        grad_w1 = torch.mm(grad_pre.t(), x.reshape(-1, shape_x[-1])) if need_w1 else None
         grad_b1 = (grad_b1 if b1_dtype == torch.float32 else grad_b1.to(b1_dtype)) if need_b1 else None
-        grad_w2 = grad_out.t() @ h if need_w2 else None
+        grad_w2 = torch.mm(grad_out.t(), h) if need_w2 else None
         grad_b2 = grad_out.sum(0, dtype=b2_dtype) if need_b2 else None
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
@@ -257,8 +257,7 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                                     or w2.requires_grad or b2.requires_grad):
         return _apply(x, w1, b1, w2, b2)
     with autocast_off(dev):
-        out = _mlp_forward(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)[0]
-    return out.view(*x.shape[:-1], w2.shape[0])
+        return _mlp_forward(x, w1, b1, w2, b2)[0]
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], act: str = "gelu",

@@ -25,6 +25,7 @@ import functools
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -114,15 +115,15 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _project(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], B: int, N: int,
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              H: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x2d [B*N, C] -> q, k, v [B, H, N, d], views of x W^T + b (bias cast to x's dtype);
-    autocast is off (the caller cast x and the weight)."""
-    if bias is None:
-        qkv = x2d @ weight.t()
-    else:
-        qkv = torch.addmm(bias if bias.dtype == x2d.dtype else bias.to(x2d.dtype), x2d, weight.t())
-    return qkv.view(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d]
+    """x [B, N, C] -> q, k, v [B, H, N, d], views of x W^T + b (bias cast to x's dtype);
+    autocast is off (the caller cast x and the weight). ``F.linear`` runs the addmm of
+    ``addmm(b, x2d, w.t())`` on x's rows (the same values) in one call from Python."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    B, N = x.shape[:2]
+    return F.linear(x, weight, bias).view(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d]
 
 
 class _QkvHeads(torch.autograd.Function):
@@ -132,24 +133,21 @@ class _QkvHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, H):
-        B, N, C = x.shape
-        x2d = x.reshape(B * N, C)
-        ctx.save_for_backward(x2d, weight)
-        ctx.shape = x.shape
+        ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
         with autocast_off(x.device.type):
-            return _project(x2d, weight, bias, B, N, H)
+            return _project(x, weight, bias, H)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        x2d, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dt = x2d.dtype
+        dt = x.dtype
         grads = [_unit_last(g if g.dtype == dt else g.to(dt)) for g in (dq, dk, dv)]
         pack = _qkv_pack if direct_launch() else _qkv_pack_op
         grad_qkv, grad_b = pack(*grads)
-        grad_x = (grad_qkv @ weight).view(ctx.shape) if need_x else None
-        grad_w = grad_qkv.t() @ x2d if need_w else None
+        grad_x = torch.mm(grad_qkv, weight).view(x.shape) if need_x else None
+        grad_w = torch.mm(grad_qkv.t(), x.reshape(-1, x.shape[-1])) if need_w else None
         if need_b and ctx.bias_dtype is not None:
             grad_b = grad_b if grad_b.dtype == ctx.bias_dtype else grad_b.to(ctx.bias_dtype)
         else:
@@ -173,9 +171,8 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _apply(x, weight, bias, num_heads)
-    B, N, C = x.shape
     with autocast_off(dev):  # inference (the frozen base): no node
-        return _project(x.reshape(B * N, C), weight, bias, B, N, num_heads)
+        return _project(x, weight, bias, num_heads)
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], head_dim: Optional[int] = None,
