@@ -182,11 +182,13 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
     expected = {"ln_before_w": (D * C,), "ln_before_b": (D * C,), "ln_after_w": (C,), "ln_after_b": (C,)}
     given = {"ln_before_w": ln_before_w, "ln_before_b": ln_before_b, "ln_after_w": ln_after_w,
              "ln_after_b": ln_after_b}
+    dev = feats.device
     for name, t in given.items():
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected[name]:
+        if not isinstance(t, torch.Tensor) or t.shape != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]} for feats {tuple(feats.shape)}, "
                              f"got {getattr(t, 'shape', type(t).__name__)}")
-        _check_same_device(feats, **{name: t})
+        if t.device != dev:
+            _check_same_device(feats, **{name: t})
     group_shapes = {"fuse_w": (C, M * C), "fuse_b": (C,), "fc1_w": (hidden, C), "fc1_b": (hidden,),
                     "fc2_w": (C, hidden), "fc2_b": (C,)}
     groups = {"fuse_w": fuse_w, "fuse_b": fuse_b, "fc1_w": fc1_w, "fc1_b": fc1_b, "fc2_w": fc2_w,
@@ -194,11 +196,13 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
     for name, ts in groups.items():
         if len(ts) != G:
             raise ValueError(f"{name} holds {len(ts)} groups, fuse_w holds {G}")
-        for g in range(G):
-            if not isinstance(ts[g], torch.Tensor) or tuple(ts[g].shape) != group_shapes[name]:
-                raise ValueError(f"{name}[{g}] must have shape {group_shapes[name]}, got "
-                                 f"{getattr(ts[g], 'shape', type(ts[g]).__name__)}")
-            _check_same_device(feats, **{f"{name}[{g}]": ts[g]})
+        shape = group_shapes[name]
+        for g, t in enumerate(ts):  # the argument's name is built only for an error
+            if not isinstance(t, torch.Tensor) or t.shape != shape:
+                raise ValueError(f"{name}[{g}] must have shape {shape}, got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
+            if t.device != dev:
+                _check_same_device(feats, **{f"{name}[{g}]": t})
     if use_fast_path("encoder_adapter", feats):
         return fast_impl("encoder_adapter")(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
                     ln_after_w, ln_after_b, eps_before, eps_after)
@@ -253,11 +257,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
                          f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     C = x.shape[-1]
     dev = x.device
-    for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, torch.Tensor) or t.shape != (C,):
-            raise ValueError(f"{name} must have shape ({C},) for x {tuple(x.shape)}, got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
-        if t.device != dev:
+    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and weight.shape == (C,)
+            and bias.shape == (C,) and weight.device == dev and bias.device == dev):
+        for name, t in (("weight", weight), ("bias", bias)):  # the error: which one, and why
+            if not isinstance(t, torch.Tensor) or t.shape != (C,):
+                raise ValueError(f"{name} must have shape ({C},) for x {tuple(x.shape)}, got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
             _check_same_device(x, **{name: t})
     if residual is None:
         if use_fast_path("layer_norm", x):
