@@ -65,3 +65,45 @@ def test_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         host_overhead.main(["--reps", "0"])
     assert e.value.code == 2 and "--reps must be >= 1" in capsys.readouterr().err
+
+
+def _torch_calls(fn):
+    """Top-level aten ops one call of ``fn`` issues (nested ones, e.g. linear's addmm, not
+    counted): what each op call costs the host in dispatcher round trips."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = []
+    for e in prof.events():
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if e.name.startswith("aten::") and parent is None:
+            names.append(e.name)
+    return sorted(names)
+
+
+def test_inference_calls_issue_few_torch_ops(triton_path):
+    """Without a gradient (the frozen base's 12 blocks a step) each op allocates only what it
+    returns and projects with one ``F.linear``: layer_norm no statistics (and no h without a
+    residual), mlp and qkv_heads no reshape / t / addmm / view triples. Counted, not timed."""
+    import torch
+
+    from tec_fast import ops
+    torch.manual_seed(0)
+    x, res = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    w, b = torch.randn(32), torch.randn(32)
+    w1, b1, w2, b2 = torch.randn(64, 32), torch.randn(64), torch.randn(32, 64), torch.randn(32)
+    wq, bq = torch.randn(96, 32), torch.randn(96)
+    with torch.no_grad(), launches_stubbed(lambda *a: None):
+        ops.layer_norm(x, w, b)  # warm the dispatch decisions and launch configurations
+        assert _torch_calls(lambda: ops.layer_norm(x, w, b)) == ["aten::empty_like"]
+        ops.layer_norm(x, w, b, residual=res)
+        assert _torch_calls(lambda: ops.layer_norm(x, w, b, residual=res)) == ["aten::empty_like"] * 2
+        ops.mlp(x, w1, b1, w2, b2)
+        assert _torch_calls(lambda: ops.mlp(x, w1, b1, w2, b2)) == ["aten::empty_like", "aten::linear",
+                                                                    "aten::linear"]
+        ops.qkv_heads(x, wq, bq, 2)
+        assert _torch_calls(lambda: ops.qkv_heads(x, wq, bq, 2)) == ["aten::linear", "aten::permute",
+                                                                     "aten::unbind", "aten::view"]
