@@ -1,5 +1,5 @@
-"""fit's CUDA-graph path on CPU with the recording emulated (used by tests/test_cuda_graph.py and
-its DDP worker; the real recording runs in tests/test_step_gpu.py)."""
+"""fit's CUDA-graph path on CPU with the recording emulated (used by tests/training/test_cuda_graph.py and
+its DDP worker; the real recording runs in tests/training/test_step_gpu.py)."""
 from __future__ import annotations
 
 import copy

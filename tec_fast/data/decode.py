@@ -57,7 +57,7 @@ def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
 # ------------------------------------------------------------------------- encoded files
 JPEG_MAGIC = b"\xff\xd8\xff"
 # JPEG colour spaces libjpeg-turbo turns into the same RGB as PIL's decode + ``to_rgb``
-# (checked bitwise in tests/test_data_decode.py); CMYK / YCCK files take the PIL path.
+# (checked bitwise in tests/data/test_data_decode.py); CMYK / YCCK files take the PIL path.
 _TURBO_COLORSPACES = ("YCbCr", "Gray")
 _turbo = None
 

@@ -12,7 +12,7 @@ profile of a B=256 step (``benchmarks/results/device_logs/2026-11-30_profile_ste
 time, 8.6 us each.
 
 Both helpers give bitwise the values and gradients plain autocast gives: the casts they do are
-the ones autocast would have made, to the same dtype (tests/test_precision.py, on the reference
+the ones autocast would have made, to the same dtype (tests/models/test_precision.py, on the reference
 and the Triton path). LayerNorm weights, tokens and position embeddings are left to autocast by
 both; ``CastWeightsOnce`` also leaves the biases (the fused ops keep their gradients in fp32).
 Neither changes the module it is given: ``autocast_copy`` returns a copy, ``CastWeightsOnce``

@@ -1,6 +1,6 @@
 """A whole TEC training step on CUDA makes no host synchronisation, can be captured in a CUDA
 graph, and trains as the eager step when replayed (runs whenever a GPU is lent; the same step on
-fake tensors is tests/test_traffic.py)."""
+fake tensors is tests/bench/test_traffic.py)."""
 from __future__ import annotations
 
 import copy
@@ -98,7 +98,7 @@ def test_fit_with_cuda_graph_trains_as_eager(tmp_path, mode, accum):
     micro-step(s) and optimizer step replayed; losses and weights follow the eager run (the lr is
     a GPU tensor there, so the last bits may differ), gradient clipping and accumulation included,
     and the checkpoint is written. The CPU twin with the recording emulated is
-    tests/test_cuda_graph.py."""
+    tests/training/test_cuda_graph.py."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     import numpy as np

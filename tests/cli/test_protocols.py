@@ -23,7 +23,7 @@ from tec_fast.evaluation.protocol import RECIPE_FIELDS, RECIPES, recipe
 from tec_fast.models.base import BaseModel
 
 VIT = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--num-heads", "2", "--n-train", "64", "--n-test", "32", "--batch-size", "16", "--quiet"]
 
 

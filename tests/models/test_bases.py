@@ -17,7 +17,7 @@ from tec_fast import BaseModel, ViTConfig
 from tec_fast.checkpoint import (export_hf_vit, export_timm, read_checkpoint, read_safetensors,
                                  resample_pos_embed, save_export, write_safetensors)
 
-FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 BASES = os.path.join(FIX, "bases")
 sys.path.insert(0, FIX)
 import make_base_fixtures as mk  # noqa: E402

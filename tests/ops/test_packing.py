@@ -21,7 +21,7 @@ import torch
 
 from tec_fast import packing
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SHAPES = [(1, 1, 1), (1, 7, 5), (3, 13, 17), (5, 49, 33), (2, 64, 768)]
 

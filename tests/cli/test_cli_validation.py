@@ -17,7 +17,7 @@ from PIL import Image
 
 from tec_fast.cli.train import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARCH = ["--model", "vit_demo_patch4", "--img-size", "32", "--decoder-dim", "32", "--decoder-depth", "1",
         "--decoder-heads", "2"]
 

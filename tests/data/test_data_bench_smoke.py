@@ -7,7 +7,6 @@ import sys
 
 from data_helpers import write_folder
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_bench_loader_smoke(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """CUDA-graph steps on CPU: capture_step's and fit's argument checks, and fit's graph path with
-the recording emulated (the real recording runs in tests/test_step_gpu.py)."""
+the recording emulated (the real recording runs in tests/training/test_step_gpu.py)."""
 import math
 
 import pytest

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "tec_fast"
 
 LAYERS = [
@@ -26,7 +26,7 @@ def _layer(part: str) -> int:
     for i, names in enumerate(LAYERS):
         if part in names:
             return i
-    raise AssertionError(f"tec_fast.{part} is in no layer of tests/test_layering.py: add it")
+    raise AssertionError(f"tec_fast.{part} is in no layer of tests/repo/test_layering.py: add it")
 
 
 def _modules():

@@ -15,7 +15,7 @@ import torch
 from tec_fast.training import FitConfig, NonFiniteLoss, NonFiniteWeights, fit
 from train_helpers import AugmentedImages, tiny_objective, tiny_tec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 

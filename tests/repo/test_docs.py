@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CODE_DIRS = ("tec_fast", "kernels", "benchmarks", "csrc", "tests")
 CODE_SUFFIXES = {".py", ".sh", ".cpp", ".cu", ".h"}
