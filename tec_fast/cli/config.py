@@ -76,13 +76,13 @@ def config_values(p: argparse.ArgumentParser, data: dict, source: str) -> dict:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{source}: unknown key {key!r}: not a flag of {p.prog}{hint}")
         if dest in out:
-            raise ValueError(f"{source}: key {key!r}: {action.option_strings[-1]} is given twice")
+            raise ValueError(f"{source}: key {key!r}: {action.option_strings[0]} is given twice")
         out[dest] = _convert(p, action, key, value, source)
     return out
 
 
 def _convert(p, action: argparse.Action, key, value, source: str):
-    flag = action.option_strings[-1]
+    flag = action.option_strings[0]
     is_switch = action.nargs == 0  # store_true / store_false
     if value is None:
         if action.default is None:
