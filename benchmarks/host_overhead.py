@@ -10,7 +10,7 @@ their compute is negligible, one thread. Two tables:
   with ViT-B's depth, heads, decoder and op count but widths shrunk (encoder 48 wide, 12 heads
   of 4; decoder 32 wide; 64 px images = 16 patches; batch 2; fp32), the engine with
   ``TEC_FAST_KERNELS=triton`` against the eager baseline (``benchmarks/baseline_eager.py``) in the
-  same run: host ms per step, Triton launches per step;
+  same run: host ms per step, Triton launches and top-level torch (aten) ops per step;
 * every op of the registry (``tec_fast.ops.registry.OPS``, its ``tiny`` example): host us per
   forward call and per backward call of the public op (``tec_fast.ops.<op>``, Triton path)
   against the op's plain-torch reference (``tec_fast.ops.reference.<op>``) on the same inputs,
@@ -67,6 +67,26 @@ def _kernels_off(device: torch.device, log: LaunchLog):
         return contextlib.nullcontext()
     from benchmarks.triton_stub import launches_stubbed
     return launches_stubbed(log)
+
+
+def torch_ops(fn: Callable[[], object]) -> Counter:
+    """The top-level aten ops one call of ``fn`` issues, by name (ops that other aten ops call
+    inside, e.g. linear's addmm, not counted), from ``torch.profiler``: the dispatcher round trips
+    a call costs the host, a count that does not depend on how busy the machine is. Ops the
+    autograd engine runs in backward count too."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: Counter = Counter()
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:
+            counts[event.name] += 1
+    return counts
 
 
 def _sync(device: torch.device) -> None:
@@ -135,19 +155,20 @@ def make_step(provider: str, device: torch.device, batch: int = 2) -> Callable[[
 def measure_steps(device: torch.device, steps: int, reps: int) -> List[Dict]:
     """The engine's and the eager step's host ms per step, timed interleaved."""
     fns = {p: make_step(p, device) for p in ("engine", "eager")}
-    launches = {}
+    launches, op_counts = {}, {}
     for provider, step in fns.items():
         log = LaunchLog()
         with _kernels_off(device, log):
             step()
             log.counts.clear()
             step()
-        launches[provider] = log.total if device.type != "cuda" else None
+            launches[provider] = log.total if device.type != "cuda" else None
+            op_counts[provider] = sum(torch_ops(step).values())
     log = LaunchLog()
     with _kernels_off(device, log):
         us = time_per_call(fns, steps, reps, device)
     rows = [dict(table="step", provider=p, host_ms=us[p] / 1e3, triton_launches=launches[p],
-                 vs_eager=us[p] / us["eager"]) for p in fns]
+                 torch_ops=op_counts[p], vs_eager=us[p] / us["eager"]) for p in fns]
     if device.type == "cuda":
         from benchmarks.profile_step import profile_step
         for row, step in zip(rows, fns.values()):
@@ -255,8 +276,8 @@ def _run(args, ops: List[str], device: torch.device) -> List[Dict]:
     if not args.skip_step:
         print("step: engine and eager, interleaved ...", file=sys.stderr, flush=True)
         rows += measure_steps(device, args.steps, args.reps)
-        print(format_table(rows, ["provider", "host_ms", "vs_eager", "triton_launches", "wall_ms", "gpu_busy_ms",
-                                  "gpu_launches"]))
+        print(format_table(rows, ["provider", "host_ms", "vs_eager", "triton_launches", "torch_ops", "wall_ms",
+                                  "gpu_busy_ms", "gpu_launches"]))
     if not args.skip_ops:
         op_rows = []
         for i, name in enumerate(ops):

@@ -56,6 +56,7 @@ def test_step_table(tmp_path):
     assert set(rows) == {"engine", "eager"}
     assert rows["engine"]["triton_launches"] > 0 and rows["eager"]["triton_launches"] == 0
     assert rows["eager"]["vs_eager"] == 1.0 and rows["engine"]["host_ms"] > 0
+    assert rows["engine"]["torch_ops"] > 0 and rows["eager"]["torch_ops"] > 0
 
 
 def test_bad_arguments(capsys):
@@ -68,20 +69,7 @@ def test_bad_arguments(capsys):
 
 
 def _torch_calls(fn):
-    """Top-level aten ops one call of ``fn`` issues (nested ones, e.g. linear's addmm, not
-    counted): what each op call costs the host in dispatcher round trips."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    names = []
-    for e in prof.events():
-        parent = e.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        if e.name.startswith("aten::") and parent is None:
-            names.append(e.name)
-    return sorted(names)
+    return sorted(host_overhead.torch_ops(fn).elements())
 
 
 def test_inference_calls_issue_few_torch_ops(triton_path):
