@@ -17,9 +17,9 @@ then through the trainer's DataLoader (``build_loader``) with 1 and 2 workers: i
 process (wall clock: depends on how busy the machine is) and images per worker CPU-second (from
 ``/proc``); and the bytes per image that cross the worker -> main process boundary.
 
-    python benchmarks/bench_loader.py --make-jpegs /tmp/jpegs   # 1024 ImageNet-like JPEGs, then measure
-    python benchmarks/bench_loader.py --data /tmp/jpegs --workers 1 2 --results benchmarks/results/loader.jsonl
-    python benchmarks/bench_loader.py --make-jpegs /tmp/jpegs --workers 2 4 8 --gpu-decode   # on a GPU machine
+    python -m benchmarks.bench_loader --make-jpegs /tmp/jpegs   # 1024 ImageNet-like JPEGs, then measure
+    python -m benchmarks.bench_loader --data /tmp/jpegs --workers 1 2 --results benchmarks/results/loader.jsonl
+    python -m benchmarks.bench_loader --make-jpegs /tmp/jpegs --workers 2 4 8 --gpu-decode   # on a GPU machine
 
 Prints a table; appends one JSON line per measurement to ``--results``.
 """
@@ -35,15 +35,13 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import append_jsonl, complete_row, format_table  # noqa: E402
-from tec_fast.data.decode import EncodedImage, to_rgb, turbo_decoder  # noqa: E402
-from tec_fast.data.folder import ImageFolderDataset  # noqa: E402
-from tec_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box  # noqa: E402
-from tec_fast.training.config import FitConfig  # noqa: E402
-from tec_fast.training.loader_bench import bench_loader  # noqa: E402
-from tec_fast.training.sampling import SeededSamples, mix_seed  # noqa: E402
+from benchmarks.common import append_jsonl, complete_row, format_table
+from tec_fast.data.decode import EncodedImage, to_rgb, turbo_decoder
+from tec_fast.data.folder import ImageFolderDataset
+from tec_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box
+from tec_fast.training.config import FitConfig
+from tec_fast.training.loader_bench import bench_loader
+from tec_fast.training.sampling import SeededSamples, mix_seed
 
 
 # ------------------------------------------------------------------------------ providers
