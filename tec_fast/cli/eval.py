@@ -115,27 +115,33 @@ def build_parser() -> Parser:
     return p
 
 
-# the recipe fields' flags (--batch-size and --pool are the quick probe's too, declared above):
-# type, help; the defaults shown come from RECIPES
+# the recipe fields' flags, each named like its Recipe field (--batch-size and --pool are the quick
+# probe's too, declared above): type, help; the defaults shown come from RECIPES
 _RECIPE_FLAGS = {
-    "epochs": (POSITIVE, "training epochs"),
-    "accum": (POSITIVE, "gradient accumulation micro-steps per optimizer step"),
-    "blr": (real(0, lo_open=True), "base lr: lr = blr x global batch / 256"),
-    "lr": (real(0, lo_open=True), "absolute peak lr (instead of --blr)"),
-    "min_lr": (real(0), "lr at the end of the half-cosine schedule"),
-    "warmup_epochs": (real(0), "linear warmup"),
-    "weight_decay": (real(0), "weight decay (LARS / AdamW; not on biases and norms)"),
-    "crop_scale": (real(0, 1, lo_open=True), "RandomResizedCrop's smallest area fraction (+ flip)"),
-    "layer_decay": (real(0, 1, lo_open=True), "finetune: layer-wise lr decay"),
-    "drop_path": (real(0, 1, hi_open=True), "finetune: stochastic depth of the last block"),
-    "mixup": (real(0), "finetune: mixup Beta alpha (0: off)"),
-    "cutmix": (real(0), "finetune: cutmix Beta alpha (0: off)"),
-    "smoothing": (real(0, 1, hi_open=True), "finetune: label smoothing"),
-    "randaug_n": (NON_NEGATIVE, "finetune: RandAugment ops per image (0: off)"),
-    "randaug_m": (real(0, 10), "finetune: RandAugment magnitude"),
-    "randaug_mstd": (real(0), "finetune: RandAugment magnitude jitter (std)"),
-    "reprob": (real(0, 1), "finetune: random-erasing probability"),
+    "--epochs": (POSITIVE, "training epochs"),
+    "--accum": (POSITIVE, "gradient accumulation micro-steps per optimizer step"),
+    "--blr": (real(0, lo_open=True), "base lr: lr = blr x global batch / 256"),
+    "--lr": (real(0, lo_open=True), "absolute peak lr (instead of --blr)"),
+    "--min-lr": (real(0), "lr at the end of the half-cosine schedule"),
+    "--warmup-epochs": (real(0), "linear warmup"),
+    "--weight-decay": (real(0), "weight decay (LARS / AdamW; not on biases and norms)"),
+    "--crop-scale": (real(0, 1, lo_open=True), "RandomResizedCrop's smallest area fraction (+ flip)"),
+    "--layer-decay": (real(0, 1, lo_open=True), "finetune: layer-wise lr decay"),
+    "--drop-path": (real(0, 1, hi_open=True), "finetune: stochastic depth of the last block"),
+    "--mixup": (real(0), "finetune: mixup Beta alpha (0: off)"),
+    "--cutmix": (real(0), "finetune: cutmix Beta alpha (0: off)"),
+    "--smoothing": (real(0, 1, hi_open=True), "finetune: label smoothing"),
+    "--randaug-n": (NON_NEGATIVE, "finetune: RandAugment ops per image (0: off)"),
+    "--randaug-m": (real(0, 10), "finetune: RandAugment magnitude"),
+    "--randaug-mstd": (real(0), "finetune: RandAugment magnitude jitter (std)"),
+    "--reprob": (real(0, 1), "finetune: random-erasing probability"),
 }
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
 FINETUNE_ONLY = ("layer_decay", "drop_path", "mixup", "cutmix", "smoothing", "randaug_n", "randaug_m",
                  "randaug_mstd", "reprob")
 
@@ -144,10 +150,11 @@ def _protocol_flags(p: Parser) -> None:
     lp, ft = RECIPES["linprobe"], RECIPES["finetune"]
     g = p.add_argument_group("protocol recipe (--protocol linprobe / finetune; default: the paper's, shown as "
                              "linprobe / finetune)")
-    for name, (kind, text) in _RECIPE_FLAGS.items():
+    for flag, (kind, text) in _RECIPE_FLAGS.items():
+        name = _dest(flag)
         lp_value, ft_value = (v if v is not None else "-" for v in (getattr(lp, name), getattr(ft, name)))
         shown = f"{ft_value}" if name in FINETUNE_ONLY else f"{lp_value} / {ft_value}"
-        g.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} (default: {shown})")
+        g.add_argument(flag, type=kind, help=f"{text} (default: {shown})")
     g = p.add_argument_group("protocol run (as the train command's)")
     g.add_argument("--output", metavar="DIR", type=output_dir,
                    help="checkpoints, metrics.jsonl/.csv, curves.png, results.json (default: runs/eval_PROTOCOL)")
@@ -180,7 +187,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("the following arguments are required: checkpoint (or --plot DIR)")
     set_flags = dict(given(p, args))
     if args.protocol == "quick":
-        for dest in list(_RECIPE_FLAGS) + ["output", "resume", "max_steps", "time_limit", "save_every_steps",
+        for dest in [_dest(f) for f in _RECIPE_FLAGS] + ["output", "resume", "max_steps", "time_limit", "save_every_steps",
                                            "log_every", "precision", "wandb"]:
             if dest in set_flags:
                 p.refuse(set_flags[dest], "applies to --protocol linprobe / finetune, not to the quick probe")
@@ -439,16 +446,19 @@ def plot_only(folder: str) -> dict:
 # ---------------------------------------------------------------------------------- protocols
 def run_protocol_command(args) -> dict:
     """--protocol linprobe / finetune: rank 0 holds the output folder's lock for the whole run."""
-    from tec_fast.training import setup_distributed
+    from tec_fast.training import cleanup_distributed, setup_distributed
     from tec_fast.training.run_lock import hold_output_lock
 
     d = setup_distributed(args.device)
     args.device = str(d.device)
     output = args.output or os.path.join("runs", f"eval_{args.protocol}")
-    if not d.is_main:
-        return _run_protocol(args, d, output)
-    with hold_output_lock(output):
-        return _run_protocol(args, d, output)
+    try:
+        if not d.is_main:
+            return _run_protocol(args, d, output)
+        with hold_output_lock(output):
+            return _run_protocol(args, d, output)
+    finally:
+        cleanup_distributed()
 
 
 def _run_protocol(args, d, output: str) -> dict:
