@@ -238,15 +238,18 @@ def _main(argv) -> int:
 
 
 def train(args) -> int:
-    from tec_fast.training import setup_distributed
+    from tec_fast.training import cleanup_distributed, setup_distributed
     from tec_fast.training.run_lock import hold_output_lock
 
     d = setup_distributed(args.device)
     output = args.output or os.path.join("runs", args.objective)
-    if not d.is_main or args.bench_loader:  # rank 0 alone writes into the folder
-        return _train(args, d, output)
-    with hold_output_lock(output):
-        return _train(args, d, output)
+    try:
+        if not d.is_main or args.bench_loader:  # rank 0 alone writes into the folder
+            return _train(args, d, output)
+        with hold_output_lock(output):
+            return _train(args, d, output)
+    finally:
+        cleanup_distributed()
 
 
 def _train(args, d, output: str) -> int:

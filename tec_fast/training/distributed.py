@@ -56,6 +56,9 @@ def setup_distributed(device: Optional[str] = None) -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Shut the process group down (the commands call it on the way out, error or not): a torchrun
+    worker that exits with gloo's threads still running can abort in teardown ("terminate called
+    without an active exception", exit -6) after its work was done."""
     global _DIST
     if dist.is_initialized():
         dist.destroy_process_group()
