@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
+
+from tec_fast.training.monitor import read_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 
 
 def load_rows(results_dir: str):
-    rows = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "*.jsonl"))):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        continue
-    return rows
+    return [row for path in sorted(glob.glob(os.path.join(results_dir, "*.jsonl"))) for row in read_jsonl(path)]
 
 
 def _latest(rows, keys):

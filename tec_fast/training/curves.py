@@ -4,10 +4,11 @@ from its ``metrics.jsonl``. matplotlib is optional (the ``demo`` extra): without
 drawn and the callers say so."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Dict, List, Optional, Tuple
+
+from tec_fast.training.monitor import read_jsonl
 
 CURVES_FILE = "curves.png"
 # step-record keys that are not loss terms
@@ -47,14 +48,9 @@ def read_steps(metrics_path: str) -> Dict[str, Dict[int, dict]]:
     """Step records of a ``metrics.jsonl`` per stage: {stage: {step: record}}. A step logged twice
     (a run resumed from an earlier checkpoint) keeps its newest record; torn lines are skipped."""
     stages: Dict[str, Dict[int, dict]] = {}
-    with open(metrics_path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "event" not in rec and isinstance(rec.get("step"), int):
-                stages.setdefault(str(rec.get("stage", "train")), {})[rec["step"]] = rec
+    for rec in read_jsonl(metrics_path):
+        if "event" not in rec and isinstance(rec.get("step"), int):
+            stages.setdefault(str(rec.get("stage", "train")), {})[rec["step"]] = rec
     return stages
 
 

@@ -8,7 +8,6 @@ the newest committed step result for this GPU class in ``benchmarks/results/*.js
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import time
@@ -20,6 +19,7 @@ from torch.utils.data import Dataset
 from tec_fast.training.config import FitConfig
 from tec_fast.training.distributed import setup_distributed
 from tec_fast.training.loop import _to_device, batch_images, build_loader
+from tec_fast.training.monitor import read_jsonl
 
 
 def _cpu_seconds(pid: int) -> Optional[float]:
@@ -117,15 +117,10 @@ def newest_step_result(device_name: Optional[str], folder: Optional[str] = None)
         return None
     rows: List[dict] = []
     for path in sorted(glob.glob(os.path.join(folder, "*.jsonl"))):
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                if r.get("bench") == "step" and isinstance(r.get("img_per_s"), (int, float)) and \
-                        (device_name is None or r.get("device") == device_name):
-                    rows.append(dict(r, file=os.path.basename(path)))
+        for r in read_jsonl(path):
+            if r.get("bench") == "step" and isinstance(r.get("img_per_s"), (int, float)) and \
+                    (device_name is None or r.get("device") == device_name):
+                rows.append(dict(r, file=os.path.basename(path)))
     if not rows:
         return None
     newest = max(r.get("timestamp", "") for r in rows)

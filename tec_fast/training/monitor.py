@@ -8,7 +8,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 
 def format_duration(seconds: float) -> str:
@@ -70,6 +70,22 @@ class Progress:
             self._open_line = False
             self.stream.write("\n")
             self.stream.flush()
+
+
+def read_jsonl(path: str) -> Iterator[dict]:
+    """The JSON objects of a JSON-lines file (``metrics.jsonl``, benchmark results) in order. Lines
+    that are not a whole JSON object are skipped: a blank line, a line another process is still
+    writing (no newline yet), a line torn by a crash."""
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 class MetricsLog:

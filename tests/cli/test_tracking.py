@@ -153,3 +153,12 @@ def test_a_run_writes_config_csv_and_curves_and_its_config_reruns_it(tmp_path, c
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["config"]["max_steps"] == 3 and start["config"]["batch_size"] == 4
     assert torch.load(out / "checkpoint-last.pth", weights_only=False)["step"] == 3
+
+
+def test_read_jsonl_skips_what_is_not_a_whole_record(tmp_path):
+    """Blank, torn and non-object lines are skipped; a last line without its newline is one another
+    process is still writing."""
+    from tec_fast.training.monitor import read_jsonl
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n\n{"step": 2, "lo\n[1, 2]\n{"step": 3}\n{"step": 4}')
+    assert list(read_jsonl(str(path))) == [{"step": 1}, {"step": 3}]
