@@ -446,19 +446,12 @@ def plot_only(folder: str) -> dict:
 # ---------------------------------------------------------------------------------- protocols
 def run_protocol_command(args) -> dict:
     """--protocol linprobe / finetune: rank 0 holds the output folder's lock for the whole run."""
-    from tec_fast.training import cleanup_distributed, setup_distributed
-    from tec_fast.training.run_lock import hold_output_lock
+    from tec_fast.training.distributed import distributed_command
 
-    d = setup_distributed(args.device)
-    args.device = str(d.device)
     output = args.output or os.path.join("runs", f"eval_{args.protocol}")
-    try:
-        if not d.is_main:
-            return _run_protocol(args, d, output)
-        with hold_output_lock(output):
-            return _run_protocol(args, d, output)
-    finally:
-        cleanup_distributed()
+    with distributed_command(args.device, output) as d:
+        args.device = str(d.device)
+        return _run_protocol(args, d, output)
 
 
 def _run_protocol(args, d, output: str) -> dict:

@@ -238,18 +238,11 @@ def _main(argv) -> int:
 
 
 def train(args) -> int:
-    from tec_fast.training import cleanup_distributed, setup_distributed
-    from tec_fast.training.run_lock import hold_output_lock
+    from tec_fast.training.distributed import distributed_command
 
-    d = setup_distributed(args.device)
     output = args.output or os.path.join("runs", args.objective)
-    try:
-        if not d.is_main or args.bench_loader:  # rank 0 alone writes into the folder
-            return _train(args, d, output)
-        with hold_output_lock(output):
-            return _train(args, d, output)
-    finally:
-        cleanup_distributed()
+    with distributed_command(args.device, output, lock=not args.bench_loader) as d:
+        return _train(args, d, output)
 
 
 def _train(args, d, output: str) -> int:

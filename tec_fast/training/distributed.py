@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from tec_fast.training.config import FitConfig
+from tec_fast.training.run_lock import hold_output_lock
 
 
 # ------------------------------------------------------------------------------ distributed
@@ -63,6 +64,22 @@ def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _DIST = None
+
+
+@contextlib.contextmanager
+def distributed_command(device: Optional[str], output: str, lock: bool = True) -> Iterator[DistInfo]:
+    """What a command that trains needs around its work: the torchrun set-up, rank 0's lock on the
+    output folder (``run_lock``; none with ``lock=False``, for work that writes nothing there), and
+    the process group shut down on the way out, error or not."""
+    d = setup_distributed(device)
+    try:
+        if d.is_main and lock:
+            with hold_output_lock(output):
+                yield d
+        else:
+            yield d
+    finally:
+        cleanup_distributed()
 
 
 
