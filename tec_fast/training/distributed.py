@@ -56,12 +56,15 @@ def setup_distributed(device: Optional[str] = None) -> DistInfo:
     return _DIST
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(barrier: bool = False) -> None:
     """Shut the process group down (the commands call it on the way out, error or not): a torchrun
     worker that exits with gloo's threads still running can abort in teardown ("terminate called
-    without an active exception", exit -6) after its work was done."""
+    without an active exception", exit -6) after its work was done. ``barrier``: first wait until
+    every rank got here (only on a path every rank takes: a rank that failed never arrives)."""
     global _DIST
     if dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
     _DIST = None
 
@@ -78,8 +81,10 @@ def distributed_command(device: Optional[str], output: str, lock: bool = True) -
                 yield d
         else:
             yield d
-    finally:
+    except BaseException:
         cleanup_distributed()
+        raise
+    cleanup_distributed(barrier=True)
 
 
 

@@ -20,7 +20,7 @@ def main() -> None:
                     seed=3, shard=shard, progress=False, log_every=1)
     r = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=32), cfg)
     write_rank0_summary(d, r, shard, out)
-    cleanup_distributed()
+    cleanup_distributed(barrier=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main() -> None:
     (step,) = step_class.instances
     write_rank0_summary(d, r, "ddp", out, replays=step.replays, status=r.cuda_graph,
                         local_replays=step.fwd_bwd_local.replays if step.fwd_bwd_local else 0)
-    cleanup_distributed()
+    cleanup_distributed(barrier=True)
 
 
 if __name__ == "__main__":

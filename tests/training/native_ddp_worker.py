@@ -18,7 +18,7 @@ def main() -> None:
     d = setup_distributed("cpu")
     r = _fit(folder, None, cfg={"accum": accum, "shard": shard})
     write_rank0_summary(d, r, shard, out, images_per_step=r.global_batch)
-    cleanup_distributed()
+    cleanup_distributed(barrier=True)
 
 
 if __name__ == "__main__":
