@@ -100,20 +100,15 @@ def run(args, B: int, device: torch.device):
     if args.whole_step:
         base = BaseModel(bvit, topk=topk).to(device)
 
-        def padded_step():
-            with torch.autocast(**amp):
-                with torch.no_grad():
-                    t = base(images)
-                loss = model(images, t, mask_ratio=pad_ratio)["loss"]
-            loss.backward()
-
-        def packed_step():
-            with torch.autocast(**amp):
-                with torch.no_grad():
-                    t = base(images)
-                loss = model(images, t, keep=keep)["loss"]
-            loss.backward()
-        providers += [("padded_step", padded_step), ("packed_step", packed_step)]
+        def whole_step(**masking):
+            def step():
+                with torch.autocast(**amp):
+                    with torch.no_grad():
+                        t = base(images)
+                    loss = model(images, t, **masking)["loss"]
+                loss.backward()
+            return step
+        providers += [("padded_step", whole_step(mask_ratio=pad_ratio)), ("packed_step", whole_step(keep=keep))]
 
     backend, why = packed_attention_backend(device, dtype, enc.embed_dim // enc.num_heads)
     tokens_packed, tokens_padded = int(keep.sum()) + B, B * (1 + k_max)

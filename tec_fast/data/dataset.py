@@ -79,8 +79,9 @@ class ImageDataset(Dataset):
         self._warned = set()  # per process: warn once per file
 
     def _read(self, i: int) -> bytes:
-        """The encoded bytes of sample ``i`` (a source's one job)."""
-        raise NotImplementedError
+        """The encoded bytes of sample ``i`` (a source's one job: folders, shards and HF folders
+        each define it)."""
+        raise NotImplementedError(f"{type(self).__name__} is not an image source: it defines no _read")
 
     def encoded(self, i: int) -> EncodedImage:
         """Sample ``i``'s file, header read (raises on an unreadable header)."""

@@ -59,18 +59,25 @@ def _cpu_stand_in(device, files, names):
     return [torch.from_numpy(EncodedImage(bytes(f.numpy())).decode().copy()).permute(2, 0, 1) for f in files]
 
 
+def _same_draws(ds, seed):
+    """Each sample through the GPU-decode view and through the CPU path with the same seed, so
+    both draw the same crop box and flip: (encoded samples, CPU uint8 images)."""
+    view = GpuDecodeView(ds)
+    samples, refs = [], []
+    for i in range(len(ds)):
+        torch.manual_seed(seed + i)
+        samples.append(view[i])
+        torch.manual_seed(seed + i)
+        refs.append(ds[i][0])
+    return samples, refs
+
+
 def test_batch_crop_flip_normalise_match_the_cpu_path(folder, monkeypatch):
     """At 24 px no crop of these 48x36 images allows the CPU path's DCT-scaled decode, so both
     paths resample the same full-size pixels."""
     monkeypatch.setattr(gpu_decode, "_decode_on", _cpu_stand_in)
     ds = ImageFolderDataset(folder, img_size=24, train=True, uint8=True)
-    view = GpuDecodeView(ds)
-    samples, refs = [], []
-    for i in range(len(ds)):
-        torch.manual_seed(100 + i)
-        samples.append(view[i])
-        torch.manual_seed(100 + i)
-        refs.append(ds[i][0])
+    samples, refs = _same_draws(ds, seed=100)
     batch, labels = collate_encoded(samples, 24)
     assert len(batch) == len(ds) and labels.tolist() == ds.targets
     out = batch.to("cpu")
@@ -128,13 +135,7 @@ def test_refusals_and_reasons(folder, capsys):
 @needs_gpu_decode
 def test_nvjpeg_batch_close_to_the_cpu_path(folder):
     ds = ImageFolderDataset(folder, img_size=24, train=True, uint8=True)  # 24 px: no DCT-scaled CPU decode
-    view = GpuDecodeView(ds)
-    samples, refs = [], []
-    for i in range(len(ds)):
-        torch.manual_seed(7 + i)
-        samples.append(view[i])
-        torch.manual_seed(7 + i)
-        refs.append(ds[i][0])
+    samples, refs = _same_draws(ds, seed=7)
     batch, _ = collate_encoded(samples, 24)
     out = batch.pin_memory().to("cuda").cpu()
     levels = ((out - normalize(torch.stack(refs))) * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255).abs()

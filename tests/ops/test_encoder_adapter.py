@@ -66,7 +66,7 @@ def test_non_contiguous_buffer(triton_path, monkeypatch):
         assert_close(a, b, atol=1e-5, rtol=1e-4, name=name)
 
 
-def test_bf16_error_within_twice_eager(triton_path, monkeypatch):
+def test_bf16_error_within_budget(triton_path, monkeypatch):
     D, G, B, T, C, hidden = SHAPES[0]
     m32, feats32 = _module(D, G, C, hidden), _feats(D, B, T, C)
     m16 = _module(D, G, C, hidden, torch.bfloat16)
