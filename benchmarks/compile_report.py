@@ -225,7 +225,7 @@ def _case_masked_gather(s, dt):
     x = _meta(B, C, L, dtype=dt).transpose(1, 2)  # patch_embed: conv [B, C, h, w] -> flatten -> transpose
     pos = _meta(1 + L, C, dtype=dt)[1:]
     m._masked_gather_fwd(x, _ids(B, K), pos)
-    m._masked_gather_bwd(_meta(B, K, C, dtype=dt), _ids(B, K), L, dt, True)
+    m._masked_gather_bwd(_meta(B, K, C, dtype=dt), _ids(B, K), L, dt, torch.float32)
 
 
 def _case_scatter_masked(s, dt):
@@ -234,7 +234,7 @@ def _case_scatter_masked(s, dt):
     y = _meta(B, 1 + K, Cd, dtype=dt)  # decoder_embed output; the op reads y[:, 1:]
     pos = _meta(1 + L, Cd, dtype=dt)[1:]
     m._scatter_masked_fwd(y[:, 1:], _ids(B, L), _meta(Cd, dtype=dt), pos)
-    m._scatter_masked_bwd(_meta(B, L, Cd, dtype=dt), _ids(B, L), K, True, dt)
+    m._scatter_masked_bwd(_meta(B, L, Cd, dtype=dt), _ids(B, L), K, dt, (Cd,), torch.float32, torch.float32)
 
 
 def _case_patch_norm_mse(s, dt):
@@ -289,7 +289,7 @@ def _case_layer_norm(s, dt):
         x, res = _meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt)
         w, b = _meta(C), _meta(C)
         y, h, stats = m._layer_norm_fwd(x, res, w, b, 1e-6)
-        m._layer_norm_bwd(_meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt), h, w, stats)
+        m._layer_norm_bwd(_meta(rows, C, dtype=dt), _meta(rows, C, dtype=dt), h, w, stats, torch.float32)
 
 
 def _case_mlp(s, dt):

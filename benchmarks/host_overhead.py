@@ -95,12 +95,15 @@ def _sync(device: torch.device) -> None:
 
 
 def time_per_call(fns: Dict[str, Callable[[], object]], calls: int, reps: int,
-                  device: torch.device) -> Dict[str, float]:
-    """Median over ``reps`` of the microseconds per call of ``calls`` back-to-back calls of each
-    of ``fns``, the providers interleaved rep by rep. On CPU the clock is this thread's CPU time
-    (``time.thread_time``), so time spent descheduled on a shared machine does not count; on a
-    GPU it is wall time without synchronising between calls (the host's issue time while the
-    tiny kernels keep up)."""
+                  device: torch.device) -> Dict[str, Dict[str, float]]:
+    """The microseconds per call of ``calls`` back-to-back calls of each of ``fns``, the
+    providers interleaved rep by rep: {"min": best of ``reps``, "median": their median}. On CPU
+    the clock is this thread's CPU time (``time.thread_time``), so time spent descheduled on a
+    shared machine does not count; on a GPU it is wall time without synchronising between calls
+    (the host's issue time while the tiny kernels keep up). The best repetition is the number
+    reported: on a shared virtual machine other guests' load only ever adds time (it shows up as
+    CPU time the guest cannot tell from its own), so the minimum is the stable estimate of what
+    a call costs; the median shows how much the load moved it."""
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for fn in fns.values():
@@ -113,7 +116,7 @@ def time_per_call(fns: Dict[str, Callable[[], object]], calls: int, reps: int,
                 fn()
             _sync(device)
             samples[name].append((clock() - t0) * 1e6 / calls)
-    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+    return {name: {"min": min(v), "median": sorted(v)[len(v) // 2]} for name, v in samples.items()}
 
 
 # ---- the step --------------------------------------------------------------------------------
@@ -167,8 +170,9 @@ def measure_steps(device: torch.device, steps: int, reps: int) -> List[Dict]:
     log = LaunchLog()
     with _kernels_off(device, log):
         us = time_per_call(fns, steps, reps, device)
-    rows = [dict(table="step", provider=p, host_ms=us[p] / 1e3, triton_launches=launches[p],
-                 torch_ops=op_counts[p], vs_eager=us[p] / us["eager"]) for p in fns]
+    rows = [dict(table="step", provider=p, host_ms=us[p]["min"] / 1e3, host_ms_median=us[p]["median"] / 1e3,
+                 triton_launches=launches[p], torch_ops=op_counts[p], vs_eager=us[p]["min"] / us["eager"]["min"])
+            for p in fns]
     if device.type == "cuda":
         from benchmarks.profile_step import profile_step
         for row, step in zip(rows, fns.values()):
@@ -215,7 +219,9 @@ def measure_op(name: str, device: torch.device, calls: int, reps: int, size: str
         bwd_us = time_per_call(calls_bwd, calls, reps, device) if calls_bwd else {}
     counted = device.type != "cuda"
     for p in impls:
-        rows.append(dict(table="op", op=name, provider=p, shape=ex.shape, fwd_us=fwd_us[p], bwd_us=bwd_us.get(p),
+        bwd = bwd_us.get(p, {})
+        rows.append(dict(table="op", op=name, provider=p, shape=ex.shape, fwd_us=fwd_us[p]["min"],
+                         bwd_us=bwd.get("min"), fwd_us_median=fwd_us[p]["median"], bwd_us_median=bwd.get("median"),
                          fwd_launches=launches[p][0] if counted else None,
                          bwd_launches=launches[p][1] if counted else None))
     ref = rows[1]
@@ -240,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--skip-ops", action="store_true", help="only the step table")
     p.add_argument("--steps", type=int, default=3, help="steps per timed repetition (default 3)")
     p.add_argument("--calls", type=int, default=50, help="op calls per timed repetition (default 50)")
-    p.add_argument("--reps", type=int, default=7, help="timed repetitions, median reported (default 7)")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions, interleaved; the best is reported, the median kept beside it (default 7)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--out", default=RESULTS, help="JSON-lines file rows are appended to ('' = none)")
     args = p.parse_args(argv)

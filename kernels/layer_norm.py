@@ -87,6 +87,26 @@ def _layer_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, stats_ptr, dx_ptr, 
     tl.store(part_ptr + (tl.num_programs(0) + pid) * C + cc, db, mask=ok)
 
 
+@triton.jit
+def _layer_norm_dwdb_kernel(part_ptr, dw_ptr, db_ptr, n_parts, C,
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dweight, dbias [C] (in their parameters' dtypes) = the sums over the backward's
+    per-program partials part [2, n_parts, C]: one launch and no fp32 [2, C] result to split
+    and cast on the host."""
+    cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cc < C
+    acc_w = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    acc_b = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        pp = p0 + tl.arange(0, BLOCK_P)
+        offs = pp[:, None].to(tl.int64) * C + cc[None, :]
+        m = (pp[:, None] < n_parts) & ok[None, :]
+        acc_w += tl.load(part_ptr + offs, mask=m, other=0.0)
+        acc_b += tl.load(part_ptr + n_parts * C + offs, mask=m, other=0.0)
+    tl.store(dw_ptr + cc, tl.sum(acc_w, axis=0).to(dw_ptr.dtype.element_ty), mask=ok)
+    tl.store(db_ptr + cc, tl.sum(acc_b, axis=0).to(db_ptr.dtype.element_ty), mask=ok)
+
+
 @functools.lru_cache(maxsize=None)
 def _fwd_config(C: int) -> Tuple[int, int]:
     """(BLOCK_C, num_warps): the whole row in one program."""
@@ -100,6 +120,15 @@ def _bwd_config(rows: int, C: int, device: torch.device) -> Tuple[int, int]:
     n_prog = persistent_programs(rows, device)
     rows_per_prog = cdiv(max(rows, 1), n_prog)
     return cdiv(max(rows, 1), rows_per_prog), rows_per_prog
+
+
+@functools.lru_cache(maxsize=None)
+def _dwdb_config(n_parts: int, C: int) -> Tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, column blocks) of the partial-sum reduction: tiles of about 4K fp32
+    values per tensor, 64 columns wide at most so a ViT-B row (768) spreads over 12 programs."""
+    block_c = min(next_pow2(C), 64)
+    block_p = max(1, min(next_pow2(n_parts), 4096 // block_c))
+    return block_p, block_c, cdiv(C, block_c)
 
 
 def _as_rows(t: torch.Tensor, C: int) -> Tuple[torch.Tensor, int]:
@@ -119,17 +148,19 @@ def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
     call does not return (each allocation is a dispatcher call on the host)."""
     C = x.shape[-1]
     rows = x.numel() // C if C else 0
-    dev, has_res = x.device, residual is not None
-    like_x = x.is_contiguous()  # empty_like is the cheapest allocation (on the host)
-    y = torch.empty_like(x) if like_x else torch.empty(x.shape, dtype=x.dtype, device=dev)
-    h = stats = None
-    if has_res:
-        h = torch.empty_like(x) if like_x else torch.empty(x.shape, dtype=x.dtype, device=dev)
-    if keep_stats:
-        stats = torch.empty((2, rows), dtype=torch.float32, device=dev)
-    if rows:
+    has_res = residual is not None
+    if x.is_contiguous():  # empty_like is the cheapest allocation (on the host)
+        y = torch.empty_like(x)
+        h = torch.empty_like(x) if has_res else None
+        stride_x = C
+    else:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if has_res else None
         x, stride_x = _as_rows(x, C)
-        residual, stride_r = _as_rows(residual, C) if has_res else (x, 0)
+    stats = torch.empty(2, rows, dtype=torch.float32, device=y.device) if keep_stats else None
+    if rows:
+        residual, stride_r = ((residual, C) if residual.is_contiguous() else _as_rows(residual, C)) \
+            if has_res else (x, 0)
         block_c, num_warps = _fwd_config(C)
         launch(_layer_norm_fwd_kernel, (rows,),
             x, residual, weight, bias, y, h if has_res else y, stats if keep_stats else y, rows, C, eps,
@@ -138,24 +169,28 @@ def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
 
 
 def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
-                    stats: torch.Tensor):
+                    stats: torch.Tensor, b_dtype: torch.dtype):
     """dy, dh_out, h [..., C] (contiguous), stats [2, rows] -> (dh shaped like h, in h's dtype;
-    [dweight; dbias] [2, C] fp32)."""
+    dweight [C] in weight's dtype; dbias [C] in ``b_dtype``)."""
     C = h.shape[-1]
     rows = h.numel() // C if C else 0
     dev = h.device
     dx = torch.empty_like(h)
+    dw = torch.empty_like(weight)
+    db = torch.empty(C, dtype=b_dtype, device=dev)
     n_prog, rows_per_prog = _bwd_config(rows, C, dev)
+    if not rows:
+        return dx, dw.zero_(), db.zero_()
     # weight and bias partial sums in one buffer: one reduction launch for both
-    parts = torch.empty((2, n_prog, C), dtype=torch.float32, device=dev)
-    if rows:
-        block_c, num_warps = _fwd_config(C)
-        launch(_layer_norm_bwd_kernel, (n_prog,),
-            dy, dh_out if dh_out is not None else dy, h, weight, stats, dx, parts, rows, C, rows_per_prog,
-            HAS_DH=dh_out is not None, BLOCK_C=block_c, num_warps=num_warps)
-    else:
-        parts.zero_()
-    return dx, parts.sum(1)
+    parts = torch.empty(2, n_prog, C, dtype=torch.float32, device=dev)
+    block_c, num_warps = _fwd_config(C)
+    launch(_layer_norm_bwd_kernel, (n_prog,),
+        dy, dh_out if dh_out is not None else dy, h, weight, stats, dx, parts, rows, C, rows_per_prog,
+        HAS_DH=dh_out is not None, BLOCK_C=block_c, num_warps=num_warps)
+    block_p, block_c, n_col = _dwdb_config(n_prog, C)
+    launch(_layer_norm_dwdb_kernel, (n_col,), parts, dw, db, n_prog, C, BLOCK_P=block_p, BLOCK_C=block_c,
+           num_warps=4)
+    return dx, dw, db
 
 
 # ---- torch.library registration: what torch.compile and dispatch modes see -------------------
@@ -176,50 +211,54 @@ def _(x, residual, weight, bias, eps):
 
 @torch.library.custom_op("tec_fast::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.Tensor,
-                            weight: torch.Tensor, stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _layer_norm_bwd(dy, dh_out, h, weight, stats)
+                            weight: torch.Tensor, stats: torch.Tensor, b_dtype: torch.dtype
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _layer_norm_bwd(dy, dh_out, h, weight, stats, b_dtype)
 
 
 @_layer_norm_backward_op.register_fake
-def _(dy, dh_out, h, weight, stats):
-    return h.new_empty(h.shape), h.new_empty((2, h.shape[-1]), dtype=torch.float32)
+def _(dy, dh_out, h, weight, stats, b_dtype):
+    return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape, dtype=b_dtype)
 
 
 # ---- autograd ---------------------------------------------------------------------------------
 
 class _LayerNorm(torch.autograd.Function):
-    """x, residual [..., C] -> (y, h) shaped like x (h empty without a residual). Saves h (or
-    x), the weight and the row statistics; the backward writes dh once (it is both dx and
-    dresidual) and the weight and bias gradients as one [2, C] sum."""
+    """x, residual [..., C] -> (y, h) shaped like x (h None without a residual). Saves h (or
+    x) and the weight, and keeps the row statistics (an intermediate) on ctx; the backward
+    writes dh once (it is both dx and dresidual) and the weight and bias gradients in their
+    parameters' dtypes."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
-        fwd = _layer_norm_fwd if direct_launch() else _layer_norm_op
-        y, h, stats = fwd(x, residual, weight, bias, eps)
+        if direct_launch():
+            y, h, stats = _layer_norm_fwd(x, residual, weight, bias, eps)
+        else:
+            y, h, stats = _layer_norm_op(x, residual, weight, bias, eps)
+            h = h if residual is not None else None
         ctx.set_materialize_grads(False)  # no zero gradients (and launches) for an unused y or h
-        ctx.has_res = residual is not None
-        ctx.save_for_backward(h if ctx.has_res else x, weight, stats)
-        ctx.dtypes = weight.dtype, bias.dtype
+        ctx.save_for_backward(x if h is None else h, weight)
+        ctx.stats, ctx.has_res, ctx.b_dtype = stats, h is not None, bias.dtype
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh_out):
-        h, weight, stats = ctx.saved_tensors
-        dh_out = dh_out if ctx.has_res else None
-        if dy is None and dh_out is None:
-            return None, None, None, None, None
-        dy = h.new_zeros(h.shape) if dy is None else dy.contiguous()
-        if dh_out is not None:
+        h, weight = ctx.saved_tensors
+        if dy is None:
+            if dh_out is None:
+                return None, None, None, None, None
+            dy = h.new_zeros(h.shape)
+        elif not dy.is_contiguous():
+            dy = dy.contiguous()
+        if dh_out is not None and not dh_out.is_contiguous():
             dh_out = dh_out.contiguous()
-        h = h.contiguous()  # x (no residual) as given; h is contiguous already
+        if not h.is_contiguous():  # x (no residual) as given; h is contiguous already
+            h = h.contiguous()
         bwd = _layer_norm_bwd if direct_launch() else _layer_norm_backward_op
-        dx, dwb = bwd(dy, dh_out, h, weight, stats)
-        dw, db = dwb.unbind(0)
-        w_dtype, b_dtype = ctx.dtypes
+        dx, dw, db = bwd(dy, dh_out, h, weight, ctx.stats, ctx.b_dtype)
         need = ctx.needs_input_grad
         return (dx if need[0] else None, dx if ctx.has_res and need[1] else None,
-                (dw if w_dtype == torch.float32 else dw.to(w_dtype)) if need[2] else None,
-                (db if b_dtype == torch.float32 else db.to(b_dtype)) if need[3] else None, None)
+                dw if need[2] else None, db if need[3] else None, None)
 
 
 _apply = eager_apply(_LayerNorm)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, launch, lower_bound,
-                                      next_pow2, search_steps, unit_last_stride)
+                                      next_pow2, search_steps, sum_parts, unit_last_stride)
 
 
 @triton.jit
@@ -87,7 +87,8 @@ def _masked_gather_bwd_kernel(grad_out_ptr, sorted_ptr, perm_ptr, grad_x_ptr, po
         sorted_row += K
         x_ptr += L * C
     if POS_GRAD:
-        tl.store(pos_part_ptr + (pid_b.to(tl.int64) * L + ls[:, None]) * C + cols[None, :], pos_acc, mask=tile_ok)
+        tl.store(pos_part_ptr + (pid_b.to(tl.int64) * L + ls[:, None]) * C + cols[None, :],
+                 pos_acc.to(pos_part_ptr.dtype.element_ty), mask=tile_ok)
 
 
 _TARGET_PROGRAMS = 1024  # backward: split the batch until about this many programs run
@@ -118,8 +119,8 @@ def _channel_strided_config(K: int, C: int) -> Tuple[int, int, int]:
 def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
     B, L, C = x.shape  # any strides: x is read in place, never copied
     K = ids_keep.shape[1]
-    out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)  # as x + pos
-    out = torch.empty((B, K, C), dtype=out_dtype, device=x.device)
+    out_dtype = x.dtype if pos is None or pos.dtype == x.dtype else torch.promote_types(x.dtype, pos.dtype)
+    out = torch.empty(B, K, C, dtype=out_dtype, device=x.device)  # out's dtype: that of x + pos
     if out.numel() == 0:
         return out
     if pos is not None:
@@ -145,17 +146,24 @@ def _bwd_config(B: int, L: int, C: int, target: int) -> Tuple[int, int, int, int
 
 
 def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
-                       pos_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Returns (grad_x [B, L, C] in x_dtype, grad_pos [L, C] fp32 or None)."""
+                       pos_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Returns (grad_x [B, L, C] in x_dtype, grad_pos [L, C] in ``pos_dtype``, or None without one)."""
     grad_out = unit_last_stride(grad_out)
     B, K, C = grad_out.shape
     dev = grad_out.device
     # inverse of the gather, per image: the i with ids_keep[b, i] == l are a run of perm, found
     # in the kernel by binary search in sorted_ids; indices outside [0, L) match no l: dropped
     sorted_ids, perm = torch.sort(ids_keep, dim=1, stable=True)
-    grad_x = torch.empty((B, L, C), dtype=x_dtype, device=dev)
+    grad_x = torch.empty(B, L, C, dtype=x_dtype, device=dev)
     rows, block_c, num_warps, n_l, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
-    pos_part = torch.empty((n_b, L, C) if pos_grad else (1,), dtype=torch.float32, device=dev)
+    pos_grad = pos_dtype is not None
+    # one batch slice writes grad_pos itself, in pos's dtype; more write fp32 partials, summed after
+    if not pos_grad:
+        pos_part = grad_x
+    elif n_b == 1:
+        pos_part = torch.empty(L, C, dtype=pos_dtype, device=dev)
+    else:
+        pos_part = torch.empty(n_b, L, C, dtype=torch.float32, device=dev)
     if grad_x.numel():
         launch(_masked_gather_bwd_kernel, (n_l, n_c, n_b),
             grad_out, sorted_ids, perm, grad_x, pos_part, B, K, L, C, b_per_prog,
@@ -165,7 +173,7 @@ def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x
         pos_part.zero_()
     if not pos_grad:
         return grad_x, None
-    return grad_x, (pos_part[0] if n_b == 1 else pos_part.sum(0))  # one slice: nothing to add up
+    return grad_x, (pos_part if n_b == 1 else sum_parts(pos_part, (L, C), pos_dtype))
 
 
 # ---- torch.library registration: what torch.compile and dispatch modes see -------------------
@@ -183,18 +191,18 @@ def _(x, ids_keep, pos):
 
 @torch.library.custom_op("tec_fast::masked_gather_backward", mutates_args=())
 def _masked_gather_backward_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
-                               pos_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    grad_x, grad_pos = _masked_gather_bwd(grad_out, ids_keep, L, x_dtype, pos_grad)
+                               pos_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
+    grad_x, grad_pos = _masked_gather_bwd(grad_out, ids_keep, L, x_dtype, pos_dtype)
     if grad_pos is None:  # a custom op returns tensors only
-        grad_pos = grad_out.new_empty((0,), dtype=torch.float32)
+        grad_pos = grad_out.new_empty((0,))
     return grad_x, grad_pos
 
 
 @_masked_gather_backward_op.register_fake
-def _(grad_out, ids_keep, L, x_dtype, pos_grad):
+def _(grad_out, ids_keep, L, x_dtype, pos_dtype):
     B, _, C = grad_out.shape
     return (grad_out.new_empty((B, L, C), dtype=x_dtype),
-            grad_out.new_empty((L, C) if pos_grad else (0,), dtype=torch.float32))
+            grad_out.new_empty((L, C)) if pos_dtype is None else grad_out.new_empty((L, C), dtype=pos_dtype))
 
 
 # ---- autograd ---------------------------------------------------------------------------------
@@ -204,8 +212,7 @@ class _MaskedGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ids_keep, pos):
-        fwd = _masked_gather_fwd if direct_launch() else _masked_gather_op
-        out = fwd(x, ids_keep, pos)
+        out = (_masked_gather_fwd if direct_launch() else _masked_gather_op)(x, ids_keep, pos)
         ctx.save_for_backward(ids_keep)
         ctx.L, ctx.x_dtype = x.shape[1], x.dtype
         ctx.pos_dtype = pos.dtype if pos is not None else None
@@ -215,12 +222,10 @@ class _MaskedGather(torch.autograd.Function):
     def backward(ctx, grad_out):
         (ids_keep,) = ctx.saved_tensors
         need_x, _, need_pos = ctx.needs_input_grad
-        pos_grad = ctx.pos_dtype is not None and need_pos
+        pos_dtype = ctx.pos_dtype if need_pos else None
         bwd = _masked_gather_bwd if direct_launch() else _masked_gather_backward_op
-        grad_x, grad_pos = bwd(grad_out, ids_keep, ctx.L, ctx.x_dtype, pos_grad)
-        if pos_grad and grad_pos.dtype != ctx.pos_dtype:
-            grad_pos = grad_pos.to(ctx.pos_dtype)
-        return grad_x if need_x else None, None, grad_pos if pos_grad else None
+        grad_x, grad_pos = bwd(grad_out, ids_keep, ctx.L, ctx.x_dtype, pos_dtype)
+        return grad_x if need_x else None, None, grad_pos if pos_dtype is not None else None
 
 
 _apply = eager_apply(_MaskedGather)

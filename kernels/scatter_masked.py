@@ -17,14 +17,14 @@ Reference: ``tec_fast.ops.reference.scatter_masked``.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, launch, lower_bound,
-                                      next_pow2, search_steps, unit_last_stride)
+                                      next_pow2, search_steps, sum_parts, unit_last_stride)
 
 
 @triton.jit
@@ -101,7 +101,8 @@ def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, sorted_ptr, perm_ptr, grad
     part = pid_b * tl.num_programs(0) + pid_j
     tl.store(tok_part_ptr + part.to(tl.int64) * C + cols, tl.sum(tok_acc, axis=0), mask=col_ok)
     if POS_GRAD:
-        tl.store(pos_part_ptr + (pid_b.to(tl.int64) * L + j[:, None]) * C + cols[None, :], pos_acc, mask=tile_ok)
+        tl.store(pos_part_ptr + (pid_b.to(tl.int64) * L + j[:, None]) * C + cols[None, :],
+                 pos_acc.to(pos_part_ptr.dtype.element_ty), mask=tile_ok)
 
 
 _TARGET_PROGRAMS = 1024  # backward: split the batch until about this many programs run
@@ -152,20 +153,30 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
     return out
 
 
-def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, pos_grad: bool,
-                        vis_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Returns (grad_vis [B, K, C] in vis_dtype, grad_mask_token [C] fp32, grad_pos [L, C] fp32 or None)."""
+def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, vis_dtype: torch.dtype,
+                        tok_shape: Optional[Sequence[int]], tok_dtype: torch.dtype,
+                        pos_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, Optional[torch.Tensor],
+                                                                   Optional[torch.Tensor]]:
+    """Returns (grad_vis [B, K, C] in vis_dtype, grad_mask_token in ``tok_shape`` and ``tok_dtype``
+    (None when ``tok_shape`` is None: no gradient wanted), grad_pos [L, C] in ``pos_dtype`` (None
+    when that is None))."""
     grad_out = unit_last_stride(grad_out)
     B, L, C = grad_out.shape
     dev = grad_out.device
     # inverse of the unshuffle, per image: the j with ids_restore[b, j] == i < K are a run of
     # perm, found in the kernel by binary search in sorted_ids; indices outside [0, K) match no i
     sorted_ids, perm = torch.sort(ids_restore, dim=1, stable=True)
-    grad_vis = torch.empty((B, K, C), dtype=vis_dtype, device=dev)
+    grad_vis = torch.empty(B, K, C, dtype=vis_dtype, device=dev)
     rows, block_c, num_warps, n_j, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
-    f32 = dict(dtype=torch.float32, device=dev)
-    tok_part = torch.empty((n_b * n_j, C), **f32)  # every program writes its row of both partials
-    pos_part = torch.empty((n_b, L, C) if pos_grad else (1,), **f32)
+    tok_part = torch.empty(n_b * n_j, C, dtype=torch.float32, device=dev)  # a row per program
+    # one batch slice writes grad_pos itself, in pos's dtype; more write fp32 partials, summed after
+    pos_grad = pos_dtype is not None
+    if not pos_grad:
+        pos_part = tok_part
+    elif n_b == 1:
+        pos_part = torch.empty(L, C, dtype=pos_dtype, device=dev)
+    else:
+        pos_part = torch.empty(n_b, L, C, dtype=torch.float32, device=dev)
     if grad_out.numel():
         launch(_scatter_masked_bwd_kernel, (n_j, n_c, n_b),
             grad_out, ids_restore, sorted_ids, perm, grad_vis, tok_part, pos_part,
@@ -176,9 +187,10 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
         grad_vis.zero_()
         tok_part.zero_()
         pos_part.zero_()
+    grad_tok = sum_parts(tok_part, tok_shape, tok_dtype) if tok_shape is not None else None
     if not pos_grad:
-        return grad_vis, tok_part.sum(0), None
-    return grad_vis, tok_part.sum(0), (pos_part[0] if n_b == 1 else pos_part.sum(0))  # one slice: no sum
+        return grad_vis, grad_tok, None
+    return grad_vis, grad_tok, (pos_part if n_b == 1 else sum_parts(pos_part, (L, C), pos_dtype))
 
 
 # ---- torch.library registration: what torch.compile and dispatch modes see -------------------
@@ -195,33 +207,36 @@ def _(vis, ids_restore, mask_token, pos):
 
 
 @torch.library.custom_op("tec_fast::scatter_masked_backward", mutates_args=())
-def _scatter_masked_backward_op(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, pos_grad: bool,
-                                vis_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_vis, grad_tok, grad_pos = _scatter_masked_bwd(grad_out, ids_restore, K, pos_grad, vis_dtype)
-    return grad_vis, grad_tok, grad_pos if grad_pos is not None else grad_tok.new_empty((0,))
+def _scatter_masked_backward_op(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, vis_dtype: torch.dtype,
+                                tok_shape: Optional[List[int]], tok_dtype: torch.dtype,
+                                pos_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_vis, grad_tok, grad_pos = _scatter_masked_bwd(grad_out, ids_restore, K, vis_dtype, tok_shape, tok_dtype,
+                                                       pos_dtype)
+    none = grad_out.new_empty((0,))  # a custom op returns tensors only
+    return grad_vis, none if grad_tok is None else grad_tok, none if grad_pos is None else grad_pos
 
 
 @_scatter_masked_backward_op.register_fake
-def _(grad_out, ids_restore, K, pos_grad, vis_dtype):
+def _(grad_out, ids_restore, K, vis_dtype, tok_shape, tok_dtype, pos_dtype):
     B, L, C = grad_out.shape
-    f32 = dict(dtype=torch.float32)
-    return (grad_out.new_empty((B, K, C), dtype=vis_dtype), grad_out.new_empty((C,), **f32),
-            grad_out.new_empty((L, C) if pos_grad else (0,), **f32))
+    none = grad_out.new_empty((0,))
+    return (grad_out.new_empty((B, K, C), dtype=vis_dtype),
+            none if tok_shape is None else grad_out.new_empty(tok_shape, dtype=tok_dtype),
+            none if pos_dtype is None else grad_out.new_empty((L, C), dtype=pos_dtype))
 
 
 # ---- autograd ---------------------------------------------------------------------------------
 
 class _ScatterMasked(torch.autograd.Function):
     """Saves ids_restore only; the backward gathers grad_vis and sums the mask token's and
-    pos's gradients in one kernel."""
+    pos's gradients in one kernel (and a partial-sum launch each)."""
 
     @staticmethod
     def forward(ctx, vis, ids_restore, mask_token, pos):
-        fwd = _scatter_masked_fwd if direct_launch() else _scatter_masked_op
-        out = fwd(vis, ids_restore, mask_token, pos)
+        out = (_scatter_masked_fwd if direct_launch() else _scatter_masked_op)(vis, ids_restore, mask_token, pos)
         ctx.save_for_backward(ids_restore)
         ctx.K, ctx.vis_dtype = vis.shape[1], vis.dtype
-        ctx.tok_shape, ctx.tok_dtype = mask_token.shape, mask_token.dtype
+        ctx.tok_shape, ctx.tok_dtype = tuple(mask_token.shape), mask_token.dtype
         ctx.pos_dtype = pos.dtype if pos is not None else None
         return out
 
@@ -229,16 +244,17 @@ class _ScatterMasked(torch.autograd.Function):
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
         need_vis, _, need_tok, need_pos = ctx.needs_input_grad
-        pos_grad = ctx.pos_dtype is not None and need_pos
-        bwd = _scatter_masked_bwd if direct_launch() else _scatter_masked_backward_op
-        grad_vis, grad_tok, grad_pos = bwd(grad_out, ids_restore, ctx.K, pos_grad, ctx.vis_dtype)
-        if need_tok:
-            grad_tok = grad_tok.view(ctx.tok_shape)
-            grad_tok = grad_tok if grad_tok.dtype == ctx.tok_dtype else grad_tok.to(ctx.tok_dtype)
-        if pos_grad and grad_pos.dtype != ctx.pos_dtype:
-            grad_pos = grad_pos.to(ctx.pos_dtype)
+        pos_dtype = ctx.pos_dtype if need_pos else None
+        tok_shape = ctx.tok_shape if need_tok else None
+        if direct_launch():
+            grad_vis, grad_tok, grad_pos = _scatter_masked_bwd(grad_out, ids_restore, ctx.K, ctx.vis_dtype,
+                                                               tok_shape, ctx.tok_dtype, pos_dtype)
+        else:
+            grad_vis, grad_tok, grad_pos = _scatter_masked_backward_op(
+                grad_out, ids_restore, ctx.K, ctx.vis_dtype, None if tok_shape is None else list(tok_shape),
+                ctx.tok_dtype, pos_dtype)
         return (grad_vis if need_vis else None, None, grad_tok if need_tok else None,
-                grad_pos if pos_grad else None)
+                grad_pos if pos_dtype is not None else None)
 
 
 _apply = eager_apply(_ScatterMasked)

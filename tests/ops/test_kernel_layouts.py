@@ -1,6 +1,7 @@
 """Kernel paths the op-level tests do not reach at their small shapes (interpreter, fp32):
-masked_gather reading a channel-strided x in place, and the encoder adapter's LayerNorm
-kernels with many tiles per token and many token slices per weight-gradient partial."""
+masked_gather reading a channel-strided x in place, the encoder adapter's LayerNorm
+kernels with many tiles per token and many token slices per weight-gradient partial, and the
+shared partial-sum launch over many tiles."""
 import pytest
 import torch
 
@@ -71,3 +72,19 @@ def test_pow2_block_rule():
     assert _pow2_block(20, 256) == 32 and _pow2_block(9, 256) == 16  # small widths: one masked block
     assert _ln_in_config(12, 768) == (4, 256) and _ln_in_config(24, 1024) == (8, 256)
     assert _ln_in_config(32, 1280) == (8, 256)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_parts_adds_every_tile(triton_path, monkeypatch, dtype):
+    """``sum_parts`` (the gradient partials of masked_gather and scatter_masked) over 37 partial
+    rows of 300 values taken 4 rows x 64 columns at a time: 10 row tiles (the last one short)
+    and 5 column blocks (the last partial); against the float64 sum, rounded once to ``dtype``."""
+    from tec_fast.kernels import _common as c
+    monkeypatch.setattr(c, "_sum_parts_config", lambda n_parts, N: (4, 64, -(-N // 64)))
+    parts = torch.randn(37, 6, 50, generator=torch.Generator().manual_seed(1))
+    got = c.sum_parts(parts, (6, 50), dtype)
+    assert got.shape == (6, 50) and got.dtype == dtype
+    want = parts.double().sum(0)
+    ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -23
+    assert_close(got.double(), want, atol=1e-5, rtol=ulp, name="sum")
+    assert c.sum_parts(parts[:0], (6, 50), dtype).eq(0).all()  # no partials: zeros

@@ -71,6 +71,30 @@ def test_many_rows_per_backward_program(triton_path, monkeypatch):
         assert_close(a, e, atol=1e-5, rtol=1e-4, name=name)
 
 
+@pytest.mark.parametrize("w_dtype,b_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_weight_and_bias_gradients_sum_every_partial(triton_path, monkeypatch, w_dtype, b_dtype):
+    """The second backward launch adds up the per-program partials of dweight and dbias: here 7
+    programs' partials summed 2 at a time (4 tiles, the last half empty) in column blocks of 16
+    (C = 40: the last block partial), written in each parameter's own dtype. Against float64."""
+    import tec_fast.kernels.layer_norm as m
+    monkeypatch.setattr(m, "persistent_programs", lambda rows, device, per_sm=8: 7)
+    monkeypatch.setattr(m, "_dwdb_config", lambda n_parts, C: (2, 16, -(-C // 16)))
+    x, res, w, b = _kernel_inputs((3, 9, 40), torch.float32, seed=3)
+    w = w.detach().to(w_dtype).requires_grad_()
+    b = b.detach().to(b_dtype).requires_grad_()
+    gy = torch.randn(3, 9, 40, generator=torch.Generator().manual_seed(4))
+    y, _ = m.layer_norm(x, w, b, 1e-6, residual=res)
+    dw, db = torch.autograd.grad(y, (w, b), gy)
+    h = x.detach().double() + res.detach().double()
+    xhat = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    want_dw, want_db = (gy.double() * xhat).sum((0, 1)), gy.double().sum((0, 1))
+    assert dw.dtype == w_dtype and db.dtype == b_dtype
+    # fp32 sums of 27 rows; bf16: one rounding of the fp32 sum (half an ulp, 2^-9 relative)
+    rtol = 2 ** -8 if w_dtype == torch.bfloat16 else 1e-5
+    assert_close(dw.double(), want_dw, atol=1e-4, rtol=rtol, name="grad_w")
+    assert_close(db.double(), want_db, atol=1e-4, rtol=1e-5, name="grad_b")
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 37), (2, 7, 96)])
 def test_bf16_error_within_budget(triton_path, shape):
     x, res, w, b = _kernel_inputs(shape, torch.bfloat16)
