@@ -70,6 +70,21 @@ def _sum_parts_config(n_parts: int, N: int) -> Tuple[int, int, int]:
     return block_p, block_n, cdiv(N, block_n)
 
 
+def slice_partials(n_slices: int, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Where a backward kernel that splits the batch into ``n_slices`` slices writes a parameter's
+    gradient of ``shape``: the gradient itself, in ``dtype``, when one slice covers the batch;
+    else fp32 partials [n_slices, *shape] for ``added_slices``."""
+    if n_slices == 1:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty((n_slices, *shape), dtype=torch.float32, device=device)
+
+
+def added_slices(part: torch.Tensor, n_slices: int, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The gradient in a ``slice_partials`` buffer: the buffer itself for one slice, else the sum
+    of the partials (``sum_parts``)."""
+    return part if n_slices == 1 else sum_parts(part, shape, dtype)
+
+
 def sum_parts(parts: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A new ``shape`` tensor of ``dtype``: the sum over the first dimension of the contiguous fp32
     per-program partials ``parts`` [P, *shape], in one launch (what ``parts.sum(0).to(dtype)``

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, launch, lower_bound,
-                                      next_pow2, search_steps, sum_parts, unit_last_stride)
+from tec_fast.kernels._common import (added_slices, cdiv, direct_launch, dtype_reasons, eager_apply, launch,
+                                      lower_bound, next_pow2, search_steps, slice_partials, unit_last_stride)
 
 
 @triton.jit
@@ -157,13 +157,7 @@ def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x
     grad_x = torch.empty(B, L, C, dtype=x_dtype, device=dev)
     rows, block_c, num_warps, n_l, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
     pos_grad = pos_dtype is not None
-    # one batch slice writes grad_pos itself, in pos's dtype; more write fp32 partials, summed after
-    if not pos_grad:
-        pos_part = grad_x
-    elif n_b == 1:
-        pos_part = torch.empty(L, C, dtype=pos_dtype, device=dev)
-    else:
-        pos_part = torch.empty(n_b, L, C, dtype=torch.float32, device=dev)
+    pos_part = slice_partials(n_b, (L, C), pos_dtype, dev) if pos_grad else grad_x
     if grad_x.numel():
         launch(_masked_gather_bwd_kernel, (n_l, n_c, n_b),
             grad_out, sorted_ids, perm, grad_x, pos_part, B, K, L, C, b_per_prog,
@@ -173,7 +167,7 @@ def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x
         pos_part.zero_()
     if not pos_grad:
         return grad_x, None
-    return grad_x, (pos_part if n_b == 1 else sum_parts(pos_part, (L, C), pos_dtype))
+    return grad_x, added_slices(pos_part, n_b, (L, C), pos_dtype)
 
 
 # ---- torch.library registration: what torch.compile and dispatch modes see -------------------

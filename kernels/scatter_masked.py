@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, launch, lower_bound,
-                                      next_pow2, search_steps, sum_parts, unit_last_stride)
+from tec_fast.kernels._common import (added_slices, cdiv, direct_launch, dtype_reasons, eager_apply, launch,
+                                      lower_bound, next_pow2, search_steps, slice_partials, sum_parts,
+                                      unit_last_stride)
 
 
 @triton.jit
@@ -169,14 +170,8 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
     grad_vis = torch.empty(B, K, C, dtype=vis_dtype, device=dev)
     rows, block_c, num_warps, n_j, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
     tok_part = torch.empty(n_b * n_j, C, dtype=torch.float32, device=dev)  # a row per program
-    # one batch slice writes grad_pos itself, in pos's dtype; more write fp32 partials, summed after
     pos_grad = pos_dtype is not None
-    if not pos_grad:
-        pos_part = tok_part
-    elif n_b == 1:
-        pos_part = torch.empty(L, C, dtype=pos_dtype, device=dev)
-    else:
-        pos_part = torch.empty(n_b, L, C, dtype=torch.float32, device=dev)
+    pos_part = slice_partials(n_b, (L, C), pos_dtype, dev) if pos_grad else tok_part
     if grad_out.numel():
         launch(_scatter_masked_bwd_kernel, (n_j, n_c, n_b),
             grad_out, ids_restore, sorted_ids, perm, grad_vis, tok_part, pos_part,
@@ -190,7 +185,7 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
     grad_tok = sum_parts(tok_part, tok_shape, tok_dtype) if tok_shape is not None else None
     if not pos_grad:
         return grad_vis, grad_tok, None
-    return grad_vis, grad_tok, (pos_part if n_b == 1 else sum_parts(pos_part, (L, C), pos_dtype))
+    return grad_vis, grad_tok, added_slices(pos_part, n_b, (L, C), pos_dtype)
 
 
 # ---- torch.library registration: what torch.compile and dispatch modes see -------------------
