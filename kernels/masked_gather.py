@@ -116,21 +116,28 @@ def _channel_strided_config(K: int, C: int) -> Tuple[int, int, int]:
     return rows, max(1, min(next_pow2(C), 2048 // rows)), 4
 
 
+@functools.lru_cache(maxsize=None)
+def _fwd_plan(B: int, K: int, C: int, channels_contiguous: bool) -> Tuple[Tuple[int, int], int, int, int]:
+    """(grid, ROWS, BLOCK_C, num_warps) of the forward launch."""
+    rows, block_c, num_warps = _launch_config(C) if channels_contiguous else _channel_strided_config(K, C)
+    return (cdiv(B * K, rows), cdiv(C, block_c)), rows, block_c, num_warps
+
+
 def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
     B, L, C = x.shape  # any strides: x is read in place, never copied
     K = ids_keep.shape[1]
     out_dtype = x.dtype if pos is None or pos.dtype == x.dtype else torch.promote_types(x.dtype, pos.dtype)
     out = torch.empty(B, K, C, dtype=out_dtype, device=x.device)  # out's dtype: that of x + pos
-    if out.numel() == 0:
+    if B * K * C == 0:
         return out
-    if pos is not None:
-        pos = unit_last_stride(pos)  # an [L, C] parameter: contiguous in practice
-    rows, block_c, num_warps = _launch_config(C) if x.stride(2) == 1 else _channel_strided_config(K, C)
-    grid = (cdiv(B * K, rows), cdiv(C, block_c))
+    has_pos = pos is not None
+    if has_pos and pos.stride(1) != 1:
+        pos = pos.contiguous()  # an [L, C] parameter: contiguous in practice
+    sx = x.stride()
+    grid, rows, block_c, num_warps = _fwd_plan(B, K, C, sx[2] == 1)
     launch(_masked_gather_fwd_kernel, grid,
-        x, ids_keep, pos if pos is not None else x, out, B * K, K, L, C,
-        x.stride(0), x.stride(1), x.stride(2), ids_keep.stride(0), pos.stride(0) if pos is not None else 0,
-        HAS_POS=pos is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+        x, ids_keep, pos if has_pos else x, out, B * K, K, L, C, sx[0], sx[1], sx[2], ids_keep.stride(0),
+        pos.stride(0) if has_pos else 0, HAS_POS=has_pos, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
     return out
 
 

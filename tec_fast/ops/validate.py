@@ -45,8 +45,9 @@ def _reads_values(t: torch.Tensor) -> bool:
 def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> None:
     if not isinstance(idx, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
-    if idx.dtype is not torch.int64 and idx.dtype is not torch.int32:
-        raise ValueError(f"{name} must be int64 or int32, got dtype {idx.dtype}")
+    dtype = idx.dtype
+    if dtype is not torch.int64 and dtype is not torch.int32:
+        raise ValueError(f"{name} must be int64 or int32, got dtype {dtype}")
     if idx.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
     dev = idx.device
@@ -56,7 +57,7 @@ def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> N
         return
     if dev.type == "cpu":
         lo, hi = torch.aminmax(idx)  # CPU: two cheap reads
-        lo, hi = int(lo), int(hi)
+        lo, hi = lo.item(), hi.item()
     elif checks_forced():
         lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync for both
     else:
