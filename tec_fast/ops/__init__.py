@@ -42,16 +42,18 @@ def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor,
     """
     _check_tensor(x, "x", 3)
     B, L, C = x.shape
+    dev = x.device
     if not isinstance(ids_keep, torch.Tensor) or ids_keep.dim() != 2:
         raise ValueError(f"ids_keep must be a 2-D [B, K] index tensor, got "
                          f"{getattr(ids_keep, 'shape', type(ids_keep).__name__)}")
-    _check_index(ids_keep, "ids_keep", (B, ids_keep.shape[1]), L, x.device)
+    _check_index(ids_keep, "ids_keep", (B, ids_keep.shape[1]), L, dev)
     if pos is not None:
         _check_tensor(pos, "pos", 2)
-        if tuple(pos.shape) != (L, C):
+        if pos.shape != (L, C):
             raise ValueError(f"pos must have shape {(L, C)} to match x {tuple(x.shape)}, "
                              f"got {tuple(pos.shape)}")
-        _check_same_device(x, pos=pos)
+        if pos.device != dev:
+            _check_same_device(x, pos=pos)
     if use_fast_path("masked_gather", x):
         return fast_impl("masked_gather")(x, ids_keep, pos)
     return reference.masked_gather(x, ids_keep, pos)
