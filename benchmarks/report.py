@@ -1,8 +1,9 @@
 """Performance tables generated from ``benchmarks/results/*.jsonl`` (never typed by hand).
 
     python -m benchmarks.report                 # print the tables
-    python -m benchmarks.report --update-readme # write them between the perf markers: the whole-step
-                                                # table into README.md, every table into docs/performance.md
+    python -m benchmarks.report --update-readme # write them between the markers: the whole-step table
+                                                # and the host-cost table into README.md, every table
+                                                # into docs/performance.md
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tec_fast.training.monitor import read_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+HOST_BEGIN, HOST_END = "<!-- host:begin -->", "<!-- host:end -->"
 
 
 def load_rows(results_dir: str):
@@ -98,31 +100,79 @@ def tables(rows, steps_only: bool = False) -> str:
     return "\n".join(lines)
 
 
-def update_between_markers(text: str, readme: str) -> None:
+def host_table(rows) -> str:
+    """The host-cost table of the newest commit's CPU runs of ``benchmarks/host_overhead.py``: per
+    step and per op (forward + backward), the engine's and the reference's host time (median over
+    the runs of each run's best repetition) and the range of their ratio over the runs."""
+    host = [r for r in rows if r.get("table") in ("step", "op") and "cpu" in str(r.get("device", ""))
+            and "threads" in r]
+    if not host:
+        return "No host-cost rows yet: run `python -m benchmarks.host_overhead`."
+    commit = max(host, key=lambda r: r.get("timestamp", ""))["commit"]
+    host = [r for r in host if r["commit"] == commit]  # file order: each run's rows in pairs (ours, reference)
+
+    def pairs(selected, ours):
+        mine = [r for r in selected if r["provider"] == ours]
+        return mine, [r for r in selected if r["provider"] != ours]
+    first_op = next((r["op"] for r in host if r["table"] == "op"), None)
+    runs = max(sum(r["table"] == "step" and r["provider"] == "engine" for r in host),
+               sum(r["table"] == "op" and r["op"] == first_op and r["provider"] == "triton" for r in host))
+
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    def line(name, ours, ref, ratios, unit, goal):
+        return (f"| {name} | {median(ours):.{1 if unit == 'ms' else 0}f} {unit} | {median(ref):.{1 if unit == 'ms' else 0}f} "
+                f"{unit} | {min(ratios):.2f}-{max(ratios):.2f}x | {goal} |")
+    lines = [f"Host time with every kernel launch skipped (`python -m benchmarks.host_overhead`, 2-core CPU, "
+             f"one thread, commit {commit}, {runs} run{'s' if runs > 1 else ''}): what the Python, "
+             "the dispatcher and autograd cost around the kernels, against plain torch in the same run.", "",
+             "| per call | engine | plain torch | ratio | goal |", "| --- | ---: | ---: | ---: | --- |"]
+    steps = [r for r in host if r["table"] == "step"]
+    if steps:
+        eng, eag = pairs(steps, "engine")
+        lines.append(line("ViT-B TEC step (base fwd, fwd + bwd), widths shrunk", [r["host_ms"] for r in eng],
+                          [r["host_ms"] for r in eag], [r["vs_eager"] for r in eng], "ms", "<= 0.5x"))
+    ops = [r for r in host if r["table"] == "op"]
+    for op in dict.fromkeys(r["op"] for r in ops):
+        ours, ref = pairs([r for r in ops if r["op"] == op], "triton")
+
+        def total(r):
+            return r["fwd_us"] + (r["bwd_us"] or 0.0)
+        label = f"`{op}` fwd + bwd" if ours[0].get("bwd_us") else f"`{op}` fwd (no gradient)"
+        lines.append(line(label, [total(r) for r in ours], [total(r) for r in ref],
+                          [r["fwdbwd_vs_reference"] for r in ours], "us", "<= 1.5x"))
+    return "\n".join(lines)
+
+
+def update_between_markers(text: str, readme: str, begin: str = BEGIN, end: str = END) -> None:
     with open(readme) as f:
         content = f.read()
-    if BEGIN not in content or END not in content:
-        raise SystemExit(f"{readme} has no {BEGIN} ... {END} markers")
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if begin not in content or end not in content:
+        raise SystemExit(f"{readme} has no {begin} ... {end} markers")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
     with open(readme, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+        f.write(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--update-readme", action="store_true",
-                   help="write the whole-step table into --readme and every table into --doc")
+                   help="write the whole-step and host-cost tables into --readme and every table into --doc")
     p.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"))
     p.add_argument("--doc", default=os.path.join(os.path.dirname(HERE), "docs", "performance.md"))
     args = p.parse_args(argv)
     rows = load_rows(args.results_dir)
-    text = tables(rows)
-    print(text)
+    text, host = tables(rows), host_table(rows)
+    print(text + "\n\n" + host)
     if args.update_readme:
         update_between_markers(tables(rows, steps_only=True), args.readme)
         update_between_markers(text, args.doc)
+        for path in (args.readme, args.doc):
+            update_between_markers(host, path, HOST_BEGIN, HOST_END)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,28 @@ def test_report_tables_keep_measured_gpu_rows_only():
     assert "layer_norm_fwd" in text
     assert "fake-tensors" not in text and "| compile |" not in text and "cpu-x86_64" not in text
     assert report.tables([rows[-1]]).startswith("No GPU results yet")
+
+
+def test_report_host_table_takes_the_newest_commits_runs():
+    """The host-cost table: only the newest commit's CPU rows, each run's (ours, reference) pairs in
+    file order, the median host time and the range of the ratio over the runs."""
+    from benchmarks import report
+
+    def run(commit, stamp, step_ms, eager_ms, ln_us, ref_us):
+        common = dict(device="cpu-x86_64-2c", commit=commit, timestamp=stamp, threads=1)
+        return [dict(common, table="step", provider="engine", host_ms=step_ms, vs_eager=step_ms / eager_ms),
+                dict(common, table="step", provider="eager", host_ms=eager_ms, vs_eager=1.0),
+                dict(common, table="op", op="layer_norm", provider="triton", fwd_us=ln_us, bwd_us=2 * ln_us,
+                     fwdbwd_vs_reference=ln_us / ref_us),
+                dict(common, table="op", op="layer_norm", provider="reference", fwd_us=ref_us, bwd_us=2 * ref_us,
+                     fwdbwd_vs_reference=1.0)]
+    rows = (run("old", "2026-12-01T00:00:00", 30.0, 20.0, 50.0, 10.0)
+            + run("new", "2026-12-06T00:00:00", 9.0, 10.0, 12.0, 10.0)
+            + run("new", "2026-12-06T00:01:00", 8.0, 10.0, 14.0, 10.0)
+            + run("new", "2026-12-06T00:02:00", 10.0, 10.0, 13.0, 10.0))
+    text = report.host_table(rows)
+    assert "commit new, 3 runs" in text
+    assert "| 9.0 ms | 10.0 ms | 0.80-1.00x | <= 0.5x |" in text  # step: median of 8, 9, 10
+    assert "| `layer_norm` fwd + bwd | 39 us | 30 us | 1.20-1.40x | <= 1.5x |" in text
+    assert "30.0" not in text and "5.00x" not in text  # the old commit's run is left out
+    assert report.host_table([]).startswith("No host-cost rows yet")

@@ -1,0 +1,81 @@
+"""Where the host time of the CPU step in ``benchmarks/host_overhead.py`` goes, engine against
+eager: torch.profiler's self CPU time per step, split into torch's own compute kernels (GEMMs,
+attention, convolution: the same math in both, run for real on the CPU's tiny tensors; the
+engine's fused attention kernel, eager's bmm / softmax / bmm), the
+autograd engine's gradient accumulation into the parameters, and everything else (Python, the
+dispatcher, allocations, views, the ops' wrappers, the skipped Triton launches).
+
+Why: the step goal of ``host_overhead.py`` (engine <= 0.5x eager) compares two steps that run the
+same GEMMs and attention. On this CPU those kernels are not free even at these sizes (a
+[10, 48] x [48, 192] GEMM costs 10-30 us), so their time bounds how far below eager any
+implementation that calls them can go. Times are under the profiler (which adds a little per
+op): read the shares, not the milliseconds.
+
+    python -m benchmarks.experiments.step_host_split            # 5 profiled steps each
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TEC_FAST_KERNELS"] = "triton"
+
+import torch  # noqa: E402
+
+KERNELS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+           "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+           "aten::_softmax", "aten::_softmax_backward_data")  # eager's attention: bmm, softmax, bmm
+ACCUMULATE = ("torch::autograd::AccumulateGrad", "autograd::engine::evaluate_function: torch::autograd::AccumulateGrad")
+
+
+def split(step, steps: int):
+    """(ms per step of profiled self CPU time: total, compute kernels, gradient accumulation)."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    total = kern = acc = 0.0
+    for e in prof.key_averages():
+        total += e.self_cpu_time_total
+        if e.key in KERNELS:
+            kern += e.self_cpu_time_total
+        elif e.key in ACCUMULATE:
+            acc += e.self_cpu_time_total
+    return total / steps / 1e3, kern / steps / 1e3, acc / steps / 1e3
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.step_host_split",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=5, help="profiled steps per provider (default 5)")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    torch.set_num_threads(1)
+    from benchmarks.common import format_table
+    from benchmarks.host_overhead import LaunchLog, _kernels_off, make_step
+    from tec_fast.ops import dispatch
+    dispatch.set_kernel_mode("triton")
+    dev = torch.device("cpu")
+    rows = []
+    with _kernels_off(dev, LaunchLog()):
+        for provider in ("engine", "eager"):
+            total, kern, acc = split(make_step(provider, dev), args.steps)
+            rows.append(dict(provider=provider, profiled_ms=total, compute_kernels_ms=kern,
+                             grad_accumulation_ms=acc, rest_ms=total - kern - acc))
+    eager = rows[1]["profiled_ms"]
+    for r in rows:
+        r["vs_eager_total"] = r["profiled_ms"] / eager
+        r["compute_kernels_vs_eager_total"] = r["compute_kernels_ms"] / eager
+    print(format_table(rows, ["provider", "profiled_ms", "compute_kernels_ms", "grad_accumulation_ms", "rest_ms",
+                              "vs_eager_total", "compute_kernels_vs_eager_total"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
