@@ -10,7 +10,8 @@ Forward: one program per row (the whole row in registers: C <= 4096 is 16 fp32 v
 thread at 8 warps), fp32 statistics, mean and rstd kept for backward. Backward: persistent
 programs walk their rows; dh = rstd (dy w - xhat mean(dy w xhat) - mean(dy w)) plus the gradient
 arriving at h directly, written once (it is both dx and dresidual); weight and bias gradients as
-per-program partial sums, added up by torch. y and h have x's dtype.
+per-program partial sums, added up by a second launch in the parameters' dtypes. y and h have
+x's dtype.
 Reference: ``torch.nn.functional.layer_norm`` of ``x + residual``.
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ ids_keep (a few KB of indices, torch; the kernel finds each row's run in it by b
 inverts the gather, so each program *gathers* the rows of
 grad_x it owns (zero rows for dropped patches, sums where ids_keep repeats an index) and writes
 each element once, in x's dtype: no memset, no atomics, deterministic. The same program sums
-its rows over its slice of the batch for grad_pos (per-slice partials, added up by torch).
+its rows over its slice of the batch for grad_pos (written directly when one slice covers the
+batch, else per-slice fp32 partials added up by one more launch, ``_common.sum_parts``).
 Indices outside [0, L) read and write nothing (the public op rejects them before we get here;
 the kernels stay in bounds regardless).
 Reference: ``tec_fast.ops.reference.masked_gather``.
