@@ -246,7 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--skip-ops", action="store_true", help="only the step table")
     p.add_argument("--steps", type=int, default=3, help="steps per timed repetition (default 3)")
     p.add_argument("--calls", type=int, default=50, help="op calls per timed repetition (default 50)")
-    p.add_argument("--reps", type=int, default=7, help="timed repetitions, interleaved; the best is reported, the median kept beside it (default 7)")
+    p.add_argument("--reps", type=int, default=7,
+                   help="timed repetitions, interleaved; the best is reported, the median kept beside it (default 7)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--out", default=RESULTS, help="JSON-lines file rows are appended to ('' = none)")
     args = p.parse_args(argv)

@@ -123,8 +123,9 @@ def host_table(rows) -> str:
         return values[len(values) // 2]
 
     def line(name, ours, ref, ratios, unit, goal):
-        return (f"| {name} | {median(ours):.{1 if unit == 'ms' else 0}f} {unit} | {median(ref):.{1 if unit == 'ms' else 0}f} "
-                f"{unit} | {min(ratios):.2f}-{max(ratios):.2f}x | {goal} |")
+        digits = 1 if unit == "ms" else 0
+        return (f"| {name} | {median(ours):.{digits}f} {unit} | {median(ref):.{digits}f} {unit} | "
+                f"{min(ratios):.2f}-{max(ratios):.2f}x | {goal} |")
     lines = [f"Host time with every kernel launch skipped (`python -m benchmarks.host_overhead`, 2-core CPU, "
              f"one thread, commit {commit}, {runs} run{'s' if runs > 1 else ''}): what the Python, "
              "the dispatcher and autograd cost around the kernels, against plain torch in the same run.", "",

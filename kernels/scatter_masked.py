@@ -11,7 +11,8 @@ the grad_out rows j with ids_restore[b, j] == i (a per-image sort of ids_restore
 indices, inverts the unshuffle; sums where ids_restore is not a permutation), writing each
 element once in vis's dtype, and keeps running sums for the mask token and grad_pos over its
 batch slice. Per-slice partial sums of grad_pos and grad_mask_token are added up by one launch
-each (``_common.sum_parts``, straight into the parameter's dtype and shape). Indices outside [0, L) read and write nothing.
+each (``_common.sum_parts``, straight into the parameter's dtype and shape). Indices outside
+[0, L) read and write nothing.
 Reference: ``tec_fast.ops.reference.scatter_masked``.
 """
 from __future__ import annotations
