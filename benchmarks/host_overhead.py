@@ -16,12 +16,20 @@ their compute is negligible, one thread. Two tables:
   against the op's plain-torch reference (``tec_fast.ops.reference.<op>``) on the same inputs,
   and Triton launches per call.
 
+With ``--launch-path`` (CPU) Triton's own launch path is timed too: the interpreter stays off,
+each kernel is compiled once for sm_90 through an offline target, and every launch runs
+``JITFunction.run`` (argument binding and specialisation, the cache lookup, the launcher call)
+up to the driver call, which alone is skipped (``triton_stub.driver_calls_stubbed``). That is
+the part of a launch's host cost the default stub leaves out; the driver's own
+``cuLaunchKernel`` stays unmeasured.
+
 On CUDA the launches are real: the step table adds wall time and GPU-busy time per step (from
 ``torch.profiler``), and per-op host time is the time to issue calls without synchronising.
 Rows are appended to ``benchmarks/results/host_overhead.jsonl`` (device, commit, versions).
 
     python -m benchmarks.host_overhead                 # both tables
     python -m benchmarks.host_overhead --skip-step --reps 5
+    python -m benchmarks.host_overhead --launch-path   # Triton's launch path timed as well
 """
 from __future__ import annotations
 
@@ -33,10 +41,11 @@ from collections import Counter
 from typing import Callable, Dict, List, Optional
 
 # The Triton path on CPU tensors needs the interpreter switched on before any kernel is defined
-# (no kernel actually runs here: every launch is skipped).
+# (no kernel actually runs here: every launch is skipped); --launch-path needs it off (compiled
+# kernels, launched through Triton's own path up to the driver).
 if __name__ == "__main__":
     _cuda = "--device=cuda" in sys.argv or any(a == "--device" and b == "cuda" for a, b in zip(sys.argv, sys.argv[1:]))
-    os.environ.setdefault("TRITON_INTERPRET", "0" if _cuda else "1")
+    os.environ.setdefault("TRITON_INTERPRET", "0" if _cuda or "--launch-path" in sys.argv else "1")
     os.environ["TEC_FAST_KERNELS"] = "triton"
 
 import torch  # noqa: E402
@@ -60,13 +69,14 @@ class LaunchLog:
         return sum(self.counts.values())
 
 
-def _kernels_off(device: torch.device, log: LaunchLog):
-    """CPU: Triton launches recorded and skipped; CUDA: real launches (not counted)."""
+def _kernels_off(device: torch.device, log: LaunchLog, launch_path: bool = False):
+    """CPU: Triton launches recorded and skipped (with ``launch_path``, only their driver call);
+    CUDA: real launches (not counted)."""
     if device.type == "cuda":
         import contextlib
         return contextlib.nullcontext()
-    from benchmarks.triton_stub import launches_stubbed
-    return launches_stubbed(log)
+    from benchmarks.triton_stub import driver_calls_stubbed, launches_stubbed
+    return driver_calls_stubbed(log) if launch_path else launches_stubbed(log)
 
 
 def torch_ops(fn: Callable[[], object]) -> Counter:
@@ -155,20 +165,20 @@ def make_step(provider: str, device: torch.device, batch: int = 2) -> Callable[[
     return step
 
 
-def measure_steps(device: torch.device, steps: int, reps: int) -> List[Dict]:
+def measure_steps(device: torch.device, steps: int, reps: int, launch_path: bool = False) -> List[Dict]:
     """The engine's and the eager step's host ms per step, timed interleaved."""
     fns = {p: make_step(p, device) for p in ("engine", "eager")}
     launches, op_counts = {}, {}
     for provider, step in fns.items():
         log = LaunchLog()
-        with _kernels_off(device, log):
+        with _kernels_off(device, log, launch_path):
             step()
             log.counts.clear()
             step()
             launches[provider] = log.total if device.type != "cuda" else None
             op_counts[provider] = sum(torch_ops(step).values())
     log = LaunchLog()
-    with _kernels_off(device, log):
+    with _kernels_off(device, log, launch_path):
         us = time_per_call(fns, steps, reps, device)
     rows = [dict(table="step", provider=p, host_ms=us[p]["min"] / 1e3, host_ms_median=us[p]["median"] / 1e3,
                  triton_launches=launches[p], torch_ops=op_counts[p], vs_eager=us[p]["min"] / us["eager"]["min"])
@@ -191,7 +201,8 @@ def _backward_fn(out, leaves):
     return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True)
 
 
-def measure_op(name: str, device: torch.device, calls: int, reps: int, size: str = "tiny") -> List[Dict]:
+def measure_op(name: str, device: torch.device, calls: int, reps: int, size: str = "tiny",
+               launch_path: bool = False) -> List[Dict]:
     """Host us per forward and per backward call of ``tec_fast.ops.<name>`` (Triton path) and of
     its reference, on the registry's example inputs; Triton launches per call."""
     from tec_fast import ops
@@ -204,7 +215,7 @@ def measure_op(name: str, device: torch.device, calls: int, reps: int, size: str
     calls_fwd = {p: (lambda fn=fn: fn(*ex.args, **ex.kwargs)) for p, fn in impls.items()}
     rows = []
     log = LaunchLog()
-    with _kernels_off(device, log):
+    with _kernels_off(device, log, launch_path):
         launches, calls_bwd = {}, {}
         for p, call in calls_fwd.items():
             log.counts.clear()
@@ -249,6 +260,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--reps", type=int, default=7,
                    help="timed repetitions, interleaved; the best is reported, the median kept beside it (default 7)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--launch-path", action="store_true",
+                   help="CPU: time Triton's own launch path as well (kernels compiled once for sm_90 offline; "
+                        "only the driver call is skipped)")
     p.add_argument("--out", default=RESULTS, help="JSON-lines file rows are appended to ('' = none)")
     args = p.parse_args(argv)
     ops = list(OPS) if args.ops == "all" else [o for o in args.ops.split(",") if o]
@@ -261,18 +275,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if args.launch_path and (device.type == "cuda" or interpret):
+        p.error("--launch-path is for --device cpu with TRITON_INTERPRET unset before Triton is imported "
+                "(run it as python -m benchmarks.host_overhead --launch-path, which leaves it unset)")
+    if device.type == "cpu" and not args.launch_path and not interpret:
         p.error("--device cpu needs TRITON_INTERPRET=1 set before Triton is imported (run it as "
                 "python -m benchmarks.host_overhead, which sets it)")
     torch.set_num_threads(args.threads)
     from tec_fast.ops import dispatch
     dispatch.set_kernel_mode("triton")  # every op's Triton path, wherever auto would not take it
+    if args.launch_path:  # CPU tensors take the Triton path, as under the interpreter
+        dispatch._SETTINGS["interpret"] = True
     try:
         rows = _run(args, ops, device)
     finally:
         dispatch.reload_environment()  # the process's own setting again
     if args.out:
-        stamp = dict(threads=args.threads, kernel_mode="triton")
+        stamp = dict(threads=args.threads, kernel_mode="triton", launch_path=args.launch_path)
         append_jsonl([complete_row(dict(r, **stamp), device) for r in rows], args.out)
         print(f"appended {len(rows)} rows to {args.out}")
     return 0
@@ -282,14 +302,14 @@ def _run(args, ops: List[str], device: torch.device) -> List[Dict]:
     rows: List[Dict] = []
     if not args.skip_step:
         print("step: engine and eager, interleaved ...", file=sys.stderr, flush=True)
-        rows += measure_steps(device, args.steps, args.reps)
+        rows += measure_steps(device, args.steps, args.reps, args.launch_path)
         print(format_table(rows, ["provider", "host_ms", "vs_eager", "triton_launches", "torch_ops", "wall_ms",
                                   "gpu_busy_ms", "gpu_launches"]))
     if not args.skip_ops:
         op_rows = []
         for i, name in enumerate(ops):
             print(f"op {i + 1}/{len(ops)}: {name} ...", file=sys.stderr, flush=True)
-            op_rows += measure_op(name, device, args.calls, args.reps)
+            op_rows += measure_op(name, device, args.calls, args.reps, launch_path=args.launch_path)
         print(format_table(op_rows, ["op", "provider", "shape", "fwd_us", "bwd_us", "fwd_vs_reference",
                                      "bwd_vs_reference", "fwdbwd_vs_reference", "fwd_launches", "bwd_launches"]))
         rows += op_rows

@@ -96,3 +96,31 @@ def test_inference_calls_issue_few_torch_ops(triton_path):
         ops.qkv_heads(x, wq, bq, 2)
         assert _torch_calls(lambda: ops.qkv_heads(x, wq, bq, 2)) == ["aten::linear", "aten::permute",
                                                                      "aten::unbind", "aten::view"]
+
+
+def test_launch_path_goes_through_tritons_own_launch(tmp_path):
+    """``--launch-path``: the interpreter off, each kernel compiled once for sm_90 offline, every
+    launch through ``JITFunction.run`` up to the driver call (counted there). A subprocess: the
+    kernels of this process were defined under the interpreter."""
+    import subprocess
+    import sys
+    try:
+        from benchmarks.compile_report import ptxas_path
+        if not os.path.exists(ptxas_path(90)):
+            pytest.skip("no bundled ptxas for sm_90")
+    except ImportError as e:
+        pytest.skip(f"triton's NVIDIA backend is not importable: {e}")
+    out = tmp_path / "host.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--launch-path", "--skip-step",
+                           "--ops", "layer_norm", "--calls", "2", "--reps", "1", "--out", str(out)],
+                          cwd=host_overhead.REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["provider"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["triton"]["launch_path"] is True
+    assert rows["triton"]["fwd_launches"] == 1 and rows["triton"]["bwd_launches"] == 2
+    assert rows["reference"]["fwd_launches"] == 0 and rows["triton"]["fwd_us"] > 0
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # under the interpreter: refused
+        with pytest.raises(SystemExit) as e:
+            host_overhead.main(["--launch-path", "--skip-step"])
+        assert e.value.code == 2
