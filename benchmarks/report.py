@@ -100,50 +100,83 @@ def tables(rows, steps_only: bool = False) -> str:
     return "\n".join(lines)
 
 
-def host_table(rows) -> str:
-    """The host-cost table of the newest commit's CPU runs of ``benchmarks/host_overhead.py``: per
-    step and per op (forward + backward), the engine's and the reference's host time (median over
-    the runs of each run's best repetition) and the range of their ratio over the runs."""
+def _host_runs(rows, launch_path: bool):
+    """(commit, rows) of the newest commit's CPU runs of ``host_overhead.py`` with or without
+    ``--launch-path``, the rows in file order (each run's in pairs: ours, then the reference);
+    (None, []) where there are none."""
     host = [r for r in rows if r.get("table") in ("step", "op") and "cpu" in str(r.get("device", ""))
-            and "threads" in r]
+            and "threads" in r and bool(r.get("launch_path")) == launch_path]
     if not host:
-        return "No host-cost rows yet: run `python -m benchmarks.host_overhead`."
+        return None, []
     commit = max(host, key=lambda r: r.get("timestamp", ""))["commit"]
-    host = [r for r in host if r["commit"] == commit]  # file order: each run's rows in pairs (ours, reference)
+    return commit, [r for r in host if r["commit"] == commit]
 
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def _host_cells(host):
+    """Per row label: (ours, reference, ratios) over the runs in ``host``; the number of runs."""
     def pairs(selected, ours):
-        mine = [r for r in selected if r["provider"] == ours]
-        return mine, [r for r in selected if r["provider"] != ours]
-    first_op = next((r["op"] for r in host if r["table"] == "op"), None)
-    runs = max(sum(r["table"] == "step" and r["provider"] == "engine" for r in host),
-               sum(r["table"] == "op" and r["op"] == first_op and r["provider"] == "triton" for r in host))
+        return [r for r in selected if r["provider"] == ours], [r for r in selected if r["provider"] != ours]
 
-    def median(values):
-        values = sorted(values)
-        return values[len(values) // 2]
-
-    def line(name, ours, ref, ratios, unit, goal):
-        digits = 1 if unit == "ms" else 0
-        return (f"| {name} | {median(ours):.{digits}f} {unit} | {median(ref):.{digits}f} {unit} | "
-                f"{min(ratios):.2f}-{max(ratios):.2f}x | {goal} |")
-    lines = [f"Host time with every kernel launch skipped (`python -m benchmarks.host_overhead`, 2-core CPU, "
-             f"one thread, commit {commit}, {runs} run{'s' if runs > 1 else ''}): what the Python, "
-             "the dispatcher and autograd cost around the kernels, against plain torch in the same run.", "",
-             "| per call | engine | plain torch | ratio | goal |", "| --- | ---: | ---: | ---: | --- |"]
-    steps = [r for r in host if r["table"] == "step"]
-    if steps:
-        eng, eag = pairs(steps, "engine")
-        lines.append(line("ViT-B TEC step (base fwd, fwd + bwd), widths shrunk", [r["host_ms"] for r in eng],
-                          [r["host_ms"] for r in eag], [r["vs_eager"] for r in eng], "ms", "<= 0.5x"))
+    def total(r):
+        return r["fwd_us"] + (r["bwd_us"] or 0.0)
+    cells = {}
+    eng, eag = pairs([r for r in host if r["table"] == "step"], "engine")
+    if eng:
+        cells["step"] = ([r["host_ms"] for r in eng], [r["host_ms"] for r in eag], [r["vs_eager"] for r in eng])
     ops = [r for r in host if r["table"] == "op"]
     for op in dict.fromkeys(r["op"] for r in ops):
         ours, ref = pairs([r for r in ops if r["op"] == op], "triton")
+        cells[op] = ([total(r) for r in ours], [total(r) for r in ref], [r["fwdbwd_vs_reference"] for r in ours],
+                     bool(ours[0].get("bwd_us")))
+    return cells, max((len(v[0]) for v in cells.values()), default=0)
 
-        def total(r):
-            return r["fwd_us"] + (r["bwd_us"] or 0.0)
-        label = f"`{op}` fwd + bwd" if ours[0].get("bwd_us") else f"`{op}` fwd (no gradient)"
-        lines.append(line(label, [total(r) for r in ours], [total(r) for r in ref],
-                          [r["fwdbwd_vs_reference"] for r in ours], "us", "<= 1.5x"))
+
+def host_table(rows) -> str:
+    """The host-cost table of the newest commit's CPU runs of ``benchmarks/host_overhead.py``: per
+    step and per op (forward + backward), the engine's and the reference's host time (median over
+    the runs of each run's best repetition) and the range of their ratio over the runs; beside it,
+    the newest ``--launch-path`` runs (Triton's own launch path timed too), where there are any."""
+    commit, host = _host_runs(rows, launch_path=False)
+    if not host:
+        return "No host-cost rows yet: run `python -m benchmarks.host_overhead`."
+    cells, runs = _host_cells(host)
+    lp_commit, lp_host = _host_runs(rows, launch_path=True)
+    lp_cells, lp_runs = _host_cells(lp_host) if lp_host else ({}, 0)
+
+    def amount(values, unit):
+        return f"{_median(values):.{1 if unit == 'ms' else 0}f} {unit}"
+
+    def ratio(ratios):
+        return f"{min(ratios):.2f}-{max(ratios):.2f}x"
+    lines = [f"Host time with every kernel launch skipped (`python -m benchmarks.host_overhead`, 2-core CPU, "
+             f"one thread, commit {commit}, {runs} run{'s' if runs > 1 else ''}): what the Python, "
+             "the dispatcher and autograd cost around the kernels, against plain torch in the same run."]
+    if lp_cells:
+        lines[0] += (f" The last two columns count Triton's own launch path too (`--launch-path`: "
+                     f"`JITFunction.run` up to the driver call, kernels compiled for sm_90 offline; commit "
+                     f"{lp_commit}, {lp_runs} run{'s' if lp_runs > 1 else ''}).")
+    head = "| per call | engine | plain torch | ratio | goal |"
+    rule = "| --- | ---: | ---: | ---: | --- |"
+    if lp_cells:
+        head = head[:-len(" goal |")] + " engine, launch path | ratio, launch path | goal |"
+        rule = rule[:-len(" --- |")] + " ---: | ---: | --- |"
+    lines += ["", head, rule]
+    for key, (ours, ref, ratios, *grad) in cells.items():
+        unit = "ms" if key == "step" else "us"
+        if key == "step":
+            label, goal = "ViT-B TEC step (base fwd, fwd + bwd), widths shrunk", "<= 0.5x"
+        else:
+            label, goal = (f"`{key}` fwd + bwd" if grad[0] else f"`{key}` fwd (no gradient)"), "<= 1.5x"
+        row = f"| {label} | {amount(ours, unit)} | {amount(ref, unit)} | {ratio(ratios)} |"
+        if lp_cells:
+            lp = lp_cells.get(key)
+            row += f" {amount(lp[0], unit)} | {ratio(lp[2])} |" if lp else " - | - |"
+        lines.append(row + f" {goal} |")
     return "\n".join(lines)
 
 

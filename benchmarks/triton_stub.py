@@ -47,12 +47,15 @@ def driver_calls_stubbed(on_launch: Callable[[str, tuple, dict], None], arch: in
 
     from benchmarks.compile_report import _offline_driver
 
+    stubbed = []  # compiled kernels given this block's launcher, unloaded again on the way out
+
     def init_handles(self):  # what the launch needs of a loaded module, minus loading it
         if self.module is not None:
             return
         name = self.name
         self._run = lambda *args: on_launch(name, args, {})
         self.module, self.function = "not loaded", 0
+        stubbed.append(self)
 
     original = CompiledKernel.__dict__["_init_handles"]
     driver.set_active(_offline_driver(arch))
@@ -60,5 +63,7 @@ def driver_calls_stubbed(on_launch: Callable[[str, tuple, dict], None], arch: in
     try:
         yield
     finally:
+        for kernel in stubbed:
+            kernel.module = kernel.function = kernel._run = None
         CompiledKernel._init_handles = original
         driver.reset_active() if driver._default is not None else setattr(driver, "_active", None)

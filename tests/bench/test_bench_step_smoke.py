@@ -135,3 +135,9 @@ def test_report_host_table_takes_the_newest_commits_runs():
     assert "| `layer_norm` fwd + bwd | 39 us | 30 us | 1.20-1.40x | <= 1.5x |" in text
     assert "30.0" not in text and "5.00x" not in text  # the old commit's run is left out
     assert report.host_table([]).startswith("No host-cost rows yet")
+    # --launch-path runs go to their own two columns, never into the stubbed ones
+    launch = [dict(r, launch_path=True) for r in run("newer", "2026-12-07T00:00:00", 11.0, 10.0, 20.0, 10.0)]
+    text = report.host_table(rows + launch)
+    assert "commit new, 3 runs" in text and "commit newer, 1 run)" in text
+    assert "| 9.0 ms | 10.0 ms | 0.80-1.00x | 11.0 ms | 1.10-1.10x | <= 0.5x |" in text
+    assert "| `layer_norm` fwd + bwd | 39 us | 30 us | 1.20-1.40x | 60 us | 2.00-2.00x | <= 1.5x |" in text
