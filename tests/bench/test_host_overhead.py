@@ -124,3 +124,32 @@ def test_launch_path_goes_through_tritons_own_launch(tmp_path):
         with pytest.raises(SystemExit) as e:
             host_overhead.main(["--launch-path", "--skip-step"])
         assert e.value.code == 2
+
+
+def test_step_host_split_smoke(capsys):
+    """``benchmarks.experiments.step_host_split``: one profiled step of each, the split printed."""
+    _interpreter_or_skip()
+    from benchmarks.experiments import step_host_split
+    assert step_host_split.main(["--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "compute_kernels_ms" in out and "engine" in out and "eager" in out
+    with pytest.raises(SystemExit):
+        step_host_split.main(["--steps", "0"])
+
+
+def test_launch_path_split_smoke(tmp_path):
+    """``benchmarks.experiments.launch_path_split`` (the interpreter off: a subprocess)."""
+    import subprocess
+    import sys
+    try:
+        from benchmarks.compile_report import ptxas_path
+        if not os.path.exists(ptxas_path(90)):
+            pytest.skip("no bundled ptxas for sm_90")
+    except ImportError as e:
+        pytest.skip(f"triton's NVIDIA backend is not importable: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.experiments.launch_path_split", "--calls", "10"],
+                          cwd=host_overhead.REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for part in ("JITFunction.run", "argument binder", "cache key", "rest of run"):
+        assert part in done.stdout, part
