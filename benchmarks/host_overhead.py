@@ -293,6 +293,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         dispatch.reload_environment()  # the process's own setting again
     if args.out:
         stamp = dict(threads=args.threads, kernel_mode="triton", launch_path=args.launch_path)
+        if args.launch_path:
+            from tec_fast.kernels._common import launch_mode
+            stamp["launch"] = launch_mode()  # 1: compiled kernels reused by call signature; 0: JITFunction.run
         append_jsonl([complete_row(dict(r, **stamp), device) for r in rows], args.out)
         print(f"appended {len(rows)} rows to {args.out}")
     return 0

@@ -105,7 +105,8 @@ def _host_runs(rows, launch_path: bool):
     ``--launch-path``, the rows in file order (each run's in pairs: ours, then the reference);
     (None, []) where there are none."""
     host = [r for r in rows if r.get("table") in ("step", "op") and "cpu" in str(r.get("device", ""))
-            and "threads" in r and bool(r.get("launch_path")) == launch_path]
+            and "threads" in r and bool(r.get("launch_path")) == launch_path
+            and r.get("launch", "1") != "0"]  # TEC_FAST_LAUNCH=0 runs are comparisons, not the engine's path
     if not host:
         return None, []
     commit = max(host, key=lambda r: r.get("timestamp", ""))["commit"]
@@ -157,9 +158,11 @@ def host_table(rows) -> str:
              f"one thread, commit {commit}, {runs} run{'s' if runs > 1 else ''}): what the Python, "
              "the dispatcher and autograd cost around the kernels, against plain torch in the same run."]
     if lp_cells:
-        lines[0] += (f" The last two columns count Triton's own launch path too (`--launch-path`: "
-                     f"`JITFunction.run` up to the driver call, kernels compiled for sm_90 offline; commit "
-                     f"{lp_commit}, {lp_runs} run{'s' if lp_runs > 1 else ''}).")
+        how = ("compiled kernels reused by call signature and their launchers called" if "launch" in lp_host[0]
+               else "`JITFunction.run`")
+        lines[0] += (f" The last two columns count the launch path too (`--launch-path`: {how}, up to the driver "
+                     f"call, kernels compiled for sm_90 offline; commit {lp_commit}, "
+                     f"{lp_runs} run{'s' if lp_runs > 1 else ''}).")
     head = "| per call | engine | plain torch | ratio | goal |"
     rule = "| --- | ---: | ---: | ---: | --- |"
     if lp_cells:

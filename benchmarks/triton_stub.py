@@ -46,6 +46,7 @@ def driver_calls_stubbed(on_launch: Callable[[str, tuple, dict], None], arch: in
     from triton.runtime import driver
 
     from benchmarks.compile_report import _offline_driver
+    from tec_fast.kernels import _common
 
     stubbed = []  # compiled kernels given this block's launcher, unloaded again on the way out
 
@@ -65,5 +66,6 @@ def driver_calls_stubbed(on_launch: Callable[[str, tuple, dict], None], arch: in
     finally:
         for kernel in stubbed:
             kernel.module = kernel.function = kernel._run = None
+        _common._LAUNCHES.clear()  # launch reuse must not hand a later launch a stubbed kernel
         CompiledKernel._init_handles = original
         driver.reset_active() if driver._default is not None else setattr(driver, "_active", None)

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Callable, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
 
 def cdiv(a: int, b: int) -> int:
@@ -97,11 +101,127 @@ def sum_parts(parts: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -
     return out
 
 
+# ---- launching ------------------------------------------------------------------------------
+#
+# Triton's ``JITFunction.run`` spends most of a launch's host time before the launch: binding and
+# specialising every argument, hashing that into a cache key, looking the compiled kernel up,
+# reading its option knobs, the stream, its hooks and the globals the kernel used (about 8.7 us
+# of a launch here: ``benchmarks/experiments/launch_path_split.py``). ``launch`` keeps, per
+# kernel and per *call signature* (each tensor's dtype and address modulo 16, every other
+# argument's value, the constexprs and options, the device, Triton's option knobs), the compiled
+# kernel ``JITFunction.run`` chose the first time, and later calls with the same signature hand
+# the same arguments to that kernel's launcher directly. The signature is finer than what Triton
+# specialises on (dtype and 16-byte alignment of a pointer; an int's 32/64-bit range, its
+# divisibility by 16 and whether it is 1), so it always picks the kernel Triton would pick; and
+# the launcher call is the one ``JITFunction.run`` makes. Not taken (Triton's own path runs):
+# under the interpreter, with a launch hook or a pre-run hook installed (profilers), for a
+# grid given as a function, when ``JITFunction.run`` has been replaced (the benchmarks' compile-
+# only and launch stubs), or with ``TEC_FAST_LAUNCH=0``. ``TEC_FAST_LAUNCH=verify`` checks
+# every reuse against Triton's own choice (tests).
+
+_LAUNCH_SETTINGS = {}   # TEC_FAST_LAUNCH, read once
+_JIT_RUN = JITFunction.run  # Triton's own; a replaced one (a benchmark's stub) is always called
+_LAUNCHES = {}          # call signature -> (compiled kernel, the arguments after the positional ones)
+_MAX_LAUNCHES = 4096    # signatures kept before the table starts over (sizes that vary every call)
+
+
+# Triton versions whose JITFunction.run this reuse was checked against (its launcher call, its
+# specialisation rules); any other version launches through JITFunction.run
+_REUSE_TRITON = ("3.9",)
+
+
+def launch_mode() -> str:
+    """``TEC_FAST_LAUNCH``: ``1`` (default) reuse compiled kernels by call signature, ``0`` always
+    Triton's ``JITFunction.run``, ``verify`` reuse and check each reuse against Triton's choice.
+    ``0`` as well on a Triton version the reuse was not checked against."""
+    mode = _LAUNCH_SETTINGS.get("mode")
+    if mode is None:
+        mode = os.environ.get("TEC_FAST_LAUNCH", "1").strip().lower() or "1"
+        if mode not in ("0", "1", "verify"):
+            raise ValueError(f"TEC_FAST_LAUNCH must be 0, 1 or verify, got {mode!r}")
+        if ".".join(triton.__version__.split(".")[:2]) not in _REUSE_TRITON:
+            mode = "0"
+        _LAUNCH_SETTINGS["mode"] = mode
+    return mode
+
+
+def launch_path() -> str:
+    """How ``launch`` reaches a kernel's launcher, in words (``python -m tec_fast.info``)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "Triton's interpreter (TRITON_INTERPRET is set)"
+    mode = launch_mode()
+    if mode == "0":
+        why = ("TEC_FAST_LAUNCH=0" if os.environ.get("TEC_FAST_LAUNCH", "1").strip() == "0" else
+               f"triton {triton.__version__}: reuse checked on {', '.join(_REUSE_TRITON)} only")
+        return f"Triton's JITFunction.run on every launch ({why})"
+    return ("compiled kernels reused by call signature, launched through their own launcher"
+            + (" (each reuse checked against Triton's choice)" if mode == "verify" else ""))
+
+
+def _hook_idle(hook) -> bool:
+    return hook is None or (isinstance(hook, knobs.HookChain) and not hook.calls)
+
+
 def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)`` without the proxy ``kernel[grid]`` builds on every launch
-    (a lambda around ``run``): about 1.7 us less host time per launch on the development CPU,
-    where a launch costs 2.3 us through ``kernel[grid]`` with the launch itself stubbed out."""
-    kernel.run(*args, grid=grid, warmup=False, **meta)
+    """``kernel[grid](*args, **meta)``: through the compiled kernel's own launcher when this call
+    signature was launched before (see above), else through ``JITFunction.run``."""
+    if (type(kernel) is not JITFunction or JITFunction.run is not _JIT_RUN or launch_mode() == "0"
+            or not isinstance(grid, tuple)):  # the interpreter, or run replaced (benchmarks' stubs)
+        kernel.run(*args, grid=grid, warmup=False, **meta)
+        return
+    runtime, compilation = knobs.runtime, knobs.compilation
+    if not (_hook_idle(runtime.launch_enter_hook) and _hook_idle(runtime.launch_exit_hook)) or kernel.pre_run_hooks:
+        kernel.run(*args, grid=grid, warmup=False, **meta)
+        return
+    active = driver.active
+    device = active.get_current_device()
+    try:
+        key = _signature(kernel, active, device, args, meta, runtime, compilation)
+        hit = _LAUNCHES.get(key)
+    except TypeError:  # an unhashable argument: Triton's own path
+        kernel.run(*args, grid=grid, warmup=False, **meta)
+        return
+    if hit is None:
+        compiled = kernel.run(*args, grid=grid, warmup=False, **meta)
+        params = kernel.params
+        if len(args) <= len(params) and not any(p.is_constexpr for p in params[:len(args)]):
+            rest = params[len(args):]
+            if all(p.name in meta or p.has_default for p in rest):
+                if len(_LAUNCHES) >= _MAX_LAUNCHES:
+                    _LAUNCHES.clear()
+                _LAUNCHES[key] = compiled, tuple(meta[p.name] if p.name in meta else p.default for p in rest)
+        return
+    compiled, tail = hit
+    if launch_mode() == "verify":
+        _verify_reuse(kernel, grid, args, meta, device, compiled, tail)
+    n = len(grid)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
+                 compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def _signature(kernel, active, device, args, meta, runtime, compilation) -> tuple:
+    """What a launch's compiled kernel depends on, finer than Triton's specialisation: each
+    tensor's dtype and address modulo 16, every other argument's value, the constexprs and
+    options, the driver and device, and Triton's option knobs."""
+    return (kernel, active, device, runtime.debug, compilation.instrumentation_mode, compilation.fpsan_homomorphic_casts,
+            tuple(meta.items()),
+            tuple([(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args]))
+
+
+def _verify_reuse(kernel, grid, args, meta, device, compiled, tail) -> None:
+    """``TEC_FAST_LAUNCH=verify``: the kernel and the arguments a reuse hands to the launcher are
+    the ones ``JITFunction.run`` would pick and pass (compiled without launching)."""
+    chosen = kernel.run(*args, grid=grid, warmup=True, **meta)
+    if chosen is not compiled:
+        raise AssertionError(f"launch reuse of {kernel.fn.__name__}: Triton picks another compiled kernel")
+    binder = kernel.device_caches[device][4]
+    options = dict(meta, debug=meta.get("debug", kernel.debug) or knobs.runtime.debug,
+                   instrumentation_mode=knobs.compilation.instrumentation_mode,
+                   fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    bound = tuple(binder(*args, **options)[0].values())
+    ours = (*args, *tail)
+    if len(bound) != len(ours) or any(a is not b and not (type(a) is type(b) and a == b) for a, b in zip(bound, ours)):
+        raise AssertionError(f"launch reuse of {kernel.fn.__name__}: arguments differ from Triton's")
 
 
 @functools.lru_cache(maxsize=None)

@@ -107,9 +107,9 @@ def _triton_importable() -> bool:
     return True
 
 
-# tec_fast reads TEC_FAST_KERNELS / TRITON_INTERPRET / TEC_FAST_CHECKS once (no environment read per op call); a
-# test that changes them through ``monkeypatch`` gets them re-read, and re-read again on undo.
-_DISPATCH_ENV = ("TEC_FAST_KERNELS", "TRITON_INTERPRET", "TEC_FAST_CHECKS")
+# tec_fast reads TEC_FAST_KERNELS / TRITON_INTERPRET / TEC_FAST_CHECKS / TEC_FAST_LAUNCH once (no environment
+# read per op call); a test that changes them through ``monkeypatch`` gets them re-read, and re-read again on undo.
+_DISPATCH_ENV = ("TEC_FAST_KERNELS", "TRITON_INTERPRET", "TEC_FAST_CHECKS", "TEC_FAST_LAUNCH")
 
 
 def _reload_dispatch_env() -> None:

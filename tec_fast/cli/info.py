@@ -56,6 +56,11 @@ def collect(gpu: str = None) -> dict:
         info["packing"] = {"cpu": packing.backend("cpu"), "cuda": packing.backend("cuda")}
     except Exception as exc:
         info["extension"] = {"built": False, "reason": f"{type(exc).__name__}: {exc}"}
+    try:
+        from tec_fast.kernels._common import launch_path
+        info["launch"] = launch_path()
+    except Exception as exc:  # Triton does not import: no kernel launches at all
+        info["launch"] = f"no Triton kernels ({type(exc).__name__}: {exc})"
     from tec_fast.ops.attention import packed_attention_backend
 
     packed, skipped = packed_attention_backend(torch.device("cuda" if cuda else "cpu"), torch.bfloat16)
@@ -89,6 +94,7 @@ def main(argv=None) -> int:
     print(f"{'extension':<12} " + ", ".join(f"{k}={v}" for k, v in ext.items()))
     for dev, how in info.get("packing", {}).items():
         print(f"{'packing ' + dev:<12} {how}")
+    print(f"{'launches':<12} {info['launch']}")
     gpu = info["gpu_class"]
     print(f"\nops at ViT-B/16 sizes, bf16, training; measured = reference time / Triton time on "
           f"{gpu or 'no GPU'} (tables: {', '.join(info['measured_tables']) or 'none'})")

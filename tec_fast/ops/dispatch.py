@@ -25,6 +25,7 @@ import glob
 import importlib
 import json
 import os
+import sys
 from types import ModuleType
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -59,12 +60,16 @@ def _read_mode() -> str:
 
 
 def reload_environment() -> None:
-    """Re-read ``TEC_FAST_KERNELS``, ``TRITON_INTERPRET`` and ``TEC_FAST_CHECKS`` at the next op
-    call (tests that change the environment call this; ``set_kernel_mode`` is the way for code)."""
+    """Re-read ``TEC_FAST_KERNELS``, ``TRITON_INTERPRET``, ``TEC_FAST_CHECKS`` and
+    ``TEC_FAST_LAUNCH`` at the next op call (tests that change the environment call this;
+    ``set_kernel_mode`` is the way for code)."""
     from tec_fast.ops import validate
     _SETTINGS.clear()
     validate._SETTINGS.clear()
     _DECISIONS.clear()
+    common = sys.modules.get("tec_fast.kernels._common")
+    if common is not None:
+        common._LAUNCH_SETTINGS.clear()
 
 
 def set_kernel_mode(mode: Optional[str]) -> None:

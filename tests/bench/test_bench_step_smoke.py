@@ -141,3 +141,9 @@ def test_report_host_table_takes_the_newest_commits_runs():
     assert "commit new, 3 runs" in text and "commit newer, 1 run)" in text
     assert "| 9.0 ms | 10.0 ms | 0.80-1.00x | 11.0 ms | 1.10-1.10x | <= 0.5x |" in text
     assert "| `layer_norm` fwd + bwd | 39 us | 30 us | 1.20-1.40x | 60 us | 2.00-2.00x | <= 1.5x |" in text
+    # TEC_FAST_LAUNCH=0 runs (Triton's JITFunction.run on every launch) are comparisons: left out
+    reuse = [dict(r, launch="1") for r in launch]
+    plain = [dict(r, launch="0", timestamp="2026-12-08T00:00:00", host_ms=99.0, vs_eager=9.9) for r in launch]
+    text = report.host_table(rows + reuse + plain)
+    assert "reused by call signature" in text and "99.0" not in text and "9.90x" not in text
+    assert "| 9.0 ms | 10.0 ms | 0.80-1.00x | 11.0 ms | 1.10-1.10x | <= 0.5x |" in text

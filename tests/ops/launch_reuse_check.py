@@ -1,0 +1,70 @@
+"""Run by ``test_launch_reuse.py`` in a subprocess (the interpreter off, kernels compiled for sm_90
+through the offline driver, the driver call stubbed): every registry op's example, forward and
+backward, at two sizes and in fp32 and bf16, plus inputs at addresses that are not 16-byte
+aligned, each twice, with ``TEC_FAST_LAUNCH=verify``: every reuse of a compiled kernel is
+checked against the kernel and the arguments Triton's ``JITFunction.run`` picks. Prints the
+number of checked reuses. With ``--plant-bug`` the call signature leaves the tensors' alignment
+out, which the check must catch."""
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and os.environ.get("TEC_FAST_LAUNCH") == "verify"
+import torch  # noqa: E402
+
+import tec_fast.kernels._common as common  # noqa: E402
+from benchmarks.triton_stub import driver_calls_stubbed  # noqa: E402
+from tec_fast import ops  # noqa: E402
+from tec_fast.ops import dispatch  # noqa: E402
+from tec_fast.ops.registry import OPS, SIZES, outputs, unit_grads  # noqa: E402
+
+dispatch.set_kernel_mode("triton")
+dispatch._SETTINGS["interpret"] = True  # CPU tensors take the Triton path (launches stop at the driver)
+checked = [0]
+verify = common._verify_reuse
+
+
+def counted(*args, **kwargs):
+    checked[0] += 1
+    return verify(*args, **kwargs)
+
+
+common._verify_reuse = counted
+if "--plant-bug" in sys.argv:
+    def no_alignment(kernel, active, device, args, meta, runtime, compilation):
+        return (kernel, active, device, tuple(meta.items()),
+                tuple([a.dtype if isinstance(a, torch.Tensor) else a for a in args]))
+    common._signature = no_alignment
+
+
+def run(op, example):
+    out = getattr(ops, op)(*example.args, **example.kwargs)
+    if example.grad_of:
+        outs = outputs(out)
+        torch.autograd.grad(outs, example.grad_of, unit_grads(outs), allow_unused=True)
+
+
+def misaligned(t):
+    """``t``'s values at an address 4 bytes past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = buf[1:].view(t.shape)
+    view.copy_(t.detach())
+    return view.requires_grad_(t.requires_grad)
+
+
+with driver_calls_stubbed(lambda name, args, kwargs: None):
+    for op, spec in OPS.items():
+        for size in ("tiny", "vits"):
+            for dtype in (torch.float32, torch.bfloat16):
+                torch.manual_seed(0)
+                shape = dict(SIZES[size], B=2) if size != "tiny" else SIZES[size]
+                ex = spec.example(shape, dtype, torch.device("cpu"))
+                run(op, ex)
+                run(op, ex)
+        ex = spec.example(SIZES["tiny"], torch.float32, torch.device("cpu"))  # then the same at odd addresses
+        args = [misaligned(a) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel() > 1 else a
+                for a in ex.args]
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        ex = ex._replace(args=tuple(args), grad_of=leaves)
+        run(op, ex)
+        run(op, ex)
+print(f"checked {checked[0]} reuses")

@@ -1,0 +1,56 @@
+"""``kernels._common.launch`` reuses a compiled kernel by call signature (``TEC_FAST_LAUNCH``).
+Whether it picks the kernel and the arguments Triton's ``JITFunction.run`` would is checked
+offline: kernels compiled for sm_90 through the compile report's offline driver, the driver
+call stubbed, every reuse compared with Triton's own choice (``TEC_FAST_LAUNCH=verify``), in a
+subprocess with the interpreter off (``launch_reuse_check.py``)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+def _check(*extra):
+    try:
+        from benchmarks.compile_report import ptxas_path
+        if not os.path.exists(ptxas_path(90)):
+            pytest.skip("no bundled ptxas for sm_90")
+    except ImportError as e:
+        pytest.skip(f"triton's NVIDIA backend is not importable: {e}")
+    from tec_fast.kernels._common import _REUSE_TRITON
+    import triton
+    if ".".join(triton.__version__.split(".")[:2]) not in _REUSE_TRITON:
+        pytest.skip(f"triton {triton.__version__}: the reuse is off there")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TEC_FAST_LAUNCH="verify", TEC_FAST_KERNELS="triton",
+               PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    return subprocess.run([sys.executable, os.path.join(HERE, "launch_reuse_check.py"), *extra], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_every_reuse_is_the_kernel_and_arguments_triton_picks():
+    done = _check()
+    assert done.returncode == 0, done.stderr[-3000:]
+    checked = int(done.stdout.split("checked ")[1].split()[0])
+    assert checked > 100  # every op, forward and backward, reused at least once
+
+
+def test_the_check_catches_a_signature_without_alignment():
+    done = _check("--plant-bug")
+    assert done.returncode != 0
+    assert "Triton picks another compiled kernel" in done.stderr
+
+
+def test_launch_mode_setting(monkeypatch):
+    from tec_fast.kernels import _common
+    monkeypatch.setenv("TEC_FAST_LAUNCH", "sometimes")
+    with pytest.raises(ValueError, match="TEC_FAST_LAUNCH must be 0, 1 or verify"):
+        _common.launch_mode()
+    monkeypatch.setenv("TEC_FAST_LAUNCH", "0")
+    assert _common.launch_mode() == "0"
+    monkeypatch.delenv("TEC_FAST_LAUNCH")
+    assert _common.launch_mode() in ("1", "0")  # 0 on a Triton version the reuse was not checked on
+    assert isinstance(_common.launch_path(), str)
