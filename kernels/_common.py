@@ -122,6 +122,7 @@ def sum_parts(parts: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -
 _LAUNCH_SETTINGS = {}   # TEC_FAST_LAUNCH, read once
 _JIT_RUN = JITFunction.run  # Triton's own; a replaced one (a benchmark's stub) is always called
 _LAUNCHES = {}          # call signature -> (compiled kernel, the arguments after the positional ones)
+_Tensor = torch.Tensor
 _MAX_LAUNCHES = 4096    # signatures kept before the table starts over (sizes that vary every call)
 
 
@@ -203,9 +204,16 @@ def _signature(kernel, active, device, args, meta, runtime, compilation) -> tupl
     """What a launch's compiled kernel depends on, finer than Triton's specialisation: each
     tensor's dtype and address modulo 16, every other argument's value, the constexprs and
     options, the driver and device, and Triton's option knobs."""
-    return (kernel, active, device, runtime.debug, compilation.instrumentation_mode, compilation.fpsan_homomorphic_casts,
-            tuple(meta.items()),
-            tuple([(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args]))
+    key = [kernel, active, device, runtime.debug, compilation.instrumentation_mode,
+           compilation.fpsan_homomorphic_casts, *meta.items(), len(args)]
+    put = key.append
+    for a in args:  # a loop, not a comprehension of tuples: about 0.4 us less per launch
+        if isinstance(a, _Tensor):
+            put(a.dtype)
+            put(a.data_ptr() & 15)
+        else:
+            put(a)
+    return tuple(key)
 
 
 def _verify_reuse(kernel, grid, args, meta, device, compiled, tail) -> None:
