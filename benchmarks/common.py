@@ -33,15 +33,17 @@ def device_name(device) -> str:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, with ``-dirty`` when the working tree has changes; ``unknown``
-    outside a git checkout."""
+    """Short hash of HEAD, with ``-dirty`` when the working tree has changes other than the
+    result files the benchmarks append to (``benchmarks/results/``: a series of runs stays one
+    commit's); ``unknown`` outside a git checkout."""
     try:
         run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
                                         timeout=5, cwd=REPO)
         head = run("rev-parse", "--short", "HEAD").stdout.strip()
         if not head:
             return "unknown"
-        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    ":(exclude)benchmarks/results").stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

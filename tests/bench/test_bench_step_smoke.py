@@ -147,3 +147,27 @@ def test_report_host_table_takes_the_newest_commits_runs():
     text = report.host_table(rows + reuse + plain)
     assert "reused by call signature" in text and "99.0" not in text and "9.90x" not in text
     assert "| 9.0 ms | 10.0 ms | 0.80-1.00x | 11.0 ms | 1.10-1.10x | <= 0.5x |" in text
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_appended_results(tmp_path, monkeypatch):
+    """Rows record the commit they measured: appending a run's rows to ``benchmarks/results/``
+    does not mark the next run of the series ``-dirty``; a changed source file does."""
+    import subprocess
+
+    from benchmarks import common
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "rows.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    monkeypatch.setattr(common, "REPO", str(tmp_path))
+    head = common.git_commit()
+    assert head != "unknown" and not head.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "rows.jsonl").write_text("{}\n{}\n")
+    assert common.git_commit() == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert common.git_commit() == head + "-dirty"
