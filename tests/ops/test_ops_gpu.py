@@ -297,3 +297,44 @@ def test_registered_op_matches_reference(cuda_triton_path, op, dtype):
             assert_close(a, r, atol=tol32 * scale, rtol=tol32, name=f"{op} output/grad {i}")
         else:
             assert_low_precision_ok(a, e, r, atol=tol_lowp * scale, name=f"{op} output/grad {i}")
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_launch_reuse_gives_what_jitfunction_run_gives(cuda_triton_path, monkeypatch, dtype):
+    """Every op, forward and backward at ViT-S sizes (B = 8), launched through Triton's
+    ``JITFunction.run`` (``TEC_FAST_LAUNCH=0``) and then twice with the compiled kernels reused
+    and each reuse checked against Triton's choice (``verify``): the same values, bit for bit
+    where the op sums in a fixed order, within a few roundings where it adds with atomics."""
+    from tec_fast.kernels import _common
+    from tec_fast.ops import dispatch
+    from tec_fast.ops.registry import OPS, SIZES, unit_grads
+    shape = dict(SIZES["vits"], B=8)
+
+    def run(op, spec):
+        torch.manual_seed(0)
+        ex = spec.example(shape, dtype, torch.device(DEV))
+        result = getattr(ops, op)(*ex.args, **ex.kwargs)
+        outs = [t for t in (result if isinstance(result, (tuple, list)) else (result,)) if isinstance(t, torch.Tensor)]
+        diff = [t for t in outs if t.requires_grad]
+        grads = torch.autograd.grad(diff, ex.grad_of, unit_grads(diff), allow_unused=True) if ex.grad_of else ()
+        return [t.detach().clone() for t in (*outs, *grads) if t is not None]
+
+    for op, spec in OPS.items():
+        monkeypatch.setenv("TEC_FAST_LAUNCH", "0")
+        dispatch.reload_environment()
+        plain = run(op, spec)
+        monkeypatch.setenv("TEC_FAST_LAUNCH", "verify")
+        dispatch.reload_environment()
+        if _common.launch_mode() != "verify":
+            pytest.skip(f"launch reuse is off here: {_common.launch_path()}")
+        for _ in range(2):  # the second call reuses every kernel the first compiled or looked up
+            reused = run(op, spec)
+            assert len(reused) == len(plain), op
+            for i, (a, b) in enumerate(zip(reused, plain)):
+                if op not in ("masked_gather", "scatter_masked"):
+                    assert torch.equal(a, b), f"{op} output {i}: launch reuse changed the values"
+                else:  # their backwards add with atomics: the order of the adds may differ
+                    tol = 4 * torch.finfo(a.dtype).eps
+                    torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()),
+                                               msg=f"{op} output {i}")
