@@ -160,14 +160,18 @@ def launch_path() -> str:
 
 
 def _hook_idle(hook) -> bool:
-    return hook is None or (isinstance(hook, knobs.HookChain) and not hook.calls)
+    return hook is None or (type(hook) is _HookChain and not hook.calls)
+
+
+_HookChain = knobs.HookChain
 
 
 def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``: through the compiled kernel's own launcher when this call
     signature was launched before (see above), else through ``JITFunction.run``."""
-    if (type(kernel) is not JITFunction or JITFunction.run is not _JIT_RUN or launch_mode() == "0"
-            or not isinstance(grid, tuple)):  # the interpreter, or run replaced (benchmarks' stubs)
+    mode = _LAUNCH_SETTINGS.get("mode") or launch_mode()
+    if (type(kernel) is not JITFunction or JITFunction.run is not _JIT_RUN or mode == "0"
+            or type(grid) is not tuple):  # the interpreter, or run replaced (benchmarks' stubs)
         kernel.run(*args, grid=grid, warmup=False, **meta)
         return
     runtime, compilation = knobs.runtime, knobs.compilation
@@ -193,7 +197,7 @@ def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
                 _LAUNCHES[key] = compiled, tuple(meta[p.name] if p.name in meta else p.default for p in rest)
         return
     compiled, tail = hit
-    if launch_mode() == "verify":
+    if mode == "verify":
         _verify_reuse(kernel, grid, args, meta, device, compiled, tail)
     n = len(grid)
     compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
