@@ -108,16 +108,18 @@ def sum_parts(parts: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -
 # reading its option knobs, the stream, its hooks and the globals the kernel used (about 8.7 us
 # of a launch here: ``benchmarks/experiments/launch_path_split.py``). ``launch`` keeps, per
 # kernel and per *call signature* (each tensor's dtype and address modulo 16, every other
-# argument's value, the constexprs and options, the device, Triton's option knobs), the compiled
-# kernel ``JITFunction.run`` chose the first time, and later calls with the same signature hand
-# the same arguments to that kernel's launcher directly. The signature is finer than what Triton
-# specialises on (dtype and 16-byte alignment of a pointer; an int's 32/64-bit range, its
-# divisibility by 16 and whether it is 1), so it always picks the kernel Triton would pick; and
-# the launcher call is the one ``JITFunction.run`` makes. Not taken (Triton's own path runs):
-# under the interpreter, with a launch hook or a pre-run hook installed (profilers), for a
-# grid given as a function, when ``JITFunction.run`` has been replaced (the benchmarks' compile-
-# only and launch stubs), or with ``TEC_FAST_LAUNCH=0``. ``TEC_FAST_LAUNCH=verify`` checks
-# every reuse against Triton's own choice (tests).
+# argument's value, the constexprs and options, the driver and device, Triton's option knobs),
+# the compiled kernel ``JITFunction.run`` chose the first time, and later calls with the same
+# signature hand the same arguments to that kernel's launcher directly. The signature is finer
+# than what Triton specialises on (dtype and 16-byte alignment of a pointer; an int's 32/64-bit
+# range, its divisibility by 16 and whether it is 1), so it always picks the kernel Triton would
+# pick; and the launcher call is the one ``JITFunction.run`` makes. What a reuse skips besides:
+# Triton's check that the globals a kernel read have not changed since it compiled (the kernels
+# here read only module constants). Not taken (Triton's own path runs): under the interpreter,
+# with a launch hook or a pre-run hook installed (profilers), for a grid given as a function,
+# when ``JITFunction.run`` has been replaced (the benchmarks' compile-only and launch stubs), on
+# a Triton version the reuse was not checked against, or with ``TEC_FAST_LAUNCH=0``.
+# ``TEC_FAST_LAUNCH=verify`` checks every reuse against Triton's own choice (tests).
 
 _LAUNCH_SETTINGS = {}   # TEC_FAST_LAUNCH, read once
 _JIT_RUN = JITFunction.run  # Triton's own; a replaced one (a benchmark's stub) is always called
