@@ -222,6 +222,18 @@ def assert_low_precision_ok(kernel: torch.Tensor, eager_lowp: torch.Tensor, exac
 
 
 @pytest.fixture(autouse=True)
+def kernel_mode_restored():
+    """A test that forces a kernel mode in-process (``dispatch.set_kernel_mode``, or a benchmark's
+    ``main`` that does) must not hand it to the tests after it (a forced Triton mode sends meta
+    tensors to the interpreter): the mode read from the environment again where it changed."""
+    from tec_fast.ops import dispatch
+    mode, interpret = dispatch.kernel_mode(), dispatch.interpreter_on()
+    yield
+    if dispatch._SETTINGS.get("mode", mode) != mode or dispatch._SETTINGS.get("interpret", interpret) != interpret:
+        dispatch.reload_environment()
+
+
+@pytest.fixture(autouse=True)
 def interpreter_setting_stays():
     """TRITON_INTERPRET is read when kernels are defined, once per session: a test (or a module it
     imports) that changes it would silently turn the later Triton tests into skips."""

@@ -63,11 +63,14 @@ def main(argv=None) -> int:
     dispatch.set_kernel_mode("triton")
     dev = torch.device("cpu")
     rows = []
-    with _kernels_off(dev, LaunchLog()):
-        for provider in ("engine", "eager"):
-            total, kern, acc = split(make_step(provider, dev), args.steps)
-            rows.append(dict(provider=provider, profiled_ms=total, compute_kernels_ms=kern,
-                             grad_accumulation_ms=acc, rest_ms=total - kern - acc))
+    try:
+        with _kernels_off(dev, LaunchLog()):
+            for provider in ("engine", "eager"):
+                total, kern, acc = split(make_step(provider, dev), args.steps)
+                rows.append(dict(provider=provider, profiled_ms=total, compute_kernels_ms=kern,
+                                 grad_accumulation_ms=acc, rest_ms=total - kern - acc))
+    finally:
+        dispatch.reload_environment()  # the process's own TEC_FAST_KERNELS again
     eager = rows[1]["profiled_ms"]
     for r in rows:
         r["vs_eager_total"] = r["profiled_ms"] / eager

@@ -130,7 +130,10 @@ def test_step_host_split_smoke(capsys):
     """``benchmarks.experiments.step_host_split``: one profiled step of each, the split printed."""
     _interpreter_or_skip()
     from benchmarks.experiments import step_host_split
+    from tec_fast.ops import dispatch
+    before = dispatch.kernel_mode()
     assert step_host_split.main(["--steps", "1"]) == 0
+    assert dispatch.kernel_mode() == before  # the forced Triton mode does not outlive the run
     out = capsys.readouterr().out
     assert "compute_kernels_ms" in out and "engine" in out and "eager" in out
     with pytest.raises(SystemExit):
