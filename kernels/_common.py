@@ -161,42 +161,33 @@ def launch_path() -> str:
             + (" (each reuse checked against Triton's choice)" if mode == "verify" else ""))
 
 
+_HookChain = knobs.HookChain
+
+
 def _hook_idle(hook) -> bool:
     return hook is None or (type(hook) is _HookChain and not hook.calls)
-
-
-_HookChain = knobs.HookChain
 
 
 def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``: through the compiled kernel's own launcher when this call
     signature was launched before (see above), else through ``JITFunction.run``."""
     mode = _LAUNCH_SETTINGS.get("mode") or launch_mode()
-    if (type(kernel) is not JITFunction or JITFunction.run is not _JIT_RUN or mode == "0"
-            or type(grid) is not tuple):  # the interpreter, or run replaced (benchmarks' stubs)
-        kernel.run(*args, grid=grid, warmup=False, **meta)
-        return
+    key = hit = None
     runtime, compilation = knobs.runtime, knobs.compilation
-    if not (_hook_idle(runtime.launch_enter_hook) and _hook_idle(runtime.launch_exit_hook)) or kernel.pre_run_hooks:
-        kernel.run(*args, grid=grid, warmup=False, **meta)
-        return
-    active = driver.active
-    device = active.get_current_device()
-    try:
-        key = _signature(kernel, active, device, args, meta, runtime, compilation)
-        hit = _LAUNCHES.get(key)
-    except TypeError:  # an unhashable argument: Triton's own path
-        kernel.run(*args, grid=grid, warmup=False, **meta)
-        return
+    if (type(kernel) is JITFunction and JITFunction.run is _JIT_RUN and mode != "0" and type(grid) is tuple
+            and _hook_idle(runtime.launch_enter_hook) and _hook_idle(runtime.launch_exit_hook)
+            and not kernel.pre_run_hooks):  # not the interpreter, a benchmark's stub, or a profiler
+        active = driver.active
+        device = active.get_current_device()
+        try:
+            key = _signature(kernel, active, device, args, meta, runtime, compilation)
+            hit = _LAUNCHES.get(key)
+        except TypeError:  # an unhashable argument: Triton's own path
+            key = None
     if hit is None:
         compiled = kernel.run(*args, grid=grid, warmup=False, **meta)
-        params = kernel.params
-        if len(args) <= len(params) and not any(p.is_constexpr for p in params[:len(args)]):
-            rest = params[len(args):]
-            if all(p.name in meta or p.has_default for p in rest):
-                if len(_LAUNCHES) >= _MAX_LAUNCHES:
-                    _LAUNCHES.clear()
-                _LAUNCHES[key] = compiled, tuple(meta[p.name] if p.name in meta else p.default for p in rest)
+        if key is not None:
+            _remember(kernel, key, compiled, args, meta)
         return
     compiled, tail = hit
     if mode == "verify":
@@ -204,6 +195,21 @@ def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
     n = len(grid)
     compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
                  compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def _remember(kernel, key: tuple, compiled, args: tuple, meta: dict) -> None:
+    """Keep ``compiled`` for ``key`` with the arguments after the positional ones (constexprs
+    and defaults), where the positional ones are exactly the kernel's leading runtime
+    parameters and every later one is given or has a default."""
+    params = kernel.params
+    if len(args) > len(params) or any(p.is_constexpr for p in params[:len(args)]):
+        return
+    rest = params[len(args):]
+    if not all(p.name in meta or p.has_default for p in rest):
+        return
+    if len(_LAUNCHES) >= _MAX_LAUNCHES:
+        _LAUNCHES.clear()
+    _LAUNCHES[key] = compiled, tuple(meta[p.name] if p.name in meta else p.default for p in rest)
 
 
 def _signature(kernel, active, device, args, meta, runtime, compilation) -> tuple:
