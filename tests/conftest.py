@@ -242,6 +242,25 @@ def interpreter_setting_stays():
     assert os.environ.get("TRITON_INTERPRET") == before, "this test changed TRITON_INTERPRET"
 
 
+def ptxas_or_skip(arch: int = 90) -> str:
+    """The ptxas Triton runs for sm_<arch> (the bundled ``ptxas-blackwell``); the test is skipped
+    where Triton's NVIDIA backend does not import or ships none: offline compiles need it."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        path = get_ptxas(arch).path
+    except Exception as e:  # triton missing or without its NVIDIA backend
+        pytest.skip(f"triton's NVIDIA backend is not importable: {e}")
+    if not (path and os.access(path, os.X_OK)):
+        pytest.skip(f"no bundled ptxas for sm_{arch} (ptxas-blackwell) at {path}")
+    return path
+
+
+def env_without_interpreter() -> dict:
+    """This process's environment without TRITON_INTERPRET, for a subprocess that compiles the
+    kernels for real (this process's kernels were defined under the interpreter)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def assert_routes_agree(module, run, monkeypatch):
     """``run()`` -> list of tensors, once through the eager route of a kernel ``module``
     (``direct_launch``) and once through its custom ops: both must agree bitwise."""

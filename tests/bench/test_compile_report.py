@@ -8,22 +8,13 @@ import sys
 
 import pytest
 
+from conftest import ptxas_or_skip
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _ptxas_or_skip(arch: int = 90) -> str:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        path = get_ptxas(arch).path
-    except Exception as e:  # triton missing or without its NVIDIA backend
-        pytest.skip(f"triton's NVIDIA backend is not importable: {e}")
-    if not (path and os.access(path, os.X_OK)):
-        pytest.skip(f"no bundled ptxas for sm_{arch} (ptxas-blackwell) at {path}")
-    return path
-
-
 def test_sm90_vitb_vitl_bf16_no_spills_smem_within_limit(tmp_path):
-    _ptxas_or_skip(90)
+    ptxas_or_skip(90)
     out = tmp_path / "compile.jsonl"
     run = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--sizes", "vitb,vitl", "--arch", "90", "--dtype", "bf16",
                           "--out", str(out), "--check", "--require-all"],
@@ -71,7 +62,7 @@ ptxas info    : Used 128 registers, used 1 barriers, 560 bytes cumulative stack 
 def test_registered_kernel_that_cannot_be_found_fails_the_gate(monkeypatch):
     """A registry row whose kernel module is missing is an error row (never a skip), so an op
     cannot escape the no-spill gate by not being found."""
-    _ptxas_or_skip(90)
+    ptxas_or_skip(90)
     from benchmarks import compile_report
     from tec_fast.ops.registry import OPS, OpSpec
     fake = OpSpec("no_such_op", "no_such_kernel_module", (1,), OPS["layer_norm"].example)

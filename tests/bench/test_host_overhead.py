@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import host_overhead
 from benchmarks.triton_stub import launches_stubbed
+from conftest import env_without_interpreter, ptxas_or_skip
 
 
 def _interpreter_or_skip():
@@ -104,14 +105,9 @@ def test_launch_path_goes_through_tritons_own_launch(tmp_path):
     kernels of this process were defined under the interpreter."""
     import subprocess
     import sys
-    try:
-        from benchmarks.compile_report import ptxas_path
-        if not os.path.exists(ptxas_path(90)):
-            pytest.skip("no bundled ptxas for sm_90")
-    except ImportError as e:
-        pytest.skip(f"triton's NVIDIA backend is not importable: {e}")
+    ptxas_or_skip(90)
     out = tmp_path / "host.jsonl"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--launch-path", "--skip-step",
                            "--ops", "layer_norm", "--calls", "2", "--reps", "1", "--out", str(out)],
                           cwd=host_overhead.REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -144,13 +140,8 @@ def test_launch_path_split_smoke(tmp_path):
     """``benchmarks.experiments.launch_path_split`` (the interpreter off: a subprocess)."""
     import subprocess
     import sys
-    try:
-        from benchmarks.compile_report import ptxas_path
-        if not os.path.exists(ptxas_path(90)):
-            pytest.skip("no bundled ptxas for sm_90")
-    except ImportError as e:
-        pytest.skip(f"triton's NVIDIA backend is not importable: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ptxas_or_skip(90)
+    env = env_without_interpreter()
     done = subprocess.run([sys.executable, "-m", "benchmarks.experiments.launch_path_split", "--calls", "10"],
                           cwd=host_overhead.REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -9,22 +9,19 @@ import sys
 
 import pytest
 
+from conftest import env_without_interpreter, ptxas_or_skip
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 
 def _check(*extra):
-    try:
-        from benchmarks.compile_report import ptxas_path
-        if not os.path.exists(ptxas_path(90)):
-            pytest.skip("no bundled ptxas for sm_90")
-    except ImportError as e:
-        pytest.skip(f"triton's NVIDIA backend is not importable: {e}")
+    ptxas_or_skip(90)
     from tec_fast.kernels._common import _REUSE_TRITON
     import triton
     if ".".join(triton.__version__.split(".")[:2]) not in _REUSE_TRITON:
         pytest.skip(f"triton {triton.__version__}: the reuse is off there")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     env.update(TEC_FAST_LAUNCH="verify", TEC_FAST_KERNELS="triton",
                PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
     return subprocess.run([sys.executable, os.path.join(HERE, "launch_reuse_check.py"), *extra], cwd=REPO, env=env,
