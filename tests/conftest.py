@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -259,6 +260,16 @@ def env_without_interpreter() -> dict:
     """This process's environment without TRITON_INTERPRET, for a subprocess that compiles the
     kernels for real (this process's kernels were defined under the interpreter)."""
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def write_class_folders(folder, classes, per_class: int, hw, rng) -> None:
+    """An image-folder dataset of random RGB PNGs: ``folder/<class>/<i>.png``, ``hw`` = (height,
+    width), the pixels drawn from the numpy generator ``rng`` class by class."""
+    from PIL import Image
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
 
 
 def assert_routes_agree(module, run, monkeypatch):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from conftest import write_class_folders
 
 from tec_fast import BaseModel, ViTConfig
 from tec_fast.cli.train import main
@@ -14,11 +15,7 @@ from tec_fast.cli.train import main
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("res")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / "data" / c).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (260, 300, 3), dtype=np.uint8)).save(root / "data" / c / f"{i}.png")
+    write_class_folders(root / "data", ("a", "b"), 3, (260, 300), np.random.default_rng(0))
     torch.manual_seed(0)
     base = BaseModel(ViTConfig(img_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2))
     base.pos_embed.data.normal_()  # a learned table, so resampling matters

@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from conftest import write_class_folders
 
 from tec_fast.cli.train import main
 
@@ -25,12 +26,7 @@ ARCH = ["--model", "vit_demo_patch4", "--img-size", "32", "--decoder-dim", "32",
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / "data" / "train" / c).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(
-                root / "data" / "train" / c / f"{i}.png")
+    write_class_folders(root / "data" / "train", ("a", "b"), 3, (32, 40), np.random.default_rng(0))
     from tec_fast import BaseModel
     from tec_fast.presets import vit_preset
     torch.save({"model": BaseModel(vit_preset("vit_demo_patch4", 32)).state_dict()}, root / "base.pth")

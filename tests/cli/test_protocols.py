@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_class_folders
+
 from tec_fast import ViTConfig
 from tec_fast.cli.eval import main
 from tec_fast.evaluation.augment import MixupCutmix, RandAugment, TrainTransform, random_erase
@@ -252,14 +254,9 @@ def test_linprobe_under_torchrun_two_processes(ckpt, tmp_path):
 
 
 def test_linprobe_on_an_image_folder(ckpt, tmp_path):
-    from PIL import Image
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
-        for c in ("cat", "dog", "emu"):
-            (tmp_path / "data" / split / c).mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
-                    tmp_path / "data" / split / c / f"{i}.png")
+        write_class_folders(tmp_path / "data" / split, ("cat", "dog", "emu"), 4, (40, 48), rng)
     res = main([str(ckpt), "--num-heads", "2", "--data", str(tmp_path / "data"), "--protocol", "linprobe",
                 "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--quiet",
                 "--output", str(tmp_path / "out")])

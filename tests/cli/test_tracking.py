@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_class_folders
+
 from tec_fast.training.curves import plot_run, read_steps
 from tec_fast.training.monitor import MetricsLog
 
@@ -126,15 +128,9 @@ def test_plot_written_and_eval_plot_command(tmp_path, capsys):
 
 def test_a_run_writes_config_csv_and_curves_and_its_config_reruns_it(tmp_path, capsys):
     pytest.importorskip("yaml")
-    from PIL import Image
 
     from tec_fast.cli.train import main
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "data" / "train" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 36, 3), dtype=np.uint8)).save(
-                tmp_path / "data" / "train" / c / f"{i}.png")
+    write_class_folders(tmp_path / "data" / "train", ("a", "b"), 4, (32, 36), np.random.default_rng(0))
     (tmp_path / "run.yaml").write_text(
         f"data: {tmp_path / 'data'}\nobjective: mae\nmodel: vit_demo_patch4\nimg-size: 32\ndecoder-dim: 32\n"
         f"decoder-depth: 1\ndecoder-heads: 2\nbatch-size: 4\nmax-steps: 4\nwarmup-epochs: 0\nlog-every: 1\n"
