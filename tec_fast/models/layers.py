@@ -142,6 +142,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
         self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
+        # ``ops.vit_block`` computes the plain block (no LayerScale, exact GELU, one LayerNorm eps)
+        self._one_op = not layer_scale and act == "gelu"
 
     def forward(self, x: torch.Tensor, return_qk: bool = False,
                 cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0, lengths=None, *,
@@ -154,8 +156,17 @@ class Block(nn.Module):
         ``split=True`` (``run_blocks``) leaves the closing residual add out and returns
         (x_in, h, m, qk), the block's output being h + m; ``pending``, the previous block's m, is
         then added to x inside norm1 (x_in is that sum: the previous block's output). Through
-        ``__call__`` like any forward, so module hooks (FSDP2's unsharding) run."""
+        ``__call__`` like any forward, so module hooks (FSDP2's unsharding) run.
+
+        A plain block (no LayerScale, exact GELU, its parts neither replaced nor hooked) on a
+        batched sequence without ``return_qk`` is one ``ops.vit_block`` call: one autograd node
+        for the whole block instead of one per part."""
         n1, n2 = self.norm1, self.norm2
+        tensors = _one_op_tensors(self) if cu_seqlens is None and not return_qk and self._one_op \
+            and n1.eps == n2.eps else None
+        if tensors is not None:
+            x_in, h, m = ops.vit_block(x, *tensors, self.attn.num_heads, n1.eps, pending=pending)
+            return (x_in, h, m, None) if split else h + m
         if pending is None:
             y1 = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
         else:
@@ -171,6 +182,42 @@ class Block(nn.Module):
             return x, h, m, qk
         x = h + m
         return (x, qk) if return_qk else x
+
+
+_PLAIN_PARTS = (nn.LayerNorm, Attention, nn.Linear, nn.Identity, Mlp)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _one_op_tensors(block: Block) -> Optional[tuple]:
+    """The twelve tensors ``ops.vit_block`` takes from ``block`` (norm1, attn.qkv, attn.proj,
+    norm2, mlp.fc1, mlp.fc2: weight and bias each), or None where the op would not compute
+    exactly what the block's parts do: a part replaced by another class (a wrapped or
+    parametrized layer) or carrying a hook (such as fine-tuning's drop path on ls1 / ls2: it
+    must see its part run), a module hook registered globally, a parameter that is not one.
+    The block's own hooks run around its forward as usual. Read straight from the modules'
+    dictionaries (a per-call cost of the block's forward, about 2 us)."""
+    mods = block._modules
+    for part in mods.values():
+        if type(part) not in _PLAIN_PARTS or _hooked(part):
+            return None
+        for layer in part._modules.values():  # attn's qkv / proj, mlp's fc1 / fc2
+            if type(layer) is not nn.Linear or _hooked(layer):
+                return None
+    glob = nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks \
+            or glob._global_backward_pre_hooks:
+        return None
+    attn, mlp = mods["attn"]._modules, mods["mlp"]._modules
+    tensors = []
+    for layer in (mods["norm1"], attn["qkv"], attn["proj"], mods["norm2"], mlp["fc1"], mlp["fc2"]):
+        params = layer._parameters
+        tensors += (params.get("weight"), params.get("bias"))
+    if any(t is None for i, t in enumerate(tensors) if i != 3):  # only qkv's bias may be absent
+        return None
+    return tuple(tensors)
 
 
 def run_blocks(blocks: Sequence[Block], x: torch.Tensor, outputs: Iterable[int] = (),

@@ -24,7 +24,7 @@ from tec_fast.ops.validate import check_same_device as _check_same_device
 from tec_fast.ops.validate import check_tensor as _check_tensor
 
 __all__ = ["masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets",
-           "relation_loss", "encoder_adapter", "layer_norm", "mlp", "qkv_heads", "patch_embed",
+           "relation_loss", "encoder_adapter", "layer_norm", "mlp", "qkv_heads", "patch_embed", "vit_block",
            "patch_norm_mse_ragged",
            "relation_targets_ragged",
            "relation_loss_ragged", "reference", "dispatch_report",
@@ -349,3 +349,62 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     if use_fast_path("mlp", x, act=act):
         return fast_impl("mlp")(x, w1, b1, w2, b2)
     return reference.mlp(x, w1, b1, w2, b2, act)
+
+
+_BLOCK_PARAMS = ("norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias",
+                 "norm2_weight", "norm2_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+
+
+def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Tensor, qkv_weight: torch.Tensor,
+              qkv_bias: Optional[torch.Tensor], proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+              norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, fc1_weight: torch.Tensor,
+              fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, num_heads: int,
+              eps: float = 1e-6, pending: Optional[torch.Tensor] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A pre-norm ViT block (LayerNorm, multi-head self-attention, LayerNorm, exact-GELU MLP)
+    split at its closing residual add.
+
+    x [B, N, C] -> (x_in, h, m): x_in = x + pending (x itself without ``pending``),
+    h = x_in + proj(attention(LN1(x_in))), m = fc2(GELU(fc1(LN2(h)))); the block's output is
+    h + m (``Block`` adds it inside the next block's LN1 by passing m as that block's
+    ``pending``). The parameters are those of timm's ``Block`` (``norm1.weight``, ``attn.qkv.weight``
+    [3C, C], ``attn.proj.weight`` [C, C], ``mlp.fc1.weight`` [hidden, C], ``mlp.fc2.weight``
+    [C, hidden], their biases; ``qkv_bias`` may be None); both LayerNorms use ``eps``. The Triton
+    path is one autograd node for the whole block (its backward written out, the GEMMs and the
+    attention on torch's kernels, the LayerNorms and the GELU on this package's); the reference
+    runs the same math op by op. Differentiable w.r.t. x, pending and every parameter.
+    """
+    _check_tensor(x, "x", 3)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or x.shape[2] % num_heads:
+        raise ValueError(f"num_heads must be a positive int dividing C={x.shape[2]}, got {num_heads!r}")
+    C = x.shape[2]
+    hidden = fc1_weight.shape[0] if isinstance(fc1_weight, torch.Tensor) and fc1_weight.dim() == 2 else -1
+    shapes = ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (hidden, C), (hidden,), (C, hidden), (C,))
+    tensors = (norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, norm2_weight, norm2_bias,
+               fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    dev, dt = x.device, x.dtype
+    mixed = False
+    for name, t, shape in zip(_BLOCK_PARAMS, tensors, shapes):
+        if t is None and name == "qkv_bias":
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != shape or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor of shape {shape} for x {tuple(x.shape)} "
+                             f"(hidden={hidden}), got {getattr(t, 'dtype', type(t).__name__)} "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+        if t.device != dev:
+            _check_same_device(x, **{name: t})
+        mixed = mixed or t.dtype != dt
+    if mixed and not torch.is_autocast_enabled(dev.type):
+        name, t = next((n, t) for n, t in zip(_BLOCK_PARAMS, tensors) if t is not None and t.dtype != dt)
+        raise ValueError(f"{name} has dtype {t.dtype} but x has {dt} (outside autocast the block's "
+                         f"tensors must share one dtype)")
+    if pending is not None:
+        if not isinstance(pending, torch.Tensor) or pending.shape != x.shape or not pending.is_floating_point():
+            raise ValueError(f"pending must be a floating-point tensor of x's shape {tuple(x.shape)}, got "
+                             f"{getattr(pending, 'dtype', type(pending).__name__)} "
+                             f"{tuple(getattr(pending, 'shape', ()))}")
+        if pending.device != dev:
+            _check_same_device(x, pending=pending)
+    if use_fast_path("vit_block", x):
+        return fast_impl("vit_block")(x, *tensors, num_heads, eps, pending)
+    return reference.vit_block(x, *tensors, num_heads, float(eps), pending)

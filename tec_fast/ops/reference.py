@@ -148,3 +148,23 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
         act: str = "gelu") -> torch.Tensor:
     """Transformer MLP: fc2(act(fc1(x))); x [..., C], w1 [Hd, C], b1 [Hd], w2 [Cout, Hd], b2 [Cout]."""
     return F.linear(mlp_activation(act, F.linear(x, w1, b1)), w2, b2)
+
+
+def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Tensor, qkv_weight: torch.Tensor,
+              qkv_bias: Optional[torch.Tensor], proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+              norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
+              fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, num_heads: int, eps: float = 1e-6,
+              pending: Optional[torch.Tensor] = None):
+    """A pre-norm ViT block with exact-GELU MLP, split at its closing residual add: x [B, N, C]
+    -> (x_in, h, m), x_in = x + pending (x without one), h = x_in + proj(attn(LN1(x_in))),
+    m = fc2(GELU(fc1(LN2(h)))); the block's output is h + m. The same torch calls, in the same
+    order, as ``Block`` made through the separate ops' references."""
+    B, N, C = x.shape
+    if pending is None:
+        x_in, y1 = x, layer_norm(x, norm1_weight, norm1_bias, eps)
+    else:
+        y1, x_in = layer_norm(pending, norm1_weight, norm1_bias, eps, residual=x)
+    q, k, v = qkv_heads(y1, qkv_weight, qkv_bias, num_heads)
+    a = F.linear(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C), proj_weight, proj_bias)
+    y2, h = layer_norm(a, norm2_weight, norm2_bias, eps, residual=x_in)
+    return x_in, h, mlp(y2, fc1_weight, fc1_bias, fc2_weight, fc2_bias)

@@ -152,6 +152,19 @@ def _esize(t: torch.Tensor) -> int:
     return t.element_size()
 
 
+def _vit_block(s, dtype, dev) -> Example:
+    """An encoder block over the visible tokens, with the previous block's MLP branch pending."""
+    B, N, C, H = s["B"], s["K"] + 1, s["C"], s["H"]
+    hidden = 4 * C
+    r = lambda *shape, scale=1.0: _randn(*shape, dtype=dtype, device=dev, grad=True, scale=scale)  # noqa: E731
+    x, pending = r(B, N, C), r(B, N, C)
+    params = (r(C, scale=0.5) + 1, r(C), r(3 * C, C, scale=C ** -0.5), r(3 * C), r(C, C, scale=C ** -0.5), r(C),
+              r(C, scale=0.5) + 1, r(C), r(hidden, C, scale=C ** -0.5), r(hidden), r(C, hidden, scale=hidden ** -0.5),
+              r(C))
+    params = tuple(p.detach().requires_grad_() for p in params)
+    return Example((x, *params, H, 1e-6), {"pending": pending}, [x, pending, *params],
+                   f"B={B},N={N},C={C},H={H},hidden={hidden}")
+
 def _masked_gather_work(ex: Example, backward: bool) -> Dict[str, float]:
     x, ids, pos = ex.args
     (B, L, C), K = x.shape, ids.shape[1]
@@ -221,6 +234,13 @@ def _patch_embed_work(ex: Example, backward: bool) -> Dict[str, float]:
     return {"flops": (2 if backward else 1) * fwd}
 
 
+def _vit_block_work(ex: Example, backward: bool) -> Dict[str, float]:
+    x, w1 = ex.args[0], ex.args[9]
+    B, N, C = x.shape
+    # the four projections, then q k^T and p v over all heads
+    fwd = 2.0 * B * N * C * (4 * C + 2 * w1.shape[0]) + 4.0 * B * N * N * C
+    return {"flops": (3 if backward else 1) * fwd}
+
 # the op-specific sizes dispatch takes (``report_info`` keys), read off an example's arguments
 _INFO: Dict[str, Callable[[Example], Dict[str, object]]] = {
     "relation_targets": lambda ex: {"topk": ex.args[2]},
@@ -242,6 +262,7 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("mlp", "mlp", (256, 50, 768), _mlp, work=_mlp_work),
     OpSpec("qkv_heads", "qkv_heads", (256, 50, 768), _qkv_heads, {"head_dim": 64}, work=_qkv_heads_work),
     OpSpec("patch_embed", "patch_embed", (256, 3, 224, 224), _patch_embed, work=_patch_embed_work),
+    OpSpec("vit_block", "vit_block", (256, 50, 768), _vit_block, work=_vit_block_work),
 )}
 
 

@@ -1,0 +1,263 @@
+"""``tec_fast.ops.vit_block`` (kernels/vit_block.py): a whole pre-norm ViT block as one autograd
+node. The Triton path (interpreter on CPU; torch's CPU flash attention) against the float64
+reference, value and every gradient (x, pending and the twelve parameters), fp32, bf16 and
+under autocast, on awkward shapes (one token, odd widths, heads of 3 and 5 values, no qkv bias);
+the eager and custom-op routes; what it keeps for backward; validation; and ``Block`` taking it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_close, assert_low_precision_ok, assert_routes_agree
+from tec_fast import ops
+from tec_fast.models.layers import Block, run_blocks
+from tec_fast.ops import reference
+
+# (B, N, C, H, hidden): one token, odd token counts, head widths 3 / 4 / 5, hidden past one GELU
+# column block (128); LayerNorm rows past one backward slice
+SHAPES = [(1, 1, 8, 2, 12), (3, 7, 12, 4, 20), (2, 17, 15, 5, 130), (5, 9, 24, 8, 96)]
+NAMES = ["norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm2_weight",
+         "norm2_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"]
+
+
+def _inputs(B, N, C, H, hidden, dtype=torch.float32, seed=0, qkv_bias=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(dtype).requires_grad_()
+    x, pending = r(B, N, C, scale=2.0), r(B, N, C)
+    # LayerNorm weights around 1, projections scaled so attention logits and the GELU's input
+    # reach |.| ~ 2 (softmax far from uniform, GELU in its curved part)
+    params = [r(C, scale=0.3, shift=1.0), r(C, scale=0.3), r(3 * C, C, scale=1.5 * C ** -0.5),
+              r(3 * C, scale=0.3) if qkv_bias else None, r(C, C, scale=C ** -0.5), r(C, scale=0.3),
+              r(C, scale=0.3, shift=1.0), r(C, scale=0.3), r(hidden, C, scale=2 * C ** -0.5), r(hidden, scale=0.5),
+              r(C, hidden, scale=hidden ** -0.5), r(C, scale=0.3)]
+    return x, pending, params, H
+
+
+def _run(fn, x, pending, params, H, grads, **kw):
+    """Outputs and the gradients of (x, pending, parameters) for output gradients ``grads``."""
+    out = fn(x, *params, H, 1e-6, pending=pending, **kw)
+    leaves = [x] + ([pending] if pending is not None else []) + [p for p in params if p is not None]
+    used = [(o, g) for o, g in zip(out, grads) if g is not None]
+    return list(out) + list(torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used],
+                                                allow_unused=True))
+
+
+def _double(x, pending, params):
+    d = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
+    return d(x), d(pending), [d(p) for p in params]
+
+
+@pytest.mark.parametrize("with_pending", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp32_value_and_every_gradient(triton_path, shape, with_pending):
+    x, pending, params, H = _inputs(*shape)
+    pending = pending if with_pending else None
+    assert ops.use_fast_path("vit_block", x)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(x.shape, generator=g) for _ in range(3)]
+    got = _run(ops.vit_block, x, pending, params, H, grads)
+    xd, pd, prd = _double(x, pending, params)
+    exact = _run(reference.vit_block, xd, pd, prd, H, [t.double() for t in grads])
+    assert len(got) == len(exact)
+    for i, (a, e) in enumerate(zip(got, exact)):
+        assert a.dtype == torch.float32, i
+        assert_close(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), rtol=1e-4, name=f"result {i}")
+
+
+def test_no_qkv_bias_and_unused_outputs(triton_path):
+    """No qkv bias (CLIP-style towers); only m gets a gradient (h and x_in unused), then only h."""
+    x, pending, params, H = _inputs(2, 6, 12, 3, 24, qkv_bias=False)
+    for grads in ([None, None, torch.randn(x.shape)], [None, torch.randn(x.shape), None]):
+        got = _run(ops.vit_block, x, pending, params, H, grads)
+        xd, pd, prd = _double(x, pending, params)
+        exact = _run(reference.vit_block, xd, pd, prd, H, [None if t is None else t.double() for t in grads])
+        for i, (a, e) in enumerate(zip(got, exact)):
+            if e is None:  # a parameter the used outputs do not depend on (fc1, fc2 for h)
+                assert a is None or not a.any(), i
+                continue
+            assert_close(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), rtol=1e-4, name=f"result {i}")
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 12, 4, 20), (2, 17, 15, 5, 130)])
+def test_bf16_error_within_budget(triton_path, shape):
+    x, pending, params, H = _inputs(*shape, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(x.shape, generator=g).bfloat16() for _ in range(3)]
+    got = _run(ops.vit_block, x, pending, params, H, grads)
+    eager = _run(reference.vit_block, x, pending, params, H, grads)
+    xd, pd, prd = _double(x, pending, params)
+    exact = _run(reference.vit_block, xd, pd, prd, H, [t.double() for t in grads])
+    for i, (k, e, r) in enumerate(zip(got, eager, exact)):
+        assert k.dtype == torch.bfloat16, i
+        assert_low_precision_ok(k, e, r, atol=2e-2, name=f"result {i}")
+
+
+def test_autocast_matches_the_reference_under_autocast(triton_path):
+    """fp32 stream and parameters under bf16 autocast: GEMMs and attention in bf16, the stream
+    (x_in, h) in fp32, the MLP branch m in bf16, fp32 parameter gradients."""
+    x, pending, params, H = _inputs(2, 9, 24, 4, 40)
+    pending = pending.detach().bfloat16().requires_grad_()  # the previous block's m: bf16 under autocast
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g),
+             torch.randn(x.shape, generator=g).bfloat16()]
+
+    def under_autocast(fn):
+        def run(*a, **kw):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*a, **kw)
+        return run
+    got = _run(under_autocast(ops.vit_block), x, pending, params, H, grads)
+    eager = _run(under_autocast(reference.vit_block), x, pending, params, H, grads)
+    xd, pd, prd = _double(x, pending, params)
+    exact = _run(reference.vit_block, xd, pd, prd, H, [t.double() for t in grads])
+    for i, (k, e, r) in enumerate(zip(got, eager, exact)):
+        assert k.dtype == e.dtype, (i, k.dtype, e.dtype)
+        assert_low_precision_ok(k, e, r, atol=2e-2, name=f"result {i}")
+
+
+def test_eager_route_and_custom_ops_agree(triton_path, monkeypatch):
+    import tec_fast.kernels.vit_block as vb
+    x, pending, params, H = _inputs(2, 5, 12, 3, 20)
+    grads = [torch.ones(x.shape)] * 3
+    assert_routes_agree(vb, lambda: _run(ops.vit_block, x, pending, params, H, grads), monkeypatch)
+
+
+def test_keeps_no_more_than_the_per_op_block(triton_path):
+    """What autograd keeps for backward: no GELU activation (hidden-wide tensors: the
+    pre-activation and fc1's weight only), and in all no more elements than the reference."""
+    B, N, C, H, hidden = 2, 6, 15, 3, 40  # B * N != C: a token-by-hidden tensor is told apart from a weight
+    x, pending, params, _ = _inputs(B, N, C, H, hidden)
+    sizes = {}
+    for name, fn in (("fast", ops.vit_block), ("reference", reference.vit_block)):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            fn(x, *params, H, 1e-6, pending=pending)
+        sizes[name] = kept
+    assert sizes["fast"].count(B * N * hidden) == 1, sizes["fast"]
+    assert sum(sizes["fast"]) <= sum(sizes["reference"]), sizes
+
+
+def test_no_grad_forward_keeps_nothing(triton_path):
+    x, pending, params, H = _inputs(2, 5, 12, 3, 20)
+    with torch.no_grad():
+        got = ops.vit_block(x, *params, H, 1e-6, pending=pending)
+        want = reference.vit_block(x, *params, H, 1e-6, pending=pending)
+    for a, e in zip(got, want):
+        assert a.grad_fn is None
+        assert_close(a, e, atol=1e-5, rtol=1e-5, name="no-grad output")
+
+
+def test_validation_names_the_argument():
+    x, pending, params, H = _inputs(2, 5, 12, 3, 20)
+    with pytest.raises(ValueError, match="num_heads must be a positive int dividing C=12"):
+        ops.vit_block(x, *params, 5)
+    with pytest.raises(ValueError, match=r"x must be 3-D"):
+        ops.vit_block(x[0], *params, H)
+    bad = list(params)
+    bad[4] = params[4][:, :6]
+    with pytest.raises(ValueError, match=r"proj_weight must be a floating-point tensor of shape \(12, 12\)"):
+        ops.vit_block(x, *bad, H)
+    bad = list(params)
+    bad[10] = torch.randn(12, 21)
+    with pytest.raises(ValueError, match=r"fc2_weight .* shape \(12, 20\).*hidden=20"):
+        ops.vit_block(x, *bad, H)
+    bad = list(params)
+    bad[8] = params[8].detach().double()
+    with pytest.raises(ValueError, match="fc1_weight has dtype torch.float64 but x has torch.float32"):
+        ops.vit_block(x, *bad, H)
+    with pytest.raises(ValueError, match="pending must be a floating-point tensor of x's shape"):
+        ops.vit_block(x, *params, H, pending=pending[:, :3])
+    bad = list(params)
+    bad[0] = params[0].detach().to("meta")
+    with pytest.raises(ValueError, match="norm1_weight is on meta"):
+        ops.vit_block(x, *bad, H)
+
+
+def _blocks(depth, C, H, **kw):
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([Block(C, H, **kw) for _ in range(depth)])
+    with torch.no_grad():  # non-trivial LayerNorms and biases
+        for p in blocks.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return blocks
+
+
+def test_blocks_take_it_and_give_the_per_op_values(triton_path):
+    """``run_blocks`` over plain blocks: one vit_block node per block, the same outputs and
+    gradients as the reference."""
+    blocks = _blocks(3, 12, 3)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    h, m, outs, _ = run_blocks(blocks, x, outputs=(0,))
+    assert type(m.grad_fn).__name__ == "_VitBlockBackward"
+    loss = (h + m).square().sum() + outs[0].sum()
+    got = [loss, *torch.autograd.grad(loss, [x, *blocks.parameters()])]
+    ops.dispatch.set_kernel_mode("reference")
+    try:
+        h, m, outs, _ = run_blocks(blocks, x, outputs=(0,))
+        loss = (h + m).square().sum() + outs[0].sum()
+        want = [loss, *torch.autograd.grad(loss, [x, *blocks.parameters()])]
+    finally:
+        ops.dispatch.reload_environment()
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert_close(a, e, atol=1e-4, rtol=1e-4, name=f"result {i}")
+
+
+def test_layer_scale_and_other_activations_keep_the_per_op_path(triton_path):
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    for kw in (dict(layer_scale=True), dict(act="quick_gelu")):
+        blk = _blocks(1, 12, 3, **kw)[0]
+        assert not blk._one_op
+        with pytest.raises(RuntimeError, match="TEC_FAST_KERNELS=triton but mlp") if "act" in kw else \
+                _nothing():
+            out = blk(x)
+            assert type(out.grad_fn).__name__ != "_VitBlockBackward"
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _one_op(blk, x) -> bool:
+    return type(blk(x, split=True)[2].grad_fn).__name__ == "_VitBlockBackward"
+
+
+def test_hooks_and_replaced_layers_keep_the_per_op_path(triton_path):
+    """A hook on a part (fine-tuning's drop path sits on ls1 / ls2) or a part replaced by another
+    class (a LoRA-style Linear) must run, so such a block runs part by part."""
+    from tec_fast.models.layers import _one_op_tensors
+
+    def _plain(b):
+        return _one_op_tensors(b) is not None
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    blk = _blocks(1, 12, 3)[0]
+    assert _one_op(blk, x)
+    calls = []
+    handle = blk.ls2.register_forward_hook(lambda module, args, out: calls.append(1) or out * 0)
+    out = blk(x)  # the hook drops the MLP branch: the output is h
+    assert calls and not _one_op(blk, x)
+    params = [p for p in blk.parameters()]
+    h = reference.vit_block(x, *params, 3, blk.norm1.eps)[1]
+    assert_close(out, h, atol=1e-5, rtol=1e-5, name="block output with the MLP branch dropped")
+    handle.remove()
+    assert _one_op(blk, x)
+
+    class LoraLinear(torch.nn.Linear):
+        pass
+    blk.attn.qkv = LoraLinear(12, 36)
+    assert not _plain(blk) and not _one_op(blk, x)
+    blk.attn.qkv = torch.nn.Linear(12, 36)
+    assert _plain(blk)
+    for register in (torch.nn.modules.module.register_module_forward_pre_hook,
+                     torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda *a: None)
+        try:
+            assert not _plain(blk)
+        finally:
+            handle.remove()
+    assert _plain(blk)
