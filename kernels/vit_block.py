@@ -37,6 +37,7 @@ import functools
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from tec_fast.kernels._common import autocast_dtype, autocast_off, direct_launch, dtype_reasons, eager_apply
 from tec_fast.kernels.layer_norm import MAX_C, _layer_norm_backward_op, _layer_norm_bwd, _layer_norm_fwd, _layer_norm_op
@@ -106,21 +107,24 @@ def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool
         y1, x_in, s1 = _ln_fwd(_cast(pending, sd), x, n1w, n1b, eps, save)
     rows = B * N
     y1c = _cast(y1, dt).view(rows, C)
-    wqkv, wp, w1, w2 = _cast(wqkv, dt), _cast(wp, dt), _cast(w1, dt), _cast(w2, dt)
-    bias = lambda b_: None if b_ is None else _cast(b_, dt)  # noqa: E731
-    qkv = torch.addmm(bias(bqkv), y1c, wqkv.t()) if bqkv is not None else torch.mm(y1c, wqkv.t())
+    if dt != wqkv.dtype or dt != wp.dtype or dt != w1.dtype or dt != w2.dtype:  # autocast, fp32 weights
+        wqkv, wp, w1, w2 = _cast(wqkv, dt), _cast(wp, dt), _cast(w1, dt), _cast(w2, dt)
+    if dt != bp.dtype or dt != b1.dtype or dt != b2.dtype or (bqkv is not None and dt != bqkv.dtype):
+        bqkv, bp, b1, b2 = (None if b_ is None else _cast(b_, dt) for b_ in (bqkv, bp, b1, b2))
+    linear = F.linear  # one call from Python for addmm(b, x, w.t()) on x's rows: the same values
+    qkv = linear(y1c, wqkv, bqkv)
     q, k, v = qkv.view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
     if save:
         o, att = _attention_fwd(q, k, v)
     else:
-        o, att = torch.nn.functional.scaled_dot_product_attention(q, k, v), None
+        o, att = F.scaled_dot_product_attention(q, k, v), None
     at = o.transpose(1, 2).reshape(rows, C)
-    p = torch.addmm(bias(bp), at, wp.t())
+    p = linear(at, wp, bp)
     y2, h, s2 = _ln_fwd(_cast(p, sd).view(B, N, C), x_in, n2w, n2b, eps, save)
     y2c = _cast(y2, dt).view(rows, C)
-    pre = torch.addmm(bias(b1), y2c, w1.t())
+    pre = linear(y2c, w1, b1)
     g = _mlp_gelu_fwd(pre) if direct_launch() else _mlp_gelu_op(pre)
-    m = torch.addmm(bias(b2), g, w2.t()).view(B, N, C)
+    m = linear(g, w2, b2).view(B, N, C)
     saved = (x_in, y1c, qkv, o, at, h, y2c, pre, wqkv, wp, w1, w2, s1, s2, att) if save else None
     return x_in, h, m, saved
 

@@ -9,6 +9,7 @@ registered when this package is imported (where Triton imports), so ``torch.comp
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -377,13 +378,51 @@ def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Ten
     _check_tensor(x, "x", 3)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or x.shape[2] % num_heads:
         raise ValueError(f"num_heads must be a positive int dividing C={x.shape[2]}, got {num_heads!r}")
-    C = x.shape[2]
-    hidden = fc1_weight.shape[0] if isinstance(fc1_weight, torch.Tensor) and fc1_weight.dim() == 2 else -1
-    shapes = ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (hidden, C), (hidden,), (C, hidden), (C,))
     tensors = (norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, norm2_weight, norm2_bias,
                fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if not _block_tensors_ok(x, tensors):
+        _check_block_tensors(x, tensors)
+    if pending is not None:
+        if not isinstance(pending, torch.Tensor) or pending.shape != x.shape or not pending.is_floating_point():
+            raise ValueError(f"pending must be a floating-point tensor of x's shape {tuple(x.shape)}, got "
+                             f"{getattr(pending, 'dtype', type(pending).__name__)} "
+                             f"{tuple(getattr(pending, 'shape', ()))}")
+        if pending.device != x.device:
+            _check_same_device(x, pending=pending)
+    if use_fast_path("vit_block", x):
+        return fast_impl("vit_block")(x, *tensors, num_heads, eps, pending)
+    return reference.vit_block(x, *tensors, num_heads, float(eps), pending)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_shapes(C: int, hidden: int, qkv_bias: bool) -> tuple:
+    return ((C,), (C,), (3 * C, C)) + (((3 * C,),) if qkv_bias else ()) + \
+        ((C, C), (C,), (C,), (C,), (hidden, C), (hidden,), (C, hidden), (C,))
+
+
+def _block_tensors_ok(x: torch.Tensor, tensors: tuple) -> bool:
+    """The common case, checked in a few whole-tuple passes (about 5 us for the twelve): tensors
+    of the block's shapes on x's device, of x's dtype (any floating dtype under autocast)."""
+    present = [t for t in tensors if t is not None] if tensors[3] is None else tensors
+    if not all(isinstance(t, torch.Tensor) for t in present):
+        return False
+    w1 = tensors[8]
+    if w1.dim() != 2 or tuple([t.shape for t in present]) != _block_shapes(x.shape[2], w1.shape[0], len(present) == 12):
+        return False
     dev, dt = x.device, x.dtype
-    mixed = False
+    if not all(t.device == dev for t in present):
+        return False
+    return all(t.dtype is dt for t in present) or (torch.is_autocast_enabled(dev.type)
+                                                   and all(t.is_floating_point() for t in present))
+
+
+def _check_block_tensors(x: torch.Tensor, tensors: tuple) -> None:
+    """The error ``_block_tensors_ok`` found, naming the tensor."""
+    C = x.shape[2]
+    fc1 = tensors[8]
+    hidden = fc1.shape[0] if isinstance(fc1, torch.Tensor) and fc1.dim() == 2 else -1
+    shapes = _block_shapes(C, hidden, True)
+    dev, dt = x.device, x.dtype
     for name, t, shape in zip(_BLOCK_PARAMS, tensors, shapes):
         if t is None and name == "qkv_bias":
             continue
@@ -393,18 +432,7 @@ def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Ten
                              f"{tuple(getattr(t, 'shape', ()))}")
         if t.device != dev:
             _check_same_device(x, **{name: t})
-        mixed = mixed or t.dtype != dt
-    if mixed and not torch.is_autocast_enabled(dev.type):
+    if not torch.is_autocast_enabled(dev.type):
         name, t = next((n, t) for n, t in zip(_BLOCK_PARAMS, tensors) if t is not None and t.dtype != dt)
         raise ValueError(f"{name} has dtype {t.dtype} but x has {dt} (outside autocast the block's "
                          f"tensors must share one dtype)")
-    if pending is not None:
-        if not isinstance(pending, torch.Tensor) or pending.shape != x.shape or not pending.is_floating_point():
-            raise ValueError(f"pending must be a floating-point tensor of x's shape {tuple(x.shape)}, got "
-                             f"{getattr(pending, 'dtype', type(pending).__name__)} "
-                             f"{tuple(getattr(pending, 'shape', ()))}")
-        if pending.device != dev:
-            _check_same_device(x, pending=pending)
-    if use_fast_path("vit_block", x):
-        return fast_impl("vit_block")(x, *tensors, num_heads, eps, pending)
-    return reference.vit_block(x, *tensors, num_heads, float(eps), pending)

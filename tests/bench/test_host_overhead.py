@@ -136,6 +136,48 @@ def test_step_host_split_smoke(capsys):
         step_host_split.main(["--steps", "0"])
 
 
+
+def test_block_routes_smoke(capsys, monkeypatch):
+    """``benchmarks.experiments.block_routes``: one step of each route, each running what it says
+    (the one-node block, torch's graph of the block, the separate ops); the kernel path and the
+    op table are as before afterwards."""
+    _interpreter_or_skip()
+    from collections import Counter
+    from benchmarks.experiments import block_routes
+    from tec_fast.ops import dispatch, reference
+    before, fast = dispatch.kernel_mode(), dispatch.fast_impl("vit_block")
+    assert block_routes.main(["--reps", "1", "--steps", "1"]) == 0
+    assert dispatch.kernel_mode() == before and dispatch.fast_impl("vit_block") is fast
+    out = capsys.readouterr().out
+    for route in (*block_routes.ROUTES, "eager"):
+        assert route in out
+    with pytest.raises(SystemExit):
+        block_routes.main(["--reps", "0"])
+
+    calls = Counter()
+
+    def counted(name, fn):
+        return lambda *a, **k: calls.update([name]) or fn(*a, **k)
+    for op in ("vit_block", "mlp"):
+        monkeypatch.setitem(dispatch._FAST, op, counted(op, dispatch._FAST[op]))
+    monkeypatch.setattr(reference, "vit_block", counted("torch block", reference.vit_block))
+    dispatch.set_kernel_mode("triton")
+    try:
+        steps = block_routes.make_steps()
+        seen = {}
+        for route in block_routes.ROUTES:
+            calls.clear()
+            steps[route]()
+            seen[route] = dict(calls)
+    finally:
+        dispatch.set_kernel_mode(before)
+    one, on_torch, parts = (Counter(seen[r]) for r in block_routes.ROUTES)
+    # the encoder's 12 blocks and the decoder's 2 (the frozen base's blocks as well)
+    assert one["vit_block"] >= 14 and not one["torch block"], seen
+    assert on_torch["torch block"] >= 14 and not on_torch["vit_block"], seen
+    assert not parts["vit_block"] and not parts["torch block"] and parts["mlp"] >= one["mlp"] + 14, seen
+
+
 def test_launch_path_split_smoke(tmp_path):
     """``benchmarks.experiments.launch_path_split`` (the interpreter off: a subprocess)."""
     import subprocess
