@@ -66,15 +66,16 @@ def main(argv=None) -> int:
         p.error("--reps and --steps must be >= 1")
     torch.set_num_threads(1)
     from benchmarks.common import format_table
-    from benchmarks.host_overhead import LaunchLog, time_per_call
+    from benchmarks.host_overhead import LaunchLog, denormals_flushed, time_per_call
     from benchmarks.triton_stub import launches_stubbed
     from tec_fast.ops import dispatch
     mode = dispatch.kernel_mode()
     dispatch.set_kernel_mode("triton")
+    cpu = torch.device("cpu")
     try:
         steps = make_steps()
-        with launches_stubbed(LaunchLog()):
-            us = time_per_call(steps, args.steps, args.reps, torch.device("cpu"))
+        with launches_stubbed(LaunchLog()), denormals_flushed(cpu):
+            us = time_per_call(steps, args.steps, args.reps, cpu)
     finally:
         dispatch.set_kernel_mode(mode)
     rows = [dict(route=name, host_ms=round(us[name]["min"] / 1e3, 2),

@@ -58,13 +58,13 @@ def main(argv=None) -> int:
         p.error(f"--steps must be >= 1, got {args.steps}")
     torch.set_num_threads(1)
     from benchmarks.common import format_table
-    from benchmarks.host_overhead import LaunchLog, _kernels_off, make_step
+    from benchmarks.host_overhead import LaunchLog, _kernels_off, denormals_flushed, make_step
     from tec_fast.ops import dispatch
     dispatch.set_kernel_mode("triton")
     dev = torch.device("cpu")
     rows = []
     try:
-        with _kernels_off(dev, LaunchLog()):
+        with _kernels_off(dev, LaunchLog()), denormals_flushed(dev):
             for provider in ("engine", "eager"):
                 total, kern, acc = split(make_step(provider, dev), args.steps)
                 rows.append(dict(provider=provider, profiled_ms=total, compute_kernels_ms=kern,
