@@ -99,7 +99,10 @@ def copy_bandwidth(nbytes: int, dev: torch.device, warmup: int, reps: int,
 
 
 def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: List[str],
-        warmup: int, reps: int, cuda_graph: bool = False) -> List[Dict]:
+        warmup: int, reps: int, cuda_graph: bool = False, failures: Optional[List[str]] = None) -> List[Dict]:
+    """Rows of ``op``'s forward and forward + backward, each provider timed. A provider that
+    raises is reported and listed in ``failures`` (the other providers and ops still run: on a
+    lent GPU one broken op must not cost the rows of the rest); without ``failures`` it raises."""
     rows = []
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     for backward in (False, True):
@@ -115,8 +118,12 @@ def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: L
                 print(f"{bench} {name}: out of memory")
             except RuntimeError as exc:  # e.g. a provider that synchronises cannot be recorded
                 if not cuda_graph:
-                    raise
-                print(f"{bench} {name}: not timed, cannot be recorded into a CUDA graph ({exc})")
+                    if failures is None:
+                        raise
+                    failures.append(f"{bench} {name}: {type(exc).__name__}: {exc}")
+                    print(f"{bench} {name}: FAILED ({type(exc).__name__}: {exc})")
+                else:
+                    print(f"{bench} {name}: not timed, cannot be recorded into a CUDA graph ({exc})")
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         ref_ms = results.get("reference", {}).get("median_ms")
@@ -169,9 +176,9 @@ def main(argv=None) -> List[Dict]:
     reps = args.reps if args.reps is not None else (50 if gpu else 5)
     ops = OPS if args.op == "all" else (args.op,)
 
-    rows = []
+    rows, failures = [], []
     for op in ops:
-        op_rows = run(op, size, dtype, dev, providers, warmup, reps, args.cuda_graph)
+        op_rows = run(op, size, dtype, dev, providers, warmup, reps, args.cuda_graph, failures)
         if provider == "triton":
             op_rows = [r for r in op_rows if r["provider"] != "reference"]
         rows += op_rows
@@ -180,6 +187,8 @@ def main(argv=None) -> List[Dict]:
                               "tflop_per_s", "peak_mem_gb", "speedup"]))
     path = append_results(rows, args.results_dir, dev)
     print(f"appended {len(rows)} rows to {path}")
+    if failures:
+        raise SystemExit("failed (the rows of the rest were written):\n  " + "\n  ".join(failures))
     return rows
 
 

@@ -48,3 +48,19 @@ def test_cuda_graph_timing_needs_cuda(capsys):
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
     with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
         time_callable(lambda: None, "cpu", cuda_graph=True)
+
+
+def test_a_failing_provider_costs_only_its_own_rows(tmp_path, monkeypatch, capsys):
+    """On a lent GPU one op that fails must not lose the others' rows: the rest are timed and
+    written, then the run exits non-zero naming what failed."""
+    import tec_fast.ops.reference as reference
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure")
+    monkeypatch.setattr(reference, "layer_norm", broken)
+    with pytest.raises(SystemExit, match=r"layer_norm_fwd reference: RuntimeError: planted failure"):
+        bench_ops.main(["--op", "all", "--device", "cpu", "--reps", "1", "--warmup", "0",
+                        "--results-dir", str(tmp_path)])
+    benches = {r["bench"] for r in _rows(tmp_path)}
+    assert "layer_norm_fwd" not in benches and {"masked_gather_fwd", "mlp_fwdbwd", "patch_embed_fwd"} <= benches
+    assert "layer_norm_fwdbwd reference: FAILED" in capsys.readouterr().out
