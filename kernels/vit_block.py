@@ -25,7 +25,8 @@ one ``autograd.Function`` and the backward is written out by hand:
 It saves what the per-op path saves (x_in, y1, qkv, the attention output and its log-sum-exp,
 h, y2, the MLP pre-activation, the LayerNorm statistics), nothing more. Attention runs torch's
 own fused kernels: on CPU the flash kernel; on CUDA the flash kernel for fp16 / bf16 heads of at
-most 256 values (multiple of 8) on sm80+, else the memory-efficient one. Under autocast the
+most 256 values (multiple of 8) on sm80+, the memory-efficient one for other heads that are a
+multiple of 8, and attention written out (softmax in fp32, the probabilities kept) for the rest. Under autocast the
 GEMMs and attention run in the autocast dtype and the LayerNorms and the residual stream in x's
 dtype, as the per-op path computes them. Under ``torch.compile`` / a dispatch mode the Triton
 launchers are called through their custom ops (``direct_launch``).
@@ -58,12 +59,17 @@ def _sm80(index: int) -> bool:
 
 
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """q, k, v [B, H, N, d] -> (out [B, H, N, d], what ``_attention_bwd`` needs)."""
+    """q, k, v [B, H, N, d] -> (out [B, H, N, d], what ``_attention_bwd`` needs). Torch's fused
+    kernels where they take the heads (CPU: flash; CUDA: flash for fp16 / bf16 heads of at most
+    256 values, a multiple of 8, on sm80+; memory-efficient for heads a multiple of 8), else
+    attention written out (``_math_attention_fwd``)."""
     if q.device.type == "cpu":
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
         return out, ("cpu", lse)
     d = q.shape[-1]
-    if q.dtype in _FLASH_DTYPES and d % 8 == 0 and d <= 256 and _sm80(q.device.index or 0):
+    if d % 8:
+        return _math_attention_fwd(q, k, v)
+    if q.dtype in _FLASH_DTYPES and d <= 256 and _sm80(q.device.index or 0):
         out, lse, cq, ck, mq, mk, seed, offset, _ = _aten._scaled_dot_product_flash_attention(q, k, v)
         return out, ("flash", lse, cq, ck, mq, mk, seed, offset)
     out, lse, seed, offset = _aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
@@ -78,9 +84,29 @@ def _attention_bwd(dout: torch.Tensor, q, k, v, out, state) -> Tuple[torch.Tenso
         _, lse, cq, ck, mq, mk, seed, offset = state
         return _aten._scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0,
                                                                   False, seed, offset)
+    if kind == "math":
+        return _math_attention_bwd(dout, q, k, v, state[1])
     _, lse, seed, offset = state
     return _aten._scaled_dot_product_efficient_attention_backward(dout, q, k, v, None, out, lse, seed, offset, 0.0,
                                                                   [True, True, True, False])[:3]
+
+
+def _math_attention_fwd(q, k, v):
+    """softmax(q k^T / sqrt(d)) v with the probabilities P kept (fp32 softmax, as torch's math
+    backend computes it for 16-bit inputs): the fallback for heads no fused kernel takes."""
+    scale = q.shape[-1] ** -0.5
+    p = torch.softmax(torch.matmul(q, k.transpose(-2, -1)).float() * scale, dim=-1).to(q.dtype)
+    return torch.matmul(p, v), ("math", p)
+
+
+def _math_attention_bwd(dout, q, k, v, p):
+    """dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)) (computed as rowsum(P * dP)), dQ = dS K * s,
+    dK = dS^T Q * s; the softmax's part in fp32."""
+    scale = q.shape[-1] ** -0.5
+    dp = torch.matmul(dout, v.transpose(-2, -1)).float()
+    pf = p.float()
+    ds = (pf * (dp - (pf * dp).sum(-1, keepdim=True)) * scale).to(q.dtype)
+    return torch.matmul(ds, k), torch.matmul(ds.transpose(-2, -1), q), torch.matmul(p.transpose(-2, -1), dout)
 
 
 def _cast(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:

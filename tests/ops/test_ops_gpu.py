@@ -338,3 +338,39 @@ def test_launch_reuse_gives_what_jitfunction_run_gives(cuda_triton_path, monkeyp
                     tol = 4 * torch.finfo(a.dtype).eps
                     torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()),
                                                msg=f"{op} output {i}")
+
+
+@pytest.mark.parametrize("head_dim,dtype,amp", [(64, torch.bfloat16, False), (80, torch.bfloat16, False),
+                                                (16, torch.float32, False), (12, torch.bfloat16, False),
+                                                (64, torch.float32, True)])
+def test_vit_block_attention_routes(cuda_triton_path, head_dim, dtype, amp):
+    """``ops.vit_block`` on each attention route it takes itself: flash (bf16 heads of 64 and 80),
+    memory-efficient (fp32 heads of 16), written out (heads of 12: not a multiple of 8), and fp32
+    weights under bf16 autocast (flash); values and every gradient against float64."""
+    torch.manual_seed(0)
+    B, N, H = 4, 50, 6
+    C = H * head_dim
+    x = torch.randn(B, N, C, device=DEV)
+    pending = torch.randn(B, N, C, device=DEV)
+    params = [torch.ones(C) + 0.3 * torch.randn(C), 0.3 * torch.randn(C), torch.randn(3 * C, C) * C ** -0.5,
+              0.3 * torch.randn(3 * C), torch.randn(C, C) * C ** -0.5, 0.3 * torch.randn(C),
+              torch.ones(C) + 0.3 * torch.randn(C), 0.3 * torch.randn(C), torch.randn(4 * C, C) * 2 * C ** -0.5,
+              0.5 * torch.randn(4 * C), torch.randn(C, 4 * C) * (4 * C) ** -0.5, 0.3 * torch.randn(C)]
+    params = [p.to(DEV) for p in params]
+
+    def run(fn, dt, autocast):
+        leaves = [_leaf(t, dt) for t in (x, pending, *params)]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(leaves[0], *leaves[2:], H, 1e-6, pending=leaves[1])
+        g = torch.Generator(device=DEV).manual_seed(1)
+        grads = [torch.randn(o.shape, device=DEV, generator=g).to(o.dtype) for o in out]
+        return [*out, *torch.autograd.grad(out, leaves, grads)]
+    got = run(ops.vit_block, dtype, amp)
+    eager = run(reference.vit_block, dtype, amp)
+    exact = run(reference.vit_block, torch.float64, False)
+    for i, (a, e, r) in enumerate(zip(got, eager, exact)):
+        scale = max(1.0, r.abs().max().item())
+        if dtype == torch.float32 and not amp:
+            assert_close(a, r, atol=1e-3 * scale, rtol=1e-3, name=f"vit_block result {i}")
+        else:
+            assert_low_precision_ok(a, e, r, atol=2e-2 * scale, name=f"vit_block result {i}")

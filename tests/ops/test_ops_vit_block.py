@@ -261,3 +261,25 @@ def test_hooks_and_replaced_layers_keep_the_per_op_path(triton_path):
         finally:
             handle.remove()
     assert _plain(blk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_written_out_attention_fallback(dtype):
+    """The attention the block writes out where no fused kernel takes the heads (CUDA heads not
+    a multiple of 8), run here on CPU tensors: values and the three gradients against float64
+    autograd through softmax."""
+    from tec_fast.kernels.vit_block import _math_attention_bwd, _math_attention_fwd
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 12, generator=g) * 1.5 for _ in range(3))
+    dout = torch.randn(2, 3, 7, 12, generator=g)
+    out, (kind, p) = _math_attention_fwd(*(t.to(dtype) for t in (q, k, v)))
+    grads = _math_attention_bwd(dout.to(dtype), *(t.to(dtype) for t in (q, k, v)), p)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    want = torch.softmax(qd @ kd.transpose(-2, -1) / 12 ** 0.5, -1) @ vd
+    want_grads = torch.autograd.grad(want, (qd, kd, vd), dout.double())
+    assert kind == "math" and out.dtype == dtype
+    for name, a, e in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)):
+        if dtype == torch.float32:
+            assert_close(a, e, atol=1e-5, rtol=1e-5, name=name)
+        else:
+            assert_low_precision_ok(a, e, e, atol=1e-2, name=name)
