@@ -168,6 +168,7 @@ class _VitBlock(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x_in, y1c, qkv, o, at, h, y2c, pre, wqkv_c, wp_c, w1_c, w2_c, n1w, n2w)
         ctx.stats, ctx.att, ctx.H, ctx.has_pending = (s1, s2), att, H, pending is not None
+        ctx.device_type = x.device.type
         ctx.dtypes = (None if pending is None else pending.dtype, n1b.dtype, wqkv.dtype,
                       None if bqkv is None else bqkv.dtype, wp.dtype, bp.dtype, n2b.dtype,
                       w1.dtype, b1.dtype, w2.dtype, b2.dtype)
@@ -175,13 +176,15 @@ class _VitBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        with autocast_off(grads[-1].device.type if grads[-1] is not None else "cpu"):
+        with autocast_off(ctx.device_type):
             return _VitBlock._backward(ctx, *grads)
 
     @staticmethod
     def _backward(ctx, *grads):
         d_xin, dh, dm = grads if ctx.has_pending else (None, *grads)
         x_in, y1c, qkv, o, at, h, y2c, pre, wqkv, wp, w1, w2, n1w, n2w = ctx.saved_tensors
+        if not x_in.is_contiguous():  # x as given (no pending): the LayerNorm backward reads rows
+            x_in = x_in.contiguous()
         s1, s2 = ctx.stats
         pend_dt, n1b_dt, wqkv_dt, bqkv_dt, wp_dt, bp_dt, n2b_dt, w1_dt, b1_dt, w2_dt, b2_dt = ctx.dtypes
         B, N, C = x_in.shape
