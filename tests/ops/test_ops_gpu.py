@@ -374,3 +374,20 @@ def test_vit_block_attention_routes(cuda_triton_path, head_dim, dtype, amp):
             assert_close(a, r, atol=1e-3 * scale, rtol=1e-3, name=f"vit_block result {i}")
         else:
             assert_low_precision_ok(a, e, r, atol=2e-2 * scale, name=f"vit_block result {i}")
+
+
+def test_vit_block_compiles_with_inductor(cuda_triton_path):
+    """``ops.vit_block`` under torch.compile (inductor): the custom ops of its kernels and
+    torch's attention ops traced, the same values and gradients as eager."""
+    torch.manual_seed(0)
+    from tec_fast.ops.registry import OPS, SIZES
+    ex = OPS["vit_block"].example(dict(SIZES["vitb"], B=4), torch.bfloat16, torch.device(DEV))
+
+    def step(*args):
+        x_in, h, m = ops.vit_block(*args, **ex.kwargs)
+        return (h.float() + m.float()).square().mean() + x_in.float().mean()
+    want = _grads(step(*ex.args), ex.grad_of)
+    got = _grads(torch.compile(step)(*ex.args), ex.grad_of)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a.float(), b.float(), atol=3e-2 * max(1.0, b.abs().max().item()), rtol=3e-2,
+                     name=f"compiled vit_block result {i}")
