@@ -45,3 +45,18 @@ def test_readme_cuda_graph_example_runs(capsys):
     exec(compile(_example_code(1), "docs/kernels.md CUDA-graph example", "exec"), scope)
     losses = [float(v) for v in re.findall(r"graph step \d: loss (\S+)", capsys.readouterr().out)]
     assert len(losses) == 3 and all(v == v and v > 0 for v in losses)
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+def test_vit_block_example_runs(mode, monkeypatch, request, capsys):
+    """The section on ``vit_block``: a stack of blocks through the op gives what the modules give."""
+    if mode == "triton":
+        request.getfixturevalue("triton_path")
+    else:
+        monkeypatch.setenv("TEC_FAST_KERNELS", "reference")
+    with open(DOC) as f:
+        section = f.read().split("## A whole ViT block as one op", 1)[1]
+    (code,) = re.findall(r"```python\n(.*?)```", re.split(r"\n## ", section, maxsplit=1)[0], flags=re.S)
+    exec(compile(code, "docs/kernels.md vit_block example", "exec"), {"__name__": "vit_block_example"})
+    (diff,) = re.findall(r"max \|difference\| to the modules: (\S+)", capsys.readouterr().out)
+    assert float(diff) < 1e-4, diff
