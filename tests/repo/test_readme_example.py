@@ -22,12 +22,16 @@ def _example_code(index: int = 0) -> str:
     return blocks[index]
 
 
-@pytest.mark.parametrize("mode", ["reference", "triton"])
-def test_readme_example_runs(mode, monkeypatch, request, capsys):
+def _kernel_mode(mode, monkeypatch, request) -> None:
     if mode == "triton":
         request.getfixturevalue("triton_path")
     else:
         monkeypatch.setenv("TEC_FAST_KERNELS", "reference")
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+def test_readme_example_runs(mode, monkeypatch, request, capsys):
+    _kernel_mode(mode, monkeypatch, request)
     exec(compile(_example_code(), "docs/kernels.md example", "exec"), {"__name__": "readme_example"})
     out = capsys.readouterr().out
     losses = [float(v) for v in re.findall(r"loss (\S+)", out)]
@@ -50,10 +54,7 @@ def test_readme_cuda_graph_example_runs(capsys):
 @pytest.mark.parametrize("mode", ["reference", "triton"])
 def test_vit_block_example_runs(mode, monkeypatch, request, capsys):
     """The section on ``vit_block``: a stack of blocks through the op gives what the modules give."""
-    if mode == "triton":
-        request.getfixturevalue("triton_path")
-    else:
-        monkeypatch.setenv("TEC_FAST_KERNELS", "reference")
+    _kernel_mode(mode, monkeypatch, request)
     with open(DOC) as f:
         section = f.read().split("## A whole ViT block as one op", 1)[1]
     (code,) = re.findall(r"```python\n(.*?)```", re.split(r"\n## ", section, maxsplit=1)[0], flags=re.S)
