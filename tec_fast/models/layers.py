@@ -142,8 +142,6 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
         self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
-        # ``ops.vit_block`` computes the plain block (no LayerScale, exact GELU, one LayerNorm eps)
-        self._one_op = not layer_scale and act == "gelu"
 
     def forward(self, x: torch.Tensor, return_qk: bool = False,
                 cu_seqlens: Optional[torch.Tensor] = None, max_len: int = 0, lengths=None, *,
@@ -162,8 +160,7 @@ class Block(nn.Module):
         batched sequence without ``return_qk`` is one ``ops.vit_block`` call: one autograd node
         for the whole block instead of one per part."""
         n1, n2 = self.norm1, self.norm2
-        tensors = _one_op_tensors(self) if cu_seqlens is None and not return_qk and self._one_op \
-            and n1.eps == n2.eps else None
+        tensors = _one_op_tensors(self) if cu_seqlens is None and not return_qk and n1.eps == n2.eps else None
         if tensors is not None:
             x_in, h, m = ops.vit_block(x, *tensors, self.attn.num_heads, n1.eps, pending=pending)
             return (x_in, h, m, None) if split else h + m
@@ -194,7 +191,8 @@ def _hooked(m: nn.Module) -> bool:
 def _one_op_tensors(block: Block) -> Optional[tuple]:
     """The twelve tensors ``ops.vit_block`` takes from ``block`` (norm1, attn.qkv, attn.proj,
     norm2, mlp.fc1, mlp.fc2: weight and bias each), or None where the op would not compute
-    exactly what the block's parts do: a part replaced by another class (a wrapped or
+    exactly what the block's parts do: LayerScale (not a part the op has), another MLP
+    activation than the exact GELU, a part replaced by another class (a wrapped or
     parametrized layer) or carrying a hook (such as fine-tuning's drop path on ls1 / ls2: it
     must see its part run), a module hook registered globally, a parameter that is not one.
     The block's own hooks run around its forward as usual. Read straight from the modules'
@@ -209,6 +207,8 @@ def _one_op_tensors(block: Block) -> Optional[tuple]:
     glob = nn.modules.module
     if glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks \
             or glob._global_backward_pre_hooks:
+        return None
+    if mods["mlp"].act != "gelu":  # the op's MLP is the exact-erf GELU's
         return None
     attn, mlp = mods["attn"]._modules, mods["mlp"]._modules
     tensors = []
