@@ -34,7 +34,6 @@ Reference: ``tec_fast.ops.reference.vit_block``.
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -53,9 +52,14 @@ _aten = torch.ops.aten
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+_SM80 = {}  # CUDA device index -> compute capability >= 8.0 (a plain dict: torch.compile traces it)
+
+
 def _sm80(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 8
+    ok = _SM80.get(index)
+    if ok is None:
+        ok = _SM80[index] = torch.cuda.get_device_capability(index)[0] >= 8
+    return ok
 
 
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

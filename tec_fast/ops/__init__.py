@@ -9,7 +9,6 @@ registered when this package is imported (where Triton imports), so ``torch.comp
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -394,7 +393,6 @@ def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Ten
     return reference.vit_block(x, *tensors, num_heads, float(eps), pending)
 
 
-@functools.lru_cache(maxsize=64)
 def _block_shapes(C: int, hidden: int, qkv_bias: bool) -> tuple:
     return ((C,), (C,), (3 * C, C)) + (((3 * C,),) if qkv_bias else ()) + \
         ((C, C), (C,), (C,), (C,), (hidden, C), (hidden,), (C, hidden), (C,))
