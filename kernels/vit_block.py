@@ -2,19 +2,18 @@
 
     x_in = x + pending                 (or x alone; ``pending``: the previous block's MLP branch)
     y1   = LN1(x_in)                   (``layer_norm``'s kernel, the add fused in)
-    q, k, v = heads(y1 Wqkv^T + bqkv)  (torch addmm; views into heads)
-    a    = attention(q, k, v) Wp^T + bp   (torch's fused attention kernel; addmm)
+    q, k, v = heads(y1 Wqkv^T + bqkv)  (torch F.linear; views into heads)
+    a    = attention(q, k, v) Wp^T + bp   (torch's fused attention kernel; F.linear)
     h    = x_in + a,  y2 = LN2(h)      (``layer_norm``'s kernel, the add fused in)
-    m    = GELU(y2 W1^T + b1) W2^T + b2   (addmm, ``mlp``'s GELU kernel, addmm)
+    m    = GELU(y2 W1^T + b1) W2^T + b2   (F.linear, ``mlp``'s GELU kernel, F.linear)
 
 returns (x_in, h, m); the block's output is h + m, which the next block adds inside its LN1.
 
 Why one node: the block's math is a dozen kernels either way (four GEMMs, attention, two
-LayerNorms, the GELU), but run as separate ops each one is also an autograd node with its own
-Python wrapper, checks, views and saved-tensor bookkeeping. On the host that costs about as much
-again as issuing the kernels (``benchmarks/host_overhead.py``: a block's forward + backward
-through the per-op path against this one). Here the forward issues the kernels straight from
-one ``autograd.Function`` and the backward is written out by hand:
+LayerNorms, the GELU), but run as separate ops (``layer_norm`` twice, ``qkv_heads``, ``mlp``) each
+is also an autograd node with its own Python wrapper, checks, views and saved-tensor bookkeeping.
+Here the forward issues the kernels from one ``autograd.Function`` and the backward is written
+out:
 
     dm -> dW2 = dm^T g, db2, dg = dm W2 -> GELU backward (recomputes g; sums db1) -> dW1, dy2
     dy2, dh -> LN2 backward (the residual's gradient added in) -> dh_total = d(x_in) + da
@@ -26,11 +25,18 @@ It saves what the per-op path saves (x_in, y1, qkv, the attention output and its
 h, y2, the MLP pre-activation, the LayerNorm statistics), nothing more. Attention runs torch's
 own fused kernels: on CPU the flash kernel; on CUDA the flash kernel for fp16 / bf16 heads of at
 most 256 values (multiple of 8) on sm80+, the memory-efficient one for other heads that are a
-multiple of 8, and attention written out (softmax in fp32, the probabilities kept) for the rest. Under autocast the
-GEMMs and attention run in the autocast dtype and the LayerNorms and the residual stream in x's
-dtype, as the per-op path computes them. Under ``torch.compile`` / a dispatch mode the Triton
-launchers are called through their custom ops (``direct_launch``).
-Reference: ``tec_fast.ops.reference.vit_block``.
+multiple of 8, and attention written out (softmax in fp32, the probabilities kept) for the rest.
+Under autocast the GEMMs and attention run in the autocast dtype and the LayerNorms and the
+residual stream in x's dtype, as the per-op path computes them.
+
+Host cost (``benchmarks/experiments/block_routes.py``, the TEC step with launches skipped, CPU):
+the step with its blocks on this node took 0.78-0.81x eager's host time, through torch's own
+autograd graph of the block 0.84-0.85x, part by part 0.82-0.86x. The backward issues about 55
+torch calls from Python where torch's graph issues its own from C++, so this node saves what the
+separate nodes and wrappers cost, not the calls themselves.
+
+Under ``torch.compile`` / a dispatch mode the Triton launchers are called through their custom
+ops (``direct_launch``). Reference: ``tec_fast.ops.reference.vit_block``.
 """
 from __future__ import annotations
 
