@@ -306,3 +306,18 @@ def test_strided_inputs(triton_path, with_pending):
             assert not unused.any(), i
             continue
         assert_close(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), rtol=1e-4, name=f"result {i}")
+
+
+@pytest.mark.parametrize("dtype,head_dim,route", [(torch.bfloat16, 64, "flash"), (torch.float32, 16, "efficient"),
+                                                  (torch.bfloat16, 12, "math")])
+def test_cuda_attention_calls_on_meta_tensors(monkeypatch, dtype, head_dim, route):
+    """The CUDA routes' calls into torch's attention ops (argument order, what the forward keeps
+    for the backward), checked on meta tensors through the ops' own shape functions: the kernels
+    themselves need a GPU (tests/ops/test_ops_gpu.py runs them)."""
+    import tec_fast.kernels.vit_block as vb
+    monkeypatch.setitem(vb._SM80, 0, True)  # as on an sm80+ GPU
+    q, k, v = (torch.empty(2, 3, 7, head_dim, device="meta", dtype=dtype) for _ in range(3))
+    out, state = vb._attention_fwd(q, k, v)
+    assert state[0] == route and out.shape == q.shape and out.dtype == dtype
+    grads = vb._attention_bwd(torch.empty_like(out), q, k, v, out, state)
+    assert len(grads) == 3 and all(g.shape == q.shape and g.dtype == dtype for g in grads)
