@@ -321,3 +321,27 @@ def test_cuda_attention_calls_on_meta_tensors(monkeypatch, dtype, head_dim, rout
     assert state[0] == route and out.shape == q.shape and out.dtype == dtype
     grads = vb._attention_bwd(torch.empty_like(out), q, k, v, out, state)
     assert len(grads) == 3 and all(g.shape == q.shape and g.dtype == dtype for g in grads)
+
+
+@pytest.mark.parametrize("dtype,C,H,route", [(torch.bfloat16, 64, 4, "flash"), (torch.float32, 64, 4, "efficient"),
+                                              (torch.bfloat16, 48, 4, "math")])
+def test_whole_block_on_the_cuda_routes_with_meta_tensors(monkeypatch, dtype, C, H, route):
+    """The block's forward and backward through the CUDA attention routes (flash for bf16 heads
+    of 16, memory-efficient for fp32, written out for heads of 12) on meta tensors, every Triton
+    launch recorded and skipped: each of the 14 gradients comes back in its leaf's shape and
+    dtype, and the LayerNorm, GELU and pack kernels are the ones launched."""
+    from benchmarks.triton_stub import launches_stubbed
+    import tec_fast.kernels.vit_block as vb
+    from tec_fast.ops.registry import OPS, SIZES, unit_grads
+    monkeypatch.setitem(vb._SM80, 0, True)
+    routes, attention_fwd = [], vb._attention_fwd
+    monkeypatch.setattr(vb, "_attention_fwd", lambda *a: (lambda r: routes.append(r[1][0]) or r)(attention_fwd(*a)))
+    ex = OPS["vit_block"].example(dict(SIZES["tiny"], C=C, H=H), dtype, torch.device("meta"))
+    launched = set()
+    with launches_stubbed(lambda name, args, kwargs: launched.add(name)):
+        out = vb.vit_block(*ex.args, **ex.kwargs)
+        grads = torch.autograd.grad(out, ex.grad_of, unit_grads(list(out)))
+    assert routes == [route] and [o.shape for o in out] == [ex.args[0].shape] * 3
+    assert len(grads) == 14 and all(g.shape == t.shape and g.dtype == t.dtype for g, t in zip(grads, ex.grad_of))
+    assert launched == {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_dwdb_kernel",
+                        "_mlp_gelu_fwd_kernel", "_mlp_gelu_bwd_kernel", "_qkv_pack_kernel"}
