@@ -345,3 +345,24 @@ def test_whole_block_on_the_cuda_routes_with_meta_tensors(monkeypatch, dtype, C,
     assert len(grads) == 14 and all(g.shape == t.shape and g.dtype == t.dtype for g, t in zip(grads, ex.grad_of))
     assert launched == {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_dwdb_kernel",
                         "_mlp_gelu_fwd_kernel", "_mlp_gelu_bwd_kernel", "_qkv_pack_kernel"}
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+def test_blocks_compile_whole(mode, request):
+    """A stack of blocks through ``run_blocks`` under torch.compile (aot_eager, fullgraph: the
+    one-op check on the block's parts traces without a break), bitwise what eager gives."""
+    request.getfixturevalue(f"{mode}_path")
+    torch._dynamo.reset()
+    blocks = _blocks(2, 32, 4)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    node = type(run_blocks(blocks, x)[1].grad_fn).__name__
+    assert (node == "_VitBlockBackward") == (mode == "triton"), node
+
+    def loss(x):
+        h, m, outs, _ = run_blocks(blocks, x, outputs=(0,))
+        return (h + m).square().sum() + outs[0].sum()
+    want = [loss(x), *torch.autograd.grad(loss(x), [x, *blocks.parameters()])]
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = [compiled(x), *torch.autograd.grad(compiled(x), [x, *blocks.parameters()])]
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert torch.equal(a, e), i
