@@ -132,7 +132,8 @@ def _ln_fwd(x, residual, w, b, eps, keep_stats=True):
 
 def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool):
     """The block on x [B, N, C] (autocast off: ``dt`` is the GEMMs' dtype). Returns
-    (x_in, h, m, saved) with ``saved`` None unless ``save``."""
+    (x_in, h, m, saved): ``saved``, what the backward needs besides x_in and h, None unless
+    ``save``."""
     n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2 = params
     B, N, C = x.shape
     sd = x.dtype  # the residual stream's dtype
@@ -161,7 +162,7 @@ def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool
     pre = linear(y2c, w1, b1)
     g = _mlp_gelu_fwd(pre) if direct_launch() else _mlp_gelu_op(pre)
     m = linear(g, w2, b2).view(B, N, C)
-    saved = (x_in, y1c, qkv, o, at, h, y2c, pre, wqkv, wp, w1, w2, s1, s2, att) if save else None
+    saved = (y1c, qkv, o, at, y2c, pre, wqkv, wp, w1, w2, s1, s2, att) if save else None
     return x_in, h, m, saved
 
 
@@ -174,7 +175,7 @@ class _VitBlock(torch.autograd.Function):
         params = (n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2)
         with autocast_off(x.device.type):
             x_in, h, m, saved = _forward(x, pending, params, H, eps, dt, True)
-        x_in_, y1c, qkv, o, at, h_, y2c, pre, wqkv_c, wp_c, w1_c, w2_c, s1, s2, att = saved
+        y1c, qkv, o, at, y2c, pre, wqkv_c, wp_c, w1_c, w2_c, s1, s2, att = saved
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x_in, y1c, qkv, o, at, h, y2c, pre, wqkv_c, wp_c, w1_c, w2_c, n1w, n2w)
         ctx.stats, ctx.att, ctx.H, ctx.has_pending = (s1, s2), att, H, pending is not None
