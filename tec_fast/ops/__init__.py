@@ -401,7 +401,7 @@ def _block_shapes(C: int, hidden: int, qkv_bias: bool) -> tuple:
 def _block_tensors_ok(x: torch.Tensor, tensors: tuple) -> bool:
     """The common case, checked in a few whole-tuple passes (about 5 us for the twelve): tensors
     of the block's shapes on x's device, of x's dtype (any floating dtype under autocast)."""
-    present = [t for t in tensors if t is not None] if tensors[3] is None else tensors
+    present = tensors[:3] + tensors[4:] if tensors[3] is None else tensors  # qkv_bias may be None
     if not all(isinstance(t, torch.Tensor) for t in present):
         return False
     w1 = tensors[8]

@@ -173,6 +173,10 @@ def test_validation_names_the_argument():
     bad[0] = params[0].detach().to("meta")
     with pytest.raises(ValueError, match="norm1_weight is on meta"):
         ops.vit_block(x, *bad, H)
+    bad = list(params)
+    bad[3], bad[8] = None, None  # no qkv bias (allowed) and no fc1 weight (not)
+    with pytest.raises(ValueError, match="fc1_weight must be a floating-point tensor of shape"):
+        ops.vit_block(x, *bad, H)
 
 
 def _blocks(depth, C, H, **kw):
