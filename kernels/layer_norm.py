@@ -222,6 +222,17 @@ def _(dy, dh_out, h, weight, stats, b_dtype):
     return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape, dtype=b_dtype)
 
 
+def layer_norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float, keep_stats: bool = True):
+    """``_layer_norm_fwd``'s (y, h, stats) through the route the caller's context asks for: the
+    launcher directly in plain eager mode (``direct_launch``), else the custom op (which always
+    returns the statistics; h is None without a residual either way)."""
+    if direct_launch():
+        return _layer_norm_fwd(x, residual, weight, bias, eps, keep_stats)
+    y, h, stats = _layer_norm_op(x, residual, weight, bias, eps)
+    return y, (h if residual is not None else None), stats
+
+
 # ---- autograd ---------------------------------------------------------------------------------
 
 class _LayerNorm(torch.autograd.Function):
@@ -232,11 +243,7 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
-        if direct_launch():
-            y, h, stats = _layer_norm_fwd(x, residual, weight, bias, eps)
-        else:
-            y, h, stats = _layer_norm_op(x, residual, weight, bias, eps)
-            h = h if residual is not None else None
+        y, h, stats = layer_norm_forward(x, residual, weight, bias, eps)
         ctx.set_materialize_grads(False)  # no zero gradients (and launches) for an unused y or h
         ctx.save_for_backward(x if h is None else h, weight)
         ctx.stats, ctx.has_res, ctx.b_dtype = stats, h is not None, bias.dtype
@@ -282,10 +289,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad
                                     or (residual is not None and residual.requires_grad)):
         y, h = _apply(x, residual, weight, bias, eps)
-    elif direct_launch():  # no gradient asked for (the frozen base): no autograd node, no statistics
-        y, h, _ = _layer_norm_fwd(x, residual, weight, bias, eps, keep_stats=False)
-    else:
-        y, h, _ = _layer_norm_op(x, residual, weight, bias, eps)
+    else:  # no gradient asked for (the frozen base): no autograd node, no statistics
+        y, h, _ = layer_norm_forward(x, residual, weight, bias, eps, keep_stats=False)
     return y if residual is None else (y, h)
 
 

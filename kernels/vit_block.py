@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from tec_fast.kernels._common import autocast_dtype, autocast_off, direct_launch, dtype_reasons, eager_apply
-from tec_fast.kernels.layer_norm import MAX_C, _layer_norm_backward_op, _layer_norm_bwd, _layer_norm_fwd, _layer_norm_op
+from tec_fast.kernels.layer_norm import MAX_C, _layer_norm_backward_op, _layer_norm_bwd, layer_norm_forward
 from tec_fast.kernels.mlp import _mlp_gelu_backward_op, _mlp_gelu_bwd, _mlp_gelu_fwd, _mlp_gelu_op
 from tec_fast.kernels.qkv_heads import _qkv_pack, _qkv_pack_op
 
@@ -123,13 +123,6 @@ def _cast(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
-def _ln_fwd(x, residual, w, b, eps, keep_stats=True):
-    if direct_launch():
-        return _layer_norm_fwd(x, residual, w, b, eps, keep_stats)
-    y, h, stats = _layer_norm_op(x, residual, w, b, eps)
-    return y, (h if residual is not None else None), stats
-
-
 def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool):
     """The block on x [B, N, C] (autocast off: ``dt`` is the GEMMs' dtype). Returns
     (x_in, h, m, saved): ``saved``, what the backward needs besides x_in and h, None unless
@@ -138,10 +131,10 @@ def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool
     B, N, C = x.shape
     sd = x.dtype  # the residual stream's dtype
     if pending is None:
-        y1, _, s1 = _ln_fwd(x, None, n1w, n1b, eps, save)
+        y1, _, s1 = layer_norm_forward(x, None, n1w, n1b, eps, save)
         x_in = x
     else:
-        y1, x_in, s1 = _ln_fwd(_cast(pending, sd), x, n1w, n1b, eps, save)
+        y1, x_in, s1 = layer_norm_forward(_cast(pending, sd), x, n1w, n1b, eps, save)
     rows = B * N
     y1c = _cast(y1, dt).view(rows, C)
     if dt != wqkv.dtype or dt != wp.dtype or dt != w1.dtype or dt != w2.dtype:  # autocast, fp32 weights
@@ -157,7 +150,7 @@ def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool
         o, att = F.scaled_dot_product_attention(q, k, v), None
     at = o.transpose(1, 2).reshape(rows, C)
     p = linear(at, wp, bp)
-    y2, h, s2 = _ln_fwd(_cast(p, sd).view(B, N, C), x_in, n2w, n2b, eps, save)
+    y2, h, s2 = layer_norm_forward(_cast(p, sd).view(B, N, C), x_in, n2w, n2b, eps, save)
     y2c = _cast(y2, dt).view(rows, C)
     pre = linear(y2c, w1, b1)
     g = _mlp_gelu_fwd(pre) if direct_launch() else _mlp_gelu_op(pre)

@@ -272,12 +272,15 @@ def write_class_folders(folder, classes, per_class: int, hw, rng) -> None:
             Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
 
 
-def assert_routes_agree(module, run, monkeypatch):
+def assert_routes_agree(module, run, monkeypatch, also=()):
     """``run()`` -> list of tensors, once through the eager route of a kernel ``module``
-    (``direct_launch``) and once through its custom ops: both must agree bitwise."""
+    (``direct_launch``) and once through its custom ops: both must agree bitwise. ``also``: the
+    kernel modules whose launch helpers ``module`` calls (each reads its own ``direct_launch``),
+    switched to their custom ops together with it."""
     assert module.direct_launch(), "the test must run in plain eager mode"
     direct = run()
-    monkeypatch.setattr(module, "direct_launch", lambda: False)
+    for m in (module, *also):
+        monkeypatch.setattr(m, "direct_launch", lambda: False)
     via_op = run()
     assert len(direct) == len(via_op)
     for i, (a, e) in enumerate(zip(direct, via_op)):

@@ -118,10 +118,14 @@ def test_autocast_matches_the_reference_under_autocast(triton_path):
 
 
 def test_eager_route_and_custom_ops_agree(triton_path, monkeypatch):
+    import tec_fast.kernels.layer_norm as ln
     import tec_fast.kernels.vit_block as vb
     x, pending, params, H = _inputs(2, 5, 12, 3, 20)
     grads = [torch.ones(x.shape)] * 3
-    assert_routes_agree(vb, lambda: _run(ops.vit_block, x, pending, params, H, grads), monkeypatch)
+    calls = []
+    monkeypatch.setattr(ln, "_layer_norm_op", lambda *a, real=ln._layer_norm_op: calls.append(1) or real(*a))
+    assert_routes_agree(vb, lambda: _run(ops.vit_block, x, pending, params, H, grads), monkeypatch, also=(ln,))
+    assert calls  # the LayerNorms went through their custom op on the second run
 
 
 def test_keeps_no_more_than_the_per_op_block(triton_path):
