@@ -20,6 +20,7 @@ from tec_fast.ops.dispatch import (dispatch_report, fast_impl, format_dispatch_r
 from tec_fast.ops.registry import OPS
 from tec_fast.ops.validate import check_bias as _check_bias
 from tec_fast.ops.validate import check_index as _check_index
+from tec_fast.ops.validate import check_one_dtype as _check_one_dtype
 from tec_fast.ops.validate import check_same_device as _check_same_device
 from tec_fast.ops.validate import check_tensor as _check_tensor
 
@@ -301,12 +302,8 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     _check_bias(bias, out, weight, x)
     if weight.device != x.device:
         _check_same_device(x, weight=weight)
-    if (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)) \
-            and not torch.is_autocast_enabled(x.device.type):
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.dtype != x.dtype:
-                raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
-                                 f"the projection needs one dtype)")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        _check_one_dtype(x, (("weight", weight), ("bias", bias)), "x, weight and bias")
     if use_fast_path("qkv_heads", x, head_dim=out // (3 * num_heads)):
         return fast_impl("qkv_heads")(x, weight, bias, num_heads)
     return reference.qkv_heads(x, weight, bias, num_heads)
@@ -341,11 +338,8 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
         raise ValueError(f"{name} must have shape {expected[name]} for x {tuple(x.shape)} and "
                          f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}; got {tuple(t.shape)}")
     dt = x.dtype
-    if (w1.dtype != dt or b1.dtype != dt or w2.dtype != dt or b2.dtype != dt) \
-            and not torch.is_autocast_enabled(dev.type):
-        name, t = next((n, t) for n, t, _ in tensors if t.dtype != dt)
-        raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
-                         f"all five must share one dtype)")
+    if w1.dtype != dt or b1.dtype != dt or w2.dtype != dt or b2.dtype != dt:
+        _check_one_dtype(x, ((n, t) for n, t, _ in tensors), "all five")
     if use_fast_path("mlp", x, act=act):
         return fast_impl("mlp")(x, w1, b1, w2, b2)
     return reference.mlp(x, w1, b1, w2, b2, act)
@@ -420,7 +414,7 @@ def _check_block_tensors(x: torch.Tensor, tensors: tuple) -> None:
     fc1 = tensors[8]
     hidden = fc1.shape[0] if isinstance(fc1, torch.Tensor) and fc1.dim() == 2 else -1
     shapes = _block_shapes(C, hidden, True)
-    dev, dt = x.device, x.dtype
+    dev = x.device
     for name, t, shape in zip(_BLOCK_PARAMS, tensors, shapes):
         if t is None and name == "qkv_bias":
             continue
@@ -430,7 +424,4 @@ def _check_block_tensors(x: torch.Tensor, tensors: tuple) -> None:
                              f"{tuple(getattr(t, 'shape', ()))}")
         if t.device != dev:
             _check_same_device(x, **{name: t})
-    if not torch.is_autocast_enabled(dev.type):
-        name, t = next((n, t) for n, t in zip(_BLOCK_PARAMS, tensors) if t is not None and t.dtype != dt)
-        raise ValueError(f"{name} has dtype {t.dtype} but x has {dt} (outside autocast the block's "
-                         f"tensors must share one dtype)")
+    _check_one_dtype(x, zip(_BLOCK_PARAMS, tensors), "the block's tensors")

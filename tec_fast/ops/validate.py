@@ -68,6 +68,18 @@ def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> N
         raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
 
 
+def check_one_dtype(x: torch.Tensor, named, what: str) -> None:
+    """Outside autocast every tensor of ``named`` ((name, tensor) pairs, None skipped) has x's
+    dtype; a ``ValueError`` names the first that does not (``what``: the tensors that must agree).
+    Callers compare the dtypes themselves first and call this only on a mismatch."""
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    for name, t in named:
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast {what} "
+                             f"must share one dtype)")
+
+
 def check_same_device(ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
