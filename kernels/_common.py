@@ -275,6 +275,38 @@ def autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
+def first_order(op: str) -> Callable:
+    """Decorator for an op's ``autograd.Function.backward``: its kernels are invisible to
+    autograd, so the gradients it returns cannot be differentiated again. In a backward with
+    ``create_graph=True`` (the only one that runs with grad mode on) it runs under no_grad, and
+    where its incoming gradients or saved tensors require grad its gradients come out of a node
+    that raises, naming the op, when a second derivative reaches it. That node's inputs are
+    those tensors, so ``torch.autograd.grad(..., inputs=...)`` runs it on the way to any leaf
+    they depend on (torch's ``once_differentiable`` hangs its error node on fresh leaves that a
+    grad with ``inputs`` never visits, and looks at the incoming gradients only). Gradients
+    nobody differentiates again are unaffected; the usual backward pays one grad-mode test."""
+    message = (f"tec_fast.ops.{op}: the Triton path's backward cannot be differentiated again (a "
+               f"second derivative, create_graph=True, reached it); run {op} on the plain-torch "
+               f"reference path for that: TEC_FAST_KERNELS=reference or "
+               f"tec_fast.ops.dispatch.set_kernel_mode('reference')").encode()
+
+    def wrap(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            anchors = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not anchors:  # nothing a second derivative could flow to
+                return out
+            out = out if isinstance(out, tuple) else (out,)
+            fail = torch._C._functions.DelayedError(message, len(out) + len(anchors))
+            return fail(*out, *anchors)[:len(out)]
+        return checked
+    return wrap
+
+
 def eager_apply(fn: type) -> Callable:
     """``fn.apply`` for an ``autograd.Function`` subclass, minus torch's Python wrapper around it
     in plain eager mode (it binds default arguments and unwraps functorch wrappers: a few us per

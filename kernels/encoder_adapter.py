@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons,
-                                      eager_apply, launch, next_pow2, persistent_programs, row_slices,
+                                      eager_apply, first_order, launch, next_pow2, persistent_programs, row_slices,
                                       unit_last_stride)
 from tec_fast.kernels.mlp import _mlp_gelu_bwd, _mlp_gelu_fwd
 
@@ -397,6 +397,7 @@ class _EncoderAdapter(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("encoder_adapter")
     def backward(ctx, grad_out):
         if grad_out is None:  # the output took no part in the loss
             return (None,) * 15

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, launch, next_pow2,
+from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, first_order, launch, next_pow2,
                                       persistent_programs)
 
 MAX_C = 4096  # one row in registers (16 fp32 values per thread and tensor at 8 warps)
@@ -250,6 +250,7 @@ class _LayerNorm(torch.autograd.Function):
         return y, h
 
     @staticmethod
+    @first_order("layer_norm")
     def backward(ctx, dy, dh_out):
         h, weight = ctx.saved_tensors
         if dy is None:

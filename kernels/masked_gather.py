@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (added_slices, cdiv, direct_launch, dtype_reasons, eager_apply, launch,
-                                      lower_bound, next_pow2, search_steps, slice_partials, unit_last_stride)
+from tec_fast.kernels._common import (added_slices, cdiv, direct_launch, dtype_reasons, eager_apply, first_order,
+                                      launch, lower_bound, next_pow2, search_steps, slice_partials, unit_last_stride)
 
 
 @triton.jit
@@ -221,6 +221,7 @@ class _MaskedGather(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("masked_gather")
     def backward(ctx, grad_out):
         (ids_keep,) = ctx.saved_tensors
         need_x, _, need_pos = ctx.needs_input_grad

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons,
-                                      eager_apply, launch, next_pow2, persistent_programs, row_slices)
+                                      eager_apply, first_order, launch, next_pow2, persistent_programs, row_slices)
 
 ACTIVATIONS = ("gelu",)  # what the kernels compute: GELU with the exact erf (timm, MAE, HF "gelu")
 BLOCK_FWD = 1024         # forward: elements per program
@@ -217,6 +217,7 @@ class _Mlp(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("mlp")
     def backward(ctx, grad_out):
         x, w1, w2, pre = ctx.saved_tensors
         with autocast_off(x.device.type):

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, launch, next_pow2,
+from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, first_order, launch, next_pow2,
                                       unit_last_stride)
 
 
@@ -167,6 +167,7 @@ class _PatchNormMse(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order("patch_norm_mse")
     def backward(ctx, grad_loss):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None

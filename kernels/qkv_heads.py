@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons,
-                                      eager_apply, launch, next_pow2, persistent_programs, row_slices)
+                                      eager_apply, first_order, launch, next_pow2, persistent_programs, row_slices)
 
 ROWS = 32          # rows per tile
 MAX_HEAD_DIM = 256  # one row of a head in a tile: ROWS x d values
@@ -139,6 +139,7 @@ class _QkvHeads(torch.autograd.Function):
             return _project(x, weight, bias, H)
 
     @staticmethod
+    @first_order("qkv_heads")
     def backward(ctx, dq, dk, dv):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (direct_launch, eager_apply, launch, relation_block_sizes,
+from tec_fast.kernels._common import (direct_launch, eager_apply, first_order, launch, relation_block_sizes,
                                       relation_reasons, unit_last_stride)
 
 
@@ -229,6 +229,7 @@ class _RelationLoss(torch.autograd.Function):
         return row_loss
 
     @staticmethod
+    @first_order("relation_loss")
     def backward(ctx, grad_rows):
         need_q, need_k = ctx.needs_input_grad[:2]
         if not (need_q or need_k):

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (added_slices, cdiv, direct_launch, dtype_reasons, eager_apply, launch,
-                                      lower_bound, next_pow2, search_steps, slice_partials, sum_parts,
+from tec_fast.kernels._common import (added_slices, cdiv, direct_launch, dtype_reasons, eager_apply, first_order,
+                                      launch, lower_bound, next_pow2, search_steps, slice_partials, sum_parts,
                                       unit_last_stride)
 
 
@@ -237,6 +237,7 @@ class _ScatterMasked(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("scatter_masked")
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
         need_vis, _, need_tok, need_pos = ctx.needs_input_grad

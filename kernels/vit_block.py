@@ -45,7 +45,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from tec_fast.kernels._common import autocast_dtype, autocast_off, direct_launch, dtype_reasons, eager_apply
+from tec_fast.kernels._common import (autocast_dtype, autocast_off, direct_launch, dtype_reasons, eager_apply,
+                                      first_order)
 from tec_fast.kernels.layer_norm import MAX_C, _layer_norm_backward_op, _layer_norm_bwd, layer_norm_forward
 from tec_fast.kernels.mlp import _mlp_gelu_backward_op, _mlp_gelu_bwd, _mlp_gelu_fwd, _mlp_gelu_op
 from tec_fast.kernels.qkv_heads import _qkv_pack, _qkv_pack_op
@@ -179,6 +180,7 @@ class _VitBlock(torch.autograd.Function):
         return (x_in, h, m) if pending is not None else (h, m)
 
     @staticmethod
+    @first_order("vit_block")
     def backward(ctx, *grads):
         with autocast_off(ctx.device_type):
             return _VitBlock._backward(ctx, *grads)
