@@ -222,7 +222,24 @@ def _decide(op: str, t: torch.Tensor, info: dict) -> Tuple[bool, Tuple[str, ...]
     if hit is None:
         reasons = tuple(_reasons(op, t.device, t.dtype, tuple(t.shape), backward, **info))
         hit = _DECISIONS[key] = (not reasons, reasons)
+    if hit[0] and t.is_cuda:  # per call: the current device can change between calls
+        return _on_current_device(t.device)
     return hit
+
+
+def _on_current_device(device: torch.device) -> Tuple[bool, Tuple[str, ...]]:
+    """A Triton launch runs on the current CUDA device (its stream, its copy of the kernel), so
+    a tensor on another one would be handed to a kernel that cannot read it. (The backward is
+    run with the tensors' device current by autograd.)"""
+    current = torch.cuda.current_device()
+    if device.index == current:
+        return _FAST_OK
+    return False, (f"tensor on cuda:{device.index} while the current CUDA device is cuda:{current} (Triton "
+                   f"launches on the current device): make it current with torch.cuda.set_device"
+                   f"({device.index}) or `with torch.cuda.device({device.index}):`",)
+
+
+_FAST_OK = (True, ())
 
 
 def why_not_fast(op: str, t: torch.Tensor, **info) -> List[str]:

@@ -56,6 +56,25 @@ def test_triton_mode_fails_where_it_cannot_run(fresh_settings):
     torch.testing.assert_close(ops.layer_norm(x, w, b), torch.nn.functional.layer_norm(x, (8,), w, b, 1e-6))
 
 
+def test_cuda_tensor_off_the_current_device_is_not_launched(fresh_settings):
+    """A Triton launch runs on the current CUDA device: a tensor on another one takes the
+    reference under auto (with the reason), and fails naming the fix under triton; checked per
+    call, since the current device changes without the cached decision knowing."""
+    from types import SimpleNamespace
+    t = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1), dtype=torch.bfloat16, shape=(2, 5, 8))
+    dispatch.set_kernel_mode("triton")
+    with mock.patch.object(torch.cuda, "current_device", return_value=1):
+        assert dispatch.use_fast_path("layer_norm", t) and not ops.why_not_fast("layer_norm", t)
+    with mock.patch.object(torch.cuda, "current_device", return_value=0):
+        (reason,) = ops.why_not_fast("layer_norm", t)
+        assert reason.startswith("tensor on cuda:1 while the current CUDA device is cuda:0") \
+            and "torch.cuda.set_device(1)" in reason
+        with pytest.raises(RuntimeError, match=r"TEC_FAST_KERNELS=triton but layer_norm cannot .*set_device\(1\)"):
+            dispatch.use_fast_path("layer_norm", t)
+    with mock.patch.object(torch.cuda, "current_device", return_value=1):  # current again: taken
+        assert dispatch.use_fast_path("layer_norm", t)
+
+
 def _bench_rows(op, fwd, fwdbwd, device="NVIDIA_TestGPU"):
     rows = []
     for pss, speedup in (("fwd", fwd), ("fwdbwd", fwdbwd)):
