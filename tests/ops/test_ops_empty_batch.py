@@ -1,0 +1,41 @@
+"""An empty batch (B = 0: the last shard of a ragged split, a rank with nothing left) goes
+through every op on both paths: outputs of the shapes the sizes give, gradients of the inputs'
+shapes, the parameters' gradients zero. (The reference's q/k/v reshape once inferred the head
+width with -1, which torch cannot do for zero elements.)"""
+import pytest
+import torch
+
+from tec_fast import ops
+from tec_fast.ops import dispatch
+from tec_fast.ops.registry import OPS, SIZES, outputs
+
+
+def _run(name: str):
+    torch.manual_seed(0)
+    ex = OPS[name].example(dict(SIZES["tiny"], B=0), torch.float32, torch.device("cpu"))
+    out = getattr(ops, name)(*ex.args, **ex.kwargs)
+    outs = outputs(out)
+    grads = torch.autograd.grad(outs, ex.grad_of, [torch.ones_like(o) for o in outs],
+                                allow_unused=True) if ex.grad_of else ()
+    every = out if isinstance(out, (tuple, list)) else (out,)
+    return ex, [o for o in every if isinstance(o, torch.Tensor)], grads
+
+
+# torch's var() warns that an empty tensor has no degrees of freedom (the reference of patch_norm_mse)
+@pytest.mark.filterwarnings(r"ignore:var\(\):UserWarning")
+@pytest.mark.parametrize("name", list(OPS))
+def test_empty_batch_on_both_paths(name, triton_path):
+    got = {}
+    for mode in ("reference", "triton"):
+        dispatch.set_kernel_mode(mode)
+        got[mode] = _run(name)
+    (ex, ref_out, ref_grads), (_, tri_out, tri_grads) = got["reference"], got["triton"]
+    assert [o.shape for o in tri_out] == [o.shape for o in ref_out]
+    assert [o.dtype for o in tri_out] == [o.dtype for o in ref_out]
+    for r, t in zip(ref_out, tri_out):  # empty, or a loss over no patches: the same value
+        assert torch.equal(t.nan_to_num(), r.nan_to_num()) and torch.equal(t.isnan(), r.isnan())
+    for leaf, rg, tg in zip(ex.grad_of, ref_grads, tri_grads):
+        assert (rg is None) == (tg is None)
+        if tg is not None:
+            assert tg.shape == leaf.shape and tg.dtype == leaf.dtype
+            assert torch.equal(tg.nan_to_num(), rg.nan_to_num())
