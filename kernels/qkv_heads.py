@@ -122,8 +122,9 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     ``addmm(b, x2d, w.t())`` on x's rows (the same values) in one call from Python."""
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    B, N, C = x.shape  # C // H, not -1: a view cannot infer the head width of an empty batch
-    return F.linear(x, weight, bias).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d]
+    B, N = x.shape[:2]  # d, not -1: a view cannot infer the head width of an empty batch
+    d = weight.shape[0] // (3 * H)
+    return F.linear(x, weight, bias).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d]
 
 
 class _QkvHeads(torch.autograd.Function):

@@ -118,8 +118,8 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int):
     """A block's q/k/v projection split into heads: x [B, N, C] -> q, k, v [B, H, N, d], views of
     ``F.linear(x, weight, bias)`` seen as [B, N, 3, H, d] (timm's layout of the fused projection)."""
-    B, N, C = x.shape  # the head width spelled out: a reshape cannot infer it for an empty batch
-    qkv = F.linear(x, weight, bias).reshape(B, N, 3, num_heads, C // num_heads)
+    B, N, _ = x.shape  # the head width spelled out: a reshape cannot infer it for an empty batch
+    qkv = F.linear(x, weight, bias).reshape(B, N, 3, num_heads, weight.shape[0] // (3 * num_heads))
     return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
 
 

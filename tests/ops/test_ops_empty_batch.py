@@ -39,3 +39,15 @@ def test_empty_batch_on_both_paths(name, triton_path):
         if tg is not None:
             assert tg.shape == leaf.shape and tg.dtype == leaf.dtype
             assert torch.equal(tg.nan_to_num(), rg.nan_to_num())
+
+
+def test_empty_batch_qkv_heads_with_head_width_not_c_over_h(triton_path):
+    """The head width comes from the weight (3 H d rows), not from C / H."""
+    for mode in ("reference", "triton"):
+        dispatch.set_kernel_mode(mode)
+        x = torch.randn(0, 5, 24, requires_grad=True)
+        w, b = torch.randn(48, 24, requires_grad=True), torch.randn(48, requires_grad=True)
+        q, k, v = ops.qkv_heads(x, w, b, 2)
+        assert q.shape == k.shape == v.shape == (0, 2, 5, 8)
+        gx, gw, gb = torch.autograd.grad((q.sum() + k.sum() + v.sum()), (x, w, b))
+        assert gx.shape == x.shape and not gw.any() and not gb.any()
