@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, first_order, launch, next_pow2,
-                                      persistent_programs)
+                                      persistent_programs, unit_last_stride)
 
 MAX_C = 4096  # one row in registers (16 fp32 values per thread and tensor at 8 warps)
 
@@ -160,6 +160,7 @@ def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
         x, stride_x = _as_rows(x, C)
     stats = torch.empty(2, rows, dtype=torch.float32, device=y.device) if keep_stats else None
     if rows:
+        weight, bias = unit_last_stride(weight), unit_last_stride(bias)  # the kernel reads them densely
         residual, stride_r = ((residual, C) if residual.is_contiguous() else _as_rows(residual, C)) \
             if has_res else (x, 0)
         block_c, num_warps = _fwd_config(C)
@@ -176,6 +177,7 @@ def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.T
     C = h.shape[-1]
     rows = h.numel() // C if C else 0
     dev = h.device
+    weight = unit_last_stride(weight)  # read densely (a strided [C] view: a copy)
     dx = torch.empty_like(h)
     dw = torch.empty_like(weight)
     db = torch.empty(C, dtype=b_dtype, device=dev)
@@ -286,7 +288,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"layer_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), got "
                          f"{tuple(residual.shape)}, {residual.dtype}")
-    weight, bias, eps = weight.contiguous(), bias.contiguous(), float(eps)
+    eps = float(eps)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad
                                     or (residual is not None and residual.requires_grad)):
         y, h = _apply(x, residual, weight, bias, eps)

@@ -132,8 +132,9 @@ def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[to
     if B * K * C == 0:
         return out
     has_pos = pos is not None
-    if has_pos and pos.stride(1) != 1:
-        pos = pos.contiguous()  # an [L, C] parameter: contiguous in practice
+    if has_pos:
+        pos = unit_last_stride(pos)  # an [L, C] parameter: contiguous in practice
+    ids_keep = unit_last_stride(ids_keep)  # the kernel reads an image's K indices densely
     sx = x.stride()
     grid, rows, block_c, num_warps = _fwd_plan(B, K, C, sx[2] == 1)
     launch(_masked_gather_fwd_kernel, grid,

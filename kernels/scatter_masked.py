@@ -142,7 +142,8 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
     out = torch.empty((B, L, C), dtype=_out_dtype(vis, pos), device=vis.device)
     if out.numel() == 0:
         return out
-    tok = mask_token.reshape(C)
+    tok = unit_last_stride(mask_token.reshape(C))  # read densely, as the indices below
+    ids_restore = unit_last_stride(ids_restore)
     tok = tok if tok.dtype == vis.dtype else tok.to(vis.dtype)  # added in vis's dtype, as the reference
     if pos is not None:
         pos = unit_last_stride(pos)
@@ -162,7 +163,7 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
     """Returns (grad_vis [B, K, C] in vis_dtype, grad_mask_token in ``tok_shape`` and ``tok_dtype``
     (None when ``tok_shape`` is None: no gradient wanted), grad_pos [L, C] in ``pos_dtype`` (None
     when that is None))."""
-    grad_out = unit_last_stride(grad_out)
+    grad_out, ids_restore = unit_last_stride(grad_out), unit_last_stride(ids_restore)
     B, L, C = grad_out.shape
     dev = grad_out.device
     # inverse of the unshuffle, per image: the j with ids_restore[b, j] == i < K are a run of
