@@ -75,3 +75,24 @@ def test_strided_arguments_give_the_contiguous_results(name, triton_path):
                     assert torch.equal(g, w), f"{where}: gradient differs by {float((g - w).abs().max()):.3g}"
             checked += 1
     assert checked >= 2
+
+
+@pytest.mark.parametrize("name", [n for n in OPS if n != "relation_targets"])  # no backward
+def test_strided_incoming_gradients_give_the_contiguous_gradients(name, triton_path):
+    """The gradients autograd hands a backward are laid out however the code after the op made
+    them (a transpose, a slice): every layout gives the gradients a contiguous one gives."""
+    torch.manual_seed(0)
+    ex = OPS[name].example(SIZES["tiny"], torch.float32, torch.device("cpu"))
+    outs = outputs(getattr(ops, name)(*ex.args, **ex.kwargs))
+    torch.manual_seed(1)
+    weights = [torch.randn(o.shape).to(o.dtype) for o in outs]
+    want = torch.autograd.grad(outs, ex.grad_of, weights, retain_graph=True, allow_unused=True)
+    layouts = {"last": lambda w: _strided(w, "last"), "rows": lambda w: _strided(w, "rows"),
+               "transposed": lambda w: w.transpose(-1, -2).contiguous().transpose(-1, -2)}
+    for how, make in layouts.items():
+        laid = [make(w) if w.dim() >= 2 or (w.dim() == 1 and how != "transposed") else w for w in weights]
+        got = torch.autograd.grad(outs, ex.grad_of, laid, retain_graph=True, allow_unused=True)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert (g is None) == (w is None)
+            if g is not None:
+                assert torch.equal(g, w), f"{name}: gradient {i} with {how} incoming gradients differs"
