@@ -156,8 +156,9 @@ def step_configs():
     return vit, cfg, 15
 
 
-def make_step(provider: str, device: torch.device, batch: int = 2) -> Callable[[], None]:
-    """One step (base forward, new-model forward, backward) of ``provider``: engine or eager."""
+def step_parts(provider: str, device: torch.device, batch: int = 2):
+    """(frozen base, new model, images, the new model's trainable parameters) of ``provider``'s
+    step: engine or eager."""
     from benchmarks.baseline_eager import EagerBase, EagerTEC
     from tec_fast import BaseModel, TECModel
     vit, cfg, topk = step_configs()
@@ -170,7 +171,12 @@ def make_step(provider: str, device: torch.device, batch: int = 2) -> Callable[[
         raise ValueError(f"provider must be 'engine' or 'eager', got {provider!r}")
     base, model = base.to(device).eval(), model.to(device)
     images = torch.randn(batch, 3, vit.img_size, vit.img_size, device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    return base, model, images, [p for p in model.parameters() if p.requires_grad]
+
+
+def make_step(provider: str, device: torch.device, batch: int = 2) -> Callable[[], None]:
+    """One step (base forward, new-model forward, backward) of ``provider``: engine or eager."""
+    base, model, images, params = step_parts(provider, device, batch)
 
     def step():
         for p in params:

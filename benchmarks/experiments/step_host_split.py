@@ -12,6 +12,11 @@ implementation that calls them can go. Times are under the profiler (which adds 
 op): read the shares, not the milliseconds.
 
     python -m benchmarks.experiments.step_host_split            # 5 profiled steps each
+    python -m benchmarks.experiments.step_host_split --phases   # wall time per phase instead
+
+``--phases`` times the step's parts without the profiler (best of ``--steps`` x 10 steps,
+interleaved): clearing the gradients, the frozen base's forward (no grad), the new model's
+forward, and its backward, for the engine and for eager.
 """
 from __future__ import annotations
 
@@ -49,10 +54,50 @@ def split(step, steps: int):
     return total / steps / 1e3, kern / steps / 1e3, acc / steps / 1e3
 
 
+PHASES = ("zero_grad", "base_forward", "forward", "backward")
+
+
+def phase_times(providers, reps: int, steps: int = 10):
+    """{provider: {phase: best ms}} of the step's parts, timed with perf_counter, interleaved."""
+    import time
+    from benchmarks.host_overhead import step_parts
+    parts = {p: step_parts(p, torch.device("cpu")) for p in providers}
+    best = {p: dict.fromkeys(PHASES, float("inf")) for p in providers}
+
+    def run(provider, n):
+        base, model, images, params = parts[provider]
+        sums = dict.fromkeys(PHASES, 0.0)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            for p in params:
+                p.grad = None
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                targets = base(images)
+            t2 = time.perf_counter()
+            loss = model(images, targets, mask_ratio=0.75)["loss"]
+            t3 = time.perf_counter()
+            loss.backward()
+            t4 = time.perf_counter()
+            for k, a, b in zip(PHASES, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+                sums[k] += b - a
+        return {k: v / n * 1e3 for k, v in sums.items()}
+
+    for provider in providers:
+        run(provider, 2)  # warm-up
+    for _ in range(reps):
+        for provider in providers:
+            for k, v in run(provider, steps).items():
+                best[provider][k] = min(best[provider][k], v)
+    return best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.step_host_split",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=5, help="profiled steps per provider (default 5)")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps per provider (default 5); with "
+                   "--phases, timed repetitions of 10 steps each")
+    p.add_argument("--phases", action="store_true", help="wall ms per phase of the step (no profiler)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -63,6 +108,18 @@ def main(argv=None) -> int:
     dispatch.set_kernel_mode("triton")
     dev = torch.device("cpu")
     rows = []
+    if args.phases:
+        try:
+            with _kernels_off(dev, LaunchLog()), denormals_flushed(dev):
+                best = phase_times(("engine", "eager"), args.steps)
+        finally:
+            dispatch.reload_environment()
+        for provider, ms in best.items():
+            rows.append(dict(provider=provider, **ms, total_ms=sum(ms.values())))
+        for r in rows:
+            r["vs_eager_total"] = r["total_ms"] / rows[1]["total_ms"]
+        print(format_table(rows, ["provider", *PHASES, "total_ms", "vs_eager_total"]))
+        return 0
     try:
         with _kernels_off(dev, LaunchLog()), denormals_flushed(dev):
             for provider in ("engine", "eager"):

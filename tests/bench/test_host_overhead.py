@@ -134,6 +134,10 @@ def test_step_host_split_smoke(capsys):
     assert "compute_kernels_ms" in out and "engine" in out and "eager" in out
     with pytest.raises(SystemExit):
         step_host_split.main(["--steps", "0"])
+    assert step_host_split.main(["--phases", "--steps", "1"]) == 0
+    assert dispatch.kernel_mode() == before
+    out = capsys.readouterr().out
+    assert all(k in out for k in ("base_forward", "backward", "vs_eager_total", "engine", "eager"))
 
 
 
