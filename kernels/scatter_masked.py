@@ -142,8 +142,8 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
     out = torch.empty((B, L, C), dtype=_out_dtype(vis, pos), device=vis.device)
     if out.numel() == 0:
         return out
-    tok = unit_last_stride(mask_token.reshape(C))  # read densely, as the indices below
-    ids_restore = unit_last_stride(ids_restore)
+    ids_restore = unit_last_stride(ids_restore)  # the kernel reads the indices and the token densely
+    tok = unit_last_stride(mask_token.reshape(C))
     tok = tok if tok.dtype == vis.dtype else tok.to(vis.dtype)  # added in vis's dtype, as the reference
     if pos is not None:
         pos = unit_last_stride(pos)
