@@ -392,3 +392,64 @@ def test_vit_block_compiles(cuda_triton_path):
     for i, (a, b) in enumerate(zip(got, want)):
         assert_close(a.float(), b.float(), atol=3e-2 * max(1.0, b.abs().max().item()), rtol=3e-2,
                      name=f"compiled vit_block result {i}")
+
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view whose every element is two apart."""
+    view = torch.zeros(*t.shape, 2, dtype=t.dtype, device=t.device)[..., 0].detach()
+    view.copy_(t.detach())
+    return view.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("op", ["masked_gather", "scatter_masked", "layer_norm", "vit_block"])
+def test_strided_small_arguments_on_gpu(cuda_triton_path, op):
+    """The index tensors, tokens and LayerNorm weights the kernels read densely, handed over
+    strided (the CPU test covers every argument; here the ones that were once read wrongly, at
+    the sizes the registry test compiled for): the contiguous call's outputs and gradients."""
+    from tec_fast.ops.registry import OPS, SIZES, outputs
+    torch.manual_seed(0)
+    ex = OPS[op].example(dict(SIZES["vitb"], B=8), torch.float32, torch.device(DEV))
+
+    def run(args):
+        outs = outputs(getattr(ops, op)(*args, **ex.kwargs))
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        torch.manual_seed(1)
+        weights = [torch.randn(o.shape, device=DEV) for o in outs]
+        return [*outs, *torch.autograd.grad(outs, leaves, weights, allow_unused=True)]
+
+    want = run(ex.args)
+    small = [i for i, a in enumerate(ex.args) if isinstance(a, torch.Tensor) and (a.dim() == 1 or not a.is_floating_point())]
+    assert small
+    for i in small:
+        args = list(ex.args)
+        args[i] = _strided_copy(args[i])
+        for k, (g, w) in enumerate(zip(run(args), want)):
+            assert (g is None) == (w is None)
+            if g is not None:
+                assert torch.equal(g, w), f"{op}: argument {i} strided changes output/gradient {k}"
+
+
+@pytest.mark.parametrize("op", ["masked_gather", "scatter_masked", "patch_norm_mse", "relation_loss",
+                                "encoder_adapter", "layer_norm", "mlp", "qkv_heads", "vit_block"])
+def test_second_derivative_fails_naming_the_op_on_gpu(cuda_triton_path, op):
+    from tec_fast.ops.registry import OPS, SIZES, outputs
+    torch.manual_seed(0)
+    ex = OPS[op].example(dict(SIZES["vitb"], B=8), torch.float32, torch.device(DEV))
+    outs = outputs(getattr(ops, op)(*ex.args, **ex.kwargs))
+    weights = [torch.randn(o.shape, device=DEV).requires_grad_() for o in outs]
+    grads = torch.autograd.grad(outs, ex.grad_of, weights, create_graph=True, allow_unused=True)
+    s = sum((g.double() ** 2).sum() for g in grads if g is not None)
+    with pytest.raises(RuntimeError, match=rf"tec_fast\.ops\.{op}: the Triton path's backward cannot"):
+        torch.autograd.grad(s, [*ex.grad_of, *weights], allow_unused=True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensor_off_the_current_device_takes_the_reference(cuda_triton_path):
+    """Triton launches on the current device: a tensor on another one is not handed to it."""
+    from tec_fast.ops import dispatch
+    dispatch.set_kernel_mode("auto")
+    x, w, b = (torch.randn(4, 5, 64, device="cuda:1"), torch.randn(64, device="cuda:1"),
+               torch.randn(64, device="cuda:1"))
+    with torch.cuda.device(0):
+        assert any("current CUDA device is cuda:0" in r for r in ops.why_not_fast("layer_norm", x))
+        torch.testing.assert_close(ops.layer_norm(x, w, b), F.layer_norm(x, (64,), w, b, 1e-6))
