@@ -22,10 +22,12 @@ out:
     dy1, dh_total (+ d(x_in) from outside) -> LN1 backward -> dx (= d pending)
 
 It saves what the per-op path saves (x_in, y1, qkv, the attention output and its log-sum-exp,
-h, y2, the MLP pre-activation, the LayerNorm statistics), nothing more. Attention runs torch's
-own fused kernels: on CPU the flash kernel; on CUDA the flash kernel for fp16 / bf16 heads of at
-most 256 values (multiple of 8) on sm80+, the memory-efficient one for other heads that are a
-multiple of 8, and attention written out (softmax in fp32, the probabilities kept) for the rest.
+h, y2, the MLP pre-activation, the LayerNorm statistics), nothing more. A weight that does not
+require grad (partial fine-tuning) costs no GEMM in the backward, as in the per-op path.
+Attention runs torch's own fused kernels: on CPU the flash kernel; on CUDA the flash kernel for
+fp16 / bf16 heads of at most 256 values (multiple of 8) on sm80+, the memory-efficient one for
+other heads that are a multiple of 8, and attention written out (softmax in fp32, the
+probabilities kept) for the rest.
 Under autocast the GEMMs and attention run in the autocast dtype and the LayerNorms and the
 residual stream in x's dtype, as the per-op path computes them.
 
@@ -198,11 +200,14 @@ class _VitBlock(torch.autograd.Function):
         direct = direct_launch()
         ln_bwd = _layer_norm_bwd if direct else _layer_norm_backward_op
         # MLP branch
+        need = ctx.needs_input_grad  # a frozen weight's GEMM (or bias sum) is skipped
         if dm is not None:
             dm = _cast(dm, dt).reshape(rows, C)
             g, dpre, db1 = (_mlp_gelu_bwd if direct else _mlp_gelu_backward_op)(pre, torch.mm(dm, w2))
-            dw2, db2 = _cast(torch.mm(dm.t(), g), w2_dt), dm.sum(0, dtype=b2_dt)
-            dw1, db1 = _cast(torch.mm(dpre.t(), y2c), w1_dt), _cast(db1, b1_dt)
+            dw2 = _cast(torch.mm(dm.t(), g), w2_dt) if need[12] else None
+            db2 = dm.sum(0, dtype=b2_dt) if need[13] else None
+            dw1 = _cast(torch.mm(dpre.t(), y2c), w1_dt) if need[10] else None
+            db1 = _cast(db1, b1_dt) if need[11] else None
             dy2 = _cast(torch.mm(dpre, w1), sd).view(B, N, C)
         else:
             dw2 = db2 = dw1 = db1 = None
@@ -211,15 +216,16 @@ class _VitBlock(torch.autograd.Function):
         dh_tot, dn2w, dn2b = ln_bwd(dy2, dh, h, n2w, s2, n2b_dt)
         # attention branch
         da = _cast(dh_tot, dt).view(rows, C)
-        dwp, dbp = _cast(torch.mm(da.t(), at), wp_dt), da.sum(0, dtype=bp_dt)
+        dwp = _cast(torch.mm(da.t(), at), wp_dt) if need[6] else None
+        dbp = da.sum(0, dtype=bp_dt) if need[7] else None
         H = ctx.H
         dout = torch.mm(da, wp).view(B, N, H, C // H).transpose(1, 2)
         q, k, v = qkv.view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
         dq, dk, dv = _attention_bwd(dout, q, k, v, o, ctx.att)
         dqkv, dbqkv = (_qkv_pack if direct else _qkv_pack_op)(*(t if t.stride(-1) == 1 else t.contiguous()
                                                                 for t in (dq, dk, dv)))
-        dwqkv = _cast(torch.mm(dqkv.t(), y1c), wqkv_dt)
-        dbqkv = None if bqkv_dt is None else _cast(dbqkv, bqkv_dt)
+        dwqkv = _cast(torch.mm(dqkv.t(), y1c), wqkv_dt) if need[4] else None
+        dbqkv = _cast(dbqkv, bqkv_dt) if bqkv_dt is not None and need[5] else None
         dy1 = _cast(torch.mm(dqkv, wqkv), sd).view(B, N, C)
         d_in = dh_tot if d_xin is None else dh_tot + d_xin
         dx, dn1w, dn1b = ln_bwd(dy1, d_in, x_in, n1w, s1, n1b_dt)

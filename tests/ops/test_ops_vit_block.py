@@ -66,6 +66,41 @@ def test_fp32_value_and_every_gradient(triton_path, shape, with_pending):
         assert_close(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), rtol=1e-4, name=f"result {i}")
 
 
+@pytest.mark.parametrize("frozen", [("qkv_weight", "fc1_weight", "proj_bias"),
+                                    ("fc2_weight", "fc2_bias", "fc1_bias", "proj_weight", "qkv_bias")])
+def test_frozen_weights_cost_no_gemm_and_the_rest_are_unchanged(triton_path, frozen):
+    """A weight that does not require grad costs no GEMM in the backward (partial fine-tuning):
+    one matrix product less per frozen weight, and every trainable tensor's gradient what the
+    fully trainable block gives, bitwise."""
+    x, pending, params, H = _inputs(*SHAPES[1])
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(x.shape, generator=g) for _ in range(3)]
+    full = _run(ops.vit_block, x, pending, params, H, grads)
+    part = [p.detach().requires_grad_(name not in frozen) for name, p in zip(NAMES, params)]
+    leaves = [x, pending] + [p for p in part if p.requires_grad]
+    out = ops.vit_block(x, *part, H, 1e-6, pending=pending)
+    got = torch.autograd.grad(out, leaves, grads)
+    want = full[3:5] + [f for name, f in zip(NAMES, full[5:]) if name not in frozen]
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
+    # the frozen weights' GEMMs are not run (8 matrix products with every weight trainable)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMm(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountMm.count += func is torch.ops.aten.mm.default
+            return func(*args, **(kwargs or {}))
+    for params_, n_mm in ((params, 8), (part, 8 - sum(n.endswith("weight") and "norm" not in n for n in frozen))):
+        out = ops.vit_block(x, *params_, H, 1e-6, pending=pending)
+        CountMm.count = 0
+        with CountMm():
+            torch.autograd.grad(out, [x, pending] + [p for p in params_ if p.requires_grad], grads)
+        assert CountMm.count == n_mm
+
+
 def test_no_qkv_bias_and_unused_outputs(triton_path):
     """No qkv bias (CLIP-style towers); only m gets a gradient (h and x_in unused), then only h."""
     x, pending, params, H = _inputs(2, 6, 12, 3, 24, qkv_bias=False)
