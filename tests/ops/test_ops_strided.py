@@ -39,6 +39,12 @@ def _leaves(args) -> List[torch.Tensor]:
     return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
+def _fresh(a):
+    if isinstance(a, list):
+        return [_fresh(t) for t in a]
+    return a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+
+
 def _run(name, args, kwargs):
     outs = getattr(ops, name)(*args, **kwargs)
     outs = outputs(outs) or [o for o in (outs if isinstance(outs, tuple) else (outs,))]
@@ -58,9 +64,7 @@ def test_strided_arguments_give_the_contiguous_results(name, triton_path):
     checked = 0
     for i, j in _slots(ex.args):
         for how in ("last", "rows"):
-            args = [list(a) if isinstance(a, list) else a for a in ex.args]
-            args = [[t.detach().requires_grad_(t.requires_grad) for t in a] if isinstance(a, list) else
-                    (a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a) for a in args]
+            args = [_fresh(a) for a in ex.args]  # new leaves: each run's gradients are its own
             if j is None:
                 args[i] = _strided(args[i], how)
             else:
