@@ -195,6 +195,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
             f"|diff| {err.flatten()[worst].item():.3g}; max |diff| {err.max().item():.3g}")
 
 
+def strided_copy(t: torch.Tensor, how: str = "last") -> torch.Tensor:
+    """t's values (and requires_grad) in a non-contiguous view on t's device: ``last``, every
+    element two apart; ``rows``, the first dimension's stride doubled."""
+    if how == "last":
+        base = torch.zeros(*t.shape, 2, dtype=t.dtype, device=t.device)[..., 0]
+    else:
+        base = torch.zeros(max(2 * t.shape[0], 1), *t.shape[1:], dtype=t.dtype, device=t.device)[::2][:t.shape[0]]
+    view = base.detach()
+    view.copy_(t.detach())
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view.requires_grad_(t.requires_grad)
+
+
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.detach().double() - expected.detach().double()).abs().max().item()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close, assert_low_precision_ok
+from conftest import assert_close, assert_low_precision_ok, strided_copy
 from tec_fast import ops
 from tec_fast.models.adapter import EncoderAdapter
 from tec_fast.ops import reference
@@ -394,13 +394,6 @@ def test_vit_block_compiles(cuda_triton_path):
                      name=f"compiled vit_block result {i}")
 
 
-def _strided_copy(t: torch.Tensor) -> torch.Tensor:
-    """t's values in a view whose every element is two apart."""
-    view = torch.zeros(*t.shape, 2, dtype=t.dtype, device=t.device)[..., 0].detach()
-    view.copy_(t.detach())
-    return view.requires_grad_(t.requires_grad)
-
-
 @pytest.mark.parametrize("op", ["masked_gather", "scatter_masked", "layer_norm", "vit_block"])
 def test_strided_small_arguments_on_gpu(cuda_triton_path, op):
     """The index tensors, tokens and LayerNorm weights the kernels read densely, handed over
@@ -418,11 +411,12 @@ def test_strided_small_arguments_on_gpu(cuda_triton_path, op):
         return [*outs, *torch.autograd.grad(outs, leaves, weights, allow_unused=True)]
 
     want = run(ex.args)
-    small = [i for i, a in enumerate(ex.args) if isinstance(a, torch.Tensor) and (a.dim() == 1 or not a.is_floating_point())]
+    small = [i for i, a in enumerate(ex.args)
+             if isinstance(a, torch.Tensor) and (a.dim() == 1 or not a.is_floating_point())]
     assert small
     for i in small:
         args = list(ex.args)
-        args[i] = _strided_copy(args[i])
+        args[i] = strided_copy(args[i])
         for k, (g, w) in enumerate(zip(run(args), want)):
             assert (g is None) == (w is None)
             if g is not None:

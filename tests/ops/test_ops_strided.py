@@ -8,19 +8,9 @@ from typing import List
 import pytest
 import torch
 
+from conftest import strided_copy
 from tec_fast import ops
 from tec_fast.ops.registry import OPS, SIZES, outputs
-
-
-def _strided(t: torch.Tensor, how: str) -> torch.Tensor:
-    if how == "last":  # every element two apart
-        base = torch.zeros(*t.shape, 2, dtype=t.dtype)[..., 0]
-    else:  # "rows": the first dimension's stride doubled
-        base = torch.zeros(max(2 * t.shape[0], 1), *t.shape[1:], dtype=t.dtype)[::2][:t.shape[0]]
-    view = base.detach()
-    view.copy_(t.detach())
-    assert not view.is_contiguous() or t.numel() <= 1
-    return view.requires_grad_(t.requires_grad)
 
 
 def _slots(args) -> List[tuple]:
@@ -66,9 +56,9 @@ def test_strided_arguments_give_the_contiguous_results(name, triton_path):
         for how in ("last", "rows"):
             args = [_fresh(a) for a in ex.args]  # new leaves: each run's gradients are its own
             if j is None:
-                args[i] = _strided(args[i], how)
+                args[i] = strided_copy(args[i], how)
             else:
-                args[i][j] = _strided(args[i][j], how)
+                args[i][j] = strided_copy(args[i][j], how)
             got_out, got_grads = _run(name, args, ex.kwargs)
             where = f"{name}: argument {i}" + ("" if j is None else f"[{j}]") + f" strided ({how})"
             for g, w in zip(got_out, want_out):
@@ -91,7 +81,7 @@ def test_strided_incoming_gradients_give_the_contiguous_gradients(name, triton_p
     torch.manual_seed(1)
     weights = [torch.randn(o.shape).to(o.dtype) for o in outs]
     want = torch.autograd.grad(outs, ex.grad_of, weights, retain_graph=True, allow_unused=True)
-    layouts = {"last": lambda w: _strided(w, "last"), "rows": lambda w: _strided(w, "rows"),
+    layouts = {"last": lambda w: strided_copy(w, "last"), "rows": lambda w: strided_copy(w, "rows"),
                "transposed": lambda w: w.transpose(-1, -2).contiguous().transpose(-1, -2)}
     for how, make in layouts.items():
         laid = [make(w) if w.dim() >= 2 or (w.dim() == 1 and how != "transposed") else w for w in weights]
