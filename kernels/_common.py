@@ -323,6 +323,75 @@ def eager_apply(fn: type) -> Callable:
     return apply
 
 
+# ---- index values: checked by the kernels that read them ------------------------------------
+#
+# The kernels that read indices (masked_gather's ids_keep, scatter_masked's ids_restore,
+# relation_loss's topk_idx) read and write nothing for an index outside its range and set an
+# int32 flag to 0 when they meet one; after the launch ``check_index_flag`` turns that into the
+# op's error. On CUDA that is one device-side assertion on the flag (no host sync, capturable in
+# a CUDA graph) in place of the four elementwise / reduction kernels and the assertion a check of
+# the values before the launch costs; on CPU (the interpreter) and under ``TEC_FAST_CHECKS=1``
+# the flag is read on the host and an out-of-range index is a ``ValueError`` naming the argument.
+
+_CHECK_SETTINGS = {}  # TEC_FAST_CHECKS, read once (``tec_fast.ops.dispatch.reload_environment`` re-reads it)
+_INDEX_OK = {}        # CUDA device index -> the flag kept for the process
+
+
+def checks_forced() -> bool:
+    """``TEC_FAST_CHECKS=1``: index values are checked exactly on CUDA too (one host sync)."""
+    forced = _CHECK_SETTINGS.get("checks")
+    if forced is None:
+        forced = _CHECK_SETTINGS["checks"] = os.environ.get("TEC_FAST_CHECKS", "0") not in ("", "0")
+    return forced
+
+
+def _asserts_on_device(device: torch.device) -> bool:
+    """Whether an index check ends in a device-side assertion (CUDA without ``TEC_FAST_CHECKS``)
+    rather than a read on the host."""
+    return device.type == "cuda" and not checks_forced()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_index_without_kernel(idx: torch.Tensor, name: str, bound: int) -> None:
+    """The same check where no kernel runs (an op with an empty output but indices to read)."""
+    flag = index_flag(idx.device)
+    if idx.numel():
+        flag.mul_(((idx >= 0) & (idx < bound)).all())
+    check_index_flag(flag, idx, name, bound)
+
+
+def index_flag(device: torch.device) -> torch.Tensor:
+    """The int32 [1] tensor, 1, that a kernel reading indices sets to 0 on an index out of range.
+    CUDA without ``TEC_FAST_CHECKS``: one per device for the process (a failed assertion ends the
+    CUDA context, so nothing sets it back; made fresh per call only while a CUDA graph is being
+    captured before one exists). Else a fresh one per call, read by ``check_index_flag``."""
+    if _asserts_on_device(device):
+        flag = _INDEX_OK.get(device.index)
+        if flag is not None:
+            return flag
+        if not _capturing(device):
+            flag = _INDEX_OK[device.index] = torch.ones(1, dtype=torch.int32, device=device)
+            return flag
+    return torch.ones(1, dtype=torch.int32, device=device)
+
+
+def check_index_flag(flag: torch.Tensor, idx: torch.Tensor, name: str, bound: int) -> None:
+    """After the launch that was given ``flag``: the op's error for an index of ``idx`` outside
+    [0, ``bound``). CUDA: a device-side assertion on the flag; CPU and ``TEC_FAST_CHECKS=1``: the
+    flag read on the host, and a ``ValueError`` with the range of values found. Nothing on meta
+    tensors (``benchmarks/compile_report.py`` compiles through the launchers without running)."""
+    if flag.device.type == "meta":
+        return
+    if _asserts_on_device(flag.device):
+        torch._assert_async(flag, f"{name} holds indices outside [0, {bound})")
+    elif not flag.item():
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # the error's message only
+        raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
+
+
 def persistent_programs(work: int, device: torch.device, per_sm: int = 8) -> int:
     """How many programs a kernel that walks its work items in a loop (and keeps one partial sum
     per program) launches: ``per_sm`` per multiprocessor on a GPU (8 four-warp programs are 32

@@ -12,8 +12,9 @@ grad_x it owns (zero rows for dropped patches, sums where ids_keep repeats an in
 each element once, in x's dtype: no memset, no atomics, deterministic. The same program sums
 its rows over its slice of the batch for grad_pos (written directly when one slice covers the
 batch, else per-slice fp32 partials added up by one more launch, ``_common.sum_parts``).
-Indices outside [0, L) read and write nothing (the public op rejects them before we get here;
-the kernels stay in bounds regardless).
+Indices outside [0, L) read and write nothing; the forward kernel flags them and the launch is
+followed by the op's error (``_common.check_index_flag``: on CUDA a device-side assertion, no
+host sync; on CPU a ValueError), so the public op does not check the values itself first.
 Reference: ``tec_fast.ops.reference.masked_gather``.
 """
 from __future__ import annotations
@@ -25,12 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (added_slices, cdiv, direct_launch, dtype_reasons, eager_apply, first_order,
-                                      launch, lower_bound, next_pow2, search_steps, slice_partials, unit_last_stride)
+from tec_fast.kernels._common import (added_slices, cdiv, check_index_flag, check_index_without_kernel,
+                                      direct_launch, dtype_reasons, eager_apply, first_order, index_flag, launch,
+                                      lower_bound, next_pow2, search_steps, slice_partials, unit_last_stride)
 
 
 @triton.jit
-def _masked_gather_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr,
+def _masked_gather_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, ok_ptr,
                               n_rows, K, L, C,
                               stride_xb, stride_xl, stride_xc, stride_ib, stride_pl,
                               HAS_POS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -41,6 +43,8 @@ def _masked_gather_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr,
     src = tl.load(ids_ptr + b * stride_ib + i, mask=row_ok, other=0).to(tl.int64)
     src_ok = row_ok & (src >= 0) & (src < L)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if tl.program_id(1) == 0:  # an index out of range: flagged (``check_index_flag``), nothing read
+        tl.store(ok_ptr + rows * 0, tl.zeros((ROWS,), tl.int32), mask=row_ok & ~src_ok)
     col_ok = cols < C
     m = src_ok[:, None] & col_ok[None, :]
     val = tl.load(x_ptr + b.to(tl.int64)[:, None] * stride_xb + src[:, None] * stride_xl
@@ -130,6 +134,7 @@ def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[to
     out_dtype = x.dtype if pos is None or pos.dtype == x.dtype else torch.promote_types(x.dtype, pos.dtype)
     out = torch.empty(B, K, C, dtype=out_dtype, device=x.device)  # out's dtype: that of x + pos
     if B * K * C == 0:
+        check_index_without_kernel(ids_keep, "ids_keep", L)
         return out
     has_pos = pos is not None
     if has_pos:
@@ -137,9 +142,11 @@ def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[to
     ids_keep = unit_last_stride(ids_keep)  # the kernel reads an image's K indices densely
     sx = x.stride()
     grid, rows, block_c, num_warps = _fwd_plan(B, K, C, sx[2] == 1)
+    ok = index_flag(x.device)
     launch(_masked_gather_fwd_kernel, grid,
-        x, ids_keep, pos if has_pos else x, out, B * K, K, L, C, sx[0], sx[1], sx[2], ids_keep.stride(0),
+        x, ids_keep, pos if has_pos else x, out, ok, B * K, K, L, C, sx[0], sx[1], sx[2], ids_keep.stride(0),
         pos.stride(0) if has_pos else 0, HAS_POS=has_pos, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+    check_index_flag(ok, ids_keep, "ids_keep", L)
     return out
 
 

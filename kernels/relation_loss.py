@@ -11,7 +11,9 @@ never stored. It keeps two logsumexps per row. Backward recomputes R block by bl
 dR = g (softmax(R) - P), dk[1+l] = scale dR^T q_rows (written once, each program owns its keys),
 dq_rows = scale dR k accumulated in registers, then every row of dq written once by the same
 program (zero for the tokens that are not query rows). Logits and softmaxes in fp32; tl.dot
-operands in the input dtype (bf16 on tensor cores, fp32 exact "ieee").
+operands in the input dtype (bf16 on tensor cores, fp32 exact "ieee"). A topk index outside
+[0, L) gives a query row that reads and writes nothing; the forward kernel flags it and the
+launch is followed by the op's error (``_common.check_index_flag``).
 Reference: ``tec_fast.ops.reference.relation_loss``.
 """
 from __future__ import annotations
@@ -23,25 +25,29 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (direct_launch, eager_apply, first_order, launch, relation_block_sizes,
-                                      relation_reasons, unit_last_stride)
+from tec_fast.kernels._common import (check_index_flag, check_index_without_kernel, direct_launch, eager_apply,
+                                      first_order, index_flag, launch, relation_block_sizes, relation_reasons,
+                                      unit_last_stride)
 
 
 @triton.jit
-def _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
+def _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, L, D, stride_qb, stride_qh, stride_qn,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(q rows [BLOCK_R, BLOCK_D], row numbers, rows in use, their tokens, rows whose index is
+    outside [0, L)). A bad row reads nothing (zeros) and its token is -1 (no token's)."""
     rs = tl.arange(0, BLOCK_R)  # row 0 = CLS, row i >= 1 = token idx[i-1] + 1
     r_ok = rs <= TOPK
-    top = tl.load(idx_ptr + b * TOPK + rs - 1, mask=(rs >= 1) & r_ok, other=-1).to(tl.int64)
-    tok = tl.where(rs == 0, 0, top + 1)
+    top = tl.load(idx_ptr + b * TOPK + rs - 1, mask=(rs >= 1) & r_ok, other=0).to(tl.int64)
+    bad = r_ok & (rs >= 1) & ((top < 0) | (top >= L))
+    tok = tl.where(rs == 0, 0, tl.where(bad, -1, top + 1))
     ds = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tok[:, None] * stride_qn + ds[None, :],
-                mask=r_ok[:, None] & (ds < D)[None, :], other=0.0)
-    return q, rs, r_ok, tok
+                mask=(r_ok & ~bad)[:, None] & (ds < D)[None, :], other=0.0)
+    return q, rs, r_ok, tok, bad
 
 
 @triton.jit
-def _relation_loss_fwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, row_loss_ptr, lse_r_ptr, lse_t_ptr,
+def _relation_loss_fwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, row_loss_ptr, lse_r_ptr, lse_t_ptr, ok_ptr,
                               H, L, D, TOPK, scale, inv_tau,
                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                               stride_tb, stride_tr, stride_th,
@@ -50,8 +56,10 @@ def _relation_loss_fwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, row_loss_ptr, lse_r_
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
-    q, rs, r_ok, _ = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
-                                      BLOCK_R, BLOCK_D)
+    q, rs, r_ok, _, bad = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, L, D, stride_qb, stride_qh, stride_qn,
+                                           BLOCK_R, BLOCK_D)
+    if h == 0:  # an index out of range: flagged (``check_index_flag``)
+        tl.store(ok_ptr + rs * 0, tl.zeros((BLOCK_R,), tl.int32), mask=bad)
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
     k_base = k_ptr + b * stride_kb + h * stride_kh + ds[None, :]
@@ -96,8 +104,8 @@ def _relation_loss_bwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, grad_row_ptr, lse_r_
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
-    q, rs, r_ok, tok = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, D, stride_qb, stride_qh, stride_qn,
-                                        BLOCK_R, BLOCK_D)
+    q, rs, r_ok, tok, _ = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, L, D, stride_qb, stride_qh, stride_qn,
+                                           BLOCK_R, BLOCK_D)
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
     row = (b * H + h) * (TOPK + 1) + rs
@@ -169,9 +177,15 @@ def _relation_loss_fwd(q, k, topk_idx, target, tau, scale):
     B, H = q.shape[:2]
     R = 1 + topk_idx.shape[1]
     row_loss, lse_r, lse_t = (torch.empty((B, H, R), dtype=torch.float32, device=q.device) for _ in range(3))
+    L = q.shape[2] - 1
+    if B * H == 0:
+        check_index_without_kernel(topk_idx, "topk_idx", L)
+        return row_loss, lse_r, lse_t
+    ok = index_flag(q.device)
     launch(_relation_loss_fwd_kernel, (B * H,),
-        q, k, topk_idx, target, row_loss, lse_r, lse_t, scale=scale, inv_tau=1.0 / tau,
+        q, k, topk_idx, target, row_loss, lse_r, lse_t, ok, scale=scale, inv_tau=1.0 / tau,
         **_common_args(q, k, target, topk_idx), **_meta(q, topk_idx.shape[1]))
+    check_index_flag(ok, topk_idx, "topk_idx", L)
     return row_loss, lse_r, lse_t
 
 

@@ -12,7 +12,8 @@ indices, inverts the unshuffle; sums where ids_restore is not a permutation), wr
 element once in vis's dtype, and keeps running sums for the mask token and grad_pos over its
 batch slice. Per-slice partial sums of grad_pos and grad_mask_token are added up by one launch
 each (``_common.sum_parts``, straight into the parameter's dtype and shape). Indices outside
-[0, L) read and write nothing.
+[0, L) read and write nothing; the forward kernel flags them and the launch is followed by the
+op's error (``_common.check_index_flag``).
 Reference: ``tec_fast.ops.reference.scatter_masked``.
 """
 from __future__ import annotations
@@ -24,13 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (added_slices, cdiv, direct_launch, dtype_reasons, eager_apply, first_order,
-                                      launch, lower_bound, next_pow2, search_steps, slice_partials, sum_parts,
+from tec_fast.kernels._common import (added_slices, cdiv, check_index_flag, check_index_without_kernel,
+                                      direct_launch, dtype_reasons, eager_apply, first_order, index_flag, launch,
+                                      lower_bound, next_pow2, search_steps, slice_partials, sum_parts,
                                       unit_last_stride)
 
 
 @triton.jit
-def _scatter_masked_fwd_kernel(vis_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr,
+def _scatter_masked_fwd_kernel(vis_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr, ok_ptr,
                                n_rows, K, L, C, stride_vb, stride_vk, stride_ib, stride_pl,
                                HAS_POS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # flat output rows b * L + j
@@ -41,6 +43,8 @@ def _scatter_masked_fwd_kernel(vis_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr,
     from_vis = row_ok & (r >= 0) & (r < K)
     from_tok = row_ok & (r >= K) & (r < L)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if tl.program_id(1) == 0:  # an index out of range: flagged (``check_index_flag``), nothing read
+        tl.store(ok_ptr + rows * 0, tl.zeros((ROWS,), tl.int32), mask=row_ok & ((r < 0) | (r >= L)))
     col_ok = cols < C
     val = tl.load(vis_ptr + b.to(tl.int64)[:, None] * stride_vb + r[:, None] * stride_vk + cols[None, :],
                   mask=from_vis[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
@@ -141,6 +145,7 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
     L = ids_restore.shape[1]
     out = torch.empty((B, L, C), dtype=_out_dtype(vis, pos), device=vis.device)
     if out.numel() == 0:
+        check_index_without_kernel(ids_restore, "ids_restore", L)
         return out
     ids_restore = unit_last_stride(ids_restore)  # the kernel reads the indices and the token densely
     tok = unit_last_stride(mask_token.reshape(C))
@@ -149,10 +154,12 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
         pos = unit_last_stride(pos)
     rows, block_c, num_warps = _launch_config(C)
     grid = (cdiv(B * L, rows), cdiv(C, block_c))
+    ok = index_flag(vis.device)
     launch(_scatter_masked_fwd_kernel, grid,
-        vis, ids_restore, tok, pos if pos is not None else vis, out, B * L, K, L, C,
+        vis, ids_restore, tok, pos if pos is not None else vis, out, ok, B * L, K, L, C,
         vis.stride(0), vis.stride(1), ids_restore.stride(0), pos.stride(0) if pos is not None else 0,
         HAS_POS=pos is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+    check_index_flag(ok, ids_restore, "ids_restore", L)
     return out
 
 

@@ -70,6 +70,7 @@ def reload_environment() -> None:
     common = sys.modules.get("tec_fast.kernels._common")
     if common is not None:
         common._LAUNCH_SETTINGS.clear()
+        common._CHECK_SETTINGS.clear()
 
 
 def set_kernel_mode(mode: Optional[str]) -> None:

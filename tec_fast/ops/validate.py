@@ -1,11 +1,14 @@
 """Input checks shared by the public ops: every op validates shapes, dtypes and devices up front
 and raises ``ValueError`` naming the argument.
 
-Index *values* are checked without stalling a GPU step: on CPU tensors the check is exact and
-raises ``ValueError``; on CUDA tensors it is a device-side assertion (``torch._assert_async``, no
-host synchronisation, CUDA-graph safe) unless ``TEC_FAST_CHECKS=1`` asks for the exact,
-synchronising check. Fake / meta tensors and ``torch.compile`` tracing skip it. The kernels
-read and write nothing for an out-of-range index in any case.
+Index *values* are checked without stalling a GPU step. On the Triton path the kernels that
+read the indices check them (``tec_fast.kernels._common.check_index_flag``: on CUDA one
+device-side assertion after the launch). On the reference path the check runs here, before the
+op: exact on CPU tensors (``ValueError``), a device-side assertion on CUDA tensors
+(``torch._assert_async``, no host synchronisation, CUDA-graph safe). ``TEC_FAST_CHECKS=1`` makes
+both exact on CUDA too (one host synchronisation). Fake / meta tensors and ``torch.compile``
+tracing skip the check here. The kernels read and write nothing for an out-of-range index in any
+case.
 """
 from __future__ import annotations
 
@@ -42,7 +45,10 @@ def _reads_values(t: torch.Tensor) -> bool:
     return not (t.device.type == "meta" or is_fake(t))
 
 
-def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> None:
+def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device, values: bool = True) -> None:
+    """``idx``: an int64 / int32 tensor of ``shape`` on ``device``; with ``values``, its values in
+    [0, ``bound``) too (``check_index_values``). The ops check the values only where the path they
+    take has no kernel that does (the reference path)."""
     if not isinstance(idx, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
     dtype = idx.dtype
@@ -50,19 +56,24 @@ def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device) -> N
         raise ValueError(f"{name} must be int64 or int32, got dtype {dtype}")
     if idx.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
-    dev = idx.device
-    if dev != device:
+    if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the data is on {device}")
+    if values:
+        check_index_values(idx, name, bound)
+
+
+def check_index_values(idx: torch.Tensor, name: str, bound: int) -> None:
+    """Values of ``idx`` in [0, ``bound``): exact on CPU and under ``TEC_FAST_CHECKS=1``
+    (``ValueError``), else a device-side assertion; nothing read on fake / meta tensors."""
     if not idx.numel() or not _reads_values(idx):
         return
-    if dev.type == "cpu":
+    if idx.device.type == "cpu":
         lo, hi = torch.aminmax(idx)  # CPU: two cheap reads
         lo, hi = lo.item(), hi.item()
     elif checks_forced():
         lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync for both
     else:
-        torch._assert_async(((idx >= 0) & (idx < bound)).all(),
-                            f"{name} holds indices outside [0, {bound})")
+        torch._assert_async(((idx >= 0) & (idx < bound)).all(), f"{name} holds indices outside [0, {bound})")
         return
     if lo < 0 or hi >= bound:
         raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")

@@ -447,3 +447,48 @@ def test_tensor_off_the_current_device_takes_the_reference(cuda_triton_path):
     with torch.cuda.device(0):
         assert any("current CUDA device is cuda:0" in r for r in ops.why_not_fast("layer_norm", x))
         torch.testing.assert_close(ops.layer_norm(x, w, b), F.layer_norm(x, (64,), w, b, 1e-6))
+
+
+@pytest.mark.parametrize("op", ["masked_gather", "scatter_masked", "relation_loss"])
+def test_index_checks_on_gpu(cuda_triton_path, op, monkeypatch):
+    """The kernels check their indices: valid calls leave the device's flag at 1 and make no host
+    sync; with TEC_FAST_CHECKS=1 a bad index is a ValueError (one sync, a fresh flag)."""
+    from test_ops_index_checks import CASES
+    from tec_fast.kernels import _common
+    make = CASES[op]
+    call = make(device=DEV)[0]
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    flag = _common._INDEX_OK[torch.cuda.current_device()]
+    assert flag.tolist() == [1]
+    monkeypatch.setenv("TEC_FAST_CHECKS", "1")
+    bound = make(device=DEV)[2]
+    call, name, _ = make(bad=bound, device=DEV)
+    with pytest.raises(ValueError, match=rf"{name} holds indices in \[0, {bound}\], outside \[0, {bound}\)"):
+        call()
+    assert flag.tolist() == [1]
+
+
+def test_bad_index_ends_in_a_device_assertion(tmp_path):
+    """Without TEC_FAST_CHECKS a bad index on CUDA is a device-side assertion after the launch (no
+    host sync): run in a child process, whose CUDA context it ends."""
+    import subprocess
+    import sys
+    script = tmp_path / "bad_index.py"
+    script.write_text(
+        "import torch\n"
+        "from tec_fast import ops\n"
+        "x = torch.randn(2, 6, 8, device='cuda')\n"
+        "ids = torch.tensor([[0, 3, 9], [1, 2, 4]], device='cuda')\n"
+        "ops.masked_gather(x, ids)\n"
+        "torch.cuda.synchronize()\n"
+        "print('no error')\n")
+    env = dict(__import__("os").environ, TEC_FAST_KERNELS="triton", TEC_FAST_CHECKS="0", TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0 and "no error" not in done.stdout, done.stdout + done.stderr
+    assert "device-side assert" in done.stderr or "ids_keep holds indices" in done.stderr, done.stderr[-2000:]

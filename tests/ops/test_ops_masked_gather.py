@@ -90,10 +90,12 @@ def test_int32_indices(triton_path):
                  atol=0, rtol=0, name="out")
 
 
-def test_kernel_never_reads_out_of_bounds(triton_path):
-    from tec_fast.kernels.masked_gather import masked_gather as fast
+def test_kernel_never_reads_out_of_bounds(triton_path, monkeypatch):
+    from tec_fast.kernels import masked_gather as kernel
+    fast = kernel.masked_gather
+    monkeypatch.setattr(kernel, "check_index_flag", lambda *a: None)  # the error after the launch, off
     x, ids, pos = _inputs(1, 5, 8, 3, torch.float32)
-    bad = torch.tensor([[0, 5, -1]])  # bypasses validation: bad rows come out zero
+    bad = torch.tensor([[0, 5, -1]])  # bad rows come out zero
     out = fast(x, bad, pos)
     assert_close(out[0, 0], x[0, 0] + pos[0], atol=0, rtol=0, name="row 0")
     assert torch.equal(out[0, 1:], torch.zeros(2, 8))

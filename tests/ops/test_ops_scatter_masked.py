@@ -90,8 +90,10 @@ def test_mask_token_of_other_dtype(triton_path):
     assert_close(got[2].reshape(8), want[2], atol=1e-2, rtol=1e-2, name="grad_mask_token")
 
 
-def test_kernel_never_reads_out_of_bounds(triton_path):
-    from tec_fast.kernels.scatter_masked import scatter_masked as fast
+def test_kernel_never_reads_out_of_bounds(triton_path, monkeypatch):
+    from tec_fast.kernels import scatter_masked as kernel
+    fast = kernel.scatter_masked
+    monkeypatch.setattr(kernel, "check_index_flag", lambda *a: None)  # the error after the launch, off
     vis, _, tok, pos = _inputs(1, 4, 8, 2, torch.float32)
     out = fast(vis, torch.tensor([[1, -3, 9, 3]]), tok, pos)  # bad rows: pos only
     assert_close(out[0, 0], vis[0, 1] + pos[0], atol=0, rtol=0, name="row 0")
