@@ -28,3 +28,21 @@ def test_run_device_parses_and_its_scripts_exist():
     step = next(s for s in stages if s[0] == "step")[3]
     assert "--batch-sizes 32 64 128 256" in step and "--cuda-graph" in step
     assert "--ratios 0.6:0.9" in next(s for s in stages if s[0] == "packed")[3]
+
+
+def test_gpu_tests_stage_runs_every_gpu_test_file():
+    """The gpu_tests stage names its test paths (the ops' tests first): every file with a test
+    marked gpu is under one of them."""
+    text = open(SCRIPT).read().replace("\\\n", " ")
+    cmd = next(line for line in text.splitlines() if line.startswith("stage gpu_tests "))
+    paths = [p.rstrip("/") for p in re.findall(r"\btests/\S*", cmd)]
+    assert paths and paths[0] == "tests/ops/test_ops_gpu.py", paths
+    marked = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "tests")):
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.startswith("test_") and name.endswith(".py") and "mark.gpu" in open(path).read():
+                marked.append(os.path.relpath(path, ROOT))
+    assert len(marked) >= 9
+    missed = [m for m in marked if not any(m == p or m.startswith(p + "/") for p in paths)]
+    assert not missed, f"gpu-marked tests the gpu_tests stage does not run: {missed}"
