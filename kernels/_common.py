@@ -1,4 +1,4 @@
-"""Launch helpers shared by the kernel files (host side, and ``lower_bound``, a device function).
+"""Launch helpers shared by the kernel files (host side, and ``next_match``, a device function).
 
 Every op wires its kernels the same way (host cost per call is what the GPU waits for at small
 batches; ``benchmarks/host_overhead.py`` measures it): a ``torch.autograd.Function`` whose
@@ -34,25 +34,27 @@ def next_pow2(n: int) -> int:
 
 
 @triton.jit
-def lower_bound(sorted_row, n, target, ok, steps):
-    """Per element of ``target``: the first position p in [0, n] with ``sorted_row[p] >= target``
-    (``sorted_row``: n ascending values); ``steps`` >= ceil(log2(n + 1)) halvings. What the
-    backward kernels of the index ops look their rows up with in a per-image sort of the
-    indices, in place of a searchsorted launch and its table of queries."""
-    lo = tl.zeros_like(target).to(tl.int32)
-    hi = lo + n
-    for _ in range(steps):
-        active = ok & (lo < hi)
-        mid = (lo + hi) // 2
-        v = tl.load(sorted_row + mid, mask=active, other=0)
-        lo = tl.where(active & (v < target), mid + 1, lo)
-        hi = tl.where(active & (v >= target), mid, hi)
-    return lo
+def next_match(idx_row, n, targets, after, ok, BLOCK_N: tl.constexpr):
+    """Per element of ``targets`` (where ``ok``): (the first position p > ``after`` in [0, n) with
+    ``idx_row[p] == target``, or n; how many such positions there are). ``idx_row``: n indices,
+    read in blocks of BLOCK_N (a [len(targets), BLOCK_N] comparison per block). What the backward
+    kernels of the index ops use to invert their gather: the rows of the gradient a row of the
+    input's gradient sums, in ascending order, with no sort of the indices and no atomics."""
+    first = tl.zeros_like(targets).to(tl.int32) + n
+    count = tl.zeros_like(first)
+    for p0 in range(0, n, BLOCK_N):
+        ps = p0 + tl.arange(0, BLOCK_N)
+        v = tl.load(idx_row + ps, mask=ps < n, other=-1)
+        hit = (v[None, :] == targets[:, None]) & (ps[None, :] > after[:, None]) & ok[:, None]
+        first = tl.minimum(first, tl.min(tl.where(hit, ps[None, :], n), axis=1))
+        count += tl.sum(hit.to(tl.int32), axis=1)
+    return first, count
 
 
-def search_steps(n: int) -> int:
-    """Halvings ``lower_bound`` needs over n values."""
-    return (n + 1).bit_length()
+def match_block(n: int, cap: int) -> int:
+    """BLOCK_N of ``next_match`` over n indices: at most ``cap`` (the comparison tile's columns,
+    chosen per kernel with ``benchmarks/compile_report.py``: wider tiles made ptxas spill)."""
+    return max(16, min(next_pow2(n), cap))
 
 
 @triton.jit

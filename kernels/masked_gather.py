@@ -5,11 +5,10 @@
 Forward: one program per block of output rows, each row C channels of x plus the matching row
 of ``pos``; x is read in place whatever its strides (the patch embedding's transposed conv
 output included: a contiguous copy of it would move 4x the op's own traffic).
-Backward, one kernel for both gradients: a per-image sort of
-ids_keep (a few KB of indices, torch; the kernel finds each row's run in it by binary search)
-inverts the gather, so each program *gathers* the rows of
-grad_x it owns (zero rows for dropped patches, sums where ids_keep repeats an index) and writes
-each element once, in x's dtype: no memset, no atomics, deterministic. The same program sums
+Backward, one kernel for both gradients: each program scans its images' ids_keep for the rows
+of grad_x it owns (``_common.next_match``: a [rows, K] comparison, no sort of the indices) and
+*gathers* those rows (zero rows for dropped patches, sums in ascending i where ids_keep repeats
+an index), writing each element once, in x's dtype: no memset, no atomics, deterministic. The same program sums
 its rows over its slice of the batch for grad_pos (written directly when one slice covers the
 batch, else per-slice fp32 partials added up by one more launch, ``_common.sum_parts``).
 Indices outside [0, L) read and write nothing; the forward kernel flags them and the launch is
@@ -28,7 +27,7 @@ import triton.language as tl
 
 from tec_fast.kernels._common import (added_slices, cdiv, check_index_flag, check_index_without_kernel,
                                       direct_launch, dtype_reasons, eager_apply, first_order, index_flag, launch,
-                                      lower_bound, next_pow2, search_steps, slice_partials, unit_last_stride)
+                                      match_block, next_match, next_pow2, slice_partials, unit_last_stride)
 
 
 @triton.jit
@@ -56,40 +55,39 @@ def _masked_gather_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, ok_ptr,
 
 
 @triton.jit
-def _masked_gather_bwd_kernel(grad_out_ptr, sorted_ptr, perm_ptr, grad_x_ptr, pos_part_ptr,
-                              B, K, L, C, b_per_prog, stride_gb, stride_gk, steps,
-                              POS_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _masked_gather_bwd_kernel(grad_out_ptr, ids_ptr, grad_x_ptr, pos_part_ptr,
+                              B, K, L, C, b_per_prog, stride_gb, stride_gk, stride_ib,
+                              POS_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
     # Each program owns rows l of grad_x for a slice of the batch: grad_x[b, l] is the sum of
-    # grad_out[b, i] over the i with ids_keep[b, i] == l: perm[b, first:first + count], where
-    # first and first + count bound l in the image's sorted ids (binary searches). Every element
-    # is written once, in x's dtype: no atomics, no memset.
+    # grad_out[b, i] over the i with ids_keep[b, i] == l, in ascending i (``next_match`` scans
+    # the image's K indices for them). Every element is written once, in x's dtype: no sort, no
+    # atomics, no memset.
     pid_l, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ls = pid_l * ROWS + tl.arange(0, ROWS)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     l_ok = ls < L
     col_ok = cols < C
     tile_ok = l_ok[:, None] & col_ok[None, :]
+    none_yet = tl.zeros((ROWS,), tl.int32) - 1
     pos_acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     b_start = pid_b * b_per_prog
     g_ptr = grad_out_ptr + b_start.to(tl.int64) * stride_gb + cols[None, :]
-    perm_row = perm_ptr + b_start.to(tl.int64) * K
-    sorted_row = sorted_ptr + b_start.to(tl.int64) * K
+    ids_row = ids_ptr + b_start.to(tl.int64) * stride_ib
     x_ptr = grad_x_ptr + b_start.to(tl.int64) * L * C + ls[:, None] * C + cols[None, :]
     for _ in range(b_start, tl.minimum(b_start + b_per_prog, B)):
-        first = lower_bound(sorted_row, K, ls, l_ok, steps)
-        count = lower_bound(sorted_row, K, ls + 1, l_ok, steps) - first
+        i, count = next_match(ids_row, K, ls, none_yet, l_ok, BLOCK_K)
         acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
-        for t in range(0, tl.max(count, axis=0)):  # 0 or 1 for MAE's distinct ids
-            hit = l_ok & (t < count)
-            i = tl.load(perm_row + first + t, mask=hit, other=0)
+        for _t in range(0, tl.max(count, axis=0)):  # 1 for MAE's distinct ids
+            hit = l_ok & (i < K)
             acc += tl.load(g_ptr + i[:, None] * stride_gk, mask=hit[:, None] & col_ok[None, :],
                            other=0.0).to(tl.float32)
+            i = next_match(ids_row, K, ls, i, l_ok, BLOCK_K)[0]
         tl.store(x_ptr, acc.to(grad_x_ptr.dtype.element_ty), mask=tile_ok)
         if POS_GRAD:
             pos_acc += acc
         g_ptr += stride_gb
-        perm_row += K
-        sorted_row += K
+        ids_row += stride_ib
         x_ptr += L * C
     if POS_GRAD:
         tl.store(pos_part_ptr + (pid_b.to(tl.int64) * L + ls[:, None]) * C + cols[None, :],
@@ -164,21 +162,20 @@ def _bwd_config(B: int, L: int, C: int, target: int) -> Tuple[int, int, int, int
 def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
                        pos_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns (grad_x [B, L, C] in x_dtype, grad_pos [L, C] in ``pos_dtype``, or None without one)."""
-    grad_out = unit_last_stride(grad_out)
+    # the kernel inverts the gather by scanning each image's ids_keep for its rows; indices
+    # outside [0, L) match no row: dropped
+    grad_out, ids_keep = unit_last_stride(grad_out), unit_last_stride(ids_keep)
     B, K, C = grad_out.shape
     dev = grad_out.device
-    # inverse of the gather, per image: the i with ids_keep[b, i] == l are a run of perm, found
-    # in the kernel by binary search in sorted_ids; indices outside [0, L) match no l: dropped
-    sorted_ids, perm = torch.sort(ids_keep, dim=1, stable=True)
     grad_x = torch.empty(B, L, C, dtype=x_dtype, device=dev)
     rows, block_c, num_warps, n_l, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
     pos_grad = pos_dtype is not None
     pos_part = slice_partials(n_b, (L, C), pos_dtype, dev) if pos_grad else grad_x
     if grad_x.numel():
         launch(_masked_gather_bwd_kernel, (n_l, n_c, n_b),
-            grad_out, sorted_ids, perm, grad_x, pos_part, B, K, L, C, b_per_prog,
-            grad_out.stride(0), grad_out.stride(1), search_steps(K),
-            POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+            grad_out, ids_keep, grad_x, pos_part, B, K, L, C, b_per_prog,
+            grad_out.stride(0), grad_out.stride(1), ids_keep.stride(0),
+            POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, BLOCK_K=match_block(K, 32), num_warps=num_warps)
     elif pos_grad:
         pos_part.zero_()
     if not pos_grad:

@@ -31,19 +31,26 @@ from tec_fast.kernels._common import (check_index_flag, check_index_without_kern
 
 
 @triton.jit
-def _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, L, D, stride_qb, stride_qh, stride_qn,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(q rows [BLOCK_R, BLOCK_D], row numbers, rows in use, their tokens, rows whose index is
-    outside [0, L)). A bad row reads nothing (zeros) and its token is -1 (no token's)."""
-    rs = tl.arange(0, BLOCK_R)  # row 0 = CLS, row i >= 1 = token idx[i-1] + 1
+def _query_rows(idx_ptr, b, TOPK, L, BLOCK_R: tl.constexpr):
+    """(row numbers, rows in use, their tokens, rows whose topk index is outside [0, L)): row 0 is
+    the CLS token, row i >= 1 token idx[i-1] + 1; a bad row's token is -1 (no token's)."""
+    rs = tl.arange(0, BLOCK_R)
     r_ok = rs <= TOPK
     top = tl.load(idx_ptr + b * TOPK + rs - 1, mask=(rs >= 1) & r_ok, other=0).to(tl.int64)
     bad = r_ok & (rs >= 1) & ((top < 0) | (top >= L))
-    tok = tl.where(rs == 0, 0, tl.where(bad, -1, top + 1))
+    return rs, r_ok, tl.where(rs == 0, 0, tl.where(bad, -1, top + 1)), bad
+
+
+@triton.jit
+def _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, L, D, stride_qb, stride_qh, stride_qn,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(q rows [BLOCK_R, BLOCK_D], row numbers, rows in use, their tokens): a bad row reads
+    nothing (zeros)."""
+    rs, r_ok, tok, bad = _query_rows(idx_ptr, b, TOPK, L, BLOCK_R)
     ds = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tok[:, None] * stride_qn + ds[None, :],
                 mask=(r_ok & ~bad)[:, None] & (ds < D)[None, :], other=0.0)
-    return q, rs, r_ok, tok, bad
+    return q, rs, r_ok, tok
 
 
 @triton.jit
@@ -56,10 +63,8 @@ def _relation_loss_fwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, row_loss_ptr, lse_r_
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
-    q, rs, r_ok, _, bad = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, L, D, stride_qb, stride_qh, stride_qn,
-                                           BLOCK_R, BLOCK_D)
-    if h == 0:  # an index out of range: flagged (``check_index_flag``)
-        tl.store(ok_ptr + rs * 0, tl.zeros((BLOCK_R,), tl.int32), mask=bad)
+    q, rs, r_ok, _ = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, L, D, stride_qb, stride_qh, stride_qn,
+                                      BLOCK_R, BLOCK_D)
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
     k_base = k_ptr + b * stride_kb + h * stride_kh + ds[None, :]
@@ -91,6 +96,11 @@ def _relation_loss_fwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, row_loss_ptr, lse_r_
     tl.store(row_loss_ptr + out, lse_r - w_t / z_t, mask=r_ok)
     tl.store(lse_r_ptr + out, lse_r, mask=r_ok)
     tl.store(lse_t_ptr + out, m_t + tl.log(z_t), mask=r_ok)
+    if h == 0:  # an index out of range: flagged (``check_index_flag``); the indices read again
+        # here, where few registers are live (kept from the start, they cost a spill at ViT-B fp32)
+        rows_, used_, tok_, bad = _query_rows(idx_ptr, b, TOPK, L, BLOCK_R)
+        n_bad = tl.sum(bad.to(tl.int32), axis=0)
+        tl.store(ok_ptr, n_bad * 0, mask=n_bad > 0)
 
 
 @triton.jit
@@ -104,8 +114,8 @@ def _relation_loss_bwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, grad_row_ptr, lse_r_
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
-    q, rs, r_ok, tok, _ = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, L, D, stride_qb, stride_qh, stride_qn,
-                                           BLOCK_R, BLOCK_D)
+    q, rs, r_ok, tok = _load_query_rows(q_ptr, idx_ptr, b, h, TOPK, L, D, stride_qb, stride_qh, stride_qn,
+                                        BLOCK_R, BLOCK_D)
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
     row = (b * H + h) * (TOPK + 1) + rs

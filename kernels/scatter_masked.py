@@ -7,9 +7,9 @@ This replaces MAE's cat(vis, mask_tokens) + gather + add, which writes the [B, L
 three times, by one read of vis and one write of out.
 Forward: one program per block of output rows. Backward, fused into one kernel: each program
 owns a block of (row, channel) columns and a slice of the batch; it gathers grad_vis[b, i] from
-the grad_out rows j with ids_restore[b, j] == i (a per-image sort of ids_restore, a few KB of
-indices, inverts the unshuffle; sums where ids_restore is not a permutation), writing each
-element once in vis's dtype, and keeps running sums for the mask token and grad_pos over its
+the grad_out rows j with ids_restore[b, j] == i (it scans the image's ids_restore for them,
+``_common.next_match``: no sort of the indices; sums in ascending j where ids_restore is not a
+permutation), writing each element once in vis's dtype, and keeps running sums for the mask token and grad_pos over its
 batch slice. Per-slice partial sums of grad_pos and grad_mask_token are added up by one launch
 each (``_common.sum_parts``, straight into the parameter's dtype and shape). Indices outside
 [0, L) read and write nothing; the forward kernel flags them and the launch is followed by the
@@ -27,7 +27,7 @@ import triton.language as tl
 
 from tec_fast.kernels._common import (added_slices, cdiv, check_index_flag, check_index_without_kernel,
                                       direct_launch, dtype_reasons, eager_apply, first_order, index_flag, launch,
-                                      lower_bound, next_pow2, search_steps, slice_partials, sum_parts,
+                                      match_block, next_match, next_pow2, slice_partials, sum_parts,
                                       unit_last_stride)
 
 
@@ -58,51 +58,50 @@ def _scatter_masked_fwd_kernel(vis_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr, ok_p
 
 
 @triton.jit
-def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, sorted_ptr, perm_ptr, grad_vis_ptr, tok_part_ptr,
-                               pos_part_ptr, B, K, L, C, b_per_prog, stride_gb, stride_gl, stride_ib, steps,
-                               POS_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _scatter_masked_bwd_kernel(grad_out_ptr, ids_ptr, grad_vis_ptr, tok_part_ptr,
+                               pos_part_ptr, B, K, L, C, b_per_prog, stride_gb, stride_gl, stride_ib,
+                               POS_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                               BLOCK_L: tl.constexpr):
     # Program (row block, channel block, batch slice). Rows j < L: grad_out[b, j] goes to the
     # running mask-token sum where ids_restore[b, j] is in [K, L) and to the grad_pos sum. Rows
     # i < K: grad_vis[b, i] is the sum of grad_out[b, j] over the j with ids_restore[b, j] == i,
-    # perm[b, first:first + count], first and first + count bounding i in the image's sorted
-    # ids_restore (binary searches), and written once, in vis's dtype: a gather by the inverse
-    # index, no atomics, no memset.
+    # in ascending j (``next_match`` scans the image's L indices for them), written once, in
+    # vis's dtype: a gather by the inverse index, no sort, no atomics, no memset.
     pid_j, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j = pid_j * ROWS + tl.arange(0, ROWS)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     j_ok = j < L
     i_ok = j < K  # the same row numbers, as rows of grad_vis
+    has_vis_rows = pid_j * ROWS < K
     col_ok = cols < C
     tile_ok = j_ok[:, None] & col_ok[None, :]
+    none_yet = tl.zeros((ROWS,), tl.int32) - 1
     tok_acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     pos_acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     b_start = pid_b * b_per_prog
     # walk the batch slice by advancing 64-bit pointers (no int32 overflow on big tensors)
     g_img = grad_out_ptr + b_start.to(tl.int64) * stride_gb + cols[None, :]
-    i_ptr = ids_ptr + b_start.to(tl.int64) * stride_ib + j
-    perm_row = perm_ptr + b_start.to(tl.int64) * L
-    sorted_row = sorted_ptr + b_start.to(tl.int64) * L
+    ids_row = ids_ptr + b_start.to(tl.int64) * stride_ib
     v_ptr = grad_vis_ptr + b_start.to(tl.int64) * K * C + j[:, None] * C + cols[None, :]
     for _ in range(b_start, tl.minimum(b_start + b_per_prog, B)):
         g = tl.load(g_img + j[:, None] * stride_gl, mask=tile_ok, other=0.0).to(tl.float32)
-        r = tl.load(i_ptr, mask=j_ok, other=-1).to(tl.int64)
+        r = tl.load(ids_row + j, mask=j_ok, other=-1).to(tl.int64)
         to_tok = j_ok & (r >= K) & (r < L)
         tok_acc += tl.where(to_tok[:, None], g, 0.0)
         if POS_GRAD:
             pos_acc += g
-        first = lower_bound(sorted_row, L, j, i_ok, steps)
-        count = lower_bound(sorted_row, L, j + 1, i_ok, steps) - first
         acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
-        for t in range(0, tl.max(count, axis=0)):  # 0 or 1 for MAE's permutations
-            hit = i_ok & (t < count)
-            src = tl.load(perm_row + first + t, mask=hit, other=0)
-            acc += tl.load(g_img + src[:, None] * stride_gl, mask=hit[:, None] & col_ok[None, :],
-                           other=0.0).to(tl.float32)
-        tl.store(v_ptr, acc.to(grad_vis_ptr.dtype.element_ty), mask=i_ok[:, None] & col_ok[None, :])
+        if has_vis_rows:
+            src, count = next_match(ids_row, L, j, none_yet, i_ok, BLOCK_L)
+            for t in range(0, tl.max(count, axis=0)):  # 0 or 1 for MAE's permutations
+                if t > 0:
+                    src = next_match(ids_row, L, j, src, i_ok, BLOCK_L)[0]
+                hit = i_ok & (src < L)
+                acc += tl.load(g_img + src[:, None] * stride_gl, mask=hit[:, None] & col_ok[None, :],
+                               other=0.0).to(tl.float32)
+            tl.store(v_ptr, acc.to(grad_vis_ptr.dtype.element_ty), mask=i_ok[:, None] & col_ok[None, :])
         g_img += stride_gb
-        i_ptr += stride_ib
-        perm_row += L
-        sorted_row += L
+        ids_row += stride_ib
         v_ptr += K * C
     part = pid_b * tl.num_programs(0) + pid_j
     tl.store(tok_part_ptr + part.to(tl.int64) * C + cols, tl.sum(tok_acc, axis=0), mask=col_ok)
@@ -173,9 +172,8 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
     grad_out, ids_restore = unit_last_stride(grad_out), unit_last_stride(ids_restore)
     B, L, C = grad_out.shape
     dev = grad_out.device
-    # inverse of the unshuffle, per image: the j with ids_restore[b, j] == i < K are a run of
-    # perm, found in the kernel by binary search in sorted_ids; indices outside [0, K) match no i
-    sorted_ids, perm = torch.sort(ids_restore, dim=1, stable=True)
+    # the kernel inverts the unshuffle by scanning each image's ids_restore for the rows of
+    # grad_vis it owns; indices outside [0, K) match no row
     grad_vis = torch.empty(B, K, C, dtype=vis_dtype, device=dev)
     rows, block_c, num_warps, n_j, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
     tok_part = torch.empty(n_b * n_j, C, dtype=torch.float32, device=dev)  # a row per program
@@ -183,10 +181,9 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
     pos_part = slice_partials(n_b, (L, C), pos_dtype, dev) if pos_grad else tok_part
     if grad_out.numel():
         launch(_scatter_masked_bwd_kernel, (n_j, n_c, n_b),
-            grad_out, ids_restore, sorted_ids, perm, grad_vis, tok_part, pos_part,
+            grad_out, ids_restore, grad_vis, tok_part, pos_part,
             B, K, L, C, b_per_prog, grad_out.stride(0), grad_out.stride(1), ids_restore.stride(0),
-            search_steps(L),
-            POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+            POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, BLOCK_L=match_block(L, 64), num_warps=num_warps)
     else:
         grad_vis.zero_()
         tok_part.zero_()

@@ -50,6 +50,22 @@ def test_repeated_indices_accumulate(triton_path):
         assert_close(a, b, atol=1e-5, rtol=1e-5, name=name)
 
 
+def test_repeats_across_scan_blocks(triton_path):
+    """The backward finds each row's sources by scanning ids_keep in blocks (``match_block``: 32
+    at a time): repeats spread over many blocks add up, against float64."""
+    g = torch.Generator().manual_seed(3)
+    L, K, C = 700, 600, 3
+    ids = torch.randint(0, L, (2, K), generator=g)
+    ids[0, [0, 300, 599]] = 5  # one row fed from every block
+    x64, pos64 = torch.randn(2, L, C, dtype=torch.float64, generator=g), torch.randn(L, C, dtype=torch.float64)
+    grad64 = torch.randn(2, K, C, dtype=torch.float64, generator=g)
+    x, pos = x64.float().requires_grad_(), pos64.float().requires_grad_()
+    got = _run(ops.masked_gather, x, ids, pos, grad64.float())
+    want = _run(reference.masked_gather, x64.requires_grad_(), ids, pos64.requires_grad_(), grad64)
+    for name, a, b in zip(["out", "grad_x", "grad_pos"], got, want):
+        assert_close(a, b.float(), atol=2e-5, rtol=1e-5, name=name)
+
+
 def test_batch_split_across_programs(triton_path, monkeypatch):
     # few target programs: each backward program walks several images of the batch
     import tec_fast.kernels.masked_gather as km

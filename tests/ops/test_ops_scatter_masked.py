@@ -66,6 +66,17 @@ def test_non_permutation_indices(triton_path):
     _assert_matches_reference(vis, ids, tok, pos, grad)
 
 
+def test_repeats_across_scan_blocks(triton_path):
+    """The backward finds each grad_vis row's sources by scanning ids_restore in blocks (64 at a
+    time): repeats spread over many blocks add up."""
+    g = torch.Generator().manual_seed(4)
+    L, K, C = 700, 300, 3
+    vis, _, tok, pos = _inputs(2, L, C, K, torch.float32)
+    ids = torch.randint(0, L, (2, L), generator=g)
+    ids[1, [1, 350, 699]] = 7  # one row of grad_vis fed from every block
+    _assert_matches_reference(vis, ids, tok, pos, torch.randn(2, L, C, generator=g))
+
+
 def test_bf16_error_within_budget(triton_path):
     B, L, C, K = 3, 13, 37, 4
     vis, ids, tok, pos = _inputs(B, L, C, K, torch.bfloat16)
