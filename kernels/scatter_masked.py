@@ -9,11 +9,11 @@ Forward: one program per block of output rows. Backward, fused into one kernel: 
 owns a block of (row, channel) columns and a slice of the batch; it gathers grad_vis[b, i] from
 the grad_out rows j with ids_restore[b, j] == i (it scans the image's ids_restore for them,
 ``_common.next_match``: no sort of the indices; sums in ascending j where ids_restore is not a
-permutation), writing each element once in vis's dtype, and keeps running sums for the mask token and grad_pos over its
-batch slice. Per-slice partial sums of grad_pos and grad_mask_token are added up by one launch
-each (``_common.sum_parts``, straight into the parameter's dtype and shape). Indices outside
-[0, L) read and write nothing; the forward kernel flags them and the launch is followed by the
-op's error (``_common.check_index_flag``).
+permutation), writing each element once in vis's dtype, and keeps running sums for the mask
+token and grad_pos over its batch slice. Per-slice partial sums of grad_pos and grad_mask_token
+are added up by one launch each (``_common.sum_parts``, straight into the parameter's dtype and
+shape). Indices outside [0, L) read and write nothing; the forward kernel flags them and the
+launch is followed by the op's error (``_common.check_index_flag``).
 Reference: ``tec_fast.ops.reference.scatter_masked``.
 """
 from __future__ import annotations
