@@ -48,7 +48,7 @@ def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor,
     if not isinstance(ids_keep, torch.Tensor) or ids_keep.dim() != 2:
         raise ValueError(f"ids_keep must be a 2-D [B, K] index tensor, got "
                          f"{getattr(ids_keep, 'shape', type(ids_keep).__name__)}")
-    _check_index(ids_keep, "ids_keep", (B, ids_keep.shape[1]), L, dev, values=False)
+    _check_index(ids_keep, "ids_keep", (B, ids_keep.shape[1]), dev)
     if pos is not None:
         _check_tensor(pos, "pos", 2)
         if pos.shape != (L, C):
@@ -57,7 +57,7 @@ def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor,
         if pos.device != dev:
             _check_same_device(x, pos=pos)
     if use_fast_path("masked_gather", x):
-        return fast_impl("masked_gather")(x, ids_keep, pos)  # its kernel checks the index values
+        return fast_impl("masked_gather")(x, ids_keep, pos)  # its kernel checks the values
     _check_index_values(ids_keep, "ids_keep", L)
     return reference.masked_gather(x, ids_keep, pos)
 
@@ -78,7 +78,7 @@ def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
     L = ids_restore.shape[1]
     if L < K:
         raise ValueError(f"ids_restore has L={L} columns, fewer than the K={K} visible tokens of vis")
-    _check_index(ids_restore, "ids_restore", (B, L), L, vis.device, values=False)
+    _check_index(ids_restore, "ids_restore", (B, L), vis.device)
     if not isinstance(mask_token, torch.Tensor) or mask_token.numel() != C:
         raise ValueError(f"mask_token must hold C={C} values, got "
                          f"{getattr(mask_token, 'shape', type(mask_token).__name__)}")
@@ -91,7 +91,7 @@ def scatter_masked(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
             raise ValueError(f"pos must have shape {(L, C)}, got {tuple(pos.shape)}")
         _check_same_device(vis, pos=pos)
     if use_fast_path("scatter_masked", vis):
-        return fast_impl("scatter_masked")(vis, ids_restore, mask_token, pos)  # its kernel checks the index values
+        return fast_impl("scatter_masked")(vis, ids_restore, mask_token, pos)  # its kernel checks the values
     _check_index_values(ids_restore, "ids_restore", L)
     return reference.scatter_masked(vis, ids_restore, mask_token.reshape(C), pos)
 
@@ -155,7 +155,7 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
         raise ValueError(f"topk_idx must be a [B={B}, k] index tensor, got "
                          f"{getattr(topk_idx, 'shape', type(topk_idx).__name__)}")
     kk = topk_idx.shape[1]
-    _check_index(topk_idx, "topk_idx", (B, kk), L, q.device, values=False)
+    _check_index(topk_idx, "topk_idx", (B, kk), q.device)
     _check_tensor(target, "target", 4)
     if tuple(target.shape) != (B, 1 + kk, H, L):
         raise ValueError(f"target must have shape {(B, 1 + kk, H, L)}, got {tuple(target.shape)}")

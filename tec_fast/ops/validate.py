@@ -45,10 +45,9 @@ def _reads_values(t: torch.Tensor) -> bool:
     return not (t.device.type == "meta" or is_fake(t))
 
 
-def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device, values: bool = True) -> None:
-    """``idx``: an int64 / int32 tensor of ``shape`` on ``device``; with ``values``, its values in
-    [0, ``bound``) too (``check_index_values``). The ops check the values only where the path they
-    take has no kernel that does (the reference path)."""
+def check_index(idx, name: str, shape: Tuple[int, ...], device) -> None:
+    """``idx``: an int64 / int32 tensor of ``shape`` on ``device``. Its values are checked by
+    whoever reads them: the Triton path's kernels, or ``check_index_values`` before the reference."""
     if not isinstance(idx, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
     dtype = idx.dtype
@@ -58,8 +57,6 @@ def check_index(idx, name: str, shape: Tuple[int, ...], bound: int, device, valu
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the data is on {device}")
-    if values:
-        check_index_values(idx, name, bound)
 
 
 def check_index_values(idx: torch.Tensor, name: str, bound: int) -> None:
