@@ -6,11 +6,12 @@ Forward: one program per block of output rows, each row C channels of x plus the
 of ``pos``; x is read in place whatever its strides (the patch embedding's transposed conv
 output included: a contiguous copy of it would move 4x the op's own traffic).
 Backward, one kernel for both gradients: each program scans its images' ids_keep for the rows
-of grad_x it owns (``_common.next_match``: a [rows, K] comparison, no sort of the indices) and
-*gathers* those rows (zero rows for dropped patches, sums in ascending i where ids_keep repeats
-an index), writing each element once, in x's dtype: no memset, no atomics, deterministic. The same program sums
-its rows over its slice of the batch for grad_pos (written directly when one slice covers the
-batch, else per-slice fp32 partials added up by one more launch, ``_common.sum_parts``).
+of grad_x it owns (``_common.next_match``: a [rows, 32] comparison per block of indices, no sort
+of the indices) and *gathers* those rows (zero rows for dropped patches, sums in ascending i
+where ids_keep repeats an index), writing each element once, in x's dtype: no memset, no
+atomics, deterministic. The same program sums its rows over its slice of the batch for grad_pos
+(written directly when one slice covers the batch, else per-slice fp32 partials added up by one
+more launch, ``_common.sum_parts``).
 Indices outside [0, L) read and write nothing; the forward kernel flags them and the launch is
 followed by the op's error (``_common.check_index_flag``: on CUDA a device-side assertion, no
 host sync; on CPU a ValueError), so the public op does not check the values itself first.

@@ -98,7 +98,7 @@ def _relation_loss_fwd_kernel(q_ptr, k_ptr, idx_ptr, t_ptr, row_loss_ptr, lse_r_
     tl.store(lse_t_ptr + out, m_t + tl.log(z_t), mask=r_ok)
     if h == 0:  # an index out of range: flagged (``check_index_flag``); the indices read again
         # here, where few registers are live (kept from the start, they cost a spill at ViT-B fp32)
-        rows_, used_, tok_, bad = _query_rows(idx_ptr, b, TOPK, L, BLOCK_R)
+        bad = _query_rows(idx_ptr, b, TOPK, L, BLOCK_R)[3]
         n_bad = tl.sum(bad.to(tl.int32), axis=0)
         tl.store(ok_ptr, n_bad * 0, mask=n_bad > 0)
 
