@@ -117,7 +117,8 @@ class TECConfig:
     """The new model: encoder + input adapter + encoder adapter + two decoders sharing blocks.
 
     ``pred_dim`` / ``pred_heads`` are the *base* model's width and head count (the targets'
-    shape); they default to the encoder's. ``num_adapters`` defaults to ``depth // 3``.
+    shape); they default to the encoder's. ``num_adapters`` defaults to ``depth // 3`` (ViT-B: 4),
+    or, where that does not divide the depth, to the largest number below it that does (depth 10: 2).
     """
 
     encoder: ViTConfig = field(default_factory=ViTConfig)
@@ -144,6 +145,13 @@ class TECConfig:
                              f"variants), got {odd}; use ViTConfig.plain()")
         for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
             _positive_int(self, name)
+        for name, dim in (("encoder.embed_dim", self.encoder.embed_dim), ("decoder_dim", self.decoder_dim)):
+            if dim % 4:  # the 2-D sin-cos position table splits each width in four
+                raise ValueError(f"TECConfig.{name} ({dim}) must be divisible by 4 (the new model's "
+                                 f"2-D sin-cos position embedding)")
+        for name in ("input_adapter", "relation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TECConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.decoder_dim % self.decoder_heads:
             raise ValueError(
                 f"TECConfig.decoder_dim ({self.decoder_dim}) must be divisible by "
@@ -158,8 +166,9 @@ class TECConfig:
             raise ValueError(
                 f"TECConfig.pred_dim ({self.pred_dim}) must be divisible by "
                 f"TECConfig.pred_heads ({self.pred_heads})")
-        if self.num_adapters is None:
-            self.num_adapters = max(1, self.encoder.depth // 3)
+        if self.num_adapters is None:  # depth // 3, or the largest divisor of the depth below it
+            depth = self.encoder.depth
+            self.num_adapters = next(g for g in range(max(1, depth // 3), 0, -1) if depth % g == 0)
         _positive_int(self, "num_adapters")
         if self.encoder.depth % self.num_adapters:
             raise ValueError(

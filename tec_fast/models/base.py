@@ -68,8 +68,8 @@ class BaseModel(nn.Module):
         self.eval()
 
     @classmethod
-    def from_checkpoint(cls, src, *, img_size: Optional[int] = None, num_heads: Optional[int] = None,
-                        last_layers: int = 2, topk: Optional[int] = None, trust: bool = False,
+    def from_checkpoint(cls, src, img_size: Optional[int] = None, num_heads: Optional[int] = None,
+                        last_layers: int = 2, topk: Optional[int] = None, *, trust: bool = False,
                         config_overrides: Optional[dict] = None) -> "BaseModel":
         """A base model from any supported checkpoint (file, dict, safetensors file or Hugging Face
         folder), its architecture read from the weights (``tec_fast.checkpoint.infer``): width,

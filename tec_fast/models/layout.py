@@ -298,6 +298,9 @@ class TokenLayout:
     def targets(self, targets, pred_dim: int, pred_heads: int, relation: bool):
         """Checks ``targets`` (``BaseTargets`` tensors when uniform, or per-image lists as
         ``NativeTargets``) and returns (features, relation, topk_idx) in this layout's form."""
+        if not hasattr(targets, "features"):
+            raise ValueError(f"targets must be the BaseModel's output (a BaseTargets: features, relation, "
+                             f"topk_idx) or a NativeTargets, got {type(targets).__name__}")
         feats = getattr(targets, "features", None)
         rel, idx = getattr(targets, "relation", None), getattr(targets, "topk_idx", None)
         if isinstance(feats, torch.Tensor):

@@ -34,6 +34,7 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float,
         if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (batch, num_patches):
             raise ValueError(f"noise must be a tensor of shape [B, L] = {(batch, num_patches)}, got "
                              f"{tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
+        _check_noise_values(noise, "noise")
         if device is not None and noise.device != torch.device(device):
             noise = noise.to(device)
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -67,6 +68,15 @@ def visible_counts(lengths: Sequence[int], mask_ratio) -> List[int]:
     return counts
 
 
+def _check_noise_values(noise: torch.Tensor, name: str) -> None:
+    """Masking noise: floating point, and (on the CPU, where reading it costs no GPU sync) finite:
+    a NaN has no place in the sort that picks the kept patches."""
+    if not noise.is_floating_point():
+        raise ValueError(f"{name} must be floating point (values in [0, 1)), got dtype {noise.dtype}")
+    if noise.device.type == "cpu" and not bool(torch.isfinite(noise).all()):
+        raise ValueError(f"{name} holds NaN or infinite values (it must lie in [0, 1))")
+
+
 def keep_lowest_noise(noise: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """keep [B, L] bool: in row b the counts[b] entries of lowest noise (the patches
     ``random_masking`` keeps). Pad the rows of short images with +inf noise."""
@@ -86,6 +96,8 @@ def variable_masking(batch: int, num_patches: int, mask_ratios: torch.Tensor,
     elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (batch, num_patches):
         raise ValueError(f"noise must be a tensor of shape [B, L] = {(batch, num_patches)}, got "
                          f"{tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
+    else:
+        _check_noise_values(noise, "noise")
     keep = keep_lowest_noise(noise, torch.tensor(counts))
     return keep, (~keep).float()
 
@@ -107,6 +119,7 @@ def ragged_keep(lengths: Sequence[int], counts: Sequence[int],
             if not isinstance(n, torch.Tensor) or tuple(n.shape) != (L,):
                 raise ValueError(f"noise[{b}] must be a tensor [L_b] = [{L}], got "
                                  f"{tuple(getattr(n, 'shape', ())) or type(n).__name__}")
+            _check_noise_values(n, f"noise[{b}]")
         flat = torch.cat([n.to(device) for n in noise])
     lens = torch.tensor(list(lengths), device=flat.device)
     valid = torch.arange(Lm, device=flat.device)[None, :] < lens[:, None]  # [B, Lm]

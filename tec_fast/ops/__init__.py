@@ -22,6 +22,7 @@ from tec_fast.ops.validate import check_bias as _check_bias
 from tec_fast.ops.validate import check_index as _check_index
 from tec_fast.ops.validate import check_index_values as _check_index_values
 from tec_fast.ops.validate import check_one_dtype as _check_one_dtype
+from tec_fast.ops.validate import check_real as _check_real
 from tec_fast.ops.validate import check_same_device as _check_same_device
 from tec_fast.ops.validate import check_tensor as _check_tensor
 
@@ -113,6 +114,7 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
         raise ValueError(f"mask must have shape {tuple(pred.shape[:2])}, got "
                          f"{getattr(mask, 'shape', type(mask).__name__)}")
     _check_same_device(pred, target=target, mask=mask)
+    eps = _check_real(eps, "eps", 0.0)
     if use_fast_path("patch_norm_mse", pred):
         return fast_impl("patch_norm_mse")(pred, target, mask, eps)
     return reference.patch_norm_mse(pred, target, mask, eps)
@@ -132,10 +134,11 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
     L = q.shape[2] - 1
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= L:
         raise ValueError(f"topk must be an int in [1, {L}] (the number of patches), got {topk!r}")
+    scale = _check_real(scale, "scale")
     if use_fast_path("relation_targets", q, topk=topk):
-        return fast_impl("relation_targets")(q, k, topk, float(scale))
+        return fast_impl("relation_targets")(q, k, topk, scale)
     with torch.no_grad():
-        return reference.relation_targets(q, k, topk, float(scale))
+        return reference.relation_targets(q, k, topk, scale)
 
 
 def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, target: torch.Tensor,
@@ -155,17 +158,18 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
         raise ValueError(f"topk_idx must be a [B={B}, k] index tensor, got "
                          f"{getattr(topk_idx, 'shape', type(topk_idx).__name__)}")
     kk = topk_idx.shape[1]
+    if kk < 1:
+        raise ValueError(f"topk_idx must hold k >= 1 patch indices per image, got shape {tuple(topk_idx.shape)}")
     _check_index(topk_idx, "topk_idx", (B, kk), q.device)
     _check_tensor(target, "target", 4)
     if tuple(target.shape) != (B, 1 + kk, H, L):
         raise ValueError(f"target must have shape {(B, 1 + kk, H, L)}, got {tuple(target.shape)}")
     _check_same_device(q, k=k, target=target)
-    if not float(tau) > 0:
-        raise ValueError(f"tau must be > 0, got {tau!r}")
+    tau, scale = _check_real(tau, "tau", 0.0, open_low=True), _check_real(scale, "scale")
     if use_fast_path("relation_loss", q, topk=kk):  # its kernel checks the index values
-        return fast_impl("relation_loss")(q, k, topk_idx, target, float(tau), float(scale))
+        return fast_impl("relation_loss")(q, k, topk_idx, target, tau, scale)
     _check_index_values(topk_idx, "topk_idx", L)
-    return reference.relation_loss(q, k, topk_idx, target, float(tau), float(scale))
+    return reference.relation_loss(q, k, topk_idx, target, tau, scale)
 
 
 def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b: torch.Tensor,
@@ -180,6 +184,11 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
     """
     _check_tensor(feats, "feats", 4)
     D, B, T, C = feats.shape
+    for name, ts in (("fuse_w", fuse_w), ("fuse_b", fuse_b), ("fc1_w", fc1_w), ("fc1_b", fc1_b),
+                     ("fc2_w", fc2_w), ("fc2_b", fc2_b)):
+        if not isinstance(ts, (list, tuple, torch.Tensor)):
+            raise ValueError(f"{name} must be a list / tuple of per-group tensors or a stacked tensor, "
+                             f"got {type(ts).__name__}")
     G = len(fuse_w)
     if G < 1 or D % G:
         raise ValueError(f"fuse_w holds G={G} groups, which must divide the depth D={D} of feats "
@@ -210,6 +219,12 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
                                  f"{getattr(t, 'shape', type(t).__name__)}")
             if t.device != dev:
                 _check_same_device(feats, **{f"{name}[{g}]": t})
+    named = [(n, t) for n, t in given.items()] + [(f"{n}[{g}]", t) for n, ts in groups.items()
+                                                  for g, t in enumerate(ts)]
+    for name, t in named:
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
+    _check_one_dtype(feats, named, "feats and every weight", first="feats")
     if use_fast_path("encoder_adapter", feats):
         return fast_impl("encoder_adapter")(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
                     ln_after_w, ln_after_b, eps_before, eps_after)
@@ -244,6 +259,8 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         raise ValueError(f"images of {H}x{W} pixels do not split into {p}x{p} patches")
     _check_bias(bias, D, weight, images)
     _check_same_device(images, weight=weight)
+    if weight.dtype != images.dtype or (bias is not None and bias.dtype != images.dtype):
+        _check_one_dtype(images, (("weight", weight), ("bias", bias)), "images, weight and bias", first="images")
     if use_fast_path("patch_embed", images):
         return fast_impl("patch_embed")(images, weight, bias)
     return reference.patch_embed(images, weight, bias)
@@ -271,6 +288,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
                 raise ValueError(f"{name} must have shape ({C},) for x {tuple(x.shape)}, got "
                                  f"{getattr(t, 'shape', type(t).__name__)}")
             _check_same_device(x, **{name: t})
+    if weight.dtype is not x.dtype or bias.dtype is not x.dtype:
+        _check_norm_dtypes(x, weight, bias)
     if residual is None:
         if use_fast_path("layer_norm", x):
             return fast_impl("layer_norm")(x, weight, bias, float(eps))
@@ -283,6 +302,22 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if use_fast_path("layer_norm", x, residual_dtype=residual.dtype):
         return fast_impl("layer_norm")(x, weight, bias, float(eps), residual)
     return reference.layer_norm(x, weight, bias, float(eps), residual)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _check_norm_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """LayerNorm parameters: floating point; outside autocast of x's dtype, or both fp32 for a
+    16-bit x (parameters kept in fp32, as torch's LayerNorm takes them)."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
+    if torch.is_autocast_enabled(x.device.type) or (x.dtype in _HALF and weight.dtype is torch.float32
+                                                     and bias.dtype is torch.float32):
+        return
+    _check_one_dtype(x, (("weight", weight), ("bias", bias)),
+                     "x, weight and bias (or fp32 weight and bias for a 16-bit x)")
 
 
 def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int

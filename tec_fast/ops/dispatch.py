@@ -1,7 +1,7 @@
 """Which implementation an op runs, and why the others were skipped.
 
-``TEC_FAST_KERNELS=auto|triton|reference`` (default auto), read once when ``tec_fast.ops`` is
-imported (``set_kernel_mode`` changes it later; ``reload_environment`` re-reads it):
+``TEC_FAST_KERNELS=auto|triton|reference`` (default auto), read once, at the first op call
+(an unknown value raises there; ``set_kernel_mode`` changes it later; ``reload_environment`` re-reads it):
 
 * auto: on CUDA tensors an op takes its Triton path only where the committed device benchmark
   for that GPU class measured it faster than the reference (``measured_table``: forward alone in
@@ -202,7 +202,9 @@ def _reasons(op: str, device: torch.device, dtype: torch.dtype, shape: Tuple[int
     if op in _KERNEL_ERRORS:
         return [_KERNEL_ERRORS[op]]
     reasons = []
-    if device.type != "cuda":
+    if device.type == "meta":
+        reasons.append("tensor on meta (no data for a kernel to read; the reference computes shapes)")
+    elif device.type != "cuda":
         if mode != "triton":
             reasons.append(f"tensor on {device.type} (auto uses Triton only on CUDA tensors)")
         elif not interpreter_on():

@@ -40,8 +40,8 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                    eps: float = 1e-6) -> torch.Tensor:
     """docs/tec.md §3 feature loss. The target is normalised per image and channel over the L
     patches with the *unbiased* variance; squared error averaged over channels, then over the
-    masked patches. Computed in fp32 whatever the input dtype."""
-    target = target.float()
+    masked patches. Computed in fp32 whatever the input dtype. No gradient reaches the target."""
+    target = target.detach().float()
     mean = target.mean(dim=1, keepdim=True)
     var = target.var(dim=1, keepdim=True)
     target = (target - mean) / torch.sqrt(var + eps)
@@ -80,7 +80,7 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
     rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], dim=1)  # [B, 1+k]
     q_rows = torch.gather(q.float(), 2, rows[:, None, :, None].expand(B, H, 1 + kk, d))
     logits = torch.einsum("bhrd,bhnd->brhn", q_rows, k.float()[:, :, 1:]) * scale
-    p = F.softmax(target.float() / tau, dim=-1)
+    p = F.softmax(target.detach().float() / tau, dim=-1)  # the base's logits: no gradient
     return -(p * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 

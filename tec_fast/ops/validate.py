@@ -12,6 +12,8 @@ case.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Tuple
 
@@ -76,7 +78,19 @@ def check_index_values(idx: torch.Tensor, name: str, bound: int) -> None:
         raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
 
 
-def check_one_dtype(x: torch.Tensor, named, what: str) -> None:
+def check_real(value, name: str, low: float = -math.inf, open_low: bool = False) -> float:
+    """``value``, a finite real number (a Python or NumPy scalar, not a bool) >= ``low`` (> with
+    ``open_low``), as a float; else a ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < low or (open_low and v == low):
+        bound = "" if low == -math.inf else f" {'>' if open_low else '>='} {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return v
+
+
+def check_one_dtype(x: torch.Tensor, named, what: str, first: str = "x") -> None:
     """Outside autocast every tensor of ``named`` ((name, tensor) pairs, None skipped) has x's
     dtype; a ``ValueError`` names the first that does not (``what``: the tensors that must agree).
     Callers compare the dtypes themselves first and call this only on a mismatch."""
@@ -84,7 +98,7 @@ def check_one_dtype(x: torch.Tensor, named, what: str) -> None:
         return
     for name, t in named:
         if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast {what} "
+            raise ValueError(f"{name} has dtype {t.dtype} but {first} has {x.dtype} (outside autocast {what} "
                              f"must share one dtype)")
 
 

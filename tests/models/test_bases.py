@@ -330,3 +330,15 @@ def test_config_round_trip_and_plain_encoder():
                        (dict(ln_eps=0.0), "ln_eps"), (dict(layer_scale=1), "layer_scale")):
         with pytest.raises(ValueError, match=f"ViTConfig.{match}"):
             ViTConfig(**bad)
+
+
+def test_from_checkpoint_takes_its_arguments_by_position():
+    """src, img_size, num_heads, last_layers, topk: the documented order, positional or named."""
+    path = os.path.join(BASES, FAMILIES["vit"][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = BaseModel.from_checkpoint(path, 32, None, 1, 3)
+        b = BaseModel.from_checkpoint(path, img_size=32, last_layers=1, topk=3)
+    assert a.config == b.config and a.config.img_size == 32 and a.topk == 3
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(a(x).features, b(x).features)

@@ -1,6 +1,7 @@
 """Small, hand-checkable cases for each formula of docs/tec.md, and config validation."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,6 +120,10 @@ def test_base_features_are_mean_of_last_blocks_before_norm():
     (dict(decoder_dim=30, decoder_heads=4), "decoder_dim"),
     (dict(relation=True, tau=None), "tau"),
     (dict(relation=True, tau=-1.0), "tau"),
+    (dict(encoder=ViTConfig(16, 4, 18, 3, 3)), "encoder.embed_dim"),  # sin-cos table: width % 4
+    (dict(decoder_dim=18, decoder_heads=3), "decoder_dim"),
+    (dict(input_adapter="no"), "input_adapter"),
+    (dict(relation=1), "relation"),
 ])
 def test_tec_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -139,6 +144,34 @@ def test_config_defaults_and_relation_off():
     cfg = TECConfig(encoder=ViTConfig(), relation=False, tau=None)
     assert cfg.num_adapters == 4 and cfg.pred_dim == 768 and cfg.pred_heads == 12
     assert TECConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("depth, groups", [(12, 4), (24, 8), (3, 1), (2, 1), (7, 1), (10, 2), (11, 1), (16, 4)])
+def test_default_adapter_groups_divide_the_depth(depth, groups):
+    """depth // 3 where it divides the depth (ViT-B: 4), else the largest divisor below it."""
+    assert TECConfig(encoder=ViTConfig(16, 4, 32, depth, 2), decoder_dim=16, decoder_heads=2).num_adapters == groups
+
+
+def test_model_arguments_name_what_is_wrong():
+    base, model = _tiny()
+    x = torch.randn(2, 3, 16, 16)
+    t = base(x)
+    with pytest.raises(ValueError, match="targets must be the BaseModel's output"):
+        model(x, tuple(t))
+    with pytest.raises(ValueError, match="targets must be the BaseModel's output"):
+        model(x, None)
+    noise = torch.rand(2, 16)
+    a = model(x, t, mask_ratio=0.75, noise=noise)["loss"]
+    for ratio in (torch.tensor(0.75), np.float32(0.75), np.float64(0.75)):  # one ratio for all images
+        assert torch.equal(model(x, t, mask_ratio=ratio, noise=noise)["loss"], a)
+    bad = noise.clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="noise holds NaN"):
+        model(x, t, noise=bad)
+    with pytest.raises(ValueError, match="noise must be floating point"):
+        model(x, t, noise=torch.zeros(2, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="noise holds NaN"):
+        model(x, t, mask_ratio=[0.5, 0.75], noise=bad)
 
 
 def _tiny(relation=True):

@@ -103,7 +103,7 @@ def test_non_contiguous_qk(triton_path):
     (lambda q, k, i, t: (q, k, i + 9, t, 1.8, 0.3), r"topk_idx holds indices .* outside \[0, 9\)"),
     (lambda q, k, i, t: (q, k, i - 1, t, 1.8, 0.3), "topk_idx holds indices"),
     (lambda q, k, i, t: (q, k, i, t[:, :-1], 1.8, 0.3), r"target must have shape \(2, 4, 2, 9\)"),
-    (lambda q, k, i, t: (q, k, i, t, 0.0, 0.3), "tau must be > 0"),
+    (lambda q, k, i, t: (q, k, i, t, 0.0, 0.3), "tau must be a finite number > 0"),
 ])
 def test_validation(case, match):
     q, k, idx, target = _inputs(2, 2, 10, 8, 3, torch.float32)
