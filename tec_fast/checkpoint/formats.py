@@ -97,8 +97,8 @@ def _assign(model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport
         if key not in own:
             continue
         if tuple(own[key].shape) != tuple(value.shape):
-            raise ValueError(f"checkpoint key {key!r} has shape {tuple(value.shape)} but the configured "
-                             f"model expects {tuple(own[key].shape)}")
+            raise ValueError(f"checkpoint {report.source}: key {key!r} has shape {tuple(value.shape)} but "
+                             f"the configured model expects {tuple(own[key].shape)}")
     with torch.no_grad():
         for key, value in state.items():
             if key in own:
@@ -225,6 +225,12 @@ def read_base_weights(src: Union[PathOrState, BaseWeights], trust: bool = False)
     if "cls_token_mlp.fc1.weight" in state:
         state = fold_cls_mlp(state)
         report.notes.append("folded the TEC input adapter (cls_token_mlp) into cls_token")
+    if "fc_norm.weight" in state and not any(k.startswith("norm.") for k in state):
+        # timm's global_pool='avg' layout (our export_timm(global_pool='avg') too): the final
+        # LayerNorm is named fc_norm and norm is absent; it is the final norm the features use.
+        state = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v for k, v in state.items()}
+        report.notes.append("fc_norm.* (timm global_pool='avg' layout, no norm.*) loaded as the final norm, "
+                            "applied to each token before pooling (timm applies it to the pooled mean)")
     return BaseWeights(state, hf_config, stored_vit(obj), report)
 
 
@@ -296,6 +302,10 @@ def load_base_checkpoint(base: nn.Module, src: Union[PathOrState, BaseWeights],
         kept["pos_embed"] = _fit_pos_embed(base, kept["pos_embed"], report)
     # `norm.*` is not used for the targets and TEC's released encoders ship without it.
     _assign(base, kept, report, optional_missing=re.compile(r"^norm\."))
+    if "norm.weight" not in kept:
+        report.notes.append("no final norm in the checkpoint (norm.* / fc_norm.*): the model's LayerNorm "
+                            "keeps its own weights (unit scale, zero shift when new), which only evaluation "
+                            "features (encode) use")
     if report.missing:
         raise ValueError(f"checkpoint {report.source} lacks base-model keys: {report.missing[:10]}")
     if report.unexpected or report.ignored:
@@ -304,20 +314,24 @@ def load_base_checkpoint(base: nn.Module, src: Union[PathOrState, BaseWeights],
 
 
 # ------------------------------------------------------------------------------ TEC model
-def load_tec_checkpoint(model: nn.Module, src: PathOrState, trust: bool = False) -> LoadReport:
+def load_tec_checkpoint(model: nn.Module, src: PathOrState, trust: bool = False,
+                        source: Optional[str] = None) -> LoadReport:
     """Load the official TEC pretraining layout (``checkpoint-N.pth``) or the engine's own into a
     ``TECModel``. Names are the same in both; the fixed sin-cos position embeddings are the
     model's own (built for its grid), so stored ones are not required, and ones stored for
-    another image size are skipped."""
-    report = LoadReport(source=os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<dict>")
+    another image size are skipped. ``source``: the name errors and the report give ``src``
+    (default: its path, or ``<dict>``; a caller that read the file itself passes the path)."""
+    report = LoadReport(source=source if source is not None else
+                        os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<dict>")
     obj = read_checkpoint(src, trust=trust)
     state = _strip_prefixes(_pick_state(obj, prefer_teacher=False, report=report))
     depth, found = model.config.encoder.depth, count_blocks(state)
     if found and found != depth:
-        raise ValueError(f"checkpoint has {found} encoder blocks but the configured model has depth={depth}")
+        raise ValueError(f"checkpoint {report.source} has {found} encoder blocks but the configured model has "
+                         f"depth={depth}")
     dfound = count_blocks(state, "decoder_blocks.")
     if dfound and dfound != model.config.decoder_depth:
-        raise ValueError(f"checkpoint has {dfound} decoder blocks but TECConfig.decoder_depth="
+        raise ValueError(f"checkpoint {report.source} has {dfound} decoder blocks but TECConfig.decoder_depth="
                          f"{model.config.decoder_depth}")
     own = model.state_dict()
     for key in ("pos_embed", "decoder_pos_embed"):

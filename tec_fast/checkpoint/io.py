@@ -30,6 +30,9 @@ TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".pth"
 # tempfile.mkstemp names: the prefix, 8 characters of [a-z0-9_], the suffix.
 _TEMP_NAME = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + r"$")
 
+# the first bytes of a zip archive: every torch.save file since PyTorch 1.6
+_ZIP_MAGIC = b"PK\x03\x04"
+
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
 
@@ -68,8 +71,7 @@ def _torch_load(path: str, trust: bool):
     except Exception as exc:  # torch.load raises many types on a file that is not a checkpoint
         unsupported = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(exc), re.IGNORECASE)
         if unsupported is None:
-            raise ValueError(f"{path!r} is not a PyTorch checkpoint ({type(exc).__name__}"
-                             f"{'' if isinstance(exc, pickle.UnpicklingError) else ': ' + str(exc)[:200]})") from None
+            raise _load_failure(path, exc) from None
         if not trust:
             raise ValueError(
                 f"{path!r} pickles a Python object that safe loading refuses ({unsupported.group(1)}); "
@@ -78,7 +80,24 @@ def _torch_load(path: str, trust: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ValueError(f"{path!r} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise _load_failure(path, exc) from None
+
+
+def _load_failure(path: str, exc: Exception) -> ValueError:
+    """The error for a file ``torch.load`` could not read. A file that starts as a zip archive
+    (what ``torch.save`` writes) but does not load is a cut-short or damaged checkpoint: it says
+    so with the file's size. torch's own text follows up to its first sentence only (the rest
+    is advice about what corrupts files); an UnpicklingError's text (advice on weights_only)
+    is left out."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    first = first.split(". ", 1)[0].rstrip(".") if not isinstance(exc, pickle.UnpicklingError) else ""
+    why = type(exc).__name__ + (f": {first}" if first else "")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == _ZIP_MAGIC
+    if zipped:
+        return ValueError(f"{path!r}: truncated or corrupt PyTorch checkpoint ({os.path.getsize(path)} bytes; "
+                          f"{why})")
+    return ValueError(f"{path!r} is not a PyTorch checkpoint ({why})")
 
 
 # ------------------------------------------------------------------------------ safetensors

@@ -6,12 +6,15 @@ valid base model for the next round of TEC (``--base tec:OUT``). An ``OUT`` endi
 
 The architecture is read from the checkpoint: the model config the engine's checkpoints record,
 else the weights themselves (width, depth, patch and image size from the tensor shapes, decoder
-sizes likewise; the head count from the matching preset). ``--model`` / ``--img-size`` are only
-needed where the weights cannot tell, and are checked against them. Accepts the engine's
+sizes likewise; the head count from the matching preset). ``--model`` / ``--img-size`` /
+``--num-heads`` are only needed where the checkpoint cannot tell, and are checked against it.
+``--format hf`` writes the head count into config.json, so it needs ``--num-heads`` where the
+head count would be a guess (no stored config, no matching preset). Accepts the engine's
 checkpoints (``checkpoint-*.pth``) and the official TEC pretraining checkpoints. An MAE
-training checkpoint (``--objective mae``, or any with MAE's decoder) exports its encoder in the
-MAE release layout instead (what ``--base mae_vit_*:OUT`` reads). Weights holding NaN or inf are
-refused.
+training checkpoint (``--objective mae``, or any with MAE's decoder) exports its encoder with
+``--format timm`` in the MAE release layout instead (``{'model': encoder}``, what ``--base
+mae_vit_*:OUT`` reads; a flat state dict for a ``.safetensors`` OUT); ``timm-avg`` and ``hf``
+are written as for TEC. Weights holding NaN or inf are refused.
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ def _training_state(ck: dict, path: str) -> dict:
         example = next((k for k in state if k.startswith("blocks.")), next(iter(state), "none"))
         raise ValueError(f"{path} is not a TEC training checkpoint (no {TEC_DECODER_KEY}; it holds "
                          f"{len(state)} tensors, e.g. {example!r}): it looks like an encoder already, "
-                         f"usable as it is with --base KIND:{path} or python -m tec_fast.eval")
+                         f"usable as it is: python -m tec_fast.train --base KIND:{path}, or "
+                         f"python -m tec_fast.eval {path}")
     return state
 
 
@@ -53,14 +57,21 @@ def _preset_for(patch: int, dim: int, depth: int) -> Optional[str]:
     return next((name for name, (p, d, n, _) in MODEL_PRESETS.items() if (p, d, n) == (patch, dim, depth)), None)
 
 
-def encoder_architecture(state: dict, path: str, model: Optional[str] = None,
-                         img_size: Optional[int] = None) -> Tuple[object, str]:
-    """(ViTConfig, where it came from) of the encoder whose weights are ``state``: read from the
-    tensor shapes (``checkpoint.infer.infer_vit``), the head count from ``model`` or the matching
-    preset. ``model`` / ``img_size`` (the ``--model`` / ``--img-size`` flags) must agree with the
-    weights; a ValueError names the flag and the value that would work."""
+def encoder_architecture(state: dict, path: str, model: Optional[str] = None, img_size: Optional[int] = None,
+                         num_heads: Optional[int] = None) -> Tuple[object, str, bool]:
+    """(ViTConfig, where it came from, whether the head count is a guess) of the encoder whose
+    weights are ``state``: read from the tensor shapes (``checkpoint.infer.infer_vit``), the head
+    count from ``num_heads`` or ``model``, else the matching preset, else guessed as width / 64
+    (the weights do not hold it). ``model`` / ``img_size`` / ``num_heads`` (the ``--model`` /
+    ``--img-size`` / ``--num-heads`` flags) must agree with the weights and with each other; a
+    ValueError names the flag and the value that would work."""
+    from tec_fast.checkpoint.infer import count_blocks
     from tec_fast.config import ViTConfig
 
+    if "patch_embed.proj.weight" not in state or not count_blocks(state):
+        example = next(iter(state), "none")
+        raise ValueError(f"{path}: no encoder to export (patch_embed.proj.weight and blocks.{{i}}.* are needed; "
+                         f"it holds {len(state)} tensors, e.g. {example!r})")
     fields, note = infer_vit(state)
     patch, dim, depth = fields["patch_size"], fields["embed_dim"], fields["depth"]
     match = _preset_for(patch, dim, depth)
@@ -71,7 +82,14 @@ def encoder_architecture(state: dict, path: str, model: Optional[str] = None,
             raise ValueError(f"{path}: the encoder weights are patch {patch}, width {dim}, {depth} blocks but "
                              f"--model {model} is patch {p}, width {d}, {n} blocks; {fix} (the architecture "
                              f"is read from the weights)")
+        if num_heads is not None and num_heads != heads:
+            raise ValueError(f"--num-heads {num_heads} contradicts --model {model}, which has {heads} heads; "
+                             f"give one of them")
         fields["num_heads"], note = heads, f"num_heads={heads} from --model {model}"
+    elif num_heads is not None:
+        if dim % num_heads:
+            raise ValueError(f"{path}: --num-heads {num_heads} does not divide the encoder's width {dim}")
+        fields["num_heads"], note = num_heads, f"num_heads={num_heads} from --num-heads"
     stored = fields.get("img_size")
     if img_size is not None and stored is not None and img_size != stored:
         raise ValueError(f"{path}: the position embedding holds a {stored // patch}x{stored // patch} grid of "
@@ -85,59 +103,118 @@ def encoder_architecture(state: dict, path: str, model: Optional[str] = None,
             raise ValueError(f"{path}: --img-size {img_size} is not a multiple of the weights' patch size {patch}")
         fields["img_size"] = img_size
     source = "read from the weights" + (f"; {note}" if note else "")
-    return ViTConfig(**fields), source
+    guessed = model is None and num_heads is None and match is None
+    return ViTConfig(**fields), source, guessed
+
+
+def _check_stored_encoder(enc, path: str, model: Optional[str] = None, img_size: Optional[int] = None,
+                         num_heads: Optional[int] = None) -> None:
+    """ValueError where ``--model`` / ``--img-size`` / ``--num-heads`` contradict the encoder
+    config ``enc`` recorded in the checkpoint ``path``, naming both values (the stored config
+    is what the weights were trained as, so it wins)."""
+    if model is not None:
+        p, d, n, heads = MODEL_PRESETS[model]
+        if (p, d, n, heads) != (enc.patch_size, enc.embed_dim, enc.depth, enc.num_heads):
+            raise ValueError(f"{path} records its encoder as patch {enc.patch_size}, width {enc.embed_dim}, "
+                             f"{enc.depth} blocks, {enc.num_heads} heads, which --model {model} (patch {p}, "
+                             f"width {d}, {n} blocks, {heads} heads) contradicts; leave --model out")
+    if img_size is not None and img_size != enc.img_size:
+        raise ValueError(f"{path} records img_size={enc.img_size}, which --img-size {img_size} "
+                         f"contradicts; use --img-size {enc.img_size} or leave it out")
+    if num_heads is not None and num_heads != enc.num_heads:
+        raise ValueError(f"{path} records num_heads={enc.num_heads}, which --num-heads {num_heads} "
+                         f"contradicts; leave --num-heads out")
 
 
 FORMATS = ("timm", "timm-avg", "hf")
+_STORED = "the model config stored in the checkpoint"
 
 
 def export(ckpt_path: str, out_path: str, model: Optional[str] = None, img_size: Optional[int] = None,
-           trust: bool = False, fmt: str = "timm") -> dict:
+           trust: bool = False, fmt: str = "timm", num_heads: Optional[int] = None) -> dict:
     """Write the encoder of ``ckpt_path`` to ``out_path`` in ``fmt`` (``FORMATS``); returns what
-    was done. ``model`` / ``img_size``: the architecture where the checkpoint cannot tell it
-    (checked against the weights where it can)."""
-    from tec_fast.checkpoint import export_hf_vit, export_timm, read_checkpoint, save_atomic, save_export
+    was done. ``model`` / ``img_size`` / ``num_heads``: the architecture where the checkpoint
+    cannot tell it (checked against it where it can). ``fmt='hf'`` is refused where the head
+    count it would write into config.json is only a guess and ``num_heads`` is not given."""
+    from tec_fast.checkpoint import load_tec_checkpoint, read_checkpoint
     from tec_fast.config import TECConfig
     from tec_fast.models.tec import TECModel
 
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     ck = read_checkpoint(ckpt_path, trust=trust)
     state = _training_state(ck, ckpt_path)
     if ck.get("kind") == "mae" or (TEC_DECODER_KEY not in state and MAE_DECODER_KEY in state):
-        if "model_config" in ck:
-            from tec_fast.config import ViTConfig
-            from tec_fast.models.mae import MAEModel
-            cfg = dict(ck["model_config"])
-            mae = MAEModel(ViTConfig(**cfg.pop("vit")), **cfg)
-            mae.load_state_dict(state)
-            encoder = mae.encoder_state_dict()
-        else:  # the MAE release layout: the encoder's keys as they are
-            encoder_architecture(state, ckpt_path, model, img_size)  # refuses contradicting flags
-            encoder = {k: v for k, v in state.items() if k.startswith(MAE_ENCODER_PREFIXES)}
-        save_atomic({"model": encoder}, out_path)
-        return {"layout": "MAE release ({'model': encoder})", "tensors": len(encoder)}
+        return _export_mae(ck, state, ckpt_path, out_path, model, img_size, num_heads, fmt)
+    guessed = False
     if "model_config" in ck:
-        tec_cfg, source = TECConfig.from_dict(ck["model_config"]), "the model config stored in the checkpoint"
-        enc = tec_cfg.encoder
-        if model is not None and MODEL_PRESETS[model][:3] != (enc.patch_size, enc.embed_dim, enc.depth):
-            raise ValueError(f"{ckpt_path} records its encoder (patch {enc.patch_size}, width {enc.embed_dim}, "
-                             f"{enc.depth} blocks), which --model {model} contradicts; leave --model out")
-        if img_size is not None and img_size != enc.img_size:
-            raise ValueError(f"{ckpt_path} records img_size={enc.img_size}, which --img-size {img_size} "
-                             f"contradicts; use --img-size {enc.img_size} or leave it out")
+        tec_cfg, source = TECConfig.from_dict(ck["model_config"]), _STORED
+        _check_stored_encoder(tec_cfg.encoder, ckpt_path, model, img_size, num_heads)
     else:
-        vit, source = encoder_architecture(state, ckpt_path, model, img_size)
+        vit, source, guessed = encoder_architecture(state, ckpt_path, model, img_size, num_heads)
         tec_cfg = infer_tec_config(state, vit)
+    _refuse_guessed_heads(fmt, guessed, tec_cfg.encoder, ckpt_path)
     tec = TECModel(tec_cfg)
-    tec.load_checkpoint(ck)
-    if fmt == "hf":
-        sd = export_hf_vit(tec, out_path, vit=tec_cfg.encoder)
-        layout = "Hugging Face ViTModel folder (config.json + model.safetensors)"
+    load_tec_checkpoint(tec, ck, source=ckpt_path)
+    info = _write(tec, tec_cfg.encoder, out_path, fmt)
+    info["layout"] += "" if fmt == "hf" else " (MLP(cls) folded into cls_token)"
+    return dict(info, encoder=tec_cfg.encoder.to_dict(), source=source)
+
+
+def _export_mae(ck: dict, state: dict, path: str, out_path: str, model: Optional[str],
+                img_size: Optional[int], num_heads: Optional[int], fmt: str) -> dict:
+    """``export`` of an MAE training checkpoint: its encoder (timm names already). ``timm`` is
+    the MAE release layout (``{'model': encoder}``; a flat state dict as safetensors)."""
+    from tec_fast.checkpoint import save_atomic, save_export
+    from tec_fast.config import ViTConfig
+    from tec_fast.models.mae import MAEModel
+
+    guessed = False
+    if "model_config" in ck:
+        cfg = dict(ck["model_config"])
+        vit, source = ViTConfig(**cfg.pop("vit")), _STORED
+        _check_stored_encoder(vit, path, model, img_size, num_heads)
+        mae = MAEModel(vit, **cfg)
+        try:
+            mae.load_state_dict(state)
+        except RuntimeError as exc:  # keys or shapes that do not fit the recorded model
+            raise ValueError(f"{path}: the weights do not fit the MAE model its model_config records: "
+                             f"{exc}") from None
+        encoder = mae.encoder_state_dict()
+    else:  # the MAE release layout: the encoder's keys as they are
+        vit, source, guessed = encoder_architecture(state, path, model, img_size, num_heads)
+        encoder = {k: v for k, v in state.items() if k.startswith(MAE_ENCODER_PREFIXES)}
+    _refuse_guessed_heads(fmt, guessed, vit, path)
+    if fmt != "timm":
+        info = _write(encoder, vit, out_path, fmt)
+    elif os.fspath(out_path).endswith(".safetensors"):
+        save_export(encoder, out_path)
+        info = {"layout": "MAE release encoder, safetensors (timm names)", "tensors": len(encoder)}
     else:
-        sd = export_timm(tec, global_pool="avg" if fmt == "timm-avg" else "token")
-        save_export(sd, out_path)
-        layout = ("timm ViT, global_pool='avg' (fc_norm)" if fmt == "timm-avg" else "timm ViT") + \
-            " (MLP(cls) folded into cls_token)"
-    return {"layout": layout, "tensors": len(sd), "encoder": tec_cfg.encoder.to_dict(), "source": source}
+        save_atomic({"model": encoder}, out_path)
+        info = {"layout": "MAE release ({'model': encoder})", "tensors": len(encoder)}
+    return dict(info, encoder=vit.to_dict(), source=source)
+
+
+def _refuse_guessed_heads(fmt: str, guessed: bool, vit, path: str) -> None:
+    if fmt == "hf" and guessed:
+        raise ValueError(f"{path}: the head count is not stored in the checkpoint and no preset has patch "
+                         f"{vit.patch_size}, width {vit.embed_dim}, {vit.depth} blocks; --format hf would write "
+                         f"the guess num_heads={vit.num_heads} into config.json: pass --num-heads")
+
+
+def _write(model, vit, out_path: str, fmt: str) -> dict:
+    """``model`` (a model or a state dict in timm names) written as ``fmt``: a Hugging Face
+    folder, else a timm state dict (``.safetensors`` or torch.save)."""
+    from tec_fast.checkpoint import export_hf_vit, export_timm, save_export
+
+    if fmt == "hf":
+        sd = export_hf_vit(model, out_path, vit=vit)
+        return {"layout": "Hugging Face ViTModel folder (config.json + model.safetensors)", "tensors": len(sd)}
+    sd = export_timm(model, global_pool="avg" if fmt == "timm-avg" else "token")
+    written = save_export(sd, out_path)
+    layout = "timm ViT, global_pool='avg' (fc_norm)" if fmt == "timm-avg" else "timm ViT"
+    return {"layout": layout + (", safetensors" if written == "safetensors" else ""), "tensors": len(sd)}
 
 
 def build_parser() -> Parser:
@@ -158,6 +235,9 @@ def build_parser() -> Parser:
     p.add_argument("--img-size", type=POSITIVE, default=None,
                    help="input resolution; default: the grid of the checkpoint's position embedding "
                         "(needed only for a checkpoint without one)")
+    p.add_argument("--num-heads", type=POSITIVE, default=None,
+                   help="attention heads (the weights do not hold them); default: the stored config, "
+                        "--model, the matching preset, else width/64 (a guess --format hf refuses)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of a checkpoint that pickles Python objects other than "
                         "argparse.Namespace (it can run code from the file: only for files you trust)")
@@ -180,6 +260,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model is not None and args.img_size is not None and args.img_size % MODEL_PRESETS[args.model][0]:
         p.refuse("--img-size", f"{args.img_size} is not a multiple of {args.model}'s patch size "
                                f"{MODEL_PRESETS[args.model][0]}")
+    if args.model is not None and args.num_heads is not None and args.num_heads != MODEL_PRESETS[args.model][3]:
+        p.refuse("--num-heads", f"{args.num_heads} contradicts --model {args.model}, which has "
+                                f"{MODEL_PRESETS[args.model][3]} heads; give one of them")
     return args
 
 
@@ -191,7 +274,7 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     args = parse_args(argv)
     info = export(args.checkpoint, args.out, args.model, args.img_size, trust=args.trust_checkpoint,
-                  fmt=args.format)
+                  fmt=args.format, num_heads=args.num_heads)
     enc = info.get("encoder")
     arch = (f"; encoder patch {enc['patch_size']}, width {enc['embed_dim']}, {enc['depth']} blocks, "
             f"{enc['num_heads']} heads, image {enc['img_size']} ({info['source']})") if enc else ""

@@ -133,6 +133,10 @@ def _run_flags(p: Parser) -> None:
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue from CKPT (or, bare, from DIR/checkpoint-last.pth; with none there, "
                         "say so and start from step 0)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output that holds an earlier run's checkpoints: delete its "
+                        "checkpoint-*.pth and metrics.jsonl / .csv first (without it such a folder is "
+                        "refused, unless --resume continues the run)")
     g.add_argument("--save-every", type=POSITIVE, default=1, metavar="EPOCHS")
     g.add_argument("--save-every-steps", type=POSITIVE, metavar="STEPS", help="also save checkpoint-last every STEPS")
     g.add_argument("--keep-last", type=POSITIVE, default=2, help="epoch checkpoints kept (newest)")
@@ -185,6 +189,12 @@ def build_parser() -> Parser:
                    for k, r in BASE_RECIPES.items()))
     for add in (add_config_flags, _data_flags, _model_flags, _optim_flags, _run_flags, _demo_flags):
         add(p)
+    for action in p._actions:  # every value default shown in --help (switches default to off)
+        default = action.default
+        if default is None or default is False or argparse.SUPPRESS in (default, action.help):
+            continue
+        if "default" not in (action.help or ""):
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
     return p
 
 
@@ -213,7 +223,8 @@ def run_config(args) -> str:
     if args.data is None:
         return resolved_config(build_parser(), args, keep=DEMO_FLAGS | {"data"}, header=header)
     return resolved_config(build_parser(), args, header=header,
-                           skip=(DEMO_FLAGS - {"output", "seed", "no_progress"}) | {"resume", "bench_loader"})
+                           skip=(DEMO_FLAGS - {"output", "seed", "no_progress"})
+                           | {"resume", "bench_loader", "overwrite"})
 
 
 # -------------------------------------------------------------------------------------- run
@@ -257,6 +268,8 @@ def _train(args, d, output: str) -> int:
     if removed:
         say(f"removed {len(removed)} temporary file(s) left by an interrupted save in {output}: "
             f"{', '.join(os.path.basename(f) for f in removed)}")
+    if not args.bench_loader and args.resume is None and (d.is_main or not args.overwrite):
+        _fresh_output(output, args.overwrite, say)  # --overwrite: the main process deletes
     native = native_plan(args) if args.native_resolution else None
     dataset = open_dataset(args.data, img_size=args.img_size, train=True, strict=args.strict_data,
                            uint8=native is None,  # normalised on the device (native batches: in the workers)
@@ -300,6 +313,26 @@ def _train(args, d, output: str) -> int:
     curves = write_curves(output) if d.is_main else None
     say(summary(args, result, precision, d.world, exported, curves))
     return 0
+
+
+def _fresh_output(output: str, overwrite: bool, say) -> None:
+    """A run without --resume starts in a folder free of another run's checkpoints: mixed in, they
+    would be pruned against the new ones and resumed from later. ``overwrite`` deletes them (and
+    the metrics logs that run appended to); otherwise such a folder is refused (ValueError)."""
+    import glob
+
+    old = sorted(glob.glob(os.path.join(glob.escape(output), "checkpoint-*.pth")))
+    if not old:
+        return
+    if not overwrite:
+        names = ", ".join(os.path.basename(f) for f in old[:3]) + (", ..." if len(old) > 3 else "")
+        raise ValueError(f"--output {output} holds an earlier run's checkpoints ({names}): add --resume to "
+                         f"continue that run, --overwrite to delete them and start afresh, or choose "
+                         f"another --output")
+    logs = [os.path.join(output, n) for n in ("metrics.jsonl", "metrics.csv")]
+    for f in old + [f for f in logs if os.path.exists(f)]:
+        os.remove(f)
+    say(f"--overwrite: deleted {len(old)} checkpoint(s) and the metrics logs of the earlier run in {output}")
 
 
 # FitConfig fields no flag of the same name sets (derived from other flags, or FitConfig's default);

@@ -33,13 +33,13 @@ def check_train_flags(p: Parser, args: argparse.Namespace) -> None:
             p.refuse(set_flags[dest], "is for the embedded demo; it cannot be combined with --data")
     _check_objective(p, args, set_flags)
     _check_schedule(p, args, set_flags)
-    _check_architecture(p, args)
+    base_vit = _check_architecture(p, args)
     if args.resume not in (None, "auto"):
         last = os.path.join(args.resume, "checkpoint-last.pth") if os.path.isdir(args.resume) else args.resume
         if not os.path.isfile(last):
             p.refuse("--resume", f"{last!r}: no such checkpoint")
     if args.native_resolution:
-        _check_native(p, args)
+        _check_native(p, args, base_vit)
     _check_data_pipeline(p, args)
     if args.cuda_graph and args.no_cuda_graph:
         p.refuse("--no-cuda-graph", "contradicts --cuda-graph (which requires the recorded steps)")
@@ -117,27 +117,34 @@ def _check_schedule(p: Parser, args, set_flags: dict) -> None:
         p.refuse("--save-every-steps", f"{args.save_every_steps} is beyond the run's --max-steps {args.max_steps}")
 
 
-def _check_architecture(p: Parser, args) -> None:
-    """Presets at --img-size, decoder widths, and the target settings against the base."""
+def _check_architecture(p: Parser, args):
+    """--model at --img-size, decoder widths, and the target settings against the base, whose
+    architecture is read from its weights (as the run builds it). Returns that ViTConfig (None
+    without --base)."""
+    from tec_fast.training.builders import base_architecture
+
     try:
         recipe = parse_base(args.base)[2] if args.base else None
     except ValueError:
         return  # refused above
-    names = [("--model", args.model or (args.base_model or recipe.model if recipe else "vit_base_patch16"))]
+    base = None
     if recipe is not None:
-        names.append(("--base-model", args.base_model or recipe.model))
-    vits = {}
-    for flag, name in names:
+        try:
+            base = base_architecture(args)
+        except ValueError as exc:
+            flag, _, why = str(exc).partition(" ")
+            p.refuse(flag, why)
+    if args.model or base is None:
+        name = args.model or "vit_base_patch16"
         patch = MODEL_PRESETS[name][0]
         if args.img_size % patch:
             p.refuse("--img-size", f"{args.img_size} is not a multiple of {name}'s patch size {patch}")
         try:
-            vits[flag] = vit_preset(name, args.img_size)
+            vit_preset(name, args.img_size)
         except ValueError as exc:
-            p.refuse(flag, str(exc))
+            p.refuse("--model", str(exc))
     if args.decoder_dim % args.decoder_heads:
         p.refuse("--decoder-heads", f"{args.decoder_heads} does not divide --decoder-dim {args.decoder_dim}")
-    base = vits.get("--base-model")
     if base is None:
         return
     if args.last_layers is not None and args.last_layers > base.depth:
@@ -145,9 +152,10 @@ def _check_architecture(p: Parser, args) -> None:
     if args.topk is not None and not args.no_relation and args.topk > base.num_patches:
         p.refuse("--topk", f"{args.topk} is more than the base's {base.num_patches} patches at "
                            f"--img-size {args.img_size}")
+    return base
 
 
-def _check_native(p: Parser, args) -> None:
+def _check_native(p: Parser, args, base_vit) -> None:
     from tec_fast.training.builders import native_plan
 
     for flag, bad, what in (("--mask-ratio", isinstance(args.mask_ratio, tuple), "a ratio range (give one ratio)"),
@@ -155,14 +163,13 @@ def _check_native(p: Parser, args) -> None:
                             ("--compile", args.compile, "--compile (every batch has another shape)")):
         if bad:
             p.refuse(flag, f"--native-resolution does not support {what}")
-    _, _, recipe = parse_base(args.base)
-    base_patch = vit_preset(args.base_model or recipe.model, args.img_size).patch_size
-    new_patch = vit_preset(args.model or args.base_model or recipe.model, args.img_size).patch_size
+    base_patch = base_vit.patch_size
+    new_patch = vit_preset(args.model, args.img_size).patch_size if args.model else base_patch
     if base_patch != new_patch:
         p.refuse("--model", f"--native-resolution needs the base and the new model to share a patch "
                             f"size (base {base_patch}, new model {new_patch})")
     try:
-        native_plan(args)
+        native_plan(args, base_vit)
     except ValueError as exc:
         flag = "--max-patches" if str(exc).startswith("--max-patches") else "--tokens-per-batch"
         p.refuse(flag, str(exc).split(" ", 1)[1])

@@ -3,6 +3,7 @@ in ``OBJECTIVE_BUILDERS`` (a new objective is one builder and one row), plus the
 plan. ``flags`` is the parsed ``python -m tec_fast.train`` namespace (already validated)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -10,7 +11,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from tec_fast.presets import parse_base, vit_preset
+from tec_fast.config import ViTConfig
+from tec_fast.presets import MODEL_PRESETS, parse_base, vit_preset
 from tec_fast.training.objectives import Objective
 
 
@@ -26,14 +28,66 @@ class TrainingSetup:
     encoder_state: Callable[[nn.Module], dict]  # the trained model's encoder in a loadable layout
 
 
+# ------------------------------------------------------------------------------ the base
+_BASE_WEIGHTS: dict = {}  # (path, size, mtime, trust) -> BaseWeights: read once for checks and build
+
+
+def _base_weights(path: str, trust: bool, keep: bool):
+    """``--base``'s weights, read once: the flag checks read them (``keep``), ``build_tec`` takes
+    them (and the cache lets them go)."""
+    from tec_fast.checkpoint import read_base_weights
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, trust)
+    weights = _BASE_WEIGHTS.pop(key, None)
+    if weights is None:
+        _BASE_WEIGHTS.clear()
+        weights = read_base_weights(path, trust=trust)
+    if keep:
+        _BASE_WEIGHTS[key] = weights
+    return weights
+
+
+def _base_heads(flags) -> Optional[int]:
+    """--base-model supplies only the base's head count (the weights tell the rest)."""
+    return MODEL_PRESETS[flags.base_model][3] if flags.base_model else None  # (patch, width, depth, heads)
+
+
+def base_architecture(flags):
+    """The ViTConfig ``build_tec`` builds the base with, read from the weights of ``--base``
+    (width, depth, patch, LayerScale, registers, ...) at ``--img-size``, heads from ``--base-model``
+    where given. ValueError naming the flag: --img-size off the weights' patch grid, a
+    --base-model whose heads do not divide the weights' width, weights that do not read."""
+    from tec_fast.checkpoint import infer_base_vit
+
+    _, path, _ = parse_base(flags.base)
+    try:
+        weights = _base_weights(path, getattr(flags, "trust_checkpoint", False), keep=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"--base {path!r} does not read as a base checkpoint: {exc}") from None
+    fields = dict(img_size=None, num_heads=_base_heads(flags))
+    try:
+        vit, _ = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored, **fields)
+    except ValueError as exc:
+        if fields["num_heads"] is not None and "num_heads" in str(exc):
+            raise ValueError(f"--base-model {flags.base_model}'s {fields['num_heads']} heads do not fit the "
+                             f"weights of {path}: {exc}") from None
+        raise ValueError(f"--base {path}: {exc}") from None
+    if flags.img_size % vit.patch_size:
+        raise ValueError(f"--img-size {flags.img_size} is not a multiple of the base's patch size "
+                         f"{vit.patch_size} (read from {path})")
+    return ViTConfig(**{**vit.to_dict(), "img_size": flags.img_size})
+
+
 # ------------------------------------------------------------------------------ native plan
-def native_plan(flags) -> dict:
-    """Patch size and budgets of ``--native-resolution``. ValueError naming the flag when the
+def native_plan(flags, base_vit=None) -> dict:
+    """Patch size and budgets of ``--native-resolution`` (the patch: ``--model``'s, else the
+    base's, ``base_vit`` or read by ``base_architecture``). ValueError naming the flag when the
     budget cannot hold one image."""
     from tec_fast.models.masking import num_visible
 
     _, _, recipe = parse_base(flags.base)
-    vit = vit_preset(flags.model or flags.base_model or recipe.model, flags.img_size)
+    vit = vit_preset(flags.model, flags.img_size) if flags.model else (base_vit or base_architecture(flags))
     topk = None if flags.no_relation else (flags.topk if flags.topk is not None else recipe.topk)
     # every image needs >= topk patches (relation targets), >= 2 (per-image target variance),
     # and at least one visible patch at the mask ratio
@@ -91,9 +145,9 @@ def build_tec(flags, dataset: Dataset, device: torch.device, native: Optional[di
     tau = flags.tau if flags.tau is not None else recipe.tau
     # The base's architecture comes from its weights (LayerScale, registers, patch 14, ...), its
     # position embedding resampled to --img-size; --base-model only supplies the head count.
-    heads = vit_preset(flags.base_model, flags.img_size).num_heads if flags.base_model else None
-    base = BaseModel.from_checkpoint(path, img_size=flags.img_size, num_heads=heads, last_layers=last_layers,
-                                     topk=topk, trust=getattr(flags, "trust_checkpoint", False))
+    trust = getattr(flags, "trust_checkpoint", False)
+    base = BaseModel.from_checkpoint(_base_weights(path, trust, keep=False), img_size=flags.img_size,
+                                     num_heads=_base_heads(flags), last_layers=last_layers, topk=topk, trust=trust)
     report = base.load_report
     base_vit = base.config
     vit = vit_preset(flags.model, flags.img_size) if flags.model else base_vit.plain()

@@ -242,7 +242,7 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     if use_graphs:  # now with the optimizer known
         use_graphs, graph_status = plan_graphs(cfg, d.device, d.world, opt_name, batch_sampler is not None,
                                                step_objective)
-    pos = restore(resumed, model, optimizer, scaler, sched, cfg, d)
+    pos = restore(resumed, model, optimizer, scaler, sched, cfg, d, resume_path)
     graphed = (GraphedStep(model, wrapped, step_objective, optimizer, cfg.clip_grad, amp_dtype, d.device, cfg.accum,
                            sync if d.enabled else None, fallback=cfg.cuda_graph == "auto" and not d.enabled)
                if use_graphs else None)

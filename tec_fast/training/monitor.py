@@ -117,7 +117,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}
         if self._file is not None:
-            self._file.write(json.dumps(record, default=_jsonable) + "\n")
+            self._file.write(json.dumps(_finite_or_null(record), default=_jsonable, allow_nan=False) + "\n")
         if "step" not in record:
             return
         stage = record.get("stage", "train")
@@ -202,9 +202,21 @@ def _start_wandb(project: str, folder: Optional[str], run_config: Optional[dict]
     return run
 
 
+def _finite_or_null(value):
+    """``value`` with every NaN / inf float (in dicts and lists too) as None: strict JSON (null),
+    which every parser reads; Python's json would write NaN, which strict parsers refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def _jsonable(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
+    if hasattr(obj, "tolist"):  # tensors, NumPy arrays and scalars
+        return _finite_or_null(obj.tolist())
     return str(obj)
 
 

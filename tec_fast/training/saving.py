@@ -53,17 +53,23 @@ def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo) -> Tuple[Opti
 
 
 def restore(ck: Optional[dict], model: nn.Module, optimizer, scaler, sched: Schedule, cfg: FitConfig,
-            d: DistInfo) -> Position:
+            d: DistInfo, path: Optional[str] = None) -> Position:
     """Optimizer, loss scaler, RNG state and position of a resumed checkpoint (a fresh
-    ``Position`` without one). A schedule that changed since is allowed, with a warning."""
+    ``Position`` without one). A schedule that changed since is allowed, with a warning; a state
+    that does not fit this run is a ValueError naming ``path`` and the part."""
     if ck is None:
         return Position()
     import warnings
 
-    _load_optimizer_state(model, optimizer, ck["optimizer"], cfg, d)
-    if ck.get("scaler"):
-        scaler.load_state_dict(ck["scaler"])
-    set_rng_state(ck["rng"])
+    for part, load in (("optimizer", lambda: _load_optimizer_state(model, optimizer, ck["optimizer"], cfg, d)),
+                       ("loss scaler", lambda: ck.get("scaler") and scaler.load_state_dict(ck["scaler"])),
+                       ("RNG", lambda: set_rng_state(ck["rng"]))):
+        try:
+            load()
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            why = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ValueError(f"--resume {path}: its {part} state does not fit this run "
+                             f"({type(exc).__name__}: {why})") from None
     old = ck.get("schedule", {})
     if old and (old.get("total_steps"), old.get("global_batch")) != (sched.total_steps, sched.global_batch):
         warnings.warn(f"resuming with a different schedule: checkpoint had {old}, now total_steps="

@@ -39,6 +39,12 @@ def _tec(files):
             "--base-model", "vit_demo_patch4", *ARCH]
 
 
+def _tec_from_weights(files):
+    """No --base-model, no --model: the base's architecture (patch 4, 6 blocks, 64 patches at
+    32 px) is read from its weights, and so must the checks read it."""
+    return ["--data", str(files / "data"), "--base", f"mae_vit_base:{files / 'base.pth'}", *ARCH[2:]]
+
+
 def _mae(files):
     return ["--data", str(files / "data"), "--objective", "mae", *ARCH]
 
@@ -94,12 +100,17 @@ REFUSED = [
     ("tec", ["--cuda-graph", "--masking", "block"], "--masking"),
     ("tec", ["--native-resolution", "--max-patches", "3"], "--max-patches"),
     ("tec", ["--native-resolution", "--tokens-per-batch", "10"], "--tokens-per-batch"),
+    # the base's architecture read from its weights
+    ("weights", ["--last-layers", "7"], "--last-layers"), ("weights", ["--topk", "65"], "--topk"),
+    ("weights", ["--img-size", "30"], "--img-size"),
+    ("weights", ["--base-model", "vit_base_patch16"], "--base-model"),  # 12 heads, width 128
+    ("weights", ["--base", "mae_vit_base:{files}/a_file"], "--base"),  # not a checkpoint
 ]
 
 
 @pytest.mark.parametrize("mode, extra, flag", REFUSED, ids=[" ".join(e) for _, e, _ in REFUSED])
 def test_bad_flag_is_one_error_line(files, capsys, mode, extra, flag):
-    base = {"tec": _tec(files), "mae": _mae(files), "demo": []}[mode]
+    base = {"tec": _tec(files), "weights": _tec_from_weights(files), "mae": _mae(files), "demo": []}[mode]
     argv = base + [a.format(files=files) for a in extra]
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -139,6 +150,11 @@ def test_good_flags_pass_the_checks(files):
                        "--mask-ratio", "0.5:0.9", "--native-resolution", "--mask-ratio", "0.6"])
     assert (args.topk, args.last_layers, args.clip_grad, args.mask_ratio) == (64, 6, 1.0, 0.6)
     assert parse_args(["--demo-steps", "4", "--seed", "2"]).demo_steps == 4
+    # read from the weights: patch 4 at 36 px, the base's 6 blocks and 81 patches, a native plan on patch 4
+    args = parse_args([*_tec_from_weights(files), "--img-size", "36", "--topk", "81", "--last-layers", "6"])
+    assert (args.img_size, args.topk, args.last_layers) == (36, 81, 6)
+    from tec_fast.training.builders import native_plan
+    assert native_plan(parse_args([*_tec_from_weights(files), "--native-resolution", "--topk", "3"]))["patch"] == 4
 
 
 def _no_traceback(proc):
@@ -184,3 +200,45 @@ def test_export_refuses_nonfinite_weights(files, tmp_path, capsys):
     assert not (tmp_path / "o.pth").exists()
     with pytest.raises(SystemExit):
         export_main([str(tmp_path / "ck.pth"), str(tmp_path / "ck.pth")])  # would overwrite its input
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(files, tmp_path, capsys):
+    """Without --resume, a folder holding checkpoints is refused (mixed in, the old ones would be
+    pruned against the new ones and resumed from); --overwrite deletes them and the metrics logs."""
+    out = tmp_path / "run"
+    argv = [*_tec(files), "--max-steps", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress",
+            "--output", str(out)]
+    assert main(argv) == 0
+    first = sorted(p.name for p in out.glob("checkpoint-*.pth"))
+    assert first
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --output {out} holds an earlier run's checkpoints"), err
+    assert "--resume" in err[0] and "--overwrite" in err[0]
+    (out / "checkpoint-0007.pth").write_bytes(b"an old epoch")
+    assert main([*argv, "--overwrite"]) == 0
+    assert "--overwrite: deleted 2 checkpoint(s)" in capsys.readouterr().out
+    assert not (out / "checkpoint-0007.pth").exists()
+    starts = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line]
+    assert len(starts) == 1  # the earlier run's log went with its checkpoints
+    assert main([*argv, "--resume"]) == 0  # continuing is always allowed
+
+
+@pytest.mark.parametrize("part", ["optimizer", "RNG"])
+def test_resume_with_a_state_that_does_not_fit_names_the_file(files, tmp_path, capsys, part):
+    out = tmp_path / "run"
+    argv = [*_tec(files), "--max-steps", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress",
+            "--output", str(out)]
+    assert main(argv) == 0
+    ck = torch.load(out / "checkpoint-last.pth", weights_only=False)
+    if part == "optimizer":
+        ck["optimizer"]["param_groups"] = ck["optimizer"]["param_groups"][:1]
+    else:
+        ck["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)
+    bad = tmp_path / "bad.pth"
+    torch.save(ck, bad)
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(bad), "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --resume {bad}: its {part} state does not fit this run"), err

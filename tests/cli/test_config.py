@@ -17,7 +17,12 @@ from tec_fast.training import FitConfig  # noqa: E402
 @pytest.fixture()
 def data(tmp_path):
     (tmp_path / "data" / "train" / "a").mkdir(parents=True)
-    (tmp_path / "base.pth").write_bytes(b"")  # parsing checks only that the file exists
+    import torch
+
+    from tec_fast import BaseModel
+    from tec_fast.presets import vit_preset
+    # the flag checks read the base's architecture from its weights
+    torch.save({"model": BaseModel(vit_preset("vit_demo_patch4", 32)).state_dict()}, tmp_path / "base.pth")
     return str(tmp_path / "data")
 
 

@@ -9,7 +9,7 @@ import torch
 
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
 from tec_fast.checkpoint import read_checkpoint
-from tec_fast.cli.export import main
+from tec_fast.cli.export import FORMATS, main
 
 VIT = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
 
@@ -140,3 +140,127 @@ def test_mae_training_checkpoint_without_config_exports_its_encoder(tmp_path, ca
     assert set(enc) == set(want) and all(torch.equal(enc[k], want[k]) for k in want)
     assert main([str(tmp_path / "mae.pth"), str(tmp_path / "e2.pth"), "--model", "vit_base_patch16"]) == 2
     assert "leave --model out" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- MAE checkpoints, every format
+@pytest.fixture()
+def mae_ckpt(tmp_path):
+    """An MAE training checkpoint as ``train --objective mae`` saves it (kind and model config)."""
+    from tec_fast.models.mae import MAEModel
+
+    torch.manual_seed(0)
+    mae = MAEModel(VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    with torch.no_grad():
+        for p in mae.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"kind": "mae", "model": mae.state_dict(), "model_config": mae.config_dict()}, path)
+    return path, mae
+
+
+def test_mae_checkpoint_exports_every_format(tmp_path, mae_ckpt, capsys):
+    from safetensors.torch import load_file
+
+    path, mae = mae_ckpt
+    want = mae.encoder_state_dict()
+    assert main([str(path), str(tmp_path / "mae.pth")]) == 0  # the MAE release layout
+    assert set(read_checkpoint(str(tmp_path / "mae.pth"))["model"]) == set(want)
+    assert main([str(path), str(tmp_path / "mae.safetensors")]) == 0
+    flat = load_file(str(tmp_path / "mae.safetensors"))  # a real safetensors file, not a pickle
+    assert set(flat) == set(want) and all(torch.equal(flat[k], want[k]) for k in want)
+    assert main([str(path), str(tmp_path / "avg.pth"), "--format", "timm-avg"]) == 0
+    avg = read_checkpoint(str(tmp_path / "avg.pth"))
+    assert "norm.weight" not in avg and torch.equal(avg["fc_norm.weight"], want["norm.weight"])
+    assert main([str(path), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    sizes = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["image_size"])
+    assert sizes == (32, 3, 2, 32)
+    x = torch.randn(2, 3, 32, 32)
+    ref = BaseModel.from_checkpoint(str(tmp_path / "mae.pth"), num_heads=2)
+    for out in ("mae.safetensors", "avg.pth", "hf"):
+        got = BaseModel.from_checkpoint(str(tmp_path / out), num_heads=2)
+        torch.testing.assert_close(got.encode(x), ref.encode(x), atol=1e-5, rtol=1e-5)
+    assert "width 32, 3 blocks, 2 heads, image 32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--model", "vit_base_patch16"], ["width 32, 3 blocks", "--model vit_base_patch16 (patch 16, width 768"]),
+    (["--img-size", "48"], ["records img_size=32", "--img-size 48"]),
+    (["--num-heads", "4"], ["records num_heads=2", "--num-heads 4"]),
+])
+def test_mae_flags_contradicting_the_stored_config_are_refused(tmp_path, mae_ckpt, capsys, flags, expect):
+    path, _ = mae_ckpt
+    for fmt in FORMATS:
+        assert main([str(path), str(tmp_path / "out"), "--format", fmt, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and all(e in err for e in expect), err
+        assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- the head count
+@pytest.fixture()
+def no_preset_ckpt(tmp_path):
+    """Raw TEC weights with no config recorded and an encoder no preset matches (width 32)."""
+    torch.manual_seed(0)
+    cfg = TECConfig(encoder=VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2, num_adapters=1)
+    path = tmp_path / "raw.pth"
+    torch.save({"model": TECModel(cfg).state_dict()}, path)
+    return path
+
+
+def _flags_named(text):
+    import re
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+
+
+def test_a_guessed_head_count_needs_num_heads_for_hf(tmp_path, no_preset_ckpt, capsys):
+    from tec_fast.cli.export import build_parser
+
+    known = set(build_parser()._option_string_actions)
+    assert main([str(no_preset_ckpt), str(tmp_path / "hf"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --num-heads" in err and "num_heads=1" in err and not (tmp_path / "hf").exists()
+    assert _flags_named(err) <= known
+    assert main([str(no_preset_ckpt), str(tmp_path / "enc.pth")]) == 0  # timm files hold no head count
+    out = capsys.readouterr().out
+    assert "guessed" in out and "--num-heads" in out and _flags_named(out) <= known
+    assert main([str(no_preset_ckpt), str(tmp_path / "hf"), "--format", "hf", "--num-heads", "2"]) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["num_attention_heads"] == 2
+    assert "num_heads=2 from --num-heads" in capsys.readouterr().out
+    assert main([str(no_preset_ckpt), str(tmp_path / "e3.pth"), "--num-heads", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-heads 3 does not divide the encoder's width 32" in err and _flags_named(err) <= known
+
+
+def test_num_heads_contradicting_model_is_refused(tmp_path, demo_ckpt, capsys):
+    path, _ = demo_ckpt
+    with pytest.raises(SystemExit) as e:
+        main([str(path), str(tmp_path / "enc.pth"), "--model", "vit_demo_patch4", "--num-heads", "2"])
+    assert e.value.code == 2 and "vit_demo_patch4, which has 4 heads" in capsys.readouterr().err
+
+
+def test_load_errors_name_the_checkpoint_file(tmp_path, ckpt, capsys):
+    ck = torch.load(ckpt, weights_only=False)
+    del ck["model"]["blocks.1.attn.qkv.weight"]
+    torch.save(ck, tmp_path / "broken.pth")
+    assert main([str(tmp_path / "broken.pth"), str(tmp_path / "enc.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {tmp_path / 'broken.pth'} lacks TEC-model keys" in err and "<dict>" not in err
+
+
+# ------------------------------------------------------------------- timm-avg read back
+def test_timm_avg_export_reads_back_with_the_features_of_the_timm_export(tmp_path, ckpt):
+    ck = torch.load(ckpt, weights_only=False)
+    torch.manual_seed(1)
+    for key in ("norm.weight", "norm.bias"):  # a trained final norm, far from unit scale and zero shift
+        ck["model"][key] = torch.randn_like(ck["model"][key])
+    torch.save(ck, tmp_path / "trained.pth")
+    assert main([str(tmp_path / "trained.pth"), str(tmp_path / "tok.pth")]) == 0
+    assert main([str(tmp_path / "trained.pth"), str(tmp_path / "avg.pth"), "--format", "timm-avg"]) == 0
+    tok = BaseModel.from_checkpoint(str(tmp_path / "tok.pth"), num_heads=2)
+    avg = BaseModel.from_checkpoint(str(tmp_path / "avg.pth"), num_heads=2)
+    assert any("fc_norm.*" in n for n in avg.load_report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    for pool in ("mean", "cls"):
+        torch.testing.assert_close(avg.encode(x, pool), tok.encode(x, pool), atol=1e-6, rtol=1e-6)

@@ -45,6 +45,23 @@ def test_csv_holds_the_step_records_and_appends_under_its_header(tmp_path):
     assert len(path.read_text().splitlines()) == 6  # every record stays in the JSON lines
 
 
+def test_metrics_jsonl_is_strict_json_with_non_finite_values(tmp_path):
+    """A NaN / inf loss (the record of a run stopped by one) is written as null: strict JSON
+    parsers (JavaScript's, Go's) refuse Python's NaN."""
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(str(path))
+    log.write({"event": "nonfinite_loss", "stage": "tec", "step": 5, "loss": float("nan"),
+               "terms": {"feature": float("inf"), "relation": 0.5}, "grad": torch.tensor([1.0, float("-inf")]),
+               "scale": np.float32("nan")})
+    log.close()
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    record = json.loads(path.read_text(), parse_constant=refuse)
+    assert record["loss"] is None and record["terms"] == {"feature": None, "relation": 0.5}
+    assert record["grad"] == [1.0, None] and record["scale"] is None
+
+
 class _FakeRun:
     def __init__(self, kwargs):
         self.kwargs, self.logged, self.finished, self.id = kwargs, [], False, kwargs.get("id") or "run123"

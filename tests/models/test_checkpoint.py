@@ -164,14 +164,30 @@ def test_other_pickled_objects_need_trust(tmp_path):
         read_checkpoint(str(evil))
 
 
-@pytest.mark.parametrize("payload", [bytes(range(256)) * 8, b"\x80\x02garbage", b"PK\x03\x04broken zip",
-                                     b"", os.urandom(4096)])
+@pytest.mark.parametrize("payload", [bytes(range(256)) * 8, b"\x80\x02garbage", b"", os.urandom(4096)])
 def test_random_bytes_are_not_a_checkpoint(tmp_path, payload):
     p = tmp_path / "junk.pth"
     p.write_bytes(payload)
     for trust in (False, True):
         with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
             read_checkpoint(str(p), trust=trust)
+
+
+@pytest.mark.parametrize("keep", [0.5, -10, None])
+def test_truncated_checkpoint_says_so_with_its_size(tmp_path, keep):
+    """A torch.save file cut short (a copy or a save that died) or a broken zip: one plain
+    message with the size and torch's first sentence, not its advice clipped mid-sentence."""
+    torch.save({"model": {"w": torch.randn(2000)}}, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    cut = b"PK\x03\x04broken zip" if keep is None else data[:int(len(data) * keep)] if keep > 0 else data[:keep]
+    p = tmp_path / "cut.pth"
+    p.write_bytes(cut)
+    for trust in (False, True):
+        with pytest.raises(ValueError) as e:
+            read_checkpoint(str(p), trust=trust)
+        msg = str(e.value)
+        assert msg.startswith(f"{str(p)!r}: truncated or corrupt PyTorch checkpoint ({len(cut)} bytes; ")
+        assert msg.endswith(")") and "high likelihood" not in msg and "\n" not in msg
 
 
 def test_tec_model_load_errors():
@@ -295,3 +311,40 @@ def test_export_refuses_non_finite_weights():
         m.blocks[1].attn.proj.bias[0] = float("inf")
     with pytest.raises(ValueError, match=r"'blocks\.1\.attn\.proj\.bias' \(32,\) has 1 non-finite"):
         export_timm(m)
+
+
+def test_fc_norm_is_the_final_norm_when_norm_is_absent():
+    """timm's global_pool='avg' layout (``export_timm(global_pool='avg')``) names the final norm
+    fc_norm: it is loaded as the norm, so its features are those of the token-pool export."""
+    ref, sd = _base_sd(7)
+    avg = export_timm(ref, global_pool="avg")
+    assert "fc_norm.weight" in avg and "norm.weight" not in avg
+    b = BaseModel(VIT, topk=3)
+    report = b.load_checkpoint(avg)
+    assert "fc_norm.weight" not in report.ignored and any("fc_norm.* " in n for n in report.notes)
+    x = torch.randn(2, 3, 16, 16)
+    for pool in ("mean", "cls"):
+        torch.testing.assert_close(b.encode(x, pool), ref.encode(x, pool), atol=1e-6, rtol=1e-6)
+    # both present (a timm model with both): norm is the final norm, fc_norm is a head's and ignored
+    both = dict(sd, **{"fc_norm.weight": torch.zeros(32), "fc_norm.bias": torch.zeros(32)})
+    with pytest.warns(UserWarning, match="ignored: fc_norm.weight"):
+        BaseModel(VIT, topk=3).load_checkpoint(both)
+
+
+def test_no_final_norm_is_noted():
+    _, sd = _base_sd(8)
+    assert not any("no final norm" in n for n in BaseModel(VIT, topk=3).load_checkpoint(sd).notes)
+    report = BaseModel(VIT, topk=3).load_checkpoint({k: v for k, v in sd.items() if not k.startswith("norm.")})
+    assert any("no final norm" in n for n in report.notes) and "no final norm" in report.summary()
+
+
+def test_tec_load_errors_name_the_source():
+    m = _tec_model()
+    sd = m.state_dict()
+    del sd["blocks.0.norm1.bias"]
+    from tec_fast.checkpoint import load_tec_checkpoint
+    with pytest.raises(ValueError, match=r"checkpoint run/ck\.pth lacks TEC-model keys: \['blocks\.0\.norm1\.bias'\]"):
+        load_tec_checkpoint(TECModel(m.config), {"model": sd}, source="run/ck.pth")
+    with pytest.raises(ValueError, match=r"checkpoint run/ck\.pth: key 'blocks\.0\.norm1\.weight' has shape"):
+        load_tec_checkpoint(TECModel(m.config), dict(sd, **{"blocks.0.norm1.weight": torch.ones(3)}),
+                            source="run/ck.pth")
