@@ -11,7 +11,11 @@ checkpoint, or the tensor shapes (width, patch, depth, MLP ratio and image size 
 weights; the head count is not, so it is taken from the matching preset, else width / 64).
 
 Data: ``--data demo`` (default; the embedded digits-on-photos set) or ``--data FOLDER`` with
-``train/`` and ``val/`` class folders (eval transform on both: resize + center crop).
+``train/`` and ``val/`` class folders (eval transform on both: resize + center crop). An unreadable
+image of a folder is left out of the features and the counts (never replaced by another image, which
+would be scored twice, maybe under another class); the summary and the JSON say how many and which
+(``--strict-data``: stop at the first instead). The protocols' training split replaces one as the
+train command does.
 """
 from __future__ import annotations
 
@@ -90,6 +94,9 @@ def build_parser() -> Parser:
     data.add_argument("--n-test", type=POSITIVE, help="use a subset of test/val")
     data.add_argument("--workers", type=NON_NEGATIVE, default=min(8, os.cpu_count() or 1),
                       help="DataLoader workers for folders (the demo is in memory)")
+    data.add_argument("--strict-data", action="store_true",
+                      help="fail on an unreadable image instead of skipping it (with a warning; a skipped "
+                           "one is left out of the counts)")
 
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--pool", choices=("mean", "cls"),
@@ -208,6 +215,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    f"val/ class folders)")
         if args.pixels:
             p.refuse("--pixels", "the raw-pixel baseline is only available with --data demo")
+    elif args.strict_data:
+        p.refuse("--strict-data", "applies to --data FOLDER (the demo set is in memory, nothing to read)")
     return args
 
 
@@ -235,7 +244,13 @@ def resolve_vit(args, obj: dict, state: dict) -> Tuple[ViTConfig, str]:
 
 
 # ------------------------------------------------------------------------------------- data
-def build_data(args, img_size: int):
+SHOWN_SKIPPED = 10  # unreadable files named in the summary and the JSON, per split
+
+
+def build_data(args, img_size: int, drop_train: bool = True):
+    """(train, test, data name, DataLoader workers). A folder's unreadable images are dropped
+    (items ``None``, see ``ImageDataset``) from the test split, and from the training split when
+    ``drop_train`` (the quick probe; a protocol trains on it, and training replaces them)."""
     from torch.utils.data import Subset
 
     if args.data == "demo":
@@ -252,19 +267,51 @@ def build_data(args, img_size: int):
         folder = os.path.join(args.data, name)
         if not os.path.isdir(folder):
             raise SystemExit(f"error: {args.data!r} has no {name}/ folder (expected train/ and val/)")
-        splits.append(ImageFolderDataset(folder, img_size=img_size, train=False))
+        splits.append(ImageFolderDataset(folder, img_size=img_size, train=False, strict=args.strict_data,
+                                         drop_unreadable=drop_train or name == "val"))
     train, test = splits
     if not train.classes:
         raise SystemExit(f"error: {train.root!r} has no class folders; evaluation needs labels")
     if train.classes != test.classes:
         raise SystemExit(f"error: train/ has {len(train.classes)} classes and val/ {len(test.classes)}; "
-                         f"they must be the same class folders")
+                         f"they must be the same class folders ({_class_difference(train.classes, test.classes)})")
     g = torch.Generator().manual_seed(args.seed)
     if args.n_train:
         train = Subset(train, torch.randperm(len(train), generator=g)[:args.n_train].sort().values.tolist())
     if args.n_test:
         test = Subset(test, torch.randperm(len(test), generator=g)[:args.n_test].sort().values.tolist())
     return train, test, args.data, args.workers
+
+
+def _class_difference(train: list, val: list) -> str:
+    """Which class folders differ between train/ and val/, a few named."""
+    def few(names):
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    only_train = [c for c in train if c not in set(val)]
+    only_val = [c for c in val if c not in set(train)]
+    parts = ([f"only in train/: {few(only_train)}"] if only_train else []) + \
+            ([f"only in val/: {few(only_val)}"] if only_val else [])
+    return "; ".join(parts) or "the same names in another order"
+
+
+def skipped_files(ds) -> list:
+    """The unreadable files met in ``ds`` (an image dataset or a Subset of one), in index order;
+    [] for in-memory data."""
+    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    return base.skipped_paths() if hasattr(base, "skipped_paths") else []
+
+
+def _skipped_note(data: dict, train_replaced: bool = False) -> str:
+    """The summary's line on unreadable images left out (``train_replaced``: the training
+    split's were replaced, as in training), or ''."""
+    parts = []
+    for split in ("train", "test"):
+        n, shown = data["skipped"][split], data["skipped_files"][split]
+        if n:
+            more = f" and {n - len(shown)} more" if n > len(shown) else ""
+            how = " replaced in training, as the train command does" if split == "train" and train_replaced else ""
+            parts.append(f"{n} of {split}{how} ({', '.join(shown)}{more})")
+    return f"unreadable images left out: {'; '.join(parts)}" if parts else ""
 
 
 # ---------------------------------------------------------------------------------- display
@@ -403,11 +450,16 @@ def main(argv=None) -> dict:
     timings["linear_s"] = time.perf_counter() - t
 
     rows = [(f"{os.path.basename(args.checkpoint)} ({args.pool}-pooled)", {"knn": knn, "linear": linear})]
+    skipped = {split: skipped_files(ds) for split, ds in (("train", train), ("test", test))}
     result = {"checkpoint": os.path.abspath(args.checkpoint), "knn": knn, "linear": linear,
-              "vit": vit.to_dict(), "vit_source": vit_source, "pool": args.pool, "k": args.k,
+              "vit": vit.to_dict(), "vit_source": vit_source, "pool": args.pool,
+              "k": min(args.k, len(tr_y)), "k_requested": args.k,  # knn_accuracy cuts k to the training set
               "probe_dim": args.probe_dim, "load_report": report.summary(),
-              "data": {"name": data_name, "train": len(train), "test": len(test),
-                       "classes": int(tr_y.max()) + 1},
+              # the images read: an unreadable one is left out, not replaced
+              "data": {"name": data_name, "train": len(tr_y), "test": len(te_y),
+                       "classes": int(tr_y.max()) + 1,
+                       "skipped": {split: len(paths) for split, paths in skipped.items()},
+                       "skipped_files": {split: paths[:SHOWN_SKIPPED] for split, paths in skipped.items()}},
               "device": str(args.device)}
     if args.pixels:
         from tec_fast.data.demo import demo_arrays
@@ -421,10 +473,15 @@ def main(argv=None) -> dict:
 
 
 def report_results(args, result: dict, rows) -> None:
-    data = result["data"]
+    data, k = result["data"], result["k"]
+    asked = result["k_requested"]
+    cut = f" (--k {asked} cut to the {data['train']} training images)" if k < asked else ""
     print(f"\n{data['name']}: {data['train']} train / {data['test']} test images, {data['classes']} classes; "
-          f"k-NN: cosine, k={args.k}, votes exp(sim/0.07); linear probe: standardised"
+          f"k-NN: cosine, k={k}{cut}, votes exp(sim/0.07); linear probe: standardised"
           f"{f', PCA<={args.probe_dim}' if args.probe_dim else ''}, L-BFGS logistic regression")
+    note = _skipped_note(data)
+    if note:
+        print(note)
     print(_table(rows))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -463,7 +520,7 @@ def _run_protocol(args, d, output: str) -> dict:
     say = print if d.is_main else (lambda *a, **k: None)
     quiet_args = argparse.Namespace(**{**vars(args), "quiet": args.quiet or not d.is_main})
     base, vit, vit_source, report = load_encoder(quiet_args)
-    train, test, data_name, workers = build_data(args, vit.img_size)
+    train, test, data_name, workers = build_data(args, vit.img_size, drop_train=False)
     r = recipe(args.protocol, **{k: getattr(args, k) for k in RECIPE_FIELDS if hasattr(args, k)})
     mean, std, num_classes = _data_stats(train)
     precision = args.precision
@@ -485,7 +542,11 @@ def _run_protocol(args, d, output: str) -> dict:
         raise SystemExit(128 + exc.signum) from None
     result.update({"checkpoint_evaluated": os.path.abspath(args.checkpoint), "vit": vit.to_dict(),
                    "vit_source": vit_source, "data": data_name, "seed": args.seed})
+    result.update(_protocol_skipped(train, test))
     if d.is_main:
+        note = _skipped_note(result, train_replaced=True)
+        if note:
+            print(note)
         write_text_atomic(os.path.join(output, "results.json"), json.dumps(result, indent=2, default=str) + "\n")
         result["curves"] = plot_run(output)
         _protocol_table(result, output)
@@ -493,6 +554,20 @@ def _run_protocol(args, d, output: str) -> dict:
             write_text_atomic(args.json, json.dumps(result, indent=2, default=str) + "\n")
             print(f"wrote {args.json}")
     return result
+
+
+def _protocol_skipped(train, test) -> dict:
+    """{skipped, skipped_files} of a protocol run: the training split's unreadable images met by
+    this process (replaced in training), the test split's of every process (left out of top-1)."""
+    import torch.distributed as dist
+
+    found = {"train": skipped_files(train), "test": skipped_files(test)}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, found["test"])  # each process read every world-th test image
+        found["test"] = sorted({p for part in gathered for p in part})
+    return {"skipped": {split: len(paths) for split, paths in found.items()},
+            "skipped_files": {split: paths[:SHOWN_SKIPPED] for split, paths in found.items()}}
 
 
 def _data_stats(train):

@@ -3,6 +3,7 @@ the attention would use on this machine (with the reasons the others were skippe
 measured Triton/reference speed ratio behind each choice ``TEC_FAST_KERNELS=auto`` makes on a GPU)."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -72,18 +73,34 @@ def collect(gpu: str = None) -> dict:
     return info
 
 
+def gpu_class_flag(text: str) -> str:
+    """``--gpu``: a GPU class (any case: h200 is H200) or a device name as CUDA reports it
+    ("NVIDIA H100 80GB HBM3"), as the class ``dispatch.gpu_class`` files it under; an unknown
+    class is refused with the known ones."""
+    from tec_fast.ops import dispatch
+
+    name = text.strip()
+    if not name:
+        raise argparse.ArgumentTypeError("empty GPU class")
+    measured = sorted(dispatch.load_tables())
+    known = sorted(set(dispatch.GPU_CLASSES) | set(measured))
+    cls = {c.upper(): c for c in known}.get(name.upper()) or dispatch.gpu_class(name.upper())
+    if cls not in known:
+        raise argparse.ArgumentTypeError(f"unknown GPU class {text!r} (known: {', '.join(known)}; with a "
+                                         f"measured table: {', '.join(measured) or 'none'})")
+    return cls
+
+
 def main(argv=None) -> int:
     parser = Parser(
         prog="python -m tec_fast.info",
         description="Print versions, the compiled extension's status and the backend each op and the "
                     "attention would use here (and why the faster ones were skipped).")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--gpu", default=None, metavar="CLASS",
-                        help="show the op choices auto makes on this GPU class (e.g. H200: its measured "
-                             "table in tec_fast/ops/measured/), even without that GPU here")
+    parser.add_argument("--gpu", default=None, metavar="CLASS", type=gpu_class_flag,
+                        help="show the op choices auto makes on this GPU class (e.g. H200, any case: its "
+                             "measured table in tec_fast/ops/measured/), even without that GPU here")
     args = parser.parse_args(argv)
-    if args.gpu is not None and not args.gpu.strip():
-        parser.error("--gpu: empty GPU class")
     info = collect(args.gpu)
     if args.json:
         print(json.dumps(info, indent=2, default=str))

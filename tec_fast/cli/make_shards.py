@@ -4,10 +4,14 @@
 Each image is stored as its file's bytes (nothing re-encoded: the pixels the trainer sees are the
 same as from the folder) with its label in ``<key>.cls``; ``OUT/classes.txt`` holds the class
 names and ``OUT/shards.json`` what was written (the pattern to pass to ``--data``, counts, bytes).
-Every shard is written under a temporary name and renamed when complete.
+Every shard is written under a temporary name and renamed when complete. Writing into a folder
+that already holds shards of the same prefix replaces them: the ones numbered past the last shard
+written are removed when the write is complete (the command lists them), so the folder read as
+``--data`` holds this write alone.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -25,14 +29,24 @@ def build_parser() -> Parser:
                            "(the --data pattern, counts, bytes).")
     p.add_argument("src", metavar="SRC", type=existing_dir, help="the image folder")
     p.add_argument("out", metavar="OUT", help="folder for the shards (created; shards of the same prefix there "
-                                              "are overwritten)")
-    p.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ... (default %(default)s)")
+                                              "are replaced: those numbered past the last one written are "
+                                              "removed once the write is complete)")
+    p.add_argument("--prefix", default="shard", type=shard_prefix,
+                   help="shard file names: PREFIX-000000.tar, ... (default %(default)s)")
     p.add_argument("--max-images", type=POSITIVE, default=5000, metavar="N",
                    help="images per shard at most (default %(default)s)")
     p.add_argument("--max-mb", type=POSITIVE, default=1024, metavar="MB",
                    help="shard size in MB at most, unless one image is larger (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     return p
+
+
+def shard_prefix(text: str) -> str:
+    """A plain file-name prefix: not empty, no '/', no braces (the --data pattern uses them)."""
+    if not text or "/" in text or os.sep in text or "{" in text or "}" in text:
+        raise argparse.ArgumentTypeError(f"must be a plain file-name prefix (not empty, no '/', no braces), "
+                                         f"got {text!r}")
+    return text
 
 
 def _main(argv) -> int:
@@ -44,19 +58,28 @@ def _main(argv) -> int:
         raise ValueError(f"OUT {args.out!r} is a file, not a folder")
     t0, shown = time.perf_counter(), [0.0]
 
+    def show(n: int, end: str = "") -> None:
+        print(f"\r{n} images, {n / max(time.perf_counter() - t0, 1e-9):.0f} img/s", end=end, file=sys.stderr,
+              flush=True)
+
     def progress(n: int) -> None:
         now = time.perf_counter()
         if not args.no_progress and now - shown[0] > 0.5:
             shown[0] = now
-            print(f"\r{n} images, {n / max(now - t0, 1e-9):.0f} img/s", end="", file=sys.stderr, flush=True)
+            show(n)
 
     r = write_shards(args.src, args.out, prefix=args.prefix, max_images=args.max_images,
                      max_bytes=args.max_mb * 1024 * 1024, on_image=progress)
     seconds = time.perf_counter() - t0
     if not args.no_progress:
-        print(file=sys.stderr)
+        show(r["images"], end="\n")  # the line ends on the final count, not the last one shown
+    for path in r["removed"]:
+        why = ("an earlier write's shard, numbered past the last one written" if path.endswith(".tar")
+               else "an earlier write's class names; SRC has no class folders")
+        print(f"removed {path} ({why})")
     record = {"pattern": r["pattern"], "shards": len(r["shards"]), "images": r["images"], "bytes": r["bytes"],
-              "classes": len(r["classes"]), "seconds": seconds, "source": os.path.abspath(args.src)}
+              "classes": len(r["classes"]), "seconds": seconds, "source": os.path.abspath(args.src),
+              "removed": r["removed"]}
     tmp = os.path.join(args.out, "shards.json.tmp")
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)

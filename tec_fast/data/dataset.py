@@ -5,12 +5,15 @@ A source lists its samples (``names``: a path or member name per sample, ``targe
 and returns one sample's encoded bytes (``_read``); this class does the rest, so a JPEG in a tar
 shard comes out bit-identical to the same file in a folder.
 
-Unreadable images (truncated, corrupt, not an image at all): by default the item is replaced by
-the next readable image (index ``i+1``, ``i+2``, ... wrapping around), so batches keep their size
-(which DDP and compiled shapes need) and a warning naming the file is issued once per process.
-Bad indices are recorded in a shared-memory tensor, so DataLoader workers and the main process
-see the same ``num_skipped`` (distinct unreadable files met so far) and a known bad file is not
-decoded again. ``strict=True`` raises ``UnreadableImage`` instead, with the name.
+Unreadable images (truncated, corrupt, empty, not an image at all): by default the item is
+replaced by the next readable image (index ``i+1``, ``i+2``, ... wrapping around), so batches keep
+their size (which DDP and compiled shapes need) and a warning naming the file is issued once per
+process. Bad indices are recorded in a shared-memory tensor, so DataLoader workers and the main
+process see the same ``num_skipped`` (distinct unreadable files met so far) and a known bad file is
+not decoded again. ``strict=True`` raises ``UnreadableImage`` instead, with the name.
+``drop_unreadable=True`` (evaluation: a replacement would be scored twice, maybe under another
+class) makes an unreadable item ``None`` instead, counted the same way; load such a dataset with
+``collate_fn=collate_readable``, which leaves the ``None`` items out of the batch.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from tec_fast.data.decode import EncodedImage
 from tec_fast.data.transforms import eval_crop, native_resize, normalize, train_crop
@@ -26,6 +29,13 @@ from tec_fast.data.transforms import eval_crop, native_resize, normalize, train_
 
 class UnreadableImage(RuntimeError):
     """An image PIL cannot decode (raised under ``strict=True``; the message names the file)."""
+
+
+def collate_readable(batch):
+    """``default_collate`` of the items that are not ``None`` (the unreadable ones of a
+    ``drop_unreadable`` dataset); ``None`` when the whole batch was unreadable."""
+    kept = [item for item in batch if item is not None]
+    return default_collate(kept) if kept else None
 
 
 class ImageDataset(Dataset):
@@ -44,7 +54,8 @@ class ImageDataset(Dataset):
       ``min_patches`` patches (then enlarged to the budget); plus the horizontal flip when
       ``train``. ``native_grids()`` reads every image's header once to plan batches; after that
       a replacement for an unreadable image is resized to the grid planned for the index asked for.
-    Unreadable files: see the module docstring (skip + count, or raise under ``strict``).
+    Unreadable files: see the module docstring (replaced + counted, raised under ``strict``, or
+    ``None`` under ``drop_unreadable``).
     """
 
     names: List[str]
@@ -55,12 +66,13 @@ class ImageDataset(Dataset):
 
     def __init__(self, img_size: int = 224, train: bool = True, strict: bool = False, uint8: bool = False,
                  native_patch: Optional[int] = None, max_patches: Optional[int] = None,
-                 min_patches: int = 1):
+                 min_patches: int = 1, drop_unreadable: bool = False):
         who = type(self).__name__
         if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
             raise ValueError(f"{who}: img_size must be a positive int, got {img_size!r}")
         self.img_size, self.train, self.strict, self.uint8 = img_size, bool(train), bool(strict), bool(uint8)
         self.native_patch, self.max_patches, self.min_patches = native_patch, max_patches, min_patches
+        self.drop_unreadable = bool(drop_unreadable)
         self._grids: Optional[List[Tuple[int, int]]] = None
         if native_patch is not None:
             for name, v in (("native_patch", native_patch), ("max_patches", max_patches),
@@ -142,9 +154,10 @@ class ImageDataset(Dataset):
 
     def item(self, index: int, make: Callable[[EncodedImage, int], object]):
         """``(make(image, index), label)`` for the first readable sample from ``index`` on: the
-        skip-and-count rule for any transform (the GPU-decode view uses its own ``make``)."""
+        skip-and-count rule for any transform (the GPU-decode view uses its own ``make``).
+        Under ``drop_unreadable`` only ``index`` itself is tried: ``None`` when it is unreadable."""
         n = len(self.names)
-        for step in range(n):
+        for step in range(1 if self.drop_unreadable else n):
             i = (index + step) % n
             if self._bad[i]:
                 continue
@@ -156,10 +169,13 @@ class ImageDataset(Dataset):
                 self._bad[i] = 1
                 if self.names[i] not in self._warned:
                     self._warned.add(self.names[i])
+                    instead = "left out" if self.drop_unreadable else "using the next readable one instead"
                     warnings.warn(f"skipping unreadable image {self.names[i]} ({type(exc).__name__}: {exc}); "
-                                  f"using the next readable one instead", RuntimeWarning)
+                                  f"{instead}", RuntimeWarning)
                 continue
             return out, self.targets[i]
+        if self.drop_unreadable:
+            return None
         raise UnreadableImage(f"{type(self).__name__}: none of the {n} images under {self.root!r} is readable")
 
     def _transform(self, image: EncodedImage, index: int) -> torch.Tensor:

@@ -84,10 +84,12 @@ class EncodedImage:
     decode to RGB (``decode``). Baseline JPEGs go through libjpeg-turbo (``simplejpeg``, when
     installed; same pixels as PIL, 1.4x faster here), every other file and mode through PIL
     and ``to_rgb``. ``use_turbo=False`` forces PIL. A file whose header or body cannot be read
-    raises (OSError, ValueError, SyntaxError, ...). ``plain_jpeg``: a YCbCr or greyscale JPEG
-    (what GPU decoders take)."""
+    raises (OSError, ValueError, SyntaxError, ...; an empty one: ValueError "empty file").
+    ``plain_jpeg``: a YCbCr or greyscale JPEG (what GPU decoders take)."""
 
     def __init__(self, data: bytes, use_turbo: bool = True):
+        if not data:  # PIL would say "cannot identify image file <_io.BytesIO object at 0x...>"
+            raise ValueError("empty file (0 bytes)")
         self.data, self.name = data, ""  # name: set by the dataset, for messages
         self.is_jpeg = data[:3] == JPEG_MAGIC
         self._pil = None
@@ -103,8 +105,12 @@ class EncodedImage:
         if self._turbo is None:
             import io
 
-            from PIL import Image
-            self._pil = Image.open(io.BytesIO(data))
+            from PIL import Image, UnidentifiedImageError
+            try:
+                self._pil = Image.open(io.BytesIO(data))
+            except UnidentifiedImageError:  # its message names the BytesIO object, not the file
+                raise UnidentifiedImageError(f"not an image format PIL reads ({len(data)} bytes starting "
+                                             f"{data[:8]!r})") from None
             self.width, self.height = self._pil.size
         # a YCbCr or greyscale JPEG: what nvjpeg and libjpeg-turbo decode to the same RGB as PIL
         self.plain_jpeg = self._turbo is not None or (self.is_jpeg and self._pil.mode in ("RGB", "L"))

@@ -46,18 +46,18 @@ class ImageFolderDataset(ImageDataset):
 
     ``root`` may be the dataset root holding ``train/`` (used when it exists), a folder of class
     folders, or a flat folder of images (label -1, ``classes == []``). ``samples``: the
-    ``(path, label)`` list. Transforms, ``uint8``, native resolution and unreadable files: see
-    ``ImageDataset``.
+    ``(path, label)`` list. Transforms, ``uint8``, native resolution and unreadable files
+    (``strict``, ``drop_unreadable``): see ``ImageDataset``.
     """
 
     kind = "folder"
 
     def __init__(self, root: str, img_size: int = 224, train: bool = True, strict: bool = False,
                  native_patch: Optional[int] = None, max_patches: Optional[int] = None,
-                 min_patches: int = 1, uint8: bool = False):
+                 min_patches: int = 1, uint8: bool = False, drop_unreadable: bool = False):
         if not os.path.isdir(root):
             raise ValueError(f"ImageFolderDataset: root {root!r} is not a directory")
-        super().__init__(img_size, train, strict, uint8, native_patch, max_patches, min_patches)
+        super().__init__(img_size, train, strict, uint8, native_patch, max_patches, min_patches, drop_unreadable)
         if os.path.isdir(os.path.join(root, "train")):
             root = os.path.join(root, "train")
         self.root = root

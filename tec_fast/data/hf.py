@@ -114,11 +114,11 @@ class HFImageDataset(ImageDataset):
 
     def __init__(self, path: str, img_size: int = 224, train: bool = True, strict: bool = False,
                  native_patch: Optional[int] = None, max_patches: Optional[int] = None,
-                 min_patches: int = 1, uint8: bool = False):
+                 min_patches: int = 1, uint8: bool = False, drop_unreadable: bool = False):
         pa = _pyarrow()
         if not os.path.isdir(path):
             raise ValueError(f"HFImageDataset: {path!r} is not a directory")
-        super().__init__(img_size, train, strict, uint8, native_patch, max_patches, min_patches)
+        super().__init__(img_size, train, strict, uint8, native_patch, max_patches, min_patches, drop_unreadable)
         self.root = path
         self.format, self.files, info = _resolve(path)
         self._where: List[Tuple[int, int, int]] = []  # (file, row group or 0, row) per sample
@@ -142,7 +142,11 @@ class HFImageDataset(ImageDataset):
             self._where.extend((f, g, r) for g, n in groups for r in range(n))
         if not self._where:
             raise ValueError(f"HFImageDataset: {path!r} holds no rows")
-        names = [f"{os.path.basename(self.files[f])}[{i}]" for i, (f, _, _) in enumerate(self._where)]
+        names, row, last = [], 0, None  # "<file>[<row within that file>]"
+        for f, _, _ in self._where:
+            row = row + 1 if f == last else 0
+            last = f
+            names.append(f"{os.path.basename(self.files[f])}[{row}]")
         self._init_samples(names, [-1 if v is None else v for v in labels], classes)
         self._pid, self._tables, self._group = None, None, (None, None)
 

@@ -95,9 +95,25 @@ def _split_key(name: str) -> Tuple[str, str]:
 
 
 def _tar_number(field: bytes) -> int:
+    """A tar header's numeric field (octal text, or GNU base-256); ``tarfile.ReadError`` when it
+    is neither (the bytes are not a tar header)."""
     if field[:1] and field[0] & 0x80:  # GNU base-256 (sizes of 8 GiB and more)
         return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
+    try:
+        return int(field.strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError(f"not a tar header (numeric field {field!r})") from None
+
+
+# what a compressed file starts with: shards must be plain tar, read by offset
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+def _compression(path: str) -> Optional[str]:
+    """The compression ``path`` starts with (gzip, bzip2, xz, zstd), or None."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next((name for magic, name in _COMPRESSED if head.startswith(magic)), None)
 
 
 def scan_tar(path: str):
@@ -162,6 +178,10 @@ def index_shard(path: str) -> List[Tuple[str, Tuple[int, int], Optional[str]]]:
                 labels[key] = small.decode("ascii", "replace").strip()
     except tarfile.ReadError as exc:
         if not order:
+            packed = _compression(path)
+            if packed:
+                raise ValueError(f"{path!r} is not a readable uncompressed tar shard (it is {packed}-compressed; "
+                                 f"shards are read by offset: decompress it first)") from exc
             raise ValueError(f"{path!r} is not a readable uncompressed tar shard ({exc})") from exc
         warnings.warn(f"tar shard {path} is unreadable after {len(order)} keys ({exc}); using those",
                       RuntimeWarning)
@@ -197,8 +217,9 @@ class TarShardDataset(ImageDataset):
 
     def __init__(self, spec: Union[str, Sequence[str]], img_size: int = 224, train: bool = True,
                  strict: bool = False, native_patch: Optional[int] = None, max_patches: Optional[int] = None,
-                 min_patches: int = 1, uint8: bool = False, processes: Optional[int] = None):
-        super().__init__(img_size, train, strict, uint8, native_patch, max_patches, min_patches)
+                 min_patches: int = 1, uint8: bool = False, processes: Optional[int] = None,
+                 drop_unreadable: bool = False):
+        super().__init__(img_size, train, strict, uint8, native_patch, max_patches, min_patches, drop_unreadable)
         self.shards = shard_paths(spec)
         self.root = spec if isinstance(spec, str) else ", ".join(spec)
         indexes = index_shards(self.shards, processes)
@@ -269,8 +290,11 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
     shards ``output/prefix-NNNNNN.tar`` of at most ``max_images`` images and about ``max_bytes``
     bytes each: per image ``<key>.<ext>`` (the file's bytes, not re-encoded) and ``<key>.cls``
     (its label; none for a flat folder), plus ``classes.txt``. Each shard is written to a
-    temporary name and renamed when complete. ``on_image(n_done)``: progress callback.
-    Returns {shards, pattern, images, bytes, classes}."""
+    temporary name and renamed when complete. After a complete write, shards of the same prefix
+    numbered past the last one written (an earlier, larger write) are removed, and so is a
+    ``classes.txt`` a flat folder has no use for: a folder read as ``--data`` then holds this
+    write alone. ``on_image(n_done)``: progress callback.
+    Returns {shards, pattern, images, bytes, classes, removed (the paths removed)}."""
     import io
 
     from tec_fast.data.folder import IMG_EXTENSIONS, find_samples
@@ -327,11 +351,28 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
         if state["tar"] is not None:  # an error mid-shard: no half-written shard is left behind
             state["tar"].close()
             os.remove(state["tmp"])
+    removed = _remove_stale_shards(output, prefix, len(shards))
+    classes_txt = os.path.join(output, "classes.txt")
     if classes:
-        tmp = os.path.join(output, "classes.txt.tmp")
+        tmp = classes_txt + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("".join(c + "\n" for c in classes))
-        os.replace(tmp, os.path.join(output, "classes.txt"))
+        os.replace(tmp, classes_txt)
+    elif os.path.isfile(classes_txt):  # an earlier write's class names would label these images
+        os.remove(classes_txt)
+        removed.append(classes_txt)
     last = len(shards) - 1
     pattern = os.path.join(output, f"{prefix}-{{{0:06d}..{last:06d}}}.tar" if last > 0 else f"{prefix}-000000.tar")
-    return {"shards": shards, "pattern": pattern, "images": len(samples), "bytes": total, "classes": classes}
+    return {"shards": shards, "pattern": pattern, "images": len(samples), "bytes": total, "classes": classes,
+            "removed": removed}
+
+
+def _remove_stale_shards(output: str, prefix: str, written: int) -> List[str]:
+    """Remove ``output/prefix-NNNNNN.tar`` numbered ``written`` and up (left by an earlier write
+    of more shards); returns their paths, in order."""
+    name = re.compile(re.escape(prefix) + r"-(\d{6})\.tar")
+    stale = sorted(e.path for e in os.scandir(output)
+                   if e.is_file() and (m := name.fullmatch(e.name)) and int(m.group(1)) >= written)
+    for path in stale:
+        os.remove(path)
+    return stale

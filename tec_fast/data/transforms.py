@@ -8,7 +8,9 @@ antialiasing (the same filter as PIL's BICUBIC: a = -0.5, support scaled with th
 filter reads pixels just outside the box near its edges, this one clamps at the box's edge (the
 crop is resampled alone, as if cropped first).
 
-Evaluation: resize the shorter side to ``int(img_size / 0.875)`` (PIL bicubic), center crop.
+Evaluation: resize the shorter side to ``int(img_size / 0.875)`` (PIL bicubic), center crop; past
+an aspect ratio of 4 only the crop's region is resampled (``PIL.Image.resize(box=...)``), so an
+extreme aspect ratio costs no more memory than a square image.
 
 ``normalize`` turns uint8 images into the model's float input (ImageNet mean / std). The trainer
 calls it on the device, after the copy: a uint8 image is a quarter of the float32 one that used to
@@ -26,6 +28,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _STATS = {}
+# eval_crop resizes the whole image up to this aspect ratio, and only the crop's region past it
+EVAL_WHOLE_RESIZE_RATIO = 4
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -118,7 +122,14 @@ def train_crop(image, size: int) -> torch.Tensor:
 
 def eval_crop(image, size: int) -> torch.Tensor:
     """Resize the shorter side to ``int(size / 0.875)`` (PIL bicubic), center crop: uint8
-    [3, size, size]. A JPEG is decoded at the reduced scale PIL's ``draft("RGB", (r, r))`` picks."""
+    [3, size, size]. A JPEG is decoded at the reduced scale PIL's ``draft("RGB", (r, r))`` picks.
+
+    Past an aspect ratio of ``EVAL_WHOLE_RESIZE_RATIO`` only the crop is resampled
+    (``resize(box=...)``, the crop's region in the decoded image; the filter reads past the box
+    as in the whole resize): resizing the whole image made a 4000 x 2 one 512 000 x 256 pixels
+    at 224 (1.5 GB at 1 x 16 000). Its pixels are those of the whole resize to within a few grey
+    levels (PIL rounds the box to float32 and may run the two passes in the other order); images
+    up to that ratio keep the whole resize, bit for bit."""
     from PIL import Image
 
     from tec_fast.data.decode import jpeg_reduction
@@ -126,12 +137,17 @@ def eval_crop(image, size: int) -> torch.Tensor:
     resize_to = int(size / 0.875)
     reduce = jpeg_reduction(image.width, image.height, resize_to, resize_to) if image.is_jpeg else 1
     img = Image.fromarray(image.decode(reduce))
-    short = min(img.width, img.height)
-    w = max(size, round(img.width * resize_to / short))
-    h = max(size, round(img.height * resize_to / short))
-    img = img.resize((w, h), Image.BICUBIC)
+    W, H = img.width, img.height
+    short = min(W, H)
+    w = max(size, round(W * resize_to / short))
+    h = max(size, round(H * resize_to / short))
     left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-    return to_chw(np.asarray(img.crop((left, top, left + size, top + size))))
+    if max(w, h) <= EVAL_WHOLE_RESIZE_RATIO * resize_to:
+        img = img.resize((w, h), Image.BICUBIC)
+        return to_chw(np.asarray(img.crop((left, top, left + size, top + size))))
+    # the crop (left, top, size, size) of the w x h resize, in the decoded image's coordinates
+    box = (left * W / w, top * H / h, (left + size) * W / w, (top + size) * H / h)
+    return to_chw(np.asarray(img.resize((size, size), Image.BICUBIC, box=box)))
 
 
 def native_resize(image, grid_hw: Tuple[int, int], patch: int, flip_coin: bool) -> torch.Tensor:

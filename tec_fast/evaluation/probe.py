@@ -60,24 +60,32 @@ def extract_features(base_model, dataset, batch_size: int = 256, pool: str = "me
                      num_workers: int = 0, progress: Optional[Progress] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``base_model.encode`` over a dataset of (image, label) items, in order, on the model's
-    device. Returns (features [N, C] fp32 on CPU, labels [N] int64)."""
+    device. Returns (features [N, C] fp32 on CPU, labels [N] int64). Items that are ``None`` (the
+    unreadable images of a ``drop_unreadable`` dataset) are left out, so N counts the readable
+    ones; ValueError when none is."""
+    from tec_fast.data.dataset import collate_readable
+
     if pool not in ("mean", "cls"):
         raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
     param = next(base_model.parameters())
     device, dtype = param.device, param.dtype
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
+                                         persistent_workers=False, collate_fn=collate_readable)
     feats, labels, done, total = [], [], 0, len(dataset)
     if progress is not None:
         progress(0, total)
-    for images, y in loader:
-        images = images.to(device, dtype=dtype, non_blocking=True)
-        feats.append(base_model.encode(images, pool=pool).float().cpu())
-        labels.append(torch.as_tensor(y).long())
-        done += images.shape[0]
+    for batch in loader:
+        done = min(done + batch_size, total)  # images read, the unreadable ones included
+        if batch is not None:
+            images, y = batch
+            images = images.to(device, dtype=dtype, non_blocking=True)
+            feats.append(base_model.encode(images, pool=pool).float().cpu())
+            labels.append(torch.as_tensor(y).long())
         if progress is not None:
             progress(done, total)
+    if not feats:
+        raise ValueError(f"extract_features: none of the {total} images is readable")
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -141,16 +141,31 @@ def build_training(protocol: str, num_classes: int, r: Recipe, mean: Sequence[fl
 
 @torch.no_grad()
 def top1(model: nn.Module, dataset, batch_size: int = 256, num_workers: int = 0, amp_dtype=None) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` (in eval mode). Under torchrun each process
-    takes every world-th image and the counts are summed."""
+    """Top-1 accuracy of ``model`` on ``dataset`` (in eval mode): ``top1_counts``' ratio."""
+    correct, seen = top1_counts(model, dataset, batch_size, num_workers, amp_dtype)
+    return correct / max(seen, 1)
+
+
+@torch.no_grad()
+def top1_counts(model: nn.Module, dataset, batch_size: int = 256, num_workers: int = 0,
+                amp_dtype=None) -> Tuple[int, int]:
+    """(correct, seen) of ``model`` on ``dataset`` (in eval mode). Items that are ``None`` (the
+    unreadable images of a ``drop_unreadable`` dataset) are not seen: they count in neither.
+    Under torchrun each process takes every world-th image and the counts are summed."""
+    from tec_fast.data.dataset import collate_readable
+
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     part = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate_readable)
     was_training = model.training
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
-    for images, labels in loader:
+    for batch in loader:
+        if batch is None:
+            continue
+        images, labels = batch
         images, labels = images.to(device), torch.as_tensor(labels).to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
@@ -159,14 +174,15 @@ def top1(model: nn.Module, dataset, batch_size: int = 256, num_workers: int = 0,
     model.train(was_training)
     if world > 1:
         dist.all_reduce(counts)
-    return float(counts[0] / counts[1].clamp_min(1))
+    return int(counts[0]), int(counts[1])
 
 
 def run_protocol(protocol: str, encoder: nn.Module, train_ds, test_ds, num_classes: int, r: Recipe,
                  mean: Sequence[float], std: Sequence[float], fit_options: dict, eval_batch: int = 256) -> dict:
     """Train the protocol's model with ``fit`` and measure top-1 on ``test_ds``. ``fit_options``:
     ``FitConfig`` fields other than the recipe's (output_dir, seed, precision, resume, ...).
-    Returns the result record (plain data)."""
+    Returns the result record (plain data; ``test_images``: the test images read, unreadable ones
+    of a ``drop_unreadable`` test set left out)."""
     from tec_fast.training import FitConfig, fit, setup_distributed
 
     d = setup_distributed(fit_options.get("device"))
@@ -189,10 +205,11 @@ def run_protocol(protocol: str, encoder: nn.Module, train_ds, test_ds, num_class
                  checkpoint_extra={"protocol": protocol, "recipe": r.to_dict(), "num_classes": num_classes,
                                    "encoder_config": encoder.config.to_dict()})
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    accuracy = top1(result.model, test_ds, eval_batch, cfg.num_workers, amp)
+    correct, seen = top1_counts(result.model, test_ds, eval_batch, cfg.num_workers, amp)
+    accuracy = correct / max(seen, 1)
     return {"protocol": protocol, "top1": accuracy, "steps": result.steps, "total_steps": result.total_steps,
             "stopped": result.stopped, "epoch": result.epoch, "global_batch": result.global_batch,
             "peak_lr": result.lr, "optimizer": result.optimizer, "seconds": round(time.perf_counter() - t0, 1),
             "img_per_s": result.img_per_s, "last_metrics": result.metrics, "checkpoint": result.checkpoint,
             "world": d.world, "precision": cfg.precision, "recipe": r.to_dict(),
-            "train_images": len(train_ds), "test_images": len(test_ds), "num_classes": num_classes}
+            "train_images": len(train_ds), "test_images": seen, "num_classes": num_classes}

@@ -25,6 +25,7 @@ import glob
 import importlib
 import json
 import os
+import re
 import sys
 from types import ModuleType
 from typing import Callable, Dict, List, Optional, Tuple
@@ -131,8 +132,11 @@ def fast_impl(op: str) -> Callable:
 
 def gpu_class(device_name: str) -> str:
     """The class a GPU's measurements are filed under: ``H200`` for "NVIDIA H200", ``H100`` for
-    "NVIDIA H100 80GB HBM3"; other names as they are, spaces replaced by underscores."""
-    return next((c for c in GPU_CLASSES if c in device_name), device_name.replace(" ", "_"))
+    "NVIDIA H100 80GB HBM3", ``A100`` for "NVIDIA A100-SXM4-80GB" (a whole word of the name, so
+    "NVIDIA GH200 480GB" is GH200, not H200); other names as they are, spaces replaced by
+    underscores."""
+    words = set(re.split(r"[\s\-_]+", device_name.upper()))
+    return next((c for c in GPU_CLASSES if c in words), device_name.replace(" ", "_"))
 
 
 def load_tables(directory: str = MEASURED_DIR) -> Dict[str, dict]:

@@ -39,7 +39,8 @@ def test_cli_on_demo_subset(mae_ckpt, tmp_path):
     res = json.loads(out.read_text())
     for row in (res, res["pixels"]):
         assert 0.0 <= row["knn"] <= 1.0 and 0.0 <= row["linear"] <= 1.0
-    assert res["data"] == {"name": "demo (seed 0)", "train": 100, "test": 50, "classes": 10}
+    assert res["data"] == {"name": "demo (seed 0)", "train": 100, "test": 50, "classes": 10,
+                           "skipped": {"train": 0, "test": 0}, "skipped_files": {"train": [], "test": []}}
     assert res["vit"]["embed_dim"] == 32 and res["vit"]["num_heads"] == 2
     assert res["vit"]["patch_size"] == 8 and res["vit"]["img_size"] == 32  # inferred from weights
     assert "ignored" in res["load_report"]  # the decoder

@@ -156,8 +156,9 @@ def test_make_shards_command(made, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "missing"), str(tmp_path / "o2")])
     assert exit_info.value.code == 2 and "error: argument SRC" in capsys.readouterr().err
-    assert main([os.path.dirname(root), str(tmp_path / "o3"), "--prefix", "a/b"]) == 2
-    assert "prefix" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([os.path.dirname(root), str(tmp_path / "o3"), "--prefix", "a/b"])
+    assert exit_info.value.code == 2 and "error: argument --prefix" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- training, resumed

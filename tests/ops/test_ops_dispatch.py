@@ -116,6 +116,14 @@ def test_committed_h200_table_matches_its_rows():
     assert dispatch.gpu_class("NVIDIA H200") == "H200" and dispatch.gpu_class("NVIDIA H100 80GB HBM3") == "H100"
 
 
+@pytest.mark.parametrize("name, cls", [("NVIDIA GH200 480GB", "GH200"), ("NVIDIA L40S", "L40S"), ("NVIDIA L4", "L4"),
+                                       ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A10", "A10"),
+                                       ("NVIDIA H100 PCIe", "H100"), ("Tesla T4", "Tesla_T4")])
+def test_gpu_class_matches_whole_words(name, cls):
+    """A class is a whole word of the device name: a GH200 is not an H200, an L40S not an L4."""
+    assert dispatch.gpu_class(name) == cls
+
+
 def test_dispatch_table_cli_errors(tmp_path, capsys):
     from benchmarks import dispatch_table
     with pytest.raises(SystemExit) as e:
