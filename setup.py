@@ -66,12 +66,16 @@ def _extension_build():
                 "tec_fast._C_cuda", CUDA_SOURCES,
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}))
             info["cuda"]["arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-        except Exception as exc:  # e.g. no CUDA_HOME
+        except Exception as exc:  # e.g. no CUDA_HOME (a CPU-only torch finds none)
             info["cuda"]["reason"] = f"cannot set up the CUDA build: {type(exc).__name__}: {exc}"
+            if _flag("FORCE_CUDA"):  # asked for: fail the install, as a failed build does
+                sys.exit(f"tec_fast: FORCE_CUDA=1 but {info['cuda']['reason']}"
+                         + ("" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only "
+                            "build: the CUDA part needs a CUDA torch)"))
             warnings.warn(f"tec_fast: {info['cuda']['reason']}")
     else:
-        info["cuda"]["reason"] = ("torch has no CUDA" if not torch.version.cuda
-                                  else "nvcc not found") + " (FORCE_CUDA=1 overrides)"
+        info["cuda"]["reason"] = ("torch has no CUDA (a CUDA build of torch is needed)" if not torch.version.cuda
+                                  else "nvcc not found (FORCE_CUDA=1 builds with a CUDA_HOME)")
 
     class BuildExt(BuildExtension.with_options(use_ninja=True)):
         """Builds each extension and writes the outcome to tec_fast/_build_info.json next to the
@@ -86,6 +90,10 @@ def _extension_build():
             except Exception as exc:
                 info[part].update(built=False, reason=f"build failed: {type(exc).__name__}: {exc}")
                 if part == "cpu" or _flag("FORCE_CUDA"):
+                    print(f"tec_fast: building {ext.name} failed (the compiler's messages are above). To "
+                          "install without the C++ extension (the plain-torch packing kernels then run), "
+                          "set TEC_FAST_NO_EXT_BUILD=1" + ("" if part == "cpu" else "; to skip only the CUDA "
+                                                             "part, unset FORCE_CUDA"), file=sys.stderr)
                     raise
                 warnings.warn(f"tec_fast: building {ext.name} failed ({exc}); installing without "
                               "the CUDA part (the CPU extension and the Triton kernels still work)")

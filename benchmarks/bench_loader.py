@@ -25,7 +25,6 @@ Prints a table; appends one JSON line per measurement to ``--results``.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -35,9 +34,10 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from benchmarks.common import append_jsonl, complete_row, format_table
+from benchmarks.common import append_jsonl, complete_row, format_table, make_parser
 from tec_fast.data.decode import EncodedImage, to_rgb, turbo_decoder
 from tec_fast.data.folder import ImageFolderDataset
+from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
 from tec_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box
 from tec_fast.training.config import FitConfig
 from tec_fast.training.loader_bench import bench_loader
@@ -137,18 +137,24 @@ def make_jpegs(out: str, n: int = 1024, seed: int = 0) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("bench_loader", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a folder of JPEGs (class folders)")
     src.add_argument("--make-jpegs", metavar="DIR", help="write 1024 ImageNet-like JPEGs to DIR, then measure them")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--images", type=int, default=400, help="images per in-process measurement")
-    p.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="DataLoader worker counts to measure")
-    p.add_argument("--seconds", type=float, default=10.0, help="at most this long per DataLoader measurement")
-    p.add_argument("--repeats", type=int, default=3, help="rounds over all providers (best and median reported)")
-    p.add_argument("--results", default=os.path.join("benchmarks", "results", "loader.jsonl"))
+    p.add_argument("--img-size", type=POSITIVE, default=224,
+                   help="side of the square crop each image is turned into, pixels (default 224)")
+    p.add_argument("--batch-size", type=POSITIVE, default=64,
+                   help="images per DataLoader batch in the worker measurements (default 64)")
+    p.add_argument("--images", type=POSITIVE, default=400, help="images per in-process measurement (default 400)")
+    p.add_argument("--workers", type=NON_NEGATIVE, nargs="*", default=[1, 2],
+                   help="DataLoader worker counts to measure (default 1 2)")
+    p.add_argument("--seconds", type=real(0, lo_open=True), default=10.0,
+                   help="at most this long per DataLoader measurement (default 10)")
+    p.add_argument("--repeats", type=POSITIVE, default=3,
+                   help="rounds over all providers (best and median reported; default 3)")
+    p.add_argument("--results", default=os.path.join("benchmarks", "results", "loader.jsonl"),
+                   help="JSON-lines file one row per measurement is appended to, relative to the current "
+                        "folder (default benchmarks/results/loader.jsonl)")
     p.add_argument("--providers", nargs="*", choices=("decode", "baseline", "engine_pil", "engine"),
                    default=["decode", "baseline", "engine_pil", "engine"],
                    help="which CPU pipelines to measure (default: all; decode = the decode-only ceilings)")
@@ -160,9 +166,6 @@ def main(argv=None) -> int:
         reasons = gpu_decode_reasons("cuda")
         if reasons:
             p.error("argument --gpu-decode: " + "; ".join(reasons))
-    for name in ("img_size", "batch_size", "images", "repeats"):
-        if getattr(args, name) <= 0:
-            p.error(f"argument --{name.replace('_', '-')}: must be > 0")
     root = args.data or make_jpegs(args.make_jpegs)
     if not os.path.isdir(root):
         p.error(f"argument --data: {root!r} is not a folder")

@@ -18,7 +18,6 @@ table ``TEC_FAST_KERNELS=auto`` follows there. A new op needs no change here.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
@@ -29,7 +28,9 @@ if "--interpret" in sys.argv:
 
 import torch  # noqa: E402
 
-from benchmarks.common import DTYPES, append_results, device_name, format_table, time_callable  # noqa: E402
+from benchmarks.common import (DTYPES, append_results, default_device, device_arg, device_name,  # noqa: E402
+                               format_table, make_parser, progress, time_callable)
+from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE  # noqa: E402
 from tec_fast.ops import reference  # noqa: E402
 from tec_fast.ops.dispatch import fast_impl  # noqa: E402
 from tec_fast.ops.registry import OPS as OP_TABLE  # noqa: E402
@@ -99,10 +100,12 @@ def copy_bandwidth(nbytes: int, dev: torch.device, warmup: int, reps: int,
 
 
 def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: List[str],
-        warmup: int, reps: int, cuda_graph: bool = False, failures: Optional[List[str]] = None) -> List[Dict]:
+        warmup: int, reps: int, cuda_graph: bool = False, failures: Optional[List[str]] = None,
+        started: Optional[Callable[[str], None]] = None) -> List[Dict]:
     """Rows of ``op``'s forward and forward + backward, each provider timed. A provider that
     raises is reported and listed in ``failures`` (the other providers and ops still run: on a
-    lent GPU one broken op must not cost the rows of the rest); without ``failures`` it raises."""
+    lent GPU one broken op must not cost the rows of the rest); without ``failures`` it raises.
+    ``started`` is told each pass (``layer_norm fwd+bwd B=256,T=50,C=768``) before it is timed."""
     rows = []
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     for backward in (False, True):
@@ -110,6 +113,8 @@ def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: L
         if case is None:
             continue
         bench = f"{op}_{'fwdbwd' if backward else 'fwd'}"
+        if started is not None:
+            started(f"{op} {'fwd+bwd' if backward else 'fwd'} {case.shape}")
         results = {}
         for name, fn in case.providers.items():
             try:
@@ -145,17 +150,18 @@ def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: L
 
 
 def main(argv=None) -> List[Dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("bench_ops", __doc__)
     p.add_argument("--op", default="all", choices=("all",) + OPS)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default=default_device(),
+                   help="cpu, cuda or cuda:N (default: cuda where there is one, else cpu)")
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="default: vitb on GPU, tiny on CPU")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--provider", choices=("all", "reference", "triton"), default=None,
                    help="default: all on GPU (and on CPU with --interpret), reference on CPU")
     p.add_argument("--interpret", action="store_true",
                    help="CPU: run the Triton kernels through TRITON_INTERPRET=1 (slow, for checking)")
-    p.add_argument("--warmup", type=int, default=None, help="calls before timing (default 5 GPU, 1 CPU)")
-    p.add_argument("--reps", type=int, default=None, help="timed calls (default 50 GPU, 5 CPU)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=None, help="calls before timing (default 5 GPU, 1 CPU)")
+    p.add_argument("--reps", type=POSITIVE, default=None, help="timed calls (default 50 GPU, 5 CPU)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time each call replayed from a CUDA graph: the GPU time alone, without the "
                         "host's Python and launch time (rows carry timing=graph)")
@@ -170,15 +176,16 @@ def main(argv=None) -> List[Dict]:
     if args.cuda_graph and not gpu:
         p.error(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     if provider != "reference" and not gpu and not args.interpret:
-        raise SystemExit("the Triton kernels need a CUDA device, or --interpret on CPU")
+        p.refuse("--provider", f"{provider}: the Triton kernels need a CUDA device, or --interpret on CPU")
     providers = ["reference"] if provider == "reference" else ["reference", "triton"]
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     reps = args.reps if args.reps is not None else (50 if gpu else 5)
     ops = OPS if args.op == "all" else (args.op,)
 
     rows, failures = [], []
-    for op in ops:
-        op_rows = run(op, size, dtype, dev, providers, warmup, reps, args.cuda_graph, failures)
+    for i, op in enumerate(ops):
+        op_rows = run(op, size, dtype, dev, providers, warmup, reps, args.cuda_graph, failures,
+                      started=lambda what, i=i: progress(i + 1, len(ops), what))
         if provider == "triton":
             op_rows = [r for r in op_rows if r["provider"] != "reference"]
         rows += op_rows

@@ -1,4 +1,4 @@
-"""Packed vs padded at variable mask ratios (issue 5), in the same process.
+"""Packed vs padded encoder at a mask ratio drawn per image, in the same process.
 
 Each image draws its mask ratio from [lo, hi]. *Packed*: the CLS token and the kept patches of all
 images in one sequence, block-diagonal attention (``TECModel.encode`` on a packed ``TokenLayout``;
@@ -12,6 +12,9 @@ targets, encoder, decoders, losses, backward) as ``packed_step`` / ``padded_step
     python -m benchmarks.bench_packed                      # ViT-B/16, 224, bf16, batch 256 on GPU
     python -m benchmarks.bench_packed --batch-sizes 64 256 --whole-step
     python -m benchmarks.bench_packed --device cpu --preset tiny --batch 8
+
+Each provider's start is a line on stderr (``[2/4] packed B=256 ...``): on a CPU the default
+ViT-B/16 takes minutes.
 """
 from __future__ import annotations
 
@@ -22,19 +25,14 @@ import torch
 
 
 from benchmarks.bench_step import PRESETS, build
-from benchmarks.common import DTYPES, append_results, format_table, time_callable
+from benchmarks.common import (DTYPES, append_results, default_device, device_arg, format_table,
+                               fx_tracing_notice_dropped, make_parser, progress, time_callable)
 from tec_fast import BaseModel, TECModel
 from tec_fast.masking import variable_masking
 from tec_fast.models.layout import TokenLayout
 from tec_fast.models.masking import Masking
+from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, SEED
 from tec_fast.ops.attention import packed_attention_backend
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _ratios(text: str):
@@ -48,25 +46,31 @@ def _ratios(text: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("bench_packed", __doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default=default_device(),
+                   help="cpu, cuda or cuda:N (default: cuda where there is one, else cpu)")
     sizes = p.add_mutually_exclusive_group()
-    sizes.add_argument("--batch", type=_positive, help="one batch size (default 256 on GPU, 8 on CPU)")
-    sizes.add_argument("--batch-sizes", type=_positive, nargs="+", metavar="B", help="several batch sizes")
+    sizes.add_argument("--batch", type=POSITIVE, help="one batch size (default 256 on GPU, 8 on CPU)")
+    sizes.add_argument("--batch-sizes", type=POSITIVE, nargs="+", metavar="B", help="several batch sizes")
     p.add_argument("--ratios", type=_ratios, default=(0.6, 0.9), help="mask-ratio range LO:HI (default 0.6:0.9)")
     p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--steps", type=_positive, default=10, help="timed calls per provider")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=POSITIVE, default=10, help="timed calls per provider (default 10)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed calls first (default 2)")
     p.add_argument("--whole-step", action="store_true",
                    help="also time the whole TEC step packed and padded (base targets to backward)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the per-image ratios and masks (default 0)")
     p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     return p.parse_args(argv)
 
 
-def run(args, B: int, device: torch.device):
-    """The rows of one batch size."""
+def providers_per_batch(args) -> int:
+    """How many providers ``run`` times per batch size (the progress lines' total)."""
+    return 4 if args.whole_step else 2
+
+
+def run(args, B: int, device: torch.device, started=lambda what: None):
+    """The rows of one batch size; ``started`` is told each provider before it is timed."""
     lo, hi = args.ratios
     bvit, cfg, topk = build(args.preset, device)
     enc = cfg.encoder
@@ -112,7 +116,10 @@ def run(args, B: int, device: torch.device):
 
     backend, why = packed_attention_backend(device, dtype, enc.embed_dim // enc.num_heads)
     tokens_packed, tokens_padded = int(keep.sum()) + B, B * (1 + k_max)
-    results = {name: time_callable(fn, device, warmup=args.warmup, reps=args.steps) for name, fn in providers}
+    results = {}
+    for name, fn in providers:
+        started(f"{name} B={B}")
+        results[name] = time_callable(fn, device, warmup=args.warmup, reps=args.steps)
     rows = []
     for name, r in results.items():
         is_packed = name.startswith("packed")
@@ -134,9 +141,11 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     sizes = args.batch_sizes or [args.batch or (256 if device.type == "cuda" else 8)]
-    rows = []
-    for B in sizes:
-        rows += run(args, B, device)
+    rows, total = [], len(sizes) * providers_per_batch(args)
+    count = iter(range(1, total + 1))
+    with fx_tracing_notice_dropped():
+        for B in sizes:
+            rows += run(args, B, device, lambda what: progress(next(count), total, what))
     path = append_results(rows, args.results_dir, device)
     print(f"results appended to {path}")
     return rows

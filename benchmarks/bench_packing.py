@@ -3,8 +3,8 @@
 - plan_bins on 20k sequences vs a plain-Python first-fit-decreasing (goal >= 20x, aim 100x),
   with the fill rate (tokens / (bins x capacity)) of both.
 - pack vs torch boolean indexing + cumsum (goal >= 1x, aim 1.5x); the baseline is timed twice:
-  `x[keep]` + cumsum + max (what the issue names) and the same plus `nonzero` for the flat index
-  that pack also returns.
+  `x[keep]` + cumsum + max (the plain-torch way to pack: the kept rows, the offsets, the longest
+  sequence) and the same plus `nonzero` for the flat index that pack also returns.
 - unpack vs torch (fill broadcast + boolean-mask assignment).
 
 Prints the ratios and appends JSON lines to ``<results-dir>/<device>.jsonl``.
@@ -24,8 +24,26 @@ from typing import Dict, List
 import torch
 
 
-from benchmarks.common import DTYPES, append_results, device_name, format_table, time_callable
+from benchmarks.common import (DTYPES, append_results, default_device, device_arg, device_name, format_table,
+                               make_parser, time_callable)
 from tec_fast import packing
+from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE
+from tec_fast.cli.flags import mask_ratio as _mask_ratio
+
+
+def ratio_range(text: str) -> str:
+    """--mask-ratio: one ratio or a range LO:HI, each in (0, 1) and LO <= HI; the text itself is
+    kept (it labels the rows' shape)."""
+    _mask_ratio(text)
+    return text
+
+
+def dtype_list(text: str) -> str:
+    """--dtypes: comma-separated names from ``DTYPES``."""
+    bad = [name for name in text.split(",") if name not in DTYPES]
+    if bad or not text:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names from {','.join(DTYPES)}, got {text!r}")
+    return text
 
 
 def python_ffd(lengths: List[int], capacity: int) -> List[List[int]]:
@@ -63,26 +81,34 @@ def torch_unpack(packed: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor):
 
 
 def main(argv=None) -> List[Dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="pack/unpack device (plan_bins always runs on the CPU)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=196, help="patches per image (L)")
-    p.add_argument("--dim", type=int, default=768, help="channels (C)")
-    p.add_argument("--mask-ratio", default="0.6:0.9", help="per-image ratio range lo:hi, or one value")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--n-seqs", type=int, default=20000, help="plan_bins sequences")
-    p.add_argument("--capacity", type=int, default=1024, help="plan_bins tokens per bin")
-    p.add_argument("--min-len", type=int, default=16)
-    p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    p = make_parser("bench_packing", __doc__)
+    p.add_argument("--device", type=device_arg, default=default_device(),
+                   help="pack/unpack device: cpu, cuda or cuda:N (plan_bins always runs on the CPU; "
+                        "default: cuda where there is one, else cpu)")
+    p.add_argument("--batch", type=POSITIVE, default=64, help="images, B (default 64)")
+    p.add_argument("--seq-len", type=POSITIVE, default=196, help="patches per image, L (default 196)")
+    p.add_argument("--dim", type=POSITIVE, default=768, help="channels, C (default 768)")
+    p.add_argument("--mask-ratio", type=ratio_range, default="0.6:0.9",
+                   help="per-image ratio range LO:HI, or one value, in (0, 1) (default 0.6:0.9)")
+    p.add_argument("--dtypes", type=dtype_list, default="fp32,bf16",
+                   help=f"comma-separated, from {','.join(DTYPES)} (default fp32,bf16)")
+    p.add_argument("--n-seqs", type=POSITIVE, default=20000, help="plan_bins sequences (default 20000)")
+    p.add_argument("--capacity", type=POSITIVE, default=1024, help="plan_bins tokens per bin (default 1024)")
+    p.add_argument("--min-len", type=POSITIVE, default=16, help="plan_bins shortest sequence (default 16)")
+    p.add_argument("--max-len", type=POSITIVE, default=256,
+                   help="plan_bins longest sequence, at most --capacity (default 256)")
+    p.add_argument("--reps", type=POSITIVE, default=50, help="timed calls per provider (default 50)")
+    p.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--small", action="store_true", help="tiny sizes and few reps (smoke test)")
     p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     if args.small:
         args.batch, args.seq_len, args.dim, args.n_seqs, args.reps = 4, 16, 8, 300, 3
         args.capacity, args.min_len, args.max_len = 64, 1, 32
+    if args.min_len > args.max_len:
+        p.refuse("--min-len", f"{args.min_len} is above --max-len {args.max_len}")
+    if args.max_len > args.capacity:
+        p.refuse("--max-len", f"{args.max_len} is above --capacity {args.capacity}: a sequence must fit a bin")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

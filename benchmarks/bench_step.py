@@ -15,7 +15,6 @@ device (``published_peak_tflops``, ``mfu``; None for a device not in ``PUBLISHED
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Optional
 
@@ -23,9 +22,10 @@ import torch
 
 
 from benchmarks.baseline_eager import EagerBase, EagerTEC
-from benchmarks.common import DTYPES, append_results, time_callable
+from benchmarks.common import DTYPES, append_results, default_device, device_arg, make_parser, time_callable
 from benchmarks.flops import tec_step_flops
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
+from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
 from tec_fast.presets import vit_preset
 from tec_fast.training.precision import CastWeightsOnce, autocast_copy
 from tec_fast.training.cuda_graph import capture_step
@@ -179,15 +179,17 @@ def baseline_step_fn(bvit, cfg, topk, images, mask_ratio):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("bench_step", __doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+    p.add_argument("--device", type=device_arg, default=default_device(),
+                   help="cpu, cuda or cuda:N (default: cuda where there is one, else cpu)")
+    p.add_argument("--batch-sizes", type=POSITIVE, nargs="+", default=None,
                    help="default: 64 128 256 on GPU, 4 on CPU")
     p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per provider (after warm-up)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--mask-ratio", type=real(0, 1, lo_open=True, hi_open=True), default=0.75,
+                   help="share of the patches hidden from the encoder, in (0, 1) (default 0.75)")
+    p.add_argument("--steps", type=POSITIVE, default=10, help="timed steps per provider (after warm-up)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=3, help="untimed steps first (default 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--per-weight-casts", action="store_true",
@@ -198,10 +200,10 @@ def main(argv=None):
                    help="also time the engine's step recorded into a CUDA graph and replayed "
                         "(provider engine_graph: one graph, no host work; engine_fit_graph: as fit "
                         "replays it by default, two graphs and one host sync per step; CUDA only)")
-    p.add_argument("--gemm-size", type=int, default=None,
+    p.add_argument("--gemm-size", type=POSITIVE, default=None,
                    help="n of the n x n x n bf16 matmul whose measured TFLOP/s is the MFU peak "
                         "(default: 8192 on GPU, 1024 on CPU)")
-    p.add_argument("--published-peak-tflops", type=float, default=None,
+    p.add_argument("--published-peak-tflops", type=real(0, lo_open=True), default=None,
                    help="dense bf16 peak for a device missing from PUBLISHED_BF16_TFLOPS")
     p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)

@@ -7,20 +7,78 @@ triton, commit, timestamp (plus whatever the benchmark adds: speedup, gb_per_s, 
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
 import re
 import subprocess
+import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
+
+from tec_fast.cli.flags import Parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def make_parser(module: str, doc: str, **kwargs) -> Parser:
+    """The command line of ``python -m benchmarks.<module>``: that command in the usage line (not
+    the file's name), ``doc`` as the description, and a refused value ends the run with one
+    ``error: argument --FLAG: ...`` line and exit status 2 instead of the usage block."""
+    kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    return Parser(prog=f"python -m benchmarks.{module}", description=doc, **kwargs)
+
+
+def default_device() -> str:
+    """``cuda`` where this machine has a CUDA device, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_arg(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N, refused while parsing where this machine has no such
+    device (torch would otherwise end the run in a traceback at its first CUDA call)."""
+    if text == "cpu":
+        return text
+    found = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if not found:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device here")
+    if found.group(1) is not None and int(found.group(1)) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def progress(done: int, total: int, what: str) -> None:
+    """A line on stderr as a case starts, ``[3/12] masked_gather fwd B=256 ...``: a long run says
+    where it is, and stdout keeps the tables alone."""
+    print(f"[{done}/{total}] {what} ...", file=sys.stderr, flush=True)
+
+
+class _DropFxTracingNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("is_fx_tracing will return true")
+
+
+@contextlib.contextmanager
+def fx_tracing_notice_dropped() -> Iterator[None]:
+    """Within the block, torch's deprecation notice about ``torch.fx`` ``is_fx_tracing`` is not
+    logged: torch's own nested tensors (the ``nested`` packed-attention backend on CPU, or on a
+    GPU without flash varlen) call it, so the notice says nothing about this code."""
+    logger, drop = logging.getLogger("torch.fx._symbolic_trace"), _DropFxTracingNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def device_name(device) -> str:
@@ -72,6 +130,8 @@ def time_callable(fn: Callable[[], object], device, warmup: int = 3, reps: int =
     call is recorded into a CUDA graph first and the replays are timed (GPU time only; no peak
     memory). CPU: ``time.perf_counter`` around each call; no peak memory (None).
     """
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"time_callable: needs reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
     device = torch.device(device)
     sync = _sync(device)
     peak = None
@@ -99,7 +159,7 @@ def time_callable(fn: Callable[[], object], device, warmup: int = 3, reps: int =
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(max(1, reps)):
+    for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         sync()

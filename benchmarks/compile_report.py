@@ -19,7 +19,6 @@ Appends one JSON row per (arch, size, dtype, kernel) to ``benchmarks/results/com
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import gzip
@@ -41,7 +40,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, 
 
 import torch  # noqa: E402
 
-from benchmarks.common import REPO, format_table, git_commit, versions  # noqa: E402
+from benchmarks.common import REPO, format_table, git_commit, make_parser, progress, versions  # noqa: E402
 from tec_fast.ops.registry import OPS, outputs, unit_grads  # noqa: E402
 from tec_fast.ops.registry import SIZES as REGISTRY_SIZES  # noqa: E402
 
@@ -410,15 +409,24 @@ def all_kernels() -> Dict[str, str]:
 
 # ---- the report -----------------------------------------------------------------------------
 
-def compile_rows(arch: int, size: str, dtype: str, ops: Optional[List[str]] = None) -> List[Dict]:
+def case_ops(ops: Optional[List[str]] = None) -> List[str]:
+    """The ops ``compile_rows`` visits, in order: ``ops`` (default: every case) but those whose
+    kernels compile in other ops' cases (``reusing_ops``), unless their kernel module is broken."""
+    module_errors, reusing = kernel_module_errors(), reusing_ops()
+    return [op for op in ops or list(CASES) if op not in reusing or op in module_errors]
+
+
+def compile_rows(arch: int, size: str, dtype: str, ops: Optional[List[str]] = None,
+                 started: Optional[Callable[[str], None]] = None) -> List[Dict]:
     """Compile every op's kernels at one (arch, size, dtype); one row per distinct specialisation
-    (a kernel launched twice with the same specialisation is compiled and counted once)."""
+    (a kernel launched twice with the same specialisation is compiled and counted once).
+    ``started`` is told each op before its kernels compile."""
     from triton.backends.nvidia.compiler import sm_arch_from_capability
     rows, common = [], dict(target=f"cuda:{sm_arch_from_capability(arch)}", arch=arch, shape=size, dtype=dtype)
-    module_errors, reusing = kernel_module_errors(), reusing_ops()
-    for op in ops or list(CASES):
-        if op in reusing and op not in module_errors:
-            continue
+    module_errors = kernel_module_errors()
+    for op in case_ops(ops):
+        if started is not None:
+            started(op)
         if op in module_errors:  # a registered kernel the gate cannot compile: an error row, never a skip
             rows.append(dict(common, op=op, kernel=None, error=module_errors[op]))
             continue
@@ -481,39 +489,58 @@ def table(rows: List[Dict]) -> str:
     return format_table(body, columns)
 
 
+COLUMNS = """The table (one line per compiled kernel specialisation; the rows file has the same and more):
+  target         the compile target, cuda:sm_90a or cuda:sm_80
+  shape, dtype   the model size (below) and the activation dtype
+  kernel         the @triton.jit kernel; an op's name, with ERROR, where its case did not compile
+  regs           registers per thread (ptxas); 255 is the most a thread can have
+  spill st/ld B  bytes spilled to local memory per thread, stores / loads (the gate wants 0 / 0)
+  stack B        stack frame per thread, bytes
+  smem B         shared memory per program, bytes: Triton's dynamic allocation + ptxas' static
+  warps          warps per program (num_warps)
+  SASS instr     machine instructions in the cubin (- without nvdisasm)
+  constexprs     the compile-time constants of the launch (block sizes, flags)"""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Shapes (per-GPU batch B, visible tokens T = 1 + L/4):\n" + "\n".join(
-                                    f"  {k}: " + " ".join(f"{a}={b}" for a, b in v.items())
-                                    for k, v in SIZES.items()))
+    p = make_parser("compile_report", __doc__, epilog=COLUMNS + "\n\nShapes (per-GPU batch B, visible tokens "
+                    "T = 1 + L/4):\n" + "\n".join(f"  {k}: " + " ".join(f"{a}={b}" for a, b in v.items())
+                                                for k, v in SIZES.items()))
     p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {','.join(SIZES)}")
     p.add_argument("--arch", default="90,80", help="comma-separated compute capabilities, e.g. 90,80")
     p.add_argument("--dtype", default="bf16,fp32", help="comma-separated activation dtypes: bf16,fp32")
     p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(CASES)}")
-    p.add_argument("--out", default=RESULTS, help="JSON-lines file the rows are appended to ('' = none)")
+    p.add_argument("--out", default=RESULTS,
+                   help="JSON-lines file the rows are appended to, gzip-compressed when it ends in .gz "
+                        "(default benchmarks/results/compile.jsonl.gz; '' = none)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 on a compile error, a spill or shared memory over the target's limit")
     p.add_argument("--require-all", action="store_true",
                    help="with --check: also fail when a @triton.jit kernel in kernels/ was not compiled")
     args = p.parse_args(argv)
     split = lambda v: [x for x in v.split(",") if x]  # noqa: E731
-    sizes, archs, dtypes = split(args.sizes), [int(a) for a in split(args.arch)], split(args.dtype)
+    try:
+        archs = [int(a) for a in split(args.arch)]
+    except ValueError:
+        p.refuse("--arch", f"expected compute capabilities like 90,80, got {args.arch!r}")
+    sizes, dtypes = split(args.sizes), split(args.dtype)
     ops = split(args.ops) if args.ops else None
     for name, got, allowed in (("--sizes", sizes, SIZES), ("--dtype", dtypes, DTYPES), ("--ops", ops or [], CASES)):
         bad = [x for x in got if x not in allowed]
         if bad:
-            p.error(f"{name}: unknown {bad}; choose from {list(allowed)}")
+            p.refuse(name, f"unknown {bad}; choose from {list(allowed)}")
     for arch in archs:
         if not os.access(ptxas_path(arch), os.X_OK):
-            p.error(f"no executable ptxas for sm_{arch} at {ptxas_path(arch)}")
+            p.refuse("--arch", f"no executable ptxas for sm_{arch} at {ptxas_path(arch)}")
 
     import triton
-    rows = []
+    rows, total = [], len(archs) * len(sizes) * len(dtypes) * len(case_ops(ops))
+    count = iter(range(1, total + 1))
     for arch in archs:
         for size in sizes:
             for dtype in dtypes:
-                rows += compile_rows(arch, size, dtype, ops)
+                rows += compile_rows(arch, size, dtype, ops, lambda op: progress(
+                    next(count), total, f"sm_{arch} {size} {dtype} {op}"))
     print(table(rows))
     stamp = dict(triton=triton.__version__, torch=versions()["torch"], commit=git_commit(),
                  ptxas={a: os.path.basename(ptxas_path(a)) for a in archs},

@@ -44,7 +44,9 @@ import triton
 import triton.language as tl
 
 
-from benchmarks.common import append_results, device_name, format_table, time_callable
+from benchmarks.common import (append_results, device_arg, device_name, format_table, make_parser, progress,
+                               time_callable)
+from tec_fast.cli.flags import POSITIVE
 from tec_fast.kernels.mlp import _gelu, _mlp_gelu_fwd
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): Hopper-sized tiles for bf16 (8-warp
@@ -262,9 +264,11 @@ def run_offline(batch: int, arch: int = 90) -> List[Dict]:
     rows = []
     M, K, N = SHAPES["base fc1 (ViT-B, 197 tokens)"](batch)
     x, w, b = (torch.empty(*s, device="meta", dtype=torch.bfloat16) for s in ((M, K), (N, K), (N,)))
+    total = len(VARIANTS) * len(GPU_CONFIGS) * 2
     for variant, launch in VARIANTS.items():
         for cfg in GPU_CONFIGS:
             for gelu in (False, True):
+                progress(len(rows) + 1, total, f"sm_{arch} {variant} config {cfg}{' +gelu' if gelu else ''}")
                 row = dict(variant=variant, config=str(cfg), gelu=gelu)
                 try:
                     with compile_only(arch) as compiled:
@@ -283,17 +287,15 @@ def run_offline(batch: int, arch: int = 90) -> List[Dict]:
 
 
 def main(argv=None) -> List[Dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=256, help="images per step; sets the GEMMs' M (default 256)")
-    p.add_argument("--device", default="cuda", help="the GPU to time on (default cuda)")
+    p = make_parser("gemm_epilogue", __doc__)
+    p.add_argument("--batch", type=POSITIVE, default=256, help="images per step; sets the GEMMs' M (default 256)")
+    p.add_argument("--device", default="cuda", help="the GPU to time on, cuda or cuda:N (default cuda)")
     p.add_argument("--offline", action="store_true",
                    help="no GPU: compile the Triton variants for sm_90 and print registers, spills, "
                         "machine instructions and HGMMA (warpgroup MMA) counts")
     p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="where <device>.jsonl rows are appended (GPU runs)")
     args = p.parse_args(argv)
-    if args.batch < 1:
-        p.error(f"--batch must be >= 1, got {args.batch}")
     if args.offline:
         rows = run_offline(args.batch)
         M, K, N = SHAPES["base fc1 (ViT-B, 197 tokens)"](args.batch)
@@ -302,9 +304,12 @@ def main(argv=None) -> List[Dict]:
         print(format_table(rows, ["variant", "config", "gelu", "registers", "spill_bytes", "smem_bytes",
                                   "sass_instructions", "hgmma", "error"]))
         return rows
-    device = torch.device(args.device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        p.error("timing needs a CUDA GPU; use --offline to compile for sm_90 without one")
+    try:  # checked here, not by the flag's type: --offline needs no device, whatever --device says
+        device = torch.device(device_arg(args.device))
+    except argparse.ArgumentTypeError as exc:
+        p.refuse("--device", f"{exc}; use --offline to compile for sm_90 without one")
+    if device.type != "cuda":
+        p.refuse("--device", f"{args.device}: timing needs a CUDA GPU; use --offline to compile for sm_90 without one")
     rows = run_gpu(args.batch, device, args.results_dir)
     print(format_table(rows, ["case", "provider", "median_ms", "tflop_per_s", "speedup", "config"]))
     print(f"rows appended to {os.path.join(args.results_dir, device_name(device) + '.jsonl')}")

@@ -54,6 +54,7 @@ import torch  # noqa: E402
 from benchmarks.common import REPO, append_jsonl, complete_row, format_table  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "host_overhead.jsonl")
+DEFAULT_STEPS, DEFAULT_CALLS, DEFAULT_REPS = 3, 50, 7
 
 
 class LaunchLog:
@@ -277,10 +278,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ops", default="all", help=f"comma-separated subset of {','.join(OPS)}, or all")
     p.add_argument("--skip-step", action="store_true", help="only the per-op table")
     p.add_argument("--skip-ops", action="store_true", help="only the step table")
-    p.add_argument("--steps", type=int, default=3, help="steps per timed repetition (default 3)")
-    p.add_argument("--calls", type=int, default=50, help="op calls per timed repetition (default 50)")
-    p.add_argument("--reps", type=int, default=7,
-                   help="timed repetitions, interleaved; the best is reported, the median kept beside it (default 7)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps per timed repetition (default %(default)s)")
+    p.add_argument("--calls", type=int, default=DEFAULT_CALLS,
+                   help="op calls per timed repetition (default %(default)s)")
+    p.add_argument("--reps", type=int, default=DEFAULT_REPS,
+                   help="timed repetitions, interleaved; the best is reported, the median kept beside it "
+                        "(default %(default)s). Rows of a run with fewer, or with --ops / --skip-*, are marked "
+                        "full_run=false, and the README's table leaves them out")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--launch-path", action="store_true",
                    help="CPU: time Triton's own launch path as well (kernels compiled once for sm_90 offline; "
@@ -294,6 +298,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("steps", "calls", "reps", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.skip_step and args.skip_ops:
+        p.error("--skip-step with --skip-ops leaves nothing to measure")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
@@ -315,7 +321,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         dispatch.reload_environment()  # the process's own setting again
     if args.out:
-        stamp = dict(threads=args.threads, kernel_mode="triton", launch_path=args.launch_path)
+        # full_run: both tables, every op, at least the default repetitions (what the README's
+        # table is made of: benchmarks/report.py leaves subsets and smoke runs out)
+        full = (args.ops == "all" and not args.skip_step and not args.skip_ops and args.reps >= DEFAULT_REPS
+                and args.steps >= DEFAULT_STEPS and args.calls >= DEFAULT_CALLS)
+        stamp = dict(threads=args.threads, kernel_mode="triton", launch_path=args.launch_path, reps=args.reps,
+                     steps=args.steps, calls=args.calls, full_run=full)
         if args.launch_path:
             from tec_fast.kernels._common import launch_mode
             stamp["launch"] = launch_mode()  # 1: compiled kernels reused by call signature; 0: JITFunction.run

@@ -13,7 +13,6 @@ writes a Chrome trace per provider (open it in chrome://tracing or Perfetto).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -22,7 +21,9 @@ from torch.profiler import ProfilerActivity, profile
 
 
 from benchmarks.bench_step import PRESETS, baseline_step_fn, build, engine_step_fn
-from benchmarks.common import DTYPES, _sync, append_jsonl, complete_row, device_name, format_table
+from benchmarks.common import (DTYPES, _sync, append_jsonl, complete_row, default_device, device_arg, device_name,
+                               format_table, make_parser)
+from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
 from tec_fast.ops.dispatch import kernel_mode
 
 
@@ -92,15 +93,17 @@ def python_profile(step, device: torch.device, steps: int, top: int):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("profile_step", __doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=None, help="images per step (default 64 on GPU, 4 on CPU)")
+    p.add_argument("--device", type=device_arg, default=default_device(),
+                   help="cpu, cuda or cuda:N (default: cuda where there is one, else cpu)")
+    p.add_argument("--batch", type=POSITIVE, default=None, help="images per step (default 64 on GPU, 4 on CPU)")
     p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--warmup", type=int, default=3, help="steps before profiling (compiles the kernels)")
-    p.add_argument("--steps", type=int, default=3, help="profiled steps")
-    p.add_argument("--top", type=int, default=25, help="ops listed per table")
+    p.add_argument("--mask-ratio", type=real(0, 1, lo_open=True, hi_open=True), default=0.75,
+                   help="share of the patches hidden from the encoder, in (0, 1) (default 0.75)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=3, help="steps before profiling (compiles the kernels)")
+    p.add_argument("--steps", type=POSITIVE, default=3, help="profiled steps")
+    p.add_argument("--top", type=POSITIVE, default=25, help="ops listed per table")
     p.add_argument("--no-baseline", action="store_true", help="profile the engine only")
     p.add_argument("--python", action="store_true",
                    help="also run cProfile over the same steps and list the Python functions with the "
@@ -115,7 +118,7 @@ def main(argv=None):
 
     device = torch.device(args.device)
     bvit, cfg, topk = build(args.preset, device)
-    B = args.batch or (64 if device.type == "cuda" else 4)
+    B = args.batch if args.batch is not None else (64 if device.type == "cuda" else 4)
     images = torch.randn(B, 3, bvit.img_size, bvit.img_size, device=device)
     providers = [("engine", lambda: engine_step_fn(bvit, cfg, topk, images, args.precision, False,
                                                    args.mask_ratio))]

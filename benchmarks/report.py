@@ -65,7 +65,7 @@ def tables(rows, steps_only: bool = False) -> str:
                          f"{_fmt(r.get('img_per_s'), '.0f')} | {_fmt(r.get('baseline_img_per_s'), '.0f')} | "
                          f"{_fmt(r.get('speedup'), '.2f')}x | {_fmt(r.get('mfu'), '.1%')} | "
                          f"{_fmt(r.get('peak_mem_gb'), '.1f')} | {_fmt(r.get('baseline_peak_mem_gb'), '.1f')} | "
-                         f"{str(r.get('commit', ''))[:8]} |")
+                         f"{_commit(r)} |")
         lines.append("")
     if steps_only:
         return "\n".join(lines).strip() or "No whole-step rows measured on a GPU yet."
@@ -81,7 +81,7 @@ def tables(rows, steps_only: bool = False) -> str:
                          f"{r.get('kernels', 'auto')}{' (shapes recorded)' if r.get('shapes_recorded') else ''} | "
                          f"{_fmt(r.get('wall_ms'), '.1f')} | "
                          f"{_fmt(r.get('gpu_busy_ms'), '.1f')} | "
-                         f"{r.get('launches')} | {str(r.get('commit', ''))[:8]} |")
+                         f"{r.get('launches')} | {_commit(r)} |")
         lines.append("")
     ops = _latest([r for r in gpu if r.get("bench") not in ("step", "profile_step")],
                   ("device", "bench", "provider", "shape", "dtype", "timing"))
@@ -106,11 +106,26 @@ def _host_runs(rows, launch_path: bool):
     (None, []) where there are none."""
     host = [r for r in rows if r.get("table") in ("step", "op") and "cpu" in str(r.get("device", ""))
             and "threads" in r and bool(r.get("launch_path")) == launch_path
-            and r.get("launch", "1") != "0"]  # TEC_FAST_LAUNCH=0 runs are comparisons, not the engine's path
+            and r.get("launch", "1") != "0"  # TEC_FAST_LAUNCH=0 runs are comparisons, not the engine's path
+            and r.get("full_run", True)]  # subsets and smoke runs left out (rows before the mark were full runs)
     if not host:
         return None, []
     commit = max(host, key=lambda r: r.get("timestamp", ""))["commit"]
     return commit, [r for r in host if r["commit"] == commit]
+
+
+def _machine(row) -> str:
+    """'2-core CPU, one thread' from a row's device ('cpu-x86_64-2c') and thread count."""
+    cores = str(row.get("device", "")).rsplit("-", 1)[-1]
+    cpu = f"{cores[:-1]}-core CPU" if cores.endswith("c") and cores[:-1].isdigit() else str(row.get("device"))
+    threads = row.get("threads")
+    return f"{cpu}, {'one thread' if threads == 1 else f'{threads} threads'}"
+
+
+def _commit(row) -> str:
+    """The row's commit, a working tree with changes as '186429e (dirty)'."""
+    commit = str(row.get("commit", ""))
+    return f"{commit[:-len('-dirty')]} (dirty)" if commit.endswith("-dirty") else commit
 
 
 def _median(values):
@@ -154,8 +169,8 @@ def host_table(rows) -> str:
 
     def ratio(ratios):
         return f"{min(ratios):.2f}-{max(ratios):.2f}x"
-    lines = [f"Host time with every kernel launch skipped (`python -m benchmarks.host_overhead`, 2-core CPU, "
-             f"one thread, commit {commit}, {runs} run{'s' if runs > 1 else ''}): what the Python, "
+    lines = [f"Host time with every kernel launch skipped (`python -m benchmarks.host_overhead`, "
+             f"{_machine(host[0])}, commit {commit}, {runs} run{'s' if runs > 1 else ''}): what the Python, "
              "the dispatcher and autograd cost around the kernels, against plain torch in the same run."]
     if lp_cells:
         how = ("compiled kernels reused by call signature and their launchers called" if "launch" in lp_host[0]

@@ -63,7 +63,9 @@ check_flags() {
   fi
   local a bad=0
   for a in "${args[@]}"; do
-    if [[ $a == --* ]] && ! grep -q -- "${a%%=*}" <<<"$help"; then
+    # a flag the parser declares: an option line of the help ("  --flag ..." or "  -x, --flag ..."),
+    # not a mention in some help text's prose
+    if [[ $a == --* ]] && ! grep -qE -- "^ {2,}(-[[:alnum:]], )?${a%%=*}([ =,]|$)" <<<"$help"; then
       echo "dry run: ${target[*]} has no flag ${a%%=*}"; bad=1
     fi
   done
@@ -151,6 +153,6 @@ stage loader_gpu_decode 40 20 $PY -m benchmarks.bench_loader --make-jpegs /tmp/t
 RESERVE_S=0
 stage report 15 5 $PY -m benchmarks.report --update-readme
 
-stamp "done: $(grep -c '"ok"' "$LOGS/stages.jsonl" 2>/dev/null) stages ok; stages.jsonl:"
+stamp "done: $(grep -cE '"status": "(dry_)?ok"' "$LOGS/stages.jsonl" 2>/dev/null) stages ok; stages.jsonl:"
 cat "$LOGS/stages.jsonl"
 pack

@@ -41,7 +41,6 @@ plus ``LAUNCH_US`` per launch. It is a lower bound for a perfect implementation 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -61,8 +60,9 @@ from torch.utils.flop_counter import flop_registry
 
 from benchmarks.baseline_eager import EagerBase, EagerTEC
 from benchmarks.bench_step import build
-from benchmarks.common import append_jsonl, complete_row, format_table
+from benchmarks.common import append_jsonl, complete_row, format_table, make_parser
 from tec_fast import BaseModel, TECModel
+from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
 from tec_fast.training.precision import CastWeightsOnce, autocast_copy
 
 # name: (HBM bandwidth B/s, dense bf16 peak FLOP/s), published figures of the SXM parts
@@ -610,14 +610,16 @@ def print_report(rows: List[Dict], top: int = 10) -> None:
 
 
 def main(argv=None) -> List[Dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("traffic", __doc__)
     p.add_argument("--model", choices=sorted(MODELS), nargs="+", default=["vit_b", "vit_l"],
                    help="vit_b: ViT-B/16 (base ViT-B/16, decoder 512x2); vit_l: ViT-L/16 (decoder 768x2); "
                         "tiny: the test size")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--top", type=int, default=10, help="ops listed per provider, by bytes")
-    p.add_argument("--results", default=RESULTS, help="JSON-lines file rows are appended to")
+    p.add_argument("--batch", type=POSITIVE, default=256, help="images per step (default 256)")
+    p.add_argument("--mask-ratio", type=real(0, 1, lo_open=True, hi_open=True), default=0.75,
+                   help="share of the patches hidden from the encoder, in (0, 1) (default 0.75)")
+    p.add_argument("--top", type=NON_NEGATIVE, default=10, help="ops listed per provider, by bytes (default 10)")
+    p.add_argument("--results", default=RESULTS,
+                   help="JSON-lines file rows are appended to (default benchmarks/results/traffic.jsonl)")
     p.add_argument("--no-save", action="store_true", help="print only")
     args = p.parse_args(argv)
     rows = []

@@ -27,8 +27,11 @@ PathOrState = Union[str, os.PathLike, dict]
 # The one class official TEC/MAE training checkpoints pickle beside their tensors (``args``).
 SAFE_GLOBALS = [argparse.Namespace]
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".pth"
-# tempfile.mkstemp names: the prefix, 8 characters of [a-z0-9_], the suffix.
-_TEMP_NAME = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + r"$")
+# What a killed save leaves: tempfile.mkstemp names (the prefix, 8 characters of [a-z0-9_], the
+# suffix: ``save_atomic``'s, or config.yaml's from ``write_text_atomic``), and the hard link that
+# ``CheckpointManager`` renames over checkpoint-last (``.link-PID.pth``).
+_TEMP_NAME = re.compile(r"^(?:" + re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}(?:" + re.escape(TEMP_SUFFIX)
+                        + r"|config\.yaml)|\.link-[0-9]+\.pth)$")
 
 # the first bytes of a zip archive: every torch.save file since PyTorch 1.6
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -194,7 +197,7 @@ class _DiskWriter:
             raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process's umask, read without changing it where Linux reports it (``os.umask`` sets
     as it reads, which another thread could see)."""
     try:
@@ -215,7 +218,7 @@ def _open_temp(folder: str):
     cluster can read the checkpoint the rename publishes."""
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
     except OSError:  # a file system without modes (some network mounts): keep mkstemp's
         pass
     return tmp, os.fdopen(fd, "wb")
@@ -258,8 +261,9 @@ def save_atomic(obj, path: Union[str, os.PathLike]) -> None:
 
 
 def clean_stale_temp_files(folder: Union[str, os.PathLike]) -> List[str]:
-    """Remove the temporary files of saves that were killed in ``folder`` (only the names
-    ``save_atomic`` makes, ``.tmp-XXXXXXXX.pth``, and only regular files); returns their paths.
+    """Remove the temporary files of saves that were killed in ``folder`` (only the names the
+    saves make, ``.tmp-XXXXXXXX.pth``, ``.tmp-XXXXXXXXconfig.yaml``, ``.link-PID.pth``, and only
+    regular files); returns their paths.
     Call it before this process saves anything there."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):

@@ -403,7 +403,7 @@ def write_curves(output: str):
 def summary(args, result, precision: str, world: int, exported, curves=None) -> str:
     from tec_fast.training.monitor import format_duration, table
 
-    return table(["", ""], [
+    return table(["", "this run"], [
         ["stage", args.objective], ["steps", f"{result.steps} / {result.total_steps} ({result.stopped})"],
         ["epoch", result.epoch], ["global batch", result.global_batch], ["peak lr", f"{result.lr:.3g}"],
         ["optimizer", result.optimizer], ["precision", precision], ["processes", world],

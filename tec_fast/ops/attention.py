@@ -87,11 +87,17 @@ def _xformers_not_supported_reasons(device: torch.device, dtype: torch.dtype) ->
 
 @functools.lru_cache(maxsize=1)
 def _forced() -> str:
-    """``TEC_FAST_PACKED_ATTENTION``, read once (``_forced.cache_clear()`` after changing it)."""
+    """``TEC_FAST_PACKED_ATTENTION``, read once (``reload_environment()`` after changing it)."""
     forced = os.environ.get("TEC_FAST_PACKED_ATTENTION", "").strip().lower()
     if forced and forced not in BACKENDS:
         raise ValueError(f"TEC_FAST_PACKED_ATTENTION must be one of {BACKENDS}, got {forced!r}")
     return forced
+
+
+def reload_environment() -> None:
+    """Re-read ``TEC_FAST_PACKED_ATTENTION``: the setting and the backend choices made under it."""
+    _forced.cache_clear()
+    packed_attention_backend.cache_clear()
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,8 +135,13 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if lengths is not None and (len(lengths) != cu_seqlens.numel() - 1 or sum(lengths) != T):
         raise ValueError(f"lengths must hold B={cu_seqlens.numel() - 1} counts adding up to T={T}, "
                          f"got {len(lengths)} adding up to {sum(lengths)}")
-    if cu_seqlens.device.type == "cpu" and (int(cu_seqlens[-1]) != T or int(cu_seqlens[0]) != 0):
-        raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {cu_seqlens.tolist()[:8]}")
+    if cu_seqlens.device.type == "cpu":
+        counts = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or min(counts) < 0:
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu_seqlens.tolist()[:8]}"
+                             f"{' ...' if cu_seqlens.numel() > 8 else ''}")
+        if lengths is not None and list(lengths) != counts:
+            raise ValueError(f"lengths {list(lengths)[:8]} differ from the counts cu_seqlens gives, {counts[:8]}")
     if not isinstance(max_len, int) or isinstance(max_len, bool) or not 1 <= max_len <= T:
         raise ValueError(f"max_len must be an int in [1, T={T}] (the longest image), got {max_len!r}")
     if backend is None:

@@ -27,7 +27,7 @@ import torch
 
 from tec_fast.packing import library  # noqa: F401  (defines torch.ops.tec_fast.pack, ...)
 from tec_fast.packing.extension import _C, backend, extension_status
-from tec_fast.packing.reference import (_check_index_values, pack_reference,
+from tec_fast.packing.reference import (_check_index_values, check_no_repeats, pack_reference,
                                         plan_bins_reference, position_ids_reference,
                                         unpack_reference)
 
@@ -88,8 +88,10 @@ def unpack(packed: torch.Tensor, index: torch.Tensor, fill: torch.Tensor,
             raise ValueError(f"unpack: {name} is on {t.device} but packed is on {packed.device}")
     index = index.long()
     if packed.device.type != "cpu":
-        # the CUDA kernel skips bad indices instead of reading out of bounds; say so loudly
+        # the CUDA kernel skips bad indices instead of reading out of bounds, and of a repeated
+        # position keeps the last row: say so loudly (the CPU kernels raise these themselves)
         _check_index_values(index, B * L, "unpack")
+        check_no_repeats(index, B * L, "unpack")
     return torch.ops.tec_fast.unpack(packed, index, fill.reshape(C).to(packed.dtype), B, L)
 
 
@@ -133,8 +135,8 @@ def plan_bins(lengths: Union[Sequence[int], torch.Tensor], capacity: int) -> Lis
             capacity = int(capacity.__index__())
         except (AttributeError, TypeError):
             raise ValueError(f"plan_bins: capacity must be a positive int, got {capacity!r}") from None
-    if capacity <= 0:
-        raise ValueError(f"plan_bins: capacity must be a positive integer, got {capacity}")
+    if not 0 < capacity < 2 ** 63:
+        raise ValueError(f"plan_bins: capacity must be a positive int64, got {capacity}")
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.detach().cpu().numpy()
     try:
@@ -146,6 +148,9 @@ def plan_bins(lengths: Union[Sequence[int], torch.Tensor], capacity: int) -> Lis
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise ValueError(f"plan_bins: lengths must be a 1-D sequence of ints, got dtype {arr.dtype} "
                          f"and shape {arr.shape}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 2 ** 63:
+        bad = int(np.argmax(arr >= 2 ** 63))
+        raise ValueError(f"plan_bins: lengths[{bad}] = {int(arr[bad])} does not fit in int64")
     arr = arr.astype(np.int64, copy=False)
     if _C is not None:
         return _C.plan_bins(arr, capacity)

@@ -23,9 +23,6 @@ def _load_extensions() -> Tuple[Optional[object], Dict[str, object]]:
         "built": False, "loaded": False, "openmp": False, "reason": "",
         "cuda_built": False, "cuda": False, "cuda_reason": "",
         "built_for": None, "present": {"torch": torch.__version__, "cuda": torch.version.cuda}}
-    if os.environ.get("TEC_FAST_NO_EXT", "0") not in ("", "0"):
-        status["reason"] = status["cuda_reason"] = "TEC_FAST_NO_EXT is set"
-        return None, status
     try:
         info = json.loads(_BUILD_INFO.read_text())
     except FileNotFoundError:
@@ -36,8 +33,11 @@ def _load_extensions() -> Tuple[Optional[object], Dict[str, object]]:
         info = {}
         status["reason"] = f"unreadable {_BUILD_INFO.name} ({exc})"
     built_torch, built_cuda = str(info.get("torch")), info.get("torch_cuda")
-    status["built"] = bool(info.get("cpu", {}).get("built"))
+    status["built"] = bool(info.get("cpu", {}).get("built"))  # what was built, loaded or not
     status["cuda_built"] = bool(info.get("cuda", {}).get("built"))
+    if os.environ.get("TEC_FAST_NO_EXT", "0") not in ("", "0"):
+        status["reason"] = status["cuda_reason"] = "TEC_FAST_NO_EXT is set"
+        return None, status
     cpu_ext = None
     if info:
         status["built_for"] = {"torch": built_torch, "cuda": built_cuda}

@@ -92,11 +92,29 @@ def _gather_rows_backward(ctx, grad):
     return grad_src.reshape(ctx.n_src, C), None
 
 
+def _unkept_row_sum_setup(ctx, inputs, output):
+    grad, index = inputs
+    ctx.n_rows = grad.shape[0]
+    ctx.save_for_backward(index)
+
+
+def _unkept_row_sum_backward(ctx, grad_sum):
+    # out[c] = sum of grad[r, c] over the rows r not in index: its gradient is grad_sum on every
+    # such row, zero on the kept ones (unpack of zero rows at index, grad_sum elsewhere). What a
+    # second derivative through unpack's fill gradient needs.
+    (index,) = ctx.saved_tensors
+    C = grad_sum.shape[0]
+    g = torch.ops.tec_fast.unpack(grad_sum.new_zeros(index.shape[0], C), index, grad_sum, ctx.n_rows, 1)
+    return g.reshape(ctx.n_rows, C), None
+
+
 torch.library.register_autograd("tec_fast::pack", _pack_backward, setup_context=_pack_setup,
                                 lib=_LIB)
 torch.library.register_autograd("tec_fast::unpack", _unpack_backward, setup_context=_unpack_setup,
                                 lib=_LIB)
 torch.library.register_autograd("tec_fast::gather_rows", _gather_rows_backward,
                                 setup_context=_gather_rows_setup, lib=_LIB)
+torch.library.register_autograd("tec_fast::unkept_row_sum", _unkept_row_sum_backward,
+                                setup_context=_unkept_row_sum_setup, lib=_LIB)
 
 

@@ -18,6 +18,18 @@ def _check_index_values(index: torch.Tensor, bound: int, op: str, name: str = "i
         raise ValueError(f"{op}: {name}[{bad}] = {int(index[bad])} is outside [0, {bound})")
 
 
+def check_no_repeats(index: torch.Tensor, bound: int, op: str) -> None:
+    """``index`` (values in [0, bound), checked before) names each position once; a ValueError
+    names the first position it repeats (the C++ kernel's message)."""
+    if index.numel() < 2:
+        return
+    counts = torch.bincount(index, minlength=bound)
+    if bool((counts > 1).any()):
+        pos = int((counts > 1).nonzero()[0, 0])
+        where = (index == pos).nonzero().reshape(-1)[:2].tolist()
+        raise ValueError(f"{op}: index holds position {pos} twice (index[{where[0]}] and index[{where[1]}])")
+
+
 def pack_reference(x: torch.Tensor, keep: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed [T, C], cu_seqlens [B+1] int32, index [T] int64, max_len 0-dim int64 on CPU)."""
@@ -51,8 +63,7 @@ def unpack_reference(packed: torch.Tensor, index: torch.Tensor, fill: torch.Tens
         if size > 2 ** 63 - 1:
             raise ValueError(f"unpack: {what} = {size} overflows int64")
     _check_index_values(index, B * L, "unpack")
-    if torch.unique(index).numel() != T:
-        raise ValueError("unpack: index holds a position twice")
+    check_no_repeats(index, B * L, "unpack")
     out = fill.reshape(1, C).expand(B * L, C).clone()  # [B*L, C]
     out.index_copy_(0, index, packed)
     return out.reshape(B, L, C)
@@ -67,8 +78,7 @@ def _unkept_row_sum_reference(grad: torch.Tensor, index: torch.Tensor) -> torch.
     _check_index_values(index, grad.shape[0], "unkept_row_sum")
     unkept = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
     unkept[index] = False
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    return grad[unkept].sum(0, dtype=acc).to(grad.dtype)
+    return grad[unkept].sum(0, dtype=torch.float64).to(grad.dtype)  # double, as the C++ kernel sums
 
 
 def position_ids_reference(index: torch.Tensor, seq_len: int, grid_w: torch.Tensor) -> torch.Tensor:

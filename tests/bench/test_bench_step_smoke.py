@@ -147,6 +147,21 @@ def test_report_host_table_takes_the_newest_commits_runs():
     text = report.host_table(rows + reuse + plain)
     assert "reused by call signature" in text and "99.0" not in text and "9.90x" not in text
     assert "| 9.0 ms | 10.0 ms | 0.80-1.00x | 11.0 ms | 1.10-1.10x | <= 0.5x |" in text
+    # a subset or smoke run (full_run false) never becomes the table; full runs marked as such do
+    smoke = [dict(r, full_run=False, timestamp="2026-12-09T00:00:00", host_ms=77.0, vs_eager=7.7)
+             for r in run("smoke", "2026-12-09T00:00:00", 77.0, 10.0, 70.0, 10.0)]
+    text = report.host_table(rows + smoke)
+    assert "commit new, 3 runs" in text and "77.0" not in text and "smoke" not in text
+    marked = [dict(r, full_run=True) for r in run("marked", "2026-12-09T00:00:00", 9.5, 10.0, 12.0, 10.0)]
+    assert "commit marked, 1 run" in report.host_table(rows + smoke + marked)
+    assert "2-core CPU, one thread" in text
+    assert "4-core CPU, 2 threads" in report.host_table([dict(r, device="cpu-x86_64-4c", threads=2) for r in rows])
+
+
+def test_report_commit_cells():
+    from benchmarks import report
+    assert report._commit({"commit": "186429e-dirty"}) == "186429e (dirty)"
+    assert report._commit({"commit": "0e9ce13"}) == "0e9ce13"
 
 
 def test_git_commit_is_dirty_for_code_changes_not_for_appended_results(tmp_path, monkeypatch):

@@ -41,6 +41,8 @@ def test_ops_table_rows(tmp_path, capsys):
         for key in ("device", "commit", "torch", "triton", "timestamp", "fwd_us", "shape", "threads"):
             assert key in r, key
         assert r["fwd_us"] > 0
+        # a subset at 1 repetition: recorded as such, and left out of the README's table
+        assert (r["full_run"], r["reps"], r["calls"]) == (False, 1, 2)
     by = {(r["op"], r["provider"]): r for r in rows}
     # backward: the row kernel and the weight / bias partial-sum kernel
     assert by["layer_norm", "triton"]["fwd_launches"] == 1 and by["layer_norm", "triton"]["bwd_launches"] == 2
@@ -68,6 +70,9 @@ def test_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         host_overhead.main(["--reps", "0"])
     assert e.value.code == 2 and "--reps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        host_overhead.main(["--skip-step", "--skip-ops"])
+    assert e.value.code == 2 and "leaves nothing to measure" in capsys.readouterr().err
 
 
 def _torch_calls(fn):

@@ -295,10 +295,17 @@ def test_clean_stale_temp_files(tmp_path):
             "checkpoint-last.pth", ".tmp-abcdefg.pth"]
     for name in keep:
         (tmp_path / name).write_bytes(b"1")
+    keep += [".link-12ab.pth", ".link-.pth", ".tmp-abcdefghconfig.yml"]
+    for name in keep[-3:]:
+        (tmp_path / name).write_bytes(b"1")
     (tmp_path / ".tmp-linkxxxx.pth").symlink_to(tmp_path / "checkpoint-last.pth")
     (tmp_path / ".tmp-dir_xxxx.pth").mkdir()
+    # the other names a killed save leaves: config.yaml's temp file, CheckpointManager's hard link
+    others = [tmp_path / ".tmp-k3_9abcdconfig.yaml", tmp_path / ".link-4321.pth"]
+    for path in others:
+        path.write_bytes(b"partial")
     removed = clean_stale_temp_files(tmp_path)
-    assert removed == [stale]
+    assert sorted(removed) == sorted([stale] + [str(p) for p in others])
     assert sorted(os.listdir(tmp_path)) == sorted(keep + [".tmp-linkxxxx.pth", ".tmp-dir_xxxx.pth"])
     assert clean_stale_temp_files(tmp_path) == []
     assert clean_stale_temp_files(tmp_path / "missing") == []

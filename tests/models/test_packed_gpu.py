@@ -149,16 +149,14 @@ def test_packed_step_on_varlen_matches_nested(monkeypatch):
     runs = {}
     for forced in ("varlen", "nested"):
         monkeypatch.setenv("TEC_FAST_PACKED_ATTENTION", forced)
-        attention._forced.cache_clear()
-        attention.packed_attention_backend.cache_clear()
+        attention.reload_environment()
         base, model = _models()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = TECObjective(base, (0.6, 0.9), 64)(model, (images, None), noise)
         out["loss"].backward()
         runs[forced] = out["loss"].item(), torch.cat([p.grad.flatten() for p in model.parameters()
                                                       if p.grad is not None])
-    attention._forced.cache_clear()
-    attention.packed_attention_backend.cache_clear()
+    attention.reload_environment()
     (lv, gv), (ln, gn) = runs["varlen"], runs["nested"]
     assert abs(lv - ln) <= 2e-2 * abs(ln), (lv, ln)
     assert (gv - gn).norm() <= 5e-2 * gn.norm(), ((gv - gn).norm().item(), gn.norm().item())

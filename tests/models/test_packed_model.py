@@ -106,8 +106,12 @@ def test_packed_attention_checks_its_arguments():
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     with pytest.raises(ValueError, match="cu_seqlens must be an int32"):
         packed_attention(q, q, q, cu.long(), 4)
-    with pytest.raises(ValueError, match="cu_seqlens must run from 0 to T=6"):
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to T=6"):
         packed_attention(q, q, q, torch.tensor([0, 2, 5], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to T=6"):  # a negative count
+        packed_attention(q, q, q, torch.tensor([0, 7, 6], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match=r"lengths \[4, 2\] differ from the counts cu_seqlens gives, \[2, 4\]"):
+        packed_attention(q, q, q, cu, 4, lengths=[4, 2])
     with pytest.raises(ValueError, match=r"max_len must be an int in \[1, T=6\]"):
         packed_attention(q, q, q, cu, 0)
     with pytest.raises(ValueError, match="lengths must hold B=2 counts adding up to T=6"):
@@ -139,12 +143,10 @@ def dense_attention(monkeypatch):
     from tec_fast.ops import attention
 
     monkeypatch.setenv("TEC_FAST_PACKED_ATTENTION", "dense")
-    attention._forced.cache_clear()
-    attention.packed_attention_backend.cache_clear()
+    attention.reload_environment()
     yield
     monkeypatch.delenv("TEC_FAST_PACKED_ATTENTION")
-    attention._forced.cache_clear()
-    attention.packed_attention_backend.cache_clear()
+    attention.reload_environment()
 
 
 @pytest.mark.parametrize("masking", ["random", "block"])

@@ -124,6 +124,34 @@ def test_gradcheck_pack_and_unpack():
     fill = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda p, f: packing.unpack(p, index, f, (3, 5)), (packed, fill))
     assert torch.autograd.gradgradcheck(lambda x: packing.pack(x, keep)[0], (x,))
+    # second derivatives through unpack, fill's included (the fill gradient's own formula)
+    assert torch.autograd.gradgradcheck(
+        lambda x, f: packing.unpack(packing.pack(x, keep)[0] * 2, index, f, (3, 5)), (x, fill))
+
+
+def test_fill_gradient_is_differentiable():
+    """d(fill grad)/d(upstream grad) = 1 on every unkept position, 0 on the kept ones."""
+    packed, fill = torch.zeros(2, 1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    index = torch.tensor([0, 4])
+    g = torch.zeros(2, 3, 1, requires_grad=True)
+    gf, = torch.autograd.grad(packing.unpack(packed, index, fill, (2, 3)), fill, g, create_graph=True)
+    gg, = torch.autograd.grad(gf.sum(), g)
+    assert torch.equal(gg.reshape(-1), torch.tensor([0.0, 1, 1, 1, 0, 1]))
+
+
+def test_fill_gradient_sums_in_double():
+    """The fill gradient (a sum over the unkept rows) is accumulated in double on the C++ and the
+    plain-torch path alike: within half an fp32 ulp of the exact sum, not fp32's running error."""
+    from tec_fast.packing.reference import _unkept_row_sum_reference
+    gen = torch.Generator().manual_seed(6)
+    grad = torch.randn(4096, 8, generator=gen) * torch.logspace(0, 4, 4096)[:, None]
+    index = torch.arange(0, 4096, 2)
+    exact = grad.double()[1::2].sum(0)
+    ulp = torch.finfo(torch.float32).eps * exact.abs()
+    for name, out in (("operator", torch.ops.tec_fast.unkept_row_sum(grad, index)),
+                      ("reference", _unkept_row_sum_reference(grad, index))):
+        assert out.dtype == torch.float32
+        assert ((out.double() - exact).abs() <= ulp).all(), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -148,8 +176,8 @@ def test_gradients_match_reference(dtype):
                  lambda p, f: packing.unpack(p, index, f, (B, L)))
     ex, ef = run(lambda t: t[keep], lambda p, f: ref_unpack(p, keep, f))
     assert torch.equal(gx, ex)  # scatter of copies: exact
-    # the fill gradient is a sum over the unkept rows: accumulated in fp32 here, so compare with
-    # an fp64 sum and allow only the final rounding to `dtype`
+    # the fill gradient is a sum over the unkept rows (accumulated in double, then rounded to
+    # `dtype`): compare with an fp64 sum and allow only that final rounding
     exact = (g_out.double() * (~keep)[..., None]).sum((0, 1))
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
     torch.testing.assert_close(gf.double(), exact, atol=tol * exact.abs().max().item(), rtol=tol)
@@ -200,7 +228,13 @@ def test_unpack_bad_inputs():
     _raises(r"index\[2\] = 7 is outside \[0, 6\)", packing.unpack, packed, index, fill, (2, 3))
     _raises(r"index\[0\] = -1 is outside", packing.unpack, packed, torch.tensor([-1, 1, 2, 3]),
             fill, (2, 5))
-    _raises(r"twice", packing.unpack, packed, torch.tensor([1, 1, 2, 3]), fill, (2, 5))
+    _raises(r"index holds position 1 twice \(index\[0\] and index\[1\]\)", packing.unpack, packed,
+            torch.tensor([1, 1, 2, 3]), fill, (2, 5))
+    # the check the public wrapper runs for CUDA tensors (whose kernel would keep the last row)
+    from tec_fast.packing.reference import check_no_repeats
+    _raises(r"unpack: index holds position 6 twice \(index\[1\] and index\[3\]\)", check_no_repeats,
+            torch.tensor([0, 6, 2, 6]), 8, "unpack")
+    check_no_repeats(torch.tensor([0, 6, 2, 7]), 8, "unpack")
     _raises(r"index must be .*\(4,\).*\(3,\)", packing.unpack, packed, index[:3], fill, (2, 5))
     _raises(r"index must be .*torch.float32", packing.unpack, packed, index.float(), fill, (2, 5))
     _raises(r"fill must be .*3 values.*\(4,\)", packing.unpack, packed, index, torch.zeros(4), (2, 5))
@@ -264,6 +298,10 @@ def test_plan_bins_inputs_and_quality():
 
 def test_plan_bins_bad_inputs():
     _raises(r"lengths\[1\] = 12 exceeds capacity 10", packing.plan_bins, [3, 12, 4], 10)
+    import numpy as np
+    _raises(r"capacity must be a positive int64, got 9223372036854775808", packing.plan_bins, [1], 2 ** 63)
+    _raises(r"lengths\[1\] = 9223372036854775813 does not fit in int64", packing.plan_bins,
+            np.array([1, 2 ** 63 + 5], dtype=np.uint64), 10)
     _raises(r"lengths\[2\] = -1 is negative", packing.plan_bins, [3, 1, -1], 10)
     _raises(r"lengths\[0\] = 11 exceeds", packing.plan_bins, torch.tensor([11]), 10)
     _raises(r"capacity must be a positive", packing.plan_bins, [1], 0)

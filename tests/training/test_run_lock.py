@@ -148,9 +148,13 @@ def test_a_restarted_torchrun_worker_waits_for_its_predecessor(tmp_path, monkeyp
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_saved_files_get_the_umask_mode(tmp_path, umask, mode):
+    """Checkpoints and config.yaml get the mode open() would give (mkstemp's 0600 replaced)."""
+    from tec_fast.cli.config import write_text_atomic
     old = os.umask(umask)
     try:
         save_atomic({"x": torch.zeros(2)}, tmp_path / "ck.pth")
+        write_text_atomic(str(tmp_path / "config.yaml"), "a: 1\n")
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "ck.pth").st_mode) == mode
+    assert stat.S_IMODE(os.stat(tmp_path / "config.yaml").st_mode) == mode
