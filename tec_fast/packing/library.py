@@ -78,34 +78,30 @@ def _unpack_backward(ctx, grad):
     return grad_packed, None, grad_fill, None, None
 
 
-def _gather_rows_setup(ctx, inputs, output):
-    src, index = inputs
-    ctx.n_src = src.shape[0]
+def _row_count_setup(ctx, inputs, output):
+    """gather_rows and unkept_row_sum: (rows [N, C], index) in; the backward needs N and index."""
+    rows, index = inputs
+    ctx.n_rows = rows.shape[0]
     ctx.save_for_backward(index)
+
+
+def _rows_at(ctx, packed: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """[N, C]: packed[t] on row index[t], ``fill`` on every other row (unpack with L = 1)."""
+    (index,) = ctx.saved_tensors
+    return torch.ops.tec_fast.unpack(packed, index, fill, ctx.n_rows, 1).reshape(ctx.n_rows, fill.shape[0])
 
 
 def _gather_rows_backward(ctx, grad):
     # index comes from unpack (checked there): no repeats, so scattering needs no accumulation
-    (index,) = ctx.saved_tensors
-    C = grad.shape[1]
-    grad_src = torch.ops.tec_fast.unpack(grad, index, grad.new_zeros(C), ctx.n_src, 1)
-    return grad_src.reshape(ctx.n_src, C), None
-
-
-def _unkept_row_sum_setup(ctx, inputs, output):
-    grad, index = inputs
-    ctx.n_rows = grad.shape[0]
-    ctx.save_for_backward(index)
+    return _rows_at(ctx, grad, grad.new_zeros(grad.shape[1])), None
 
 
 def _unkept_row_sum_backward(ctx, grad_sum):
     # out[c] = sum of grad[r, c] over the rows r not in index: its gradient is grad_sum on every
-    # such row, zero on the kept ones (unpack of zero rows at index, grad_sum elsewhere). What a
-    # second derivative through unpack's fill gradient needs.
+    # such row and zero on the kept ones. What a second derivative through unpack's fill
+    # gradient needs.
     (index,) = ctx.saved_tensors
-    C = grad_sum.shape[0]
-    g = torch.ops.tec_fast.unpack(grad_sum.new_zeros(index.shape[0], C), index, grad_sum, ctx.n_rows, 1)
-    return g.reshape(ctx.n_rows, C), None
+    return _rows_at(ctx, grad_sum.new_zeros(index.shape[0], grad_sum.shape[0]), grad_sum), None
 
 
 torch.library.register_autograd("tec_fast::pack", _pack_backward, setup_context=_pack_setup,
@@ -113,8 +109,8 @@ torch.library.register_autograd("tec_fast::pack", _pack_backward, setup_context=
 torch.library.register_autograd("tec_fast::unpack", _unpack_backward, setup_context=_unpack_setup,
                                 lib=_LIB)
 torch.library.register_autograd("tec_fast::gather_rows", _gather_rows_backward,
-                                setup_context=_gather_rows_setup, lib=_LIB)
+                                setup_context=_row_count_setup, lib=_LIB)
 torch.library.register_autograd("tec_fast::unkept_row_sum", _unkept_row_sum_backward,
-                                setup_context=_unkept_row_sum_setup, lib=_LIB)
+                                setup_context=_row_count_setup, lib=_LIB)
 
 
