@@ -31,7 +31,12 @@ def row_of(folder: str, note: str) -> dict:
             "plan": doc["plan"],
             **{r: doc[r] for r in ROWS}, "tec_minus_base": doc["tec_minus_base"],
             "tec_minus_mae_continued": doc["tec_minus_mae_continued"],
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": _commit()}
+
+
+def _commit() -> str:
+    from benchmarks.common import git_commit
+    return git_commit()
 
 
 def table(rows) -> str:
@@ -41,7 +46,7 @@ def table(rows) -> str:
         cells = [f"{100 * r[n]['knn']:.1f} / {100 * r[n]['linear']:.1f}" for n in ROWS]
         gains = [f"{100 * r[k]['knn']:+.1f} / {100 * r[k]['linear']:+.1f}"
                  for k in ("tec_minus_base", "tec_minus_mae_continued")]
-        m, s = divmod(int(r["seconds"]), 60)
+        m, s = divmod(round(r["seconds"]), 60)
         lines.append(f"| {r['seed']} | " + " | ".join(cells + gains) + f" | {m}:{s:02d} ({r['note']}) |")
     return "\n".join(lines)
 
@@ -83,8 +88,10 @@ def main(argv=None) -> int:
         path = os.path.join(ROOT, "README.md")
         readme = open(path).read()
         head, rest = readme.split(BEGIN, 1)
+        commits = sorted({r.get("commit", "not recorded") for r in current})
         body = ("k-NN % / linear probe %, test split, `python -m tec_fast.train --seed S` (rows from "
-                "`benchmarks/results/demo.jsonl`, collected by `python -m benchmarks.experiments.demo_seeds`). TEC "
+                "`benchmarks/results/demo.jsonl`, collected by `python -m benchmarks.experiments.demo_seeds`; "
+                f"commit {', '.join(commits)}). TEC "
                 + ("beats" if wins else "does NOT beat") + " the base and MAE-continued on both metrics for "
                 "every seed:\n\n" + table(current))
         open(path, "w").write(head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1])

@@ -161,12 +161,11 @@ def _demo_flags(p: Parser) -> None:
     g = p.add_argument_group(
         "demo (no --data)", "The embedded demo starts from the MAE base shipped in the package and trains TEC "
         "and MAE-continued for the same counted FLOPs, side by side on half the cores each (fixed step counts and "
-        "thread counts: the numbers depend only on --seed; measured on 2 CPU cores: 5.6-8.1 min beside a one-thread job, "
-        "9.6 min beside a two-process job).")
+        "thread counts: the numbers depend only on --seed; the README's runs took 7-8 min on 2 shared CPU cores).")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--demo-from-scratch", action="store_true",
-                      help="train the demo base first (its fixed recipe: 3100 MAE steps; 20 min measured on 2 "
-                           "idle cores), then the same stages (25 min in all)")
+                      help="train the demo base first (its fixed recipe: 3100 MAE steps; about 20 min on 2 idle "
+                           "cores), then the same stages")
     mode.add_argument("--demo-long", action="store_true", help="old name of --demo-from-scratch")
     mode.add_argument("--demo-tiny", action="store_true",
                       help="smoke run on 512 training images, 20 TEC steps, about 1 min on 2 busy cores (CI; its numbers "
@@ -240,18 +239,29 @@ def _main(argv) -> int:
         sys.stdout.write(run_config(args))
         return 0
     if args.data is None:
-        if not args.demo_make_base:
-            write_text_atomic(os.path.join(args.output or os.path.join("runs", "demo"), CONFIG_FILE),
-                              run_config(args))
         from tec_fast.demo.run import make_demo_base, run_demo
-        return make_demo_base(args) if args.demo_make_base else run_demo(args)
+        if args.demo_make_base:
+            return make_demo_base(args)
+        _made_output(args.output or os.path.join("runs", "demo"))
+        config = run_config(args)  # written under the run's lock
+        return run_demo(args, on_locked=lambda out: write_text_atomic(os.path.join(out, CONFIG_FILE), config))
     return train(args)
+
+
+def _made_output(path: str) -> str:
+    """``path``, created where missing; a folder that cannot be made is a ValueError naming
+    --output (the file system's own message alone would not say which flag)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--output {path}: cannot create the folder ({exc.strerror or exc})") from None
+    return path
 
 
 def train(args) -> int:
     from tec_fast.training.distributed import distributed_command
 
-    output = args.output or os.path.join("runs", args.objective)
+    output = _made_output(args.output or os.path.join("runs", args.objective))
     with distributed_command(args.device, output, lock=not args.bench_loader) as d:
         return _train(args, d, output)
 

@@ -252,9 +252,14 @@ def _base(plan: DemoPlan, out: str, progress: bool, train_ds, test_ds, folder=No
                       lambda enc: evaluate_encoder(enc, train_ds, test_ds))
 
 
-def run_demo(args) -> int:
+def run_demo(args, on_locked: Optional[Callable[[str], None]] = None) -> int:
+    """The demo into ``args.output`` (default runs/demo), under the folder's run lock;
+    ``on_locked(folder)`` runs once the lock is held (the train command writes its config.yaml
+    there: a refused run leaves the running one's file alone)."""
     out = args.output or os.path.join("runs", "demo")
     with hold_output_lock(out):
+        if on_locked is not None:
+            on_locked(out)
         return _run_demo(args, out)
 
 

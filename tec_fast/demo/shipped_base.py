@@ -66,11 +66,20 @@ def load_base(folder: Optional[str] = None) -> Tuple[MAEModel, dict]:
         raise ValueError(f"no demo base in {folder} ({WEIGHTS} and {META}): make one with "
                          "`python -m tec_fast.train --demo-make-base --output DIR`, or run the demo "
                          "with --demo-from-scratch")
-    meta = json.loads(meta_path.read_text())
-    recipe = BaseRecipe(**meta["recipe"])
+    try:
+        meta = json.loads(meta_path.read_text())
+        recipe = BaseRecipe(**meta["recipe"])
+        meta.setdefault("eval", {})
+    except (ValueError, TypeError, KeyError) as exc:  # bad JSON, no "recipe", unknown fields
+        raise ValueError(f"{meta_path}: not a demo base record ({type(exc).__name__}: {exc})") from None
     mae = new_mae(recipe)
-    ck = torch.load(weights, map_location="cpu", weights_only=True)
-    missing, unexpected = mae.load_state_dict({k: v.float() for k, v in ck["model"].items()}, strict=False)
+    try:
+        ck = torch.load(weights, map_location="cpu", weights_only=True)
+        state = {k: v.float() for k, v in ck["model"].items()}
+    except Exception as exc:  # torch.load raises many types on a file that is not a checkpoint
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"{weights}: not a readable demo base checkpoint ({type(exc).__name__}: {first})") from None
+    missing, unexpected = mae.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("pos_embed")]  # fixed sin-cos, recomputed
     if missing or unexpected:
         raise ValueError(f"{weights}: keys do not match the demo MAE model (missing {missing[:5]}, "

@@ -242,3 +242,12 @@ def test_resume_with_a_state_that_does_not_fit_names_the_file(files, tmp_path, c
     assert main([*argv, "--resume", str(bad), "--max-steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --resume {bad}: its {part} state does not fit this run"), err
+
+
+@pytest.mark.parametrize("mode", ["tec", "demo"])
+def test_an_output_folder_that_cannot_be_made_names_the_flag(files, capsys, mode):
+    bad = files / "a_file" / "run"  # below a file: no folder can be made there
+    argv = ([*_tec(files), "--max-steps", "1"] if mode == "tec" else ["--demo-tiny"]) + ["--output", str(bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output {bad}: cannot create the folder (Not a directory)"], err
