@@ -161,7 +161,7 @@ def _demo_flags(p: Parser) -> None:
     g = p.add_argument_group(
         "demo (no --data)", "The embedded demo starts from the MAE base shipped in the package and trains TEC "
         "and MAE-continued for the same counted FLOPs, side by side on half the cores each (fixed step counts and "
-        "thread counts: the numbers depend only on --seed; the README's runs took 7-8 min on 2 shared CPU cores).")
+        "thread counts: the numbers depend only on --seed; the README's runs took about 4 min on 2 CPU cores with nothing else of ours running).")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--demo-from-scratch", action="store_true",
                       help="train the demo base first (its fixed recipe: 3100 MAE steps; about 20 min on 2 idle "
