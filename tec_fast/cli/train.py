@@ -329,9 +329,9 @@ def _fresh_output(output: str, overwrite: bool, say) -> None:
     """A run without --resume starts in a folder free of another run's checkpoints: mixed in, they
     would be pruned against the new ones and resumed from later. ``overwrite`` deletes them (and
     the metrics logs that run appended to); otherwise such a folder is refused (ValueError)."""
-    import glob
+    from tec_fast.training.checkpoints import checkpoint_files
 
-    old = sorted(glob.glob(os.path.join(glob.escape(output), "checkpoint-*.pth")))
+    old = checkpoint_files(output)
     if not old:
         return
     if not overwrite:

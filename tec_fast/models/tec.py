@@ -89,7 +89,7 @@ class TECModel(nn.Module):
         if keep is not None:
             return layout.with_keep(keep)
         L = enc.num_patches
-        if isinstance(mask_ratio, torch.Tensor) and mask_ratio.dim() == 0 or isinstance(mask_ratio, numbers.Real):
+        if (isinstance(mask_ratio, torch.Tensor) and mask_ratio.dim() == 0) or isinstance(mask_ratio, numbers.Real):
             if isinstance(mask_ratio, bool):
                 raise ValueError(f"mask_ratio must be a number in [0, 1) or one per image, got {mask_ratio!r}")
             mask_ratio = float(mask_ratio)  # a 0-dim tensor or a NumPy scalar: one ratio for all

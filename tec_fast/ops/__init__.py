@@ -199,12 +199,14 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
     given = {"ln_before_w": ln_before_w, "ln_before_b": ln_before_b, "ln_after_w": ln_after_w,
              "ln_after_b": ln_after_b}
     dev = feats.device
+    named = []  # (name, tensor) of every weight, for the dtype check
     for name, t in given.items():
         if not isinstance(t, torch.Tensor) or t.shape != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]} for feats {tuple(feats.shape)}, "
                              f"got {getattr(t, 'shape', type(t).__name__)}")
         if t.device != dev:
             _check_same_device(feats, **{name: t})
+        named.append((name, t))
     group_shapes = {"fuse_w": (C, M * C), "fuse_b": (C,), "fc1_w": (hidden, C), "fc1_b": (hidden,),
                     "fc2_w": (C, hidden), "fc2_b": (C,)}
     groups = {"fuse_w": fuse_w, "fuse_b": fuse_b, "fc1_w": fc1_w, "fc1_b": fc1_b, "fc2_w": fc2_w,
@@ -219,8 +221,7 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
                                  f"{getattr(t, 'shape', type(t).__name__)}")
             if t.device != dev:
                 _check_same_device(feats, **{f"{name}[{g}]": t})
-    named = [(n, t) for n, t in given.items()] + [(f"{n}[{g}]", t) for n, ts in groups.items()
-                                                  for g, t in enumerate(ts)]
+            named.append((f"{name}[{g}]", t))
     for name, t in named:
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")

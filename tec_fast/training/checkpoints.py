@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
+from typing import List, Optional
 
 from tec_fast.checkpoint import save_atomic
 
@@ -12,6 +12,15 @@ LAST_CHECKPOINT = "checkpoint-last.pth"
 
 
 # ------------------------------------------------------------------------------ checkpoints
+def checkpoint_files(folder: str) -> List[str]:
+    """The checkpoints a run wrote in ``folder`` (``checkpoint-last.pth`` and the epoch files
+    ``CheckpointManager`` keeps), sorted; [] for a folder without any."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f == LAST_CHECKPOINT or CheckpointManager._EPOCH_FILE.match(f))
+
+
 class CheckpointManager:
     """``checkpoint-EEEE.pth`` after epochs (keeping the last ``keep_last`` and every
     ``keep_every``-th), ``checkpoint-last.pth`` always the newest state (a hard link to the
