@@ -66,6 +66,6 @@ def driver_calls_stubbed(on_launch: Callable[[str, tuple, dict], None], arch: in
     finally:
         for kernel in stubbed:
             kernel.module = kernel.function = kernel._run = None
-        _common._LAUNCHES.clear()  # launch reuse must not hand a later launch a stubbed kernel
+        _common.forget_launches()  # launch reuse must not hand a later launch a stubbed kernel
         CompiledKernel._init_handles = original
         driver.reset_active() if driver._default is not None else setattr(driver, "_active", None)

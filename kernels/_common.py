@@ -110,24 +110,31 @@ def sum_parts(parts: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -
 # reading its option knobs, the stream, its hooks and the globals the kernel used (about 8.7 us
 # of a launch here: ``benchmarks/experiments/launch_path_split.py``). ``launch`` keeps, per
 # kernel and per *call signature* (each tensor's dtype and address modulo 16, every other
-# argument's value, the constexprs and options, the driver and device, Triton's option knobs),
-# the compiled kernel ``JITFunction.run`` chose the first time, and later calls with the same
-# signature hand the same arguments to that kernel's launcher directly. The signature is finer
-# than what Triton specialises on (dtype and 16-byte alignment of a pointer; an int's 32/64-bit
-# range, its divisibility by 16 and whether it is 1), so it always picks the kernel Triton would
-# pick; and the launcher call is the one ``JITFunction.run`` makes. What a reuse skips besides:
-# Triton's check that the globals a kernel read have not changed since it compiled (the kernels
-# here read only module constants). Not taken (Triton's own path runs): under the interpreter,
-# with a launch hook or a pre-run hook installed (profilers), for a grid given as a function,
-# when ``JITFunction.run`` has been replaced (the benchmarks' compile-only and launch stubs), on
-# a Triton version the reuse was not checked against, or with ``TEC_FAST_LAUNCH=0``.
-# ``TEC_FAST_LAUNCH=verify`` checks every reuse against Triton's own choice (tests).
+# argument's class and value, the constexprs and options, the driver and device, Triton's option
+# knobs), the compiled kernel ``JITFunction.run`` chose the first time, and later calls with the
+# same signature hand the same arguments to that kernel's launcher directly. The signature is
+# finer than what Triton specialises on (dtype and 16-byte alignment of a pointer; an int's
+# 32/64-bit range, its divisibility by 16 and whether it is 1), so it always picks the kernel
+# Triton would pick; and the launcher call is the one ``JITFunction.run`` makes. What a reuse
+# skips besides: Triton's check that the globals a kernel read have not changed since it
+# compiled (the kernels here read only module constants). Not taken (Triton's own path runs):
+# under the interpreter, with a launch hook or a pre-run hook installed (profilers), for a grid
+# given as a function, when ``JITFunction.run`` has been replaced (the benchmarks' compile-only
+# and launch stubs), on a Triton version the reuse was not checked against, or with
+# ``TEC_FAST_LAUNCH=0``. ``TEC_FAST_LAUNCH=verify`` checks every reuse against Triton's own
+# choice (tests).
+#
+# The signature is computed by a function written for the kernel's arguments: one expression per
+# positional argument, for the kinds (tensor or not) its first launch passed (``_key_function``);
+# about half the host time of a loop over the arguments. Arguments of other kinds (a different
+# count, a tensor where there was none or the reverse) miss the table and give the kernel a new
+# key function.
 
 _LAUNCH_SETTINGS = {}   # TEC_FAST_LAUNCH, read once
 _JIT_RUN = JITFunction.run  # Triton's own; a replaced one (a benchmark's stub) is always called
-_LAUNCHES = {}          # call signature -> (compiled kernel, the arguments after the positional ones)
+_KERNELS = {}           # id(kernel) -> _Launches (the kernels are module globals: ids stay theirs)
 _Tensor = torch.Tensor
-_MAX_LAUNCHES = 4096    # signatures kept before the table starts over (sizes that vary every call)
+_MAX_LAUNCHES = 4096    # signatures kept per kernel before its table starts over (sizes that vary every call)
 
 
 # Triton versions whose JITFunction.run this reuse was checked against (its launcher call, its
@@ -163,6 +170,11 @@ def launch_path() -> str:
             + (" (each reuse checked against Triton's choice)" if mode == "verify" else ""))
 
 
+def forget_launches() -> None:
+    """Empty every kernel's reuse table (a benchmark's stubbed kernels must not be reused later)."""
+    _KERNELS.clear()
+
+
 _HookChain = knobs.HookChain
 
 
@@ -174,22 +186,26 @@ def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``: through the compiled kernel's own launcher when this call
     signature was launched before (see above), else through ``JITFunction.run``."""
     mode = _LAUNCH_SETTINGS.get("mode") or launch_mode()
-    key = hit = None
-    runtime, compilation = knobs.runtime, knobs.compilation
-    if (type(kernel) is JITFunction and JITFunction.run is _JIT_RUN and mode != "0" and type(grid) is tuple
+    runtime = knobs.runtime
+    if not (type(kernel) is JITFunction and JITFunction.run is _JIT_RUN and mode != "0" and type(grid) is tuple
             and _hook_idle(runtime.launch_enter_hook) and _hook_idle(runtime.launch_exit_hook)
-            and not kernel.pre_run_hooks):  # not the interpreter, a benchmark's stub, or a profiler
-        active = driver.active
-        device = active.get_current_device()
+            and not kernel.pre_run_hooks):  # the interpreter, a benchmark's stub, or a profiler
+        kernel.run(*args, grid=grid, warmup=False, **meta)
+        return
+    active = driver.active
+    device = active.get_current_device()
+    compilation = knobs.compilation
+    head = (active, device, runtime.debug, compilation.instrumentation_mode, compilation.fpsan_homomorphic_casts)
+    entry = _KERNELS.get(id(kernel))
+    hit = None
+    if entry is not None:
         try:
-            key = _signature(kernel, active, device, args, meta, runtime, compilation)
-            hit = _LAUNCHES.get(key)
-        except TypeError:  # an unhashable argument: Triton's own path
-            key = None
+            hit = entry.table.get(entry.key_of(head, meta, *args))
+        except (AttributeError, TypeError):  # arguments of other kinds than the key function's, or unhashable
+            hit = None
     if hit is None:
         compiled = kernel.run(*args, grid=grid, warmup=False, **meta)
-        if key is not None:
-            _remember(kernel, key, compiled, args, meta)
+        _remember(kernel, entry, head, compiled, args, meta)
         return
     compiled, tail = hit
     if mode == "verify":
@@ -199,35 +215,55 @@ def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
                  compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
 
 
-def _remember(kernel, key: tuple, compiled, args: tuple, meta: dict) -> None:
-    """Keep ``compiled`` for ``key`` with the arguments after the positional ones (constexprs
-    and defaults), where the positional ones are exactly the kernel's leading runtime
-    parameters and every later one is given or has a default."""
+class _Launches:
+    """One kernel's reuse table (call signature -> (compiled kernel, the arguments after the
+    positional ones)) and the key function for the argument kinds it was written for."""
+    __slots__ = ("kinds", "key_of", "table")
+
+    def __init__(self, kinds: Tuple[bool, ...]):
+        self.kinds, self.key_of, self.table = kinds, _key_function(kinds), {}
+
+
+def _tensor_key(i: int) -> str:
+    """The signature's part for a tensor argument ``a{i}``: its dtype and address modulo 16."""
+    return f"a{i}.dtype, a{i}.data_ptr() & 15"
+
+
+@functools.lru_cache(maxsize=None)
+def _key_function(kinds: Tuple[bool, ...]) -> Callable:
+    """``key_of(head, meta, *args)`` for positional arguments of ``kinds`` (True: a tensor): the
+    tuple (head, the constexprs and options, then per tensor its dtype and address modulo 16 and
+    per other argument its class and value), written out as one expression."""
+    names = [f"a{i}" for i in range(len(kinds))]
+    parts = [_tensor_key(i) if is_tensor else f"a{i}.__class__, a{i}" for i, is_tensor in enumerate(kinds)]
+    source = (f"def key_of(head, meta{''.join(', ' + n for n in names)}):\n"
+              f"    return (head, *meta.items(){''.join(', ' + p for p in parts)})\n")
+    scope: dict = {}
+    exec(source, scope)  # noqa: S102 - source built above from argument positions only
+    return scope["key_of"]
+
+
+def _remember(kernel, entry: Optional[_Launches], head: tuple, compiled, args: tuple, meta: dict) -> None:
+    """Keep ``compiled`` under this call's signature with the arguments after the positional ones
+    (constexprs and defaults), where the positional ones are exactly the kernel's leading
+    runtime parameters and every later one is given or has a default."""
     params = kernel.params
     if len(args) > len(params) or any(p.is_constexpr for p in params[:len(args)]):
         return
     rest = params[len(args):]
     if not all(p.name in meta or p.has_default for p in rest):
         return
-    if len(_LAUNCHES) >= _MAX_LAUNCHES:
-        _LAUNCHES.clear()
-    _LAUNCHES[key] = compiled, tuple(meta[p.name] if p.name in meta else p.default for p in rest)
-
-
-def _signature(kernel, active, device, args, meta, runtime, compilation) -> tuple:
-    """What a launch's compiled kernel depends on, finer than Triton's specialisation: each
-    tensor's dtype and address modulo 16, every other argument's value, the constexprs and
-    options, the driver and device, and Triton's option knobs."""
-    key = [kernel, active, device, runtime.debug, compilation.instrumentation_mode,
-           compilation.fpsan_homomorphic_casts, *meta.items(), len(args)]
-    put = key.append
-    for a in args:  # a loop, not a comprehension of tuples: about 0.4 us less per launch
-        if isinstance(a, _Tensor):
-            put(a.dtype)
-            put(a.data_ptr() & 15)
-        else:
-            put(a)
-    return tuple(key)
+    kinds = tuple([isinstance(a, _Tensor) for a in args])
+    if entry is None or entry.kinds != kinds:
+        entry = _KERNELS[id(kernel)] = _Launches(kinds)
+    try:
+        key = entry.key_of(head, meta, *args)
+        hash(key)
+    except TypeError:  # an unhashable argument: Triton's own path every time
+        return
+    if len(entry.table) >= _MAX_LAUNCHES:
+        entry.table.clear()
+    entry.table[key] = compiled, tuple(meta[p.name] if p.name in meta else p.default for p in rest)
 
 
 def _verify_reuse(kernel, grid, args, meta, device, compiled, tail) -> None:

@@ -30,10 +30,7 @@ def counted(*args, **kwargs):
 
 common._verify_reuse = counted
 if "--plant-bug" in sys.argv:
-    def no_alignment(kernel, active, device, args, meta, runtime, compilation):
-        return (kernel, active, device, tuple(meta.items()),
-                tuple([a.dtype if isinstance(a, torch.Tensor) else a for a in args]))
-    common._signature = no_alignment
+    common._tensor_key = lambda i: f"a{i}.dtype"  # a tensor's dtype only, not its address's alignment
 
 
 def run(op, example):
