@@ -198,3 +198,17 @@ def test_launch_path_split_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     for part in ("JITFunction.run", "argument binder", "cache key", "rest of run"):
         assert part in done.stdout, part
+
+
+def test_layer_norm_split_smoke(tmp_path):
+    """``benchmarks.experiments.layer_norm_split`` (the interpreter off: a subprocess)."""
+    import subprocess
+    import sys
+    ptxas_or_skip(90)
+    env = env_without_interpreter()
+    done = subprocess.run([sys.executable, "-m", "benchmarks.experiments.layer_norm_split", "--calls", "10"],
+                          cwd=host_overhead.REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for part in ("tec_fast.ops.layer_norm", "plain torch", "autograd.Function, no work", "launchers alone",
+                 "one reused launch"):
+        assert part in done.stdout, part
