@@ -81,6 +81,36 @@ def fx_tracing_notice_dropped() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 pointed at the null device (what C++ writes there included)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def quiet_profile(**kwargs) -> Iterator["torch.profiler.profile"]:
+    """``torch.profiler.profile(**kwargs)`` without the ``USDT: ... profiler_start`` /
+    ``profiler_stop`` lines this torch's profiler writes to stderr on every start and stop:
+    stderr is silenced while the profiler starts and stops only, so warnings and errors of the
+    profiled code still show."""
+    prof = torch.profiler.profile(**kwargs)
+    with _stderr_silenced():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _stderr_silenced():
+            prof.__exit__(None, None, None)
+
+
 def device_name(device) -> str:
     """The file-name-safe device name results are filed under, e.g. ``NVIDIA_H100_80GB_HBM3``
     or ``cpu-x86_64-2c``."""

@@ -51,7 +51,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from benchmarks.common import REPO, append_jsonl, complete_row, format_table  # noqa: E402
+from benchmarks.common import REPO, append_jsonl, complete_row, format_table, quiet_profile  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "host_overhead.jsonl")
 DEFAULT_STEPS, DEFAULT_CALLS, DEFAULT_REPS = 3, 50, 7
@@ -101,8 +101,8 @@ def torch_ops(fn: Callable[[], object]) -> Counter:
     inside, e.g. linear's addmm, not counted), from ``torch.profiler``: the dispatcher round trips
     a call costs the host, a count that does not depend on how busy the machine is. Ops the
     autograd engine runs in backward count too."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    from torch.profiler import ProfilerActivity
+    with quiet_profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     counts: Counter = Counter()
     for event in prof.events():

@@ -17,12 +17,11 @@ import os
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
+from torch.profiler import ProfilerActivity
 
 from benchmarks.bench_step import PRESETS, baseline_step_fn, build, engine_step_fn
 from benchmarks.common import (DTYPES, _sync, append_jsonl, complete_row, default_device, device_arg, device_name,
-                               format_table, make_parser)
+                               format_table, make_parser, quiet_profile)
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
 from tec_fast.ops.dispatch import kernel_mode
 
@@ -35,7 +34,7 @@ def profile_step(step, device: torch.device, warmup: int, steps: int, top: int, 
         step()
     _sync(device)()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=shapes) as prof:
+    with quiet_profile(activities=activities, record_shapes=shapes) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()

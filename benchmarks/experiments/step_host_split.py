@@ -39,9 +39,11 @@ ACCUMULATE = ("torch::autograd::AccumulateGrad", "autograd::engine::evaluate_fun
 
 def split(step, steps: int):
     """(ms per step of profiled self CPU time: total, compute kernels, gradient accumulation)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
+
+    from benchmarks.common import quiet_profile
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
     total = kern = acc = 0.0

@@ -212,3 +212,23 @@ def test_layer_norm_split_smoke(tmp_path):
     for part in ("tec_fast.ops.layer_norm", "plain torch", "autograd.Function, no work", "launchers alone",
                  "one reused launch"):
         assert part in done.stdout, part
+
+
+def test_quiet_profile_silences_only_the_profilers_start_and_stop(tmp_path):
+    """``benchmarks.common.quiet_profile``: no ``USDT`` lines from the profiler's start and stop,
+    but what the profiled code writes to stderr (C++ or Python) still shows, and stderr is
+    restored afterwards (a subprocess: fd 2 is what is checked)."""
+    import subprocess
+    import sys
+    code = ("import os, sys, torch\n"
+            "from torch.profiler import ProfilerActivity\n"
+            "from benchmarks.common import quiet_profile\n"
+            "with quiet_profile(activities=[ProfilerActivity.CPU]) as prof:\n"
+            "    torch.ones(3).sum()\n"
+            "    os.write(2, b'inside\\n')\n"
+            "os.write(2, b'after\\n')\n"
+            "assert any(e.name == 'aten::sum' for e in prof.events())\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=host_overhead.REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.split() == ["inside", "after"], done.stderr
