@@ -22,7 +22,8 @@ import torch
 
 
 from benchmarks.baseline_eager import EagerBase, EagerTEC
-from benchmarks.common import DTYPES, append_results, default_device, device_arg, make_parser, time_callable
+from benchmarks.common import (DTYPES, append_results, default_device, device_arg, make_parser, progress,
+                               time_callable)
 from benchmarks.flops import tec_step_flops
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
@@ -221,6 +222,7 @@ def main(argv=None):
     rows = []
     print(f"{'batch':>5} {'provider':<15} {'ms/step':>9} {'img/s':>9} {'speedup':>8} {'MFU meas':>8} "
           f"{'MFU pub':>7} {'peak GB':>8}")
+    case = 0
     for B in batch_sizes:
         images = torch.randn(B, 3, bvit.img_size, bvit.img_size, device=device)
         providers = [("engine", lambda: engine_step_fn(bvit, cfg, topk, images, args.precision,
@@ -237,6 +239,8 @@ def main(argv=None):
             providers.append(("baseline", lambda: baseline_step_fn(bvit, cfg, topk, images, args.mask_ratio)))
         results = {}
         for name, make in providers:
+            case += 1
+            progress(case, len(batch_sizes) * len(providers), f"B={B} {name}")
             try:
                 step = make()
                 t = time_callable(step, device, warmup=args.warmup, reps=args.steps)

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity
 
 from benchmarks.bench_step import PRESETS, baseline_step_fn, build, engine_step_fn
 from benchmarks.common import (DTYPES, _sync, append_jsonl, complete_row, default_device, device_arg, device_name,
-                               format_table, make_parser, quiet_profile)
+                               format_table, make_parser, progress, quiet_profile)
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
 from tec_fast.ops.dispatch import kernel_mode
 
@@ -124,7 +124,8 @@ def main(argv=None):
     if not args.no_baseline:
         providers.append(("baseline", lambda: baseline_step_fn(bvit, cfg, topk, images, args.mask_ratio)))
     rows = []
-    for name, make in providers:
+    for i, (name, make) in enumerate(providers):
+        progress(i + 1, len(providers), f"{name}: warm-up and {args.steps} profiled step(s)")
         step = make()
         trace = os.path.join(args.trace, f"trace_{name}_B{B}.json") if args.trace else ""
         if trace:
