@@ -25,6 +25,8 @@ import torch  # noqa: E402
 
 
 def best_us(fn, calls: int = 20000, reps: int = 5) -> float:
+    """The best of ``reps`` repetitions of ``calls`` calls of ``fn``: us of this thread's CPU time
+    per call."""
     best = float("inf")
     for _ in range(reps):
         t0 = time.thread_time()
@@ -34,16 +36,22 @@ def best_us(fn, calls: int = 20000, reps: int = 5) -> float:
     return best
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.launch_path_split",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--calls", type=int, default=20000, help="calls per timed repetition (default 20000)")
+def offline_args(module: str, doc: str, argv, calls: int) -> argparse.Namespace:
+    """The ``--calls`` command line of an offline launch-path experiment (``module``, described
+    by the first paragraph of ``doc``), refused where the interpreter is on; one torch thread."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=calls, help=f"calls per timed repetition (default {calls})")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error("needs TRITON_INTERPRET unset before Triton is imported (run it as a module)")
     if args.calls < 1:
         p.error(f"--calls must be >= 1, got {args.calls}")
     torch.set_num_threads(1)
+    return args
+
+
+def main(argv=None) -> int:
+    args = offline_args("benchmarks.experiments.launch_path_split", __doc__, argv, 20000)
     from triton import knobs
     from triton.runtime import driver
     from triton.runtime.jit import compute_cache_key

@@ -14,26 +14,15 @@ autograd; one reused launch. Why: it shows which part stands between the op and 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
 
-
-def best_us(fn, calls: int, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.thread_time()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.thread_time() - t0) / calls * 1e6)
-    return best
+from benchmarks.experiments.launch_path_split import best_us, offline_args  # noqa: E402
 
 
 class _Empty(torch.autograd.Function):
@@ -51,15 +40,7 @@ class _Empty(torch.autograd.Function):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.layer_norm_split",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--calls", type=int, default=5000, help="calls per timed repetition (default 5000)")
-    args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        p.error("needs TRITON_INTERPRET unset before Triton is imported (run it as a module)")
-    if args.calls < 1:
-        p.error(f"--calls must be >= 1, got {args.calls}")
-    torch.set_num_threads(1)
+    args = offline_args("benchmarks.experiments.layer_norm_split", __doc__, argv, 5000)
     from benchmarks.common import format_table
     from benchmarks.triton_stub import driver_calls_stubbed
     from tec_fast import ops

@@ -187,30 +187,22 @@ def test_block_routes_smoke(capsys, monkeypatch):
     assert not parts["vit_block"] and not parts["torch block"] and parts["mlp"] >= one["mlp"] + 14, seen
 
 
-def test_launch_path_split_smoke(tmp_path):
-    """``benchmarks.experiments.launch_path_split`` (the interpreter off: a subprocess)."""
+@pytest.mark.parametrize("module, parts", [
+    ("launch_path_split", ("JITFunction.run", "argument binder", "cache key", "rest of run")),
+    ("layer_norm_split", ("tec_fast.ops.layer_norm", "plain torch", "autograd.Function, no work",
+                          "launchers alone", "one reused launch")),
+])
+def test_offline_experiment_smoke(module, parts):
+    """``benchmarks.experiments.<module>`` runs and prints its parts (the interpreter off: a
+    subprocess)."""
     import subprocess
     import sys
     ptxas_or_skip(90)
     env = env_without_interpreter()
-    done = subprocess.run([sys.executable, "-m", "benchmarks.experiments.launch_path_split", "--calls", "10"],
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.experiments.{module}", "--calls", "10"],
                           cwd=host_overhead.REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    for part in ("JITFunction.run", "argument binder", "cache key", "rest of run"):
-        assert part in done.stdout, part
-
-
-def test_layer_norm_split_smoke(tmp_path):
-    """``benchmarks.experiments.layer_norm_split`` (the interpreter off: a subprocess)."""
-    import subprocess
-    import sys
-    ptxas_or_skip(90)
-    env = env_without_interpreter()
-    done = subprocess.run([sys.executable, "-m", "benchmarks.experiments.layer_norm_split", "--calls", "10"],
-                          cwd=host_overhead.REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    for part in ("tec_fast.ops.layer_norm", "plain torch", "autograd.Function, no work", "launchers alone",
-                 "one reused launch"):
+    for part in parts:
         assert part in done.stdout, part
 
 
