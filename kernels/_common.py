@@ -132,7 +132,7 @@ def sum_parts(parts: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -
 
 _LAUNCH_SETTINGS = {}   # TEC_FAST_LAUNCH, read once
 _JIT_RUN = JITFunction.run  # Triton's own; a replaced one (a benchmark's stub) is always called
-_KERNELS = {}           # id(kernel) -> _Launches (the kernels are module globals: ids stay theirs)
+_KERNELS = {}           # id(kernel) -> _Launches (which holds the kernel: its id is not reused while listed)
 _Tensor = torch.Tensor
 _MAX_LAUNCHES = 4096    # signatures kept per kernel before its table starts over (sizes that vary every call)
 
@@ -217,11 +217,12 @@ def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
 
 class _Launches:
     """One kernel's reuse table (call signature -> (compiled kernel, the arguments after the
-    positional ones)) and the key function for the argument kinds it was written for."""
-    __slots__ = ("kinds", "key_of", "table")
+    positional ones)) and the key function for the argument kinds it was written for. It holds
+    the kernel, so no other object can take the kernel's id while the table is listed under it."""
+    __slots__ = ("kernel", "kinds", "key_of", "table")
 
-    def __init__(self, kinds: Tuple[bool, ...]):
-        self.kinds, self.key_of, self.table = kinds, _key_function(kinds), {}
+    def __init__(self, kernel, kinds: Tuple[bool, ...]):
+        self.kernel, self.kinds, self.key_of, self.table = kernel, kinds, _key_function(kinds), {}
 
 
 def _tensor_key(i: int) -> str:
@@ -255,7 +256,7 @@ def _remember(kernel, entry: Optional[_Launches], head: tuple, compiled, args: t
         return
     kinds = tuple([isinstance(a, _Tensor) for a in args])
     if entry is None or entry.kinds != kinds:
-        entry = _KERNELS[id(kernel)] = _Launches(kinds)
+        entry = _KERNELS[id(kernel)] = _Launches(kernel, kinds)
     try:
         key = entry.key_of(head, meta, *args)
         hash(key)

@@ -51,3 +51,28 @@ def test_launch_mode_setting(monkeypatch):
     monkeypatch.delenv("TEC_FAST_LAUNCH")
     assert _common.launch_mode() in ("1", "0")  # 0 on a Triton version the reuse was not checked on
     assert isinstance(_common.launch_path(), str)
+
+
+def test_key_function_separates_what_triton_specialises_on():
+    """The signature written per kernel: a tensor's dtype and address modulo 16, every other
+    argument's class and value (1, 1.0 and True apart), the constexprs by name; arguments of
+    other kinds than it was written for fail (a tensor's slot) or cannot match (a scalar's)."""
+    import torch
+    from tec_fast.kernels._common import _key_function
+    key_of = _key_function((True, False))
+    head = ("driver", 0)
+    buf = torch.zeros(8)
+    x, x_odd, x_bf16 = buf[:4], buf[1:5], torch.zeros(4, dtype=torch.bfloat16)
+    meta = {"BLOCK": 16, "num_warps": 4}
+    base = key_of(head, meta, x, 1)
+    assert base == key_of(head, dict(meta), torch.zeros(4), 1)  # same dtype and alignment, other tensor
+    others = [key_of(head, meta, x_odd, 1), key_of(head, meta, x_bf16, 1), key_of(head, meta, x, 1.0),
+              key_of(head, meta, x, True), key_of(head, meta, x, 2), key_of(head, {"BLOCK": 32, "num_warps": 4}, x, 1),
+              key_of(head, {"num_warps": 16, "BLOCK": 4}, x, 1), key_of(("driver", 1), meta, x, 1)]
+    assert all(k != base for k in others)
+    assert len(set(others)) == len(others)
+    with pytest.raises(AttributeError):
+        key_of(head, meta, 3, 1)  # a scalar where the tensor was
+    assert key_of(head, meta, x, x) != key_of(head, meta, x, 1)  # a tensor where the scalar was: no match
+    with pytest.raises(TypeError):
+        key_of(head, meta, x)  # another count
