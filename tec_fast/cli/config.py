@@ -73,7 +73,9 @@ def config_values(p: argparse.ArgumentParser, data: dict, source: str) -> dict:
         action = actions.get(dest)
         if action is None:
             close = difflib.get_close_matches(dest, list(actions), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            # in the spelling the file used: dashes as the flags (and config.yaml) have them, or underscores
+            spell = (lambda d: d) if "_" in str(key) else (lambda d: d.replace("_", "-"))
+            hint = f"; did you mean {spell(close[0])!r}?" if close else ""
             raise ValueError(f"{source}: unknown key {key!r}: not a flag of {p.prog}{hint}")
         if dest in out:
             raise ValueError(f"{source}: key {key!r}: {action.option_strings[0]} is given twice")

@@ -135,8 +135,8 @@ def _run_flags(p: Parser) -> None:
                         "say so and start from step 0)")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output that holds an earlier run's checkpoints: delete its "
-                        "checkpoint-*.pth and metrics.jsonl / .csv first (without it such a folder is "
-                        "refused, unless --resume continues the run)")
+                        "checkpoint-*.pth, metrics.jsonl / .csv and wandb-run-id first (without it such a "
+                        "folder is refused, unless --resume continues the run)")
     g.add_argument("--save-every", type=POSITIVE, default=1, metavar="EPOCHS")
     g.add_argument("--save-every-steps", type=POSITIVE, metavar="STEPS", help="also save checkpoint-last every STEPS")
     g.add_argument("--keep-last", type=POSITIVE, default=2, help="epoch checkpoints kept (newest)")
@@ -328,7 +328,8 @@ def _train(args, d, output: str) -> int:
 def _fresh_output(output: str, overwrite: bool, say) -> None:
     """A run without --resume starts in a folder free of another run's checkpoints: mixed in, they
     would be pruned against the new ones and resumed from later. ``overwrite`` deletes them (and
-    the metrics logs that run appended to); otherwise such a folder is refused (ValueError)."""
+    the metrics logs that run appended to, and its wandb run id, so the new run is a new wandb
+    run); otherwise such a folder is refused (ValueError)."""
     from tec_fast.training.checkpoints import checkpoint_files
 
     old = checkpoint_files(output)
@@ -339,10 +340,12 @@ def _fresh_output(output: str, overwrite: bool, say) -> None:
         raise ValueError(f"--output {output} holds an earlier run's checkpoints ({names}): add --resume to "
                          f"continue that run, --overwrite to delete them and start afresh, or choose "
                          f"another --output")
-    logs = [os.path.join(output, n) for n in ("metrics.jsonl", "metrics.csv")]
+    from tec_fast.training.monitor import WANDB_ID_FILE
+    logs = [os.path.join(output, n) for n in ("metrics.jsonl", "metrics.csv", WANDB_ID_FILE)]
     for f in old + [f for f in logs if os.path.exists(f)]:
         os.remove(f)
-    say(f"--overwrite: deleted {len(old)} checkpoint(s) and the metrics logs of the earlier run in {output}")
+    say(f"--overwrite: deleted {len(old)} checkpoint(s), the metrics logs and the wandb run id of the earlier "
+        f"run in {output}")
 
 
 # FitConfig fields no flag of the same name sets (derived from other flags, or FitConfig's default);

@@ -59,7 +59,7 @@ class BaseModel(nn.Module):
         self.blocks = nn.ModuleList([
             Block(C, vit.num_heads, vit.mlp_ratio, layer_scale=vit.layer_scale, qkv_bias=vit.qkv_bias,
                   ln_eps=vit.ln_eps, act=vit.mlp_act) for _ in range(vit.depth)])
-        self.norm = nn.LayerNorm(C, eps=vit.ln_eps)  # not used for targets; kept so checkpoints round-trip
+        self.norm = nn.LayerNorm(C, eps=vit.ln_eps)  # not used for targets; the evaluation features use it
         init_vit_weights(self)
         for name in ("cls_token", "reg_token"):
             if hasattr(self, name):

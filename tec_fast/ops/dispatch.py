@@ -174,7 +174,8 @@ def measured(op: str, gpu: str, backward: bool) -> Optional[dict]:
     if table is None:
         return None
     entries = table["ops"].get(op, {})
-    return entries.get("fwdbwd" if backward else "fwd") or (entries.get("fwd") if backward else None)
+    # grad mode: forward + backward, except for an op without a backward (its forward is all of it)
+    return entries.get("fwdbwd" if backward and OPS[op].differentiable else "fwd")
 
 
 def _measured_reasons(op: str, gpu: str, backward: bool) -> List[str]:

@@ -47,6 +47,7 @@ class OpSpec:
     report_info: Dict[str, int] = field(default_factory=dict)  # sizes the first argument does not show
     # (example, backward) -> {"bytes": ..., "flops": ...}: the least a call moves / computes
     work: Optional[Callable[[Example, bool], Dict[str, float]]] = None
+    differentiable: bool = True  # False: no backward (its forward measurement decides in grad mode too)
 
     def info(self, ex: Example) -> Dict[str, object]:
         """The op-specific sizes dispatch needs for ``ex`` (as the public op passes them)."""
@@ -254,7 +255,7 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("scatter_masked", "scatter_masked", (256, 49, 512), _scatter_masked, work=_scatter_masked_work),
     OpSpec("patch_norm_mse", "patch_norm_mse", (256, 196, 768), _patch_norm_mse, work=_patch_norm_mse_work),
     OpSpec("relation_targets", "relation_targets", (256, 12, 197, 64), _relation_targets, {"topk": 15},
-           work=_relation_targets_work),
+           work=_relation_targets_work, differentiable=False),
     OpSpec("relation_loss", "relation_loss", (256, 12, 197, 64), _relation_loss, {"topk": 15},
            work=_relation_loss_work),
     OpSpec("encoder_adapter", "encoder_adapter", (12, 256, 50, 768), _encoder_adapter, work=_encoder_adapter_work),

@@ -204,7 +204,8 @@ def test_export_refuses_nonfinite_weights(files, tmp_path, capsys):
 
 def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(files, tmp_path, capsys):
     """Without --resume, a folder holding checkpoints is refused (mixed in, the old ones would be
-    pruned against the new ones and resumed from); --overwrite deletes them and the metrics logs."""
+    pruned against the new ones and resumed from); --overwrite deletes them, the metrics logs and
+    the wandb run id."""
     out = tmp_path / "run"
     argv = [*_tec(files), "--max-steps", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress",
             "--output", str(out)]
@@ -217,9 +218,11 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(files, tmp_path, capsys
     assert len(err) == 1 and err[0].startswith(f"error: --output {out} holds an earlier run's checkpoints"), err
     assert "--resume" in err[0] and "--overwrite" in err[0]
     (out / "checkpoint-0007.pth").write_bytes(b"an old epoch")
+    (out / "wandb-run-id").write_text("old-run\n")  # as --wandb leaves it
     assert main([*argv, "--overwrite"]) == 0
     assert "--overwrite: deleted 2 checkpoint(s)" in capsys.readouterr().out
     assert not (out / "checkpoint-0007.pth").exists()
+    assert not (out / "wandb-run-id").exists()  # the new run does not log into the old wandb run
     starts = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line]
     assert len(starts) == 1  # the earlier run's log went with its checkpoints
     assert main([*argv, "--resume"]) == 0  # continuing is always allowed

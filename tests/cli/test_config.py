@@ -74,7 +74,7 @@ def test_demo_config_holds_only_the_demos_flags(tmp_path):
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("bach-size: 3\n", "unknown key 'bach-size': not a flag of python -m tec_fast.train; did you mean 'batch_size'"),
+    ("bach-size: 3\n", "unknown key 'bach-size': not a flag of python -m tec_fast.train; did you mean 'batch-size'"),
     ("batch-size: 0\n", "key 'batch-size' (--batch-size): must be >= 1, got 0"),
     ("batch_size: 2.5\n", "key 'batch_size' (--batch-size): expected an integer, got '2.5'"),
     ("blr: .nan\n", "key 'blr' (--blr): must be a finite number"),

@@ -182,8 +182,10 @@ def test_batch_larger_than_the_data_is_refused(ckpt, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.parametrize("protocol", ["linprobe", "finetune"])
-def test_protocol_runs_on_tiny_data(ckpt, tmp_path, protocol):
+def test_protocol_runs_on_tiny_data(ckpt, tmp_path, protocol, capsys):
     out = tmp_path / protocol
+    out.mkdir()
+    (out / ".tmp-killed01.pth").write_bytes(b"half a checkpoint")  # left by a save that was killed
     res = main([str(ckpt), "--protocol", protocol, *TINY, "--epochs", "2", "--warmup-epochs", "1",
                 "--output", str(out), "--log-every", "1"])
     assert res["steps"] == res["total_steps"] == 2 * (64 // 16) and res["stopped"] == "completed"
@@ -194,6 +196,8 @@ def test_protocol_runs_on_tiny_data(ckpt, tmp_path, protocol):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("time,stage,step") and len(rows) == 1 + res["steps"]
     assert (out / "checkpoint-last.pth").is_file()
+    assert not (out / ".tmp-killed01.pth").exists()
+    assert "removed 1 temporary file(s) left by an interrupted save" in capsys.readouterr().out
     ck = torch.load(out / "checkpoint-last.pth", weights_only=False)
     assert ck["protocol"] == protocol and ck["step"] == res["steps"]
     if res.get("curves"):

@@ -87,6 +87,8 @@ def _bench_rows(op, fwd, fwdbwd, device="NVIDIA_TestGPU"):
 def test_auto_follows_the_measured_table(tmp_path, fresh_settings):
     from benchmarks.dispatch_table import build_table
     rows = _bench_rows("masked_gather", 4.0, 0.5) + _bench_rows("relation_loss", 2.0, 1.25)
+    rows += [r for r in _bench_rows("layer_norm", 3.0, 3.0) + _bench_rows("relation_targets", 2.0, 2.0)
+             if r["bench"].endswith("_fwd")]  # forward alone measured
     table = build_table(rows, list(ops.OPS))
     assert table["masked_gather"]["fwdbwd"]["speedup"] == 0.5
     (tmp_path / "TestGPU.json").write_text(json.dumps(dict(gpu_class="TestGPU", ops=table)))
@@ -98,7 +100,11 @@ def test_auto_follows_the_measured_table(tmp_path, fresh_settings):
     assert infer["masked_gather"][0] == "triton"  # forward alone wins ...
     backend, reasons = train["masked_gather"]  # ... forward + backward loses
     assert backend == "reference" and "measured 0.50x the reference on TestGPU" in reasons[0]
-    assert "not measured on TestGPU" in train["layer_norm"][1][0]
+    # a forward-only measurement decides in grad mode only for an op without a backward
+    assert "layer_norm forward + backward not measured on TestGPU" in train["layer_norm"][1][0]
+    assert infer["layer_norm"][0] == "triton"
+    assert train["relation_targets"][0] == "triton" and infer["relation_targets"][0] == "triton"
+    assert "not measured on TestGPU" in train["mlp"][1][0]
     other = dispatch.dispatch_report("cuda", gpu="OtherGPU")
     assert all(b == "reference" for b, _ in other.values())
     assert "OtherGPU is unmeasured" in other["relation_loss"][1][0]
