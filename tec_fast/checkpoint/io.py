@@ -16,7 +16,7 @@ import pickle
 import re
 import struct
 import tempfile
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -260,11 +260,12 @@ def save_atomic(obj, path: Union[str, os.PathLike]) -> None:
     _write_atomic(path, lambda f: torch.save(obj, f))
 
 
-def clean_stale_temp_files(folder: Union[str, os.PathLike]) -> List[str]:
+def clean_stale_temp_files(folder: Union[str, os.PathLike],
+                           say: Optional[Callable[[str], object]] = None) -> List[str]:
     """Remove the temporary files of saves that were killed in ``folder`` (only the names the
     saves make, ``.tmp-XXXXXXXX.pth``, ``.tmp-XXXXXXXXconfig.yaml``, ``.link-PID.pth``, and only
-    regular files); returns their paths.
-    Call it before this process saves anything there."""
+    regular files); returns their paths, and tells ``say`` (a command's printer) when there were
+    any. Call it before this process saves anything there."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return []
@@ -274,4 +275,7 @@ def clean_stale_temp_files(folder: Union[str, os.PathLike]) -> List[str]:
         if _TEMP_NAME.match(name) and os.path.isfile(full) and not os.path.islink(full):
             os.unlink(full)
             removed.append(full)
+    if removed and say is not None:
+        say(f"removed {len(removed)} temporary file(s) left by an interrupted save in {folder}: "
+            f"{', '.join(os.path.basename(f) for f in removed)}")
     return removed

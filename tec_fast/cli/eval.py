@@ -514,16 +514,13 @@ def run_protocol_command(args) -> dict:
 def _run_protocol(args, d, output: str) -> dict:
     from tec_fast.cli.config import write_text_atomic
     from tec_fast.evaluation.protocol import RECIPE_FIELDS, recipe, run_protocol
+    from tec_fast.checkpoint import clean_stale_temp_files
     from tec_fast.training import NonFiniteTraining, TrainingInterrupted
     from tec_fast.training.curves import plot_run
 
-    from tec_fast.checkpoint import clean_stale_temp_files
-
     say = print if d.is_main else (lambda *a, **k: None)
-    removed = clean_stale_temp_files(output) if d.is_main else []  # this run holds the folder's lock
-    if removed:
-        say(f"removed {len(removed)} temporary file(s) left by an interrupted save in {output}: "
-            f"{', '.join(os.path.basename(f) for f in removed)}")
+    if d.is_main:  # this run holds the folder's lock
+        clean_stale_temp_files(output, say)
     quiet_args = argparse.Namespace(**{**vars(args), "quiet": args.quiet or not d.is_main})
     base, vit, vit_source, report = load_encoder(quiet_args)
     train, test, data_name, workers = build_data(args, vit.img_size, drop_train=False)

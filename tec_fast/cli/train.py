@@ -274,10 +274,8 @@ def _train(args, d, output: str) -> int:
     from tec_fast.checkpoint import clean_stale_temp_files, save_atomic
 
     say = print if d.is_main else (lambda *a, **k: None)
-    removed = clean_stale_temp_files(output) if d.is_main and not args.bench_loader else []
-    if removed:
-        say(f"removed {len(removed)} temporary file(s) left by an interrupted save in {output}: "
-            f"{', '.join(os.path.basename(f) for f in removed)}")
+    if d.is_main and not args.bench_loader:
+        clean_stale_temp_files(output, say)
     if not args.bench_loader and args.resume is None and (d.is_main or not args.overwrite):
         _fresh_output(output, args.overwrite, say)  # --overwrite: the main process deletes
     native = native_plan(args) if args.native_resolution else None

@@ -304,10 +304,14 @@ def test_clean_stale_temp_files(tmp_path):
     others = [tmp_path / ".tmp-k3_9abcdconfig.yaml", tmp_path / ".link-4321.pth"]
     for path in others:
         path.write_bytes(b"partial")
-    removed = clean_stale_temp_files(tmp_path)
+    said = []
+    removed = clean_stale_temp_files(tmp_path, said.append)
     assert sorted(removed) == sorted([stale] + [str(p) for p in others])
     assert sorted(os.listdir(tmp_path)) == sorted(keep + [".tmp-linkxxxx.pth", ".tmp-dir_xxxx.pth"])
-    assert clean_stale_temp_files(tmp_path) == []
+    assert len(said) == 1
+    assert said[0].startswith(f"removed 3 temporary file(s) left by an interrupted save in {tmp_path}: ")
+    assert os.path.basename(stale) in said[0] and ".link-4321.pth" in said[0]
+    assert clean_stale_temp_files(tmp_path, said.append) == [] and len(said) == 1  # nothing removed: nothing said
     assert clean_stale_temp_files(tmp_path / "missing") == []
 
 
