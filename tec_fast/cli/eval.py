@@ -31,9 +31,10 @@ from typing import Tuple
 import torch
 
 from tec_fast.checkpoint.infer import infer_vit, stored_vit
+from tec_fast.cli.config import write_text_atomic
 from tec_fast.cli.errors import nonfinite_keys, run_command
 from tec_fast.cli.flags import (NON_NEGATIVE, POSITIVE, SEED, Parser, device, existing_dir, given, output_dir,
-                                output_file, real)
+                                output_file, real, same_file)
 from tec_fast.config import ViTConfig
 from tec_fast.evaluation.protocol import PROTOCOLS, RECIPES
 from tec_fast.presets import MODEL_PRESETS, vit_preset
@@ -167,6 +168,10 @@ def _protocol_flags(p: Parser) -> None:
                    help="checkpoints, metrics.jsonl/.csv, curves.png, results.json (default: runs/eval_PROTOCOL)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue from CKPT (bare: DIR/checkpoint-last.pth, if there is one)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output that holds an earlier run's checkpoints: delete its "
+                        "checkpoint-*.pth, metrics.jsonl / .csv and wandb-run-id first (without it such a "
+                        "folder is refused, unless --resume continues the run)")
     g.add_argument("--max-steps", type=POSITIVE, help="optimizer steps; overrides --epochs as the schedule length")
     g.add_argument("--time-limit", type=real(0, lo_open=True), metavar="SECONDS",
                    help="stop (saving) after this wall time")
@@ -194,8 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("the following arguments are required: checkpoint (or --plot DIR)")
     set_flags = dict(given(p, args))
     if args.protocol == "quick":
-        for dest in [_dest(f) for f in _RECIPE_FLAGS] + ["output", "resume", "max_steps", "time_limit", "save_every_steps",
-                                           "log_every", "precision", "wandb"]:
+        for dest in [_dest(f) for f in _RECIPE_FLAGS] + ["output", "resume", "overwrite", "max_steps", "time_limit",
+                                                         "save_every_steps", "log_every", "precision", "wandb"]:
             if dest in set_flags:
                 p.refuse(set_flags[dest], "applies to --protocol linprobe / finetune, not to the quick probe")
     elif args.protocol == "linprobe":
@@ -208,6 +213,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 p.refuse(set_flags[dest], "applies to the quick probe only (no --protocol)")
         if args.wandb is not None and importlib.util.find_spec("wandb") is None:
             p.refuse("--wandb", "wandb is not installed (pip install wandb), or leave --wandb out")
+    if args.json is not None and same_file(args.json, args.checkpoint):
+        p.refuse("--json", "is the checkpoint being read; write the results to another file")
     if args.data != "demo":
         for name in ("train", "val"):
             if not os.path.isdir(os.path.join(args.data, name)):
@@ -484,9 +491,7 @@ def report_results(args, result: dict, rows) -> None:
         print(note)
     print(_table(rows))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 
@@ -512,15 +517,17 @@ def run_protocol_command(args) -> dict:
 
 
 def _run_protocol(args, d, output: str) -> dict:
-    from tec_fast.cli.config import write_text_atomic
-    from tec_fast.evaluation.protocol import RECIPE_FIELDS, recipe, run_protocol
     from tec_fast.checkpoint import clean_stale_temp_files
+    from tec_fast.cli.train import fresh_output
+    from tec_fast.evaluation.protocol import RECIPE_FIELDS, recipe, run_protocol
     from tec_fast.training import NonFiniteTraining, TrainingInterrupted
     from tec_fast.training.curves import plot_run
 
     say = print if d.is_main else (lambda *a, **k: None)
     if d.is_main:  # this run holds the folder's lock
         clean_stale_temp_files(output, say)
+    if args.resume is None and (d.is_main or not args.overwrite):
+        fresh_output(output, args.overwrite, say)  # another run's checkpoints: refused, or deleted by rank 0
     quiet_args = argparse.Namespace(**{**vars(args), "quiet": args.quiet or not d.is_main})
     base, vit, vit_source, report = load_encoder(quiet_args)
     train, test, data_name, workers = build_data(args, vit.img_size, drop_train=False)

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 from tec_fast.checkpoint.infer import infer_tec_config, infer_vit
 from tec_fast.cli.errors import nonfinite_keys, run_command
-from tec_fast.cli.flags import POSITIVE, Parser, existing_file, output_file
+from tec_fast.cli.flags import POSITIVE, Parser, existing_file, output_file, same_file
 from tec_fast.presets import MODEL_PRESETS
 
 # a key every TEC training checkpoint has and an encoder-only file does not
@@ -39,6 +39,8 @@ def _training_state(ck: dict, path: str) -> dict:
     """The model state of a TEC or MAE training checkpoint (``module.`` prefixes removed).
     ValueError for an encoder-only file (nothing to export) and for non-finite weights."""
     state = ck.get("model", ck)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: its 'model' entry is a {type(state).__name__}, not a state dict")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     bad = nonfinite_keys(state)
     if bad:
@@ -255,7 +257,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.out = output_file(args.out)
         except argparse.ArgumentTypeError as exc:
             p.refuse("OUT", str(exc))
-    if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
+    if same_file(args.out, args.checkpoint):
         p.refuse("OUT", "is the checkpoint being read; write the encoder to another file")
     if args.model is not None and args.img_size is not None and args.img_size % MODEL_PRESETS[args.model][0]:
         p.refuse("--img-size", f"{args.img_size} is not a multiple of {args.model}'s patch size "

@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from tec_fast.cli.errors import run_command
 from tec_fast.cli.flags import Parser
 
 
@@ -92,6 +93,12 @@ def gpu_class_flag(text: str) -> str:
 
 
 def main(argv=None) -> int:
+    """The command: exit status 0, 2 for a refused flag or setting (one ``error:`` line, e.g. an
+    unknown ``TEC_FAST_KERNELS``)."""
+    return run_command(_main, argv)
+
+
+def _main(argv=None) -> int:
     parser = Parser(
         prog="python -m tec_fast.info",
         description="Print versions, the compiled extension's status and the backend each op and the "

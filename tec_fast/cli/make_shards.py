@@ -4,10 +4,11 @@
 Each image is stored as its file's bytes (nothing re-encoded: the pixels the trainer sees are the
 same as from the folder) with its label in ``<key>.cls``; ``OUT/classes.txt`` holds the class
 names and ``OUT/shards.json`` what was written (the pattern to pass to ``--data``, counts, bytes).
-Every shard is written under a temporary name and renamed when complete. Writing into a folder
-that already holds shards of the same prefix replaces them: the ones numbered past the last shard
-written are removed when the write is complete (the command lists them), so the folder read as
-``--data`` holds this write alone.
+The shards are written under temporary names and renamed once all of them are complete: a write
+that fails leaves OUT as it was. Writing into a folder that already holds shards of the same
+prefix replaces them: the ones numbered past the last shard written are removed when the write is
+complete (the command lists them), so the folder read as ``--data`` holds this write alone. OUT
+may not be inside the image folder read.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def build_parser() -> Parser:
     p.add_argument("--max-images", type=POSITIVE, default=5000, metavar="N",
                    help="images per shard at most (default %(default)s)")
     p.add_argument("--max-mb", type=POSITIVE, default=1024, metavar="MB",
-                   help="shard size in MB at most, unless one image is larger (default %(default)s)")
+                   help="shard file size in MB (2^20 bytes, tar headers included) at most, unless one image "
+                        "is larger (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     return p
 
@@ -53,9 +55,20 @@ def _main(argv) -> int:
     from tec_fast.data.shards import write_shards
     from tec_fast.training.monitor import table
 
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"OUT {args.out!r} is a file, not a folder")
+        p.refuse("OUT", f"{args.out!r} is a file, not a folder")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        p.refuse("OUT", f"{args.out!r}: {parent!r} is a file, not a folder")
+    images = os.path.realpath(os.path.join(args.src, "train") if os.path.isdir(os.path.join(args.src, "train"))
+                              else args.src)
+    out = os.path.realpath(args.out)
+    if out == images or out.startswith(images + os.sep):
+        p.refuse("OUT", f"{args.out!r} is inside the image folder being read ({images}); write the shards elsewhere")
     t0, shown = time.perf_counter(), [0.0]
 
     def show(n: int, end: str = "") -> None:
@@ -78,14 +91,14 @@ def _main(argv) -> int:
                else "an earlier write's class names; SRC has no class folders")
         print(f"removed {path} ({why})")
     record = {"pattern": r["pattern"], "shards": len(r["shards"]), "images": r["images"], "bytes": r["bytes"],
-              "classes": len(r["classes"]), "seconds": seconds, "source": os.path.abspath(args.src),
+              "image_bytes": r["image_bytes"], "classes": len(r["classes"]), "seconds": seconds, "source": os.path.abspath(args.src),
               "removed": r["removed"]}
     tmp = os.path.join(args.out, "shards.json.tmp")
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
     os.replace(tmp, os.path.join(args.out, "shards.json"))
     print(table(["", ""], [["shards", record["shards"]], ["images", record["images"]],
-                           ["classes", record["classes"]], ["size", f"{r['bytes'] / 1e6:.1f} MB"],
+                           ["classes", record["classes"]], ["size", f"{r['bytes'] / 2 ** 20:.1f} MB (2^20 bytes)"],
                            ["time", f"{seconds:.1f} s"], ["train with", f"--data '{r['pattern']}'"]],
                 title="make_shards", align="ll"))
     return 0

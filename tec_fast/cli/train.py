@@ -277,7 +277,7 @@ def _train(args, d, output: str) -> int:
     if d.is_main and not args.bench_loader:
         clean_stale_temp_files(output, say)
     if not args.bench_loader and args.resume is None and (d.is_main or not args.overwrite):
-        _fresh_output(output, args.overwrite, say)  # --overwrite: the main process deletes
+        fresh_output(output, args.overwrite, say)  # --overwrite: the main process deletes
     native = native_plan(args) if args.native_resolution else None
     dataset = open_dataset(args.data, img_size=args.img_size, train=True, strict=args.strict_data,
                            uint8=native is None,  # normalised on the device (native batches: in the workers)
@@ -323,7 +323,7 @@ def _train(args, d, output: str) -> int:
     return 0
 
 
-def _fresh_output(output: str, overwrite: bool, say) -> None:
+def fresh_output(output: str, overwrite: bool, say) -> None:
     """A run without --resume starts in a folder free of another run's checkpoints: mixed in, they
     would be pruned against the new ones and resumed from later. ``overwrite`` deletes them (and
     the metrics logs that run appended to, and its wandb run id, so the new run is a new wandb

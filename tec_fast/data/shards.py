@@ -284,17 +284,37 @@ def read_classes(folder: str) -> List[str]:
 
 
 # ------------------------------------------------------------------------------- writing
+_TAR_BLOCK, _TAR_RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE  # 512-byte blocks, 10 240-byte records
+_SHARD_NAME = re.compile(r".+-\d{6}\.tar")  # a shard of any prefix
+
+
+def _member_bytes(size: int) -> int:
+    """What a tar member of ``size`` data bytes takes in the archive: its header block and its
+    data padded to whole blocks."""
+    return _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _archive_bytes(members: int) -> int:
+    """The size of an archive whose members take ``members`` bytes: the two zero blocks that end
+    it, the whole padded to whole records (what ``tarfile`` writes)."""
+    return -(-(members + 2 * _TAR_BLOCK) // _TAR_RECORD) * _TAR_RECORD
+
+
 def write_shards(root: str, output: str, prefix: str = "shard", max_images: int = 5000,
                  max_bytes: int = 1 << 30, on_image=None) -> dict:
     """Copy the images of the folder ``root`` (the layout ``ImageFolderDataset`` reads) into tar
-    shards ``output/prefix-NNNNNN.tar`` of at most ``max_images`` images and about ``max_bytes``
-    bytes each: per image ``<key>.<ext>`` (the file's bytes, not re-encoded) and ``<key>.cls``
-    (its label; none for a flat folder), plus ``classes.txt``. Each shard is written to a
-    temporary name and renamed when complete. After a complete write, shards of the same prefix
-    numbered past the last one written (an earlier, larger write) are removed, and so is a
+    shards ``output/prefix-NNNNNN.tar`` of at most ``max_images`` images and ``max_bytes`` bytes
+    each (tar headers and padding counted; a single image larger than that gets a shard of its
+    own): per image ``<key>.<ext>`` (the file's bytes, not re-encoded) and ``<key>.cls`` (its
+    label; none for a flat folder), plus ``classes.txt``. The shards are written under temporary
+    names and renamed only once all of them are complete, so a write that fails leaves the folder
+    as it was (an earlier write's shards included). After a complete write, shards of the same
+    prefix numbered past the last one written (an earlier, larger write) are removed, and so is a
     ``classes.txt`` a flat folder has no use for: a folder read as ``--data`` then holds this
-    write alone. ``on_image(n_done)``: progress callback.
-    Returns {shards, pattern, images, bytes, classes, removed (the paths removed)}."""
+    write alone. A ``classes.txt`` in ``output`` beside no shards at all is not an earlier
+    write's: refused (ValueError) rather than replaced or removed. ``on_image(n_done)``:
+    progress callback. Returns {shards, pattern, images, bytes (of the shard files),
+    image_bytes, classes, removed (the paths removed)}."""
     import io
 
     from tec_fast.data.folder import IMG_EXTENSIONS, find_samples
@@ -311,14 +331,20 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
     if not samples:
         raise ValueError(f"write_shards: no images ({', '.join(IMG_EXTENSIONS)}) in {root!r}")
     os.makedirs(output, exist_ok=True)
+    classes_txt = os.path.join(output, "classes.txt")
+    if os.path.isfile(classes_txt) and not any(_SHARD_NAME.fullmatch(n) for n in os.listdir(output)):
+        raise ValueError(f"write_shards: {classes_txt!r} is not an earlier write's (no *-NNNNNN.tar shards beside "
+                         f"it); move it away or choose another output folder")
+    _remove_unfinished(output, prefix)
     shards: List[str] = []
+    written: List[str] = []  # complete shards, still under their temporary names
     state = {"tar": None, "tmp": None, "count": 0, "bytes": 0}
     total = 0
 
     def close():
         if state["tar"] is not None:
             state["tar"].close()
-            os.replace(state["tmp"], shards[-1])
+            written.append(state["tmp"])
             state["tar"] = None
 
     def add(tar, name: str, data: bytes):
@@ -330,7 +356,9 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
         for i, (path, label) in enumerate(samples):
             with open(path, "rb") as f:
                 data = f.read()
-            full = state["count"] >= max_images or (state["count"] > 0 and state["bytes"] + len(data) > max_bytes)
+            member = _member_bytes(len(data)) + (_member_bytes(len(str(label))) if label >= 0 else 0)
+            full = state["count"] >= max_images or (
+                state["count"] > 0 and _archive_bytes(state["bytes"] + member) > max_bytes)
             if state["tar"] is None or full:
                 close()
                 shards.append(os.path.join(output, f"{prefix}-{len(shards):06d}.tar"))
@@ -342,17 +370,22 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
             if label >= 0:
                 add(state["tar"], f"{key}.cls", str(label).encode())
             state["count"] += 1
-            state["bytes"] += len(data)
+            state["bytes"] += member
             total += len(data)
             if on_image is not None:
                 on_image(i + 1)
         close()
-    finally:
-        if state["tar"] is not None:  # an error mid-shard: no half-written shard is left behind
+    except BaseException:  # nothing of this write is left behind; an earlier write's shards stay
+        if state["tar"] is not None:
             state["tar"].close()
-            os.remove(state["tmp"])
+            written.append(state["tmp"])
+        for tmp in written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for tmp, path in zip(written, shards):
+        os.replace(tmp, path)
     removed = _remove_stale_shards(output, prefix, len(shards))
-    classes_txt = os.path.join(output, "classes.txt")
     if classes:
         tmp = classes_txt + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -363,8 +396,18 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
         removed.append(classes_txt)
     last = len(shards) - 1
     pattern = os.path.join(output, f"{prefix}-{{{0:06d}..{last:06d}}}.tar" if last > 0 else f"{prefix}-000000.tar")
-    return {"shards": shards, "pattern": pattern, "images": len(samples), "bytes": total, "classes": classes,
+    return {"shards": shards, "pattern": pattern, "images": len(samples),
+            "bytes": sum(os.path.getsize(p) for p in shards), "image_bytes": total, "classes": classes,
             "removed": removed}
+
+
+def _remove_unfinished(output: str, prefix: str) -> None:
+    """Remove ``output/prefix-NNNNNN.tar.tmp``: shards of a write that was killed before its
+    renames."""
+    name = re.compile(re.escape(prefix) + r"-\d{6}\.tar\.tmp")
+    for e in os.scandir(output):
+        if e.is_file() and name.fullmatch(e.name):
+            os.remove(e.path)
 
 
 def _remove_stale_shards(output: str, prefix: str, written: int) -> List[str]:

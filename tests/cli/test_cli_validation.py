@@ -200,6 +200,38 @@ def test_export_refuses_nonfinite_weights(files, tmp_path, capsys):
     assert not (tmp_path / "o.pth").exists()
     with pytest.raises(SystemExit):
         export_main([str(tmp_path / "ck.pth"), str(tmp_path / "ck.pth")])  # would overwrite its input
+    os.symlink(tmp_path / "ck.pth", tmp_path / "link.pth")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the same file through a link
+        export_main([str(tmp_path / "link.pth"), str(tmp_path / "ck.pth")])
+    assert "argument OUT: is the checkpoint being read" in capsys.readouterr().err
+    torch.save({"model": 5}, tmp_path / "odd.pth")
+    assert export_main([str(tmp_path / "odd.pth"), str(tmp_path / "o.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its 'model' entry is a int, not a state dict" in err[0], err
+
+
+def test_eval_json_may_not_be_the_checkpoint(files, tmp_path, capsys):
+    from tec_fast.cli.eval import main as eval_main
+    base = files / "base.pth"
+    with pytest.raises(SystemExit) as info:
+        eval_main([str(base), "--json", str(base)])
+    assert info.value.code == 2 and "argument --json: is the checkpoint being read" in capsys.readouterr().err
+    assert torch.load(base, weights_only=True)["model"]  # untouched
+
+
+def test_info_refuses_a_bad_kernel_setting_in_one_line(monkeypatch, capsys):
+    from tec_fast.cli.info import main as info_main
+    from tec_fast.ops import dispatch
+    monkeypatch.setenv("TEC_FAST_KERNELS", "bogus")
+    dispatch.reload_environment()
+    try:
+        assert info_main([]) == 2
+    finally:
+        monkeypatch.delenv("TEC_FAST_KERNELS")
+        dispatch.reload_environment()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: TEC_FAST_KERNELS must be one of ('auto', 'triton', 'reference'), got 'bogus'"], err
 
 
 def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(files, tmp_path, capsys):

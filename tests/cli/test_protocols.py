@@ -202,6 +202,12 @@ def test_protocol_runs_on_tiny_data(ckpt, tmp_path, protocol, capsys):
     assert ck["protocol"] == protocol and ck["step"] == res["steps"]
     if res.get("curves"):
         assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    argv = [str(ckpt), "--protocol", protocol, *TINY, "--epochs", "1", "--warmup-epochs", "0", "--output", str(out)]
+    with pytest.raises(ValueError, match="holds an earlier run's checkpoints"):  # a second fresh run would
+        main(argv)                                                                  # overwrite this one's
+    assert main(argv + ["--overwrite"])["steps"] == 64 // 16
+    starts = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line]
+    assert len(starts) == 1  # the earlier run's log went with its checkpoints
 
 
 def _run(args, **kw):

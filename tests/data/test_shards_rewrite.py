@@ -64,3 +64,56 @@ def test_make_shards_command_reports_removals_and_the_final_count(tmp_path, caps
         main([root, str(tmp_path / "o"), "--prefix", ""])
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and err.startswith("error: argument --prefix: must be a plain file-name prefix")
+
+
+def test_a_failed_rewrite_leaves_the_earlier_shards(tmp_path):
+    """The shards are renamed only once all are complete: a write that fails on its third image
+    leaves the earlier write's shards as they were, and no temporary file."""
+    root = write_folder(tmp_path / "src", n=6)
+    out = tmp_path / "out"
+    write_shards(root, str(out), max_images=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = write_folder(tmp_path / "broken", n=6, seed=1)
+    os.symlink(str(tmp_path / "gone.jpg"), os.path.join(broken, "cat", "img99.jpg"))  # dangling: open fails
+    with pytest.raises(OSError):
+        write_shards(broken, str(out), max_images=2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "shard-000007.tar.tmp").write_bytes(b"a killed write's")  # cleaned by the next write
+    write_shards(root, str(out), max_images=2)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_max_bytes_counts_the_tar_headers(tmp_path):
+    """Each shard file stays within max_bytes, headers and padding included (many small images:
+    the headers are most of it); bytes reports the files, image_bytes the images."""
+    root = write_folder(tmp_path / "src", n=40, size=(8, 8))
+    r = write_shards(root, str(tmp_path / "out"), max_bytes=40 * 1024)
+    sizes = [os.path.getsize(p) for p in r["shards"]]
+    assert len(sizes) > 1 and max(sizes) <= 40 * 1024
+    assert r["bytes"] == sum(sizes) and r["image_bytes"] < r["bytes"]
+    assert sum(len(TarShardDataset(p, img_size=8)) for p in r["shards"]) == 40
+
+
+def test_a_classes_txt_that_no_write_made_is_not_replaced(tmp_path):
+    root = write_folder(tmp_path / "src", n=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "classes.txt").write_text("mine\n")
+    with pytest.raises(ValueError, match="classes.txt' is not an earlier write's"):
+        write_shards(root, str(out))
+    assert (out / "classes.txt").read_text() == "mine\n" and sorted(os.listdir(out)) == ["classes.txt"]
+
+
+def test_make_shards_refuses_an_out_inside_the_images(tmp_path, capsys):
+    from tec_fast.cli.make_shards import main
+    root = write_folder(tmp_path / "src", n=4)
+    for out in (root, os.path.join(root, "cat", "shards")):
+        with pytest.raises(SystemExit) as info:
+            main([root, out])
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and err.startswith("error: argument OUT:") and "inside the image folder" in err
+    assert sorted(os.listdir(root)) == ["cat", "dog"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        main([root, str(tmp_path / "afile" / "sub")])
+    assert "error: argument OUT:" in capsys.readouterr().err
