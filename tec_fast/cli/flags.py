@@ -137,11 +137,7 @@ def output_file(text: str) -> str:
         raise argparse.ArgumentTypeError("expected a file name, got an empty string")
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
-    parent = os.path.dirname(os.path.abspath(text))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise argparse.ArgumentTypeError(f"{text!r}: {parent!r} is a file, not a folder")
+    parent = _nearest_folder(text)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"{text!r}: the folder {parent!r} is not writable")
     return text
@@ -162,6 +158,24 @@ def output_dir(text: str) -> str:
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
     return text
+
+
+def makeable_dir(text: str) -> str:
+    """``output_dir``, and no file where a folder above it would have to be made."""
+    output_dir(text)
+    _nearest_folder(text)
+    return text
+
+
+def _nearest_folder(text: str) -> str:
+    """The nearest existing folder above the path ``text``; ArgumentTypeError where the nearest
+    existing path above it is a file."""
+    parent = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text!r}: {parent!r} is a file, not a folder")
+    return parent
 
 
 def given(parser: argparse.ArgumentParser, args: argparse.Namespace):

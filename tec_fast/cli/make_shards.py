@@ -19,7 +19,7 @@ import sys
 import time
 
 from tec_fast.cli.errors import run_command
-from tec_fast.cli.flags import POSITIVE, Parser, existing_dir
+from tec_fast.cli.flags import POSITIVE, Parser, existing_dir, makeable_dir
 
 
 def build_parser() -> Parser:
@@ -29,9 +29,9 @@ def build_parser() -> Parser:
                            "(the file as it is) and one per label (<key>.cls), plus classes.txt and shards.json "
                            "(the --data pattern, counts, bytes).")
     p.add_argument("src", metavar="SRC", type=existing_dir, help="the image folder")
-    p.add_argument("out", metavar="OUT", help="folder for the shards (created; shards of the same prefix there "
-                                              "are replaced: those numbered past the last one written are "
-                                              "removed once the write is complete)")
+    p.add_argument("out", metavar="OUT", type=makeable_dir,
+                   help="folder for the shards (created; shards of the same prefix there are replaced: those "
+                        "numbered past the last one written are removed once the write is complete)")
     p.add_argument("--prefix", default="shard", type=shard_prefix,
                    help="shard file names: PREFIX-000000.tar, ... (default %(default)s)")
     p.add_argument("--max-images", type=POSITIVE, default=5000, metavar="N",
@@ -57,13 +57,6 @@ def _main(argv) -> int:
 
     p = build_parser()
     args = p.parse_args(argv)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.refuse("OUT", f"{args.out!r} is a file, not a folder")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        p.refuse("OUT", f"{args.out!r}: {parent!r} is a file, not a folder")
     images = os.path.realpath(os.path.join(args.src, "train") if os.path.isdir(os.path.join(args.src, "train"))
                               else args.src)
     out = os.path.realpath(args.out)
@@ -91,14 +84,15 @@ def _main(argv) -> int:
                else "an earlier write's class names; SRC has no class folders")
         print(f"removed {path} ({why})")
     record = {"pattern": r["pattern"], "shards": len(r["shards"]), "images": r["images"], "bytes": r["bytes"],
-              "image_bytes": r["image_bytes"], "classes": len(r["classes"]), "seconds": seconds, "source": os.path.abspath(args.src),
-              "removed": r["removed"]}
+              "image_bytes": r["image_bytes"], "classes": len(r["classes"]), "seconds": seconds,
+              "source": os.path.abspath(args.src), "removed": r["removed"]}
     tmp = os.path.join(args.out, "shards.json.tmp")
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
     os.replace(tmp, os.path.join(args.out, "shards.json"))
+    size = f"{r['bytes'] / 2 ** 20:.1f} MB (2^20 bytes)"
     print(table(["", ""], [["shards", record["shards"]], ["images", record["images"]],
-                           ["classes", record["classes"]], ["size", f"{r['bytes'] / 2 ** 20:.1f} MB (2^20 bytes)"],
+                           ["classes", record["classes"]], ["size", size],
                            ["time", f"{seconds:.1f} s"], ["train with", f"--data '{r['pattern']}'"]],
                 title="make_shards", align="ll"))
     return 0
