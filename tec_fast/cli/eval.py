@@ -263,8 +263,8 @@ def build_data(args, img_size: int, drop_train: bool = True):
     if args.data == "demo":
         from tec_fast.data.images import DEMO_SIZE, demo_datasets
         if img_size != DEMO_SIZE:
-            raise SystemExit(f"error: the demo images are {DEMO_SIZE}x{DEMO_SIZE} but the model "
-                             f"expects img_size={img_size}")
+            raise ValueError(f"--data demo: the demo images are {DEMO_SIZE}x{DEMO_SIZE} but the model "
+                             f"expects img_size={img_size} (--img-size, or the checkpoint's)")
         train, test = demo_datasets(args.seed, args.n_train, args.n_test)
         return train, test, f"demo (seed {args.seed})", 0
 
@@ -273,14 +273,14 @@ def build_data(args, img_size: int, drop_train: bool = True):
     for name in ("train", "val"):
         folder = os.path.join(args.data, name)
         if not os.path.isdir(folder):
-            raise SystemExit(f"error: {args.data!r} has no {name}/ folder (expected train/ and val/)")
+            raise ValueError(f"--data {args.data!r} has no {name}/ folder (expected train/ and val/)")
         splits.append(ImageFolderDataset(folder, img_size=img_size, train=False, strict=args.strict_data,
                                          drop_unreadable=drop_train or name == "val"))
     train, test = splits
     if not train.classes:
-        raise SystemExit(f"error: {train.root!r} has no class folders; evaluation needs labels")
+        raise ValueError(f"--data: {train.root!r} has no class folders; evaluation needs labels")
     if train.classes != test.classes:
-        raise SystemExit(f"error: train/ has {len(train.classes)} classes and val/ {len(test.classes)}; "
+        raise ValueError(f"--data: train/ has {len(train.classes)} classes and val/ {len(test.classes)}; "
                          f"they must be the same class folders ({_class_difference(train.classes, test.classes)})")
     g = torch.Generator().manual_seed(args.seed)
     if args.n_train:
@@ -364,13 +364,18 @@ def load_encoder(args):
                                  for n in ("patch_size", "embed_dim", "depth", "mlp_ratio"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if explicit:
-            base, vit_source = _load_with_flags(args)
-        else:
-            base = BaseModel.from_checkpoint(args.checkpoint, img_size=args.img_size, num_heads=args.num_heads,
-                                             trust=args.trust_checkpoint)
-            notes = [n for n in base.load_report.notes if "num_heads" in n or "config" in n]
-            vit_source = "read from the checkpoint" + (f" ({'; '.join(notes)})" if notes else "")
+        try:
+            if explicit:
+                base, vit_source = _load_with_flags(args)
+            else:
+                base = BaseModel.from_checkpoint(args.checkpoint, img_size=args.img_size, num_heads=args.num_heads,
+                                                 trust=args.trust_checkpoint)
+                notes = [n for n in base.load_report.notes if "num_heads" in n or "config" in n]
+                vit_source = "read from the checkpoint" + (f" ({'; '.join(notes)})" if notes else "")
+        except ValueError as exc:  # a head count the width does not divide: say which flag set it
+            if args.num_heads is not None and "num_heads" in str(exc):
+                raise ValueError(f"--num-heads {args.num_heads}: {exc}") from None
+            raise
     bad = nonfinite_keys(base.state_dict())
     if bad:
         raise ValueError(f"{args.checkpoint}: {len(bad)} weights hold NaN or inf values ({', '.join(bad[:3])}); "

@@ -98,8 +98,13 @@ def test_errors(tmp_path, mae_ckpt):
     small = ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     path = tmp_path / "small.pth"
     torch.save(MAEModel(small, decoder_dim=16, decoder_depth=1, decoder_heads=2).encoder_state_dict(), path)
-    with pytest.raises(SystemExit, match="demo images are 32x32"):
+    with pytest.raises(ValueError, match="--data demo: the demo images are 32x32"):
         main([str(path), "--num-heads", "2", "--quiet"])
+    proc = subprocess.run([sys.executable, "-m", "tec_fast.eval", str(path), "--num-heads", "2", "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --data demo: the demo images are 32x32")
+    with pytest.raises(ValueError, match=r"^--num-heads 3: .*num_heads \(3\)"):  # 32 wide: 3 heads cannot split it
+        main([str(path), "--num-heads", "3", "--quiet"])
     proc = subprocess.run([sys.executable, "-m", "tec_fast.eval", str(tmp_path / "nope.pth")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: argument checkpoint:")
