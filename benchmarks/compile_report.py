@@ -452,8 +452,14 @@ def compile_rows(arch: int, size: str, dtype: str, ops: Optional[List[str]] = No
                              stack_bytes=use.stack_bytes, smem_bytes=smem, smem_limit=SMEM_LIMIT.get(arch),
                              num_warps=int(meta.num_warps), num_stages=int(meta.num_stages),
                              sass_instructions=sass_instructions(c.kernel.asm["cubin"], arch),
-                             constexprs={k: v for k, v in c.constexprs.items()}, grid=list(c.grid)))
+                             constexprs={k: _json_value(v) for k, v in c.constexprs.items()}, grid=list(c.grid)))
     return rows
+
+
+def _json_value(v):
+    """A constexpr as the JSON row holds it: numbers, strings and flags as they are, anything else
+    (a ``tl.dtype``) by its name."""
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
 
 
 def problems(rows: List[Dict]) -> List[str]:

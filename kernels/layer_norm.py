@@ -143,19 +143,20 @@ def _as_rows(t: torch.Tensor, C: int) -> Tuple[torch.Tensor, int]:
 
 
 def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                    bias: torch.Tensor, eps: float, keep_stats: bool = True):
-    """x, residual [..., C] -> (y shaped like x, h shaped like x or None without a residual,
-    [mean; rstd] [2, rows] fp32 or None without ``keep_stats``). Nothing is allocated that the
-    call does not return (each allocation is a dispatcher call on the host)."""
+                    bias: torch.Tensor, eps: float, keep_stats: bool = True, y_dtype: Optional[torch.dtype] = None):
+    """x, residual [..., C] -> (y shaped like x, in ``y_dtype`` (default x's: what the next GEMM
+    reads, so no cast of y is made), h shaped like x or None without a residual, [mean; rstd]
+    [2, rows] fp32 or None without ``keep_stats``). Nothing is allocated that the call does not
+    return (each allocation is a dispatcher call on the host)."""
     C = x.shape[-1]
     rows = x.numel() // C if C else 0
     has_res = residual is not None
     if x.is_contiguous():  # empty_like is the cheapest allocation (on the host)
-        y = torch.empty_like(x)
+        y = torch.empty_like(x) if y_dtype is None else torch.empty_like(x, dtype=y_dtype)
         h = torch.empty_like(x) if has_res else None
         stride_x = C
     else:
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        y = torch.empty(x.shape, dtype=y_dtype or x.dtype, device=x.device)
         h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if has_res else None
         x, stride_x = _as_rows(x, C)
     stats = torch.empty(2, rows, dtype=torch.float32, device=y.device) if keep_stats else None
@@ -225,13 +226,16 @@ def _(dy, dh_out, h, weight, stats, b_dtype):
 
 
 def layer_norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                       bias: torch.Tensor, eps: float, keep_stats: bool = True):
+                       bias: torch.Tensor, eps: float, keep_stats: bool = True, y_dtype: Optional[torch.dtype] = None):
     """``_layer_norm_fwd``'s (y, h, stats) through the route the caller's context asks for: the
     launcher directly in plain eager mode (``direct_launch``), else the custom op (which always
-    returns the statistics; h is None without a residual either way)."""
+    returns the statistics, and y in x's dtype, cast here: the same values, y being rounded
+    once from fp32 either way; h is None without a residual either way)."""
     if direct_launch():
-        return _layer_norm_fwd(x, residual, weight, bias, eps, keep_stats)
+        return _layer_norm_fwd(x, residual, weight, bias, eps, keep_stats, y_dtype)
     y, h, stats = _layer_norm_op(x, residual, weight, bias, eps)
+    if y_dtype is not None and y.dtype != y_dtype:
+        y = y.to(y_dtype)
     return y, (h if residual is not None else None), stats
 
 

@@ -1,165 +1,568 @@
-"""vit_block: one pre-norm ViT block (attention and MLP sublayers) as a single autograd node.
+"""vit_block: one pre-norm ViT block (attention and MLP sublayers) as a single autograd node, every
+kernel of it launched from this package.
 
     x_in = x + pending                 (or x alone; ``pending``: the previous block's MLP branch)
     y1   = LN1(x_in)                   (``layer_norm``'s kernel, the add fused in)
-    q, k, v = heads(y1 Wqkv^T + bqkv)  (torch F.linear; views into heads)
-    a    = attention(q, k, v) Wp^T + bp   (torch's fused attention kernel; F.linear)
-    h    = x_in + a,  y2 = LN2(h)      (``layer_norm``'s kernel, the add fused in)
-    m    = GELU(y2 W1^T + b1) W2^T + b2   (F.linear, ``mlp``'s GELU kernel, F.linear)
+    qkv  = y1 Wqkv^T + bqkv            (GEMM; q, k, v read in place: [B, N, 3, H, d])
+    o    = softmax(q k^T / sqrt(d)) v  (flash attention: online softmax, the row log-sum-exp kept)
+    h    = x_in + (o Wp^T + bp),  y2 = LN2(h)     (GEMM; ``layer_norm``'s kernel, the add fused in)
+    pre  = y2 W1^T + b1,  g = GELU(pre)           (one GEMM, GELU in its epilogue)
+    m    = g W2^T + b2                            (GEMM)
 
 returns (x_in, h, m); the block's output is h + m, which the next block adds inside its LN1.
 
-Why one node: the block's math is a dozen kernels either way (four GEMMs, attention, two
-LayerNorms, the GELU), but run as separate ops (``layer_norm`` twice, ``qkv_heads``, ``mlp``) each
-is also an autograd node with its own Python wrapper, checks, views and saved-tensor bookkeeping.
-Here the forward issues the kernels from one ``autograd.Function`` and the backward is written
-out:
+Why one node, and why its own GEMMs: run as separate ops (``layer_norm`` twice, ``qkv_heads``,
+``mlp``) each piece is also an autograd node with its own Python wrapper, checks and saved-tensor
+bookkeeping, and with torch's GEMMs and attention each product is a dispatcher call with its
+casts, views and copies around it (about 55 torch calls in the backward alone). Here the forward
+is seven launches and the backward thirteen, with what those calls did folded into the kernels:
 
-    dm -> dW2 = dm^T g, db2, dg = dm W2 -> GELU backward (recomputes g; sums db1) -> dW1, dy2
+* ``_gemm_kernel``: C = A B with A and B at any strides (a transposed weight, dY^T for a weight
+  gradient: no copies), the operands cast to the GEMM dtype in registers (autocast's weight
+  casts: no cast copies, the fp32 weights saved as they are), fp32 accumulation, the product
+  rounded to the GEMM dtype (the value a GEMM in that dtype returns) and stored in the dtype the
+  caller wants (the residual stream's for the projection and the input gradients). Epilogues:
+  the bias; fc1's GELU (storing the pre-activation too); GELU's backward on fc2's input gradient
+  (storing GELU(pre) for fc2's weight gradient); a weight gradient's bias gradient, the row sums
+  of dY^T summed from the tiles the product loads.
+* ``_attention_fwd_kernel``: one program per (block of queries, image and head), key blocks
+  walked with an online softmax in fp32; the output written in [B, N, H, d] (rows of C: the
+  projection's input, no transpose copy).
+* ``_attention_bwd_kernel``: one launch whose programs compute dK, dV per key block or dQ per
+  query block (delta = rowsum(dO * O) recomputed per block, no computed tile transposed),
+  written straight into the gradient of qkv in qkv's layout (no packing kernel).
+
+The backward, written out:
+
+    dm -> d pre = (dm W2) GELU'(pre), g = GELU(pre)        (one GEMM, GELU's backward its epilogue)
+       -> dW2 = dm^T g with db2;  dW1 = d pre^T y2 with db1;  dy2 = d pre W1
     dy2, dh -> LN2 backward (the residual's gradient added in) -> dh_total = d(x_in) + da
-    da -> dWp, dbp, d(attention out) -> attention backward -> dq, dk, dv
-       -> packed into d(qkv) with its column sums (``qkv_heads``' pack kernel) -> dWqkv, dy1
+    da -> dWp = da^T o with dbp;  dO = da Wp -> attention backward -> d qkv
+       -> dWqkv = d qkv^T y1 with dbqkv;  dy1 = d qkv Wqkv
     dy1, dh_total (+ d(x_in) from outside) -> LN1 backward -> dx (= d pending)
 
-It saves what the per-op path saves (x_in, y1, qkv, the attention output and its log-sum-exp,
-h, y2, the MLP pre-activation, the LayerNorm statistics), nothing more. A weight that does not
-require grad (partial fine-tuning) costs no GEMM in the backward, as in the per-op path.
-Attention runs torch's own fused kernels: on CPU the flash kernel; on CUDA the flash kernel for
-fp16 / bf16 heads of at most 256 values (multiple of 8) on sm80+, the memory-efficient one for
-other heads that are a multiple of 8, and attention written out (softmax in fp32, the
-probabilities kept) for the rest.
+It saves x_in, y1, qkv, the attention output and its log-sum-exp, h, y2, the MLP
+pre-activation, the LayerNorm statistics and the weights as given, nothing more. A weight that
+does not require grad costs no product in the backward (its bias's gradient, when wanted, is the
+same row sums without the product: bitwise what the trainable weight's launch gives).
 Under autocast the GEMMs and attention run in the autocast dtype and the LayerNorms and the
-residual stream in x's dtype, as the per-op path computes them.
+residual stream in x's dtype, as the per-op path computes them. fp32 products are exact fp32
+(``input_precision="ieee"``), as torch's are by default. The GEMM tiles are fixed per dtype
+(128 x 128 x 64 for 16-bit operands, 64 x 64 where that leaves fewer than 128 programs; 64 x 64
+x 16 on 8 warps in fp32), no autotuning, no split-K: a weight gradient of a narrow layer runs on
+few programs. Tiles were chosen by compiling for sm_90 and sm_80 (``benchmarks/compile_report.py``:
+no spills at ViT-S..H shapes), not by timing: no GPU has run these kernels yet.
 
-Host cost (``benchmarks/experiments/block_routes.py``, the TEC step with launches skipped, CPU):
-the step with its blocks on this node took 0.78-0.81x eager's host time, through torch's own
-autograd graph of the block 0.84-0.85x, part by part 0.82-0.86x. The backward issues about 55
-torch calls from Python where torch's graph issues its own from C++, so this node saves what the
-separate nodes and wrappers cost, not the calls themselves.
-
-Under ``torch.compile`` / a dispatch mode the Triton launchers are called through their custom
-ops (``direct_launch``). Reference: ``tec_fast.ops.reference.vit_block``.
+Under ``torch.compile`` / a dispatch mode the launchers are called through their custom ops
+(``direct_launch``): ``tec_fast::vit_block_linear``, ``..._linear_dx``, ``..._gelu_grad``,
+``..._weight_grad``, ``..._attention`` and ``..._attention_backward``, and the LayerNorm's.
+Reference: ``tec_fast.ops.reference.vit_block``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import functools
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from tec_fast.kernels._common import (autocast_dtype, autocast_off, direct_launch, dtype_reasons, eager_apply,
-                                      first_order)
+from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons, eager_apply,
+                                      first_order, launch, next_pow2)
 from tec_fast.kernels.layer_norm import MAX_C, _layer_norm_backward_op, _layer_norm_bwd, layer_norm_forward
-from tec_fast.kernels.mlp import _mlp_gelu_backward_op, _mlp_gelu_bwd, _mlp_gelu_fwd, _mlp_gelu_op
-from tec_fast.kernels.qkv_heads import _qkv_pack, _qkv_pack_op
+from tec_fast.kernels.mlp import _gelu, _two_phi
 
-# no kernel of its own: the block launches these modules' kernels (the compile gate compiles
-# them in those ops' cases)
-KERNELS_FROM = ("layer_norm", "mlp", "qkv_heads")
-
-_aten = torch.ops.aten
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_LOG2E = 1.4426950408889634
+_GROUP_M = 8          # row blocks per group of programs (they share B's column tiles in L2)
+_FEW_TILES = 128      # fewer 128 x 128 output tiles than this: 64 x 64 tiles (more programs)
 
 
-_SM80 = {}  # CUDA device index -> compute capability >= 8.0 (a plain dict: torch.compile traces it)
+def _dot_precision(dt: torch.dtype) -> str:
+    return "ieee" if dt == torch.float32 else "tf32"  # fp32 exact, as torch's GEMMs by default
 
 
-def _sm80(index: int) -> bool:
-    ok = _SM80.get(index)
-    if ok is None:
-        ok = _SM80[index] = torch.cuda.get_device_capability(index)[0] >= 8
-    return ok
+# ---- GEMM ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K,
+                 s_am, s_ak, s_bk, s_bn, s_bias,
+                 EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ROW_SUM: tl.constexpr,
+                 DT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    if DOT:  # programs in groups of GROUP_M row blocks, column block by column block
+        pid = tl.program_id(0)
+        grid_m = tl.cdiv(M, BLOCK_M)
+        width = GROUP_M * tl.cdiv(N, BLOCK_N)
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+    else:  # row sums only: one program per row block
+        pid_m = tl.program_id(0)
+        pid_n = 0
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * s_am + rk[None, :] * s_ak
+    b_ptrs = b_ptr + rk[:, None] * s_bk + rn.to(tl.int64)[None, :] * s_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DT)
+        if ROW_SUM:
+            row_sum += tl.sum(a.to(tl.float32), axis=1)
+        if DOT:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(DT)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * s_ak
+        b_ptrs += BLOCK_K * s_bk
+    if ROW_SUM:  # the first column block's programs store them
+        if DOT:
+            tl.store(sum_ptr + rm, row_sum.to(sum_ptr.dtype.element_ty), mask=m_ok & (tl.zeros((BLOCK_M,), tl.int32) + pid_n == 0))
+        else:
+            tl.store(sum_ptr + rm, row_sum.to(sum_ptr.dtype.element_ty), mask=m_ok)
+    if DOT:
+        if HAS_BIAS:  # added in fp32 to the fp32 product, the bias first rounded to DT (as a cast bias is)
+            acc += tl.load(bias_ptr + rn * s_bias, mask=n_ok, other=0.0).to(DT).to(tl.float32)[None, :]
+        val = acc.to(DT).to(tl.float32)  # what a GEMM in DT returns
+        offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        if EPILOGUE == 1:  # fc1: keep the pre-activation, return GELU of it
+            tl.store(pre_ptr + offs, val.to(pre_ptr.dtype.element_ty), mask=ok)
+            val = _gelu(val)
+        elif EPILOGUE == 2:  # fc2's input gradient: times GELU'(pre); GELU(pre) recomputed for dW2
+            z = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            two_phi, e = _two_phi(z)
+            tl.store(g_ptr + offs, (0.5 * z * two_phi).to(g_ptr.dtype.element_ty), mask=ok)
+            val = val * (0.5 * two_phi + z * 0.3989422804014327 * e)
+        tl.store(c_ptr + offs, val.to(c_ptr.dtype.element_ty), mask=ok)
 
 
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """q, k, v [B, H, N, d] -> (out [B, H, N, d], what ``_attention_bwd`` needs). Torch's fused
-    kernels where they take the heads (CPU: flash; CUDA: flash for fp16 / bf16 heads of at most
-    256 values, a multiple of 8, on sm80+; memory-efficient for heads a multiple of 8), else
-    attention written out (``_math_attention_fwd``)."""
-    if q.device.type == "cpu":
-        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-        return out, ("cpu", lse)
-    d = q.shape[-1]
-    if d % 8:
-        return _math_attention_fwd(q, k, v)
-    if q.dtype in _FLASH_DTYPES and d <= 256 and _sm80(q.device.index or 0):
-        out, lse, cq, ck, mq, mk, seed, offset, _ = _aten._scaled_dot_product_flash_attention(q, k, v)
-        return out, ("flash", lse, cq, ck, mq, mk, seed, offset)
-    out, lse, seed, offset = _aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
-    return out, ("efficient", lse, seed, offset)
+@functools.lru_cache(maxsize=None)
+def _gemm_config(M: int, N: int, K: int, dt: torch.dtype) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): 128 x 128 x 64 tiles for 16-bit operands (64 x
+    64 where that gives fewer than ``_FEW_TILES`` programs), 64 x 64 x 16 on 8 warps for fp32
+    (exact FMA products); each side no larger than the next power of two of the matrix's (at
+    least 16, ``tl.dot``'s minimum)."""
+    if dt == torch.float32:
+        bm, bn, bk, warps, stages = 64, 64, 16, 8, 2
+    elif cdiv(M, 128) * cdiv(N, 128) < _FEW_TILES:
+        bm, bn, bk, warps, stages = 64, 64, 64, 4, 3
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    fit = lambda n, cap: min(cap, max(16, next_pow2(n)))  # noqa: E731
+    return fit(M, bm), fit(N, bn), fit(K, bk), warps, stages
 
 
-def _attention_bwd(dout: torch.Tensor, q, k, v, out, state) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kind = state[0]
-    if kind == "cpu":
-        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, state[1], 0.0, False)
-    if kind == "flash":
-        _, lse, cq, ck, mq, mk, seed, offset = state
-        return _aten._scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0,
-                                                                  False, seed, offset)
-    if kind == "math":
-        return _math_attention_bwd(dout, q, k, v, state[1])
-    _, lse, seed, offset = state
-    return _aten._scaled_dot_product_efficient_attention_backward(dout, q, k, v, None, out, lse, seed, offset, 0.0,
-                                                                  [True, True, True, False])[:3]
+@functools.lru_cache(maxsize=None)
+def _gemm_launch(M: int, N: int, K: int, dt: torch.dtype, epilogue: int, has_bias: bool, dot: bool,
+                 row_sum: bool) -> Tuple[Tuple[int], dict]:
+    """(grid, constexprs and options) of one ``_gemm_kernel`` call: a function of the sizes and
+    flags alone, so kept (the dict is only ever unpacked)."""
+    bm, bn, bk, warps, stages = _gemm_config(M, N, K, dt)
+    grid = (cdiv(M, bm) * cdiv(N, bn),) if dot else (cdiv(M, bm),)
+    return grid, dict(EPILOGUE=epilogue, HAS_BIAS=has_bias, DOT=dot, ROW_SUM=row_sum, DT=_TL[dt],
+                      DOT_PRECISION=_dot_precision(dt), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M,
+                      num_warps=warps, num_stages=stages)
 
 
-def _math_attention_fwd(q, k, v):
-    """softmax(q k^T / sqrt(d)) v with the probabilities P kept (fp32 softmax, as torch's math
-    backend computes it for 16-bit inputs): the fallback for heads no fused kernel takes."""
-    scale = q.shape[-1] ** -0.5
-    p = torch.softmax(torch.matmul(q, k.transpose(-2, -1)).float() * scale, dim=-1).to(q.dtype)
-    return torch.matmul(p, v), ("math", p)
+def _gemm(a, a_strides, b, b_strides, c, M: int, N: int, K: int, dt: torch.dtype, bias=None, pre=None, g=None,
+          row_sum=None, epilogue: int = 0, dot: bool = True) -> None:
+    """Launch ``_gemm_kernel``: c [M, N] = A [M, K] B [K, N] (strides given) with the epilogue."""
+    grid, meta = _gemm_launch(M, N, K, dt, epilogue, bias is not None, dot, row_sum is not None)
+    launch(_gemm_kernel, grid, a, b, c, c if bias is None else bias, c if pre is None else pre,
+           c if g is None else g, c if row_sum is None else row_sum, M, N, K,
+           a_strides[0], a_strides[1], b_strides[0], b_strides[1], 0 if bias is None else bias.stride(0), **meta)
 
 
-def _math_attention_bwd(dout, q, k, v, p):
-    """dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)) (computed as rowsum(P * dP)), dQ = dS K * s,
-    dK = dS^T Q * s; the softmax's part in fp32."""
-    scale = q.shape[-1] ** -0.5
-    dp = torch.matmul(dout, v.transpose(-2, -1)).float()
-    pf = p.float()
-    ds = (pf * (dp - (pf * dp).sum(-1, keepdim=True)) * scale).to(q.dtype)
-    return torch.matmul(ds, k), torch.matmul(ds.transpose(-2, -1), q), torch.matmul(p.transpose(-2, -1), dout)
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], dt: torch.dtype,
+            out_dtype: torch.dtype, gelu: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """x [M, K], w [N, K] (any strides, any float dtypes: cast to ``dt`` in registers) ->
+    (x w^T + bias [M, N] in ``out_dtype`` with the values of a GEMM in ``dt``, None); with
+    ``gelu``: (GELU of it in ``dt``, the pre-activation in ``dt``)."""
+    M, K = x.shape
+    N = w.shape[0]
+    out = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    pre = torch.empty(M, N, dtype=dt, device=x.device) if gelu else None
+    if M and N:
+        _gemm(x, x.stride(), w, (w.stride(1), w.stride(0)), out, M, N, K, dt, bias=bias, pre=pre,
+              epilogue=1 if gelu else 0)
+    return out, pre
 
+
+def _linear_dx(dy: torch.Tensor, w: torch.Tensor, dt: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """dy [M, N], w [N, K] -> dy w [M, K] in ``out_dtype`` (a linear layer's input gradient)."""
+    M, N = dy.shape
+    K = w.shape[1]
+    out = torch.empty(M, K, dtype=out_dtype, device=dy.device)
+    if M and K:
+        _gemm(dy, dy.stride(), w, w.stride(), out, M, K, N, dt)
+    return out
+
+
+def _gelu_grad(dm: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, dt: torch.dtype
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dm [M, C], fc2's weight w2 [C, hidden], pre [M, hidden] -> (d pre = (dm w2) GELU'(pre),
+    GELU(pre)), both [M, hidden] in ``dt``."""
+    M = dm.shape[0]
+    hidden = w2.shape[1]
+    dpre = torch.empty(M, hidden, dtype=dt, device=dm.device)
+    g = torch.empty(M, hidden, dtype=dt, device=dm.device)
+    if M and hidden:
+        _gemm(dm, dm.stride(), w2, w2.stride(), dpre, M, hidden, dm.shape[1], dt, pre=pre, g=g, epilogue=2)
+    return dpre, g
+
+
+def _weight_grad(dy: torch.Tensor, x: torch.Tensor, dt: torch.dtype, w_dtype: Optional[torch.dtype],
+                 b_dtype: Optional[torch.dtype]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dy [M, N], x [M, K] -> (dy^T x [N, K] in ``w_dtype``, the column sums of dy [N] in
+    ``b_dtype``), each None where its dtype is None. The sums come from the same loads as the
+    product (the operands as cast to ``dt``); without the product they are the same sums, so a
+    frozen weight changes its bias's gradient by nothing."""
+    M, N = dy.shape
+    K = x.shape[1]
+    dw = None if w_dtype is None else torch.empty(N, K, dtype=w_dtype, device=dy.device)
+    db = None if b_dtype is None else torch.empty(N, dtype=b_dtype, device=dy.device)
+    if N and (dw is not None and K or db is not None):
+        _gemm(dy, (dy.stride(1), dy.stride(0)), x, x.stride(), db if dw is None else dw, N, K, M, dt,
+              row_sum=db, dot=dw is not None and K > 0)
+    return dw, db
+
+
+# ---- attention ----------------------------------------------------------------------------------
+# q, k, v are read where the qkv GEMM wrote them: qkv [B, N, 3, H, d] (rows of 3C); the output and
+# its gradient are [B, N, H, d] (rows of C, what the projection reads); the gradient of qkv is
+# written in qkv's layout. The row log-sum-exp is kept in base 2 of the scaled logits.
+
+@triton.jit
+def _attention_fwd_kernel(qkv_ptr, o_ptr, lse_ptr, N, H, d, C, qk_scale,
+                          HAS_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    col = (bh % H) * d
+    rq = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    q_ok = rq < N
+    d_ok = dd < d
+    base = qkv_ptr + b.to(tl.int64) * N * 3 * C + col
+    q = tl.load(base + rq[:, None] * (3 * C) + dd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rk = n0 + tl.arange(0, BLOCK_N)
+        k_ok = rk < N
+        kt = tl.load(base + C + rk[None, :] * (3 * C) + dd[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(base + 2 * C + rk[:, None] * (3 * C) + dd[None, :], mask=k_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_rows = o_ptr + (b.to(tl.int64) * N + rq)[:, None] * C + col + dd[None, :]
+    tl.store(o_rows, acc.to(o_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+    if HAS_LSE:
+        tl.store(lse_ptr + bh.to(tl.int64) * N + rq, m_i + tl.log2(l_i), mask=q_ok)
+
+
+@triton.jit
+def _attention_bwd_kernel(qkv_ptr, o_ptr, do_ptr, lse_ptr, dqkv_ptr, N, H, d, C, qk_scale, sm_scale, kv_blocks,
+                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """One launch for both halves of the backward: programs (block, image x head) below
+    ``kv_blocks`` compute a key block's dK and dV, the others a query block's dQ."""
+    pid = tl.program_id(0)
+    if pid < kv_blocks:
+        _attention_bwd_kv(qkv_ptr, o_ptr, do_ptr, lse_ptr, dqkv_ptr, pid, N, H, d, C, qk_scale, sm_scale,
+                          DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        _attention_bwd_q(qkv_ptr, o_ptr, do_ptr, lse_ptr, dqkv_ptr, pid - kv_blocks, N, H, d, C, qk_scale,
+                         sm_scale, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _attention_bwd_kv(qkv_ptr, o_ptr, do_ptr, lse_ptr, dqkv_ptr, pid_n, N, H, d, C, qk_scale, sm_scale,
+                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """dK, dV of one block of keys, over the query blocks in transposed form (keys as rows, so no
+    computed tile is transposed): P^T = exp2(K Q^T scale - lse), dV = P^T dO,
+    dS^T = P^T * (V dO^T - delta), dK = dS^T Q * scale."""
+    bh = tl.program_id(1)
+    b = bh // H
+    col = (bh % H) * d
+    rk = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    k_ok = rk < N
+    d_ok = dd < d
+    kv_ok = k_ok[:, None] & d_ok[None, :]
+    base = b.to(tl.int64) * N * 3 * C + col  # this image's and head's q columns in qkv
+    kv_rows = base + rk[:, None] * (3 * C) + dd[None, :]
+    k = tl.load(qkv_ptr + kv_rows + C, mask=kv_ok, other=0.0)
+    v = tl.load(qkv_ptr + kv_rows + 2 * C, mask=kv_ok, other=0.0)
+    o_base = b.to(tl.int64) * N * C + col
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for m0 in range(0, N, BLOCK_M):
+        rq = m0 + tl.arange(0, BLOCK_M)
+        q_ok = rq < N
+        ok = q_ok[:, None] & d_ok[None, :]
+        ok_t = d_ok[:, None] & q_ok[None, :]
+        q = tl.load(qkv_ptr + base + rq[:, None] * (3 * C) + dd[None, :], mask=ok, other=0.0)
+        qt = tl.load(qkv_ptr + base + rq[None, :] * (3 * C) + dd[:, None], mask=ok_t, other=0.0)
+        do = tl.load(do_ptr + o_base + rq[:, None] * C + dd[None, :], mask=ok, other=0.0)
+        dot_ = tl.load(do_ptr + o_base + rq[None, :] * C + dd[:, None], mask=ok_t, other=0.0)
+        o_t = tl.load(o_ptr + o_base + rq[None, :] * C + dd[:, None], mask=ok_t, other=0.0)
+        delta = tl.sum(dot_.to(tl.float32) * o_t.to(tl.float32), axis=0)  # rowsum(dO * O) [BLOCK_M]
+        lse = tl.load(lse_ptr + bh.to(tl.int64) * N + rq, mask=q_ok, other=0.0)
+        st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        pt = tl.where(k_ok[:, None] & q_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, dot_, input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    tl.store(dqkv_ptr + kv_rows + C, (dk * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=kv_ok)
+    tl.store(dqkv_ptr + kv_rows + 2 * C, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _attention_bwd_q(qkv_ptr, o_ptr, do_ptr, lse_ptr, dqkv_ptr, pid_m, N, H, d, C, qk_scale, sm_scale,
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """dQ of one block of queries: dS = P * (dO V^T - delta), dQ = dS K * scale."""
+    bh = tl.program_id(1)
+    b = bh // H
+    col = (bh % H) * d
+    rq = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    q_ok = rq < N
+    d_ok = dd < d
+    ok = q_ok[:, None] & d_ok[None, :]
+    base = b.to(tl.int64) * N * 3 * C + col
+    q = tl.load(qkv_ptr + base + rq[:, None] * (3 * C) + dd[None, :], mask=ok, other=0.0)
+    o_rows = b.to(tl.int64) * N * C + col + rq[:, None] * C + dd[None, :]
+    do = tl.load(do_ptr + o_rows, mask=ok, other=0.0)
+    o = tl.load(o_ptr + o_rows, mask=ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * N + rq, mask=q_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rk = n0 + tl.arange(0, BLOCK_N)
+        k_ok = rk < N
+        ok_t = d_ok[:, None] & k_ok[None, :]
+        kt = tl.load(qkv_ptr + base + C + rk[None, :] * (3 * C) + dd[:, None], mask=ok_t, other=0.0)
+        vt = tl.load(qkv_ptr + base + 2 * C + rk[None, :] * (3 * C) + dd[:, None], mask=ok_t, other=0.0)
+        k = tl.load(qkv_ptr + base + C + rk[:, None] * (3 * C) + dd[None, :], mask=k_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        p = tl.where(k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(dqkv_ptr + base + rq[:, None] * (3 * C) + dd[None, :], (dq * sm_scale).to(dqkv_ptr.dtype.element_ty),
+             mask=ok)
+
+
+# (forward, backward) tiles: (queries, keys, warps), by the product's dtype and the padded head
+# width; chosen with ``benchmarks/compile_report.py`` (sm_90 and sm_80: no spills at ViT-S..H)
+_ATTENTION_TILES = {
+    (False, 64): ((64, 64, 4), (64, 32, 8)),    # 16-bit, on tensor cores
+    (False, 128): ((64, 64, 8), (64, 32, 8)),
+    (False, 256): ((32, 32, 8), (32, 32, 8)),
+    (True, 64): ((32, 32, 4), (32, 16, 4)),     # fp32: exact FMA products, more held per thread
+    (True, 128): ((16, 16, 4), (16, 16, 4)),
+    (True, 256): ((16, 16, 4), (16, 16, 4)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_config(N: int, d: int, dt: torch.dtype, backward: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_M queries, BLOCK_N keys, BLOCK_D, warps): d padded to a power of two (at least 16),
+    tiles from ``_ATTENTION_TILES`` (heads past 256 values: its 256 row), no side larger than N's
+    next power of two (at least 16, ``tl.dot``'s minimum)."""
+    block_d = max(16, next_pow2(d))
+    bm, bn, warps = _ATTENTION_TILES[dt == torch.float32, max(64, min(block_d, 256))][backward]
+    fit = lambda cap: min(cap, max(16, next_pow2(N)))  # noqa: E731
+    return fit(bm), fit(bn), block_d, warps
+
+
+def _attention(qkv: torch.Tensor, B: int, N: int, H: int, save: bool
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """qkv [B N, 3C] (contiguous, [B, N, 3, H, d]) -> (softmax(q k^T / sqrt(d)) v per head as
+    [B N, C] ([B, N, H, d]), the rows' log-sum-exp [B, H, N] fp32 (base 2, scaled logits) or None
+    without ``save``)."""
+    C = qkv.shape[1] // 3
+    d = C // H
+    o = torch.empty(B * N, C, dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device) if save else None
+    if B and N:
+        bm, bn, bd, warps = _attention_config(N, d, qkv.dtype, False)
+        launch(_attention_fwd_kernel, (cdiv(N, bm), B * H), qkv, o, o if lse is None else lse, N, H, d, C,
+               d ** -0.5 * _LOG2E, HAS_LSE=save, DOT_PRECISION=_dot_precision(qkv.dtype), BLOCK_M=bm, BLOCK_N=bn,
+               BLOCK_D=bd, num_warps=warps, num_stages=2)
+    return o, lse
+
+
+def _attention_grad(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """d(out) [B N, C] (contiguous), qkv, out, lse as ``_attention`` made them -> d(qkv) [B N, 3C]."""
+    B, H, N = lse.shape
+    C = o.shape[1]
+    d = C // H
+    dqkv = torch.empty_like(qkv)
+    if B and N:
+        bm, bn, bd, warps = _attention_config(N, d, qkv.dtype, True)
+        kv_blocks = cdiv(N, bn)
+        launch(_attention_bwd_kernel, (kv_blocks + cdiv(N, bm), B * H), qkv, o, do, lse, dqkv, N, H, d, C,
+               d ** -0.5 * _LOG2E, d ** -0.5, kv_blocks, DOT_PRECISION=_dot_precision(qkv.dtype), BLOCK_M=bm,
+               BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=2)
+    return dqkv
+
+
+# ---- the custom ops: what torch.compile and dispatch modes see ---------------------------------
+
+@torch.library.custom_op("tec_fast::vit_block_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], dt: torch.dtype,
+               out_dtype: torch.dtype, gelu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    out, pre = _linear(x, w, bias, dt, out_dtype, gelu)
+    return out, (x.new_empty(0, dtype=dt) if pre is None else pre)
+
+
+@_linear_op.register_fake
+def _(x, w, bias, dt, out_dtype, gelu):
+    M, N = x.shape[0], w.shape[0]
+    return x.new_empty(M, N, dtype=out_dtype), x.new_empty((M, N) if gelu else (0,), dtype=dt)
+
+
+@torch.library.custom_op("tec_fast::vit_block_linear_dx", mutates_args=())
+def _linear_dx_op(dy: torch.Tensor, w: torch.Tensor, dt: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    return _linear_dx(dy, w, dt, out_dtype)
+
+
+@_linear_dx_op.register_fake
+def _(dy, w, dt, out_dtype):
+    return dy.new_empty(dy.shape[0], w.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("tec_fast::vit_block_gelu_grad", mutates_args=())
+def _gelu_grad_op(dm: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor,
+                  dt: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _gelu_grad(dm, w2, pre, dt)
+
+
+@_gelu_grad_op.register_fake
+def _(dm, w2, pre, dt):
+    shape = (dm.shape[0], w2.shape[1])
+    return dm.new_empty(shape, dtype=dt), dm.new_empty(shape, dtype=dt)
+
+
+@torch.library.custom_op("tec_fast::vit_block_weight_grad", mutates_args=())
+def _weight_grad_op(dy: torch.Tensor, x: torch.Tensor, dt: torch.dtype, w_dtype: Optional[torch.dtype],
+                    b_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
+    dw, db = _weight_grad(dy, x, dt, w_dtype, b_dtype)
+    return (dy.new_empty(0) if dw is None else dw), (dy.new_empty(0) if db is None else db)
+
+
+@_weight_grad_op.register_fake
+def _(dy, x, dt, w_dtype, b_dtype):
+    N, K = dy.shape[1], x.shape[1]
+    return (dy.new_empty(0) if w_dtype is None else dy.new_empty(N, K, dtype=w_dtype),
+            dy.new_empty(0) if b_dtype is None else dy.new_empty(N, dtype=b_dtype))
+
+
+@torch.library.custom_op("tec_fast::vit_block_attention", mutates_args=())
+def _attention_op(qkv: torch.Tensor, B: int, N: int, H: int, save: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _attention(qkv, B, N, H, save)
+    return o, (qkv.new_empty(0, dtype=torch.float32) if lse is None else lse)
+
+
+@_attention_op.register_fake
+def _(qkv, B, N, H, save):
+    C = qkv.shape[1] // 3
+    return (qkv.new_empty(B * N, C),
+            qkv.new_empty((B, H, N) if save else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("tec_fast::vit_block_attention_backward", mutates_args=())
+def _attention_grad_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    return _attention_grad(do, qkv, o, lse)
+
+
+@_attention_grad_op.register_fake
+def _(do, qkv, o, lse):
+    return qkv.new_empty(qkv.shape)
+
+
+class _Route(NamedTuple):
+    """The launchers a block calls, straight (plain eager) or through their custom ops."""
+    linear: Callable
+    linear_dx: Callable
+    gelu_grad: Callable
+    weight_grad: Callable
+    attention: Callable
+    attention_grad: Callable
+    ln_bwd: Callable
+
+
+def _linear_traced(x, w, bias, dt, out_dtype, gelu=False):
+    out, pre = _linear_op(x, w, bias, dt, out_dtype, gelu)
+    return out, (pre if gelu else None)
+
+
+def _weight_grad_traced(dy, x, dt, w_dtype, b_dtype):
+    dw, db = _weight_grad_op(dy, x, dt, w_dtype, b_dtype)
+    return (None if w_dtype is None else dw), (None if b_dtype is None else db)
+
+
+def _attention_traced(qkv, B, N, H, save):
+    o, lse = _attention_op(qkv, B, N, H, save)
+    return o, (lse if save else None)
+
+
+_DIRECT = _Route(_linear, _linear_dx, _gelu_grad, _weight_grad, _attention, _attention_grad, _layer_norm_bwd)
+_TRACED = _Route(_linear_traced, _linear_dx_op, _gelu_grad_op, _weight_grad_traced, _attention_traced,
+                 _attention_grad_op, _layer_norm_backward_op)
+
+
+# ---- the block --------------------------------------------------------------------------------
 
 def _cast(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
 def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool):
-    """The block on x [B, N, C] (autocast off: ``dt`` is the GEMMs' dtype). Returns
-    (x_in, h, m, saved): ``saved``, what the backward needs besides x_in and h, None unless
-    ``save``."""
+    """The block on x [B, N, C] (autocast off: ``dt`` is the GEMMs' and the attention's dtype).
+    Returns (x_in, h, m, saved): ``saved``, what the backward needs besides x_in and h, None
+    unless ``save``."""
     n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2 = params
+    r = _DIRECT if direct_launch() else _TRACED
     B, N, C = x.shape
     sd = x.dtype  # the residual stream's dtype
-    if pending is None:
-        y1, _, s1 = layer_norm_forward(x, None, n1w, n1b, eps, save)
+    rows = B * N
+    if pending is None:  # y1, y2 written in dt (autocast: what the GEMMs read and the backward keeps)
+        y1, _, s1 = layer_norm_forward(x, None, n1w, n1b, eps, save, dt)
         x_in = x
     else:
-        y1, x_in, s1 = layer_norm_forward(_cast(pending, sd), x, n1w, n1b, eps, save)
-    rows = B * N
-    y1c = _cast(y1, dt).view(rows, C)
-    if dt != wqkv.dtype or dt != wp.dtype or dt != w1.dtype or dt != w2.dtype:  # autocast, fp32 weights
-        wqkv, wp, w1, w2 = _cast(wqkv, dt), _cast(wp, dt), _cast(w1, dt), _cast(w2, dt)
-    if dt != bp.dtype or dt != b1.dtype or dt != b2.dtype or (bqkv is not None and dt != bqkv.dtype):
-        bqkv, bp, b1, b2 = (None if b_ is None else _cast(b_, dt) for b_ in (bqkv, bp, b1, b2))
-    linear = F.linear  # one call from Python for addmm(b, x, w.t()) on x's rows: the same values
-    qkv = linear(y1c, wqkv, bqkv)
-    q, k, v = qkv.view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
-    if save:
-        o, att = _attention_fwd(q, k, v)
-    else:
-        o, att = F.scaled_dot_product_attention(q, k, v), None
-    at = o.transpose(1, 2).reshape(rows, C)
-    p = linear(at, wp, bp)
-    y2, h, s2 = layer_norm_forward(_cast(p, sd).view(B, N, C), x_in, n2w, n2b, eps, save)
-    y2c = _cast(y2, dt).view(rows, C)
-    pre = linear(y2c, w1, b1)
-    g = _mlp_gelu_fwd(pre) if direct_launch() else _mlp_gelu_op(pre)
-    m = linear(g, w2, b2).view(B, N, C)
-    saved = (y1c, qkv, o, at, y2c, pre, wqkv, wp, w1, w2, s1, s2, att) if save else None
-    return x_in, h, m, saved
+        y1, x_in, s1 = layer_norm_forward(_cast(pending, sd), x, n1w, n1b, eps, save, dt)
+    y1 = y1.view(rows, C)
+    qkv, _ = r.linear(y1, wqkv, bqkv, dt, dt)
+    o, lse = r.attention(qkv, B, N, H, save)
+    p, _ = r.linear(o, wp, bp, dt, sd)  # in the stream's dtype, with the values of a GEMM in dt
+    y2, h, s2 = layer_norm_forward(p.view(B, N, C), x_in, n2w, n2b, eps, save, dt)
+    y2 = y2.view(rows, C)
+    g, pre = r.linear(y2, w1, b1, dt, dt, True)
+    m, _ = r.linear(g, w2, b2, dt, dt)
+    saved = (y1, qkv, o, lse, y2, pre, s1, s2) if save else None
+    return x_in, h, m.view(B, N, C), saved
 
 
 class _VitBlock(torch.autograd.Function):
@@ -171,14 +574,13 @@ class _VitBlock(torch.autograd.Function):
         params = (n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2)
         with autocast_off(x.device.type):
             x_in, h, m, saved = _forward(x, pending, params, H, eps, dt, True)
-        y1c, qkv, o, at, y2c, pre, wqkv_c, wp_c, w1_c, w2_c, s1, s2, att = saved
+        y1, qkv, o, lse, y2, pre, s1, s2 = saved
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x_in, y1c, qkv, o, at, h, y2c, pre, wqkv_c, wp_c, w1_c, w2_c, n1w, n2w)
-        ctx.stats, ctx.att, ctx.H, ctx.has_pending = (s1, s2), att, H, pending is not None
+        ctx.save_for_backward(x_in, y1, qkv, o, h, y2, pre, wqkv, wp, w1, w2, n1w, n2w)
+        ctx.stats, ctx.lse, ctx.dt, ctx.has_pending = (s1, s2), lse, dt, pending is not None
         ctx.device_type = x.device.type
-        ctx.dtypes = (None if pending is None else pending.dtype, n1b.dtype, wqkv.dtype,
-                      None if bqkv is None else bqkv.dtype, wp.dtype, bp.dtype, n2b.dtype,
-                      w1.dtype, b1.dtype, w2.dtype, b2.dtype)
+        ctx.dtypes = (None if pending is None else pending.dtype, n1b.dtype, None if bqkv is None else bqkv.dtype,
+                      bp.dtype, n2b.dtype, b1.dtype, b2.dtype)
         return (x_in, h, m) if pending is not None else (h, m)
 
     @staticmethod
@@ -190,45 +592,38 @@ class _VitBlock(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, *grads):
         d_xin, dh, dm = grads if ctx.has_pending else (None, *grads)
-        x_in, y1c, qkv, o, at, h, y2c, pre, wqkv, wp, w1, w2, n1w, n2w = ctx.saved_tensors
+        x_in, y1, qkv, o, h, y2, pre, wqkv, wp, w1, w2, n1w, n2w = ctx.saved_tensors
         if not x_in.is_contiguous():  # x as given (no pending): the LayerNorm backward reads rows
             x_in = x_in.contiguous()
         s1, s2 = ctx.stats
-        pend_dt, n1b_dt, wqkv_dt, bqkv_dt, wp_dt, bp_dt, n2b_dt, w1_dt, b1_dt, w2_dt, b2_dt = ctx.dtypes
+        pend_dt, n1b_dt, bqkv_dt, bp_dt, n2b_dt, b1_dt, b2_dt = ctx.dtypes
         B, N, C = x_in.shape
-        rows, dt, sd = B * N, wqkv.dtype, x_in.dtype
-        direct = direct_launch()
-        ln_bwd = _layer_norm_bwd if direct else _layer_norm_backward_op
+        rows, dt, sd = B * N, ctx.dt, x_in.dtype
+        r = _DIRECT if direct_launch() else _TRACED
+        need = ctx.needs_input_grad  # a frozen weight's GEMM is skipped (its bias still summed)
+
         # MLP branch
-        need = ctx.needs_input_grad  # a frozen weight's GEMM (or bias sum) is skipped
         if dm is not None:
-            dm = _cast(dm, dt).reshape(rows, C)
-            g, dpre, db1 = (_mlp_gelu_bwd if direct else _mlp_gelu_backward_op)(pre, torch.mm(dm, w2))
-            dw2 = _cast(torch.mm(dm.t(), g), w2_dt) if need[12] else None
-            db2 = dm.sum(0, dtype=b2_dt) if need[13] else None
-            dw1 = _cast(torch.mm(dpre.t(), y2c), w1_dt) if need[10] else None
-            db1 = _cast(db1, b1_dt) if need[11] else None
-            dy2 = _cast(torch.mm(dpre, w1), sd).view(B, N, C)
+            dm = dm.reshape(rows, C)
+            dpre, g = r.gelu_grad(dm, w2, pre, dt)
+            dw2, db2 = r.weight_grad(dm, g, dt, w2.dtype if need[12] else None, b2_dt if need[13] else None)
+            dw1, db1 = r.weight_grad(dpre, y2, dt, w1.dtype if need[10] else None, b1_dt if need[11] else None)
+            dy2 = r.linear_dx(dpre, w1, dt, sd).view(B, N, C)
         else:
             dw2 = db2 = dw1 = db1 = None
             dy2 = h.new_zeros(h.shape)
         dh = None if dh is None else (dh if dh.is_contiguous() else dh.contiguous())
-        dh_tot, dn2w, dn2b = ln_bwd(dy2, dh, h, n2w, s2, n2b_dt)
+        dh_tot, dn2w, dn2b = r.ln_bwd(dy2, dh, h, n2w, s2, n2b_dt)
         # attention branch
-        da = _cast(dh_tot, dt).view(rows, C)
-        dwp = _cast(torch.mm(da.t(), at), wp_dt) if need[6] else None
-        dbp = da.sum(0, dtype=bp_dt) if need[7] else None
-        H = ctx.H
-        dout = torch.mm(da, wp).view(B, N, H, C // H).transpose(1, 2)
-        q, k, v = qkv.view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
-        dq, dk, dv = _attention_bwd(dout, q, k, v, o, ctx.att)
-        dqkv, dbqkv = (_qkv_pack if direct else _qkv_pack_op)(*(t if t.stride(-1) == 1 else t.contiguous()
-                                                                for t in (dq, dk, dv)))
-        dwqkv = _cast(torch.mm(dqkv.t(), y1c), wqkv_dt) if need[4] else None
-        dbqkv = _cast(dbqkv, bqkv_dt) if bqkv_dt is not None and need[5] else None
-        dy1 = _cast(torch.mm(dqkv, wqkv), sd).view(B, N, C)
+        da = dh_tot.view(rows, C)
+        dwp, dbp = r.weight_grad(da, o, dt, wp.dtype if need[6] else None, bp_dt if need[7] else None)
+        dout = r.linear_dx(da, wp, dt, dt)
+        dqkv = r.attention_grad(dout, qkv, o, ctx.lse)
+        dwqkv, dbqkv = r.weight_grad(dqkv, y1, dt, wqkv.dtype if need[4] else None,
+                                     bqkv_dt if need[5] else None)
+        dy1 = r.linear_dx(dqkv, wqkv, dt, sd).view(B, N, C)
         d_in = dh_tot if d_xin is None else dh_tot + d_xin
-        dx, dn1w, dn1b = ln_bwd(dy1, d_in, x_in, n1w, s1, n1b_dt)
+        dx, dn1w, dn1b = r.ln_bwd(dy1, d_in, x_in, n1w, s1, n1b_dt)
         dpending = None if pend_dt is None else _cast(dx, pend_dt)
         return (dx, dpending, dn1w, dn1b, dwqkv, dbqkv, dwp, dbp, dn2w, dn2b, dw1, db1, dw2, db2,
                 None, None, None)

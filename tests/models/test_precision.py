@@ -75,8 +75,11 @@ def test_same_targets_as_the_fp32_base_under_autocast_with_fewer_casts(request, 
     for name in ("features", "relation", "topk_idx"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     # the copy skips the casts of every GEMM layer's weight and bias: four per block, and the
-    # patch embedding (what is left: the small tokens, the position table, the fp32 features)
-    assert casts_fp32 - casts_low == 2 * (4 * len(base.blocks) + 1), (casts_fp32, casts_low)
+    # patch embedding (what is left: the small tokens, the position table, the fp32 features).
+    # On the Triton path a whole block (``vit_block``) casts its weights in registers, so only the
+    # block whose q, k the relation targets need, which runs part by part, had casts to skip.
+    cast_blocks = len(base.blocks) if path == "reference_path" else 1
+    assert casts_fp32 - casts_low == 2 * (4 * cast_blocks + 1), (casts_fp32, casts_low)
 
 
 def test_for_precision_gives_a_bf16_run_a_copy_and_leaves_the_objective_alone():
@@ -164,9 +167,10 @@ def test_cast_weights_once_is_bitwise_autocast_with_two_multi_tensor_copies(requ
     assert weights >= 10
     assert ops1.counts.get("aten._foreach_copy_") == 2 and "aten._foreach_copy_" not in ops0.counts
     # one cast of each weight forward and of its gradient backward, gone (on the Triton path the
-    # encoder adapter's op casts its stacked weights itself, so fewer casts were there to remove)
+    # encoder adapter's op and each whole block cast their weights themselves, so fewer casts
+    # were there to remove: the embeddings', the heads', the decoders')
     removed = ops0.counts["aten._to_copy"] - ops1.counts["aten._to_copy"]
-    assert removed == 2 * weights if path == "reference_path" else removed > weights, (removed, weights)
+    assert removed == 2 * weights if path == "reference_path" else 0 < removed < 2 * weights, (removed, weights)
 
 
 def test_cast_weights_once_passes_through_without_autocast_or_grad():

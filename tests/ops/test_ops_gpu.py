@@ -340,15 +340,17 @@ def test_launch_reuse_gives_what_jitfunction_run_gives(cuda_triton_path, monkeyp
                                                msg=f"{op} output {i}")
 
 
-@pytest.mark.parametrize("head_dim,dtype,amp", [(64, torch.bfloat16, False), (80, torch.bfloat16, False),
-                                                (16, torch.float32, False), (12, torch.bfloat16, False),
-                                                (64, torch.float32, True)])
-def test_vit_block_attention_routes(cuda_triton_path, head_dim, dtype, amp):
-    """``ops.vit_block`` on each attention route it takes itself: flash (bf16 heads of 64 and 80),
-    memory-efficient (fp32 heads of 16), written out (heads of 12: not a multiple of 8), and fp32
-    weights under bf16 autocast (flash); values and every gradient against float64."""
+@pytest.mark.parametrize("head_dim,H,B,dtype,amp", [
+    (64, 6, 4, torch.bfloat16, False), (64, 12, 32, torch.bfloat16, False), (80, 6, 4, torch.bfloat16, False),
+    (160, 2, 4, torch.bfloat16, False), (16, 6, 4, torch.float32, False), (80, 4, 4, torch.float32, False),
+    (12, 6, 4, torch.bfloat16, False), (64, 6, 4, torch.float32, True)])
+def test_vit_block_kernels_on_gpu(cuda_triton_path, head_dim, H, B, dtype, amp):
+    """``ops.vit_block``'s own GEMM and attention kernels compiled for the GPU, at each attention
+    tile row (16-bit heads padded to 64, 128 and 256 values, fp32 heads to 64 and 128, heads of
+    12) and both 16-bit GEMM tilings (64 x 64 on a small block, 128 x 128 on B=32 x ViT-B
+    widths), fp32 weights under bf16 autocast; values and every gradient against float64."""
     torch.manual_seed(0)
-    B, N, H = 4, 50, 6
+    N = 50
     C = H * head_dim
     x = torch.randn(B, N, C, device=DEV)
     pending = torch.randn(B, N, C, device=DEV)
@@ -378,7 +380,7 @@ def test_vit_block_attention_routes(cuda_triton_path, head_dim, dtype, amp):
 
 def test_vit_block_compiles(cuda_triton_path):
     """``ops.vit_block`` under torch.compile (``aot_eager``: dynamo and AOT autograd trace the
-    CUDA attention ops and the kernels' custom ops, without inductor's code generation, which
+    kernels' custom ops, without inductor's code generation, which
     the GPU stage's time cap cannot spare), the same values and gradients as eager."""
     torch.manual_seed(0)
     from tec_fast.ops.registry import OPS, SIZES

@@ -1,0 +1,137 @@
+"""The kernels ``vit_block`` launches besides the LayerNorm's (kernels/vit_block.py), one by one
+through their launchers, against float64: the GEMM and each of its epilogues (bias, fc1's GELU,
+GELU's backward on fc2's input gradient, a weight gradient's bias sums) with operands at any
+strides and in other dtypes than the product's (autocast's fp32 weights), and the attention's
+forward and backward. Shapes cross every tile edge (64-wide tiles, 32 / 64-deep K steps; more
+than one key block, so the online softmax rescales), heads of 3 and 12 values (padded to 16),
+one token. Interpreter on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close, assert_low_precision_ok
+
+vb = pytest.importorskip("tec_fast.kernels.vit_block")
+
+BF16_RTOL = 2 ** -7  # one bf16 rounding of the result, relative (and again for a second rounding)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(triton_path):
+    yield
+
+
+def _r(*shape, seed, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _check(got, exact, dt, name, scale=None):
+    """fp32: |error| <= 2e-5 max|exact|; bf16 / fp16: the result rounded once or twice in dt."""
+    scale = exact.abs().max().item() if scale is None else scale
+    if dt == torch.float32:
+        assert_close(got, exact, atol=2e-5 * max(scale, 1.0), rtol=1e-5, name=name)
+    else:
+        assert_close(got, exact, atol=4 * BF16_RTOL * max(scale, 1.0) * 0.05, rtol=2.5 * BF16_RTOL, name=name)
+
+
+def _in(t, dt):
+    """What the kernel multiplies: t rounded to the product's dtype, as float64."""
+    return t.to(dt).double()
+
+
+@pytest.mark.parametrize("dt,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_linear_and_its_gelu_epilogue(dt, out_dtype, gelu):
+    """x w^T + b with x a transposed view and w an fp32 weight read through a stride-2 view; the
+    pre-activation reaches |z| ~ 4 (GELU's curved part and its tails)."""
+    M, K, N = 70, 75, 130
+    x = _r(K, M, seed=0).t()  # column-major rows
+    w = _r(N, 2 * K, seed=1, scale=2 * K ** -0.5)[:, ::2]
+    b = _r(N, seed=2)
+    xin = x.to(dt) if dt != torch.float32 else x
+    out, pre = vb._linear(xin, w, b, dt, out_dtype, gelu)
+    want = _in(xin, dt) @ _in(w, dt).t() + _in(b, dt)
+    assert out.dtype == out_dtype and out.shape == (M, N)
+    if not gelu:
+        assert pre is None
+        _check(out, want, dt, "x w^T + b")
+        return
+    assert pre.dtype == dt
+    _check(pre, want, dt, "pre-activation")
+    # GELU of the stored (rounded) pre-activation, as the separate GELU kernel computes it
+    _check(out, F.gelu(pre.double()), dt, "GELU(pre)")
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_linear_dx_and_the_gelu_backward_epilogue(dt):
+    M, C, hidden = 67, 40, 130
+    dm = _r(M, C, seed=3).to(dt)
+    w2 = _r(C, hidden, seed=4, scale=C ** -0.5)  # fp32 weight, cast in the kernel
+    pre = (_r(M, hidden, seed=5) * 3).to(dt)
+    dpre, g = vb._gelu_grad(dm, w2, pre, dt)
+    dg = (dm.double() @ _in(w2, dt)).to(dt).double()  # rounded as a GEMM in dt returns it
+    z = pre.double().requires_grad_()
+    (gelu_grad,) = torch.autograd.grad(F.gelu(z), z, dg)
+    assert dpre.dtype == dt and g.dtype == dt
+    _check(dpre, gelu_grad, dt, "d pre")
+    _check(g, F.gelu(pre.double()), dt, "GELU(pre)")
+    dx = vb._linear_dx(dpre, _r(hidden, C, seed=6, scale=hidden ** -0.5), dt, torch.float32)
+    assert dx.dtype == torch.float32
+    _check(dx, dpre.double() @ _in(_r(hidden, C, seed=6, scale=hidden ** -0.5), dt), dt, "d pre w1")
+
+
+@pytest.mark.parametrize("dt,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                        (torch.bfloat16, torch.bfloat16)])
+def test_weight_gradient_with_its_bias_sums(dt, w_dtype):
+    """dy^T x and the column sums of dy (over more rows than one K step, dy in the stream's fp32
+    under autocast: summed as rounded to dt); without the product the sums are bitwise the same."""
+    M, N, K = 140, 70, 36
+    dy = _r(M, N, seed=7)
+    x = _r(M, K, seed=8)
+    dw, db = vb._weight_grad(dy, x, dt, w_dtype, torch.float32)
+    assert dw.dtype == w_dtype and db.dtype == torch.float32 and dw.shape == (N, K)
+    _check(dw, _in(dy, dt).t() @ _in(x, dt), dt, "dy^T x")
+    assert_close(db, _in(dy, dt).sum(0), atol=1e-4, rtol=1e-5, name="column sums")
+    none, sums_only = vb._weight_grad(dy, x, dt, None, torch.float32)
+    assert none is None and torch.equal(sums_only, db)
+    dw0, db0 = vb._weight_grad(dy[:0], x[:0], dt, w_dtype, torch.float32)  # no rows: zeros
+    assert not dw0.any() and not db0.any() and dw0.shape == (N, K)
+
+
+def _attention_exact(q, k, v):
+    """float64 softmax(q k^T / sqrt(d)) v and the rows' base-2 log-sum-exp of the scaled logits."""
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0, dtype=s.dtype))
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,N,H,d", [(2, 70, 2, 12), (3, 7, 4, 3), (1, 1, 2, 16)])
+def test_attention_forward_and_backward(dt, B, N, H, d):
+    C = H * d
+    qkv = (_r(B, N, 3, H, d, seed=9) * 1.7).to(dt)  # logits reach |.| ~ 5: softmax far from uniform
+    o, lse = vb._attention(qkv.view(B * N, 3 * C), B, N, H, True)
+    q, k, v = (qkv[:, :, i].transpose(1, 2).double().requires_grad_() for i in range(3))  # [B, H, N, d]
+    want, want_lse = _attention_exact(q, k, v)
+    assert o.dtype == dt and o.shape == (B * N, C) and lse.shape == (B, H, N)
+    _check(o.view(B, N, H, d).transpose(1, 2), want, dt, "attention output")
+    assert_close(lse, want_lse, atol=1e-4 if dt == torch.float32 else 3e-2, rtol=1e-5, name="log-sum-exp")
+    no_lse, none = vb._attention(qkv.view(B * N, 3 * C), B, N, H, False)
+    assert none is None and torch.equal(no_lse, o)
+    do = _r(B, N, H, d, seed=10).to(dt)
+    dqkv = vb._attention_grad(do.reshape(B * N, C), qkv.view(B * N, 3 * C), o, lse).view(B, N, 3, H, d)
+    # the exact gradient of the exact attention for this dO
+    grads = torch.autograd.grad(want, (q, k, v), do.double().transpose(1, 2))
+    assert dqkv.dtype == dt
+    if dt == torch.float32:
+        for i, (name, e) in enumerate(zip(("dq", "dk", "dv"), grads)):
+            _check(dqkv[:, :, i].transpose(1, 2), e, dt, name)
+        return
+    # bf16: P and dS are rounded to bf16 for their products (as flash attention does): the
+    # budget for a bf16 result, beside torch's own bf16 attention (reported, bounds nothing)
+    ql, kl, vl = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+    eager = torch.autograd.grad(F.scaled_dot_product_attention(ql, kl, vl), (ql, kl, vl), do.transpose(1, 2))
+    for i, (name, e, r) in enumerate(zip(("dq", "dk", "dv"), eager, grads)):
+        assert_low_precision_ok(dqkv[:, :, i].transpose(1, 2), e, r, atol=1e-2, name=name)
