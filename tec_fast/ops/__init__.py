@@ -404,9 +404,10 @@ def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Ten
     ``pending``). The parameters are those of timm's ``Block`` (``norm1.weight``, ``attn.qkv.weight``
     [3C, C], ``attn.proj.weight`` [C, C], ``mlp.fc1.weight`` [hidden, C], ``mlp.fc2.weight``
     [C, hidden], their biases; ``qkv_bias`` may be None); both LayerNorms use ``eps``. The Triton
-    path is one autograd node for the whole block (its backward written out, the GEMMs and the
-    attention on torch's kernels, the LayerNorms and the GELU on this package's); the reference
-    runs the same math op by op. Differentiable w.r.t. x, pending and every parameter.
+    path is one autograd node for the whole block, every kernel of it this package's (GEMMs
+    with the bias, GELU and bias gradients in their epilogues, flash attention, the LayerNorms;
+    its backward written out); the reference runs the same math op by op through torch.
+    Differentiable w.r.t. x, pending and every parameter.
     """
     _check_tensor(x, "x", 3)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or x.shape[2] % num_heads:
