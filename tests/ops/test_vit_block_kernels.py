@@ -135,3 +135,16 @@ def test_attention_forward_and_backward(dt, B, N, H, d):
     eager = torch.autograd.grad(F.scaled_dot_product_attention(ql, kl, vl), (ql, kl, vl), do.transpose(1, 2))
     for i, (name, e, r) in enumerate(zip(("dq", "dk", "dv"), eager, grads)):
         assert_low_precision_ok(dqkv[:, :, i].transpose(1, 2), e, r, atol=1e-2, name=name)
+
+
+def test_large_tiles_and_a_partial_group_of_row_blocks():
+    """Enough output tiles for the 128 x 128 x 64 tiling (16-bit operands), with 10 row blocks:
+    the programs' grouping by 8 row blocks ends in a group of 2, and the last row and column
+    blocks are partial. Every element is written once with its own product."""
+    M, N, K = 1240, 2100, 72
+    assert vb._gemm_config(M, N, K, torch.bfloat16)[:3] == (128, 128, 64)
+    assert vb.cdiv(M, 128) % vb._GROUP_M and vb.cdiv(M, 128) * vb.cdiv(N, 128) >= vb._FEW_TILES
+    x = _r(M, K, seed=11).bfloat16()
+    w = _r(N, K, seed=12, scale=K ** -0.5).bfloat16()
+    out, _ = vb._linear(x, w, None, torch.bfloat16, torch.float32)
+    _check(out, x.double() @ w.double().t(), torch.bfloat16, "x w^T, 128 x 128 tiles")
