@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons, eager_apply,
+from tec_fast.kernels._common import (autocast_dtype, cdiv, direct_launch, dtype_reasons, eager_apply,
                                       first_order, launch, next_pow2)
 from tec_fast.kernels.layer_norm import MAX_C, _layer_norm_backward_op, _layer_norm_bwd, layer_norm_forward
 from tec_fast.kernels.mlp import _gelu, _two_phi
@@ -540,7 +540,8 @@ def _cast(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 
 def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool):
-    """The block on x [B, N, C] (autocast off: ``dt`` is the GEMMs' and the attention's dtype).
+    """The block on x [B, N, C] (``dt``: the GEMMs' and the attention's dtype; autocast may be on,
+    nothing here is an op it casts).
     Returns (x_in, h, m, saved): ``saved``, what the backward needs besides x_in and h, None
     unless ``save``."""
     n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2 = params
@@ -572,13 +573,11 @@ class _VitBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pending, n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2, H, eps, dt):
         params = (n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2)
-        with autocast_off(x.device.type):
-            x_in, h, m, saved = _forward(x, pending, params, H, eps, dt, True)
+        x_in, h, m, saved = _forward(x, pending, params, H, eps, dt, True)
         y1, qkv, o, lse, y2, pre, s1, s2 = saved
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x_in, y1, qkv, o, h, y2, pre, wqkv, wp, w1, w2, n1w, n2w)
         ctx.stats, ctx.lse, ctx.dt, ctx.has_pending = (s1, s2), lse, dt, pending is not None
-        ctx.device_type = x.device.type
         ctx.dtypes = (None if pending is None else pending.dtype, n1b.dtype, None if bqkv is None else bqkv.dtype,
                       bp.dtype, n2b.dtype, b1.dtype, b2.dtype)
         return (x_in, h, m) if pending is not None else (h, m)
@@ -586,11 +585,6 @@ class _VitBlock(torch.autograd.Function):
     @staticmethod
     @first_order("vit_block")
     def backward(ctx, *grads):
-        with autocast_off(ctx.device_type):
-            return _VitBlock._backward(ctx, *grads)
-
-    @staticmethod
-    def _backward(ctx, *grads):
         d_xin, dh, dm = grads if ctx.has_pending else (None, *grads)
         x_in, y1, qkv, o, h, y2, pre, wqkv, wp, w1, w2, n1w, n2w = ctx.saved_tensors
         if not x_in.is_contiguous():  # x as given (no pending): the LayerNorm backward reads rows
@@ -646,8 +640,7 @@ def vit_block(x: torch.Tensor, n1w: torch.Tensor, n1b: torch.Tensor, wqkv: torch
                                     or any(t is not None and t.requires_grad for t in params)):
         out = _apply(x, pending, *params, num_heads, eps, dt)
         return out if pending is not None else (x, *out)
-    with autocast_off(dev):  # inference (the frozen base): no node, nothing kept
-        return _forward(x, pending, params, num_heads, eps, dt, False)[:3]
+    return _forward(x, pending, params, num_heads, eps, dt, False)[:3]  # inference (the frozen base): no node
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:
