@@ -45,8 +45,10 @@ It saves x_in, y1, qkv, the attention output and its log-sum-exp, h, y2, the MLP
 pre-activation, the LayerNorm statistics and the weights as given, nothing more. A weight that
 does not require grad costs no product in the backward (its bias's gradient, when wanted, is the
 same row sums without the product: bitwise what the trainable weight's launch gives).
-Under autocast the GEMMs and attention run in the autocast dtype and the LayerNorms and the
-residual stream in x's dtype, as the per-op path computes them. fp32 products are exact fp32
+Under autocast the GEMMs and attention run in the autocast dtype and the residual stream stays
+in x's dtype, as the per-op path computes them; the LayerNorms normalise the stream in fp32 and
+write their outputs in the autocast dtype (the values the per-op path's casts give, and what the
+backward keeps, as the per-op path keeps its GEMMs' cast inputs). fp32 products are exact fp32
 (``input_precision="ieee"``), as torch's are by default. The GEMM tiles are fixed per dtype
 (128 x 128 x 64 for 16-bit operands, 64 x 64 where that leaves fewer than 128 programs; 64 x 64
 x 16 on 8 warps in fp32), no autotuning, no split-K: a weight gradient of a narrow layer runs on
