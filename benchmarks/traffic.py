@@ -131,20 +131,17 @@ def _sdpa_flops(q: torch.Tensor, k: torch.Tensor) -> float:
     return 4.0 * math.prod(bh) * nq * k.shape[-2] * d
 
 
-def _product(a: torch.Tensor, b: torch.Tensor) -> float:
-    """2 M N K of a [M, K] x [K, N] product, from a [M, K] and b's [N, K] or [K, N] (the other side)."""
-    return 2.0 * a.shape[0] * a.shape[1] * b.numel() / a.shape[1]
-
-
+# vit_block's GEMMs and attention: 2 M N K per product (M x K, the first operand, times N)
 _BLOCK_PRODUCTS: Dict[str, Callable[[Dict[str, object]], float]] = {
-    "tec_fast.vit_block_linear": lambda b: _product(b["x"], b["w"]),
-    "tec_fast.vit_block_linear_dx": lambda b: _product(b["dy"], b["w"]),
-    "tec_fast.vit_block_gelu_grad": lambda b: _product(b["dm"], b["w2"]),
+    "tec_fast.vit_block_linear": lambda b: 2.0 * b["x"].numel() * b["w"].shape[0],
+    "tec_fast.vit_block_linear_dx": lambda b: 2.0 * b["dy"].numel() * b["w"].shape[1],
+    "tec_fast.vit_block_gelu_grad": lambda b: 2.0 * b["dm"].numel() * b["w2"].shape[1],
     "tec_fast.vit_block_weight_grad": lambda b: 0.0 if b.get("w_dtype") is None else
     2.0 * b["dy"].numel() * b["x"].shape[1],
-    # 4 B H N^2 d = 4 B N^2 C; the backward as for torch's attention: 2.5x
+    # 4 B H N^2 d = 4 B N^2 C (C = qkv's width / 3, = o's width); the backward 2.5x, as for torch's
     "tec_fast.vit_block_attention": lambda b: 4.0 * b["B"] * b["N"] ** 2 * b["qkv"].shape[1] / 3,
-    "tec_fast.vit_block_attention_backward": lambda b: 10.0 * b["lse"].shape[0] * b["lse"].shape[2] ** 2 * b["o"].shape[1],
+    "tec_fast.vit_block_attention_backward":
+        lambda b: 10.0 * b["lse"].shape[0] * b["lse"].shape[2] ** 2 * b["o"].shape[1],
 }
 
 

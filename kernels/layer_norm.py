@@ -229,8 +229,9 @@ def layer_norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight
                        bias: torch.Tensor, eps: float, keep_stats: bool = True, y_dtype: Optional[torch.dtype] = None):
     """``_layer_norm_fwd``'s (y, h, stats) through the route the caller's context asks for: the
     launcher directly in plain eager mode (``direct_launch``), else the custom op (which always
-    returns the statistics, and y in x's dtype, cast here: the same values, y being rounded
-    once from fp32 either way; h is None without a residual either way)."""
+    returns the statistics, and y in x's dtype, cast here to ``y_dtype``: the same values as the
+    launcher's where x is fp32, the autocast case, y being rounded once from fp32 either way; h
+    is None without a residual either way)."""
     if direct_launch():
         return _layer_norm_fwd(x, residual, weight, bias, eps, keep_stats, y_dtype)
     y, h, stats = _layer_norm_op(x, residual, weight, bias, eps)

@@ -241,18 +241,22 @@ def _weight_grad(dy: torch.Tensor, x: torch.Tensor, dt: torch.dtype, w_dtype: Op
 # written in qkv's layout. The row log-sum-exp is kept in base 2 of the scaled logits.
 
 @triton.jit
+def _head_rows(pid, N, H, d, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """An attention program's place: (image x head index from the grid's second axis, the image
+    (int64), the head's first column in q, its block of BLOCK token rows, rows < N, the head's
+    BLOCK_D columns, columns < d)."""
+    bh = tl.program_id(1)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    dd = tl.arange(0, BLOCK_D)
+    return bh, (bh // H).to(tl.int64), (bh % H) * d, rows, rows < N, dd, dd < d
+
+
+@triton.jit
 def _attention_fwd_kernel(qkv_ptr, o_ptr, lse_ptr, N, H, d, C, qk_scale,
                           HAS_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    col = (bh % H) * d
-    rq = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
-    q_ok = rq < N
-    d_ok = dd < d
-    base = qkv_ptr + b.to(tl.int64) * N * 3 * C + col
+    bh, b, col, rq, q_ok, dd, d_ok = _head_rows(tl.program_id(0), N, H, d, BLOCK_M, BLOCK_D)
+    base = qkv_ptr + b * N * 3 * C + col
     q = tl.load(base + rq[:, None] * (3 * C) + dd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -272,7 +276,7 @@ def _attention_fwd_kernel(qkv_ptr, o_ptr, lse_ptr, N, H, d, C, qk_scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    o_rows = o_ptr + (b.to(tl.int64) * N + rq)[:, None] * C + col + dd[None, :]
+    o_rows = o_ptr + (b * N + rq)[:, None] * C + col + dd[None, :]
     tl.store(o_rows, acc.to(o_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
     if HAS_LSE:
         tl.store(lse_ptr + bh.to(tl.int64) * N + rq, m_i + tl.log2(l_i), mask=q_ok)
@@ -300,19 +304,13 @@ def _attention_bwd_kv(qkv_ptr, o_ptr, do_ptr, lse_ptr, dqkv_ptr, pid_n, N, H, d,
     """dK, dV of one block of keys, over the query blocks in transposed form (keys as rows, so no
     computed tile is transposed): P^T = exp2(K Q^T scale - lse), dV = P^T dO,
     dS^T = P^T * (V dO^T - delta), dK = dS^T Q * scale."""
-    bh = tl.program_id(1)
-    b = bh // H
-    col = (bh % H) * d
-    rk = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    k_ok = rk < N
-    d_ok = dd < d
+    bh, b, col, rk, k_ok, dd, d_ok = _head_rows(pid_n, N, H, d, BLOCK_N, BLOCK_D)
     kv_ok = k_ok[:, None] & d_ok[None, :]
-    base = b.to(tl.int64) * N * 3 * C + col  # this image's and head's q columns in qkv
+    base = b * N * 3 * C + col  # this image's and head's q columns in qkv
     kv_rows = base + rk[:, None] * (3 * C) + dd[None, :]
     k = tl.load(qkv_ptr + kv_rows + C, mask=kv_ok, other=0.0)
     v = tl.load(qkv_ptr + kv_rows + 2 * C, mask=kv_ok, other=0.0)
-    o_base = b.to(tl.int64) * N * C + col
+    o_base = b * N * C + col
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for m0 in range(0, N, BLOCK_M):
@@ -342,17 +340,11 @@ def _attention_bwd_q(qkv_ptr, o_ptr, do_ptr, lse_ptr, dqkv_ptr, pid_m, N, H, d, 
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """dQ of one block of queries: dS = P * (dO V^T - delta), dQ = dS K * scale."""
-    bh = tl.program_id(1)
-    b = bh // H
-    col = (bh % H) * d
-    rq = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
-    q_ok = rq < N
-    d_ok = dd < d
+    bh, b, col, rq, q_ok, dd, d_ok = _head_rows(pid_m, N, H, d, BLOCK_M, BLOCK_D)
     ok = q_ok[:, None] & d_ok[None, :]
-    base = b.to(tl.int64) * N * 3 * C + col
+    base = b * N * 3 * C + col
     q = tl.load(qkv_ptr + base + rq[:, None] * (3 * C) + dd[None, :], mask=ok, other=0.0)
-    o_rows = b.to(tl.int64) * N * C + col + rq[:, None] * C + dd[None, :]
+    o_rows = b * N * C + col + rq[:, None] * C + dd[None, :]
     do = tl.load(do_ptr + o_rows, mask=ok, other=0.0)
     o = tl.load(o_ptr + o_rows, mask=ok, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
