@@ -120,10 +120,42 @@ def device_name(device) -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}c"
 
 
+ENGINE_PACKAGES = ("tec_fast", "tec_fast.kernels")
+_WARNED_MIXED = []
+
+
+def code_outside_checkout(repo: Optional[str] = None) -> List[str]:
+    """The engine's packages this process runs from outside the checkout ``repo`` (default: the
+    one this file is in), as "name (folder)". An older commit checked out in a worktree and run
+    with the main checkout's editable install imports ``tec_fast`` from the worktree but
+    ``tec_fast.kernels`` from where the install maps it, the main checkout's ``kernels/``: its
+    rows would carry the worktree's commit for kernels it did not run. (Link the worktree's
+    ``tec_fast/kernels`` to its ``kernels/`` to run its own.)"""
+    import importlib.util
+    repo = os.path.realpath(repo or REPO)
+    found = []
+    for name in ENGINE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        where = os.path.dirname(os.path.realpath(spec.origin)) if spec is not None and spec.origin else None
+        if where is None or os.path.commonpath([where, repo]) != repo:
+            found.append(f"{name} ({where})")
+    return found
+
+
 def git_commit() -> str:
     """Short hash of HEAD, with ``-dirty`` when the working tree has changes other than the
     result files the benchmarks append to (``benchmarks/results/``: a series of runs stays one
-    commit's); ``unknown`` outside a git checkout."""
+    commit's), and ``-mixed`` when the engine's code comes from elsewhere
+    (``code_outside_checkout``: a warning says which); ``unknown`` outside a git checkout."""
+    mixed = code_outside_checkout()
+    if mixed and not _WARNED_MIXED:
+        _WARNED_MIXED.append(True)
+        print(f"warning: this checkout is {REPO}, but the process runs {', '.join(mixed)}: rows are marked "
+              f"'-mixed' and left out of the README's tables", file=sys.stderr)
+    return _git_commit() + ("-mixed" if mixed else "")
+
+
+def _git_commit() -> str:
     try:
         run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
                                         timeout=5, cwd=REPO)

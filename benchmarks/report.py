@@ -107,7 +107,8 @@ def _host_runs(rows, launch_path: bool):
     host = [r for r in rows if r.get("table") in ("step", "op") and "cpu" in str(r.get("device", ""))
             and "threads" in r and bool(r.get("launch_path")) == launch_path
             and r.get("launch", "1") != "0"  # TEC_FAST_LAUNCH=0 runs are comparisons, not the engine's path
-            and r.get("full_run", True)]  # subsets and smoke runs left out (rows before the mark were full runs)
+            and r.get("full_run", True)  # subsets and smoke runs left out (rows before the mark were full runs)
+            and not str(r.get("commit", "")).endswith("-mixed")]  # code from another checkout than the commit's
     if not host:
         return None, []
     commit = max(host, key=lambda r: r.get("timestamp", ""))["commit"]

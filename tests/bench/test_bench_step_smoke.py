@@ -180,9 +180,29 @@ def test_git_commit_is_dirty_for_code_changes_not_for_appended_results(tmp_path,
     git("add", "-A")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     monkeypatch.setattr(common, "REPO", str(tmp_path))
+    monkeypatch.setattr(common, "code_outside_checkout", lambda repo=None: [])  # tec_fast is not in tmp_path
     head = common.git_commit()
     assert head != "unknown" and not head.endswith("-dirty")
     (tmp_path / "benchmarks" / "results" / "rows.jsonl").write_text("{}\n{}\n")
     assert common.git_commit() == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert common.git_commit() == head + "-dirty"
+
+
+def test_rows_of_code_from_another_checkout_are_marked_mixed_and_left_out(tmp_path, monkeypatch, capsys):
+    """A run whose ``tec_fast.kernels`` (or ``tec_fast``) comes from another folder than the
+    checkout whose commit it records (an older commit's worktree with the main checkout's
+    editable install) is marked ``-mixed``, says so once, and the README's host table skips it."""
+    from benchmarks import common, report
+    assert common.code_outside_checkout() == []  # this checkout runs its own code
+    outside = common.code_outside_checkout(str(tmp_path))
+    assert [o.split(" ")[0] for o in outside] == ["tec_fast", "tec_fast.kernels"]
+    monkeypatch.setattr(common, "REPO", str(tmp_path))
+    monkeypatch.setattr(common, "_WARNED_MIXED", [])
+    assert common.git_commit().endswith("-mixed")
+    assert common.git_commit().endswith("-mixed")
+    err = capsys.readouterr().err
+    assert err.count("rows are marked '-mixed'") == 1 and "tec_fast.kernels (" in err
+    row = dict(table="step", device="cpu-x86_64-2c", threads=1, launch_path=False, full_run=True)
+    rows = [dict(row, commit="abc1234", timestamp="1"), dict(row, commit="def5678-mixed", timestamp="2")]
+    assert report._host_runs(rows, False) == ("abc1234", rows[:1])
