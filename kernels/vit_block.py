@@ -116,7 +116,8 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K
         k_ok = rk < K - k0
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DT)
         if ROW_SUM:
-            row_sum += tl.sum(a.to(tl.float32), axis=1)
+            if pid_n == 0:  # only the first column block's programs store the sums: only they add them
+                row_sum += tl.sum(a.to(tl.float32), axis=1)
         if DOT:
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(DT)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
