@@ -528,17 +528,17 @@ _TRACED = _Route(_linear_traced, _linear_dx_op, _gelu_grad_op, _weight_grad_trac
                  _attention_grad_op, _layer_norm_backward_op)
 
 
-# ---- the block --------------------------------------------------------------------------------
+# ---- the blocks ---------------------------------------------------------------------------------
 
 def _cast(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
 def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool):
-    """The block on x [B, N, C] (``dt``: the GEMMs' and the attention's dtype; autocast may be on,
-    nothing here is an op it casts).
-    Returns (x_in, h, m, saved): ``saved``, what the backward needs besides x_in and h, None
-    unless ``save``."""
+    """One block on x [B, N, C] (``dt``: the GEMMs' and the attention's dtype; autocast may be
+    on, nothing here is an op it casts).
+    Returns (x_in, h, m, qkv, saved): qkv [B N, 3C] as the attention read it; ``saved``, what the
+    backward needs besides x_in, qkv and h, None unless ``save``."""
     n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2 = params
     r = _DIRECT if direct_launch() else _TRACED
     B, N, C = x.shape
@@ -557,68 +557,136 @@ def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool
     y2 = y2.view(rows, C)
     g, pre = r.linear(y2, w1, b1, dt, dt, True)
     m, _ = r.linear(g, w2, b2, dt, dt)
-    saved = (y1, qkv, o, lse, y2, pre, s1, s2) if save else None
-    return x_in, h, m.view(B, N, C), saved
+    saved = (y1, o, lse, y2, pre, s1, s2) if save else None
+    return x_in, h, m.view(B, N, C), qkv, saved
 
 
-class _VitBlock(torch.autograd.Function):
-    """(x, pending or None, 12 parameters, H, eps, dt) -> (x_in, h, m), or (h, m) without
-    ``pending`` (x_in is x itself then)."""
+def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple, d_xin, dh, dm, d_qkv):
+    """One block's backward. ``saved``: the 13 tensors the forward kept (x_in, y1, qkv, o, h, y2,
+    pre and the weights the products read), ``aux``: its LayerNorm statistics, the attention's
+    log-sum-exp and its biases' dtypes; ``need``: which of its 12 parameters want a gradient (a
+    frozen weight's GEMM is skipped, its bias still summed). Gradients in: of x_in (from
+    outside), h and m (None: unused), and of qkv (where the caller read q and k; else None).
+    Returns (the gradient of x_in, the 12 parameters' gradients)."""
+    x_in, y1, qkv, o, h, y2, pre, wqkv, wp, w1, w2, n1w, n2w = saved
+    s1, s2, lse, (n1b_dt, bqkv_dt, bp_dt, n2b_dt, b1_dt, b2_dt) = aux
+    if not x_in.is_contiguous():  # x as given (no pending): the LayerNorm backward reads rows
+        x_in = x_in.contiguous()
+    B, N, C = x_in.shape
+    rows, sd = B * N, x_in.dtype
+    # MLP branch
+    if dm is not None:
+        dm = dm.reshape(rows, C)
+        dpre, g = r.gelu_grad(dm, w2, pre, dt)
+        dw2, db2 = r.weight_grad(dm, g, dt, w2.dtype if need[10] else None, b2_dt if need[11] else None)
+        dw1, db1 = r.weight_grad(dpre, y2, dt, w1.dtype if need[8] else None, b1_dt if need[9] else None)
+        dy2 = r.linear_dx(dpre, w1, dt, sd).view(B, N, C)
+    else:
+        dw2 = db2 = dw1 = db1 = None
+        dy2 = h.new_zeros(h.shape)
+    dh = None if dh is None else (dh if dh.is_contiguous() else dh.contiguous())
+    dh_tot, dn2w, dn2b = r.ln_bwd(dy2, dh, h, n2w, s2, n2b_dt)
+    # attention branch
+    da = dh_tot.view(rows, C)
+    dwp, dbp = r.weight_grad(da, o, dt, wp.dtype if need[4] else None, bp_dt if need[5] else None)
+    dout = r.linear_dx(da, wp, dt, dt)
+    dqkv = r.attention_grad(dout, qkv, o, lse)
+    if d_qkv is not None:
+        dqkv = dqkv + d_qkv.reshape(dqkv.shape).to(dqkv.dtype)
+    dwqkv, dbqkv = r.weight_grad(dqkv, y1, dt, wqkv.dtype if need[2] else None, bqkv_dt if need[3] else None)
+    dy1 = r.linear_dx(dqkv, wqkv, dt, sd).view(B, N, C)
+    d_in = dh_tot if d_xin is None else dh_tot + d_xin
+    dx, dn1w, dn1b = r.ln_bwd(dy1, d_in, x_in, n1w, s1, n1b_dt)
+    return dx, (dn1w, dn1b, dwqkv, dbqkv, dwp, dbp, dn2w, dn2b, dw1, db1, dw2, db2)
+
+
+_BIASES = (1, 3, 5, 7, 9, 11)  # the positions of a block's biases among its 12 parameters
+
+
+class _VitBlocks(torch.autograd.Function):
+    """(x, pending or None, H, eps, dt, n, taps, qk_block, the n blocks' 12 parameters each) ->
+    (h, m, x_in of each block in ``taps``, qkv of block ``qk_block`` (when >= 0)): ``n`` blocks
+    as one autograd node. Block i + 1 reads block i's (h, m) as its (x, pending); ``taps`` are
+    blocks whose input x_in is handed out (block i's output is block i + 1's x_in; block 0's,
+    x + pending, only with ``pending``)."""
 
     @staticmethod
-    def forward(ctx, x, pending, n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2, H, eps, dt):
-        params = (n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2)
-        x_in, h, m, saved = _forward(x, pending, params, H, eps, dt, True)
-        y1, qkv, o, lse, y2, pre, s1, s2 = saved
+    def forward(ctx, x, pending, H, eps, dt, n, taps, qk_block, *params):
+        saved, aux, outs = [], [], []
+        qkv_out = None
+        ctx.pend_dt = None if pending is None else pending.dtype
+        for i in range(n):
+            p = params[12 * i:12 * i + 12]
+            x_in, h, m, qkv, (y1, o, lse, y2, pre, s1, s2) = _forward(x, pending, p, H, eps, dt, True)
+            saved += (x_in, y1, qkv, o, h, y2, pre, p[2], p[4], p[8], p[10], p[0], p[6])
+            aux.append((s1, s2, lse, tuple(None if p[j] is None else p[j].dtype for j in _BIASES)))
+            if i in taps:
+                outs.append(x_in)
+            if i == qk_block:
+                qkv_out = qkv
+            x, pending = h, m
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x_in, y1, qkv, o, h, y2, pre, wqkv, wp, w1, w2, n1w, n2w)
-        ctx.stats, ctx.lse, ctx.dt, ctx.has_pending = (s1, s2), lse, dt, pending is not None
-        ctx.dtypes = (None if pending is None else pending.dtype, n1b.dtype, None if bqkv is None else bqkv.dtype,
-                      bp.dtype, n2b.dtype, b1.dtype, b2.dtype)
-        return (x_in, h, m) if pending is not None else (h, m)
+        ctx.save_for_backward(*saved)
+        ctx.aux, ctx.dt, ctx.n, ctx.taps, ctx.qk_block = aux, dt, n, taps, qk_block
+        return (x, pending, *outs) if qkv_out is None else (x, pending, *outs, qkv_out)
 
     @staticmethod
     @first_order("vit_block")
-    def backward(ctx, *grads):
-        d_xin, dh, dm = grads if ctx.has_pending else (None, *grads)
-        x_in, y1, qkv, o, h, y2, pre, wqkv, wp, w1, w2, n1w, n2w = ctx.saved_tensors
-        if not x_in.is_contiguous():  # x as given (no pending): the LayerNorm backward reads rows
-            x_in = x_in.contiguous()
-        s1, s2 = ctx.stats
-        pend_dt, n1b_dt, bqkv_dt, bp_dt, n2b_dt, b1_dt, b2_dt = ctx.dtypes
-        B, N, C = x_in.shape
-        rows, dt, sd = B * N, ctx.dt, x_in.dtype
+    def backward(ctx, dh, dm, *rest):
+        n, taps, qk_block, dt = ctx.n, ctx.taps, ctx.qk_block, ctx.dt
+        d_taps = dict(zip(taps, rest))
+        d_qkv = rest[len(taps)] if qk_block >= 0 else None
+        saved = ctx.saved_tensors
+        need = ctx.needs_input_grad[8:]
         r = _DIRECT if direct_launch() else _TRACED
-        need = ctx.needs_input_grad  # a frozen weight's GEMM is skipped (its bias still summed)
-
-        # MLP branch
-        if dm is not None:
-            dm = dm.reshape(rows, C)
-            dpre, g = r.gelu_grad(dm, w2, pre, dt)
-            dw2, db2 = r.weight_grad(dm, g, dt, w2.dtype if need[12] else None, b2_dt if need[13] else None)
-            dw1, db1 = r.weight_grad(dpre, y2, dt, w1.dtype if need[10] else None, b1_dt if need[11] else None)
-            dy2 = r.linear_dx(dpre, w1, dt, sd).view(B, N, C)
-        else:
-            dw2 = db2 = dw1 = db1 = None
-            dy2 = h.new_zeros(h.shape)
-        dh = None if dh is None else (dh if dh.is_contiguous() else dh.contiguous())
-        dh_tot, dn2w, dn2b = r.ln_bwd(dy2, dh, h, n2w, s2, n2b_dt)
-        # attention branch
-        da = dh_tot.view(rows, C)
-        dwp, dbp = r.weight_grad(da, o, dt, wp.dtype if need[6] else None, bp_dt if need[7] else None)
-        dout = r.linear_dx(da, wp, dt, dt)
-        dqkv = r.attention_grad(dout, qkv, o, ctx.lse)
-        dwqkv, dbqkv = r.weight_grad(dqkv, y1, dt, wqkv.dtype if need[4] else None,
-                                     bqkv_dt if need[5] else None)
-        dy1 = r.linear_dx(dqkv, wqkv, dt, sd).view(B, N, C)
-        d_in = dh_tot if d_xin is None else dh_tot + d_xin
-        dx, dn1w, dn1b = r.ln_bwd(dy1, d_in, x_in, n1w, s1, n1b_dt)
-        dpending = None if pend_dt is None else _cast(dx, pend_dt)
-        return (dx, dpending, dn1w, dn1b, dwqkv, dbqkv, dwp, dbp, dn2w, dn2b, dw1, db1, dw2, db2,
-                None, None, None)
+        grads = [None] * (12 * n)
+        for i in range(n - 1, -1, -1):
+            dx, grads[12 * i:12 * i + 12] = _backward(
+                r, saved[13 * i:13 * i + 13], ctx.aux[i], dt, need[12 * i:12 * i + 12], d_taps.get(i), dh, dm,
+                d_qkv if i == qk_block else None)
+            dh = dm = dx  # block i's x_in is h + m of block i - 1
+        dpending = None if ctx.pend_dt is None else _cast(dx, ctx.pend_dt)
+        return (dx, dpending, None, None, None, None, None, None, *grads)
 
 
-_apply = eager_apply(_VitBlock)
+_apply = eager_apply(_VitBlocks)
+
+
+def _qk_views(qkv: torch.Tensor, B: int, N: int, H: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q, k [B, H, N, d] as views of qkv [B N, 3C] ([B, N, 3, H, d])."""
+    q, k, _ = qkv.view(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k
+
+
+def vit_blocks(x: torch.Tensor, pending: Optional[torch.Tensor], params: Tuple[Optional[torch.Tensor], ...],
+               num_heads: int, eps: float, taps: Tuple[int, ...] = (), qk_block: int = -1):
+    """Triton path of ``tec_fast.ops.vit_blocks`` (inputs validated there): x [B, N, C] through
+    len(params) // 12 blocks (``params``: each block's 12 tensors in ``vit_block``'s order),
+    the first one adding ``pending`` to x. With a gradient to compute, all of them are one
+    autograd node; without one (the frozen base) none is made and nothing is kept.
+    Returns (h, m, (x_in of each block in ``taps``, ascending), (q, k) of block ``qk_block``
+    as views [B, H, N, d] of its qkv, or None)."""
+    dev = x.device.type
+    dt = autocast_dtype(dev) or x.dtype
+    n = len(params) // 12
+    eps = float(eps)
+    if torch.is_grad_enabled() and (x.requires_grad or (pending is not None and pending.requires_grad)
+                                    or any(t is not None and t.requires_grad for t in params)):
+        out = _apply(x, pending, num_heads, eps, dt, n, taps, qk_block, *params)
+        h, m = out[0], out[1]
+        outs, qkv = out[2:2 + len(taps)], (out[-1] if qk_block >= 0 else None)
+    else:  # inference (the frozen base): no node
+        outs, qkv = [], None
+        for i in range(n):
+            x_in, x, pending, block_qkv, _ = _forward(x, pending, params[12 * i:12 * i + 12], num_heads, eps, dt,
+                                                       False)
+            if i in taps:
+                outs.append(x_in)
+            if i == qk_block:
+                qkv = block_qkv
+        h, m = x, pending
+    B, N = h.shape[:2]
+    return h, m, tuple(outs), (None if qkv is None else _qk_views(qkv, B, N, num_heads))
 
 
 def vit_block(x: torch.Tensor, n1w: torch.Tensor, n1b: torch.Tensor, wqkv: torch.Tensor,
@@ -627,15 +695,12 @@ def vit_block(x: torch.Tensor, n1w: torch.Tensor, n1b: torch.Tensor, wqkv: torch
               num_heads: int, eps: float = 1e-6, pending: Optional[torch.Tensor] = None
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton path of ``tec_fast.ops.vit_block`` (inputs validated there): -> (x_in, h, m)."""
-    dev = x.device.type
-    dt = autocast_dtype(dev) or x.dtype
     params = (n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2)
-    eps = float(eps)
-    if torch.is_grad_enabled() and (x.requires_grad or (pending is not None and pending.requires_grad)
-                                    or any(t is not None and t.requires_grad for t in params)):
-        out = _apply(x, pending, *params, num_heads, eps, dt)
-        return out if pending is not None else (x, *out)
-    return _forward(x, pending, params, num_heads, eps, dt, False)[:3]  # inference (the frozen base): no node
+    if pending is None:
+        h, m, _, _ = vit_blocks(x, None, params, num_heads, eps)
+        return x, h, m
+    h, m, (x_in,), _ = vit_blocks(x, pending, params, num_heads, eps, (0,))
+    return x_in, h, m
 
 
 def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:

@@ -2,16 +2,18 @@
 route, against the eager baseline in the same run: every Triton launch skipped, one thread,
 ``TEC_FAST_KERNELS=triton`` for the other ops throughout.
 
-* ``one node``: the engine as it runs (``ops.vit_block``'s Triton path: one autograd node a
-  block, its backward written out in Python);
+* ``one node``: the engine as it runs (``ops.vit_blocks``' Triton path: one autograd node for a
+  whole stack of blocks, its backward written out in Python);
+* ``node per block``: each block one ``ops.vit_block`` call, one autograd node a block (what the
+  engine ran before the stack became one node);
 * ``block on torch``: the same ops, but each block through ``reference.vit_block`` (torch's own
   autograd graph of the block, its GELU and LayerNorms computed for real by torch's CPU kernels);
 * ``part by part``: each block through its separate ops (``layer_norm``, ``qkv_heads``, attention,
   ``mlp``: four autograd Functions and torch's nodes between them), what the engine ran before
   the one-node block.
 
-Why: whether one node per block saves host time against torch's own graph of the same block, not
-only against the per-op path it replaced.
+Why: whether one node per block, and one per stack, save host time against torch's own graph of
+the same block, not only against the per-op path they replaced.
 
     python -m benchmarks.experiments.block_routes            # 9 interleaved repetitions
 """
@@ -28,7 +30,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-ROUTES = ("one node", "block on torch", "part by part")
+ROUTES = ("one node", "node per block", "block on torch", "part by part")
 
 
 def make_steps():
@@ -43,17 +45,23 @@ def make_steps():
     def on_torch(x, *args):  # the fast path's signature: (x, 12 tensors, heads, eps, pending)
         return reference.vit_block(x, *args[:-1], pending=args[-1])
 
+    def per_block():
+        with mock.patch.object(layers, "_one_op_stack", lambda blocks: None):
+            engine()
+
     def block_on_torch():
         dispatch._FAST["vit_block"] = on_torch
         try:
-            engine()
+            per_block()
         finally:
             dispatch._FAST["vit_block"] = fast
 
     def part_by_part():
-        with mock.patch.object(layers, "_one_op_tensors", lambda block: None):
+        with mock.patch.object(layers, "_one_op_stack", lambda blocks: None), \
+                mock.patch.object(layers, "_one_op_tensors", lambda block: None):
             engine()
-    return {"one node": engine, "block on torch": block_on_torch, "part by part": part_by_part, "eager": eager}
+    return {"one node": engine, "node per block": per_block, "block on torch": block_on_torch,
+            "part by part": part_by_part, "eager": eager}
 
 
 def main(argv=None) -> int:

@@ -220,6 +220,25 @@ def _one_op_tensors(block: Block) -> Optional[tuple]:
     return tuple(tensors)
 
 
+def _one_op_stack(blocks: Sequence[Block]) -> Optional[tuple]:
+    """(per block the tensors of ``_one_op_tensors``, heads, eps) where every block of
+    ``blocks`` is a plain ``Block`` (not a subclass, no hooks of its own) that ``_one_op_tensors``
+    takes, all with the same heads and LayerNorm eps: what ``ops.vit_blocks`` computes exactly
+    as the blocks' own forwards would. None otherwise (the blocks then run one by one)."""
+    first = blocks[0]
+    heads, eps = first.attn.num_heads, first.norm1.eps
+    params = []
+    for blk in blocks:
+        if type(blk) is not Block or _hooked(blk) or blk.attn.num_heads != heads \
+                or blk.norm1.eps != eps or blk.norm2.eps != eps:
+            return None
+        tensors = _one_op_tensors(blk)
+        if tensors is None:
+            return None
+        params.append(tensors)
+    return params, heads, eps
+
+
 def run_blocks(blocks: Sequence[Block], x: torch.Tensor, outputs: Iterable[int] = (),
                qk_block: Optional[int] = None, **attention):
     """``x`` through ``blocks`` with each block's closing residual add done inside the next
@@ -230,10 +249,19 @@ def run_blocks(blocks: Sequence[Block], x: torch.Tensor, outputs: Iterable[int] 
     fuse it into its own next LayerNorm); ``outs[i]``, block i's output, for each i in
     ``outputs`` below the last block; qk as ``Block.forward(return_qk=True)`` gives it for
     block ``qk_block``. ``attention``: ``cu_seqlens`` / ``max_len`` / ``lengths`` (per image,
-    on the host) of a packed sequence."""
+    on the host) of a packed sequence.
+
+    A batched stack of plain blocks (``_one_op_stack``) is one ``ops.vit_blocks`` call: one
+    autograd node for all of them, none of the per-block module calls."""
     if len(blocks) == 0:
         raise ValueError("run_blocks: blocks is empty (the output h + m needs at least one block)")
     outputs = set(outputs)
+    stack = None if attention else _one_op_stack(blocks)
+    if stack is not None:  # the whole stack as one ops.vit_blocks call
+        params, heads, eps = stack
+        wanted = sorted(i for i in outputs if 0 <= i < len(blocks) - 1)
+        h, m, outs, qk = ops.vit_blocks(x, params, heads, eps, outputs=wanted, qk_block=qk_block)
+        return h, m, dict(zip(wanted, outs)), qk
     outs, qk, pending = {}, None, None
     for i, blk in enumerate(blocks):
         x_in, x, pending, block_qk = blk(x, i == qk_block, pending=pending, split=True, **attention)

@@ -9,7 +9,7 @@ registered when this package is imported (where Triton imports), so ``torch.comp
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -27,7 +27,7 @@ from tec_fast.ops.validate import check_same_device as _check_same_device
 from tec_fast.ops.validate import check_tensor as _check_tensor
 
 __all__ = ["masked_gather", "scatter_masked", "patch_norm_mse", "relation_targets",
-           "relation_loss", "encoder_adapter", "layer_norm", "mlp", "qkv_heads", "patch_embed", "vit_block",
+           "relation_loss", "encoder_adapter", "layer_norm", "mlp", "qkv_heads", "patch_embed", "vit_block", "vit_blocks",
            "patch_norm_mse_ragged",
            "relation_targets_ragged",
            "relation_loss_ragged", "reference", "dispatch_report",
@@ -426,6 +426,59 @@ def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Ten
     if use_fast_path("vit_block", x):
         return fast_impl("vit_block")(x, *tensors, num_heads, eps, pending)
     return reference.vit_block(x, *tensors, num_heads, float(eps), pending)
+
+
+def vit_blocks(x: torch.Tensor, params: Sequence[Sequence[Optional[torch.Tensor]]], num_heads: int,
+               eps: float = 1e-6, outputs: Sequence[int] = (), qk_block: Optional[int] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[torch.Tensor, ...],
+                          Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    """``vit_block`` over a stack of blocks: x [B, N, C] through len(params) blocks, block i + 1
+    reading block i's (h, m) as its (x, pending). ``params``: per block the twelve tensors
+    ``vit_block`` takes, in its order (``qkv_bias`` may be None).
+
+    Returns (h, m, outs, qk): the last block's output is h + m; ``outs``, one tensor per entry of
+    ``outputs``, the output of block i (i < len(params) - 1: the last one's is h + m); ``qk``, the
+    (q, k) [B, H, N, d] of block ``qk_block``'s attention (views of its qkv projection), or None.
+    The Triton path (the same decision and kernels as ``vit_block``) makes the whole stack one
+    autograd node, or none without a gradient to compute; the reference runs ``vit_block``'s
+    reference block after block (block ``qk_block`` part by part, to hand out q and k).
+    Differentiable w.r.t. x and every parameter (through outs and qk too).
+    """
+    _check_tensor(x, "x", 3)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or x.shape[2] % num_heads:
+        raise ValueError(f"num_heads must be a positive int dividing C={x.shape[2]}, got {num_heads!r}")
+    if isinstance(params, torch.Tensor) or not isinstance(params, Sequence) or not params:
+        raise ValueError(f"params must be a non-empty sequence of per-block tuples of 12 tensors, got "
+                         f"{type(params).__name__}")
+    n = len(params)
+    flat = []
+    for i, tensors in enumerate(params):
+        if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence) or len(tensors) != 12:
+            raise ValueError(f"params[{i}] must be a sequence of the block's 12 tensors ({', '.join(_BLOCK_PARAMS)}), "
+                             f"got {type(tensors).__name__} of length {len(tensors) if hasattr(tensors, '__len__') else '?'}")
+        tensors = tuple(tensors)
+        if not _block_tensors_ok(x, tensors):
+            try:
+                _check_block_tensors(x, tensors)
+            except ValueError as exc:
+                raise ValueError(f"params[{i}]: {exc}") from None
+        flat += tensors
+    outputs = tuple(outputs)
+    for i in outputs:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n - 1:
+            raise ValueError(f"outputs must hold block indices in [0, {n - 1}) (the last block's output is h + m), "
+                             f"got {i!r}")
+    if qk_block is not None and (isinstance(qk_block, bool) or not isinstance(qk_block, int)
+                                 or not 0 <= qk_block < n):
+        raise ValueError(f"qk_block must be None or a block index in [0, {n}), got {qk_block!r}")
+    eps = float(eps)
+    if use_fast_path("vit_block", x):
+        taps = tuple(sorted({i + 1 for i in outputs}))
+        h, m, tapped, qk = fast_impl("vit_block", "vit_blocks")(x, None, tuple(flat), num_heads, eps, taps,
+                                                                 -1 if qk_block is None else qk_block)
+        by_block = dict(zip(taps, tapped))
+        return h, m, tuple(by_block[i + 1] for i in outputs), qk
+    return reference.vit_blocks(x, params, num_heads, eps, outputs, qk_block)
 
 
 def _block_shapes(C: int, hidden: int, qkv_bias: bool) -> tuple:

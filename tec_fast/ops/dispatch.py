@@ -123,9 +123,10 @@ def register_kernels() -> None:
                                          f"({type(exc).__name__}: {exc})")
 
 
-def fast_impl(op: str) -> Callable:
-    """The Triton path of ``op`` (call only when ``use_fast_path`` said yes)."""
-    return _FAST[op]
+def fast_impl(op: str, form: Optional[str] = None) -> Callable:
+    """The Triton path of ``op`` (call only when ``use_fast_path`` said yes), or of another form
+    of it that its kernel module defines (``form``: ``vit_block``'s ``vit_blocks``)."""
+    return _FAST[op] if form is None else getattr(_KERNELS[op], form)
 
 
 # ---- the measured tables ---------------------------------------------------------------------

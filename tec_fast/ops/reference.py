@@ -159,6 +159,15 @@ def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Ten
     -> (x_in, h, m), x_in = x + pending (x without one), h = x_in + proj(attn(LN1(x_in))),
     m = fc2(GELU(fc1(LN2(h)))); the block's output is h + m. The same torch calls, in the same
     order, as ``Block`` made through the separate ops' references."""
+    x_in, h, m, _ = _vit_block_qk(x, norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                                  norm2_weight, norm2_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, num_heads,
+                                  eps, pending)
+    return x_in, h, m
+
+
+def _vit_block_qk(x, norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, norm2_weight,
+                  norm2_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, num_heads, eps, pending):
+    """``vit_block`` -> (x_in, h, m, (q, k)), q and k [B, H, N, d] as the attention read them."""
     B, N, C = x.shape
     if pending is None:
         x_in, y1 = x, layer_norm(x, norm1_weight, norm1_bias, eps)
@@ -167,4 +176,16 @@ def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Ten
     q, k, v = qkv_heads(y1, qkv_weight, qkv_bias, num_heads)
     a = F.linear(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C), proj_weight, proj_bias)
     y2, h = layer_norm(a, norm2_weight, norm2_bias, eps, residual=x_in)
-    return x_in, h, mlp(y2, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return x_in, h, mlp(y2, fc1_weight, fc1_bias, fc2_weight, fc2_bias), (q, k)
+
+
+def vit_blocks(x: torch.Tensor, params, num_heads: int, eps: float = 1e-6, outputs=(), qk_block=None):
+    """``vit_block`` block after block (block i + 1 reads block i's (h, m) as its (x, pending))
+    -> (h, m, the output of each block in ``outputs``, (q, k) of block ``qk_block`` or None)."""
+    pending, taps, qk = None, {}, None
+    for i, tensors in enumerate(params):
+        x_in, x, pending, block_qk = _vit_block_qk(x, *tensors, num_heads, eps, pending)
+        taps[i - 1] = x_in
+        if i == qk_block:
+            qk = block_qk
+    return x, pending, tuple(taps[i] for i in outputs), qk

@@ -169,6 +169,8 @@ def test_block_routes_smoke(capsys, monkeypatch):
         return lambda *a, **k: calls.update([name]) or fn(*a, **k)
     for op in ("vit_block", "mlp"):
         monkeypatch.setitem(dispatch._FAST, op, counted(op, dispatch._FAST[op]))
+    kernels = dispatch._KERNELS["vit_block"]
+    monkeypatch.setattr(kernels, "vit_blocks", counted("stack", kernels.vit_blocks))
     monkeypatch.setattr(reference, "vit_block", counted("torch block", reference.vit_block))
     dispatch.set_kernel_mode("triton")
     try:
@@ -180,11 +182,13 @@ def test_block_routes_smoke(capsys, monkeypatch):
             seen[route] = dict(calls)
     finally:
         dispatch.set_kernel_mode(before)
-    one, on_torch, parts = (Counter(seen[r]) for r in block_routes.ROUTES)
-    # the encoder's 12 blocks and the decoder's 2 (the frozen base's blocks as well)
-    assert one["vit_block"] >= 14 and not one["torch block"], seen
-    assert on_torch["torch block"] >= 14 and not on_torch["vit_block"], seen
-    assert not parts["vit_block"] and not parts["torch block"] and parts["mlp"] >= one["mlp"] + 14, seen
+    one, per_block, on_torch, parts = (Counter(seen[r]) for r in block_routes.ROUTES)
+    # the base's, the encoder's and the decoder's stacks; block by block, their 12 + 12 + 2 blocks
+    # but the base's last (its q and k: part by part, as before the stack)
+    assert one["stack"] == 3 and not one["vit_block"] and not one["torch block"], seen
+    assert per_block["vit_block"] == 25 and not per_block["torch block"], seen
+    assert on_torch["torch block"] == 25 and not on_torch["vit_block"] and not on_torch["stack"], seen
+    assert not (parts["vit_block"] or parts["torch block"] or parts["stack"]) and parts["mlp"] >= one["mlp"] + 25, seen
 
 
 @pytest.mark.parametrize("module, parts", [

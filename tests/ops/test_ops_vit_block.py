@@ -256,7 +256,7 @@ def test_blocks_take_it_and_give_the_per_op_values(triton_path):
     blocks = _blocks(3, 12, 3)
     x = torch.randn(2, 5, 12, requires_grad=True)
     h, m, outs, _ = run_blocks(blocks, x, outputs=(0,))
-    assert type(m.grad_fn).__name__ == "_VitBlockBackward"
+    assert type(m.grad_fn).__name__ == "_VitBlocksBackward"
     loss = (h + m).square().sum() + outs[0].sum()
     got = [loss, *torch.autograd.grad(loss, [x, *blocks.parameters()])]
     ops.dispatch.set_kernel_mode("reference")
@@ -285,7 +285,7 @@ def test_layer_scale_and_other_activations_keep_the_per_op_path(triton_path):
 
 
 def _one_op(blk, x) -> bool:
-    return type(blk(x, split=True)[2].grad_fn).__name__ == "_VitBlockBackward"
+    return type(blk(x, split=True)[2].grad_fn).__name__ == "_VitBlocksBackward"
 
 
 def test_hooks_and_replaced_layers_keep_the_per_op_path(triton_path):
@@ -383,7 +383,7 @@ def test_blocks_compile_whole(mode, request):
     blocks = _blocks(2, 32, 4)
     x = torch.randn(2, 5, 32, requires_grad=True)
     node = type(run_blocks(blocks, x)[1].grad_fn).__name__
-    assert (node == "_VitBlockBackward") == (mode == "triton"), node
+    assert (node == "_VitBlocksBackward") == (mode == "triton"), node
 
     def loss(x):
         h, m, outs, _ = run_blocks(blocks, x, outputs=(0,))
@@ -393,3 +393,126 @@ def test_blocks_compile_whole(mode, request):
     got = [compiled(x), *torch.autograd.grad(compiled(x), [x, *blocks.parameters()])]
     for i, (a, e) in enumerate(zip(got, want)):
         assert torch.equal(a, e), i
+
+
+# ---- ops.vit_blocks: a stack of blocks as one node ---------------------------------------------
+
+def _stack(n, B, N, C, H, hidden, dtype=torch.float32):
+    """x and n blocks' parameters (the first block's pending is not used: a stack starts without)."""
+    x, _, first, _ = _inputs(B, N, C, H, hidden, dtype=dtype)
+    params = [first] + [_inputs(B, N, C, H, hidden, dtype=dtype, seed=s, qkv_bias=s != 2)[2] for s in range(1, n)]
+    return x, params
+
+
+def _stack_run(fn, x, params, H, outputs, qk_block, seed=1):
+    """(h, m, outs..., q, k) and the gradients of x and every parameter, for random output
+    gradients (q and k get theirs too)."""
+    h, m, outs, qk = fn(x, params, H, 1e-6, outputs=outputs, qk_block=qk_block)
+    res = [h, m, *outs, *(qk or ())]
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(t.shape, generator=g).to(t.dtype) for t in res]
+    leaves = [x] + [p for ps in params for p in ps if p is not None]
+    return res + list(torch.autograd.grad(res, leaves, grads, allow_unused=True))
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 12, 4, 20), (2, 17, 15, 5, 130)])
+def test_stack_fp32_value_and_every_gradient(triton_path, shape):
+    """Three blocks (one without a qkv bias), the first block's output tapped, q and k of the
+    middle one read: every output and gradient against float64."""
+    x, params = _stack(3, *shape)
+    H = shape[3]
+    got = _stack_run(ops.vit_blocks, x, params, H, (0, 1), 1)
+    assert got[1].grad_fn is got[0].grad_fn and type(got[0].grad_fn).__name__ == "_VitBlocksBackward"
+    d = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
+    exact = _stack_run(reference.vit_blocks, d(x), [[d(p) for p in ps] for ps in params], H, (0, 1), 1)
+    assert len(got) == len(exact) == 6 + 1 + 35
+    for i, (a, e) in enumerate(zip(got, exact)):
+        assert (a is None) == (e is None), i
+        if a is not None:
+            assert a.dtype == torch.float32 and a.shape == e.shape, i
+            assert_close(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), rtol=1e-4, name=f"result {i}")
+
+
+def test_stack_is_bitwise_the_chained_blocks(triton_path):
+    """The stack's node runs the blocks' kernels as ``vit_block`` does one block at a time:
+    bitwise the same outputs and gradients as chaining ``ops.vit_block`` (pending = the
+    previous m), and without a gradient to compute the same values and no node."""
+    x, params = _stack(3, 2, 9, 24, 4, 40)
+    h, m, (o0, o1), _ = ops.vit_blocks(x, params, 4, 1e-6, outputs=(0, 1))
+    loss = (h * m).sum() + o0.square().sum() + o1.sum()
+    leaves = [x] + [p for ps in params for p in ps if p is not None]
+    got = [h, m, o0, o1, *torch.autograd.grad(loss, leaves)]
+    taps, pending, xc = [], None, x
+    for ps in params:
+        x_in, xc, pending = ops.vit_block(xc, *ps, 4, 1e-6, pending=pending)
+        taps.append(x_in)
+    loss = (xc * pending).sum() + taps[1].square().sum() + taps[2].sum()
+    want = [xc, pending, taps[1], taps[2], *torch.autograd.grad(loss, leaves)]
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert torch.equal(a, e), i
+    with torch.no_grad():
+        h2, m2, (o0b,), qk = ops.vit_blocks(x, params, 4, 1e-6, outputs=(0,), qk_block=2)
+    assert h2.grad_fn is None and torch.equal(h2, h) and torch.equal(m2, m) and torch.equal(o0b, o0)
+    assert qk[0].shape == qk[1].shape == (2, 4, 9, 6)
+
+
+def test_stack_bf16_error_within_budget(triton_path):
+    x, params = _stack(2, 3, 7, 12, 4, 20, dtype=torch.bfloat16)
+    got = _stack_run(ops.vit_blocks, x, params, 4, (0,), 0)
+    eager = _stack_run(reference.vit_blocks, x, params, 4, (0,), 0)
+    d = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
+    exact = _stack_run(reference.vit_blocks, d(x), [[d(p) for p in ps] for ps in params], 4, (0,), 0)
+    for i, (k, e, r) in enumerate(zip(got, eager, exact)):
+        if k is not None:
+            assert k.dtype == torch.bfloat16, i
+            assert_low_precision_ok(k, e, r, atol=2e-2, name=f"result {i}")
+
+
+def test_stack_validation_names_the_argument():
+    x, params = _stack(2, 2, 5, 12, 3, 20)
+    with pytest.raises(ValueError, match="params must be a non-empty sequence"):
+        ops.vit_blocks(x, [], 3)
+    with pytest.raises(ValueError, match=r"params\[1\] must be a sequence of the block's 12 tensors"):
+        ops.vit_blocks(x, [params[0], params[1][:11]], 3)
+    bad = list(params[1])
+    bad[8] = bad[8][:, :5]
+    with pytest.raises(ValueError, match=r"params\[1\]: fc1_weight must be a floating-point tensor of shape"):
+        ops.vit_blocks(x, [params[0], bad], 3)
+    with pytest.raises(ValueError, match=r"outputs must hold block indices in \[0, 1\)"):
+        ops.vit_blocks(x, params, 3, outputs=(1,))
+    with pytest.raises(ValueError, match=r"qk_block must be None or a block index in \[0, 2\)"):
+        ops.vit_blocks(x, params, 3, qk_block=2)
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        ops.vit_blocks(x, params, 5)
+
+
+def _block_nodes(t) -> int:
+    """The ``vit_blocks`` nodes the graph of ``t`` holds."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return sum(type(n).__name__ == "_VitBlocksBackward" for n in seen)
+
+
+def test_run_blocks_makes_one_node_unless_a_block_is_hooked(triton_path):
+    """``run_blocks`` hands a stack of plain blocks to ``ops.vit_blocks`` (one node); a hook on
+    one block (it must see that block run), or blocks of different heads, keep the blocks one
+    node each, with the same values."""
+    blocks = _blocks(3, 12, 3)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    h, m, outs, _ = run_blocks(blocks, x, outputs=(0, 1))
+    assert _block_nodes(m) == 1 and h.grad_fn is m.grad_fn is outs[0].grad_fn is outs[1].grad_fn
+    calls = []
+    handle = blocks[1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        h2, m2, outs2, _ = run_blocks(blocks, x, outputs=(0, 1))
+    finally:
+        handle.remove()
+    assert calls == [1] and _block_nodes(m2) == 3
+    for a, e in ((h2, h), (m2, m), (outs2[0], outs[0]), (outs2[1], outs[1])):
+        assert torch.equal(a, e)
+    mixed = torch.nn.ModuleList([*_blocks(1, 12, 3), *_blocks(1, 12, 4)])
+    assert _block_nodes(run_blocks(mixed, x)[1]) == 2
