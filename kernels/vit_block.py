@@ -15,7 +15,7 @@ Why one node, and why its own GEMMs: run as separate ops (``layer_norm`` twice, 
 ``mlp``) each piece is also an autograd node with its own Python wrapper, checks and saved-tensor
 bookkeeping, and with torch's GEMMs and attention each product is a dispatcher call with its
 casts, views and copies around it (about 55 torch calls in the backward alone). Here the forward
-is seven launches and the backward thirteen, with what those calls did folded into the kernels:
+is seven launches and the backward eleven, with what those calls did folded into the kernels:
 
 * ``_gemm_kernel``: C = A B with A and B at any strides (a transposed weight, dY^T for a weight
   gradient: no copies), the operands cast to the GEMM dtype in registers (autocast's weight
@@ -25,6 +25,8 @@ is seven launches and the backward thirteen, with what those calls did folded in
   the bias; fc1's GELU (storing the pre-activation too); GELU's backward on fc2's input gradient
   (storing GELU(pre) for fc2's weight gradient); a weight gradient's bias gradient, the row sums
   of dY^T summed from the tiles the product loads.
+* ``_weight_grads_kernel``: two weight gradients (fc2's and fc1's, the projection's and qkv's)
+  in one launch, each program a tile of one of them, as ``_gemm_kernel`` computes it.
 * ``_attention_fwd_kernel``: one program per (block of queries, image and head), key blocks
   walked with an online softmax in fp32; the output written in [B, N, H, d] (rows of C: the
   projection's input, no transpose copy).
@@ -35,11 +37,11 @@ is seven launches and the backward thirteen, with what those calls did folded in
 The backward, written out:
 
     dm -> d pre = (dm W2) GELU'(pre), g = GELU(pre)        (one GEMM, GELU's backward its epilogue)
-       -> dW2 = dm^T g with db2;  dW1 = d pre^T y2 with db1;  dy2 = d pre W1
+       -> dy2 = d pre W1;  dW2 = dm^T g with db2 and dW1 = d pre^T y2 with db1 (one launch)
     dy2, dh -> LN2 backward (the residual's gradient added in) -> dh_total = d(x_in) + da
-    da -> dWp = da^T o with dbp;  dO = da Wp -> attention backward -> d qkv
-       -> dWqkv = d qkv^T y1 with dbqkv;  dy1 = d qkv Wqkv
+    da -> dO = da Wp -> attention backward -> d qkv -> dy1 = d qkv Wqkv
     dy1, dh_total (+ d(x_in) from outside) -> LN1 backward -> dx (= d pending)
+    dWp = da^T o with dbp and dWqkv = d qkv^T y1 with dbqkv (one launch)
 
 It saves x_in, y1, qkv, the attention output and its log-sum-exp, h, y2, the MLP
 pre-activation, the LayerNorm statistics and the weights as given, nothing more. A weight that
@@ -63,7 +65,7 @@ Reference: ``tec_fast.ops.reference.vit_block``.
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -87,13 +89,12 @@ def _dot_precision(dt: torch.dtype) -> str:
 # ---- GEMM ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K,
-                 s_am, s_ak, s_bk, s_bn, s_bias,
-                 EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ROW_SUM: tl.constexpr,
-                 DT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _gemm_tile(pid, a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_bias,
+               EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ROW_SUM: tl.constexpr,
+               DT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program ``pid``'s tile of C = A B with its epilogue (see the module's docstring)."""
     if DOT:  # programs in groups of GROUP_M row blocks, column block by column block
-        pid = tl.program_id(0)
         grid_m = tl.cdiv(M, BLOCK_M)
         width = GROUP_M * tl.cdiv(N, BLOCK_N)
         first_m = (pid // width) * GROUP_M
@@ -101,7 +102,7 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K
         pid_m = first_m + (pid % width) % size_m
         pid_n = (pid % width) // size_m
     else:  # row sums only: one program per row block
-        pid_m = tl.program_id(0)
+        pid_m = pid
         pid_n = 0
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,20 +146,57 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K
         tl.store(c_ptr + offs, val.to(c_ptr.dtype.element_ty), mask=ok)
 
 
+
+@triton.jit
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K,
+                 s_am, s_ak, s_bk, s_bn, s_bias,
+                 EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ROW_SUM: tl.constexpr,
+                 DT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    _gemm_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K,
+               s_am, s_ak, s_bk, s_bn, s_bias, EPILOGUE, HAS_BIAS, DOT, ROW_SUM, DT, DOT_PRECISION,
+               BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _weight_grads_kernel(a0, b0, c0, sum0, m0, n0, s0_am, s0_ak, s0_bk, s0_bn,
+                         a1, b1, c1, sum1, m1, n1, s1_am, s1_ak, s1_bk, s1_bn, end0, K,
+                         SUM0: tl.constexpr, SUM1: tl.constexpr, DT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Two weight gradients C_i = A_i B_i over the same K rows (with A_i's row sums where SUM_i)
+    in one launch: programs [0, end0) compute the first, the rest the second. Two, not more:
+    each branch gets its own shared memory (two 16-bit 128 x 128 x 64 tiles in three stages:
+    160 KB at sm_90, 128 KB at sm_80, within both limits; four would not be)."""
+    pid = tl.program_id(0)
+    if pid < end0:
+        _gemm_tile(pid, a0, b0, c0, c0, c0, c0, sum0, m0, n0, K, s0_am, s0_ak, s0_bk, s0_bn, 0, 0, False, True,
+                   SUM0, DT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _gemm_tile(pid - end0, a1, b1, c1, c1, c1, c1, sum1, m1, n1, K, s1_am, s1_ak, s1_bk, s1_bn, 0, 0, False,
+                   True, SUM1, DT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
 @functools.lru_cache(maxsize=None)
 def _gemm_config(M: int, N: int, K: int, dt: torch.dtype) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): 128 x 128 x 64 tiles for 16-bit operands (64 x
     64 where that gives fewer than ``_FEW_TILES`` programs), 64 x 64 x 16 on 8 warps for fp32
     (exact FMA products); each side no larger than the next power of two of the matrix's (at
     least 16, ``tl.dot``'s minimum)."""
+    bm, bn, bk, warps, stages = _tile_sizes(dt, cdiv(M, 128) * cdiv(N, 128) < _FEW_TILES)
+    return _fit(M, bm), _fit(N, bn), _fit(K, bk), warps, stages
+
+
+def _tile_sizes(dt: torch.dtype, few: bool) -> Tuple[int, int, int, int, int]:
+    """``_gemm_config``'s tiles before they are fitted to the matrix (``few``: fewer than
+    ``_FEW_TILES`` 128 x 128 output tiles)."""
     if dt == torch.float32:
-        bm, bn, bk, warps, stages = 64, 64, 16, 8, 2
-    elif cdiv(M, 128) * cdiv(N, 128) < _FEW_TILES:
-        bm, bn, bk, warps, stages = 64, 64, 64, 4, 3
-    else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
-    fit = lambda n, cap: min(cap, max(16, next_pow2(n)))  # noqa: E731
-    return fit(M, bm), fit(N, bn), fit(K, bk), warps, stages
+        return 64, 64, 16, 8, 2
+    return (64, 64, 64, 4, 3) if few else (128, 128, 64, 8, 3)
+
+
+def _fit(n: int, cap: int) -> int:
+    """A tile side: ``cap``, or the next power of two of the matrix's side ``n`` (at least 16,
+    ``tl.dot``'s minimum) where that is smaller."""
+    return min(cap, max(16, next_pow2(n)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,6 +272,70 @@ def _weight_grad(dy: torch.Tensor, x: torch.Tensor, dt: torch.dtype, w_dtype: Op
         _gemm(dy, (dy.stride(1), dy.stride(0)), x, x.stride(), db if dw is None else dw, N, K, M, dt,
               row_sum=db, dot=dw is not None and K > 0)
     return dw, db
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_grads_launch(shapes: Tuple[Tuple[int, int], ...], rows: int, dt: torch.dtype,
+                         sums: Tuple[bool, ...]) -> Tuple[Tuple[int], int, dict]:
+    """(grid, the first problem's programs, constexprs and options) of one ``_weight_grads_kernel``
+    call for the gradients dW_i of ``shapes`` ((N_i, K_i), one or two) over ``rows`` rows, row
+    sums where ``sums``: one tile size for both, chosen as ``_gemm_config`` chooses it for their
+    total number of tiles."""
+    few = sum(cdiv(n, 128) * cdiv(k, 128) for n, k in shapes) < _FEW_TILES
+    bm, bn, bk, warps, stages = _tile_sizes(dt, few)
+    bm, bn, bk = _fit(max(n for n, _ in shapes), bm), _fit(max(k for _, k in shapes), bn), _fit(rows, bk)
+    tiles = [cdiv(n, bm) * cdiv(k, bn) for n, k in shapes]
+    flags = tuple(sums) + (False,) * (2 - len(sums))
+    meta = dict(SUM0=flags[0], SUM1=flags[1], DT=_TL[dt], DOT_PRECISION=_dot_precision(dt), BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_K=bk, GROUP_M=_GROUP_M, num_warps=warps, num_stages=stages)
+    return (sum(tiles),), tiles[0], meta
+
+
+def _grouped(problems: Sequence[tuple]) -> List[int]:
+    """The problems (dy, x, w_dtype, b_dtype) whose gradients ``_weight_grads_kernel`` computes
+    together: those with a weight gradient (a frozen weight's bias sums run alone) of a non-empty
+    product, if they share the weight gradients' dtype and the biases'; else none (each then runs
+    alone, as ``_weight_grad``)."""
+    group = [i for i, (dy, x, w_dtype, _) in enumerate(problems) if w_dtype is not None and dy.shape[1] and x.shape[1]]
+    if len({problems[i][2] for i in group}) > 1 or len({problems[i][3] for i in group} - {None}) > 1:
+        return []
+    return group
+
+
+def _weight_grads(problems: Sequence[tuple], dt: torch.dtype, single: Callable = None, grouped: Callable = None
+                  ) -> List[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """One or two weight gradients over the same rows: ``problems`` [(dy [M, N_i], x [M, K_i],
+    w_dtype, b_dtype)] -> [(dW_i, db_i)], the products in one launch (``grouped``, default
+    ``_weight_grads_group``), any other through ``single`` (default ``_weight_grad``)."""
+    single, grouped = single or _weight_grad, grouped or _weight_grads_group
+    group = _grouped(problems)
+    out = [None if i in group else single(dy, x, dt, w_dtype, b_dtype)
+           for i, (dy, x, w_dtype, b_dtype) in enumerate(problems)]
+    if group:
+        dys, xs, w_dtype = [problems[i][0] for i in group], [problems[i][1] for i in group], problems[group[0]][2]
+        b_dtypes = [problems[i][3] for i in group]
+        b_dtype = next((d for d in b_dtypes if d is not None), None)
+        got = grouped(dys, xs, dt, w_dtype, b_dtype or w_dtype, [d is not None for d in b_dtypes])
+        for i, dw, db in zip(group, got[0::2], got[1::2]):
+            out[i] = (dw, db if problems[i][3] is not None else None)
+    return out
+
+
+def _weight_grads_group(dys: List[torch.Tensor], xs: List[torch.Tensor], dt: torch.dtype, w_dtype: torch.dtype,
+                        b_dtype: torch.dtype, has_bias: List[bool]) -> List[torch.Tensor]:
+    """The grouped launch: [dW_0, db_0, dW_1, db_1, ...] (db_i empty where not ``has_bias[i]``)."""
+    rows, dev = dys[0].shape[0], dys[0].device
+    out, args = [], []
+    for dy, x, bias in zip(dys, xs, has_bias):
+        dw = torch.empty(dy.shape[1], x.shape[1], dtype=w_dtype, device=dev)
+        db = torch.empty(dy.shape[1] if bias else 0, dtype=b_dtype, device=dev)
+        out += (dw, db)
+        args.append((dy, x, dw, db if bias else dw, dw.shape[0], dw.shape[1], dy.stride(1), dy.stride(0),
+                     x.stride(0), x.stride(1)))
+    grid, end0, meta = _weight_grads_launch(tuple((a[4], a[5]) for a in args), rows, dt, tuple(has_bias))
+    second = args[-1]  # one problem: the second branch is never reached
+    launch(_weight_grads_kernel, grid, *args[0], *second, end0, rows, **meta)
+    return out
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -474,6 +576,21 @@ def _(dy, x, dt, w_dtype, b_dtype):
             dy.new_empty(0) if b_dtype is None else dy.new_empty(N, dtype=b_dtype))
 
 
+@torch.library.custom_op("tec_fast::vit_block_weight_grads", mutates_args=())
+def _weight_grads_group_op(dys: List[torch.Tensor], xs: List[torch.Tensor], dt: torch.dtype, w_dtype: torch.dtype,
+                           b_dtype: torch.dtype, has_bias: List[bool]) -> List[torch.Tensor]:
+    return _weight_grads_group(dys, xs, dt, w_dtype, b_dtype, has_bias)
+
+
+@_weight_grads_group_op.register_fake
+def _(dys, xs, dt, w_dtype, b_dtype, has_bias):
+    out = []
+    for dy, x, bias in zip(dys, xs, has_bias):
+        out += (dy.new_empty((dy.shape[1], x.shape[1]), dtype=w_dtype),
+                dy.new_empty((dy.shape[1] if bias else 0,), dtype=b_dtype))
+    return out
+
+
 @torch.library.custom_op("tec_fast::vit_block_attention", mutates_args=())
 def _attention_op(qkv: torch.Tensor, B: int, N: int, H: int, save: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     o, lse = _attention(qkv, B, N, H, save)
@@ -503,6 +620,7 @@ class _Route(NamedTuple):
     linear_dx: Callable
     gelu_grad: Callable
     weight_grad: Callable
+    weight_grads: Callable
     attention: Callable
     attention_grad: Callable
     ln_bwd: Callable
@@ -523,9 +641,14 @@ def _attention_traced(qkv, B, N, H, save):
     return o, (lse if save else None)
 
 
-_DIRECT = _Route(_linear, _linear_dx, _gelu_grad, _weight_grad, _attention, _attention_grad, _layer_norm_bwd)
-_TRACED = _Route(_linear_traced, _linear_dx_op, _gelu_grad_op, _weight_grad_traced, _attention_traced,
-                 _attention_grad_op, _layer_norm_backward_op)
+def _weight_grads_traced(problems, dt):
+    return _weight_grads(problems, dt, _weight_grad_traced, _weight_grads_group_op)
+
+
+_DIRECT = _Route(_linear, _linear_dx, _gelu_grad, _weight_grad, _weight_grads, _attention, _attention_grad,
+                 _layer_norm_bwd)
+_TRACED = _Route(_linear_traced, _linear_dx_op, _gelu_grad_op, _weight_grad_traced, _weight_grads_traced,
+                 _attention_traced, _attention_grad_op, _layer_norm_backward_op)
 
 
 # ---- the blocks ---------------------------------------------------------------------------------
@@ -578,9 +701,10 @@ def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple,
     if dm is not None:
         dm = dm.reshape(rows, C)
         dpre, g = r.gelu_grad(dm, w2, pre, dt)
-        dw2, db2 = r.weight_grad(dm, g, dt, w2.dtype if need[10] else None, b2_dt if need[11] else None)
-        dw1, db1 = r.weight_grad(dpre, y2, dt, w1.dtype if need[8] else None, b1_dt if need[9] else None)
         dy2 = r.linear_dx(dpre, w1, dt, sd).view(B, N, C)
+        (dw2, db2), (dw1, db1) = r.weight_grads(  # fc2's and fc1's in one launch
+            [(dm, g, w2.dtype if need[10] else None, b2_dt if need[11] else None),
+             (dpre, y2, w1.dtype if need[8] else None, b1_dt if need[9] else None)], dt)
     else:
         dw2 = db2 = dw1 = db1 = None
         dy2 = h.new_zeros(h.shape)
@@ -588,15 +712,16 @@ def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple,
     dh_tot, dn2w, dn2b = r.ln_bwd(dy2, dh, h, n2w, s2, n2b_dt)
     # attention branch
     da = dh_tot.view(rows, C)
-    dwp, dbp = r.weight_grad(da, o, dt, wp.dtype if need[4] else None, bp_dt if need[5] else None)
     dout = r.linear_dx(da, wp, dt, dt)
     dqkv = r.attention_grad(dout, qkv, o, lse)
     if d_qkv is not None:
         dqkv = dqkv + d_qkv.reshape(dqkv.shape).to(dqkv.dtype)
-    dwqkv, dbqkv = r.weight_grad(dqkv, y1, dt, wqkv.dtype if need[2] else None, bqkv_dt if need[3] else None)
     dy1 = r.linear_dx(dqkv, wqkv, dt, sd).view(B, N, C)
     d_in = dh_tot if d_xin is None else dh_tot + d_xin
     dx, dn1w, dn1b = r.ln_bwd(dy1, d_in, x_in, n1w, s1, n1b_dt)
+    (dwp, dbp), (dwqkv, dbqkv) = r.weight_grads(  # the projection's and qkv's in one launch
+        [(da, o, wp.dtype if need[4] else None, bp_dt if need[5] else None),
+         (dqkv, y1, wqkv.dtype if need[2] else None, bqkv_dt if need[3] else None)], dt)
     return dx, (dn1w, dn1b, dwqkv, dbqkv, dwp, dbp, dn2w, dn2b, dw1, db1, dw2, db2)
 
 
