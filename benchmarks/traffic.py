@@ -138,7 +138,8 @@ _BLOCK_PRODUCTS: Dict[str, Callable[[Dict[str, object]], float]] = {
     "tec_fast.vit_block_gelu_grad": lambda b: 2.0 * b["dm"].numel() * b["w2"].shape[1],
     "tec_fast.vit_block_weight_grad": lambda b: 0.0 if b.get("w_dtype") is None else
     2.0 * b["dy"].numel() * b["x"].shape[1],
-    "tec_fast.vit_block_weight_grads": lambda b: sum(2.0 * dy.numel() * x.shape[1] for dy, x in zip(b["dys"], b["xs"])),
+    "tec_fast.vit_block_weight_grads": lambda b: 2.0 * (b["dy0"].numel() * b["x0"].shape[1]
+                                                        + b["dy1"].numel() * b["x1"].shape[1]),
     # 4 B H N^2 d = 4 B N^2 C (C = qkv's width / 3, = o's width); the backward 2.5x, as for torch's
     "tec_fast.vit_block_attention": lambda b: 4.0 * b["B"] * b["N"] ** 2 * b["qkv"].shape[1] / 3,
     "tec_fast.vit_block_attention_backward":

@@ -89,11 +89,16 @@ def _layer_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, stats_ptr, dx_ptr, 
 
 
 @triton.jit
-def _layer_norm_dwdb_kernel(part_ptr, dw_ptr, db_ptr, n_parts, C,
+def _layer_norm_dwdb_kernel(part_ptr, dw_ptr, db_ptr, n_parts, C, s_part, s_out,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dweight, dbias [C] (in their parameters' dtypes) = the sums over the backward's
     per-program partials part [2, n_parts, C]: one launch and no fp32 [2, C] result to split
-    and cast on the host."""
+    and cast on the host. Axis 1 of the grid walks several LayerNorms' partials at once (a
+    stack of blocks): LayerNorm r reads part + r s_part and writes dw + r s_out, db + r s_out."""
+    r = tl.program_id(1).to(tl.int64)
+    part_ptr += r * s_part
+    dw_ptr += r * s_out
+    db_ptr += r * s_out
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cc < C
     acc_w = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
@@ -182,19 +187,44 @@ def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.T
     dx = torch.empty_like(h)
     dw = torch.empty_like(weight)
     db = torch.empty(C, dtype=b_dtype, device=dev)
-    n_prog, rows_per_prog = _bwd_config(rows, C, dev)
+    n_prog, _ = _bwd_config(rows, C, dev)
     if not rows:
         return dx, dw.zero_(), db.zero_()
     # weight and bias partial sums in one buffer: one reduction launch for both
     parts = torch.empty(2, n_prog, C, dtype=torch.float32, device=dev)
-    block_c, num_warps = _fwd_config(C)
-    launch(_layer_norm_bwd_kernel, (n_prog,),
-        dy, dh_out if dh_out is not None else dy, h, weight, stats, dx, parts, rows, C, rows_per_prog,
-        HAS_DH=dh_out is not None, BLOCK_C=block_c, num_warps=num_warps)
+    _layer_norm_bwd_rows(dy, dh_out, h, weight, stats, parts, dx)
     block_p, block_c, n_col = _dwdb_config(n_prog, C)
-    launch(_layer_norm_dwdb_kernel, (n_col,), parts, dw, db, n_prog, C, BLOCK_P=block_p, BLOCK_C=block_c,
+    launch(_layer_norm_dwdb_kernel, (n_col, 1), parts, dw, db, n_prog, C, 0, 0, BLOCK_P=block_p, BLOCK_C=block_c,
            num_warps=4)
     return dx, dw, db
+
+
+def _layer_norm_bwd_rows(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
+                         stats: torch.Tensor, parts: torch.Tensor, dx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The row pass of ``_layer_norm_bwd`` (rows > 0, ``weight`` with a unit stride): -> dh
+    (``dx``, or a new tensor shaped like h), the weight and bias partial sums written into
+    ``parts`` [2, programs, C] (``_bwd_config``'s programs), for ``layer_norm_dwdb`` to sum."""
+    C = h.shape[-1]
+    rows = h.numel() // C
+    dx = torch.empty_like(h) if dx is None else dx
+    block_c, num_warps = _fwd_config(C)
+    launch(_layer_norm_bwd_kernel, (parts.shape[1],),
+        dy, dh_out if dh_out is not None else dy, h, weight, stats, dx, parts, rows, C,
+        _bwd_config(rows, C, h.device)[1], HAS_DH=dh_out is not None, BLOCK_C=block_c, num_warps=num_warps)
+    return dx
+
+
+def layer_norm_dwdb(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight and bias gradients of R LayerNorms from their partial sums parts
+    [R, 2, programs, C] (contiguous, each written by ``_layer_norm_bwd_rows``) in one launch:
+    -> [R, 2, C] in ``dtype`` (weight, bias); each LayerNorm's the values ``_layer_norm_bwd``
+    gives, bitwise (the same sums in the same order)."""
+    R, _, n_prog, C = parts.shape
+    out = torch.empty(R, 2, C, dtype=dtype, device=parts.device)
+    block_p, block_c, n_col = _dwdb_config(n_prog, C)
+    launch(_layer_norm_dwdb_kernel, (n_col, R), parts, out, out[0, 1], n_prog, C, 2 * n_prog * C, 2 * C,
+           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    return out
 
 
 # ---- torch.library registration: what torch.compile and dispatch modes see -------------------

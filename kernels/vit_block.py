@@ -65,7 +65,7 @@ Reference: ``tec_fast.ops.reference.vit_block``.
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -73,7 +73,8 @@ import triton.language as tl
 
 from tec_fast.kernels._common import (autocast_dtype, cdiv, direct_launch, dtype_reasons, eager_apply,
                                       first_order, launch, next_pow2)
-from tec_fast.kernels.layer_norm import MAX_C, _layer_norm_backward_op, _layer_norm_bwd, layer_norm_forward
+from tec_fast.kernels.layer_norm import (MAX_C, _bwd_config, _layer_norm_backward_op, _layer_norm_bwd,
+                                         _layer_norm_bwd_rows, layer_norm_dwdb, layer_norm_forward)
 from tec_fast.kernels.mlp import _gelu, _two_phi
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -275,68 +276,53 @@ def _weight_grad(dy: torch.Tensor, x: torch.Tensor, dt: torch.dtype, w_dtype: Op
 
 
 @functools.lru_cache(maxsize=None)
-def _weight_grads_launch(shapes: Tuple[Tuple[int, int], ...], rows: int, dt: torch.dtype,
-                         sums: Tuple[bool, ...]) -> Tuple[Tuple[int], int, dict]:
-    """(grid, the first problem's programs, constexprs and options) of one ``_weight_grads_kernel``
-    call for the gradients dW_i of ``shapes`` ((N_i, K_i), one or two) over ``rows`` rows, row
-    sums where ``sums``: one tile size for both, chosen as ``_gemm_config`` chooses it for their
-    total number of tiles."""
-    few = sum(cdiv(n, 128) * cdiv(k, 128) for n, k in shapes) < _FEW_TILES
+def _weight_grads_launch(N0: int, K0: int, N1: int, K1: int, rows: int, dt: torch.dtype, sum0: bool,
+                         sum1: bool) -> Tuple[Tuple[int], int, dict]:
+    """(grid, the first product's programs, constexprs and options) of one
+    ``_weight_grads_kernel`` call for dW_0 [N0, K0] and dW_1 [N1, K1] over ``rows`` rows, row sums
+    where ``sum0`` / ``sum1``: one tile size for both, chosen as ``_gemm_config`` chooses it for
+    their total number of tiles."""
+    few = cdiv(N0, 128) * cdiv(K0, 128) + cdiv(N1, 128) * cdiv(K1, 128) < _FEW_TILES
     bm, bn, bk, warps, stages = _tile_sizes(dt, few)
-    bm, bn, bk = _fit(max(n for n, _ in shapes), bm), _fit(max(k for _, k in shapes), bn), _fit(rows, bk)
-    tiles = [cdiv(n, bm) * cdiv(k, bn) for n, k in shapes]
-    flags = tuple(sums) + (False,) * (2 - len(sums))
-    meta = dict(SUM0=flags[0], SUM1=flags[1], DT=_TL[dt], DOT_PRECISION=_dot_precision(dt), BLOCK_M=bm, BLOCK_N=bn,
+    bm, bn, bk = _fit(max(N0, N1), bm), _fit(max(K0, K1), bn), _fit(rows, bk)
+    end0 = cdiv(N0, bm) * cdiv(K0, bn)
+    meta = dict(SUM0=sum0, SUM1=sum1, DT=_TL[dt], DOT_PRECISION=_dot_precision(dt), BLOCK_M=bm, BLOCK_N=bn,
                 BLOCK_K=bk, GROUP_M=_GROUP_M, num_warps=warps, num_stages=stages)
-    return (sum(tiles),), tiles[0], meta
+    return (end0 + cdiv(N1, bm) * cdiv(K1, bn),), end0, meta
 
 
-def _grouped(problems: Sequence[tuple]) -> List[int]:
-    """The problems (dy, x, w_dtype, b_dtype) whose gradients ``_weight_grads_kernel`` computes
-    together: those with a weight gradient (a frozen weight's bias sums run alone) of a non-empty
-    product, if they share the weight gradients' dtype and the biases'; else none (each then runs
-    alone, as ``_weight_grad``)."""
-    group = [i for i, (dy, x, w_dtype, _) in enumerate(problems) if w_dtype is not None and dy.shape[1] and x.shape[1]]
-    if len({problems[i][2] for i in group}) > 1 or len({problems[i][3] for i in group} - {None}) > 1:
-        return []
-    return group
+def _weight_grads(p0: tuple, p1: tuple, dt: torch.dtype, single: Callable = None, pair: Callable = None):
+    """Two weight gradients over the same rows (fc2's and fc1's, the projection's and qkv's):
+    ``p0``, ``p1`` = (dy [M, N_i], x [M, K_i], w_dtype, b_dtype) -> ((dW_0, db_0), (dW_1, db_1)),
+    each as ``_weight_grad`` gives it. Both products in one launch (``pair``, default
+    ``_weight_grads_pair``) where both are wanted, non-empty and of one weight dtype (and one
+    bias dtype); else each through ``single`` (default ``_weight_grad``; a frozen weight's bias
+    sums)."""
+    dy0, x0, w0, b0 = p0
+    dy1, x1, w1, b1 = p1
+    if w0 is not None and w0 == w1 and (b0 is None or b1 is None or b0 == b1) \
+            and dy0.shape[1] and x0.shape[1] and dy1.shape[1] and x1.shape[1]:
+        b_dtype = b0 if b0 is not None else (b1 if b1 is not None else w0)
+        return (pair or _weight_grads_pair)(dy0, x0, dy1, x1, dt, w0, b_dtype, b0 is not None, b1 is not None)
+    single = single or _weight_grad
+    return single(dy0, x0, dt, w0, b0), single(dy1, x1, dt, w1, b1)
 
 
-def _weight_grads(problems: Sequence[tuple], dt: torch.dtype, single: Callable = None, grouped: Callable = None
-                  ) -> List[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
-    """One or two weight gradients over the same rows: ``problems`` [(dy [M, N_i], x [M, K_i],
-    w_dtype, b_dtype)] -> [(dW_i, db_i)], the products in one launch (``grouped``, default
-    ``_weight_grads_group``), any other through ``single`` (default ``_weight_grad``)."""
-    single, grouped = single or _weight_grad, grouped or _weight_grads_group
-    group = _grouped(problems)
-    out = [None if i in group else single(dy, x, dt, w_dtype, b_dtype)
-           for i, (dy, x, w_dtype, b_dtype) in enumerate(problems)]
-    if group:
-        dys, xs, w_dtype = [problems[i][0] for i in group], [problems[i][1] for i in group], problems[group[0]][2]
-        b_dtypes = [problems[i][3] for i in group]
-        b_dtype = next((d for d in b_dtypes if d is not None), None)
-        got = grouped(dys, xs, dt, w_dtype, b_dtype or w_dtype, [d is not None for d in b_dtypes])
-        for i, dw, db in zip(group, got[0::2], got[1::2]):
-            out[i] = (dw, db if problems[i][3] is not None else None)
-    return out
-
-
-def _weight_grads_group(dys: List[torch.Tensor], xs: List[torch.Tensor], dt: torch.dtype, w_dtype: torch.dtype,
-                        b_dtype: torch.dtype, has_bias: List[bool]) -> List[torch.Tensor]:
-    """The grouped launch: [dW_0, db_0, dW_1, db_1, ...] (db_i empty where not ``has_bias[i]``)."""
-    rows, dev = dys[0].shape[0], dys[0].device
-    out, args = [], []
-    for dy, x, bias in zip(dys, xs, has_bias):
-        dw = torch.empty(dy.shape[1], x.shape[1], dtype=w_dtype, device=dev)
-        db = torch.empty(dy.shape[1] if bias else 0, dtype=b_dtype, device=dev)
-        out += (dw, db)
-        args.append((dy, x, dw, db if bias else dw, dw.shape[0], dw.shape[1], dy.stride(1), dy.stride(0),
-                     x.stride(0), x.stride(1)))
-    grid, end0, meta = _weight_grads_launch(tuple((a[4], a[5]) for a in args), rows, dt, tuple(has_bias))
-    second = args[-1]  # one problem: the second branch is never reached
-    launch(_weight_grads_kernel, grid, *args[0], *second, end0, rows, **meta)
-    return out
-
+def _weight_grads_pair(dy0: torch.Tensor, x0: torch.Tensor, dy1: torch.Tensor, x1: torch.Tensor, dt: torch.dtype,
+                       w_dtype: torch.dtype, b_dtype: torch.dtype, bias0: bool, bias1: bool):
+    """The launch of ``_weight_grads``: ((dW_0, db_0 or None), (dW_1, db_1 or None))."""
+    rows, N0, K0, N1, K1 = dy0.shape[0], dy0.shape[1], x0.shape[1], dy1.shape[1], x1.shape[1]
+    dev = dy0.device
+    dw0 = torch.empty(N0, K0, dtype=w_dtype, device=dev)
+    dw1 = torch.empty(N1, K1, dtype=w_dtype, device=dev)
+    db0 = torch.empty(N0, dtype=b_dtype, device=dev) if bias0 else None
+    db1 = torch.empty(N1, dtype=b_dtype, device=dev) if bias1 else None
+    grid, end0, meta = _weight_grads_launch(N0, K0, N1, K1, rows, dt, bias0, bias1)
+    launch(_weight_grads_kernel, grid,
+           dy0, x0, dw0, dw0 if db0 is None else db0, N0, K0, dy0.stride(1), dy0.stride(0), x0.stride(0), x0.stride(1),
+           dy1, x1, dw1, dw1 if db1 is None else db1, N1, K1, dy1.stride(1), dy1.stride(0), x1.stride(0), x1.stride(1),
+           end0, rows, **meta)
+    return (dw0, db0), (dw1, db1)
 
 # ---- attention ----------------------------------------------------------------------------------
 # q, k, v are read where the qkv GEMM wrote them: qkv [B, N, 3, H, d] (rows of 3C); the output and
@@ -577,18 +563,19 @@ def _(dy, x, dt, w_dtype, b_dtype):
 
 
 @torch.library.custom_op("tec_fast::vit_block_weight_grads", mutates_args=())
-def _weight_grads_group_op(dys: List[torch.Tensor], xs: List[torch.Tensor], dt: torch.dtype, w_dtype: torch.dtype,
-                           b_dtype: torch.dtype, has_bias: List[bool]) -> List[torch.Tensor]:
-    return _weight_grads_group(dys, xs, dt, w_dtype, b_dtype, has_bias)
+def _weight_grads_pair_op(dy0: torch.Tensor, x0: torch.Tensor, dy1: torch.Tensor, x1: torch.Tensor, dt: torch.dtype,
+                          w_dtype: torch.dtype, b_dtype: torch.dtype, bias0: bool, bias1: bool
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    (dw0, db0), (dw1, db1) = _weight_grads_pair(dy0, x0, dy1, x1, dt, w_dtype, b_dtype, bias0, bias1)
+    return dw0, (dw0.new_empty(0) if db0 is None else db0), dw1, (dw1.new_empty(0) if db1 is None else db1)
 
 
-@_weight_grads_group_op.register_fake
-def _(dys, xs, dt, w_dtype, b_dtype, has_bias):
-    out = []
-    for dy, x, bias in zip(dys, xs, has_bias):
-        out += (dy.new_empty((dy.shape[1], x.shape[1]), dtype=w_dtype),
-                dy.new_empty((dy.shape[1] if bias else 0,), dtype=b_dtype))
-    return out
+@_weight_grads_pair_op.register_fake
+def _(dy0, x0, dy1, x1, dt, w_dtype, b_dtype, bias0, bias1):
+    return (dy0.new_empty((dy0.shape[1], x0.shape[1]), dtype=w_dtype),
+            dy0.new_empty((dy0.shape[1] if bias0 else 0,), dtype=b_dtype),
+            dy1.new_empty((dy1.shape[1], x1.shape[1]), dtype=w_dtype),
+            dy1.new_empty((dy1.shape[1] if bias1 else 0,), dtype=b_dtype))
 
 
 @torch.library.custom_op("tec_fast::vit_block_attention", mutates_args=())
@@ -641,8 +628,13 @@ def _attention_traced(qkv, B, N, H, save):
     return o, (lse if save else None)
 
 
-def _weight_grads_traced(problems, dt):
-    return _weight_grads(problems, dt, _weight_grad_traced, _weight_grads_group_op)
+def _weight_grads_pair_traced(dy0, x0, dy1, x1, dt, w_dtype, b_dtype, bias0, bias1):
+    dw0, db0, dw1, db1 = _weight_grads_pair_op(dy0, x0, dy1, x1, dt, w_dtype, b_dtype, bias0, bias1)
+    return (dw0, db0 if bias0 else None), (dw1, db1 if bias1 else None)
+
+
+def _weight_grads_traced(p0, p1, dt):
+    return _weight_grads(p0, p1, dt, _weight_grad_traced, _weight_grads_pair_traced)
 
 
 _DIRECT = _Route(_linear, _linear_dx, _gelu_grad, _weight_grad, _weight_grads, _attention, _attention_grad,
@@ -684,12 +676,15 @@ def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool
     return x_in, h, m.view(B, N, C), qkv, saved
 
 
-def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple, d_xin, dh, dm, d_qkv):
+def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple, d_xin, dh, dm, d_qkv,
+              parts: Optional[torch.Tensor] = None):
     """One block's backward. ``saved``: the 13 tensors the forward kept (x_in, y1, qkv, o, h, y2,
     pre and the weights the products read), ``aux``: its LayerNorm statistics, the attention's
     log-sum-exp and its biases' dtypes; ``need``: which of its 12 parameters want a gradient (a
     frozen weight's GEMM is skipped, its bias still summed). Gradients in: of x_in (from
     outside), h and m (None: unused), and of qkv (where the caller read q and k; else None).
+    With ``parts`` (two [2, programs, C] tensors) the LayerNorms (LN2, then LN1) only write their
+    weight and bias partial sums there, for the caller to sum (their gradients come back None).
     Returns (the gradient of x_in, the 12 parameters' gradients)."""
     x_in, y1, qkv, o, h, y2, pre, wqkv, wp, w1, w2, n1w, n2w = saved
     s1, s2, lse, (n1b_dt, bqkv_dt, bp_dt, n2b_dt, b1_dt, b2_dt) = aux
@@ -703,13 +698,16 @@ def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple,
         dpre, g = r.gelu_grad(dm, w2, pre, dt)
         dy2 = r.linear_dx(dpre, w1, dt, sd).view(B, N, C)
         (dw2, db2), (dw1, db1) = r.weight_grads(  # fc2's and fc1's in one launch
-            [(dm, g, w2.dtype if need[10] else None, b2_dt if need[11] else None),
-             (dpre, y2, w1.dtype if need[8] else None, b1_dt if need[9] else None)], dt)
+            (dm, g, w2.dtype if need[10] else None, b2_dt if need[11] else None),
+            (dpre, y2, w1.dtype if need[8] else None, b1_dt if need[9] else None), dt)
     else:
         dw2 = db2 = dw1 = db1 = None
         dy2 = h.new_zeros(h.shape)
     dh = None if dh is None else (dh if dh.is_contiguous() else dh.contiguous())
-    dh_tot, dn2w, dn2b = r.ln_bwd(dy2, dh, h, n2w, s2, n2b_dt)
+    if parts is None:
+        dh_tot, dn2w, dn2b = r.ln_bwd(dy2, dh, h, n2w, s2, n2b_dt)
+    else:
+        dh_tot, dn2w, dn2b = _layer_norm_bwd_rows(dy2, dh, h, n2w, s2, parts[0]), None, None
     # attention branch
     da = dh_tot.view(rows, C)
     dout = r.linear_dx(da, wp, dt, dt)
@@ -718,10 +716,13 @@ def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple,
         dqkv = dqkv + d_qkv.reshape(dqkv.shape).to(dqkv.dtype)
     dy1 = r.linear_dx(dqkv, wqkv, dt, sd).view(B, N, C)
     d_in = dh_tot if d_xin is None else dh_tot + d_xin
-    dx, dn1w, dn1b = r.ln_bwd(dy1, d_in, x_in, n1w, s1, n1b_dt)
+    if parts is None:
+        dx, dn1w, dn1b = r.ln_bwd(dy1, d_in, x_in, n1w, s1, n1b_dt)
+    else:
+        dx, dn1w, dn1b = _layer_norm_bwd_rows(dy1, d_in, x_in, n1w, s1, parts[1]), None, None
     (dwp, dbp), (dwqkv, dbqkv) = r.weight_grads(  # the projection's and qkv's in one launch
-        [(da, o, wp.dtype if need[4] else None, bp_dt if need[5] else None),
-         (dqkv, y1, wqkv.dtype if need[2] else None, bqkv_dt if need[3] else None)], dt)
+        (da, o, wp.dtype if need[4] else None, bp_dt if need[5] else None),
+        (dqkv, y1, wqkv.dtype if need[2] else None, bqkv_dt if need[3] else None), dt)
     return dx, (dn1w, dn1b, dwqkv, dbqkv, dwp, dbp, dn2w, dn2b, dw1, db1, dw2, db2)
 
 
@@ -753,6 +754,10 @@ class _VitBlocks(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*saved)
         ctx.aux, ctx.dt, ctx.n, ctx.taps, ctx.qk_block = aux, dt, n, taps, qk_block
+        norms = [params[12 * i + j] for i in range(n) for j in (0, 1, 6, 7)]  # the LayerNorms' w, b
+        dtype = norms[0].dtype
+        # one dtype and unit strides: their gradients from one reduction launch for the stack
+        ctx.ln_dtype = dtype if all(t.dtype == dtype and t.stride(0) == 1 for t in norms) else None
         return (x, pending, *outs) if qkv_out is None else (x, pending, *outs, qkv_out)
 
     @staticmethod
@@ -764,12 +769,24 @@ class _VitBlocks(torch.autograd.Function):
         saved = ctx.saved_tensors
         need = ctx.needs_input_grad[8:]
         r = _DIRECT if direct_launch() else _TRACED
+        x_in = saved[0]
+        C = x_in.shape[-1]
+        rows = x_in.numel() // C if C else 0
+        parts = per_norm = None
+        if r is _DIRECT and ctx.ln_dtype is not None and rows:  # the LayerNorms' partial sums, all of them
+            parts = torch.empty(2 * n, 2, _bwd_config(rows, C, x_in.device)[0], C, dtype=torch.float32,
+                                device=x_in.device)
+            per_norm = parts.unbind(0)  # block i: LN2's at 2 i, LN1's at 2 i + 1
         grads = [None] * (12 * n)
         for i in range(n - 1, -1, -1):
             dx, grads[12 * i:12 * i + 12] = _backward(
                 r, saved[13 * i:13 * i + 13], ctx.aux[i], dt, need[12 * i:12 * i + 12], d_taps.get(i), dh, dm,
-                d_qkv if i == qk_block else None)
+                d_qkv if i == qk_block else None, None if parts is None else per_norm[2 * i:2 * i + 2])
             dh = dm = dx  # block i's x_in is h + m of block i - 1
+        if parts is not None:  # per block LN2's weight, bias, then LN1's
+            norms = layer_norm_dwdb(parts, ctx.ln_dtype).view(4 * n, C).unbind(0)
+            for i in range(n):
+                grads[12 * i + 6], grads[12 * i + 7], grads[12 * i], grads[12 * i + 1] = norms[4 * i:4 * i + 4]
         dpending = None if ctx.pend_dt is None else _cast(dx, ctx.pend_dt)
         return (dx, dpending, None, None, None, None, None, None, *grads)
 

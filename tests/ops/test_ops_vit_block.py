@@ -373,8 +373,9 @@ def test_whole_block_on_meta_tensors(dtype, C, H):
     assert len(grads) == 14 and all(g.shape == t.shape and g.dtype == t.dtype for g, t in zip(grads, ex.grad_of))
     assert set(launched) == {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_dwdb_kernel",
                              "_gemm_kernel", "_weight_grads_kernel", "_attention_fwd_kernel", "_attention_bwd_kernel"}
-    assert (n_forward, len(launched) - n_forward) == (7, 11)
+    assert (n_forward, len(launched) - n_forward) == (7, 10)
     assert launched.count("_weight_grads_kernel") == 2  # the four weight gradients in two launches
+    assert launched.count("_layer_norm_dwdb_kernel") == 1  # both LayerNorms' weight and bias sums
 
 
 @pytest.mark.parametrize("mode", ["reference", "triton"])
@@ -519,3 +520,17 @@ def test_run_blocks_makes_one_node_unless_a_block_is_hooked(triton_path):
         assert torch.equal(a, e)
     mixed = torch.nn.ModuleList([*_blocks(1, 12, 3), *_blocks(1, 12, 4)])
     assert _block_nodes(run_blocks(mixed, x)[1]) == 2
+
+
+def test_stack_launches(triton_path):
+    """Three blocks: 7 launches a block forward, 9 a block backward and one more that sums every
+    LayerNorm's weight and bias gradients of the stack."""
+    from benchmarks.triton_stub import launches_stubbed
+    x, params = _stack(3, 2, 5, 12, 3, 20)
+    launched = []
+    with launches_stubbed(lambda name, args, kwargs: launched.append(name)):
+        h, m, _, _ = ops.vit_blocks(x, params, 3, 1e-6)
+        n_forward = len(launched)
+        torch.autograd.grad((h + m).sum(), [x])
+    assert (n_forward, len(launched) - n_forward) == (21, 28)
+    assert launched.count("_layer_norm_dwdb_kernel") == 1
