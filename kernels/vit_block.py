@@ -74,7 +74,8 @@ import triton.language as tl
 from tec_fast.kernels._common import (autocast_dtype, cdiv, direct_launch, dtype_reasons, eager_apply,
                                       first_order, launch, next_pow2)
 from tec_fast.kernels.layer_norm import (MAX_C, _bwd_config, _layer_norm_backward_op, _layer_norm_bwd,
-                                         _layer_norm_bwd_rows, layer_norm_dwdb, layer_norm_forward)
+                                         _layer_norm_bwd_rows, _layer_norm_fwd, layer_norm_dwdb,
+                                         layer_norm_forward)
 from tec_fast.kernels.mlp import _gelu, _two_phi
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -138,6 +139,8 @@ def _gemm_tile(pid, a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N
         ok = m_ok[:, None] & n_ok[None, :]
         if EPILOGUE == 1:  # fc1: keep the pre-activation, return GELU of it
             tl.store(pre_ptr + offs, val.to(pre_ptr.dtype.element_ty), mask=ok)
+            val = _gelu(val)
+        elif EPILOGUE == 3:  # fc1 with no backward to come (the frozen base): GELU alone
             val = _gelu(val)
         elif EPILOGUE == 2:  # fc2's input gradient: times GELU'(pre); GELU(pre) recomputed for dW2
             z = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -222,17 +225,19 @@ def _gemm(a, a_strides, b, b_strides, c, M: int, N: int, K: int, dt: torch.dtype
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], dt: torch.dtype,
-            out_dtype: torch.dtype, gelu: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+            out_dtype: torch.dtype, gelu: bool = False, keep_pre: bool = True
+            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """x [M, K], w [N, K] (any strides, any float dtypes: cast to ``dt`` in registers) ->
     (x w^T + bias [M, N] in ``out_dtype`` with the values of a GEMM in ``dt``, None); with
-    ``gelu``: (GELU of it in ``dt``, the pre-activation in ``dt``)."""
+    ``gelu``: (GELU of it in ``dt``, the pre-activation in ``dt``, or None without ``keep_pre``:
+    then it is neither allocated nor written)."""
     M, K = x.shape
     N = w.shape[0]
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    pre = torch.empty(M, N, dtype=dt, device=x.device) if gelu else None
+    pre = torch.empty(M, N, dtype=dt, device=x.device) if gelu and keep_pre else None
     if M and N:
         _gemm(x, x.stride(), w, (w.stride(1), w.stride(0)), out, M, N, K, dt, bias=bias, pre=pre,
-              epilogue=1 if gelu else 0)
+              epilogue=(1 if keep_pre else 3) if gelu else 0)
     return out, pre
 
 
@@ -610,12 +615,13 @@ class _Route(NamedTuple):
     weight_grads: Callable
     attention: Callable
     attention_grad: Callable
+    ln_fwd: Callable
     ln_bwd: Callable
 
 
-def _linear_traced(x, w, bias, dt, out_dtype, gelu=False):
+def _linear_traced(x, w, bias, dt, out_dtype, gelu=False, keep_pre=True):
     out, pre = _linear_op(x, w, bias, dt, out_dtype, gelu)
-    return out, (pre if gelu else None)
+    return out, (pre if gelu and keep_pre else None)
 
 
 def _weight_grad_traced(dy, x, dt, w_dtype, b_dtype):
@@ -638,9 +644,13 @@ def _weight_grads_traced(p0, p1, dt):
 
 
 _DIRECT = _Route(_linear, _linear_dx, _gelu_grad, _weight_grad, _weight_grads, _attention, _attention_grad,
-                 _layer_norm_bwd)
+                 _layer_norm_fwd, _layer_norm_bwd)
 _TRACED = _Route(_linear_traced, _linear_dx_op, _gelu_grad_op, _weight_grad_traced, _weight_grads_traced,
-                 _attention_traced, _attention_grad_op, _layer_norm_backward_op)
+                 _attention_traced, _attention_grad_op, layer_norm_forward, _layer_norm_backward_op)
+
+
+def _route() -> _Route:
+    return _DIRECT if direct_launch() else _TRACED
 
 
 # ---- the blocks ---------------------------------------------------------------------------------
@@ -649,28 +659,27 @@ def _cast(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
-def _forward(x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool):
-    """One block on x [B, N, C] (``dt``: the GEMMs' and the attention's dtype; autocast may be
-    on, nothing here is an op it casts).
+def _forward(r: _Route, x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool):
+    """One block on x [B, N, C] through the launchers of route ``r`` (``dt``: the GEMMs' and the
+    attention's dtype; autocast may be on, nothing here is an op it casts).
     Returns (x_in, h, m, qkv, saved): qkv [B N, 3C] as the attention read it; ``saved``, what the
     backward needs besides x_in, qkv and h, None unless ``save``."""
     n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2 = params
-    r = _DIRECT if direct_launch() else _TRACED
     B, N, C = x.shape
     sd = x.dtype  # the residual stream's dtype
     rows = B * N
     if pending is None:  # y1, y2 written in dt (autocast: what the GEMMs read and the backward keeps)
-        y1, _, s1 = layer_norm_forward(x, None, n1w, n1b, eps, save, dt)
+        y1, _, s1 = r.ln_fwd(x, None, n1w, n1b, eps, save, dt)
         x_in = x
     else:
-        y1, x_in, s1 = layer_norm_forward(_cast(pending, sd), x, n1w, n1b, eps, save, dt)
+        y1, x_in, s1 = r.ln_fwd(_cast(pending, sd), x, n1w, n1b, eps, save, dt)
     y1 = y1.view(rows, C)
     qkv, _ = r.linear(y1, wqkv, bqkv, dt, dt)
     o, lse = r.attention(qkv, B, N, H, save)
     p, _ = r.linear(o, wp, bp, dt, sd)  # in the stream's dtype, with the values of a GEMM in dt
-    y2, h, s2 = layer_norm_forward(p.view(B, N, C), x_in, n2w, n2b, eps, save, dt)
+    y2, h, s2 = r.ln_fwd(p.view(B, N, C), x_in, n2w, n2b, eps, save, dt)
     y2 = y2.view(rows, C)
-    g, pre = r.linear(y2, w1, b1, dt, dt, True)
+    g, pre = r.linear(y2, w1, b1, dt, dt, True, save)  # no backward to come: no pre-activation
     m, _ = r.linear(g, w2, b2, dt, dt)
     saved = (y1, o, lse, y2, pre, s1, s2) if save else None
     return x_in, h, m.view(B, N, C), qkv, saved
@@ -741,9 +750,10 @@ class _VitBlocks(torch.autograd.Function):
         saved, aux, outs = [], [], []
         qkv_out = None
         ctx.pend_dt = None if pending is None else pending.dtype
+        r = _route()
         for i in range(n):
             p = params[12 * i:12 * i + 12]
-            x_in, h, m, qkv, (y1, o, lse, y2, pre, s1, s2) = _forward(x, pending, p, H, eps, dt, True)
+            x_in, h, m, qkv, (y1, o, lse, y2, pre, s1, s2) = _forward(r, x, pending, p, H, eps, dt, True)
             saved += (x_in, y1, qkv, o, h, y2, pre, p[2], p[4], p[8], p[10], p[0], p[6])
             aux.append((s1, s2, lse, tuple(None if p[j] is None else p[j].dtype for j in _BIASES)))
             if i in taps:
@@ -768,7 +778,7 @@ class _VitBlocks(torch.autograd.Function):
         d_qkv = rest[len(taps)] if qk_block >= 0 else None
         saved = ctx.saved_tensors
         need = ctx.needs_input_grad[8:]
-        r = _DIRECT if direct_launch() else _TRACED
+        r = _route()
         x_in = saved[0]
         C = x_in.shape[-1]
         rows = x_in.numel() // C if C else 0
@@ -818,10 +828,10 @@ def vit_blocks(x: torch.Tensor, pending: Optional[torch.Tensor], params: Tuple[O
         h, m = out[0], out[1]
         outs, qkv = out[2:2 + len(taps)], (out[-1] if qk_block >= 0 else None)
     else:  # inference (the frozen base): no node
-        outs, qkv = [], None
+        outs, qkv, r = [], None, _route()
         for i in range(n):
-            x_in, x, pending, block_qkv, _ = _forward(x, pending, params[12 * i:12 * i + 12], num_heads, eps, dt,
-                                                       False)
+            x_in, x, pending, block_qkv, _ = _forward(r, x, pending, params[12 * i:12 * i + 12], num_heads, eps,
+                                                       dt, False)
             if i in taps:
                 outs.append(x_in)
             if i == qk_block:

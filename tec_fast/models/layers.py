@@ -188,7 +188,7 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-def _one_op_tensors(block: Block) -> Optional[tuple]:
+def _one_op_tensors(block: Block, global_hooks_checked: bool = False) -> Optional[tuple]:
     """The twelve tensors ``ops.vit_block`` takes from ``block`` (norm1, attn.qkv, attn.proj,
     norm2, mlp.fc1, mlp.fc2: weight and bias each), or None where the op would not compute
     exactly what the block's parts do: LayerScale (not a part the op has), another MLP
@@ -196,7 +196,8 @@ def _one_op_tensors(block: Block) -> Optional[tuple]:
     parametrized layer) or carrying a hook (such as fine-tuning's drop path on ls1 / ls2: it
     must see its part run), a module hook registered globally, a parameter that is not one.
     The block's own hooks run around its forward as usual. Read straight from the modules'
-    dictionaries (a per-call cost of the block's forward, about 2 us)."""
+    dictionaries (a per-call cost of the block's forward, about 2 us); ``global_hooks_checked``:
+    the caller has found no global module hook."""
     mods = block._modules
     for part in mods.values():
         if type(part) not in _PLAIN_PARTS or _hooked(part):
@@ -204,9 +205,7 @@ def _one_op_tensors(block: Block) -> Optional[tuple]:
         for layer in part._modules.values():  # attn's qkv / proj, mlp's fc1 / fc2
             if type(layer) is not nn.Linear or _hooked(layer):
                 return None
-    glob = nn.modules.module
-    if glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks \
-            or glob._global_backward_pre_hooks:
+    if not global_hooks_checked and _global_hooks():
         return None
     if mods["mlp"].act != "gelu":  # the op's MLP is the exact-erf GELU's
         return None
@@ -220,19 +219,28 @@ def _one_op_tensors(block: Block) -> Optional[tuple]:
     return tuple(tensors)
 
 
+def _global_hooks() -> bool:
+    glob = nn.modules.module
+    return bool(glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
+                or glob._global_backward_pre_hooks)
+
+
 def _one_op_stack(blocks: Sequence[Block]) -> Optional[tuple]:
     """(per block the tensors of ``_one_op_tensors``, heads, eps) where every block of
     ``blocks`` is a plain ``Block`` (not a subclass, no hooks of its own) that ``_one_op_tensors``
     takes, all with the same heads and LayerNorm eps: what ``ops.vit_blocks`` computes exactly
     as the blocks' own forwards would. None otherwise (the blocks then run one by one)."""
-    first = blocks[0]
-    heads, eps = first.attn.num_heads, first.norm1.eps
+    if _global_hooks():
+        return None
+    first = blocks[0]._modules
+    heads, eps = first["attn"].num_heads, first["norm1"].eps
     params = []
     for blk in blocks:
-        if type(blk) is not Block or _hooked(blk) or blk.attn.num_heads != heads \
-                or blk.norm1.eps != eps or blk.norm2.eps != eps:
+        mods = blk._modules  # not blk.attn: nn.Module's __getattr__ costs a few hundred ns a name
+        if type(blk) is not Block or _hooked(blk) or mods["attn"].num_heads != heads \
+                or mods["norm1"].eps != eps or mods["norm2"].eps != eps:
             return None
-        tensors = _one_op_tensors(blk)
+        tensors = _one_op_tensors(blk, True)
         if tensors is None:
             return None
         params.append(tensors)

@@ -65,6 +65,16 @@ def test_linear_and_its_gelu_epilogue(dt, out_dtype, gelu):
     _check(out, F.gelu(pre.double()), dt, "GELU(pre)")
 
 
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_gelu_epilogue_without_the_pre_activation(dt):
+    """Inference (no backward to come): fc1's GELU without the pre-activation stored or even
+    allocated, bitwise the output of the epilogue that keeps it."""
+    x, w, b = _r(70, 36, seed=1).to(dt), _r(130, 36, seed=2, scale=36 ** -0.5).to(dt), _r(130, seed=3).to(dt)
+    kept, pre = vb._linear(x, w, b, dt, dt, gelu=True)
+    alone, none = vb._linear(x, w, b, dt, dt, gelu=True, keep_pre=False)
+    assert pre is not None and none is None and torch.equal(alone, kept)
+
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
 def test_linear_dx_and_the_gelu_backward_epilogue(dt):
     M, C, hidden = 67, 40, 130
