@@ -41,12 +41,18 @@ def read_rows(path: str) -> List[Dict]:
 
 
 def build_table(rows: List[Dict], ops: List[str], dtype: str = "bf16") -> Dict[str, Dict[str, dict]]:
-    """Op -> pass -> entry, from ``bench_ops`` rows (see the module docstring)."""
+    """Op -> pass -> entry, from ``bench_ops`` rows (see the module docstring). Rows measured
+    before an op's ``kernels_changed`` time (``tec_fast/ops/registry.py``) describe kernels it no
+    longer has and are left out."""
+    from tec_fast.ops.registry import OPS
+    since = {name: spec.kernels_changed for name, spec in OPS.items() if spec.kernels_changed}
     groups: Dict[tuple, Dict[str, Dict]] = {}
     for r in rows:
         bench, provider = r.get("bench", ""), r.get("provider")
         op, _, pss = bench.rpartition("_")
         if op not in ops or pss not in PASSES or provider not in ("triton", "reference"):
+            continue
+        if op in since and r.get("timestamp", "") < since[op]:
             continue
         if r.get("dtype") != dtype or r.get("timing", "eager") != "eager" or not r.get("median_ms"):
             continue

@@ -184,7 +184,7 @@ CATEGORIES = (  # (name, ops) for the breakdown; first match wins
 
 
 # The kernels a step cannot do without unless elementwise work moves into the GEMMs: see floor_ms
-# (GELU: the encoder adapter's, which runs torch's between its GEMMs).
+# (GELU: the eager baseline's).
 FLOOR_CATEGORIES = {"GEMM / conv", "attention (SDPA)", "tec_fast fused ops", "GELU", "optimizer"}
 
 
@@ -285,14 +285,27 @@ def _composite_ops() -> Dict[str, Callable]:
     return {"tec_fast.encoder_adapter": ea._adapter_fwd, "tec_fast.encoder_adapter_backward": ea._adapter_bwd}
 
 
+def _launch_flops(name: str, args: tuple, kwargs: dict) -> float:
+    """Matmul FLOPs of a recorded launch of ``vit_block``'s GEMM kernels (the encoder adapter's
+    products): 2 K per element of each product (C [M, N] or a batch [G, M, N])."""
+    if name == "_gemm_kernel" and kwargs.get("DOT", True):
+        return 2.0 * args[2].numel() * args[9]
+    if name == "_weight_grads_kernel":
+        return 2.0 * (args[2].numel() + args[12].numel()) * args[21]
+    return 0.0
+
+
 def _triton_launches_recorded(counter: "TrafficCounter"):
     """Within the block a Triton kernel launch runs nothing and is recorded as one launch that
-    reads or writes each of its tensor arguments once (the composites' LayerNorm kernels)."""
+    reads or writes each of its tensor arguments once (the composites' LayerNorm and GEMM
+    kernels; a tensor passed twice, as a GEMM's unused epilogue pointers are, counted once)."""
     from benchmarks.triton_stub import launches_stubbed
 
     def record(name, args, kwargs):
-        nbytes = sum(tensor_bytes(t) for t in _tensors((args, kwargs)))
-        counter.count.records.append(OpRecord(f"triton.{name}", counter.phase, nbytes, 0, 0.0, 1))
+        tensors = {id(t): t for t in _tensors((args, kwargs))}
+        nbytes = sum(tensor_bytes(t) for t in tensors.values())
+        counter.count.records.append(OpRecord(f"triton.{name}", counter.phase, nbytes, 0,
+                                              _launch_flops(name, args, kwargs), 1))
     return launches_stubbed(record)
 
 

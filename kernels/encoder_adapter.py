@@ -7,15 +7,18 @@ The encoder writes its block outputs into one [D, B, T, C] buffer, so the concat
 channels is never materialised:
 - ``_adapter_ln_in_fwd_kernel``: one program per token walks its D x C values in small tiles
   (statistics merged tile by tile, Chan's formula), normalises them in fp32 and writes the G
-  chunks as [G, B*T, M*C], the operand layout of one batched GEMM (``baddbmm``) for all G fuse
-  layers.
-- the G MLPs are batched GEMMs too (torch; cuBLAS is hard to beat on these shapes), with the
-  ViT blocks' GELU kernels between them (``kernels/mlp.py``): forward GELU(h_pre), and in the
-  backward one pass per group that recomputes h (bitwise the forward's), writes dh_pre and sums
-  fc1's bias gradient, so h is not kept for backward.
+  chunks as [G, B*T, M*C], the operand layout of one batched GEMM for all G fuse layers.
+- every product of the fuse layers and the G MLPs, forward and backward, is one batched launch
+  of ``vit_block``'s GEMM kernel (``kernels/vit_block.py``: the groups on the grid's second axis,
+  the weights cast in registers, no stacked cast copies) with its epilogues: the bias, fc1's GELU
+  (keeping h_pre), GELU's backward on the gradient of h (recomputing h, bitwise the forward's,
+  so h is not kept for backward), the bias gradients as row sums of the weight gradients'
+  operands, and the residual gradient ds added into du before the product's one rounding.
+  (Until 2026-12-07 these were torch's batched GEMMs; the H200's measurement of this op was of
+  that version and is left out of its dispatch table until it is measured again.)
 - ``_adapter_ln_out_fwd_kernel``: residual add, group sum and the final LayerNorm in one pass.
 Backward: ``_adapter_ln_out_bwd_kernel`` (LN_C backward + per-program partial sums for its
-weight/bias), batched GEMMs for the MLPs and fuse layers, then LN_{D*C} backward in two kernels:
+weight/bias), the batched GEMMs for the MLPs and fuse layers, then LN_{D*C} backward in two kernels:
 ``_adapter_ln_in_bwd_row_kernel`` (per token, the two row sums of the LayerNorm backward) and
 ``_adapter_ln_in_bwd_kernel`` (per channel chunk and slice of tokens: dx written straight back
 in the [D, B, T, C] layout, weight/bias gradients summed over the slice). No kernel holds a
@@ -31,7 +34,7 @@ Reference: ``tec_fast.ops.reference.encoder_adapter``.
 from __future__ import annotations
 
 import functools
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -40,7 +43,7 @@ import triton.language as tl
 from tec_fast.kernels._common import (autocast_dtype, autocast_off, cdiv, direct_launch, dtype_reasons,
                                       eager_apply, first_order, launch, next_pow2, persistent_programs, row_slices,
                                       unit_last_stride)
-from tec_fast.kernels.mlp import _mlp_gelu_bwd, _mlp_gelu_fwd
+from tec_fast.kernels.vit_block import _gemm
 
 
 @triton.jit
@@ -231,6 +234,36 @@ def _ln_in_tiles(D: int, C: int, tile: int) -> Tuple[int, int]:
     return _pow2_block(D, max(1, tile // block_c)), block_c
 
 
+def _rows(t: torch.Tensor) -> Tuple[int, int, int]:
+    """A batched operand t [G, R, K] read as is: (row stride, column stride, batch stride)."""
+    return t.stride(1), t.stride(2), t.stride(0)
+
+
+def _cols(t: torch.Tensor) -> Tuple[int, int, int]:
+    """A batched operand t [G, R, K] read transposed ([G, K, R])."""
+    return t.stride(2), t.stride(1), t.stride(0)
+
+
+def _bgemm(a, a_s: Tuple[int, int, int], b, b_s: Tuple[int, int, int], c, M: int, N: int, K: int, bias=None,
+           pre=None, g=None, row_sum=None, epilogue: int = 0, pre_batch: Optional[int] = None) -> None:
+    """c[z] [M, N] = A[z] B[z] for the G groups z (c [G, M, N] contiguous, so are pre and g; A, B
+    at the strides (row, column, batch) given, batch stride 0: one operand for all groups), in
+    c's dtype's products (``vit_block``'s GEMM kernel and epilogues, the operands cast in
+    registers); ``bias`` [G, N], ``row_sum`` [G, M]; ``pre_batch``: pre's batch stride (default
+    c's)."""
+    G = c.shape[0]
+    _gemm(a, a_s[:2], b, b_s[:2], c, M, N, K, c.dtype, bias=bias, pre=pre, g=g, row_sum=row_sum, epilogue=epilogue,
+          batch=G, batch_strides=(a_s[2], b_s[2], M * N, M * N if pre_batch is None else pre_batch,
+                                  0 if bias is None else bias.stride(0), 0 if row_sum is None else row_sum.stride(0)))
+
+
+def _linear_t(x, w, out, bias, pre=None) -> None:
+    """out[z] = x[z] w[z]^T + bias[z] per group (x [G, R, K], w [G, N, K]); with ``pre``: GELU of
+    it, the pre-activation written to ``pre``."""
+    G, R, N = out.shape
+    _bgemm(x, _rows(x), w, _cols(w), out, R, N, x.shape[2], bias=bias, pre=pre, epilogue=0 if pre is None else 1)
+
+
 def _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
                  ln_after_w, ln_after_b, eps_before, eps_after, gemm_dtype, out_dtype):
     D, B, T, C = feats.shape
@@ -247,11 +280,15 @@ def _adapter_fwd(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, 
         feats, ln_before_w.contiguous(), ln_before_b.contiguous(), z, mean_in, rstd_in,
         BT, T, D, C, M, eps_before, feats.stride(0), feats.stride(1), feats.stride(2),
         BLOCK_DEPTH=block_depth, BLOCK_C=block_c, num_warps=4)
-    gd = gemm_dtype
-    u = torch.baddbmm(fuse_b.to(gd).unsqueeze(1), z, fuse_w.to(gd).transpose(1, 2))   # [G, BT, C]
-    h_pre = torch.baddbmm(fc1_b.to(gd).unsqueeze(1), u, fc1_w.to(gd).transpose(1, 2))  # [G, BT, Hd]
-    h = _mlp_gelu_fwd(h_pre.view(-1, h_pre.shape[-1])).view_as(h_pre)  # the blocks' GELU kernel
-    y = torch.baddbmm(fc2_b.to(gd).unsqueeze(1), h, fc2_w.to(gd).transpose(1, 2))  # [G, BT, C]
+    gd, Hd = gemm_dtype, fc1_w.shape[1]
+    # the G groups' products as one batched launch each (the weights cast to gd in registers)
+    u = torch.empty((G, BT, C), dtype=gd, device=dev)
+    _linear_t(z, fuse_w, u, fuse_b)  # [G, BT, C] = Z'_g W_g^T + b_g
+    h = torch.empty((G, BT, Hd), dtype=gd, device=dev)
+    h_pre = torch.empty((G, BT, Hd), dtype=gd, device=dev)
+    _linear_t(u, fc1_w, h, fc1_b, pre=h_pre)  # h = GELU(h_pre), h_pre kept for backward
+    y = torch.empty((G, BT, C), dtype=gd, device=dev)
+    _linear_t(h, fc2_w, y, fc2_b)
     out = torch.empty((BT, C), dtype=out_dtype, device=dev)
     s = torch.empty((BT, C), dtype=torch.float32, device=dev)  # sum_g (u_g + y_g), for backward
     mean_out = torch.empty((BT,), dtype=torch.float32, device=dev)
@@ -282,22 +319,21 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
         BT, C, BLOCK_C=next_pow2(C), num_warps=4)
     d_ln_after = parts.sum(1)  # [2, C]: weight, bias
 
-    # the G residual MLPs
-    d_fc2_b = ds.sum(0, dtype=torch.float32).repeat(G, 1)  # fp32 sums without an fp32 copy
-    # the blocks' GELU backward kernel, per group: h = GELU(h_pre) recomputed (bitwise the
-    # forward's), dh_pre and fc1's bias gradient in one pass over h_pre and its gradient
-    grad_h = torch.matmul(ds, fc2_w.to(gd))                            # [G, BT, Hd]
-    h, dh_pre = torch.empty_like(h_pre), torch.empty_like(grad_h)
-    d_fc1_b = torch.empty((G, h_pre.shape[-1]), **f32)
-    for g in range(G):
-        _mlp_gelu_bwd(h_pre[g], grad_h[g], h[g], dh_pre[g], d_fc1_b[g])
-    d_fc2_w = torch.matmul(ds.t(), h)                                  # [G, C, Hd]
-    d_fc1_w = torch.bmm(dh_pre.transpose(1, 2), u)                     # [G, Hd, C]
-    du = torch.baddbmm(ds.unsqueeze(0), dh_pre, fc1_w.to(gd))          # [G, BT, C]
-    d_fuse_b = du.sum(1, dtype=torch.float32)
+    # the G residual MLPs: GELU's backward in the epilogue of d h = ds W2_g (h = GELU(h_pre)
+    # recomputed there, bitwise the forward's), the bias gradients summed by the weight gradients
+    Hd = h_pre.shape[-1]
+    dh_pre, h = torch.empty_like(h_pre), torch.empty_like(h_pre)
+    _bgemm(ds, (C, 1, 0), fc2_w, _rows(fc2_w), dh_pre, BT, Hd, C, pre=h_pre, g=h, epilogue=2)
+    d_fc2_w, d_fc2_b = torch.empty((G, C, Hd), dtype=gd, device=dev), torch.empty((G, C), **f32)
+    _bgemm(ds, (1, C, 0), h, _rows(h), d_fc2_w, C, Hd, BT, row_sum=d_fc2_b)  # the same sums for every g
+    d_fc1_w, d_fc1_b = torch.empty((G, Hd, C), dtype=gd, device=dev), torch.empty((G, Hd), **f32)
+    _bgemm(dh_pre, _cols(dh_pre), u, _rows(u), d_fc1_w, Hd, C, BT, row_sum=d_fc1_b)
+    du = torch.empty((G, BT, C), dtype=gd, device=dev)
+    _bgemm(dh_pre, _rows(dh_pre), fc1_w, _rows(fc1_w), du, BT, C, Hd, pre=ds, pre_batch=0, epilogue=4)  # + ds
 
     # fuse layers and the first LayerNorm; the kernel turns dz into z in place
-    zbuf = torch.bmm(du, fuse_w.to(gd))                                # dL/dZ' [G, BT, M*C]
+    zbuf = torch.empty((G, BT, M * C), dtype=gd, device=dev)          # dL/dZ' [G, BT, M*C]
+    _bgemm(du, _rows(du), fuse_w, _rows(fuse_w), zbuf, BT, M * C, C)
     block_depth, block_c = _ln_in_config(D, C)
     ln_w, ln_b = ln_before_w.contiguous(), ln_before_b.contiguous()
     c1, c2 = torch.empty((BT,), **f32), torch.empty((BT,), **f32)
@@ -316,7 +352,8 @@ def _adapter_bwd(grad_out, feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w
         feats, ln_w, ln_b, mean_in, rstd_in, c1, c2, zbuf, d_feats, dw_part, db_part,
         BT, T, D, C, M, rows_per_prog, feats.stride(0), feats.stride(1), feats.stride(2),
         ROWS=rows, BLOCK_C=block_c, num_warps=4)
-    d_fuse_w = torch.bmm(du.transpose(1, 2), zbuf)                     # [G, C, M*C]
+    d_fuse_w, d_fuse_b = torch.empty((G, C, M * C), dtype=gd, device=dev), torch.empty((G, C), **f32)
+    _bgemm(du, _cols(du), zbuf, _rows(zbuf), d_fuse_w, C, M * C, BT, row_sum=d_fuse_b)  # zbuf holds Z' now
     # the LayerNorms' weight and bias gradients come as one [2, ...] tensor each (one reduction)
     return (d_feats, parts.sum(1), d_fuse_w, d_fuse_b, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, d_ln_after)
 

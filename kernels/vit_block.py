@@ -132,11 +132,13 @@ def _gemm_tile(pid, a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N
         else:
             tl.store(sum_ptr + rm, row_sum.to(sum_ptr.dtype.element_ty), mask=m_ok)
     if DOT:
-        if HAS_BIAS:  # added in fp32 to the fp32 product, the bias first rounded to DT (as a cast bias is)
-            acc += tl.load(bias_ptr + rn * s_bias, mask=n_ok, other=0.0).to(DT).to(tl.float32)[None, :]
-        val = acc.to(DT).to(tl.float32)  # what a GEMM in DT returns
         offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
+        if HAS_BIAS:  # added in fp32 to the fp32 product, the bias first rounded to DT (as a cast bias is)
+            acc += tl.load(bias_ptr + rn * s_bias, mask=n_ok, other=0.0).to(DT).to(tl.float32)[None, :]
+        if EPILOGUE == 4:  # plus the matrix at pre_ptr, before the one rounding (a GEMM with beta = 1)
+            acc += tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        val = acc.to(DT).to(tl.float32)  # what a GEMM in DT returns
         if EPILOGUE == 1:  # fc1: keep the pre-activation, return GELU of it
             tl.store(pre_ptr + offs, val.to(pre_ptr.dtype.element_ty), mask=ok)
             val = _gelu(val)
@@ -153,11 +155,15 @@ def _gemm_tile(pid, a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N
 
 @triton.jit
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K,
-                 s_am, s_ak, s_bk, s_bn, s_bias,
+                 s_am, s_ak, s_bk, s_bn, s_bias, s_za, s_zb, s_zc, s_zpre, s_zbias, s_zsum,
                  EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ROW_SUM: tl.constexpr,
                  DT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    _gemm_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K,
+    """Axis 1 of the grid walks a batch of products (the encoder adapter's groups): product z
+    reads and writes each operand at its batch stride s_z* times z (0: one operand for all)."""
+    z = tl.program_id(1).to(tl.int64)
+    _gemm_tile(tl.program_id(0), a_ptr + z * s_za, b_ptr + z * s_zb, c_ptr + z * s_zc, bias_ptr + z * s_zbias,
+               pre_ptr + z * s_zpre, g_ptr + z * s_zc, sum_ptr + z * s_zsum, M, N, K,
                s_am, s_ak, s_bk, s_bn, s_bias, EPILOGUE, HAS_BIAS, DOT, ROW_SUM, DT, DOT_PRECISION,
                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
@@ -215,13 +221,18 @@ def _gemm_launch(M: int, N: int, K: int, dt: torch.dtype, epilogue: int, has_bia
                       num_warps=warps, num_stages=stages)
 
 
+_ONE = (0, 0, 0, 0, 0, 0)  # one product: no batch strides
+
+
 def _gemm(a, a_strides, b, b_strides, c, M: int, N: int, K: int, dt: torch.dtype, bias=None, pre=None, g=None,
-          row_sum=None, epilogue: int = 0, dot: bool = True) -> None:
-    """Launch ``_gemm_kernel``: c [M, N] = A [M, K] B [K, N] (strides given) with the epilogue."""
+          row_sum=None, epilogue: int = 0, dot: bool = True, batch: int = 1, batch_strides: tuple = _ONE) -> None:
+    """Launch ``_gemm_kernel``: c [M, N] = A [M, K] B [K, N] (strides given) with the epilogue;
+    ``batch`` such products with the batch strides (A, B, C / g, pre, bias, row sums) given."""
     grid, meta = _gemm_launch(M, N, K, dt, epilogue, bias is not None, dot, row_sum is not None)
-    launch(_gemm_kernel, grid, a, b, c, c if bias is None else bias, c if pre is None else pre,
-           c if g is None else g, c if row_sum is None else row_sum, M, N, K,
-           a_strides[0], a_strides[1], b_strides[0], b_strides[1], 0 if bias is None else bias.stride(0), **meta)
+    launch(_gemm_kernel, grid if batch == 1 else (grid[0], batch), a, b, c, c if bias is None else bias,
+           c if pre is None else pre, c if g is None else g, c if row_sum is None else row_sum, M, N, K,
+           a_strides[0], a_strides[1], b_strides[0], b_strides[1], 0 if bias is None else bias.stride(-1),
+           *batch_strides, **meta)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], dt: torch.dtype,

@@ -48,6 +48,9 @@ class OpSpec:
     # (example, backward) -> {"bytes": ..., "flops": ...}: the least a call moves / computes
     work: Optional[Callable[[Example, bool], Dict[str, float]]] = None
     differentiable: bool = True  # False: no backward (its forward measurement decides in grad mode too)
+    # when its kernels last changed in a way that makes older device measurements of it stale
+    # (ISO time; ``benchmarks/dispatch_table.py`` leaves older rows out of the measured tables)
+    kernels_changed: Optional[str] = None
 
     def info(self, ex: Example) -> Dict[str, object]:
         """The op-specific sizes dispatch needs for ``ex`` (as the public op passes them)."""
@@ -258,7 +261,8 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
            work=_relation_targets_work, differentiable=False),
     OpSpec("relation_loss", "relation_loss", (256, 12, 197, 64), _relation_loss, {"topk": 15},
            work=_relation_loss_work),
-    OpSpec("encoder_adapter", "encoder_adapter", (12, 256, 50, 768), _encoder_adapter, work=_encoder_adapter_work),
+    OpSpec("encoder_adapter", "encoder_adapter", (12, 256, 50, 768), _encoder_adapter, work=_encoder_adapter_work,
+           kernels_changed="2026-12-07T08:00:00+00:00"),  # its GEMMs moved from torch onto vit_block's kernel
     OpSpec("layer_norm", "layer_norm", (256, 50, 768), _layer_norm, work=_layer_norm_work),
     OpSpec("mlp", "mlp", (256, 50, 768), _mlp, work=_mlp_work),
     OpSpec("qkv_heads", "qkv_heads", (256, 50, 768), _qkv_heads, {"head_dim": 64}, work=_qkv_heads_work),

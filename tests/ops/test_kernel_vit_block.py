@@ -170,6 +170,37 @@ def test_weight_gradients_that_cannot_share_a_launch_run_one_by_one():
             for a, e in ((dw, want[0]), (db, want[1])):
                 assert (a is None and e is None) or torch.equal(a, e)
 
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_batched_products_with_shared_operands_and_the_residual_epilogue(dt):
+    """The encoder adapter's batched launches: G products on the grid's second axis, one
+    operand shared by all (batch stride 0), per-group biases and row sums, and the epilogue that
+    adds a shared matrix before the product's one rounding (du = dh W1_g + ds)."""
+    from tec_fast.kernels.encoder_adapter import _bgemm, _cols, _rows
+    G, M, K, N = 3, 70, 36, 40
+    a = _r(G, M, K, seed=1).to(dt)
+    shared = _r(M, N, seed=2).to(dt)
+    w = _r(G, K, N, seed=3, scale=K ** -0.5).to(dt)
+    c = torch.empty(G, M, N, dtype=dt)
+    _bgemm(a, _rows(a), w, _rows(w), c, M, N, K, pre=shared, pre_batch=0, epilogue=4)
+    for z in range(G):
+        _check(c[z], _in(a[z], dt) @ _in(w[z], dt) + shared.double(), dt, f"group {z}")
+    # a shared A read transposed (ds^T h_g), the row sums per group (all equal: the same A)
+    h = _r(G, M, K, seed=4).to(dt)
+    dw, db = torch.empty(G, N, K, dtype=dt), torch.empty(G, N)
+    _bgemm(shared, (1, N, 0), h, _rows(h), dw, N, K, M, row_sum=db)
+    for z in range(G):
+        _check(dw[z], _in(shared, dt).t() @ _in(h[z], dt), dt, f"shared A^T, group {z}")
+        assert torch.equal(db[z], db[0])
+    assert_close(db[0], _in(shared, dt).sum(0), atol=1e-4, rtol=1e-5, name="row sums")
+    # per-group bias, the weight read transposed (x W_g^T + b_g)
+    bias = _r(G, N, seed=5).to(dt)
+    wt = _r(G, N, K, seed=6, scale=K ** -0.5).to(dt)
+    out = torch.empty(G, M, N, dtype=dt)
+    _bgemm(a, _rows(a), wt, _cols(wt), out, M, N, K, bias=bias)
+    for z in range(G):
+        _check(out[z], _in(a[z], dt) @ _in(wt[z], dt).t() + _in(bias[z], dt), dt, f"biased group {z}")
+
 def _attention_exact(q, k, v):
     """float64 softmax(q k^T / sqrt(d)) v and the rows' base-2 log-sum-exp of the scaled logits."""
     s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
