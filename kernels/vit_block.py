@@ -15,7 +15,8 @@ Why one node, and why its own GEMMs: run as separate ops (``layer_norm`` twice, 
 ``mlp``) each piece is also an autograd node with its own Python wrapper, checks and saved-tensor
 bookkeeping, and with torch's GEMMs and attention each product is a dispatcher call with its
 casts, views and copies around it (about 55 torch calls in the backward alone). Here the forward
-is seven launches and the backward eleven, with what those calls did folded into the kernels:
+is seven launches and the backward nine (a stack of blocks adds one that sums all its
+LayerNorms' weight and bias gradients), with what those calls did folded into the kernels:
 
 * ``_gemm_kernel``: C = A B with A and B at any strides (a transposed weight, dY^T for a weight
   gradient: no copies), the operands cast to the GEMM dtype in registers (autocast's weight
