@@ -252,6 +252,8 @@ def _bgemm(a, a_s: Tuple[int, int, int], b, b_s: Tuple[int, int, int], c, M: int
     registers); ``bias`` [G, N], ``row_sum`` [G, M]; ``pre_batch``: pre's batch stride (default
     c's)."""
     G = c.shape[0]
+    if not (G and M and N):  # nothing to write (an empty batch: no launch of an empty grid)
+        return
     _gemm(a, a_s[:2], b, b_s[:2], c, M, N, K, c.dtype, bias=bias, pre=pre, g=g, row_sum=row_sum, epilogue=epilogue,
           batch=G, batch_strides=(a_s[2], b_s[2], M * N, M * N if pre_batch is None else pre_batch,
                                   0 if bias is None else bias.stride(0), 0 if row_sum is None else row_sum.stride(0)))

@@ -230,7 +230,7 @@ def _one_op_stack(blocks: Sequence[Block]) -> Optional[tuple]:
     ``blocks`` is a plain ``Block`` (not a subclass, no hooks of its own) that ``_one_op_tensors``
     takes, all with the same heads and LayerNorm eps: what ``ops.vit_blocks`` computes exactly
     as the blocks' own forwards would. None otherwise (the blocks then run one by one)."""
-    if _global_hooks():
+    if _global_hooks() or type(blocks[0]) is not Block:
         return None
     first = blocks[0]._modules
     heads, eps = first["attn"].num_heads, first["norm1"].eps

@@ -9,7 +9,6 @@ registered when this package is imported (where Triton imports), so ``torch.comp
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -482,7 +481,6 @@ def vit_blocks(x: torch.Tensor, params: Sequence[Sequence[Optional[torch.Tensor]
     return reference.vit_blocks(x, params, num_heads, eps, outputs, qk_block)
 
 
-@functools.lru_cache(maxsize=None)
 def _block_shapes(C: int, hidden: int, qkv_bias: bool) -> tuple:
     return ((C,), (C,), (3 * C, C)) + (((3 * C,),) if qkv_bias else ()) + \
         ((C, C), (C,), (C,), (C,), (hidden, C), (hidden,), (C, hidden), (C,))

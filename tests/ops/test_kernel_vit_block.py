@@ -111,6 +111,19 @@ def test_weight_gradient_with_its_bias_sums(dt, w_dtype):
     assert not dw0.any() and not db0.any() and dw0.shape == (N, K)
 
 
+def _launched(fn):
+    """(fn(), the names of the kernels it launched, in order)."""
+    names, launch = [], vb.launch
+
+    def counting(kernel, grid, *args, **meta):
+        names.append(kernel.fn.__name__)
+        return launch(kernel, grid, *args, **meta)
+    vb.launch = counting
+    try:
+        return fn(), names
+    finally:
+        vb.launch = launch
+
 
 @pytest.mark.parametrize("dt,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("shapes", [[(70, 36), (20, 130)], [(36, 36), (108, 36)]])
@@ -120,21 +133,12 @@ def test_two_weight_gradients_in_one_launch(dt, w_dtype, shapes):
     each dW and bias sum against float64, and the sums bitwise what ``_weight_grad`` gives a
     frozen weight's bias alone."""
     M = 140
-    problems, launches = [], []
+    problems = []
     for i, (N, K) in enumerate(shapes):
         dy = _r(M, N, seed=20 + i + N)
         x = _r(K, M, seed=30 + i).t() if K == 130 else _r(M, K, seed=30 + i)
         problems.append((dy, x, w_dtype, None if N == 108 else torch.float32))  # qkv without its bias
-
-    def counting(kernel, grid, *args, **meta):
-        launches.append(kernel.fn.__name__)
-        return launch(kernel, grid, *args, **meta)
-    launch = vb.launch
-    vb.launch = counting
-    try:
-        got = vb._weight_grads(*problems, dt)
-    finally:
-        vb.launch = launch
+    got, launches = _launched(lambda: vb._weight_grads(*problems, dt))
     assert launches == ["_weight_grads_kernel"]
     for i, ((dy, x, wd, bd), (dw, db)) in enumerate(zip(problems, got)):
         assert dw.dtype == wd and dw.shape == (dy.shape[1], x.shape[1]), i
@@ -153,17 +157,7 @@ def test_weight_gradients_that_cannot_share_a_launch_run_one_by_one():
     dy, x = _r(40, 20, seed=1), _r(40, 16, seed=2)
     for p0, p1 in (((dy, x, torch.float32, torch.float32), (dy, x, torch.bfloat16, torch.float32)),
                    ((dy, x, None, torch.float32), (dy, x, torch.float32, None))):
-        launches = []
-
-        def counting(kernel, grid, *args, **meta):
-            launches.append(kernel.fn.__name__)
-            return launch(kernel, grid, *args, **meta)
-        launch = vb.launch
-        vb.launch = counting
-        try:
-            got = vb._weight_grads(p0, p1, torch.float32)
-        finally:
-            vb.launch = launch
+        got, launches = _launched(lambda: vb._weight_grads(p0, p1, torch.float32))
         assert "_weight_grads_kernel" not in launches
         for (dw, db), (_, _, wd, bd) in zip(got, (p0, p1)):
             want = vb._weight_grad(dy, x, torch.float32, wd, bd)
