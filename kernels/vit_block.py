@@ -60,7 +60,8 @@ no spills at ViT-S..H shapes), not by timing: no GPU has run these kernels yet.
 
 Under ``torch.compile`` / a dispatch mode the launchers are called through their custom ops
 (``direct_launch``): ``tec_fast::vit_block_linear``, ``..._linear_dx``, ``..._gelu_grad``,
-``..._weight_grad``, ``..._attention`` and ``..._attention_backward``, and the LayerNorm's.
+``..._weight_grad``, ``..._weight_grads``, ``..._attention`` and ``..._attention_backward``, and
+the LayerNorm's.
 Reference: ``tec_fast.ops.reference.vit_block``.
 """
 from __future__ import annotations
@@ -153,7 +154,6 @@ def _gemm_tile(pid, a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N
         tl.store(c_ptr + offs, val.to(c_ptr.dtype.element_ty), mask=ok)
 
 
-
 @triton.jit
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, g_ptr, sum_ptr, M, N, K,
                  s_am, s_ak, s_bk, s_bn, s_bias, s_za, s_zb, s_zc, s_zpre, s_zbias, s_zsum,
@@ -185,6 +185,7 @@ def _weight_grads_kernel(a0, b0, c0, sum0, m0, n0, s0_am, s0_ak, s0_bk, s0_bn,
     else:
         _gemm_tile(pid - end0, a1, b1, c1, c1, c1, c1, sum1, m1, n1, K, s1_am, s1_ak, s1_bk, s1_bn, 0, 0, False,
                    True, SUM1, DT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
 
 @functools.lru_cache(maxsize=None)
 def _gemm_config(M: int, N: int, K: int, dt: torch.dtype) -> Tuple[int, int, int, int, int]:
@@ -340,6 +341,7 @@ def _weight_grads_pair(dy0: torch.Tensor, x0: torch.Tensor, dy1: torch.Tensor, x
            dy1, x1, dw1, dw1 if db1 is None else db1, N1, K1, dy1.stride(1), dy1.stride(0), x1.stride(0), x1.stride(1),
            end0, rows, **meta)
     return (dw0, db0), (dw1, db1)
+
 
 # ---- attention ----------------------------------------------------------------------------------
 # q, k, v are read where the qkv GEMM wrote them: qkv [B, N, 3, H, d] (rows of 3C); the output and
@@ -691,7 +693,7 @@ def _forward(r: _Route, x, pending, params, H: int, eps: float, dt: torch.dtype,
     p, _ = r.linear(o, wp, bp, dt, sd)  # in the stream's dtype, with the values of a GEMM in dt
     y2, h, s2 = r.ln_fwd(p.view(B, N, C), x_in, n2w, n2b, eps, save, dt)
     y2 = y2.view(rows, C)
-    g, pre = r.linear(y2, w1, b1, dt, dt, True, save)  # no backward to come: no pre-activation
+    g, pre = r.linear(y2, w1, b1, dt, dt, True, save)  # the pre-activation only for a backward
     m, _ = r.linear(g, w2, b2, dt, dt)
     saved = (y1, o, lse, y2, pre, s1, s2) if save else None
     return x_in, h, m.view(B, N, C), qkv, saved

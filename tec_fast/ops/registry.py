@@ -262,7 +262,7 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("relation_loss", "relation_loss", (256, 12, 197, 64), _relation_loss, {"topk": 15},
            work=_relation_loss_work),
     OpSpec("encoder_adapter", "encoder_adapter", (12, 256, 50, 768), _encoder_adapter, work=_encoder_adapter_work,
-           kernels_changed="2026-12-07T08:00:00+00:00"),  # its GEMMs moved from torch onto vit_block's kernel
+           kernels_changed="2026-12-07T07:41:50+00:00"),  # its GEMMs moved from torch onto vit_block's kernel
     OpSpec("layer_norm", "layer_norm", (256, 50, 768), _layer_norm, work=_layer_norm_work),
     OpSpec("mlp", "mlp", (256, 50, 768), _mlp, work=_mlp_work),
     OpSpec("qkv_heads", "qkv_heads", (256, 50, 768), _qkv_heads, {"head_dim": 64}, work=_qkv_heads_work),

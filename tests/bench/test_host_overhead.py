@@ -145,7 +145,6 @@ def test_step_host_split_smoke(capsys):
     assert all(k in out for k in ("base_forward", "backward", "vs_eager_total", "engine", "eager"))
 
 
-
 def test_block_routes_smoke(capsys, monkeypatch):
     """``benchmarks.experiments.block_routes``: one step of each route, each running what it says
     (the one-node block, torch's graph of the block, the separate ops); the kernel path and the

@@ -65,7 +65,6 @@ def test_linear_and_its_gelu_epilogue(dt, out_dtype, gelu):
     _check(out, F.gelu(pre.double()), dt, "GELU(pre)")
 
 
-
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
 def test_gelu_epilogue_without_the_pre_activation(dt):
     """Inference (no backward to come): fc1's GELU without the pre-activation stored or even
@@ -74,6 +73,7 @@ def test_gelu_epilogue_without_the_pre_activation(dt):
     kept, pre = vb._linear(x, w, b, dt, dt, gelu=True)
     alone, none = vb._linear(x, w, b, dt, dt, gelu=True, keep_pre=False)
     assert pre is not None and none is None and torch.equal(alone, kept)
+
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
 def test_linear_dx_and_the_gelu_backward_epilogue(dt):
@@ -194,6 +194,7 @@ def test_batched_products_with_shared_operands_and_the_residual_epilogue(dt):
     _bgemm(a, _rows(a), wt, _cols(wt), out, M, N, K, bias=bias)
     for z in range(G):
         _check(out[z], _in(a[z], dt) @ _in(wt[z], dt).t() + _in(bias[z], dt), dt, f"biased group {z}")
+
 
 def _attention_exact(q, k, v):
     """float64 softmax(q k^T / sqrt(d)) v and the rows' base-2 log-sum-exp of the scaled logits."""

@@ -378,6 +378,34 @@ def test_vit_block_kernels_on_gpu(cuda_triton_path, head_dim, H, B, dtype, amp):
             assert_low_precision_ok(a, e, r, atol=2e-2 * scale, name=f"vit_block result {i}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vit_blocks_stack_is_the_chained_blocks_on_gpu(cuda_triton_path, dtype):
+    """``ops.vit_blocks`` on the GPU (three ViT-B-wide blocks as one node: the paired weight
+    gradients, one reduction for the six LayerNorms' gradients): bitwise what three chained
+    ``ops.vit_block`` calls give, outputs tapped and every gradient."""
+    torch.manual_seed(0)
+    B, N, C, H = 4, 50, 768, 12
+
+    def block():
+        return [torch.ones(C) + 0.3 * torch.randn(C), 0.3 * torch.randn(C), torch.randn(3 * C, C) * C ** -0.5,
+                0.3 * torch.randn(3 * C), torch.randn(C, C) * C ** -0.5, 0.3 * torch.randn(C),
+                torch.ones(C) + 0.3 * torch.randn(C), 0.3 * torch.randn(C), torch.randn(4 * C, C) * 2 * C ** -0.5,
+                0.5 * torch.randn(4 * C), torch.randn(C, 4 * C) * (4 * C) ** -0.5, 0.3 * torch.randn(C)]
+    params = [[_leaf(p.to(DEV), dtype) for p in block()] for _ in range(3)]
+    x = _leaf(torch.randn(B, N, C, device=DEV), dtype)
+    leaves = [x] + [p for ps in params for p in ps]
+    h, m, (o0, o1), _ = ops.vit_blocks(x, params, H, 1e-6, outputs=(0, 1))
+    got = [h, m, o0, o1, *torch.autograd.grad((h * m).sum() + o0.square().sum() + o1.sum(), leaves)]
+    taps, hc, mc = [], x, None
+    for ps in params:
+        x_in, hc, mc = ops.vit_block(hc, *ps, H, 1e-6, pending=mc)
+        taps.append(x_in)
+    want = [hc, mc, taps[1], taps[2],
+            *torch.autograd.grad((hc * mc).sum() + taps[1].square().sum() + taps[2].sum(), leaves)]
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert torch.equal(a, e), f"vit_blocks result {i}"
+
+
 def test_vit_block_compiles(cuda_triton_path):
     """``ops.vit_block`` under torch.compile (``aot_eager``: dynamo and AOT autograd trace the
     kernels' custom ops, without inductor's code generation, which
