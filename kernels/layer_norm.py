@@ -148,23 +148,36 @@ def _as_rows(t: torch.Tensor, C: int) -> Tuple[torch.Tensor, int]:
 
 
 def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                    bias: torch.Tensor, eps: float, keep_stats: bool = True, y_dtype: Optional[torch.dtype] = None):
+                    bias: torch.Tensor, eps: float, keep_stats: bool = True, y_dtype: Optional[torch.dtype] = None,
+                    y: Optional[torch.Tensor] = None, h: Optional[torch.Tensor] = None,
+                    stats: Optional[torch.Tensor] = None):
     """x, residual [..., C] -> (y shaped like x, in ``y_dtype`` (default x's: what the next GEMM
     reads, so no cast of y is made), h shaped like x or None without a residual, [mean; rstd]
     [2, rows] fp32 or None without ``keep_stats``). Nothing is allocated that the call does not
-    return (each allocation is a dispatcher call on the host)."""
+    return (each allocation is a dispatcher call on the host). ``y``, ``h``, ``stats``: where to
+    write them (contiguous, of those shapes and dtypes; a stack of blocks hands out views of
+    one allocation), else new tensors."""
     C = x.shape[-1]
     rows = x.numel() // C if C else 0
     has_res = residual is not None
     if x.is_contiguous():  # empty_like is the cheapest allocation (on the host)
-        y = torch.empty_like(x) if y_dtype is None else torch.empty_like(x, dtype=y_dtype)
-        h = torch.empty_like(x) if has_res else None
+        if y is None:
+            y = torch.empty_like(x) if y_dtype is None else torch.empty_like(x, dtype=y_dtype)
+        if has_res and h is None:
+            h = torch.empty_like(x)
         stride_x = C
     else:
-        y = torch.empty(x.shape, dtype=y_dtype or x.dtype, device=x.device)
-        h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if has_res else None
+        if y is None:
+            y = torch.empty(x.shape, dtype=y_dtype or x.dtype, device=x.device)
+        if has_res and h is None:
+            h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         x, stride_x = _as_rows(x, C)
-    stats = torch.empty(2, rows, dtype=torch.float32, device=y.device) if keep_stats else None
+    if not has_res:
+        h = None
+    if not keep_stats:
+        stats = None
+    elif stats is None:
+        stats = torch.empty(2, rows, dtype=torch.float32, device=y.device)
     if rows:
         weight, bias = unit_last_stride(weight), unit_last_stride(bias)  # the kernel reads them densely
         residual, stride_r = ((residual, C) if residual.is_contiguous() else _as_rows(residual, C)) \
@@ -256,14 +269,16 @@ def _(dy, dh_out, h, weight, stats, b_dtype):
 
 
 def layer_norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                       bias: torch.Tensor, eps: float, keep_stats: bool = True, y_dtype: Optional[torch.dtype] = None):
+                       bias: torch.Tensor, eps: float, keep_stats: bool = True, y_dtype: Optional[torch.dtype] = None,
+                       **out: Optional[torch.Tensor]):
     """``_layer_norm_fwd``'s (y, h, stats) through the route the caller's context asks for: the
     launcher directly in plain eager mode (``direct_launch``), else the custom op (which always
     returns the statistics, and y in x's dtype, cast here to ``y_dtype``: the same values as the
     launcher's where x is fp32, the autocast case, y being rounded once from fp32 either way; h
-    is None without a residual either way)."""
+    is None without a residual either way). ``out`` (y, h, stats: where to write them) goes to
+    the launcher; the custom op returns new tensors. Callers use what is returned."""
     if direct_launch():
-        return _layer_norm_fwd(x, residual, weight, bias, eps, keep_stats, y_dtype)
+        return _layer_norm_fwd(x, residual, weight, bias, eps, keep_stats, y_dtype, **out)
     y, h, stats = _layer_norm_op(x, residual, weight, bias, eps)
     if y_dtype is not None and y.dtype != y_dtype:
         y = y.to(y_dtype)

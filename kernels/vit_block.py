@@ -238,40 +238,51 @@ def _gemm(a, a_strides, b, b_strides, c, M: int, N: int, K: int, dt: torch.dtype
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], dt: torch.dtype,
-            out_dtype: torch.dtype, gelu: bool = False, keep_pre: bool = True
-            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+            out_dtype: torch.dtype, gelu: bool = False, keep_pre: bool = True, out: Optional[torch.Tensor] = None,
+            pre: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """x [M, K], w [N, K] (any strides, any float dtypes: cast to ``dt`` in registers) ->
     (x w^T + bias [M, N] in ``out_dtype`` with the values of a GEMM in ``dt``, None); with
     ``gelu``: (GELU of it in ``dt``, the pre-activation in ``dt``, or None without ``keep_pre``:
-    then it is neither allocated nor written)."""
+    then it is neither allocated nor written). ``out``, ``pre``: where to write them
+    (contiguous [M, N] of those dtypes), else new tensors."""
     M, K = x.shape
     N = w.shape[0]
-    out = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    pre = torch.empty(M, N, dtype=dt, device=x.device) if gelu and keep_pre else None
+    if out is None:
+        out = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    if not (gelu and keep_pre):
+        pre = None
+    elif pre is None:
+        pre = torch.empty(M, N, dtype=dt, device=x.device)
     if M and N:
         _gemm(x, x.stride(), w, (w.stride(1), w.stride(0)), out, M, N, K, dt, bias=bias, pre=pre,
               epilogue=(1 if keep_pre else 3) if gelu else 0)
     return out, pre
 
 
-def _linear_dx(dy: torch.Tensor, w: torch.Tensor, dt: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
-    """dy [M, N], w [N, K] -> dy w [M, K] in ``out_dtype`` (a linear layer's input gradient)."""
+def _linear_dx(dy: torch.Tensor, w: torch.Tensor, dt: torch.dtype, out_dtype: torch.dtype,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dy [M, N], w [N, K] -> dy w [M, K] in ``out_dtype`` (a linear layer's input gradient),
+    written into ``out`` where given."""
     M, N = dy.shape
     K = w.shape[1]
-    out = torch.empty(M, K, dtype=out_dtype, device=dy.device)
+    if out is None:
+        out = torch.empty(M, K, dtype=out_dtype, device=dy.device)
     if M and K:
         _gemm(dy, dy.stride(), w, w.stride(), out, M, K, N, dt)
     return out
 
 
-def _gelu_grad(dm: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, dt: torch.dtype
+def _gelu_grad(dm: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, dt: torch.dtype,
+               dpre: Optional[torch.Tensor] = None, g: Optional[torch.Tensor] = None
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """dm [M, C], fc2's weight w2 [C, hidden], pre [M, hidden] -> (d pre = (dm w2) GELU'(pre),
-    GELU(pre)), both [M, hidden] in ``dt``."""
+    GELU(pre)), both [M, hidden] in ``dt`` (written into ``dpre``, ``g`` where given)."""
     M = dm.shape[0]
     hidden = w2.shape[1]
-    dpre = torch.empty(M, hidden, dtype=dt, device=dm.device)
-    g = torch.empty(M, hidden, dtype=dt, device=dm.device)
+    if dpre is None:
+        dpre = torch.empty(M, hidden, dtype=dt, device=dm.device)
+    if g is None:
+        g = torch.empty(M, hidden, dtype=dt, device=dm.device)
     if M and hidden:
         _gemm(dm, dm.stride(), w2, w2.stride(), dpre, M, hidden, dm.shape[1], dt, pre=pre, g=g, epilogue=2)
     return dpre, g
@@ -309,32 +320,44 @@ def _weight_grads_launch(N0: int, K0: int, N1: int, K1: int, rows: int, dt: torc
     return (end0 + cdiv(N1, bm) * cdiv(K1, bn),), end0, meta
 
 
-def _weight_grads(p0: tuple, p1: tuple, dt: torch.dtype, single: Callable = None, pair: Callable = None):
+def _weight_grads(p0: tuple, p1: tuple, dt: torch.dtype, single: Callable = None, pair: Callable = None,
+                  out: Optional[tuple] = None):
     """Two weight gradients over the same rows (fc2's and fc1's, the projection's and qkv's):
     ``p0``, ``p1`` = (dy [M, N_i], x [M, K_i], w_dtype, b_dtype) -> ((dW_0, db_0), (dW_1, db_1)),
     each as ``_weight_grad`` gives it. Both products in one launch (``pair``, default
-    ``_weight_grads_pair``) where both are wanted, non-empty and of one weight dtype (and one
-    bias dtype); else each through ``single`` (default ``_weight_grad``; a frozen weight's bias
-    sums)."""
+    ``_weight_grads_pair``, writing into ``out`` where given) where both are wanted, non-empty
+    and of one weight dtype (and one bias dtype); else each through ``single`` (default
+    ``_weight_grad``; a frozen weight's bias sums)."""
     dy0, x0, w0, b0 = p0
     dy1, x1, w1, b1 = p1
     if w0 is not None and w0 == w1 and (b0 is None or b1 is None or b0 == b1) \
             and dy0.shape[1] and x0.shape[1] and dy1.shape[1] and x1.shape[1]:
         b_dtype = b0 if b0 is not None else (b1 if b1 is not None else w0)
-        return (pair or _weight_grads_pair)(dy0, x0, dy1, x1, dt, w0, b_dtype, b0 is not None, b1 is not None)
+        return (pair or _weight_grads_pair)(dy0, x0, dy1, x1, dt, w0, b_dtype, b0 is not None, b1 is not None, out)
     single = single or _weight_grad
     return single(dy0, x0, dt, w0, b0), single(dy1, x1, dt, w1, b1)
 
 
 def _weight_grads_pair(dy0: torch.Tensor, x0: torch.Tensor, dy1: torch.Tensor, x1: torch.Tensor, dt: torch.dtype,
-                       w_dtype: torch.dtype, b_dtype: torch.dtype, bias0: bool, bias1: bool):
-    """The launch of ``_weight_grads``: ((dW_0, db_0 or None), (dW_1, db_1 or None))."""
+                       w_dtype: torch.dtype, b_dtype: torch.dtype, bias0: bool, bias1: bool,
+                       out: Optional[tuple] = None):
+    """The launch of ``_weight_grads``: ((dW_0, db_0 or None), (dW_1, db_1 or None)), written
+    into ``out`` = (dW_0, db_0, dW_1, db_1) where given (a None entry: a new tensor)."""
     rows, N0, K0, N1, K1 = dy0.shape[0], dy0.shape[1], x0.shape[1], dy1.shape[1], x1.shape[1]
     dev = dy0.device
-    dw0 = torch.empty(N0, K0, dtype=w_dtype, device=dev)
-    dw1 = torch.empty(N1, K1, dtype=w_dtype, device=dev)
-    db0 = torch.empty(N0, dtype=b_dtype, device=dev) if bias0 else None
-    db1 = torch.empty(N1, dtype=b_dtype, device=dev) if bias1 else None
+    dw0, db0, dw1, db1 = out or (None, None, None, None)
+    if dw0 is None:
+        dw0 = torch.empty(N0, K0, dtype=w_dtype, device=dev)
+    if dw1 is None:
+        dw1 = torch.empty(N1, K1, dtype=w_dtype, device=dev)
+    if not bias0:
+        db0 = None
+    elif db0 is None:
+        db0 = torch.empty(N0, dtype=b_dtype, device=dev)
+    if not bias1:
+        db1 = None
+    elif db1 is None:
+        db1 = torch.empty(N1, dtype=b_dtype, device=dev)
     grid, end0, meta = _weight_grads_launch(N0, K0, N1, K1, rows, dt, bias0, bias1)
     launch(_weight_grads_kernel, grid,
            dy0, x0, dw0, dw0 if db0 is None else db0, N0, K0, dy0.stride(1), dy0.stride(0), x0.stride(0), x0.stride(1),
@@ -498,15 +521,19 @@ def _attention_config(N: int, d: int, dt: torch.dtype, backward: bool) -> Tuple[
     return fit(bm), fit(bn), block_d, warps
 
 
-def _attention(qkv: torch.Tensor, B: int, N: int, H: int, save: bool
-               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _attention(qkv: torch.Tensor, B: int, N: int, H: int, save: bool, o: Optional[torch.Tensor] = None,
+               lse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """qkv [B N, 3C] (contiguous, [B, N, 3, H, d]) -> (softmax(q k^T / sqrt(d)) v per head as
     [B N, C] ([B, N, H, d]), the rows' log-sum-exp [B, H, N] fp32 (base 2, scaled logits) or None
-    without ``save``)."""
+    without ``save``), written into ``o``, ``lse`` where given."""
     C = qkv.shape[1] // 3
     d = C // H
-    o = torch.empty(B * N, C, dtype=qkv.dtype, device=qkv.device)
-    lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device) if save else None
+    if o is None:
+        o = torch.empty(B * N, C, dtype=qkv.dtype, device=qkv.device)
+    if not save:
+        lse = None
+    elif lse is None:
+        lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
     if B and N:
         bm, bn, bd, warps = _attention_config(N, d, qkv.dtype, False)
         launch(_attention_fwd_kernel, (cdiv(N, bm), B * H), qkv, o, o if lse is None else lse, N, H, d, C,
@@ -515,12 +542,15 @@ def _attention(qkv: torch.Tensor, B: int, N: int, H: int, save: bool
     return o, lse
 
 
-def _attention_grad(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """d(out) [B N, C] (contiguous), qkv, out, lse as ``_attention`` made them -> d(qkv) [B N, 3C]."""
+def _attention_grad(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                    dqkv: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """d(out) [B N, C] (contiguous), qkv, out, lse as ``_attention`` made them -> d(qkv) [B N, 3C]
+    (written into ``dqkv`` where given)."""
     B, H, N = lse.shape
     C = o.shape[1]
     d = C // H
-    dqkv = torch.empty_like(qkv)
+    if dqkv is None:
+        dqkv = torch.empty_like(qkv)
     if B and N:
         bm, bn, bd, warps = _attention_config(N, d, qkv.dtype, True)
         kv_blocks = cdiv(N, bn)
@@ -621,7 +651,9 @@ def _(do, qkv, o, lse):
 
 
 class _Route(NamedTuple):
-    """The launchers a block calls, straight (plain eager) or through their custom ops."""
+    """The launchers a block calls, straight (plain eager) or through their custom ops. Where a
+    launcher takes destinations (``out=`` and the like), the custom-op route ignores them and
+    returns new tensors: callers always use what is returned."""
     linear: Callable
     linear_dx: Callable
     gelu_grad: Callable
@@ -633,9 +665,17 @@ class _Route(NamedTuple):
     ln_bwd: Callable
 
 
-def _linear_traced(x, w, bias, dt, out_dtype, gelu=False, keep_pre=True):
+def _linear_traced(x, w, bias, dt, out_dtype, gelu=False, keep_pre=True, out=None, pre=None):
     out, pre = _linear_op(x, w, bias, dt, out_dtype, gelu)
     return out, (pre if gelu and keep_pre else None)
+
+
+def _linear_dx_traced(dy, w, dt, out_dtype, out=None):
+    return _linear_dx_op(dy, w, dt, out_dtype)
+
+
+def _gelu_grad_traced(dm, w2, pre, dt, dpre=None, g=None):
+    return _gelu_grad_op(dm, w2, pre, dt)
 
 
 def _weight_grad_traced(dy, x, dt, w_dtype, b_dtype):
@@ -643,39 +683,153 @@ def _weight_grad_traced(dy, x, dt, w_dtype, b_dtype):
     return (None if w_dtype is None else dw), (None if b_dtype is None else db)
 
 
-def _attention_traced(qkv, B, N, H, save):
+def _attention_traced(qkv, B, N, H, save, o=None, lse=None):
     o, lse = _attention_op(qkv, B, N, H, save)
     return o, (lse if save else None)
 
 
-def _weight_grads_pair_traced(dy0, x0, dy1, x1, dt, w_dtype, b_dtype, bias0, bias1):
+def _attention_grad_traced(do, qkv, o, lse, dqkv=None):
+    return _attention_grad_op(do, qkv, o, lse)
+
+
+def _weight_grads_pair_traced(dy0, x0, dy1, x1, dt, w_dtype, b_dtype, bias0, bias1, out=None):
     dw0, db0, dw1, db1 = _weight_grads_pair_op(dy0, x0, dy1, x1, dt, w_dtype, b_dtype, bias0, bias1)
     return (dw0, db0 if bias0 else None), (dw1, db1 if bias1 else None)
 
 
-def _weight_grads_traced(p0, p1, dt):
+def _weight_grads_traced(p0, p1, dt, out=None):
     return _weight_grads(p0, p1, dt, _weight_grad_traced, _weight_grads_pair_traced)
 
 
 _DIRECT = _Route(_linear, _linear_dx, _gelu_grad, _weight_grad, _weight_grads, _attention, _attention_grad,
                  _layer_norm_fwd, _layer_norm_bwd)
-_TRACED = _Route(_linear_traced, _linear_dx_op, _gelu_grad_op, _weight_grad_traced, _weight_grads_traced,
-                 _attention_traced, _attention_grad_op, layer_norm_forward, _layer_norm_backward_op)
+_TRACED = _Route(_linear_traced, _linear_dx_traced, _gelu_grad_traced, _weight_grad_traced, _weight_grads_traced,
+                 _attention_traced, _attention_grad_traced, layer_norm_forward, _layer_norm_backward_op)
 
 
 def _route() -> _Route:
     return _DIRECT if direct_launch() else _TRACED
 
 
-# ---- the blocks ---------------------------------------------------------------------------------
-
 def _cast(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
-def _forward(r: _Route, x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool):
+# ---- a stack's buffers ----------------------------------------------------------------------------
+# Every tensor a block writes is an allocation, a dispatcher call on the host (about 1 us here;
+# more through CUDA's caching allocator): 12 per block forward, 16 per backward. A stack of
+# blocks (direct route) allocates each kind once: what the backward keeps as one [n, ...] tensor
+# whose slices the blocks write, and what only the next launches read (the projection's output
+# before its LayerNorm, GELU's output, m; the backward's intermediates) as one tensor every
+# block reuses. Each block has read a reused tensor before the next block's launch overwrites it
+# (launches run in order on one stream); what leaves the stack (its outputs, the gradients) is
+# never overwritten later.
+
+class _Acts(NamedTuple):
+    """Where one block's forward writes (None: a new tensor)."""
+    y1: Optional[torch.Tensor]     # [rows, C] dt
+    x_in: Optional[torch.Tensor]   # [B, N, C] sd: LN1's residual output
+    s1: Optional[torch.Tensor]     # [2, rows] fp32
+    qkv: Optional[torch.Tensor]    # [rows, 3C] dt
+    o: Optional[torch.Tensor]      # [rows, C] dt
+    lse: Optional[torch.Tensor]    # [B, H, N] fp32
+    p: Optional[torch.Tensor]      # [rows, C] sd
+    y2: Optional[torch.Tensor]     # [rows, C] dt
+    h: Optional[torch.Tensor]      # [B, N, C] sd
+    s2: Optional[torch.Tensor]     # [2, rows] fp32
+    g: Optional[torch.Tensor]      # [rows, hidden] dt
+    pre: Optional[torch.Tensor]    # [rows, hidden] dt
+    m: Optional[torch.Tensor]      # [rows, C] dt
+
+
+_NEW_ACTS = _Acts(*(None,) * 13)
+
+
+def _stack_acts(x: torch.Tensor, first_res: bool, n: int, H: int, hidden: int, dt: torch.dtype, save: bool,
+                taps: Tuple[int, ...], qk_block: int) -> List[_Acts]:
+    """The forward's destinations for n blocks on x [B, N, C] (``first_res``: block 0 adds a
+    pending branch, so writes an x_in). With ``save`` what the backward keeps is one [n, ...]
+    tensor per kind; without, every kind is one reused tensor, except the x_in of the blocks in
+    ``taps`` and block ``qk_block``'s qkv, which leave the stack (new tensors)."""
+    B, N, C = x.shape
+    rows, sd, dev = B * N, x.dtype, x.device
+
+    def shared(*shape, dtype=dt, skip=()):
+        t = torch.empty(shape, dtype=dtype, device=dev)
+        return [None if i in skip else t for i in range(n)]
+
+    def each(*shape, dtype=dt, first=True):
+        if not first:  # block 0 writes none (x_in without a pending branch)
+            return [None] + (list(torch.empty((n - 1, *shape), dtype=dtype, device=dev).unbind(0)) if n > 1 else [])
+        return torch.empty((n, *shape), dtype=dtype, device=dev).unbind(0)
+
+    f32 = torch.float32
+    p, g, m = shared(rows, C, dtype=sd), shared(rows, hidden), shared(rows, C)
+    if save:
+        y1, qkv, o, y2 = each(rows, C), each(rows, 3 * C), each(rows, C), each(rows, C)
+        x_in, h = each(B, N, C, dtype=sd, first=first_res), each(B, N, C, dtype=sd)
+        s1, s2, lse, pre = each(2, rows, dtype=f32), each(2, rows, dtype=f32), each(B, H, N, dtype=f32), \
+            each(rows, hidden)
+    else:
+        y1, qkv, o, y2 = shared(rows, C), shared(rows, 3 * C, skip=(qk_block,)), shared(rows, C), shared(rows, C)
+        x_in, h = shared(B, N, C, dtype=sd, skip=taps), shared(B, N, C, dtype=sd)
+        s1 = s2 = lse = pre = [None] * n
+    return [_Acts(*a) for a in zip(y1, x_in, s1, qkv, o, lse, p, y2, h, s2, g, pre, m)]
+
+
+class _Grads(NamedTuple):
+    """Where one block's backward writes (None: a new tensor)."""
+    dpre: Optional[torch.Tensor]   # [rows, hidden] dt
+    g: Optional[torch.Tensor]      # [rows, hidden] dt
+    dy2: Optional[torch.Tensor]    # [rows, C] sd
+    dh: Optional[torch.Tensor]     # [B, N, C] sd: LN2's input gradient
+    dout: Optional[torch.Tensor]   # [rows, C] dt
+    dqkv: Optional[torch.Tensor]   # [rows, 3C] dt
+    dy1: Optional[torch.Tensor]    # [rows, C] sd
+    dx: Optional[torch.Tensor]     # [B, N, C] sd: LN1's input gradient
+    mlp: Optional[tuple]           # fc2's and fc1's weight and bias gradients
+    attn: Optional[tuple]          # the projection's and qkv's
+
+
+_NEW_GRADS = _Grads(*(None,) * 10)
+
+
+def _stack_grads(saved: tuple, aux: list, need: tuple, n: int, dt: torch.dtype) -> List[_Grads]:
+    """The backward's destinations for n blocks: the intermediates one tensor per kind that
+    every block reuses (block i's dx, which block i - 1 reads as its dh and dm, is overwritten
+    only by block i - 1's last LayerNorm); a weight or bias gradient one [n, ...] tensor per
+    kind where every block wants it in one dtype (else each block's is new)."""
+    x_in, w1 = saved[0], saved[9]
+    B, N, C = x_in.shape
+    rows, hidden, sd, dev = B * N, w1.shape[0], x_in.dtype, x_in.device
+
+    def shared(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=dev)
+
+    def each(j: int, shape: tuple, dtypes: list) -> list:  # parameter j's gradients
+        if not all(need[12 * i + j] for i in range(n)) or any(d != dtypes[0] for d in dtypes):
+            return [None] * n
+        return torch.empty((n, *shape), dtype=dtypes[0], device=dev).unbind(0)
+
+    w_dt = [[saved[13 * i + k].dtype for i in range(n)] for k in (7, 8, 9, 10)]  # wqkv, wp, w1, w2
+    b_dt = [[a[3][k] for a in aux] for k in (1, 2, 4, 5)]                           # bqkv, bp, b1, b2
+    dwqkv, dwp = each(2, (3 * C, C), w_dt[0]), each(4, (C, C), w_dt[1])
+    dw1, dw2 = each(8, (hidden, C), w_dt[2]), each(10, (C, hidden), w_dt[3])
+    dbqkv, dbp, db1, db2 = each(3, (3 * C,), b_dt[0]), each(5, (C,), b_dt[1]), each(9, (hidden,), b_dt[2]), \
+        each(11, (C,), b_dt[3])
+    temps = (shared(rows, hidden, dtype=dt), shared(rows, hidden, dtype=dt), shared(rows, C, dtype=sd),
+             shared(B, N, C, dtype=sd), shared(rows, C, dtype=dt), shared(rows, 3 * C, dtype=dt),
+             shared(rows, C, dtype=sd), shared(B, N, C, dtype=sd))
+    return [_Grads(*temps, (dw2[i], db2[i], dw1[i], db1[i]), (dwp[i], dbp[i], dwqkv[i], dbqkv[i]))
+            for i in range(n)]
+
+
+# ---- the blocks ---------------------------------------------------------------------------------
+
+def _forward(r: _Route, x, pending, params, H: int, eps: float, dt: torch.dtype, save: bool,
+             d: _Acts = _NEW_ACTS):
     """One block on x [B, N, C] through the launchers of route ``r`` (``dt``: the GEMMs' and the
-    attention's dtype; autocast may be on, nothing here is an op it casts).
+    attention's dtype; autocast may be on, nothing here is an op it casts), writing into ``d``.
     Returns (x_in, h, m, qkv, saved): qkv [B N, 3C] as the attention read it; ``saved``, what the
     backward needs besides x_in, qkv and h, None unless ``save``."""
     n1w, n1b, wqkv, bqkv, wp, bp, n2w, n2b, w1, b1, w2, b2 = params
@@ -683,24 +837,24 @@ def _forward(r: _Route, x, pending, params, H: int, eps: float, dt: torch.dtype,
     sd = x.dtype  # the residual stream's dtype
     rows = B * N
     if pending is None:  # y1, y2 written in dt (autocast: what the GEMMs read and the backward keeps)
-        y1, _, s1 = r.ln_fwd(x, None, n1w, n1b, eps, save, dt)
+        y1, _, s1 = r.ln_fwd(x, None, n1w, n1b, eps, save, dt, y=d.y1, stats=d.s1)
         x_in = x
     else:
-        y1, x_in, s1 = r.ln_fwd(_cast(pending, sd), x, n1w, n1b, eps, save, dt)
+        y1, x_in, s1 = r.ln_fwd(_cast(pending, sd), x, n1w, n1b, eps, save, dt, y=d.y1, h=d.x_in, stats=d.s1)
     y1 = y1.view(rows, C)
-    qkv, _ = r.linear(y1, wqkv, bqkv, dt, dt)
-    o, lse = r.attention(qkv, B, N, H, save)
-    p, _ = r.linear(o, wp, bp, dt, sd)  # in the stream's dtype, with the values of a GEMM in dt
-    y2, h, s2 = r.ln_fwd(p.view(B, N, C), x_in, n2w, n2b, eps, save, dt)
+    qkv, _ = r.linear(y1, wqkv, bqkv, dt, dt, out=d.qkv)
+    o, lse = r.attention(qkv, B, N, H, save, d.o, d.lse)
+    p, _ = r.linear(o, wp, bp, dt, sd, out=d.p)  # in the stream's dtype, with the values of a GEMM in dt
+    y2, h, s2 = r.ln_fwd(p.view(B, N, C), x_in, n2w, n2b, eps, save, dt, y=d.y2, h=d.h, stats=d.s2)
     y2 = y2.view(rows, C)
-    g, pre = r.linear(y2, w1, b1, dt, dt, True, save)  # the pre-activation only for a backward
-    m, _ = r.linear(g, w2, b2, dt, dt)
+    g, pre = r.linear(y2, w1, b1, dt, dt, True, save, out=d.g, pre=d.pre)  # pre only for a backward
+    m, _ = r.linear(g, w2, b2, dt, dt, out=d.m)
     saved = (y1, o, lse, y2, pre, s1, s2) if save else None
     return x_in, h, m.view(B, N, C), qkv, saved
 
 
 def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple, d_xin, dh, dm, d_qkv,
-              parts: Optional[torch.Tensor] = None):
+              parts: Optional[torch.Tensor] = None, d: _Grads = _NEW_GRADS):
     """One block's backward. ``saved``: the 13 tensors the forward kept (x_in, y1, qkv, o, h, y2,
     pre and the weights the products read), ``aux``: its LayerNorm statistics, the attention's
     log-sum-exp and its biases' dtypes; ``need``: which of its 12 parameters want a gradient (a
@@ -708,7 +862,7 @@ def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple,
     outside), h and m (None: unused), and of qkv (where the caller read q and k; else None).
     With ``parts`` (two [2, programs, C] tensors) the LayerNorms (LN2, then LN1) only write their
     weight and bias partial sums there, for the caller to sum (their gradients come back None).
-    Returns (the gradient of x_in, the 12 parameters' gradients)."""
+    Writes into ``d``. Returns (the gradient of x_in, the 12 parameters' gradients)."""
     x_in, y1, qkv, o, h, y2, pre, wqkv, wp, w1, w2, n1w, n2w = saved
     s1, s2, lse, (n1b_dt, bqkv_dt, bp_dt, n2b_dt, b1_dt, b2_dt) = aux
     if not x_in.is_contiguous():  # x as given (no pending): the LayerNorm backward reads rows
@@ -718,11 +872,11 @@ def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple,
     # MLP branch
     if dm is not None:
         dm = dm.reshape(rows, C)
-        dpre, g = r.gelu_grad(dm, w2, pre, dt)
-        dy2 = r.linear_dx(dpre, w1, dt, sd).view(B, N, C)
+        dpre, g = r.gelu_grad(dm, w2, pre, dt, d.dpre, d.g)
+        dy2 = r.linear_dx(dpre, w1, dt, sd, d.dy2).view(B, N, C)
         (dw2, db2), (dw1, db1) = r.weight_grads(  # fc2's and fc1's in one launch
             (dm, g, w2.dtype if need[10] else None, b2_dt if need[11] else None),
-            (dpre, y2, w1.dtype if need[8] else None, b1_dt if need[9] else None), dt)
+            (dpre, y2, w1.dtype if need[8] else None, b1_dt if need[9] else None), dt, out=d.mlp)
     else:
         dw2 = db2 = dw1 = db1 = None
         dy2 = h.new_zeros(h.shape)
@@ -730,22 +884,22 @@ def _backward(r: _Route, saved: tuple, aux: tuple, dt: torch.dtype, need: tuple,
     if parts is None:
         dh_tot, dn2w, dn2b = r.ln_bwd(dy2, dh, h, n2w, s2, n2b_dt)
     else:
-        dh_tot, dn2w, dn2b = _layer_norm_bwd_rows(dy2, dh, h, n2w, s2, parts[0]), None, None
+        dh_tot, dn2w, dn2b = _layer_norm_bwd_rows(dy2, dh, h, n2w, s2, parts[0], d.dh), None, None
     # attention branch
     da = dh_tot.view(rows, C)
-    dout = r.linear_dx(da, wp, dt, dt)
-    dqkv = r.attention_grad(dout, qkv, o, lse)
+    dout = r.linear_dx(da, wp, dt, dt, d.dout)
+    dqkv = r.attention_grad(dout, qkv, o, lse, d.dqkv)
     if d_qkv is not None:
         dqkv = dqkv + d_qkv.reshape(dqkv.shape).to(dqkv.dtype)
-    dy1 = r.linear_dx(dqkv, wqkv, dt, sd).view(B, N, C)
+    dy1 = r.linear_dx(dqkv, wqkv, dt, sd, d.dy1).view(B, N, C)
     d_in = dh_tot if d_xin is None else dh_tot + d_xin
     if parts is None:
         dx, dn1w, dn1b = r.ln_bwd(dy1, d_in, x_in, n1w, s1, n1b_dt)
     else:
-        dx, dn1w, dn1b = _layer_norm_bwd_rows(dy1, d_in, x_in, n1w, s1, parts[1]), None, None
+        dx, dn1w, dn1b = _layer_norm_bwd_rows(dy1, d_in, x_in, n1w, s1, parts[1], d.dx), None, None
     (dwp, dbp), (dwqkv, dbqkv) = r.weight_grads(  # the projection's and qkv's in one launch
         (da, o, wp.dtype if need[4] else None, bp_dt if need[5] else None),
-        (dqkv, y1, wqkv.dtype if need[2] else None, bqkv_dt if need[3] else None), dt)
+        (dqkv, y1, wqkv.dtype if need[2] else None, bqkv_dt if need[3] else None), dt, out=d.attn)
     return dx, (dn1w, dn1b, dwqkv, dbqkv, dwp, dbp, dn2w, dn2b, dw1, db1, dw2, db2)
 
 
@@ -765,9 +919,12 @@ class _VitBlocks(torch.autograd.Function):
         qkv_out = None
         ctx.pend_dt = None if pending is None else pending.dtype
         r = _route()
+        acts = _stack_acts(x, pending is not None, n, H, params[8].shape[0], dt, True, taps, qk_block) \
+            if r is _DIRECT and n > 1 else None
         for i in range(n):
             p = params[12 * i:12 * i + 12]
-            x_in, h, m, qkv, (y1, o, lse, y2, pre, s1, s2) = _forward(r, x, pending, p, H, eps, dt, True)
+            x_in, h, m, qkv, (y1, o, lse, y2, pre, s1, s2) = _forward(
+                r, x, pending, p, H, eps, dt, True, _NEW_ACTS if acts is None else acts[i])
             saved += (x_in, y1, qkv, o, h, y2, pre, p[2], p[4], p[8], p[10], p[0], p[6])
             aux.append((s1, s2, lse, tuple(None if p[j] is None else p[j].dtype for j in _BIASES)))
             if i in taps:
@@ -802,10 +959,12 @@ class _VitBlocks(torch.autograd.Function):
                                 device=x_in.device)
             per_norm = parts.unbind(0)  # block i: LN2's at 2 i, LN1's at 2 i + 1
         grads = [None] * (12 * n)
+        dst = _stack_grads(saved, ctx.aux, need, n, dt) if r is _DIRECT and n > 1 and rows else None
         for i in range(n - 1, -1, -1):
             dx, grads[12 * i:12 * i + 12] = _backward(
                 r, saved[13 * i:13 * i + 13], ctx.aux[i], dt, need[12 * i:12 * i + 12], d_taps.get(i), dh, dm,
-                d_qkv if i == qk_block else None, None if parts is None else per_norm[2 * i:2 * i + 2])
+                d_qkv if i == qk_block else None, None if parts is None else per_norm[2 * i:2 * i + 2],
+                _NEW_GRADS if dst is None else dst[i])
             dh = dm = dx  # block i's x_in is h + m of block i - 1
         if parts is not None:  # per block LN2's weight, bias, then LN1's
             norms = layer_norm_dwdb(parts, ctx.ln_dtype).view(4 * n, C).unbind(0)
@@ -843,9 +1002,11 @@ def vit_blocks(x: torch.Tensor, pending: Optional[torch.Tensor], params: Tuple[O
         outs, qkv = out[2:2 + len(taps)], (out[-1] if qk_block >= 0 else None)
     else:  # inference (the frozen base): no node
         outs, qkv, r = [], None, _route()
+        acts = _stack_acts(x, pending is not None, n, num_heads, params[8].shape[0], dt, False, taps, qk_block) \
+            if r is _DIRECT and n > 1 else None
         for i in range(n):
             x_in, x, pending, block_qkv, _ = _forward(r, x, pending, params[12 * i:12 * i + 12], num_heads, eps,
-                                                       dt, False)
+                                                       dt, False, _NEW_ACTS if acts is None else acts[i])
             if i in taps:
                 outs.append(x_in)
             if i == qk_block:

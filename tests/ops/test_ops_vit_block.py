@@ -460,6 +460,60 @@ def test_stack_is_bitwise_the_chained_blocks(triton_path):
     assert qk[0].shape == qk[1].shape == (2, 4, 9, 6)
 
 
+def _chained(x, params, H, outputs):
+    """``ops.vit_block`` block after block: (h, m, the outputs of the blocks in ``outputs``)."""
+    taps, pending = [], None
+    for ps in params:
+        x_in, x, pending = ops.vit_block(x, *ps, H, 1e-6, pending=pending)
+        taps.append(x_in)
+    return x, pending, [taps[i + 1] for i in outputs]
+
+
+def _tapped_loss(h, m, outs):
+    return (h.float() * m.float()).sum() + sum((i + 1) * o.float().square().sum() for i, o in enumerate(outs))
+
+
+def test_stack_buffers_under_autocast_are_the_chained_blocks(triton_path):
+    """Under bf16 autocast (fp32 stream and weights) the stack's buffers hold bf16 GEMM outputs
+    and the fp32 stream: bitwise the chained blocks, and without a gradient the same values,
+    the q and k of a middle block included."""
+    x, params = _stack(3, 2, 9, 24, 4, 40)
+    leaves = [x] + [p for ps in params for p in ps if p is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, m, outs, (q, k) = ops.vit_blocks(x, params, 4, 1e-6, outputs=(0, 1), qk_block=1)
+        hc, mc, outs_c = _chained(x, params, 4, (0, 1))
+    assert (h.dtype, m.dtype, outs[0].dtype, q.dtype) == (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16)
+    got = [h, m, *outs, *torch.autograd.grad(_tapped_loss(h, m, outs), leaves)]
+    want = [hc, mc, *outs_c, *torch.autograd.grad(_tapped_loss(hc, mc, outs_c), leaves)]
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert torch.equal(a, e), i
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h2, m2, outs2, (q2, k2) = ops.vit_blocks(x, params, 4, 1e-6, outputs=(0, 1), qk_block=1)
+    for i, (a, e) in enumerate(zip([h2, m2, *outs2, q2, k2], [h, m, *outs, q, k])):
+        assert torch.equal(a, e), i
+
+
+def test_stack_gradients_accumulate_into_each_parameter(triton_path):
+    """A stack writes each kind of weight gradient into one allocation, a slice per block, that
+    autograd keeps as the parameters' .grad: two backward passes accumulate into every .grad on
+    its own (twice one pass, bitwise). A frozen weight in the middle block (no slices for its
+    kind) leaves every gradient as the chained blocks give it."""
+    x, params = _stack(3, 2, 5, 12, 3, 20)
+    params[1][8].requires_grad_(False)  # block 1's fc1 weight
+    leaves = [x] + [p for ps in params for p in ps if p is not None and p.requires_grad]
+    h, m, outs, _ = ops.vit_blocks(x, params, 3, 1e-6, outputs=(0,))
+    once = torch.autograd.grad(_tapped_loss(h, m, outs), leaves)
+    want = torch.autograd.grad(_tapped_loss(*_chained(x, params, 3, (0,))), leaves)
+    for i, (a, e) in enumerate(zip(once, want)):
+        assert torch.equal(a, e), i
+    for _ in range(2):
+        h, m, outs, _ = ops.vit_blocks(x, params, 3, 1e-6, outputs=(0,))
+        _tapped_loss(h, m, outs).backward()
+    for i, (leaf, g) in enumerate(zip(leaves, once)):
+        assert torch.equal(leaf.grad, 2 * g), i
+    assert params[1][8].grad is None
+
+
 def test_stack_bf16_error_within_budget(triton_path):
     x, params = _stack(2, 3, 7, 12, 4, 20, dtype=torch.bfloat16)
     got = _stack_run(ops.vit_blocks, x, params, 4, (0,), 0)
