@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (cdiv, direct_launch, dtype_reasons, eager_apply, first_order, launch, next_pow2,
-                                      persistent_programs, unit_last_stride)
+from tec_fast.kernels._common import (LaunchConfig, cdiv, direct_launch, dtype_reasons, eager_apply, first_order,
+                                      launch_with, next_pow2, persistent_programs, unit_last_stride)
 
 MAX_C = 4096  # one row in registers (16 fp32 values per thread and tensor at 8 warps)
 
@@ -121,6 +121,23 @@ def _fwd_config(C: int) -> Tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
+def _fwd_launch(C: int, has_res: bool, keep_stats: bool) -> LaunchConfig:
+    block_c, num_warps = _fwd_config(C)
+    return LaunchConfig(HAS_RES=has_res, HAS_STATS=keep_stats, BLOCK_C=block_c, num_warps=num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_rows_launch(C: int, has_dh: bool) -> LaunchConfig:
+    block_c, num_warps = _fwd_config(C)
+    return LaunchConfig(HAS_DH=has_dh, BLOCK_C=block_c, num_warps=num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _dwdb_launch(block_p: int, block_c: int) -> LaunchConfig:
+    return LaunchConfig(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
 def _bwd_config(rows: int, C: int, device: torch.device) -> Tuple[int, int]:
     """(programs, rows per program) of the persistent backward."""
     n_prog = persistent_programs(rows, device)
@@ -182,10 +199,9 @@ def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
         weight, bias = unit_last_stride(weight), unit_last_stride(bias)  # the kernel reads them densely
         residual, stride_r = ((residual, C) if residual.is_contiguous() else _as_rows(residual, C)) \
             if has_res else (x, 0)
-        block_c, num_warps = _fwd_config(C)
-        launch(_layer_norm_fwd_kernel, (rows,),
-            x, residual, weight, bias, y, h if has_res else y, stats if keep_stats else y, rows, C, eps,
-            stride_x, stride_r, HAS_RES=has_res, HAS_STATS=keep_stats, BLOCK_C=block_c, num_warps=num_warps)
+        launch_with(_layer_norm_fwd_kernel, (rows,), _fwd_launch(C, has_res, keep_stats),
+                    x, residual, weight, bias, y, h if has_res else y, stats if keep_stats else y, rows, C, eps,
+                    stride_x, stride_r)
     return y, h, stats
 
 
@@ -207,8 +223,7 @@ def _layer_norm_bwd(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: torch.T
     parts = torch.empty(2, n_prog, C, dtype=torch.float32, device=dev)
     _layer_norm_bwd_rows(dy, dh_out, h, weight, stats, parts, dx)
     block_p, block_c, n_col = _dwdb_config(n_prog, C)
-    launch(_layer_norm_dwdb_kernel, (n_col, 1), parts, dw, db, n_prog, C, 0, 0, BLOCK_P=block_p, BLOCK_C=block_c,
-           num_warps=4)
+    launch_with(_layer_norm_dwdb_kernel, (n_col, 1), _dwdb_launch(block_p, block_c), parts, dw, db, n_prog, C, 0, 0)
     return dx, dw, db
 
 
@@ -220,10 +235,9 @@ def _layer_norm_bwd_rows(dy: torch.Tensor, dh_out: Optional[torch.Tensor], h: to
     C = h.shape[-1]
     rows = h.numel() // C
     dx = torch.empty_like(h) if dx is None else dx
-    block_c, num_warps = _fwd_config(C)
-    launch(_layer_norm_bwd_kernel, (parts.shape[1],),
-        dy, dh_out if dh_out is not None else dy, h, weight, stats, dx, parts, rows, C,
-        _bwd_config(rows, C, h.device)[1], HAS_DH=dh_out is not None, BLOCK_C=block_c, num_warps=num_warps)
+    launch_with(_layer_norm_bwd_kernel, (parts.shape[1],), _bwd_rows_launch(C, dh_out is not None),
+                dy, dh_out if dh_out is not None else dy, h, weight, stats, dx, parts, rows, C,
+                _bwd_config(rows, C, h.device)[1])
     return dx
 
 
@@ -235,8 +249,8 @@ def layer_norm_dwdb(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     R, _, n_prog, C = parts.shape
     out = torch.empty(R, 2, C, dtype=dtype, device=parts.device)
     block_p, block_c, n_col = _dwdb_config(n_prog, C)
-    launch(_layer_norm_dwdb_kernel, (n_col, R), parts, out, out[0, 1], n_prog, C, 2 * n_prog * C, 2 * C,
-           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    launch_with(_layer_norm_dwdb_kernel, (n_col, R), _dwdb_launch(block_p, block_c), parts, out, out[0, 1], n_prog, C,
+                2 * n_prog * C, 2 * C)
     return out
 
 

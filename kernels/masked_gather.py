@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (added_slices, cdiv, check_index_flag, check_index_without_kernel,
-                                      direct_launch, dtype_reasons, eager_apply, first_order, index_flag, launch,
+from tec_fast.kernels._common import (LaunchConfig, added_slices, cdiv, check_index_flag, check_index_without_kernel,
+                                      direct_launch, dtype_reasons, eager_apply, first_order, index_flag, launch_with,
                                       match_block, next_match, next_pow2, slice_partials, unit_last_stride)
 
 
@@ -121,10 +121,11 @@ def _channel_strided_config(K: int, C: int) -> Tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _fwd_plan(B: int, K: int, C: int, channels_contiguous: bool) -> Tuple[Tuple[int, int], int, int, int]:
-    """(grid, ROWS, BLOCK_C, num_warps) of the forward launch."""
+def _fwd_plan(B: int, K: int, C: int, channels_contiguous: bool, has_pos: bool) -> Tuple[Tuple[int, int], LaunchConfig]:
+    """(grid, constexprs and options) of the forward launch."""
     rows, block_c, num_warps = _launch_config(C) if channels_contiguous else _channel_strided_config(K, C)
-    return (cdiv(B * K, rows), cdiv(C, block_c)), rows, block_c, num_warps
+    return (cdiv(B * K, rows), cdiv(C, block_c)), LaunchConfig(HAS_POS=has_pos, ROWS=rows, BLOCK_C=block_c,
+                                                               num_warps=num_warps)
 
 
 def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -140,24 +141,27 @@ def _masked_gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[to
         pos = unit_last_stride(pos)  # an [L, C] parameter: contiguous in practice
     ids_keep = unit_last_stride(ids_keep)  # the kernel reads an image's K indices densely
     sx = x.stride()
-    grid, rows, block_c, num_warps = _fwd_plan(B, K, C, sx[2] == 1)
+    grid, config = _fwd_plan(B, K, C, sx[2] == 1, has_pos)
     ok = index_flag(x.device)
-    launch(_masked_gather_fwd_kernel, grid,
-        x, ids_keep, pos if has_pos else x, out, ok, B * K, K, L, C, sx[0], sx[1], sx[2], ids_keep.stride(0),
-        pos.stride(0) if has_pos else 0, HAS_POS=has_pos, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+    launch_with(_masked_gather_fwd_kernel, grid, config,
+                x, ids_keep, pos if has_pos else x, out, ok, B * K, K, L, C, sx[0], sx[1], sx[2], ids_keep.stride(0),
+                pos.stride(0) if has_pos else 0)
     check_index_flag(ok, ids_keep, "ids_keep", L)
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def _bwd_config(B: int, L: int, C: int, target: int) -> Tuple[int, int, int, int, int, int, int]:
-    """(ROWS, BLOCK_C, num_warps, row blocks, column blocks, batch slices, images per slice) for
-    about ``target`` programs."""
+def _bwd_config(B: int, L: int, C: int, K: int, pos_grad: bool, target: int
+                ) -> Tuple[Tuple[int, int, int], int, LaunchConfig]:
+    """(grid: row blocks, column blocks, batch slices; images per slice; constexprs and options)
+    for about ``target`` programs."""
     rows, block_c, num_warps = _launch_config(C)
     n_l, n_c = cdiv(L, rows), cdiv(C, block_c)
     n_b = max(1, min(B, cdiv(target, n_l * n_c)))
     b_per_prog = cdiv(max(B, 1), n_b)
-    return rows, block_c, num_warps, n_l, n_c, cdiv(max(B, 1), b_per_prog), b_per_prog
+    config = LaunchConfig(POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, BLOCK_K=match_block(K, 32),
+                          num_warps=num_warps)
+    return (n_l, n_c, cdiv(max(B, 1), b_per_prog)), b_per_prog, config
 
 
 def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
@@ -169,14 +173,14 @@ def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x
     B, K, C = grad_out.shape
     dev = grad_out.device
     grad_x = torch.empty(B, L, C, dtype=x_dtype, device=dev)
-    rows, block_c, num_warps, n_l, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
     pos_grad = pos_dtype is not None
+    grid, b_per_prog, config = _bwd_config(B, L, C, K, pos_grad, _TARGET_PROGRAMS)
+    n_b = grid[2]
     pos_part = slice_partials(n_b, (L, C), pos_dtype, dev) if pos_grad else grad_x
     if grad_x.numel():
-        launch(_masked_gather_bwd_kernel, (n_l, n_c, n_b),
-            grad_out, ids_keep, grad_x, pos_part, B, K, L, C, b_per_prog,
-            grad_out.stride(0), grad_out.stride(1), ids_keep.stride(0),
-            POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, BLOCK_K=match_block(K, 32), num_warps=num_warps)
+        sg = grad_out.stride()
+        launch_with(_masked_gather_bwd_kernel, grid, config,
+                    grad_out, ids_keep, grad_x, pos_part, B, K, L, C, b_per_prog, sg[0], sg[1], ids_keep.stride(0))
     elif pos_grad:
         pos_part.zero_()
     if not pos_grad:

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (added_slices, cdiv, check_index_flag, check_index_without_kernel,
-                                      direct_launch, dtype_reasons, eager_apply, first_order, index_flag, launch,
+from tec_fast.kernels._common import (LaunchConfig, added_slices, cdiv, check_index_flag, check_index_without_kernel,
+                                      direct_launch, dtype_reasons, eager_apply, first_order, index_flag, launch_with,
                                       match_block, next_match, next_pow2, slice_partials, sum_parts,
                                       unit_last_stride)
 
@@ -123,14 +123,25 @@ def _launch_config(C: int) -> Tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _bwd_config(B: int, L: int, C: int, target: int) -> Tuple[int, int, int, int, int, int, int]:
-    """(ROWS, BLOCK_C, num_warps, row blocks, column blocks, batch slices, images per slice) for
-    about ``target`` programs (each sums over its slice of the batch)."""
+def _fwd_plan(B: int, L: int, C: int, has_pos: bool) -> Tuple[Tuple[int, int], LaunchConfig]:
+    """(grid, constexprs and options) of the forward launch."""
+    rows, block_c, num_warps = _launch_config(C)
+    return (cdiv(B * L, rows), cdiv(C, block_c)), LaunchConfig(HAS_POS=has_pos, ROWS=rows, BLOCK_C=block_c,
+                                                               num_warps=num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_config(B: int, L: int, C: int, pos_grad: bool, target: int
+                ) -> Tuple[Tuple[int, int, int], int, LaunchConfig]:
+    """(grid: row blocks, column blocks, batch slices; images per slice; constexprs and options)
+    for about ``target`` programs (each sums over its slice of the batch)."""
     rows, block_c, num_warps = _launch_config(C)
     n_j, n_c = cdiv(L, rows), cdiv(C, block_c)
     n_b = max(1, min(B, cdiv(target, n_j * n_c)))
     b_per_prog = cdiv(max(B, 1), n_b)
-    return rows, block_c, num_warps, n_j, n_c, cdiv(max(B, 1), b_per_prog), b_per_prog
+    config = LaunchConfig(POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, BLOCK_L=match_block(L, 64),
+                          num_warps=num_warps)
+    return (n_j, n_c, cdiv(max(B, 1), b_per_prog)), b_per_prog, config
 
 
 def _out_dtype(vis: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.dtype:
@@ -151,13 +162,12 @@ def _scatter_masked_fwd(vis: torch.Tensor, ids_restore: torch.Tensor, mask_token
     tok = tok if tok.dtype == vis.dtype else tok.to(vis.dtype)  # added in vis's dtype, as the reference
     if pos is not None:
         pos = unit_last_stride(pos)
-    rows, block_c, num_warps = _launch_config(C)
-    grid = (cdiv(B * L, rows), cdiv(C, block_c))
+    grid, config = _fwd_plan(B, L, C, pos is not None)
     ok = index_flag(vis.device)
-    launch(_scatter_masked_fwd_kernel, grid,
-        vis, ids_restore, tok, pos if pos is not None else vis, out, ok, B * L, K, L, C,
-        vis.stride(0), vis.stride(1), ids_restore.stride(0), pos.stride(0) if pos is not None else 0,
-        HAS_POS=pos is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+    sv = vis.stride()
+    launch_with(_scatter_masked_fwd_kernel, grid, config,
+                vis, ids_restore, tok, pos if pos is not None else vis, out, ok, B * L, K, L, C,
+                sv[0], sv[1], ids_restore.stride(0), pos.stride(0) if pos is not None else 0)
     check_index_flag(ok, ids_restore, "ids_restore", L)
     return out
 
@@ -175,15 +185,16 @@ def _scatter_masked_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: in
     # the kernel inverts the unshuffle by scanning each image's ids_restore for the rows of
     # grad_vis it owns; indices outside [0, K) match no row
     grad_vis = torch.empty(B, K, C, dtype=vis_dtype, device=dev)
-    rows, block_c, num_warps, n_j, n_c, n_b, b_per_prog = _bwd_config(B, L, C, _TARGET_PROGRAMS)
-    tok_part = torch.empty(n_b * n_j, C, dtype=torch.float32, device=dev)  # a row per program
     pos_grad = pos_dtype is not None
+    grid, b_per_prog, config = _bwd_config(B, L, C, pos_grad, _TARGET_PROGRAMS)
+    n_j, _, n_b = grid
+    tok_part = torch.empty(n_b * n_j, C, dtype=torch.float32, device=dev)  # a row per program
     pos_part = slice_partials(n_b, (L, C), pos_dtype, dev) if pos_grad else tok_part
     if grad_out.numel():
-        launch(_scatter_masked_bwd_kernel, (n_j, n_c, n_b),
-            grad_out, ids_restore, grad_vis, tok_part, pos_part,
-            B, K, L, C, b_per_prog, grad_out.stride(0), grad_out.stride(1), ids_restore.stride(0),
-            POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, BLOCK_L=match_block(L, 64), num_warps=num_warps)
+        sg = grad_out.stride()
+        launch_with(_scatter_masked_bwd_kernel, grid, config,
+                    grad_out, ids_restore, grad_vis, tok_part, pos_part,
+                    B, K, L, C, b_per_prog, sg[0], sg[1], ids_restore.stride(0))
     else:
         grad_vis.zero_()
         tok_part.zero_()

@@ -73,8 +73,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tec_fast.kernels._common import (autocast_dtype, cdiv, direct_launch, dtype_reasons, eager_apply,
-                                      first_order, launch, next_pow2)
+from tec_fast.kernels._common import (LaunchConfig, autocast_dtype, cdiv, direct_launch, dtype_reasons, eager_apply,
+                                      first_order, launch_with, next_pow2)
 from tec_fast.kernels.layer_norm import (MAX_C, _bwd_config, _layer_norm_backward_op, _layer_norm_bwd,
                                          _layer_norm_bwd_rows, _layer_norm_fwd, layer_norm_dwdb,
                                          layer_norm_forward)
@@ -213,14 +213,14 @@ def _fit(n: int, cap: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _gemm_launch(M: int, N: int, K: int, dt: torch.dtype, epilogue: int, has_bias: bool, dot: bool,
-                 row_sum: bool) -> Tuple[Tuple[int], dict]:
+                 row_sum: bool) -> Tuple[Tuple[int], LaunchConfig]:
     """(grid, constexprs and options) of one ``_gemm_kernel`` call: a function of the sizes and
-    flags alone, so kept (the dict is only ever unpacked)."""
+    flags alone, so kept."""
     bm, bn, bk, warps, stages = _gemm_config(M, N, K, dt)
     grid = (cdiv(M, bm) * cdiv(N, bn),) if dot else (cdiv(M, bm),)
-    return grid, dict(EPILOGUE=epilogue, HAS_BIAS=has_bias, DOT=dot, ROW_SUM=row_sum, DT=_TL[dt],
-                      DOT_PRECISION=_dot_precision(dt), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M,
-                      num_warps=warps, num_stages=stages)
+    return grid, LaunchConfig(EPILOGUE=epilogue, HAS_BIAS=has_bias, DOT=dot, ROW_SUM=row_sum, DT=_TL[dt],
+                              DOT_PRECISION=_dot_precision(dt), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M,
+                              num_warps=warps, num_stages=stages)
 
 
 _ONE = (0, 0, 0, 0, 0, 0)  # one product: no batch strides
@@ -230,11 +230,11 @@ def _gemm(a, a_strides, b, b_strides, c, M: int, N: int, K: int, dt: torch.dtype
           row_sum=None, epilogue: int = 0, dot: bool = True, batch: int = 1, batch_strides: tuple = _ONE) -> None:
     """Launch ``_gemm_kernel``: c [M, N] = A [M, K] B [K, N] (strides given) with the epilogue;
     ``batch`` such products with the batch strides (A, B, C / g, pre, bias, row sums) given."""
-    grid, meta = _gemm_launch(M, N, K, dt, epilogue, bias is not None, dot, row_sum is not None)
-    launch(_gemm_kernel, grid if batch == 1 else (grid[0], batch), a, b, c, c if bias is None else bias,
-           c if pre is None else pre, c if g is None else g, c if row_sum is None else row_sum, M, N, K,
-           a_strides[0], a_strides[1], b_strides[0], b_strides[1], 0 if bias is None else bias.stride(-1),
-           *batch_strides, **meta)
+    grid, config = _gemm_launch(M, N, K, dt, epilogue, bias is not None, dot, row_sum is not None)
+    launch_with(_gemm_kernel, grid if batch == 1 else (grid[0], batch), config, a, b, c, c if bias is None else bias,
+                c if pre is None else pre, c if g is None else g, c if row_sum is None else row_sum, M, N, K,
+                a_strides[0], a_strides[1], b_strides[0], b_strides[1], 0 if bias is None else bias.stride(-1),
+                *batch_strides)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], dt: torch.dtype,
@@ -254,7 +254,8 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], dt: 
     elif pre is None:
         pre = torch.empty(M, N, dtype=dt, device=x.device)
     if M and N:
-        _gemm(x, x.stride(), w, (w.stride(1), w.stride(0)), out, M, N, K, dt, bias=bias, pre=pre,
+        sw = w.stride()  # one call for both (each stride(i) is a call of its own)
+        _gemm(x, x.stride(), w, (sw[1], sw[0]), out, M, N, K, dt, bias=bias, pre=pre,
               epilogue=(1 if keep_pre else 3) if gelu else 0)
     return out, pre
 
@@ -299,14 +300,15 @@ def _weight_grad(dy: torch.Tensor, x: torch.Tensor, dt: torch.dtype, w_dtype: Op
     dw = None if w_dtype is None else torch.empty(N, K, dtype=w_dtype, device=dy.device)
     db = None if b_dtype is None else torch.empty(N, dtype=b_dtype, device=dy.device)
     if N and (dw is not None and K or db is not None):
-        _gemm(dy, (dy.stride(1), dy.stride(0)), x, x.stride(), db if dw is None else dw, N, K, M, dt,
+        sdy = dy.stride()
+        _gemm(dy, (sdy[1], sdy[0]), x, x.stride(), db if dw is None else dw, N, K, M, dt,
               row_sum=db, dot=dw is not None and K > 0)
     return dw, db
 
 
 @functools.lru_cache(maxsize=None)
 def _weight_grads_launch(N0: int, K0: int, N1: int, K1: int, rows: int, dt: torch.dtype, sum0: bool,
-                         sum1: bool) -> Tuple[Tuple[int], int, dict]:
+                         sum1: bool) -> Tuple[Tuple[int], int, LaunchConfig]:
     """(grid, the first product's programs, constexprs and options) of one
     ``_weight_grads_kernel`` call for dW_0 [N0, K0] and dW_1 [N1, K1] over ``rows`` rows, row sums
     where ``sum0`` / ``sum1``: one tile size for both, chosen as ``_gemm_config`` chooses it for
@@ -315,9 +317,9 @@ def _weight_grads_launch(N0: int, K0: int, N1: int, K1: int, rows: int, dt: torc
     bm, bn, bk, warps, stages = _tile_sizes(dt, few)
     bm, bn, bk = _fit(max(N0, N1), bm), _fit(max(K0, K1), bn), _fit(rows, bk)
     end0 = cdiv(N0, bm) * cdiv(K0, bn)
-    meta = dict(SUM0=sum0, SUM1=sum1, DT=_TL[dt], DOT_PRECISION=_dot_precision(dt), BLOCK_M=bm, BLOCK_N=bn,
-                BLOCK_K=bk, GROUP_M=_GROUP_M, num_warps=warps, num_stages=stages)
-    return (end0 + cdiv(N1, bm) * cdiv(K1, bn),), end0, meta
+    config = LaunchConfig(SUM0=sum0, SUM1=sum1, DT=_TL[dt], DOT_PRECISION=_dot_precision(dt), BLOCK_M=bm,
+                          BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, num_warps=warps, num_stages=stages)
+    return (end0 + cdiv(N1, bm) * cdiv(K1, bn),), end0, config
 
 
 def _weight_grads(p0: tuple, p1: tuple, dt: torch.dtype, single: Callable = None, pair: Callable = None,
@@ -358,11 +360,11 @@ def _weight_grads_pair(dy0: torch.Tensor, x0: torch.Tensor, dy1: torch.Tensor, x
         db1 = None
     elif db1 is None:
         db1 = torch.empty(N1, dtype=b_dtype, device=dev)
-    grid, end0, meta = _weight_grads_launch(N0, K0, N1, K1, rows, dt, bias0, bias1)
-    launch(_weight_grads_kernel, grid,
-           dy0, x0, dw0, dw0 if db0 is None else db0, N0, K0, dy0.stride(1), dy0.stride(0), x0.stride(0), x0.stride(1),
-           dy1, x1, dw1, dw1 if db1 is None else db1, N1, K1, dy1.stride(1), dy1.stride(0), x1.stride(0), x1.stride(1),
-           end0, rows, **meta)
+    grid, end0, config = _weight_grads_launch(N0, K0, N1, K1, rows, dt, bias0, bias1)
+    sdy0, sx0, sdy1, sx1 = dy0.stride(), x0.stride(), dy1.stride(), x1.stride()
+    launch_with(_weight_grads_kernel, grid, config,
+                dy0, x0, dw0, dw0 if db0 is None else db0, N0, K0, sdy0[1], sdy0[0], sx0[0], sx0[1],
+                dy1, x1, dw1, dw1 if db1 is None else db1, N1, K1, sdy1[1], sdy1[0], sx1[0], sx1[1], end0, rows)
     return (dw0, db0), (dw1, db1)
 
 
@@ -521,6 +523,18 @@ def _attention_config(N: int, d: int, dt: torch.dtype, backward: bool) -> Tuple[
     return fit(bm), fit(bn), block_d, warps
 
 
+@functools.lru_cache(maxsize=None)
+def _attention_launch(N: int, d: int, dt: torch.dtype, backward: bool, save: bool
+                      ) -> Tuple[int, int, LaunchConfig]:
+    """(query blocks, key blocks, constexprs and options) of the forward (``save``: keep the
+    log-sum-exp) or the backward attention launch."""
+    bm, bn, bd, warps = _attention_config(N, d, dt, backward)
+    meta = dict(DOT_PRECISION=_dot_precision(dt), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=2)
+    if not backward:
+        meta = dict(HAS_LSE=save, **meta)
+    return cdiv(N, bm), cdiv(N, bn), LaunchConfig(**meta)
+
+
 def _attention(qkv: torch.Tensor, B: int, N: int, H: int, save: bool, o: Optional[torch.Tensor] = None,
                lse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """qkv [B N, 3C] (contiguous, [B, N, 3, H, d]) -> (softmax(q k^T / sqrt(d)) v per head as
@@ -535,10 +549,9 @@ def _attention(qkv: torch.Tensor, B: int, N: int, H: int, save: bool, o: Optiona
     elif lse is None:
         lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
     if B and N:
-        bm, bn, bd, warps = _attention_config(N, d, qkv.dtype, False)
-        launch(_attention_fwd_kernel, (cdiv(N, bm), B * H), qkv, o, o if lse is None else lse, N, H, d, C,
-               d ** -0.5 * _LOG2E, HAS_LSE=save, DOT_PRECISION=_dot_precision(qkv.dtype), BLOCK_M=bm, BLOCK_N=bn,
-               BLOCK_D=bd, num_warps=warps, num_stages=2)
+        q_blocks, _, config = _attention_launch(N, d, qkv.dtype, False, save)
+        launch_with(_attention_fwd_kernel, (q_blocks, B * H), config, qkv, o, o if lse is None else lse, N, H, d, C,
+                    d ** -0.5 * _LOG2E)
     return o, lse
 
 
@@ -552,11 +565,9 @@ def _attention_grad(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: t
     if dqkv is None:
         dqkv = torch.empty_like(qkv)
     if B and N:
-        bm, bn, bd, warps = _attention_config(N, d, qkv.dtype, True)
-        kv_blocks = cdiv(N, bn)
-        launch(_attention_bwd_kernel, (kv_blocks + cdiv(N, bm), B * H), qkv, o, do, lse, dqkv, N, H, d, C,
-               d ** -0.5 * _LOG2E, d ** -0.5, kv_blocks, DOT_PRECISION=_dot_precision(qkv.dtype), BLOCK_M=bm,
-               BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=2)
+        q_blocks, kv_blocks, config = _attention_launch(N, d, qkv.dtype, True, True)
+        launch_with(_attention_bwd_kernel, (kv_blocks + q_blocks, B * H), config, qkv, o, do, lse, dqkv, N, H, d, C,
+                    d ** -0.5 * _LOG2E, d ** -0.5, kv_blocks)
     return dqkv
 
 

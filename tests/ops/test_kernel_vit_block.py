@@ -113,16 +113,16 @@ def test_weight_gradient_with_its_bias_sums(dt, w_dtype):
 
 def _launched(fn):
     """(fn(), the names of the kernels it launched, in order)."""
-    names, launch = [], vb.launch
+    names, launch = [], vb.launch_with
 
-    def counting(kernel, grid, *args, **meta):
+    def counting(kernel, grid, config, *args):
         names.append(kernel.fn.__name__)
-        return launch(kernel, grid, *args, **meta)
-    vb.launch = counting
+        return launch(kernel, grid, config, *args)
+    vb.launch_with = counting
     try:
         return fn(), names
     finally:
-        vb.launch = launch
+        vb.launch_with = launch
 
 
 @pytest.mark.parametrize("dt,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])

@@ -55,22 +55,29 @@ def test_launch_mode_setting(monkeypatch):
 
 def test_key_function_separates_what_triton_specialises_on():
     """The signature written per kernel: a tensor's dtype and address modulo 16, every other
-    argument's class and value (1, 1.0 and True apart), the constexprs by name; arguments of
-    other kinds than it was written for fail (a tensor's slot) or cannot match (a scalar's)."""
+    argument's class and value (1, 1.0 and True apart), the constexprs by name (a keyword
+    dictionary's items, or a ``LaunchConfig`` by identity); arguments of other kinds than it was
+    written for fail (a tensor's slot) or cannot match (a scalar's)."""
     import torch
-    from tec_fast.kernels._common import _key_function
+    from tec_fast.kernels._common import LaunchConfig, _key_function
     key_of = _key_function((True, False))
     head = ("driver", 0)
     buf = torch.zeros(8)
     x, x_odd, x_bf16 = buf[:4], buf[1:5], torch.zeros(4, dtype=torch.bfloat16)
-    meta = {"BLOCK": 16, "num_warps": 4}
+
+    def items(**meta):
+        return tuple(meta.items())
+    meta = items(BLOCK=16, num_warps=4)
     base = key_of(head, meta, x, 1)
-    assert base == key_of(head, dict(meta), torch.zeros(4), 1)  # same dtype and alignment, other tensor
+    assert base == key_of(head, items(BLOCK=16, num_warps=4), torch.zeros(4), 1)  # same dtype and alignment
+    config = LaunchConfig(BLOCK=16, num_warps=4)
     others = [key_of(head, meta, x_odd, 1), key_of(head, meta, x_bf16, 1), key_of(head, meta, x, 1.0),
-              key_of(head, meta, x, True), key_of(head, meta, x, 2), key_of(head, {"BLOCK": 32, "num_warps": 4}, x, 1),
-              key_of(head, {"num_warps": 16, "BLOCK": 4}, x, 1), key_of(("driver", 1), meta, x, 1)]
+              key_of(head, meta, x, True), key_of(head, meta, x, 2), key_of(head, items(BLOCK=32, num_warps=4), x, 1),
+              key_of(head, items(num_warps=16, BLOCK=4), x, 1), key_of(("driver", 1), meta, x, 1),
+              key_of(head, config, x, 1), key_of(head, LaunchConfig(BLOCK=16, num_warps=4), x, 1)]
     assert all(k != base for k in others)
-    assert len(set(others)) == len(others)
+    assert len(set(others)) == len(others)  # a config stands for itself only: another with its contents misses
+    assert key_of(head, config, x, 1) == key_of(head, config, torch.zeros(4), 1)
     with pytest.raises(AttributeError):
         key_of(head, meta, 3, 1)  # a scalar where the tensor was
     assert key_of(head, meta, x, x) != key_of(head, meta, x, 1)  # a tensor where the scalar was: no match

@@ -88,22 +88,22 @@ def test_frozen_weights_cost_no_gemm_and_the_rest_are_unchanged(triton_path, fro
     import tec_fast.kernels.vit_block as vb
     products = []
 
-    def counting(kernel, grid, *args, **meta):
-        if kernel is vb._gemm_kernel and meta["DOT"]:
+    def counting(kernel, grid, config, *args):
+        if kernel is vb._gemm_kernel and config.meta["DOT"]:
             products.append(1)
         elif kernel is vb._weight_grads_kernel:  # one launch, one or two products
             products.extend([1] * (1 + (args[20] < grid[0])))  # the second's programs, if any
-        return launch(kernel, grid, *args, **meta)
-    launch = vb.launch
+        return launch(kernel, grid, config, *args)
+    launch = vb.launch_with
     for params_, n_products in ((params, 8), (part, 8 - sum(n.endswith("weight") and "norm" not in n
                                                             for n in frozen))):
         out = ops.vit_block(x, *params_, H, 1e-6, pending=pending)
         products.clear()
-        vb.launch = counting
+        vb.launch_with = counting
         try:
             torch.autograd.grad(out, [x, pending] + [p for p in params_ if p.requires_grad], grads)
         finally:
-            vb.launch = launch
+            vb.launch_with = launch
         assert len(products) == n_products
 
 
