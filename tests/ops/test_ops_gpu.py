@@ -381,8 +381,9 @@ def test_vit_block_kernels_on_gpu(cuda_triton_path, head_dim, H, B, dtype, amp):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vit_blocks_stack_is_the_chained_blocks_on_gpu(cuda_triton_path, dtype):
     """``ops.vit_blocks`` on the GPU (three ViT-B-wide blocks as one node: the paired weight
-    gradients, one reduction for the six LayerNorms' gradients): bitwise what three chained
-    ``ops.vit_block`` calls give, outputs tapped and every gradient."""
+    gradients, one reduction for the six LayerNorms' gradients, buffers that the blocks reuse in
+    stream order): bitwise what three chained ``ops.vit_block`` calls give, outputs tapped and
+    every gradient, and without a gradient the same values."""
     torch.manual_seed(0)
     B, N, C, H = 4, 50, 768, 12
 
@@ -404,6 +405,11 @@ def test_vit_blocks_stack_is_the_chained_blocks_on_gpu(cuda_triton_path, dtype):
             *torch.autograd.grad((hc * mc).sum() + taps[1].square().sum() + taps[2].sum(), leaves)]
     for i, (a, e) in enumerate(zip(got, want)):
         assert torch.equal(a, e), f"vit_blocks result {i}"
+    with torch.no_grad():  # the frozen base's route: one set of buffers the blocks reuse
+        h2, m2, (o0b, o1b), (q, k) = ops.vit_blocks(x, params, H, 1e-6, outputs=(0, 1), qk_block=1)
+    for i, (a, e) in enumerate(zip((h2, m2, o0b, o1b), (h, m, o0, o1))):
+        assert torch.equal(a, e), f"vit_blocks without a gradient, result {i}"
+    assert q.shape == k.shape == (B, H, N, C // H)
 
 
 def test_vit_block_compiles(cuda_triton_path):
