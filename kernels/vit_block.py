@@ -788,6 +788,15 @@ def _stack_acts(x: torch.Tensor, first_res: bool, n: int, H: int, hidden: int, d
     return [_Acts(*a) for a in zip(y1, x_in, s1, qkv, o, lse, p, y2, h, s2, g, pre, m)]
 
 
+def _one_width(params: tuple, n: int) -> bool:
+    """Whether the n blocks of ``params`` can share a stack's buffers: more than one block, all
+    of one MLP width (``vit_blocks`` takes blocks of different widths; those allocate per block)."""
+    if n < 2:
+        return False
+    hidden = params[8].shape[0]
+    return all(params[12 * i + 8].shape[0] == hidden for i in range(1, n))
+
+
 class _Grads(NamedTuple):
     """Where one block's backward writes (None: a new tensor)."""
     dpre: Optional[torch.Tensor]   # [rows, hidden] dt
@@ -930,8 +939,9 @@ class _VitBlocks(torch.autograd.Function):
         qkv_out = None
         ctx.pend_dt = None if pending is None else pending.dtype
         r = _route()
+        stacked = r is _DIRECT and _one_width(params, n)
         acts = _stack_acts(x, pending is not None, n, H, params[8].shape[0], dt, True, taps, qk_block) \
-            if r is _DIRECT and n > 1 else None
+            if stacked else None
         for i in range(n):
             p = params[12 * i:12 * i + 12]
             x_in, h, m, qkv, (y1, o, lse, y2, pre, s1, s2) = _forward(
@@ -945,7 +955,7 @@ class _VitBlocks(torch.autograd.Function):
             x, pending = h, m
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*saved)
-        ctx.aux, ctx.dt, ctx.n, ctx.taps, ctx.qk_block = aux, dt, n, taps, qk_block
+        ctx.aux, ctx.dt, ctx.n, ctx.taps, ctx.qk_block, ctx.stacked = aux, dt, n, taps, qk_block, stacked
         norms = [params[12 * i + j] for i in range(n) for j in (0, 1, 6, 7)]  # the LayerNorms' w, b
         dtype = norms[0].dtype
         # one dtype and unit strides: their gradients from one reduction launch for the stack
@@ -970,7 +980,7 @@ class _VitBlocks(torch.autograd.Function):
                                 device=x_in.device)
             per_norm = parts.unbind(0)  # block i: LN2's at 2 i, LN1's at 2 i + 1
         grads = [None] * (12 * n)
-        dst = _stack_grads(saved, ctx.aux, need, n, dt) if r is _DIRECT and n > 1 and rows else None
+        dst = _stack_grads(saved, ctx.aux, need, n, dt) if r is _DIRECT and ctx.stacked and rows else None
         for i in range(n - 1, -1, -1):
             dx, grads[12 * i:12 * i + 12] = _backward(
                 r, saved[13 * i:13 * i + 13], ctx.aux[i], dt, need[12 * i:12 * i + 12], d_taps.get(i), dh, dm,
@@ -1014,7 +1024,7 @@ def vit_blocks(x: torch.Tensor, pending: Optional[torch.Tensor], params: Tuple[O
     else:  # inference (the frozen base): no node
         outs, qkv, r = [], None, _route()
         acts = _stack_acts(x, pending is not None, n, num_heads, params[8].shape[0], dt, False, taps, qk_block) \
-            if r is _DIRECT and n > 1 else None
+            if r is _DIRECT and _one_width(params, n) else None
         for i in range(n):
             x_in, x, pending, block_qkv, _ = _forward(r, x, pending, params[12 * i:12 * i + 12], num_heads, eps,
                                                        dt, False, _NEW_ACTS if acts is None else acts[i])

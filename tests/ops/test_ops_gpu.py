@@ -299,7 +299,6 @@ def test_registered_op_matches_reference(cuda_triton_path, op, dtype):
             assert_low_precision_ok(a, e, r, atol=tol_lowp * scale, name=f"{op} output/grad {i}")
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_launch_reuse_gives_what_jitfunction_run_gives(cuda_triton_path, monkeypatch, dtype):
     """Every op, forward and backward at ViT-S sizes (B = 8), launched through Triton's

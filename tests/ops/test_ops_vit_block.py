@@ -473,11 +473,15 @@ def _tapped_loss(h, m, outs):
     return (h.float() * m.float()).sum() + sum((i + 1) * o.float().square().sum() for i, o in enumerate(outs))
 
 
-def test_stack_buffers_under_autocast_are_the_chained_blocks(triton_path):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_stack_buffers_under_autocast_are_the_chained_blocks(triton_path, mixed):
     """Under bf16 autocast (fp32 stream and weights) the stack's buffers hold bf16 GEMM outputs
     and the fp32 stream: bitwise the chained blocks, and without a gradient the same values,
-    the q and k of a middle block included."""
+    the q and k of a middle block included. ``mixed``: the middle block's parameters in bf16
+    (their gradients then come in bf16, not in the stack's fp32 gradient tensors)."""
     x, params = _stack(3, 2, 9, 24, 4, 40)
+    if mixed:
+        params[1] = [None if p is None else p.detach().bfloat16().requires_grad_() for p in params[1]]
     leaves = [x] + [p for ps in params for p in ps if p is not None]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h, m, outs, (q, k) = ops.vit_blocks(x, params, 4, 1e-6, outputs=(0, 1), qk_block=1)
@@ -512,6 +516,42 @@ def test_stack_gradients_accumulate_into_each_parameter(triton_path):
     for i, (leaf, g) in enumerate(zip(leaves, once)):
         assert torch.equal(leaf.grad, 2 * g), i
     assert params[1][8].grad is None
+
+
+def test_stack_of_blocks_of_different_widths(triton_path):
+    """Blocks of different MLP widths in one stack (each allocating its own tensors): bitwise the
+    chained blocks, with and without a gradient."""
+    x, _, first, _ = _inputs(2, 5, 12, 3, 20)
+    params = [first, _inputs(2, 5, 12, 3, 36, seed=1)[2], _inputs(2, 5, 12, 3, 20, seed=2)[2]]
+    leaves = [x] + [p for ps in params for p in ps if p is not None]
+    h, m, outs, _ = ops.vit_blocks(x, params, 3, 1e-6, outputs=(0, 1))
+    hc, mc, outs_c = _chained(x, params, 3, (0, 1))
+    got = [h, m, *outs, *torch.autograd.grad(_tapped_loss(h, m, outs), leaves)]
+    want = [hc, mc, *outs_c, *torch.autograd.grad(_tapped_loss(hc, mc, outs_c), leaves)]
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert torch.equal(a, e), i
+    with torch.no_grad():
+        h2, m2, outs2, _ = ops.vit_blocks(x, params, 3, 1e-6, outputs=(0, 1))
+    for i, (a, e) in enumerate(zip([h2, m2, *outs2], [h, m, *outs])):
+        assert torch.equal(a, e), i
+
+
+def test_stack_takes_a_strided_x(triton_path):
+    """x with non-contiguous rows (the first block reads it in place, its LayerNorm writing
+    into the stack's buffer): bitwise the chained blocks, with and without a gradient."""
+    _, params = _stack(3, 2, 5, 12, 3, 20)
+    x = torch.randn(2, 12, 5).transpose(1, 2).requires_grad_()
+    leaves = [x] + [p for ps in params for p in ps if p is not None]
+    h, m, outs, _ = ops.vit_blocks(x, params, 3, 1e-6, outputs=(0,))
+    hc, mc, outs_c = _chained(x, params, 3, (0,))
+    got = [h, m, *outs, *torch.autograd.grad(_tapped_loss(h, m, outs), leaves)]
+    want = [hc, mc, *outs_c, *torch.autograd.grad(_tapped_loss(hc, mc, outs_c), leaves)]
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert torch.equal(a, e), i
+    with torch.no_grad():
+        h2, m2, outs2, _ = ops.vit_blocks(x, params, 3, 1e-6, outputs=(0,))
+    for i, (a, e) in enumerate(zip([h2, m2, *outs2], [h, m, *outs])):
+        assert torch.equal(a, e), i
 
 
 def test_stack_bf16_error_within_budget(triton_path):
