@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import time
 

@@ -24,7 +24,6 @@ def count_blocks(state: Dict[str, torch.Tensor], prefix: str = "blocks.") -> int
     return max(ids) + 1 if ids else 0
 
 
-
 def stored_vit(obj) -> Optional[dict]:
     """A ViT config saved inside a checkpoint: any nested dict (or argparse Namespace) holding
     img_size/patch_size/embed_dim/depth/num_heads, searched under 'config', 'vit', 'args'."""

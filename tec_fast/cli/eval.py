@@ -40,7 +40,6 @@ from tec_fast.evaluation.protocol import PROTOCOLS, RECIPES
 from tec_fast.presets import MODEL_PRESETS, vit_preset
 
 
-
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown where there is one and the help does not show it already; the epilog's lines kept."""
 

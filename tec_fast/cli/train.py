@@ -29,7 +29,6 @@ from tec_fast.presets import BASE_RECIPES, MODEL_PRESETS
 EXIT_NONFINITE = 3
 
 
-
 # ------------------------------------------------------------------------------------ flags
 def _data_flags(p: Parser) -> None:
     g = p.add_argument_group("data")

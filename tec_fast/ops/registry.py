@@ -169,6 +169,7 @@ def _vit_block(s, dtype, dev) -> Example:
     return Example((x, *params, H, 1e-6), {"pending": pending}, [x, pending, *params],
                    f"B={B},N={N},C={C},H={H},hidden={hidden}")
 
+
 def _masked_gather_work(ex: Example, backward: bool) -> Dict[str, float]:
     x, ids, pos = ex.args
     (B, L, C), K = x.shape, ids.shape[1]
@@ -244,6 +245,7 @@ def _vit_block_work(ex: Example, backward: bool) -> Dict[str, float]:
     # the four projections, then q k^T and p v over all heads
     fwd = 2.0 * B * N * C * (4 * C + 2 * w1.shape[0]) + 4.0 * B * N * N * C
     return {"flops": (3 if backward else 1) * fwd}
+
 
 # the op-specific sizes dispatch takes (``report_info`` keys), read off an example's arguments
 _INFO: Dict[str, Callable[[Example], Dict[str, object]]] = {

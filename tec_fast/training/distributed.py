@@ -87,7 +87,6 @@ def distributed_command(device: Optional[str], output: str, lock: bool = True) -
     cleanup_distributed(barrier=True)
 
 
-
 def _wrap_model(model: nn.Module, cfg: FitConfig, d: DistInfo, static_graph: bool = False):
     """(module to call, handle for gradient-sync control or None). DDP without
     find_unused_parameters, or FSDP2 with each transformer block its own unit. ``static_graph``:

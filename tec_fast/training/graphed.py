@@ -38,6 +38,7 @@ from tec_fast.training import cuda_graph
 # torch's CUDA-graph notes ask for 11 eager DDP iterations before a capture.
 DDP_EAGER_STEPS = 11
 
+
 def plan_graphs(cfg, device: torch.device, world: int, optimizer_name: Optional[str],
                 variable_batches: bool, objective=None) -> Tuple[bool, str]:
     """(record this run's steps?, why not when it will not) for ``cfg.cuda_graph``: 'off' never

@@ -93,7 +93,6 @@ def _to_device(batch, device: torch.device):
     return to_device(batch, device)
 
 
-
 def _next_inputs(batches, objective: Objective, cfg: FitConfig, d: DistInfo, step: int, micro: int):
     """Micro-step ``micro`` of optimizer step ``step``: (batch on the device, its masking noise or None)."""
     batch = _to_device(next(batches), d.device)

@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ptxas_or_skip
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 from data_helpers import write_folder
-
 
 
 def test_bench_loader_smoke(tmp_path, capsys):

@@ -14,7 +14,6 @@ from tec_fast.native import (NativeBatch, NativeBatchSampler, base_pos_embed, bu
 MIXED = [(16, 16), (8, 24), (24, 8)]  # patch 4: grids 4x4, 2x6, 6x2
 
 
-
 def _models(seed=0, relation=True):
     torch.manual_seed(seed)
     base = BaseModel(ViTConfig(16, 4, 24, 2, 3), topk=3 if relation else None)

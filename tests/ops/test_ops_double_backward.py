@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from conftest import assert_close
 from tec_fast import ops
 from tec_fast.ops import dispatch
-from tec_fast.ops.registry import OPS, SIZES, outputs, unit_grads
+from tec_fast.ops.registry import OPS, SIZES, outputs
 
 WITH_BACKWARD = [name for name, spec in OPS.items()
                  if spec.example(SIZES["tiny"], torch.float32, torch.device("cpu")).grad_of]

@@ -5,7 +5,6 @@ recording emulated (graph_emulation.py) and two eager steps before it; rank 0 wr
 per-step global losses, the weights' checksum and how many replays ran to OUT_JSON."""
 from __future__ import annotations
 
-import json
 import sys
 
 import torch

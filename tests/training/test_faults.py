@@ -18,7 +18,6 @@ from train_helpers import AugmentedImages, tiny_objective, tiny_tec
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-
 class PoisonAt:
     """The tiny TEC objective, but the loss becomes ``value`` from optimizer step ``step``."""
 

@@ -13,7 +13,6 @@ from tec_fast.training import (CheckpointManager, FitConfig, TrainingInterrupted
 from train_helpers import AugmentedImages, tiny_objective, tiny_tec
 
 
-
 def _cfg(out, **kw):
     base = dict(name="tec", output_dir=str(out), epochs=3, batch_size=4, accum=2, lr=2e-3, warmup_steps=3,
                 seed=7, log_every=1, progress=False)

@@ -22,7 +22,6 @@ MAE_ARCH = ["--model", "vit_demo_patch4", "--img-size", "32",
 DEMO_ARCH = [*MAE_ARCH, "--base-model", "vit_demo_patch4"]
 
 
-
 # ------------------------------------------------------------------------------ pieces
 def test_lr_schedule_warmup_then_half_cosine_to_zero():
     lrs = [lr_at(s, 100, 10, 1.0) for s in range(100)]
