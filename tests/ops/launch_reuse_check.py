@@ -3,7 +3,7 @@ through the offline driver, the driver call stubbed): every registry op's exampl
 backward, at two sizes and in fp32 and bf16, plus inputs at addresses that are not 16-byte
 aligned, each twice, with ``TEC_FAST_LAUNCH=verify``: every reuse of a compiled kernel is
 checked against the kernel and the arguments Triton's ``JITFunction.run`` picks. Prints the
-number of checked reuses. With ``--plant-bug`` the call signature leaves the tensors' alignment
+number of checked reuses, and fails where a kernel that ran was never reused. With ``--plant-bug`` the call signature leaves the tensors' alignment
 out, which the check must catch."""
 import os
 import sys
@@ -20,12 +20,14 @@ from tec_fast.ops.registry import OPS, SIZES, outputs, unit_grads  # noqa: E402
 dispatch.set_kernel_mode("triton")
 dispatch._SETTINGS["interpret"] = True  # CPU tensors take the Triton path (launches stop at the driver)
 checked = [0]
+launched, reused = set(), set()  # kernel names
 verify = common._verify_reuse
 
 
-def counted(*args, **kwargs):
+def counted(kernel, *args, **kwargs):
     checked[0] += 1
-    return verify(*args, **kwargs)
+    reused.add(kernel.fn.__name__)
+    return verify(kernel, *args, **kwargs)
 
 
 common._verify_reuse = counted
@@ -48,7 +50,7 @@ def misaligned(t):
     return view.requires_grad_(t.requires_grad)
 
 
-with driver_calls_stubbed(lambda name, args, kwargs: None):
+with driver_calls_stubbed(lambda name, args, kwargs: launched.add(name)):
     for op, spec in OPS.items():
         for size in ("tiny", "vits"):
             for dtype in (torch.float32, torch.bfloat16):
@@ -65,3 +67,8 @@ with driver_calls_stubbed(lambda name, args, kwargs: None):
         run(op, ex)
         run(op, ex)
 print(f"checked {checked[0]} reuses")
+# every example runs twice with the same inputs: a kernel never reused has a signature that
+# differs per call (a launch configuration built anew per launch, say), so reuse never applies
+never = sorted(launched - reused)
+if never:
+    sys.exit(f"kernels launched but never reused: {', '.join(never)}")
