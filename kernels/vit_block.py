@@ -758,7 +758,7 @@ _NEW_ACTS = _Acts(*(None,) * 13)
 
 def _stack_acts(x: torch.Tensor, first_res: bool, n: int, H: int, hidden: int, dt: torch.dtype, save: bool,
                 taps: Tuple[int, ...], qk_block: int) -> List[_Acts]:
-    """The forward's destinations for n blocks on x [B, N, C] (``first_res``: block 0 adds a
+    """The forward's destinations for n >= 2 blocks on x [B, N, C] (``first_res``: block 0 adds a
     pending branch, so writes an x_in). With ``save`` what the backward keeps is one [n, ...]
     tensor per kind; without, every kind is one reused tensor, except the x_in of the blocks in
     ``taps`` and block ``qk_block``'s qkv, which leave the stack (new tensors)."""
@@ -771,7 +771,7 @@ def _stack_acts(x: torch.Tensor, first_res: bool, n: int, H: int, hidden: int, d
 
     def each(*shape, dtype=dt, first=True):
         if not first:  # block 0 writes none (x_in without a pending branch)
-            return [None] + (list(torch.empty((n - 1, *shape), dtype=dtype, device=dev).unbind(0)) if n > 1 else [])
+            return [None, *torch.empty((n - 1, *shape), dtype=dtype, device=dev).unbind(0)]
         return torch.empty((n, *shape), dtype=dtype, device=dev).unbind(0)
 
     f32 = torch.float32
