@@ -118,11 +118,12 @@ def sum_parts(parts: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -
 # Triton would pick; and the launcher call is the one ``JITFunction.run`` makes. What a reuse
 # skips besides: Triton's check that the globals a kernel read have not changed since it
 # compiled (the kernels here read only module constants). Not taken (Triton's own path runs):
-# under the interpreter, with a launch hook or a pre-run hook installed (profilers), for a grid
-# given as a function, when ``JITFunction.run`` has been replaced (the benchmarks' compile-only
-# and launch stubs), on a Triton version the reuse was not checked against, or with
-# ``TEC_FAST_LAUNCH=0``. ``TEC_FAST_LAUNCH=verify`` checks every reuse against Triton's own
-# choice (tests).
+# under the interpreter, with a launch hook or a pre-run hook installed (profilers), with a custom
+# pass pipeline (Triton 3.9's stages hook, which changes the kernel compiled), for a grid given
+# as a function, when ``JITFunction.run`` has been replaced (the benchmarks' compile-only and
+# launch stubs), on a Triton version the reuse was not checked against, or with
+# ``TEC_FAST_LAUNCH=0``; a launch that a JIT cache hook declines (nothing compiled) is not kept.
+# ``TEC_FAST_LAUNCH=verify`` checks every reuse against Triton's own choice (tests).
 #
 # The signature is computed by a function written for the kernel's arguments: one expression per
 # positional argument, for the kinds (tensor or not) its first launch passed (``_key_function``);
@@ -138,8 +139,12 @@ _MAX_LAUNCHES = 4096    # signatures kept per kernel before its table starts ove
 
 
 # Triton versions whose JITFunction.run this reuse was checked against (its launcher call, its
-# specialisation rules); any other version launches through JITFunction.run
-_REUSE_TRITON = ("3.9",)
+# specialisation rules: tests/ops/test_launch_reuse.py run under each; 3.6 is what the H200
+# measured in docs/performance.md ran); any other version launches through JITFunction.run
+_REUSE_TRITON = ("3.6", "3.9")
+# option knobs JITFunction.run reads into a kernel's options on one version and not the other
+_HAS_FPSAN = hasattr(knobs.compilation, "fpsan_homomorphic_casts")  # 3.9, not 3.6
+_HAS_STAGES_HOOK = hasattr(knobs.runtime, "add_stages_inspection_hook")  # 3.9: a custom pipeline
 
 
 def launch_mode() -> str:
@@ -214,13 +219,15 @@ def _launch(kernel, grid: Tuple[int, ...], args: tuple, meta: dict, config: Opti
     runtime = knobs.runtime
     if not (type(kernel) is JITFunction and JITFunction.run is _JIT_RUN and mode != "0" and type(grid) is tuple
             and _hook_idle(runtime.launch_enter_hook) and _hook_idle(runtime.launch_exit_hook)
-            and not kernel.pre_run_hooks):  # the interpreter, a benchmark's stub, or a profiler
+            and not kernel.pre_run_hooks and not (_HAS_STAGES_HOOK and runtime.add_stages_inspection_hook)):
+        # the interpreter, a benchmark's stub, a profiler, or a custom pass pipeline
         kernel.run(*args, grid=grid, warmup=False, **meta)
         return
     active = driver.active
     device = active.get_current_device()
     compilation = knobs.compilation
-    head = (active, device, runtime.debug, compilation.instrumentation_mode, compilation.fpsan_homomorphic_casts)
+    head = (active, device, runtime.debug, compilation.instrumentation_mode,
+            compilation.fpsan_homomorphic_casts if _HAS_FPSAN else None)
     options = config if config is not None else tuple(meta.items())  # what the key holds of them
     entry = _KERNELS.get(id(kernel))
     hit = None
@@ -276,7 +283,7 @@ def _remember(kernel, entry: Optional[_Launches], head: tuple, compiled, args: t
     (constexprs and defaults), where the positional ones are exactly the kernel's leading
     runtime parameters and every later one is given or has a default."""
     params = kernel.params
-    if len(args) > len(params) or any(p.is_constexpr for p in params[:len(args)]):
+    if compiled is None or len(args) > len(params) or any(p.is_constexpr for p in params[:len(args)]):
         return
     rest = params[len(args):]
     if not all(p.name in meta or p.has_default for p in rest):
@@ -302,8 +309,9 @@ def _verify_reuse(kernel, grid, args, meta, device, compiled, tail) -> None:
         raise AssertionError(f"launch reuse of {kernel.fn.__name__}: Triton picks another compiled kernel")
     binder = kernel.device_caches[device][4]
     options = dict(meta, debug=meta.get("debug", kernel.debug) or knobs.runtime.debug,
-                   instrumentation_mode=knobs.compilation.instrumentation_mode,
-                   fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+                   instrumentation_mode=knobs.compilation.instrumentation_mode)
+    if _HAS_FPSAN:
+        options["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     bound = tuple(binder(*args, **options)[0].values())
     ours = (*args, *tail)
     if len(bound) != len(ours) or any(a is not b and not (type(a) is type(b) and a == b) for a, b in zip(bound, ours)):

@@ -67,6 +67,29 @@ with driver_calls_stubbed(lambda name, args, kwargs: launched.add(name)):
         run(op, ex)
         run(op, ex)
 print(f"checked {checked[0]} reuses")
+ex = OPS["layer_norm"].example(SIZES["tiny"], torch.float32, torch.device("cpu"))
+with driver_calls_stubbed(lambda name, args, kwargs: None):
+    # Triton's hooks that change what JITFunction.run does leave the reuse out: a custom pass
+    # pipeline (Triton 3.9) compiles another kernel, so every launch takes Triton's own path ...
+    from triton import knobs
+    if common._HAS_STAGES_HOOK:
+        before = checked[0]
+        knobs.runtime.add_stages_inspection_hook = lambda *a: None if a else ("tec_fast check", "0")
+        try:
+            run("layer_norm", ex)
+            run("layer_norm", ex)
+        finally:
+            knobs.runtime.add_stages_inspection_hook = None
+        assert checked[0] == before, "a launch was reused under a custom pass pipeline"
+    # ... and a kernel that a JIT cache hook declines (JITFunction.run compiles nothing and
+    # returns None; a width no example has, so nothing is compiled for it yet) is not kept
+    x, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((3, 7, 40), (40,), (40,)))
+    knobs.runtime.jit_cache_hook = lambda *a, **k: True
+    try:
+        for _ in range(2):
+            ops.layer_norm(x, w, b).sum().backward()
+    finally:
+        knobs.runtime.jit_cache_hook = None
 # every example runs twice with the same inputs: a kernel never reused has a signature that
 # differs per call (a launch configuration built anew per launch, say), so reuse never applies
 never = sorted(launched - reused)
