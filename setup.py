@@ -97,6 +97,10 @@ def _extension_build():
                     raise
                 warnings.warn(f"tec_fast: building {ext.name} failed ({exc}); installing without "
                               "the CUDA part (the CPU extension and the Triton kernels still work)")
+                # what is installed (an editable install copies every listed extension's module
+                # into the source tree) is the extensions that built; the build loop walks the
+                # list it started with, so a new list leaves it alone
+                self.extensions = [e for e in self.extensions if e is not ext]
 
         def run(self):
             try:
