@@ -89,6 +89,24 @@ def one_thread():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and _interpreter_breaks_on_numpy():
+        import triton
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter cannot run these kernels with numpy {np.__version__}: it "
+            f"converts a loop bound with int() of a one-element array, which numpy 2.4 refuses ('only "
+            f"0-dimensional arrays can be converted to Python scalars'). Install numpy<2.4 (the suite passes "
+            f"with Triton 3.6 and numpy 2.3.5) or Triton 3.9.")
+
+
+def _interpreter_breaks_on_numpy() -> bool:
+    """Triton 3.6's interpreter with numpy >= 2.4: every kernel with a loop fails (seen with
+    torch 2.11, Triton 3.6.0 and numpy 2.4.6; Triton 3.9 is unaffected)."""
+    try:
+        import triton
+    except Exception:
+        return False
+    numpy_major_minor = tuple(int(v) for v in np.__version__.split(".")[:2])
+    return triton.__version__.startswith("3.6.") and numpy_major_minor >= (2, 4)
 
 
 def pytest_collection_modifyitems(config, items):

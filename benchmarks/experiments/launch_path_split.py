@@ -70,8 +70,9 @@ def main(argv=None) -> int:
         kernel = fn.run(*call, grid=(10,), warmup=True, **meta)  # compiles once
         kernel._run, kernel.module, kernel.function = (lambda *a: None), "not loaded", 0
         kernel_cache, key_cache, _, _, binder = fn.device_caches[driver.active.get_current_device()]
-        options = dict(meta, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode,
-                       fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+        options = dict(meta, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
+        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # Triton 3.9's, not 3.6's
+            options["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
         bound, spec, opts = binder(*call, **options)
         args_ = tuple(bound.values())
         parts = {
