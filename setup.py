@@ -7,9 +7,11 @@ FORCE_CUDA=1. Install with ``pip install --no-build-isolation -e .``: torch must
 installed, because the extension is compiled against it (``pyproject.toml`` does not list torch,
 so an isolated build would not see it).
 
-An extension that cannot build fails the install with the compiler's message. To install
+A CPU extension that cannot build fails the install with the compiler's message. To install
 without it (the package then runs its plain-torch packing kernels, and ``python -m
-tec_fast.info`` and a one-time warning say so), set TEC_FAST_NO_EXT_BUILD=1.
+tec_fast.info`` and a one-time warning say so), set TEC_FAST_NO_EXT_BUILD=1. A CUDA part that
+cannot build is left out with a warning (and the reason in the build record), unless
+FORCE_CUDA=1 asked for it.
 
 Build knobs (environment): MAX_JOBS (parallel compile jobs, read by ninja through torch),
 TORCH_CUDA_ARCH_LIST (e.g. "9.0"; default: the visible GPUs' archs), FORCE_CUDA=1 (build the CUDA
