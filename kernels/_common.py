@@ -301,6 +301,15 @@ def _remember(kernel, entry: Optional[_Launches], head: tuple, compiled, args: t
     entry.table[key] = compiled, tuple(meta[p.name] if p.name in meta else p.default for p in rest)
 
 
+def run_options(meta: dict, debug: bool) -> dict:
+    """The keywords ``JITFunction.run`` hands its argument binder: ``meta`` (constexprs and launch
+    options), ``debug`` and the option knobs of this Triton version."""
+    options = dict(meta, debug=debug, instrumentation_mode=knobs.compilation.instrumentation_mode)
+    if _HAS_FPSAN:
+        options["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    return options
+
+
 def _verify_reuse(kernel, grid, args, meta, device, compiled, tail) -> None:
     """``TEC_FAST_LAUNCH=verify``: the kernel and the arguments a reuse hands to the launcher are
     the ones ``JITFunction.run`` would pick and pass (compiled without launching)."""
@@ -308,10 +317,7 @@ def _verify_reuse(kernel, grid, args, meta, device, compiled, tail) -> None:
     if chosen is not compiled:
         raise AssertionError(f"launch reuse of {kernel.fn.__name__}: Triton picks another compiled kernel")
     binder = kernel.device_caches[device][4]
-    options = dict(meta, debug=meta.get("debug", kernel.debug) or knobs.runtime.debug,
-                   instrumentation_mode=knobs.compilation.instrumentation_mode)
-    if _HAS_FPSAN:
-        options["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    options = run_options(meta, meta.get("debug", kernel.debug) or knobs.runtime.debug)
     bound = tuple(binder(*args, **options)[0].values())
     ours = (*args, *tail)
     if len(bound) != len(ours) or any(a is not b and not (type(a) is type(b) and a == b) for a, b in zip(bound, ours)):

@@ -52,13 +52,13 @@ def offline_args(module: str, doc: str, argv, calls: int) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = offline_args("benchmarks.experiments.launch_path_split", __doc__, argv, 20000)
-    from triton import knobs
     from triton.runtime import driver
     from triton.runtime.jit import compute_cache_key
 
     from benchmarks.common import format_table
     from benchmarks.compile_report import _offline_driver
     from tec_fast.kernels import layer_norm as m
+    from tec_fast.kernels._common import run_options
 
     fn = m._layer_norm_fwd_kernel
     x, w, b = torch.randn(10, 32), torch.randn(32), torch.randn(32)
@@ -70,9 +70,7 @@ def main(argv=None) -> int:
         kernel = fn.run(*call, grid=(10,), warmup=True, **meta)  # compiles once
         kernel._run, kernel.module, kernel.function = (lambda *a: None), "not loaded", 0
         kernel_cache, key_cache, _, _, binder = fn.device_caches[driver.active.get_current_device()]
-        options = dict(meta, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
-        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # Triton 3.9's, not 3.6's
-            options["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        options = run_options(meta, False)
         bound, spec, opts = binder(*call, **options)
         args_ = tuple(bound.values())
         parts = {
