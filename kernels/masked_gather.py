@@ -28,7 +28,7 @@ import triton.language as tl
 
 from tec_fast.kernels._common import (LaunchConfig, added_slices, cdiv, check_index_flag, check_index_without_kernel,
                                       direct_launch, dtype_reasons, eager_apply, first_order, index_flag, launch_with,
-                                      match_block, next_match, next_pow2, slice_partials, unit_last_stride)
+                                      match_block, next_match, next_pow2, row_slices, slice_partials, unit_last_stride)
 
 
 @triton.jit
@@ -157,11 +157,10 @@ def _bwd_config(B: int, L: int, C: int, K: int, pos_grad: bool, target: int
     for about ``target`` programs."""
     rows, block_c, num_warps = _launch_config(C)
     n_l, n_c = cdiv(L, rows), cdiv(C, block_c)
-    n_b = max(1, min(B, cdiv(target, n_l * n_c)))
-    b_per_prog = cdiv(max(B, 1), n_b)
+    n_b, b_per_prog = row_slices(B, 1, n_l * n_c, target)  # the batch in slices of whole images
     config = LaunchConfig(POS_GRAD=pos_grad, ROWS=rows, BLOCK_C=block_c, BLOCK_K=match_block(K, 32),
                           num_warps=num_warps)
-    return (n_l, n_c, cdiv(max(B, 1), b_per_prog)), b_per_prog, config
+    return (n_l, n_c, n_b), b_per_prog, config
 
 
 def _masked_gather_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, L: int, x_dtype: torch.dtype,
