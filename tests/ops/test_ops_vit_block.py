@@ -69,20 +69,24 @@ def test_fp32_value_and_every_gradient(triton_path, shape, with_pending):
                                     ("fc2_weight", "fc2_bias", "fc1_bias", "proj_weight", "qkv_bias")])
 def test_frozen_weights_cost_no_gemm_and_the_rest_are_unchanged(triton_path, frozen):
     """A weight that does not require grad costs no GEMM in the backward (partial fine-tuning):
-    one matrix product less per frozen weight, and every trainable tensor's gradient what the
-    fully trainable block gives, bitwise."""
+    one matrix product less per frozen weight, and every trainable tensor's gradient still right
+    (against float64, with the fp32 test's bound). Not bitwise the fully trainable block's: a
+    weight gradient computed alone is tiled for its own shape, where paired with its neighbour's
+    it takes the pair's tile, and the interpreter's matmul (numpy's BLAS) rounds a tile's dot
+    products differently by tile shape on some CPUs (seen on an AMD EPYC)."""
     x, pending, params, H = _inputs(*SHAPES[1])
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(x.shape, generator=g) for _ in range(3)]
-    full = _run(ops.vit_block, x, pending, params, H, grads)
+    xd, pd, prd = _double(x, pending, params)
+    exact = _run(reference.vit_block, xd, pd, prd, H, [t.double() for t in grads])
     part = [p.detach().requires_grad_(name not in frozen) for name, p in zip(NAMES, params)]
     leaves = [x, pending] + [p for p in part if p.requires_grad]
     out = ops.vit_block(x, *part, H, 1e-6, pending=pending)
     got = torch.autograd.grad(out, leaves, grads)
-    want = full[3:5] + [f for name, f in zip(NAMES, full[5:]) if name not in frozen]
+    want = exact[3:5] + [f for name, f in zip(NAMES, exact[5:]) if name not in frozen]
     assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert torch.equal(a, b), i
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert_close(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), rtol=1e-4, name=f"gradient {i}")
     # the frozen weights' products are not run (8 with every weight trainable: 4 weight
     # gradients, 4 input gradients); a trainable bias of a frozen weight is summed without one
     import tec_fast.kernels.vit_block as vb
