@@ -26,7 +26,6 @@ from tec_fast.cli.flags import Parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def make_parser(module: str, doc: str, **kwargs) -> Parser:

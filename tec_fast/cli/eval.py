@@ -80,11 +80,11 @@ def build_parser() -> Parser:
     arch.add_argument("--model", "--vit-preset", dest="model", choices=sorted(MODEL_PRESETS),
                       help="named ViT architecture")
     arch.add_argument("--img-size", type=POSITIVE, help="input resolution (demo data: 32)")
-    arch.add_argument("--patch-size", type=POSITIVE)
-    arch.add_argument("--embed-dim", type=POSITIVE)
-    arch.add_argument("--depth", type=POSITIVE)
-    arch.add_argument("--num-heads", type=POSITIVE)
-    arch.add_argument("--mlp-ratio", type=real(0, lo_open=True))
+    arch.add_argument("--patch-size", type=POSITIVE, help="patch side in pixels")
+    arch.add_argument("--embed-dim", type=POSITIVE, help="encoder width")
+    arch.add_argument("--depth", type=POSITIVE, help="encoder blocks")
+    arch.add_argument("--num-heads", type=POSITIVE, help="attention heads per block")
+    arch.add_argument("--mlp-ratio", type=real(0, lo_open=True), help="MLP hidden width / encoder width")
 
     data = p.add_argument_group("data")
     data.add_argument("--data", default="demo",
@@ -176,7 +176,8 @@ def _protocol_flags(p: Parser) -> None:
                    help="stop (saving) after this wall time")
     g.add_argument("--save-every-steps", type=POSITIVE, metavar="STEPS",
                    help="also save checkpoint-last every STEPS (one is saved after every epoch)")
-    g.add_argument("--log-every", type=POSITIVE, default=20, metavar="STEPS")
+    g.add_argument("--log-every", type=POSITIVE, default=20, metavar="STEPS",
+                   help="linprobe / finetune: a metrics.jsonl record and a progress update every STEPS steps")
     g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast dtype; auto: bf16 on a GPU that has it, else fp32")
     g.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (pip install wandb)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from typing import Callable, Optional
 
 
@@ -185,6 +184,3 @@ def given(parser: argparse.ArgumentParser, args: argparse.Namespace):
                 getattr(args, action.dest, action.default) != action.default:
             yield action.dest, action.option_strings[0]
 
-
-def say_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)

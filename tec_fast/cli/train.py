@@ -37,12 +37,14 @@ def _data_flags(p: Parser) -> None:
                         "webdataset-style tar shards (a .tar, a folder of them, or a pattern like "
                         "'shards-{0000..0099}.tar'; python -m tec_fast.make_shards writes them), or a local "
                         "Hugging Face datasets folder (save_to_disk or Parquet files). Without it: the embedded demo")
-    g.add_argument("--img-size", type=POSITIVE, default=224)
+    g.add_argument("--img-size", type=POSITIVE, default=224,
+                   help="side of the square training crops in pixels (a multiple of the patch size)")
     g.add_argument("--strict-data", action="store_true",
                    help="fail on an unreadable image instead of skipping it (with a warning)")
     g.add_argument("--num-workers", type=NON_NEGATIVE, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per training process (default: %(default)s)")
-    g.add_argument("--no-pin-memory", action="store_true")
+    g.add_argument("--no-pin-memory", action="store_true",
+                   help="do not pin the loader's host batches (pinned, their copy to the GPU overlaps the step)")
     g.add_argument("--native-resolution", action="store_true",
                    help="NaViT-style TEC: whole images, aspect ratio kept, resized to at most --max-patches "
                         "patches (+ flip), packed into batches of at most --tokens-per-batch tokens "
@@ -148,12 +150,16 @@ def _run_flags(p: Parser) -> None:
                    help="DDP (default) or FSDP2 fully_shard per block, for large encoders")
     g.add_argument("--device", type=device, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     g = p.add_argument_group("logging")
-    g.add_argument("--log-every", type=POSITIVE, default=20, metavar="STEPS")
+    g.add_argument("--log-every", type=POSITIVE, default=20, metavar="STEPS",
+                   help="a metrics.jsonl record (the means since the last one) and a progress update every STEPS "
+                        "optimizer steps")
     g.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard (if installed)")
     g.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases under PROJECT (needs "
                    "pip install wandb; WANDB_MODE=offline logs to DIR/wandb without an account)")
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress line (the metrics log and the final table are written either way)")
+    g.add_argument("--seed", type=SEED, default=0,
+                   help="seeds the weights, the data order, each image's augmentation and the masks")
 
 
 def _demo_flags(p: Parser) -> None:

@@ -4,7 +4,7 @@
 (an unknown value raises there; ``set_kernel_mode`` changes it later; ``reload_environment`` re-reads it):
 
 * auto: on CUDA tensors an op takes its Triton path only where the committed device benchmark
-  for that GPU class measured it faster than the reference (``measured_table``: forward alone in
+  for that GPU class measured it faster than the reference (``measured``: forward alone in
   inference, forward + backward when grad mode is on). On a GPU class without a table, and on
   CPU tensors, auto runs the reference.
 * triton: forces the Triton path; an op that cannot take it (no Triton, a CPU tensor without
@@ -152,10 +152,6 @@ def load_tables(directory: str = MEASURED_DIR) -> Dict[str, dict]:
             continue
     _DECISIONS.clear()
     return _TABLES
-
-
-def measured_table(gpu: str) -> Optional[dict]:
-    return _TABLES.get(gpu)
 
 
 @torch.compiler.assume_constant_result  # a traced call reads the name at trace time, no graph break
