@@ -19,6 +19,7 @@ from tec_fast.ops.dispatch import (dispatch_report, fast_impl, format_dispatch_r
                                    register_kernels, use_fast_path, why_not_fast)
 from tec_fast.ops.registry import OPS
 from tec_fast.ops.validate import check_bias as _check_bias
+from tec_fast.ops.validate import check_eps as _check_eps
 from tec_fast.ops.validate import check_index as _check_index
 from tec_fast.ops.validate import check_index_values as _check_index_values
 from tec_fast.ops.validate import check_one_dtype as _check_one_dtype
@@ -226,6 +227,7 @@ def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b:
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
     _check_one_dtype(feats, named, "feats and every weight", first="feats")
+    eps_before, eps_after = _check_eps(eps_before, "eps_before"), _check_eps(eps_after, "eps_after")
     if use_fast_path("encoder_adapter", feats):
         return fast_impl("encoder_adapter")(feats, ln_before_w, ln_before_b, fuse_w, fuse_b, fc1_w, fc1_b, fc2_w, fc2_b,
                     ln_after_w, ln_after_b, eps_before, eps_after)
@@ -256,7 +258,7 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     B, Ci, H, W = images.shape
     if Ci != C:
         raise ValueError(f"images have {Ci} channels, weight {tuple(weight.shape)} takes {C}")
-    if H % p or W % p:
+    if H % p or W % p or not H or not W:
         raise ValueError(f"images of {H}x{W} pixels do not split into {p}x{p} patches")
     _check_bias(bias, D, weight, images)
     _check_same_device(images, weight=weight)
@@ -291,18 +293,21 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
             _check_same_device(x, **{name: t})
     if weight.dtype is not x.dtype or bias.dtype is not x.dtype:
         _check_norm_dtypes(x, weight, bias)
+    eps = _check_eps(eps)
     if residual is None:
         if use_fast_path("layer_norm", x):
-            return fast_impl("layer_norm")(x, weight, bias, float(eps))
-        return reference.layer_norm(x, weight, bias, float(eps))
+            return fast_impl("layer_norm")(x, weight, bias, eps)
+        return reference.layer_norm(x, weight, bias, eps)
     if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got "
                          f"{getattr(residual, 'shape', type(residual).__name__)}")
     if residual.device != dev:
         _check_same_device(x, residual=residual)
+    if residual.dtype is not x.dtype:
+        _check_residual_dtype(x, residual, weight, bias)
     if use_fast_path("layer_norm", x, residual_dtype=residual.dtype):
-        return fast_impl("layer_norm")(x, weight, bias, float(eps), residual)
-    return reference.layer_norm(x, weight, bias, float(eps), residual)
+        return fast_impl("layer_norm")(x, weight, bias, eps, residual)
+    return reference.layer_norm(x, weight, bias, eps, residual)
 
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -319,6 +324,21 @@ def _check_norm_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return
     _check_one_dtype(x, (("weight", weight), ("bias", bias)),
                      "x, weight and bias (or fp32 weight and bias for a 16-bit x)")
+
+
+def _check_residual_dtype(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor) -> None:
+    """A residual of another dtype than x: floating point, and outside autocast h = x + residual
+    (of the promoted dtype) normalisable with these parameters, as x is."""
+    if not residual.is_floating_point():
+        raise ValueError(f"residual must be floating point, got dtype {residual.dtype}")
+    h_dtype = torch.promote_types(x.dtype, residual.dtype)
+    if torch.is_autocast_enabled(x.device.type) or weight.dtype is h_dtype and bias.dtype is h_dtype \
+            or (h_dtype in _HALF and weight.dtype is torch.float32 and bias.dtype is torch.float32):
+        return
+    raise ValueError(f"residual has dtype {residual.dtype}, so x + residual is {h_dtype}, which weight "
+                     f"({weight.dtype}) and bias ({bias.dtype}) do not match (outside autocast they must "
+                     f"have h's dtype, or be fp32 for a 16-bit h)")
 
 
 def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int
@@ -423,9 +443,10 @@ def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Ten
                              f"{tuple(getattr(pending, 'shape', ()))}")
         if pending.device != x.device:
             _check_same_device(x, pending=pending)
+    eps = _check_eps(eps)
     if use_fast_path("vit_block", x):
         return fast_impl("vit_block")(x, *tensors, num_heads, eps, pending)
-    return reference.vit_block(x, *tensors, num_heads, float(eps), pending)
+    return reference.vit_block(x, *tensors, num_heads, eps, pending)
 
 
 def vit_blocks(x: torch.Tensor, params: Sequence[Sequence[Optional[torch.Tensor]]], num_heads: int,
@@ -463,6 +484,8 @@ def vit_blocks(x: torch.Tensor, params: Sequence[Sequence[Optional[torch.Tensor]
             except ValueError as exc:
                 raise ValueError(f"params[{i}]: {exc}") from None
         flat += tensors
+    if isinstance(outputs, (torch.Tensor, str)) or not isinstance(outputs, Sequence):
+        raise ValueError(f"outputs must be a sequence of block indices, got {type(outputs).__name__} {outputs!r}")
     outputs = tuple(outputs)
     for i in outputs:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n - 1:
@@ -471,7 +494,7 @@ def vit_blocks(x: torch.Tensor, params: Sequence[Sequence[Optional[torch.Tensor]
     if qk_block is not None and (isinstance(qk_block, bool) or not isinstance(qk_block, int)
                                  or not 0 <= qk_block < n):
         raise ValueError(f"qk_block must be None or a block index in [0, {n}), got {qk_block!r}")
-    eps = float(eps)
+    eps = _check_eps(eps)
     if use_fast_path("vit_block", x):
         taps = tuple(sorted({i + 1 for i in outputs}))
         h, m, tapped, qk = fast_impl("vit_block", "vit_blocks")(x, None, tuple(flat), num_heads, eps, taps,

@@ -9,6 +9,7 @@ kernel walking ``cu_seqlens`` would save those gathers; none is written yet.)
 """
 from __future__ import annotations
 
+import operator
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -27,7 +28,11 @@ def length_groups(lengths: Sequence[int]) -> List[Tuple[int, List[int]]]:
 
 
 def _check_lengths(lengths: Sequence[int], rows: int, what: str, minimum: int) -> List[int]:
-    lengths = [int(n) for n in lengths]
+    try:
+        lengths = [operator.index(n) for n in lengths]  # ints (NumPy's, 0-dim integer tensors): no float truncated
+    except TypeError:
+        raise ValueError(f"{what}: lengths must be a sequence of ints, got "
+                         f"{type(lengths).__name__} {str(lengths)[:80]}") from None
     if not lengths or sum(lengths) != rows or min(lengths) < minimum:
         raise ValueError(f"{what}: lengths must be >= {minimum} each and add up to the {rows} rows, "
                          f"got {lengths[:8]}{'...' if len(lengths) > 8 else ''} (sum {sum(lengths)})")
@@ -117,10 +122,28 @@ def relation_loss_ragged(q: torch.Tensor, k: torch.Tensor, lengths: Sequence[int
     groups, rows = length_groups(lengths), _Rows(lengths, q.device)
     total = 0.0
     for n, ids in groups:
-        loss = ops.relation_loss(_as_heads(rows(q, n, ids)), _as_heads(rows(k, n, ids)),
-                                 torch.stack([topk_idx[b] for b in ids]).to(q.device),
-                                 torch.stack([target[b] for b in ids]).to(q.device), tau, scale)
+        idx, tgt = _stacked(topk_idx, ids, "topk_idx"), _stacked(target, ids, "target")
+        loss = ops.relation_loss(_as_heads(rows(q, n, ids)), _as_heads(rows(k, n, ids)), idx.to(q.device),
+                                 tgt.to(q.device), tau, scale)
         if len(groups) == 1:
             return loss
         total = total + loss * len(ids)
     return total / len(lengths)
+
+
+def _stacked(per_image: Sequence[torch.Tensor], ids: List[int], name: str) -> torch.Tensor:
+    """``per_image``'s entries of images ``ids`` (one token count) stacked; a ``ValueError``
+    naming the argument and the first image that does not stack with the first (checked only
+    when the stack fails: nothing is spent on the common case)."""
+    try:
+        return torch.stack([per_image[b] for b in ids])
+    except (RuntimeError, TypeError):
+        for b in ids:
+            t = per_image[b]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"relation_loss_ragged: {name}[{b}] must be a tensor, got {type(t).__name__}") from None
+            if t.shape != per_image[ids[0]].shape:
+                raise ValueError(f"relation_loss_ragged: {name}[{b}] must be shaped like {name}[{ids[0]}] (images "
+                                 f"of one token count share k), got {tuple(t.shape)} against "
+                                 f"{tuple(per_image[ids[0]].shape)}") from None
+        raise

@@ -90,6 +90,14 @@ def check_real(value, name: str, low: float = -math.inf, open_low: bool = False)
     return v
 
 
+def check_eps(eps, name: str = "eps") -> float:
+    """A LayerNorm's ``eps``: a finite real number >= 0, as a float (the common case, a float in
+    range, in one comparison: the ops that take it run per block)."""
+    if type(eps) is float and 0.0 <= eps < math.inf:  # NaN fails the comparison
+        return eps
+    return check_real(eps, name, 0.0)
+
+
 def check_one_dtype(x: torch.Tensor, named, what: str, first: str = "x") -> None:
     """Outside autocast every tensor of ``named`` ((name, tensor) pairs, None skipped) has x's
     dtype; a ``ValueError`` names the first that does not (``what``: the tensors that must agree).

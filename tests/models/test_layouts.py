@@ -1,6 +1,7 @@
 """Token layouts: the ragged ops equal per-image dense runs, a ragged native batch equals the dense
 path image by image (losses and every gradient), mask ratio 0 is refused for a whole batch and
 defined for one image, and the dense path builds none of the packed layout's indices."""
+import numpy as np
 import pytest
 import torch
 
@@ -77,6 +78,26 @@ def test_ragged_ops_refuse_lengths_that_do_not_add_up():
         ops.patch_norm_mse_ragged(torch.randn(7, 2), torch.randn(7, 2), torch.ones(7), [3, 3])
     with pytest.raises(ValueError, match="lengths"):
         ops.relation_targets_ragged(torch.randn(7, 1, 2), torch.randn(7, 1, 2), [6, 1], 1, 1.0)
+    # lengths are ints: a float is not truncated into one that adds up (3.9 + 4.2 -> 3 + 4 = 7)
+    for lengths in ([3.9, 4.2], ["3", "4"], None):
+        with pytest.raises(ValueError, match="lengths must be a sequence of ints"):
+            ops.patch_norm_mse_ragged(torch.randn(7, 2), torch.randn(7, 2), torch.ones(7), lengths)
+    got = ops.patch_norm_mse_ragged(torch.ones(7, 2), torch.ones(7, 2), torch.ones(7), [np.int64(3), torch.tensor(4)])
+    assert torch.isfinite(got)
+
+
+def test_relation_loss_ragged_names_a_per_image_entry_that_does_not_stack():
+    """Images of one token count are stacked into one dense call: their top-k indices and
+    targets must agree in shape (one k), and be tensors."""
+    q, k = torch.randn(8, 1, 2), torch.randn(8, 1, 2)
+    idx = [torch.tensor([0, 1]), torch.tensor([2])]
+    target = [torch.randn(3, 1, 3), torch.randn(2, 1, 3)]
+    with pytest.raises(ValueError, match=r"topk_idx\[1\] must be shaped like topk_idx\[0\] .*got \(1,\) against \(2,\)"):
+        ops.relation_loss_ragged(q, k, [4, 4], idx, target, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"target\[1\] must be shaped like target\[0\]"):
+        ops.relation_loss_ragged(q, k, [4, 4], [idx[0], idx[0]], target, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"topk_idx\[0\] must be a tensor, got list"):
+        ops.relation_loss_ragged(q, k, [4, 4], [[0, 1], [0, 1]], [target[0]] * 2, 1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -51,6 +51,49 @@ def test_layer_norm_dtypes(path):
     assert (y.double() - ref).abs().max() < 0.02
 
 
+def test_layer_norm_residual_dtypes(path, request):
+    """A residual of another dtype: refused where it is not floating point, or where x + residual
+    is of a dtype the parameters cannot normalise (outside autocast); a 16-bit x on an fp32 stream
+    with fp32 parameters (the autocast model's case) is taken by the reference, h in fp32 (the
+    kernel takes one dtype: forced, it says so)."""
+    x, w, b = torch.randn(2, 5, 16), torch.ones(16), torch.zeros(16)
+    with pytest.raises(ValueError, match="residual must be floating point, got dtype torch.int64"):
+        ops.layer_norm(x, w, b, residual=x.long())
+    with pytest.raises(ValueError, match="residual has dtype torch.float64, so x \\+ residual is torch.float64"):
+        ops.layer_norm(x, w, b, residual=x.double())
+    if request.node.callspec.params["path"] == "triton_path":
+        with pytest.raises(RuntimeError, match="residual dtype torch.float32 differs from x's torch.bfloat16"):
+            ops.layer_norm(x.to(torch.bfloat16), w, b, residual=x)
+        return
+    y, h = ops.layer_norm(x.to(torch.bfloat16), w, b, residual=x)
+    assert h.dtype == torch.float32 and y.dtype == torch.float32
+    ref = torch.nn.functional.layer_norm(x.to(torch.bfloat16).double() + x.double(), (16,), eps=1e-6)
+    assert (y.double() - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("eps, message", [(-1e-6, "eps must be a finite number >= 0"), (math.nan, "eps must be a finite"),
+                                          (math.inf, "eps must be a finite"), (None, "eps must be a real number"),
+                                          ("1e-6", "eps must be a real number"), (True, "eps must be a real number")])
+def test_layer_norm_eps(path, eps, message):
+    """Every op holding a LayerNorm checks its eps as patch_norm_mse does; 0, ints and NumPy
+    floats are taken."""
+    x = torch.randn(2, 5, 16)
+    w, b = torch.ones(16), torch.zeros(16)
+    with pytest.raises(ValueError, match=message):
+        ops.layer_norm(x, w, b, eps)
+    with pytest.raises(ValueError, match=message):
+        ops.layer_norm(x, w, b, eps, residual=x)
+    args = list(_adapter_args())
+    for i, name in ((-2, "eps_before"), (-1, "eps_after")):
+        bad = list(args)
+        bad[i] = eps
+        with pytest.raises(ValueError, match=message.replace("eps", name)):
+            ops.encoder_adapter(*bad)
+    want = ops.layer_norm(x, w, b, 0.0)
+    for ok in (0, np.float64(0.0), np.float32(0.0)):
+        assert torch.equal(ops.layer_norm(x, w, b, ok), want)
+
+
 def test_patch_embed_dtypes(path):
     images = torch.randn(1, 3, 8, 8)
     with pytest.raises(ValueError, match="weight has dtype torch.float64 but images has torch.float32"):

@@ -104,6 +104,7 @@ def test_cpu_default_is_the_convolution_bitwise():
 @pytest.mark.parametrize("args, match", [
     (((2, 3, 8, 8), (6, 2, 4, 4), 6), "images have 3 channels"),
     (((2, 3, 9, 8), (6, 3, 4, 4), 6), "9x8 pixels do not split into 4x4 patches"),
+    (((2, 3, 0, 0), (6, 3, 4, 4), 6), "0x0 pixels do not split into 4x4 patches"),
     (((2, 3, 8, 8), (6, 3, 4, 2), 6), "square patches"),
     (((2, 3, 8, 8), (6, 3, 4, 4), 5), r"bias must have shape \(6,\)"),
     (((3, 8, 8), (6, 3, 4, 4), 6), "images"),

@@ -219,6 +219,9 @@ def test_no_grad_forward_keeps_nothing(triton_path):
 
 def test_validation_names_the_argument():
     x, pending, params, H = _inputs(2, 5, 12, 3, 20)
+    for eps in (-1.0, float("inf"), "1e-6"):
+        with pytest.raises(ValueError, match="eps must be a"):
+            ops.vit_block(x, *params, H, eps)
     with pytest.raises(ValueError, match="num_heads must be a positive int dividing C=12"):
         ops.vit_block(x, *params, 5)
     with pytest.raises(ValueError, match=r"x must be 3-D"):
@@ -586,6 +589,11 @@ def test_stack_validation_names_the_argument():
         ops.vit_blocks(x, params, 3, qk_block=2)
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
         ops.vit_blocks(x, params, 5)
+    with pytest.raises(ValueError, match="outputs must be a sequence of block indices, got int 0"):
+        ops.vit_blocks(x, params, 3, outputs=0)
+    for eps in (-1.0, float("nan"), None):
+        with pytest.raises(ValueError, match="eps must be a"):
+            ops.vit_blocks(x, params, 3, eps)
 
 
 def _block_nodes(t) -> int:
