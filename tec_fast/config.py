@@ -4,14 +4,54 @@ Both validate themselves in ``__post_init__`` and raise ``ValueError`` naming th
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 
-def _positive_int(obj, name: str) -> None:
-    value = getattr(obj, name)
+def is_real(value) -> bool:
+    """A real number (int, float, NumPy scalar, ...), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive_int(value, name: str) -> None:
+    """``value`` is an int > 0 (not a bool, str or float), else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_finite(value, name: str, what: str = "a finite number") -> None:
+    """``value`` is a finite real number (not a bool, str or None), else a ValueError naming ``name``."""
+    if not is_real(value) or not math.isfinite(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def check_mlp_ratio(ratio, dim: int, name: str, dim_name: str) -> None:
+    """An MLP width ratio: a finite number > 0 whose hidden width int(dim * ratio) is at least 1."""
+    check_finite(ratio, name, "a finite number > 0")
+    if not ratio > 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {ratio!r}")
+    if int(dim * ratio) < 1:
+        raise ValueError(f"{name} ({ratio!r}) gives an MLP hidden width int({dim_name} * mlp_ratio) = "
+                         f"int({dim} * {ratio!r}) = 0; it must be at least 1")
+
+
+def _positive_int(obj, name: str) -> None:
+    check_positive_int(getattr(obj, name), f"{type(obj).__name__}.{name}")
+
+
+def _fields_from_dict(cls, d, where: str) -> dict:
+    """``d`` checked to be a dict holding only ``cls``'s fields (a ValueError naming ``where`` and
+    the unknown field otherwise); a shallow copy."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a dict of {cls.__name__} fields, got {type(d).__name__}")
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        raise ValueError(f"{where}: unknown field{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))} ({cls.__name__}'s fields: {', '.join(known)})")
+    return dict(d)
 
 
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
@@ -59,14 +99,13 @@ class ViTConfig:
             raise ValueError(
                 f"ViTConfig.embed_dim ({self.embed_dim}) must be divisible by "
                 f"ViTConfig.num_heads ({self.num_heads})")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"ViTConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        check_mlp_ratio(self.mlp_ratio, self.embed_dim, "ViTConfig.mlp_ratio", "embed_dim")
         for name in ("class_token", "no_embed_class", "layer_scale", "pre_norm", "patch_bias", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
             raise ValueError(f"ViTConfig.reg_tokens must be an int >= 0, got {self.reg_tokens!r}")
-        if not (isinstance(self.ln_eps, (int, float)) and 0 < self.ln_eps < 1):
+        if not (is_real(self.ln_eps) and 0 < self.ln_eps < 1):
             raise ValueError(f"ViTConfig.ln_eps must be a float in (0, 1), got {self.ln_eps!r}")
         if self.mlp_act not in MLP_ACTIVATIONS:
             raise ValueError(f"ViTConfig.mlp_act must be one of {MLP_ACTIVATIONS}, got {self.mlp_act!r}")
@@ -105,8 +144,10 @@ class ViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "ViTConfig.from_dict") -> "ViTConfig":
+        """The config ``to_dict`` gave; an unknown field or a value that is not a dict is a
+        ValueError naming it (fields left out take their defaults)."""
+        return cls(**_fields_from_dict(cls, d, where))
 
 
 _PLAIN_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans")
@@ -136,7 +177,7 @@ class TECConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
-            self.encoder = ViTConfig(**self.encoder)
+            self.encoder = ViTConfig.from_dict(self.encoder, "TECConfig.encoder")
         if not isinstance(self.encoder, ViTConfig):
             raise ValueError(f"TECConfig.encoder must be a ViTConfig, got {type(self.encoder).__name__}")
         if not self.encoder.is_plain:
@@ -152,6 +193,8 @@ class TECConfig:
         for name in ("input_adapter", "relation"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TECConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        # the decoder blocks use the encoder's mlp_ratio on the decoder's width
+        check_mlp_ratio(self.encoder.mlp_ratio, self.decoder_dim, "TECConfig.encoder.mlp_ratio", "decoder_dim")
         if self.decoder_dim % self.decoder_heads:
             raise ValueError(
                 f"TECConfig.decoder_dim ({self.decoder_dim}) must be divisible by "
@@ -174,13 +217,16 @@ class TECConfig:
             raise ValueError(
                 f"TECConfig.num_adapters ({self.num_adapters}) must divide the encoder depth "
                 f"(ViTConfig.depth = {self.encoder.depth}) into equal groups of blocks")
-        if self.relation:
-            if self.tau is None or not float(self.tau) > 0:
-                raise ValueError(
-                    f"TECConfig.tau must be a positive float when relation=True, got {self.tau!r}")
+        if self.tau is not None or self.relation:  # None: only without the relation loss
+            what = "a finite number > 0" + (" when relation=True" if self.relation else " or None")
+            check_finite(self.tau, "TECConfig.tau", what)
+            if not self.tau > 0:
+                raise ValueError(f"TECConfig.tau must be {what}, got {self.tau!r}")
         for name in ("feature_weight", "relation_weight"):
-            if not float(getattr(self, name)) >= 0:
-                raise ValueError(f"TECConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            check_finite(value, f"TECConfig.{name}", "a finite number >= 0")
+            if not value >= 0:
+                raise ValueError(f"TECConfig.{name} must be a finite number >= 0, got {value!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -189,6 +235,12 @@ class TECConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TECConfig":
-        d = dict(d)
-        d["encoder"] = ViTConfig(**d["encoder"])
+        """The config ``to_dict`` gave. ``encoder`` is required (a dict of ViTConfig fields, or a
+        ViTConfig); an unknown field, a missing encoder or a value that is not a dict is a
+        ValueError naming it."""
+        d = _fields_from_dict(cls, d, "TECConfig.from_dict")
+        if "encoder" not in d:
+            raise ValueError("TECConfig.from_dict: the field 'encoder' (a dict of ViTConfig fields) is missing")
+        if not isinstance(d["encoder"], ViTConfig):
+            d["encoder"] = ViTConfig.from_dict(d["encoder"], "TECConfig.encoder")
         return cls(**d)

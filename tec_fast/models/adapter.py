@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from tec_fast import ops
+from tec_fast.config import check_positive_int
 from tec_fast.models.layers import Mlp
 
 # The reference implementation builds the adapter's two LayerNorms with nn.LayerNorm's default
@@ -23,7 +24,11 @@ class EncoderAdapter(nn.Module):
     """
 
     def __init__(self, dim: int, depth: int, num_groups: int, hidden: int):
+        """``dim`` C, the encoder's width; ``depth`` D, the encoder blocks fused; ``num_groups``
+        G, a divisor of D; ``hidden``, the width of each group's MLP. All positive ints."""
         super().__init__()
+        for name, value in (("dim", dim), ("depth", depth), ("num_groups", num_groups), ("hidden", hidden)):
+            check_positive_int(value, f"EncoderAdapter.{name}")
         if depth % num_groups:
             raise ValueError(f"EncoderAdapter: depth ({depth}) must be divisible by num_groups ({num_groups})")
         self.dim, self.depth, self.num_groups, self.hidden = dim, depth, num_groups, hidden

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tec_fast import ops
-from tec_fast.config import MLP_ACTIVATIONS
+from tec_fast.config import MLP_ACTIVATIONS, check_mlp_ratio, check_positive_int, is_real
 from tec_fast.ops.attention import packed_attention
 
 LN_EPS = 1e-6  # every ViT LayerNorm (timm/MAE use partial(nn.LayerNorm, eps=1e-6))
@@ -136,6 +136,18 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, layer_scale: bool = False,
                  qkv_bias: bool = True, ln_eps: float = LN_EPS, act: str = "gelu"):
         super().__init__()
+        check_positive_int(dim, "Block.dim")
+        check_positive_int(num_heads, "Block.num_heads")
+        if dim % num_heads:
+            raise ValueError(f"Block.dim ({dim}) must be divisible by Block.num_heads ({num_heads})")
+        check_mlp_ratio(mlp_ratio, dim, "Block.mlp_ratio", "dim")
+        for name, value in (("layer_scale", layer_scale), ("qkv_bias", qkv_bias)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Block.{name} must be a bool, got {value!r}")
+        if not (is_real(ln_eps) and 0 < ln_eps < 1):
+            raise ValueError(f"Block.ln_eps must be a float in (0, 1), got {ln_eps!r}")
+        if act not in MLP_ACTIVATIONS:
+            raise ValueError(f"Block.act must be one of {MLP_ACTIVATIONS}, got {act!r}")
         self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
         self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()

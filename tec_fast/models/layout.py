@@ -324,6 +324,12 @@ _NO_RELATION = ("targets.relation / targets.topk_idx are None but TECConfig.rela
                 "build the BaseModel with topk set, or set relation=False")
 
 
+def _kind(x) -> str:
+    """What a target holds, for an error message: its type, and its shape where it has one."""
+    shape = getattr(x, "shape", None)
+    return type(x).__name__ + (f" {tuple(shape)}" if isinstance(shape, tuple) else "")
+
+
 def _check_batched(feats, rel, idx, layout: TokenLayout, C: int, H: int, relation: bool) -> None:
     B, L = layout.B, layout.lengths[0]
     if not layout.uniform or tuple(feats.shape) != (B, L, C):
@@ -332,6 +338,10 @@ def _check_batched(feats, rel, idx, layout: TokenLayout, C: int, H: int, relatio
         return
     if rel is None or idx is None:
         raise ValueError(_NO_RELATION)
+    for name, value in (("relation", rel), ("topk_idx", idx)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"targets.{name} must be a tensor like targets.features (a BaseTargets of "
+                             f"tensors), got {_kind(value)}")
     if idx.dim() != 2 or idx.shape[0] != B:
         raise ValueError(f"targets.topk_idx must be [B={B}, k], got {tuple(idx.shape)}")
     if tuple(rel.shape) != (B, 1 + idx.shape[1], H, L):
@@ -342,17 +352,26 @@ def _check_batched(feats, rel, idx, layout: TokenLayout, C: int, H: int, relatio
 def _check_lists(feats, rel, idx, layout: TokenLayout, C: int, H: int, relation: bool) -> None:
     B = layout.B
     if not isinstance(feats, (list, tuple)) or len(feats) != B:
-        raise ValueError(f"targets.features must be a list of {B} [L_b, pred_dim] tensors, got "
-                         f"{type(feats).__name__} of {len(feats) if hasattr(feats, '__len__') else '?'}")
+        tensor = f"a [B, L, pred_dim] = {(B, layout.lengths[0], C)} tensor or " if layout.uniform else ""
+        raise ValueError(f"targets.features must be {tensor}a list of {B} [L_b, pred_dim] tensors, got "
+                         f"{type(feats).__name__}" + (f" of {len(feats)}" if isinstance(feats, (list, tuple)) else ""))
     for b, (f, L) in enumerate(zip(feats, layout.lengths)):
-        if tuple(f.shape) != (L, C):
-            raise ValueError(f"targets.features[{b}] must be [L_b, pred_dim] = {(L, C)}, got {tuple(f.shape)}")
+        if not isinstance(f, torch.Tensor) or tuple(f.shape) != (L, C):
+            raise ValueError(f"targets.features[{b}] must be a tensor [L_b, pred_dim] = {(L, C)}, got {_kind(f)}")
     if not relation:
         return
     if rel is None or idx is None:
         raise ValueError(_NO_RELATION)
+    for name, value in (("relation", rel), ("topk_idx", idx)):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"targets.{name} must be a list of {B} tensors like targets.features, got {_kind(value)}")
     if len(rel) != B or len(idx) != B:
         raise ValueError(f"targets.relation / topk_idx must hold {B} images, got {len(rel)} / {len(idx)}")
+    for name, values in (("relation", rel), ("topk_idx", idx)):
+        for b, value in enumerate(values):
+            if not isinstance(value, torch.Tensor) or (name == "topk_idx" and value.dim() != 1):
+                raise ValueError(f"targets.{name}[{b}] must be a tensor{' [k]' if name == 'topk_idx' else ''}, "
+                                 f"got {_kind(value)}")
     k = idx[0].shape[0]
     for b, (r, i, L) in enumerate(zip(rel, idx, layout.lengths)):
         if tuple(i.shape) != (k,) or tuple(r.shape) != (1 + k, H, L):

@@ -1,11 +1,14 @@
 """MAE's random masking (docs/tec.md §2), reproducible from a given noise tensor."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import List, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["Masking", "num_visible", "random_masking", "visible_counts", "keep_lowest_noise",
+__all__ = ["Masking", "num_visible", "check_mask_ratio", "random_masking", "visible_counts", "keep_lowest_noise",
            "variable_masking", "ragged_keep", "block_masking"]
 
 
@@ -19,10 +22,58 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
+_RATIO_FORMS = "a number in [0, 1), or one per image (a [B] tensor or a list / tuple of numbers)"
+
+
+def _real_dtype(dtype) -> bool:
+    """A torch or NumPy dtype of real numbers (not bool, not complex)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype != torch.bool and not dtype.is_complex
+    return getattr(dtype, "kind", None) in ("f", "i", "u")
+
+
+def _scalar_ratio(r) -> bool:
+    """One ratio: a real number (not a bool), or a one-value tensor / NumPy array of a real dtype.
+    Looks at types and shapes only (no value is read: no GPU sync)."""
+    if isinstance(r, numbers.Real):
+        return not isinstance(r, (bool, np.bool_))
+    if isinstance(r, (torch.Tensor, np.ndarray)):
+        return _real_dtype(r.dtype) and math.prod(r.shape) == 1
+    return False
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_mask_ratio(mask_ratio, per_image: bool = True) -> None:
+    """A ValueError naming ``mask_ratio`` unless it has a form the masking takes: a real number
+    (a Python or NumPy number, a 0-dim tensor), or, with ``per_image``, one per image (a tensor or
+    NumPy array of a real dtype, a list / tuple of numbers). Types only: the values' range is
+    checked where they are used, and nothing is read from a device."""
+    if _scalar_ratio(mask_ratio) and (per_image or getattr(mask_ratio, "ndim", 0) == 0):
+        return
+    if per_image:
+        if isinstance(mask_ratio, (torch.Tensor, np.ndarray)):
+            if _real_dtype(mask_ratio.dtype):
+                return
+            raise ValueError(f"mask_ratio must be {_RATIO_FORMS}, got a tensor of dtype {mask_ratio.dtype}")
+        if isinstance(mask_ratio, (list, tuple)):
+            for b, r in enumerate(mask_ratio):
+                if not _scalar_ratio(r):
+                    raise ValueError(f"mask_ratio must be {_RATIO_FORMS}; mask_ratio[{b}] is "
+                                     f"{type(r).__name__} {_short(r)}")
+            return
+    what = _RATIO_FORMS if per_image else "a number in [0, 1)"
+    raise ValueError(f"mask_ratio must be {what}, got {type(mask_ratio).__name__} {_short(mask_ratio)}")
+
+
 def random_masking(batch: int, num_patches: int, mask_ratio: float,
                    noise: Optional[torch.Tensor] = None, device=None,
                    generator: Optional[torch.Generator] = None) -> Masking:
     """ids_shuffle = argsort(noise); keep the first K = int(L * (1 - mask_ratio)) of it."""
+    check_mask_ratio(mask_ratio, per_image=False)
     if not 0.0 <= float(mask_ratio) < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
     K = num_visible(num_patches, mask_ratio)
@@ -50,6 +101,7 @@ def visible_counts(lengths: Sequence[int], mask_ratio) -> List[int]:
     images or one per image, each in [0, 1). A ratio of 0 keeps every patch of its image (that
     image then has nothing to predict: see ``TokenLayout``); a ratio that leaves no visible patch
     is refused."""
+    check_mask_ratio(mask_ratio)
     if isinstance(mask_ratio, (int, float)) and not isinstance(mask_ratio, bool):
         ratios = [float(mask_ratio)] * len(lengths)
     else:
@@ -134,11 +186,11 @@ def block_masking(batch: int, grid: int, mask_ratio: float, min_block: int = 4,
     ratio log-uniform in [aspect, 1/aspect] are masked until about ``mask_ratio`` of the grid is
     covered (never more). Returns keep [B, grid*grid] bool (True = visible), at least one
     patch visible per image."""
-    import math
     import random
 
+    check_mask_ratio(mask_ratio, per_image=False)
     L = grid * grid
-    target = int(round(L * mask_ratio))
+    target = int(round(L * float(mask_ratio)))
     if not 0 < target < L:
         raise ValueError(f"mask_ratio={mask_ratio} masks {target} of L={L} patches; need 0 < that < L")
     seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator))

@@ -13,7 +13,7 @@ from tec_fast.config import TECConfig
 from tec_fast.models.layers import (LN_EPS, Block, Mlp, PatchEmbed, apply_norm, check_images, init_vit_weights,
                                     run_blocks, sincos_pos_embed)
 from tec_fast.models.layout import TokenLayout
-from tec_fast.models.masking import random_masking, variable_masking
+from tec_fast.models.masking import check_mask_ratio, random_masking, variable_masking
 from tec_fast.models.adapter import EncoderAdapter
 
 
@@ -89,9 +89,8 @@ class TECModel(nn.Module):
         if keep is not None:
             return layout.with_keep(keep)
         L = enc.num_patches
+        check_mask_ratio(mask_ratio)  # its type (no value read): a number, or one per image
         if (isinstance(mask_ratio, torch.Tensor) and mask_ratio.dim() == 0) or isinstance(mask_ratio, numbers.Real):
-            if isinstance(mask_ratio, bool):
-                raise ValueError(f"mask_ratio must be a number in [0, 1) or one per image, got {mask_ratio!r}")
             mask_ratio = float(mask_ratio)  # a 0-dim tensor or a NumPy scalar: one ratio for all
             return layout.with_masking(random_masking(batch, L, mask_ratio, noise=noise, device=device))
         keep, _ = variable_masking(batch, L, mask_ratio, noise=noise, device=device)
