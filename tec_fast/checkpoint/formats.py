@@ -59,9 +59,19 @@ def _is_state_dict(d) -> bool:
     return isinstance(d, dict) and len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
 
 
+def nonfinite_keys(state: dict) -> List[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or inf."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.is_meta
+            and not bool(torch.isfinite(v).all())]
+
+
 def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
+        if not isinstance(key, str):  # a dict built by hand: prefixes and names are matched as text
+            raise ValueError(f"checkpoint state dict key {key!r} is of type {type(key).__name__}, not a str "
+                             f"(parameter names like 'blocks.0.attn.qkv.weight')")
         changed = True
         while changed:
             changed = False
@@ -83,16 +93,40 @@ def _pick_state(obj: dict, prefer_teacher: bool, report: LoadReport) -> Dict[str
             if key == "teacher" and "student" in obj:
                 report.notes.append("used 'teacher' weights (what iBOT/DINO evaluate), not 'student'")
             return obj[key]
+    for where, d in [("", obj)] + [(f" under {key!r}", obj[key]) for key in order if isinstance(obj.get(key), dict)]:
+        tensors = [k for k, v in d.items() if isinstance(v, torch.Tensor)]
+        others = [k for k, v in d.items() if not isinstance(v, torch.Tensor)]
+        if tensors and len(tensors) >= len(others):  # a state dict but for a stray entry: name it
+            shown = ", ".join(f"{k!r}: {type(d[k]).__name__}" for k in others[:3])
+            raise ValueError(f"checkpoint holds {len(tensors)} tensors{where} beside {len(others)} other "
+                             f"value(s) ({shown}); a state dict holds tensors only: remove {others[0]!r}")
     tensors = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
     raise ValueError("checkpoint holds no state dict: expected a dict of tensors or one under "
                      f"'model', 'state_dict' or 'teacher'; top-level keys: {sorted(obj)[:12]}"
                      + (f" (tensor keys: {tensors[:5]})" if tensors else ""))
 
 
+def _refuse_unloadable(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], source: str) -> None:
+    """ValueError naming the key of a tensor that has no data (meta) or is not floating where the
+    model's is (an int or bool would be cast as if it were a weight, a complex one lose its
+    imaginary part)."""
+    for key, value in state.items():
+        if key not in own:
+            continue
+        if value.is_meta:
+            raise ValueError(f"checkpoint {source}: key {key!r} is a meta tensor (a shape without data): "
+                             f"load real weights")
+        if own[key].is_floating_point() and not value.is_floating_point():
+            raise ValueError(f"checkpoint {source}: key {key!r} holds {value.dtype} values where the model "
+                             f"has a floating-point {own[key].dtype} tensor")
+
+
 def _assign(model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport,
             optional_missing: re.Pattern = None) -> None:
-    """Copy matching tensors into ``model``; refuse on any shape contradiction."""
+    """Copy matching tensors into ``model``; refuse on any shape contradiction, and on a tensor
+    the copy cannot read or would silently cast (``_refuse_unloadable``)."""
     own = model.state_dict()
+    _refuse_unloadable(state, own, report.source)
     for key, value in state.items():
         if key not in own:
             continue
@@ -118,6 +152,10 @@ def fold_cls_mlp(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Replace ``cls_token`` by MLP(cls_token) using ``cls_token_mlp.fc1/fc2`` (GELU between),
     dropping the MLP keys: what a timm ViT (and a base model) sees as its CLS token."""
     state = dict(state)
+    for key in ("cls_token", "cls_token_mlp.fc1.weight", "cls_token_mlp.fc1.bias", "cls_token_mlp.fc2.weight",
+                "cls_token_mlp.fc2.bias"):
+        if key in state and not state[key].is_floating_point():  # .float() below would cast it silently
+            raise ValueError(f"checkpoint key {key!r} holds {state[key].dtype} values, not floating-point weights")
     w1, b1 = state.pop("cls_token_mlp.fc1.weight"), state.pop("cls_token_mlp.fc1.bias")
     w2, b2 = state.pop("cls_token_mlp.fc2.weight"), state.pop("cls_token_mlp.fc2.bias")
     cls = state["cls_token"].float()
@@ -231,7 +269,13 @@ def read_base_weights(src: Union[PathOrState, BaseWeights], trust: bool = False)
         state = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v for k, v in state.items()}
         report.notes.append("fc_norm.* (timm global_pool='avg' layout, no norm.*) loaded as the final norm, "
                             "applied to each token before pooling (timm applies it to the pooled mean)")
-    return BaseWeights(state, hf_config, stored_vit(obj), report)
+    return BaseWeights(state, hf_config, stored_vit(obj, report.source), report)
+
+
+def base_nonfinite_keys(state: Dict[str, torch.Tensor]) -> List[str]:
+    """``nonfinite_keys`` of the weights (timm names) a base model would load: not the heads,
+    decoders and adapters it ignores."""
+    return nonfinite_keys({k: v for k, v in state.items() if not _BASE_IGNORED.match(k)})
 
 
 def _fit_pos_embed(base: nn.Module, pos: torch.Tensor, report: LoadReport) -> torch.Tensor:
@@ -298,6 +342,11 @@ def load_base_checkpoint(base: nn.Module, src: Union[PathOrState, BaseWeights],
     if not kept:
         raise ValueError(f"checkpoint {report.source} matches no base-model key; its keys start with "
                          f"{sorted(state)[:8]}")
+    _refuse_unloadable(kept, own, report.source)  # before the position embedding is resampled
+    bad = nonfinite_keys(kept)
+    if bad:
+        raise ValueError(f"checkpoint {report.source}: {len(bad)} weights hold NaN or inf values "
+                         f"({', '.join(bad[:3])}); targets and features from them would be meaningless")
     if "pos_embed" in kept:
         kept["pos_embed"] = _fit_pos_embed(base, kept["pos_embed"], report)
     # `norm.*` is not used for the targets and TEC's released encoders ship without it.

@@ -24,28 +24,36 @@ def count_blocks(state: Dict[str, torch.Tensor], prefix: str = "blocks.") -> int
     return max(ids) + 1 if ids else 0
 
 
-def stored_vit(obj) -> Optional[dict]:
+def stored_vit(obj, source: str = "checkpoint") -> Optional[dict]:
     """A ViT config saved inside a checkpoint: any nested dict (or argparse Namespace) holding
-    img_size/patch_size/embed_dim/depth/num_heads, searched under 'config', 'vit', 'args'."""
-    def search(node, depth):
+    img_size/patch_size/embed_dim/depth/num_heads, searched under 'config', 'vit', 'args'.
+    One whose values no ViTConfig takes (a record damaged by hand) is a ValueError naming
+    ``source`` (the file) and where it is stored."""
+    def search(node, depth, where):
         if hasattr(node, "__dict__") and not isinstance(node, (dict, torch.Tensor)):
             node = vars(node)
         if not isinstance(node, dict) or depth > 3:
             return None
         if all(k in node for k in _VIT_FIELDS):
-            return {k: node[k] for k in _ALL_VIT_FIELDS if k in node}
+            return {k: node[k] for k in _ALL_VIT_FIELDS if k in node}, where
         for key in ("vit", "encoder", "config", "args", "model_config"):
             if key in node:
-                found = search(node[key], depth + 1)
+                found = search(node[key], depth + 1, f"{where}.{key}")
                 if found:
                     return found
         return None
 
     for key in ("config", "vit", "args", "model_config"):
         if isinstance(obj, dict) and key in obj:
-            found = search(obj[key], 0)
+            found = search(obj[key], 0, key)
             if found:
-                return found
+                fields, where = found
+                try:
+                    ViTConfig.from_dict(fields)
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(f"{source}: the ViT config stored in its {where} is invalid ({exc}); "
+                                     f"damaged checkpoint?") from None
+                return fields
     return None
 
 
@@ -144,6 +152,9 @@ def infer_base_vit(state: dict, hf_config: Optional[dict] = None, stored: Option
     weights; heads from ``num_heads``, else a config stored beside the weights, else as
     ``infer_vit`` says; ``img_size`` (default: the stored position embedding's grid) sets the grid
     the position embedding is resampled to; ``overrides`` set fields the weights cannot tell."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"config_overrides must be a dict of ViTConfig fields to values (e.g. "
+                         f"{{'ln_eps': 1e-5}}), got a {type(overrides).__name__}")
     fields, note = infer_vit(state, hf_config)
     notes = [note] if note else []
     if num_heads is not None:

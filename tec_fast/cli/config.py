@@ -16,6 +16,7 @@ import argparse
 import difflib
 import os
 import tempfile
+from collections.abc import Hashable
 from typing import Dict, Iterable, Optional
 
 CONFIG_FILE = "config.yaml"
@@ -42,12 +43,36 @@ def _yaml():
     return yaml
 
 
+def _unique_key_loader(yaml, path: str):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last value
+    silently, which would drop the first without a word)."""
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    continue  # the base class refuses it with its own message
+                if key in seen:
+                    raise ValueError(f"--config {path}: key {key!r} is given twice "
+                                     f"(line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+    return Loader
+
+
 def read_config(path: str) -> dict:
-    """The mapping in a YAML file (an empty file is an empty mapping)."""
+    """The mapping in a YAML file (an empty file is an empty mapping); UTF-8 text, each key once."""
     yaml = _yaml()
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--config {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                         f"{exc.start}); save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader(yaml, path))
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""

@@ -4,9 +4,7 @@ still shows its traceback."""
 from __future__ import annotations
 
 import sys
-from typing import Callable, List, Optional, Sequence
-
-import torch
+from typing import Callable, Optional, Sequence
 
 from tec_fast.data.folder import UnreadableImage
 
@@ -15,12 +13,6 @@ EXIT_USER_ERROR = 2
 # ValueError: the library's refusal of an input (a path, a key, a shape, a format);
 # OSError: the file system's (missing file, permission, disk full).
 USER_ERRORS = (ValueError, OSError, UnreadableImage)
-
-
-def nonfinite_keys(state: dict) -> List[str]:
-    """Names of the floating-point tensors of a state dict that hold a NaN or inf."""
-    return [k for k, v in state.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def one_line(exc: BaseException) -> str:
@@ -34,10 +26,22 @@ def one_line(exc: BaseException) -> str:
     return " ".join(lines)
 
 
+def kernel_mode_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is the kernel dispatch's refusal of the environment's TEC_FAST_KERNELS
+    setting (``triton`` where a kernel cannot run: no GPU, no TRITON_INTERPRET): a RuntimeError
+    about the user's setting, not a bug."""
+    return isinstance(exc, RuntimeError) and str(exc).startswith("TEC_FAST_KERNELS=")
+
+
 def run_command(main: Callable[[Optional[Sequence[str]]], int], argv=None) -> int:
     """``main(argv)``, with user errors turned into ``error: ...`` on stderr and exit status 2."""
     try:
         return main(argv)
     except USER_ERRORS as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RuntimeError as exc:
+        if not kernel_mode_refusal(exc):
+            raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR

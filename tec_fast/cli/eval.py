@@ -30,9 +30,10 @@ from typing import Tuple
 
 import torch
 
+from tec_fast.checkpoint import nonfinite_keys
 from tec_fast.checkpoint.infer import infer_vit, stored_vit
 from tec_fast.cli.config import write_text_atomic
-from tec_fast.cli.errors import nonfinite_keys, run_command
+from tec_fast.cli.errors import run_command
 from tec_fast.cli.flags import (NON_NEGATIVE, POSITIVE, SEED, Parser, device, existing_dir, given, output_dir,
                                 output_file, real, same_file)
 from tec_fast.config import ViTConfig
@@ -236,7 +237,7 @@ def resolve_vit(args, obj: dict, state: dict) -> Tuple[ViTConfig, str]:
         fields = vit_preset(args.model, args.img_size or held or 224).to_dict()
         source = f"preset {args.model}"
     else:
-        stored = stored_vit(obj)
+        stored = stored_vit(obj, args.checkpoint)
         if stored:
             fields, source = dict(stored), "config stored in the checkpoint"
         else:
@@ -368,12 +369,14 @@ def load_encoder(args):
             if explicit:
                 base, vit_source = _load_with_flags(args)
             else:
-                base = BaseModel.from_checkpoint(args.checkpoint, img_size=args.img_size, num_heads=args.num_heads,
-                                                 trust=args.trust_checkpoint)
+                from tec_fast.checkpoint import read_base_weights
+                weights = read_base_weights(args.checkpoint, trust=args.trust_checkpoint)
+                _refuse_heads_the_checkpoint_contradicts(args, weights.stored)
+                base = BaseModel.from_checkpoint(weights, img_size=args.img_size, num_heads=args.num_heads)
                 notes = [n for n in base.load_report.notes if "num_heads" in n or "config" in n]
                 vit_source = "read from the checkpoint" + (f" ({'; '.join(notes)})" if notes else "")
         except ValueError as exc:  # a head count the width does not divide: say which flag set it
-            if args.num_heads is not None and "num_heads" in str(exc):
+            if args.num_heads is not None and "num_heads" in str(exc) and "--num-heads" not in str(exc):
                 raise ValueError(f"--num-heads {args.num_heads}: {exc}") from None
             raise
     bad = nonfinite_keys(base.state_dict())
@@ -396,11 +399,20 @@ def _load_with_flags(args):
 
     obj = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     state = read_state_dict(obj)
+    _refuse_heads_the_checkpoint_contradicts(args, stored_vit(obj, args.checkpoint))
     vit, vit_source = resolve_vit(args, obj, state)
     _refuse_flags_the_weights_contradict(args, vit, state)
     base = BaseModel(vit, topk=None)
     base.load_report = base.load_checkpoint(obj)
     return base, vit_source
+
+
+def _refuse_heads_the_checkpoint_contradicts(args, stored) -> None:
+    """--num-heads against the head count a config stored in the checkpoint records (what the
+    weights were trained as: another count changes the attention, and the scores, silently)."""
+    if args.num_heads is not None and stored and "num_heads" in stored and stored["num_heads"] != args.num_heads:
+        raise ValueError(f"{args.checkpoint} records num_heads={stored['num_heads']}, which --num-heads "
+                         f"{args.num_heads} contradicts; leave --num-heads out")
 
 
 def _refuse_flags_the_weights_contradict(args, vit: ViTConfig, state: dict) -> None:
@@ -523,10 +535,9 @@ def run_protocol_command(args) -> dict:
 
 def _run_protocol(args, d, output: str) -> dict:
     from tec_fast.checkpoint import clean_stale_temp_files
-    from tec_fast.cli.train import fresh_output
+    from tec_fast.cli.train import fresh_output, write_curves
     from tec_fast.evaluation.protocol import RECIPE_FIELDS, recipe, run_protocol
     from tec_fast.training import NonFiniteTraining, TrainingInterrupted
-    from tec_fast.training.curves import plot_run
 
     say = print if d.is_main else (lambda *a, **k: None)
     if d.is_main:  # this run holds the folder's lock
@@ -563,7 +574,7 @@ def _run_protocol(args, d, output: str) -> dict:
         if note:
             print(note)
         write_text_atomic(os.path.join(output, "results.json"), json.dumps(result, indent=2, default=str) + "\n")
-        result["curves"] = plot_run(output)
+        result["curves"] = write_curves(output, note=False)
         _protocol_table(result, output)
         if args.json:
             write_text_atomic(args.json, json.dumps(result, indent=2, default=str) + "\n")

@@ -23,8 +23,9 @@ import os
 import sys
 from typing import Optional, Tuple
 
+from tec_fast.checkpoint import nonfinite_keys
 from tec_fast.checkpoint.infer import infer_tec_config, infer_vit
-from tec_fast.cli.errors import nonfinite_keys, run_command
+from tec_fast.cli.errors import one_line, run_command
 from tec_fast.cli.flags import POSITIVE, Parser, existing_file, output_file, same_file
 from tec_fast.presets import MODEL_PRESETS
 
@@ -150,7 +151,7 @@ def export(ckpt_path: str, out_path: str, model: Optional[str] = None, img_size:
         return _export_mae(ck, state, ckpt_path, out_path, model, img_size, num_heads, fmt)
     guessed = False
     if "model_config" in ck:
-        tec_cfg, source = TECConfig.from_dict(ck["model_config"]), _STORED
+        tec_cfg, source = stored_config(ck, ckpt_path, TECConfig.from_dict), _STORED
         _check_stored_encoder(tec_cfg.encoder, ckpt_path, model, img_size, num_heads)
     else:
         vit, source, guessed = encoder_architecture(state, ckpt_path, model, img_size, num_heads)
@@ -173,10 +174,12 @@ def _export_mae(ck: dict, state: dict, path: str, out_path: str, model: Optional
 
     guessed = False
     if "model_config" in ck:
-        cfg = dict(ck["model_config"])
-        vit, source = ViTConfig(**cfg.pop("vit")), _STORED
+        def build(record):  # MAEModel.config_dict's form: {'vit': ViTConfig fields, decoder sizes}
+            cfg = dict(record)
+            vit = ViTConfig.from_dict(cfg.pop("vit"))
+            return vit, MAEModel(vit, **cfg)
+        (vit, mae), source = stored_config(ck, path, build), _STORED
         _check_stored_encoder(vit, path, model, img_size, num_heads)
-        mae = MAEModel(vit, **cfg)
         try:
             mae.load_state_dict(state)
         except RuntimeError as exc:  # keys or shapes that do not fit the recorded model
@@ -196,6 +199,22 @@ def _export_mae(ck: dict, state: dict, path: str, out_path: str, model: Optional
         save_atomic({"model": encoder}, out_path)
         info = {"layout": "MAE release ({'model': encoder})", "tensors": len(encoder)}
     return dict(info, encoder=vit.to_dict(), source=source)
+
+
+def stored_config(ck: dict, path: str, build):
+    """``build(ck['model_config'])``: the model config the engine's checkpoints record. A record
+    damaged by hand (not a mapping, a field missing or unknown, a value out of range) is a
+    ValueError naming the file and ``model_config``, not the dataclass's TypeError."""
+    record = ck["model_config"]
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: its model_config is a {type(record).__name__}, not a mapping of "
+                         f"config fields (damaged checkpoint?)")
+    try:
+        return build(record)
+    except (ValueError, TypeError, KeyError) as exc:
+        why = f"field {exc} is missing" if isinstance(exc, KeyError) else one_line(exc)
+        raise ValueError(f"{path}: its model_config does not describe a model: {why} (damaged "
+                         f"checkpoint?)") from None
 
 
 def _refuse_guessed_heads(fmt: str, guessed: bool, vit, path: str) -> None:

@@ -406,12 +406,17 @@ def bench(dataset, cfg, native, batching: dict, say, args, d) -> int:
     return 0
 
 
-def write_curves(output: str):
-    """DIR/curves.png from DIR/metrics.jsonl; None (said once) without matplotlib."""
-    from tec_fast.training.curves import CURVES_FILE, plot_run
+def write_curves(output: str, note: bool = True):
+    """DIR/curves.png from DIR/metrics.jsonl; None where the log holds no step (a resume of a
+    checkpoint that had completed its schedule trains none), and (said once, with ``note``)
+    without matplotlib."""
+    from tec_fast.training.curves import CURVES_FILE, plot_run, read_steps
 
+    metrics = os.path.join(output, "metrics.jsonl")
+    if os.path.isfile(metrics) and not any(read_steps(metrics).values()):
+        return None
     path = plot_run(output)
-    if path is None:
+    if path is None and note:
         print(f"note: no {CURVES_FILE} (matplotlib is not installed: pip install matplotlib)", file=sys.stderr)
     return path
 

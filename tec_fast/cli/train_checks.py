@@ -152,6 +152,15 @@ def _check_architecture(p: Parser, args):
     if args.topk is not None and not args.no_relation and args.topk > base.num_patches:
         p.refuse("--topk", f"{args.topk} is more than the base's {base.num_patches} patches at "
                            f"--img-size {args.img_size}")
+    # the recipe's defaults, which the user did not pass: the refusal names the flag that made them too large
+    if args.topk is None and not args.no_relation and recipe.topk > base.num_patches:
+        p.refuse("--img-size", f"{args.img_size} gives the base only {base.num_patches} patches "
+                               f"({base.grid_size}x{base.grid_size} of {base.patch_size} px), fewer than the "
+                               f"top-k {recipe.topk} of its recipe's relation targets: use a larger --img-size, "
+                               f"or a --topk up to {base.num_patches} (or --no-relation)")
+    if args.last_layers is None and recipe.last_layers > base.depth:
+        p.refuse("--base", f"the weights hold {base.depth} blocks, fewer than the {recipe.last_layers} last "
+                           f"blocks its recipe's feature targets average: give --last-layers up to {base.depth}")
     return base
 
 

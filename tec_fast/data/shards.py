@@ -31,16 +31,34 @@ from tec_fast.data.dataset import ImageDataset
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 LABEL_EXTS = ("cls", "cls.txt", "label", "label.txt")
 _BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(\d+)\.\.(\d+)")
+# names a pattern may expand to: far above any real shard set, and the list (and the check that
+# each file exists) still fits in seconds and a few hundred MB
+MAX_BRACE_NAMES = 1_000_000
+
+
+def brace_count(pattern: str) -> int:
+    """How many names ``expand_braces(pattern)`` gives, counted without making them."""
+    n = 1
+    for body in _BRACE.findall(pattern):
+        rng = _RANGE.fullmatch(body)
+        n *= max(int(rng.group(2)) - int(rng.group(1)) + 1, 1) if rng else len(body.split(","))
+    return n
 
 
 def expand_braces(pattern: str) -> List[str]:
     """``a-{00..02}.tar`` -> [a-00.tar, a-01.tar, a-02.tar] (width of the first bound kept);
-    ``{x,y}`` -> both; several groups multiply out; no braces -> [pattern]."""
+    ``{x,y}`` -> both; several groups multiply out; no braces -> [pattern]. A pattern of more
+    than ``MAX_BRACE_NAMES`` names is refused before any is made."""
+    count = brace_count(pattern)
+    if count > MAX_BRACE_NAMES:
+        raise ValueError(f"shard pattern {pattern!r} expands to {count} names, more than the "
+                         f"{MAX_BRACE_NAMES} allowed: check its ranges")
     m = _BRACE.search(pattern)
     if m is None:
         return [pattern]
     body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    rng = _RANGE.fullmatch(body)
     if rng:
         lo, hi = int(rng.group(1)), int(rng.group(2))
         if hi < lo:

@@ -10,6 +10,7 @@ batch is the *global* batch per optimizer step (processes x accumulation x per-p
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional, Sequence, Tuple
@@ -200,10 +201,14 @@ def run_protocol(protocol: str, encoder: nn.Module, train_ds, test_ds, num_class
     torch.manual_seed(cfg.seed)
     model = build_model(protocol, encoder, num_classes, r)
     transform, objective, make_optimizer = build_training(protocol, num_classes, r, mean, std)
+    extra = {"protocol": protocol, "recipe": r.to_dict(), "num_classes": num_classes,
+             "encoder_config": encoder.config.to_dict()}
+    source = getattr(getattr(encoder, "load_report", None), "source", "")
+    if source and source != "<dict>":  # which encoder file: a resume with another one is warned about
+        extra["encoder_source"] = os.path.abspath(source)
     t0 = time.perf_counter()
     result = fit(model, objective, Augmented(train_ds, transform), cfg, make_optimizer=make_optimizer,
-                 checkpoint_extra={"protocol": protocol, "recipe": r.to_dict(), "num_classes": num_classes,
-                                   "encoder_config": encoder.config.to_dict()})
+                 checkpoint_extra=extra)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     correct, seen = top1_counts(result.model, test_ds, eval_batch, cfg.num_workers, amp)
     accuracy = correct / max(seen, 1)

@@ -76,8 +76,8 @@ class BaseModel(nn.Module):
         depth, patch, MLP ratio, LayerScale, registers, class-token layout, pre-norm, biases.
         ``img_size`` (default: the stored position embedding's grid) resamples the position
         embedding; ``num_heads`` (default: a stored or Hugging Face config, a known preset, else
-        width / 64). ``config_overrides``: ViTConfig fields the weights cannot tell (``mlp_act``,
-        ``ln_eps``). ``trust=True`` allows full unpickling. ``base.load_report`` says what was done."""
+        width / 64). ``config_overrides``: a dict of ViTConfig fields the weights cannot tell
+        (``mlp_act``, ``ln_eps``). ``trust=True`` allows full unpickling. ``base.load_report`` says what was done."""
         from tec_fast.checkpoint import infer_base_vit, load_base_checkpoint, read_base_weights
         weights = read_base_weights(src, trust=trust)
         vit, notes = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored,
@@ -92,7 +92,9 @@ class BaseModel(nn.Module):
 
     def load_checkpoint(self, path_or_state: Union[str, dict], trust: bool = False):
         """Load MAE / iBOT / DINO / timm / TEC-released / TEC-raw / Hugging Face weights (docs/tec.md
-        §5) into this architecture; a position embedding of another grid is resampled."""
+        §5) into this architecture; a position embedding of another grid is resampled. Weights
+        holding NaN or inf, weights that are not floating-point (int, bool, complex) or have no
+        data (meta), and keys that are not strings are refused (ValueError naming the key)."""
         from tec_fast.checkpoint import load_base_checkpoint
         return load_base_checkpoint(self, path_or_state, trust=trust)
 

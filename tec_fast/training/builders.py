@@ -57,14 +57,19 @@ def base_architecture(flags):
     """The ViTConfig ``build_tec`` builds the base with, read from the weights of ``--base``
     (width, depth, patch, LayerScale, registers, ...) at ``--img-size``, heads from ``--base-model``
     where given. ValueError naming the flag: --img-size off the weights' patch grid, a
-    --base-model whose heads do not divide the weights' width, weights that do not read."""
-    from tec_fast.checkpoint import infer_base_vit
+    --base-model the weights contradict (patch, width, depth) or whose heads do not divide their
+    width, weights that do not read or hold NaN or inf."""
+    from tec_fast.checkpoint import base_nonfinite_keys, infer_base_vit
 
     _, path, _ = parse_base(flags.base)
     try:
         weights = _base_weights(path, getattr(flags, "trust_checkpoint", False), keep=True)
     except (OSError, RuntimeError, ValueError) as exc:
         raise ValueError(f"--base {path!r} does not read as a base checkpoint: {exc}") from None
+    bad = base_nonfinite_keys(weights.state)
+    if bad:
+        raise ValueError(f"--base {path}: {len(bad)} weights hold NaN or inf values ({', '.join(bad[:3])}); "
+                         f"targets from them would be meaningless")
     fields = dict(img_size=None, num_heads=_base_heads(flags))
     try:
         vit, _ = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored, **fields)
@@ -73,6 +78,16 @@ def base_architecture(flags):
             raise ValueError(f"--base-model {flags.base_model}'s {fields['num_heads']} heads do not fit the "
                              f"weights of {path}: {exc}") from None
         raise ValueError(f"--base {path}: {exc}") from None
+    if flags.base_model:  # it names the architecture; only its head count is used, so it must agree
+        held = {"patch_size": vit.patch_size, "embed_dim": vit.embed_dim, "depth": vit.depth}
+        named = dict(zip(held, MODEL_PRESETS[flags.base_model][:3]))
+        if named != held:
+            match = [n for n, (p, d, k, _) in MODEL_PRESETS.items() if (p, d, k) == tuple(held.values())]
+            fix = f"use --base-model {match[0]}" if match else "leave --base-model out"
+            raise ValueError(f"--base-model {flags.base_model} has "
+                             f"{', '.join(f'{k}={v}' for k, v in named.items() if held[k] != v)} but the weights "
+                             f"of {path} hold {', '.join(f'{k}={v}' for k, v in held.items() if named[k] != v)}; "
+                             f"{fix} (the architecture is read from the weights)")
     if flags.img_size % vit.patch_size:
         raise ValueError(f"--img-size {flags.img_size} is not a multiple of the base's patch size "
                          f"{vit.patch_size} (read from {path})")

@@ -219,7 +219,7 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
     d, t_start = setup_distributed(), time.perf_counter()
     seed_everything(cfg.seed)
     model.to(d.device)
-    resume_path, resumed = load_for_resume(model, cfg, d)
+    resume_path, resumed = load_for_resume(model, cfg, d, checkpoint_extra)
     use_graphs, graph_status = plan_graphs(cfg, d.device, d.world, None, batch_sampler is not None, objective)
     # DDP's static_graph does not combine with no_sync (a reducer assertion in torch 2.13 on the
     # first accumulated step): with accumulation, DDP records as built by default

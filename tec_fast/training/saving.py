@@ -26,10 +26,13 @@ from tec_fast.training.state import (Position, nothing_to_resume, resolve_resume
 RESUME_KEYS = ("model", "optimizer", "step", "epoch", "step_in_epoch", "rng")
 
 
-def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo) -> Tuple[Optional[str], Optional[dict]]:
+def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo,
+                    extra: Optional[dict] = None) -> Tuple[Optional[str], Optional[dict]]:
     """(path, checkpoint) of the run to continue, its weights already in ``model``; (None, None)
     when there is nothing to resume (said once, on rank 0, when ``--resume`` asked for it).
-    A checkpoint of another architecture or with non-finite weights is refused (ValueError)."""
+    A checkpoint of another architecture (``check_same_setup`` against ``extra``, this run's
+    ``checkpoint_extra``), with a position that is no count of steps, or with weights that are not
+    finite or not floating-point is refused (ValueError naming the file)."""
     path = resolve_resume(cfg.resume, cfg.output_dir)
     if path is None:
         if cfg.resume is not None and d.is_main:
@@ -40,6 +43,20 @@ def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo) -> Tuple[Opti
     if missing:
         raise ValueError(f"--resume {path}: not a training checkpoint of this engine (no "
                          f"{', '.join(missing)}; it has {', '.join(sorted(ck)[:8])})")
+    for key in ("step", "epoch", "step_in_epoch"):  # hand-edited values would fail far from here
+        value = ck[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"--resume {path}: its {key} must be an int >= 0, got {value!r} "
+                             f"({type(value).__name__}; damaged checkpoint?)")
+    check_same_setup(ck, extra or {}, path)
+    if not isinstance(ck["model"], dict):
+        raise ValueError(f"--resume {path}: its model entry is a {type(ck['model']).__name__}, not a state dict")
+    own = model.state_dict()
+    for key, value in ck["model"].items():  # load_state_dict would cast them silently
+        if key in own and isinstance(value, torch.Tensor) and own[key].is_floating_point() \
+                and not value.is_floating_point():
+            raise ValueError(f"--resume {path}: key {key!r} holds {value.dtype} values where the model has "
+                             f"a floating-point {own[key].dtype} tensor")
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
@@ -52,11 +69,48 @@ def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo) -> Tuple[Opti
     return path, ck
 
 
+def check_same_setup(ck: dict, extra: dict, path: str) -> None:
+    """What a checkpoint records about the models around the trained one, against this run's
+    ``checkpoint_extra``: TEC's ``base`` (kind, path, architecture, target recipe) and a protocol's
+    ``encoder_config`` / ``encoder_source`` (the encoder it fine-tunes). Another architecture is
+    refused (ValueError naming both); another base file or kind, or target recipe, is allowed with
+    a warning naming what differs (checkpoint -> now), as a changed schedule is."""
+    import warnings
+
+    def differences(old: dict, new: dict, keys) -> list:
+        return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+    old, new = ck.get("base"), extra.get("base")
+    if isinstance(old, dict) and isinstance(new, dict):
+        old_vit, new_vit = old.get("vit") or {}, new.get("vit") or {}
+        arch = differences(old_vit, new_vit, [k for k in {**old_vit, **new_vit} if k != "img_size"])
+        if arch:
+            raise ValueError(f"--resume {path}: the checkpoint was trained with targets from a base of another "
+                             f"architecture ({'; '.join(arch)}; checkpoint -> now): resume with the base it "
+                             f"records, --base {old.get('kind')}:{old.get('path')}")
+        changed = differences(old, new, ("kind", "path", "last_layers", "topk", "tau"))
+        if old_vit.get("img_size") != new_vit.get("img_size"):
+            changed.append(f"base img_size {old_vit.get('img_size')!r} -> {new_vit.get('img_size')!r}")
+        if changed:
+            warnings.warn(f"resuming with a different base or target recipe: {'; '.join(changed)} "
+                          f"(checkpoint -> now)", RuntimeWarning)
+    old, new = ck.get("encoder_config"), extra.get("encoder_config")
+    if isinstance(old, dict) and isinstance(new, dict) and old != new:
+        raise ValueError(f"--resume {path}: the checkpoint fine-tunes an encoder of another architecture "
+                         f"({'; '.join(differences(old, new, {**old, **new}))}; checkpoint -> now)")
+    old, new = ck.get("encoder_source"), extra.get("encoder_source")
+    if old is not None and new is not None and old != new:
+        warnings.warn(f"resuming with a different encoder: the checkpoint fine-tunes {old}, this run was given "
+                      f"{new}", RuntimeWarning)
+
+
 def restore(ck: Optional[dict], model: nn.Module, optimizer, scaler, sched: Schedule, cfg: FitConfig,
             d: DistInfo, path: Optional[str] = None) -> Position:
     """Optimizer, loss scaler, RNG state and position of a resumed checkpoint (a fresh
     ``Position`` without one). A schedule that changed since is allowed, with a warning; a state
-    that does not fit this run is a ValueError naming ``path`` and the part."""
+    that does not fit this run (a step_in_epoch past this run's epoch too) is a ValueError naming
+    ``path`` and the part. A checkpoint at or past the schedule's end is said to be (the loop then
+    trains nothing and the run ends with it)."""
     if ck is None:
         return Position()
     import warnings
@@ -74,7 +128,16 @@ def restore(ck: Optional[dict], model: nn.Module, optimizer, scaler, sched: Sche
     if old and (old.get("total_steps"), old.get("global_batch")) != (sched.total_steps, sched.global_batch):
         warnings.warn(f"resuming with a different schedule: checkpoint had {old}, now total_steps="
                       f"{sched.total_steps}, global_batch={sched.global_batch}", RuntimeWarning)
-    return Position(ck["step"], ck["epoch"], ck["step_in_epoch"])
+    if ck["step_in_epoch"] >= sched.steps_per_epoch:  # the epoch's batches would run out before it
+        raise ValueError(f"--resume {path}: its step_in_epoch {ck['step_in_epoch']} is not below this run's "
+                         f"{sched.steps_per_epoch} steps per epoch (damaged checkpoint, or another batch size "
+                         f"or data set)")
+    pos = Position(ck["step"], ck["epoch"], ck["step_in_epoch"])
+    if pos.step >= sched.total_steps and d.is_main:
+        print(f"[{cfg.name}] --resume {path}: the checkpoint has already completed the schedule (step "
+              f"{pos.step} of {sched.total_steps}); nothing left to train (raise --max-steps or --epochs to "
+              f"train on)", file=sys.stderr)
+    return pos
 
 
 class RunSaver:

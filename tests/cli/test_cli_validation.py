@@ -30,6 +30,9 @@ def files(tmp_path_factory):
     from tec_fast import BaseModel
     from tec_fast.presets import vit_preset
     torch.save({"model": BaseModel(vit_preset("vit_demo_patch4", 32)).state_dict()}, root / "base.pth")
+    nan = BaseModel(vit_preset("vit_demo_patch4", 32)).state_dict()
+    nan["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save({"model": nan}, root / "nan_base.pth")
     (root / "a_file").write_text("x")
     return root
 
@@ -105,6 +108,10 @@ REFUSED = [
     ("weights", ["--img-size", "30"], "--img-size"),
     ("weights", ["--base-model", "vit_base_patch16"], "--base-model"),  # 12 heads, width 128
     ("weights", ["--base", "mae_vit_base:{files}/a_file"], "--base"),  # not a checkpoint
+    ("weights", ["--base-model", "vit_large_patch16"], "--base-model"),  # 16 heads divide 128, the rest does not fit
+    ("weights", ["--img-size", "4"], "--img-size"),  # 1 patch: fewer than the recipe's top-k 15
+    ("weights", ["--base", "mae_vit_base:{files}/nan_base.pth"], "--base"),
+    ("tec", ["--data", "{files}/shard-{{0..1999999}}.tar"], "--data"),  # refused before it is expanded
 ]
 
 
@@ -117,6 +124,60 @@ def test_bad_flag_is_one_error_line(files, capsys, mode, extra, flag):
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2, err
     assert len(err) == 1 and err[0].startswith(f"error: argument {flag}:"), err
+
+
+# (mode, extra flags, what the one error line says): the refusals that name more than the flag
+EXPLAINED = [
+    ("weights", ["--base-model", "vit_large_patch16"],
+     "argument --base-model: vit_large_patch16 has patch_size=16, embed_dim=1024, depth=24 but the weights of "
+     "{files}/base.pth hold patch_size=4, embed_dim=128, depth=6; use --base-model vit_demo_patch4"),
+    ("weights", ["--img-size", "4"], "argument --img-size: 4 gives the base only 1 patches (1x1 of 4 px), fewer "
+                                     "than the top-k 15 of its recipe's relation targets"),
+    ("weights", ["--base", "mae_vit_base:{files}/nan_base.pth"],
+     "argument --base: {files}/nan_base.pth: 1 weights hold NaN or inf values (blocks.0.attn.qkv.weight)"),
+    ("tec", ["--data", "{files}/shard-{{0..1999999}}.tar"],
+     "argument --data: shard pattern '{files}/shard-{{0..1999999}}.tar' expands to 2000000 names, more than "
+     "the 1000000 allowed"),
+]
+
+
+@pytest.mark.parametrize("mode, extra, needle", EXPLAINED, ids=[" ".join(e) for _, e, _ in EXPLAINED])
+def test_refusal_says_why(files, capsys, mode, extra, needle):
+    base = {"tec": _tec(files), "weights": _tec_from_weights(files)}[mode]
+    with pytest.raises(SystemExit):
+        main(base + [a.format(files=files) for a in extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle.format(files=files) in err[0], err
+
+
+def test_kernel_mode_refusal_is_one_error_line(capsys):
+    """TEC_FAST_KERNELS=triton where a kernel cannot run (no GPU, no TRITON_INTERPRET): the dispatch's
+    RuntimeError is about the user's setting, so one line and exit 2; any other RuntimeError is a bug."""
+    from tec_fast.cli.errors import run_command
+
+    def refused(argv):
+        raise RuntimeError("TEC_FAST_KERNELS=triton but patch_embed cannot run its Triton kernels on this "
+                           "input (cpu torch.float32 (4, 3, 32, 32)):\ntensor on cpu and TRITON_INTERPRET is not set")
+    assert run_command(refused) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: TEC_FAST_KERNELS=triton but patch_embed cannot run its Triton kernels on this input "
+                   "(cpu torch.float32 (4, 3, 32, 32)): tensor on cpu and TRITON_INTERPRET is not set"]
+
+    def bug(argv):
+        raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_command(bug)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_triton_kernels_on_cpu_are_one_error_line(files, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "tec_fast.train", *_tec(files), "--batch-size", "2", "--num-workers",
+                           "0", "--max-steps", "1", "--no-progress", "--output", str(tmp_path)], cwd=ROOT,
+                          env={**env, "TEC_FAST_KERNELS": "triton"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: TEC_FAST_KERNELS=triton but ")
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

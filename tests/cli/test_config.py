@@ -85,6 +85,7 @@ def test_demo_config_holds_only_the_demos_flags(tmp_path):
     ("mask-ratio: '0.9:0.2'\n", "key 'mask-ratio' (--mask-ratio): mask ratios must be in (0, 1)"),
     ("config: other.yaml\n", "unknown key 'config'"),
     ("batch-size: 2\nbatch_size: 3\n", "key 'batch_size': --batch-size is given twice"),
+    ("epochs: 2\nbatch-size: 2\nbatch-size: 3\n", "key 'batch-size' is given twice (line 3)"),
     ("- a\n- b\n", "expected a mapping of flag names to values, got a list"),
     ("a: [\n", "not valid YAML"),
 ])
@@ -92,6 +93,13 @@ def test_bad_keys_and_values_are_one_error_line_naming_the_key(tmp_path, capsys,
     path = _write(tmp_path, text)
     err = _error(capsys, ["--config", path])
     assert f"--config {path}" in err and needle in err, err
+
+
+def test_a_file_that_is_not_utf8_is_one_error_line_naming_it(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("epochs: 2\n# caf\u00e9\n".encode("latin-1"))
+    err = _error(capsys, ["--config", str(path)])
+    assert f"--config {path}: not UTF-8 text (byte 0xe9 at offset 15)" in err, err
 
 
 def test_config_values_are_refused_like_the_flag_after_parsing(tmp_path, capsys, data):

@@ -148,3 +148,16 @@ def test_nonfinite_weights_refused(tmp_path, mae_ckpt, capsys):
     assert cli([str(path), "--num-heads", "2", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "meaningless" in err[0]
+
+
+def test_num_heads_contradicting_the_stored_config_is_refused(tmp_path, capsys):
+    """The stored config says how the weights were trained; another head count changes the scores."""
+    from tec_fast.cli.eval import cli
+
+    model = MAEModel(VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    path = tmp_path / "enc.pth"
+    torch.save({"model": model.encoder_state_dict(), "config": model.config_dict()}, path)
+    for extra in ([], ["--depth", "2"]):  # architecture read from the checkpoint, or set by flags
+        assert cli([str(path), "--num-heads", "4", "--n-train", "20", "--n-test", "10", "--quiet", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {path} records num_heads=2, which --num-heads 4 contradicts; leave --num-heads out"]

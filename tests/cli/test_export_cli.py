@@ -264,3 +264,29 @@ def test_timm_avg_export_reads_back_with_the_features_of_the_timm_export(tmp_pat
     x = torch.randn(2, 3, 32, 32)
     for pool in ("mean", "cls"):
         torch.testing.assert_close(avg.encode(x, pool), tok.encode(x, pool), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------ a model_config damaged by hand
+def _damaged(record: dict, how: str):
+    if how == "unknown field":
+        return {**record, "bogus": 1}
+    if how == "missing field":
+        return {k: v for k, v in record.items() if k not in ("encoder", "vit")}
+    return "abc"  # not a mapping
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("unknown field", "bogus"), ("missing field", "missing"), ("not a mapping", "its model_config is a str"),
+])
+@pytest.mark.parametrize("kind", ["tec", "mae"])
+def test_a_damaged_model_config_is_one_error_line_naming_the_file(tmp_path, ckpt, mae_ckpt, capsys, kind, how,
+                                                                  needle):
+    path = ckpt if kind == "tec" else mae_ckpt[0]
+    ck = torch.load(path, weights_only=True)
+    ck["model_config"] = _damaged(ck["model_config"], how)
+    bad = tmp_path / "damaged.pth"
+    torch.save(ck, bad)
+    assert main([str(bad), str(tmp_path / "out.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}: its model_config") and needle in err[0], err
+    assert not (tmp_path / "out.pth").exists()

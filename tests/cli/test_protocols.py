@@ -272,3 +272,16 @@ def test_linprobe_on_an_image_folder(ckpt, tmp_path):
                 "--output", str(tmp_path / "out")])
     assert res["num_classes"] == 3 and res["train_images"] == 12 and res["test_images"] == 12
     assert res["steps"] == 3 and 0.0 <= res["top1"] <= 1.0
+
+
+def test_resume_of_a_finished_finetune_into_a_new_output_scores_it(ckpt, tmp_path, capsys):
+    """Nothing is left to train: said, the resumed model is scored, no 'no step records' error."""
+    common = [str(ckpt), "--protocol", "finetune", *TINY, "--warmup-epochs", "0", "--workers", "0"]
+    main(common + ["--max-steps", "2", "--output", str(tmp_path / "a")])
+    capsys.readouterr()
+    done = tmp_path / "a" / "checkpoint-last.pth"
+    res = main(common + ["--max-steps", "1", "--output", str(tmp_path / "new"), "--resume", str(done)])
+    assert res["steps"] == 2 and res["total_steps"] == 1 and res["curves"] is None
+    assert f"--resume {done}: the checkpoint has already completed the schedule (step 2 of 1)" in \
+        capsys.readouterr().err
+    assert json.loads((tmp_path / "new" / "results.json").read_text())["top1"] == res["top1"]

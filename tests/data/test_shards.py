@@ -238,3 +238,19 @@ def test_train_command_reads_shard_patterns(made, tmp_path, capsys):
         main(["--data", missing, *MAE_ARCH])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "do not exist" in err[0]
+
+
+def test_a_brace_pattern_is_counted_before_it_is_expanded():
+    """--data 'dir/shard-{0..99999999999}.tar' once built the whole list (gigabytes, or no end)."""
+    import time
+
+    from tec_fast.data.shards import MAX_BRACE_NAMES, brace_count, expand_braces
+    assert brace_count("s-{00..09}-{a,b,c}.tar") == 30 == len(expand_braces("s-{00..09}-{a,b,c}.tar"))
+    assert brace_count("plain.tar") == 1
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=r"'d/shard-\{0\.\.99999999999\}\.tar' expands to 100000000000 names, "
+                                         rf"more than the {MAX_BRACE_NAMES} allowed"):
+        expand_braces("d/shard-{0..99999999999}.tar")
+    with pytest.raises(ValueError, match="expands to 1000000000 names"):  # the groups multiply
+        expand_braces("d/{0..999999}-{0..999}.tar")
+    assert time.perf_counter() - t < 1.0

@@ -137,3 +137,90 @@ def test_resume_refuses_nonfinite_weights(tmp_path):
     torch.save(ck, path)
     with pytest.raises(ValueError, match="non-finite weights"):
         fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), _cfg(tmp_path, epochs=2, resume="auto", warmup_steps=0))
+
+
+def _finished_run(out, **kw):
+    """A one-epoch run (16 images / batch 4 / accum 2: 2 steps) with its checkpoint-last."""
+    fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), _cfg(out, epochs=1, warmup_steps=0), **kw)
+    return out / "checkpoint-last.pth"
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("step", "2", "its step must be an int >= 0, got '2'"),
+    ("step", -5, "its step must be an int >= 0, got -5"),
+    ("epoch", -3, "its epoch must be an int >= 0, got -3"),
+    ("step_in_epoch", 10 ** 6, "its step_in_epoch 1000000 is not below this run's 2 steps per epoch"),
+])
+def test_resume_refuses_damaged_position_fields(tmp_path, key, value, needle):
+    path = _finished_run(tmp_path / "a")
+    ck = torch.load(path, weights_only=True)
+    ck[key] = value
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match=f"--resume {path}: {needle}"):
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
+            _cfg(tmp_path / "b", epochs=2, resume=str(path), warmup_steps=0))
+    assert not (tmp_path / "b" / "checkpoint-last.pth").exists()
+
+
+def test_resume_refuses_non_floating_weights(tmp_path):
+    """load_state_dict would cast a complex tensor to float (dropping its imaginary part)."""
+    path = _finished_run(tmp_path / "a")
+    ck = torch.load(path, weights_only=True)
+    key = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    ck["model"][key] = ck["model"][key].to(torch.complex64)
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match=f"--resume {path}: key '{key}' holds torch.complex64"):
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
+            _cfg(tmp_path / "b", epochs=2, resume=str(path), warmup_steps=0))
+
+
+def test_resume_of_a_completed_schedule_says_so_and_trains_nothing(tmp_path, capsys):
+    path = _finished_run(tmp_path / "a")
+    r = fit(tiny_tec(seed=5), tiny_objective(), AugmentedImages(n=16),
+            _cfg(tmp_path / "b", epochs=1, max_steps=1, resume=str(path), warmup_steps=0))
+    err = capsys.readouterr().err
+    assert f"--resume {path}: the checkpoint has already completed the schedule (step 2 of 1)" in err
+    assert r.steps == 2 and r.losses == []
+    _assert_same_state(r.model.state_dict(), torch.load(path, weights_only=True)["model"], "model")
+
+
+def _base_extra(**kw):
+    base = {"kind": "mae_vit_base", "path": "base.pth", "vit": dict(TINY_BASE_VIT), "last_layers": 2,
+            "topk": 3, "tau": 1.8, "load_report": "loaded"}
+    base.update(kw)
+    return {"kind": "tec", "base": base}
+
+
+TINY_BASE_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
+
+
+def test_resume_with_another_base_or_target_recipe_warns_naming_both(tmp_path):
+    path = _finished_run(tmp_path / "a", checkpoint_extra=_base_extra())
+    with pytest.warns(RuntimeWarning, match=r"different base or target recipe: path 'base.pth' -> "
+                                            r"'other.pth'; tau 1.8 -> 1.0 \(checkpoint -> now\)"):
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
+            _cfg(tmp_path / "b", epochs=2, resume=str(path), warmup_steps=0),
+            checkpoint_extra=_base_extra(path="other.pth", tau=1.0))
+
+
+def test_resume_with_a_base_of_another_architecture_is_refused(tmp_path):
+    path = _finished_run(tmp_path / "a", checkpoint_extra=_base_extra())
+    with pytest.raises(ValueError, match=r"base of another architecture \(depth 3 -> 4; checkpoint -> now\): "
+                                         r"resume with the base it records, --base mae_vit_base:base.pth"):
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
+            _cfg(tmp_path / "b", epochs=2, resume=str(path), warmup_steps=0),
+            checkpoint_extra=_base_extra(vit={**TINY_BASE_VIT, "depth": 4}))
+
+
+def test_resume_of_a_protocol_run_with_another_encoder(tmp_path):
+    """eval --protocol finetune --resume: the checkpoint records the encoder it fine-tunes."""
+    def extra(**kw):
+        return {"protocol": "finetune", "encoder_config": {**TINY_BASE_VIT, **kw}}
+    path = _finished_run(tmp_path / "a", checkpoint_extra={**extra(), "encoder_source": "/enc/a.pth"})
+    with pytest.raises(ValueError, match=r"fine-tunes an encoder of another architecture \(num_heads 2 -> 4"):
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
+            _cfg(tmp_path / "b", epochs=2, resume=str(path), warmup_steps=0), checkpoint_extra=extra(num_heads=4))
+    with pytest.warns(RuntimeWarning, match="the checkpoint fine-tunes /enc/a.pth, this run was given /enc/b.pth"):
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
+            _cfg(tmp_path / "c", epochs=2, resume=str(path), warmup_steps=0),
+            checkpoint_extra={**extra(), "encoder_source": "/enc/b.pth"})

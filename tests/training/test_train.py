@@ -242,3 +242,18 @@ def test_cli_block_masking_run(folder, tmp_path):
         assert _run(argv) == 0
     ck = torch.load(tmp_path / "out" / "checkpoint-last.pth", weights_only=True)
     assert ck["args"]["masking"] == "block" and tuple(ck["args"]["mask_ratio"]) == (0.6, 0.9)
+
+
+def test_resume_of_a_finished_run_into_a_new_output_finishes_cleanly(folder, tmp_path, capsys):
+    """Nothing is left to train: said, exit 0, no 'no step records to plot' error from the curves."""
+    common = ["--data", str(folder), "--objective", "mae", "--batch-size", "4", "--num-workers", "0",
+              "--no-progress", "--lr", "1e-3", *MAE_ARCH]
+    with pytest.warns(RuntimeWarning):
+        assert _run([*common, "--max-steps", "2", "--output", str(tmp_path / "a")]) == 0
+        capsys.readouterr()
+        done = tmp_path / "a" / "checkpoint-last.pth"
+        assert _run([*common, "--max-steps", "1", "--output", str(tmp_path / "new"), "--resume", str(done)]) == 0
+    out, err = capsys.readouterr()
+    assert f"--resume {done}: the checkpoint has already completed the schedule (step 2 of 1)" in err
+    assert "error" not in err and "2 / 1 (completed)" in out
+    assert not (tmp_path / "new" / "curves.png").exists()
