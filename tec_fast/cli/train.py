@@ -173,8 +173,8 @@ def _demo_flags(p: Parser) -> None:
                            "cores), then the same stages")
     mode.add_argument("--demo-long", action="store_true", help="old name of --demo-from-scratch")
     mode.add_argument("--demo-tiny", action="store_true",
-                      help="smoke run on 512 training images, 20 TEC steps, about 1 min on 2 busy cores (CI; its numbers "
-                           "mean nothing)")
+                      help="smoke run on 512 training images, 20 TEC steps: about 25 s on 2 idle CPU cores (CI; its "
+                           "numbers mean nothing)")
     mode.add_argument("--demo-make-base", action="store_true",
                       help="only make the demo base (the recipe the shipped one was made with): writes "
                            "DIR/demo_base.pth and DIR/demo_base.json")
