@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -75,8 +76,6 @@ def check_same_setup(ck: dict, extra: dict, path: str) -> None:
     ``encoder_config`` / ``encoder_source`` (the encoder it fine-tunes). Another architecture is
     refused (ValueError naming both); another base file or kind, or target recipe, is allowed with
     a warning naming what differs (checkpoint -> now), as a changed schedule is."""
-    import warnings
-
     def differences(old: dict, new: dict, keys) -> list:
         return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -113,8 +112,6 @@ def restore(ck: Optional[dict], model: nn.Module, optimizer, scaler, sched: Sche
     trains nothing and the run ends with it)."""
     if ck is None:
         return Position()
-    import warnings
-
     for part, load in (("optimizer", lambda: _load_optimizer_state(model, optimizer, ck["optimizer"], cfg, d)),
                        ("loss scaler", lambda: ck.get("scaler") and scaler.load_state_dict(ck["scaler"])),
                        ("RNG", lambda: set_rng_state(ck["rng"]))):

@@ -194,22 +194,24 @@ def _base_extra(**kw):
 TINY_BASE_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
 
 
+def _resume(path, folder, extra: dict):
+    """A two-epoch run resuming ``path`` into ``folder`` with this run's ``checkpoint_extra``."""
+    return fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
+               _cfg(folder, epochs=2, resume=str(path), warmup_steps=0), checkpoint_extra=extra)
+
+
 def test_resume_with_another_base_or_target_recipe_warns_naming_both(tmp_path):
     path = _finished_run(tmp_path / "a", checkpoint_extra=_base_extra())
     with pytest.warns(RuntimeWarning, match=r"different base or target recipe: path 'base.pth' -> "
                                             r"'other.pth'; tau 1.8 -> 1.0 \(checkpoint -> now\)"):
-        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
-            _cfg(tmp_path / "b", epochs=2, resume=str(path), warmup_steps=0),
-            checkpoint_extra=_base_extra(path="other.pth", tau=1.0))
+        _resume(path, tmp_path / "b", _base_extra(path="other.pth", tau=1.0))
 
 
 def test_resume_with_a_base_of_another_architecture_is_refused(tmp_path):
     path = _finished_run(tmp_path / "a", checkpoint_extra=_base_extra())
     with pytest.raises(ValueError, match=r"base of another architecture \(depth 3 -> 4; checkpoint -> now\): "
                                          r"resume with the base it records, --base mae_vit_base:base.pth"):
-        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
-            _cfg(tmp_path / "b", epochs=2, resume=str(path), warmup_steps=0),
-            checkpoint_extra=_base_extra(vit={**TINY_BASE_VIT, "depth": 4}))
+        _resume(path, tmp_path / "b", _base_extra(vit={**TINY_BASE_VIT, "depth": 4}))
 
 
 def test_resume_of_a_protocol_run_with_another_encoder(tmp_path):
@@ -218,9 +220,6 @@ def test_resume_of_a_protocol_run_with_another_encoder(tmp_path):
         return {"protocol": "finetune", "encoder_config": {**TINY_BASE_VIT, **kw}}
     path = _finished_run(tmp_path / "a", checkpoint_extra={**extra(), "encoder_source": "/enc/a.pth"})
     with pytest.raises(ValueError, match=r"fine-tunes an encoder of another architecture \(num_heads 2 -> 4"):
-        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
-            _cfg(tmp_path / "b", epochs=2, resume=str(path), warmup_steps=0), checkpoint_extra=extra(num_heads=4))
+        _resume(path, tmp_path / "b", extra(num_heads=4))
     with pytest.warns(RuntimeWarning, match="the checkpoint fine-tunes /enc/a.pth, this run was given /enc/b.pth"):
-        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
-            _cfg(tmp_path / "c", epochs=2, resume=str(path), warmup_steps=0),
-            checkpoint_extra={**extra(), "encoder_source": "/enc/b.pth"})
+        _resume(path, tmp_path / "c", {**extra(), "encoder_source": "/enc/b.pth"})
