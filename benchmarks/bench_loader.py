@@ -34,10 +34,10 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from benchmarks.common import append_jsonl, complete_row, format_table, make_parser
+from benchmarks.common import append_jsonl, complete_row, format_table, make_parser, results_dir
 from tec_fast.data.decode import EncodedImage, to_rgb, turbo_decoder
 from tec_fast.data.folder import ImageFolderDataset
-from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
+from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, existing_dir, output_file, real
 from tec_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box
 from tec_fast.training.config import FitConfig
 from tec_fast.training.loader_bench import bench_loader
@@ -139,8 +139,9 @@ def make_jpegs(out: str, n: int = 1024, seed: int = 0) -> str:
 def main(argv=None) -> int:
     p = make_parser("bench_loader", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="a folder of JPEGs (class folders)")
-    src.add_argument("--make-jpegs", metavar="DIR", help="write 1024 ImageNet-like JPEGs to DIR, then measure them")
+    src.add_argument("--data", type=existing_dir, help="a folder of JPEGs (class folders)")
+    src.add_argument("--make-jpegs", metavar="DIR", type=results_dir,
+                     help="write 1024 ImageNet-like JPEGs to DIR (made if missing), then measure them")
     p.add_argument("--img-size", type=POSITIVE, default=224,
                    help="side of the square crop each image is turned into, pixels (default 224)")
     p.add_argument("--batch-size", type=POSITIVE, default=64,
@@ -152,10 +153,10 @@ def main(argv=None) -> int:
                    help="at most this long per DataLoader measurement (default 10)")
     p.add_argument("--repeats", type=POSITIVE, default=3,
                    help="rounds over all providers (best and median reported; default 3)")
-    p.add_argument("--results", default=os.path.join("benchmarks", "results", "loader.jsonl"),
+    p.add_argument("--results", type=output_file, default=os.path.join("benchmarks", "results", "loader.jsonl"),
                    help="JSON-lines file one row per measurement is appended to, relative to the current "
                         "folder (default benchmarks/results/loader.jsonl)")
-    p.add_argument("--providers", nargs="*", choices=("decode", "baseline", "engine_pil", "engine"),
+    p.add_argument("--providers", nargs="+", choices=("decode", "baseline", "engine_pil", "engine"),
                    default=["decode", "baseline", "engine_pil", "engine"],
                    help="which CPU pipelines to measure (default: all; decode = the decode-only ceilings)")
     p.add_argument("--gpu-decode", action="store_true",
@@ -166,9 +167,12 @@ def main(argv=None) -> int:
         reasons = gpu_decode_reasons("cuda")
         if reasons:
             p.error("argument --gpu-decode: " + "; ".join(reasons))
+    if args.data is not None:
+        try:
+            ImageFolderDataset(args.data, args.img_size)  # lists the images: refused here, not mid-run
+        except ValueError as exc:
+            p.refuse("--data", str(exc).replace("ImageFolderDataset: ", "", 1))
     root = args.data or make_jpegs(args.make_jpegs)
-    if not os.path.isdir(root):
-        p.error(f"argument --data: {root!r} is not a folder")
     torch.set_num_threads(1)
 
     import PIL

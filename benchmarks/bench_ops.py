@@ -29,7 +29,7 @@ if "--interpret" in sys.argv:
 import torch  # noqa: E402
 
 from benchmarks.common import (DTYPES, append_results, default_device, device_arg, device_name,  # noqa: E402
-                               format_table, make_parser, progress, time_callable)
+                               format_table, make_parser, progress, results_dir, time_callable)
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE  # noqa: E402
 from tec_fast.ops import reference  # noqa: E402
 from tec_fast.ops.dispatch import fast_impl  # noqa: E402
@@ -151,7 +151,8 @@ def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: L
 
 def main(argv=None) -> List[Dict]:
     p = make_parser("bench_ops", __doc__)
-    p.add_argument("--op", default="all", choices=("all",) + OPS)
+    p.add_argument("--op", default="all", choices=("all",) + OPS,
+                   help="the op of tec_fast.ops.registry to time, or all of them (default all)")
     p.add_argument("--device", type=device_arg, default=default_device(),
                    help="cpu, cuda or cuda:N (default: cuda where there is one, else cpu)")
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="default: vitb on GPU, tiny on CPU")
@@ -165,7 +166,10 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--cuda-graph", action="store_true",
                    help="time each call replayed from a CUDA graph: the GPU time alone, without the "
                         "host's Python and launch time (rows carry timing=graph)")
-    p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--results-dir", type=results_dir,
+                   default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="folder the rows are appended to, as <device>.jsonl (made if missing; "
+                        "default benchmarks/results)")
     args = p.parse_args(argv)
 
     dev = torch.device(args.device)

@@ -26,7 +26,8 @@ import torch
 
 from benchmarks.bench_step import PRESETS, build
 from benchmarks.common import (DTYPES, append_results, default_device, device_arg, format_table,
-                               fx_tracing_notice_dropped, make_parser, progress, time_callable)
+                               fx_tracing_notice_dropped, make_parser, progress, refuse_no_visible_patch,
+                               results_dir, time_callable)
 from tec_fast import BaseModel, TECModel
 from tec_fast.masking import variable_masking
 from tec_fast.models.layout import TokenLayout
@@ -47,21 +48,30 @@ def _ratios(text: str):
 
 def parse_args(argv=None):
     p = make_parser("bench_packed", __doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base",
+                   help="model size, bench_step's PRESETS (default vit_base: ViT-B/16 at 224; "
+                        "tiny: 32 px, 64 patches, for a CPU)")
     p.add_argument("--device", type=device_arg, default=default_device(),
                    help="cpu, cuda or cuda:N (default: cuda where there is one, else cpu)")
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--batch", type=POSITIVE, help="one batch size (default 256 on GPU, 8 on CPU)")
     sizes.add_argument("--batch-sizes", type=POSITIVE, nargs="+", metavar="B", help="several batch sizes")
     p.add_argument("--ratios", type=_ratios, default=(0.6, 0.9), help="mask-ratio range LO:HI (default 0.6:0.9)")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16",
+                   help="autocast dtype of both providers, fp32 = no autocast (default bf16)")
     p.add_argument("--steps", type=POSITIVE, default=10, help="timed calls per provider (default 10)")
     p.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed calls first (default 2)")
     p.add_argument("--whole-step", action="store_true",
                    help="also time the whole TEC step packed and padded (base targets to backward)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the per-image ratios and masks (default 0)")
-    p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    return p.parse_args(argv)
+    p.add_argument("--results-dir", type=results_dir,
+                   default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="folder the rows are appended to, as <device>.jsonl (made if missing; "
+                        "default benchmarks/results)")
+    args = p.parse_args(argv)
+    refuse_no_visible_patch(p, "--ratios", args.ratios[1], PRESETS[args.preset][1].num_patches,
+                            f"preset {args.preset}")
+    return args
 
 
 def providers_per_batch(args) -> int:

@@ -25,7 +25,7 @@ import torch
 
 
 from benchmarks.common import (DTYPES, append_results, default_device, device_arg, device_name, format_table,
-                               make_parser, time_callable)
+                               make_parser, results_dir, time_callable)
 from tec_fast import packing
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE
 from tec_fast.cli.flags import mask_ratio as _mask_ratio
@@ -100,7 +100,10 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--reps", type=POSITIVE, default=50, help="timed calls per provider (default 50)")
     p.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--small", action="store_true", help="tiny sizes and few reps (smoke test)")
-    p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--results-dir", type=results_dir,
+                   default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="folder the rows are appended to, as <device>.jsonl, plan_bins rows under the CPU's "
+                        "name (made if missing; default benchmarks/results)")
     args = p.parse_args(argv)
     if args.small:
         args.batch, args.seq_len, args.dim, args.n_seqs, args.reps = 4, 16, 8, 300, 3

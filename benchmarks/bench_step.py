@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.baseline_eager import EagerBase, EagerTEC
 from benchmarks.common import (DTYPES, append_results, default_device, device_arg, make_parser, progress,
-                               time_callable)
+                               refuse_no_visible_patch, results_dir, time_callable)
 from benchmarks.flops import tec_step_flops
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
@@ -181,18 +181,23 @@ def baseline_step_fn(bvit, cfg, topk, images, mask_ratio):
 
 def main(argv=None):
     p = make_parser("bench_step", __doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base",
+                   help="model size: base and new ViT, decoder and top-k (PRESETS; default vit_base: ViT-B/16 at 224; "
+                        "tiny: 32 px, 64 patches, for a CPU)")
     p.add_argument("--device", type=device_arg, default=default_device(),
                    help="cpu, cuda or cuda:N (default: cuda where there is one, else cpu)")
     p.add_argument("--batch-sizes", type=POSITIVE, nargs="+", default=None,
                    help="default: 64 128 256 on GPU, 4 on CPU")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16",
+                   help="the engine's autocast dtype, fp32 = no autocast (default bf16; the baseline always "
+                        "runs fp16 autocast on GPU, bf16 on CPU)")
     p.add_argument("--mask-ratio", type=real(0, 1, lo_open=True, hi_open=True), default=0.75,
                    help="share of the patches hidden from the encoder, in (0, 1) (default 0.75)")
     p.add_argument("--steps", type=POSITIVE, default=10, help="timed steps per provider (after warm-up)")
     p.add_argument("--warmup", type=NON_NEGATIVE, default=3, help="untimed steps first (default 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
-    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the eager baseline (benchmarks/baseline_eager.py): engine rows only, no speedup")
     p.add_argument("--per-weight-casts", action="store_true",
                    help="also time provider engine_autocast: the engine with the frozen base in fp32 and "
                         "every weight cast by autocast at every step (how fit ran before "
@@ -206,12 +211,17 @@ def main(argv=None):
                         "(default: 8192 on GPU, 1024 on CPU)")
     p.add_argument("--published-peak-tflops", type=real(0, lo_open=True), default=None,
                    help="dense bf16 peak for a device missing from PUBLISHED_BF16_TFLOPS")
-    p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--results-dir", type=results_dir,
+                   default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="folder the rows are appended to, as <device>.jsonl (made if missing; "
+                        "default benchmarks/results)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     if args.cuda_graph and device.type != "cuda":
         p.error(f"--cuda-graph needs a CUDA device, got --device {args.device}")
+    refuse_no_visible_patch(p, "--mask-ratio", args.mask_ratio, PRESETS[args.preset][1].num_patches,
+                            f"preset {args.preset}")
     bvit, cfg, topk = build(args.preset, device)
     flops = tec_step_flops(bvit, cfg, args.mask_ratio, topk)["total"]
     batch_sizes = args.batch_sizes or ([64, 128, 256] if device.type == "cuda" else [4])

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
-from tec_fast.cli.flags import Parser
+from tec_fast.cli.flags import Parser, makeable_dir, output_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,6 +34,41 @@ def make_parser(module: str, doc: str, **kwargs) -> Parser:
     ``error: argument --FLAG: ...`` line and exit status 2 instead of the usage block."""
     kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
     return Parser(prog=f"python -m benchmarks.{module}", description=doc, **kwargs)
+
+
+def results_dir(text: str) -> str:
+    """``--results-dir`` and the like: a folder rows can be written in, checked while parsing
+    (not after the measurement): not empty, not a file, no file where a folder above it would
+    have to be made, and the nearest existing folder writable."""
+    makeable_dir(text)
+    folder = os.path.abspath(text)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: the folder {folder!r} is not writable")
+    return text
+
+
+def optional_results_file(text: str) -> str:
+    """``--out``: a file rows can be appended to (``output_file``: not a folder, its folder
+    makeable and writable), checked while parsing, where '' means "no file" (returned as it is)."""
+    return text and output_file(text)
+
+
+def optional_results_dir(text: str) -> str:
+    """``results_dir``, where '' means "none" (returned as it is)."""
+    return text and results_dir(text)
+
+
+def refuse_no_visible_patch(parser: Parser, flag: str, ratio: float, num_patches: int, what: str) -> None:
+    """Refuse (one ``error: argument FLAG: ...`` line, exit 2) a mask ratio the model would refuse
+    once built: it must leave at least one of ``num_patches`` patches visible
+    (``tec_fast.models.masking.num_visible``)."""
+    from tec_fast.models.masking import num_visible
+
+    if num_visible(num_patches, ratio) < 1:
+        parser.refuse(flag, f"{ratio:g} leaves no visible patch of the {num_patches} patches of {what} "
+                            f"(int({num_patches} x (1 - {ratio:g})) = 0; the model needs at least one)")
 
 
 def default_device() -> str:

@@ -40,7 +40,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, 
 
 import torch  # noqa: E402
 
-from benchmarks.common import REPO, format_table, git_commit, make_parser, progress, versions  # noqa: E402
+from benchmarks.common import (REPO, format_table, git_commit, make_parser, optional_results_file,  # noqa: E402
+                               progress, versions)
 from tec_fast.ops.registry import OPS, outputs, unit_grads  # noqa: E402
 from tec_fast.ops.registry import SIZES as REGISTRY_SIZES  # noqa: E402
 
@@ -516,7 +517,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--arch", default="90,80", help="comma-separated compute capabilities, e.g. 90,80")
     p.add_argument("--dtype", default="bf16,fp32", help="comma-separated activation dtypes: bf16,fp32")
     p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(CASES)}")
-    p.add_argument("--out", default=RESULTS,
+    p.add_argument("--out", default=RESULTS, type=optional_results_file,
                    help="JSON-lines file the rows are appended to, gzip-compressed when it ends in .gz "
                         "(default benchmarks/results/compile.jsonl.gz; '' = none)")
     p.add_argument("--check", action="store_true",
@@ -530,7 +531,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError:
         p.refuse("--arch", f"expected compute capabilities like 90,80, got {args.arch!r}")
     sizes, dtypes = split(args.sizes), split(args.dtype)
-    ops = split(args.ops) if args.ops else None
+    ops = split(args.ops) if args.ops is not None else None
+    for name, got, text in (("--sizes", sizes, args.sizes), ("--arch", archs, args.arch),
+                            ("--dtype", dtypes, args.dtype), ("--ops", ops, args.ops)):
+        if got is not None and not got:  # a gate over nothing would pass
+            p.refuse(name, f"names nothing: {text!r}; give at least one, comma-separated")
     for name, got, allowed in (("--sizes", sizes, SIZES), ("--dtype", dtypes, DTYPES), ("--ops", ops or [], CASES)):
         bad = [x for x in got if x not in allowed]
         if bad:

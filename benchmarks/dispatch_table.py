@@ -14,14 +14,13 @@ at. ``benchmarks/run_device.sh`` runs this after the op benchmarks; the file is 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 from typing import Dict, List, Optional
 
-from benchmarks.common import REPO, format_table
+from benchmarks.common import REPO, format_table, make_parser, results_dir
 
 PASSES = {"fwd": "forward", "fwdbwd": "forward + backward"}
 
@@ -91,19 +90,31 @@ def write_atomic(path: str, data: dict) -> None:
         raise
 
 
+def device_name_flag(text: str) -> str:
+    """``--device-name``: a GPU's name as CUDA reports it ("NVIDIA H200") or a GPU class (h200),
+    kept as given, refused where it is not a GPU class ``tec_fast.ops.dispatch`` knows
+    (``GPU_CLASSES`` or one with a measured table): the check of ``python -m tec_fast.info --gpu``.
+    A made-up name would write a table no GPU ever reads."""
+    from tec_fast.cli.info import gpu_class_flag
+
+    gpu_class_flag(text)  # ArgumentTypeError: empty, or an unknown class (with the known ones)
+    return text.strip()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from tec_fast.ops import dispatch
     from tec_fast.ops.registry import OPS
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dispatch_table",
-                                description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("dispatch_table", __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
     p.add_argument("--results", default=None,
                    help="bench_ops rows (JSON lines); default: benchmarks/results/<this GPU>.jsonl")
-    p.add_argument("--device-name", default=None,
-                   help="the GPU's name, e.g. 'NVIDIA H200' (default: read from --results' rows)")
+    p.add_argument("--device-name", default=None, type=device_name_flag,
+                   help="the GPU's name, e.g. 'NVIDIA H200', or its class (H200): the table is written for "
+                        "its class; a name that is no known GPU class is refused (default: read from "
+                        "--results' rows)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="the activation dtype whose rows decide (default bf16, the training dtype)")
-    p.add_argument("--out-dir", default=dispatch.MEASURED_DIR, help="where <class>.json is written")
+    p.add_argument("--out-dir", default=dispatch.MEASURED_DIR, type=results_dir,
+                   help="where <class>.json is written (made if missing; default tec_fast/ops/measured)")
     args = p.parse_args(argv)
     results = args.results
     if results is None:

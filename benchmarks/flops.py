@@ -71,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     """Print the FLOPs of one step by part, per image and per step of ``--batch`` images; returns
     the parts per image."""
     from benchmarks.bench_step import PRESETS, build
-    from benchmarks.common import format_table, make_parser
+    from benchmarks.common import format_table, make_parser, refuse_no_visible_patch
     from tec_fast.cli.flags import POSITIVE, real
 
     p = make_parser("flops", __doc__)
@@ -90,6 +90,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
             cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, img_size=args.img_size))
         except ValueError as exc:
             p.refuse("--img-size", str(exc))
+    refuse_no_visible_patch(p, "--mask-ratio", args.mask_ratio, cfg.encoder.num_patches,
+                            f"model {args.model} at {cfg.encoder.img_size} px")
     parts = tec_step_flops(base, cfg, args.mask_ratio, topk)
     enc = cfg.encoder
     print(f"{args.model}: new model {enc.depth} blocks x {enc.embed_dim} wide, base {base.depth} x "

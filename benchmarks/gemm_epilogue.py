@@ -45,7 +45,7 @@ import triton.language as tl
 
 
 from benchmarks.common import (append_results, device_arg, device_name, format_table, make_parser, progress,
-                               time_callable)
+                               results_dir, time_callable)
 from tec_fast.cli.flags import POSITIVE
 from tec_fast.kernels.mlp import _gelu, _mlp_gelu_fwd
 
@@ -293,8 +293,9 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--offline", action="store_true",
                    help="no GPU: compile the Triton variants for sm_90 and print registers, spills, "
                         "machine instructions and HGMMA (warpgroup MMA) counts")
-    p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                   help="where <device>.jsonl rows are appended (GPU runs)")
+    p.add_argument("--results-dir", type=results_dir,
+                   default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="where <device>.jsonl rows are appended (GPU runs; made if missing)")
     args = p.parse_args(argv)
     if args.offline:
         rows = run_offline(args.batch)

@@ -33,7 +33,6 @@ Rows are appended to ``benchmarks/results/host_overhead.jsonl`` (device, commit,
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -51,7 +50,9 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from benchmarks.common import REPO, append_jsonl, complete_row, format_table, quiet_profile  # noqa: E402
+from benchmarks.common import (REPO, append_jsonl, complete_row, format_table, make_parser,  # noqa: E402
+                               optional_results_file, quiet_profile)
+from tec_fast.cli.flags import POSITIVE  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "host_overhead.jsonl")
 DEFAULT_STEPS, DEFAULT_CALLS, DEFAULT_REPS = 3, 50, 7
@@ -269,40 +270,39 @@ def measure_op(name: str, device: torch.device, calls: int, reps: int, size: str
 
 def main(argv: Optional[List[str]] = None) -> int:
     from tec_fast.ops.registry import OPS
-    p = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead",
-                                description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
+    p = make_parser("host_overhead", __doc__.split("\n\n")[1], epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="cpu: Triton launches skipped (default); cuda: real launches, plus GPU-busy time")
     p.add_argument("--ops", default="all", help=f"comma-separated subset of {','.join(OPS)}, or all")
     p.add_argument("--skip-step", action="store_true", help="only the per-op table")
     p.add_argument("--skip-ops", action="store_true", help="only the step table")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps per timed repetition (default %(default)s)")
-    p.add_argument("--calls", type=int, default=DEFAULT_CALLS,
+    p.add_argument("--steps", type=POSITIVE, default=DEFAULT_STEPS,
+                   help="steps per timed repetition (default %(default)s)")
+    p.add_argument("--calls", type=POSITIVE, default=DEFAULT_CALLS,
                    help="op calls per timed repetition (default %(default)s)")
-    p.add_argument("--reps", type=int, default=DEFAULT_REPS,
+    p.add_argument("--reps", type=POSITIVE, default=DEFAULT_REPS,
                    help="timed repetitions, interleaved; the best is reported, the median kept beside it "
                         "(default %(default)s). Rows of a run with fewer, or with --ops / --skip-*, are marked "
                         "full_run=false, and the README's table leaves them out")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--launch-path", action="store_true",
                    help="CPU: time Triton's own launch path as well (kernels compiled once for sm_90 offline; "
                         "only the driver call is skipped)")
-    p.add_argument("--out", default=RESULTS, help="JSON-lines file rows are appended to ('' = none)")
+    p.add_argument("--out", default=RESULTS, type=optional_results_file,
+                   help="JSON-lines file rows are appended to ('' = none; default "
+                        "benchmarks/results/host_overhead.jsonl)")
     args = p.parse_args(argv)
     ops = list(OPS) if args.ops == "all" else [o for o in args.ops.split(",") if o]
     bad = [o for o in ops if o not in OPS]
     if bad:
-        p.error(f"--ops: unknown {bad}; choose from {list(OPS)}")
-    for name in ("steps", "calls", "reps", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        p.refuse("--ops", f"unknown {bad}; choose from {list(OPS)}")
+    if not ops and not args.skip_ops:
+        p.refuse("--ops", f"no op named in {args.ops!r}; choose from {list(OPS)}, or all")
     if args.skip_step and args.skip_ops:
         p.error("--skip-step with --skip-ops leaves nothing to measure")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here")
+        p.refuse("--device", "cuda: no CUDA device here")
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if args.launch_path and (device.type == "cuda" or interpret):
         p.error("--launch-path is for --device cpu with TRITON_INTERPRET unset before Triton is imported "

@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity
 
 from benchmarks.bench_step import PRESETS, baseline_step_fn, build, engine_step_fn
 from benchmarks.common import (DTYPES, _sync, append_jsonl, complete_row, default_device, device_arg, device_name,
-                               format_table, make_parser, progress, quiet_profile)
+                               format_table, make_parser, optional_results_dir, progress, quiet_profile,
+                               refuse_no_visible_patch, results_dir)
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
 from tec_fast.ops.dispatch import kernel_mode
 
@@ -93,11 +94,15 @@ def python_profile(step, device: torch.device, steps: int, top: int):
 
 def main(argv=None):
     p = make_parser("profile_step", __doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="vit_base",
+                   help="model size, bench_step's PRESETS (default vit_base: ViT-B/16 at 224; "
+                        "tiny: 32 px, 64 patches, for a CPU)")
     p.add_argument("--device", type=device_arg, default=default_device(),
                    help="cpu, cuda or cuda:N (default: cuda where there is one, else cpu)")
     p.add_argument("--batch", type=POSITIVE, default=None, help="images per step (default 64 on GPU, 4 on CPU)")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16",
+                   help="the engine's autocast dtype, fp32 = no autocast (default bf16; the baseline runs "
+                        "fp16 autocast on GPU, bf16 on CPU)")
     p.add_argument("--mask-ratio", type=real(0, 1, lo_open=True, hi_open=True), default=0.75,
                    help="share of the patches hidden from the encoder, in (0, 1) (default 0.75)")
     p.add_argument("--warmup", type=NON_NEGATIVE, default=3, help="steps before profiling (compiles the kernels)")
@@ -111,10 +116,16 @@ def main(argv=None):
                    help="also record input shapes and list device time per (op, input shapes): which "
                         "copies, cats and sums cost the time (adds host overhead: read wall times "
                         "from a run without it)")
-    p.add_argument("--trace", default="", help="folder for Chrome traces (one per provider)")
-    p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--trace", default="", type=optional_results_dir,
+                   help="folder for Chrome traces, one per provider (made if missing; default: no traces)")
+    p.add_argument("--results-dir", type=results_dir,
+                   default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="folder the rows are appended to, as profile.jsonl (made if missing; "
+                        "default benchmarks/results)")
     args = p.parse_args(argv)
 
+    refuse_no_visible_patch(p, "--mask-ratio", args.mask_ratio, PRESETS[args.preset][1].num_patches,
+                            f"preset {args.preset}")
     device = torch.device(args.device)
     bvit, cfg, topk = build(args.preset, device)
     B = args.batch if args.batch is not None else (64 if device.type == "cuda" else 4)

@@ -11,6 +11,8 @@ import argparse
 import glob
 import os
 
+from benchmarks.common import make_parser
+from tec_fast.cli.flags import existing_dir, existing_file
 from tec_fast.training.monitor import read_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,13 +42,14 @@ def _on_device(r) -> bool:
     return "cpu" not in dev and "fake" not in dev and r.get("bench") not in ("traffic", "compile")
 
 
-def tables(rows, steps_only: bool = False) -> str:
+def tables(rows, steps_only: bool = False, where: str = "benchmarks/results/") -> str:
     """The tables of the GPU rows in ``rows``: whole step, profile, per op (only the first with
-    ``steps_only``, as the README shows it)."""
+    ``steps_only``, as the README shows it); ``where``: the folder the rows were read from, named
+    when none of them is a GPU row."""
     gpu = [dict(r, timing=r.get("timing") or "eager") for r in rows if _on_device(r)]
     if not gpu:
         return ("No GPU results yet: `benchmarks/run_device.sh` has not run on a lent H100/H200. "
-                "CPU rows in `benchmarks/results/` are smoke runs, not performance figures.")
+                f"CPU rows in `{where}` are smoke runs, not performance figures.")
     lines = []
     steps = _latest([r for r in gpu if r.get("bench") == "step" and str(r.get("provider")).startswith("engine")],
                     ("device", "preset", "shape", "dtype", "compile", "provider"))
@@ -210,19 +213,44 @@ def update_between_markers(text: str, readme: str, begin: str = BEGIN, end: str 
         f.write(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
+def _shown(folder: str) -> str:
+    """``folder`` as the tables name it: relative to the checkout where it is inside it."""
+    path = os.path.abspath(folder)
+    rel = os.path.relpath(path, os.path.dirname(HERE))
+    return (path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel).rstrip(os.sep) + "/"
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
+    p = make_parser("report", __doc__)
+    p.add_argument("--results-dir", type=existing_dir, default=os.path.join(HERE, "results"),
+                   help="folder whose *.jsonl result files the tables are made from (default benchmarks/results)")
     p.add_argument("--update-readme", action="store_true",
                    help="write the whole-step and host-cost tables into --readme and every table into --doc")
-    p.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"))
-    p.add_argument("--doc", default=os.path.join(os.path.dirname(HERE), "docs", "performance.md"))
+    p.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"),
+                   help=f"with --update-readme: the file whose {BEGIN} ... {END} and {HOST_BEGIN} ... {HOST_END} "
+                        "markers get the whole-step and host-cost tables (default README.md of this checkout)")
+    p.add_argument("--doc", default=os.path.join(os.path.dirname(HERE), "docs", "performance.md"),
+                   help="with --update-readme: the file whose same markers get every table and the host-cost "
+                        "table (default docs/performance.md of this checkout)")
     args = p.parse_args(argv)
+    if args.update_readme:  # checked before anything is written: a half-updated pair is refused up front
+        for flag, path in (("--readme", args.readme), ("--doc", args.doc)):
+            try:
+                existing_file(path)
+            except argparse.ArgumentTypeError as exc:
+                p.refuse(flag, str(exc))
+            with open(path) as f:
+                content = f.read()
+            missing = [f"{b} ... {e}" for b, e in ((BEGIN, END), (HOST_BEGIN, HOST_END))
+                       if b not in content or e not in content]
+            if missing:
+                p.refuse(flag, f"{path} has no {' or '.join(missing)} markers")
     rows = load_rows(args.results_dir)
-    text, host = tables(rows), host_table(rows)
+    where = _shown(args.results_dir)
+    text, host = tables(rows, where=where), host_table(rows)
     print(text + "\n\n" + host)
     if args.update_readme:
-        update_between_markers(tables(rows, steps_only=True), args.readme)
+        update_between_markers(tables(rows, steps_only=True, where=where), args.readme)
         update_between_markers(text, args.doc)
         for path in (args.readme, args.doc):
             update_between_markers(host, path, HOST_BEGIN, HOST_END)

@@ -59,10 +59,10 @@ from torch.utils.flop_counter import flop_registry
 
 
 from benchmarks.baseline_eager import EagerBase, EagerTEC
-from benchmarks.bench_step import build
-from benchmarks.common import append_jsonl, complete_row, format_table, make_parser
+from benchmarks.bench_step import PRESETS, build
+from benchmarks.common import append_jsonl, complete_row, format_table, make_parser, refuse_no_visible_patch
 from tec_fast import BaseModel, TECModel
-from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
+from tec_fast.cli.flags import POSITIVE, output_file, real
 from tec_fast.training.precision import CastWeightsOnce, autocast_copy
 
 # name: (HBM bandwidth B/s, dense bf16 peak FLOP/s), published figures of the SXM parts
@@ -648,11 +648,14 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--batch", type=POSITIVE, default=256, help="images per step (default 256)")
     p.add_argument("--mask-ratio", type=real(0, 1, lo_open=True, hi_open=True), default=0.75,
                    help="share of the patches hidden from the encoder, in (0, 1) (default 0.75)")
-    p.add_argument("--top", type=NON_NEGATIVE, default=10, help="ops listed per provider, by bytes (default 10)")
-    p.add_argument("--results", default=RESULTS,
+    p.add_argument("--top", type=POSITIVE, default=10, help="ops listed per provider, by bytes (default 10)")
+    p.add_argument("--results", default=RESULTS, type=output_file,
                    help="JSON-lines file rows are appended to (default benchmarks/results/traffic.jsonl)")
     p.add_argument("--no-save", action="store_true", help="print only")
     args = p.parse_args(argv)
+    for model in args.model:
+        refuse_no_visible_patch(p, "--mask-ratio", args.mask_ratio, PRESETS[MODELS[model]][1].num_patches,
+                                f"model {model}")
     rows = []
     for model in args.model:
         rows += run(model, args.batch, args.mask_ratio, args.top)

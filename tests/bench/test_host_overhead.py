@@ -69,7 +69,7 @@ def test_bad_arguments(capsys):
     assert e.value.code == 2 and "--ops: unknown ['nope']" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         host_overhead.main(["--reps", "0"])
-    assert e.value.code == 2 and "--reps must be >= 1" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --reps: must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         host_overhead.main(["--skip-step", "--skip-ops"])
     assert e.value.code == 2 and "leaves nothing to measure" in capsys.readouterr().err
