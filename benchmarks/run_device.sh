@@ -18,10 +18,32 @@
 #   BUDGET_S=300 bash benchmarks/run_device.sh         # a shorter budget
 #   DRY_RUN=1 bash benchmarks/run_device.sh            # anywhere: the plan, each flag checked
 #                                                      # against its script's --help, nothing run
+#   bash benchmarks/run_device.sh --help               # this text
+#
+# Settings are environment variables, not arguments: BUDGET_S (seconds, a positive whole number;
+# default 450), DRY_RUN (any non-empty value), PYTHON (default python3), OUT (where the packed
+# results go; default a new temporary folder), LOGS (the stage logs' folder; a dry run's are under
+# OUT), TAIL (log lines shown per stage; default 40).
+# Exit status: 0 when every stage ran ok or was skipped for lack of budget; 1 after the last stage
+# and the final pack when any stage failed, timed out or (dry run) named a flag its script lacks
+# (the list is printed); 2 for a bad argument or setting, before anything runs.
 set -uo pipefail
+if [[ $# == 1 && ( $1 == -h || $1 == --help ) ]]; then  # the comment above, before anything runs
+  awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"
+  exit 0
+elif (( $# )); then
+  echo "error: run_device.sh takes no arguments, got '$*' (settings are environment variables:" \
+       "see bash $0 --help)" >&2
+  exit 2
+fi
+BUDGET_S=${BUDGET_S:-450}  # 8 minutes less room for a timed-out stage's kill and the last pack
+if [[ ! $BUDGET_S =~ ^[0-9]{1,9}$ ]] || (( 10#$BUDGET_S < 1 )); then
+  echo "error: BUDGET_S must be a positive whole number of seconds, got '$BUDGET_S'" >&2
+  exit 2
+fi
+BUDGET_S=$(( 10#$BUDGET_S ))  # 0450 is 450, not octal
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}  # the device image's python3 is the one that holds torch
-BUDGET_S=${BUDGET_S:-450}  # 8 minutes less room for a timed-out stage's kill and the last pack
 DRY_RUN=${DRY_RUN:-}
 OUT=${OUT:-$(mktemp -d)}
 t0=$(date +%s)
@@ -74,6 +96,7 @@ check_flags() {
 
 # stage NAME CAP_S MIN_S CMD...: run CMD under min(CAP_S, budget left - RESERVE_S); skipped below MIN_S
 RESERVE_S=0
+BAD=()  # "name (status)" of every stage that failed, timed out or (dry run) named a missing flag
 stage() {
   local name=$1 want=$2 min=$3; shift 3
   local left=$(( BUDGET_S - RESERVE_S - $(elapsed) ))
@@ -85,7 +108,8 @@ stage() {
   fi
   stamp "$name (cap ${cap} s): $*"
   if [[ -n $DRY_RUN ]]; then
-    if check_flags "$@"; then record "$name" dry_ok 0 0 "$cap"; else record "$name" dry_bad_flags 2 0 "$cap"; fi
+    if check_flags "$@"; then record "$name" dry_ok 0 0 "$cap"
+    else record "$name" dry_bad_flags 2 0 "$cap"; BAD+=("$name (dry_bad_flags)"); fi
     return 0
   fi
   local s rc
@@ -98,6 +122,7 @@ stage() {
   (( rc != 0 && rc != 124 && rc != 137 )) && status=failed
   stamp "$name: $status (exit $rc, $(( $(date +%s) - s )) s)"
   record "$name" "$status" "$rc" "$(( $(date +%s) - s ))" "$cap"
+  [[ $status != ok ]] && BAD+=("$name ($status, exit $rc)")
   pack
 }
 
@@ -156,3 +181,8 @@ stage report 15 5 $PY -m benchmarks.report --update-readme
 stamp "done: $(grep -cE '"status": "(dry_)?ok"' "$LOGS/stages.jsonl" 2>/dev/null) stages ok; stages.jsonl:"
 cat "$LOGS/stages.jsonl"
 pack
+if (( ${#BAD[@]} )); then  # after every stage and the last pack: the results came back all the same
+  bad=$(printf '%s; ' "${BAD[@]}")
+  stamp "${#BAD[@]} stage(s) not ok: ${bad%; }"
+  exit 1
+fi

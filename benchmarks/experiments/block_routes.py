@@ -19,7 +19,6 @@ the same block, not only against the per-op path they replaced.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from unittest import mock
@@ -29,6 +28,8 @@ if __name__ == "__main__":
     os.environ["TEC_FAST_KERNELS"] = "triton"
 
 import torch  # noqa: E402
+
+from tec_fast.cli.flags import POSITIVE  # noqa: E402
 
 ROUTES = ("one node", "node per block", "block on torch", "part by part")
 
@@ -65,13 +66,12 @@ def make_steps():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.block_routes",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=9, help="interleaved timed repetitions, best reported (default 9)")
-    p.add_argument("--steps", type=int, default=3, help="steps per repetition (default 3)")
+    from benchmarks.common import make_parser
+    p = make_parser("experiments.block_routes", __doc__)
+    p.add_argument("--reps", type=POSITIVE, default=9, metavar="N",
+                   help="interleaved timed repetitions, best reported (default 9)")
+    p.add_argument("--steps", type=POSITIVE, default=3, metavar="N", help="steps per repetition (default 3)")
     args = p.parse_args(argv)
-    if args.reps < 1 or args.steps < 1:
-        p.error("--reps and --steps must be >= 1")
     torch.set_num_threads(1)
     from benchmarks.common import format_table
     from benchmarks.host_overhead import LaunchLog, denormals_flushed, time_per_call

@@ -39,13 +39,14 @@ def best_us(fn, calls: int = 20000, reps: int = 5) -> float:
 def offline_args(module: str, doc: str, argv, calls: int) -> argparse.Namespace:
     """The ``--calls`` command line of an offline launch-path experiment (``module``, described
     by the first paragraph of ``doc``), refused where the interpreter is on; one torch thread."""
-    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
-    p.add_argument("--calls", type=int, default=calls, help=f"calls per timed repetition (default {calls})")
+    from benchmarks.common import make_parser
+    from tec_fast.cli.flags import POSITIVE
+    p = make_parser(module[len("benchmarks."):] if module.startswith("benchmarks.") else module, doc)
+    p.add_argument("--calls", type=POSITIVE, default=calls, metavar="N",
+                   help=f"calls per timed repetition (default {calls})")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error("needs TRITON_INTERPRET unset before Triton is imported (run it as a module)")
-    if args.calls < 1:
-        p.error(f"--calls must be >= 1, got {args.calls}")
     torch.set_num_threads(1)
     return args
 

@@ -4,10 +4,14 @@ seeds; metrics: k-NN and linear probe on frozen features, and a short end-to-end
 
 Every (seed, budget) run is a separate process (``--jobs`` at a time, one thread each), appends
 one row per model to ``benchmarks/results/repro.jsonl``; at the end the script prints mean ± std
-per (budget, model), writes ``benchmarks/results/repro.png`` and, with ``--docs``, the table
-between the ``<!-- repro:begin -->`` / ``<!-- repro:end -->`` markers of ``docs/demo.md``.
+per (budget, model), writes the plot ``--plot`` (``benchmarks/results/repro.png``; ``--no-plot``:
+none) and, with ``--docs``, the table between the ``<!-- repro:begin -->`` / ``<!-- repro:end -->``
+markers of ``docs/demo.md``. ``--report-only`` trains nothing but still writes the plot (and, with
+``--docs``, docs/demo.md). Each run prints ``[i/N] seed S, Bx started`` on stderr as it starts
+and its metrics on stdout as it ends.
 
     python -m benchmarks.experiments.repro                       # seeds 0,1,2; budgets 1,2; 2 jobs
+    python -m benchmarks.experiments.repro --report-only --no-plot   # the table, nothing written
     python -m benchmarks.experiments.repro --report-only --docs
 """
 from __future__ import annotations
@@ -20,6 +24,9 @@ import subprocess
 import sys
 import time
 from typing import Dict, List
+
+from benchmarks.experiments import int_list
+from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, SEED, output_dir, output_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.join(ROOT, "benchmarks")
@@ -152,22 +159,50 @@ def write_docs(summary: Dict, rows: List[Dict]) -> None:
     open(path, "w").write(head + BEGIN + "\n" + body + "\n" + END + rest.split(END, 1)[1])
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
-    p.add_argument("--budgets", default="1,2", help="multiples of the default demo's TEC steps (default %(default)s)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="threads per run (default %(default)s)")
-    p.add_argument("--finetune-epochs", type=int, default=3)
-    p.add_argument("--out", default=os.path.join("runs", "repro"), help="stage outputs (checkpoints, metrics)")
-    p.add_argument("--report-only", action="store_true", help="summarise repro.jsonl, run nothing")
+def reuse_pattern(text: str) -> str:
+    """``--reuse``: a folder pattern whose only field is ``{seed}``."""
+    try:
+        text.format(seed=0)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: only {{seed}} may appear in braces ({exc})") from None
+    return text
+
+
+def build_parser():
+    from benchmarks.common import make_parser
+
+    p = make_parser("experiments.repro", __doc__)
+    p.add_argument("--seeds", type=int_list(SEED), default=[0, 1, 2], metavar="S,S,...",
+                   help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--budgets", type=int_list(POSITIVE), default=[1, 2], metavar="B,B,...",
+                   help="multiples of the default demo's TEC steps (default 1,2)")
+    p.add_argument("--jobs", type=POSITIVE, default=2, metavar="N", help="runs at a time (default %(default)s)")
+    p.add_argument("--threads", type=POSITIVE, default=1, metavar="N", help="threads per run (default %(default)s)")
+    p.add_argument("--finetune-epochs", type=POSITIVE, default=3, metavar="N",
+                   help="epochs of the end-to-end fine-tune each model gets for the fine-tune metric "
+                        "(default %(default)s)")
+    p.add_argument("--out", type=output_dir, default=os.path.join("runs", "repro"), metavar="DIR",
+                   help="stage outputs (checkpoints, metrics), DIR/s<SEED>_b<BUDGET> per run (default %(default)s)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: print the table of the current plan's rows in "
+                        "benchmarks/results/repro.jsonl; still writes the plot (--plot, unless --no-plot) "
+                        "and, with --docs, docs/demo.md")
+    p.add_argument("--plot", type=output_file, default=os.path.join(HERE, "results", "repro.png"), metavar="FILE",
+                   help="where the plot of the table is written (default benchmarks/results/repro.png)")
+    p.add_argument("--no-plot", action="store_true", help="write no plot")
     p.add_argument("--docs", action="store_true", help="write the table into docs/demo.md")
-    p.add_argument("--reuse", default="", metavar="PATTERN",
+    p.add_argument("--reuse", type=reuse_pattern, default="", metavar="PATTERN",
                    help="1x runs: evaluate the models a finished demo run trained instead of training them "
                         "again (same plan and seed); PATTERN with {seed}, e.g. runs/demo_seed{seed}")
-    p.add_argument("--one", nargs=2, type=int, metavar=("SEED", "BUDGET"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=2, type=NON_NEGATIVE, metavar=("SEED", "BUDGET"), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.no_plot and args.plot != p.get_default("plot"):
+        p.refuse("--no-plot", "writes no plot: give --plot FILE or --no-plot, not both")
     if args.one:
         seed, budget = args.one
         reuse = args.reuse.format(seed=seed) if args.reuse and budget == 1 else ""
@@ -177,11 +212,13 @@ def main(argv=None) -> int:
         return 0
     t0 = time.perf_counter()
     if not args.report_only:
-        todo = [(int(s), int(b)) for b in args.budgets.split(",") for s in args.seeds.split(",")]
-        running: List = []
+        todo = [(s, b) for b in args.budgets for s in args.seeds]
+        total, running = len(todo), []
         while todo or running:
             while todo and len(running) < args.jobs:
                 s, b = todo.pop(0)
+                print(f"[{total - len(todo)}/{total}] seed {s}, {b}x started "
+                      f"({(time.perf_counter() - t0) / 60:.1f} min)", file=sys.stderr, flush=True)
                 cmd = [sys.executable, "-m", "benchmarks.experiments.repro", "--one", str(s), str(b), "--out", args.out,
                        "--finetune-epochs", str(args.finetune_epochs), "--reuse", args.reuse,
                        "--threads", str(args.threads)]
@@ -206,12 +243,16 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: no rows of the current default plan in {RESULTS}")
     summary = summarise(rows)
     print(table(summary))
-    png = plot(summary, os.path.join(HERE, "results", "repro.png"))
-    print(f"plot: {png or 'not written (matplotlib missing)'}")
+    if not args.no_plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        png = plot(summary, args.plot)
+        print(f"plot: {png or 'not written (matplotlib missing)'}")
     if args.docs:
         write_docs(summary, rows)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tec_fast.cli.errors import run_command
+
+    sys.exit(run_command(main))

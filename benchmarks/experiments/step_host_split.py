@@ -20,7 +20,6 @@ forward, and its backward, for the engine and for eager.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -29,6 +28,8 @@ if __name__ == "__main__":
     os.environ["TEC_FAST_KERNELS"] = "triton"
 
 import torch  # noqa: E402
+
+from tec_fast.cli.flags import POSITIVE  # noqa: E402
 
 KERNELS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
            "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -95,14 +96,12 @@ def phase_times(providers, reps: int, steps: int = 10):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.step_host_split",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=5, help="profiled steps per provider (default 5); with "
-                   "--phases, timed repetitions of 10 steps each")
+    from benchmarks.common import make_parser
+    p = make_parser("experiments.step_host_split", __doc__)
+    p.add_argument("--steps", type=POSITIVE, default=5, metavar="N",
+                   help="profiled steps per provider (default 5); with --phases, timed repetitions of 10 steps each")
     p.add_argument("--phases", action="store_true", help="wall ms per phase of the step (no profiler)")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
     torch.set_num_threads(1)
     from benchmarks.common import format_table
     from benchmarks.host_overhead import LaunchLog, _kernels_off, denormals_flushed, make_step

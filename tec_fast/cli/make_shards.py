@@ -28,7 +28,9 @@ def build_parser() -> Parser:
                            "uncompressed tar shards for python -m tec_fast.train --data: one member per image "
                            "(the file as it is) and one per label (<key>.cls), plus classes.txt and shards.json "
                            "(the --data pattern, counts, bytes).")
-    p.add_argument("src", metavar="SRC", type=existing_dir, help="the image folder")
+    p.add_argument("src", metavar="SRC", type=image_folder,
+                   help="the image folder (SRC/train used where it exists): class folders with images "
+                        "anywhere below them, or images directly inside")
     p.add_argument("out", metavar="OUT", type=makeable_dir,
                    help="folder for the shards (created; shards of the same prefix there are replaced: those "
                         "numbered past the last one written are removed once the write is complete)")
@@ -41,6 +43,46 @@ def build_parser() -> Parser:
                         "is larger (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     return p
+
+
+def image_folder(text: str) -> str:
+    """SRC: an existing folder holding images where ``write_shards`` looks for them (``find_samples``:
+    below a class folder, or directly inside; ``SRC/train`` in place of SRC where it exists). Stops
+    at the first image found: an empty folder is refused at parse time without listing a full one."""
+    from tec_fast.data.folder import IMG_EXTENSIONS, _is_image_file
+
+    existing_dir(text)
+    root = os.path.join(text, "train") if os.path.isdir(os.path.join(text, "train")) else text
+    try:
+        entries = list(os.scandir(root))
+        if any(e.is_file() and _is_image_file(e.name) for e in entries):
+            return text
+        for e in sorted(entries, key=lambda e: e.name):
+            if e.is_dir() and not e.name.startswith("."):
+                for _, _, files in os.walk(e.path, followlinks=True):
+                    if any(_is_image_file(f) for f in files):
+                        return text
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{root!r}: cannot read it: {exc.strerror or exc}") from None
+    raise argparse.ArgumentTypeError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {root!r}, neither in class "
+                                     f"folders nor directly inside")
+
+
+def output_folder(p: Parser, out: str) -> None:
+    """OUT made (with the folders above it) and writable, and no ``classes.txt`` in it that is not an
+    earlier write's: refused naming OUT, before any image is read."""
+    from tec_fast.data.shards import _SHARD_NAME
+
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        p.refuse("OUT", f"{out!r}: cannot make the folder: {exc.strerror or exc}")
+    if not os.access(out, os.W_OK | os.X_OK):
+        p.refuse("OUT", f"{out!r}: the folder is not writable")
+    names = os.listdir(out)
+    if "classes.txt" in names and not any(_SHARD_NAME.fullmatch(n) for n in names):
+        p.refuse("OUT", f"{os.path.join(out, 'classes.txt')!r} is not an earlier write's (no *-NNNNNN.tar shards "
+                        f"beside it); move it away or choose another output folder")
 
 
 def shard_prefix(text: str) -> str:
@@ -62,6 +104,7 @@ def _main(argv) -> int:
     out = os.path.realpath(args.out)
     if out == images or out.startswith(images + os.sep):
         p.refuse("OUT", f"{args.out!r} is inside the image folder being read ({images}); write the shards elsewhere")
+    output_folder(p, args.out)
     t0, shown = time.perf_counter(), [0.0]
 
     def show(n: int, end: str = "") -> None:
@@ -74,8 +117,14 @@ def _main(argv) -> int:
             shown[0] = now
             show(n)
 
-    r = write_shards(args.src, args.out, prefix=args.prefix, max_images=args.max_images,
-                     max_bytes=args.max_mb * 1024 * 1024, on_image=progress)
+    try:
+        r = write_shards(args.src, args.out, prefix=args.prefix, max_images=args.max_images,
+                         max_bytes=args.max_mb * 1024 * 1024, on_image=progress)
+    except OSError as exc:  # a file the write could not read (SRC) or write (OUT), named
+        if shown[0]:
+            print(file=sys.stderr)  # end the progress line drawn so far
+        raise OSError(f"{_argument_of(exc, images, out)}{exc.strerror or exc}"
+                      + (f": {exc.filename!r}" if exc.filename else "")) from exc
     seconds = time.perf_counter() - t0
     if not args.no_progress:
         show(r["images"], end="\n")  # the line ends on the final count, not the last one shown
@@ -96,6 +145,16 @@ def _main(argv) -> int:
                            ["time", f"{seconds:.1f} s"], ["train with", f"--data '{r['pattern']}'"]],
                 title="make_shards", align="ll"))
     return 0
+
+
+def _argument_of(exc: OSError, images: str, out: str) -> str:
+    """``argument SRC: `` or ``argument OUT: `` for a file error under that folder, else nothing."""
+    if exc.filename:
+        path = os.path.realpath(os.fsdecode(exc.filename))
+        for name, folder in sorted((("OUT", out), ("SRC", images)), key=lambda nf: -len(nf[1])):  # innermost
+            if path == folder or path.startswith(folder + os.sep):
+                return f"argument {name}: "
+    return ""
 
 
 def main(argv=None) -> int:

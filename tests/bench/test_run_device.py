@@ -1,5 +1,7 @@
 """benchmarks/run_device.sh parses, and every script it runs exists (its flags are checked against
-each script's --help by `DRY_RUN=1 bash benchmarks/run_device.sh`, which takes a minute)."""
+each script's --help by `DRY_RUN=1 bash benchmarks/run_device.sh`, which takes a minute); its
+--help, its refusal of arguments and of a bad BUDGET_S, and its exit status 1 when a stage failed
+(dry runs, under tmp_path: nothing is written into the repository)."""
 import os
 import re
 import shutil
@@ -46,3 +48,60 @@ def test_gpu_tests_stage_runs_every_gpu_test_file():
     assert len(marked) >= 9
     missed = [m for m in marked if not any(m == p or m.startswith(p + "/") for p in paths)]
     assert not missed, f"gpu-marked tests the gpu_tests stage does not run: {missed}"
+
+
+def _run(tmp_path, *args, **env):
+    """``bash run_device.sh ARGS`` as a dry run whose logs and packed results stay under tmp_path."""
+    full = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "LOGS": str(tmp_path / "logs"), **env}
+    return subprocess.run(["bash", SCRIPT, *args], env=full, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_header_and_runs_nothing(tmp_path, flag):
+    r = _run(tmp_path, flag, DRY_RUN="")  # not a dry run: --help alone keeps the suite from starting
+    assert r.returncode == 0, r.stderr
+    assert "The whole GPU suite in one command" in r.stdout and "BUDGET_S" in r.stdout
+    assert "set -uo" not in r.stdout and not r.stdout.startswith("#")  # the comment text, not the code
+    assert "===" not in r.stdout and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("args", [["--budget", "10"], ["now"]])
+def test_an_argument_is_refused_in_one_line_before_anything_runs(tmp_path, args):
+    r = _run(tmp_path, *args, DRY_RUN="")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: run_device.sh takes no arguments") and r.stderr.count("\n") == 1
+    assert r.stdout == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("budget", ["1x", "abc", "0", "-5", " ", "1e3"])
+def test_a_bad_budget_is_refused_naming_budget_s(tmp_path, budget):
+    r = _run(tmp_path, BUDGET_S=budget)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: BUDGET_S must be a positive whole number") and r.stderr.count("\n") == 1
+    assert r.stdout == "" and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_every_stage_skipped_for_budget_exits_0(tmp_path):
+    """A 1 s budget skips every stage: nothing failed, exit 0 (skipped is not a failure)."""
+    r = _run(tmp_path, BUDGET_S="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "skip step" in r.stdout and "not ok" not in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_stages_that_fail_make_the_run_exit_1_after_every_stage_ran(tmp_path):
+    """PYTHON that does not exist: each of our scripts' --help fails (dry_bad_flags). Every stage
+    still runs (report, the last one, included), then the run exits 1 naming them."""
+    r = _run(tmp_path, PYTHON=str(tmp_path / "no_such_python"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    stages = (tmp_path / "out").glob("device_logs/*/stages.jsonl")
+    lines = [ln for f in stages for ln in f.read_text().splitlines()]
+    assert any('"stage": "report"' in ln and "dry_bad_flags" in ln for ln in lines), lines
+    last = r.stdout.strip().splitlines()[-1]
+    assert "stage(s) not ok: info (dry_bad_flags); step (dry_bad_flags);" in last
+    assert last.endswith("report (dry_bad_flags)")
+    assert "build" not in last  # pip's flags are not checked: dry_ok

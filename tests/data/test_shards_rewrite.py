@@ -1,6 +1,7 @@
 """make_shards into a folder that already holds shards: the stale ones are removed (a folder read
 as --data holds one write); compressed or non-tar files named in one message; the command's
---prefix refusal and its progress line."""
+--prefix refusal and its progress line; its errors name SRC or OUT (an empty SRC, an OUT that
+cannot be made, a file error under either)."""
 from __future__ import annotations
 
 import gzip
@@ -117,3 +118,60 @@ def test_make_shards_refuses_an_out_inside_the_images(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([root, str(tmp_path / "afile" / "sub")])
     assert "error: argument OUT:" in capsys.readouterr().err
+
+
+def _refusal(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_make_shards_names_src_when_it_holds_no_images(tmp_path, capsys):
+    """An empty SRC (or one whose only images sit in a hidden folder, which the write skips) is
+    refused at parse time as ``argument SRC``, not as the internal ``write_shards: no images``."""
+    from tec_fast.cli.make_shards import main
+    empty = tmp_path / "empty"
+    (empty / "cat").mkdir(parents=True)
+    (empty / ".hidden").mkdir()
+    (empty / ".hidden" / "a.jpg").write_bytes(b"x")
+    (empty / "notes.txt").write_text("no image")
+    err = _refusal(main, [str(empty), str(tmp_path / "out")], capsys)
+    assert err.startswith("error: argument SRC: no images") and "write_shards" not in err
+    assert not (tmp_path / "out").exists()  # refused before OUT is made
+    root = write_folder(tmp_path / "deep", n=1)  # one image, below a class folder's subfolder: it counts
+    os.makedirs(os.path.join(root, "cat", "sub"))
+    os.rename(os.path.join(root, "cat", "img00.jpg"), os.path.join(root, "cat", "sub", "img00.jpg"))
+    assert main([root, str(tmp_path / "o2"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o2" / "shards.json").read_text())["images"] == 1
+
+
+def test_make_shards_names_out_when_it_cannot_be_made(tmp_path, capsys):
+    from tec_fast.cli.make_shards import main
+    root = write_folder(tmp_path / "src", n=2)
+    err = _refusal(main, [root, "/proc/tec_fast_no_such/x"], capsys)
+    assert err.startswith("error: argument OUT: '/proc/tec_fast_no_such/x': cannot make the folder"), err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "classes.txt").write_text("mine\n")
+    err = _refusal(main, [root, str(mine)], capsys)
+    assert err.startswith("error: argument OUT:") and "not an earlier write's" in err and "write_shards" not in err
+    assert (mine / "classes.txt").read_text() == "mine\n"
+
+
+def test_make_shards_names_the_folder_of_a_file_error(tmp_path, capsys, monkeypatch):
+    """A file the write cannot read (under SRC) or write (under OUT) ends in one line naming it."""
+    from tec_fast.cli import make_shards
+    from tec_fast.data import shards
+    root = write_folder(tmp_path / "src", n=2)
+    out = tmp_path / "out"
+    for folder, name in ((os.path.join(root, "cat"), "SRC"), (str(out), "OUT")):
+        path = os.path.join(folder, "x.jpg")
+
+        def failing(*a, path=path, **k):
+            raise PermissionError(13, "Permission denied", path)
+        monkeypatch.setattr(shards, "write_shards", failing)
+        assert make_shards.main([root, str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: argument {name}: Permission denied: {path!r}", err
