@@ -148,7 +148,7 @@ stage step 100 40 $PY -m benchmarks.bench_step --preset vit_base --batch-sizes 3
 stage ops 55 25 $PY -m benchmarks.bench_ops --op all --device cuda --results-dir $R
 stage dispatch_table 10 5 $PY -m benchmarks.dispatch_table
 
-# 4. correctness on the GPU: compiled kernels, graphs against eager, varlen, no host syncs (92
+# 4. correctness on the GPU: compiled kernels, graphs against eager, varlen, no host syncs (97
 #    tests, each kernel compiled on first use; after the timings so that a slow compile cannot
 #    cost them; one line per test, so a run cut short still says which passed; the ops first)
 stage gpu_tests 150 30 $PY -m pytest -v -rfE -p no:cacheprovider -p no:randomly -m gpu tests/ops/test_ops_gpu.py \
