@@ -316,3 +316,17 @@ def assert_routes_agree(module, run, monkeypatch, also=()):
     assert len(direct) == len(via_op)
     for i, (a, e) in enumerate(zip(direct, via_op)):
         assert torch.equal(a, e), f"output {i} differs between the eager route and the custom ops"
+
+
+def refused_in_one_line(main, argv, capsys, flag=None) -> str:
+    """``main(argv)`` must refuse: exit status 2, one ``error:`` line on stderr (``error: argument
+    FLAG: ...`` where ``flag`` is given), no usage block, nothing on stdout. Returns the line."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2, (info.value.code, err)
+    lines = err.strip().splitlines()
+    prefix = f"error: argument {flag}: " if flag else "error: "
+    assert len(lines) == 1 and lines[0].startswith(prefix), err
+    assert "usage:" not in err and out == "", (out, err)
+    return lines[0]

@@ -7,6 +7,7 @@ import importlib
 import json
 
 import pytest
+from conftest import refused_in_one_line
 
 import benchmarks.common
 
@@ -15,14 +16,7 @@ SCRIPTS = ("bench_ops", "bench_step", "bench_packed", "bench_packing", "bench_lo
 
 
 def _refused(capsys, module: str, argv, flag: str) -> str:
-    """``benchmarks.<module>.main(argv)`` must exit 2 with one error line naming ``flag``."""
-    with pytest.raises(SystemExit) as e:
-        importlib.import_module(f"benchmarks.{module}").main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert e.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith(f"error: argument {flag}: "), err
-    return lines[0]
+    return refused_in_one_line(importlib.import_module(f"benchmarks.{module}").main, argv, capsys, flag)
 
 
 @pytest.fixture

@@ -11,19 +11,13 @@ import sys
 import pytest
 import torch
 
+from conftest import refused_in_one_line
 from benchmarks import flops
 from benchmarks.common import REPO, fx_tracing_notice_dropped, time_callable
 
 
 def _refused(capsys, module: str, argv, flag: str) -> str:
-    """Run ``benchmarks.<module>.main(argv)``; it must exit 2 with one error line naming ``flag``."""
-    with pytest.raises(SystemExit) as e:
-        importlib.import_module(f"benchmarks.{module}").main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert e.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith(f"error: argument {flag}: "), err
-    return lines[0]
+    return refused_in_one_line(importlib.import_module(f"benchmarks.{module}").main, argv, capsys, flag)
 
 
 # the rest of each command line keeps a run that was wrongly let through small and quick

@@ -7,6 +7,7 @@ import importlib
 import json
 
 import pytest
+from conftest import refused_in_one_line
 
 NAMES = ("block_routes", "launch_path_split", "layer_norm_split", "step_host_split", "demo_seeds", "demo_tune",
          "repro")
@@ -15,16 +16,6 @@ NAMES = ("block_routes", "launch_path_split", "layer_norm_split", "step_host_spl
 def _module(name):
     return importlib.import_module(f"benchmarks.experiments.{name}")
 
-
-def refused(main, argv, capsys) -> str:
-    """The one stderr line of ``main(argv)``'s refusal (exit status 2); nothing on stdout."""
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    assert info.value.code == 2, (info.value.code, err)
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    assert "usage:" not in err and out == ""
-    return err.strip()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -35,7 +26,7 @@ def test_usage_names_the_module_and_an_unknown_flag_is_one_line(name, capsys):
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: python -m benchmarks.experiments.{name} ")
     argv = ["tec", "--bogus"] if name == "demo_tune" else ["--bogus"]
-    err = refused(main, argv, capsys)
+    err = refused_in_one_line(main, argv, capsys)
     assert "unrecognized arguments: --bogus" in err and f"python -m benchmarks.experiments.{name} --help" in err
 
 
@@ -69,15 +60,15 @@ def test_every_flag_has_help_text(name):
     ("layer_norm_split", ["--calls", "x"], "--calls"),
 ])
 def test_bad_values_are_refused_while_parsing(name, argv, flag, capsys):
-    err = refused(_module(name).main, argv, capsys)
+    err = refused_in_one_line(_module(name).main, argv, capsys)
     assert err.startswith(f"error: argument {flag}: "), err
 
 
 def test_demo_seeds_refuses_a_collect_folder_that_is_missing_or_unfinished(tmp_path, capsys):
     from benchmarks.experiments import demo_seeds
-    err = refused(demo_seeds.main, ["--collect", str(tmp_path / "missing")], capsys)
+    err = refused_in_one_line(demo_seeds.main, ["--collect", str(tmp_path / "missing")], capsys)
     assert err.startswith("error: argument --collect: ") and "no such folder" in err
-    err = refused(demo_seeds.main, ["--collect", str(tmp_path)], capsys)
+    err = refused_in_one_line(demo_seeds.main, ["--collect", str(tmp_path)], capsys)
     assert err.startswith("error: argument --collect: ") and "results.json" in err
 
 
@@ -103,7 +94,7 @@ def test_repro_report_only_says_what_it_writes_and_no_plot_writes_nothing(tmp_pa
     assert repro.main(["--report-only", "--plot", str(tmp_path / "sub" / "r.png")]) == 0
     assert written == [str(tmp_path / "sub" / "r.png")] and (tmp_path / "sub").is_dir()
     assert f"plot: {tmp_path / 'sub' / 'r.png'}" in capsys.readouterr().out
-    err = refused(repro.main, ["--report-only", "--no-plot", "--plot", str(tmp_path / "r.png")], capsys)
+    err = refused_in_one_line(repro.main, ["--report-only", "--no-plot", "--plot", str(tmp_path / "r.png")], capsys)
     assert err.startswith("error: argument --no-plot: ")
 
 
