@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.common import append_jsonl, complete_row, format_table, make_parser, results_dir
 from tec_fast.data.decode import EncodedImage, to_rgb, turbo_decoder
-from tec_fast.data.folder import ImageFolderDataset
+from tec_fast.data.folder import IMG_EXTENSIONS, ImageFolderDataset, holds_images, image_root
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, existing_dir, output_file, real
 from tec_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box
 from tec_fast.training.config import FitConfig
@@ -167,11 +167,9 @@ def main(argv=None) -> int:
         reasons = gpu_decode_reasons("cuda")
         if reasons:
             p.error("argument --gpu-decode: " + "; ".join(reasons))
-    if args.data is not None:
-        try:
-            ImageFolderDataset(args.data, args.img_size)  # lists the images: refused here, not mid-run
-        except ValueError as exc:
-            p.refuse("--data", str(exc).replace("ImageFolderDataset: ", "", 1))
+    if args.data is not None and not holds_images(args.data):  # refused here, not mid-run
+        p.refuse("--data", f"no images ({', '.join(IMG_EXTENSIONS)}) found in {image_root(args.data)!r} "
+                           f"(neither in class subfolders nor directly inside)")
     root = args.data or make_jpegs(args.make_jpegs)
     torch.set_num_threads(1)
 

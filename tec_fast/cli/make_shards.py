@@ -20,6 +20,7 @@ import time
 
 from tec_fast.cli.errors import run_command
 from tec_fast.cli.flags import POSITIVE, Parser, existing_dir, makeable_dir
+from tec_fast.data.folder import image_root
 
 
 def build_parser() -> Parser:
@@ -46,32 +47,27 @@ def build_parser() -> Parser:
 
 
 def image_folder(text: str) -> str:
-    """SRC: an existing folder holding images where ``write_shards`` looks for them (``find_samples``:
-    below a class folder, or directly inside; ``SRC/train`` in place of SRC where it exists). Stops
-    at the first image found: an empty folder is refused at parse time without listing a full one."""
-    from tec_fast.data.folder import IMG_EXTENSIONS, _is_image_file
+    """SRC: an existing folder holding images where ``write_shards`` looks for them
+    (``holds_images``: stops at the first one, so an empty folder is refused at parse time without
+    listing a full one)."""
+    from tec_fast.data.folder import IMG_EXTENSIONS, holds_images
 
     existing_dir(text)
-    root = os.path.join(text, "train") if os.path.isdir(os.path.join(text, "train")) else text
+    root = image_root(text)
     try:
-        entries = list(os.scandir(root))
-        if any(e.is_file() and _is_image_file(e.name) for e in entries):
-            return text
-        for e in sorted(entries, key=lambda e: e.name):
-            if e.is_dir() and not e.name.startswith("."):
-                for _, _, files in os.walk(e.path, followlinks=True):
-                    if any(_is_image_file(f) for f in files):
-                        return text
+        found = holds_images(text)
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"{root!r}: cannot read it: {exc.strerror or exc}") from None
-    raise argparse.ArgumentTypeError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {root!r}, neither in class "
-                                     f"folders nor directly inside")
+    if not found:
+        raise argparse.ArgumentTypeError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {root!r}, neither in "
+                                         f"class folders nor directly inside")
+    return text
 
 
 def output_folder(p: Parser, out: str) -> None:
     """OUT made (with the folders above it) and writable, and no ``classes.txt`` in it that is not an
-    earlier write's: refused naming OUT, before any image is read."""
-    from tec_fast.data.shards import _SHARD_NAME
+    earlier write's (``foreign_classes_file``): refused naming OUT, before any image is read."""
+    from tec_fast.data.shards import NOT_OURS, foreign_classes_file
 
     try:
         os.makedirs(out, exist_ok=True)
@@ -79,10 +75,8 @@ def output_folder(p: Parser, out: str) -> None:
         p.refuse("OUT", f"{out!r}: cannot make the folder: {exc.strerror or exc}")
     if not os.access(out, os.W_OK | os.X_OK):
         p.refuse("OUT", f"{out!r}: the folder is not writable")
-    names = os.listdir(out)
-    if "classes.txt" in names and not any(_SHARD_NAME.fullmatch(n) for n in names):
-        p.refuse("OUT", f"{os.path.join(out, 'classes.txt')!r} is not an earlier write's (no *-NNNNNN.tar shards "
-                        f"beside it); move it away or choose another output folder")
+    if foreign_classes_file(out):
+        p.refuse("OUT", f"{os.path.join(out, 'classes.txt')!r} {NOT_OURS}")
 
 
 def shard_prefix(text: str) -> str:
@@ -99,8 +93,7 @@ def _main(argv) -> int:
 
     p = build_parser()
     args = p.parse_args(argv)
-    images = os.path.realpath(os.path.join(args.src, "train") if os.path.isdir(os.path.join(args.src, "train"))
-                              else args.src)
+    images = os.path.realpath(image_root(args.src))
     out = os.path.realpath(args.out)
     if out == images or out.startswith(images + os.sep):
         p.refuse("OUT", f"{args.out!r} is inside the image folder being read ({images}); write the shards elsewhere")

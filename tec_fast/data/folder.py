@@ -41,6 +41,24 @@ def find_samples(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     return [(p, -1) for p in flat], []
 
 
+def image_root(root: str) -> str:
+    """Where a folder's images are read from: ``root/train`` where it exists, else ``root``."""
+    train = os.path.join(root, "train")
+    return train if os.path.isdir(train) else root
+
+
+def holds_images(root: str) -> bool:
+    """Whether ``find_samples(image_root(root))`` would find any image, stopping at the first one
+    (a command refuses an empty folder up front without listing a full one). OSError where the
+    folder cannot be read."""
+    root = image_root(root)
+    entries = list(os.scandir(root))
+    if any(e.is_file() and _is_image_file(e.name) for e in entries):
+        return True
+    return any(_is_image_file(f) for e in entries if e.is_dir() and not e.name.startswith(".")
+               for _, _, files in os.walk(e.path, followlinks=True) for f in files)
+
+
 class ImageFolderDataset(ImageDataset):
     """Images from a folder: ``ds[i] -> (image [3, img_size, img_size], label int)``.
 
@@ -58,8 +76,7 @@ class ImageFolderDataset(ImageDataset):
         if not os.path.isdir(root):
             raise ValueError(f"ImageFolderDataset: root {root!r} is not a directory")
         super().__init__(img_size, train, strict, uint8, native_patch, max_patches, min_patches, drop_unreadable)
-        if os.path.isdir(os.path.join(root, "train")):
-            root = os.path.join(root, "train")
+        root = image_root(root)
         self.root = root
         self.samples, classes = find_samples(root)
         if not self.samples:

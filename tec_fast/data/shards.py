@@ -304,6 +304,14 @@ def read_classes(folder: str) -> List[str]:
 # ------------------------------------------------------------------------------- writing
 _TAR_BLOCK, _TAR_RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE  # 512-byte blocks, 10 240-byte records
 _SHARD_NAME = re.compile(r".+-\d{6}\.tar")  # a shard of any prefix
+NOT_OURS = "is not an earlier write's (no *-NNNNNN.tar shards beside it); move it away or choose another output folder"
+
+
+def foreign_classes_file(output: str) -> bool:
+    """Whether ``output`` holds a ``classes.txt`` beside no shard at all: not an earlier write's,
+    so ``write_shards`` refuses it rather than replace or remove it."""
+    names = os.listdir(output)
+    return "classes.txt" in names and not any(_SHARD_NAME.fullmatch(n) for n in names)
 
 
 def _member_bytes(size: int) -> int:
@@ -335,7 +343,7 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
     image_bytes, classes, removed (the paths removed)}."""
     import io
 
-    from tec_fast.data.folder import IMG_EXTENSIONS, find_samples
+    from tec_fast.data.folder import IMG_EXTENSIONS, find_samples, image_root
     if not os.path.isdir(root):
         raise ValueError(f"write_shards: root {root!r} is not a directory")
     for name, v in (("max_images", max_images), ("max_bytes", max_bytes)):
@@ -343,16 +351,14 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
             raise ValueError(f"write_shards: {name} must be a positive int, got {v!r}")
     if not prefix or "/" in prefix or "{" in prefix:
         raise ValueError(f"write_shards: prefix must be a plain file-name prefix, got {prefix!r}")
-    if os.path.isdir(os.path.join(root, "train")):
-        root = os.path.join(root, "train")
+    root = image_root(root)
     samples, classes = find_samples(root)
     if not samples:
         raise ValueError(f"write_shards: no images ({', '.join(IMG_EXTENSIONS)}) in {root!r}")
     os.makedirs(output, exist_ok=True)
     classes_txt = os.path.join(output, "classes.txt")
-    if os.path.isfile(classes_txt) and not any(_SHARD_NAME.fullmatch(n) for n in os.listdir(output)):
-        raise ValueError(f"write_shards: {classes_txt!r} is not an earlier write's (no *-NNNNNN.tar shards beside "
-                         f"it); move it away or choose another output folder")
+    if foreign_classes_file(output):
+        raise ValueError(f"write_shards: {classes_txt!r} {NOT_OURS}")
     _remove_unfinished(output, prefix)
     shards: List[str] = []
     written: List[str] = []  # complete shards, still under their temporary names
