@@ -153,15 +153,18 @@ class BaseModel(nn.Module):
 
     def last_layers_mean(self, x: torch.Tensor, patch_rows, **attention):
         """x (embedded tokens) through the blocks (``run_blocks``; ``attention``: a packed
-        sequence's ``cu_seqlens`` / ``max_len``): the fp32 mean of the last ``last_layers`` blocks'
-        outputs at the rows ``patch_rows(t)`` selects, and the last block's q, k (None without
-        ``topk``). The target features of docs/tec.md §1, batched or packed."""
+        sequence's ``cu_seqlens`` / ``max_len``): the fp32 (float64 in a float64 base) mean of the
+        last ``last_layers`` blocks' outputs at the rows ``patch_rows(t)`` selects, and the last
+        block's q, k (None without ``topk``). The target features of docs/tec.md §1, batched or
+        packed."""
         depth = len(self.blocks)
         first = depth - self.last_layers
         h, m, outs, qk = run_blocks(self.blocks, x, outputs=range(first, depth - 1),
                                     qk_block=depth - 1 if self.topk is not None else None, **attention)
         outs[depth - 1] = h + m
-        feats = patch_rows(outs[first]).to(torch.float32, copy=True)  # summed in fp32, in place
+        first_rows = patch_rows(outs[first])
+        acc = torch.promote_types(first_rows.dtype, torch.float32)  # fp32, float64 in a float64 base
+        feats = first_rows.to(acc, copy=True)  # summed in place
         for i in range(first + 1, depth):
             feats.add_(patch_rows(outs[i]))
         return feats.div_(self.last_layers), qk

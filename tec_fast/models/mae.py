@@ -105,14 +105,15 @@ class MAEModel(nn.Module):
 
     def patch_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error per patch (over its pixels), averaged over the removed patches
-        (mask = 1) only. Computed in fp32."""
-        target = patchify(images, self.config.patch_size).float()  # [B, L, p*p*c]
+        (mask = 1) only. Computed in fp32 (float64 in a float64 model)."""
+        acc = torch.promote_types(pred.dtype, torch.float32)
+        target = patchify(images, self.config.patch_size).to(acc)  # [B, L, p*p*c]
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / torch.sqrt(var + 1e-6)
-        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, L]
-        mask = mask.float()
+        per_patch = ((pred.to(acc) - target) ** 2).mean(dim=-1)  # [B, L]
+        mask = mask.to(acc)
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(self, images: torch.Tensor, mask_ratio: float = 0.75,

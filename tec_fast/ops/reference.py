@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from tec_fast.config import MLP_ACTIVATIONS
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision the losses and relations are computed in: fp32, or float64 for
+    float64 input (a float64 model is computed in float64 throughout, e.g. for gradcheck)."""
+    return t if t.dtype is torch.float64 else t.float()
+
+
 def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor,
                   pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out[b, i] = x[b, ids_keep[b, i]] + pos[ids_keep[b, i]];  x [B, L, C], ids [B, K], pos [L, C]."""
@@ -40,13 +46,13 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                    eps: float = 1e-6) -> torch.Tensor:
     """docs/tec.md §3 feature loss. The target is normalised per image and channel over the L
     patches with the *unbiased* variance; squared error averaged over channels, then over the
-    masked patches. Computed in fp32 whatever the input dtype. No gradient reaches the target."""
-    target = target.detach().float()
+    masked patches. Computed in fp32 (float64 for float64 input). No gradient reaches the target."""
+    target = _acc(target.detach())
     mean = target.mean(dim=1, keepdim=True)
     var = target.var(dim=1, keepdim=True)
     target = (target - mean) / torch.sqrt(var + eps)
-    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, L]
-    mask = mask.float()
+    per_patch = ((_acc(pred) - target) ** 2).mean(dim=-1)  # [B, L]
+    mask = mask.to(per_patch.dtype)
     return (per_patch * mask).sum() / mask.sum()
 
 
@@ -56,10 +62,10 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
 
     ranking r = head-mean of the CLS row's logits at the patch columns; idx = topk(r);
     relation [B, 1+k, H, L] = logits of the CLS row and rows idx+1 at the patch columns.
-    Only the 1+k rows are computed (never N x N). Output dtype: fp32.
+    Only the 1+k rows are computed (never N x N). Output dtype: fp32 (float64 for float64 input).
     """
     B, H, N, d = q.shape
-    qf, kf = q.float(), k.float()
+    qf, kf = _acc(q), _acc(k)
     cls_row = torch.einsum("bhd,bhnd->bhn", qf[:, :, 0], kf[:, :, 1:]) * scale  # [B, H, L]
     topk_idx = torch.topk(cls_row.mean(dim=1), topk, dim=1, largest=True).indices  # [B, k]
     q_top = torch.gather(qf, 2, (topk_idx + 1)[:, None, :, None].expand(B, H, topk, d))
@@ -78,9 +84,9 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
     B, H, N, d = q.shape
     kk = topk_idx.shape[1]
     rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], dim=1)  # [B, 1+k]
-    q_rows = torch.gather(q.float(), 2, rows[:, None, :, None].expand(B, H, 1 + kk, d))
-    logits = torch.einsum("bhrd,bhnd->brhn", q_rows, k.float()[:, :, 1:]) * scale
-    p = F.softmax(target.detach().float() / tau, dim=-1)  # the base's logits: no gradient
+    q_rows = torch.gather(_acc(q), 2, rows[:, None, :, None].expand(B, H, 1 + kk, d))
+    logits = torch.einsum("bhrd,bhnd->brhn", q_rows, _acc(k)[:, :, 1:]) * scale
+    p = F.softmax(_acc(target.detach()).to(logits.dtype) / tau, dim=-1)  # the base's logits: no gradient
     return -(p * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 

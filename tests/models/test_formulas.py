@@ -114,6 +114,44 @@ def test_base_features_are_mean_of_last_blocks_before_norm():
     assert not any(p.requires_grad for p in base.parameters())
 
 
+def test_float64_inputs_are_computed_in_float64():
+    """The losses and relations are computed in fp32 for fp32 and half inputs; float64 inputs (a
+    ``.double()`` model, gradcheck) keep float64 end to end: fp32 would be about 1e-7 off."""
+    from tec_fast import ops
+    f64 = dict(dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 7, 5, generator=gen, **f64), torch.randn(2, 7, 5, generator=gen, **f64)
+    target[:, :, 0] = 0.25 + 1e-4 * target[:, :, 0]  # a channel whose variance (~1e-8) is far below eps
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1, 0], [0, 0, 1, 0, 0, 0, 0]], **f64)
+    loss = ops.patch_norm_mse(pred, target, mask)
+    norm = (target - target.mean(1, keepdim=True)) / (target.var(1, keepdim=True, unbiased=True) + 1e-6).sqrt()
+    want = (((pred - norm) ** 2).mean(-1) * mask).sum() / mask.sum()
+    assert loss.dtype == torch.float64 and abs(float(loss - want)) <= 1e-14 * float(want)
+
+    q, k = torch.randn(2, 3, 9, 4, generator=gen, **f64), torch.randn(2, 3, 9, 4, generator=gen, **f64)
+    rel, idx = ops.relation_targets(q, k, 3, 0.3)
+    rows = torch.cat([torch.zeros_like(idx[:, :1]), idx + 1], 1)  # [B, 1+k]
+    logits = torch.stack([(q[b][:, rows[b]] @ k[b][:, 1:].transpose(-1, -2)).transpose(0, 1) for b in range(2)]) * 0.3
+    assert rel.dtype == torch.float64 and float((rel - logits).abs().max()) <= 1e-14
+    rloss = ops.relation_loss(q, k, idx, rel + 0.5 * torch.randn(rel.shape, generator=gen, **f64), 1.8, 0.3)
+    assert rloss.dtype == torch.float64
+
+    vit = ViTConfig(16, 4, 24, 3, 2)
+    base = BaseModel(vit, last_layers=2, topk=3).double()
+    x = torch.randn(2, 3, 16, 16, generator=gen, **f64)
+    outs, h = [], base.embed(x)
+    for blk in base.blocks:
+        h = blk(h)
+        outs.append(h[:, 1:])
+    t = base(x)
+    assert t.features.dtype == t.relation.dtype == torch.float64
+    assert float((t.features - (outs[-1] + outs[-2]) / 2).abs().max()) <= 1e-14
+    model = TECModel(TECConfig(encoder=ViTConfig(16, 4, 24, 3, 2), decoder_dim=16, decoder_depth=1,
+                               decoder_heads=2, tau=1.8)).double()
+    out = model(x, t, mask_ratio=0.75, noise=torch.rand(2, 16, generator=gen, **f64))
+    assert all(out[key].dtype == torch.float64 for key in ("loss", "feature", "relation"))
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(encoder=ViTConfig(32, 8, 64, 5, 4), num_adapters=2), "num_adapters"),
     (dict(pred_dim=100, pred_heads=12), "pred_dim"),
