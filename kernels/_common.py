@@ -488,7 +488,7 @@ def row_slices(rows: int, tile_rows: int, columns: int, programs: int) -> Tuple[
     about ``programs`` persistent programs over ``columns`` column blocks: (slices, rows per
     slice). Each program walks its slice tile by tile and keeps one partial sum."""
     tiles = cdiv(max(rows, 1), tile_rows)
-    n_slices = max(1, min(tiles, cdiv(programs, columns)))
+    n_slices = max(1, min(tiles, cdiv(programs, max(columns, 1))))  # no columns (an empty L or C): one slice
     rows_per_slice = cdiv(tiles, n_slices) * tile_rows
     return cdiv(max(rows, 1), rows_per_slice), rows_per_slice
 

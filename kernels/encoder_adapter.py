@@ -433,7 +433,8 @@ class _EncoderAdapter(torch.autograd.Function):
             out, *saved = _encoder_adapter_op(*args)
         ctx.save_for_backward(feats, ln_before_w, ln_before_b, fuse_w, fc1_w, fc2_w, ln_after_w, *saved)
         ctx.param_dtypes = [t.dtype for t in args[:11]]
-        return out
+        # in-place modifiable, as _Mlp's output (when traced, the tracer's outputs are no views)
+        return out.detach() if not torch.compiler.is_compiling() and out._is_view() else out
 
     @staticmethod
     @first_order("encoder_adapter")

@@ -302,7 +302,8 @@ def layer_norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight
 # ---- autograd ---------------------------------------------------------------------------------
 
 class _LayerNorm(torch.autograd.Function):
-    """x, residual [..., C] -> (y, h) shaped like x (h None without a residual). Saves h (or
+    """x, residual [..., C] -> (y, h) shaped like x, or y alone without a residual (a None
+    output would reach torch.compile's backward as a gradient to make contiguous). Saves h (or
     x) and the weight, and keeps the row statistics (an intermediate) on ctx; the backward
     writes dh once (it is both dx and dresidual) and the weight and bias gradients in their
     parameters' dtypes."""
@@ -313,11 +314,11 @@ class _LayerNorm(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero gradients (and launches) for an unused y or h
         ctx.save_for_backward(x if h is None else h, weight)
         ctx.stats, ctx.has_res, ctx.b_dtype = stats, h is not None, bias.dtype
-        return y, h
+        return y if h is None else (y, h)
 
     @staticmethod
     @first_order("layer_norm")
-    def backward(ctx, dy, dh_out):
+    def backward(ctx, dy, dh_out=None):
         h, weight = ctx.saved_tensors
         if dy is None:
             if dh_out is None:
@@ -355,7 +356,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     eps = float(eps)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad
                                     or (residual is not None and residual.requires_grad)):
-        y, h = _apply(x, residual, weight, bias, eps)
+        out = _apply(x, residual, weight, bias, eps)
+        y, h = (out, None) if residual is None else out
     else:  # no gradient asked for (the frozen base): no autograd node, no statistics
         y, h, _ = layer_norm_forward(x, residual, weight, bias, eps, keep_stats=False)
     return y if residual is None else (y, h)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -214,7 +215,10 @@ class _Mlp(torch.autograd.Function):
             out, pre = _mlp_forward(x, w1, b1, w2, b2)
         ctx.save_for_backward(x, w1, w2, pre)
         ctx.bias_dtypes = b1.dtype, b2.dtype
-        return out
+        # F.linear of a 3-D x with a bias returns a view of its 2-D result; a view made inside a
+        # Function cannot be modified in place (y += x), its detached alias can (same storage and
+        # version counter, so autograd still sees the change); traced, the tracer's are no views
+        return out.detach() if not torch.compiler.is_compiling() and out._is_view() else out
 
     @staticmethod
     @first_order("mlp")
@@ -228,13 +232,14 @@ class _Mlp(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         b1_dtype, b2_dtype = ctx.bias_dtypes
         shape_x = x.shape
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # rows: [rows, Cout]
+        rows = math.prod(shape_x[:-1])  # not -1 in the views: a 0-wide hidden layer or output is allowed
+        grad_out = grad_out.reshape(rows, grad_out.shape[-1])  # [rows, Cout]
         if grad_out.dtype != w2.dtype:
             grad_out = grad_out.to(w2.dtype)
         gelu_bwd = _mlp_gelu_bwd if direct_launch() else _mlp_gelu_backward_op
-        h, grad_pre, grad_b1 = gelu_bwd(pre.view(-1, pre.shape[-1]), torch.mm(grad_out, w2))
+        h, grad_pre, grad_b1 = gelu_bwd(pre.view(rows, pre.shape[-1]), torch.mm(grad_out, w2))
         grad_x = torch.mm(grad_pre, w1).view(shape_x) if need_x else None
-        grad_w1 = torch.mm(grad_pre.t(), x.reshape(-1, shape_x[-1])) if need_w1 else None
+        grad_w1 = torch.mm(grad_pre.t(), x.reshape(rows, shape_x[-1])) if need_w1 else None
         grad_b1 = (grad_b1 if b1_dtype == torch.float32 else grad_b1.to(b1_dtype)) if need_b1 else None
         grad_w2 = torch.mm(grad_out.t(), h) if need_w2 else None
         grad_b2 = grad_out.sum(0, dtype=b2_dtype) if need_b2 else None

@@ -1051,9 +1051,12 @@ def vit_block(x: torch.Tensor, n1w: torch.Tensor, n1b: torch.Tensor, wqkv: torch
     return x_in, h, m
 
 
-def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], **_info) -> List[str]:
+def not_supported_reasons(dtype: torch.dtype, shape: Tuple[int, ...], pending_dtype=None, **_info) -> List[str]:
     """Why this path cannot take x of ``dtype`` / ``shape`` (empty: it can)."""
     reasons = dtype_reasons(dtype)
     if shape and shape[-1] > MAX_C:
         reasons.append(f"width {shape[-1]} > {MAX_C} (the LayerNorm kernels hold one row in registers)")
+    if pending_dtype is not None and torch.promote_types(dtype, pending_dtype) != dtype:
+        reasons.append(f"pending is {pending_dtype}, wider than x's {dtype} (the kernels keep the residual "
+                       f"stream x + pending in x's dtype)")
     return reasons

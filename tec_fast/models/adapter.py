@@ -48,8 +48,10 @@ class EncoderAdapter(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if not isinstance(feats, torch.Tensor) or feats.dim() != 4 \
                 or feats.shape[0] != self.depth or feats.shape[3] != self.dim:
-            raise ValueError(f"EncoderAdapter: feats must be [D={self.depth}, B, T, C={self.dim}], "
-                             f"got {tuple(getattr(feats, 'shape', ()))}")
+            got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else f"a {type(feats).__name__}"
+            hint = " (stack the D block outputs: torch.stack(feats))" if isinstance(feats, (list, tuple)) else ""
+            raise ValueError(f"EncoderAdapter: feats must be one tensor [D={self.depth}, B, T, C={self.dim}], "
+                             f"got {got}{hint}")
         # tec_fast.ops.encoder_adapter validates the weights and picks the Triton kernels or the
         # plain-torch reference (see tec_fast.ops.dispatch)
         return ops.encoder_adapter(feats, *self._weights(), ADAPTER_LN_EPS, ADAPTER_LN_EPS)

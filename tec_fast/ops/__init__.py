@@ -18,6 +18,7 @@ from tec_fast.ops import reference
 from tec_fast.ops.dispatch import (dispatch_report, fast_impl, format_dispatch_report,
                                    register_kernels, use_fast_path, why_not_fast)
 from tec_fast.ops.registry import OPS
+from tec_fast.ops.validate import as_int as _as_int
 from tec_fast.ops.validate import check_bias as _check_bias
 from tec_fast.ops.validate import check_eps as _check_eps
 from tec_fast.ops.validate import check_index as _check_index
@@ -103,7 +104,8 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     """Feature loss of docs/tec.md §3 (patch-dimension normalised target, unbiased variance).
 
     pred, target [B, L, C]; mask [B, L] (1 = removed patch, counted). Returns a 0-dim fp32
-    tensor; differentiable w.r.t. pred.
+    tensor (float64 for float64 inputs); differentiable w.r.t. pred. A mask without a 1 gives
+    NaN (0 / 0, as the formula does: checking for it would read the mask back to the host).
     """
     _check_tensor(pred, "pred", 3)
     _check_tensor(target, "target", 3)
@@ -125,7 +127,8 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Base-model relation targets (docs/tec.md §1) from its last block's q, k [B, H, N, d].
 
-    Returns (relation [B, 1+topk, H, N-1] fp32, topk_idx [B, topk] int64). No gradient.
+    Returns (relation [B, 1+topk, H, N-1] fp32 (float64 for float64 q, k), topk_idx [B, topk]
+    int64). No gradient.
     """
     _check_tensor(q, "q", 4)
     _check_tensor(k, "k", 4)
@@ -133,8 +136,10 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
     _check_same_device(q, k=k)
     L = q.shape[2] - 1
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= L:
+    n_top = _as_int(topk)
+    if n_top is None or not 1 <= n_top <= L:
         raise ValueError(f"topk must be an int in [1, {L}] (the number of patches), got {topk!r}")
+    topk = n_top
     scale = _check_real(scale, "scale")
     if use_fast_path("relation_targets", q, topk=topk):
         return fast_impl("relation_targets")(q, k, topk, scale)
@@ -147,7 +152,7 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
     """Relation loss of docs/tec.md §3 from the student's q, k [B, H, N, d].
 
     topk_idx [B, k] (patch indices, from the base model), target [B, 1+k, H, N-1] (the base's
-    logits). Returns a 0-dim fp32 tensor; differentiable w.r.t. q and k.
+    logits). Returns a 0-dim fp32 tensor (float64 for float64 q, k); differentiable w.r.t. q and k.
     """
     _check_tensor(q, "q", 4)
     _check_tensor(k, "k", 4)
@@ -353,8 +358,10 @@ def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     """
     _check_tensor(x, "x", 3)
     _check_tensor(weight, "weight", 2)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+    heads = _as_int(num_heads)
+    if heads is None or heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    num_heads = heads
     out, C = weight.shape
     if C != x.shape[-1] or out % (3 * num_heads):
         raise ValueError(f"weight must be [3 * num_heads * head_dim, C={x.shape[-1]}] with num_heads="
@@ -430,8 +437,10 @@ def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Ten
     Differentiable w.r.t. x, pending and every parameter.
     """
     _check_tensor(x, "x", 3)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or x.shape[2] % num_heads:
+    heads = _as_int(num_heads)
+    if heads is None or heads < 1 or x.shape[2] % heads:
         raise ValueError(f"num_heads must be a positive int dividing C={x.shape[2]}, got {num_heads!r}")
+    num_heads = heads
     tensors = (norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, norm2_weight, norm2_bias,
                fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if not _block_tensors_ok(x, tensors):
@@ -444,7 +453,11 @@ def vit_block(x: torch.Tensor, norm1_weight: torch.Tensor, norm1_bias: torch.Ten
         if pending.device != x.device:
             _check_same_device(x, pending=pending)
     eps = _check_eps(eps)
-    if use_fast_path("vit_block", x):
+    if pending is not None and pending.dtype is not x.dtype:  # x_in = x + pending in the promoted dtype
+        fast = use_fast_path("vit_block", x, pending_dtype=pending.dtype)
+    else:
+        fast = use_fast_path("vit_block", x)
+    if fast:
         return fast_impl("vit_block")(x, *tensors, num_heads, eps, pending)
     return reference.vit_block(x, *tensors, num_heads, eps, pending)
 
@@ -466,8 +479,10 @@ def vit_blocks(x: torch.Tensor, params: Sequence[Sequence[Optional[torch.Tensor]
     Differentiable w.r.t. x and every parameter (through outs and qk too).
     """
     _check_tensor(x, "x", 3)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or x.shape[2] % num_heads:
+    heads = _as_int(num_heads)
+    if heads is None or heads < 1 or x.shape[2] % heads:
         raise ValueError(f"num_heads must be a positive int dividing C={x.shape[2]}, got {num_heads!r}")
+    num_heads = heads
     if isinstance(params, torch.Tensor) or not isinstance(params, Sequence) or not params:
         raise ValueError(f"params must be a non-empty sequence of per-block tuples of 12 tensors, got "
                          f"{type(params).__name__}")
@@ -486,14 +501,17 @@ def vit_blocks(x: torch.Tensor, params: Sequence[Sequence[Optional[torch.Tensor]
         flat += tensors
     if isinstance(outputs, (torch.Tensor, str)) or not isinstance(outputs, Sequence):
         raise ValueError(f"outputs must be a sequence of block indices, got {type(outputs).__name__} {outputs!r}")
-    outputs = tuple(outputs)
-    for i in outputs:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n - 1:
+    indices = tuple(_as_int(i) for i in outputs)
+    for i, given in zip(indices, outputs):
+        if i is None or not 0 <= i < n - 1:
             raise ValueError(f"outputs must hold block indices in [0, {n - 1}) (the last block's output is h + m), "
-                             f"got {i!r}")
-    if qk_block is not None and (isinstance(qk_block, bool) or not isinstance(qk_block, int)
-                                 or not 0 <= qk_block < n):
-        raise ValueError(f"qk_block must be None or a block index in [0, {n}), got {qk_block!r}")
+                             f"got {given!r}")
+    outputs = indices
+    if qk_block is not None:
+        block = _as_int(qk_block)
+        if block is None or not 0 <= block < n:
+            raise ValueError(f"qk_block must be None or a block index in [0, {n}), got {qk_block!r}")
+        qk_block = block
     eps = _check_eps(eps)
     if use_fast_path("vit_block", x):
         taps = tuple(sorted({i + 1 for i in outputs}))

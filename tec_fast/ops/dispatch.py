@@ -227,9 +227,17 @@ def _decide(op: str, t: torch.Tensor, info: dict) -> Tuple[bool, Tuple[str, ...]
     if hit is None:
         reasons = tuple(_reasons(op, t.device, t.dtype, tuple(t.shape), backward, **info))
         hit = _DECISIONS[key] = (not reasons, reasons)
-    if hit[0] and t.is_cuda:  # per call: the current device can change between calls
-        return _on_current_device(t.device)
+    if hit[0]:  # per call: a torch.func transform, the current device
+        if _functorch_active():
+            return _IN_TRANSFORM
+        if t.is_cuda:
+            return _on_current_device(t.device)
     return hit
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+_IN_TRANSFORM = (False, ("inside a torch.func transform (grad, vmap, jacrev, ...), which the kernels' "
+                         "autograd.Functions do not support; the reference runs there",))
 
 
 def _on_current_device(device: torch.device) -> Tuple[bool, Tuple[str, ...]]:

@@ -101,7 +101,10 @@ def relation_targets_ragged(q: torch.Tensor, k: torch.Tensor, lengths: Sequence[
     relation: List[torch.Tensor] = [None] * len(lengths)
     topk_idx: List[torch.Tensor] = [None] * len(lengths)
     for n, ids in length_groups(lengths):
-        rel, idx = ops.relation_targets(_as_heads(rows(q, n, ids)), _as_heads(rows(k, n, ids)), topk, scale)
+        try:
+            rel, idx = ops.relation_targets(_as_heads(rows(q, n, ids)), _as_heads(rows(k, n, ids)), topk, scale)
+        except ValueError as exc:
+            raise _in_group("relation_targets_ragged", n, ids, exc) from None
         for i, b in enumerate(ids):
             relation[b], topk_idx[b] = rel[i], idx[i]
     return relation, topk_idx
@@ -123,12 +126,23 @@ def relation_loss_ragged(q: torch.Tensor, k: torch.Tensor, lengths: Sequence[int
     total = 0.0
     for n, ids in groups:
         idx, tgt = _stacked(topk_idx, ids, "topk_idx"), _stacked(target, ids, "target")
-        loss = ops.relation_loss(_as_heads(rows(q, n, ids)), _as_heads(rows(k, n, ids)), idx.to(q.device),
-                                 tgt.to(q.device), tau, scale)
+        try:
+            loss = ops.relation_loss(_as_heads(rows(q, n, ids)), _as_heads(rows(k, n, ids)), idx.to(q.device),
+                                     tgt.to(q.device), tau, scale)
+        except ValueError as exc:
+            raise _in_group("relation_loss_ragged", n, ids, exc) from None
         if len(groups) == 1:
             return loss
         total = total + loss * len(ids)
     return total / len(lengths)
+
+
+def _in_group(what: str, n: int, ids: List[int], exc: ValueError) -> ValueError:
+    """The dense op's error on one length group, said of the caller's images: which ones, their
+    size, and that the shapes quoted are the group's stacked batch."""
+    who = f"image {ids[0]}" if len(ids) == 1 else f"images {ids[:8]}{'...' if len(ids) > 8 else ''}"
+    return ValueError(f"{what}: {who} ({n} tokens: L = {n - 1} patches; checked stacked as one "
+                      f"[{len(ids)}, ...] batch): {exc}")
 
 
 def _stacked(per_image: Sequence[torch.Tensor], ids: List[int], name: str) -> torch.Tensor:

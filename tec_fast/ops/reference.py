@@ -5,12 +5,23 @@ checking here: the public wrappers in ``tec_fast.ops`` validate before dispatchi
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from tec_fast.config import MLP_ACTIVATIONS
+
+
+def _autocast_off(t: torch.Tensor):
+    """A context with autocast off on ``t``'s device: the relation logits are computed in fp32
+    (or float64) under autocast too, as the kernels compute them (autocast would run their
+    matrix products in bf16 and change the base's top-k)."""
+    device_type = t.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -65,12 +76,13 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
     Only the 1+k rows are computed (never N x N). Output dtype: fp32 (float64 for float64 input).
     """
     B, H, N, d = q.shape
-    qf, kf = _acc(q), _acc(k)
-    cls_row = torch.einsum("bhd,bhnd->bhn", qf[:, :, 0], kf[:, :, 1:]) * scale  # [B, H, L]
-    topk_idx = torch.topk(cls_row.mean(dim=1), topk, dim=1, largest=True).indices  # [B, k]
-    q_top = torch.gather(qf, 2, (topk_idx + 1)[:, None, :, None].expand(B, H, topk, d))
-    top_rows = torch.einsum("bhkd,bhnd->bhkn", q_top, kf[:, :, 1:]) * scale  # [B, H, k, L]
-    relation = torch.cat([cls_row.unsqueeze(2), top_rows], dim=2).permute(0, 2, 1, 3)
+    with _autocast_off(q):
+        qf, kf = _acc(q), _acc(k)
+        cls_row = torch.einsum("bhd,bhnd->bhn", qf[:, :, 0], kf[:, :, 1:]) * scale  # [B, H, L]
+        topk_idx = torch.topk(cls_row.mean(dim=1), topk, dim=1, largest=True).indices  # [B, k]
+        q_top = torch.gather(qf, 2, (topk_idx + 1)[:, None, :, None].expand(B, H, topk, d))
+        top_rows = torch.einsum("bhkd,bhnd->bhkn", q_top, kf[:, :, 1:]) * scale  # [B, H, k, L]
+        relation = torch.cat([cls_row.unsqueeze(2), top_rows], dim=2).permute(0, 2, 1, 3)
     return relation.contiguous(), topk_idx  # [B, 1+k, H, L], [B, k]
 
 
@@ -84,10 +96,11 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
     B, H, N, d = q.shape
     kk = topk_idx.shape[1]
     rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], dim=1)  # [B, 1+k]
-    q_rows = torch.gather(_acc(q), 2, rows[:, None, :, None].expand(B, H, 1 + kk, d))
-    logits = torch.einsum("bhrd,bhnd->brhn", q_rows, _acc(k)[:, :, 1:]) * scale
-    p = F.softmax(_acc(target.detach()).to(logits.dtype) / tau, dim=-1)  # the base's logits: no gradient
-    return -(p * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    with _autocast_off(q):
+        q_rows = torch.gather(_acc(q), 2, rows[:, None, :, None].expand(B, H, 1 + kk, d))
+        logits = torch.einsum("bhrd,bhnd->brhn", q_rows, _acc(k)[:, :, 1:]) * scale
+        p = F.softmax(_acc(target.detach()).to(logits.dtype) / tau, dim=-1)  # the base's logits: no gradient
+        return -(p * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
 def encoder_adapter(feats: torch.Tensor, ln_before_w: torch.Tensor, ln_before_b: torch.Tensor,

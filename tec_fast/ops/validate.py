@@ -78,13 +78,25 @@ def check_index_values(idx: torch.Tensor, name: str, bound: int) -> None:
         raise ValueError(f"{name} holds indices in [{lo}, {hi}], outside [0, {bound})")
 
 
+def as_int(value):
+    """``value`` as a Python int where it is an integer (Python's, NumPy's; not a bool), else
+    None (the caller's error names the argument)."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def check_real(value, name: str, low: float = -math.inf, open_low: bool = False) -> float:
     """``value``, a finite real number (a Python or NumPy scalar, not a bool) >= ``low`` (> with
     ``open_low``), as a float; else a ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
-    if not math.isfinite(v) or v < low or (open_low and v == low):
+    # comparisons rather than math.isfinite: a float that torch.compile traces as a symbol (one
+    # that changes between calls, e.g. a tau schedule) can be compared, not passed to math
+    if not -math.inf < v < math.inf or v < low or (open_low and v == low):
         bound = "" if low == -math.inf else f" {'>' if open_low else '>='} {low:g}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
     return v

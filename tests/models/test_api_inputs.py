@@ -132,6 +132,15 @@ def test_encoder_adapter_arguments(args, match):
         EncoderAdapter(*args)
 
 
+def test_encoder_adapter_input_is_one_stacked_tensor():
+    adapter = EncoderAdapter(4, 6, 2, 5)
+    with pytest.raises(ValueError, match=r"feats must be one tensor \[D=6, B, T, C=4\], got a list "
+                                         r"\(stack the D block outputs"):
+        adapter([torch.randn(2, 3, 4)] * 6)
+    with pytest.raises(ValueError, match=r"got \(5, 2, 3, 4\)$"):
+        adapter(torch.randn(5, 2, 3, 4))
+
+
 @pytest.mark.parametrize("args, kwargs, match", [
     ((8, 0), {}, r"Block\.num_heads must be a positive int, got 0"),
     ((0, 2), {}, r"Block\.dim must be a positive int, got 0"),

@@ -44,11 +44,11 @@ def test_patch_norm_mse_ragged_equals_one_pass_definition():
         num = num + (((p - tn) ** 2).mean(-1) * m).sum()
         den = den + m.sum()
     want = num / den
-    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)  # float64 in, float64 throughout
     g_got, = _grads(got, [pred])
     g_want, = _grads(want, [pred])
     assert torch.isfinite(g_got).all() and g_got[:5].abs().max() == 0 and g_got[13:20].abs().max() == 0
-    torch.testing.assert_close(g_got, g_want.float().double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-14)
 
 
 def test_relation_ops_ragged_equal_per_image_dense_ops():

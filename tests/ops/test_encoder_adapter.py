@@ -108,7 +108,7 @@ def test_functional_takes_stacked_weights(triton_path):
 
 def test_validation():
     m, feats = _module(6, 2, 20, 24), _feats(6, 2, 3, 20)
-    with pytest.raises(ValueError, match=r"feats must be \[D=6, B, T, C=20\]"):
+    with pytest.raises(ValueError, match=r"feats must be one tensor \[D=6, B, T, C=20\]"):
         m(feats[:5])
     w = list(m._weights())
     with pytest.raises(ValueError, match="fuse_w holds G=4 groups, which must divide the depth D=6"):

@@ -159,6 +159,33 @@ def test_scalars_of_numpy_and_python_types_are_taken(path):
             ops.patch_norm_mse(pred, torch.randn(2, 5, 3), mask, eps)
 
 
+def test_integers_of_numpy_types_are_taken(path):
+    """topk, num_heads and block indices as NumPy integers (a sweep's values) act as Python ints;
+    bools and floats stay refused."""
+    q, k, _, _ = _relation_inputs()
+    rel, idx = ops.relation_targets(q, k, np.int64(2), 0.5)
+    assert torch.equal(idx, ops.relation_targets(q, k, 2, 0.5)[1]) and rel.shape[1] == 3
+    x, w = torch.randn(2, 3, 8), torch.randn(24, 8)
+    for got, want in zip(ops.qkv_heads(x, w, None, np.int32(2)), ops.qkv_heads(x, w, None, 2)):
+        assert torch.equal(got, want)
+    for bad in (True, 2.0):
+        with pytest.raises(ValueError, match="topk must be an int"):
+            ops.relation_targets(q, k, bad, 0.5)
+        with pytest.raises(ValueError, match="num_heads must be a positive int"):
+            ops.qkv_heads(x, w, None, bad)
+
+
+def test_ragged_errors_name_the_image(path):
+    """The ragged ops check each length group as a stacked batch; their errors say which of the
+    caller's images, not only the group's shapes."""
+    q, k = torch.randn(13, 2, 4), torch.randn(13, 2, 4)
+    rel, idx = ops.relation_targets_ragged(q, k, [5, 8], 3, 0.5)
+    with pytest.raises(ValueError, match=r"relation_loss_ragged: image 1 \(8 tokens: L = 7 patches.*topk_idx holds"):
+        ops.relation_loss_ragged(q, k, [5, 8], [idx[0], torch.tensor([0, 1, 7])], rel, 1.8, 0.5)
+    with pytest.raises(ValueError, match=r"relation_targets_ragged: image 0 \(5 tokens.*topk must be an int in \[1, 4\]"):
+        ops.relation_targets_ragged(q, k, [5, 8], 5, 0.5)
+
+
 def test_no_gradient_reaches_a_loss_target(path):
     """The targets are the base's: neither loss differentiates them, on either path."""
     pred = torch.randn(2, 5, 3, requires_grad=True)

@@ -56,6 +56,23 @@ def test_triton_mode_fails_where_it_cannot_run(fresh_settings):
     torch.testing.assert_close(ops.layer_norm(x, w, b), torch.nn.functional.layer_norm(x, (8,), w, b, 1e-6))
 
 
+def test_torch_func_transforms_take_the_reference(triton_path):
+    """Inside torch.func.grad / vmap the kernels' autograd.Functions cannot run (no setup_context):
+    the decision says so per call, a forced Triton path fails naming it, and the same call
+    outside a transform (same shape, a cached decision) still takes the kernels."""
+    x, ids = torch.randn(2, 7, 5), torch.tensor([[0, 3, 6], [1, 2, 5]])
+    seen = []
+    torch.func.vmap(lambda t: seen.append(dispatch.why_not_fast("masked_gather", t)) or t)(torch.stack([x, x]))
+    assert any("torch.func" in r for r in seen[0])
+    with pytest.raises(RuntimeError, match="masked_gather cannot run .*inside a torch.func transform"):
+        torch.func.grad(lambda t: ops.masked_gather(t, ids).sum())(x)
+    assert dispatch.why_not_fast("masked_gather", x) == []
+    dispatch.set_kernel_mode("reference")
+    want = torch.zeros_like(x)
+    want[torch.arange(2)[:, None], ids] = 1.0
+    torch.testing.assert_close(torch.func.grad(lambda t: ops.masked_gather(t, ids).sum())(x), want)
+
+
 def test_cuda_tensor_off_the_current_device_is_not_launched(fresh_settings):
     """A Triton launch runs on the current CUDA device: a tensor on another one takes the
     reference under auto (with the reason), and fails naming the fix under triton; checked per

@@ -103,3 +103,26 @@ def test_compile_smoke(triton_path):
     rrel, ridx = reference.relation_targets(q * 1.5, k, 3, 0.3)
     assert torch.equal(idx, ridx)
     assert_close(rel, rrel, atol=1e-5, rtol=1e-5, name="relation")
+
+
+@pytest.mark.parametrize("path", ["reference_path", "triton_path"])
+def test_autocast_leaves_the_relations_in_fp32(path, request):
+    """Under bf16 autocast both paths compute the logits, the ranking and the loss in fp32, as
+    outside it (the reference's matrix products ran in bf16 there: another top-k for 2 of 4
+    images at ViT-B's N, relation values off by up to 5.6)."""
+    request.getfixturevalue(path)
+    B, H, N, d = 3, 2, 50, 8
+    q, k = _inputs(B, H, N, d, torch.float32, seed=4)
+    rel, idx = ops.relation_targets(q, k, 6, d ** -0.5)
+    target = rel + torch.randn(rel.shape, generator=torch.Generator().manual_seed(5))
+    q.requires_grad_(True)
+    loss = ops.relation_loss(q, k, idx, target, 1.8, 0.3)
+    (grad,) = torch.autograd.grad(loss, q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rel_ac, idx_ac = ops.relation_targets(q.detach(), k, 6, d ** -0.5)
+        loss_ac = ops.relation_loss(q, k, idx, target, 1.8, 0.3)
+    (grad_ac,) = torch.autograd.grad(loss_ac, q)
+    assert rel_ac.dtype == loss_ac.dtype == torch.float32 and torch.equal(idx_ac, idx)
+    assert_close(rel_ac, rel, atol=1e-6, rtol=1e-6, name="relation")
+    assert_close(loss_ac, loss, atol=1e-6, rtol=1e-6, name="loss")
+    assert_close(grad_ac, grad, atol=1e-6, rtol=1e-6, name="grad q")

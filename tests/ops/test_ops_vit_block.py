@@ -162,6 +162,26 @@ def test_autocast_matches_the_reference_under_autocast(triton_path):
         assert_low_precision_ok(k, e, r, atol=2e-2, name=f"result {i}")
 
 
+def test_a_pending_wider_than_x_takes_the_reference(triton_path, monkeypatch):
+    """A bf16 x with an fp32 pending: the reference keeps x_in = x + pending in fp32, the kernels
+    would keep it in x's bf16; so the Triton path refuses it (forced: an error naming pending;
+    auto: the reference, the reason in why_not_fast). fp32 x with a bf16 pending (the model's
+    case above) stays on the kernels."""
+    from tec_fast.ops.dispatch import why_not_fast
+    x, pending, params, H = _inputs(2, 5, 8, 2, 12)
+    x = x.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="pending is torch.float32, wider than x's torch.bfloat16"):
+            ops.vit_block(x, *params, H, 1e-6, pending=pending)
+    assert any("pending" in r for r in why_not_fast("vit_block", x, pending_dtype=torch.float32))
+    assert not why_not_fast("vit_block", x.float(), pending_dtype=torch.bfloat16)
+    monkeypatch.setenv("TEC_FAST_KERNELS", "reference")  # re-read at the next call (conftest)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_in, h, m = ops.vit_block(x, *params, H, 1e-6, pending=pending)
+    assert x_in.dtype == h.dtype == torch.float32
+    assert torch.equal(x_in, x.float() + pending)
+
+
 def test_eager_route_and_custom_ops_agree(triton_path, monkeypatch):
     import tec_fast.kernels.layer_norm as ln
     import tec_fast.kernels.vit_block as vb
