@@ -96,6 +96,9 @@ def config_values(p: argparse.ArgumentParser, data: dict, source: str) -> dict:
     for key, value in data.items():
         dest = str(key).lstrip("-").replace("-", "_")
         action = actions.get(dest)
+        if action is None and dest in NOT_CONFIG:
+            raise ValueError(f"{source}: key {key!r}: --{dest.replace('_', '-')} belongs on the command line, "
+                             f"not in a config file")
         if action is None:
             close = difflib.get_close_matches(dest, list(actions), n=1)
             # in the spelling the file used: dashes as the flags (and config.yaml) have them, or underscores
@@ -119,6 +122,8 @@ def _convert(p, action: argparse.Action, key, value, source: str):
         if not isinstance(value, bool):
             raise ValueError(f"{source}: key {key!r} ({flag}): expected true or false, got {value!r}")
         return value  # the key is the attribute: `no_progress: true` as --no-progress
+    if value is True and action.nargs == "?":  # a flag that may stand bare (--resume): true means bare
+        return action.const
     if isinstance(value, bool) or isinstance(value, (list, dict)):
         raise ValueError(f"{source}: key {key!r} ({flag}): expected one value as the flag takes, got {value!r}")
     try:

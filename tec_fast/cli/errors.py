@@ -3,7 +3,9 @@ disk, weights that are not finite) ends in one ``error:`` line and a non-zero ex
 still shows its traceback."""
 from __future__ import annotations
 
+import signal
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 from tec_fast.data.folder import UnreadableImage
@@ -33,10 +35,19 @@ def kernel_mode_refusal(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and str(exc).startswith("TEC_FAST_KERNELS=")
 
 
-def run_command(main: Callable[[Optional[Sequence[str]]], int], argv=None) -> int:
-    """``main(argv)``, with user errors turned into ``error: ...`` on stderr and exit status 2."""
+def run_command(main: Callable[[Optional[Sequence[str]]], int], argv=None, on_interrupt: str = "") -> int:
+    """``main(argv)``, with user errors turned into ``error: ...`` on stderr and exit status 2,
+    and a Ctrl-C that reaches it (one the command does not handle itself, as training's second)
+    into one line (``on_interrupt``: what the user should know about the files) and 130.
+    Warnings print as ``warning: <message>`` lines meanwhile."""
+    shown = warnings.formatwarning
+    warnings.formatwarning = _warning_line
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped at once" + (f"; {on_interrupt}" if on_interrupt else ""),
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     except USER_ERRORS as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -45,3 +56,11 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv=None) -> in
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        warnings.formatwarning = shown
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as a command prints it: ``warning: <message>``, without the file, line and
+    source text of the code that raised it (Python's default format, meant for developers)."""
+    return f"warning: {message}\n"

@@ -317,9 +317,10 @@ def _skipped_note(data: dict, train_replaced: bool = False) -> str:
         n, shown = data["skipped"][split], data["skipped_files"][split]
         if n:
             more = f" and {n - len(shown)} more" if n > len(shown) else ""
-            how = " replaced in training, as the train command does" if split == "train" and train_replaced else ""
-            parts.append(f"{n} of {split}{how} ({', '.join(shown)}{more})")
-    return f"unreadable images left out: {'; '.join(parts)}" if parts else ""
+            how = ("skipped (another image of the split drawn in their place, as the train command does)"
+                   if split == "train" and train_replaced else "left out")
+            parts.append(f"{n} of {split} {how} ({', '.join(shown)}{more})")
+    return f"unreadable images: {'; '.join(parts)}" if parts else ""
 
 
 # ---------------------------------------------------------------------------------- display

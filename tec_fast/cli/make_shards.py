@@ -99,14 +99,15 @@ def _main(argv) -> int:
         p.refuse("OUT", f"{args.out!r} is inside the image folder being read ({images}); write the shards elsewhere")
     output_folder(p, args.out)
     t0, shown = time.perf_counter(), [0.0]
+    live = sys.stderr.isatty()  # a terminal: one line redrawn; a log file: a line every 10 s
 
     def show(n: int, end: str = "") -> None:
-        print(f"\r{n} images, {n / max(time.perf_counter() - t0, 1e-9):.0f} img/s", end=end, file=sys.stderr,
-              flush=True)
+        text = f"{n} images, {n / max(time.perf_counter() - t0, 1e-9):.0f} img/s"
+        print(f"\r{text}" if live else text, end=end if live else "\n", file=sys.stderr, flush=True)
 
     def progress(n: int) -> None:
         now = time.perf_counter()
-        if not args.no_progress and now - shown[0] > 0.5:
+        if not args.no_progress and now - shown[0] > (0.5 if live else 10.0):
             shown[0] = now
             show(n)
 
@@ -114,7 +115,7 @@ def _main(argv) -> int:
         r = write_shards(args.src, args.out, prefix=args.prefix, max_images=args.max_images,
                          max_bytes=args.max_mb * 1024 * 1024, on_image=progress)
     except OSError as exc:  # a file the write could not read (SRC) or write (OUT), named
-        if shown[0]:
+        if shown[0] and live:
             print(file=sys.stderr)  # end the progress line drawn so far
         raise OSError(f"{_argument_of(exc, images, out)}{exc.strerror or exc}"
                       + (f": {exc.filename!r}" if exc.filename else "")) from exc

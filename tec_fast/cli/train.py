@@ -86,9 +86,11 @@ def _model_flags(p: Parser) -> None:
     g.add_argument("--tau", type=real(0, lo_open=True), help="relation-target temperature (> 0)")
     g.add_argument("--no-relation", action="store_true", help="feature targets only")
     g.add_argument("--no-input-adapter", action="store_true", help="plain CLS token, no MLP")
-    g.add_argument("--decoder-dim", type=POSITIVE, default=512)
-    g.add_argument("--decoder-depth", type=POSITIVE, help="default: 2 for TEC, 8 for MAE")
-    g.add_argument("--decoder-heads", type=POSITIVE, default=16)
+    g.add_argument("--decoder-dim", type=POSITIVE, default=512,
+                   help="decoder width (default %(default)s, ViT-B's recipe; whatever --model is: give a "
+                        "smaller one, with --decoder-depth / --decoder-heads, for a small encoder)")
+    g.add_argument("--decoder-depth", type=POSITIVE, help="decoder blocks (default: 2 for TEC, 8 for MAE)")
+    g.add_argument("--decoder-heads", type=POSITIVE, default=16, help="decoder heads (default %(default)s)")
     g.add_argument("--mask-ratio", type=mask_ratio, default=0.75, metavar="R|LO:HI",
                    help="fraction of patches hidden, in (0, 1): one ratio (default %(default)s), or a range "
                         "LO:HI drawn per image (the encoder then runs packed, no padding)")
@@ -235,7 +237,9 @@ def run_config(args) -> str:
 def main(argv=None) -> int:
     """The command: exit status 0, 2 for a refused flag or input (one ``error:`` line), 3 for
     a run stopped by a non-finite loss or weights, 128 + N for signal N."""
-    return run_command(_main, argv)
+    return run_command(_main, argv, on_interrupt="a checkpoint being written was abandoned (checkpoints are "
+                                                "renamed into place only when complete: checkpoint-last.pth is "
+                                                "the newest complete one, and --resume continues from it)")
 
 
 def _main(argv) -> int:
@@ -329,26 +333,30 @@ def _train(args, d, output: str) -> int:
 
 
 def fresh_output(output: str, overwrite: bool, say) -> None:
-    """A run without --resume starts in a folder free of another run's checkpoints: mixed in, they
-    would be pruned against the new ones and resumed from later. ``overwrite`` deletes them (and
-    the metrics logs that run appended to, and its wandb run id, so the new run is a new wandb
-    run); otherwise such a folder is refused (ValueError)."""
+    """A run without --resume starts in a folder free of another run's checkpoints and logs:
+    mixed in, checkpoints would be pruned against the new ones and resumed from later, and the
+    new run's records appended to the old run's metrics. ``overwrite`` deletes them (the wandb
+    run id too, so the new run is a new wandb run); otherwise such a folder is refused
+    (ValueError). A run stopped before its first save leaves logs and no checkpoint: refused too."""
     from tec_fast.training.checkpoints import checkpoint_files
+    from tec_fast.training.monitor import WANDB_ID_FILE
 
     old = checkpoint_files(output)
-    if not old:
+    logs = [f for f in (os.path.join(output, n) for n in ("metrics.jsonl", "metrics.csv", WANDB_ID_FILE))
+            if os.path.exists(f)]
+    if not old and not logs:
         return
+    found = old + logs
+    names = ", ".join(os.path.basename(f) for f in found[:3]) + (", ..." if len(found) > 3 else "")
     if not overwrite:
-        names = ", ".join(os.path.basename(f) for f in old[:3]) + (", ..." if len(old) > 3 else "")
-        raise ValueError(f"--output {output} holds an earlier run's checkpoints ({names}): add --resume to "
-                         f"continue that run, --overwrite to delete them and start afresh, or choose "
-                         f"another --output")
-    from tec_fast.training.monitor import WANDB_ID_FILE
-    logs = [os.path.join(output, n) for n in ("metrics.jsonl", "metrics.csv", WANDB_ID_FILE)]
-    for f in old + [f for f in logs if os.path.exists(f)]:
+        what = "checkpoints" if old else "logs (it stopped before its first checkpoint)"
+        cont = "add --resume to continue that run, " if old else ""
+        raise ValueError(f"--output {output} holds an earlier run's {what} ({names}): {cont}--overwrite to "
+                         f"delete them and start afresh, or choose another --output")
+    for f in found:
         os.remove(f)
-    say(f"--overwrite: deleted {len(old)} checkpoint(s), the metrics logs and the wandb run id of the earlier "
-        f"run in {output}")
+    shown = ", ".join(os.path.basename(f) for f in found[:8]) + (", ..." if len(found) > 8 else "")
+    say(f"--overwrite: deleted {len(found)} files of the earlier run in {output}: {shown}")
 
 
 # FitConfig fields no flag of the same name sets (derived from other flags, or FitConfig's default);

@@ -34,6 +34,9 @@ def check_train_flags(p: Parser, args: argparse.Namespace) -> None:
     _check_objective(p, args, set_flags)
     _check_schedule(p, args, set_flags)
     base_vit = _check_architecture(p, args)
+    if args.resume is not None and args.overwrite:
+        p.refuse("--overwrite", "deletes an earlier run's checkpoints to start afresh; --resume continues from them "
+                                "(choose one)")
     if args.resume not in (None, "auto"):
         last = os.path.join(args.resume, "checkpoint-last.pth") if os.path.isdir(args.resume) else args.resume
         if not os.path.isfile(last):
@@ -96,8 +99,8 @@ def _check_objective(p: Parser, args, set_flags: dict) -> None:
         _, path, _ = parse_base(args.base)
     except ValueError as exc:
         p.refuse("--base", str(exc).replace("--base ", ""))
-    if not os.path.isfile(path):
-        p.refuse("--base", f"{path!r}: no such file")
+    if not os.path.exists(path):  # a file, or a Hugging Face folder
+        p.refuse("--base", f"{path!r}: no such file or folder")
     if args.no_relation:
         for dest in ("topk", "tau"):
             if dest in set_flags:
@@ -147,6 +150,11 @@ def _check_architecture(p: Parser, args):
         p.refuse("--decoder-heads", f"{args.decoder_heads} does not divide --decoder-dim {args.decoder_dim}")
     if base is None:
         return
+    if args.model and MODEL_PRESETS[args.model][0] != base.patch_size:
+        p.refuse("--model", f"{args.model} has patch {MODEL_PRESETS[args.model][0]} but the base's is "
+                            f"{base.patch_size}: the new model predicts the base's targets patch by patch, so "
+                            f"both need one patch grid (pick a model with patch {base.patch_size}, or leave "
+                            f"--model out to take the base's architecture)")
     if args.last_layers is not None and args.last_layers > base.depth:
         p.refuse("--last-layers", f"{args.last_layers} is more than the base's {base.depth} blocks")
     if args.topk is not None and not args.no_relation and args.topk > base.num_patches:

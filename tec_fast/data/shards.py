@@ -138,7 +138,8 @@ def scan_tar(path: str):
     """Yield (member name, data offset, size, data or None) of the regular files of an uncompressed
     tar, reading only the headers (ustar, GNU long names, pax paths) and, in the same read, the data
     of members of at most 512 bytes (labels). Raises ``tarfile.ReadError`` at a header that is not
-    one (bad checksum, cut short)."""
+    one (bad checksum, cut short) or at the file's end without the end-of-archive blocks (a shard
+    cut at a block boundary)."""
     end = os.path.getsize(path)
     with open(path, "rb", buffering=0) as f:
         pos, long_name = 0, None
@@ -177,6 +178,8 @@ def scan_tar(path: str):
             pos = nxt
     if pos < end and pos + 512 > end:
         raise tarfile.ReadError(f"cut short inside a header at byte {pos}")
+    if pos >= end:  # every tar ends with two zero blocks: without them it was cut at a block boundary
+        raise tarfile.ReadError(f"no end-of-archive blocks: cut short at byte {end}")
 
 
 def index_shard(path: str) -> List[Tuple[str, Tuple[int, int], Optional[str]]]:

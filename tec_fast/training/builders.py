@@ -71,6 +71,13 @@ def base_architecture(flags):
         raise ValueError(f"--base {path}: {len(bad)} weights hold NaN or inf values ({', '.join(bad[:3])}); "
                          f"targets from them would be meaningless")
     fields = dict(img_size=None, num_heads=_base_heads(flags))
+    if flags.base_model:  # patch, width and depth first: a preset of another size is refused for those
+        try:
+            _check_named_base(flags, path, infer_base_vit(weights.state, hf_config=weights.hf_config,
+                                                          stored=weights.stored, img_size=None)[0])
+        except ValueError as exc:
+            if str(exc).startswith("--base-model"):
+                raise
     try:
         vit, _ = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored, **fields)
     except ValueError as exc:
@@ -78,20 +85,26 @@ def base_architecture(flags):
             raise ValueError(f"--base-model {flags.base_model}'s {fields['num_heads']} heads do not fit the "
                              f"weights of {path}: {exc}") from None
         raise ValueError(f"--base {path}: {exc}") from None
-    if flags.base_model:  # it names the architecture; only its head count is used, so it must agree
-        held = {"patch_size": vit.patch_size, "embed_dim": vit.embed_dim, "depth": vit.depth}
-        named = dict(zip(held, MODEL_PRESETS[flags.base_model][:3]))
-        if named != held:
-            match = [n for n, (p, d, k, _) in MODEL_PRESETS.items() if (p, d, k) == tuple(held.values())]
-            fix = f"use --base-model {match[0]}" if match else "leave --base-model out"
-            raise ValueError(f"--base-model {flags.base_model} has "
-                             f"{', '.join(f'{k}={v}' for k, v in named.items() if held[k] != v)} but the weights "
-                             f"of {path} hold {', '.join(f'{k}={v}' for k, v in held.items() if named[k] != v)}; "
-                             f"{fix} (the architecture is read from the weights)")
+    if flags.base_model:
+        _check_named_base(flags, path, vit)
     if flags.img_size % vit.patch_size:
         raise ValueError(f"--img-size {flags.img_size} is not a multiple of the base's patch size "
                          f"{vit.patch_size} (read from {path})")
     return ViTConfig(**{**vit.to_dict(), "img_size": flags.img_size})
+
+
+def _check_named_base(flags, path: str, vit) -> None:
+    """--base-model names the architecture (only its head count is used), so its patch, width
+    and depth must be those of the weights: a ValueError naming the flag and what differs."""
+    held = {"patch_size": vit.patch_size, "embed_dim": vit.embed_dim, "depth": vit.depth}
+    named = dict(zip(held, MODEL_PRESETS[flags.base_model][:3]))
+    if named != held:
+        match = [n for n, (p, d, k, _) in MODEL_PRESETS.items() if (p, d, k) == tuple(held.values())]
+        fix = f"use --base-model {match[0]}" if match else "leave --base-model out"
+        raise ValueError(f"--base-model {flags.base_model} has "
+                         f"{', '.join(f'{k}={v}' for k, v in named.items() if held[k] != v)} but the weights "
+                         f"of {path} hold {', '.join(f'{k}={v}' for k, v in held.items() if named[k] != v)}; "
+                         f"{fix} (the architecture is read from the weights)")
 
 
 # ------------------------------------------------------------------------------ native plan

@@ -53,6 +53,13 @@ class CheckpointManager:
         self._prune()
         return path
 
+    def later_epochs(self, epoch: int) -> List[str]:
+        """The epoch checkpoints in the folder past ``epoch`` (sorted file names)."""
+        if not os.path.isdir(self.folder):
+            return []
+        return sorted(f for f in os.listdir(self.folder)
+                      for m in [self._EPOCH_FILE.match(f)] if m and int(m.group(1)) > epoch)
+
     def _prune(self) -> None:
         epochs = sorted(int(m.group(1)) for f in os.listdir(self.folder)
                         for m in [self._EPOCH_FILE.match(f)] if m)

@@ -66,6 +66,15 @@ class TrainingInterrupted(RuntimeError):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
+def loader_worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loaders: a worker ignores SIGTERM (torch's workers
+    already ignore SIGINT). A cluster's stop (Slurm's scancel, ``kill -- -PGID``) signals every
+    process of the job: a worker dying of it made the main process fail with torch's "DataLoader
+    worker is killed by signal" before it could save. The main process saves and then shuts the
+    workers down itself; a worker whose parent dies goes too (torch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _SignalFlag:
     """SIGTERM/SIGINT set a flag the loop checks after each optimizer step (a step is never cut
     in half). A second SIGINT interrupts at once."""

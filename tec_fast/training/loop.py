@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tec_fast.data.transfer import to_device
 from tec_fast.training.config import FitConfig, FitResult
 from tec_fast.training.distributed import DistInfo, _no_sync, _wrap_model, setup_distributed
-from tec_fast.training.faults import NonFiniteLoss, _SignalFlag
+from tec_fast.training.faults import NonFiniteLoss, _SignalFlag, loader_worker_init
 from tec_fast.training.graphed import GraphedStep, plan_graphs
 from tec_fast.training.monitor import MetricsLog, Progress, StepMeter
 from tec_fast.training.objectives import Objective
@@ -60,7 +60,8 @@ def build_loader(dataset: Dataset, cfg: FitConfig, dist_info: DistInfo, shuffle:
     workers = cfg.num_workers
     common = dict(num_workers=workers, collate_fn=collate_fn,
                   pin_memory=cfg.pin_memory and dist_info.device.type == "cuda",
-                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                  worker_init_fn=loader_worker_init if workers > 0 else None)
     if batch_sampler is not None:
         sampler = ResumableBatchSampler(batch_sampler, dist_info.world, dist_info.rank, cfg.seed)
         steps_per_epoch = sampler.num_batches // cfg.accum
@@ -183,7 +184,7 @@ def _open_log(cfg: FitConfig, d: DistInfo, start: dict) -> MetricsLog:
 def _finish(model: nn.Module, cfg: FitConfig, d: DistInfo, sched, pos, stopped: str, t_start: float,
             meter: StepMeter, checkpoint: Optional[str], opt_name: str, graph_status: str = "") -> FitResult:
     if stopped == "time_limit" and d.is_main:
-        print(f"[{cfg.name}] time limit ({cfg.time_limit:.0f} s) reached: stopped after step {pos.step} "
+        print(f"[{cfg.name}] time limit ({cfg.time_limit:g} s) reached: stopped after step {pos.step} "
               f"of {sched.total_steps}", file=sys.stderr)
     seconds = time.perf_counter() - t_start
     meter.log.write({"event": "end", "stage": cfg.name, "step": pos.step, "stopped": stopped,

@@ -223,7 +223,7 @@ def _jsonable(obj):
 def table(headers: Sequence[str], rows: Iterable[Sequence], title: Optional[str] = None,
           align: Optional[str] = None) -> str:
     """A plain-text table. ``align``: one 'l' or 'r' per column (default: first column left,
-    the others right)."""
+    the others right). Headers all empty: no heading row."""
     rows = [[str(c) for c in r] for r in rows]
     align = align or "l" + "r" * (len(headers) - 1)
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
@@ -234,7 +234,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence], title: Optional[str]
                          for c, w, a in zip(cells, widths, align)).rstrip()
 
     lines = [title] if title else []
-    lines += [fmt([str(h) for h in headers]), "  ".join("-" * w for w in widths)]
+    if any(str(h) for h in headers):  # a key-value table passes empty headers: no heading row
+        lines.append(fmt([str(h) for h in headers]))
+    lines.append("  ".join("-" * w for w in widths))
     lines += [fmt(r) for r in rows]
     return "\n".join(lines)
 

@@ -105,6 +105,6 @@ def plan_schedule(cfg, images_per_step: float, steps_per_epoch: int) -> Schedule
         warmup = total // 10
     peak = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
     if cfg.min_lr > peak:
-        raise ValueError(f"min_lr {cfg.min_lr:g} is above the peak learning rate {peak:g} "
-                         f"(blr {cfg.blr:g} x global batch {global_batch} / 256)")
+        how = "lr (--lr)" if cfg.lr is not None else f"blr (--blr) {cfg.blr:g} x global batch {global_batch} / 256"
+        raise ValueError(f"min_lr (--min-lr) {cfg.min_lr:g} is above the peak learning rate {peak:g}, {how}")
     return Schedule(total, warmup, peak, cfg.min_lr, global_batch, steps_per_epoch)

@@ -2,7 +2,8 @@
 
 A run takes an exclusive ``flock`` on ``DIR/.tec_fast.lock`` for its lifetime. The kernel
 releases it when the process ends, however it ends (SIGKILL, OOM, a lost node), so a dead
-run never leaves a folder locked; a second live run on the folder is refused with the
+run never leaves a folder locked (forked children, the loader workers, close their copy of the
+descriptor, so an orphaned worker does not hold it); a second live run on the folder is refused with the
 holder's pid instead of writing ``checkpoint-last.pth`` and ``metrics.jsonl`` in turn with it.
 
 Only rank 0 takes the lock (the other ranks write nothing there). When torchrun restarts a
@@ -22,6 +23,25 @@ from typing import Iterator, Optional, Union
 
 LOCK_FILE = ".tec_fast.lock"
 RESTART_WAIT_S = 60.0
+
+
+_HELD_FDS = set()  # lock descriptors this process holds: closed in every forked child
+
+
+def _close_held_in_child() -> None:
+    # A forked child (a loader worker) shares the lock's open file description, and a flock
+    # lasts until every descriptor of it is closed: after a SIGKILL of the run its orphaned
+    # workers kept the folder locked for seconds. Closing the child's copy leaves the parent's.
+    for fd in _HELD_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 class OutputFolderInUse(ValueError):
@@ -82,9 +102,11 @@ def hold_output_lock(folder: Union[str, os.PathLike], wait_s: Optional[float] = 
             return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
+        _HELD_FDS.add(fd)
         try:
             yield path
         finally:
+            _HELD_FDS.discard(fd)
             os.ftruncate(fd, 0)  # the kernel drops the lock itself at close or at death
     finally:
         os.close(fd)

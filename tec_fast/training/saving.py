@@ -50,6 +50,13 @@ def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo,
             raise ValueError(f"--resume {path}: its {key} must be an int >= 0, got {value!r} "
                              f"({type(value).__name__}; damaged checkpoint?)")
     check_same_setup(ck, extra or {}, path)
+    later = CheckpointManager(cfg.output_dir).later_epochs(ck["epoch"]) if cfg.output_dir else []
+    if later:  # this run's epoch files would be pruned against them, and resumed from later
+        shown = ", ".join(later[:3]) + (", ..." if len(later) > 3 else "")
+        raise ValueError(f"--resume {path}: {cfg.output_dir} holds checkpoints of later epochs than the resumed "
+                         f"one (epoch {ck['epoch']}): {shown}; this run would write its own epochs beside them "
+                         f"and keep the highest numbers, mixing two runs. Resume into another --output (copy "
+                         f"the checkpoint there), or delete those files")
     if not isinstance(ck["model"], dict):
         raise ValueError(f"--resume {path}: its model entry is a {type(ck['model']).__name__}, not a state dict")
     own = model.state_dict()
@@ -61,6 +68,11 @@ def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo,
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
+        stage = ck.get("stage")
+        if isinstance(stage, str) and stage != cfg.name:  # another command's run: say that, not the keys
+            raise ValueError(f"--resume {path}: the checkpoint is a {stage!r} run's, this is a {cfg.name!r} run: "
+                             f"resume it with the command that wrote it, or give this run another --output") \
+                from None
         first = str(exc).strip().splitlines()
         raise ValueError(f"--resume {path}: the checkpoint holds a different model than the one "
                          f"being trained ({' '.join(ln.strip() for ln in first[:3])[:400]})") from None
@@ -125,6 +137,11 @@ def restore(ck: Optional[dict], model: nn.Module, optimizer, scaler, sched: Sche
     if old and (old.get("total_steps"), old.get("global_batch")) != (sched.total_steps, sched.global_batch):
         warnings.warn(f"resuming with a different schedule: checkpoint had {old}, now total_steps="
                       f"{sched.total_steps}, global_batch={sched.global_batch}", RuntimeWarning)
+    elif old.get("steps_per_epoch", sched.steps_per_epoch) != sched.steps_per_epoch:  # same length, other data
+        warnings.warn(f"resuming with {sched.steps_per_epoch} steps per epoch where the checkpoint had "
+                      f"{old['steps_per_epoch']} (another data set or number of processes): the run goes on "
+                      f"from step {ck['step']}, but not as the uninterrupted run would have (its epochs and "
+                      f"sample order differ)", RuntimeWarning)
     if ck["step_in_epoch"] >= sched.steps_per_epoch:  # the epoch's batches would run out before it
         raise ValueError(f"--resume {path}: its step_in_epoch {ck['step_in_epoch']} is not below this run's "
                          f"{sched.steps_per_epoch} steps per epoch (damaged checkpoint, or another batch size "

@@ -111,6 +111,8 @@ REFUSED = [
     ("weights", ["--base-model", "vit_large_patch16"], "--base-model"),  # 16 heads divide 128, the rest does not fit
     ("weights", ["--img-size", "4"], "--img-size"),  # 1 patch: fewer than the recipe's top-k 15
     ("weights", ["--base", "mae_vit_base:{files}/nan_base.pth"], "--base"),
+    ("weights", ["--model", "vit_tiny_patch16"], "--model"),  # patch 16 against the base's 4: another grid
+    ("tec", ["--resume", "--overwrite"], "--overwrite"),  # resuming keeps what --overwrite would delete
     ("tec", ["--data", "{files}/shard-{{0..1999999}}.tar"], "--data"),  # refused before it is expanded
 ]
 
@@ -130,6 +132,9 @@ def test_bad_flag_is_one_error_line(files, capsys, mode, extra, flag):
 EXPLAINED = [
     ("weights", ["--base-model", "vit_large_patch16"],
      "argument --base-model: vit_large_patch16 has patch_size=16, embed_dim=1024, depth=24 but the weights of "
+     "{files}/base.pth hold patch_size=4, embed_dim=128, depth=6; use --base-model vit_demo_patch4"),
+    ("weights", ["--base-model", "vit_small_patch16"],  # its 6 heads do not divide 128 either: not the point
+     "argument --base-model: vit_small_patch16 has patch_size=16, embed_dim=384, depth=12 but the weights of "
      "{files}/base.pth hold patch_size=4, embed_dim=128, depth=6; use --base-model vit_demo_patch4"),
     ("weights", ["--img-size", "4"], "argument --img-size: 4 gives the base only 1 patches (1x1 of 4 px), fewer "
                                      "than the top-k 15 of its recipe's relation targets"),
@@ -298,7 +303,8 @@ def test_info_refuses_a_bad_kernel_setting_in_one_line(monkeypatch, capsys):
 def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(files, tmp_path, capsys):
     """Without --resume, a folder holding checkpoints is refused (mixed in, the old ones would be
     pruned against the new ones and resumed from); --overwrite deletes them, the metrics logs and
-    the wandb run id."""
+    the wandb run id. The logs alone (a run stopped before its first save) are refused too: the
+    new run's records would be appended to them. --resume with --overwrite is refused."""
     out = tmp_path / "run"
     argv = [*_tec(files), "--max-steps", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress",
             "--output", str(out)]
@@ -313,12 +319,26 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(files, tmp_path, capsys
     (out / "checkpoint-0007.pth").write_bytes(b"an old epoch")
     (out / "wandb-run-id").write_text("old-run\n")  # as --wandb leaves it
     assert main([*argv, "--overwrite"]) == 0
-    assert "--overwrite: deleted 2 checkpoint(s)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert ("--overwrite: deleted 5 files of the earlier run in " f"{out}: checkpoint-0007.pth, checkpoint-last.pth, "
+            "metrics.jsonl, metrics.csv, wandb-run-id") in said, said
     assert not (out / "checkpoint-0007.pth").exists()
     assert not (out / "wandb-run-id").exists()  # the new run does not log into the old wandb run
     starts = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line]
     assert len(starts) == 1  # the earlier run's log went with its checkpoints
     assert main([*argv, "--resume"]) == 0  # continuing is always allowed
+    with pytest.raises(SystemExit):  # not both: --overwrite would be ignored
+        main([*argv, "--resume", "--overwrite"])
+    assert "argument --overwrite: deletes an earlier run's" in capsys.readouterr().err
+
+    for f in out.glob("checkpoint-*.pth"):  # a run stopped before its first save left only its logs
+        f.unlink()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds an earlier run's logs (it stopped before its first checkpoint) (metrics.jsonl" in err, err
+    assert main([*argv, "--overwrite"]) == 0
+    starts = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line]
+    assert len(starts) == 1
 
 
 @pytest.mark.parametrize("part", ["optimizer", "RNG"])
@@ -347,3 +367,32 @@ def test_an_output_folder_that_cannot_be_made_names_the_flag(files, capsys, mode
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --output {bad}: cannot create the folder (Not a directory)"], err
+
+
+def test_a_ctrl_c_the_command_does_not_handle_is_one_line(capsys):
+    """Training handles the first Ctrl-C (save, then stop); a second one during that save, or one
+    outside the loop, reaches the command: one line saying what it means for the files, exit
+    130, no traceback."""
+    from tec_fast.cli.errors import run_command
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    assert run_command(interrupted, [], on_interrupt="checkpoint-last.pth is the newest complete one") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted (Ctrl-C): stopped at once; checkpoint-last.pth is the newest complete one"], err
+
+
+def test_a_command_prints_a_warning_as_one_line():
+    """Not Python's developer format (file, line number, and the source line that warned): the
+    command's format holds while it runs and is handed back after."""
+    import warnings
+
+    from tec_fast.cli.errors import run_command
+    seen = []
+
+    def warns(argv):
+        seen.append(warnings.formatwarning("resuming with a different schedule", RuntimeWarning, "loop.py", 7))
+        return 0
+    before = warnings.formatwarning
+    assert run_command(warns, []) == 0
+    assert seen == ["warning: resuming with a different schedule\n"] and warnings.formatwarning is before

@@ -83,7 +83,7 @@ def test_demo_config_holds_only_the_demos_flags(tmp_path):
     ("epochs: null\n", "key 'epochs' (--epochs): null is only allowed for a flag without a default"),
     ("batch-size: [1, 2]\n", "key 'batch-size' (--batch-size): expected one value"),
     ("mask-ratio: '0.9:0.2'\n", "key 'mask-ratio' (--mask-ratio): mask ratios must be in (0, 1)"),
-    ("config: other.yaml\n", "unknown key 'config'"),
+    ("config: other.yaml\n", "key 'config': --config belongs on the command line, not in a config file"),
     ("batch-size: 2\nbatch_size: 3\n", "key 'batch_size': --batch-size is given twice"),
     ("epochs: 2\nbatch-size: 2\nbatch-size: 3\n", "key 'batch-size' is given twice (line 3)"),
     ("- a\n- b\n", "expected a mapping of flag names to values, got a list"),
@@ -141,7 +141,8 @@ def test_every_fit_config_field_comes_from_a_flag_of_its_name_or_is_derived(data
 def test_config_values_unit(tmp_path):
     p = T.build_parser()
     assert config_values(p, {"--keep-last": 4, "no-progress": True}, "f") == {"keep_last": 4, "no_progress": True}
-    with pytest.raises(ValueError, match="unknown key 'print_config'"):
+    with pytest.raises(ValueError, match="key 'print_config': --print-config belongs on the command line"):
         config_values(p, {"print_config": True}, "f")
+    assert config_values(p, {"resume": True}, "f") == {"resume": "auto"}  # true: the bare flag
     args = p.parse_args(["--seed", "9"])
     assert "seed: 9" in resolved_config(p, args, keep={"seed"}).splitlines()

@@ -53,7 +53,7 @@ def test_unreadable_val_images_are_left_out_and_reported(tmp_path, ckpt, capsys)
     assert res["data"]["skipped_files"] == {"train": [], "test": bad}
     assert json.loads(out.read_text())["data"] == res["data"]
     text = capsys.readouterr().out
-    assert "6 train / 6 test images" in text and f"unreadable images left out: 2 of test ({', '.join(bad)})" in text
+    assert "6 train / 6 test images" in text and f"unreadable images: 2 of test left out ({', '.join(bad)})" in text
     assert res["k"] == 6 and res["k_requested"] == 20 and "k=6 (--k 20 cut to the 6 training images)" in text
 
 

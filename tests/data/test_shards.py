@@ -124,6 +124,22 @@ def test_cut_short_shard_keeps_what_came_before(made, tmp_path):
     assert len(items) == len(ds)
 
 
+def test_a_shard_cut_at_a_block_boundary_warns(made, tmp_path):
+    """Cut exactly before a member's header (a copy that stopped on a 512-byte block), a tar
+    parses as a shorter valid one but for its missing end-of-archive blocks: a warning says so,
+    as for a cut inside a member (it lost samples silently)."""
+    from tec_fast.data.shards import index_shard
+    _, _, info = made
+    src = info["shards"][0]
+    headers = [m.offset for m in tarfile.open(src).getmembers()]
+    cut = headers[len(headers) // 2]
+    assert cut % 512 == 0
+    (tmp_path / "cut.tar").write_bytes(open(src, "rb").read()[:cut])
+    with pytest.warns(RuntimeWarning, match=r"cut.tar is unreadable after \d+ keys \(no end-of-archive blocks"):
+        kept = index_shard(str(tmp_path / "cut.tar"))
+    assert 1 <= len(kept) < len(index_shard(src))
+
+
 def test_split_across_ranks_and_workers_is_deterministic(made):
     _, out, _ = made
     ds = TarShardDataset(out, img_size=8, uint8=True)

@@ -1,5 +1,5 @@
 """Faults: a NaN/inf loss stops the run with its step number and leaves only good checkpoints;
-SIGTERM to the command line saves, exits 143, and --resume finishes the run."""
+SIGTERM to the command line (or its process group) saves, exits 143, and --resume finishes the run."""
 from __future__ import annotations
 
 import json
@@ -56,19 +56,29 @@ def _cli(folder, out, *extra):
             "--warmup-epochs", "1", "--log-every", "1", "--output", str(out), *extra]
 
 
-def test_sigterm_saves_then_exits_and_resume_finishes(tmp_path):
+@pytest.mark.parametrize("group", [False, True], ids=["to the process", "to its group, with a loader worker"])
+def test_sigterm_saves_then_exits_and_resume_finishes(tmp_path, group):
+    """SIGTERM to the command, or to its whole process group (Slurm's scancel, ``kill -- -PGID``),
+    where a loader worker gets it too: the worker ignores it, the main process saves and exits
+    143 (a worker dying of it made the main process fail with torch's "DataLoader worker is
+    killed by signal" before saving)."""
     from test_train import _image_folder
     folder = _image_folder(tmp_path / "images", n_per_class=4, corrupt=False)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen(_cli(folder, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = ("--num-workers", "1") if group else ()
+    proc = subprocess.Popen(_cli(folder, out, *workers), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=group)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until a few steps are logged, then stop it
         if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "SIGTERM received" in stdout and "--resume" in stdout

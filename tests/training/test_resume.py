@@ -120,6 +120,37 @@ def test_resume_auto_without_checkpoint_says_so_and_starts_fresh(tmp_path, capsy
     assert "nothing to resume" not in capsys.readouterr().err  # the second run found the first's
 
 
+def test_resume_on_other_data_with_the_same_length_warns(tmp_path):
+    """--max-steps fixes the schedule's length whatever the data: resumed on a data set of another
+    size, the total steps and global batch agree but the epochs do not, so the run cannot go on as
+    the uninterrupted one would have; a warning says so (it went on silently)."""
+    with pytest.raises(TrainingInterrupted):
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=32), _cfg(tmp_path, max_steps=6, accum=1, warmup_steps=0),
+            on_step=_sigterm_at(1))
+    with pytest.warns(RuntimeWarning, match=r"resuming with 4 steps per epoch where the checkpoint had 8"):
+        r = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
+                _cfg(tmp_path, max_steps=6, accum=1, resume="auto", warmup_steps=0))
+    assert r.steps == 6
+
+
+def test_resume_of_an_older_epoch_beside_later_ones_is_refused(tmp_path):
+    """Resumed from epoch 1 into a folder holding epochs 2 and 3, the run would write its epoch
+    files beside the old ones and prune by number (keeping the old run's); it is refused, and
+    the same checkpoint resumes in a folder of its own."""
+    fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), _cfg(tmp_path, epochs=3, warmup_steps=0, keep_last=5))
+    first = tmp_path / "checkpoint-0001.pth"
+    with pytest.raises(ValueError, match=r"holds checkpoints of later epochs than the resumed one \(epoch 1\): "
+                                         r"checkpoint-0002\.pth, checkpoint-0003\.pth"):
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
+            _cfg(tmp_path, epochs=3, warmup_steps=0, resume=str(first)))
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "checkpoint-0001.pth").write_bytes(first.read_bytes())
+    r = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16),
+            _cfg(again, epochs=3, warmup_steps=0, resume=str(again / "checkpoint-0001.pth")))
+    assert r.steps == 6
+
+
 def test_resume_with_another_architecture_is_a_clear_error(tmp_path):
     from tec_fast import TECConfig, TECModel
     from train_helpers import tiny_vit
@@ -127,6 +158,11 @@ def test_resume_with_another_architecture_is_a_clear_error(tmp_path):
     other = TECModel(TECConfig(encoder=tiny_vit(), decoder_dim=16, decoder_depth=1, decoder_heads=2, tau=1.0))
     with pytest.raises(ValueError, match="holds a different model"):
         fit(other, tiny_objective(), AugmentedImages(n=16), _cfg(tmp_path, epochs=2, resume="auto", warmup_steps=0))
+    # another command's run (a probe resuming a TEC folder): said so, not as a list of keys
+    with pytest.raises(ValueError, match=r"the checkpoint is a 'tec' run's, this is a 'linprobe' run: resume it "
+                                         r"with the command that wrote it"):
+        fit(other, tiny_objective(), AugmentedImages(n=16),
+            _cfg(tmp_path, name="linprobe", epochs=2, resume="auto", warmup_steps=0))
 
 
 def test_resume_refuses_nonfinite_weights(tmp_path):

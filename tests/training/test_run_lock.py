@@ -81,6 +81,35 @@ def test_the_demo_takes_the_lock_too(tmp_path, capsys):
     assert f"pid {holder.pid}" in capsys.readouterr().err
 
 
+FORKING_HOLDER = ("import os, sys, time\n"
+                  "from tec_fast.training.run_lock import hold_output_lock\n"
+                  "with hold_output_lock(sys.argv[1]):\n"
+                  "    child = os.fork()\n"
+                  "    if child == 0:\n"
+                  "        time.sleep(600)\n"
+                  "        os._exit(0)\n"
+                  "    print(child, flush=True)\n"
+                  "    time.sleep(600)\n")
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs os.register_at_fork")
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_run(tmp_path):
+    """A loader worker is a forked child of the run: after the run is SIGKILLed it lives on for
+    seconds (until torch's watchdog sees its parent gone); it must not hold the folder's lock
+    (a flock lasts while any copy of its descriptor is open)."""
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(tmp_path)], env=ENV, stdout=subprocess.PIPE,
+                            text=True)
+    child = int(proc.stdout.readline())
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        os.kill(child, 0)  # the orphan still runs
+        with hold_output_lock(tmp_path):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_a_sigkilled_holder_leaves_a_folder_the_next_run_uses(images, tmp_path):
     """A training run killed with SIGKILL (no handler runs) does not leave its folder locked:
     the next run resumes from its checkpoint; what both runs wrote is readable by others

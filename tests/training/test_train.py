@@ -190,6 +190,18 @@ def test_tec_needs_a_base(folder, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: argument --base:") and expected in err[0], err
 
 
+def test_a_hugging_face_folder_is_a_base(folder, tmp_path, capsys):
+    """--base takes a save_pretrained folder, as BaseModel.from_checkpoint and eval do (it was
+    refused as 'no such file'); a folder that is not one is refused naming what it lacks."""
+    hf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "bases", "hf_vit")
+    assert _run(["--data", str(folder), "--base", f"timm:{hf}", "--img-size", "32", "--output", str(tmp_path),
+                 "--print-config"]) == 0
+    assert f"base: timm:{hf}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _run(["--data", str(folder), "--base", f"timm:{folder}", "--output", str(tmp_path), "--print-config"])
+    assert "a Hugging Face save_pretrained folder" in capsys.readouterr().err
+
+
 def test_progress_is_plain_text_off_a_terminal():
     import io
 
