@@ -347,7 +347,7 @@ def fresh_output(output: str, overwrite: bool, say) -> None:
     if not old and not logs:
         return
     found = old + logs
-    names = ", ".join(os.path.basename(f) for f in found[:3]) + (", ..." if len(found) > 3 else "")
+    names = ", ".join(os.path.basename(f) for f in found[:8]) + (", ..." if len(found) > 8 else "")
     if not overwrite:
         what = "checkpoints" if old else "logs (it stopped before its first checkpoint)"
         cont = "add --resume to continue that run, " if old else ""
@@ -355,8 +355,7 @@ def fresh_output(output: str, overwrite: bool, say) -> None:
                          f"delete them and start afresh, or choose another --output")
     for f in found:
         os.remove(f)
-    shown = ", ".join(os.path.basename(f) for f in found[:8]) + (", ..." if len(found) > 8 else "")
-    say(f"--overwrite: deleted {len(found)} files of the earlier run in {output}: {shown}")
+    say(f"--overwrite: deleted {len(found)} files of the earlier run in {output}: {names}")
 
 
 # FitConfig fields no flag of the same name sets (derived from other flags, or FitConfig's default);

@@ -11,6 +11,7 @@ from tec_fast.checkpoint.resample import resample_pos_embed
 from tec_fast.config import ViTConfig
 from tec_fast.models.layers import Block, PatchEmbed, check_images, init_vit_weights, run_blocks, sincos_pos_embed
 from tec_fast.models.layout import TokenLayout
+from tec_fast.ops.reference import loss_dtype
 
 
 class BaseTargets(NamedTuple):
@@ -163,8 +164,7 @@ class BaseModel(nn.Module):
                                     qk_block=depth - 1 if self.topk is not None else None, **attention)
         outs[depth - 1] = h + m
         first_rows = patch_rows(outs[first])
-        acc = torch.promote_types(first_rows.dtype, torch.float32)  # fp32, float64 in a float64 base
-        feats = first_rows.to(acc, copy=True)  # summed in place
+        feats = first_rows.to(loss_dtype(first_rows.dtype), copy=True)  # summed in place
         for i in range(first + 1, depth):
             feats.add_(patch_rows(outs[i]))
         return feats.div_(self.last_layers), qk

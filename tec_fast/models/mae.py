@@ -20,6 +20,7 @@ from tec_fast.models.layers import (LN_EPS, Block, PatchEmbed, apply_norm, check
                                     run_blocks, sincos_pos_embed)
 from tec_fast.models.layout import TokenLayout
 from tec_fast.models.masking import random_masking
+from tec_fast.ops.reference import loss_dtype
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -106,7 +107,7 @@ class MAEModel(nn.Module):
     def patch_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error per patch (over its pixels), averaged over the removed patches
         (mask = 1) only. Computed in fp32 (float64 in a float64 model)."""
-        acc = torch.promote_types(pred.dtype, torch.float32)
+        acc = loss_dtype(pred.dtype)
         target = patchify(images, self.config.patch_size).to(acc)  # [B, L, p*p*c]
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)

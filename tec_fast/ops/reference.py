@@ -24,10 +24,15 @@ def _autocast_off(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the losses, the relations and the base's target features are computed in
+    for inputs of ``dtype``: fp32, or float64 for float64 input (a float64 model is computed in
+    float64 throughout, e.g. for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _acc(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the precision the losses and relations are computed in: fp32, or float64 for
-    float64 input (a float64 model is computed in float64 throughout, e.g. for gradcheck)."""
-    return t if t.dtype is torch.float64 else t.float()
+    return t.to(loss_dtype(t.dtype))
 
 
 def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor,
