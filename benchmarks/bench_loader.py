@@ -17,7 +17,7 @@ then through the trainer's DataLoader (``build_loader``) with 1 and 2 workers: i
 process (wall clock: depends on how busy the machine is) and images per worker CPU-second (from
 ``/proc``); and the bytes per image that cross the worker -> main process boundary.
 
-    python -m benchmarks.bench_loader --make-jpegs /tmp/jpegs   # 1024 ImageNet-like JPEGs, then measure
+    python -m benchmarks.bench_loader --make-jpegs /tmp/jpegs   # 1024 ImageNet-like JPEGs (--jpegs), then measure
     python -m benchmarks.bench_loader --data /tmp/jpegs --workers 1 2 --results benchmarks/results/loader.jsonl
     python -m benchmarks.bench_loader --make-jpegs /tmp/jpegs --workers 2 4 8 --gpu-decode   # on a GPU machine
 
@@ -34,7 +34,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from benchmarks.common import append_jsonl, complete_row, format_table, make_parser, results_dir
+from benchmarks.common import append_jsonl, complete_row, device_name, format_table, make_parser, results_dir
 from tec_fast.data.decode import EncodedImage, to_rgb, turbo_decoder
 from tec_fast.data.folder import IMG_EXTENSIONS, ImageFolderDataset, holds_images, image_root
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, existing_dir, output_file, real
@@ -141,7 +141,9 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=existing_dir, help="a folder of JPEGs (class folders)")
     src.add_argument("--make-jpegs", metavar="DIR", type=results_dir,
-                     help="write 1024 ImageNet-like JPEGs to DIR (made if missing), then measure them")
+                     help="write --jpegs ImageNet-like JPEGs to DIR (made if missing), then measure them")
+    p.add_argument("--jpegs", type=POSITIVE, default=None,
+                   help="how many JPEGs --make-jpegs writes (default 1024; each takes ~20 ms to make)")
     p.add_argument("--img-size", type=POSITIVE, default=224,
                    help="side of the square crop each image is turned into, pixels (default 224)")
     p.add_argument("--batch-size", type=POSITIVE, default=64,
@@ -170,7 +172,9 @@ def main(argv=None) -> int:
     if args.data is not None and not holds_images(args.data):  # refused here, not mid-run
         p.refuse("--data", f"no images ({', '.join(IMG_EXTENSIONS)}) found in {image_root(args.data)!r} "
                            f"(neither in class subfolders nor directly inside)")
-    root = args.data or make_jpegs(args.make_jpegs)
+    if args.data is not None and args.jpegs is not None:
+        p.refuse("--jpegs", "goes with --make-jpegs (--data measures the folder's images as they are)")
+    root = args.data or make_jpegs(args.make_jpegs, args.jpegs or 1024)
     torch.set_num_threads(1)
 
     import PIL
@@ -219,7 +223,10 @@ def main(argv=None) -> int:
                 row[key], row[key + "_median"] = values[-1], values[len(values) // 2]
         row["bytes_per_image"] = found[0].get("bytes_per_image")
         rows.append(row)
-    rows = [complete_row(r, "cpu") for r in rows]
+    rows = [complete_row(r, "cpu") for r in rows]  # the workers' machine; the GPU that decoded is named beside it
+    for r in rows:
+        if r["provider"] == "engine_gpu_decode":
+            r["decode_device"] = device_name(torch.device("cuda"))
     base = {r["mode"]: r for r in rows if r["provider"] == "baseline"}
     for r in rows:
         ref = base.get(r["mode"])

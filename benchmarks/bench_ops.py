@@ -121,13 +121,13 @@ def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: L
                 results[name] = time_callable(fn, dev, warmup=warmup, reps=reps, cuda_graph=cuda_graph)
             except torch.OutOfMemoryError:
                 print(f"{bench} {name}: out of memory")
-            except RuntimeError as exc:  # e.g. a provider that synchronises cannot be recorded
-                if not cuda_graph:
+            except Exception as exc:  # Triton's compile / out-of-resources errors are not RuntimeErrors
+                if not (cuda_graph and isinstance(exc, RuntimeError)):
                     if failures is None:
                         raise
                     failures.append(f"{bench} {name}: {type(exc).__name__}: {exc}")
                     print(f"{bench} {name}: FAILED ({type(exc).__name__}: {exc})")
-                else:
+                else:  # e.g. a provider that synchronises
                     print(f"{bench} {name}: not timed, cannot be recorded into a CUDA graph ({exc})")
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -186,18 +186,19 @@ def main(argv=None) -> List[Dict]:
     reps = args.reps if args.reps is not None else (50 if gpu else 5)
     ops = OPS if args.op == "all" else (args.op,)
 
-    rows, failures = [], []
+    rows, failures, path = [], [], None
     for i, op in enumerate(ops):
         op_rows = run(op, size, dtype, dev, providers, warmup, reps, args.cuda_graph, failures,
                       started=lambda what, i=i: progress(i + 1, len(ops), what))
         if provider == "triton":
             op_rows = [r for r in op_rows if r["provider"] != "reference"]
+        if op_rows:  # written op by op: a run cut short (a lent GPU's time cap) keeps what it measured
+            path = append_results(op_rows, args.results_dir, dev)
         rows += op_rows
     print(f"device {device_name(dev)}; {dtype}; sizes {size}")
     print(format_table(rows, ["bench", "provider", "shape", "timing", "median_ms", "p20_ms", "p80_ms", "gb_per_s",
                               "tflop_per_s", "peak_mem_gb", "speedup"]))
-    path = append_results(rows, args.results_dir, dev)
-    print(f"appended {len(rows)} rows to {path}")
+    print(f"appended {len(rows)} rows to {path}" if path else "no rows to append")
     if failures:
         raise SystemExit("failed (the rows of the rest were written):\n  " + "\n  ".join(failures))
     return rows

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import List, Optional
 
 import torch
 
@@ -79,8 +80,11 @@ def providers_per_batch(args) -> int:
     return 4 if args.whole_step else 2
 
 
-def run(args, B: int, device: torch.device, started=lambda what: None):
-    """The rows of one batch size; ``started`` is told each provider before it is timed."""
+def run(args, B: int, device: torch.device, started=lambda what: None, failures: Optional[List[str]] = None):
+    """The rows of one batch size; ``started`` is told each provider before it is timed. A provider
+    that raises is reported and listed in ``failures`` (without it: raised)."""
+    failures_given = failures is not None
+    failures = failures if failures_given else []
     lo, hi = args.ratios
     bvit, cfg, topk = build(args.preset, device)
     enc = cfg.encoder
@@ -129,7 +133,11 @@ def run(args, B: int, device: torch.device, started=lambda what: None):
     results = {}
     for name, fn in providers:
         started(f"{name} B={B}")
-        results[name] = time_callable(fn, device, warmup=args.warmup, reps=args.steps)
+        try:
+            results[name] = time_callable(fn, device, warmup=args.warmup, reps=args.steps)
+        except Exception as exc:  # one broken provider (a backend that fails on the lent GPU) costs its row alone
+            failures.append(f"B={B} {name}: {type(exc).__name__}: {exc}")
+            print(f"B={B} {name}: FAILED ({type(exc).__name__}: {exc})")
     rows = []
     for name, r in results.items():
         is_packed = name.startswith("packed")
@@ -137,13 +145,16 @@ def run(args, B: int, device: torch.device, started=lambda what: None):
                    preset=args.preset, shape=f"B={B},L={L},ratios={lo}:{hi}", dtype=args.precision,
                    tokens=tokens_packed if is_packed else tokens_padded,
                    attention_backend=backend if is_packed else "sdpa", **r)
-        if is_packed:
-            row["speedup"] = results[name.replace("packed", "padded")]["median_ms"] / r["median_ms"]
+        padded_r = results.get(name.replace("packed", "padded"))
+        if is_packed and padded_r:
+            row["speedup"] = padded_r["median_ms"] / r["median_ms"]
         rows.append(row)
     print(format_table(rows, ["provider", "shape", "tokens", "attention_backend", "median_ms", "p20_ms",
                               "p80_ms", "peak_mem_gb", "speedup"]))
     print(f"mean visible count {keep.sum(1).float().mean():.1f} of L={L} (max {k_max}); "
           f"packed attention: {backend}" + (f" (skipped: {'; '.join(why)})" if why else "") + "\n")
+    if failures and not failures_given:
+        raise RuntimeError("; ".join(failures))
     return rows
 
 
@@ -151,13 +162,17 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     sizes = args.batch_sizes or [args.batch or (256 if device.type == "cuda" else 8)]
-    rows, total = [], len(sizes) * providers_per_batch(args)
+    rows, failures, path, total = [], [], None, len(sizes) * providers_per_batch(args)
     count = iter(range(1, total + 1))
     with fx_tracing_notice_dropped():
         for B in sizes:
-            rows += run(args, B, device, lambda what: progress(next(count), total, what))
-    path = append_results(rows, args.results_dir, device)
-    print(f"results appended to {path}")
+            size_rows = run(args, B, device, lambda what: progress(next(count), total, what), failures)
+            if size_rows:  # written batch size by batch size: a run cut short keeps what it measured
+                path = append_results(size_rows, args.results_dir, device)
+            rows += size_rows
+    print(f"results appended to {path}" if path else "no rows to append")
+    if failures:
+        raise SystemExit("failed (the rows of the rest were written):\n  " + "\n  ".join(failures))
     return rows
 
 

@@ -229,7 +229,7 @@ def main(argv=None):
     published = args.published_peak_tflops or published_peak_tflops(device)
     print(f"bf16 GEMM measured here: {gemm_tflops:.1f} TFLOP/s; published dense bf16 peak: "
           + (f"{published:.0f} TFLOP/s" if published else "unknown for this device (MFU vs published: -)"))
-    rows = []
+    rows, failures, path = [], [], None
     print(f"{'batch':>5} {'provider':<15} {'ms/step':>9} {'img/s':>9} {'speedup':>8} {'MFU meas':>8} "
           f"{'MFU pub':>7} {'peak GB':>8}")
     case = 0
@@ -258,6 +258,11 @@ def main(argv=None):
                 print(f"{B:>5} {name:<15} out of memory")
                 results[name] = None
                 continue
+            except Exception as exc:  # one broken provider (a Triton compile, a graph capture) costs its rows alone
+                failures.append(f"B={B} {name}: {type(exc).__name__}: {exc}")
+                print(f"{B:>5} {name:<15} FAILED ({type(exc).__name__}: {exc})")
+                results[name] = None
+                continue
             finally:
                 step = None
             if name in ("engine_graph", "engine_fit_graph"):
@@ -267,6 +272,7 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         ref = results.get("baseline")
+        size_rows = []
         for name, r in results.items():
             if r is None:
                 continue
@@ -282,16 +288,20 @@ def main(argv=None):
             if name.startswith("engine") and ref:
                 row.update(baseline_img_per_s=ref["img_per_s"], speedup=r["img_per_s"] / ref["img_per_s"],
                            baseline_peak_mem_gb=ref.get("peak_mem_gb"))
-            rows.append(row)
+            size_rows.append(row)
             sp = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
             mfu_s = f"{mfu:.1%}" if mfu is not None else "-"
             mem_s = f"{r['peak_mem_gb']:.2f}" if r.get("peak_mem_gb") is not None else "-"
             print(f"{B:>5} {name:<15} {r['median_ms']:>9.2f} {r['img_per_s']:>9.1f} {sp:>8} "
                   f"{row['mfu_measured_peak']:>8.1%} {mfu_s:>7} {mem_s:>8}")
-    path = append_results(rows, args.results_dir, device)
+        if size_rows:  # written batch size by batch size: a run cut short keeps what it measured
+            path = append_results(size_rows, args.results_dir, device)
+        rows += size_rows
     print(f"\nFLOPs counted: {flops / 1e9:.1f} GFLOP per image (benchmarks/flops.py). MFU meas: against the "
           f"bf16 GEMM measured above ({gemm_tflops:.1f} TFLOP/s); MFU pub: against the published peak. "
-          f"Results appended to {path}")
+          + (f"Results appended to {path}" if path else "No rows to append."))
+    if failures:
+        raise SystemExit("failed (the rows of the rest were written):\n  " + "\n  ".join(failures))
     return rows
 
 

@@ -315,11 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dispatch.set_kernel_mode("triton")  # every op's Triton path, wherever auto would not take it
     if args.launch_path:  # CPU tensors take the Triton path, as under the interpreter
         dispatch._SETTINGS["interpret"] = True
-    try:
-        with denormals_flushed(device):
-            rows = _run(args, ops, device)
-    finally:
-        dispatch.reload_environment()  # the process's own setting again
+    stamp = None
     if args.out:
         # full_run: both tables, every op, at least the default repetitions (what the README's
         # table is made of: benchmarks/report.py leaves subsets and smoke runs out)
@@ -330,23 +326,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.launch_path:
             from tec_fast.kernels._common import launch_mode
             stamp["launch"] = launch_mode()  # 1: compiled kernels reused by call signature; 0: JITFunction.run
-        append_jsonl([complete_row(dict(r, **stamp), device) for r in rows], args.out)
+
+    def write(rows: List[Dict]) -> None:  # as they are measured: a run cut short keeps them
+        if stamp is not None:
+            append_jsonl([complete_row(dict(r, **stamp), device) for r in rows], args.out)
+
+    try:
+        with denormals_flushed(device):
+            rows = _run(args, ops, device, write)
+    finally:
+        dispatch.reload_environment()  # the process's own setting again
+    if args.out:
         print(f"appended {len(rows)} rows to {args.out}")
     return 0
 
 
-def _run(args, ops: List[str], device: torch.device) -> List[Dict]:
+def _run(args, ops: List[str], device: torch.device, write) -> List[Dict]:
     rows: List[Dict] = []
     if not args.skip_step:
         print("step: engine and eager, interleaved ...", file=sys.stderr, flush=True)
         rows += measure_steps(device, args.steps, args.reps, args.launch_path)
+        write(rows)
         print(format_table(rows, ["provider", "host_ms", "vs_eager", "triton_launches", "torch_ops", "wall_ms",
                                   "gpu_busy_ms", "gpu_launches"]))
     if not args.skip_ops:
         op_rows = []
         for i, name in enumerate(ops):
             print(f"op {i + 1}/{len(ops)}: {name} ...", file=sys.stderr, flush=True)
-            op_rows += measure_op(name, device, args.calls, args.reps, launch_path=args.launch_path)
+            op_rows += (measured := measure_op(name, device, args.calls, args.reps, launch_path=args.launch_path))
+            write(measured)
         print(format_table(op_rows, ["op", "provider", "shape", "fwd_us", "bwd_us", "fwd_vs_reference",
                                      "bwd_vs_reference", "fwdbwd_vs_reference", "fwd_launches", "bwd_launches"]))
         rows += op_rows

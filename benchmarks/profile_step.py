@@ -165,10 +165,11 @@ def main(argv=None):
                                       top_host=host_rows[:10],
                                       shapes_recorded=args.shapes, top_device=dev_rows[:25],
                                       top_device_shapes=shape_rows[:25], top_python=py_rows[:10]), device))
+        path = append_jsonl(rows[-1:], os.path.join(args.results_dir, "profile.jsonl"))  # each as it is made
         del step
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\nrows appended to {append_jsonl(rows, os.path.join(args.results_dir, 'profile.jsonl'))}")
+    print(f"\nrows appended to {path}")
     return rows
 
 

@@ -37,9 +37,10 @@ def _fmt(x, spec):
 
 
 def _on_device(r) -> bool:
-    """A row measured on a GPU (not a CPU smoke run, not a fake-tensor estimate)."""
+    """A benchmark row measured on a GPU (not a CPU smoke run, not a fake-tensor estimate, not a
+    host-overhead row: those have tables of their own)."""
     dev = str(r.get("device", "cpu")).lower()
-    return "cpu" not in dev and "fake" not in dev and r.get("bench") not in ("traffic", "compile")
+    return "cpu" not in dev and "fake" not in dev and r.get("bench") not in (None, "traffic", "compile")
 
 
 def tables(rows, steps_only: bool = False, where: str = "benchmarks/results/") -> str:

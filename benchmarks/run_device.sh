@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one command, inside a fixed time budget (default 450 s) on one H100/H200:
-#   build the extension in place -> whole step at B = 32, 64, 128, 256 (engine, engine replayed
-#   from a CUDA graph, eager baseline) -> every op forward and forward+backward (then the
-#   measured dispatch table) -> GPU tests -> host overhead per step and per op -> packed vs padded
+#   build the extension in place -> every op forward and forward+backward (then the measured
+#   dispatch table) -> whole step at B = 32, 64, 128, 256 (engine, engine replayed from a CUDA
+#   graph, eager baseline) -> GPU tests -> host overhead per step and per op -> packed vs padded
 #   encoder at mask 0.6:0.9 -> step profile at B = 64 -> what time is left: op timings replayed
 #   from graphs, GEMM-epilogue probe, per-weight casts, packing kernels -> README table.
 #
@@ -64,7 +64,8 @@ elapsed() { echo $(( $(date +%s) - t0 )); }
 stamp() { echo "=== [$(elapsed) s] $*"; }
 pack() {
   [[ -n $DRY_RUN ]] && return 0
-  tar -czf "$OUT/device_results.tar.gz" benchmarks/results README.md tec_fast/ops/measured 2>/dev/null || true
+  tar -czf "$OUT/device_results.tar.gz" benchmarks/results README.md docs/performance.md tec_fast/ops/measured \
+    2>/dev/null || true
 }
 record() {  # record NAME STATUS RC SECONDS CAP
   printf '{"stage": "%s", "status": "%s", "rc": %s, "seconds": %s, "cap_s": %s, "at_s": %s}\n' \
@@ -139,21 +140,25 @@ R=benchmarks/results
 stage build 75 30 $PY -m pip install --no-build-isolation --no-deps -e .
 stage info 10 5 $PY -m tec_fast.info
 
-# 2. the step: B = 32..256, engine / engine replayed from a graph / eager, one process (MFU too)
-stage step 100 40 $PY -m benchmarks.bench_step --preset vit_base --batch-sizes 32 64 128 256 --steps 10 \
-  --cuda-graph --results-dir $R
-
-# 3. every op, forward and forward+backward, Triton against the reference (eager timing); then the
-#    dispatch table auto reads on this GPU class, written from those rows
+# 2. every op, forward and forward+backward, Triton against the reference (eager timing); then the
+#    dispatch table auto reads on this GPU class, written from those rows (before the step, so that
+#    the step's engine rows run what auto picks on this GPU from this run's measurements)
 stage ops 55 25 $PY -m benchmarks.bench_ops --op all --device cuda --results-dir $R
 stage dispatch_table 10 5 $PY -m benchmarks.dispatch_table
 
-# 4. correctness on the GPU: compiled kernels, graphs against eager, varlen, no host syncs (97
-#    tests, each kernel compiled on first use; after the timings so that a slow compile cannot
-#    cost them; one line per test, so a run cut short still says which passed; the ops first)
-stage gpu_tests 150 30 $PY -m pytest -v -rfE -p no:cacheprovider -p no:randomly -m gpu tests/ops/test_ops_gpu.py \
-  tests/ops/test_ops_validate.py tests/ops/test_packing.py tests/training tests/models tests/repo tests/data \
-  tests/bench --junitxml="$LOGS/gpu_tests.xml"
+# 3. the step: B = 32..256, engine / engine replayed from a graph / eager, one process (MFU too)
+stage step 100 40 $PY -m benchmarks.bench_step --preset vit_base --batch-sizes 32 64 128 256 --steps 10 \
+  --cuda-graph --results-dir $R
+
+# 4. correctness on the GPU: compiled kernels, graphs against eager, varlen, no host syncs (about
+#    100 tests, each kernel compiled on first use; after the timings so that a slow compile cannot
+#    cost them; one line per test, so a run cut short still says which passed). Two stages with
+#    caps of their own: the ops' tests compiling every kernel cannot cost the engine's tests
+stage gpu_tests_ops 90 30 $PY -m pytest -v -rfE -p no:cacheprovider -p no:randomly -m gpu \
+  tests/ops/test_ops_gpu.py tests/ops/test_ops_validate.py tests/ops/test_packing.py \
+  --junitxml="$LOGS/gpu_tests_ops.xml"
+stage gpu_tests_engine 70 20 $PY -m pytest -v -rfE -p no:cacheprovider -p no:randomly -m gpu \
+  tests/training tests/models tests/data tests/repo tests/bench --junitxml="$LOGS/gpu_tests_engine.xml"
 
 # 5. host time per step (engine vs eager, with GPU-busy time) and per op call
 stage host_overhead 35 15 $PY -m benchmarks.host_overhead --device cuda
@@ -174,7 +179,7 @@ stage per_weight_casts 40 25 $PY -m benchmarks.bench_step --preset vit_base --ba
 stage packing 25 15 $PY -m benchmarks.bench_packing --results-dir $R
 # the loader with --decode gpu (nvjpeg; needs torchvision for the device's torch): img/s per GPU
 stage loader_gpu_decode 40 20 $PY -m benchmarks.bench_loader --make-jpegs /tmp/tec_fast_jpegs --workers 8 \
-  --repeats 1 --seconds 8 --images 200 --providers engine --gpu-decode --results $R/loader.jsonl
+  --jpegs 256 --repeats 1 --seconds 8 --images 200 --providers engine --gpu-decode --results $R/loader.jsonl
 RESERVE_S=0
 stage report 15 5 $PY -m benchmarks.report --update-readme
 

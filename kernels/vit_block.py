@@ -506,7 +506,8 @@ _ATTENTION_TILES = {
     (False, 64): ((64, 64, 4), (64, 32, 8)),    # 16-bit, on tensor cores
     (False, 128): ((64, 64, 8), (64, 32, 8)),
     (False, 256): ((32, 32, 8), (32, 32, 8)),
-    (True, 64): ((32, 32, 4), (32, 16, 4)),     # fp32: exact FMA products, more held per thread
+    (True, 64): ((32, 32, 8), (32, 16, 4)),     # fp32: exact FMA products, more held per thread
+    # (the forward with 4 warps: 255 registers and a spill under Triton 3.6, 80 and none under 3.9)
     (True, 128): ((16, 16, 4), (16, 16, 4)),
     (True, 256): ((16, 16, 4), (16, 16, 4)),
 }
@@ -550,9 +551,25 @@ def _attention(qkv: torch.Tensor, B: int, N: int, H: int, save: bool, o: Optiona
         lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
     if B and N:
         q_blocks, _, config = _attention_launch(N, d, qkv.dtype, False, save)
-        launch_with(_attention_fwd_kernel, (q_blocks, B * H), config, qkv, o, o if lse is None else lse, N, H, d, C,
-                    d ** -0.5 * _LOG2E)
+        if B * H <= _MAX_GRID_Y:
+            launch_with(_attention_fwd_kernel, (q_blocks, B * H), config, qkv, o, o if lse is None else lse,
+                        N, H, d, C, d ** -0.5 * _LOG2E)
+            return o, lse
+        for b0, n in _image_chunks(B, H):
+            rows = slice(b0 * N, (b0 + n) * N)
+            launch_with(_attention_fwd_kernel, (q_blocks, n * H), config, qkv[rows], o[rows],
+                        o if lse is None else lse[b0:b0 + n], N, H, d, C, d ** -0.5 * _LOG2E)
     return o, lse
+
+
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, where the attention puts images x heads
+
+
+def _image_chunks(B: int, H: int) -> List[Tuple[int, int]]:
+    """(first image, images) of the attention launches for B images of H heads where B x H passes
+    the grid's second-axis limit (batches of thousands of images, in inference)."""
+    per = max(1, _MAX_GRID_Y // H)
+    return [(b0, min(per, B - b0)) for b0 in range(0, B, per)]
 
 
 def _attention_grad(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
@@ -566,8 +583,14 @@ def _attention_grad(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: t
         dqkv = torch.empty_like(qkv)
     if B and N:
         q_blocks, kv_blocks, config = _attention_launch(N, d, qkv.dtype, True, True)
-        launch_with(_attention_bwd_kernel, (kv_blocks + q_blocks, B * H), config, qkv, o, do, lse, dqkv, N, H, d, C,
-                    d ** -0.5 * _LOG2E, d ** -0.5, kv_blocks)
+        if B * H <= _MAX_GRID_Y:
+            launch_with(_attention_bwd_kernel, (kv_blocks + q_blocks, B * H), config, qkv, o, do, lse, dqkv,
+                        N, H, d, C, d ** -0.5 * _LOG2E, d ** -0.5, kv_blocks)
+            return dqkv
+        for b0, n in _image_chunks(B, H):
+            rows = slice(b0 * N, (b0 + n) * N)
+            launch_with(_attention_bwd_kernel, (kv_blocks + q_blocks, n * H), config, qkv[rows], o[rows], do[rows],
+                        lse[b0:b0 + n], dqkv[rows], N, H, d, C, d ** -0.5 * _LOG2E, d ** -0.5, kv_blocks)
     return dqkv
 
 

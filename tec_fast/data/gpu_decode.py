@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tec_fast.data.decode import EncodedImage
-from tec_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draw_train_crop, train_crop
+from tec_fast.data.transforms import draw_train_crop, normalize_stats, train_crop
 
 _EOI = b"\xff\xd9"
 
@@ -138,6 +138,11 @@ def _decode_on(device: torch.device, files: List[torch.Tensor], names: List[str]
         return []
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if device.type == "cuda":
+        # nvjpeg writes its outputs from its own stream without waiting for this one, into memory the
+        # caching allocator may just have freed under kernels still queued (the optimizer step's
+        # gradients): wait for them first (torchcodec does the same before its batched decode)
+        torch.cuda.current_stream(device).synchronize()
     try:
         return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
     except (RuntimeError, TypeError, ValueError):  # a file nvjpeg refuses, or a torchvision without batched decode
@@ -170,8 +175,7 @@ def _resized_crop_float(pixels: torch.Tensor, box, size: int, flip: bool) -> tor
 
 def _normalize_float(batch: torch.Tensor) -> torch.Tensor:
     """``normalize`` for float pixels in 0..255 (the same mean / std)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
+    mean, std = normalize_stats(batch.device)
     return (batch.div_(255.0) - mean) / std
 
 

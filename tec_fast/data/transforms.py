@@ -39,12 +39,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"normalize: images must be uint8, got {images.dtype}")
     if images.dim() < 3 or images.shape[-3] != 3:
         raise ValueError(f"normalize: images must be [..., 3, H, W], got {tuple(images.shape)}")
-    key = images.device
-    if key not in _STATS:
-        _STATS[key] = (torch.tensor(IMAGENET_MEAN, device=key).view(3, 1, 1),
-                       torch.tensor(IMAGENET_STD, device=key).view(3, 1, 1))
-    mean, std = _STATS[key]
+    mean, std = normalize_stats(images.device)
     return (images.float().div_(255.0) - mean) / std
+
+
+def normalize_stats(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet (mean, std) as [3, 1, 1] float32 tensors on ``device``, made once per device."""
+    if device not in _STATS:
+        _STATS[device] = (torch.tensor(IMAGENET_MEAN).view(3, 1, 1).to(device),
+                          torch.tensor(IMAGENET_STD).view(3, 1, 1).to(device))
+    return _STATS[device]
 
 
 def random_resized_crop_box(width: int, height: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),

@@ -45,9 +45,9 @@ def _pinned_sincos_table(dim: int, h: int, w: int) -> torch.Tensor:
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on ``device`` without the host waiting for the GPU: a copy from pageable
     memory synchronises the stream, one from pinned memory queues behind the GPU's work."""
-    if device.type != "cuda":
-        return t.to(device)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    if device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=device.type != "cpu")
 
 
 def host_tensor(values, device: torch.device, dtype=torch.int64) -> torch.Tensor:

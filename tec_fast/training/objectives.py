@@ -146,7 +146,8 @@ class NativeTECObjective:
         native, per_image = batch
         targets = native_base_targets(self.base, native)
         out = model(native, targets, mask_ratio=self.mask_ratio, noise=per_image)
-        out["fill"] = torch.tensor(native.num_tokens / self.tokens_per_batch, device=out["loss"].device)
+        # torch.full, not torch.tensor(value, device=...): that one copies from pageable memory and waits for the GPU
+        out["fill"] = torch.full((), native.num_tokens / self.tokens_per_batch, device=out["loss"].device)
         return out
 
 

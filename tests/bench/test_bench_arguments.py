@@ -85,7 +85,10 @@ def test_host_overhead_empty_out_still_means_no_file(tmp_path, capsys, monkeypat
     """--out '' writes nothing (the run itself is stubbed: only the writing is under test)."""
     from benchmarks import host_overhead
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(host_overhead, "_run", lambda args, ops, device: [dict(table="op", op="x")])
+    def run(args, ops, device, write):
+        write([dict(table="op", op="x")])
+        return [dict(table="op", op="x")]
+    monkeypatch.setattr(host_overhead, "_run", run)
     monkeypatch.chdir(tmp_path)
     assert host_overhead.main(["--skip-step", "--ops", "layer_norm", "--out", ""]) == 0
     assert "appended" not in capsys.readouterr().out and not list(tmp_path.iterdir())

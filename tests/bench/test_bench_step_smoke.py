@@ -50,6 +50,21 @@ def test_bench_step_per_weight_casts_provider(tmp_path, monkeypatch):
     assert bench_step._as_trained(model, "bf16", cast_once=False) is model
 
 
+def test_bench_step_failing_provider_costs_only_its_rows(tmp_path, monkeypatch):
+    """One provider that raises (a Triton compile error, a graph capture that fails on the lent GPU)
+    is named and the run exits non-zero, after the other providers' rows of every batch size
+    were written, each batch size as soon as it was measured."""
+    def broken(*args, **kwargs):
+        raise ValueError("planted failure")
+    monkeypatch.setattr(bench_step, "engine_step_fn", broken)
+    with pytest.raises(SystemExit, match=r"B=2 engine: ValueError: planted failure"):
+        bench_step.main(["--preset", "tiny", "--device", "cpu", "--batch-sizes", "2", "3", "--steps", "1",
+                         "--warmup", "0", "--gemm-size", "128", "--results-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("*.jsonl")
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["provider"], r["shape"].split(",")[0]) for r in written] == [("baseline", "B=2"), ("baseline", "B=3")]
+
+
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
                                         ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0),
                                         ("Some Future GPU", None)])
@@ -67,6 +82,28 @@ def test_bench_packed_tiny_cpu(tmp_path):
     assert set(by) == {"packed", "padded"}
     assert by["packed"]["tokens"] <= by["padded"]["tokens"]
     assert by["packed"]["speedup"] > 0
+
+
+def test_bench_packed_failing_provider_costs_only_its_rows(tmp_path, monkeypatch):
+    """The packed provider failing (its attention backend on the lent GPU) leaves the padded rows
+    of every batch size written, each batch size as it was measured, and the run exits non-zero."""
+    from benchmarks import bench_packed
+
+    real, calls = bench_packed.time_callable, []
+
+    def timed(fn, *args, **kwargs):  # providers in order: padded, packed
+        calls.append(fn)
+        if len(calls) % 2 == 0:
+            raise ValueError("planted failure")
+        return real(fn, *args, **kwargs)
+    monkeypatch.setattr(bench_packed, "time_callable", timed)
+    with pytest.raises(SystemExit, match=r"B=3 packed: ValueError: planted failure"):
+        bench_packed.main(["--preset", "tiny", "--device", "cpu", "--batch-sizes", "2", "3", "--steps", "1",
+                           "--warmup", "0", "--results-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("*.jsonl")
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["provider"], r["shape"].split(",")[0]) for r in written] == [("padded", "B=2"), ("padded", "B=3")]
+    assert "speedup" not in written[0]
 
 
 def test_bench_step_cuda_graph_needs_cuda(capsys):
@@ -104,10 +141,11 @@ def test_report_tables_keep_measured_gpu_rows_only():
             dict(common, bench="traffic", provider="engine", shape="B=256", device="fake-tensors (estimate)"),
             dict(common, bench="compile", provider=None, shape="vitb"),
             dict(common, bench="layer_norm_fwd", provider="triton", shape="rows=8", median_ms=0.05),
-            dict(common, bench="step", provider="engine", shape="B=4,S=32", device="cpu-x86_64-2c")]
+            dict(common, bench="step", provider="engine", shape="B=4,S=32", device="cpu-x86_64-2c"),
+            dict(device="NVIDIA_H200", table="step", provider="engine", host_ms=9.0, commit="abc")]  # host_overhead
     text = report.tables(rows)
     assert "| engine_graph |" in text and "2.00x" in text and "0.80x" in text
-    assert "layer_norm_fwd" in text
+    assert "layer_norm_fwd" in text and "| None |" not in text
     assert "fake-tensors" not in text and "| compile |" not in text and "cpu-x86_64" not in text
     assert report.tables([rows[-1]]).startswith("No GPU results yet")
 

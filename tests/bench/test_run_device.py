@@ -19,8 +19,13 @@ def test_run_device_parses_and_its_scripts_exist():
     text = open(SCRIPT).read().replace("\\\n", " ")  # continuation lines joined
     stages = re.findall(r"^stage (\S+) (\d+) (\d+) (.*)$", text, flags=re.M)
     names = [s[0] for s in stages]
-    for needed in ("step", "gpu_tests", "ops", "dispatch_table", "host_overhead", "packed", "report"):
+    for needed in ("step", "gpu_tests_ops", "gpu_tests_engine", "ops", "dispatch_table", "host_overhead",
+                   "packed", "report"):
         assert needed in names, needed
+    # what the engine runs in auto mode comes from this run's table: it is written before any stage
+    # that times the engine (the step, host overhead, packed, profile)
+    for timed in ("step", "host_overhead", "packed", "profile", "per_weight_casts"):
+        assert names.index("ops") < names.index("dispatch_table") < names.index(timed), timed
     for _, cap, minimum, cmd in stages:
         assert int(minimum) <= int(cap)
         for path in re.findall(r"benchmarks/\w+\.py", cmd):
@@ -32,13 +37,19 @@ def test_run_device_parses_and_its_scripts_exist():
     assert "--ratios 0.6:0.9" in next(s for s in stages if s[0] == "packed")[3]
 
 
-def test_gpu_tests_stage_runs_every_gpu_test_file():
-    """The gpu_tests stage names its test paths (the ops' tests first): every file with a test
-    marked gpu is under one of them."""
+def test_gpu_tests_stages_run_every_gpu_test_file():
+    """The gpu_tests stages name their test paths (the ops' tests in a stage of their own, so that
+    compiling every kernel cannot use up the engine tests' time): every file with a test marked
+    gpu is under one of them, and no path is run twice."""
     text = open(SCRIPT).read().replace("\\\n", " ")
-    cmd = next(line for line in text.splitlines() if line.startswith("stage gpu_tests "))
-    paths = [p.rstrip("/") for p in re.findall(r"\btests/\S*", cmd)]
-    assert paths and paths[0] == "tests/ops/test_ops_gpu.py", paths
+    cmds = {line.split()[1]: line for line in text.splitlines() if line.startswith("stage gpu_tests")}
+    assert set(cmds) == {"gpu_tests_ops", "gpu_tests_engine"}
+    ops, engine = ([p.rstrip("/") for p in re.findall(r"\btests/\S*", cmds[name])]
+                   for name in ("gpu_tests_ops", "gpu_tests_engine"))
+    assert ops and ops[0] == "tests/ops/test_ops_gpu.py" and all(p.startswith("tests/ops/") for p in ops), ops
+    assert engine and not any(p.startswith("tests/ops") for p in engine), engine
+    paths = ops + engine
+    assert len(set(paths)) == len(paths)
     marked = []
     for folder, _, files in os.walk(os.path.join(ROOT, "tests")):
         for name in files:
@@ -102,6 +113,6 @@ def test_stages_that_fail_make_the_run_exit_1_after_every_stage_ran(tmp_path):
     lines = [ln for f in stages for ln in f.read_text().splitlines()]
     assert any('"stage": "report"' in ln and "dry_bad_flags" in ln for ln in lines), lines
     last = r.stdout.strip().splitlines()[-1]
-    assert "stage(s) not ok: info (dry_bad_flags); step (dry_bad_flags);" in last
+    assert "stage(s) not ok: info (dry_bad_flags); ops (dry_bad_flags); dispatch_table (dry_bad_flags); step (dry_bad_flags);" in last
     assert last.endswith("report (dry_bad_flags)")
     assert "build" not in last  # pip's flags are not checked: dry_ok

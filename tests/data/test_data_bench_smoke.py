@@ -21,3 +21,21 @@ def test_bench_loader_smoke(tmp_path, capsys):
         by[("engine_pil", "workers=1")]["bytes_per_image"]
     assert all(r["device"].startswith("cpu-") and r["bench"] == "loader" for r in rows)
     assert "speedup_per_core" in capsys.readouterr().out
+
+
+def test_bench_loader_makes_as_many_jpegs_as_asked(tmp_path, capsys):
+    """--jpegs sets how many --make-jpegs writes (a lent GPU's stage has seconds, not minutes, for
+    it); with --data it is refused."""
+    import glob
+
+    import pytest
+
+    from benchmarks.bench_loader import main
+
+    out = tmp_path / "loader.jsonl"
+    assert main(["--make-jpegs", str(tmp_path / "jpegs"), "--jpegs", "5", "--img-size", "16", "--images", "4",
+                 "--workers", "--repeats", "1", "--providers", "engine", "--results", str(out)]) == 0
+    assert len(glob.glob(str(tmp_path / "jpegs" / "*" / "*.jpg"))) == 5
+    with pytest.raises(SystemExit):
+        main(["--data", str(tmp_path / "jpegs"), "--jpegs", "5", "--results", str(out)])
+    assert "argument --jpegs: goes with --make-jpegs" in capsys.readouterr().err

@@ -115,6 +115,25 @@ def test_bad_jpegs_skipped_counted_and_stood_in(folder, tmp_path, monkeypatch):
     assert out.shape == (4, 3, 16, 16) and torch.equal(out[0], out[first_good])
 
 
+def test_decode_waits_for_the_callers_stream(monkeypatch):
+    """nvjpeg decodes from its own stream into memory the caching allocator may have freed under
+    kernels still queued on the caller's: ``_decode_on`` synchronises the current stream first."""
+    import sys
+    import types
+
+    calls = []
+    io = types.ModuleType("torchvision.io")
+    io.ImageReadMode = types.SimpleNamespace(RGB="RGB")
+    io.decode_jpeg = lambda files, mode, device: calls.append("decode") or [torch.zeros(3, 2, 2, dtype=torch.uint8)
+                                                                             for _ in files]
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.io", io)
+    stream = types.SimpleNamespace(synchronize=lambda: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    out = gpu_decode._decode_on(torch.device("cuda", 0), [torch.zeros(4, dtype=torch.uint8)] * 2, ["a.jpg", "b.jpg"])
+    assert len(out) == 2 and calls == ["synchronize", "decode"]
+
+
 def test_refusals_and_reasons(folder, capsys):
     reasons = gpu_decode_reasons("cpu")
     assert any("not a CUDA GPU" in r for r in reasons)

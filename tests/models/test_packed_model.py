@@ -136,6 +136,46 @@ def _meta_autocast(monkeypatch):
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: enabled(*(["cpu"] if a and a[0] == "meta" else a)))
 
 
+class _BlockingUploads:
+    """Collects the host-to-device copies a step makes that wait for the device (on CUDA a
+    ``torch.tensor(value, device=cuda)`` or ``.to(cuda)`` without ``non_blocking`` synchronises):
+    ``torch.tensor`` / ``torch.as_tensor`` of host data with a device, and ``_to_copy`` / ``copy_``
+    from the CPU to another device without ``non_blocking``."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.seen = []
+        seen = self.seen
+        for name in ("tensor", "as_tensor"):
+            make = getattr(torch, name)
+
+            def checked(data, *args, _make=make, _name=name, **kwargs):
+                device = kwargs.get("device")
+                if device is not None and torch.device(device).type != "cpu" and not isinstance(data, torch.Tensor):
+                    seen.append(f"torch.{_name}(host data, device={device})")
+                return _make(data, *args, **kwargs)
+
+            monkeypatch.setattr(torch, name, checked)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.ops.aten._to_copy.default:
+                    src, dst, blocking = args[0], kwargs.get("device"), not kwargs.get("non_blocking", False)
+                elif func is torch.ops.aten.copy_.default:
+                    dst, src = args[0].device, args[1]
+                    blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+                else:
+                    return func(*args, **kwargs)
+                if (blocking and isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None
+                        and torch.device(dst).type != "cpu"):
+                    seen.append(f"{func} from the CPU to {dst}, blocking")
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+
 @pytest.fixture
 def dense_attention(monkeypatch):
     """Packed attention forced to the materialised-mask backend: nested SDPA's CPU (math) route
@@ -164,8 +204,12 @@ def test_packed_training_step_reads_nothing_back(monkeypatch, dense_attention, m
     objective = TECObjective(base, (0.6, 0.9), 16, masking=masking)
     assert objective.host_noise
     images = torch.randn(4, 3, 16, 16, device="meta")
-    out = objective(model, (images, None), torch.rand(4, objective.noise_columns))
-    out["loss"].backward()
+    noise = torch.rand(4, objective.noise_columns)
+    uploads = _BlockingUploads(monkeypatch)
+    with uploads.mode:
+        out = objective(model, (images, None), noise)
+        out["loss"].backward()
+    assert uploads.seen == []  # each would synchronise on CUDA
     assert out["loss"].device.type == "meta" and model.blocks[0].attn.qkv.weight.grad is not None
     keep, _ = variable_masking(4, 16, torch.tensor([0.6, 0.7, 0.8, 0.9]), noise=torch.rand(4, 16))
     with pytest.raises(NotImplementedError):  # counts of a device mask: read back
@@ -250,6 +294,9 @@ def test_native_training_step_reads_nothing_back(monkeypatch, dense_attention):
     native, noise = _to_device(batch, torch.device("meta"))
     assert isinstance(noise, HostTensors) and all(n.device.type == "cpu" for n in noise)
     assert native.patches.device.type == "meta"
-    out = objective(model, (native, noise), None)
-    out["loss"].backward()
+    uploads = _BlockingUploads(monkeypatch)
+    with uploads.mode:
+        out = objective(model, (native, noise), None)
+        out["loss"].backward()
+    assert uploads.seen == []  # each would synchronise on CUDA
     assert out["loss"].device.type == "meta"

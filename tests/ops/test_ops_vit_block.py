@@ -65,6 +65,24 @@ def test_fp32_value_and_every_gradient(triton_path, shape, with_pending):
         assert_close(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), rtol=1e-4, name=f"result {i}")
 
 
+def test_attention_split_into_launches_past_the_grid_limit(triton_path, monkeypatch):
+    """B x H past CUDA's second-axis grid limit (thousands of images in inference): the attention
+    runs in launches of whole images, bitwise what one launch gives (the limit lowered to 2 heads'
+    worth here: 5 images of 8 heads take launches of 2, 2 and 1 images)."""
+    from tec_fast.kernels import vit_block as kernel
+
+    x, pending, params, H = _inputs(5, 9, 24, 8, 96)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(x.shape, generator=g) for _ in range(3)]
+    whole = _run(ops.vit_block, x, pending, params, H, grads)
+    assert kernel._image_chunks(5, 8) == [(0, 5)]
+    monkeypatch.setattr(kernel, "_MAX_GRID_Y", 2 * 8 + 3)  # two images of 8 heads per launch
+    assert kernel._image_chunks(5, 8) == [(0, 2), (2, 2), (4, 1)]
+    split = _run(ops.vit_block, x, pending, params, H, grads)
+    for i, (a, e) in enumerate(zip(split, whole)):
+        assert torch.equal(a, e), i
+
+
 @pytest.mark.parametrize("frozen", [("qkv_weight", "fc1_weight", "proj_bias"),
                                     ("fc2_weight", "fc2_bias", "fc1_bias", "proj_weight", "qkv_bias")])
 def test_frozen_weights_cost_no_gemm_and_the_rest_are_unchanged(triton_path, frozen):
