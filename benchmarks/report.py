@@ -57,9 +57,13 @@ def tables(rows, steps_only: bool = False, where: str = "benchmarks/results/") -
     steps.sort(key=lambda r: (r.get("device"), r.get("preset"), int(str(r.get("shape")).split(",")[0][2:] or 0),
                               r.get("provider")))
     if steps:
-        lines += ["Whole training step (engine vs eager baseline in the same run; `engine_graph`: the same "
-                  "step recorded once into a CUDA graph and replayed; `engine_fit_graph`: replayed as the "
-                  "trainer does by default, one graph for forward + backward and one for the optimizer):", "",
+        shown = {r.get("provider") for r in steps}
+        modes = [text for name, text in (
+            ("engine_graph", "`engine_graph`: the same step recorded once into a CUDA graph and replayed"),
+            ("engine_fit_graph", "`engine_fit_graph`: replayed as the trainer does by default, one graph for "
+                                 "forward + backward and one for the optimizer")) if name in shown]
+        lines += ["Whole training step (engine vs eager baseline in the same run" + "".join(f"; {m}" for m in modes)
+                  + "):", "",
                   "| device | model | shape | provider | dtype | img/s | baseline img/s | speedup | MFU | peak GB "
                   "| baseline peak GB | commit |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -146,6 +146,7 @@ def test_report_tables_keep_measured_gpu_rows_only():
     text = report.tables(rows)
     assert "| engine_graph |" in text and "2.00x" in text and "0.80x" in text
     assert "layer_norm_fwd" in text and "| None |" not in text
+    assert "`engine_graph`:" in text and "engine_fit_graph" not in text  # the caption names the modes shown
     assert "fake-tensors" not in text and "| compile |" not in text and "cpu-x86_64" not in text
     assert report.tables([rows[-1]]).startswith("No GPU results yet")
 
