@@ -270,7 +270,8 @@ def measure_op(name: str, device: torch.device, calls: int, reps: int, size: str
 
 def main(argv: Optional[List[str]] = None) -> int:
     from tec_fast.ops.registry import OPS
-    p = make_parser("host_overhead", __doc__.split("\n\n")[1], epilog=__doc__.split("\n\n", 2)[2])
+    parts = __doc__.split("\n\n", 3)  # the summary, why, the two tables; then the epilog
+    p = make_parser("host_overhead", "\n\n".join(parts[:3]), epilog=parts[3])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="cpu: Triton launches skipped (default); cuda: real launches, plus GPU-busy time")
     p.add_argument("--ops", default="all", help=f"comma-separated subset of {','.join(OPS)}, or all")

@@ -24,7 +24,6 @@ def vit_preset(name: str, img_size: int = 224) -> ViTConfig:
 
 
 class BaseRecipe(NamedTuple):
-    model: str        # the base's architecture (also the default for the new model)
     last_layers: int  # feature targets: mean of this many last blocks
     topk: int         # relation targets: CLS row + top-k patch rows
     tau: float        # temperature on the relation targets
@@ -32,13 +31,14 @@ class BaseRecipe(NamedTuple):
 
 
 # docs/tec.md §1 table. DINO, TEC-released and timm bases have no published recipe: "other" row.
+# The base's architecture is read from its weights, and the new model's defaults to it.
 BASE_RECIPES: Dict[str, BaseRecipe] = {
-    "mae_vit_base": BaseRecipe("vit_base_patch16", 2, 15, 1.8, "MAE ViT-B/16 (reference recipe)"),
-    "mae_vit_large": BaseRecipe("vit_large_patch16", 2, 15, 1.4, "MAE ViT-L/16 (reference recipe)"),
-    "ibot_vit_base": BaseRecipe("vit_base_patch16", 2, 9, 1.0, "iBOT ViT-B/16 teacher (reference recipe)"),
-    "dino_vit_base": BaseRecipe("vit_base_patch16", 2, 15, 1.8, "DINO ViT-B/16 (untuned 'other' defaults)"),
-    "tec": BaseRecipe("vit_base_patch16", 2, 15, 1.8, "a TEC encoder, next round (untuned 'other' defaults)"),
-    "timm": BaseRecipe("vit_base_patch16", 2, 15, 1.8, "a timm ViT state dict (untuned 'other' defaults)"),
+    "mae_vit_base": BaseRecipe(2, 15, 1.8, "MAE ViT-B/16 (reference recipe)"),
+    "mae_vit_large": BaseRecipe(2, 15, 1.4, "MAE ViT-L/16 (reference recipe)"),
+    "ibot_vit_base": BaseRecipe(2, 9, 1.0, "iBOT ViT-B/16 teacher (reference recipe)"),
+    "dino_vit_base": BaseRecipe(2, 15, 1.8, "DINO ViT-B/16 (untuned 'other' defaults)"),
+    "tec": BaseRecipe(2, 15, 1.8, "a TEC encoder, next round (untuned 'other' defaults)"),
+    "timm": BaseRecipe(2, 15, 1.8, "a timm ViT state dict (untuned 'other' defaults)"),
 }
 
 

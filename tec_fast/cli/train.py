@@ -75,6 +75,10 @@ def _model_flags(p: Parser) -> None:
     g.add_argument("--base-model", choices=list(MODEL_PRESETS), metavar="ARCH",
                    help="architecture of the base (default: read from its weights; this flag also sets "
                         "its head count, which weights do not store)")
+    g.add_argument("--base-heads", type=POSITIVE, metavar="N",
+                   help="the base's head count, for weights of no preset's size (weights do not store it; "
+                        "default: a config stored with them, else the preset of their patch, width and depth, "
+                        "else width/64 with a warning); the relation targets have a row per head")
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of the --base file if it pickles objects other than an "
                         "argparse.Namespace (it can run code from the file: only for files you trust)")
@@ -132,7 +136,7 @@ def _run_flags(p: Parser) -> None:
                    help="require the recorded steps: refuse a run that cannot have them, naming why")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--output", metavar="DIR", type=output_dir, help="checkpoints, metrics.jsonl, exported "
-                   "encoder (default: runs/<objective>, demo: runs/demo)")
+                   "encoder (default: runs/<objective>; the demo: runs/demo, --demo-make-base: runs/demo_base)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue from CKPT (or, bare, from DIR/checkpoint-last.pth; with none there, "
                         "say so and start from step 0)")
@@ -140,7 +144,8 @@ def _run_flags(p: Parser) -> None:
                    help="start afresh in an --output that holds an earlier run's checkpoints: delete its "
                         "checkpoint-*.pth, metrics.jsonl / .csv and wandb-run-id first (without it such a "
                         "folder is refused, unless --resume continues the run)")
-    g.add_argument("--save-every", type=POSITIVE, default=1, metavar="EPOCHS")
+    g.add_argument("--save-every", type=POSITIVE, default=1, metavar="EPOCHS",
+                   help="an epoch checkpoint (checkpoint-NNNN.pth) every EPOCHS epochs, and after the last")
     g.add_argument("--save-every-steps", type=POSITIVE, metavar="STEPS", help="also save checkpoint-last every STEPS")
     g.add_argument("--keep-last", type=POSITIVE, default=2, help="epoch checkpoints kept (newest)")
     g.add_argument("--keep-every", type=NON_NEGATIVE, default=20,
@@ -191,7 +196,7 @@ def build_parser() -> Parser:
                description="TEC pretraining (the reference recipe's defaults per base kind) or MAE base "
                            "pretraining. Run with no arguments for the embedded demo.",
                epilog="Base kinds and their recipe defaults (last_layers, topk, tau):\n" + "\n".join(
-                   f"  {k:14s} {r.model:18s} {r.last_layers}, {r.topk:2d}, {r.tau}   {r.note}"
+                   f"  {k:14s} {r.last_layers}, {r.topk:2d}, {r.tau}   {r.note}"
                    for k, r in BASE_RECIPES.items()))
     for add in (add_config_flags, _data_flags, _model_flags, _optim_flags, _run_flags, _demo_flags):
         add(p)

@@ -13,7 +13,7 @@ from tec_fast.presets import MODEL_PRESETS, parse_base, vit_preset
 DEMO_FLAGS = {"output", "seed", "no_progress", "demo_long", "demo_from_scratch", "demo_tiny", "demo_steps",
               "demo_make_base", "demo_base"}
 # the TEC flags MAE pretraining has no use for
-TEC_ONLY = ("base", "base_model", "trust_checkpoint", "last_layers", "topk", "tau", "no_relation", "no_input_adapter",
+TEC_ONLY = ("base", "base_model", "base_heads", "trust_checkpoint", "last_layers", "topk", "tau", "no_relation", "no_input_adapter",
             "native_resolution")
 NATIVE_ONLY = ("max_patches", "tokens_per_batch")
 
@@ -131,6 +131,9 @@ def _check_architecture(p: Parser, args):
     except ValueError:
         return  # refused above
     base = None
+    if args.base_heads and args.base_model:
+        p.refuse("--base-heads", f"--base-model {args.base_model} sets the base's head count already "
+                                 f"({MODEL_PRESETS[args.base_model][3]}); give one of the two")
     if recipe is not None:
         try:
             base = base_architecture(args)

@@ -4,6 +4,7 @@ plan. ``flags`` is the parsed ``python -m tec_fast.train`` namespace (already va
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -49,7 +50,9 @@ def _base_weights(path: str, trust: bool, keep: bool):
 
 
 def _base_heads(flags) -> Optional[int]:
-    """--base-model supplies only the base's head count (the weights tell the rest)."""
+    """--base-heads, or --base-model's head count (the weights tell the rest); None: neither."""
+    if getattr(flags, "base_heads", None):
+        return flags.base_heads
     return MODEL_PRESETS[flags.base_model][3] if flags.base_model else None  # (patch, width, depth, heads)
 
 
@@ -79,12 +82,18 @@ def base_architecture(flags):
             if str(exc).startswith("--base-model"):
                 raise
     try:
-        vit, _ = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored, **fields)
+        vit, notes = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored, **fields)
     except ValueError as exc:
         if fields["num_heads"] is not None and "num_heads" in str(exc):
-            raise ValueError(f"--base-model {flags.base_model}'s {fields['num_heads']} heads do not fit the "
-                             f"weights of {path}: {exc}") from None
+            named = (f"--base-heads {flags.base_heads}" if getattr(flags, "base_heads", None)
+                     else f"--base-model {flags.base_model}'s {fields['num_heads']}")
+            raise ValueError(f"{named} heads do not fit the weights of {path}: {exc}") from None
         raise ValueError(f"--base {path}: {exc}") from None
+    if any("guessed" in n and "num_heads" in n for n in notes):
+        warnings.warn(f"--base {path}: its weights (width {vit.embed_dim}) are of no preset's size and store no "
+                      f"head count; assuming {vit.num_heads} head{'s' if vit.num_heads != 1 else ''} (width/64). The relation targets have a row "
+                      f"per head: give --base-heads N where the base was trained with another count",
+                      stacklevel=2)
     if flags.base_model:
         _check_named_base(flags, path, vit)
     if flags.img_size % vit.patch_size:
