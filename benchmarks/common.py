@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
@@ -265,10 +266,26 @@ def time_callable(fn: Callable[[], object], device, warmup: int = 3, reps: int =
     return {"median_ms": pick(0.5), "p20_ms": pick(0.2), "p80_ms": pick(0.8), "peak_mem_gb": peak}
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> Optional[str]:
+    """The host CPU's model name (/proc/cpuinfo; ``platform.processor()`` elsewhere), None where
+    unknown: rows of one device name ('cpu-x86_64-2c') come from machines whose per-op ratios differ."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def complete_row(row: Dict, device) -> Dict:
-    """Fill in the keys every row carries (device, versions, commit, timestamp) where missing."""
+    """Fill in the keys every row carries (device, versions, commit, timestamp, the host's CPU
+    model) where missing."""
     full = {"device": device_name(device), **versions(), "commit": git_commit(),
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu_model": cpu_model()}
     full.update({k: v for k, v in row.items() if v is not None or k not in full})
     return full
 

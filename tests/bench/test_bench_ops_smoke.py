@@ -8,7 +8,7 @@ import pytest
 from benchmarks import bench_ops
 
 KEYS = {"bench", "provider", "device", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_gb",
-        "torch", "triton", "commit", "timestamp", "timing"}
+        "torch", "triton", "commit", "timestamp", "timing", "cpu_model"}
 
 
 def _rows(results_dir):
