@@ -6,9 +6,8 @@ autograd engine's gradient accumulation into the parameters, and everything else
 dispatcher, allocations, views, the ops' wrappers, the skipped Triton launches).
 
 Why: the step goal of ``host_overhead.py`` (engine <= 0.5x eager) compares two steps that run the
-same GEMMs and attention. On this CPU those kernels are not free even at these sizes (a
-[10, 48] x [48, 192] GEMM costs 10-30 us), so their time bounds how far below eager any
-implementation that calls them can go. Times are under the profiler (which adds a little per
+same GEMMs and attention. On this CPU those kernels are not free even at these sizes, so their
+time bounds how far below eager any implementation that calls them can go. Times are under the profiler (which adds a little per
 op): read the shares, not the milliseconds.
 
     python -m benchmarks.experiments.step_host_split            # 5 profiled steps each

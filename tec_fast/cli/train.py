@@ -4,7 +4,7 @@ pretraining of a first base model (``--objective mae``). No arguments: the embed
 Linear on purpose: parse (every flag checked) -> data -> the objective's builder -> ``fit`` ->
 export the encoder. The loop is ``tec_fast.training.fit``; the math is in the models.
 
-    python -m tec_fast.train                                   # the demo (6-10 min on 2 busy CPU cores)
+    python -m tec_fast.train                                   # the embedded demo
     python -m tec_fast.train --data /imagenet --base mae_vit_base:mae_pretrain_vit_base.pth \\
         --epochs 100 --batch-size 256 --output runs/tec_b16
     torchrun --nproc-per-node 8 -m tec_fast.train --data /imagenet --base ... --output ...
@@ -173,14 +173,15 @@ def _demo_flags(p: Parser) -> None:
     g = p.add_argument_group(
         "demo (no --data)", "The embedded demo starts from the MAE base shipped in the package and trains TEC "
         "and MAE-continued for the same counted FLOPs, side by side on half the cores each (fixed step counts and "
-        "thread counts: the numbers depend only on --seed; the README's runs took about 4 min on 2 CPU cores with nothing else of ours running).")
+        "thread counts set by the core count: the numbers depend on --seed and the machine, never on its load; "
+        "the README's runs took about 4 min on 2 CPU cores with nothing else of ours running).")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--demo-from-scratch", action="store_true",
-                      help="train the demo base first (its fixed recipe: 3100 MAE steps; about 20 min on 2 idle "
-                           "cores), then the same stages")
+                      help="train the demo base first (its fixed recipe: 3100 MAE steps, several times the "
+                           "demo's own training), then the same stages")
     mode.add_argument("--demo-long", action="store_true", help="old name of --demo-from-scratch")
     mode.add_argument("--demo-tiny", action="store_true",
-                      help="smoke run on 512 training images, 20 TEC steps: about 25 s on 2 idle CPU cores (CI; its "
+                      help="smoke run on 512 training images, 20 TEC steps (CI; its "
                            "numbers mean nothing)")
     mode.add_argument("--demo-make-base", action="store_true",
                       help="only make the demo base (the recipe the shipped one was made with): writes "

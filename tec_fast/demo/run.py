@@ -8,8 +8,8 @@ k-NN and a linear probe on frozen features. Prints a table, writes ``DIR/results
 
 Every stage has a fixed step count, and the two stages run side by side in two worker processes
 with half the cores each (one after the other on a single core): the thread count follows the
-machine's core count, never its load, so a busy machine only takes longer and the numbers depend on
-the seed alone. The fixed rows (pixels, random_init, base) are evaluated while the stages train.
+machine's core count, never its load, so a busy machine only takes longer and on a given machine the
+numbers depend on the seed alone. The fixed rows (pixels, random_init, base) are evaluated while the stages train.
 The demo data has no augmentation, so the base's targets are computed once per image and looked up
 (``TargetCache``); the TEC stage is charged for that forward pass.
 
