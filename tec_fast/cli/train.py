@@ -328,8 +328,9 @@ def _train(args, d, output: str) -> int:
     except TrainingInterrupted as exc:
         say(str(exc))
         return 128 + exc.signum
-    if getattr(dataset, "num_skipped", 0):
-        say(f"warning: {dataset.num_skipped} unreadable images were skipped")
+    if result.unreadable:
+        say(f"warning: {len(result.unreadable)} unreadable images were skipped, another image drawn in their "
+            f"place (first: {result.unreadable[0]}; the end record of metrics.jsonl names up to 10)")
     exported = os.path.join(output, setup.encoder_file) if d.is_main else None
     if exported:  # the weights were checked finite by fit before it returned
         save_atomic(setup.encoder_state(result.model), exported)
@@ -443,7 +444,8 @@ def summary(args, result, precision: str, world: int, exported, curves=None) -> 
         ["optimizer", result.optimizer], ["precision", precision], ["processes", world],
         ["CUDA graph", result.cuda_graph],
         ["wall time", format_duration(result.seconds)], ["throughput", f"{result.img_per_s:.1f} img/s"],
-        *[[k, f"{v:.4f}"] for k, v in result.metrics.items()],
+        *[[f"{k} (last step)", f"{v:.4f}"] for k, v in result.metrics.items()],
+        ["unreadable images", f"{len(result.unreadable)} (skipped)"],
         ["checkpoint", result.checkpoint], ["encoder", exported], ["curves", curves]], title="summary",
         align="ll")
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
@@ -106,3 +106,4 @@ class FitResult:
     lr: float                          # peak learning rate
     global_batch: int
     cuda_graph: str = ""               # whether the steps replayed from CUDA graphs and, if not, why
+    unreadable: List[str] = field(default_factory=list)  # unreadable images every process met (replaced)

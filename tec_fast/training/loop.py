@@ -25,7 +25,7 @@ optimizer step. Images per step are counted from the batches themselves (``len(b
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -181,19 +181,34 @@ def _open_log(cfg: FitConfig, d: DistInfo, start: dict) -> MetricsLog:
     return log
 
 
+def _unreadable_images(dataset: Dataset, d: DistInfo) -> List[str]:
+    """The unreadable images every process met (each was replaced by another), sorted; the
+    image dataset found under the wrappers' ``.dataset`` (GPU decode, native-resolution noise)."""
+    while not hasattr(dataset, "skipped_paths") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    paths = dataset.skipped_paths() if hasattr(dataset, "skipped_paths") else []
+    if d.enabled:  # each process reads its own share of the images
+        gathered = [None] * d.world
+        torch.distributed.all_gather_object(gathered, paths)
+        paths = [p for part in gathered for p in part]
+    return sorted(set(paths))
+
+
 def _finish(model: nn.Module, cfg: FitConfig, d: DistInfo, sched, pos, stopped: str, t_start: float,
-            meter: StepMeter, checkpoint: Optional[str], opt_name: str, graph_status: str = "") -> FitResult:
+            meter: StepMeter, checkpoint: Optional[str], opt_name: str, graph_status: str = "",
+            unreadable: Sequence[str] = ()) -> FitResult:
     if stopped == "time_limit" and d.is_main:
         print(f"[{cfg.name}] time limit ({cfg.time_limit:g} s) reached: stopped after step {pos.step} "
               f"of {sched.total_steps}", file=sys.stderr)
     seconds = time.perf_counter() - t_start
     meter.log.write({"event": "end", "stage": cfg.name, "step": pos.step, "stopped": stopped,
                      "seconds": seconds, "img_per_s": meter.img_per_s, "checkpoint": checkpoint,
-                     "cuda_graph": graph_status, **meter.metrics})
+                     "cuda_graph": graph_status, "unreadable_images": len(unreadable),
+                     "unreadable_files": list(unreadable[:10]), **meter.metrics})
     return FitResult(model=model, steps=pos.step, total_steps=sched.total_steps, epoch=pos.epoch,
                      seconds=seconds, img_per_s=meter.img_per_s, losses=meter.losses, metrics=meter.metrics,
                      stopped=stopped, checkpoint=checkpoint, optimizer=opt_name, lr=sched.peak_lr,
-                     global_batch=sched.global_batch, cuda_graph=graph_status)
+                     global_batch=sched.global_batch, cuda_graph=graph_status, unreadable=list(unreadable))
 
 
 def _check_objective(objective) -> None:
@@ -289,7 +304,20 @@ def fit(model: nn.Module, objective: Objective, dataset: Dataset, cfg: FitConfig
                     if stop_time or epoch_end:
                         break
         result = _finish(model, cfg, d, sched, pos, stopped, t_start, meter, saver.final(pos), opt_name,
-                         graphed.status if graphed is not None else graph_status)
+                         graphed.status if graphed is not None else graph_status, _unreadable_images(dataset, d))
     finally:
         meter.close()
+        _stop_workers(loader)
     return result
+
+
+def _stop_workers(loader: DataLoader) -> None:
+    """Shut the loader's persistent workers down now. They ignore SIGTERM (a group SIGTERM is the
+    main process's to handle), and multiprocessing's exit handler terminates its children with
+    SIGTERM and then joins them: after a run ended by an exception (an unreadable image under
+    --strict-data, a dataset error in a worker) the loader outlives ``fit`` in the traceback, and
+    that join waited forever."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+        loader._iterator = None

@@ -140,9 +140,11 @@ def test_mae_base_then_tec_from_it_then_export(folder, tmp_path, capsys):
         assert _run(["--base", f"mae_vit_base:{mae_enc}", "--base-model", "vit_demo_patch4", "--output", str(out),
                      *common]) == 0
     text = capsys.readouterr().out
-    assert "summary" in text and "3 / 3 (completed)" in text and "unreadable images were skipped" in text
+    assert "summary" in text and "3 / 3 (completed)" in text and "1 unreadable images were skipped" in text
+    assert "unreadable images  1 (skipped)" in text and "loss (last step)" in text
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "start" and records[-1]["event"] == "end"
+    assert records[-1]["unreadable_images"] == 1 and records[-1]["unreadable_files"][0].endswith("broken.jpg")
     assert [r["step"] for r in records if "loss" in r and "event" not in r] == [3]  # log every 20 -> last
     ck = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert ck["kind"] == "tec" and ck["base"]["topk"] == 15 and ck["base"]["tau"] == 1.8
@@ -172,6 +174,21 @@ def test_strict_data_fails_on_an_unreadable_image(folder, tmp_path, capsys):
                  "--warmup-epochs", "0", *MAE_ARCH]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unreadable image") and "broken.jpg" in err[0]
+
+
+def test_a_data_error_in_a_loader_worker_ends_the_process(folder, tmp_path):
+    """--strict-data with loader workers: the error line, then exit status 2. The persistent
+    workers ignore SIGTERM, and with the loader kept alive by the error's traceback the process
+    used to hang at exit in multiprocessing's join of them."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tec_fast.train", "--data", str(folder), "--objective", "mae", "--strict-data",
+           "--batch-size", "4", "--num-workers", "1", "--max-steps", "3", "--no-progress", "--output",
+           str(tmp_path / "run"), "--warmup-epochs", "0", *MAE_ARCH]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: unreadable image" in done.stderr and "broken.jpg" in done.stderr
 
 
 def test_bench_loader(folder, capsys):
@@ -269,3 +286,28 @@ def test_resume_of_a_finished_run_into_a_new_output_finishes_cleanly(folder, tmp
     assert f"--resume {done}: the checkpoint has already completed the schedule (step 2 of 1)" in err
     assert "error" not in err and "2 / 1 (completed)" in out
     assert not (tmp_path / "new" / "curves.png").exists()
+
+
+def test_unreadable_images_are_those_of_every_process(monkeypatch):
+    """Under torchrun each process reads its own share of the images: the run's unreadable images
+    are the union of every process's (found under the wrappers' ``.dataset``), not rank 0's alone."""
+    import types
+
+    from tec_fast.training import loop
+    from tec_fast.training.distributed import DistInfo
+
+    class Images:
+        def __init__(self, bad):
+            self.bad = bad
+
+        def skipped_paths(self):
+            return list(self.bad)
+
+    wrapped = types.SimpleNamespace(dataset=types.SimpleNamespace(dataset=Images(["b.jpg", "a.jpg"])))
+    assert loop._unreadable_images(wrapped, DistInfo()) == ["a.jpg", "b.jpg"]
+
+    def gather(out, obj):  # rank 0 met a.jpg and b.jpg, rank 1 c.jpg and a.jpg
+        out[:] = [obj, ["c.jpg", "a.jpg"]]
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    assert loop._unreadable_images(wrapped, DistInfo(world=2)) == ["a.jpg", "b.jpg", "c.jpg"]
+    assert loop._unreadable_images(types.SimpleNamespace(), DistInfo()) == []  # in-memory data
