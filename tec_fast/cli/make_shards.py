@@ -3,12 +3,14 @@
 
 Each image is stored as its file's bytes (nothing re-encoded: the pixels the trainer sees are the
 same as from the folder) with its label in ``<key>.cls``; ``OUT/classes.txt`` holds the class
-names and ``OUT/shards.json`` what was written (the pattern to pass to ``--data``, counts, bytes).
-The shards are written under temporary names and renamed once all of them are complete: a write
-that fails leaves OUT as it was. Writing into a folder that already holds shards of the same
-prefix replaces them: the ones numbered past the last shard written are removed when the write is
-complete (the command lists them), so the folder read as ``--data`` holds this write alone. OUT
-may not be inside the image folder read.
+names and ``OUT/shards.json`` what was written (the absolute pattern to pass to ``--data``,
+counts, bytes, the files skipped). A source file that cannot be read or is empty is skipped with
+a warning naming it (the summary counts them). The shards are written under temporary names and
+renamed once all of them are complete: a write that fails leaves OUT as it was. Writing into a
+folder that already holds shards of the same prefix replaces them: the ones numbered past the
+last shard written are removed when the write is complete (the command lists them), so the
+folder read as ``--data`` holds this write alone. Other prefixes in OUT share its classes.txt: a
+write whose classes differ is refused. OUT may not be inside the image folder read.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def build_parser() -> Parser:
                    help="folder for the shards (created; shards of the same prefix there are replaced: those "
                         "numbered past the last one written are removed once the write is complete)")
     p.add_argument("--prefix", default="shard", type=shard_prefix,
-                   help="shard file names: PREFIX-000000.tar, ... (default %(default)s)")
+                   help="shard file names: PREFIX-000000.tar, ... (default %(default)s); prefixes in one OUT "
+                        "share its classes.txt, so a write whose classes differ is refused")
     p.add_argument("--max-images", type=POSITIVE, default=5000, metavar="N",
                    help="images per shard at most (default %(default)s)")
     p.add_argument("--max-mb", type=POSITIVE, default=1024, metavar="MB",
@@ -117,7 +120,7 @@ def _main(argv) -> int:
     except OSError as exc:  # a file the write could not read (SRC) or write (OUT), named
         if shown[0] and live:
             print(file=sys.stderr)  # end the progress line drawn so far
-        raise OSError(f"{_argument_of(exc, images, out)}{exc.strerror or exc}"
+        raise OSError(f"{_argument_of(exc, image_root(args.src), args.out)}{exc.strerror or exc}"
                       + (f": {exc.filename!r}" if exc.filename else "")) from exc
     seconds = time.perf_counter() - t0
     if not args.no_progress:
@@ -126,25 +129,30 @@ def _main(argv) -> int:
         why = ("an earlier write's shard, numbered past the last one written" if path.endswith(".tar")
                else "an earlier write's class names; SRC has no class folders")
         print(f"removed {path} ({why})")
-    record = {"pattern": r["pattern"], "shards": len(r["shards"]), "images": r["images"], "bytes": r["bytes"],
-              "image_bytes": r["image_bytes"], "classes": len(r["classes"]), "seconds": seconds,
-              "source": os.path.abspath(args.src), "removed": r["removed"]}
+    record = {"pattern": os.path.abspath(r["pattern"]), "shards": len(r["shards"]), "images": r["images"],
+              "bytes": r["bytes"], "image_bytes": r["image_bytes"], "classes": len(r["classes"]), "seconds": seconds,
+              "source": os.path.abspath(args.src), "removed": r["removed"],
+              "skipped": {os.path.abspath(path): why for path, why in r["skipped"].items()}}
     tmp = os.path.join(args.out, "shards.json.tmp")
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
     os.replace(tmp, os.path.join(args.out, "shards.json"))
     size = f"{r['bytes'] / 2 ** 20:.1f} MB (2^20 bytes)"
-    print(table(["", ""], [["shards", record["shards"]], ["images", record["images"]],
+    skipped = f"{len(r['skipped'])}" + (f" unreadable or empty (first: {next(iter(r['skipped']))}; shards.json "
+                                        f"lists them all)" if r["skipped"] else "")
+    print(table(["", ""], [["shards", record["shards"]], ["images", record["images"]], ["skipped", skipped],
                            ["classes", record["classes"]], ["size", size],
-                           ["time", f"{seconds:.1f} s"], ["train with", f"--data '{r['pattern']}'"]],
+                           ["time", f"{seconds:.1f} s"], ["train with", f"--data '{record['pattern']}'"]],
                 title="make_shards", align="ll"))
     return 0
 
 
 def _argument_of(exc: OSError, images: str, out: str) -> str:
-    """``argument SRC: `` or ``argument OUT: `` for a file error under that folder, else nothing."""
+    """``argument SRC: `` or ``argument OUT: `` for a file error under that folder, else nothing.
+    Paths compared as written, not resolved: a link under SRC that points elsewhere is SRC's."""
     if exc.filename:
-        path = os.path.realpath(os.fsdecode(exc.filename))
+        path = os.path.abspath(os.fsdecode(exc.filename))
+        images, out = os.path.abspath(images), os.path.abspath(out)
         for name, folder in sorted((("OUT", out), ("SRC", images)), key=lambda nf: -len(nf[1])):  # innermost
             if path == folder or path.startswith(folder + os.sep):
                 return f"argument {name}: "

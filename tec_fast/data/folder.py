@@ -6,6 +6,7 @@ folders.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Optional, Tuple
 
 from tec_fast.data.dataset import ImageDataset, UnreadableImage
@@ -15,30 +16,67 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMG_EXTENSIONS", "ImageFolderDatase
            "find_samples", "random_resized_crop_box"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+# image formats (PIL reads most) that are not read: counted and named, not lost without a word
+OTHER_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jpe", ".apng", ".avif", ".heic", ".heif", ".jp2", ".j2k", ".jpx",
+                          ".pbm", ".pnm", ".dib", ".ico", ".tga", ".qoi", ".psd", ".pcx", ".sgi", ".ras")
 
 
 def _is_image_file(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
-def _list_images(folder: str) -> List[str]:
+def _is_other_image(name: str) -> bool:
+    return name.lower().endswith(OTHER_IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _list_images(folder: str, others: List[str]) -> List[str]:
+    """The images below ``folder``, following links to folders but not into one already listed
+    (a link to a folder above it would list its images again until the kernel's link limit);
+    files of ``OTHER_IMAGE_EXTENSIONS`` are added to ``others``."""
     found = []
+    st = os.stat(folder)
+    seen = {(st.st_dev, st.st_ino)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image_file(f))
+        kept = []
+        for d in sorted(dirnames):
+            st = os.stat(os.path.join(dirpath, d))
+            if (st.st_dev, st.st_ino) in seen:
+                warnings.warn(f"{os.path.join(dirpath, d)} is a link to a folder already listed: its images "
+                              f"are not listed again", RuntimeWarning)
+            else:
+                seen.add((st.st_dev, st.st_ino))
+                kept.append(d)
+        dirnames[:] = kept
+        for f in sorted(filenames):
+            if _is_image_file(f):
+                found.append(os.path.join(dirpath, f))
+            elif _is_other_image(f):
+                others.append(os.path.join(dirpath, f))
     return found
 
 
 def find_samples(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     """(samples [(path, label)], classes). Class folders (images anywhere below them) if any
-    subfolder holds images; otherwise the images directly in ``root``, label -1."""
-    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    per_class = [(c, files) for c in subdirs for files in [_list_images(os.path.join(root, c))] if files]
+    subfolder holds images; otherwise the images directly in ``root``, label -1. Warns with the
+    count and the first name of the image files not read: those beside class folders, and those
+    of an extension outside ``IMG_EXTENSIONS`` (a class folder holding only such files is no
+    class: the labels of the classes after it shift)."""
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    others: List[str] = []
+    per_class = [(e.name, files) for e in entries if e.is_dir() and not e.name.startswith(".")
+                 for files in [_list_images(e.path, others)] if files]
+    loose = [e.path for e in entries if e.is_file() and _is_image_file(e.name)]
+    others.extend(e.path for e in entries if e.is_file() and _is_other_image(e.name))
+    if others:
+        warnings.warn(f"{len(others)} files under {root} have an image extension that is not read (first: "
+                      f"{others[0]}); only {', '.join(IMG_EXTENSIONS)} are", RuntimeWarning)
     if per_class:
+        if loose:
+            warnings.warn(f"{len(loose)} images directly in {root} (first: {os.path.basename(loose[0])}) are not "
+                          f"read: beside class folders, only the images inside those are", RuntimeWarning)
         samples = [(p, label) for label, (_, files) in enumerate(per_class) for p in files]
         return samples, [c for c, _ in per_class]
-    flat = sorted(e.path for e in os.scandir(root) if e.is_file() and _is_image_file(e.name))
-    return [(p, -1) for p in flat], []
+    return [(p, -1) for p in loose], []
 
 
 def image_root(root: str) -> str:

@@ -170,21 +170,25 @@ class HFImageDataset(ImageDataset):
         f, g, r = self._where[i]
         value = self._column(f, g)[r].as_py()
         if isinstance(value, dict):
-            if not value.get("bytes") and value.get("path"):  # an Image feature that stores the path only
+            if value.get("bytes") is None and value.get("path"):  # an Image feature that stores the path only
                 return self._read_path(value["path"], f)
             value = value.get("bytes")
-        if not value:
+        if value is None:  # (b"" is an empty file, and the decoder says so)
             raise ValueError("the row holds no image bytes and no path")
         return value
 
     def _read_path(self, path: str, f: int) -> bytes:
         """A path-only image (``Dataset.to_parquet`` of images loaded from files writes these):
-        absolute, or relative to the data file's folder or the dataset folder."""
-        for candidate in (path, os.path.join(os.path.dirname(self.files[f]), path), os.path.join(self.root, path)):
+        absolute, or relative to the data file's folder or the dataset folder (never to the
+        working directory, where a file of that name would be another image)."""
+        places = [path] if os.path.isabs(path) else list(dict.fromkeys(
+            os.path.normpath(os.path.join(folder, path)) for folder in (os.path.dirname(self.files[f]), self.root)))
+        for candidate in places:
             if os.path.isfile(candidate):
                 with open(candidate, "rb") as fh:
                     return fh.read()
-        raise FileNotFoundError(f"the row's image is stored as a path only, and {path!r} does not exist")
+        raise FileNotFoundError(f"the row's image is stored as a path only, {path!r}, and there is no such file "
+                                f"({' or '.join(places)})")
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -3,7 +3,8 @@
 A shard is an uncompressed tar; the members of one sample share a key (the member path up to the
 first dot of its file name): ``000000123.jpg`` + ``000000123.cls`` (the label as decimal text).
 The image is the first member with an image extension (jpg, jpeg, png, webp, ppm, pgm, bmp, tif,
-tiff); the label comes from ``cls`` / ``cls.txt`` / ``label`` / ``label.txt`` (-1 without one).
+tiff; keys without one are left out, with a warning); the label comes from ``cls`` / ``cls.txt`` /
+``label`` / ``label.txt`` (-1 without one).
 Class names: ``classes.txt`` (one per line, label order) beside the first shard, when present.
 
 Shards are read by offset, not streamed: opening the dataset reads every tar header once (measured
@@ -82,6 +83,7 @@ def shard_paths(spec: Union[str, Sequence[str]]) -> List[str]:
             found = sorted(glob.glob(os.path.join(s, "*.tar")))
             if not found:
                 raise ValueError(f"no .tar shards in the folder {s!r}")
+            _one_write(s, found)
             paths.extend(found)
             continue
         expanded = expand_braces(s)
@@ -95,15 +97,43 @@ def shard_paths(spec: Union[str, Sequence[str]]) -> List[str]:
     return paths
 
 
+def _one_write(folder: str, found: List[str]) -> None:
+    """Refuse a folder holding the shards of several make_shards prefixes (``a-000000.tar`` and
+    ``b-000000.tar``): read whole, it would mix writes that share one ``classes.txt``."""
+    firsts = [m.group(1) for p in found if (m := re.fullmatch(r"(.+)-0{6}\.tar", os.path.basename(p)))]
+    if len(firsts) > 1:
+        patterns = []
+        for prefix in firsts:
+            last = max(int(m.group(1)) for p in found
+                       if (m := re.fullmatch(re.escape(prefix) + r"-(\d{6})\.tar", os.path.basename(p))))
+            patterns.append(repr(shard_pattern(folder, prefix, last)))
+        raise ValueError(f"the folder {folder!r} holds the shards of {len(firsts)} prefixes "
+                         f"({', '.join(firsts)}): give one of them as a pattern: {', '.join(patterns)}")
+
+
 def is_shard_spec(spec: str) -> bool:
-    """Whether ``--data`` names tar shards: a .tar path or pattern, or a folder holding only shards."""
+    """Whether ``--data`` names tar shards: a .tar path or pattern, or a folder whose ``.tar``
+    files are not beside images (a flat image folder with an archive is a folder) and whose
+    subfolders hold no images. Where they do, the folder is an image folder (ImageNet's folder
+    beside its download archives) and a warning names the .tar files it leaves unread."""
     if spec.endswith(".tar") or (_BRACE.search(spec) and ".tar" in spec):
         return True
-    if os.path.isdir(spec):  # .tar files, no subfolders, no loose images (a flat image folder with an archive)
-        entries = [e for e in os.scandir(spec) if not e.name.startswith(".")]
-        return (any(e.name.endswith(".tar") for e in entries) and not any(e.is_dir() for e in entries)
-                and not any(e.name.lower().rsplit(".", 1)[-1] in IMAGE_EXTS for e in entries))
-    return False
+    if not os.path.isdir(spec):
+        return False
+    from tec_fast.data.folder import holds_images
+
+    entries = [e for e in os.scandir(spec) if not e.name.startswith(".")]
+    tars = sorted(e.name for e in entries if e.name.endswith(".tar") and e.is_file())
+    if not tars or any(e.is_file() and e.name.lower().rsplit(".", 1)[-1] in IMAGE_EXTS for e in entries):
+        return False
+    image_dirs = sorted(e.name for e in entries if e.is_dir() and holds_images(e.path))
+    if image_dirs:
+        warnings.warn(f"{spec!r} holds folders of images ({', '.join(image_dirs[:3])}"
+                      f"{', ...' if len(image_dirs) > 3 else ''}) and {len(tars)} .tar files ({', '.join(tars[:3])}"
+                      f"{', ...' if len(tars) > 3 else ''}): read as an image folder, the .tar files left unread "
+                      f"(to read them as shards, give them by path or brace pattern)", RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 def _split_key(name: str) -> Tuple[str, str]:
@@ -134,6 +164,23 @@ def _compression(path: str) -> Optional[str]:
     return next((name for magic, name in _COMPRESSED if head.startswith(magic)), None)
 
 
+def _checksum_ok(hdr: bytes) -> bool:
+    """Whether the 512-byte ``hdr`` carries its own checksum (``tarfile.ReadError`` when its
+    checksum field is not a number)."""
+    return _tar_number(hdr[148:156]) == sum(hdr) - sum(hdr[148:156]) + 256
+
+
+def _starts_as_tar(path: str) -> bool:
+    """Whether ``path`` begins with a valid tar header: a shard damaged further on (cut inside
+    its first member), not a file that is no tar at all."""
+    with open(path, "rb") as f:
+        hdr = f.read(512)
+    try:
+        return len(hdr) == 512 and _checksum_ok(hdr)
+    except tarfile.ReadError:
+        return False
+
+
 def scan_tar(path: str):
     """Yield (member name, data offset, size, data or None) of the regular files of an uncompressed
     tar, reading only the headers (ustar, GNU long names, pax paths) and, in the same read, the data
@@ -149,14 +196,14 @@ def scan_tar(path: str):
             hdr = block[:512]
             if hdr.count(0) == 512:
                 return  # the end-of-archive blocks
-            if _tar_number(hdr[148:156]) != sum(hdr) - sum(hdr[148:156]) + 256:
+            if not _checksum_ok(hdr):
                 raise tarfile.ReadError(f"bad header checksum at byte {pos}")
             size, kind = _tar_number(hdr[124:136]), hdr[156:157]
             data = pos + 512
             nxt = data + (size + 511) // 512 * 512
             small = block[512:512 + size] if size <= 512 else None
             if kind in (b"L", b"x"):  # the next member's long name (GNU) or pax records
-                text = small if small is not None else f.read(size)
+                text = small if small is not None else os.pread(f.fileno(), size, data)
                 if kind == b"L":
                     long_name = text.split(b"\0", 1)[0]
                 else:
@@ -182,12 +229,15 @@ def scan_tar(path: str):
         raise tarfile.ReadError(f"no end-of-archive blocks: cut short at byte {end}")
 
 
-def index_shard(path: str) -> List[Tuple[str, Tuple[int, int], Optional[str]]]:
-    """[(key, (offset, size) of the image member, label text or None)] in tar order, for the keys
-    that have an image. A shard that stops parsing keeps what came before (with a warning)."""
+def _index(path: str):
+    """``index_shard``'s entries, the warning of a shard that stops parsing (or None), and the
+    keys left out for want of an image member ((count, first key, their members' extensions) or
+    None): returned, not warned, so that ``index_shards`` warns in the calling process (a pool
+    worker's warnings never reach it)."""
     found: Dict[str, Dict[str, Tuple[int, int]]] = {}
     labels: Dict[str, str] = {}
     order: List[str] = []
+    note = None
     try:
         for name, offset, size, small in scan_tar(path):
             key, ext = _split_key(name)
@@ -198,34 +248,57 @@ def index_shard(path: str) -> List[Tuple[str, Tuple[int, int], Optional[str]]]:
             if ext in LABEL_EXTS and small is not None and key not in labels:
                 labels[key] = small.decode("ascii", "replace").strip()
     except tarfile.ReadError as exc:
-        if not order:
+        if not order and not _starts_as_tar(path):
             packed = _compression(path)
             if packed:
                 raise ValueError(f"{path!r} is not a readable uncompressed tar shard (it is {packed}-compressed; "
                                  f"shards are read by offset: decompress it first)") from exc
             raise ValueError(f"{path!r} is not a readable uncompressed tar shard ({exc})") from exc
-        warnings.warn(f"tar shard {path} is unreadable after {len(order)} keys ({exc}); using those",
-                      RuntimeWarning)
-    out = []
+        note = f"tar shard {path} is unreadable after {len(order)} keys ({exc}); using those"
+    out, lost = [], []
     for key in order:
         image = next((found[key][e] for e in IMAGE_EXTS if e in found[key]), None)
         if image is not None:
             out.append((key, image, labels.get(key)))
-    return out
+        else:
+            lost.append(key)
+    exts = sorted({e or "none" for key in lost for e in found[key]})
+    return out, note, (len(lost), lost[0], exts) if lost else None
+
+
+def index_shard(path: str) -> List[Tuple[str, Tuple[int, int], Optional[str]]]:
+    """[(key, (offset, size) of the image member, label text or None)] in tar order, for the keys
+    that have an image. A shard that stops parsing keeps what came before (with a warning), and
+    so does one cut inside its first member (none kept); a file that is no tar is refused."""
+    return index_shards([path])[0]
 
 
 def index_shards(paths: List[str], processes: Optional[int] = None) -> list:
     """``index_shard`` of every path; in a pool of ``processes`` (default: one per core, at most
-    one per shard) when there are several shards: header parsing is Python, bound by one core."""
+    one per shard) when there are several shards: header parsing is Python, bound by one core.
+    Warns here for each shard that stops parsing, and once for all keys left out because no
+    member of theirs has an image extension (``IMAGE_EXTS``)."""
     processes = min(len(paths), os.cpu_count() or 1) if processes is None else processes
     if processes <= 1 or len(paths) < 2:
-        return [index_shard(p) for p in paths]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+        results = [_index(p) for p in paths]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method)) as pool:
-        return list(pool.map(index_shard, paths))
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method)) as pool:
+            results = list(pool.map(_index, paths))
+    for _, note, _ in results:
+        if note:
+            warnings.warn(note, RuntimeWarning)
+    lost = [(path, keys) for path, (_, _, keys) in zip(paths, results) if keys]
+    if lost:
+        (path, (n, key, _)), more = lost[0], sum(keys[0] for _, keys in lost[1:])
+        exts = sorted({e for _, keys in lost for e in keys[2]})
+        warnings.warn(f"tar shard {path}: {n} keys (first: {key!r}) have no member with an image extension "
+                      f"({', '.join(IMAGE_EXTS)}; theirs: {', '.join(exts)}) and are left out"
+                      + (f", and {more} more in {len(lost) - 1} other shards" if more else ""), RuntimeWarning)
+    return [entries for entries, _, _ in results]
 
 
 class TarShardDataset(ImageDataset):
@@ -306,7 +379,7 @@ def read_classes(folder: str) -> List[str]:
 
 # ------------------------------------------------------------------------------- writing
 _TAR_BLOCK, _TAR_RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE  # 512-byte blocks, 10 240-byte records
-_SHARD_NAME = re.compile(r".+-\d{6}\.tar")  # a shard of any prefix
+_SHARD_NAME = re.compile(r"(.+)-\d{6}\.tar")  # a shard of any prefix
 NOT_OURS = "is not an earlier write's (no *-NNNNNN.tar shards beside it); move it away or choose another output folder"
 
 
@@ -315,6 +388,18 @@ def foreign_classes_file(output: str) -> bool:
     so ``write_shards`` refuses it rather than replace or remove it."""
     names = os.listdir(output)
     return "classes.txt" in names and not any(_SHARD_NAME.fullmatch(n) for n in names)
+
+
+def _check_shared_classes(output: str, prefix: str, root: str, classes: List[str]) -> None:
+    """Refuse (ValueError) to write ``classes`` into ``output`` where shards of another prefix
+    are labelled by a ``classes.txt`` naming others: the one file is every prefix's there."""
+    others = sorted({m.group(1) for n in os.listdir(output) if (m := _SHARD_NAME.fullmatch(n))} - {prefix})
+    old = read_classes(output) if os.path.isfile(os.path.join(output, "classes.txt")) else classes
+    if others and old != classes:
+        there, here = (", ".join(c[:4]) + (", ..." if len(c) > 4 else "") or "none" for c in (old, classes))
+        raise ValueError(f"write_shards: {os.path.join(output, 'classes.txt')!r} names the classes of the shards "
+                         f"of prefix {', '.join(others)} there ({there}), and {root!r} has others ({here}): the "
+                         f"prefixes in a folder share its classes.txt; write prefix {prefix!r} into another folder")
 
 
 def _member_bytes(size: int) -> int:
@@ -335,15 +420,18 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
     shards ``output/prefix-NNNNNN.tar`` of at most ``max_images`` images and ``max_bytes`` bytes
     each (tar headers and padding counted; a single image larger than that gets a shard of its
     own): per image ``<key>.<ext>`` (the file's bytes, not re-encoded) and ``<key>.cls`` (its
-    label; none for a flat folder), plus ``classes.txt``. The shards are written under temporary
+    label; none for a flat folder), plus ``classes.txt``. A file that cannot be read (a broken
+    link, no permission) or is empty is skipped with a warning naming it (the trainer would skip
+    it too; the whole write is not lost over it). The shards are written under temporary
     names and renamed only once all of them are complete, so a write that fails leaves the folder
     as it was (an earlier write's shards included). After a complete write, shards of the same
     prefix numbered past the last one written (an earlier, larger write) are removed, and so is a
     ``classes.txt`` a flat folder has no use for: a folder read as ``--data`` then holds this
     write alone. A ``classes.txt`` in ``output`` beside no shards at all is not an earlier
-    write's: refused (ValueError) rather than replaced or removed. ``on_image(n_done)``:
-    progress callback. Returns {shards, pattern, images, bytes (of the shard files),
-    image_bytes, classes, removed (the paths removed)}."""
+    write's: refused (ValueError) rather than replaced or removed, and so is a write whose
+    classes differ from the ``classes.txt`` that shards of another prefix there are labelled by.
+    ``on_image(n_done)``: progress callback. Returns {shards, pattern, images, bytes (of the
+    shard files), image_bytes, classes, removed (the paths removed), skipped ({path: why})}."""
     import io
 
     from tec_fast.data.folder import IMG_EXTENSIONS, find_samples, image_root
@@ -362,11 +450,13 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
     classes_txt = os.path.join(output, "classes.txt")
     if foreign_classes_file(output):
         raise ValueError(f"write_shards: {classes_txt!r} {NOT_OURS}")
+    _check_shared_classes(output, prefix, root, classes)
     _remove_unfinished(output, prefix)
     shards: List[str] = []
     written: List[str] = []  # complete shards, still under their temporary names
     state = {"tar": None, "tmp": None, "count": 0, "bytes": 0}
     total = 0
+    skipped: Dict[str, str] = {}
 
     def close():
         if state["tar"] is not None:
@@ -381,8 +471,16 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
 
     try:
         for i, (path, label) in enumerate(samples):
-            with open(path, "rb") as f:
-                data = f.read()
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                why = "" if data else "empty file (0 bytes)"
+            except OSError as exc:  # reading the source; an error of the write itself still ends it
+                why = exc.strerror or str(exc)
+            if why:
+                skipped[path] = why
+                warnings.warn(f"skipping unreadable image {path}: {why}; not written to the shards", RuntimeWarning)
+                continue
             member = _member_bytes(len(data)) + (_member_bytes(len(str(label))) if label >= 0 else 0)
             full = state["count"] >= max_images or (
                 state["count"] > 0 and _archive_bytes(state["bytes"] + member) > max_bytes)
@@ -410,6 +508,9 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+    if not shards:
+        raise ValueError(f"write_shards: none of the {len(samples)} images in {root!r} is readable "
+                         f"(first: {samples[0][0]}: {skipped[samples[0][0]]})")
     for tmp, path in zip(written, shards):
         os.replace(tmp, path)
     removed = _remove_stale_shards(output, prefix, len(shards))
@@ -421,11 +522,15 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
     elif os.path.isfile(classes_txt):  # an earlier write's class names would label these images
         os.remove(classes_txt)
         removed.append(classes_txt)
-    last = len(shards) - 1
-    pattern = os.path.join(output, f"{prefix}-{{{0:06d}..{last:06d}}}.tar" if last > 0 else f"{prefix}-000000.tar")
-    return {"shards": shards, "pattern": pattern, "images": len(samples),
+    pattern = shard_pattern(output, prefix, len(shards) - 1)
+    return {"shards": shards, "pattern": pattern, "images": len(samples) - len(skipped),
             "bytes": sum(os.path.getsize(p) for p in shards), "image_bytes": total, "classes": classes,
-            "removed": removed}
+            "removed": removed, "skipped": skipped}
+
+
+def shard_pattern(folder: str, prefix: str, last: int) -> str:
+    """The ``--data`` pattern of ``folder/prefix-000000.tar`` .. ``prefix-<last>.tar``."""
+    return os.path.join(folder, f"{prefix}-{{{0:06d}..{last:06d}}}.tar" if last > 0 else f"{prefix}-000000.tar")
 
 
 def _remove_unfinished(output: str, prefix: str) -> None:

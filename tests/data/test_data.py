@@ -1,6 +1,7 @@
 """The demo data (determinism, shapes, balance) and image folders (transforms, bad files)."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -193,6 +194,48 @@ def test_folder_errors(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="none of the 1 images"):
             ds[0]
+
+
+def test_a_symlink_loop_lists_each_image_once(tmp_path):
+    """os.walk(followlinks=True) followed cat/again -> ../cat down to the kernel's link limit:
+    3 images listed 41 times each, silently."""
+    from tec_fast.data.folder import find_samples
+    _write_images(tmp_path / "cat", 3)
+    _write_images(tmp_path / "dog", 2)
+    os.symlink("../cat", tmp_path / "cat" / "again")
+    os.symlink("../dog", tmp_path / "cat" / "other")  # another class's folder, once: listed (the user's choice)
+    with pytest.warns(RuntimeWarning, match=r"cat/again is a link to a folder already listed") as caught:
+        samples, classes = find_samples(str(tmp_path))
+    assert len(caught) == 1 and classes == ["cat", "dog"]
+    assert [os.path.relpath(p, tmp_path) for p, _ in samples] == [
+        "cat/img0.jpg", "cat/img1.jpg", "cat/img2.jpg", "cat/other/img0.jpg", "cat/other/img1.jpg",
+        "dog/img0.jpg", "dog/img1.jpg"]
+
+
+def test_images_that_are_not_read_are_counted_and_named(tmp_path):
+    """Images beside class folders, and files of image formats outside IMG_EXTENSIONS, were left
+    out without a word (a class folder of GIFs only is no class: the later labels shift). The
+    files read stay the same."""
+    from tec_fast.data.folder import find_samples
+    _write_images(tmp_path / "cat", 3)
+    _write_images(tmp_path / "dog", 2, fmt="GIF")
+    for i in range(5):
+        (tmp_path / f"loose{i}.jpg").write_bytes((tmp_path / "cat" / "img0.jpg").read_bytes())
+    (tmp_path / "notes.txt").write_text("not an image: not counted")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples, classes = find_samples(str(tmp_path))
+    assert classes == ["cat"] and len(samples) == 3
+    assert sorted(str(w.message) for w in caught) == [
+        f"2 files under {tmp_path} have an image extension that is not read (first: {tmp_path}/dog/img0.gif); "
+        "only .jpg, .jpeg, .png, .ppm, .pgm, .bmp, .tif, .tiff, .webp are",
+        f"5 images directly in {tmp_path} (first: loose0.jpg) are not read: beside class folders, only the "
+        "images inside those are"]
+    flat = tmp_path / "cat"
+    (flat / "x.jfif").write_bytes(b"")
+    with pytest.warns(RuntimeWarning, match=r"1 files under .*cat have an image extension that is not read "
+                                            r"\(first: .*x\.jfif\)"):
+        assert len(find_samples(str(flat))[0]) == 3
 
 
 def _filled(mode, value, size=(6, 4)):

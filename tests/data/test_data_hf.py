@@ -103,3 +103,28 @@ def test_path_only_rows_read_the_file(root, tmp_path):
                    str(tmp_path / "pq" / "train.parquet"))
     with pytest.raises(Exception, match="gone.jpg"):
         HFImageDataset(str(tmp_path / "pq"), img_size=16, strict=True)[0]
+
+
+def test_path_only_rows_are_not_read_from_the_working_directory(root, tmp_path, monkeypatch):
+    """A relative path was tried against the working directory first: a file of that name there
+    was read as the row's image. And an empty image (bytes b"") was reported as a path-only row
+    whose path does not exist, not as the empty file it is."""
+    import pyarrow.parquet as pq
+
+    from tec_fast.data.folder import UnreadableImage, find_samples
+    (first, _), (second, _) = find_samples(root)[0][:2]
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "pq" / "photo.jpg").write_bytes(open(first, "rb").read())
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "photo.jpg").write_bytes(open(second, "rb").read())  # another image, same name
+    monkeypatch.chdir(tmp_path / "cwd")
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": None, "path": "photo.jpg"}, {"bytes": b"", "path": "gone.jpg"},
+            {"bytes": None, "path": "gone.jpg"}]
+    pq.write_table(pa.table({"image": pa.array(rows, type=image_type)}), str(tmp_path / "pq" / "train.parquet"))
+    ds = HFImageDataset(str(tmp_path / "pq"), img_size=16, train=False, strict=True)
+    assert ds._read(0) == open(first, "rb").read()
+    with pytest.raises(UnreadableImage, match=r"train\.parquet\[1\]: ValueError: empty file \(0 bytes\)"):
+        ds[1]
+    with pytest.raises(UnreadableImage, match=r"path only, 'gone.jpg', and there is no such file \(\S*/pq/gone.jpg\)"):
+        ds[2]

@@ -94,7 +94,8 @@ def test_corrupt_members_skipped_and_counted(made, tmp_path):
     _tar(tmp_path / "a.tar", [("k0.jpg", good[0]), ("k0.cls", b"1"), ("k1.jpg", b"garbage"), ("k1.cls", b"0"),
                               ("k2.jpg", good[1][: len(good[1]) // 2]), ("k3.jpg", good[2]), ("k3.cls", b"1"),
                               ("notes.txt", b"no image here")])
-    ds = TarShardDataset(str(tmp_path / "a.tar"), img_size=8, train=False)
+    with pytest.warns(RuntimeWarning, match=r"a\.tar: 1 keys \(first: 'notes'\) have no member with an image"):
+        ds = TarShardDataset(str(tmp_path / "a.tar"), img_size=8, train=False)
     assert len(ds) == 4 and ds.targets == [1, 0, -1, 1] and ds.classes == []
     with pytest.warns(RuntimeWarning) as caught:
         x, label = ds[1]
@@ -104,10 +105,10 @@ def test_corrupt_members_skipped_and_counted(made, tmp_path):
         warnings.simplefilter("error")  # known bad members are not decoded or warned about again
         assert ds[2][1] == 1
     assert ds.num_skipped == 2 and sorted(ds.skipped_paths()) == [f"{tmp_path}/a.tar:k1", f"{tmp_path}/a.tar:k2"]
-    loader = torch.utils.data.DataLoader(TarShardDataset(str(tmp_path / "a.tar"), img_size=8), batch_size=2,
-                                         num_workers=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        loader = torch.utils.data.DataLoader(TarShardDataset(str(tmp_path / "a.tar"), img_size=8), batch_size=2,
+                                             num_workers=2)
         assert sum(len(b[0]) for b in loader) == 4
     assert loader.dataset.num_skipped == 2  # counted in the workers, seen here
 
@@ -270,3 +271,104 @@ def test_a_brace_pattern_is_counted_before_it_is_expanded():
     with pytest.raises(ValueError, match="expands to 1000000000 names"):  # the groups multiply
         expand_braces("d/{0..999999}-{0..999}.tar")
     assert time.perf_counter() - t < 1.0
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_headers_over_one_block_are_read_whole(tmp_path, fmt):
+    """A GNU long name or a pax record block of more than 512 bytes (deep paths; GNU tar
+    --format=pax --xattrs) was read from 512 bytes past its start: the members lost their names,
+    and a shard of such names gave no sample, without a word."""
+    import io
+
+    from tec_fast.data.shards import index_shard, scan_tar
+    path = tmp_path / "t.tar"
+    deep = "/".join(["e" * 100] * 6)  # a name of more than 512 bytes
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for i in range(3):
+            for ext, data in (("jpg", bytes(700)), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{deep}/{i:03d}.{ext}")
+                info.size = len(data)
+                # pax: the path record alone, after 600 bytes of another record, or before them
+                info.pax_headers = [{}, {"comment": "x" * 600}, {"path": info.name, "comment": "x" * 600}][i]
+                tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tf:
+        ref = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    assert [g[:3] for g in scan_tar(str(path))] == ref
+    assert [(key, label) for key, _, label in index_shard(str(path))] == [(f"{deep}/{i:03d}", "1") for i in range(3)]
+
+
+def _copy_shards(info, folder):
+    os.makedirs(folder)
+    for p in info["shards"]:
+        os.link(p, os.path.join(folder, os.path.basename(p)))
+    return str(folder)
+
+
+def test_keys_without_an_image_member_are_named(made, tmp_path):
+    """Keys whose members have no image extension (``000.input.jpg``, a GIF) were left out
+    without a word; the warning also reaches the caller when a pool of processes reads the
+    headers (a worker's own warnings did not)."""
+    _, _, info = made
+    folder = _copy_shards(info, tmp_path / "sh")
+    jpg = tarfile.open(info["shards"][0]).extractfile("000000000.jpg").read()
+    _tar(os.path.join(folder, "x-1.tar"), [(f"{i:03d}.{ext}", data) for i in range(4)
+                                           for ext, data in (("input.jpg", jpg), ("cls", b"1"))])
+    _tar(os.path.join(folder, "x-2.tar"), [("a.gif", b"GIF89a"), ("b.gif", b"GIF89a")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = TarShardDataset(folder, img_size=8, processes=2)
+    assert len(ds) == 14  # the four shards written from the folder
+    assert [str(w.message) for w in caught] == [
+        f"tar shard {folder}/x-1.tar: 4 keys (first: '000') have no member with an image extension (jpg, jpeg, "
+        "png, webp, ppm, pgm, bmp, tif, tiff; theirs: cls, gif, input.jpg) and are left out, and 2 more in 1 "
+        "other shards"]
+
+
+def test_a_shard_cut_inside_its_first_member_keeps_the_others(made, tmp_path):
+    """A shard cut inside its first member refused the whole shard set (as a file that is no tar
+    does); it now loses its own members only, with a warning naming it."""
+    _, _, info = made
+    folder = tmp_path / "cut"
+    _copy_shards(info, folder)
+    last = info["shards"][-1]
+    first = tarfile.open(last).getmembers()[0]
+    cut = folder / os.path.basename(last)
+    data = open(last, "rb").read()[: first.offset_data + first.size // 2]
+    cut.unlink()
+    cut.write_bytes(data)
+    with pytest.warns(RuntimeWarning, match=rf"tar shard {cut} is unreadable after 0 keys \(member "
+                                            rf"'{first.name}' is cut short\)"):
+        ds = TarShardDataset(str(folder), img_size=8, processes=2)
+    assert len(ds) == 12  # 4 + 4 + 4, the cut shard's 2 lost
+    with pytest.raises(ValueError, match="no images"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        TarShardDataset(str(cut), img_size=8)  # nothing left: refused all the same
+
+
+def test_a_shard_folder_with_subfolders(made, tmp_path):
+    """Any subfolder made a folder of shards an image folder: its .tar files went unread (an
+    empty logs/ folder: 'no images'). Beside a folder of images (ImageNet's folders beside its
+    download archives) it is an image folder, and a warning names the .tar files left unread."""
+    _, _, info = made
+    folder = _copy_shards(info, tmp_path / "sh")
+    os.makedirs(os.path.join(folder, "logs", "old"))
+    assert data_kind(folder) == "shards" and len(open_dataset(folder, img_size=8)) == 14
+    write_folder(os.path.join(folder, "val"), n=1)
+    with pytest.warns(RuntimeWarning, match=r"sh' holds folders of images \(val\) and 4 \.tar files \(shard-000000"
+                                            r"\.tar, shard-000001\.tar, shard-000002\.tar, \.\.\.\): read as an image "
+                                            r"folder, the \.tar files left unread"):
+        assert data_kind(folder) == "folder"
+
+
+def test_a_folder_of_several_prefixes_is_refused_as_data(made, tmp_path):
+    """Two make_shards prefixes in one folder were read as one data set; the folder is refused,
+    naming each prefix's pattern."""
+    root, _, _ = made
+    out = str(tmp_path / "out")
+    write_shards(os.path.dirname(root), out, prefix="a", max_images=5)
+    write_shards(os.path.dirname(root), out, prefix="b", max_images=14)
+    with pytest.raises(ValueError, match=rf"the folder '{out}' holds the shards of 2 prefixes \(a, b\): give one of "
+                                         rf"them as a pattern: '{out}/a-\{{000000\.\.000002\}}\.tar', "
+                                         rf"'{out}/b-000000\.tar'"):
+        shard_paths(out)
+    assert len(TarShardDataset(os.path.join(out, "a-{000000..000002}.tar"), img_size=8)) == 14

@@ -1,7 +1,8 @@
 """make_shards into a folder that already holds shards: the stale ones are removed (a folder read
-as --data holds one write); compressed or non-tar files named in one message; the command's
---prefix refusal and its progress line; its errors name SRC or OUT (an empty SRC, an OUT that
-cannot be made, a file error under either)."""
+as --data holds one write), a prefix whose classes differ from the shared classes.txt refused;
+compressed or non-tar files named in one message; the command's --prefix refusal and its
+progress line; its errors name SRC or OUT (an empty SRC, an OUT that cannot be made, a file
+error under either); unreadable and empty source files skipped and listed."""
 from __future__ import annotations
 
 import gzip
@@ -26,6 +27,7 @@ def test_rewrite_with_fewer_shards_removes_the_stale_ones(tmp_path):
     assert len(again["shards"]) == 1
     assert again["removed"] == [str(out / "shard-000001.tar"), str(out / "shard-000002.tar")]
     assert sorted(os.listdir(out)) == ["classes.txt", "other-000005.tar", "shard-000000.tar"]
+    (out / "other-000005.tar").unlink()  # (its labels would keep the names: test_prefixes_share_one_class_list)
     flat = tmp_path / "flat"
     flat.mkdir()
     for name in os.listdir(os.path.join(root, "cat")):
@@ -74,10 +76,13 @@ def test_a_failed_rewrite_leaves_the_earlier_shards(tmp_path):
     out = tmp_path / "out"
     write_shards(root, str(out), max_images=2)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    broken = write_folder(tmp_path / "broken", n=6, seed=1)
-    os.symlink(str(tmp_path / "gone.jpg"), os.path.join(broken, "cat", "img99.jpg"))  # dangling: open fails
+    other = write_folder(tmp_path / "other", n=6, seed=1)
+
+    def disk_full(done):
+        if done == 3:
+            raise OSError(28, "No space left on device")
     with pytest.raises(OSError):
-        write_shards(broken, str(out), max_images=2)
+        write_shards(other, str(out), max_images=2, on_image=disk_full)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     (out / "shard-000007.tar.tmp").write_bytes(b"a killed write's")  # cleaned by the next write
     write_shards(root, str(out), max_images=2)
@@ -166,8 +171,9 @@ def test_make_shards_names_the_folder_of_a_file_error(tmp_path, capsys, monkeypa
     from tec_fast.data import shards
     root = write_folder(tmp_path / "src", n=2)
     out = tmp_path / "out"
-    for folder, name in ((os.path.join(root, "cat"), "SRC"), (str(out), "OUT")):
-        path = os.path.join(folder, "x.jpg")
+    link = os.path.join(root, "cat", "link.jpg")
+    os.symlink("/nonexistent/x.jpg", link)  # SRC's, though it points elsewhere (its resolved path is not)
+    for path, name in ((os.path.join(root, "cat", "x.jpg"), "SRC"), (link, "SRC"), (str(out / "x.tar"), "OUT")):
 
         def failing(*a, path=path, **k):
             raise PermissionError(13, "Permission denied", path)
@@ -175,3 +181,58 @@ def test_make_shards_names_the_folder_of_a_file_error(tmp_path, capsys, monkeypa
         assert make_shards.main([root, str(out), "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"error: argument {name}: Permission denied: {path!r}", err
+
+
+def test_make_shards_skips_unreadable_files(tmp_path, capsys, monkeypatch):
+    """One file that cannot be read (a broken link, no permission) ended the whole write, which
+    has no resume, where the trainer skips the file; an empty file was copied as a sample. Both
+    are skipped with a warning naming them, counted in the summary and listed in shards.json,
+    whose pattern is absolute (it was relative to the working directory)."""
+    from tec_fast.cli.make_shards import main
+    write_folder(tmp_path / "src", n=4)
+    os.symlink("/nonexistent/x.jpg", tmp_path / "src" / "cat" / "broken.jpg")
+    (tmp_path / "src" / "dog" / "empty.jpg").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert main(["src", "out", "--no-progress"]) == 0
+    assert [str(w.message) for w in caught] == [
+        "skipping unreadable image src/cat/broken.jpg: No such file or directory; not written to the shards",
+        "skipping unreadable image src/dog/empty.jpg: empty file (0 bytes); not written to the shards"]
+    record = json.loads((tmp_path / "out" / "shards.json").read_text())
+    assert record["images"] == 4 and record["pattern"] == str(tmp_path / "out" / "shard-000000.tar")
+    assert record["skipped"] == {str(tmp_path / "src" / "cat" / "broken.jpg"): "No such file or directory",
+                                 str(tmp_path / "src" / "dog" / "empty.jpg"): "empty file (0 bytes)"}
+    out = capsys.readouterr().out
+    assert "skipped     2 unreadable or empty (first: src/cat/broken.jpg; shards.json lists them all)" in out
+    assert f"--data '{tmp_path / 'out' / 'shard-000000.tar'}'" in out
+    assert len(TarShardDataset("out", img_size=8)) == 4
+    for p in (tmp_path / "src").glob("*/img*.jpg"):
+        p.write_bytes(b"")
+    with pytest.warns(RuntimeWarning):
+        assert main(["src", "out", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: write_shards: none of the 6 images in 'src' is readable (first: src/cat/broken.jpg")
+    assert len(TarShardDataset("out", img_size=8)) == 4  # the earlier write is left as it was
+
+
+def test_prefixes_share_one_class_list(tmp_path, capsys):
+    """A second --prefix in the same OUT replaced the classes.txt that named the first one's
+    labels (cat, dog read as bird); a write whose classes differ is refused, naming the file."""
+    from tec_fast.cli.make_shards import main
+    pets = write_folder(tmp_path / "pets", n=4)
+    birds = write_folder(tmp_path / "birds", n=2, classes=("bird",))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.jpg").write_bytes(open(os.path.join(pets, "cat", "img00.jpg"), "rb").read())
+    out = tmp_path / "out"
+    assert main([pets, str(out), "--prefix", "a", "--no-progress"]) == 0
+    capsys.readouterr()
+    for src, theirs in ((birds, "bird"), (str(flat), "none")):
+        assert main([src, str(out), "--prefix", "b", "--no-progress"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: write_shards: '{out}/classes.txt' names the classes of the shards of prefix a there (cat, dog), "
+            f"and '{src}' has others ({theirs}): the prefixes in a folder share its classes.txt; write prefix 'b' "
+            f"into another folder\n")
+    assert (out / "classes.txt").read_text() == "cat\ndog\n" and not list(out.glob("b-*"))
+    assert main([pets, str(out), "--prefix", "b", "--no-progress"]) == 0  # the same classes: welcome
+    assert main([birds, str(out), "--prefix", "a", "--no-progress"]) == 2  # b's labels would be renamed
