@@ -214,6 +214,28 @@ def hf_vit_to_timm(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def is_protocol_checkpoint(obj: dict) -> bool:
+    """A checkpoint of ``eval --protocol linprobe / finetune``: its model is ``encoder.*`` and a
+    classifier, and it records the encoder's config (``encoder_config``)."""
+    return "protocol" in obj and isinstance(obj.get("encoder_config"), dict)
+
+
+def protocol_encoder(obj: dict, state: Dict[str, torch.Tensor], report: LoadReport) -> Dict[str, torch.Tensor]:
+    """The encoder weights of a protocol checkpoint's model (``state``) in timm names: ``encoder.*``
+    with the prefix dropped, and a fine-tuned global pool's ``fc_norm.*`` (the final norm, which
+    the fine-tuning moved out of the encoder); the classifier (``head``, ``bn``) goes to
+    ``report.ignored``. The architecture is the recorded ``encoder_config`` (``infer.stored_vit``)."""
+    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ValueError(f"checkpoint {report.source} records --protocol {obj['protocol']!r} but its model holds "
+                         f"no encoder.* weights; its keys start with {sorted(state)[:8]} (damaged checkpoint?)")
+    encoder.update((k, v) for k, v in state.items() if k.startswith("fc_norm."))
+    report.ignored += [k for k in state if not k.startswith(("encoder.", "fc_norm."))]
+    report.notes.append(f"the encoder (encoder.*) of an eval --protocol {obj['protocol']} checkpoint, with the "
+                        f"encoder_config it records")
+    return encoder
+
+
 @dataclass
 class BaseWeights:
     """A base model's weights read from any supported source, in timm names: ``state``;
@@ -226,17 +248,23 @@ class BaseWeights:
     report: LoadReport
 
 
-def read_base_weights(src: Union[PathOrState, BaseWeights], trust: bool = False) -> BaseWeights:
+def read_base_weights(src: Union[PathOrState, BaseWeights], trust: bool = False,
+                      source: Optional[str] = None) -> BaseWeights:
     """Read a base checkpoint and bring it to timm's layout: teacher / model / state_dict picked,
     ``module.`` / ``backbone.`` / ``_orig_mod.`` stripped; Hugging Face names mapped; DINOv2's
     ``register_tokens`` turned into timm's no-embed-class layout (the CLS position folded into
     ``cls_token``, as timm's converter does); a distilled DeiT's ``dist_token`` a register token;
-    a raw TEC checkpoint's ``cls_token_mlp`` folded."""
+    a raw TEC checkpoint's ``cls_token_mlp`` folded; an ``eval --protocol`` checkpoint's encoder
+    taken out of its classifier (``protocol_encoder``). ``source``: the name errors and the report
+    give ``src`` (default: its path, or ``<dict>``; a caller that read the file itself passes the path)."""
     if isinstance(src, BaseWeights):
         return src
-    report = LoadReport(source=os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<dict>")
+    report = LoadReport(source=source if source is not None else
+                        os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<dict>")
     obj = read_checkpoint(src, trust=trust)
     state = _strip_prefixes(_pick_state(obj, prefer_teacher=True, report=report))
+    if is_protocol_checkpoint(obj):
+        state = protocol_encoder(obj, state, report)
     hf_config = obj.get("hf_config") or {}
     if any(k.startswith("vit.embeddings.") for k in state):  # ViTForImageClassification, ViTMAEForPreTraining
         state = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in state.items()}

@@ -26,7 +26,8 @@ def count_blocks(state: Dict[str, torch.Tensor], prefix: str = "blocks.") -> int
 
 def stored_vit(obj, source: str = "checkpoint") -> Optional[dict]:
     """A ViT config saved inside a checkpoint: any nested dict (or argparse Namespace) holding
-    img_size/patch_size/embed_dim/depth/num_heads, searched under 'config', 'vit', 'args'.
+    img_size/patch_size/embed_dim/depth/num_heads, searched under 'config', 'vit', 'args',
+    'model_config', 'encoder_config' (an ``eval --protocol`` checkpoint's encoder).
     One whose values no ViTConfig takes (a record damaged by hand) is a ValueError naming
     ``source`` (the file) and where it is stored."""
     def search(node, depth, where):
@@ -43,7 +44,7 @@ def stored_vit(obj, source: str = "checkpoint") -> Optional[dict]:
                     return found
         return None
 
-    for key in ("config", "vit", "args", "model_config"):
+    for key in ("config", "vit", "args", "model_config", "encoder_config"):
         if isinstance(obj, dict) and key in obj:
             found = search(obj[key], 0, key)
             if found:

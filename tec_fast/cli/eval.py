@@ -31,7 +31,7 @@ from typing import Tuple
 import torch
 
 from tec_fast.checkpoint import nonfinite_keys
-from tec_fast.checkpoint.infer import infer_vit, stored_vit
+from tec_fast.checkpoint.infer import infer_vit
 from tec_fast.cli.config import write_text_atomic
 from tec_fast.cli.errors import run_command
 from tec_fast.cli.flags import (NON_NEGATIVE, POSITIVE, SEED, Parser, device, existing_dir, given, output_dir,
@@ -90,7 +90,9 @@ def build_parser() -> Parser:
     data = p.add_argument_group("data")
     data.add_argument("--data", default="demo",
                       help="'demo' or a folder with train/ and val/ class folders")
-    data.add_argument("--seed", type=SEED, default=0, help="demo data seed; subset seed for folders")
+    data.add_argument("--seed", type=SEED, default=0,
+                      help="demo data seed; subset seed for folders; in the protocols also the training seed "
+                           "(head init, augmentation, data order)")
     data.add_argument("--n-train", type=POSITIVE, help="use a (class-balanced for demo) subset of train")
     data.add_argument("--n-test", type=POSITIVE, help="use a subset of test/val")
     data.add_argument("--workers", type=NON_NEGATIVE, default=min(8, os.cpu_count() or 1),
@@ -119,7 +121,8 @@ def build_parser() -> Parser:
     _protocol_flags(p)
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", type=output_file, help="write the results as JSON here")
-    out.add_argument("--quiet", action="store_true", help="no progress display")
+    out.add_argument("--quiet", action="store_true",
+                     help="no progress display (the load report and warnings are still printed)")
     return p
 
 
@@ -228,16 +231,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resolve_vit(args, obj: dict, state: dict) -> Tuple[ViTConfig, str]:
+def resolve_vit(args, stored, state: dict) -> Tuple[ViTConfig, str]:
+    """The architecture from the flags, else ``stored`` (a config recorded in the checkpoint),
+    else the weights ``state`` (timm names); a ValueError names an --img-size off its patch grid."""
     if args.model:  # the image size, unless given, from the weights' position embedding
         try:
             held = infer_vit(state)[0].get("img_size")
         except ValueError:
             held = None
-        fields = vit_preset(args.model, args.img_size or held or 224).to_dict()
+        patch = MODEL_PRESETS[args.model][0]  # built on its grid: --img-size is checked below, with --patch-size
+        fields = {**vit_preset(args.model, patch).to_dict(), "img_size": args.img_size or held or 224}
         source = f"preset {args.model}"
     else:
-        stored = stored_vit(obj, args.checkpoint)
         if stored:
             fields, source = dict(stored), "config stored in the checkpoint"
         else:
@@ -248,7 +253,14 @@ def resolve_vit(args, obj: dict, state: dict) -> Tuple[ViTConfig, str]:
         if value is not None:
             fields[name] = value
     fields.setdefault("img_size", 224)
+    _refuse_img_size_off_the_grid(args, fields.get("patch_size"), source)
     return ViTConfig(**fields), source
+
+
+def _refuse_img_size_off_the_grid(args, patch, source: str) -> None:
+    if args.img_size is not None and patch and args.img_size % patch:
+        raise ValueError(f"argument --img-size: {args.img_size} is not a multiple of the encoder's patch size "
+                         f"{patch} ({source}); use a multiple of {patch}")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -302,6 +314,13 @@ def _class_difference(train: list, val: list) -> str:
     return "; ".join(parts) or "the same names in another order"
 
 
+def class_names(ds) -> list:
+    """The class names of ``ds`` (an image dataset, the demo set, or a Subset of one), by label;
+    [] where it has none. What counts the classes: the labels read may miss some."""
+    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    return list(getattr(base, "classes", None) or [])
+
+
 def skipped_files(ds) -> list:
     """The unreadable files met in ``ds`` (an image dataset or a Subset of one), in index order;
     [] for in-memory data."""
@@ -325,10 +344,11 @@ def _skipped_note(data: dict, train_replaced: bool = False) -> str:
 
 # ---------------------------------------------------------------------------------- display
 class _Progress:
-    """One self-overwriting line on a terminal; a line every ~25% otherwise."""
+    """One self-overwriting line on a terminal; a line every ~25% otherwise. ``what``: the work
+    the line counts images of (feature extraction, a protocol's scoring of the test split)."""
 
-    def __init__(self, quiet: bool):
-        self.quiet, self.tty = quiet, sys.stderr.isatty()
+    def __init__(self, quiet: bool, what: str = "features"):
+        self.quiet, self.what, self.tty = quiet, what, sys.stderr.isatty()
         self.start, self.last_quarter = {}, {}
 
     def __call__(self, split: str, done: int, total: int) -> None:
@@ -336,7 +356,7 @@ class _Progress:
             return
         t0 = self.start.setdefault(split, time.perf_counter())
         rate = done / max(time.perf_counter() - t0, 1e-9)
-        line = f"features {split:5s} {done:>7d}/{total} images  {rate:8.0f} img/s"
+        line = f"{self.what} {split:5s} {done:>7d}/{total} images  {rate:8.0f} img/s"
         if done == 0:
             return
         if self.tty:
@@ -356,10 +376,14 @@ def _table(rows) -> str:
 
 
 # ------------------------------------------------------------------------------------- main
-def load_encoder(args):
+def load_encoder(args, show: bool = True):
     """(BaseModel on args.device, its ViTConfig, where the architecture came from, load report).
     Without architecture flags the architecture is read from the checkpoint (any supported file or
-    folder, ``BaseModel.from_checkpoint``). Weights holding NaN or inf are refused (ValueError)."""
+    folder, ``BaseModel.from_checkpoint``). Weights holding NaN or inf are refused (ValueError);
+    an error that names neither the file nor a flag is given the file's name. ``show``: print
+    the architecture, the load report and the load's warnings (not ``--quiet``'s business: they
+    say what was evaluated; only the other processes of a torchrun run keep them to themselves)."""
+    from tec_fast.checkpoint import read_base_weights
     from tec_fast.models.base import BaseModel
 
     explicit = args.model or any(getattr(args, n) is not None
@@ -367,25 +391,29 @@ def load_encoder(args):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            weights = read_base_weights(args.checkpoint, trust=args.trust_checkpoint)
+            _refuse_heads_the_checkpoint_contradicts(args, weights.stored)
             if explicit:
-                base, vit_source = _load_with_flags(args)
+                base, vit_source = _load_with_flags(args, weights)
             else:
-                from tec_fast.checkpoint import read_base_weights
-                weights = read_base_weights(args.checkpoint, trust=args.trust_checkpoint)
-                _refuse_heads_the_checkpoint_contradicts(args, weights.stored)
+                patch = weights.state.get("patch_embed.proj.weight")
+                _refuse_img_size_off_the_grid(args, patch.shape[-1] if patch is not None else None,
+                                              "read from the weights")
                 base = BaseModel.from_checkpoint(weights, img_size=args.img_size, num_heads=args.num_heads)
                 notes = [n for n in base.load_report.notes if "num_heads" in n or "config" in n]
                 vit_source = "read from the checkpoint" + (f" ({'; '.join(notes)})" if notes else "")
         except ValueError as exc:  # a head count the width does not divide: say which flag set it
             if args.num_heads is not None and "num_heads" in str(exc) and "--num-heads" not in str(exc):
                 raise ValueError(f"--num-heads {args.num_heads}: {exc}") from None
+            if args.checkpoint not in str(exc) and not str(exc).startswith(("argument ", "--")):
+                raise ValueError(f"{args.checkpoint}: {exc}") from None
             raise
     bad = nonfinite_keys(base.state_dict())
     if bad:
         raise ValueError(f"{args.checkpoint}: {len(bad)} weights hold NaN or inf values ({', '.join(bad[:3])}); "
                          f"features from them would be meaningless")
     report = base.load_report
-    if not args.quiet:
+    if show:
         print(f"encoder: {base.config.to_dict()} ({vit_source})", file=sys.stderr)
         print(f"load: {report.summary()}", file=sys.stderr)
         for w in caught:
@@ -394,17 +422,15 @@ def load_encoder(args):
     return base.to(args.device), base.config, vit_source, report
 
 
-def _load_with_flags(args):
-    from tec_fast.checkpoint import read_checkpoint, read_state_dict
+def _load_with_flags(args, weights):
+    """(BaseModel, where the architecture came from) for ``weights`` (``read_base_weights``'
+    reading of the checkpoint) with architecture flags, which must agree with the weights."""
     from tec_fast.models.base import BaseModel
 
-    obj = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-    state = read_state_dict(obj)
-    _refuse_heads_the_checkpoint_contradicts(args, stored_vit(obj, args.checkpoint))
-    vit, vit_source = resolve_vit(args, obj, state)
-    _refuse_flags_the_weights_contradict(args, vit, state)
+    vit, vit_source = resolve_vit(args, weights.stored, weights.state)
+    _refuse_flags_the_weights_contradict(args, vit, weights.state)
     base = BaseModel(vit, topk=None)
-    base.load_report = base.load_checkpoint(obj)
+    base.load_report = base.load_checkpoint(weights)
     return base, vit_source
 
 
@@ -476,13 +502,18 @@ def main(argv=None) -> dict:
 
     rows = [(f"{os.path.basename(args.checkpoint)} ({args.pool}-pooled)", {"knn": knn, "linear": linear})]
     skipped = {split: skipped_files(ds) for split, ds in (("train", train), ("test", test))}
+    classes = class_names(train)
+    unseen = sorted(set(range(len(classes))) - set(feats[0][1].tolist()))
     result = {"checkpoint": os.path.abspath(args.checkpoint), "knn": knn, "linear": linear,
               "vit": vit.to_dict(), "vit_source": vit_source, "pool": args.pool,
               "k": min(args.k, len(tr_y)), "k_requested": args.k,  # knn_accuracy cuts k to the training set
               "probe_dim": args.probe_dim, "load_report": report.summary(),
               # the images read: an unreadable one is left out, not replaced
               "data": {"name": data_name, "train": len(tr_y), "test": len(te_y),
-                       "classes": int(tr_y.max()) + 1,
+                       "classes": len(classes),
+                       # no training image read: the probes can never predict them
+                       "classes_without_train_images": [classes[c] for c in unseen],
+                       "test_images_of_those_classes": int(sum((feats[1][1] == c).sum() for c in unseen)),
                        "skipped": {split: len(paths) for split, paths in skipped.items()},
                        "skipped_files": {split: paths[:SHOWN_SKIPPED] for split, paths in skipped.items()}},
               "device": str(args.device)}
@@ -507,6 +538,12 @@ def report_results(args, result: dict, rows) -> None:
     note = _skipped_note(data)
     if note:
         print(note)
+    unseen, n = data["classes_without_train_images"], data["test_images_of_those_classes"]
+    if unseen:
+        one = len(unseen) == 1
+        print(f"warning: class{'' if one else 'es'} {', '.join(unseen)} {'has' if one else 'have'} no readable "
+              f"training image: k-NN and the probe never predict {'it' if one else 'them'}, so "
+              f"{n} test image{' counts' if n == 1 else 's count'} as wrong")
     print(_table(rows))
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
@@ -545,8 +582,7 @@ def _run_protocol(args, d, output: str) -> dict:
         clean_stale_temp_files(output, say)
     if args.resume is None and (d.is_main or not args.overwrite):
         fresh_output(output, args.overwrite, say)  # another run's checkpoints: refused, or deleted by rank 0
-    quiet_args = argparse.Namespace(**{**vars(args), "quiet": args.quiet or not d.is_main})
-    base, vit, vit_source, report = load_encoder(quiet_args)
+    base, vit, vit_source, report = load_encoder(args, show=d.is_main)
     train, test, data_name, workers = build_data(args, vit.img_size, drop_train=False)
     r = recipe(args.protocol, **{k: getattr(args, k) for k in RECIPE_FIELDS if hasattr(args, k)})
     mean, std, num_classes = _data_stats(train)
@@ -559,9 +595,11 @@ def _run_protocol(args, d, output: str) -> dict:
                    log_every=args.log_every, save_every_steps=args.save_every_steps, max_steps=args.max_steps,
                    time_limit=args.time_limit, resume=args.resume, wandb=args.wandb, progress=not args.quiet,
                    device=args.device)
+    progress = _Progress(args.quiet or not d.is_main, "top-1")
     try:
         result = run_protocol(args.protocol, base, train, test, num_classes, r, mean, std, options,
-                              eval_batch=min(r.batch_size, 256))
+                              eval_batch=min(r.batch_size, 256),
+                              test_progress=lambda done, n: progress("test", done, n))
     except NonFiniteTraining as exc:
         raise SystemExit(f"error: {exc}") from None
     except TrainingInterrupted as exc:
@@ -603,7 +641,7 @@ def _data_stats(train):
 
     ds = train.dataset if isinstance(train, torch.utils.data.Subset) else train
     mean, std = getattr(ds, "mean", IMAGENET_MEAN), getattr(ds, "std", IMAGENET_STD)
-    classes = getattr(ds, "classes", None)
+    classes = class_names(ds)
     if classes:
         return tuple(mean), tuple(std), len(classes)
     labels = getattr(ds, "labels", None)

@@ -14,16 +14,21 @@ checkpoints (``checkpoint-*.pth``) and the official TEC pretraining checkpoints.
 training checkpoint (``--objective mae``, or any with MAE's decoder) exports its encoder with
 ``--format timm`` in the MAE release layout instead (``{'model': encoder}``, what ``--base
 mae_vit_*:OUT`` reads; a flat state dict for a ``.safetensors`` OUT); ``timm-avg`` and ``hf``
-are written as for TEC. Weights holding NaN or inf are refused.
+are written as for TEC. A checkpoint of ``eval --protocol linprobe / finetune`` exports its
+(fine-tuned) encoder, as its recorded ``encoder_config`` describes it; a fine-tuning with MAE's
+global pool moved the final LayerNorm out of the encoder (``fc_norm``, applied to the mean of the
+patch tokens), which only ``--format timm-avg`` holds. Weights holding NaN or inf are refused.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import warnings
 from typing import Optional, Tuple
 
 from tec_fast.checkpoint import nonfinite_keys
+from tec_fast.checkpoint.formats import is_protocol_checkpoint
 from tec_fast.checkpoint.infer import infer_tec_config, infer_vit
 from tec_fast.cli.errors import one_line, run_command
 from tec_fast.cli.flags import POSITIVE, Parser, existing_file, output_file, same_file
@@ -146,6 +151,8 @@ def export(ckpt_path: str, out_path: str, model: Optional[str] = None, img_size:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     ck = read_checkpoint(ckpt_path, trust=trust)
+    if is_protocol_checkpoint(ck):
+        return _export_protocol(ck, ckpt_path, out_path, model, img_size, num_heads, fmt)
     state = _training_state(ck, ckpt_path)
     if ck.get("kind") == "mae" or (TEC_DECODER_KEY not in state and MAE_DECODER_KEY in state):
         return _export_mae(ck, state, ckpt_path, out_path, model, img_size, num_heads, fmt)
@@ -201,19 +208,44 @@ def _export_mae(ck: dict, state: dict, path: str, out_path: str, model: Optional
     return dict(info, encoder=vit.to_dict(), source=source)
 
 
-def stored_config(ck: dict, path: str, build):
-    """``build(ck['model_config'])``: the model config the engine's checkpoints record. A record
-    damaged by hand (not a mapping, a field missing or unknown, a value out of range) is a
-    ValueError naming the file and ``model_config``, not the dataclass's TypeError."""
-    record = ck["model_config"]
+def _export_protocol(ck: dict, path: str, out_path: str, model: Optional[str], img_size: Optional[int],
+                     num_heads: Optional[int], fmt: str) -> dict:
+    """``export`` of an ``eval --protocol`` checkpoint: its encoder (``encoder.*``, and a fine-tuned
+    global pool's ``fc_norm``), built as the recorded ``encoder_config`` and loaded as a base model
+    is (shapes, missing keys and non-finite weights refused); the classifier is left out."""
+    from tec_fast.checkpoint import load_base_checkpoint, read_base_weights, read_state_dict
+    from tec_fast.config import ViTConfig
+    from tec_fast.models.base import BaseModel
+
+    vit = stored_config(ck, path, ViTConfig.from_dict, key="encoder_config")
+    _check_stored_encoder(vit, path, model, img_size, num_heads)
+    if fmt != "timm-avg" and "fc_norm.weight" in read_state_dict(ck):
+        raise ValueError(f"{path}: this --protocol {ck['protocol']} run's final LayerNorm (fc_norm) normalises the "
+                         f"mean of the patch tokens (MAE's global pool), which --format {fmt} has no place for (its "
+                         f"final norm acts on each token): use --format timm-avg (timm's vit_*(global_pool='avg'))")
+    base = BaseModel(vit, topk=None)
+    with warnings.catch_warnings():  # its list of the keys left out: said below, as the output's layout
+        warnings.filterwarnings("ignore", message="BaseModel.load_checkpoint")
+        report = load_base_checkpoint(base, read_base_weights(ck, source=path))
+    left = sorted({k.split(".")[0] + ".*" for k in report.ignored + report.unexpected})
+    info = _write(base, vit, out_path, fmt)
+    info["layout"] += f" (the encoder of an eval --protocol {ck['protocol']} run; left out: {', '.join(left)})"
+    return dict(info, encoder=vit.to_dict(), source="the encoder_config stored in the checkpoint")
+
+
+def stored_config(ck: dict, path: str, build, key: str = "model_config"):
+    """``build(ck[key])``: the model config the engine's checkpoints record. A record damaged by
+    hand (not a mapping, a field missing or unknown, a value out of range) is a ValueError naming
+    the file and ``key``, not the dataclass's TypeError."""
+    record = ck[key]
     if not isinstance(record, dict):
-        raise ValueError(f"{path}: its model_config is a {type(record).__name__}, not a mapping of "
+        raise ValueError(f"{path}: its {key} is a {type(record).__name__}, not a mapping of "
                          f"config fields (damaged checkpoint?)")
     try:
         return build(record)
     except (ValueError, TypeError, KeyError) as exc:
         why = f"field {exc} is missing" if isinstance(exc, KeyError) else one_line(exc)
-        raise ValueError(f"{path}: its model_config does not describe a model: {why} (damaged "
+        raise ValueError(f"{path}: its {key} does not describe a model: {why} (damaged "
                          f"checkpoint?)") from None
 
 
@@ -239,14 +271,17 @@ def _write(model, vit, out_path: str, fmt: str) -> dict:
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="python -m tec_fast.export", description=__doc__.split("\n\n")[0],
-               epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    text = __doc__.replace("``", "")  # the docstring's markup is not for a terminal
+    p = Parser(prog="python -m tec_fast.export", description=text.split("\n\n")[0],
+               epilog=text.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CKPT", type=existing_file,
-                   help="engine checkpoint or official TEC checkpoint-N.pth")
+                   help="engine checkpoint (train, or eval --protocol) or official TEC checkpoint-N.pth")
     p.add_argument("out", metavar="OUT",
                    help="where to write the encoder: a file (.pth, or .safetensors), or a folder for --format hf")
     p.add_argument("--format", choices=FORMATS, default="timm",
-                   help="timm: timm ViT state dict (vit_*(num_classes=0), strict); timm-avg: the same for "
+                   help="timm: timm ViT state dict (vit_*(num_classes=0), strict; of an MAE training "
+                        "checkpoint: MAE's release layout {'model': encoder}, for --base mae_vit_*:OUT or "
+                        "load_state_dict(torch.load(OUT)['model'])); timm-avg: the same for "
                         "global_pool='avg' models (final norm named fc_norm, MAE's fine-tuning layout); "
                         "hf: a transformers ViTModel folder (from_pretrained). Default %(default)s")
     p.add_argument("--model", choices=list(MODEL_PRESETS), default=None, metavar="ARCH",

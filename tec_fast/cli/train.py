@@ -104,15 +104,20 @@ def _model_flags(p: Parser) -> None:
 
 def _optim_flags(p: Parser) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=POSITIVE, default=100)
+    g.add_argument("--epochs", type=POSITIVE, default=100,
+                   help="passes over the data: the schedule length (unless --max-steps)")
     g.add_argument("--max-steps", type=POSITIVE, help="optimizer steps; overrides --epochs as the schedule length")
     g.add_argument("--batch-size", type=POSITIVE, default=64, help="per process and micro-step")
     g.add_argument("--accum", type=POSITIVE, default=1, help="gradient accumulation micro-steps")
     g.add_argument("--blr", type=real(0, lo_open=True), default=1.5e-4, help="lr = blr * global batch / 256")
     g.add_argument("--lr", type=real(0, lo_open=True), help="absolute peak lr (instead of --blr)")
-    g.add_argument("--min-lr", type=real(0), default=0.0)
-    g.add_argument("--warmup-epochs", type=real(0), default=40.0)
-    g.add_argument("--weight-decay", type=real(0), default=0.05)
+    g.add_argument("--min-lr", type=real(0), default=0.0,
+                   help="lr at the end of the half cosine that follows the warmup (at most the peak lr)")
+    g.add_argument("--warmup-epochs", type=real(0), default=40.0,
+                   help="linear warmup from 0 to the peak lr; one not shorter than the schedule is cut to "
+                        "its first 10%% (with a warning)")
+    g.add_argument("--weight-decay", type=real(0), default=0.05,
+                   help="AdamW's decoupled weight decay (not on biases and other 1-D weights: norms)")
     g.add_argument("--clip-grad", type=real(0, lo_open=True),
                    help="max gradient norm, > 0 (off by default, as the reference)")
     g.add_argument("--optimizer", choices=("torch", "apex"), default="torch",
@@ -230,8 +235,9 @@ def run_config(args) -> str:
     the demo's flags; with it, everything but the demo's and this invocation's (resume, bench-loader)."""
     from tec_fast.cli.train_checks import DEMO_FLAGS
 
-    header = (f"python -m tec_fast.train --config {CONFIG_FILE} runs this again "
-              f"(flags given on the command line override these values)")
+    header = (f"python -m tec_fast.train --config {CONFIG_FILE} --resume continues this run; --overwrite "
+              f"instead of --resume runs it again from step 0 (its --output holds this run's checkpoints: "
+              f"without either flag it is refused). Flags given on the command line override these values")
     if args.data is None:
         return resolved_config(build_parser(), args, keep=DEMO_FLAGS | {"data"}, header=header)
     return resolved_config(build_parser(), args, header=header,

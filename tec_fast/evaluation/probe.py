@@ -55,6 +55,14 @@ def _check_pair(train_f, train_y, test_f, test_y):
     return train_f, train_y, test_f, test_y
 
 
+def split_folder(dataset) -> str:
+    """`` under 'ROOT'`` for an image dataset (or a Subset of one), '' for in-memory data: which
+    split a message is about."""
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    root = getattr(base, "root", None)
+    return f" under {root!r}" if root else ""
+
+
 @torch.no_grad()
 def extract_features(base_model, dataset, batch_size: int = 256, pool: str = "mean",
                      num_workers: int = 0, progress: Optional[Progress] = None
@@ -85,7 +93,8 @@ def extract_features(base_model, dataset, batch_size: int = 256, pool: str = "me
         if progress is not None:
             progress(done, total)
     if not feats:
-        raise ValueError(f"extract_features: none of the {total} images is readable")
+        raise ValueError(f"none of the {total} images{split_folder(dataset)} is readable: no features to "
+                         f"evaluate")
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tec_fast.evaluation.augment import Augmented, MixupCutmix, RandAugment, TrainTransform
 from tec_fast.evaluation.finetune import FinetuneModel, layer_decay_optimizer
 from tec_fast.evaluation.linprobe import LinearProbeModel, lars_optimizer
+from tec_fast.evaluation.probe import Progress, split_folder
 
 PROTOCOLS = ("linprobe", "finetune")
 
@@ -142,17 +143,27 @@ def build_training(protocol: str, num_classes: int, r: Recipe, mean: Sequence[fl
 
 @torch.no_grad()
 def top1(model: nn.Module, dataset, batch_size: int = 256, num_workers: int = 0, amp_dtype=None) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` (in eval mode): ``top1_counts``' ratio."""
+    """Top-1 accuracy of ``model`` on ``dataset`` (in eval mode): ``top1_counts``' ratio;
+    ValueError when no image of it is readable (a 0% would be no measurement)."""
     correct, seen = top1_counts(model, dataset, batch_size, num_workers, amp_dtype)
-    return correct / max(seen, 1)
+    _refuse_nothing_seen(seen, dataset)
+    return correct / seen
+
+
+def _refuse_nothing_seen(seen: int, dataset, after: str = "") -> None:
+    """ValueError naming the test split's folder when none of its images was read."""
+    if seen == 0:
+        raise ValueError(f"none of the {len(dataset)} test images{split_folder(dataset)} is readable: no "
+                         f"top-1 to report{after}")
 
 
 @torch.no_grad()
 def top1_counts(model: nn.Module, dataset, batch_size: int = 256, num_workers: int = 0,
-                amp_dtype=None) -> Tuple[int, int]:
+                amp_dtype=None, progress: Optional[Progress] = None) -> Tuple[int, int]:
     """(correct, seen) of ``model`` on ``dataset`` (in eval mode). Items that are ``None`` (the
     unreadable images of a ``drop_unreadable`` dataset) are not seen: they count in neither.
-    Under torchrun each process takes every world-th image and the counts are summed."""
+    Under torchrun each process takes every world-th image and the counts are summed.
+    ``progress(done, total)``: this process's images read so far, after every batch."""
     from tec_fast.data.dataset import collate_readable
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -163,7 +174,13 @@ def top1_counts(model: nn.Module, dataset, batch_size: int = 256, num_workers: i
     was_training = model.training
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
+    done, total = 0, len(part)
+    if progress is not None:
+        progress(0, total)
     for batch in loader:
+        done = min(done + batch_size, total)  # images read, the unreadable ones included
+        if progress is not None:
+            progress(done, total)
         if batch is None:
             continue
         images, labels = batch
@@ -179,11 +196,13 @@ def top1_counts(model: nn.Module, dataset, batch_size: int = 256, num_workers: i
 
 
 def run_protocol(protocol: str, encoder: nn.Module, train_ds, test_ds, num_classes: int, r: Recipe,
-                 mean: Sequence[float], std: Sequence[float], fit_options: dict, eval_batch: int = 256) -> dict:
+                 mean: Sequence[float], std: Sequence[float], fit_options: dict, eval_batch: int = 256,
+                 test_progress: Optional[Progress] = None) -> dict:
     """Train the protocol's model with ``fit`` and measure top-1 on ``test_ds``. ``fit_options``:
-    ``FitConfig`` fields other than the recipe's (output_dir, seed, precision, resume, ...).
+    ``FitConfig`` fields other than the recipe's (output_dir, seed, precision, resume, ...);
+    ``test_progress(done, total)``: called while the test split is scored.
     Returns the result record (plain data; ``test_images``: the test images read, unreadable ones
-    of a ``drop_unreadable`` test set left out)."""
+    of a ``drop_unreadable`` test set left out). ValueError when none of them is readable."""
     from tec_fast.training import FitConfig, fit, setup_distributed
 
     d = setup_distributed(fit_options.get("device"))
@@ -210,8 +229,9 @@ def run_protocol(protocol: str, encoder: nn.Module, train_ds, test_ds, num_class
     result = fit(model, objective, Augmented(train_ds, transform), cfg, make_optimizer=make_optimizer,
                  checkpoint_extra=extra)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    correct, seen = top1_counts(result.model, test_ds, eval_batch, cfg.num_workers, amp)
-    accuracy = correct / max(seen, 1)
+    correct, seen = top1_counts(result.model, test_ds, eval_batch, cfg.num_workers, amp, progress=test_progress)
+    _refuse_nothing_seen(seen, test_ds, f" (the trained model is in {result.checkpoint})" if result.checkpoint else "")
+    accuracy = correct / seen
     return {"protocol": protocol, "top1": accuracy, "steps": result.steps, "total_steps": result.total_steps,
             "stopped": result.stopped, "epoch": result.epoch, "global_batch": result.global_batch,
             "peak_lr": result.lr, "optimizer": result.optimizer, "seconds": round(time.perf_counter() - t0, 1),

@@ -3,6 +3,7 @@ checked that its parameters are finite (so no NaN or inf ever reaches disk), and
 from such a checkpoint."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import warnings
@@ -85,9 +86,10 @@ def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo,
 def check_same_setup(ck: dict, extra: dict, path: str) -> None:
     """What a checkpoint records about the models around the trained one, against this run's
     ``checkpoint_extra``: TEC's ``base`` (kind, path, architecture, target recipe) and a protocol's
-    ``encoder_config`` / ``encoder_source`` (the encoder it fine-tunes). Another architecture is
-    refused (ValueError naming both); another base file or kind, or target recipe, is allowed with
-    a warning naming what differs (checkpoint -> now), as a changed schedule is."""
+    ``encoder_config`` / ``encoder_source`` (the encoder it trains on). Another architecture is
+    refused (ValueError naming both); so is a protocol's other encoder file, since the resume loads
+    the checkpoint's encoder weights, not the new file's. Another base file or kind, or target
+    recipe, is allowed with a warning naming what differs (checkpoint -> now), as a changed schedule is."""
     def differences(old: dict, new: dict, keys) -> list:
         return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -110,9 +112,20 @@ def check_same_setup(ck: dict, extra: dict, path: str) -> None:
         raise ValueError(f"--resume {path}: the checkpoint fine-tunes an encoder of another architecture "
                          f"({'; '.join(differences(old, new, {**old, **new}))}; checkpoint -> now)")
     old, new = ck.get("encoder_source"), extra.get("encoder_source")
-    if old is not None and new is not None and old != new:
-        warnings.warn(f"resuming with a different encoder: the checkpoint fine-tunes {old}, this run was given "
-                      f"{new}", RuntimeWarning)
+    if old is not None and new is not None and not _same_file(old, new):
+        raise ValueError(f"--resume {path}: the checkpoint's run evaluates the encoder {old}, this run was given "
+                         f"{new} (the resume would go on with the first one's weights and file the result under "
+                         f"the second): resume with {old}, or evaluate {new} in another --output")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two recorded paths name one file (the same path, or links to one file)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is gone: the paths alone tell
+        return False
 
 
 def restore(ck: Optional[dict], model: nn.Module, optimizer, scaler, sched: Schedule, cfg: FitConfig,

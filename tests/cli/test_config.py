@@ -146,3 +146,16 @@ def test_config_values_unit(tmp_path):
     assert config_values(p, {"resume": True}, "f") == {"resume": "auto"}  # true: the bare flag
     args = p.parse_args(["--seed", "9"])
     assert "seed: 9" in resolved_config(p, args, keep={"seed"}).splitlines()
+
+
+def test_the_header_and_the_schedule_flags_say_what_they_do(tmp_path, data):
+    """config.yaml's header names what a rerun in the same --output needs; --help explains the
+    schedule flags, the warmup's cut to 10% included."""
+    args = T.parse_args(["--data", data, "--base", f"mae_vit_base:{tmp_path / 'base.pth'}", "--model",
+                         "vit_demo_patch4", "--img-size", "32"])
+    header = T.run_config(args).splitlines()[0]
+    assert "--config config.yaml --resume continues this run" in header and "--overwrite" in header
+    text = " ".join(T.build_parser().format_help().split())
+    for expect in ("--epochs EPOCHS passes over the data", "--min-lr MIN_LR lr at the end of the half cosine",
+                   "cut to its first 10% (with a warning)", "--weight-decay WEIGHT_DECAY AdamW's decoupled"):
+        assert expect in text, expect

@@ -40,6 +40,7 @@ def test_cli_on_demo_subset(mae_ckpt, tmp_path):
     for row in (res, res["pixels"]):
         assert 0.0 <= row["knn"] <= 1.0 and 0.0 <= row["linear"] <= 1.0
     assert res["data"] == {"name": "demo (seed 0)", "train": 100, "test": 50, "classes": 10,
+                           "classes_without_train_images": [], "test_images_of_those_classes": 0,
                            "skipped": {"train": 0, "test": 0}, "skipped_files": {"train": [], "test": []}}
     assert res["vit"]["embed_dim"] == 32 and res["vit"]["num_heads"] == 2
     assert res["vit"]["patch_size"] == 8 and res["vit"]["img_size"] == 32  # inferred from weights
@@ -54,6 +55,7 @@ def test_help_lists_the_options(capsys):
     text = capsys.readouterr().out
     for flag in ("--data", "--model", "--embed-dim", "--json", "--pool", "--k"):
         assert flag in text
+    assert "in the protocols also the training seed" in " ".join(text.split())  # --seed
 
 
 def test_stored_config_and_encoder_only_layout(tmp_path):
@@ -102,7 +104,8 @@ def test_errors(tmp_path, mae_ckpt):
         main([str(path), "--num-heads", "2", "--quiet"])
     proc = subprocess.run([sys.executable, "-m", "tec_fast.eval", str(path), "--num-heads", "2", "--quiet"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --data demo: the demo images are 32x32")
+    last = proc.stderr.strip().splitlines()[-1]  # after the encoder and load lines, which --quiet keeps
+    assert proc.returncode == 2 and last.startswith("error: --data demo: the demo images are 32x32")
     with pytest.raises(ValueError, match=r"^--num-heads 3: .*num_heads \(3\)"):  # 32 wide: 3 heads cannot split it
         main([str(path), "--num-heads", "3", "--quiet"])
     proc = subprocess.run([sys.executable, "-m", "tec_fast.eval", str(tmp_path / "nope.pth")],
@@ -161,3 +164,52 @@ def test_num_heads_contradicting_the_stored_config_is_refused(tmp_path, capsys):
         assert cli([str(path), "--num-heads", "4", "--n-train", "20", "--n-test", "10", "--quiet", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {path} records num_heads=2, which --num-heads 4 contradicts; leave --num-heads out"]
+
+
+def test_quiet_hides_the_progress_only(mae_ckpt, tmp_path, capsys):
+    """The load report's unexpected keys and resampled position embedding say what was evaluated."""
+    ck = torch.load(mae_ckpt, weights_only=True)
+    ck["model"]["some_unknown.weight"] = torch.zeros(3)
+    torch.save(ck, tmp_path / "extra.pth")
+    main([str(tmp_path / "extra.pth"), "--num-heads", "2", "--img-size", "48", "--data", str(_rgb_folder(tmp_path)),
+          "--workers", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert "unexpected: some_unknown.weight" in err and "pos_embed resampled from a 4x4 to a 6x6 grid" in err
+    assert "features train" not in err
+
+
+def _rgb_folder(tmp_path):
+    from conftest import write_class_folders
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        write_class_folders(tmp_path / "data" / split, ("a", "b"), 2, (40, 48), rng)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("flags,patch,source", [([], 8, "read from the weights"),
+                                                (["--patch-size", "8"], 8, "inferred from the weights"),
+                                                (["--model", "vit_demo_patch4"], 4, "preset vit_demo_patch4")])
+def test_an_img_size_off_the_patch_grid_names_the_flag(mae_ckpt, capsys, flags, patch, source):
+    from tec_fast.cli.eval import cli
+    assert cli([str(mae_ckpt), "--img-size", "30", "--quiet", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: argument --img-size: 30 is not a multiple of the encoder's patch size {patch} "
+                          f"({source}") and "\n" not in err, err
+
+
+def test_load_errors_name_the_checkpoint_file(mae_ckpt, tmp_path, capsys):
+    from tec_fast.cli.eval import cli
+    ck = torch.load(mae_ckpt, weights_only=True)
+    del ck["model"]["patch_embed.proj.weight"]
+    torch.save(ck, tmp_path / "nopatch.pth")
+    assert cli([str(tmp_path / "nopatch.pth"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'nopatch.pth'}: cannot infer the architecture: "
+                                               "no patch_embed.proj.weight in the checkpoint; pass --model or "
+                                               "--embed-dim/--depth/--num-heads/--patch-size")
+    # with architecture flags the file is read by path too: its name, not '<dict>'
+    ck = torch.load(mae_ckpt, weights_only=True)
+    ck["model"]["blocks.0.ls1.gamma"] = torch.ones(32)  # LayerScale in block 0 only: block 1's is missing
+    torch.save(ck, tmp_path / "ls.pth")
+    assert cli([str(tmp_path / "ls.pth"), "--patch-size", "8", "--num-heads", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: checkpoint {tmp_path / 'ls.pth'} lacks base-model keys"), err

@@ -61,7 +61,7 @@ def test_strict_data_stops_at_the_unreadable_file(tmp_path, ckpt, capsys):
     data = _folder(tmp_path / "data")
     (data / "val" / "blue" / "7.jpg").write_bytes(b"")
     assert cli([ckpt, "--num-heads", "2", "--data", str(data), "--workers", "0", "--quiet", "--strict-data"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the encoder and load lines
     assert err.startswith("error: unreadable image ") and "7.jpg" in err and "empty file" in err
     with pytest.raises(SystemExit) as info:
         main([ckpt, "--num-heads", "2", "--quiet", "--strict-data"])  # the demo: nothing to read
@@ -94,3 +94,31 @@ def test_protocol_top1_leaves_unreadable_items_out():
     assert top1_counts(model, Items(), batch_size=2) == (3, 3)
     Items.labels = [1, 1, None, 1]
     assert top1_counts(model, Items(), batch_size=3) == (2, 3) and top1(model, Items(), batch_size=3) == 2 / 3
+
+
+def test_a_split_with_no_readable_image_names_its_folder(tmp_path, ckpt, capsys):
+    data = _folder(tmp_path / "data", n=1)
+    for name in ("blue", "red"):
+        (data / "val" / name / "0.jpg").write_bytes(b"")
+    assert cli([ckpt, "--num-heads", "2", "--data", str(data), "--workers", "0", "--quiet"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"error: none of the 2 images under {str(data / 'val')!r} is readable: no features to evaluate"
+
+
+def test_a_class_with_no_readable_training_image_is_counted_and_named(tmp_path, ckpt, capsys):
+    """Its test images can never be predicted: the summary and the JSON say so, and it counts as a class."""
+    data = _folder(tmp_path / "data", classes=("blue", "red", "zebra"), n=2)
+    for f in (data / "train" / "zebra").iterdir():
+        f.write_bytes(b"")
+    out = tmp_path / "r.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = main([ckpt, "--num-heads", "2", "--data", str(data), "--workers", "0", "--quiet", "--json", str(out)])
+    assert res["data"]["classes"] == 3 and res["data"]["train"] == 4 and res["data"]["test"] == 6
+    assert res["data"]["classes_without_train_images"] == ["zebra"]
+    assert res["data"]["test_images_of_those_classes"] == 2
+    assert json.loads(out.read_text())["data"] == res["data"]
+    text = capsys.readouterr().out
+    assert "4 train / 6 test images, 3 classes" in text
+    assert ("warning: class zebra has no readable training image: k-NN and the probe never predict it, so 2 test "
+            "images count as wrong") in text

@@ -290,3 +290,12 @@ def test_a_damaged_model_config_is_one_error_line_naming_the_file(tmp_path, ckpt
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {bad}: its model_config") and needle in err[0], err
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_help_names_the_mae_layout_of_format_timm(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "of an MAE training checkpoint: MAE's release layout {'model': encoder}" in " ".join(text.split())
+    assert "``" not in text  # the docstring's markup

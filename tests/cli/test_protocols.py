@@ -285,3 +285,105 @@ def test_resume_of_a_finished_finetune_into_a_new_output_scores_it(ckpt, tmp_pat
     assert f"--resume {done}: the checkpoint has already completed the schedule (step 2 of 1)" in \
         capsys.readouterr().err
     assert json.loads((tmp_path / "new" / "results.json").read_text())["top1"] == res["top1"]
+
+
+def test_resume_with_another_encoder_file_is_refused(ckpt, tmp_path, capsys):
+    """The resume goes on with the encoder weights of its checkpoint: given another encoder file,
+    results.json would file one encoder's top-1 under the other's name."""
+    from tec_fast.cli.eval import cli
+    other = tmp_path / "other.pth"
+    torch.manual_seed(1)
+    torch.save({"model": BaseModel(VIT, topk=None).state_dict()}, other)
+    out = tmp_path / "lp"
+    common = ["--protocol", "linprobe", *TINY, "--warmup-epochs", "0", "--workers", "0", "--output", str(out)]
+    assert cli([str(ckpt), *common, "--epochs", "1"]) == 0
+    first = (out / "results.json").read_text()
+    capsys.readouterr()
+    assert cli([str(other), *common, "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the encoder and load lines
+    assert err.startswith("error: --resume "), err
+    assert f"evaluates the encoder {ckpt}, this run was given {other}" in err
+    assert f"resume with {ckpt}, or evaluate {other} in another --output" in err
+    assert (out / "results.json").read_text() == first
+    assert torch.load(out / "checkpoint-last.pth", weights_only=False)["encoder_source"] == str(ckpt)
+
+
+def test_a_test_split_with_no_readable_image_is_an_error(ckpt, tmp_path, capsys):
+    """Not a top-1 of 0.00%: an error naming the split's folder, and no results.json."""
+    from tec_fast.cli.eval import cli
+    write_class_folders(tmp_path / "data" / "train", ("cat", "dog"), 4, (40, 48), np.random.default_rng(0))
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        (tmp_path / "data" / "val" / name / "a.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    assert cli([str(ckpt), "--num-heads", "2", "--data", str(tmp_path / "data"), "--protocol", "linprobe",
+                "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--quiet",
+                "--output", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    val = str(tmp_path / "data" / "val")
+    assert last.startswith(f"error: none of the 2 test images under {val!r} is readable: no top-1 to report "
+                           f"(the trained model is in {out}"), last
+    assert not (out / "results.json").exists() and (out / "checkpoint-last.pth").is_file()
+
+
+def test_a_protocol_shows_progress_while_it_scores_the_test_split(ckpt, tmp_path, capsys):
+    main([str(ckpt), "--protocol", "linprobe", *[a for a in TINY if a != "--quiet"], "--epochs", "1",
+          "--warmup-epochs", "0", "--workers", "0", "--output", str(tmp_path / "lp")])
+    err = capsys.readouterr().err
+    assert "top-1 test       32/32 images" in err, err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def protocol_checkpoints(ckpt, tmp_path_factory):
+    """{protocol: checkpoint-last.pth} of a linear probe (CLS pool) and a fine-tuning (global
+    pool: the encoder's final norm replaced by fc_norm), one step each."""
+    out = tmp_path_factory.mktemp("protocols")
+    for protocol in ("linprobe", "finetune"):
+        main([str(ckpt), "--protocol", protocol, *TINY, "--max-steps", "1", "--warmup-epochs", "0",
+              "--workers", "0", "--output", str(out / protocol)])
+    return {p: out / p / "checkpoint-last.pth" for p in ("linprobe", "finetune")}
+
+
+def test_a_protocol_checkpoint_reads_as_an_encoder(protocol_checkpoints):
+    """eval, train --base (both read_base_weights) and BaseModel.from_checkpoint take its
+    encoder.* (and a fine-tuning's fc_norm as the final norm) with the encoder_config it records."""
+    from tec_fast.checkpoint import read_base_weights
+    for protocol, path in protocol_checkpoints.items():
+        ck = torch.load(path, weights_only=False)
+        weights = read_base_weights(str(path))
+        assert weights.stored == ck["encoder_config"]
+        assert sorted(weights.report.ignored) == sorted(k for k in ck["model"] if k.startswith(("head.", "bn.")))
+        base = BaseModel.from_checkpoint(str(path))
+        assert base.config.to_dict() == ck["encoder_config"]
+        for key, value in base.state_dict().items():
+            stored = "fc_norm" + key[len("norm"):] if key.startswith("norm.") and protocol == "finetune" \
+                else "encoder." + key
+            torch.testing.assert_close(value, ck["model"][stored], rtol=0, atol=0, msg=key)
+        res = main([str(path), "--n-train", "64", "--n-test", "32", "--quiet"])
+        assert res["load_report"].startswith(f"loaded {len(base.state_dict())} tensors from {path}")
+        assert f"eval --protocol {protocol} checkpoint" in res["load_report"]
+        # with architecture flags: the same reading, the file named (not '<dict>')
+        res = main([str(path), "--patch-size", "8", "--n-train", "64", "--n-test", "32", "--quiet"])
+        assert res["load_report"].startswith(f"loaded {len(base.state_dict())} tensors from {path}")
+
+
+def test_a_protocol_checkpoint_exports_its_encoder(protocol_checkpoints, tmp_path, capsys):
+    from tec_fast.cli.export import main as export
+    ck = torch.load(protocol_checkpoints["linprobe"], weights_only=False)
+    assert export([str(protocol_checkpoints["linprobe"]), str(tmp_path / "lp.pth")]) == 0
+    assert "eval --protocol linprobe run; left out: bn.*, head.*" in capsys.readouterr().out
+    enc = torch.load(tmp_path / "lp.pth", weights_only=True)
+    assert sorted(enc) == sorted(k[len("encoder."):] for k in ck["model"] if k.startswith("encoder."))
+    for key, value in enc.items():
+        assert torch.equal(value, ck["model"]["encoder." + key]), key
+    # a fine-tuning's final norm normalises the pooled mean: timm's global_pool='avg' layout only
+    ft = protocol_checkpoints["finetune"]
+    ck = torch.load(ft, weights_only=False)
+    assert export([str(ft), str(tmp_path / "ft.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {ft}: ") and "use --format timm-avg" in err and "\n" not in err
+    assert export([str(ft), str(tmp_path / "ft.pth"), "--format", "timm-avg"]) == 0
+    enc = torch.load(tmp_path / "ft.pth", weights_only=True)
+    assert not any(k.startswith("norm.") for k in enc)
+    for key, value in enc.items():
+        assert torch.equal(value, ck["model"][key if key.startswith("fc_norm.") else "encoder." + key]), key

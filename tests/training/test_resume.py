@@ -257,5 +257,13 @@ def test_resume_of_a_protocol_run_with_another_encoder(tmp_path):
     path = _finished_run(tmp_path / "a", checkpoint_extra={**extra(), "encoder_source": "/enc/a.pth"})
     with pytest.raises(ValueError, match=r"fine-tunes an encoder of another architecture \(num_heads 2 -> 4"):
         _resume(path, tmp_path / "b", extra(num_heads=4))
-    with pytest.warns(RuntimeWarning, match="the checkpoint fine-tunes /enc/a.pth, this run was given /enc/b.pth"):
+    # the resume would go on with a.pth's weights while the result names b.pth: refused
+    with pytest.raises(ValueError, match=r"evaluates the encoder /enc/a.pth, this run was given /enc/b.pth .*"
+                                         r"resume with /enc/a.pth, or evaluate /enc/b.pth in another --output"):
         _resume(path, tmp_path / "c", {**extra(), "encoder_source": "/enc/b.pth"})
+    assert not (tmp_path / "c" / "checkpoint-last.pth").exists()
+    enc, link = tmp_path / "enc.pth", tmp_path / "link.pth"  # two names of one file: the same encoder
+    enc.write_bytes(b"weights")
+    link.symlink_to(enc)
+    path = _finished_run(tmp_path / "d", checkpoint_extra={**extra(), "encoder_source": str(enc)})
+    _resume(path, tmp_path / "e", {**extra(), "encoder_source": str(link)})
