@@ -408,7 +408,7 @@ def bench(dataset, cfg, native, batching: dict, say, args, d) -> int:
         data, collate = gpu_decode_inputs(dataset)
     say(f"measuring the loader for up to 20 s ({cfg.num_workers} workers, batch {cfg.batch_size}) ...")
     r = loader_report(bench_loader(data, cfg, collate_fn=collate, device=d.device if args.decode == "gpu" else None,
-                                   **batching), args.target_img_s, d.device)
+                                   **batching), args.target_img_s, d.device, args.img_size)
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     say(table(["", ""], [
         ["images / s (this process)", f"{r['img_per_s']:.1f}"], ["images measured", r["images"]],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 import time
 from typing import Callable, List, Optional
 
@@ -133,9 +134,11 @@ def workers_needed(target_img_s: float, per_worker_img_s: Optional[float]) -> Op
     return max(1, math.ceil(target_img_s / per_worker_img_s))
 
 
-def loader_report(r: dict, target_img_s: Optional[float], device) -> dict:
+def loader_report(r: dict, target_img_s: Optional[float], device, img_size: Optional[int] = None) -> dict:
     """``bench_loader``'s result with the step rate to feed (``target_img_s``, or the newest
-    committed step result for ``device``'s class: any GPU's for a CPU) and the workers it needs.
+    committed step result for ``device``'s class: any GPU's for a CPU) and the workers it needs;
+    ``target_source`` says where the rate came from, and that it is of another image size than
+    the loader's ``img_size`` where it is (both rates depend on it).
     Adds ``per_worker_img_s`` (images per worker CPU-second when measured, else the process's
     img/s per worker), ``target_img_s``, ``target_source``, ``workers_needed``."""
     workers = max(1, r["num_workers"])
@@ -147,6 +150,10 @@ def loader_report(r: dict, target_img_s: Optional[float], device) -> dict:
             target_img_s = float(row["img_per_s"])
             source = (f"{row['file']}: {row.get('device')} {row.get('provider')} {row.get('preset')} "
                       f"{row.get('shape')} {row.get('dtype')} at {row.get('commit')} ({row.get('timestamp')})")
+            size = re.search(r"\bS=(\d+)", str(row.get("shape")))
+            if img_size is not None and size and int(size.group(1)) != img_size:
+                source += (f"; a step on {size.group(1)} px images, the loader measured on {img_size} px "
+                           f"(give --target-img-s for this size)")
         else:
             source = "none found (give --target-img-s)"
     return dict(r, per_worker_img_s=per_worker, target_img_s=target_img_s, target_source=source,

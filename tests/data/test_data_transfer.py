@@ -62,6 +62,19 @@ def test_loader_report_prefers_the_given_rate():
     assert out["per_worker_img_s"] == 150.0 and out["workers_needed"] == 7
 
 
+def test_loader_report_says_when_the_step_rate_is_of_another_image_size(tmp_path, monkeypatch):
+    """The committed step rate is of 224 px images: a loader measured at another size is told so."""
+    from tec_fast.training import loader_bench
+
+    _rows(tmp_path / "a.jsonl", [{"bench": "step", "device": "GPU_A", "timestamp": "2026-01-01", "provider": "engine",
+                                  "shape": "B=64,S=224", "img_per_s": 3700.0}])
+    monkeypatch.setattr(loader_bench, "results_dir", lambda: str(tmp_path))
+    r = {"img_per_s": 300.0, "num_workers": 2, "img_per_cpu_s": 400.0}
+    out = loader_report(r, None, torch.device("cpu"), img_size=32)
+    assert out["target_img_s"] == 3700.0 and "a step on 224 px images, the loader measured on 32 px" in out["target_source"]
+    assert "px" not in loader_report(r, None, torch.device("cpu"), img_size=224)["target_source"]
+
+
 def test_bench_loader_command(tmp_path, capsys):
     from tec_fast.cli.train import main
 
