@@ -37,6 +37,7 @@ from tec_fast.cli.errors import run_command
 from tec_fast.cli.flags import (NON_NEGATIVE, POSITIVE, SEED, Parser, device, existing_dir, given, output_dir,
                                 output_file, real, same_file)
 from tec_fast.config import ViTConfig
+from tec_fast.evaluation.probe import whole_dataset
 from tec_fast.evaluation.protocol import PROTOCOLS, RECIPES
 from tec_fast.presets import MODEL_PRESETS, vit_preset
 
@@ -317,14 +318,13 @@ def _class_difference(train: list, val: list) -> str:
 def class_names(ds) -> list:
     """The class names of ``ds`` (an image dataset, the demo set, or a Subset of one), by label;
     [] where it has none. What counts the classes: the labels read may miss some."""
-    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    return list(getattr(base, "classes", None) or [])
+    return list(getattr(whole_dataset(ds), "classes", None) or [])
 
 
 def skipped_files(ds) -> list:
     """The unreadable files met in ``ds`` (an image dataset or a Subset of one), in index order;
     [] for in-memory data."""
-    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    base = whole_dataset(ds)
     return base.skipped_paths() if hasattr(base, "skipped_paths") else []
 
 
@@ -639,7 +639,7 @@ def _data_stats(train):
     """(per-channel mean, std the images were normalised with, number of classes)."""
     from tec_fast.data.folder import IMAGENET_MEAN, IMAGENET_STD
 
-    ds = train.dataset if isinstance(train, torch.utils.data.Subset) else train
+    ds = whole_dataset(train)
     mean, std = getattr(ds, "mean", IMAGENET_MEAN), getattr(ds, "std", IMAGENET_STD)
     classes = class_names(ds)
     if classes:

@@ -55,11 +55,15 @@ def _check_pair(train_f, train_y, test_f, test_y):
     return train_f, train_y, test_f, test_y
 
 
+def whole_dataset(dataset):
+    """The dataset a Subset (``--n-train`` / ``--n-test``) is of, or ``dataset`` itself."""
+    return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+
+
 def split_folder(dataset) -> str:
     """`` under 'ROOT'`` for an image dataset (or a Subset of one), '' for in-memory data: which
     split a message is about."""
-    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-    root = getattr(base, "root", None)
+    root = getattr(whole_dataset(dataset), "root", None)
     return f" under {root!r}" if root else ""
 
 
