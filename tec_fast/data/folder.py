@@ -36,7 +36,7 @@ def _list_images(folder: str, others: List[str]) -> List[str]:
     found = []
     st = os.stat(folder)
     seen = {(st.st_dev, st.st_ino)}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_unlisted):
         kept = []
         for d in sorted(dirnames):
             st = os.stat(os.path.join(dirpath, d))
@@ -53,6 +53,13 @@ def _list_images(folder: str, others: List[str]) -> List[str]:
             elif _is_other_image(f):
                 others.append(os.path.join(dirpath, f))
     return found
+
+
+def _unlisted(exc: OSError) -> None:
+    """os.walk's error: a folder below a class folder that cannot be listed (no permission) is
+    named, not skipped without a word."""
+    warnings.warn(f"{exc.filename} cannot be listed ({exc.strerror or exc}): its images are not read",
+                  RuntimeWarning)
 
 
 def find_samples(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:

@@ -212,6 +212,25 @@ def test_a_symlink_loop_lists_each_image_once(tmp_path):
         "dog/img0.jpg", "dog/img1.jpg"]
 
 
+def test_a_subfolder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """A folder below a class folder that cannot be listed (no permission: simulated, the tests
+    may run as root) was skipped by os.walk without a word."""
+    from tec_fast.data.folder import find_samples
+    _write_images(tmp_path / "cat", 2)
+    _write_images(tmp_path / "cat" / "locked", 2)
+    _write_images(tmp_path / "dog", 1)
+    locked, scandir = str(tmp_path / "cat" / "locked"), os.scandir
+
+    def refuse(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.warns(RuntimeWarning, match=r"cat/locked cannot be listed \(Permission denied\): its images are not read"):
+        samples, classes = find_samples(str(tmp_path))
+    assert classes == ["cat", "dog"] and len(samples) == 3
+
+
 def test_images_that_are_not_read_are_counted_and_named(tmp_path):
     """Images beside class folders, and files of image formats outside IMG_EXTENSIONS, were left
     out without a word (a class folder of GIFs only is no class: the later labels shift). The
