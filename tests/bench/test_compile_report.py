@@ -1,5 +1,5 @@
 """CI gate: every Triton kernel compiles offline for sm_90 through its launcher at ViT-B and ViT-L
-training shapes (bf16) without register spills and within the target's shared memory
+training shapes (bf16; ViT-B in fp32 too) without register spills and within the target's shared memory
 (``benchmarks/compile_report.py``; no GPU needed). Never a speed threshold."""
 import json
 import os
@@ -36,6 +36,21 @@ def test_sm90_vitb_vitl_bf16_no_spills_smem_within_limit(tmp_path):
     for r in gelu:  # loop-free: every element costs instructions (exact erf), a few per element at least
         per_element = r["sass_instructions"] / (r["constexprs"]["BLOCK"] / (32 * r["num_warps"]))
         assert 5 < per_element < 200, r
+
+
+def test_sm90_vitb_fp32_no_spills(tmp_path):
+    """fp32 (``--precision fp32``; exact FMA products hold more per thread): the same gate at ViT-B.
+    A fp32 tile that spilled under another Triton version was found only by hand."""
+    ptxas_or_skip(90)
+    out = tmp_path / "compile.jsonl"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--sizes", "vitb", "--arch", "90",
+                          "--dtype", "fp32", "--out", str(out), "--check", "--require-all"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, f"compile gate failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    from benchmarks.compile_report import all_kernels
+    assert set(all_kernels()) <= {r["kernel"] for r in rows}
+    assert all(r["dtype"] == "fp32" and r["spill_store_bytes"] == r["spill_load_bytes"] == 0 for r in rows)
 
 
 def test_ptxas_log_parsing_and_gate():
