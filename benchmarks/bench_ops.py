@@ -29,7 +29,8 @@ if "--interpret" in sys.argv:
 import torch  # noqa: E402
 
 from benchmarks.common import (DTYPES, append_results, default_device, device_arg, device_name,  # noqa: E402
-                               format_table, make_parser, progress, results_dir, time_callable)
+                               exit_if_failed, format_table, make_parser, progress, provider_failed, results_dir,
+                               time_callable)
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE  # noqa: E402
 from tec_fast.ops import reference  # noqa: E402
 from tec_fast.ops.dispatch import fast_impl  # noqa: E402
@@ -125,8 +126,7 @@ def run(op: str, size: dict, dtype: torch.dtype, dev: torch.device, providers: L
                 if not (cuda_graph and isinstance(exc, RuntimeError)):
                     if failures is None:
                         raise
-                    failures.append(f"{bench} {name}: {type(exc).__name__}: {exc}")
-                    print(f"{bench} {name}: FAILED ({type(exc).__name__}: {exc})")
+                    provider_failed(failures, f"{bench} {name}", exc)
                 else:  # e.g. a provider that synchronises
                     print(f"{bench} {name}: not timed, cannot be recorded into a CUDA graph ({exc})")
             if dev.type == "cuda":
@@ -199,8 +199,7 @@ def main(argv=None) -> List[Dict]:
     print(format_table(rows, ["bench", "provider", "shape", "timing", "median_ms", "p20_ms", "p80_ms", "gb_per_s",
                               "tflop_per_s", "peak_mem_gb", "speedup"]))
     print(f"appended {len(rows)} rows to {path}" if path else "no rows to append")
-    if failures:
-        raise SystemExit("failed (the rows of the rest were written):\n  " + "\n  ".join(failures))
+    exit_if_failed(failures)
     return rows
 
 

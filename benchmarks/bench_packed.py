@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional
+from typing import List
 
 import torch
 
 
 from benchmarks.bench_step import PRESETS, build
-from benchmarks.common import (DTYPES, append_results, default_device, device_arg, format_table,
-                               fx_tracing_notice_dropped, make_parser, progress, refuse_no_visible_patch,
-                               results_dir, time_callable)
+from benchmarks.common import (DTYPES, append_results, default_device, device_arg, exit_if_failed, format_table,
+                               fx_tracing_notice_dropped, make_parser, progress, provider_failed,
+                               refuse_no_visible_patch, results_dir, time_callable)
 from tec_fast import BaseModel, TECModel
 from tec_fast.masking import variable_masking
 from tec_fast.models.layout import TokenLayout
@@ -80,11 +80,9 @@ def providers_per_batch(args) -> int:
     return 4 if args.whole_step else 2
 
 
-def run(args, B: int, device: torch.device, started=lambda what: None, failures: Optional[List[str]] = None):
+def run(args, B: int, device: torch.device, failures: List[str], started=lambda what: None):
     """The rows of one batch size; ``started`` is told each provider before it is timed. A provider
-    that raises is reported and listed in ``failures`` (without it: raised)."""
-    failures_given = failures is not None
-    failures = failures if failures_given else []
+    that raises is reported and listed in ``failures``."""
     lo, hi = args.ratios
     bvit, cfg, topk = build(args.preset, device)
     enc = cfg.encoder
@@ -136,8 +134,7 @@ def run(args, B: int, device: torch.device, started=lambda what: None, failures:
         try:
             results[name] = time_callable(fn, device, warmup=args.warmup, reps=args.steps)
         except Exception as exc:  # one broken provider (a backend that fails on the lent GPU) costs its row alone
-            failures.append(f"B={B} {name}: {type(exc).__name__}: {exc}")
-            print(f"B={B} {name}: FAILED ({type(exc).__name__}: {exc})")
+            provider_failed(failures, f"B={B} {name}", exc)
     rows = []
     for name, r in results.items():
         is_packed = name.startswith("packed")
@@ -153,8 +150,6 @@ def run(args, B: int, device: torch.device, started=lambda what: None, failures:
                               "p80_ms", "peak_mem_gb", "speedup"]))
     print(f"mean visible count {keep.sum(1).float().mean():.1f} of L={L} (max {k_max}); "
           f"packed attention: {backend}" + (f" (skipped: {'; '.join(why)})" if why else "") + "\n")
-    if failures and not failures_given:
-        raise RuntimeError("; ".join(failures))
     return rows
 
 
@@ -166,13 +161,12 @@ def main(argv=None):
     count = iter(range(1, total + 1))
     with fx_tracing_notice_dropped():
         for B in sizes:
-            size_rows = run(args, B, device, lambda what: progress(next(count), total, what), failures)
+            size_rows = run(args, B, device, failures, lambda what: progress(next(count), total, what))
             if size_rows:  # written batch size by batch size: a run cut short keeps what it measured
                 path = append_results(size_rows, args.results_dir, device)
             rows += size_rows
     print(f"results appended to {path}" if path else "no rows to append")
-    if failures:
-        raise SystemExit("failed (the rows of the rest were written):\n  " + "\n  ".join(failures))
+    exit_if_failed(failures)
     return rows
 
 

@@ -22,8 +22,8 @@ import torch
 
 
 from benchmarks.baseline_eager import EagerBase, EagerTEC
-from benchmarks.common import (DTYPES, append_results, default_device, device_arg, make_parser, progress,
-                               refuse_no_visible_patch, results_dir, time_callable)
+from benchmarks.common import (DTYPES, append_results, default_device, device_arg, exit_if_failed, make_parser,
+                               progress, provider_failed, refuse_no_visible_patch, results_dir, time_callable)
 from benchmarks.flops import tec_step_flops
 from tec_fast import BaseModel, TECConfig, TECModel, ViTConfig
 from tec_fast.cli.flags import NON_NEGATIVE, POSITIVE, real
@@ -259,8 +259,7 @@ def main(argv=None):
                 results[name] = None
                 continue
             except Exception as exc:  # one broken provider (a Triton compile, a graph capture) costs its rows alone
-                failures.append(f"B={B} {name}: {type(exc).__name__}: {exc}")
-                print(f"{B:>5} {name:<15} FAILED ({type(exc).__name__}: {exc})")
+                provider_failed(failures, f"B={B} {name}", exc)
                 results[name] = None
                 continue
             finally:
@@ -300,8 +299,7 @@ def main(argv=None):
     print(f"\nFLOPs counted: {flops / 1e9:.1f} GFLOP per image (benchmarks/flops.py). MFU meas: against the "
           f"bf16 GEMM measured above ({gemm_tflops:.1f} TFLOP/s); MFU pub: against the published peak. "
           + (f"Results appended to {path}" if path else "No rows to append."))
-    if failures:
-        raise SystemExit("failed (the rows of the rest were written):\n  " + "\n  ".join(failures))
+    exit_if_failed(failures)
     return rows
 
 

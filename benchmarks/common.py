@@ -290,6 +290,19 @@ def complete_row(row: Dict, device) -> Dict:
     return full
 
 
+def provider_failed(failures: List[str], what: str, exc: Exception) -> None:
+    """Note a provider that raised (printed now, listed in ``failures`` for ``exit_if_failed``):
+    on a lent GPU one broken provider must not cost the rows of the rest."""
+    failures.append(f"{what}: {type(exc).__name__}: {exc}")
+    print(f"{what}: FAILED ({type(exc).__name__}: {exc})")
+
+
+def exit_if_failed(failures: List[str]) -> None:
+    """After the rows of the rest were written: exit non-zero naming what failed, if anything did."""
+    if failures:
+        raise SystemExit("failed (the rows of the rest were written):\n  " + "\n  ".join(failures))
+
+
 def append_results(rows: Iterable[Dict], results_dir: str, device) -> str:
     """Append ``rows`` (completed with ``complete_row``) to ``<results_dir>/<device>.jsonl``;
     returns the file's path."""
