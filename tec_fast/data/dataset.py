@@ -17,6 +17,8 @@ class) makes an unreadable item ``None`` instead, counted the same way; load suc
 """
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -29,6 +31,20 @@ from tec_fast.data.transforms import eval_crop, native_resize, normalize, train_
 
 class UnreadableImage(RuntimeError):
     """An image PIL cannot decode (raised under ``strict=True``; the message names the file)."""
+
+
+def read_file(path: str) -> bytes:
+    """The bytes of the regular file ``path``. Opened without blocking, so a named pipe or a
+    device that carries an image's name raises (an unreadable image) instead of stopping the
+    loader worker that opened it until someone writes to it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a named pipe" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else \
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+            raise OSError(f"{kind}, not an image file")  # the caller names the file
+        return f.read()
 
 
 def collate_readable(batch):

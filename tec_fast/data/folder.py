@@ -9,7 +9,7 @@ import os
 import warnings
 from typing import List, Optional, Tuple
 
-from tec_fast.data.dataset import ImageDataset, UnreadableImage
+from tec_fast.data.dataset import ImageDataset, UnreadableImage, read_file
 from tec_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMG_EXTENSIONS", "ImageFolderDataset", "UnreadableImage",
@@ -131,5 +131,4 @@ class ImageFolderDataset(ImageDataset):
         self.resize_to = int(img_size / 0.875)
 
     def _read(self, i: int) -> bytes:
-        with open(self.samples[i][0], "rb") as f:
-            return f.read()
+        return read_file(self.samples[i][0])

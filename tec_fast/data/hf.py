@@ -27,7 +27,7 @@ import json
 import os
 from typing import List, Optional, Tuple
 
-from tec_fast.data.dataset import ImageDataset
+from tec_fast.data.dataset import ImageDataset, read_file
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")
 LABEL_COLUMNS = ("label", "labels", "cls")
@@ -184,9 +184,8 @@ class HFImageDataset(ImageDataset):
         places = [path] if os.path.isabs(path) else list(dict.fromkeys(
             os.path.normpath(os.path.join(folder, path)) for folder in (os.path.dirname(self.files[f]), self.root)))
         for candidate in places:
-            if os.path.isfile(candidate):
-                with open(candidate, "rb") as fh:
-                    return fh.read()
+            if os.path.exists(candidate):
+                return read_file(candidate)
         raise FileNotFoundError(f"the row's image is stored as a path only, {path!r}, and there is no such file "
                                 f"({' or '.join(places)})")
 

@@ -27,7 +27,7 @@ import tarfile
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from tec_fast.data.dataset import ImageDataset
+from tec_fast.data.dataset import ImageDataset, read_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 LABEL_EXTS = ("cls", "cls.txt", "label", "label.txt")
@@ -472,8 +472,7 @@ def write_shards(root: str, output: str, prefix: str = "shard", max_images: int 
     try:
         for i, (path, label) in enumerate(samples):
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = read_file(path)
                 why = "" if data else "empty file (0 bytes)"
             except OSError as exc:  # reading the source; an error of the write itself still ends it
                 why = exc.strerror or str(exc)

@@ -112,3 +112,34 @@ def test_hf_sample_names_count_rows_per_file(tmp_path):
                         "train-00001.parquet[0]", "train-00001.parquet[1]"]
     with pytest.warns(RuntimeWarning, match=r"train-00001\.parquet\[1\]"):
         assert ds[4] is None
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_with_an_image_name_is_skipped_not_waited_on(tmp_path):
+    """Opening a named pipe for reading waits for a writer: a pipe called img01.jpg in a class
+    folder (left by a tool that streams images) stopped the worker that met it for good."""
+    import threading
+
+    root = write_folder(tmp_path / "f", n=4, classes=("a",))
+    fifo = tmp_path / "f" / "a" / "img01.jpg"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    ds = ImageFolderDataset(root, img_size=8, train=False)
+    got = {}
+
+    def load():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got["item"] = ds[1]
+        got["warnings"] = [str(w.message) for w in caught]
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():  # free the blocked open (a writer that closes at once) before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("reading a named pipe called img01.jpg blocked the loader")
+    assert got["item"][0].shape == (3, 8, 8)  # the next readable image instead
+    assert ds.skipped_paths() == [str(fifo)]
+    assert any("img01.jpg (OSError: a named pipe, not an image file)" in w for w in got["warnings"]), got["warnings"]

@@ -236,3 +236,32 @@ def test_prefixes_share_one_class_list(tmp_path, capsys):
     assert (out / "classes.txt").read_text() == "cat\ndog\n" and not list(out.glob("b-*"))
     assert main([pets, str(out), "--prefix", "b", "--no-progress"]) == 0  # the same classes: welcome
     assert main([birds, str(out), "--prefix", "a", "--no-progress"]) == 2  # b's labels would be renamed
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_make_shards_skips_a_named_pipe_with_an_image_name(tmp_path):
+    """A named pipe called *.jpg waited for a writer forever (no progress, no error)."""
+    import threading
+    import warnings
+
+    root = write_folder(tmp_path / "src", n=4)
+    fifo = tmp_path / "src" / "cat" / "pipe.jpg"
+    os.mkfifo(fifo)
+    got = {}
+
+    def write():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got["result"] = write_shards(root, str(tmp_path / "out"))
+        got["warnings"] = [str(w.message) for w in caught]
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("make_shards blocked on a named pipe")
+    assert f"skipping unreadable image {fifo}: a named pipe, not an image file; not written to the shards" \
+        in got["warnings"], got["warnings"]
+    assert len(TarShardDataset(str(tmp_path / "out"), img_size=8)) == 4
