@@ -204,6 +204,7 @@ def run_protocol(protocol: str, encoder: nn.Module, train_ds, test_ds, num_class
     Returns the result record (plain data; ``test_images``: the test images read, unreadable ones
     of a ``drop_unreadable`` test set left out). ValueError when none of them is readable."""
     from tec_fast.training import FitConfig, fit, setup_distributed
+    from tec_fast.training.saving import weights_digest
 
     d = setup_distributed(fit_options.get("device"))
     per_process = r.batch_size / (d.world * r.accum)
@@ -217,14 +218,16 @@ def run_protocol(protocol: str, encoder: nn.Module, train_ds, test_ds, num_class
     cfg = FitConfig(name=protocol, epochs=r.epochs, batch_size=int(per_process), accum=r.accum, blr=r.blr,
                     lr=r.lr, min_lr=r.min_lr, warmup_epochs=r.warmup_epochs, weight_decay=r.weight_decay,
                     betas=(0.9, 0.999), cuda_graph=False, keep_last=1, keep_every=0, **opts)
+    digest = weights_digest(encoder)  # the weights given, before the protocol's model is built around them
     torch.manual_seed(cfg.seed)
     model = build_model(protocol, encoder, num_classes, r)
     transform, objective, make_optimizer = build_training(protocol, num_classes, r, mean, std)
     extra = {"protocol": protocol, "recipe": r.to_dict(), "num_classes": num_classes,
              "encoder_config": encoder.config.to_dict()}
     source = getattr(getattr(encoder, "load_report", None), "source", "")
-    if source and source != "<dict>":  # which encoder file: a resume with another one is warned about
+    if source and source != "<dict>":  # which encoder file: a resume with another one is refused
         extra["encoder_source"] = os.path.abspath(source)
+    extra["encoder_digest"] = digest  # and its weights: the same ones moved elsewhere are the same encoder
     t0 = time.perf_counter()
     result = fit(model, objective, Augmented(train_ds, transform), cfg, make_optimizer=make_optimizer,
                  checkpoint_extra=extra)

@@ -3,6 +3,7 @@ checked that its parameters are finite (so no NaN or inf ever reaches disk), and
 from such a checkpoint."""
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -86,9 +87,11 @@ def load_for_resume(model: nn.Module, cfg: FitConfig, d: DistInfo,
 def check_same_setup(ck: dict, extra: dict, path: str) -> None:
     """What a checkpoint records about the models around the trained one, against this run's
     ``checkpoint_extra``: TEC's ``base`` (kind, path, architecture, target recipe) and a protocol's
-    ``encoder_config`` / ``encoder_source`` (the encoder it trains on). Another architecture is
-    refused (ValueError naming both); so is a protocol's other encoder file, since the resume loads
-    the checkpoint's encoder weights, not the new file's. Another base file or kind, or target
+    ``encoder_config`` / ``encoder_source`` / ``encoder_digest`` (the encoder it trains on). Another
+    architecture is refused (ValueError naming both); so is a protocol's other encoder (other
+    weights by their digest, or another file where a checkpoint records no digest), since the
+    resume loads the checkpoint's encoder weights, not the new file's; the same weights moved or
+    copied elsewhere are the same encoder. Another base file or kind, or target
     recipe, is allowed with a warning naming what differs (checkpoint -> now), as a changed schedule is."""
     def differences(old: dict, new: dict, keys) -> list:
         return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
@@ -112,10 +115,29 @@ def check_same_setup(ck: dict, extra: dict, path: str) -> None:
         raise ValueError(f"--resume {path}: the checkpoint fine-tunes an encoder of another architecture "
                          f"({'; '.join(differences(old, new, {**old, **new}))}; checkpoint -> now)")
     old, new = ck.get("encoder_source"), extra.get("encoder_source")
-    if old is not None and new is not None and not _same_file(old, new):
+    old_digest, new_digest = ck.get("encoder_digest"), extra.get("encoder_digest")
+    if old_digest is not None and new_digest is not None:  # the weights tell, wherever the file is now
+        if old_digest != new_digest:
+            raise ValueError(f"--resume {path}: the checkpoint's run evaluates the encoder {old}, this run was "
+                             f"given {new}, which holds other weights (digest {old_digest} -> {new_digest}; the "
+                             f"resume would go on with the first one's weights and file the result under the "
+                             f"second): resume with the encoder it records, or evaluate {new} in another --output")
+    elif old is not None and new is not None and not _same_file(old, new):
         raise ValueError(f"--resume {path}: the checkpoint's run evaluates the encoder {old}, this run was given "
                          f"{new} (the resume would go on with the first one's weights and file the result under "
                          f"the second): resume with {old}, or evaluate {new} in another --output")
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A digest of ``module``'s state (names, dtypes, shapes, values): the same encoder file
+    loaded from anywhere gives the same digest, another file's weights another one (a ViT-B:
+    about 0.4 s on one core)."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _same_file(a: str, b: str) -> bool:

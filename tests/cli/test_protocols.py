@@ -302,10 +302,29 @@ def test_resume_with_another_encoder_file_is_refused(ckpt, tmp_path, capsys):
     assert cli([str(other), *common, "--epochs", "2", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the encoder and load lines
     assert err.startswith("error: --resume "), err
-    assert f"evaluates the encoder {ckpt}, this run was given {other}" in err
-    assert f"resume with {ckpt}, or evaluate {other} in another --output" in err
+    assert f"evaluates the encoder {ckpt}, this run was given {other}, which holds other weights" in err
+    assert f"resume with the encoder it records, or evaluate {other} in another --output" in err
     assert (out / "results.json").read_text() == first
     assert torch.load(out / "checkpoint-last.pth", weights_only=False)["encoder_source"] == str(ckpt)
+
+
+def test_resume_after_the_encoder_file_moved(ckpt, tmp_path):
+    """The same weights under another path (the file moved to another disk, a copy) are the same
+    encoder: the resume goes on (it was refused: the paths were compared)."""
+    import shutil
+
+    from tec_fast.cli.eval import cli
+    out = tmp_path / "lp"
+    common = ["--protocol", "linprobe", *TINY, "--warmup-epochs", "0", "--workers", "0", "--output", str(out)]
+    first = tmp_path / "first.pth"
+    shutil.copy(ckpt, first)
+    assert cli([str(first), *common, "--epochs", "1"]) == 0
+    moved = tmp_path / "elsewhere" / "moved.pth"
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    assert cli([str(moved), *common, "--epochs", "2", "--resume"]) == 0
+    ck = torch.load(out / "checkpoint-last.pth", weights_only=False)
+    assert ck["epoch"] == 2 and ck["encoder_source"] == str(moved)
 
 
 def test_a_test_split_with_no_readable_image_is_an_error(ckpt, tmp_path, capsys):

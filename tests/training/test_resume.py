@@ -267,3 +267,24 @@ def test_resume_of_a_protocol_run_with_another_encoder(tmp_path):
     link.symlink_to(enc)
     path = _finished_run(tmp_path / "d", checkpoint_extra={**extra(), "encoder_source": str(enc)})
     _resume(path, tmp_path / "e", {**extra(), "encoder_source": str(link)})
+    # with digests the weights decide: another path with the same weights goes on, the same path
+    # with other weights (the file overwritten) is refused
+    path = _finished_run(tmp_path / "f", checkpoint_extra={**extra(), "encoder_source": "/enc/a.pth",
+                                                           "encoder_digest": "d1"})
+    _resume(path, tmp_path / "g", {**extra(), "encoder_source": "/moved/a.pth", "encoder_digest": "d1"})
+    with pytest.raises(ValueError, match=r"evaluates the encoder /enc/a.pth, this run was given /enc/a.pth, which "
+                                         r"holds other weights \(digest d1 -> d2;"):
+        _resume(path, tmp_path / "h", {**extra(), "encoder_source": "/enc/a.pth", "encoder_digest": "d2"})
+
+
+def test_weights_digest_follows_the_values_not_the_object():
+    from tec_fast.training.saving import weights_digest
+    torch.manual_seed(0)
+    a = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    b = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    assert weights_digest(a) == weights_digest(b)
+    with torch.no_grad():
+        b.bias[1] = b.bias[1].item() + 2 ** -6  # one value changed
+    assert weights_digest(a) != weights_digest(b)
+    assert weights_digest(a) != weights_digest(a.float())  # the dtype is part of it
