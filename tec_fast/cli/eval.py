@@ -622,15 +622,17 @@ def _run_protocol(args, d, output: str) -> dict:
 
 
 def _protocol_skipped(train, test) -> dict:
-    """{skipped, skipped_files} of a protocol run: the training split's unreadable images met by
-    this process (replaced in training), the test split's of every process (left out of top-1)."""
+    """{skipped, skipped_files} of a protocol run: the unreadable images every process met, the
+    training split's (replaced in training) and the test split's (left out of top-1); under
+    torchrun each process reads its own share of either split."""
     import torch.distributed as dist
 
     found = {"train": skipped_files(train), "test": skipped_files(test)}
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, found["test"])  # each process read every world-th test image
-        found["test"] = sorted({p for part in gathered for p in part})
+        for split in ("train", "test"):
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, found[split])
+            found[split] = sorted({p for part in gathered for p in part})
     return {"skipped": {split: len(paths) for split, paths in found.items()},
             "skipped_files": {split: paths[:SHOWN_SKIPPED] for split, paths in found.items()}}
 

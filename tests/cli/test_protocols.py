@@ -406,3 +406,31 @@ def test_a_protocol_checkpoint_exports_its_encoder(protocol_checkpoints, tmp_pat
     assert not any(k.startswith("norm.") for k in enc)
     for key, value in enc.items():
         assert torch.equal(value, ck["model"][key if key.startswith("fc_norm.") else "encoder." + key]), key
+
+
+def test_protocol_counts_every_process_unreadable_training_images(monkeypatch):
+    """Under torchrun each process reads its own share of the training split too: the summary
+    counted the training split's unreadable images of rank 0 alone."""
+    import torch.distributed as dist
+
+    from tec_fast.cli.eval import _protocol_skipped
+
+    class Split:
+        def __init__(self, paths):
+            self.paths = paths
+
+        def skipped_paths(self):
+            return list(self.paths)
+
+    other_rank = {"train": ["/d/train/b.jpg", "/d/train/c.jpg"], "test": ["/d/val/y.jpg"]}
+
+    def all_gather_object(out, obj):
+        split = "train" if obj and "/train/" in obj[0] else "test"
+        out[:] = [obj, other_rank[split]]
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    got = _protocol_skipped(Split(["/d/train/a.jpg", "/d/train/b.jpg"]), Split(["/d/val/x.jpg"]))
+    assert got["skipped"] == {"train": 3, "test": 2}
+    assert got["skipped_files"]["train"] == ["/d/train/a.jpg", "/d/train/b.jpg", "/d/train/c.jpg"]
