@@ -68,6 +68,13 @@ def infer_vit(state: dict, hf_config: Optional[dict] = None) -> Tuple[dict, str]
     a Hugging Face config.json where there is one; returns (ViTConfig fields, notes on what was
     guessed). Read from the weights: width, depth, patch, channels, MLP ratio, biases, LayerScale,
     pre-norm, CLS and register tokens, whether the position embedding covers them, its grid."""
+    fields, notes, heads_note, _ = _read_vit(state, hf_config)
+    return fields, "; ".join(notes + ([heads_note] if heads_note else []))
+
+
+def _read_vit(state: dict, hf_config: Optional[dict]) -> Tuple[dict, List[str], str, str]:
+    """``infer_vit``'s (fields, notes other than the head count's, the head count's note, where
+    the head count came from: "config.json", "preset" or "guessed")."""
     hf = hf_config or {}
     w = state.get("patch_embed.proj.weight")
     if w is None or w.dim() != 4:
@@ -114,18 +121,17 @@ def infer_vit(state: dict, hf_config: Optional[dict] = None) -> Tuple[dict, str]
         fields["mlp_act"] = _HF_ACT[act]
         if "num_attention_heads" in hf:
             fields["num_heads"] = int(hf["num_attention_heads"])
-    if "num_heads" not in fields:
-        preset = [name for name, (p, d, n, _) in MODEL_PRESETS.items() if (p, d, n) == (patch, C, depth)]
-        if preset:
-            fields["num_heads"] = MODEL_PRESETS[preset[0]][3]
-            notes.append(f"num_heads={fields['num_heads']} from preset {preset[0]} (not stored in weights)")
-        else:
-            heads = max(1, C // 64)
-            while C % heads:
-                heads -= 1
-            fields["num_heads"] = heads
-            notes.append(f"num_heads={heads} guessed as width/64 (not stored in weights; use --num-heads)")
-    return fields, "; ".join(notes)
+            return fields, notes, "", "config.json"
+    preset = [name for name, (p, d, n, _) in MODEL_PRESETS.items() if (p, d, n) == (patch, C, depth)]
+    if preset:
+        fields["num_heads"] = MODEL_PRESETS[preset[0]][3]
+        return fields, notes, f"num_heads={fields['num_heads']} from preset {preset[0]} (not stored in weights)", \
+            "preset"
+    heads = max(1, C // 64)
+    while C % heads:
+        heads -= 1
+    fields["num_heads"] = heads
+    return fields, notes, f"num_heads={heads} guessed as width/64 (not stored in weights; use --num-heads)", "guessed"
 
 
 SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "mlp_ratio")
@@ -148,22 +154,23 @@ def weight_mismatches(vit_fields: dict, state: dict) -> List[Tuple[str, object, 
 
 def infer_base_vit(state: dict, hf_config: Optional[dict] = None, stored: Optional[dict] = None,
                    img_size: Optional[int] = None, num_heads: Optional[int] = None,
-                   overrides: Optional[dict] = None) -> Tuple[ViTConfig, List[str]]:
-    """The base model's ViTConfig for ``BaseModel.from_checkpoint``: ``infer_vit`` on the
-    weights; heads from ``num_heads``, else a config stored beside the weights, else as
-    ``infer_vit`` says; ``img_size`` (default: the stored position embedding's grid) sets the grid
-    the position embedding is resampled to; ``overrides`` set fields the weights cannot tell."""
+                   overrides: Optional[dict] = None) -> Tuple[ViTConfig, List[str], str]:
+    """The base model's (ViTConfig, notes on what was assumed, where its head count came from)
+    for ``BaseModel.from_checkpoint``: ``infer_vit`` on the weights; heads from ``num_heads``
+    ("given"), else a config stored beside the weights ("stored"), else as ``infer_vit`` finds them
+    ("config.json", "preset" or "guessed": width / 64); ``img_size`` (default: the stored position
+    embedding's grid) sets the grid the position embedding is resampled to; ``overrides`` set
+    fields the weights cannot tell."""
     if overrides is not None and not isinstance(overrides, dict):
         raise ValueError(f"config_overrides must be a dict of ViTConfig fields to values (e.g. "
                          f"{{'ln_eps': 1e-5}}), got a {type(overrides).__name__}")
-    fields, note = infer_vit(state, hf_config)
-    notes = [note] if note else []
+    fields, notes, heads_note, heads_from = _read_vit(state, hf_config)
     if num_heads is not None:
-        fields["num_heads"] = num_heads
-        notes = [n for n in notes if "num_heads" not in n]
+        fields["num_heads"], heads_from = num_heads, "given"
     elif stored and "num_heads" in stored:
-        fields["num_heads"] = stored["num_heads"]
-        notes = [n for n in notes if "num_heads" not in n]
+        fields["num_heads"], heads_from = stored["num_heads"], "stored"
+    elif heads_note:
+        notes.append(heads_note)
     if stored:
         for key in ("ln_eps", "mlp_act"):
             if key in stored:
@@ -175,7 +182,7 @@ def infer_base_vit(state: dict, hf_config: Optional[dict] = None, stored: Option
         if key not in _ALL_VIT_FIELDS:
             raise ValueError(f"config_overrides: {key!r} is not a ViTConfig field ({', '.join(_ALL_VIT_FIELDS)})")
         fields[key] = value
-    return ViTConfig(**fields), notes
+    return ViTConfig(**fields), notes, heads_from
 
 
 def infer_tec_config(state: Dict[str, torch.Tensor], vit):

@@ -81,8 +81,8 @@ class BaseModel(nn.Module):
         (``mlp_act``, ``ln_eps``). ``trust=True`` allows full unpickling. ``base.load_report`` says what was done."""
         from tec_fast.checkpoint import infer_base_vit, load_base_checkpoint, read_base_weights
         weights = read_base_weights(src, trust=trust)
-        vit, notes = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored,
-                                    img_size=img_size, num_heads=num_heads, overrides=config_overrides)
+        vit, notes, _ = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored,
+                                       img_size=img_size, num_heads=num_heads, overrides=config_overrides)
         base = cls(vit, last_layers=last_layers, topk=topk)
         weights.report.notes[:0] = notes
         base.load_report = load_base_checkpoint(base, weights)

@@ -82,14 +82,15 @@ def base_architecture(flags):
             if str(exc).startswith("--base-model"):
                 raise
     try:
-        vit, notes = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored, **fields)
+        vit, _, heads_from = infer_base_vit(weights.state, hf_config=weights.hf_config, stored=weights.stored,
+                                            **fields)
     except ValueError as exc:
         if fields["num_heads"] is not None and "num_heads" in str(exc):
             named = (f"--base-heads {flags.base_heads}" if getattr(flags, "base_heads", None)
                      else f"--base-model {flags.base_model}'s {fields['num_heads']}")
             raise ValueError(f"{named} heads do not fit the weights of {path}: {exc}") from None
         raise ValueError(f"--base {path}: {exc}") from None
-    if any("guessed" in n and "num_heads" in n for n in notes):
+    if heads_from == "guessed":
         warnings.warn(f"--base {path}: its weights (width {vit.embed_dim}) are of no preset's size and store no "
                       f"head count; assuming {vit.num_heads} head{'s' if vit.num_heads != 1 else ''} (width/64). The relation targets have a row "
                       f"per head: give --base-heads N where the base was trained with another count",

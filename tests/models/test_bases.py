@@ -94,6 +94,24 @@ def test_architecture_inferred_without_help():
     assert any("width/64" in n for n in b.load_report.notes)
 
 
+def test_where_the_base_head_count_came_from():
+    """infer_base_vit says where the head count came from (the trainer warns on a guess without
+    reading note text); a head count given keeps the other notes (the CLIP tower's assumed
+    ln_eps was dropped with the head-count note they were joined into)."""
+    from tec_fast.checkpoint import infer_base_vit
+    state = BaseModel(ViTConfig(16, 4, 128, 2, 2, pre_norm=True), topk=None).state_dict()
+    vit, notes, heads_from = infer_base_vit(state)
+    assert (vit.num_heads, heads_from) == (2, "guessed")
+    assert [n.split(" ")[0] for n in notes] == ["ln_eps=1e-5", "num_heads=2"]
+    vit, notes, heads_from = infer_base_vit(state, num_heads=4)
+    assert (vit.num_heads, heads_from) == (4, "given") and [n.split(" ")[0] for n in notes] == ["ln_eps=1e-5"]
+    assert infer_base_vit(state, stored={"num_heads": 8})[2] == "stored"
+    assert infer_base_vit(state, hf_config={"num_attention_heads": 1})[2] == "config.json"
+    vitb = BaseModel(ViTConfig(32, 16, 768, 12, 12), topk=None).state_dict()
+    assert infer_base_vit(vitb)[1:] == (["num_heads=12 from preset vit_base_patch16 (not stored in weights)"],
+                                        "preset")
+
+
 def test_clip_activation_cannot_be_read_from_weights():
     """OpenAI CLIP's QuickGELU is not in the weights: without the override the features differ."""
     ref = REF["clip_quickgelu@32"]
