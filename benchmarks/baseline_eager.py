@@ -11,12 +11,28 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tec_fast.config import TECConfig, ViTConfig
-from tec_fast.models.layers import sincos_pos_embed
+
+
+def mae_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table [1 + grid^2, dim], computed as its numpy code does (a meshgrid
+    with the column coordinate first: the first dim/2 channels encode the column, the last dim/2
+    the row; each half sin then cos of pos * 10000^(-i / (dim/4)); a zero row for CLS). Written
+    here apart from the engine's, so the oracle checks the engine's table too."""
+    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+
+    def half(pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+        angles = np.outer(pos.reshape(-1), omega)  # [grid^2, dim/4]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([np.zeros((1, dim)), np.concatenate([half(cols), half(rows)], axis=1)], axis=0)
+    return torch.from_numpy(table).float()
 
 
 class EagerAttention(nn.Module):
@@ -119,7 +135,7 @@ class EagerTEC(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(enc.in_chans, C, enc.patch_size, enc.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
-        self.register_buffer("pos_embed", sincos_pos_embed(C, enc.grid_size)[None])
+        self.register_buffer("pos_embed", mae_sincos_pos_embed(C, enc.grid_size)[None])
         self.blocks = nn.ModuleList([EagerBlock(C, enc.num_heads, enc.mlp_ratio) for _ in range(enc.depth)])
         self.norm = nn.LayerNorm(C, eps=1e-6)
         if cfg.input_adapter:
@@ -135,7 +151,7 @@ class EagerTEC(nn.Module):
             self.forward_att_decoder = _Decoder(C, Cd, cfg.pred_dim, relation=True)
         self.decoder_blocks = nn.ModuleList(
             [EagerBlock(Cd, cfg.decoder_heads, enc.mlp_ratio) for _ in range(cfg.decoder_depth)])
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(Cd, enc.grid_size)[None])
+        self.register_buffer("decoder_pos_embed", mae_sincos_pos_embed(Cd, enc.grid_size)[None])
 
     def forward(self, imgs, targets, mask_ratio=0.75, noise: Optional[torch.Tensor] = None):
         cfg = self.cfg

@@ -359,3 +359,31 @@ def test_tec_load_errors_name_the_source():
     with pytest.raises(ValueError, match=r"checkpoint run/ck\.pth: key 'blocks\.0\.norm1\.weight' has shape"):
         load_tec_checkpoint(TECModel(m.config), dict(sd, **{"blocks.0.norm1.weight": torch.ones(3)}),
                             source="run/ck.pth")
+
+
+def test_folded_cls_token_is_the_exact_gelu_mlp():
+    """fold_cls_mlp (export, and a raw TEC checkpoint loaded as a base) computes fc2(GELU(fc1(cls)))
+    with the exact (erf) GELU of the input adapter. A CLS token of size ~3 spreads fc1's outputs
+    over [-4, 4], where the tanh approximation differs by up to 5e-4 (at inputs near 0 both agree
+    to 1e-7, so a small token would not tell them apart)."""
+    import torch.nn.functional as F
+
+    from tec_fast.checkpoint.formats import fold_cls_mlp
+    m = _tec_model(seed=4)
+    C = VIT.embed_dim
+    with torch.no_grad():
+        m.cls_token.copy_(3 * torch.randn(1, 1, C))
+        m.cls_token_mlp.fc1.weight.copy_(torch.eye(m.cls_token_mlp.fc1.weight.shape[0], C))
+        m.cls_token_mlp.fc1.bias.zero_()
+    sd = {k: v.detach() for k, v in m.state_dict().items()}
+    cls64 = sd["cls_token"].double()
+    h = cls64 @ sd["cls_token_mlp.fc1.weight"].double().t() + sd["cls_token_mlp.fc1.bias"].double()
+    assert h.abs().max() > 3
+    want = F.gelu(h) @ sd["cls_token_mlp.fc2.weight"].double().t() + sd["cls_token_mlp.fc2.bias"].double()
+    tanh = F.gelu(h, approximate="tanh") @ sd["cls_token_mlp.fc2.weight"].double().t() \
+        + sd["cls_token_mlp.fc2.bias"].double()
+    assert (tanh - want).abs().max() > 2e-5  # the data tells the two GELUs apart
+    folded = fold_cls_mlp(sd)["cls_token"]
+    torch.testing.assert_close(folded.double(), want, atol=2e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(m.cls_embedding().double(), want, atol=2e-6, rtol=0)

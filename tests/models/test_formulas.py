@@ -31,6 +31,12 @@ def test_masking_by_hand():
     assert m.ids_keep.tolist() == [[1, 0]]          # argsort ascending, first K=2
     assert m.ids_restore.tolist() == [[1, 0, 3, 2]]  # argsort of ids_shuffle [1, 0, 3, 2]
     assert m.mask.tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    # a shuffle that is not its own inverse: ids_restore and ids_shuffle differ, and the mask must
+    # be unshuffled with ids_restore (with ids_shuffle it would read [1, 0, 1, 1, 0])
+    m = random_masking(1, 5, 0.6, noise=torch.tensor([[0.3, 0.9, 0.1, 0.5, 0.7]]))
+    assert m.ids_keep.tolist() == [[2, 0]]                 # ids_shuffle [2, 0, 3, 4, 1], K = int(5 * 0.4) = 2
+    assert m.ids_restore.tolist() == [[1, 4, 0, 2, 3]]
+    assert m.mask.tolist() == [[0.0, 1.0, 0.0, 1.0, 1.0]]  # patches 3, 4, 1 removed
 
 
 def test_masking_keeps_int_of_ratio_and_is_reproducible():
@@ -40,6 +46,13 @@ def test_masking_keeps_int_of_ratio_and_is_reproducible():
     assert a.ids_keep.shape == (3, int(49 * 0.25))
     assert torch.equal(a.ids_keep, b.ids_keep) and torch.equal(a.mask, b.mask)
     assert (a.mask.sum(1) == 49 - int(49 * 0.25)).all()
+    # K = int(L * (1 - r)) truncates: 49 x 0.4 = 19.6 keeps 19 (rounding would keep 20), in the
+    # dense layout of the model too
+    assert random_masking(2, 49, 0.6).ids_keep.shape == (2, 19)
+    model = TECModel(TECConfig(encoder=ViTConfig(28, 4, 32, 3, 2), decoder_dim=16, decoder_depth=1,
+                               decoder_heads=2, relation=False, tau=None))
+    layout = model.layout_for(2, mask_ratio=0.6)
+    assert layout.ids_keep.shape == (2, 19) and layout.hidden == [30, 30]
     with pytest.raises(ValueError, match="mask_ratio"):
         random_masking(1, 4, 1.0)
     with pytest.raises(ValueError, match="noise"):
@@ -234,6 +247,41 @@ def test_model_input_errors():
         model(x, t, noise=torch.rand(2, 7))
     with pytest.raises(ValueError, match="mask_ratio"):
         model(x, t, mask_ratio=1.5)
+
+
+def test_layer_norm_eps_of_every_module():
+    """The ViT LayerNorms (blocks, the encoder's final norm, both decoder heads' norms, the base
+    model's) use eps 1e-6 (docs/tec.md §1); the encoder adapter's two use torch's default 1e-5
+    (the reference code's nn.LayerNorm). The model-level norms are nn.LayerNorm modules whose eps
+    apply_norm hands to ops.layer_norm, so a module built with another eps computes with it."""
+    base, model = _tiny()
+    eps = {name: mod.eps for name, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm)}
+    adapter = {n for n in eps if n.startswith("encoder_adaptor.")}
+    assert adapter == {"encoder_adaptor.adap_before", "encoder_adaptor.adap_after"}
+    assert {eps[n] for n in adapter} == {1e-5}
+    assert {"norm", "forward_fea_decoder.decoder_norm", "forward_att_decoder.decoder_norm",
+            "blocks.0.norm1", "decoder_blocks.0.norm2"} <= set(eps)
+    assert {v for n, v in eps.items() if n not in adapter} == {1e-6}
+    base_eps = {mod.eps for mod in base.modules() if isinstance(mod, torch.nn.LayerNorm)}
+    assert base_eps == {1e-6}
+
+
+def test_loss_weights_weigh_the_two_losses():
+    """loss = feature_weight x feature loss + relation_weight x relation loss (docs/tec.md §3),
+    the two losses themselves unchanged by the weights."""
+    base, model = _tiny()
+    x = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16)
+    t = base(x)
+    one = model(x, t, noise=noise)
+    model.config.feature_weight, model.config.relation_weight = 0.3, 2.0
+    weighed = model(x, t, noise=noise)
+    assert weighed["feature"].item() == one["feature"].item() and weighed["relation"].item() == one["relation"].item()
+    want = 0.3 * one["feature"].double() + 2.0 * one["relation"].double()
+    assert abs(weighed["loss"].double().item() - want.item()) <= 1e-6 * abs(want.item())
+    assert one["relation"].item() > 0.1 and one["feature"].item() > 0.1  # both weigh in
+    model.config.feature_weight, model.config.relation_weight = 1.0, 0.0
+    assert model(x, t, noise=noise)["loss"].item() == one["feature"].item()
 
 
 def test_bf16_autocast_smoke():

@@ -146,6 +146,38 @@ def test_encoder_adapter_normalises_with_eps_1e5(path, request):
     assert_close(out, want, atol=2e-3, rtol=1e-3, name="adapter output")
 
 
+@pytest.mark.parametrize("path", ["reference_path", "triton_path"])
+def test_encoder_adapter_output_normalises_with_eps_1e5(path, request):
+    """The adapter's last LayerNorm (adap_after, over the sum of the groups) on a sum whose
+    variance is about eps: fusion weights of 5e-4 with a constant bias and MLP branches that add
+    nothing. Two groups, against the formula in float64 (the test above reaches eps only at the
+    first LayerNorm: after a fusion layer of unit-sized weights the variance is far above it)."""
+    request.getfixturevalue(path)
+    from tec_fast.nn import EncoderAdapter
+    torch.manual_seed(6)
+    D, C, G, T = 4, 8, 2, 5
+    ad = EncoderAdapter(C, D, G, hidden=8)
+    with torch.no_grad():
+        for fc, mlp in zip(ad.fuse_fcs, ad.adap_mlps):
+            fc.weight.copy_(5e-4 * torch.randn_like(fc.weight))
+            fc.bias.fill_(0.25)
+            mlp.fc2.weight.zero_()
+            mlp.fc2.bias.zero_()
+        ad.adap_after.weight.copy_(1 + 0.1 * torch.randn(C))
+        ad.adap_after.bias.copy_(0.1 * torch.randn(C))
+        feats = torch.randn(D, 2, T, C)  # [D, B, T, C]
+        out = ad(feats)
+    p = {k: v.double() for k, v in ad.state_dict().items()}
+    z = feats.double().permute(1, 2, 0, 3).reshape(2, T, D * C)
+    z = _ln64(z, p["adap_before.weight"], p["adap_before.bias"], 1e-5)
+    M = D // G
+    u = sum(F.linear(z[..., g * M * C:(g + 1) * M * C], p[f"fuse_fcs.{g}.weight"], p[f"fuse_fcs.{g}.bias"])
+            for g in range(G))  # the MLP branches add zero
+    want = _ln64(u, p["adap_after.weight"], p["adap_after.bias"], 1e-5)
+    assert_close(out, want, atol=2e-3, rtol=1e-3, name="adapter output")
+    assert (_ln64(u, p["adap_after.weight"], p["adap_after.bias"], 1e-6) - want).abs().max() > 0.3  # eps told apart
+
+
 # ------------------------------------------------------------------------- patch_norm_mse
 def _patch_norm_mse64(pred, target, mask, eps=1e-6):
     t = target.double()

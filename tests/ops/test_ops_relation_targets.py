@@ -126,3 +126,23 @@ def test_autocast_leaves_the_relations_in_fp32(path, request):
     assert_close(rel_ac, rel, atol=1e-6, rtol=1e-6, name="relation")
     assert_close(loss_ac, loss, atol=1e-6, rtol=1e-6, name="loss")
     assert_close(grad_ac, grad, atol=1e-6, rtol=1e-6, name="grad q")
+
+
+@pytest.mark.parametrize("path", ["reference_path", "triton_path"])
+def test_ties_are_ordered_as_torch_topk(path, request):
+    """docs/tec.md §1: the top-k patches are those of torch.topk, ties included. A CLS query of
+    zeros ties every patch (every rank is +0: the keys are positive, so no product is -0); torch.topk
+    orders such ties neither by index nor stably (a stable descending sort gives 0, 1, 2, ...)."""
+    request.getfixturevalue(path)
+    B, H, N, d, topk = 2, 3, 17, 8, 5
+    q, k = _inputs(B, H, N, d, torch.float32, seed=3)
+    k = k.abs() + 0.1
+    q[:, :, 0] = 0.0
+    rel, idx = ops.relation_targets(q, k, topk, d ** -0.5)
+    want = torch.topk(torch.zeros(B, N - 1), topk, dim=1).indices
+    assert not torch.equal(want, torch.arange(topk).expand(B, topk))  # the order a stable sort would give
+    assert torch.equal(idx, want), (idx, want)
+    rows = torch.cat([torch.zeros_like(want[:, :1]), want + 1], 1)  # the rows of those patches, in that order
+    logits = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5
+    expect = torch.gather(logits[..., 1:], 2, rows[:, None, :, None].expand(B, H, topk + 1, N - 1))
+    assert_close(rel, expect.permute(0, 2, 1, 3), atol=1e-5, rtol=1e-5, name="relation")
