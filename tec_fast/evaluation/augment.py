@@ -150,11 +150,16 @@ class RandAugment:
         smooth[:, 1:-1, 1:-1] = F.conv2d(img.unsqueeze(0), k / 13.0, groups=3)[0]
         return _blend(smooth, img, 1.0 + 0.9 * level * _sign())
 
+    # timm's shears (PIL AFFINE (1, k, 0, 0, 1, 0) and (1, 0, 0, k, 1, 0)) keep the top-left
+    # corner in place: x_in = x + k y in pixels, which in affine_grid's normalised coordinates is
+    # x_in = x + k (H / W) (y + 1)
     def shear_x(self, img, level):
-        return _affine(img, [[1.0, 0.3 * level * _sign(), 0.0], [0.0, 1.0, 0.0]], self.fill)
+        k = 0.3 * level * _sign() * img.shape[-2] / img.shape[-1]
+        return _affine(img, [[1.0, k, k], [0.0, 1.0, 0.0]], self.fill)
 
     def shear_y(self, img, level):
-        return _affine(img, [[1.0, 0.0, 0.0], [0.3 * level * _sign(), 1.0, 0.0]], self.fill)
+        k = 0.3 * level * _sign() * img.shape[-1] / img.shape[-2]
+        return _affine(img, [[1.0, 0.0, 0.0], [k, 1.0, k]], self.fill)
 
     def translate_x(self, img, level):  # a fraction 0.45 * level of the width
         return _affine(img, [[1.0, 0.0, 2 * 0.45 * level * _sign()], [0.0, 1.0, 0.0]], self.fill)

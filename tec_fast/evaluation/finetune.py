@@ -46,7 +46,7 @@ class FinetuneModel(nn.Module):
             self.fc_norm = nn.LayerNorm(dim, eps=enc.config.ln_eps)
         self.encoder = enc
         self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+        nn.init.trunc_normal_(self.head.weight, std=init_std)  # MAE's (timm's): cut at +-2, not at 2 std
         nn.init.zeros_(self.head.bias)
         depth = len(enc.blocks)
         self.drop_rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]

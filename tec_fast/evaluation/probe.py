@@ -209,7 +209,8 @@ def _linear_probe(train_f, train_y, test_f, test_y, max_dim, weight_decays, max_
             for wd in weight_decays:
                 W, b = _fit_logreg(train_x[fit], train_y[fit], num_classes, wd, max_iter)
                 scores.append(float(((train_x[held] @ W + b).argmax(1) == train_y[held]).float().mean()))
-            weight_decays = [weight_decays[int(np.argmax(scores))]]  # ties: the weakest decay
+            best = max(scores)  # ties: the weakest of the best decays, in whatever order they were given
+            weight_decays = [min(wd for wd, score in zip(weight_decays, scores) if score == best)]
     W, b = _fit_logreg(train_x, train_y, num_classes, weight_decays[0], max_iter)
     return float(((test_x @ W + b).argmax(dim=1) == test_y).float().mean())
 

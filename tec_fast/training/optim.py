@@ -23,9 +23,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
-                    betas: Tuple[float, float] = (0.9, 0.95), kind: str = "torch"):
-    """(optimizer, description). ``kind='apex'`` uses apex's FusedAdam (AdamW mode) when it
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Tuple[float, float],
+                    kind: str = "torch"):
+    """(optimizer, description): AdamW with ``param_groups``' decay split (the recipe's values come
+    from ``FitConfig``, their one home). ``kind='apex'`` uses apex's FusedAdam (AdamW mode) when it
     imports and CUDA is there, else falls back with a warning; ``'torch'`` uses torch.optim.AdamW
     with ``fused=True`` where this torch supports it for the parameters' device, else foreach."""
     if kind not in ("torch", "apex"):

@@ -129,6 +129,48 @@ def test_random_resized_crop_box_ranges():
     assert random_resized_crop_box(100, 10, scale=(0.9, 1.0), ratio=(1.0, 1.0), generator=g) == (45, 0, 10, 10)
 
 
+def test_random_resized_crop_draws_the_recipe_distribution():
+    """RandomResizedCrop's draw (docs/tec.md §4): area fraction ~ U(0.2, 1), aspect ratio
+    log-uniform on [3/4, 4/3], then the flip with p = 0.5. On a large square image the rejection
+    of boxes that do not fit is symmetric in log aspect, so half the boxes are wider than tall
+    (a ratio drawn uniformly on [3/4, 4/3] itself would make 57% of them wider)."""
+    from tec_fast.data.transforms import draw_train_crop
+    g = torch.Generator().manual_seed(1)
+    boxes = [random_resized_crop_box(1000, 1000, generator=g) for _ in range(4000)]
+    aspect = np.array([w / h for _, _, w, h in boxes])
+    area = np.array([w * h for _, _, w, h in boxes]) / 1e6
+    assert aspect.max() <= 4 / 3 * 1.005 and aspect.min() >= 3 / 4 / 1.005
+    assert aspect.max() >= 4 / 3 * 0.99 and aspect.min() <= 3 / 4 / 0.99  # both ends are reached
+    assert abs((aspect > 1).mean() - 0.5) < 0.035
+    assert area.min() >= 0.2 * 0.99 and area.min() < 0.21 and area.max() > 0.97
+    small = area[area < 0.75]  # every aspect fits below 3/4 of the image: uniform there, no rejection
+    assert abs((small < 0.475).mean() - 0.5) < 0.035
+    flips = []
+    for seed in range(2000):
+        torch.manual_seed(seed)
+        flips.append(draw_train_crop(500, 375)[1])
+    assert abs(np.mean(flips) - 0.5) < 0.04
+
+
+def test_normalize_uses_imagenet_statistics():
+    """(x / 255 - mean) / std per channel, R, G, B, with ImageNet's mean (0.485, 0.456, 0.406)
+    and std (0.229, 0.224, 0.225), written out here."""
+    from tec_fast.data.transforms import normalize
+    x = torch.tensor([[[255]], [[0]], [[128]]], dtype=torch.uint8)  # [3, 1, 1]
+    want = torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225])
+    torch.testing.assert_close(normalize(x).flatten(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_class_folders_sorted_by_code_point(tmp_path):
+    """Class indices follow the folder names sorted by code point, as torchvision's ImageFolder
+    numbers them ("B" before "a"): a checkpoint's head and a probe's labels mean the same classes."""
+    for name in ("a", "B", "c"):
+        _write_images(tmp_path / name, 1)
+    ds = ImageFolderDataset(str(tmp_path), img_size=8)
+    assert ds.classes == ["B", "a", "c"]
+    assert [(os.path.basename(os.path.dirname(p)), t) for p, t in ds.samples] == [("B", 0), ("a", 1), ("c", 2)]
+
+
 def test_flat_folder_unlabelled(tmp_path):
     _write_images(tmp_path, 3)
     ds = ImageFolderDataset(str(tmp_path), img_size=8)

@@ -138,6 +138,31 @@ def test_scaled_decode_keeps_the_crop_geometry():
     assert (full - shifted.float()).abs().mean() > 2 * (full - reduced).abs().mean()
 
 
+def test_scale_box_covers_the_box_in_whole_pixels():
+    """The scaled box grows to whole pixels (floor of its near edges, ceil of its far ones) and is
+    clamped to the decoded image: a box that ends at the image's edge keeps the last pixel."""
+    # 403 x 203 at 1/8: libjpeg decodes ceil(403/8) x ceil(203/8) = 51 x 26
+    assert scale_box((0, 0, 403, 203), 1 / 8, 1 / 8, 51, 26) == (0, 0, 51, 26)
+    assert scale_box((3, 5, 397, 190), 1 / 8, 1 / 8, 51, 26) == (0, 0, 50, 25)  # 400/8 = 50, 195/8 -> 25
+    assert scale_box((8, 16, 8, 8), 1 / 8, 1 / 8, 51, 26) == (1, 2, 1, 1)  # one reduced pixel exactly
+
+
+def test_train_crop_of_a_reduced_decode_matches_the_full_decode(monkeypatch):
+    """A crop of a wide image decoded at 1/8 (its box clamped to the decoded width and height,
+    not the other way round) looks like the same crop resampled from the full decode."""
+    from tec_fast.data import transforms
+    yy, xx = np.mgrid[0:203, 0:403].astype(np.float64)
+    waves = [128 + 100 * np.sin(2 * np.pi * (xx / 500 + c / 3)) * np.cos(2 * np.pi * yy / 400) for c in range(3)]
+    data = _jpeg(np.stack(waves, -1).round().astype(np.uint8), quality=95)  # smooth at 1/8 scale
+    box = (103, 53, 300, 150)
+    monkeypatch.setattr(transforms, "draw_train_crop", lambda w, h: (box, False))
+    img = EncodedImage(data)
+    assert jpeg_reduction(403, 203, 16 * 403 / 300, 16 * 203 / 150) == 8
+    out = transforms.train_crop(img, 16).float()
+    full = resized_crop(torch.from_numpy(img.decode(1)).permute(2, 0, 1), box, 16).float()
+    assert (out - full).abs().mean() < 4.0  # the box grown to whole reduced pixels: a few levels
+
+
 def test_train_crop_is_seeded_and_uint8():
     img = EncodedImage(JPEGS["ycbcr420"])
     torch.manual_seed(3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import warnings
 
 import pytest
@@ -128,3 +129,20 @@ def test_path_only_rows_are_not_read_from_the_working_directory(root, tmp_path, 
         ds[1]
     with pytest.raises(UnreadableImage, match=r"path only, 'gone.jpg', and there is no such file \(\S*/pq/gone.jpg\)"):
         ds[2]
+
+
+def test_null_labels_are_unlabelled_and_the_image_column_is_preferred(root, tmp_path):
+    """A row whose label is null is unlabelled (-1), not class 0; and of the image columns a
+    table may have, "image" is read before "img"."""
+    import pyarrow.parquet as pq
+
+    from tec_fast.data.folder import find_samples
+    samples, _ = find_samples(root)
+    raw = [pathlib.Path(p).read_bytes() for p, _ in samples[:3]]
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"img": pa.array(raw[::-1], pa.binary()), "image": pa.array(raw, pa.binary()),
+                             "label": pa.array([1, None, 0], pa.int64())}), str(tmp_path / "pq" / "train.parquet"))
+    ds = HFImageDataset(str(tmp_path / "pq"), img_size=16, train=False)
+    assert ds.targets == [1, -1, 0]
+    folder = ImageFolderDataset(root, img_size=16, train=False)
+    assert torch.equal(ds[0][0], folder[0][0]) and not torch.equal(ds[0][0], folder[2][0])

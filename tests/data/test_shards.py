@@ -372,3 +372,23 @@ def test_a_folder_of_several_prefixes_is_refused_as_data(made, tmp_path):
                                          rf"'{out}/b-000000\.tar'"):
         shard_paths(out)
     assert len(TarShardDataset(os.path.join(out, "a-{000000..000002}.tar"), img_size=8)) == 14
+
+
+def test_a_key_with_two_images_or_two_labels_reads_the_first_of_each_kind(tmp_path):
+    """The image member read is the first extension of IMAGE_EXTS the key has (jpg before png),
+    whatever the order in the tar; the label is the first label member met."""
+    import io
+
+    from PIL import Image
+
+    def encoded(colour, fmt):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(buf, format=fmt)
+        return buf.getvalue()
+
+    _tar(tmp_path / "s.tar", [("k.png", encoded((255, 0, 0), "PNG")), ("k.jpg", encoded((0, 0, 255), "JPEG")),
+                              ("k.cls", b"1"), ("k.label", b"2")])
+    ds = TarShardDataset(str(tmp_path / "s.tar"), img_size=8, train=False)
+    assert len(ds) == 1 and ds.targets == [1]
+    pixel = ds[0][0][:, 4, 4].tolist()  # normalised: pure blue is about (-2.1, -2.0, +2.6)
+    assert pixel[2] > 2 and pixel[0] < -1.5, pixel  # blue: the JPEG

@@ -94,6 +94,35 @@ def test_block_masking_ratio_on_average():
     assert 0.3 < ratio <= 0.4 + 1e-6
 
 
+def test_block_masking_draws_blocks_of_the_recipe():
+    """BEiT's blocks: aspect ratio log-uniform on [0.3, 1/0.3], so a block is as often taller
+    than wide as wider than tall (a ratio drawn uniformly on that range is above 1 three times in
+    four: masked patches then touch vertically 52% of the time, not 50%), and at least
+    min_block patches large (a 4-patch block rounds to at least 3, so no masked region is
+    smaller)."""
+    keep = block_masking(2000, 14, 0.4, min_block=4, generator=torch.Generator().manual_seed(2))
+    m = (~keep).view(-1, 14, 14)
+    vertical, horizontal = (m[:, 1:] & m[:, :-1]).sum().item(), (m[:, :, 1:] & m[:, :, :-1]).sum().item()
+    assert abs(vertical / (vertical + horizontal) - 0.5) < 0.008, (vertical, horizontal)
+    keep = block_masking(200, 14, 0.4, min_block=4, generator=torch.Generator().manual_seed(3))
+    for k in keep.view(-1, 14, 14):
+        masked = (~k).tolist()
+        seen = [[False] * 14 for _ in range(14)]
+        for r0 in range(14):
+            for c0 in range(14):
+                if masked[r0][c0] and not seen[r0][c0]:  # one 4-connected masked region
+                    stack, size = [(r0, c0)], 0
+                    seen[r0][c0] = True
+                    while stack:
+                        r, c = stack.pop()
+                        size += 1
+                        for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                            if 0 <= rr < 14 and 0 <= cc < 14 and masked[rr][cc] and not seen[rr][cc]:
+                                seen[rr][cc] = True
+                                stack.append((rr, cc))
+                    assert size >= 3, (size, k)
+
+
 def test_variable_masking_errors():
     with pytest.raises(ValueError, match="one ratio per image"):
         variable_masking(3, 16, torch.tensor([0.5, 0.6]))

@@ -48,11 +48,40 @@ def test_no_weight_decay_on_biases_norms_and_1d():
 
 def test_optimizer_says_which_ran():
     model = tiny_tec()
-    _, name = build_optimizer(model, 1e-3)
+    _, name = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95))
     assert name.startswith("torch.optim.AdamW")
     with pytest.warns(RuntimeWarning, match="apex"):  # apex is not installed here / needs CUDA
-        _, name = build_optimizer(model, 1e-3, kind="apex")
+        _, name = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), kind="apex")
     assert name.startswith("torch.optim.AdamW")
+
+
+def test_sample_seeds_change_every_epoch():
+    """Each sample's seed (its crop, flip and augmentation) is drawn anew every epoch: the same
+    image must not get the same crop in every epoch."""
+    from tec_fast.training.sampling import mix_seed
+    s = ResumableSampler(list(range(40)), 1, 0, True, seed=5)
+    seeds = []
+    for epoch in (0, 1):
+        s.set_epoch(epoch)
+        pairs = dict(s)
+        assert all(seed == mix_seed(5, epoch, i) for i, seed in pairs.items())
+        seeds.append(pairs)
+    assert all(seeds[0][i] != seeds[1][i] for i in range(40))
+
+
+def test_metrics_log_records_the_mean_of_the_steps_since_the_last_record(tmp_path):
+    """metrics.jsonl: every log_every steps, the mean of each metric over those steps (not their
+    sum, nor the last step's value)."""
+    model = tiny_tec()
+    cfg = FitConfig(max_steps=4, batch_size=4, lr=1e-3, warmup_steps=1, log_every=2, progress=False,
+                    num_workers=0, output_dir=str(tmp_path))
+    res = fit(model, tiny_objective(), AugmentedImages(16), cfg)
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if '"event"' not in line]
+    assert [r["step"] for r in steps] == [2, 4]
+    for r, part in zip(steps, (res.losses[0:2], res.losses[2:4])):
+        assert r["loss"] == pytest.approx(sum(part) / 2, rel=1e-6)
+    assert len(set(res.losses)) == 4  # the four losses differ: a sum or a last value would not match
 
 
 def test_sample_seeds_do_not_depend_on_world_size():
