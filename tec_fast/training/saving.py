@@ -130,13 +130,13 @@ def check_same_setup(ck: dict, extra: dict, path: str) -> None:
 
 def weights_digest(module: nn.Module) -> str:
     """A digest of ``module``'s state (names, dtypes, shapes, values): the same encoder file
-    loaded from anywhere gives the same digest, another file's weights another one (a ViT-B:
-    about 0.4 s on one core)."""
+    loaded from anywhere gives the same digest, another file's weights another one (a ViT-B's
+    86 M fp32 weights: 0.23 s on one core of the development machine)."""
     h = hashlib.blake2b(digest_size=12)
     for name, t in module.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
     return h.hexdigest()
 
 

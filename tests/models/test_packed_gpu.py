@@ -34,11 +34,14 @@ def test_varlen_is_the_packed_backend_for_bf16_on_this_gpu():
     assert backend != "varlen" and any("fp16 / bf16" in r for r in why)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_varlen_matches_per_image_attention(dtype):
-    """Forward and every gradient against float64 per-image attention; the error is bounded by
-    2x that of torch's own per-image SDPA in the same dtype, plus a margin."""
-    if not _flash_capable():
+@pytest.mark.parametrize("backend, dtype", [("varlen", torch.bfloat16), ("varlen", torch.float16),
+                                            ("nested", torch.bfloat16), ("nested", torch.float32),
+                                            ("dense", torch.float32)])
+def test_packed_backends_match_per_image_attention(backend, dtype):
+    """Forward and every gradient against float64 per-image attention, for each backend the step
+    can take on CUDA (the nested route's length bounds size its CUDA kernels' work); the error
+    is bounded by 2x that of torch's own per-image SDPA in the same dtype, plus a margin."""
+    if backend == "varlen" and not _flash_capable():
         pytest.skip("flash attention needs compute capability >= 8.0")
     torch.manual_seed(0)
     T, H, d = sum(LENS), 4, 64
@@ -54,7 +57,7 @@ def test_varlen_matches_per_image_attention(dtype):
 
     ref = run(lambda q, k, v: _per_image(q, k, v, LENS), torch.float64)
     torch_low = run(lambda q, k, v: _per_image(q, k, v, LENS), dtype)
-    got = run(lambda q, k, v: packed_attention(q, k, v, cu, max(LENS), backend="varlen"), dtype)
+    got = run(lambda q, k, v: packed_attention(q, k, v, cu, max(LENS), backend=backend, lengths=LENS), dtype)
     for name, a, t, r in zip(("out", "dq", "dk", "dv"), got, torch_low, ref):
         err, torch_err = (a - r).abs().max().item(), (t - r).abs().max().item()
         assert err <= 2 * torch_err + 1e-2 * r.abs().max().item(), (name, err, torch_err)

@@ -36,6 +36,23 @@ def test_packed_attention_matches_per_image_sdpa(backend, host_lengths):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_nested_backend_hands_the_true_length_bounds(monkeypatch):
+    """The nested route tells SDPA the longest and shortest image (on CUDA its kernels size their
+    work from them; on CPU they are ignored, so the values are checked where they are handed)."""
+    lens = [3, 1, 7, 5]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lens), 2, 4) for _ in range(3))
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q._max_seqlen, q._min_seqlen))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    packed_attention(q, k, v, cu, max(lens), backend="nested", lengths=lens)
+    assert seen == [(7, 1)]
+
+
 def test_packed_equals_padded_for_a_uniform_ratio():
     base, model = _models()
     x = torch.randn(3, 3, 16, 16)

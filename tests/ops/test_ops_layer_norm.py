@@ -262,3 +262,23 @@ def test_run_blocks_triton_path_values_and_gradients(triton_path):
     fused_b = _outputs_and_grads(blocks_b, xb, "run_blocks")
     for i, (k, e, r) in enumerate(zip(fused_b, loop_b, exact)):
         assert_low_precision_ok(k, e, r, atol=1e-2, name=f"bf16 tensor {i}")
+
+
+@pytest.mark.parametrize("used", ["y", "h"])
+def test_gradient_through_one_of_the_two_outputs(triton_path, used):
+    """A caller that uses only y (the last block's norm) or only h (a stream that keeps the sum):
+    the gradients still reach x, residual, weight and bias as eager's do (through h alone: x and
+    residual get exactly the incoming gradient, the norm's parameters nothing)."""
+    shape = (2, 5, 37)
+    x, res, w, b = _kernel_inputs(shape, torch.float32)
+    g = torch.randn(shape)
+    y, h = _fast(x, res, w, b)
+    ey, eh = _eager(x, res, w, b, 1e-6)
+    out, eout = (y, ey) if used == "y" else (h, eh)
+    leaves = [x, res] + ([w, b] if used == "y" else [])
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(eout, leaves, g)
+    for name, a, e in zip(["grad_x", "grad_res", "grad_w", "grad_b"], got, want):
+        assert_close(a, e, atol=1e-5, rtol=1e-4, name=name)
+    if used == "h":
+        assert torch.equal(got[0], g) and torch.equal(got[1], g)

@@ -154,3 +154,16 @@ def test_compile_smoke(triton_path):
     assert_close(loss, ref, atol=1e-5, rtol=1e-6, name="loss")
     assert_close(gx, rgx, atol=1e-5, rtol=1e-6, name="grad_x")
     assert_close(gp, rgp, atol=1e-5, rtol=1e-6, name="grad_pos")
+
+
+@pytest.mark.parametrize("frozen", ["x", "pos"])
+def test_gradients_of_the_inputs_that_ask_for_one(triton_path, frozen):
+    """Only some inputs require a gradient (a frozen patch embedding under a trained position
+    table, or the other way round): the others still get theirs, equal to the reference's."""
+    x, ids, pos = _inputs(2, 13, 37, 5, torch.float32)
+    x, pos = (x.detach(), pos) if frozen == "x" else (x, pos.detach())
+    leaf = pos if frozen == "x" else x
+    grad = torch.randn(2, 5, 37)
+    got = torch.autograd.grad(ops.masked_gather(x, ids, pos), leaf, grad)[0]
+    want = torch.autograd.grad(reference.masked_gather(x, ids, pos), leaf, grad)[0]
+    assert_close(got, want, atol=1e-6, rtol=1e-6, name=f"grad of {'pos' if frozen == 'x' else 'x'}")

@@ -145,3 +145,19 @@ def test_compile_smoke(triton_path):
     assert_close(loss, ref, atol=1e-4, rtol=1e-6, name="loss")
     for name, a, b in zip(NAMES[1:], got, want):
         assert_close(a, b, atol=1e-5, rtol=1e-6, name=name)
+
+
+@pytest.mark.parametrize("frozen", ["vis", "mask_token", "pos"])
+def test_gradients_of_the_inputs_that_ask_for_one(triton_path, frozen):
+    """Only some inputs require a gradient (a frozen encoder's tokens under a trained mask token,
+    and so on): the others still get theirs, equal to the reference's."""
+    vis, ids, tok, pos = _inputs(3, 13, 37, 4, torch.float32)
+    tensors = {"vis": vis, "mask_token": tok, "pos": pos}
+    tensors[frozen] = tensors[frozen].detach()
+    leaves = [t for name, t in tensors.items() if name != frozen]
+    grad = torch.randn(3, 13, 37)
+    args = (tensors["vis"], ids, tensors["mask_token"], tensors["pos"])
+    got = torch.autograd.grad(ops.scatter_masked(*args), leaves, grad)
+    want = torch.autograd.grad(reference.scatter_masked(*args), leaves, grad)
+    for name, a, b in zip([n for n in tensors if n != frozen], got, want):
+        assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"grad of {name}")

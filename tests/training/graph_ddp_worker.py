@@ -31,6 +31,11 @@ def main() -> None:
     (step,) = step_class.instances
     write_rank0_summary(d, r, "ddp", out, replays=step.replays, status=r.cuda_graph,
                         local_replays=step.fwd_bwd_local.replays if step.fwd_bwd_local else 0)
+    # the emulated step class keeps its instances (and through them the DDP module and its process
+    # group) alive until interpreter teardown, where gloo's threads can abort the process (exit -6
+    # after the work is done, seen under load): let them go while the process group is still up
+    step_class.instances.clear()
+    del step, r
     cleanup_distributed(barrier=True)
 
 
