@@ -95,8 +95,7 @@ class ClassifierObjective:
     cross-entropy on a mixup / cutmix batch. ``random_forward`` (stochastic depth): the forward runs
     under torch's RNG seeded for this micro-step. The seed and the mixing choices come from ``fit``'s
     per-step noise, a function of (seed, step, micro-step, process), so a resumed run draws exactly
-    what an uninterrupted one draws (the global RNG does not: a resumed DataLoader iterator takes its
-    own draw from it at another point)."""
+    what an uninterrupted one draws, whatever else draws from the global RNG in between."""
 
     def __init__(self, mix: Optional[MixupCutmix] = None, smoothing: float = 0.0, random_forward: bool = False):
         self.mix, self.smoothing, self.random_forward = mix, smoothing, random_forward

@@ -46,6 +46,7 @@ from tec_fast.training.sampling import (
     ResumableSampler,
     SeededSamples,
     masking_noise,
+    mix_seed,
 )
 from tec_fast.training.saving import RunSaver, load_for_resume, restore
 from tec_fast.training.state import seed_everything
@@ -58,10 +59,14 @@ def build_loader(dataset: Dataset, cfg: FitConfig, dist_info: DistInfo, shuffle:
     ``batch_sampler``: a global plan of variable-size batches (see ``ResumableBatchSampler``)
     instead of fixed batches of ``cfg.batch_size``; ``collate_fn``: the DataLoader's."""
     workers = cfg.num_workers
+    # its own generator: an iterator takes its workers' base seed from it, not from torch's global
+    # RNG, so a resumed run (a new iterator mid-epoch) leaves the global RNG stream where the
+    # uninterrupted one has it (code drawing from it, dropout in a user's model, resumes exactly)
     common = dict(num_workers=workers, collate_fn=collate_fn,
                   pin_memory=cfg.pin_memory and dist_info.device.type == "cuda",
                   persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                  worker_init_fn=loader_worker_init if workers > 0 else None)
+                  worker_init_fn=loader_worker_init if workers > 0 else None,
+                  generator=torch.Generator().manual_seed(mix_seed(cfg.seed, dist_info.rank, 0x6C6F61646572)))
     if batch_sampler is not None:
         sampler = ResumableBatchSampler(batch_sampler, dist_info.world, dist_info.rank, cfg.seed)
         steps_per_epoch = sampler.num_batches // cfg.accum

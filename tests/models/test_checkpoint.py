@@ -243,6 +243,39 @@ def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.pth"]
 
 
+def test_save_atomic_syncs_the_whole_file_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """The temporary file is complete and fsync'ed before the rename makes it the checkpoint (a
+    power cut after a rename of unsynced data can leave an empty file under the good name); an
+    fsync that fails leaves the old checkpoint as it was and no temporary file."""
+    path = tmp_path / "last.pth"
+    save_atomic({"step": 1}, path)
+    events, fsync, replace = [], ckpt_io.os.fsync, ckpt_io.os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_size))
+        return fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", os.path.getsize(src)))
+        return replace(src, dst)
+
+    monkeypatch.setattr(ckpt_io.os, "fsync", logged_fsync)
+    monkeypatch.setattr(ckpt_io.os, "replace", logged_replace)
+    save_atomic({"step": 2, "w": torch.arange(1000)}, path)
+    assert [e[0] for e in events] == ["fsync", "replace"]
+    assert events[0][1] == events[1][1] == os.path.getsize(path) > 8000  # synced whole, then renamed
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(ckpt_io.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        save_atomic({"step": 3}, path)
+    monkeypatch.undo()
+    assert read_checkpoint(str(path))["step"] == 2
+    assert os.listdir(tmp_path) == ["last.pth"]
+
+
 class _FullDisk:
     """A file whose writes fail with ENOSPC after ``room`` bytes, as on a full disk."""
 

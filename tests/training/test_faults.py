@@ -88,9 +88,13 @@ def test_sigterm_saves_then_exits_and_resume_finishes(tmp_path, group):
     events = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert any(e.get("event") == "interrupted" and e["step"] == stopped_at for e in events)
 
+    (out / ".tmp-killed01.pth").write_bytes(b"half a checkpoint")  # as a save killed mid-write leaves
+    (out / ".link-99999.pth").write_bytes(b"")
     done = subprocess.run(_cli(folder, out, "--resume", "--max-steps", str(stopped_at + 3), "--no-progress"),
                           env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "removed 2 temporary file(s) left by an interrupted save" in done.stdout + done.stderr
+    assert not (out / ".tmp-killed01.pth").exists() and not (out / ".link-99999.pth").exists()
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["step"] == stopped_at + 3
 
 
@@ -132,3 +136,35 @@ def test_weights_are_checked_even_without_an_output_folder():
     cfg = FitConfig(max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, progress=False)
     with pytest.raises(NonFiniteWeights, match="no checkpoint"):
         fit(model, tiny_objective(), AugmentedImages(n=8), cfg, on_step=poison)
+
+
+def test_fit_gives_the_signal_handlers_back(tmp_path):
+    """fit handles SIGTERM / SIGINT while it runs (save, then stop) and puts the caller's handlers
+    back when it returns or raises: a notebook's Ctrl-C must interrupt again afterwards."""
+    def mine(signum, frame):
+        pass
+
+    before = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        cfg = FitConfig(max_steps=2, batch_size=4, lr=1e-3, warmup_steps=1, progress=False, num_workers=0)
+        fit(tiny_tec(), tiny_objective(), AugmentedImages(n=16), cfg)
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+        with pytest.raises(NonFiniteLoss):
+            fit(tiny_tec(), PoisonAt(1, float("nan")), AugmentedImages(n=16), cfg)
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    """The first SIGINT asks the loop to save and stop after its step; a second one raises
+    KeyboardInterrupt at once (a user who does not want to wait for the save)."""
+    from tec_fast.training.faults import _SignalFlag
+    with _SignalFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs between bytecodes
+        assert flag.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)

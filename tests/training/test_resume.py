@@ -63,12 +63,52 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, workers_second):
             assert torch.equal(v, last_cut["optimizer"]["state"][pid][k]), f"optimizer {pid}.{k}"
 
 
+class _RandomWeightObjective:
+    """The tiny TEC objective with its loss scaled by a draw from torch's global RNG in the main
+    process each step (as dropout or stochastic depth draw): a resume that does not restore the
+    global RNG state gives other scales, and other weights."""
+
+    def __init__(self, inner=None):
+        self.inner = inner if inner is not None else tiny_objective()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def for_precision(self, amp_dtype):
+        return _RandomWeightObjective(self.inner.for_precision(amp_dtype))
+
+    def __call__(self, model, batch, noise):
+        out = self.inner(model, batch, noise)
+        return {**out, "loss": out["loss"] * (0.5 + torch.rand(()))}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_restores_the_global_rng(tmp_path, workers):
+    """Code drawing from torch's global RNG in the main process (dropout in a user's model) draws
+    the same after a resume: the RNG state is restored, and no DataLoader iterator takes a draw
+    from it (each takes its workers' seed from the loader's own generator)."""
+    full = fit(tiny_tec(), _RandomWeightObjective(), AugmentedImages(), _cfg(tmp_path / "full"))
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(tiny_tec(), _RandomWeightObjective(), AugmentedImages(), _cfg(tmp_path / "cut"),
+            on_step=_sigterm_at(4))
+    step = torch.load(info.value.checkpoint, weights_only=True)["step"]
+    torch.manual_seed(12345)  # the resuming process starts from another RNG state
+    resumed = fit(tiny_tec(seed=99), _RandomWeightObjective(), AugmentedImages(),
+                  _cfg(tmp_path / "cut", resume="auto", num_workers=workers))
+    assert full.losses[:step] + resumed.losses == full.losses
+    _assert_same_state(full.model.state_dict(), resumed.model.state_dict(), "model")
+
+
 def test_fp16_loss_scaler_is_saved_and_restored(tmp_path):
     full = fit(tiny_tec(), tiny_objective(), AugmentedImages(), _cfg(tmp_path / "full", precision="fp16"))
     part1, resumed = _run_interrupted(tmp_path / "cut", 0, precision="fp16")
     assert part1["scaler"] is not None and part1["scaler"]["scale"] > 0
     assert full.losses[:part1["step"]] + resumed.losses == full.losses
     _assert_same_state(full.model.state_dict(), resumed.model.state_dict(), "model")
+    # the scaler's whole state goes on (its growth tracker counts the steps since the last
+    # change: a fresh scaler would restart it, and change its scale at another step)
+    assert torch.load(resumed.checkpoint, weights_only=True)["scaler"] == \
+        torch.load(full.checkpoint, weights_only=True)["scaler"]
 
 
 def test_checkpoint_contents_load_with_weights_only(tmp_path):
@@ -186,6 +226,7 @@ def _finished_run(out, **kw):
     ("step", -5, "its step must be an int >= 0, got -5"),
     ("epoch", -3, "its epoch must be an int >= 0, got -3"),
     ("step_in_epoch", 10 ** 6, "its step_in_epoch 1000000 is not below this run's 2 steps per epoch"),
+    ("step_in_epoch", 2, "its step_in_epoch 2 is not below this run's 2 steps per epoch"),
 ])
 def test_resume_refuses_damaged_position_fields(tmp_path, key, value, needle):
     path = _finished_run(tmp_path / "a")
