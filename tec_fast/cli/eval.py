@@ -607,7 +607,7 @@ def _run_protocol(args, d, output: str) -> dict:
         raise SystemExit(128 + exc.signum) from None
     result.update({"checkpoint_evaluated": os.path.abspath(args.checkpoint), "vit": vit.to_dict(),
                    "vit_source": vit_source, "data": data_name, "seed": args.seed})
-    result.update(_protocol_skipped(train, test))
+    result.update(_protocol_skipped(result.pop("train_unreadable"), test))
     if d.is_main:
         note = _skipped_note(result, train_replaced=True)
         if note:
@@ -621,18 +621,17 @@ def _run_protocol(args, d, output: str) -> dict:
     return result
 
 
-def _protocol_skipped(train, test) -> dict:
+def _protocol_skipped(train_unreadable: list, test) -> dict:
     """{skipped, skipped_files} of a protocol run: the unreadable images every process met, the
-    training split's (replaced in training) and the test split's (left out of top-1); under
-    torchrun each process reads its own share of either split."""
+    training split's (replaced in training; gathered from every process by ``fit``) and the test
+    split's (left out of top-1; under torchrun each process reads its own share)."""
     import torch.distributed as dist
 
-    found = {"train": skipped_files(train), "test": skipped_files(test)}
+    found = {"train": list(train_unreadable), "test": skipped_files(test)}
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for split in ("train", "test"):
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, found[split])
-            found[split] = sorted({p for part in gathered for p in part})
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, found["test"])
+        found["test"] = sorted({p for part in gathered for p in part})
     return {"skipped": {split: len(paths) for split, paths in found.items()},
             "skipped_files": {split: paths[:SHOWN_SKIPPED] for split, paths in found.items()}}
 

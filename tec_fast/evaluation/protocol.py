@@ -201,7 +201,8 @@ def run_protocol(protocol: str, encoder: nn.Module, train_ds, test_ds, num_class
     ``FitConfig`` fields other than the recipe's (output_dir, seed, precision, resume, ...);
     ``test_progress(done, total)``: called while the test split is scored.
     Returns the result record (plain data; ``test_images``: the test images read, unreadable ones
-    of a ``drop_unreadable`` test set left out). ValueError when none of them is readable."""
+    of a ``drop_unreadable`` test set left out; ``train_unreadable``: the training images every
+    process found unreadable, each replaced by another). ValueError when none of them is readable."""
     from tec_fast.training import FitConfig, fit, setup_distributed
     from tec_fast.training.saving import weights_digest
 
@@ -239,4 +240,5 @@ def run_protocol(protocol: str, encoder: nn.Module, train_ds, test_ds, num_class
             "peak_lr": result.lr, "optimizer": result.optimizer, "seconds": round(time.perf_counter() - t0, 1),
             "img_per_s": result.img_per_s, "last_metrics": result.metrics, "checkpoint": result.checkpoint,
             "world": d.world, "precision": cfg.precision, "recipe": r.to_dict(),
-            "train_images": len(train_ds), "test_images": seen, "num_classes": num_classes}
+            "train_images": len(train_ds), "test_images": seen, "num_classes": num_classes,
+            "train_unreadable": list(result.unreadable)}

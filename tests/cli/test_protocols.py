@@ -408,9 +408,10 @@ def test_a_protocol_checkpoint_exports_its_encoder(protocol_checkpoints, tmp_pat
         assert torch.equal(value, ck["model"][key if key.startswith("fc_norm.") else "encoder." + key]), key
 
 
-def test_protocol_counts_every_process_unreadable_training_images(monkeypatch):
-    """Under torchrun each process reads its own share of the training split too: the summary
-    counted the training split's unreadable images of rank 0 alone."""
+def test_protocol_counts_every_process_unreadable_images(monkeypatch):
+    """Under torchrun each process reads its own share of either split. The training split's
+    unreadable images come from every process as fit gathered them (the summary counted rank 0's
+    alone once); the test split's are gathered here, once."""
     import torch.distributed as dist
 
     from tec_fast.cli.eval import _protocol_skipped
@@ -422,15 +423,37 @@ def test_protocol_counts_every_process_unreadable_training_images(monkeypatch):
         def skipped_paths(self):
             return list(self.paths)
 
-    other_rank = {"train": ["/d/train/b.jpg", "/d/train/c.jpg"], "test": ["/d/val/y.jpg"]}
+    gathers = []
 
     def all_gather_object(out, obj):
-        split = "train" if obj and "/train/" in obj[0] else "test"
-        out[:] = [obj, other_rank[split]]
+        gathers.append(list(obj))
+        out[:] = [obj, ["/d/val/y.jpg"]]
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
-    got = _protocol_skipped(Split(["/d/train/a.jpg", "/d/train/b.jpg"]), Split(["/d/val/x.jpg"]))
+    fit_gathered = ["/d/train/a.jpg", "/d/train/b.jpg", "/d/train/c.jpg"]
+    got = _protocol_skipped(fit_gathered, Split(["/d/val/x.jpg"]))
+    assert gathers == [["/d/val/x.jpg"]]
     assert got["skipped"] == {"train": 3, "test": 2}
-    assert got["skipped_files"]["train"] == ["/d/train/a.jpg", "/d/train/b.jpg", "/d/train/c.jpg"]
+    assert got["skipped_files"] == {"train": fit_gathered, "test": ["/d/val/x.jpg", "/d/val/y.jpg"]}
+
+
+def test_run_protocol_reports_the_unreadable_training_images_fit_met(monkeypatch):
+    """The training split's unreadable images of a protocol run are fit's (every process's)."""
+    from types import SimpleNamespace
+
+    import tec_fast.training as training
+    from tec_fast.evaluation.protocol import run_protocol
+
+    def fake_fit(model, objective, dataset, cfg, **kw):
+        return SimpleNamespace(model=model, unreadable=["/d/train/b.jpg", "/d/train/q.jpg"], steps=0,
+                               total_steps=0, stopped="completed", epoch=0, global_batch=cfg.batch_size,
+                               lr=0.0, optimizer="sgd", img_per_s=0.0, metrics={}, checkpoint=None)
+
+    monkeypatch.setattr(training, "fit", fake_fit)
+    vit = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    data = [(torch.randn(3, 32, 32), i % 3) for i in range(4)]
+    got = run_protocol("linprobe", BaseModel(vit, topk=None), data, data, 3, recipe("linprobe", batch_size=4),
+                       (0.5,) * 3, (0.25,) * 3, {"device": "cpu", "output_dir": None, "seed": 0})
+    assert got["train_unreadable"] == ["/d/train/b.jpg", "/d/train/q.jpg"]
