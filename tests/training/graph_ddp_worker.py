@@ -17,10 +17,17 @@ from tec_fast.training import FitConfig, cleanup_distributed, fit, setup_distrib
 from train_helpers import AugmentedImages, tiny_objective, tiny_tec, write_rank0_summary
 
 
+def phase(what: str) -> None:
+    """Where this rank is, on stderr (which the test shows when the launch fails): gloo has
+    aborted this worker under load (exit -6), and the phase it reached says where to look."""
+    print(f"[rank {os.environ.get('RANK', '?')}] {what}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     out, batch, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(1)
     d = setup_distributed("cpu")
+    phase("process group up")
     step_class = emulated_step_class()
     loop.GraphedStep = step_class
     real_plan = loop.plan_graphs
@@ -29,9 +36,11 @@ def main() -> None:
     cfg = FitConfig(name="ddp", epochs=2, batch_size=batch, accum=accum, lr=2e-3, warmup_steps=2,
                     seed=3, progress=False, log_every=1, cuda_graph="on")
     r = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=32), cfg)
+    phase("fit returned")
     (step,) = step_class.instances
     write_rank0_summary(d, r, "ddp", out, replays=step.replays, status=r.cuda_graph,
                         local_replays=step.fwd_bwd_local.replays if step.fwd_bwd_local else 0)
+    phase("result written")
     # the emulated step class keeps its instances (and through them the DDP module and its process
     # group) alive until interpreter teardown, where gloo's threads can abort the process (exit -6
     # after the work is done: "terminate called without an active exception", seen in full-suite
@@ -39,6 +48,7 @@ def main() -> None:
     step_class.instances.clear()
     del step, r
     cleanup_distributed(barrier=True)
+    phase("process group shut down")
 
 
 if __name__ == "__main__":

@@ -234,9 +234,11 @@ def test_ddp_graph_path_matches_one_process(tmp_path, accum):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(here, "graph_ddp_worker.py"), str(out), str(4 // accum), str(accum)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    first = ""
     if proc.returncode != 0:  # a crashed gloo launch or teardown on a loaded machine: retried once
+        first = f"first try (exit {proc.returncode}):\n{proc.stderr[-3000:]}\nsecond try:\n"
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, first + proc.stdout[-2000:] + proc.stderr[-4000:]
     two = json.loads(out.read_text())
     torch.set_num_threads(1)
     one = fit(tiny_tec(), tiny_objective(), AugmentedImages(n=32),
