@@ -116,6 +116,12 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(pred.shape[:2]):
         raise ValueError(f"mask must have shape {tuple(pred.shape[:2])}, got "
                          f"{getattr(mask, 'shape', type(mask).__name__)}")
+    if (pred.dtype is torch.float64) is not (target.dtype is torch.float64):
+        raise ValueError(f"target has dtype {target.dtype} but pred has {pred.dtype}: the loss is computed in "
+                         f"float64 when both are float64 and in fp32 otherwise, so not for one alone")
+    if mask.is_complex():
+        raise ValueError(f"mask must be real (bool, integer or floating point; 1 = removed patch), got dtype "
+                         f"{mask.dtype}")
     _check_same_device(pred, target=target, mask=mask)
     eps = _check_real(eps, "eps", 0.0)
     if use_fast_path("patch_norm_mse", pred):
@@ -134,6 +140,8 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
     _check_tensor(k, "k", 4)
     if q.shape != k.shape:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+    if q.dtype != k.dtype:
+        raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype} (q and k of one attention share one dtype)")
     _check_same_device(q, k=k)
     L = q.shape[2] - 1
     n_top = _as_int(topk)
@@ -158,6 +166,8 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
     _check_tensor(k, "k", 4)
     if q.shape != k.shape:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+    if q.dtype != k.dtype:
+        raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype} (q and k of one attention share one dtype)")
     B, H, N, d = q.shape
     L = N - 1
     if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.shape[0] != B:
