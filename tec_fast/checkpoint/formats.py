@@ -67,18 +67,21 @@ def nonfinite_keys(state: dict) -> List[str]:
 
 
 def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    out = {}
+    out, given = {}, {}
     for key, value in state.items():
         if not isinstance(key, str):  # a dict built by hand: prefixes and names are matched as text
             raise ValueError(f"checkpoint state dict key {key!r} is of type {type(key).__name__}, not a str "
                              f"(parameter names like 'blocks.0.attn.qkv.weight')")
-        changed = True
+        name, changed = key, True
         while changed:
             changed = False
             for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
+                if name.startswith(prefix):
+                    name, changed = name[len(prefix):], True
+        if name in out:  # one would silently replace the other
+            raise ValueError(f"checkpoint keys {given[name]!r} and {key!r} both name {name!r} once the wrapper "
+                             f"prefixes {', '.join(_PREFIXES)} are stripped: keep one of them")
+        out[name], given[name] = value, key
     return out
 
 

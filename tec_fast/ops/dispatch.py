@@ -76,7 +76,9 @@ def reload_environment() -> None:
 
 def set_kernel_mode(mode: Optional[str]) -> None:
     """Set the kernel path for this process: ``auto``, ``triton`` or ``reference``; None re-reads
-    ``TEC_FAST_KERNELS``."""
+    ``TEC_FAST_KERNELS``. Case and surrounding spaces do not matter, as in the variable."""
+    if isinstance(mode, str):
+        mode = mode.strip().lower()
     if mode is not None and mode not in MODES:
         raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
     reload_environment()

@@ -130,7 +130,9 @@ def plan_bins(lengths: Union[Sequence[int], torch.Tensor], capacity: int) -> Lis
     bin); every id appears exactly once. A negative length or one over capacity is a ValueError
     naming it.
     """
-    if isinstance(capacity, bool) or not isinstance(capacity, int):
+    if isinstance(capacity, (bool, np.bool_)):  # True is not a capacity of 1 token
+        raise ValueError(f"plan_bins: capacity must be a positive int, got {capacity!r}")
+    if not isinstance(capacity, int):
         try:
             capacity = int(capacity.__index__())
         except (AttributeError, TypeError):

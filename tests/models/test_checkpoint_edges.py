@@ -87,3 +87,15 @@ def test_a_state_dict_beside_as_many_stray_entries_names_the_first(state):
 def test_an_unknown_config_override_is_refused_naming_it(state):
     with pytest.raises(ValueError, match=r"^config_overrides: 'ln_epsilon' is not a ViTConfig field \(img_size, "):
         BaseModel.from_checkpoint(state, config_overrides={"ln_epsilon": 1e-5})
+
+
+def test_two_keys_that_strip_to_one_name_are_refused(state):
+    """``module.x`` beside ``x``: one silently replaced the other."""
+    t = state["cls_token"]
+    with pytest.raises(ValueError, match=r"^checkpoint keys 'cls_token' and 'module\.cls_token' both name "
+                                         r"'cls_token' once the wrapper prefixes module\., backbone\., _orig_mod\. "
+                                         r"are stripped: keep one of them$"):
+        read_state_dict({"cls_token": t, "module.cls_token": t + 1})
+    doubled = dict(state, **{"backbone.module.pos_embed": state["pos_embed"]})
+    with pytest.raises(ValueError, match=r"'pos_embed' and 'backbone\.module\.pos_embed' both name 'pos_embed'"):
+        BaseModel(VIT, topk=None).load_checkpoint(doubled)

@@ -258,3 +258,10 @@ def test_patch_norm_mse_refuses_a_complex_mask():
     with pytest.raises(ValueError, match=r"^mask must be real \(bool, integer or floating point; 1 = removed "
                                          r"patch\), got dtype torch.complex64$"):
         ops.patch_norm_mse(pred, pred, torch.ones(2, 5, dtype=torch.complex64))
+
+
+def test_kernel_mode_argument_takes_any_case_as_the_variable_does(fresh_dispatch):
+    dispatch.set_kernel_mode(" Reference ")
+    assert dispatch.kernel_mode() == "reference"
+    with pytest.raises(ValueError, match=r"^kernel mode must be one of \('auto', 'triton', 'reference'\), got 'cuda'$"):
+        dispatch.set_kernel_mode("CUDA")
