@@ -129,6 +129,16 @@ def patch_norm_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     return reference.patch_norm_mse(pred, target, mask, eps)
 
 
+def _check_query_key(q: torch.Tensor, k: torch.Tensor) -> None:
+    """q, k [B, H, N, d] of one attention: floating point, one shape, one dtype."""
+    _check_tensor(q, "q", 4)
+    _check_tensor(k, "k", 4)
+    if q.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+    if q.dtype != k.dtype:
+        raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype} (q and k of one attention share one dtype)")
+
+
 def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Base-model relation targets (docs/tec.md §1) from its last block's q, k [B, H, N, d].
@@ -136,12 +146,7 @@ def relation_targets(q: torch.Tensor, k: torch.Tensor, topk: int,
     Returns (relation [B, 1+topk, H, N-1] fp32 (float64 for float64 q, k), topk_idx [B, topk]
     int64). No gradient.
     """
-    _check_tensor(q, "q", 4)
-    _check_tensor(k, "k", 4)
-    if q.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
-    if q.dtype != k.dtype:
-        raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype} (q and k of one attention share one dtype)")
+    _check_query_key(q, k)
     _check_same_device(q, k=k)
     L = q.shape[2] - 1
     n_top = _as_int(topk)
@@ -162,12 +167,7 @@ def relation_loss(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, targ
     topk_idx [B, k] (patch indices, from the base model), target [B, 1+k, H, N-1] (the base's
     logits). Returns a 0-dim fp32 tensor (float64 for float64 q, k); differentiable w.r.t. q and k.
     """
-    _check_tensor(q, "q", 4)
-    _check_tensor(k, "k", 4)
-    if q.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
-    if q.dtype != k.dtype:
-        raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype} (q and k of one attention share one dtype)")
+    _check_query_key(q, k)
     B, H, N, d = q.shape
     L = N - 1
     if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.shape[0] != B:

@@ -64,9 +64,9 @@ class TECObjective:
     ``mask_ratio``: a float (every image keeps the same count: dense encoder) or a (lo, hi) range
     (a ratio per image, uniform in the range: packed encoder). ``masking='block'``: BEiT/iBOT
     block-wise masks of about ``mask_ratio`` (of a range: each image's ratio drawn uniformly
-    from it, as for random masks) instead of random patches (packed encoder). For both variable modes the engine's masking noise gets one
-    extra column per image, which draws that image's ratio or seeds its block mask, so masks stay
-    reproducible across resumes and process counts.
+    from it, as for random masks) instead of random patches (packed encoder). For both variable
+    modes the engine's masking noise gets one extra column per image, which draws that image's
+    ratio or seeds its block mask, so masks stay reproducible across resumes and process counts.
 
     ``cache``: a ``TargetCache`` to look targets up by sample index instead of running the base
     model - valid only for data without random augmentation (the embedded demo), where the
