@@ -8,7 +8,7 @@ Layouts read:
 - folders of Parquet files (``*.parquet``, also under ``data/``; a hub download): ``train-*``
   files when there are any.
 
-The image column is the first of image / img / jpg / png / webp (or else the first column) that
+The image column is the first of image / img / jpg / jpeg / png / webp (or else the first column) that
 holds an ``Image`` feature (struct of ``bytes`` and ``path``; a row with a path and no bytes is read
 from that file, as ``Dataset.to_parquet`` of file-backed images leaves them) or raw bytes; the label is
 ``label`` / ``labels`` / ``cls`` (-1 without one); class names come from the ``ClassLabel``

@@ -102,7 +102,7 @@ class MetricsLog:
         self._csv = CsvLog(os.path.splitext(path)[0] + ".csv") if path else None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._file = open(path, "a", buffering=1)
+            self._file = _open_for_append(path)
         self._tb = None
         if tensorboard_dir:
             try:
@@ -164,7 +164,7 @@ class CsvLog:
                 with open(self.path, newline="") as f:
                     fields = next(csv.reader(f), None)
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self._file = open(self.path, "a", newline="", buffering=1)
+            self._file = _open_for_append(self.path, newline="")
             self._writer = csv.DictWriter(self._file, fieldnames=fields or list(record),
                                           extrasaction="ignore", restval="")
             if not fields:
@@ -175,6 +175,19 @@ class CsvLog:
         if self._file is not None:
             self._file.close()
             self._file, self._writer = None, None
+
+
+def _open_for_append(path: str, **kwargs):
+    """``path`` opened to append lines (line-buffered). A last line left without its newline (a
+    run killed mid-write, a full disk) is ended first: the next record starts a line of its own
+    instead of joining the torn one, which readers skip (``read_jsonl``)."""
+    f = open(path, "a", buffering=1, **kwargs)
+    if f.tell() > 0:
+        with open(path, "rb") as tail:
+            tail.seek(-1, os.SEEK_END)
+            if tail.read(1) != b"\n":
+                f.write("\n")
+    return f
 
 
 WANDB_ID_FILE = "wandb-run-id"
