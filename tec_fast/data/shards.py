@@ -4,8 +4,8 @@ A shard is an uncompressed tar; the members of one sample share a key (the membe
 first dot of its file name): ``000000123.jpg`` + ``000000123.cls`` (the label as decimal text).
 The image is the sample's member with the first of the image extensions jpg, jpeg, png, webp,
 ppm, pgm, bmp, tif, tiff in that order, wherever it stands in the tar (keys without one are left
-out, with a warning); the label comes from ``cls`` / ``cls.txt`` /
-``label`` / ``label.txt`` (-1 without one).
+out, with a warning); the label comes from ``cls`` / ``cls.txt`` / ``label`` / ``label.txt`` (-1
+without one).
 Class names: ``classes.txt`` (one per line, label order) beside the first shard, when present.
 
 Shards are read by offset, not streamed: opening the dataset reads every tar header once (measured
